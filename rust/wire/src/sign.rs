@@ -1,0 +1,242 @@
+//! HMAC signing and verification with a bounded history of seen digests.
+
+use crate::WireError;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::{HashSet, VecDeque};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Default number of digests remembered to reject replays (as jupyter_client).
+pub const DEFAULT_HISTORY_SIZE: usize = 65536;
+
+/// A bounded set of seen signatures. When full, the oldest 10% are forgotten.
+#[derive(Debug, Clone)]
+pub struct DigestHistory {
+    capacity: usize,
+    seen: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl DigestHistory {
+    pub fn new(capacity: usize) -> Self {
+        DigestHistory {
+            capacity: capacity.max(1),
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Record a digest; returns false if it was already present.
+    pub fn insert(&mut self, digest: [u8; 32]) -> bool {
+        if !self.seen.insert(digest) {
+            return false;
+        }
+        self.order.push_back(digest);
+        if self.order.len() > self.capacity {
+            let drop = (self.capacity / 10).max(1);
+            for _ in 0..drop {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+        true
+    }
+
+    pub fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.seen.contains(digest)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// Message authentication: an HMAC-SHA256 key (or none) and the replay history.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    mac: Option<HmacSha256>,
+    history: DigestHistory,
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+fn decode_hex32(sig: &[u8]) -> Option<[u8; 32]> {
+    if sig.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in sig.chunks_exact(2).enumerate() {
+        out[i] = hex_value(pair[0])? << 4 | hex_value(pair[1])?;
+    }
+    Some(out)
+}
+
+fn encode_hex(bytes: &[u8]) -> Vec<u8> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize]);
+        out.push(DIGITS[(b & 0x0f) as usize]);
+    }
+    out
+}
+
+impl Auth {
+    /// `key` empty means no signing at all (signature frame `b""`, nothing checked).
+    /// Only the `hmac-sha256` scheme is supported.
+    pub fn new(key: &[u8], signature_scheme: &str) -> Result<Auth, WireError> {
+        Self::with_history(key, signature_scheme, DEFAULT_HISTORY_SIZE)
+    }
+
+    pub fn with_history(key: &[u8], scheme: &str, history: usize) -> Result<Auth, WireError> {
+        if scheme != "hmac-sha256" {
+            return Err(WireError::Config(format!(
+                "unsupported signature_scheme {scheme:?}: only \"hmac-sha256\" is supported"
+            )));
+        }
+        let mac = if key.is_empty() {
+            None
+        } else {
+            Some(HmacSha256::new_from_slice(key).map_err(|e| WireError::Config(e.to_string()))?)
+        };
+        Ok(Auth {
+            mac,
+            history: DigestHistory::new(history),
+        })
+    }
+
+    /// True when a key is configured.
+    pub fn is_signing(&self) -> bool {
+        self.mac.is_some()
+    }
+
+    fn digest(&self, parts: &[&[u8]; 4]) -> Option<[u8; 32]> {
+        let mut mac = self.mac.clone()?;
+        for part in parts {
+            mac.update(part);
+        }
+        Some(mac.finalize().into_bytes().into())
+    }
+
+    /// The lowercase hex signature of the four packed parts (empty without a key).
+    pub fn sign(&self, parts: &[&[u8]; 4]) -> Vec<u8> {
+        match self.digest(parts) {
+            Some(d) => encode_hex(&d),
+            None => Vec::new(),
+        }
+    }
+
+    /// Check a signature in constant time. With `record`, the digest enters the replay history
+    /// and a digest already there is rejected as a replay.
+    pub fn verify(
+        &mut self,
+        signature: &[u8],
+        parts: &[&[u8]; 4],
+        record: bool,
+    ) -> Result<(), WireError> {
+        let Some(mac) = self.mac.clone() else {
+            return Ok(());
+        };
+        if signature.is_empty() {
+            return Err(WireError::Unsigned);
+        }
+        let given = decode_hex32(signature).ok_or(WireError::InvalidSignature)?;
+        let mut mac = mac;
+        for part in parts {
+            mac.update(part);
+        }
+        mac.verify_slice(&given)
+            .map_err(|_| WireError::InvalidSignature)?;
+        if record && !self.history.insert(given) {
+            return Err(WireError::DuplicateSignature);
+        }
+        if !record && self.history.contains(&given) {
+            return Err(WireError::DuplicateSignature);
+        }
+        Ok(())
+    }
+
+    pub fn history(&self) -> &DigestHistory {
+        &self.history
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vector() {
+        // HMAC-SHA256(key="key", "The quick brown fox jumps over the lazy dog")
+        let auth = Auth::new(b"key", "hmac-sha256").unwrap();
+        let sig = auth.sign(&[
+            b"The quick brown ",
+            b"fox jumps ",
+            b"over the lazy",
+            b" dog",
+        ]);
+        assert_eq!(
+            sig,
+            b"f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8".to_vec()
+        );
+    }
+
+    #[test]
+    fn verify_rejects_tamper_replay_and_unsigned() {
+        let mut auth = Auth::new(b"secret", "hmac-sha256").unwrap();
+        let parts: [&[u8]; 4] = [b"h", b"p", b"m", b"c"];
+        let sig = auth.sign(&parts);
+        assert_eq!(auth.verify(b"", &parts, true), Err(WireError::Unsigned));
+        assert_eq!(
+            auth.verify(b"zz", &parts, true),
+            Err(WireError::InvalidSignature)
+        );
+        let tampered: [&[u8]; 4] = [b"h", b"p", b"m", b"C"];
+        assert_eq!(
+            auth.verify(&sig, &tampered, true),
+            Err(WireError::InvalidSignature)
+        );
+        assert_eq!(auth.verify(&sig, &parts, false), Ok(()));
+        assert_eq!(auth.verify(&sig, &parts, true), Ok(()));
+        assert_eq!(
+            auth.verify(&sig, &parts, true),
+            Err(WireError::DuplicateSignature)
+        );
+        let upper = String::from_utf8(sig).unwrap().to_uppercase();
+        assert_eq!(
+            auth.verify(upper.as_bytes(), &parts, true),
+            Err(WireError::InvalidSignature)
+        );
+    }
+
+    #[test]
+    fn no_key_means_no_checks() {
+        let mut auth = Auth::new(b"", "hmac-sha256").unwrap();
+        assert!(auth.sign(&[b"a", b"b", b"c", b"d"]).is_empty());
+        assert!(auth.verify(b"", &[b"a", b"b", b"c", b"d"], true).is_ok());
+        assert!(Auth::new(b"k", "hmac-md5").is_err());
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut h = DigestHistory::new(100);
+        for i in 0..1000u32 {
+            let mut d = [0u8; 32];
+            d[..4].copy_from_slice(&i.to_be_bytes());
+            assert!(h.insert(d));
+        }
+        assert!(h.len() <= 100);
+    }
+}
