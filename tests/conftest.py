@@ -1,0 +1,45 @@
+"""Shared pytest fixtures: a pyzmq context, free ports, and the pure-Python peer."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+# The pure-Python peer lives in tests/peer; make it importable as ``peer`` however pytest
+# was started.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peer.session import Session as PeerSession  # noqa: E402
+
+LOCALHOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def zmq_ctx() -> Iterator[zmq.Context]:
+    """A private pyzmq context, destroyed (linger 0) after the test."""
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def peer_session() -> Callable[..., PeerSession]:
+    """A factory of pure-Python peer sessions: ``peer_session(key, packer="json")``."""
+
+    def make(key: bytes = b"", **kwargs: Any) -> PeerSession:
+        return PeerSession(key, **kwargs)
+
+    return make
