@@ -183,7 +183,7 @@ def test_peer_to_core(packer: str, key: bytes) -> None:
     )
     msg = core.deserialize(frames)
     assert as_bytes(msg["idents"]) == [b"a", b"b"]
-    assert msg["header"] == peer.unpack(frames[3])
+    assert msg["header"] == peer.unpack(frames[4])
     check_header(msg["header"], peer.session, "apply_request")
     assert msg["parent_header"] == req["parent"]
     assert msg["metadata"] == req["metadata"]

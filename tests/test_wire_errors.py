@@ -59,9 +59,12 @@ def signed(peer: PeerSession, parts: list[bytes], ident: bytes = b"ident") -> li
     return [ident, DELIMITER, peer.sign(parts), *parts]
 
 
-def parts_of(peer: PeerSession, header: Any = None) -> list[bytes]:
+_DEFAULT = object()
+
+
+def parts_of(peer: PeerSession, header: Any = _DEFAULT) -> list[bytes]:
     """Four packed parts of a valid message (``header`` replaces the header)."""
-    if header is None:
+    if header is _DEFAULT:
         header = peer.msg_header("test_request")
     return [peer.pack(header), peer.pack({}), peer.pack({}), peer.pack({"a": 1})]
 
@@ -167,8 +170,8 @@ def test_bad_signature(packer: str, mutate: Callable[[bytes], bytes]) -> None:
 def test_tampered_part_is_invalid(packer: str, index: int) -> None:
     peer = PeerSession(KEY, packer=packer)
     frames = valid(peer)
-    frames[index] = peer.pack({"msg_id": "x", "msg_type": "evil"}) if index == 3 else peer.pack(
-        {"evil": True}
+    frames[index] = (
+        peer.pack({"msg_id": "x", "msg_type": "evil"}) if index == 3 else peer.pack({"evil": True})
     )
     core = _core.Session(KEY, packer=packer)
     expect(error.InvalidSignature, lambda: core.deserialize(frames))
