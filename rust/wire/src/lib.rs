@@ -16,7 +16,9 @@ mod packer;
 mod sign;
 mod value;
 
-pub use envelope::{split_envelope, Envelope, Limits, DELIMITER};
+pub use envelope::{
+    check_header as check_header_value, split_envelope, Envelope, Limits, DELIMITER,
+};
 pub use error::WireError;
 pub use header::{iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
 pub use packer::Packer;

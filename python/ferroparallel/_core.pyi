@@ -1,0 +1,155 @@
+"""Type stubs for the compiled ``ferroparallel._core`` extension (Rust, PyO3)."""
+
+from typing import Any, Iterable, Sequence
+
+from collections.abc import Buffer
+
+__version__: str
+DELIMITER: bytes
+PROTOCOL_VERSION: str
+
+def new_id() -> str:
+    """A jupyter-style session id: 32 hex digits split 8 + 24 by a dash."""
+
+def iso_now() -> str:
+    """The current UTC time as ISO-8601 with microseconds and a ``Z`` suffix."""
+
+class Frame:
+    """A read-only buffer over one received message frame (no copy).
+
+    Supports the buffer protocol: ``memoryview(frame)``, ``bytes(frame)``,
+    ``numpy.frombuffer(frame)`` and ``pickle.loads(..., buffers=[frame])`` all read the
+    received memory directly.
+    """
+
+    def __len__(self) -> int: ...
+    def __bytes__(self) -> bytes: ...
+    @property
+    def address(self) -> int:
+        """Address of the first byte (to prove zero-copy in tests)."""
+
+class Session:
+    """Message signing, packing and header creation for one session.
+
+    Parameters
+    ----------
+    key : bytes
+        HMAC key. Empty disables signing (signature frame ``b""``, nothing checked).
+    packer : str
+        ``"msgpack"`` (default) or ``"json"`` (``"orjson"`` is read as json).
+    signature_scheme : str
+        Only ``"hmac-sha256"``.
+    session : str, optional
+        Session id; a new one by default.
+    username : str, optional
+        Username in headers; ``$USER`` by default.
+    history_size : int
+        Number of signatures remembered to reject replays.
+    max_part : int
+        Largest accepted packed dict part in bytes.
+    """
+
+    session: str
+    username: str
+    packer: str
+    signature_scheme: str
+    key: bytes
+    def __init__(
+        self,
+        key: bytes = b"",
+        *,
+        packer: str = "msgpack",
+        signature_scheme: str = "hmac-sha256",
+        session: str | None = None,
+        username: str | None = None,
+        history_size: int = 65536,
+        max_part: int = 268435456,
+    ) -> None: ...
+    def msg_id(self) -> str: ...
+    def msg_header(self, msg_type: str) -> dict[str, Any]: ...
+    def pack(self, obj: Any) -> bytes: ...
+    def unpack(self, data: Buffer) -> Any: ...
+    def sign(self, parts: Sequence[Buffer]) -> bytes: ...
+    def serialize(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        ident: Sequence[bytes] | bytes | None = None,
+        buffers: Sequence[Buffer] | None = None,
+        header: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Build the frames of one message: idents, delimiter, signature, the four packed
+        parts (bytes), then the given buffers as they are (not copied)."""
+    def deserialize(
+        self, frames: Sequence[Buffer], *, content: bool = True, record: bool = True
+    ) -> dict[str, Any]:
+        """Split, verify and unpack a received message.
+
+        Returns a dict with ``idents``, ``header``, ``parent_header``, ``metadata``,
+        ``content``, ``buffers``, ``msg_id`` and ``msg_type``. Raises a subclass of
+        :class:`ferroparallel.error.MessageError` for every malformed input.
+        """
+
+class IoThread:
+    """A native thread that owns ZMQ sockets for this process.
+
+    ``send`` queues a message (one call per message, no per-frame Python work); the thread signs,
+    sends, receives, verifies and decodes; ``recv`` hands received messages to Python in batches.
+    Buffers given to ``send`` are borrowed without copying and released (under the GIL) after the
+    socket is done with them.
+    """
+
+    def __init__(self, session: Session, *, name: str = "ferroparallel-io") -> None: ...
+    def add_socket(
+        self,
+        name: str,
+        kind: str,
+        *,
+        connect: Iterable[str] = (),
+        bind: Iterable[str] = (),
+        identity: bytes | None = None,
+        subscribe: Iterable[bytes] | None = None,
+        raw: bool = False,
+        linger_ms: int = 0,
+        forward_to: str | None = None,
+    ) -> list[str]:
+        """Create a socket on the I/O thread; returns the bound endpoints (resolved ports).
+
+        ``kind`` is one of ``DEALER ROUTER PUB SUB XPUB XSUB PAIR PUSH PULL REQ REP``.
+        A ``raw`` socket delivers unparsed frames. ``forward_to`` relays every frame list
+        received on this socket, unchanged, to another socket without involving Python
+        (used for the engine heartbeat echo).
+        """
+    def send(
+        self,
+        socket: str,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        ident: Sequence[bytes] | bytes | None = None,
+        buffers: Sequence[Buffer] | None = None,
+        header: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Queue a message; returns its header (``msg_id`` included)."""
+    def send_raw(self, socket: str, frames: Sequence[Buffer]) -> None:
+        """Queue frames exactly as given (no envelope, no signature)."""
+    def recv(
+        self, timeout: float | None = None, max_messages: int = 10000
+    ) -> list[tuple[str, Any]]:
+        """Wait up to ``timeout`` seconds (``None``: until something arrives) and return every
+        message received so far as ``(socket_name, message)``; ``message`` is the dict of
+        :meth:`Session.deserialize` with ``buffers`` as :class:`Frame`, or a list of
+        :class:`Frame` for raw sockets. Releases the GIL while waiting and checks for signals at
+        least every 50 ms, so Ctrl-C raises KeyboardInterrupt."""
+    def take_errors(self) -> list[tuple[str, str, str]]:
+        """Messages dropped since the last call: ``(socket_name, error_class_name, text)``."""
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None:
+        """Stop the thread and close every socket. Idempotent."""
+    @property
+    def closed(self) -> bool: ...

@@ -1,0 +1,156 @@
+//! Converting between Python objects and wire values.
+
+use fp_wire::{Parts, Value};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+const MAX_DEPTH: usize = 256;
+
+static PACK_DEFAULT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn pack_default<'py>(py: Python<'py>) -> PyResult<&'py Bound<'py, PyAny>> {
+    PACK_DEFAULT
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("ferroparallel._packing")?
+                    .getattr("pack_default")?
+                    .unbind(),
+            )
+        })
+        .map(|f| f.bind(py))
+}
+
+/// Convert a Python object to a packable value.
+pub fn to_value(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
+    convert(obj, 0)
+}
+
+/// `None` becomes an empty map (for optional dict parts).
+pub fn to_map_value(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Value> {
+    match obj {
+        None => Ok(Value::empty_map()),
+        Some(o) if o.is_none() => Ok(Value::empty_map()),
+        Some(o) => {
+            if !o.is_instance_of::<PyDict>() {
+                return Err(PyTypeError::new_err(format!(
+                    "message parts must be dicts, not {}",
+                    o.get_type().name()?
+                )));
+            }
+            to_value(o)
+        }
+    }
+}
+
+fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
+    if depth > MAX_DEPTH {
+        return Err(PyValueError::new_err(format!(
+            "message content nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    if obj.is_none() {
+        return Ok(Value::Nil);
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(Value::Str(s.to_str()?.to_owned()));
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if obj.is_instance_of::<PyInt>() {
+        if let Ok(i) = obj.extract::<i64>() {
+            return Ok(Value::Int(i));
+        }
+        if let Ok(u) = obj.extract::<u64>() {
+            return Ok(Value::UInt(u));
+        }
+        return Err(PyOverflowError::new_err("integer does not fit in 64 bits"));
+    }
+    if let Ok(f) = obj.cast::<PyFloat>() {
+        return Ok(Value::Float(f.value()));
+    }
+    if let Ok(d) = obj.cast::<PyDict>() {
+        let mut items = Vec::with_capacity(d.len());
+        for (k, v) in d.iter() {
+            items.push((convert(&k, depth + 1)?, convert(&v, depth + 1)?));
+        }
+        return Ok(Value::Map(items));
+    }
+    if let Ok(l) = obj.cast::<PyList>() {
+        let mut items = Vec::with_capacity(l.len());
+        for v in l.iter() {
+            items.push(convert(&v, depth + 1)?);
+        }
+        return Ok(Value::Array(items));
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        let mut items = Vec::with_capacity(t.len());
+        for v in t.iter() {
+            items.push(convert(&v, depth + 1)?);
+        }
+        return Ok(Value::Array(items));
+    }
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Value::Bin(b.as_bytes().to_vec()));
+    }
+    let replacement = pack_default(obj.py())?.call1((obj,))?;
+    convert(&replacement, depth + 1)
+}
+
+/// Convert a value to a Python object.
+pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Nil => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Int(i) => i.into_pyobject(py)?.into_any(),
+        Value::UInt(u) => u.into_pyobject(py)?.into_any(),
+        Value::Float(f) => PyFloat::new(py, *f).into_any(),
+        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::Bin(b) => PyBytes::new(py, b).into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(to_py(py, item)?)?;
+            }
+            list.into_any()
+        }
+        Value::Map(items) => {
+            let dict = PyDict::new(py);
+            for (k, v) in items {
+                let key = to_py(py, k)?;
+                if key.hash().is_err() {
+                    return Err(PyTypeError::new_err("unhashable map key in message"));
+                }
+                dict.set_item(key, to_py(py, v)?)?;
+            }
+            dict.into_any()
+        }
+    })
+}
+
+/// The message dict handed to Python.
+pub fn message_dict<'py>(
+    py: Python<'py>,
+    idents: Bound<'py, PyList>,
+    parts: &Parts,
+    content_unpacked: bool,
+    buffers: Bound<'py, PyList>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let header = to_py(py, &parts.header)?;
+    d.set_item("msg_id", header.get_item("msg_id")?)?;
+    d.set_item("msg_type", header.get_item("msg_type")?)?;
+    d.set_item("header", header)?;
+    d.set_item("parent_header", to_py(py, &parts.parent_header)?)?;
+    d.set_item("metadata", to_py(py, &parts.metadata)?)?;
+    if content_unpacked {
+        d.set_item("content", to_py(py, &parts.content)?)?;
+    } else {
+        d.set_item("content", py.None())?;
+    }
+    d.set_item("buffers", buffers)?;
+    d.set_item("idents", idents)?;
+    Ok(d)
+}

@@ -1,0 +1,293 @@
+//! `IoThread`: the per-process native I/O thread, exposed to Python.
+
+use std::time::{Duration, Instant};
+
+use fp_io::{Delivery, Incoming, IoHandle, OutFrame, OutgoingMessage, SocketKind, SocketSpec};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::convert::{message_dict, to_py};
+use crate::errors::{io_closed, wire_error};
+use crate::frame::Frame;
+use crate::pybuffer::HeldBuffer;
+use crate::session::{ident_list, out_buffers, Session};
+
+/// Longest single wait without checking for signals (Ctrl-C).
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+const ADD_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A native thread that owns ZMQ sockets for this process.
+#[pyclass(frozen, module = "ferroparallel._core")]
+pub struct IoThread {
+    handle: IoHandle,
+    session: Py<Session>,
+}
+
+impl IoThread {
+    /// Drop (under the GIL) every borrowed buffer libzmq has finished with.
+    fn release_sent(&self) {
+        drop(self.handle.releases.drain());
+    }
+
+    fn check_open(&self, py: Python<'_>) -> PyResult<()> {
+        if self.handle.is_closed() {
+            return Err(io_closed(py, "the I/O thread is closed".into()));
+        }
+        Ok(())
+    }
+
+    fn incoming_to_py<'py>(&self, py: Python<'py>, inc: Incoming) -> PyResult<Bound<'py, PyTuple>> {
+        let name = inc.socket.as_ref();
+        let obj = match inc.delivery {
+            Delivery::Raw(frames) => {
+                let list = PyList::empty(py);
+                for f in frames {
+                    list.append(Py::new(py, Frame::new(f))?)?;
+                }
+                list.into_any()
+            }
+            Delivery::Message {
+                idents,
+                parts,
+                buffers,
+            } => {
+                let id_list = PyList::empty(py);
+                for id in &idents {
+                    id_list.append(PyBytes::new(py, id.as_ref()))?;
+                }
+                let buf_list = PyList::empty(py);
+                for b in buffers {
+                    buf_list.append(Py::new(py, Frame::new(b))?)?;
+                }
+                message_dict(py, id_list, &parts, true, buf_list)?.into_any()
+            }
+        };
+        PyTuple::new(py, [name.into_pyobject(py)?.into_any(), obj])
+    }
+}
+
+fn strings(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+    let Some(obj) = obj else {
+        return Ok(Vec::new());
+    };
+    if obj.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(s) = obj.extract::<String>() {
+        return Ok(vec![s]);
+    }
+    obj.try_iter()?.map(|i| i?.extract::<String>()).collect()
+}
+
+#[pymethods]
+impl IoThread {
+    #[new]
+    #[pyo3(signature = (session, *, name="ferroparallel-io"))]
+    fn new(session: Bound<'_, Session>, name: &str) -> PyResult<Self> {
+        let core = session.get().core.clone();
+        let handle = IoHandle::spawn(core, name).map_err(PyRuntimeError::new_err)?;
+        Ok(IoThread {
+            handle,
+            session: session.unbind(),
+        })
+    }
+
+    /// The session this thread signs and verifies with.
+    #[getter]
+    fn session(&self, py: Python<'_>) -> Py<Session> {
+        self.session.clone_ref(py)
+    }
+
+    #[pyo3(signature = (name, kind, *, connect=None, bind=None, identity=None, subscribe=None,
+                        raw=false, linger_ms=1000, forward_to=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_socket(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        kind: &str,
+        connect: Option<&Bound<'_, PyAny>>,
+        bind: Option<&Bound<'_, PyAny>>,
+        identity: Option<&Bound<'_, PyAny>>,
+        subscribe: Option<&Bound<'_, PyAny>>,
+        raw: bool,
+        linger_ms: i32,
+        forward_to: Option<String>,
+    ) -> PyResult<Vec<String>> {
+        self.check_open(py)?;
+        let kind = SocketKind::from_name(kind).map_err(PyValueError::new_err)?;
+        let mut spec = SocketSpec::new(name, kind);
+        spec.connect = strings(connect)?;
+        spec.bind = strings(bind)?;
+        spec.identity = match identity {
+            Some(i) if !i.is_none() => Some(HeldBuffer::get(i)?.as_slice().to_vec()),
+            _ => None,
+        };
+        spec.subscribe = match subscribe {
+            Some(s) if !s.is_none() => Some(
+                s.try_iter()?
+                    .map(|t| Ok(HeldBuffer::get(&t?)?.as_slice().to_vec()))
+                    .collect::<PyResult<_>>()?,
+            ),
+            _ => None,
+        };
+        spec.raw = raw;
+        spec.linger_ms = linger_ms;
+        spec.forward_to = forward_to;
+        let handle = &self.handle;
+        py.detach(|| handle.add_socket(spec, ADD_SOCKET_TIMEOUT))
+            .map_err(PyValueError::new_err)
+    }
+
+    /// Queue one message; returns its header.
+    #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
+                        ident=None, buffers=None, header=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send<'py>(
+        &self,
+        py: Python<'py>,
+        socket: &str,
+        msg_type: &str,
+        content: Option<&Bound<'py, PyAny>>,
+        parent: Option<&Bound<'py, PyAny>>,
+        metadata: Option<&Bound<'py, PyAny>>,
+        ident: Option<&Bound<'py, PyAny>>,
+        buffers: Option<&Bound<'py, PyAny>>,
+        header: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.check_open(py)?;
+        let session = self.session.bind(py).get();
+        let parts = session.parts(msg_type, content, parent, metadata, header)?;
+        let header_obj = to_py(py, &parts.header)?;
+        let msg = OutgoingMessage {
+            idents: ident_list(ident)?,
+            parts,
+            buffers: out_buffers(buffers)?,
+        };
+        let frames = session
+            .core
+            .build_frames(msg)
+            .map_err(|e| wire_error(py, e))?;
+        self.handle
+            .send(socket, frames)
+            .map_err(PyValueError::new_err)?;
+        self.release_sent();
+        Ok(header_obj)
+    }
+
+    /// Queue frames exactly as given.
+    fn send_raw(&self, py: Python<'_>, socket: &str, frames: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.check_open(py)?;
+        let mut out = Vec::new();
+        for item in frames.try_iter()? {
+            let held = HeldBuffer::get(&item?)?;
+            if held.as_slice().len() >= fp_io::ZERO_COPY_THRESHOLD {
+                out.push(OutFrame::External(Box::new(held)));
+            } else {
+                out.push(OutFrame::Owned(held.as_slice().to_vec()));
+            }
+        }
+        self.handle
+            .send(socket, out)
+            .map_err(PyValueError::new_err)?;
+        self.release_sent();
+        Ok(())
+    }
+
+    /// Wait for received messages (see the type stub).
+    #[pyo3(signature = (timeout=None, max_messages=10000))]
+    fn recv<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+        max_messages: usize,
+    ) -> PyResult<Bound<'py, PyList>> {
+        if let Some(t) = timeout {
+            if !t.is_finite() || t < 0.0 {
+                return Err(PyValueError::new_err(
+                    "timeout must be None or a number >= 0",
+                ));
+            }
+        }
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+        let inbox = self.handle.inbox.clone();
+        loop {
+            let slice = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(SIGNAL_SLICE),
+                None => SIGNAL_SLICE,
+            };
+            let (batch, closed) = py.detach(|| inbox.wait_batch(slice, max_messages));
+            self.release_sent();
+            if !batch.is_empty() {
+                let out = PyList::empty(py);
+                for inc in batch {
+                    out.append(self.incoming_to_py(py, inc)?)?;
+                }
+                return Ok(out);
+            }
+            if closed {
+                return Err(io_closed(py, "the I/O thread is closed".into()));
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(PyList::empty(py));
+            }
+        }
+    }
+
+    /// Messages dropped since the last call: `(socket, error class, text)`.
+    fn take_errors(&self) -> Vec<(String, &'static str, String)> {
+        self.handle
+            .inbox
+            .take_drops()
+            .into_iter()
+            .map(|d| (d.socket.to_string(), d.kind, d.text))
+            .collect()
+    }
+
+    /// Counters: sent, received, dropped, send_errors, forwarded, pending (undelivered).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.handle.stats;
+        let d = PyDict::new(py);
+        d.set_item("sent", s.sent.load(Relaxed))?;
+        d.set_item("received", s.received.load(Relaxed))?;
+        d.set_item("dropped", s.dropped.load(Relaxed))?;
+        d.set_item("send_errors", s.send_errors.load(Relaxed))?;
+        d.set_item("forwarded", s.forwarded.load(Relaxed))?;
+        d.set_item("pending", self.handle.inbox.pending())?;
+        d.set_item("unreleased", self.handle.releases.len())?;
+        Ok(d)
+    }
+
+    /// Stop the thread and close every socket. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let handle = &self.handle;
+        py.detach(|| handle.close());
+        self.release_sent();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) {
+        self.close(py);
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        self.handle.close();
+        drop(self.handle.releases.drain());
+    }
+}

@@ -1,0 +1,36 @@
+//! `ferroparallel._core`: the PyO3 bindings of the wire core and the I/O thread.
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+mod convert;
+mod errors;
+mod frame;
+mod iothread;
+mod pybuffer;
+mod session;
+
+/// A jupyter-style session id.
+#[pyfunction]
+fn new_id() -> String {
+    fp_wire::new_id()
+}
+
+/// The current UTC time, ISO-8601 with microseconds and `Z`.
+#[pyfunction]
+fn iso_now() -> String {
+    fp_wire::iso_now()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DELIMITER", PyBytes::new(m.py(), fp_wire::DELIMITER))?;
+    m.add("PROTOCOL_VERSION", fp_wire::PROTOCOL_VERSION)?;
+    m.add_function(wrap_pyfunction!(new_id, m)?)?;
+    m.add_function(wrap_pyfunction!(iso_now, m)?)?;
+    m.add_class::<frame::Frame>()?;
+    m.add_class::<session::Session>()?;
+    m.add_class::<iothread::IoThread>()?;
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! The I/O thread: owns the sockets, sends queued frames, receives and verifies messages.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::inbox::{Delivery, DropReport, Inbox, Incoming};
+use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
+use crate::session::SessionCore;
+use crate::socket::{SocketKind, SocketSpec};
+
+/// Counters kept by the I/O thread.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub dropped: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub forwarded: AtomicU64,
+}
+
+type AddReply = Sender<Result<Vec<String>, String>>;
+
+enum Command {
+    AddSocket(Box<SocketSpec>, AddReply),
+    Send {
+        socket: String,
+        frames: Vec<OutFrame>,
+    },
+    Close,
+}
+
+/// The caller's side of an I/O thread. Cheap to share between threads.
+pub struct IoHandle {
+    commands: Sender<Command>,
+    wake: Mutex<zmq::Socket>,
+    wake_pending: Arc<AtomicBool>,
+    pub inbox: Arc<Inbox>,
+    pub releases: ReleaseQueue,
+    pub stats: Arc<IoStats>,
+    pub session: Arc<SessionCore>,
+    names: Mutex<HashMap<String, SocketKind>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+/// How long one poll waits before re-checking commands (commands also wake it at once).
+const POLL_MS: i64 = 100;
+/// Messages received from one socket before the loop looks at the others.
+const RECV_BURST: usize = 512;
+/// How long `close` keeps trying to flush queued messages.
+const CLOSE_FLUSH: Duration = Duration::from_millis(2000);
+
+static WAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl IoHandle {
+    /// Start an I/O thread for `session`.
+    pub fn spawn(session: Arc<SessionCore>, name: &str) -> Result<IoHandle, String> {
+        let ctx = crate::context();
+        let n = WAKE_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let endpoint = format!("inproc://fp-io-wake-{}-{n}", std::process::id());
+        let wake_rx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
+        wake_rx.bind(&endpoint).map_err(|e| e.to_string())?;
+        let wake_tx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
+        wake_tx.connect(&endpoint).map_err(|e| e.to_string())?;
+        wake_tx.set_linger(0).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let inbox = Arc::new(Inbox::default());
+        let releases = ReleaseQueue::new();
+        let stats = Arc::new(IoStats::default());
+        let wake_pending = Arc::new(AtomicBool::new(false));
+        let mut lp = Loop {
+            sockets: Vec::new(),
+            by_name: HashMap::new(),
+            wake: wake_rx,
+            commands: rx,
+            wake_pending: wake_pending.clone(),
+            inbox: inbox.clone(),
+            releases: releases.clone(),
+            stats: stats.clone(),
+            session: session.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || lp.run())
+            .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
+        Ok(IoHandle {
+            commands: tx,
+            wake: Mutex::new(wake_tx),
+            wake_pending,
+            inbox,
+            releases,
+            stats,
+            session,
+            names: Mutex::new(HashMap::new()),
+            thread: Mutex::new(Some(thread)),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn command(&self, cmd: Command) -> Result<(), String> {
+        if self.is_closed() {
+            return Err("the I/O thread is closed".into());
+        }
+        self.commands
+            .send(cmd)
+            .map_err(|_| "the I/O thread has stopped".to_string())?;
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+            let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner());
+            // A full or failed wake socket only delays the command until the next poll timeout.
+            let _ = wake.send(&b""[..], zmq::DONTWAIT);
+        }
+        Ok(())
+    }
+
+    /// Create a socket on the I/O thread and wait (at most `timeout`) for its bound endpoints.
+    pub fn add_socket(&self, spec: SocketSpec, timeout: Duration) -> Result<Vec<String>, String> {
+        if let Some(target) = &spec.forward_to {
+            if !self.has_socket(target) {
+                return Err(format!(
+                    "forward_to names no socket: {target:?}; add it first"
+                ));
+            }
+        }
+        if self.has_socket(&spec.name) {
+            return Err(format!("a socket named {:?} already exists", spec.name));
+        }
+        let (tx, rx) = mpsc::channel();
+        let name = spec.name.clone();
+        let kind = spec.kind;
+        self.command(Command::AddSocket(Box::new(spec), tx))?;
+        let bound = rx
+            .recv_timeout(timeout)
+            .map_err(|_| format!("timed out creating socket {name:?}"))??;
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, kind);
+        Ok(bound)
+    }
+
+    pub fn has_socket(&self, name: &str) -> bool {
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+
+    /// Queue frames for a socket. Never blocks.
+    pub fn send(&self, socket: &str, frames: Vec<OutFrame>) -> Result<(), String> {
+        match self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(socket)
+        {
+            None => return Err(format!("no socket named {socket:?}")),
+            Some(kind) if matches!(kind, SocketKind::Sub | SocketKind::Pull) => {
+                return Err(format!(
+                    "socket {socket:?} is a {kind:?} socket and cannot send"
+                ))
+            }
+            Some(_) => {}
+        }
+        self.command(Command::Send {
+            socket: socket.to_owned(),
+            frames,
+        })
+    }
+
+    /// Stop the thread (flushing queued messages for a bounded time) and close every socket.
+    pub fn close(&self) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.command(Command::Close);
+        self.closed.store(true, Ordering::SeqCst);
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        self.inbox.close();
+    }
+}
+
+impl Drop for IoHandle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Entry {
+    name: Arc<str>,
+    sock: zmq::Socket,
+    kind: SocketKind,
+    raw: bool,
+    forward: Option<usize>,
+    pending: VecDeque<Vec<RawMsg>>,
+}
+
+struct Loop {
+    sockets: Vec<Entry>,
+    by_name: HashMap<String, usize>,
+    wake: zmq::Socket,
+    commands: Receiver<Command>,
+    wake_pending: Arc<AtomicBool>,
+    inbox: Arc<Inbox>,
+    releases: ReleaseQueue,
+    stats: Arc<IoStats>,
+    session: Arc<SessionCore>,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut closing = false;
+        while !closing {
+            let (wake_ready, readable, writable) = self.poll(POLL_MS);
+            if wake_ready {
+                while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            }
+            self.wake_pending.store(false, Ordering::SeqCst);
+            closing = self.run_commands();
+            let mut batch = Vec::new();
+            let mut drops = Vec::new();
+            for i in 0..self.sockets.len() {
+                if readable.get(i).copied().unwrap_or(false) {
+                    self.receive(i, &mut batch, &mut drops);
+                }
+                if writable.get(i).copied().unwrap_or(false) {
+                    self.flush(i);
+                }
+            }
+            self.inbox.push_batch(batch, drops);
+        }
+        self.flush_all_until(Instant::now() + CLOSE_FLUSH);
+        self.sockets.clear();
+        self.inbox.close();
+    }
+
+    fn poll(&self, timeout_ms: i64) -> (bool, Vec<bool>, Vec<bool>) {
+        let mut items = Vec::with_capacity(self.sockets.len() + 1);
+        items.push(self.wake.as_poll_item(zmq::POLLIN));
+        for e in &self.sockets {
+            let mut ev = zmq::PollEvents::empty();
+            if e.kind.receives() {
+                ev |= zmq::POLLIN;
+            }
+            if !e.pending.is_empty() {
+                ev |= zmq::POLLOUT;
+            }
+            items.push(e.sock.as_poll_item(ev));
+        }
+        if zmq::poll(&mut items, timeout_ms).is_err() {
+            // EINTR and friends: treat as "nothing ready"; the loop simply polls again.
+            return (false, Vec::new(), Vec::new());
+        }
+        let wake = items[0].is_readable();
+        let readable = items[1..].iter().map(|i| i.is_readable()).collect();
+        let writable = items[1..].iter().map(|i| i.is_writable()).collect();
+        (wake, readable, writable)
+    }
+
+    /// Run queued commands; returns true when asked to close.
+    fn run_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Close) => return true,
+                Ok(Command::AddSocket(spec, reply)) => {
+                    let result = self.add_socket(*spec);
+                    let _ = reply.send(result);
+                }
+                Ok(Command::Send { socket, frames }) => {
+                    if let Some(&i) = self.by_name.get(&socket) {
+                        let raw = frames
+                            .into_iter()
+                            .map(|f| f.into_raw(&self.releases))
+                            .collect();
+                        self.send(i, raw);
+                    }
+                }
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
+    fn add_socket(&mut self, spec: SocketSpec) -> Result<Vec<String>, String> {
+        let forward = match &spec.forward_to {
+            Some(t) => Some(
+                *self
+                    .by_name
+                    .get(t)
+                    .ok_or_else(|| format!("forward_to names no socket: {t:?}"))?,
+            ),
+            None => None,
+        };
+        let (sock, bound) = spec.create(crate::context())?;
+        self.by_name.insert(spec.name.clone(), self.sockets.len());
+        self.sockets.push(Entry {
+            name: Arc::from(spec.name.as_str()),
+            sock,
+            kind: spec.kind,
+            raw: spec.raw,
+            forward,
+            pending: VecDeque::new(),
+        });
+        Ok(bound)
+    }
+
+    fn send(&mut self, i: usize, frames: Vec<RawMsg>) {
+        let entry = &mut self.sockets[i];
+        if !entry.pending.is_empty() {
+            entry.pending.push_back(frames);
+            return;
+        }
+        match send_frames(&mut entry.sock, frames) {
+            SendOutcome::Sent => {
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            SendOutcome::WouldBlock(frames) => entry.pending.push_back(frames),
+            SendOutcome::Failed(reason) => {
+                self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                let report = DropReport {
+                    socket: entry.name.clone(),
+                    kind: "SendError",
+                    text: format!("send failed: {reason}"),
+                };
+                self.inbox.push_batch(Vec::new(), vec![report]);
+            }
+        }
+    }
+
+    fn flush(&mut self, i: usize) {
+        while let Some(frames) = self.sockets[i].pending.pop_front() {
+            match send_frames(&mut self.sockets[i].sock, frames) {
+                SendOutcome::Sent => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                SendOutcome::WouldBlock(frames) => {
+                    self.sockets[i].pending.push_front(frames);
+                    return;
+                }
+                SendOutcome::Failed(_) => {
+                    self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn flush_all_until(&mut self, deadline: Instant) {
+        while Instant::now() < deadline {
+            for i in 0..self.sockets.len() {
+                self.flush(i);
+            }
+            if self.sockets.iter().all(|e| e.pending.is_empty()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn receive(&mut self, i: usize, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) {
+        for _ in 0..RECV_BURST {
+            let frames = match recv_multipart(&mut self.sockets[i].sock) {
+                Ok(Some(frames)) => frames,
+                Ok(None) => return,
+                Err(reason) => {
+                    drops.push(DropReport {
+                        socket: self.sockets[i].name.clone(),
+                        kind: "RecvError",
+                        text: reason,
+                    });
+                    return;
+                }
+            };
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            let entry = &self.sockets[i];
+            if let Some(j) = entry.forward {
+                let raw: Vec<RawMsg> = frames.into_iter().map(|f| f.0).collect();
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                self.send(j, raw);
+                continue;
+            }
+            let socket = entry.name.clone();
+            if entry.raw {
+                batch.push(Incoming {
+                    socket,
+                    delivery: Delivery::Raw(frames),
+                });
+                continue;
+            }
+            match self.session.parse(frames, true, true) {
+                Ok((idents, parts, buffers)) => batch.push(Incoming {
+                    socket,
+                    delivery: Delivery::Message {
+                        idents,
+                        parts,
+                        buffers,
+                    },
+                }),
+                Err(e) => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    drops.push(DropReport {
+                        socket,
+                        kind: e.kind(),
+                        text: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Receive one whole multipart message, or `None` if nothing is waiting.
+fn recv_multipart(sock: &mut zmq::Socket) -> Result<Option<Vec<RecvFrame>>, String> {
+    let Some((first, mut more)) = RecvFrame::recv(sock)? else {
+        return Ok(None);
+    };
+    let mut frames = vec![first];
+    while more {
+        // Once the first frame is here, the rest of the message is too.
+        match RecvFrame::recv(sock)? {
+            Some((f, m)) => {
+                frames.push(f);
+                more = m;
+            }
+            None => break,
+        }
+    }
+    Ok(Some(frames))
+}

@@ -1,0 +1,30 @@
+//! The per-process I/O thread of ferroparallel, without any Python.
+//!
+//! One native thread owns every ZMQ socket of the process. Other threads queue outgoing messages
+//! ([`IoHandle::send`]) and collect received ones in batches ([`IoHandle::wait_batch`]). Received
+//! messages are split, verified and unpacked on the I/O thread; malformed ones are dropped and
+//! reported, never delivered. Outgoing buffers owned by a foreign runtime (Python) are sent without
+//! a copy and handed back through a [`ReleaseQueue`] once libzmq no longer needs them, so the
+//! owner can release them on a thread of its choosing.
+
+mod inbox;
+mod ioloop;
+mod outframe;
+mod session;
+mod socket;
+
+pub use inbox::{Delivery, DropReport, Inbox, Incoming};
+pub use ioloop::{IoHandle, IoStats};
+pub use outframe::RecvFrame;
+pub use outframe::{ExternalBuffer, OutFrame, ReleaseQueue};
+pub use session::{OutgoingMessage, SessionCore};
+pub use socket::{SocketKind, SocketSpec};
+
+/// Frames at least this long are sent from the caller's memory without a copy.
+pub const ZERO_COPY_THRESHOLD: usize = 64 * 1024;
+
+/// The process-wide ZMQ context.
+pub fn context() -> &'static zmq::Context {
+    static CTX: std::sync::OnceLock<zmq::Context> = std::sync::OnceLock::new();
+    CTX.get_or_init(zmq::Context::new)
+}

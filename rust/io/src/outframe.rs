@@ -1,0 +1,254 @@
+//! Outgoing frames and their conversion to libzmq messages without copying.
+
+use std::os::raw::c_void;
+use std::sync::{Arc, Mutex};
+
+/// Memory owned by someone else (a Python buffer) that a frame is sent from without a copy.
+/// The bytes must stay valid and unchanged until the owner is released.
+pub trait ExternalBuffer: Send {
+    fn bytes(&self) -> &[u8];
+}
+
+/// Owners whose frames libzmq has finished with. libzmq calls back on its own threads; the owner
+/// is parked here and dropped later by a thread allowed to drop it (for Python: holding the GIL).
+#[derive(Clone, Default)]
+pub struct ReleaseQueue(Arc<Mutex<Vec<Box<dyn ExternalBuffer>>>>);
+
+impl ReleaseQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(&self, owner: Box<dyn ExternalBuffer>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(owner);
+    }
+
+    /// Take every parked owner (the caller drops them).
+    pub fn drain(&self) -> Vec<Box<dyn ExternalBuffer>> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One outgoing frame.
+pub enum OutFrame {
+    Owned(Vec<u8>),
+    External(Box<dyn ExternalBuffer>),
+    /// A received frame forwarded as it is (no copy).
+    Received(RecvFrame),
+}
+
+impl OutFrame {
+    pub fn len(&self) -> usize {
+        match self {
+            OutFrame::Owned(v) => v.len(),
+            OutFrame::External(b) => b.bytes().len(),
+            OutFrame::Received(m) => m.as_ref().len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A libzmq message we own until it is sent (then libzmq owns its data).
+pub(crate) struct RawMsg(zmq_sys::zmq_msg_t);
+
+impl Drop for RawMsg {
+    fn drop(&mut self) {
+        // SAFETY: self.0 was initialised by one of the zmq_msg_init* calls below; closing a message
+        // that libzmq already took over (after a successful send) is a valid no-op.
+        unsafe {
+            zmq_sys::zmq_msg_close(&mut self.0);
+        }
+    }
+}
+
+struct Hint {
+    queue: ReleaseQueue,
+    owner: Box<dyn ExternalBuffer>,
+}
+
+unsafe extern "C" fn release_external(_data: *mut c_void, hint: *mut c_void) {
+    // SAFETY: `hint` is the Box<Hint> leaked in `into_raw`, and libzmq calls this exactly once.
+    let hint = unsafe { Box::from_raw(hint as *mut Hint) };
+    let Hint { queue, owner } = *hint;
+    queue.push(owner);
+}
+
+unsafe extern "C" fn release_boxed(data: *mut c_void, hint: *mut c_void) {
+    // SAFETY: `data`/`hint` are the pointer and length of the Box<[u8]> leaked in `into_raw`.
+    let len = hint as usize;
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(data as *mut u8, len)) });
+}
+
+const INLINE_MAX: usize = 64;
+
+fn copy_into_msg(bytes: &[u8]) -> RawMsg {
+    let mut msg = zmq_sys::zmq_msg_t::default();
+    // SAFETY: msg is a fresh zmq_msg_t; init_size allocates `len` bytes (or fails with ENOMEM, in
+    // which case we fall back to an empty message rather than writing through a null pointer).
+    unsafe {
+        if zmq_sys::zmq_msg_init_size(&mut msg, bytes.len()) != 0 {
+            zmq_sys::zmq_msg_init(&mut msg);
+            return RawMsg(msg);
+        }
+        let dst = zmq_sys::zmq_msg_data(&mut msg) as *mut u8;
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
+    }
+    RawMsg(msg)
+}
+
+impl OutFrame {
+    pub(crate) fn into_raw(self, queue: &ReleaseQueue) -> RawMsg {
+        match self {
+            OutFrame::Owned(v) if v.len() <= INLINE_MAX => copy_into_msg(&v),
+            OutFrame::Owned(v) => {
+                let boxed = v.into_boxed_slice();
+                let len = boxed.len();
+                let data = Box::into_raw(boxed) as *mut u8 as *mut c_void;
+                let mut msg = zmq_sys::zmq_msg_t::default();
+                // SAFETY: data/len describe a leaked Box<[u8]> that release_boxed frees once.
+                let rc = unsafe {
+                    zmq_sys::zmq_msg_init_data(
+                        &mut msg,
+                        data,
+                        len,
+                        Some(release_boxed),
+                        len as *mut c_void,
+                    )
+                };
+                if rc != 0 {
+                    // SAFETY: libzmq did not take the buffer; free it ourselves.
+                    unsafe { release_boxed(data, len as *mut c_void) };
+                    return RawMsg(zmq_sys::zmq_msg_t::default());
+                }
+                RawMsg(msg)
+            }
+            OutFrame::External(owner) if owner.bytes().len() <= INLINE_MAX => {
+                let msg = copy_into_msg(owner.bytes());
+                queue.push(owner);
+                msg
+            }
+            OutFrame::External(owner) => {
+                let (ptr, len) = {
+                    let b = owner.bytes();
+                    (b.as_ptr() as *mut c_void, b.len())
+                };
+                let hint = Box::into_raw(Box::new(Hint {
+                    queue: queue.clone(),
+                    owner,
+                }));
+                let mut msg = zmq_sys::zmq_msg_t::default();
+                // SAFETY: ptr/len stay valid until release_external runs, because the owner that
+                // keeps them alive travels in `hint` and is only released from that callback.
+                let rc = unsafe {
+                    zmq_sys::zmq_msg_init_data(
+                        &mut msg,
+                        ptr,
+                        len,
+                        Some(release_external),
+                        hint as *mut c_void,
+                    )
+                };
+                if rc != 0 {
+                    // SAFETY: libzmq did not take ownership; run the release path ourselves.
+                    unsafe { release_external(ptr, hint as *mut c_void) };
+                    return RawMsg(zmq_sys::zmq_msg_t::default());
+                }
+                RawMsg(msg)
+            }
+            OutFrame::Received(frame) => frame.0,
+        }
+    }
+}
+
+/// A received frame: the libzmq message itself, so its bytes are never copied.
+pub struct RecvFrame(pub(crate) RawMsg);
+
+impl RecvFrame {
+    /// Receive one frame with DONTWAIT: `Ok(None)` when nothing is waiting.
+    pub(crate) fn recv(sock: &mut zmq::Socket) -> Result<Option<(RecvFrame, bool)>, String> {
+        let mut msg = zmq_sys::zmq_msg_t::default();
+        // SAFETY: msg is a fresh message; the socket is live and owned by this thread.
+        unsafe {
+            zmq_sys::zmq_msg_init(&mut msg);
+        }
+        let frame = RawMsg(msg);
+        let mut frame = RecvFrame(frame);
+        // SAFETY: as above; on failure the (empty) message is closed by RawMsg's Drop.
+        let rc = unsafe {
+            zmq_sys::zmq_msg_recv(
+                &mut frame.0 .0,
+                sock.as_mut_ptr(),
+                zmq_sys::ZMQ_DONTWAIT as i32,
+            )
+        };
+        if rc < 0 {
+            // SAFETY: errno of the failing call.
+            let errno = unsafe { zmq_sys::zmq_errno() };
+            if errno == zmq_sys::errno::EAGAIN {
+                return Ok(None);
+            }
+            return Err(zmq::Error::from_raw(errno).to_string());
+        }
+        // SAFETY: frame.0 holds a received message.
+        let more = unsafe { zmq_sys::zmq_msg_more(&frame.0 .0) } != 0;
+        Ok(Some((frame, more)))
+    }
+}
+
+impl AsRef<[u8]> for RecvFrame {
+    fn as_ref(&self) -> &[u8] {
+        let msg = &self.0 .0 as *const zmq_sys::zmq_msg_t as *mut zmq_sys::zmq_msg_t;
+        // SAFETY: zmq_msg_data/zmq_msg_size only read the message; the data stays valid and
+        // unchanged for as long as the message lives (we never write to a received message).
+        unsafe {
+            let len = zmq_sys::zmq_msg_size(msg);
+            if len == 0 {
+                return &[];
+            }
+            std::slice::from_raw_parts(zmq_sys::zmq_msg_data(msg) as *const u8, len)
+        }
+    }
+}
+
+/// Outcome of trying to send one message.
+pub(crate) enum SendOutcome {
+    Sent,
+    /// The socket would block before the first frame; the frames are returned intact.
+    WouldBlock(Vec<RawMsg>),
+    Failed(String),
+}
+
+/// Send all frames of one message with DONTWAIT. Only the first frame may report EAGAIN:
+/// once libzmq accepted it, the rest of a multipart message is always accepted.
+pub(crate) fn send_frames(sock: &mut zmq::Socket, mut frames: Vec<RawMsg>) -> SendOutcome {
+    let n = frames.len();
+    let raw = sock.as_mut_ptr();
+    for i in 0..n {
+        let mut flags = zmq_sys::ZMQ_DONTWAIT as i32;
+        if i + 1 < n {
+            flags |= zmq_sys::ZMQ_SNDMORE as i32;
+        }
+        // SAFETY: raw is a live socket owned by this thread; frames[i] is an initialised message.
+        let rc = unsafe { zmq_sys::zmq_msg_send(&mut frames[i].0, raw, flags) };
+        if rc < 0 {
+            // SAFETY: reading errno right after the failing call.
+            let errno = unsafe { zmq_sys::zmq_errno() };
+            if i == 0 && errno == zmq_sys::errno::EAGAIN {
+                return SendOutcome::WouldBlock(frames);
+            }
+            return SendOutcome::Failed(zmq::Error::from_raw(errno).to_string());
+        }
+    }
+    SendOutcome::Sent
+}
