@@ -1,0 +1,41 @@
+"""Serialization of apply payloads and results: pickle protocol 5 with out-of-band buffers.
+
+Functions, lambdas, closures and interactively defined classes are pickled with cloudpickle
+(switch with :func:`use_pickle` / :func:`use_dill`). NumPy arrays, ``bytes``, ``bytearray``
+and ``memoryview`` values larger than a threshold (1024 bytes by default) travel as their own
+frames without being copied into the pickle, and are rebuilt over the received frames. The
+frame layout is documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from .apply import pack_apply_message, unpack_apply_message
+from .buffers import DEFAULT_THRESHOLD
+from .interactive import interactive
+from .pickling import (
+    current_pickler,
+    deserialize_object,
+    deserialize_result,
+    serialize_object,
+    serialize_result,
+    use_cloudpickle,
+    use_dill,
+    use_pickle,
+)
+from .reference import Reference
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Reference",
+    "current_pickler",
+    "deserialize_object",
+    "deserialize_result",
+    "interactive",
+    "pack_apply_message",
+    "serialize_object",
+    "serialize_result",
+    "unpack_apply_message",
+    "use_cloudpickle",
+    "use_dill",
+    "use_pickle",
+]

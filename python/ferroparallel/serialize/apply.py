@@ -1,0 +1,117 @@
+"""The buffers of an ``apply_request``: a function and its arguments.
+
+Layout (all frames are the message's buffers, after ``content``)::
+
+    frame 0              12-byte header: b"FPAP", u16 version, u16 reserved (0),
+                         u32 n = number of frames of the function (little-endian)
+    frames 1 .. n        serialize_object(f)
+    frames n+1 ..        serialize_object((args, kwargs))
+
+The function has its own frames so a sender may serialize it once and reuse its frames for
+many requests.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .buffers import DEFAULT_THRESHOLD
+from .pickling import BufferLike, deserialize_object, serialize_object
+from .reference import Reference
+
+APPLY_MAGIC = b"FPAP"
+APPLY_VERSION = 1
+_HEADER = struct.Struct("<4sHHI")
+
+
+def pack_apply_message(
+    f: Callable[..., Any] | Reference,
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    threshold: int = DEFAULT_THRESHOLD,
+) -> list[BufferLike]:
+    """Serialize a call ``f(*args, **kwargs)`` into the buffers of an ``apply_request``.
+
+    Parameters
+    ----------
+    f : callable or Reference
+        The function to call (a ``Reference`` names a callable on the engine).
+    args : sequence, optional
+        Positional arguments. ``Reference`` values (also inside plain lists, tuples and
+        dicts) are evaluated on the engine.
+    kwargs : mapping of str, optional
+        Keyword arguments, treated like ``args``.
+    threshold : int
+        Out-of-band size threshold in bytes, as in :func:`serialize_object`.
+
+    Returns
+    -------
+    list
+        ``[header, f frames…, (args, kwargs) frames…]``; buffer frames reference the
+        arguments' memory (no copy).
+
+    Raises
+    ------
+    TypeError
+        If ``f`` is neither callable nor a ``Reference``, or a keyword is not a str.
+    """
+    if not (callable(f) or isinstance(f, Reference)):
+        raise TypeError(f"f must be callable, not {type(f).__name__}")
+    args = tuple(args) if args is not None else ()
+    kwargs = dict(kwargs) if kwargs is not None else {}
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise TypeError(f"keyword argument names must be str, not {type(key).__name__}")
+    f_frames = serialize_object(f, threshold)
+    arg_frames = serialize_object((args, kwargs), threshold)
+    header = _HEADER.pack(APPLY_MAGIC, APPLY_VERSION, 0, len(f_frames))
+    return [header, *f_frames, *arg_frames]
+
+
+def unpack_apply_message(
+    frames: Sequence[BufferLike], namespace: dict[str, Any] | None = None
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Rebuild ``(f, args, kwargs)`` from :func:`pack_apply_message` frames.
+
+    Parameters
+    ----------
+    frames : sequence of buffer-like
+        The message buffers (``bytes``, ``memoryview``, ``ferroparallel._core.Frame``…).
+    namespace : dict, optional
+        The engine's user namespace: ``Reference`` values are evaluated in it and
+        ``__main__``/``@interactive`` functions get it as their globals.
+
+    Returns
+    -------
+    tuple
+        ``(f, args, kwargs)`` with ``args`` a tuple and ``kwargs`` a dict.
+
+    Raises
+    ------
+    ValueError
+        If the frames are not an apply payload of a known version.
+    """
+    if len(frames) < 3:
+        raise ValueError(f"an apply payload has at least 3 frames, got {len(frames)}")
+    header = memoryview(frames[0])
+    if header.nbytes != _HEADER.size:
+        raise ValueError(f"bad apply header size {header.nbytes}")
+    magic, version, _reserved, n_f = _HEADER.unpack(header.cast("B"))
+    if magic != APPLY_MAGIC:
+        raise ValueError(f"not an apply payload (magic {bytes(magic)!r})")
+    if version != APPLY_VERSION:
+        raise ValueError(f"unsupported apply payload version {version}")
+    if n_f < 1 or 1 + n_f >= len(frames):
+        raise ValueError(f"bad apply header: {n_f} function frames of {len(frames) - 1}")
+    f = deserialize_object(frames[1 : 1 + n_f], namespace)
+    payload = deserialize_object(frames[1 + n_f :], namespace)
+    if not (
+        type(payload) is tuple
+        and len(payload) == 2
+        and type(payload[0]) is tuple
+        and type(payload[1]) is dict
+    ):
+        raise ValueError("malformed apply payload: expected (args tuple, kwargs dict)")
+    return f, payload[0], payload[1]

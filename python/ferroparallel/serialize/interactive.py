@@ -1,0 +1,136 @@
+"""``@interactive`` and the relinking of ``__main__`` functions into the engine namespace.
+
+A function whose ``__module__`` is ``"__main__"`` (defined in a notebook, a script, an
+interactive session, or marked with :func:`interactive`) is pickled by value by cloudpickle,
+together with the globals it references that exist on the sender. When it is unpacked with a
+namespace (on the engine, the user namespace) it is rebuilt with that namespace *as* its
+globals, so it sees names pushed to the engine and its ``global`` statements write there.
+
+The globals captured on the sender fill the gaps: a captured name is put into the namespace
+unless the namespace already defines it with a value that did not come from an earlier
+capture. So values pushed or assigned on the engine win, while helpers defined on the client
+are available without pushing them, and a helper redefined on the client replaces the copy an
+earlier call brought along. Captured functions from ``__main__`` are relinked the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+#: Namespace key recording which values were put there from captured globals.
+CAPTURED_KEY = "__ferroparallel_captured__"
+
+_MISSING = object()
+
+
+def interactive(f: T) -> T:
+    """Mark a function (or class) as interactively defined.
+
+    Its global names are then resolved in the engine's user namespace (the namespace passed
+    when unpacking), as if it had been typed in the engine's ``__main__``; names pushed to the
+    engine are visible to it. It is pickled by value even when defined in an importable module.
+    Applied to a class, it only makes the class pickled by value (its methods keep the globals
+    captured on the sender).
+
+    Parameters
+    ----------
+    f : callable
+        A function or class.
+
+    Returns
+    -------
+    callable
+        ``f`` itself, with ``__module__`` set to ``"__main__"``.
+    """
+    f.__module__ = "__main__"
+    return f
+
+
+def is_main_function(obj: Any) -> bool:
+    """True for a plain Python function whose module is ``__main__``."""
+    return type(obj) is types.FunctionType and obj.__module__ == "__main__"
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> frozenset[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return frozenset(names)
+
+
+class Relinker:
+    """Rebuild ``__main__`` functions with ``namespace`` as their globals.
+
+    Parameters
+    ----------
+    namespace : dict
+        The engine's user namespace; becomes the functions' ``__globals__``.
+    """
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self._memo: dict[int, types.FunctionType] = {}
+
+    def relink(self, f: types.FunctionType) -> types.FunctionType:
+        """Return ``f`` rebuilt over the namespace, merging its captured globals.
+
+        Parameters
+        ----------
+        f : function
+            A function (normally one with ``__module__ == "__main__"``).
+
+        Returns
+        -------
+        function
+            A new function sharing ``f``'s code, defaults, closure and attributes, whose
+            globals are the namespace; ``f`` itself if its globals already are.
+        """
+        old_globals = f.__globals__
+        if old_globals is self.namespace:
+            return f
+        done = self._memo.get(id(f))
+        if done is not None:
+            return done
+        new = types.FunctionType(
+            f.__code__, self.namespace, f.__name__, f.__defaults__, f.__closure__
+        )
+        new.__kwdefaults__ = f.__kwdefaults__
+        new.__qualname__ = f.__qualname__
+        new.__doc__ = f.__doc__
+        new.__module__ = f.__module__
+        new.__annotations__ = f.__annotations__
+        new.__dict__.update(f.__dict__)
+        self._memo[id(f)] = new
+        for name in _global_names(f.__code__):
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            value = old_globals.get(name, _MISSING)
+            if value is _MISSING:
+                continue
+            if is_main_function(value):
+                value = self.relink(value)
+            self._merge(name, value)
+        return new
+
+    def _merge(self, name: str, value: Any) -> None:
+        ns = self.namespace
+        captured = ns.get(CAPTURED_KEY)
+        current = ns.get(name, _MISSING)
+        if current is not _MISSING:
+            if current is value:
+                return
+            if captured is None or captured.get(name, _MISSING) is not current:
+                if captured is not None:
+                    captured.pop(name, None)
+                return  # defined on the engine: the engine's value wins
+        if captured is None:
+            captured = ns[CAPTURED_KEY] = {}
+        ns[name] = value
+        captured[name] = value

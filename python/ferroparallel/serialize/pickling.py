@@ -1,0 +1,180 @@
+"""Object serialization: one pickle (protocol 5) plus its out-of-band buffers as frames."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import cloudpickle
+
+from .buffers import DEFAULT_THRESHOLD, reduce_memoryview, reduce_ndarray, wrap_large_buffers
+from .namespace import resolve_in_namespace
+
+if TYPE_CHECKING and sys.version_info >= (3, 12):
+    from collections.abc import Buffer as BufferLike
+else:
+    BufferLike: TypeAlias = Any
+
+#: Pickle protocol of every frame 0 (out-of-band buffers need 5).
+PROTOCOL = 5
+
+_END = object()
+
+
+def _make_pickler_class(base: type) -> type:
+    """A subclass of ``base`` that sends large buffers out-of-band."""
+    base_override = getattr(base, "reducer_override", None)
+
+    class FerroPickler(base):  # type: ignore[misc, valid-type]
+        def __init__(self, file: Any, buffer_callback: Any) -> None:
+            super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is memoryview:
+                return reduce_memoryview(obj)
+            rv = reduce_ndarray(obj)
+            if rv is not None:
+                return rv
+            if base_override is not None:
+                return base_override(self, obj)
+            return NotImplemented
+
+    FerroPickler.__qualname__ = FerroPickler.__name__ = f"Ferro{base.__name__}"
+    return FerroPickler
+
+
+_pickler_class: type = _make_pickler_class(cloudpickle.Pickler)
+_pickler_name = "cloudpickle"
+
+
+def use_cloudpickle() -> None:
+    """Pickle functions and classes with cloudpickle (the default).
+
+    Lambdas, closures and anything defined in ``__main__`` are pickled by value; functions and
+    classes of importable modules by reference.
+    """
+    _set_pickler(cloudpickle.Pickler, "cloudpickle")
+
+
+def use_pickle() -> None:
+    """Pickle with the standard library only: functions and classes by reference.
+
+    Lambdas, closures and ``__main__`` definitions (including ``@interactive`` functions) can
+    no longer be sent. Receivers need no switch: any of the three picklers' output loads with
+    :func:`pickle.loads` as long as the package that wrote it is importable.
+    """
+    _set_pickler(pickle.Pickler, "pickle")
+
+
+def use_dill() -> None:
+    """Pickle functions and classes with dill (must be installed).
+
+    Raises
+    ------
+    ImportError
+        If dill is not installed (``pip install dill``).
+    """
+    try:
+        import dill
+    except ImportError as exc:
+        raise ImportError("use_dill() needs dill: pip install dill") from exc
+    _set_pickler(dill.Pickler, "dill")
+
+
+def _set_pickler(base: type, name: str) -> None:
+    global _pickler_class, _pickler_name
+    _pickler_class = _make_pickler_class(base)
+    _pickler_name = name
+
+
+def current_pickler() -> str:
+    """Name of the pickler in use: ``"cloudpickle"``, ``"pickle"`` or ``"dill"``."""
+    return _pickler_name
+
+
+def serialize_object(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[BufferLike]:
+    """Serialize one object into a pickle frame and its out-of-band buffer frames.
+
+    Parameters
+    ----------
+    obj : object
+        Anything the current pickler (cloudpickle by default) can pickle.
+    threshold : int
+        Buffers (NumPy array data, ``bytes``, ``bytearray``, ``memoryview``) of more than
+        ``threshold`` bytes travel as their own frames; smaller ones stay in the pickle.
+
+    Returns
+    -------
+    list
+        ``[pickle_bytes, buffer_1, …, buffer_n]``: frame 0 is the protocol-5 pickle (``bytes``),
+        then one flat unsigned-byte ``memoryview`` per out-of-band buffer, in the order the
+        pickle refers to them. The views reference the original memory (no copy) and keep
+        it alive; do not mutate the objects until the frames are sent.
+
+    Raises
+    ------
+    ValueError
+        If ``threshold`` is negative.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, not {threshold}")
+    frames: list[Any] = [b""]
+
+    def buffer_callback(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes > threshold:
+            frames.append(raw)
+            return False
+        return True
+
+    obj = wrap_large_buffers(obj, threshold)
+    file = io.BytesIO()
+    _pickler_class(file, buffer_callback).dump(obj)
+    frames[0] = file.getvalue()
+    return frames
+
+
+def deserialize_object(
+    frames: Sequence[BufferLike], namespace: dict[str, Any] | None = None
+) -> Any:
+    """Rebuild an object from the frames made by :func:`serialize_object`.
+
+    Parameters
+    ----------
+    frames : sequence of buffer-like
+        Frame 0 is the pickle, the rest are its out-of-band buffers (``bytes``,
+        ``memoryview``, received ``ferroparallel._core.Frame`` objects…). All must be used.
+    namespace : dict, optional
+        The engine's user namespace. When given, ``Reference`` objects are evaluated in it and
+        functions from ``__main__`` (or ``@interactive``) get it as their globals, for the
+        object itself and inside plain lists, tuples and dicts.
+
+    Returns
+    -------
+    object
+        The object. NumPy arrays and memoryviews are views over the given frames (no copy;
+        read-only when the frame is read-only), so they keep the frames alive.
+
+    Raises
+    ------
+    ValueError
+        If there are no frames or more buffer frames than the pickle uses.
+    pickle.UnpicklingError
+        If the pickle is malformed or refers to more buffers than given.
+    """
+    if len(frames) == 0:
+        raise ValueError("no frames to deserialize")
+    buffers = iter(frames[1:])
+    obj = pickle.loads(frames[0], buffers=buffers)
+    if next(buffers, _END) is not _END:
+        raise ValueError(f"{len(frames) - 1} buffer frames given, the pickle uses fewer")
+    if namespace is not None:
+        obj = resolve_in_namespace(obj, namespace)
+    return obj
+
+
+serialize_result = serialize_object
+deserialize_result = deserialize_object

@@ -1,0 +1,743 @@
+"""Tests of ``ferroparallel.serialize``: pickles with out-of-band buffers, apply payloads."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+try:
+    import ferroparallel.serialize as fs
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    import ferroparallel.serialize as fs
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def received(frames: list[Any]) -> list[memoryview]:
+    """What a receiver sees: read-only buffers over fresh memory (not the sender's)."""
+    return [memoryview(bytes(f)) for f in frames]
+
+
+def roundtrip(obj: Any, threshold: int = 1024, namespace: dict | None = None) -> Any:
+    return fs.deserialize_object(received(fs.serialize_object(obj, threshold)), namespace)
+
+
+def address(buf: Any) -> int:
+    return np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+
+
+def points_into(arr: np.ndarray, buf: Any) -> bool:
+    start = address(buf)
+    data = arr.__array_interface__["data"][0]
+    return start <= data < start + memoryview(buf).nbytes
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Deep equality that also checks types, and dtype/shape/bytes of arrays."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.dtype.hasobject:
+            assert a.tolist() == b.tolist()
+        else:
+            assert a.tobytes() == b.tobytes()
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, memoryview):
+        assert (a.format, a.shape, a.tolist()) == (b.format, b.shape, b.tolist())
+    else:
+        assert a == b
+
+
+@pytest.fixture
+def restore_pickler():
+    yield
+    fs.use_cloudpickle()
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy arrays
+
+DTYPES = st.one_of(
+    hnp.boolean_dtypes(),
+    hnp.integer_dtypes(),
+    hnp.unsigned_integer_dtypes(),
+    hnp.floating_dtypes(),
+    hnp.complex_number_dtypes(),
+    hnp.datetime64_dtypes(),
+    hnp.timedelta64_dtypes(),
+    hnp.byte_string_dtypes(),
+    hnp.unicode_string_dtypes(),
+    hnp.array_dtypes(allow_subarrays=True),
+)
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7)
+
+
+def relayout(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "F":
+        return np.asfortranarray(a)
+    if a.ndim == 0:
+        return a
+    if layout == "T":
+        return a.T
+    if layout == "step":
+        return a[..., ::2]
+    if layout == "reversed":
+        return a[::-1]
+    return a
+
+
+@SETTINGS
+@given(
+    base=hnp.arrays(DTYPES, SHAPES),
+    layout=st.sampled_from(["C", "F", "T", "step", "reversed"]),
+    threshold=st.sampled_from([0, 64, 1024, 1 << 40]),
+)
+def test_array_roundtrip(base: np.ndarray, layout: str, threshold: int) -> None:
+    a = relayout(base, layout)
+    frames = fs.serialize_object(a, threshold)
+    b = fs.deserialize_object(received(frames))
+    assert type(b) is np.ndarray
+    assert b.dtype == a.dtype
+    assert b.shape == a.shape
+    assert b.tobytes() == a.tobytes()
+    if a.dtype.kind in "biu":
+        assert np.array_equal(a, b)
+    if a.flags["C_CONTIGUOUS"]:
+        assert b.flags["C_CONTIGUOUS"]
+    if a.flags["F_CONTIGUOUS"]:
+        assert b.flags["F_CONTIGUOUS"]
+    assert b.flags["C_CONTIGUOUS"] or b.flags["F_CONTIGUOUS"]
+    out_of_band = a.nbytes > threshold and a.dtype.itemsize > 0
+    assert len(frames) == (2 if out_of_band else 1)
+    if out_of_band:
+        assert not b.flags["WRITEABLE"]
+
+
+def test_fortran_array_keeps_order_and_is_not_copied() -> None:
+    a = np.asfortranarray(np.arange(12_000, dtype=np.float64).reshape(100, 120))
+    frames = fs.serialize_object(a)
+    assert len(frames) == 2
+    assert address(frames[1]) == a.__array_interface__["data"][0]  # sender: no copy
+    b = fs.deserialize_object(received(frames))
+    assert b.flags["F_CONTIGUOUS"] and not b.flags["C_CONTIGUOUS"]
+    assert np.array_equal(a, b)
+
+
+def test_non_contiguous_fortran_slice_stays_fortran() -> None:
+    a = np.asfortranarray(np.arange(40_000, dtype=np.int64).reshape(200, 200))[::2, ::2]
+    assert not (a.flags["C_CONTIGUOUS"] or a.flags["F_CONTIGUOUS"])
+    frames = fs.serialize_object(a)
+    assert len(frames) == 2  # copied once, then out-of-band
+    b = fs.deserialize_object(received(frames))
+    assert b.flags["F_CONTIGUOUS"]
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.array([1, "two", None, 3.5, [4]], dtype=object),
+        np.array([(1, "x"), (2, None)], dtype=[("n", "i4"), ("o", "O")]),
+        np.empty((0, 3), dtype=object),
+        np.array(None, dtype=object),
+    ],
+)
+def test_object_arrays(a: np.ndarray) -> None:
+    b = roundtrip(a, threshold=0)
+    assert b.dtype == a.dtype and b.shape == a.shape
+    assert b.tolist() == a.tolist()
+
+
+def test_structured_array_out_of_band() -> None:
+    dt = np.dtype([("x", "<f8"), ("y", ">i2", (3,)), ("name", "S5")])
+    a = np.zeros(500, dtype=dt)
+    a["x"] = np.arange(500)
+    a["y"] = np.arange(1500).reshape(500, 3)
+    a["name"] = b"abc"
+    frames = fs.serialize_object(a)
+    assert len(frames) == 2
+    b = fs.deserialize_object(received(frames))
+    assert b.dtype == dt and b.tobytes() == a.tobytes()
+
+
+def test_zero_d_and_empty_arrays() -> None:
+    for a in [
+        np.array(3.5),
+        np.array(7, dtype=">u8"),
+        np.zeros((0,)),
+        np.zeros((3, 0, 2), order="F"),
+    ]:
+        frames = fs.serialize_object(a, threshold=0)
+        assert len(frames) == (2 if a.nbytes else 1)
+        assert_same(a, fs.deserialize_object(received(frames)))
+
+
+def test_received_array_is_zero_copy_and_read_only() -> None:
+    a = np.random.default_rng(0).random((256, 512))
+    frames = received(fs.serialize_object(a))
+    assert len(frames) == 2
+    b = fs.deserialize_object(frames)
+    assert points_into(b, frames[1])
+    assert not b.flags["WRITEABLE"]
+    assert np.array_equal(a, b)
+    # bytes frames work the same way
+    frames = [bytes(f) for f in fs.serialize_object(a)]
+    b = fs.deserialize_object(frames)
+    assert points_into(b, frames[1])
+    assert not b.flags["WRITEABLE"]
+
+
+def test_writable_frames_give_writable_arrays() -> None:
+    a = np.arange(1000.0)
+    frames = [bytearray(f) for f in fs.serialize_object(a)]
+    b = fs.deserialize_object(frames)
+    assert points_into(b, frames[1])
+    b[0] = 42.0
+    assert frames[1][:8] == np.float64(42.0).tobytes()
+
+
+def test_read_only_array_comes_back_read_only() -> None:
+    a = np.arange(10.0)
+    a.flags.writeable = False
+    assert not roundtrip(a).flags["WRITEABLE"]  # in-band
+    big = np.arange(10_000.0)[::2]
+    big.flags.writeable = False
+    assert not roundtrip(big).flags["WRITEABLE"]  # non-contiguous, copied, out-of-band
+
+
+def test_memmap_is_sent_as_ndarray(tmp_path: Path) -> None:
+    mm = np.memmap(tmp_path / "data.bin", dtype=np.float32, mode="w+", shape=(100, 50))
+    mm[:] = np.arange(5000).reshape(100, 50)
+    frames = fs.serialize_object(mm)
+    assert len(frames) == 2
+    b = fs.deserialize_object(received(frames))
+    assert type(b) is np.ndarray
+    assert np.array_equal(b, np.asarray(mm))
+
+
+def test_arrays_nested_in_containers() -> None:
+    a = np.arange(1000, dtype=np.int32)
+    f = np.asfortranarray(np.ones((30, 40)))
+    obj = {"a": a, "list": [f, (a[::3], "text")], "small": np.arange(3)}
+    frames = fs.serialize_object(obj)
+    # a and f out-of-band; a[::3] (1336 bytes, non-contiguous) copied then out-of-band;
+    # the small array stays in the pickle. ``a`` is sent once although it appears twice.
+    assert len(frames) == 4
+    b = fs.deserialize_object(received(frames))
+    assert_same(obj, b)
+    assert b["list"][0].flags["F_CONTIGUOUS"]
+
+
+def test_same_array_twice_is_sent_once_and_stays_shared() -> None:
+    a = np.arange(5000.0)
+    frames = fs.serialize_object([a, a])
+    assert len(frames) == 2
+    b = fs.deserialize_object(received(frames))
+    assert b[0] is b[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes, bytearray, memoryview
+
+
+def test_large_bytes_out_of_band_without_copy() -> None:
+    data = os.urandom(100_000)
+    frames = fs.serialize_object(data)
+    assert len(frames) == 2
+    assert address(frames[1]) == address(data)  # the frame is the object's own memory
+    as_bytes = [bytes(f) for f in frames]
+    result = fs.deserialize_object(as_bytes)
+    assert result is as_bytes[1]  # a bytes frame is returned as-is
+    result = fs.deserialize_object(received(frames))
+    assert type(result) is bytes and result == data
+
+
+def test_threshold_boundary() -> None:
+    assert len(fs.serialize_object(b"x" * 1024)) == 1
+    assert len(fs.serialize_object(b"x" * 1025)) == 2
+    assert len(fs.serialize_object(b"x" * 100, threshold=99)) == 2
+    assert len(fs.serialize_object(b"", threshold=0)) == 1
+    with pytest.raises(ValueError):
+        fs.serialize_object(b"", threshold=-1)
+
+
+def test_large_bytearray() -> None:
+    data = bytearray(os.urandom(5000))
+    frames = fs.serialize_object(data)
+    assert len(frames) == 2
+    assert address(frames[1]) == address(data)
+    result = fs.deserialize_object(received(frames))
+    assert type(result) is bytearray and result == data
+
+
+def test_large_memoryview_zero_copy_both_ways() -> None:
+    source = np.arange(6000, dtype=np.int32).reshape(60, 100)
+    view = memoryview(source)
+    frames = fs.serialize_object(view)
+    assert len(frames) == 2
+    assert address(frames[1]) == address(source)
+    got = received(frames)
+    result = fs.deserialize_object(got)
+    assert type(result) is memoryview
+    assert (result.format, result.shape) == (view.format, view.shape)
+    assert result.tolist() == view.tolist()
+    assert result.readonly
+    assert address(result) == address(got[1])
+
+
+def test_non_contiguous_memoryview() -> None:
+    view = memoryview(np.arange(3000, dtype=np.float64))[::3]
+    result = roundtrip(view)
+    assert (result.format, result.shape, result.tolist()) == (
+        view.format,
+        view.shape,
+        view.tolist(),
+    )
+
+
+def test_small_memoryview_in_band() -> None:
+    view = memoryview(bytearray(b"abcdef"))
+    frames = fs.serialize_object(view)
+    assert len(frames) == 1
+    result = fs.deserialize_object(frames)
+    assert result.tobytes() == b"abcdef"
+    assert not result.readonly  # the original was writable
+    assert fs.deserialize_object(fs.serialize_object(memoryview(b"abc"))).readonly
+
+
+def test_memoryview_with_zero_in_shape() -> None:
+    view = memoryview(np.zeros((0, 3)))
+    result = roundtrip(view, threshold=0)
+    assert result.format == "d" and result.nbytes == 0
+
+
+@SETTINGS
+@given(
+    blob=st.binary(min_size=0, max_size=3000),
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+    threshold=st.sampled_from([0, 100, 1024]),
+)
+def test_buffer_types_roundtrip(blob: bytes, kind: type, threshold: int) -> None:
+    value = kind(blob) if kind is not memoryview else memoryview(bytearray(blob))
+    frames = fs.serialize_object(value, threshold)
+    assert len(frames) == (2 if len(blob) > threshold else 1)
+    result = fs.deserialize_object(received(frames))
+    assert type(result) is kind
+    assert bytes(result) == blob
+
+
+def test_bytes_inside_containers_are_out_of_band_and_shared() -> None:
+    big = os.urandom(2000)
+    obj = {"a": [big, (big, b"small")], "b": bytearray(3000), "c": "text"}
+    frames = fs.serialize_object(obj)
+    assert len(frames) == 3  # big once, the bytearray once
+    result = fs.deserialize_object(received(frames))
+    assert_same(obj, result)
+    assert result["a"][0] is result["a"][1][0]
+    assert obj["a"][0] is big  # the input was not modified
+
+
+def test_self_containing_list_falls_back_in_band() -> None:
+    obj: list[Any] = [os.urandom(2000)]
+    obj.append(obj)
+    frames = fs.serialize_object(obj)
+    assert len(frames) == 1
+    result = fs.deserialize_object(frames)
+    assert result[1] is result and result[0] == obj[0]
+
+
+def test_huge_containers_are_not_scanned() -> None:
+    obj = [os.urandom(2000)] + [0] * 70_000
+    frames = fs.serialize_object(obj)
+    assert len(frames) == 1  # correct, but the bytes were copied into the pickle
+    assert fs.deserialize_object(frames) == obj
+
+
+def test_small_values_stay_in_band() -> None:
+    obj = {"n": 1, "s": "x" * 100, "b": b"y" * 100, "a": np.arange(10), "l": [1.5, None]}
+    frames = fs.serialize_object(obj)
+    assert len(frames) == 1
+    assert isinstance(frames[0], bytes)
+    assert_same(obj, fs.deserialize_object(frames))
+
+
+# ---------------------------------------------------------------------------------------------
+# nested containers (property)
+
+LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.binary(max_size=2500),
+    st.binary(max_size=2500).map(bytearray),
+    hnp.arrays(st.sampled_from([np.float64, np.int32, np.uint8]), SHAPES),
+)
+NESTED = st.recursive(
+    LEAVES,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(st.text(max_size=5), children, max_size=5),
+    ),
+    max_leaves=20,
+)
+
+
+def _large_leaves(obj: Any, threshold: int, seen: dict[int, Any]) -> None:
+    if isinstance(obj, list | tuple):
+        for x in obj:
+            _large_leaves(x, threshold, seen)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _large_leaves(x, threshold, seen)
+    elif isinstance(obj, bytes | bytearray | np.ndarray) and memoryview(obj).nbytes > threshold:
+        seen[id(obj)] = obj
+
+
+@SETTINGS
+@given(obj=NESTED, threshold=st.sampled_from([0, 16, 1024]))
+def test_nested_containers_roundtrip(obj: Any, threshold: int) -> None:
+    frames = fs.serialize_object(obj, threshold)
+    large: dict[int, Any] = {}
+    _large_leaves(obj, threshold, large)
+    assert len(frames) - 1 == len(large)
+    assert_same(obj, fs.deserialize_object(received(frames)))
+
+
+# ---------------------------------------------------------------------------------------------
+# functions and classes
+
+
+class ModuleLevelPoint:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModuleLevelPoint) and other.x == self.x
+
+
+def module_level_function(x: int) -> int:
+    return x + 1
+
+
+def make_closure(n: int):
+    def add(x: int) -> int:
+        return x + n
+
+    return add
+
+
+def test_lambdas_closures_and_module_objects() -> None:
+    assert roundtrip(lambda x: x * 2)(21) == 42
+    assert roundtrip(make_closure(10))(5) == 15
+    assert roundtrip(module_level_function) is module_level_function
+    assert roundtrip(ModuleLevelPoint(3)) == ModuleLevelPoint(3)
+
+
+def test_local_class_by_value() -> None:
+    class Local:
+        def __init__(self, v: int) -> None:
+            self.v = v
+
+        def double(self) -> int:
+            return 2 * self.v
+
+    cls = roundtrip(Local)
+    assert cls.__name__ == "Local" and cls(4).double() == 8
+    assert roundtrip(Local(5)).double() == 10
+
+
+MAIN_SOURCE = """
+import math
+
+SCALE = 3
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def norm(self):
+        return math.hypot(self.x, self.y)
+
+def helper(v):
+    return v * SCALE
+
+def uses_helper(v):
+    return helper(v) + OFFSET
+
+def fact(n):
+    return 1 if n <= 1 else n * fact(n - 1)
+
+def counter():
+    global COUNT
+    COUNT = COUNT + 1
+    return COUNT
+"""
+
+
+def make_main() -> dict[str, Any]:
+    """Definitions as if typed in a notebook: their module is ``__main__``."""
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(MAIN_SOURCE, "<notebook>", "exec"), ns)
+    return ns
+
+
+def test_main_class_and_functions_by_value() -> None:
+    main = make_main()
+    frames = fs.serialize_object(main["Point"])
+    assert b"hypot" in frames[0]  # by value: the code travels
+    cls = fs.deserialize_object(received(frames))
+    assert cls.__name__ == "Point" and cls(3, 4).norm() == 5.0
+    assert roundtrip(main["Point"](6, 8)).norm() == 10.0
+    assert roundtrip(main["fact"])(5) == 120
+    assert roundtrip(main["helper"])(2) == 6
+
+
+def test_main_function_resolves_globals_in_namespace() -> None:
+    main = make_main()
+    engine: dict[str, Any] = {"OFFSET": 100}
+    f = roundtrip(main["uses_helper"], namespace=engine)
+    assert f.__globals__ is engine
+    assert f(2) == 106  # helper and SCALE came from the client, OFFSET from the engine
+    assert "helper" in engine and engine["SCALE"] == 3
+    # recursion through a captured global
+    assert roundtrip(main["fact"], namespace=engine)(6) == 720
+
+
+def test_engine_values_win_over_captured_ones() -> None:
+    main = make_main()
+    engine: dict[str, Any] = {"OFFSET": 0, "SCALE": 10}
+    f = roundtrip(main["uses_helper"], namespace=engine)
+    assert f(2) == 20
+    assert engine["SCALE"] == 10
+
+
+def test_redefined_client_helper_replaces_earlier_capture() -> None:
+    main = make_main()
+    engine: dict[str, Any] = {"OFFSET": 0}
+    assert roundtrip(main["uses_helper"], namespace=engine)(2) == 6
+    exec("def helper(v):\n    return v * 1000\n", main)
+    assert roundtrip(main["uses_helper"], namespace=engine)(2) == 2000
+    # but a helper defined on the engine itself is kept
+    engine["helper"] = lambda v: -v
+    assert roundtrip(main["uses_helper"], namespace=engine)(2) == -2
+
+
+def test_main_function_global_statement_writes_to_namespace() -> None:
+    main = make_main()
+    engine: dict[str, Any] = {"COUNT": 41}
+    counter = roundtrip(main["counter"], namespace=engine)
+    assert counter() == 42
+    assert engine["COUNT"] == 42
+
+
+@fs.interactive
+def interactive_uses_pushed(x: int) -> int:
+    return x * PUSHED  # noqa: F821 - defined on the engine
+
+
+@fs.interactive
+def interactive_assigns(value: Any) -> None:
+    global ASSIGNED
+    ASSIGNED = value
+
+
+def test_interactive_sees_pushed_names() -> None:
+    assert interactive_uses_pushed.__module__ == "__main__"
+    engine: dict[str, Any] = {"PUSHED": 7}
+    f = roundtrip(interactive_uses_pushed, namespace=engine)
+    assert f is not interactive_uses_pushed
+    assert f(6) == 42
+    engine["PUSHED"] = 2  # later pushes are seen too
+    assert f(6) == 12
+    g = roundtrip(interactive_assigns, namespace=engine)
+    g([1, 2])
+    assert engine["ASSIGNED"] == [1, 2]
+
+
+def test_interactive_without_namespace_keeps_captured_globals() -> None:
+    f = roundtrip(interactive_uses_pushed)
+    with pytest.raises(NameError):
+        f(1)
+
+
+def test_module_function_is_not_relinked() -> None:
+    engine: dict[str, Any] = {}
+    assert roundtrip(module_level_function, namespace=engine) is module_level_function
+    assert engine == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def test_reference_resolution() -> None:
+    engine = {"a": 5, "data": [1, 2, 3]}
+    obj = [fs.Reference("a"), (fs.Reference("data"),), {"k": fs.Reference("a * 2")}]
+    assert roundtrip(obj, namespace=engine) == [5, ([1, 2, 3],), {"k": 10}]
+    resolved = roundtrip(fs.Reference("data"), namespace=engine)
+    assert resolved is engine["data"]
+
+
+def test_reference_without_namespace_stays() -> None:
+    ref = roundtrip(fs.Reference("a"))
+    assert type(ref) is fs.Reference and ref == fs.Reference("a")
+    assert repr(ref) == "<Reference: 'a'>"
+    with pytest.raises(TypeError):
+        fs.Reference(3)  # type: ignore[arg-type]
+
+
+def test_missing_reference_raises_name_error() -> None:
+    with pytest.raises(NameError):
+        roundtrip(fs.Reference("nope"), namespace={})
+
+
+# ---------------------------------------------------------------------------------------------
+# apply payload
+
+
+def test_apply_roundtrip_with_references_and_buffers() -> None:
+    big = np.arange(10_000.0)
+    frames = fs.pack_apply_message(
+        lambda x, y, *, scale: (x.sum() + y) * scale,
+        (big, fs.Reference("y")),
+        {"scale": fs.Reference("s")},
+    )
+    # header, f pickle, args pickle, one array frame
+    assert len(frames) == 4
+    assert address(frames[3]) == big.__array_interface__["data"][0]
+    got = received(frames)
+    f, args, kwargs = fs.unpack_apply_message(got, namespace={"y": 1.0, "s": 2})
+    assert type(args) is tuple and type(kwargs) is dict
+    assert points_into(args[0], got[3])
+    assert f(*args, **kwargs) == (big.sum() + 1.0) * 2
+
+
+def test_apply_frame_layout() -> None:
+    f_frames = fs.serialize_object(module_level_function)
+    frames = fs.pack_apply_message(module_level_function, [1], None)
+    header = bytes(frames[0])
+    assert header[:4] == b"FPAP"
+    assert int.from_bytes(header[4:6], "little") == 1
+    assert int.from_bytes(header[8:12], "little") == len(f_frames) == 1
+    assert frames[1] == f_frames[0]
+    assert pickle.loads(frames[2]) == ((1,), {})
+
+
+def test_apply_interactive_function_and_defaults() -> None:
+    engine: dict[str, Any] = {"PUSHED": 3}
+    f, args, kwargs = fs.unpack_apply_message(
+        received(fs.pack_apply_message(interactive_uses_pushed, (5,), {})), engine
+    )
+    assert f(*args, **kwargs) == 15
+    f, args, kwargs = fs.unpack_apply_message(
+        fs.pack_apply_message(fs.Reference("len"), (fs.Reference("PUSHED_LIST"),)),
+        {"PUSHED_LIST": [1, 2]},
+    )
+    assert f(*args) == 2
+    f, args, kwargs = fs.unpack_apply_message(fs.pack_apply_message(max))
+    assert f is max and args == () and kwargs == {}
+
+
+def test_apply_errors() -> None:
+    with pytest.raises(TypeError):
+        fs.pack_apply_message(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        fs.pack_apply_message(max, (), {1: 2})  # type: ignore[dict-item]
+    frames = fs.pack_apply_message(max, (1, 2))
+    with pytest.raises(ValueError):
+        fs.unpack_apply_message(frames[:2])
+    with pytest.raises(ValueError):
+        fs.unpack_apply_message([b"XXXX" + bytes(frames[0])[4:], *frames[1:]])
+    with pytest.raises(ValueError):
+        fs.unpack_apply_message(
+            [bytes(frames[0])[:4] + b"\x09\x00" + bytes(frames[0])[6:], *frames[1:]]
+        )
+    with pytest.raises(ValueError):
+        fs.unpack_apply_message([frames[0], frames[1], fs.serialize_object([1])[0]])
+
+
+def test_deserialize_checks_frame_count() -> None:
+    frames = fs.serialize_object(np.arange(1000.0))
+    with pytest.raises(pickle.UnpicklingError):
+        fs.deserialize_object(frames[:1])
+    with pytest.raises(ValueError):
+        fs.deserialize_object([*frames, b"extra"])
+    with pytest.raises(ValueError):
+        fs.deserialize_object([])
+
+
+def test_result_aliases() -> None:
+    assert fs.serialize_result is fs.serialize_object
+    assert fs.deserialize_result is fs.deserialize_object
+
+
+# ---------------------------------------------------------------------------------------------
+# pickler switches and optional numpy
+
+
+def test_use_pickle(restore_pickler: None) -> None:
+    fs.use_pickle()
+    assert fs.current_pickler() == "pickle"
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        fs.serialize_object(lambda: 1)
+    assert roundtrip(module_level_function) is module_level_function
+    a = np.arange(5000.0)[::2]
+    frames = fs.serialize_object([a, memoryview(os.urandom(2000)), os.urandom(3000)])
+    assert len(frames) == 4
+    fs.use_cloudpickle()
+    assert fs.current_pickler() == "cloudpickle"
+    assert roundtrip(lambda: 1)() == 1
+
+
+def test_use_dill(restore_pickler: None) -> None:
+    try:
+        import dill  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install dill"):
+            fs.use_dill()
+        assert fs.current_pickler() == "cloudpickle"
+        return
+    fs.use_dill()
+    assert fs.current_pickler() == "dill"
+    assert roundtrip(lambda x: x + 1)(1) == 2
+    frames = fs.serialize_object([np.arange(2000.0), os.urandom(3000)])
+    assert len(frames) == 3
+
+
+def test_imports_and_works_without_numpy() -> None:
+    package_root = Path(fs.__file__).parents[2]
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import ferroparallel.serialize as fs\n"
+        "frames = fs.serialize_object([b'x' * 5000, memoryview(b'y' * 10)])\n"
+        "assert len(frames) == 2, frames\n"
+        "assert fs.deserialize_object(frames)[0] == b'x' * 5000\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
