@@ -840,6 +840,39 @@ def test_forward_to_echoes_heartbeats(zmq_ctx: zmq.Context, make_io: Callable[..
     inbox.nothing(0.1)  # forwarded frames are not delivered to Python
 
 
+def test_frames_outlive_the_io_thread(zmq_ctx: zmq.Context, make_io: Callable[..., Any]) -> None:
+    io, inbox = make_io(_core.Session(KEY))
+    [endpoint] = io.add_socket("shell", "ROUTER", bind=[f"{LOCAL}:0"])
+    peer = PeerSession(KEY)
+    d = pysocket(zmq_ctx, zmq.DEALER)
+    d.connect(endpoint)
+    payload = os.urandom(MIB)
+    peer.send(d, "push", {}, buffers=[payload])
+    [frame] = inbox.message("shell")["buffers"]
+    view = memoryview(frame)
+    io.close()
+    assert bytes(view) == payload
+    assert bytes(frame) == payload
+
+
+def test_bad_socket_config_is_a_clean_error(make_io: Callable[..., Any]) -> None:
+    io, _ = make_io(_core.Session(KEY))
+    [endpoint] = io.add_socket("shell", "ROUTER", bind=[f"{LOCAL}:0"])
+    bad: list[tuple[str, str, dict[str, Any]]] = [
+        ("a", "NOT-A-KIND", {"bind": [f"{LOCAL}:0"]}),
+        ("b", "ROUTER", {"bind": ["tcp://not-an-address"]}),
+        ("c", "DEALER", {"connect": ["bogus://x"]}),
+        ("shell", "ROUTER", {"bind": [f"{LOCAL}:0"]}),  # duplicate name
+        ("d", "ROUTER", {"bind": [endpoint]}),  # port in use
+        ("e", "SUB", {"connect": [endpoint], "forward_to": "no-such-socket"}),
+    ]
+    for name, kind, kwargs in bad:
+        with pytest.raises(ValueError):
+            io.add_socket(name, kind, **kwargs)
+    assert not io.closed
+    assert io.recv(timeout=0.01) == []
+
+
 def test_close_is_idempotent(make_io: Callable[..., Any]) -> None:
     io, _ = make_io(_core.Session(KEY))
     io.add_socket("shell", "ROUTER", bind=[f"{LOCAL}:0"])
@@ -903,6 +936,18 @@ def _garbage(peer: PeerSession) -> list[tuple[str, list[bytes], str]]:
             "UnsignedMessage",
         ),
         ("signed-10MB-junk-header", with_parts([BIG_JUNK, empty, empty, empty]), "UnpackError"),
+        *(
+            [
+                # msgpack allows keys Python cannot hash (here an array).
+                (
+                    "unhashable-key",
+                    with_parts([header, empty, empty, b"\x81\x90\x01"]),
+                    "UnpackError",
+                )
+            ]
+            if peer.packer == "msgpack"
+            else []
+        ),
     ]
 
 
@@ -1019,6 +1064,28 @@ def test_oversized_part_reported(zmq_ctx: zmq.Context, make_io: Callable[..., An
     peer.send(d, "push", {"i": 99}, buffers=[BIG_JUNK])
     msg = inbox.message("shell")
     assert len(msg["buffers"][0]) == len(BIG_JUNK)
+
+
+@pytest.mark.parametrize("packer", ["msgpack"])
+def test_bad_message_does_not_poison_its_batch(
+    packer: str, zmq_ctx: zmq.Context, make_io: Callable[..., Any]
+) -> None:
+    """Valid messages received in the same batch as a bad one are all delivered."""
+    io, inbox = make_io(_core.Session(KEY, packer=packer))
+    [endpoint] = io.add_socket("shell", "ROUTER", bind=[f"{LOCAL}:0"])
+    peer = PeerSession(KEY, packer=packer)
+    d = pysocket(zmq_ctx, zmq.DEALER)
+    d.connect(endpoint)
+    cases = [c for c in _garbage(peer) if c[2] and not c[0].startswith("replay")]
+    for i, (_, frames, _) in enumerate(cases):
+        peer.send(d, "ping", {"i": i})
+        d.send_multipart(frames)
+    peer.send(d, "ping", {"i": len(cases)})
+    time.sleep(0.3)  # let everything reach the I/O thread so one recv() sees it all
+    got = [inbox.message("shell")["content"]["i"] for _ in range(len(cases) + 1)]
+    assert got == list(range(len(cases) + 1))
+    errors = io.take_errors()
+    assert sorted(cls for _, cls, _ in errors) == sorted(c[2] for c in cases)
 
 
 def test_error_names_are_wire_error_classes() -> None:

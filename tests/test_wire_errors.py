@@ -208,6 +208,19 @@ def test_record_false_does_not_remember(packer: str) -> None:
     expect(error.DuplicateSignature, lambda: core.deserialize(frames))
 
 
+def test_peek_does_not_record(packer: str) -> None:
+    """``content=False`` verifies but does not record (spec §2.3: the schedulers peek)."""
+    frames = valid(PeerSession(KEY, packer=packer))
+    core = _core.Session(KEY, packer=packer)
+    peeked = core.deserialize(frames, content=False)
+    assert peeked["header"]["msg_type"] == "test_request"
+    assert core.deserialize(frames)["content"] == {"a": 1}
+    expect(error.DuplicateSignature, lambda: core.deserialize(frames))
+    # A peek still verifies.
+    forged = [*frames[:2], _flip_hex(frames[2]), *frames[3:]]
+    expect(error.InvalidSignature, lambda: core.deserialize(forged, content=False))
+
+
 def test_rejected_message_is_not_remembered(packer: str) -> None:
     """A forged copy must not poison the history for the real message."""
     frames = valid(PeerSession(KEY, packer=packer))
@@ -275,6 +288,24 @@ def test_trailing_bytes_are_unpackable(packer: str) -> None:
     parts[3] = parts[3] + (b"\x00" if packer == "msgpack" else b" x")
     core = _core.Session(KEY, packer=packer)
     expect(error.UnpackError, lambda: core.deserialize(signed(peer, parts)))
+
+
+#: msgpack maps whose keys Python cannot hash (an array and a map used as keys).
+UNHASHABLE_KEY_MAPS = [b"\x81\x90\x01", b"\x81\x81\x01\x01\x02"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["header", "parent", "metadata", "content"])
+@pytest.mark.parametrize("junk", UNHASHABLE_KEY_MAPS, ids=["array-key", "map-key"])
+def test_unhashable_map_key_is_unpack_error(index: int, junk: bytes) -> None:
+    """msgpack allows any key; one Python cannot hash is a bad message, not a TypeError."""
+    peer = PeerSession(KEY)
+    parts = parts_of(peer)
+    if index == 0:  # a full header (a fixmap of 6) with the bad entry added in front
+        assert parts[0][0] == 0x86
+        parts[0] = b"\x87" + junk[1:] + parts[0][1:]
+    else:
+        parts[index] = junk
+    expect(error.UnpackError, lambda: _core.Session(KEY).deserialize(signed(peer, parts)))
 
 
 def test_cross_packer_is_unpack_error() -> None:
@@ -367,9 +398,9 @@ def test_accepts_any_buffer(packer: str) -> None:
 
 @pytest.mark.parametrize("bad", [None, 5, "text", object()], ids=["none", "int", "str", "object"])
 def test_non_buffer_frame_is_a_clean_error(bad: Any) -> None:
-    """A non-buffer frame is a usage error (TypeError/ValueError), never a crash."""
+    """A non-buffer frame is a usage error (TypeError, ValueError, BufferError), not a crash."""
     frames: list[Any] = [*valid(PeerSession(KEY)), bad]
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises((TypeError, ValueError, BufferError)):
         _core.Session(KEY).deserialize(frames)
 
 
@@ -407,10 +438,16 @@ def test_fuzz_only_wire_errors(packer: str, with_key: bool) -> None:
     """Seeded random corruptions raise only the wire errors (or parse, when still valid)."""
     key = KEY if with_key else b""
     rng = random.Random(20240611)
-    peer = PeerSession(key, packer=packer)
+    peer = PeerSession(key, packer=packer, session="fuzz-session", username="fuzz")
+    header = {
+        **peer.msg_header("test_request"),
+        "msg_id": "fuzz-session_1_0",
+        "date": "2024-06-11T00:00:00.000000Z",
+    }
+    template = valid(peer, header=header)  # fixed bytes: the same corruptions every run
     accepted = 0
     for _ in range(3000):
-        frames = _random_frames(rng, valid(peer))
+        frames = _random_frames(rng, template)
         core = _core.Session(key, packer=packer)
         try:
             msg = core.deserialize(frames)
