@@ -1,8 +1,7 @@
 """Type stubs for the compiled ``ferroparallel._core`` extension (Rust, PyO3)."""
 
-from typing import Any, Iterable, Sequence
-
-from collections.abc import Buffer
+from collections.abc import Buffer, Iterable, Sequence
+from typing import Any
 
 __version__: str
 DELIMITER: bytes

@@ -10,14 +10,14 @@ or ``float``, other iterables become lists.
 from __future__ import annotations
 
 import numbers
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 
 def pack_default(obj: Any) -> Any:
     """Return a natively packable stand-in for ``obj`` or raise ``TypeError``."""
     if isinstance(obj, datetime):
-        return obj.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return obj.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     if isinstance(obj, date):
         return obj.isoformat()
     if isinstance(obj, numbers.Integral):

@@ -121,7 +121,11 @@ pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
             for (k, v) in items {
                 let key = to_py(py, k)?;
                 if key.hash().is_err() {
-                    return Err(PyTypeError::new_err("unhashable map key in message"));
+                    return Err(crate::errors::error_class(
+                        py,
+                        "UnpackError",
+                        format!("map key of type {} is not hashable", key.get_type().name()?),
+                    ));
                 }
                 dict.set_item(key, to_py(py, v)?)?;
             }

@@ -1,5 +1,6 @@
 //! `IoThread`: the per-process native I/O thread, exposed to Python.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use fp_io::{Delivery, Incoming, IoHandle, OutFrame, OutgoingMessage, SocketKind, SocketSpec};
@@ -223,10 +224,31 @@ impl IoThread {
             self.release_sent();
             if !batch.is_empty() {
                 let out = PyList::empty(py);
+                let mut drops = Vec::new();
                 for inc in batch {
-                    out.append(self.incoming_to_py(py, inc)?)?;
+                    let socket = inc.socket.clone();
+                    match self.incoming_to_py(py, inc) {
+                        Ok(item) => out.append(item)?,
+                        // A message whose values have no Python equivalent (e.g. an unhashable
+                        // map key) is dropped and reported like any other bad message.
+                        Err(e) => drops.push(fp_io::DropReport {
+                            socket,
+                            kind: "UnpackError",
+                            text: e.value(py).to_string(),
+                        }),
+                    }
                 }
-                return Ok(out);
+                if !drops.is_empty() {
+                    self.handle
+                        .stats
+                        .dropped
+                        .fetch_add(drops.len() as u64, Relaxed);
+                    self.handle.inbox.report(drops);
+                }
+                if out.len() > 0 {
+                    return Ok(out);
+                }
+                continue;
             }
             if closed {
                 return Err(io_closed(py, "the I/O thread is closed".into()));
@@ -250,7 +272,6 @@ impl IoThread {
 
     /// Counters: sent, received, dropped, send_errors, forwarded, pending (undelivered).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        use std::sync::atomic::Ordering::Relaxed;
         let s = &self.handle.stats;
         let d = PyDict::new(py);
         d.set_item("sent", s.sent.load(Relaxed))?;

@@ -30,8 +30,9 @@ impl HeldBuffer {
             let _ = PyErr::take(obj.py());
         }
         Err(PyBufferError::new_err(format!(
-            "a {} cannot be sent as a frame: frames must be contiguous buffer-protocol objects \
-             (bytes, bytearray, memoryview, contiguous NumPy arrays); use numpy.ascontiguousarray",
+            "a {} cannot be used as a message frame: frames must be contiguous buffer-protocol \
+             objects (bytes, bytearray, memoryview, contiguous NumPy arrays); for arrays use \
+             numpy.ascontiguousarray",
             obj.get_type()
                 .name()
                 .map(|n| n.to_string())

@@ -281,7 +281,7 @@ impl Session {
         }
         let (idents, parts, buffers) = self
             .core
-            .parse(held, content, record)
+            .parse(held, content, record && content)
             .map_err(|e| wire_error(py, e))?;
         let id_list = PyList::empty(py);
         for id in &idents {

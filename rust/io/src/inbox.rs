@@ -69,6 +69,11 @@ impl Inbox {
         self.cond.notify_all();
     }
 
+    /// Record drops found by the consumer (e.g. values that cannot be converted).
+    pub fn report(&self, drops: Vec<DropReport>) {
+        self.push_batch(Vec::new(), drops);
+    }
+
     pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.cond.notify_all();

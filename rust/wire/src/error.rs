@@ -13,8 +13,10 @@ pub enum WireError {
     InvalidSignature,
     /// The signature was already seen (replayed message).
     DuplicateSignature,
-    /// A packed part could not be unpacked (or a value could not be packed).
+    /// A packed part could not be unpacked.
     Unpack { part: &'static str, reason: String },
+    /// A value could not be packed (e.g. NaN or a non-string key with the json packer).
+    Pack { reason: String },
     /// A frame, part or whole message is larger than the configured limit.
     Oversized {
         what: &'static str,
@@ -37,7 +39,7 @@ impl WireError {
             WireError::Unsigned => "UnsignedMessage",
             WireError::InvalidSignature => "InvalidSignature",
             WireError::DuplicateSignature => "DuplicateSignature",
-            WireError::Unpack { .. } => "UnpackError",
+            WireError::Unpack { .. } | WireError::Pack { .. } => "UnpackError",
             WireError::Oversized { .. } => "MessageTooLarge",
             WireError::Config(_) => "WireConfigError",
         }
@@ -59,6 +61,7 @@ impl fmt::Display for WireError {
                 write!(f, "duplicate signature: message was replayed")
             }
             WireError::Unpack { part, reason } => write!(f, "cannot unpack {part}: {reason}"),
+            WireError::Pack { reason } => write!(f, "cannot pack message part: {reason}"),
             WireError::Oversized { what, size, limit } => {
                 write!(
                     f,

@@ -22,8 +22,7 @@ fn key_string(key: &Value) -> Result<String, WireError> {
         Value::Nil => "null".into(),
         Value::Float(f) => f.to_string(),
         other => {
-            return Err(WireError::Unpack {
-                part: "json",
+            return Err(WireError::Pack {
                 reason: format!("map key {other:?} cannot be a JSON object key"),
             })
         }
@@ -36,8 +35,7 @@ fn to_json(value: &Value) -> Result<Json, WireError> {
         Value::Bool(b) => Json::Bool(*b),
         Value::Int(i) => Json::Number((*i).into()),
         Value::UInt(u) => Json::Number((*u).into()),
-        Value::Float(f) => Json::Number(Number::from_f64(*f).ok_or_else(|| WireError::Unpack {
-            part: "json",
+        Value::Float(f) => Json::Number(Number::from_f64(*f).ok_or_else(|| WireError::Pack {
             reason: format!("{f} is not allowed in JSON"),
         })?),
         Value::Str(s) => Json::String(s.clone()),
