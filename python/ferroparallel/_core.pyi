@@ -152,3 +152,40 @@ class IoThread:
         """Stop the thread and close every socket. Idempotent."""
     @property
     def closed(self) -> bool: ...
+
+class Controller:
+    """The ferroparallel controller: hub, MUX/control/IOPub relays, task scheduler and heartbeat,
+    all on native threads (no Python on the message path).
+
+    Parameters
+    ----------
+    config : dict
+        ``ip`` (str, default ``"127.0.0.1"``): interface to bind.
+        ``ports`` (dict[str, int]): port per channel, 0 or missing = random. Channel names:
+        ``registration`` (shared by engines and clients), ``notification``, ``mux_client``,
+        ``mux_engine``, ``control_client``, ``control_engine``, ``task_client``,
+        ``task_engine``, ``iopub_client``, ``iopub_engine``, ``hb_ping``, ``hb_pong``.
+        ``key`` (bytes), ``signature_scheme`` (str), ``pack`` (``"msgpack"``/``"json"``).
+        ``hb_period_ms`` (int, default 3000), ``hb_max_misses`` (int, default 10),
+        ``registration_timeout_ms`` (int, default max(30000, 10 * period)).
+        ``scheme`` (str, default ``"leastload"``), ``hwm`` (int).
+        ``db`` (``"memory"``, ``"sqlite"``, ``"none"``), ``db_path`` (str), ``restore`` (bool).
+        ``engine_state_file`` (str, optional): JSON ``{"engines": {id: uuid}, "next_id": n}``
+        rewritten on every (un)registration.
+        ``log_level`` (``"DEBUG"``, ``"INFO"``, ``"WARNING"``, ``"ERROR"``); the controller
+        logs to stderr.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None: ...
+    def start(self) -> dict[str, int]:
+        """Bind every socket and start the threads; returns the bound port of each channel."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the controller stops (True) or the timeout passes (False). Releases the
+        GIL and checks for signals every 50 ms."""
+    def stop(self) -> None:
+        """Publish ``shutdown_notification``, stop the threads and close the sockets."""
+    def engines(self) -> dict[int, str]:
+        """Registered engines: id -> uuid."""
+    def stats(self) -> dict[str, int]: ...
+    @property
+    def running(self) -> bool: ...

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+mod controller;
 mod convert;
 mod errors;
 mod frame;
@@ -32,5 +33,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<frame::Frame>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;
+    m.add_class::<controller::Controller>()?;
     Ok(())
 }

@@ -419,7 +419,7 @@ impl Loop {
 }
 
 /// Receive one whole multipart message, or `None` if nothing is waiting.
-fn recv_multipart(sock: &mut zmq::Socket) -> Result<Option<Vec<RecvFrame>>, String> {
+pub fn recv_multipart(sock: &mut zmq::Socket) -> Result<Option<Vec<RecvFrame>>, String> {
     let Some((first, mut more)) = RecvFrame::recv(sock)? else {
         return Ok(None);
     };

@@ -14,9 +14,9 @@ mod session;
 mod socket;
 
 pub use inbox::{Delivery, DropReport, Inbox, Incoming};
-pub use ioloop::{IoHandle, IoStats};
+pub use ioloop::{recv_multipart, IoHandle, IoStats};
 pub use outframe::RecvFrame;
-pub use outframe::{ExternalBuffer, OutFrame, ReleaseQueue};
+pub use outframe::{try_send, ExternalBuffer, OutFrame, ReadyFrames, ReleaseQueue, Sent};
 pub use session::{OutgoingMessage, SessionCore};
 pub use socket::{SocketKind, SocketSpec};
 

@@ -176,7 +176,7 @@ pub struct RecvFrame(pub(crate) RawMsg);
 
 impl RecvFrame {
     /// Receive one frame with DONTWAIT: `Ok(None)` when nothing is waiting.
-    pub(crate) fn recv(sock: &mut zmq::Socket) -> Result<Option<(RecvFrame, bool)>, String> {
+    pub fn recv(sock: &mut zmq::Socket) -> Result<Option<(RecvFrame, bool)>, String> {
         let mut msg = zmq_sys::zmq_msg_t::default();
         // SAFETY: msg is a fresh message; the socket is live and owned by this thread.
         unsafe {
@@ -227,6 +227,53 @@ pub(crate) enum SendOutcome {
     /// The socket would block before the first frame; the frames are returned intact.
     WouldBlock(Vec<RawMsg>),
     Failed(String),
+}
+
+/// Frames converted to libzmq messages, ready to send (possibly later).
+pub struct ReadyFrames(Vec<RawMsg>);
+
+/// Outcome of [`try_send`].
+pub enum Sent {
+    Ok,
+    /// Nothing was sent; try again when the socket is writable.
+    WouldBlock(ReadyFrames),
+    /// The send failed (e.g. EHOSTUNREACH on a ROUTER with ROUTER_MANDATORY); `errno` and text.
+    Failed(i32, String),
+}
+
+impl ReadyFrames {
+    pub fn new(frames: Vec<OutFrame>, releases: &ReleaseQueue) -> ReadyFrames {
+        ReadyFrames(frames.into_iter().map(|f| f.into_raw(releases)).collect())
+    }
+}
+
+/// Send one multipart message without blocking.
+pub fn try_send(sock: &mut zmq::Socket, frames: ReadyFrames) -> Sent {
+    match send_frames(sock, frames.0) {
+        SendOutcome::Sent => Sent::Ok,
+        SendOutcome::WouldBlock(f) => Sent::WouldBlock(ReadyFrames(f)),
+        SendOutcome::Failed(text) => {
+            // SAFETY: errno of the call that just failed inside send_frames.
+            let errno = unsafe { zmq_sys::zmq_errno() };
+            Sent::Failed(errno, text)
+        }
+    }
+}
+
+impl RecvFrame {
+    /// Another handle on the same frame. libzmq shares large message bodies by reference count
+    /// (no copy of the payload); small ones are copied, which is cheap.
+    pub fn share(&self) -> RecvFrame {
+        let mut msg = zmq_sys::zmq_msg_t::default();
+        let src = &self.0 .0 as *const zmq_sys::zmq_msg_t as *mut zmq_sys::zmq_msg_t;
+        // SAFETY: msg is freshly initialised; zmq_msg_copy only reads `src` (it bumps the shared
+        // reference count of the body) even though its C signature takes a mutable pointer.
+        unsafe {
+            zmq_sys::zmq_msg_init(&mut msg);
+            zmq_sys::zmq_msg_copy(&mut msg, src);
+        }
+        RecvFrame(RawMsg(msg))
+    }
 }
 
 /// Send all frames of one message with DONTWAIT. Only the first frame may report EAGAIN:

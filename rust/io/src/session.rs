@@ -72,6 +72,15 @@ impl SessionCore {
         Ok(frames)
     }
 
+    /// Verify an envelope's signature (recording it in the replay history when `record`).
+    pub fn verify<F: AsRef<[u8]>>(
+        &self,
+        env: &fp_wire::Envelope<F>,
+        record: bool,
+    ) -> Result<(), WireError> {
+        env.verify(&mut self.auth(), record)
+    }
+
     /// Split, verify (recording the signature) and unpack received frames.
     pub fn parse<F: AsRef<[u8]>>(
         &self,

@@ -1,0 +1,106 @@
+//! Controller configuration (built by the Python layer from CLI flags and config files).
+
+use fp_wire::Packer;
+
+/// The channels the controller binds, in a fixed order.
+pub const CHANNELS: [&str; 12] = [
+    "registration",
+    "notification",
+    "mux_client",
+    "mux_engine",
+    "control_client",
+    "control_engine",
+    "task_client",
+    "task_engine",
+    "iopub_client",
+    "iopub_engine",
+    "hb_ping",
+    "hb_pong",
+];
+
+/// Task scheduling schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    LeastLoad,
+    Lru,
+    TwoBin,
+    Weighted,
+    PlainRandom,
+}
+
+impl Scheme {
+    pub fn from_name(name: &str) -> Result<Scheme, String> {
+        Ok(match name {
+            "leastload" => Scheme::LeastLoad,
+            "lru" => Scheme::Lru,
+            "twobin" => Scheme::TwoBin,
+            "weighted" => Scheme::Weighted,
+            "plainrandom" => Scheme::PlainRandom,
+            other => {
+                return Err(format!(
+                    "unknown scheme {other:?}: use leastload, lru, twobin, weighted or plainrandom"
+                ))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::LeastLoad => "leastload",
+            Scheme::Lru => "lru",
+            Scheme::TwoBin => "twobin",
+            Scheme::Weighted => "weighted",
+            Scheme::PlainRandom => "plainrandom",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub ip: String,
+    /// Port per channel (index as in [`CHANNELS`]); 0 = random.
+    pub ports: [u16; 12],
+    pub key: Vec<u8>,
+    pub signature_scheme: String,
+    pub packer: Packer,
+    pub hb_period_ms: u64,
+    pub hb_max_misses: u64,
+    pub registration_timeout_ms: u64,
+    pub scheme: Scheme,
+    /// Outstanding tasks per engine; 0 = unlimited.
+    pub hwm: usize,
+    pub db: String,
+    pub db_path: Option<String>,
+    pub restore: bool,
+    pub engine_state_file: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            ip: "127.0.0.1".into(),
+            ports: [0; 12],
+            key: Vec::new(),
+            signature_scheme: "hmac-sha256".into(),
+            packer: Packer::Msgpack,
+            hb_period_ms: 3000,
+            hb_max_misses: 10,
+            registration_timeout_ms: 30_000,
+            scheme: Scheme::LeastLoad,
+            hwm: 0,
+            db: "memory".into(),
+            db_path: None,
+            restore: false,
+            engine_state_file: None,
+        }
+    }
+}
+
+impl ControllerConfig {
+    pub fn endpoint(&self, index: usize) -> String {
+        match self.ports[index] {
+            0 => format!("tcp://{}:*", self.ip),
+            p => format!("tcp://{}:{p}", self.ip),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The ferroparallel controller, without any Python: the hub (registration, queries,
+//! notifications), the MUX and control relays, the IOPub relay, the task scheduler and the
+//! heartbeat, on one native event-loop thread.
+
+mod config;
+mod engines;
+mod heart;
+pub mod log;
+mod messages;
+mod scheduler;
+mod server;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+pub use config::{ControllerConfig, Scheme, CHANNELS};
+pub use server::Stats;
+
+use server::{
+    Server, CTL_C, CTL_E, HB_PING, HB_PONG, IOP_C, IOP_E, MUX_C, MUX_E, NOTIF, REG, TASK_C, TASK_E,
+};
+
+/// A running controller.
+pub struct Controller {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    pub ports: Ports,
+    pub stats: Arc<Stats>,
+    engines: Arc<Mutex<Vec<(i64, String)>>>,
+}
+
+fn port_of(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bound port of each channel.
+pub type Ports = Vec<(&'static str, u16)>;
+
+fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String> {
+    let ctx = fp_io::context();
+    let mut socks = Vec::with_capacity(CHANNELS.len());
+    let mut ports = Vec::with_capacity(CHANNELS.len());
+    for (i, name) in CHANNELS.iter().enumerate() {
+        let kind = match i {
+            REG | MUX_C | MUX_E | CTL_C | CTL_E | TASK_C | TASK_E | HB_PONG => zmq::ROUTER,
+            NOTIF | IOP_C | HB_PING => zmq::PUB,
+            IOP_E => zmq::SUB,
+            _ => return Err(format!("no socket type for channel {name}")),
+        };
+        let err = |what: &str, e: zmq::Error| format!("{name}: {what}: {e}");
+        let sock = ctx.socket(kind).map_err(|e| err("create", e))?;
+        sock.set_linger(500).map_err(|e| err("linger", e))?;
+        sock.set_sndhwm(0).map_err(|e| err("sndhwm", e))?;
+        sock.set_rcvhwm(0).map_err(|e| err("rcvhwm", e))?;
+        let engine_side = match i {
+            MUX_E => Some(&b"mux_out"[..]),
+            CTL_E => Some(&b"control_out"[..]),
+            TASK_E => Some(&b"task_out"[..]),
+            _ => None,
+        };
+        if let Some(identity) = engine_side {
+            sock.set_identity(identity)
+                .map_err(|e| err("identity", e))?;
+            sock.set_router_mandatory(true)
+                .map_err(|e| err("router_mandatory", e))?;
+        }
+        if matches!(i, MUX_C | CTL_C | TASK_C | REG) {
+            // A client that went away must not make sends fail; drop silently like ipyparallel.
+            sock.set_router_mandatory(false)
+                .map_err(|e| err("router_mandatory", e))?;
+        }
+        if i == IOP_E {
+            sock.set_subscribe(b"").map_err(|e| err("subscribe", e))?;
+        }
+        let endpoint = cfg.endpoint(i);
+        sock.bind(&endpoint)
+            .map_err(|e| err(&format!("bind {endpoint}"), e))?;
+        let bound = match sock.get_last_endpoint() {
+            Ok(Ok(s)) => s,
+            _ => endpoint,
+        };
+        ports.push((*name, port_of(&bound)));
+        socks.push(sock);
+    }
+    Ok((socks, ports))
+}
+
+impl Controller {
+    /// Bind every socket and start the event loop.
+    pub fn start(cfg: ControllerConfig) -> Result<Controller, String> {
+        let (socks, ports) = bind_all(&cfg)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let mut server = Server::new(cfg, socks, stop.clone(), stats.clone())?;
+        let engines = server.shared_engines.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferroparallel-controller".into())
+            .spawn(move || server.run())
+            .map_err(|e| format!("cannot start the controller thread: {e}"))?;
+        Ok(Controller {
+            stop,
+            thread: Mutex::new(Some(thread)),
+            ports,
+            stats,
+            engines,
+        })
+    }
+
+    /// True while the event loop runs.
+    pub fn running(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|h| !h.is_finished()))
+            .unwrap_or(false)
+    }
+
+    /// Ask the loop to publish `shutdown_notification` and stop; waits for it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Registered engines as (id, uuid).
+    pub fn engines(&self) -> Vec<(i64, String)> {
+        self.engines.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,66 @@
+//! Building the messages the controller itself sends.
+
+use fp_wire::Value;
+
+/// `apply_request` → `apply_reply`, anything else `x_request` → `x_reply`.
+pub fn reply_type(request_type: &str) -> String {
+    match request_type.strip_suffix("_request") {
+        Some(prefix) => format!("{prefix}_reply"),
+        None => format!("{request_type}_reply"),
+    }
+}
+
+/// Error content in the ipyparallel wrapped-exception form.
+pub fn error_content(ename: &str, evalue: &str) -> Value {
+    Value::map([
+        ("status", Value::from("error")),
+        ("ename", Value::from(ename)),
+        ("evalue", Value::from(evalue)),
+        (
+            "traceback",
+            Value::Array(vec![Value::Str(format!("{ename}: {evalue}"))]),
+        ),
+    ])
+}
+
+/// Error content with `engine_info`, for failures attributed to an engine.
+pub fn engine_error_content(
+    ename: &str,
+    evalue: &str,
+    engine_uuid: &str,
+    engine_id: Option<i64>,
+    method: &str,
+) -> Value {
+    let mut content = error_content(ename, evalue);
+    content.set(
+        "engine_info",
+        Value::map([
+            ("engine_uuid", Value::from(engine_uuid)),
+            ("engine_id", engine_id.map(Value::Int).unwrap_or(Value::Nil)),
+            ("method", Value::from(method)),
+        ]),
+    );
+    content
+}
+
+/// Reply metadata for a controller-generated failure.
+pub fn error_metadata(engine_uuid: Option<&str>) -> Value {
+    let mut md = Value::map([
+        ("status", Value::from("error")),
+        ("dependencies_met", Value::Bool(true)),
+        ("date", Value::Str(fp_wire::iso_now())),
+    ]);
+    if let Some(u) = engine_uuid {
+        md.set("engine", Value::from(u));
+    }
+    md
+}
+
+/// `apply` for apply requests, `execute` for execute requests.
+pub fn method_of(msg_type: &str) -> &str {
+    msg_type.strip_suffix("_request").unwrap_or(msg_type)
+}
+
+pub fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(|x| x.as_str())
+}

@@ -1,0 +1,1009 @@
+//! The controller's event loop: one native thread polling every socket.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fp_io::{
+    recv_multipart, try_send, OutFrame, OutgoingMessage, ReadyFrames, RecvFrame, ReleaseQueue,
+    Sent, SessionCore,
+};
+use fp_wire::{split_envelope, Envelope, Parts, Value, DELIMITER};
+
+use crate::config::ControllerConfig;
+use crate::engines::{Engine, EngineTable, InFlight};
+use crate::heart::{Heart, FAST_PING};
+use crate::log::{log_at, Level};
+use crate::messages::{
+    engine_error_content, error_content, error_metadata, method_of, reply_type, str_field,
+};
+use crate::scheduler::Balancer;
+
+pub const REG: usize = 0;
+pub const NOTIF: usize = 1;
+pub const MUX_C: usize = 2;
+pub const MUX_E: usize = 3;
+pub const CTL_C: usize = 4;
+pub const CTL_E: usize = 5;
+pub const TASK_C: usize = 6;
+pub const TASK_E: usize = 7;
+pub const IOP_C: usize = 8;
+pub const IOP_E: usize = 9;
+pub const HB_PING: usize = 10;
+pub const HB_PONG: usize = 11;
+
+/// Counters shared with the owner of the controller.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub dropped: AtomicU64,
+    pub engines: AtomicU64,
+    pub tasks_queued: AtomicU64,
+    pub tasks_assigned: AtomicU64,
+    pub engine_errors: AtomicU64,
+}
+
+type Env = Envelope<RecvFrame>;
+
+struct QueuedTask {
+    client: Vec<u8>,
+    msg_id: String,
+    header: Value,
+    targets: Option<Vec<Vec<u8>>>,
+    env: Env,
+}
+
+const BURST: usize = 256;
+/// Time given to flush the shutdown notification before the loop exits.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+pub struct Server {
+    cfg: ControllerConfig,
+    socks: Vec<zmq::Socket>,
+    pending: Vec<VecDeque<ReadyFrames>>,
+    session: SessionCore,
+    releases: ReleaseQueue,
+    engines: EngineTable,
+    heart: Heart,
+    balancer: Balancer,
+    queue: VecDeque<QueuedTask>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    /// Engines (by id) in the shared table, for the Python side.
+    pub shared_engines: Arc<std::sync::Mutex<Vec<(i64, String)>>>,
+    shutdown_at: Option<Instant>,
+}
+
+fn frames_of(idents: Vec<OutFrame>, env: Env) -> Vec<OutFrame> {
+    let mut out = idents;
+    out.reserve(6 + env.buffers.len());
+    out.push(OutFrame::Owned(DELIMITER.to_vec()));
+    out.push(OutFrame::Received(env.signature));
+    out.push(OutFrame::Received(env.header));
+    out.push(OutFrame::Received(env.parent_header));
+    out.push(OutFrame::Received(env.metadata));
+    out.push(OutFrame::Received(env.content));
+    out.extend(env.buffers.into_iter().map(OutFrame::Received));
+    out
+}
+
+fn ident(bytes: &[u8]) -> OutFrame {
+    OutFrame::Owned(bytes.to_vec())
+}
+
+fn show(id: &[u8]) -> String {
+    String::from_utf8(id.to_vec()).unwrap_or_else(|_| format!("{id:02x?}"))
+}
+
+impl Server {
+    pub fn new(
+        cfg: ControllerConfig,
+        socks: Vec<zmq::Socket>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<Stats>,
+    ) -> Result<Server, String> {
+        let session = SessionCore::new(
+            cfg.key.clone(),
+            cfg.packer,
+            &cfg.signature_scheme,
+            fp_wire::new_id(),
+            "controller".into(),
+            fp_wire::DEFAULT_HISTORY_SIZE,
+            fp_wire::Limits::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut engines = EngineTable::default();
+        if cfg.restore {
+            if let Some(path) = &cfg.engine_state_file {
+                match engines.restore_state(path) {
+                    Ok(n) => log_at!(
+                        Level::Info,
+                        "restored engine state: {n} engine ids reserved"
+                    ),
+                    Err(e) => log_at!(Level::Warning, "cannot restore engine state: {e}"),
+                }
+            }
+        }
+        let heart = Heart::new(
+            Duration::from_millis(cfg.hb_period_ms.max(1)),
+            cfg.hb_max_misses,
+        );
+        let balancer = Balancer::new(cfg.scheme, cfg.hwm);
+        let n = socks.len();
+        Ok(Server {
+            cfg,
+            socks,
+            pending: (0..n).map(|_| VecDeque::new()).collect(),
+            session,
+            releases: ReleaseQueue::new(),
+            engines,
+            heart,
+            balancer,
+            queue: VecDeque::new(),
+            stop,
+            stats,
+            shared_engines: Arc::default(),
+            shutdown_at: None,
+        })
+    }
+
+    pub fn run(&mut self) {
+        log_at!(
+            Level::Info,
+            "controller running (scheme {})",
+            self.cfg.scheme.name()
+        );
+        loop {
+            if self.stop.load(Ordering::SeqCst) && self.shutdown_at.is_none() {
+                self.begin_shutdown();
+            }
+            if let Some(t) = self.shutdown_at {
+                if Instant::now() >= t {
+                    break;
+                }
+            }
+            let timeout = self.poll_timeout();
+            let (readable, writable) = self.poll(timeout);
+            for i in 0..self.socks.len() {
+                if writable.get(i).copied().unwrap_or(false) {
+                    self.flush(i);
+                }
+                if readable.get(i).copied().unwrap_or(false) {
+                    self.receive(i);
+                }
+            }
+            self.timers();
+        }
+        for i in 0..self.socks.len() {
+            self.flush(i);
+        }
+        drop(self.releases.drain());
+        log_at!(Level::Info, "controller stopped");
+    }
+
+    fn poll_timeout(&self) -> i64 {
+        let now = Instant::now();
+        let mut next = self.heart.next_beat;
+        if let Some(f) = self.heart.next_fast_ping {
+            next = next.min(f);
+        }
+        if let Some(s) = self.shutdown_at {
+            next = next.min(s);
+        }
+        let wait = next.saturating_duration_since(now).as_millis() as i64;
+        wait.clamp(0, 100)
+    }
+
+    fn poll(&self, timeout_ms: i64) -> (Vec<bool>, Vec<bool>) {
+        let mut items: Vec<zmq::PollItem> = Vec::with_capacity(self.socks.len());
+        for (i, s) in self.socks.iter().enumerate() {
+            let mut ev = zmq::PollEvents::empty();
+            if !matches!(i, NOTIF | IOP_C | HB_PING) {
+                ev |= zmq::POLLIN;
+            }
+            if !self.pending[i].is_empty() {
+                ev |= zmq::POLLOUT;
+            }
+            items.push(s.as_poll_item(ev));
+        }
+        if zmq::poll(&mut items, timeout_ms).is_err() {
+            return (Vec::new(), Vec::new());
+        }
+        (
+            items.iter().map(|i| i.is_readable()).collect(),
+            items.iter().map(|i| i.is_writable()).collect(),
+        )
+    }
+
+    // ----- sending ------------------------------------------------------------------------
+
+    /// Send frames on socket `i`; returns the errno when the send failed outright.
+    fn send(&mut self, i: usize, frames: Vec<OutFrame>) -> Result<(), i32> {
+        let ready = ReadyFrames::new(frames, &self.releases);
+        if !self.pending[i].is_empty() {
+            self.pending[i].push_back(ready);
+            return Ok(());
+        }
+        match try_send(&mut self.socks[i], ready) {
+            Sent::Ok => Ok(()),
+            Sent::WouldBlock(r) => {
+                self.pending[i].push_back(r);
+                Ok(())
+            }
+            Sent::Failed(errno, text) => {
+                log_at!(Level::Debug, "send on socket {i} failed: {text}");
+                Err(errno)
+            }
+        }
+    }
+
+    fn flush(&mut self, i: usize) {
+        while let Some(ready) = self.pending[i].pop_front() {
+            match try_send(&mut self.socks[i], ready) {
+                Sent::Ok => {}
+                Sent::WouldBlock(r) => {
+                    self.pending[i].push_front(r);
+                    return;
+                }
+                Sent::Failed(_, text) => log_at!(Level::Warning, "dropped queued message: {text}"),
+            }
+        }
+    }
+
+    /// Build, sign and send a message generated by the controller.
+    fn send_new(
+        &mut self,
+        i: usize,
+        idents: Vec<Vec<u8>>,
+        msg_type: &str,
+        content: Value,
+        parent: Value,
+        metadata: Value,
+    ) {
+        let parts = Parts {
+            header: self.session.headers.header(msg_type),
+            parent_header: parent,
+            metadata,
+            content,
+        };
+        match self.session.build_frames(OutgoingMessage {
+            idents,
+            parts,
+            buffers: Vec::new(),
+        }) {
+            Ok(frames) => {
+                let _ = self.send(i, frames);
+            }
+            Err(e) => log_at!(Level::Error, "cannot build {msg_type}: {e}"),
+        }
+    }
+
+    fn notify(&mut self, msg_type: &str, content: Value) {
+        self.send_new(
+            NOTIF,
+            Vec::new(),
+            msg_type,
+            content,
+            Value::empty_map(),
+            Value::empty_map(),
+        );
+    }
+
+    // ----- receiving ----------------------------------------------------------------------
+
+    fn receive(&mut self, i: usize) {
+        for _ in 0..BURST {
+            let frames = match recv_multipart(&mut self.socks[i]) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    log_at!(Level::Warning, "receive error on socket {i}: {e}");
+                    return;
+                }
+            };
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            if i == HB_PONG {
+                self.on_pong(frames);
+                continue;
+            }
+            let env = match self.verified(i, frames) {
+                Some(env) => env,
+                None => continue,
+            };
+            match i {
+                REG => self.on_query(env),
+                MUX_C => self.on_client_relay(env, MUX_C, MUX_E, true),
+                CTL_C => self.on_client_relay(env, CTL_C, CTL_E, false),
+                MUX_E => self.on_engine_reply(env, MUX_C, true),
+                CTL_E => self.on_engine_reply(env, CTL_C, false),
+                TASK_C => self.on_task_submit(env),
+                TASK_E => self.on_task_reply(env),
+                IOP_E => self.on_iopub(env),
+                _ => {}
+            }
+        }
+    }
+
+    /// Split and verify; malformed or forged messages are logged and dropped.
+    fn verified(&mut self, i: usize, frames: Vec<RecvFrame>) -> Option<Env> {
+        let result = split_envelope(frames, &self.session.limits)
+            .and_then(|env| self.session.verify(&env, true).map(|_| env));
+        match result {
+            Ok(env) => Some(env),
+            Err(e) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                log_at!(
+                    Level::Warning,
+                    "dropped message on {}: {e}",
+                    crate::config::CHANNELS[i]
+                );
+                None
+            }
+        }
+    }
+
+    fn unpack(&mut self, env: &Env, part: &'static str) -> Option<Value> {
+        let data = match part {
+            "header" => env.header.as_ref(),
+            "parent_header" => env.parent_header.as_ref(),
+            "metadata" => env.metadata.as_ref(),
+            _ => env.content.as_ref(),
+        };
+        match self.session.packer.unpack(data, part) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                log_at!(Level::Warning, "dropped message: {e}");
+                None
+            }
+        }
+    }
+
+    fn header_of(&mut self, env: &Env) -> Option<(Value, String, String)> {
+        let header = self.unpack(env, "header")?;
+        let msg_id = str_field(&header, "msg_id").map(str::to_owned);
+        let msg_type = str_field(&header, "msg_type").map(str::to_owned);
+        match (msg_id, msg_type) {
+            (Some(id), Some(ty)) => Some((header, id, ty)),
+            _ => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                log_at!(
+                    Level::Warning,
+                    "dropped message whose header lacks msg_id/msg_type"
+                );
+                None
+            }
+        }
+    }
+
+    // ----- hub queries and registration -----------------------------------------------------
+
+    fn on_query(&mut self, env: Env) {
+        let Some(zid) = env.idents.first().map(|f| f.as_ref().to_vec()) else {
+            log_at!(Level::Warning, "dropped query without a routing identity");
+            return;
+        };
+        let Some((header, _, msg_type)) = self.header_of(&env) else {
+            return;
+        };
+        let Some(content) = self.unpack(&env, "content") else {
+            return;
+        };
+        match msg_type.as_str() {
+            "registration_request" => self.on_registration(zid, header, content),
+            "unregistration_request" => {
+                if let Some(id) = content.get("id").and_then(Value::as_i64) {
+                    if let Some(uuid) = self.engines.uuid_of(id).cloned() {
+                        self.unregister(&uuid, "it asked to unregister");
+                    }
+                }
+            }
+            "connection_request" => {
+                let content = Value::map([
+                    ("status", Value::from("ok")),
+                    ("engines", self.engines.registered_map()),
+                ]);
+                self.send_new(
+                    REG,
+                    vec![zid],
+                    "connection_reply",
+                    content,
+                    header,
+                    Value::empty_map(),
+                );
+            }
+            "queue_request" => self.on_queue_request(zid, header, content),
+            "shutdown_request" => {
+                log_at!(Level::Info, "shutdown requested by a client");
+                let ok = Value::map([("status", Value::from("ok"))]);
+                self.send_new(
+                    REG,
+                    vec![zid],
+                    "shutdown_reply",
+                    ok,
+                    header,
+                    Value::empty_map(),
+                );
+                self.begin_shutdown();
+            }
+            other => {
+                let evalue = format!("unsupported hub request type {other:?}");
+                log_at!(Level::Warning, "{evalue}");
+                let content = error_content("NotImplementedError", &evalue);
+                self.send_new(
+                    REG,
+                    vec![zid],
+                    "hub_error",
+                    content,
+                    header,
+                    Value::empty_map(),
+                );
+            }
+        }
+    }
+
+    fn on_registration(&mut self, zid: Vec<u8>, header: Value, content: Value) {
+        let Some(uuid) = str_field(&content, "uuid").map(|s| s.as_bytes().to_vec()) else {
+            let c = error_content("KeyError", "registration_request needs a 'uuid'");
+            self.send_new(
+                REG,
+                vec![zid],
+                "registration_reply",
+                c,
+                header,
+                Value::empty_map(),
+            );
+            return;
+        };
+        if self.engines.by_uuid.contains_key(&uuid) {
+            let evalue = format!(
+                "engine uuid {} is already registered or pending",
+                show(&uuid)
+            );
+            log_at!(Level::Warning, "refused registration: {evalue}");
+            let c = error_content("KeyError", &evalue);
+            self.send_new(
+                REG,
+                vec![zid],
+                "registration_reply",
+                c,
+                header,
+                Value::empty_map(),
+            );
+            return;
+        }
+        let requested = content.get("id").and_then(Value::as_i64);
+        let id = self.engines.assign_id(requested);
+        let stall = Duration::from_millis(self.cfg.registration_timeout_ms);
+        self.engines.insert(Engine {
+            id,
+            uuid: uuid.clone(),
+            registered: false,
+            last_beat: self.heart.beat,
+            stall_deadline: Instant::now() + stall,
+            mux: Default::default(),
+            tasks: Default::default(),
+            completed: 0,
+        });
+        log_at!(
+            Level::Info,
+            "registration request from engine {id} ({})",
+            show(&uuid)
+        );
+        let reply = Value::map([
+            ("status", Value::from("ok")),
+            ("id", Value::Int(id)),
+            ("hb_period", Value::Int(self.cfg.hb_period_ms as i64)),
+            ("connection_info", Value::empty_map()),
+        ]);
+        self.send_new(
+            REG,
+            vec![zid],
+            "registration_reply",
+            reply,
+            header,
+            Value::empty_map(),
+        );
+        if self.heart.next_fast_ping.is_none() {
+            self.heart.next_fast_ping = Some(Instant::now());
+        }
+    }
+
+    fn on_queue_request(&mut self, zid: Vec<u8>, header: Value, content: Value) {
+        let verbose = matches!(content.get("verbose"), Some(Value::Bool(true)));
+        let mut targets: Vec<Vec<u8>> = Vec::new();
+        match content.get("targets") {
+            None | Some(Value::Nil) => {
+                targets = self.engines.ids.values().cloned().collect();
+            }
+            Some(Value::Array(items)) => {
+                for t in items {
+                    let uuid = match t {
+                        Value::Str(s) => Some(s.as_bytes().to_vec())
+                            .filter(|u| self.engines.by_uuid.contains_key(u)),
+                        other => other
+                            .as_i64()
+                            .and_then(|id| self.engines.uuid_of(id).cloned()),
+                    };
+                    match uuid {
+                        Some(u) => targets.push(u),
+                        None => {
+                            let c = error_content("IndexError", &format!("no such engine: {t:?}"));
+                            self.send_new(
+                                REG,
+                                vec![zid],
+                                "hub_error",
+                                c,
+                                header,
+                                Value::empty_map(),
+                            );
+                            return;
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                let c = error_content("TypeError", &format!("bad targets: {other:?}"));
+                self.send_new(REG, vec![zid], "hub_error", c, header, Value::empty_map());
+                return;
+            }
+        }
+        let mut reply = Value::map([("status", Value::from("ok"))]);
+        let ids = |m: &std::collections::HashMap<String, InFlight>| -> Value {
+            if verbose {
+                Value::Array(m.keys().map(|k| Value::Str(k.clone())).collect())
+            } else {
+                Value::Int(m.len() as i64)
+            }
+        };
+        for uuid in &targets {
+            if let Some(e) = self.engines.by_uuid.get(uuid) {
+                let entry = Value::map([
+                    ("queue", ids(&e.mux)),
+                    ("completed", Value::Int(e.completed as i64)),
+                    ("tasks", ids(&e.tasks)),
+                ]);
+                reply.set(&e.id.to_string(), entry);
+            }
+        }
+        let unassigned = if verbose {
+            Value::Array(
+                self.queue
+                    .iter()
+                    .map(|t| Value::Str(t.msg_id.clone()))
+                    .collect(),
+            )
+        } else {
+            Value::Int(self.queue.len() as i64)
+        };
+        reply.set("unassigned", unassigned);
+        self.send_new(
+            REG,
+            vec![zid],
+            "queue_reply",
+            reply,
+            header,
+            Value::empty_map(),
+        );
+    }
+
+    fn register(&mut self, uuid: &[u8]) {
+        let Some(e) = self.engines.by_uuid.get_mut(uuid) else {
+            return;
+        };
+        if e.registered {
+            return;
+        }
+        e.registered = true;
+        e.last_beat = self.heart.beat;
+        let (id, uuid_s) = (e.id, e.uuid_str());
+        self.balancer.add(uuid.to_vec());
+        log_at!(Level::Info, "engine {id} registered ({uuid_s})");
+        self.notify(
+            "registration_notification",
+            Value::map([("id", Value::Int(id)), ("uuid", Value::Str(uuid_s))]),
+        );
+        self.engines_changed();
+        self.drain_queue();
+    }
+
+    fn unregister(&mut self, uuid: &[u8], why: &str) {
+        let Some(engine) = self.engines.remove(uuid) else {
+            return;
+        };
+        self.balancer.remove(uuid);
+        let uuid_s = engine.uuid_str();
+        if engine.registered {
+            log_at!(Level::Info, "engine {} unregistered: {why}", engine.id);
+            self.notify(
+                "unregistration_notification",
+                Value::map([
+                    ("id", Value::Int(engine.id)),
+                    ("uuid", Value::Str(uuid_s.clone())),
+                ]),
+            );
+        } else {
+            log_at!(
+                Level::Info,
+                "pending registration of engine {} dropped: {why}",
+                engine.id
+            );
+        }
+        for (msg_id, req) in engine.mux {
+            self.fail_request(MUX_C, &engine.uuid, engine.id, &msg_id, req);
+        }
+        for (msg_id, req) in engine.tasks {
+            self.fail_request(TASK_C, &engine.uuid, engine.id, &msg_id, req);
+        }
+        self.engines_changed();
+    }
+
+    /// Answer a request stranded on a dead engine with an EngineError reply.
+    fn fail_request(&mut self, sock: usize, uuid: &[u8], id: i64, msg_id: &str, req: InFlight) {
+        self.stats.engine_errors.fetch_add(1, Ordering::Relaxed);
+        let uuid_s = show(uuid);
+        let evalue = format!("Engine {id} died while running task {msg_id:?}");
+        let content = engine_error_content(
+            "EngineError",
+            &evalue,
+            &uuid_s,
+            Some(id),
+            method_of(&req.msg_type),
+        );
+        self.send_new(
+            sock,
+            vec![req.client, uuid.to_vec()],
+            &reply_type(&req.msg_type),
+            content,
+            req.header,
+            error_metadata(Some(&uuid_s)),
+        );
+    }
+
+    fn engines_changed(&mut self) {
+        self.stats
+            .engines
+            .store(self.engines.registered_count() as u64, Ordering::Relaxed);
+        if let Ok(mut shared) = self.shared_engines.lock() {
+            *shared = self
+                .engines
+                .by_uuid
+                .values()
+                .filter(|e| e.registered)
+                .map(|e| (e.id, e.uuid_str()))
+                .collect();
+        }
+        if let Some(path) = self.cfg.engine_state_file.clone() {
+            if let Err(e) = self.engines.save_state(&path) {
+                log_at!(Level::Warning, "cannot save engine state: {e}");
+            }
+        }
+    }
+
+    // ----- heartbeat -------------------------------------------------------------------------
+
+    fn on_pong(&mut self, frames: Vec<RecvFrame>) {
+        if frames.len() != 2 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            log_at!(
+                Level::Debug,
+                "dropped heartbeat reply with {} frames",
+                frames.len()
+            );
+            return;
+        }
+        let uuid = frames[0].as_ref();
+        let Some(beat) = self.heart.beat_of(frames[1].as_ref()) else {
+            return;
+        };
+        let Some(e) = self.engines.by_uuid.get_mut(uuid) else {
+            return;
+        };
+        e.last_beat = e.last_beat.max(beat);
+        if !e.registered {
+            let uuid = uuid.to_vec();
+            self.register(&uuid);
+        }
+    }
+
+    fn ping(&mut self) {
+        let payload = self.heart.ping_payload();
+        let _ = self.send(HB_PING, vec![OutFrame::Owned(payload)]);
+    }
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        if let Some(t) = self.heart.next_fast_ping {
+            if now >= t {
+                let pending = self.engines.by_uuid.values().any(|e| !e.registered);
+                if pending {
+                    self.ping();
+                    self.heart.next_fast_ping = Some(now + FAST_PING);
+                } else {
+                    self.heart.next_fast_ping = None;
+                }
+            }
+        }
+        if now < self.heart.next_beat {
+            return;
+        }
+        let beat = self.heart.beat;
+        let max = self.heart.max_misses;
+        let mut dead = Vec::new();
+        let mut stalled = Vec::new();
+        for e in self.engines.by_uuid.values() {
+            if e.registered && beat.saturating_sub(e.last_beat) > max {
+                dead.push(e.uuid.clone());
+            } else if !e.registered && now >= e.stall_deadline {
+                stalled.push(e.uuid.clone());
+            }
+        }
+        for uuid in dead {
+            self.unregister(&uuid, "heartbeat stopped");
+        }
+        for uuid in stalled {
+            self.unregister(&uuid, "no heartbeat before the registration timeout");
+        }
+        self.heart.beat += 1;
+        self.ping();
+        self.heart.next_beat = now + self.heart.period;
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_none() {
+            self.notify(
+                "shutdown_notification",
+                Value::map([("status", Value::from("ok"))]),
+            );
+            self.shutdown_at = Some(Instant::now() + SHUTDOWN_GRACE);
+        }
+    }
+
+    // ----- MUX and control relays -----------------------------------------------------------
+
+    fn on_client_relay(&mut self, env: Env, from: usize, to: usize, track: bool) {
+        if env.idents.len() < 2 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            log_at!(
+                Level::Warning,
+                "dropped a message too short to route (no target engine)"
+            );
+            return;
+        }
+        let Some((header, msg_id, msg_type)) = self.header_of(&env) else {
+            return;
+        };
+        let client = env.idents[0].as_ref().to_vec();
+        let target = env.idents[1].as_ref().to_vec();
+        let mut env = env;
+        let rest: Vec<RecvFrame> = env.idents.drain(2..).collect();
+        let mut idents = vec![ident(&target), ident(&client)];
+        idents.extend(rest.into_iter().map(OutFrame::Received));
+        let frames = frames_of(idents, env);
+        match self.send(to, frames) {
+            Ok(()) => {
+                if track {
+                    if let Some(e) = self.engines.by_uuid.get_mut(&target) {
+                        e.mux.insert(
+                            msg_id,
+                            InFlight {
+                                client,
+                                header,
+                                msg_type,
+                            },
+                        );
+                    }
+                }
+            }
+            Err(_) => {
+                let uuid_s = show(&target);
+                let evalue = format!("engine {uuid_s} is not connected to the controller");
+                log_at!(Level::Warning, "cannot route {msg_type}: {evalue}");
+                let content = engine_error_content(
+                    "EngineError",
+                    &evalue,
+                    &uuid_s,
+                    None,
+                    method_of(&msg_type),
+                );
+                self.send_new(
+                    from,
+                    vec![client, target],
+                    &reply_type(&msg_type),
+                    content,
+                    header,
+                    error_metadata(Some(&uuid_s)),
+                );
+            }
+        }
+    }
+
+    fn on_engine_reply(&mut self, env: Env, to: usize, track: bool) {
+        if env.idents.len() < 2 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            log_at!(Level::Warning, "dropped an engine reply too short to route");
+            return;
+        }
+        let engine = env.idents[0].as_ref().to_vec();
+        let client = env.idents[1].as_ref().to_vec();
+        if track {
+            if let Some(parent) = self.unpack(&env, "parent_header") {
+                if let Some(msg_id) = str_field(&parent, "msg_id") {
+                    if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
+                        if e.mux.remove(msg_id).is_some() {
+                            e.completed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mut env = env;
+        let rest: Vec<RecvFrame> = env.idents.drain(2..).collect();
+        let mut idents = vec![ident(&client), ident(&engine)];
+        idents.extend(rest.into_iter().map(OutFrame::Received));
+        let frames = frames_of(idents, env);
+        let _ = self.send(to, frames);
+    }
+
+    // ----- load-balanced tasks ----------------------------------------------------------------
+
+    fn on_task_submit(&mut self, env: Env) {
+        let Some(client) = env.idents.first().map(|f| f.as_ref().to_vec()) else {
+            return;
+        };
+        let Some((header, msg_id, _)) = self.header_of(&env) else {
+            return;
+        };
+        let Some(metadata) = self.unpack(&env, "metadata") else {
+            return;
+        };
+        let targets = match metadata.get("targets") {
+            Some(Value::Array(items)) if !items.is_empty() => Some(
+                items
+                    .iter()
+                    .filter_map(|t| match t {
+                        Value::Str(s) => Some(s.as_bytes().to_vec()),
+                        other => other
+                            .as_i64()
+                            .and_then(|id| self.engines.uuid_of(id).cloned()),
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        self.stats.tasks_queued.fetch_add(1, Ordering::Relaxed);
+        let task = QueuedTask {
+            client,
+            msg_id,
+            header,
+            targets,
+            env,
+        };
+        if self.queue.is_empty() {
+            if let Some(task) = self.try_assign(task) {
+                self.queue.push_back(task);
+            }
+        } else {
+            self.queue.push_back(task);
+            self.drain_queue();
+        }
+    }
+
+    /// Send a task to an engine if one can take it; gives the task back otherwise.
+    fn try_assign(&mut self, task: QueuedTask) -> Option<QueuedTask> {
+        let registered = &self.engines.by_uuid;
+        let targets = task.targets.as_ref();
+        let allowed = |u: &[u8]| {
+            registered.get(u).is_some_and(|e| e.registered)
+                && targets.is_none_or(|t| t.iter().any(|x| x == u))
+        };
+        let Some(uuid) = self.balancer.pick(&allowed) else {
+            return Some(task);
+        };
+        let QueuedTask {
+            client,
+            msg_id,
+            header,
+            env,
+            ..
+        } = task;
+        let msg_type = str_field(&header, "msg_type")
+            .unwrap_or("apply_request")
+            .to_owned();
+        let mut env = env;
+        let rest: Vec<RecvFrame> = env.idents.drain(1..).collect();
+        let mut idents = vec![ident(&uuid), ident(&client)];
+        idents.extend(rest.into_iter().map(OutFrame::Received));
+        let frames = frames_of(idents, env);
+        match self.send(TASK_E, frames) {
+            Ok(()) => {
+                self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = self.engines.by_uuid.get_mut(&uuid) {
+                    e.tasks.insert(
+                        msg_id,
+                        InFlight {
+                            client,
+                            header,
+                            msg_type,
+                        },
+                    );
+                }
+            }
+            Err(_) => {
+                // The engine vanished between registration and now: fail the task clearly.
+                self.balancer.finished(&uuid);
+                let id = self.engines.by_uuid.get(&uuid).map(|e| e.id).unwrap_or(-1);
+                let req = InFlight {
+                    client,
+                    header,
+                    msg_type,
+                };
+                self.fail_request(TASK_C, &uuid, id, &msg_id, req);
+            }
+        }
+        None
+    }
+
+    fn drain_queue(&mut self) {
+        let mut kept = VecDeque::new();
+        while let Some(task) = self.queue.pop_front() {
+            if !self.balancer.has_capacity() {
+                kept.push_back(task);
+                break;
+            }
+            if let Some(back) = self.try_assign(task) {
+                kept.push_back(back);
+            }
+        }
+        kept.extend(self.queue.drain(..));
+        self.queue = kept;
+    }
+
+    fn on_task_reply(&mut self, env: Env) {
+        if env.idents.len() < 2 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            log_at!(Level::Warning, "dropped a task reply too short to route");
+            return;
+        }
+        let engine = env.idents[0].as_ref().to_vec();
+        let client = env.idents[1].as_ref().to_vec();
+        if let Some(parent) = self.unpack(&env, "parent_header") {
+            if let Some(msg_id) = str_field(&parent, "msg_id") {
+                if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
+                    if e.tasks.remove(msg_id).is_some() {
+                        e.completed += 1;
+                        self.balancer.finished(&engine);
+                    }
+                }
+            }
+        }
+        let mut env = env;
+        let rest: Vec<RecvFrame> = env.idents.drain(2..).collect();
+        let mut idents = vec![ident(&client), ident(&engine)];
+        idents.extend(rest.into_iter().map(OutFrame::Received));
+        let frames = frames_of(idents, env);
+        let _ = self.send(TASK_C, frames);
+        if !self.queue.is_empty() {
+            self.drain_queue();
+        }
+    }
+
+    // ----- IOPub -----------------------------------------------------------------------------
+
+    fn on_iopub(&mut self, env: Env) {
+        let Some((header, _, msg_type)) = self.header_of(&env) else {
+            return;
+        };
+        if msg_type == "shutdown_reply" {
+            if let Some(session) = str_field(&header, "session") {
+                let uuid = session.as_bytes().to_vec();
+                self.unregister(&uuid, "it shut down");
+            }
+        }
+        let mut env = env;
+        let idents: Vec<OutFrame> = env.idents.drain(..).map(OutFrame::Received).collect();
+        let frames = frames_of(idents, env);
+        let _ = self.send(IOP_C, frames);
+    }
+}
