@@ -55,6 +55,8 @@ struct QueuedTask {
 }
 
 const BURST: usize = 256;
+/// The routing identity a client uses for a request that the controller fans out.
+pub const FANOUT: &[u8] = b"fp:fanout";
 /// Time given to flush the shutdown notification before the loop exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -776,6 +778,10 @@ impl Server {
         };
         let client = env.idents[0].as_ref().to_vec();
         let target = env.idents[1].as_ref().to_vec();
+        if target == FANOUT {
+            self.fan_out(env, from, to, track, client, header, msg_type);
+            return;
+        }
         let mut env = env;
         let rest: Vec<RecvFrame> = env.idents.drain(2..).collect();
         let mut idents = vec![ident(&target), ident(&client)];
@@ -815,6 +821,107 @@ impl Server {
                     header,
                     error_metadata(Some(&uuid_s)),
                 );
+            }
+        }
+    }
+
+    /// One request for many engines: `metadata.fanout` lists `[engine_uuid, msg_id]` pairs.
+    /// Each engine gets the same frames (bodies shared, not copied) under its own msg_id, with
+    /// the header re-signed by the controller.
+    #[allow(clippy::too_many_arguments)]
+    fn fan_out(
+        &mut self,
+        env: Env,
+        from: usize,
+        to: usize,
+        track: bool,
+        client: Vec<u8>,
+        header: Value,
+        msg_type: String,
+    ) {
+        let Some(metadata) = self.unpack(&env, "metadata") else {
+            return;
+        };
+        let pairs: Vec<(Vec<u8>, String)> = match metadata.get("fanout").and_then(Value::as_array) {
+            Some(items) => items
+                .iter()
+                .filter_map(|p| {
+                    let p = p.as_array()?;
+                    Some((
+                        p.first()?.as_str()?.as_bytes().to_vec(),
+                        p.get(1)?.as_str()?.to_owned(),
+                    ))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        if pairs.is_empty() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            log_at!(
+                Level::Warning,
+                "dropped a fan-out request without metadata.fanout targets"
+            );
+            return;
+        }
+        for (uuid, msg_id) in pairs {
+            let mut h = header.clone();
+            h.set("msg_id", Value::Str(msg_id.clone()));
+            let packed = match self.session.packer.pack(&h) {
+                Ok(p) => p,
+                Err(e) => {
+                    log_at!(Level::Error, "cannot repack a fan-out header: {e}");
+                    continue;
+                }
+            };
+            let sig = self.session.sign_packed(&[
+                &packed,
+                env.parent_header.as_ref(),
+                env.metadata.as_ref(),
+                env.content.as_ref(),
+            ]);
+            let mut frames = vec![
+                ident(&uuid),
+                ident(&client),
+                OutFrame::Owned(DELIMITER.to_vec()),
+                OutFrame::Owned(sig),
+                OutFrame::Owned(packed),
+                OutFrame::Received(env.parent_header.share()),
+                OutFrame::Received(env.metadata.share()),
+                OutFrame::Received(env.content.share()),
+            ];
+            frames.extend(env.buffers.iter().map(|b| OutFrame::Received(b.share())));
+            match self.send(to, frames) {
+                Ok(()) => {
+                    if track {
+                        if let Some(e) = self.engines.by_uuid.get_mut(&uuid) {
+                            let req = InFlight {
+                                client: client.clone(),
+                                header: h,
+                                msg_type: msg_type.clone(),
+                            };
+                            e.mux.insert(msg_id, req);
+                        }
+                    }
+                }
+                Err(_) => {
+                    let uuid_s = show(&uuid);
+                    let evalue = format!("engine {uuid_s} is not connected to the controller");
+                    let content = engine_error_content(
+                        "EngineError",
+                        &evalue,
+                        &uuid_s,
+                        None,
+                        method_of(&msg_type),
+                    );
+                    self.send_new(
+                        from,
+                        vec![client.clone(), uuid.clone()],
+                        &reply_type(&msg_type),
+                        content,
+                        h,
+                        error_metadata(Some(&uuid_s)),
+                    );
+                }
             }
         }
     }

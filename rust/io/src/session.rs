@@ -60,6 +60,11 @@ impl SessionCore {
         Ok((sig, packed))
     }
 
+    /// Sign four already packed parts.
+    pub fn sign_packed(&self, parts: &[&[u8]; 4]) -> Vec<u8> {
+        self.auth().sign(parts)
+    }
+
     /// All frames of a message, in wire order.
     pub fn build_frames(&self, msg: OutgoingMessage) -> Result<Vec<OutFrame>, WireError> {
         let (sig, packed) = self.pack_and_sign(&msg.parts)?;
