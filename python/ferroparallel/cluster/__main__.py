@@ -1,0 +1,7 @@
+"""``python -m ferroparallel.cluster``."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

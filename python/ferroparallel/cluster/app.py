@@ -1,0 +1,380 @@
+"""``ferroparallel cluster start|stop|list|clean``: manage local clusters from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .. import paths
+from ..error import ConnectionFileError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Terminate(BaseException):
+    """Raised from the SIGTERM/SIGHUP handler of a foreground ``cluster start``."""
+
+
+def _on_terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminate(signum)
+
+
+def _add_profile_args(p: argparse.ArgumentParser, cluster_id: bool = True) -> None:
+    p.add_argument("--profile", help="profile name (default: 'default')")
+    p.add_argument("--profile-dir", help="profile directory (overrides --profile)")
+    if cluster_id:
+        p.add_argument("--cluster-id", default="", help="cluster id (default: '')")
+
+
+def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser:
+    """The argument parser of the cluster command."""
+    p = argparse.ArgumentParser(prog=prog, description="Start, stop, list and clean clusters.")
+    sub = p.add_subparsers(dest="action", metavar="{start,stop,list,clean}")
+    sub.required = True
+
+    s = sub.add_parser("start", help="start a controller and engines")
+    _add_profile_args(s)
+    s.add_argument("-n", "--n", type=int, default=None, help="number of engines (default: CPUs)")
+    s.add_argument(
+        "--daemonize",
+        action="store_true",
+        help="return once the cluster is up and leave it running in the background",
+    )
+    s.add_argument("--ip", help="controller interface (default 127.0.0.1)")
+    s.add_argument("--log-level", help="log level of the controller and engines")
+    s.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
+    )
+    s.add_argument(
+        "--controller-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra controller argument (repeatable), e.g. --controller-arg=--ping=500",
+    )
+    s.add_argument(
+        "--engine-arg", action="append", default=[], metavar="ARG", help="extra engine argument"
+    )
+
+    s = sub.add_parser("stop", help="stop a cluster started by 'cluster start' or the API")
+    _add_profile_args(s)
+    s.add_argument("--all", action="store_true", help="stop every cluster of the profile")
+
+    s = sub.add_parser("list", help="list clusters")
+    _add_profile_args(s, cluster_id=False)
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    s = sub.add_parser("clean", help="remove state and connection files of stopped clusters")
+    _add_profile_args(s, cluster_id=False)
+    return p
+
+
+def _profile_dirs(args: argparse.Namespace) -> list[Path]:
+    """The profile given on the command line, or every profile under the root."""
+    if args.profile or args.profile_dir:
+        return [paths.profile_dir(args.profile, args.profile_dir, create=False)]
+    root = paths.profile_root()
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.name.startswith("profile_") and d.is_dir())
+
+
+def _cluster_files(pdir: Path) -> Iterator[Path]:
+    sec = paths.security_dir(pdir)
+    if sec.is_dir():
+        yield from sorted(sec.glob("cluster-*.json"))
+
+
+def _profile_name(pdir: Path) -> str:
+    return pdir.name[len("profile_") :] if pdir.name.startswith("profile_") else str(pdir)
+
+
+def _err(msg: str) -> None:
+    print(f"ferroparallel cluster: {msg}", file=sys.stderr, flush=True)
+
+
+# -- start ---------------------------------------------------------------------------------------
+
+
+def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
+    """Wait until ``n`` engines are registered with the hub; return how many are."""
+    from ._hub import registered_engines
+
+    info = paths.load_connection_file(cluster.client_file, "client")
+    deadline = time.monotonic() + timeout
+    count = 0
+    while True:
+        engines = registered_engines(info, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+        if engines is not None:
+            count = len(engines)
+            if count >= n:
+                return count
+        dead = [p for es in cluster.engines.values() for p in es.processes if not p.running]
+        if dead:
+            p = dead[0]
+            raise RuntimeError(
+                f"engine (pid {p.pid}) exited with status {p.exit_code}; "
+                f"log {p.log_file}:\n{p.log_tail()}"
+            )
+        if not cluster.running:
+            proc = cluster.controller.process
+            raise RuntimeError(
+                f"the controller (pid {proc.pid}) exited with status {proc.exit_code}; "
+                f"log {proc.log_file}:\n{proc.log_tail()}"
+            )
+        if time.monotonic() >= deadline:
+            return count
+        time.sleep(0.05)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+
+    if args.n is not None and args.n < 0:
+        _err("-n must not be negative")
+        return 2
+    cluster = Cluster(
+        n=args.n,
+        profile=args.profile,
+        profile_dir=args.profile_dir,
+        cluster_id=args.cluster_id,
+        controller_ip=args.ip,
+        log_level=args.log_level,
+        controller_args=args.controller_arg,
+        engine_args=args.engine_arg,
+        engine_timeout=args.timeout,
+        shutdown_atexit=not args.daemonize,
+    )
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, _on_terminate)
+    try:
+        try:
+            cluster.start_cluster_sync(args.n)
+            n = cluster.n or 0
+            count = _wait_registered(cluster, n, args.timeout)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            _err(f"failed to start cluster {cluster.cluster_id!r}: {e}")
+            cluster.stop_cluster_sync()
+            return 1
+        ctl = cluster.controller.process  # type: ignore[union-attr]
+        print(
+            f"Cluster {cluster.cluster_id!r} started in {cluster.profile_dir}: controller pid "
+            f"{ctl.pid}, {n} engine(s), {count} registered",
+            flush=True,
+        )
+        if count < n:
+            _err(f"only {count} of {n} engines registered within {args.timeout:g} s")
+        if args.daemonize:
+            return 0
+        print("Press Ctrl-C to stop the cluster.", flush=True)
+        while cluster.running:
+            time.sleep(0.2)
+        _err("the controller exited; stopping the engines")
+        cluster.stop_cluster_sync()
+        return 1
+    except (KeyboardInterrupt, _Terminate):
+        print("Stopping the cluster...", flush=True)
+        for sig in (signal.SIGINT, *old):
+            signal.signal(sig, signal.SIG_IGN)
+        cluster.stop_cluster_sync()
+        return 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+# -- stop ----------------------------------------------------------------------------------------
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+
+    pdir = paths.profile_dir(args.profile, args.profile_dir, create=False)
+    if args.all:
+        files = list(_cluster_files(pdir))
+        if not files:
+            _err(f"no clusters in {pdir}")
+            return 1
+    else:
+        from .cluster import cluster_file
+
+        files = [cluster_file(pdir, args.cluster_id)]
+    status = 0
+    for f in files:
+        try:
+            cluster = Cluster.from_file(f)
+        except (FileNotFoundError, ValueError) as e:
+            _err(f"{e}" if args.all else f"no cluster {args.cluster_id!r} in {pdir} ({e})")
+            status = 1
+            continue
+        cluster.stop_cluster_sync()
+        print(f"Stopped cluster {cluster.cluster_id!r} in {cluster.profile_dir}", flush=True)
+    return status
+
+
+# -- list ----------------------------------------------------------------------------------------
+
+
+def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .cluster import Cluster
+
+    rows = []
+    for pdir in _profile_dirs(args):
+        for f in _cluster_files(pdir):
+            try:
+                cluster = Cluster.from_file(f)
+            except (FileNotFoundError, ValueError) as e:
+                _err(f"skipping {f}: {e}")
+                continue
+            running_engines = sum(
+                p.running for es in cluster.engines.values() for p in es.processes
+            )
+            rows.append(
+                {
+                    "profile": _profile_name(pdir),
+                    "profile_dir": str(pdir),
+                    "cluster_id": cluster.cluster_id,
+                    "running": cluster.running,
+                    "n": sum(es.n for es in cluster.engines.values()),
+                    "engines_running": running_engines,
+                    "controller_pid": (
+                        cluster.controller.process.pid
+                        if cluster.controller is not None and cluster.controller.process
+                        else None
+                    ),
+                    "cluster_file": str(f),
+                }
+            )
+    return rows
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = _list_rows(args)
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("PROFILE", "CLUSTER ID", "RUNNING", "ENGINES")
+    table = [header] + [
+        (r["profile"], repr(r["cluster_id"]), str(r["running"]), str(r["n"])) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+# -- clean ---------------------------------------------------------------------------------------
+
+
+def _port_open(info: dict[str, Any]) -> bool | None:
+    """Whether something listens on the registration port (None: cannot tell from here)."""
+    iface = str(info.get("interface", ""))
+    host = iface.partition("://")[2]
+    local = {"127.0.0.1", "localhost", "*", "0.0.0.0", "", "::1"}
+    if host not in local and info.get("location") != socket.gethostname():
+        return None
+    if host in ("*", "0.0.0.0", ""):
+        host = "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(info["registration"])), timeout=0.5):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return None
+
+
+def _connection_cluster_id(name: str) -> str | None:
+    for role in paths.ROLES:
+        suffix = f"-{role}.json"
+        if name.startswith("ipcontroller") and name.endswith(suffix):
+            middle = name[len("ipcontroller") : -len(suffix)]
+            if middle == "":
+                return ""
+            if middle.startswith("-"):
+                return middle[1:]
+    return None
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+
+    removed: list[Path] = []
+
+    def rm(f: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+            removed.append(f)
+
+    for pdir in _profile_dirs(args):
+        live_ids: set[str] = set()
+        for f in _cluster_files(pdir):
+            try:
+                cluster = Cluster.from_file(f)
+            except (FileNotFoundError, ValueError):
+                rm(f)
+                continue
+            if any(p.running for p in cluster._processes()):
+                live_ids.add(cluster.cluster_id)
+                continue
+            rm(f)
+            rm(cluster.client_file)
+            rm(cluster.engine_file)
+        sec = paths.security_dir(pdir)
+        if not sec.is_dir():
+            continue
+        for f in sorted(sec.glob("ipcontroller*-client.json")):
+            cid = _connection_cluster_id(f.name)
+            if cid is None or cid in live_ids:
+                continue
+            try:
+                info = paths.load_connection_file(f)
+            except ConnectionFileError:
+                alive: bool | None = False
+            else:
+                alive = _port_open(info)
+            if alive is False:
+                rm(f)
+                rm(paths.connection_file(pdir, "engine", cid))
+    for f in removed:
+        print(f"removed {f}")
+    if not removed:
+        print("nothing to clean")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ferroparallel cluster``.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    args = build_parser().parse_args(argv)
+    handlers = {"start": _start, "stop": _stop, "list": _list, "clean": _clean}
+    try:
+        return handlers[args.action](args)
+    except ValueError as e:
+        _err(str(e))
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,777 @@
+"""The Cluster API: start, stop and connect to a controller and engines on this machine.
+
+Names and semantics follow ipyparallel 9: the methods that start or stop processes are
+coroutines, each with a ``*_sync`` twin that works with or without a running event loop (inside
+Jupyter it runs the coroutine on a helper thread)::
+
+    import ferroparallel as ipp
+
+    with ipp.Cluster(n=4) as rc:          # start_and_connect_sync(), then stop_cluster_sync()
+        print(rc[:].apply_sync(os.getpid))
+
+    cluster = ipp.Cluster(n=2, profile="work")
+    rc = await cluster.start_and_connect()
+    ...
+    await cluster.stop_cluster()
+
+The state of a started cluster is kept in ``<profile_dir>/security/cluster-<cluster_id>.json``
+so that another process can find, inspect and stop it (:meth:`Cluster.from_file`,
+``ferroparallel cluster stop|list``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import os
+import secrets
+import string
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import paths
+from ..error import ConnectionFileError
+from ._sync import run_sync
+from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process, terminate_sync
+
+__all__ = ["Cluster", "cluster_file", "new_cluster_id", "run_sync"]
+
+log = logging.getLogger("ferroparallel.cluster")
+
+_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_cluster_id() -> str:
+    """A fresh cluster id: ``<unix time>-<4 random characters>``."""
+    return f"{int(time.time())}-{''.join(secrets.choice(_ALPHABET) for _ in range(4))}"
+
+
+def cluster_file(profile_dir: str | os.PathLike[str], cluster_id: str) -> Path:
+    """``<profile_dir>/security/cluster-<cluster_id>.json``."""
+    return paths.security_dir(profile_dir) / f"cluster-{cluster_id}.json"
+
+
+_cluster_file = cluster_file  # for methods whose parameter shadows the name
+
+
+# -- clean-up at exit ----------------------------------------------------------------------------
+
+_atexit_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _stop_at_exit() -> None:
+    for cluster in list(_atexit_clusters):
+        try:
+            cluster._stop_now()
+        except Exception as e:  # pragma: no cover - best effort at exit
+            log.warning("could not stop cluster %r at exit: %s", cluster.cluster_id, e)
+
+
+def _track_for_exit(cluster: Cluster) -> None:
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:
+            atexit.register(_stop_at_exit)
+            _atexit_registered = True
+        _atexit_clusters.add(cluster)
+
+
+# -- the Cluster ---------------------------------------------------------------------------------
+
+
+def _client_class() -> type:
+    """The Client class, imported only when a client is wanted."""
+    try:
+        from .. import Client  # lazily exported by the package
+    except ImportError as e:
+        raise ImportError(
+            "ferroparallel.Client is not available in this installation, so the cluster cannot "
+            f"connect a client ({e}); the cluster itself can still be started and stopped"
+        ) from e
+    return Client
+
+
+class Cluster:
+    """A controller and sets of engines on this machine, started as subprocesses.
+
+    Parameters
+    ----------
+    n : int, optional
+        Number of engines :meth:`start_engines` starts by default (else ``os.cpu_count()``).
+    profile : str, optional
+        Profile name (default ``"default"``).
+    profile_dir : str or os.PathLike, optional
+        Profile directory (wins over ``profile``).
+    cluster_id : str, optional
+        Cluster id; a fresh ``<unix time>-<4 chars>`` id when not given. ``""`` is the profile's
+        unnamed cluster (connection files ``ipcontroller-client.json`` etc.).
+    controller_args, engine_args : sequence of str
+        Extra command-line arguments of the controller / each engine.
+    controller_ip : str, optional
+        ``--ip`` of the controller.
+    controller_location : str, optional
+        ``--location`` of the controller.
+    log_level : str or int, optional
+        ``--log-level`` of the controller and the engines.
+    engine_timeout : float
+        Seconds to wait for engines to register in :meth:`start_and_connect`.
+    controller_timeout : float
+        Seconds to wait for the controller's connection files.
+    stop_timeout : float
+        Seconds between SIGTERM and SIGKILL when stopping processes.
+    delay : float
+        Extra pause between the controller being ready and the engines being started (not
+        needed: the engines start as soon as the controller wrote its connection files).
+    send_engines_connection_env : bool
+        Give engines their connection info in ``IPP_CONNECTION_INFO`` (else ``--file``).
+    shutdown_atexit : bool
+        Stop the processes this object started when the Python process exits.
+    env : Mapping, optional
+        Extra environment variables for the controller and engines (on top of ``os.environ``).
+    controller, engines : str
+        Launcher names; only ``"local"`` is available.
+    controller_cmd, engine_cmd : sequence of str, optional
+        Commands replacing ``[sys.executable, "-m", "ferroparallel.controller"]`` /
+        ``[sys.executable, "-m", "ferroparallel.engine"]``.
+    load_profile : bool
+        Accepted for ipyparallel compatibility (profiles hold no cluster config yet).
+
+    Attributes
+    ----------
+    profile_dir : str
+        The resolved profile directory.
+    cluster_id : str
+        The cluster id.
+    controller : LocalControllerLauncher or None
+        The controller launcher once started (or loaded).
+    engines : dict
+        Engine set id -> :class:`LocalEngineSetLauncher`.
+    """
+
+    def __init__(
+        self,
+        *,
+        n: int | None = None,
+        profile: str | None = None,
+        profile_dir: str | os.PathLike[str] | None = None,
+        cluster_id: str | None = None,
+        controller_args: Sequence[str] = (),
+        engine_args: Sequence[str] = (),
+        controller_ip: str | None = None,
+        controller_location: str | None = None,
+        log_level: str | int | None = None,
+        engine_timeout: float = 60.0,
+        controller_timeout: float = 30.0,
+        stop_timeout: float = 5.0,
+        delay: float = 0.0,
+        send_engines_connection_env: bool = True,
+        shutdown_atexit: bool = True,
+        env: Mapping[str, str] | None = None,
+        controller: str = "local",
+        engines: str = "local",
+        controller_cmd: Sequence[str] | None = None,
+        engine_cmd: Sequence[str] | None = None,
+        load_profile: bool = True,
+    ) -> None:
+        for what, name in (("controller", controller), ("engine", engines)):
+            if str(name).lower() not in ("local", "localcontrollerlauncher", "localengineset"):
+                raise NotImplementedError(
+                    f"{what} launcher {name!r} is not available; only 'local' is implemented"
+                )
+        if isinstance(controller_args, str) or isinstance(engine_args, str):
+            raise TypeError("controller_args and engine_args must be sequences of strings")
+        self.profile = profile
+        self.profile_dir: str = str(paths.profile_dir(profile, profile_dir, create=True))
+        self.cluster_id: str = new_cluster_id() if cluster_id is None else str(cluster_id)
+        self.n = n
+        self.controller_args = list(controller_args)
+        self.engine_args = list(engine_args)
+        self.controller_ip = controller_ip
+        self.controller_location = controller_location
+        self.log_level = log_level
+        self.engine_timeout = float(engine_timeout)
+        self.controller_timeout = float(controller_timeout)
+        self.stop_timeout = float(stop_timeout)
+        self.delay = float(delay)
+        self.send_engines_connection_env = bool(send_engines_connection_env)
+        self.shutdown_atexit = bool(shutdown_atexit)
+        self.env = dict(env) if env else {}
+        self.controller_cmd = list(controller_cmd) if controller_cmd else None
+        self.engine_cmd = list(engine_cmd) if engine_cmd else None
+        self.load_profile = load_profile
+        self.controller: LocalControllerLauncher | None = None
+        self.engines: dict[str, LocalEngineSetLauncher] = {}
+        self._engine_info: dict[str, Any] | None = None
+        self._client: Any = None
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def cluster_file(self) -> Path:
+        """``<profile_dir>/security/cluster-<cluster_id>.json``."""
+        return cluster_file(self.profile_dir, self.cluster_id)
+
+    @property
+    def client_file(self) -> Path:
+        """The client connection file of this cluster's controller."""
+        return paths.connection_file(self.profile_dir, "client", self.cluster_id)
+
+    @property
+    def engine_file(self) -> Path:
+        """The engine connection file of this cluster's controller."""
+        return paths.connection_file(self.profile_dir, "engine", self.cluster_id)
+
+    @property
+    def engine_set(self) -> LocalEngineSetLauncher | None:
+        """The first engine set, if any."""
+        return next(iter(self.engines.values()), None)
+
+    @property
+    def running(self) -> bool:
+        """True while the controller process is alive."""
+        return self.controller is not None and self.controller.running
+
+    def _processes(self) -> list[Process]:
+        procs = [p for es in self.engines.values() for p in es.processes]
+        if self.controller is not None and self.controller.process is not None:
+            procs.append(self.controller.process)
+        return procs
+
+    def __repr__(self) -> str:
+        ctl = "None"
+        if self.controller is not None:
+            ctl = "running" if self.controller.running else "stopped"
+        sets = {k: f"{sum(p.running for p in v.processes)}/{v.n}" for k, v in self.engines.items()}
+        return (
+            f"<Cluster(cluster_id={self.cluster_id!r}, profile_dir={self.profile_dir!r}, "
+            f"controller={ctl}, engine_sets={sets})>"
+        )
+
+    # -- environment and arguments -----------------------------------------------------------
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        return env
+
+    def _controller_argv(self) -> list[str]:
+        args: list[str] = []
+        if self.controller_ip is not None:
+            args += ["--ip", self.controller_ip]
+        if self.controller_location is not None:
+            args += ["--location", self.controller_location]
+        if self.log_level is not None:
+            args += ["--log-level", str(self.log_level)]
+        return args + self.controller_args
+
+    def _engine_argv(self) -> list[str]:
+        args: list[str] = []
+        if self.log_level is not None:
+            args += ["--log-level", str(self.log_level)]
+        return args + self.engine_args
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def _check_not_running_elsewhere(self) -> None:
+        f = self.cluster_file
+        if not f.exists():
+            return
+        try:
+            other = Cluster.from_file(f)
+        except Exception:
+            return  # unreadable state: a new start overwrites it
+        alive = [p.pid for p in other._processes() if p.running]
+        if alive:
+            raise RuntimeError(
+                f"cluster {self.cluster_id!r} is already running in {self.profile_dir} "
+                f"(pids {alive}, state file {f}); stop it first"
+            )
+
+    async def start_controller(self, **kwargs: Any) -> None:
+        """Start the controller and wait until it has written its connection files.
+
+        Parameters
+        ----------
+        **kwargs
+            Attributes of the launcher to override (``args``, ``env``, ``cmd``).
+
+        Raises
+        ------
+        RuntimeError
+            The controller is already running, or it exited during start-up (with its log tail).
+        TimeoutError
+            No connection files within ``controller_timeout`` seconds.
+        """
+        if self.running:
+            raise RuntimeError(f"the controller of cluster {self.cluster_id!r} is already running")
+        self._check_not_running_elsewhere()
+        launcher = LocalControllerLauncher(
+            self.profile_dir,
+            self.cluster_id,
+            args=kwargs.pop("args", self._controller_argv()),
+            env=kwargs.pop("env", self._child_env()),
+            cmd=kwargs.pop("cmd", self.controller_cmd),
+        )
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+        self.controller = launcher
+        launcher.start()
+        if self.shutdown_atexit:
+            _track_for_exit(self)
+        try:
+            self._engine_info = await launcher.wait_ready(self.controller_timeout)
+        except BaseException:
+            await launcher.stop(self.stop_timeout)
+            raise
+        self.write_cluster_file()
+        log.debug("controller of %r ready (pid %d)", self.cluster_id, launcher.process.pid)  # type: ignore[union-attr]
+
+    def _load_engine_info(self) -> dict[str, Any]:
+        if self.controller is not None and not self.controller.running:
+            raise RuntimeError(
+                f"the controller of cluster {self.cluster_id!r} is not running; "
+                "start it with start_controller() or start_cluster()"
+            )
+        if self._engine_info is None:
+            # A controller started by someone else: read its engine file.
+            self._engine_info = paths.load_connection_file(self.engine_file, "engine")
+        return self._engine_info
+
+    def _new_engine_set_id(self) -> str:
+        while True:
+            esid = f"{int(time.time())}-{''.join(secrets.choice(_ALPHABET) for _ in range(4))}"
+            if esid not in self.engines:
+                return esid
+
+    async def start_engines(
+        self, n: int | None = None, engine_set_id: str | None = None, **kwargs: Any
+    ) -> str:
+        """Start a set of engines connected to this cluster's controller.
+
+        Parameters
+        ----------
+        n : int, optional
+            Number of engines (default ``self.n``, else ``os.cpu_count()``).
+        engine_set_id : str, optional
+            Id of the new set (default: a fresh one).
+        **kwargs
+            Launcher attributes to override (``args``, ``env``, ``cmd``).
+
+        Returns
+        -------
+        str
+            The engine set id.
+        """
+        info = self._load_engine_info()
+        if n is None:
+            n = self.n if self.n is not None else (os.cpu_count() or 1)
+        if self.n is None:
+            self.n = n
+        esid = engine_set_id or self._new_engine_set_id()
+        if esid in self.engines and self.engines[esid].running:
+            raise RuntimeError(f"engine set {esid!r} is already running")
+        launcher = LocalEngineSetLauncher(
+            self.profile_dir,
+            self.cluster_id,
+            esid,
+            n,
+            args=kwargs.pop("args", self._engine_argv()),
+            env=kwargs.pop("env", self._child_env()),
+            connection_info=info if self.send_engines_connection_env else None,
+            cmd=kwargs.pop("cmd", self.engine_cmd),
+        )
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+        self.engines[esid] = launcher
+        launcher.start()
+        if self.shutdown_atexit:
+            _track_for_exit(self)
+        self.write_cluster_file()
+        return esid
+
+    async def start_cluster(self, n: int | None = None) -> Cluster:
+        """Start the controller (unless running) and ``n`` engines.
+
+        Returns
+        -------
+        Cluster
+            ``self``.
+        """
+        if not self.running:
+            await self.start_controller()
+            if self.delay > 0:
+                await asyncio.sleep(self.delay)
+        await self.start_engines(n)
+        return self
+
+    async def connect_client(self, **kwargs: Any) -> Any:
+        """A :class:`ferroparallel.Client` connected to this cluster.
+
+        Raises
+        ------
+        ConnectionFileError
+            The client connection file is missing, or stale (the controller that wrote it is no
+            longer running); the message names the file.
+        ImportError
+            The Client is not available in this installation.
+        """
+        f = self.client_file
+        if not f.exists():
+            raise ConnectionFileError(
+                f"connection file {f} does not exist: is the controller of cluster "
+                f"{self.cluster_id!r} running?"
+            )
+        ctl = self.controller
+        if ctl is not None and ctl.process is not None and not ctl.process.running:
+            raise ConnectionFileError(
+                f"connection file {f} is stale: the controller that wrote it "
+                f"(pid {ctl.process.pid}) is no longer running"
+            )
+        client_cls = _client_class()
+        import inspect
+
+        try:
+            accepts_cluster = "cluster" in inspect.signature(client_cls).parameters
+        except (TypeError, ValueError):  # pragma: no cover - exotic Client classes
+            accepts_cluster = False
+        if accepts_cluster:
+            kwargs.setdefault("cluster", self)
+        client = client_cls(profile_dir=self.profile_dir, cluster_id=self.cluster_id, **kwargs)
+        if not accepts_cluster:
+            with contextlib.suppress(Exception):
+                client.cluster = self
+        return client
+
+    async def _wait_for_engines(self, client: Any, n: int, timeout: float) -> None:
+        if not hasattr(client, "ids"):
+            await asyncio.to_thread(client.wait_for_engines, n, timeout=timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while len(client.ids) < n:
+            dead = [
+                p for es in self.engines.values() for p in es.processes if not p.running
+            ]
+            if dead:
+                p = dead[0]
+                raise RuntimeError(
+                    f"engine (pid {p.pid}) exited with status {p.exit_code} before "
+                    f"registering; log {p.log_file}:\n{p.log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                tails = "\n".join(
+                    f"--- {p.log_file}:\n{p.log_tail(10)}"
+                    for es in self.engines.values()
+                    for p in es.processes
+                )
+                raise TimeoutError(
+                    f"only {len(client.ids)} of {n} engines registered within {timeout:g} s\n"
+                    + tails
+                )
+            await asyncio.sleep(0.005)
+
+    async def start_and_connect(self, n: int | None = None, activate: bool = False) -> Any:
+        """Start the cluster, connect a client and wait for the engines to register.
+
+        Parameters
+        ----------
+        n : int, optional
+            Number of engines (default ``self.n``, else ``os.cpu_count()``).
+        activate : bool
+            Call ``client.activate()`` (the ``%px`` magics) once connected.
+
+        Returns
+        -------
+        Client
+            The connected client.
+        """
+        _client_class()  # fail before starting anything when there is no Client
+        await self.start_cluster(n)
+        client = await self.connect_client()
+        try:
+            total = sum(es.n for es in self.engines.values())
+            await self._wait_for_engines(client, total, self.engine_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.close()
+            raise
+        if activate:
+            client.activate()
+        return client
+
+    # -- stopping and signalling -------------------------------------------------------------
+
+    def _engine_sets(self, engine_set_id: str | None) -> list[LocalEngineSetLauncher]:
+        if engine_set_id is None:
+            return list(self.engines.values())
+        try:
+            return [self.engines[engine_set_id]]
+        except KeyError:
+            raise KeyError(
+                f"no engine set {engine_set_id!r} in cluster {self.cluster_id!r}"
+            ) from None
+
+    async def stop_engines(self, engine_set_id: str | None = None) -> None:
+        """Stop one engine set (default: all) with SIGTERM, then SIGKILL after a timeout."""
+        sets = self._engine_sets(engine_set_id)
+        await asyncio.gather(*(es.stop(self.stop_timeout) for es in sets))
+        for es in sets:
+            self.engines.pop(es.engine_set_id, None)
+        if self.controller is not None or self.engines:
+            self.write_cluster_file()
+
+    async def stop_controller(self) -> None:
+        """Stop the controller with SIGTERM, then SIGKILL after a timeout."""
+        if self.controller is not None:
+            await self.controller.stop(self.stop_timeout)
+        self.controller = None
+        self._engine_info = None
+
+    async def stop_cluster(self) -> None:
+        """Stop every engine set, then the controller, and remove the cluster file."""
+        tracked = self.controller is not None or bool(self.engines)
+        await self.stop_engines()
+        await self.stop_controller()
+        if tracked:  # never remove the file of a cluster this object does not know
+            self.remove_cluster_file()
+        _atexit_clusters.discard(self)
+
+    async def signal_engines(self, signum: int, engine_set_id: str | None = None) -> None:
+        """Send a signal to the engines of one set (default: all)."""
+        for es in self._engine_sets(engine_set_id):
+            es.signal(signum)
+
+    async def restart_engines(self, engine_set_id: str | None = None) -> None:
+        """Stop and start again one engine set (default: all), with the same size and id."""
+        sets = self._engine_sets(engine_set_id)
+        await asyncio.gather(*(es.stop(self.stop_timeout) for es in sets))
+        info = self._load_engine_info()
+        for es in sets:
+            if self.send_engines_connection_env:
+                es.connection_info = info
+            es.start()
+        self.write_cluster_file()
+
+    async def stop_engine(self, engine_id: int) -> None:
+        """Not available for local engine sets (ipyparallel raises the same)."""
+        raise NotImplementedError("stop a single engine with client.shutdown(targets=...)")
+
+    async def restart_engine(self, engine_id: int) -> None:
+        """Not available for local engine sets."""
+        raise NotImplementedError("restarting a single engine is not supported")
+
+    async def signal_engine(self, signum: int, engine_id: int) -> None:
+        """Not available for local engine sets (use ``client.send_signal``)."""
+        raise NotImplementedError("signal a single engine with client.send_signal(...)")
+
+    def _stop_now(self) -> None:
+        """Blocking, loop-free stop of everything (interpreter exit)."""
+        procs = [p for es in self.engines.values() for p in es.processes]
+        terminate_sync(procs, self.stop_timeout)
+        if self.controller is not None and self.controller.process is not None:
+            terminate_sync([self.controller.process], self.stop_timeout)
+        self.engines.clear()
+        self.controller = None
+        self.remove_cluster_file()
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state of the cluster (the content of the cluster file)."""
+        return {
+            "cluster": {
+                "cluster_id": self.cluster_id,
+                "profile": self.profile,
+                "profile_dir": self.profile_dir,
+                "n": self.n,
+                "controller_args": self.controller_args,
+                "engine_args": self.engine_args,
+                "controller_ip": self.controller_ip,
+                "controller_location": self.controller_location,
+                "log_level": self.log_level,
+                "engine_timeout": self.engine_timeout,
+                "controller_timeout": self.controller_timeout,
+                "stop_timeout": self.stop_timeout,
+                "send_engines_connection_env": self.send_engines_connection_env,
+                "controller_cmd": self.controller_cmd,
+                "engine_cmd": self.engine_cmd,
+            },
+            "controller": self.controller.to_dict() if self.controller else None,
+            "engines": {k: v.to_dict() for k, v in self.engines.items()},
+            "owner_pid": os.getpid(),
+            "shutdown_atexit": self.shutdown_atexit,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **kwargs: Any) -> Cluster:
+        """Rebuild a cluster from :meth:`to_dict` output.
+
+        The result tracks the recorded processes (it can stop and signal them) but does not
+        stop them at exit unless ``shutdown_atexit=True`` is passed.
+        """
+        opts = dict(d.get("cluster") or {})
+        opts.update(kwargs)
+        opts.setdefault("shutdown_atexit", False)
+        known = {
+            "n", "profile", "profile_dir", "cluster_id", "controller_args", "engine_args",
+            "controller_ip", "controller_location", "log_level", "engine_timeout",
+            "controller_timeout", "stop_timeout", "send_engines_connection_env",
+            "shutdown_atexit", "controller_cmd", "engine_cmd", "env", "delay",
+        }
+        self = cls(**{k: v for k, v in opts.items() if k in known})
+        if d.get("controller"):
+            self.controller = LocalControllerLauncher.from_dict(
+                d["controller"], self.profile_dir, self.cluster_id
+            )
+        for esid, es in (d.get("engines") or {}).items():
+            self.engines[esid] = LocalEngineSetLauncher.from_dict(
+                es, self.profile_dir, self.cluster_id, esid
+            )
+        if self.shutdown_atexit:
+            _track_for_exit(self)
+        return self
+
+    @classmethod
+    def from_file(
+        cls,
+        cluster_file: str | os.PathLike[str] | None = None,
+        *,
+        profile: str | None = None,
+        profile_dir: str | os.PathLike[str] | None = None,
+        cluster_id: str = "",
+        **kwargs: Any,
+    ) -> Cluster:
+        """Load a cluster started by (possibly) another process from its cluster file.
+
+        Parameters
+        ----------
+        cluster_file : str or os.PathLike, optional
+            The file; default ``<profile_dir>/security/cluster-<cluster_id>.json``.
+        profile, profile_dir, cluster_id
+            Locate the file when it is not given.
+        **kwargs
+            Attributes to override.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such cluster file.
+        ValueError
+            The file is not a valid cluster file (the message names it).
+        """
+        if cluster_file is None:
+            pdir = paths.profile_dir(profile, profile_dir, create=False)
+            f = _cluster_file(pdir, cluster_id)
+        else:
+            f = Path(cluster_file)
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no cluster file {f}") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read cluster file {f}: {e}") from e
+        if not isinstance(d, dict) or "cluster" not in d:
+            raise ValueError(f"{f} is not a ferroparallel cluster file")
+        d["cluster"].setdefault("profile_dir", str(f.parent.parent))
+        return cls.from_dict(d, **kwargs)
+
+    def write_cluster_file(self) -> None:
+        """Write the cluster file (atomically, mode 0600)."""
+        paths.write_connection_file(self.cluster_file, self.to_dict())
+
+    update_cluster_file = write_cluster_file
+
+    def remove_cluster_file(self) -> None:
+        """Remove the cluster file if it exists."""
+        with contextlib.suppress(FileNotFoundError):
+            self.cluster_file.unlink()
+
+    # -- synchronous twins ---------------------------------------------------------------------
+
+    def start_controller_sync(self, **kwargs: Any) -> None:
+        """Blocking :meth:`start_controller`."""
+        return run_sync(self.start_controller(**kwargs))
+
+    def start_engines_sync(
+        self, n: int | None = None, engine_set_id: str | None = None, **kwargs: Any
+    ) -> str:
+        """Blocking :meth:`start_engines`."""
+        return run_sync(self.start_engines(n, engine_set_id, **kwargs))
+
+    def start_cluster_sync(self, n: int | None = None) -> Cluster:
+        """Blocking :meth:`start_cluster`."""
+        return run_sync(self.start_cluster(n))
+
+    def start_and_connect_sync(self, n: int | None = None, activate: bool = False) -> Any:
+        """Blocking :meth:`start_and_connect`."""
+        return run_sync(self.start_and_connect(n, activate))
+
+    def connect_client_sync(self, **kwargs: Any) -> Any:
+        """Blocking :meth:`connect_client`."""
+        return run_sync(self.connect_client(**kwargs))
+
+    def stop_engines_sync(self, engine_set_id: str | None = None) -> None:
+        """Blocking :meth:`stop_engines`."""
+        return run_sync(self.stop_engines(engine_set_id))
+
+    def stop_controller_sync(self) -> None:
+        """Blocking :meth:`stop_controller`."""
+        return run_sync(self.stop_controller())
+
+    def stop_cluster_sync(self) -> None:
+        """Blocking :meth:`stop_cluster`."""
+        return run_sync(self.stop_cluster())
+
+    def signal_engines_sync(self, signum: int, engine_set_id: str | None = None) -> None:
+        """Blocking :meth:`signal_engines`."""
+        return run_sync(self.signal_engines(signum, engine_set_id))
+
+    def restart_engines_sync(self, engine_set_id: str | None = None) -> None:
+        """Blocking :meth:`restart_engines`."""
+        return run_sync(self.restart_engines(engine_set_id))
+
+    def stop_engine_sync(self, engine_id: int) -> None:
+        """Blocking :meth:`stop_engine`."""
+        return run_sync(self.stop_engine(engine_id))
+
+    def restart_engine_sync(self, engine_id: int) -> None:
+        """Blocking :meth:`restart_engine`."""
+        return run_sync(self.restart_engine(engine_id))
+
+    def signal_engine_sync(self, signum: int, engine_id: int) -> None:
+        """Blocking :meth:`signal_engine`."""
+        return run_sync(self.signal_engine(signum, engine_id))
+
+    # -- context managers ----------------------------------------------------------------------
+
+    def __enter__(self) -> Any:
+        self._client = self.start_and_connect_sync()
+        return self._client
+
+    def __exit__(self, *exc: object) -> None:
+        client = getattr(self, "_client", None)
+        self._client = None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        self.stop_cluster_sync()
+
+    async def __aenter__(self) -> Any:
+        self._client = await self.start_and_connect()
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        client = getattr(self, "_client", None)
+        self._client = None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        await self.stop_cluster()

@@ -1,0 +1,268 @@
+"""``ferroparallel controller``: configure and run the Rust controller in this process.
+
+Python parses the settings, starts :class:`ferroparallel._core.Controller` (hub, relays,
+scheduler and heartbeat on native threads), writes the two connection files from the ports the
+controller actually bound, then only waits: no Python runs on the message path. SIGINT, SIGTERM
+and SIGHUP stop the controller, remove the connection files and exit with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .. import paths
+from .config import CONFIG_FILENAME, ConfigError, ControllerSettings, load_config_file
+
+__all__ = ["main", "build_parser", "resolve_settings", "rust_config"]
+
+log = logging.getLogger("ferroparallel.controller")
+
+# CLI dest -> setting name, for options that map one to one.
+_CLI_SETTINGS = (
+    "ip",
+    "location",
+    "ssh",
+    "ping",
+    "scheme",
+    "hwm",
+    "db",
+    "db_path",
+    "ports",
+    "port",
+    "pack",
+    "log_level",
+)
+
+
+class _Terminate(BaseException):
+    """Raised from the SIGTERM/SIGHUP handler to leave the wait loop."""
+
+
+def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentParser:
+    """The argument parser of the controller command."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a ferroparallel controller (hub, schedulers, heartbeat) in this process.",
+    )
+    g = p.add_argument_group("profile")
+    g.add_argument("--profile", help="profile name (default: 'default')")
+    g.add_argument("--profile-dir", help="profile directory (overrides --profile)")
+    g.add_argument("--cluster-id", default="", help="cluster id used in connection file names")
+    g.add_argument(
+        "--config",
+        help=f"config file (default: <profile_dir>/{CONFIG_FILENAME} when it exists)",
+    )
+    g = p.add_argument_group("network")
+    g.add_argument("--ip", help="interface to bind (default 127.0.0.1)")
+    g.add_argument("--location", help="hostname written to the connection files")
+    g.add_argument("--ssh", help="SSH server written to the connection files")
+    g.add_argument("--ports", help="port pool, e.g. 10101-10120 or 10101,10102")
+    g.add_argument("--port", type=int, help="registration port")
+    g = p.add_argument_group("behaviour")
+    g.add_argument("--ping", type=int, metavar="MS", help="heartbeat period in ms (default 3000)")
+    g.add_argument("--scheme", help="task scheduler scheme (default leastload)")
+    g.add_argument("--hwm", type=int, help="task scheduler high-water mark per engine")
+    g.add_argument("--db", help="task record backend: memory (default), sqlite or none")
+    for flag, value in (("--dictdb", "memory"), ("--sqlitedb", "sqlite"), ("--nodb", "none")):
+        g.add_argument(flag, dest="db", action="store_const", const=value, help=f"--db {value}")
+    g.add_argument("--db-path", help="SQLite file for --db sqlite")
+    g.add_argument("--pack", help="message packer: msgpack (default) or json")
+    g.add_argument(
+        "--restore",
+        action="store_true",
+        default=None,
+        help="re-register the engines of the previous run",
+    )
+    g.add_argument(
+        "--reuse",
+        action="store_true",
+        default=None,
+        help="reuse existing consistent connection files and keep them on exit",
+    )
+    g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    return p
+
+
+def resolve_settings(
+    args: argparse.Namespace, profile_dir: Path
+) -> tuple[ControllerSettings, Path | None]:
+    """Defaults, then the config file, then the command line.
+
+    Returns
+    -------
+    tuple
+        The settings and the config file that was loaded (``None`` if none).
+    """
+    settings = ControllerSettings()
+    cfg_file: Path | None
+    if args.config:
+        cfg_file = Path(args.config).expanduser()
+        if not cfg_file.is_file():
+            raise ConfigError(f"config file {cfg_file} not found")
+    else:
+        cfg_file = profile_dir / CONFIG_FILENAME
+        if not cfg_file.is_file():
+            cfg_file = None
+    if cfg_file is not None:
+        settings.update(load_config_file(cfg_file), f"config file {cfg_file}")
+    cli = {name: getattr(args, name) for name in _CLI_SETTINGS}
+    cli["restore"] = args.restore
+    cli["reuse"] = args.reuse
+    settings.update(cli, "command line")
+    return settings, cfg_file
+
+
+def rust_config(
+    settings: ControllerSettings,
+    key: str,
+    ports: dict[str, int],
+    profile_dir: Path,
+    cluster_id: str,
+) -> dict[str, Any]:
+    """The config dict of :class:`ferroparallel._core.Controller`."""
+    suffix = f"-{cluster_id}" if cluster_id else ""
+    cfg: dict[str, Any] = {
+        "ip": settings.ip,
+        "ports": ports,
+        "key": key.encode("ascii"),
+        "signature_scheme": settings.signature_scheme,
+        "pack": settings.pack,
+        "hb_period_ms": settings.ping,
+        "hb_max_misses": settings.hb_max_misses,
+        "scheme": settings.scheme,
+        "db": settings.db,
+        "restore": settings.restore,
+        "engine_state_file": str(paths.log_dir(profile_dir) / f"engines{cluster_id}.json"),
+        "log_level": settings.log_level,
+    }
+    if settings.registration_timeout is not None:
+        cfg["registration_timeout_ms"] = settings.registration_timeout
+    if settings.hwm is not None:
+        cfg["hwm"] = settings.hwm
+    if settings.db == "sqlite":
+        cfg["db_path"] = settings.db_path or str(profile_dir / f"tasks{suffix}.db")
+    return cfg
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(levelname).1s %(asctime)s.%(msecs)03d %(name)s] %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+    )
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _on_terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminate(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the controller until it is stopped.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 after a clean stop, 1 on a configuration or start-up error, 2 on bad usage.
+    """
+    args = build_parser().parse_args(argv)
+    _setup_logging("INFO")
+    try:
+        pdir = paths.profile_dir(args.profile, args.profile_dir, create=True)
+        settings, cfg_file = resolve_settings(args, pdir)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    _setup_logging(settings.log_level)
+    if cfg_file is not None:
+        log.debug("loaded config file %s", cfg_file)
+
+    from .. import _core
+
+    if not hasattr(_core, "Controller"):
+        log.error("this build of ferroparallel._core has no Controller")
+        return 1
+
+    from . import connection
+
+    cid = args.cluster_id or ""
+    client_file = paths.connection_file(pdir, "client", cid)
+    engine_file = paths.connection_file(pdir, "engine", cid)
+
+    reused = None
+    if settings.reuse:
+        reused = connection.reusable_files(settings, client_file, engine_file)
+    if reused is not None:
+        key, requested = reused
+        log.info("reusing connection files %s and %s", client_file, engine_file)
+    else:
+        key = settings.key or os.environ.get("IPP_SESSION_KEY") or connection.new_key()
+        requested = settings.requested_ports()
+
+    old_handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                old_handlers[sig] = signal.signal(sig, _on_terminate)
+
+    controller = None
+    wrote = False
+    try:
+        try:
+            controller = _core.Controller(rust_config(settings, key, requested, pdir, cid))
+            ports = controller.start()
+        except (_Terminate, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            log.error("controller failed to start: %s: %s", type(e).__name__, e)
+            return 1
+        client = connection.client_info(settings, key, ports)
+        engine = connection.engine_info(settings, key, ports)
+        wrote = True
+        connection.write_files(client_file, engine_file, client, engine)
+        log.info(
+            "controller ready (pid %d) on %s, registration port %d; client file %s",
+            os.getpid(),
+            client["interface"],
+            client["registration"],
+            client_file,
+        )
+        while not controller.wait(1.0):
+            pass
+        log.info("controller stopped")
+    except (_Terminate, KeyboardInterrupt) as e:
+        name = signal.Signals(e.args[0]).name if isinstance(e, _Terminate) else "SIGINT"
+        log.info("%s received, stopping the controller", name)
+    finally:
+        # A second signal during clean-up must not leave files behind.
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if controller is not None:
+                controller.stop()
+        except Exception as e:  # pragma: no cover - depends on the Rust side
+            log.warning("error while stopping the controller: %s", e)
+        finally:
+            if wrote and not settings.reuse:
+                connection.remove_files(key, client_file, engine_file)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    return 0

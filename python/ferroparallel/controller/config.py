@@ -1,0 +1,375 @@
+"""Controller settings: defaults, the profile config file, and command-line overrides.
+
+The config file is ``<profile_dir>/ferroparallel_controller_config.py``, a traitlets Python
+config file::
+
+    c = get_config()  # noqa
+    c.Controller.ip = "0.0.0.0"
+    c.Controller.ping = 1000         # heartbeat period, ms
+    c.Controller.scheme = "lru"
+    c.Controller.ports = "10101-10120"
+
+A few ipyparallel names are read too (``c.IPController.ip``, ``c.HeartMonitor.period``,
+``c.TaskScheduler.scheme_name`` ...). Precedence: defaults < config file < command line.
+traitlets is imported only when a config file exists, so the common start-up stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONFIG_FILENAME",
+    "ENGINE_CHANNELS",
+    "CLIENT_CHANNELS",
+    "SCHEMES",
+    "ControllerSettings",
+    "load_config_file",
+    "parse_db",
+    "parse_log_level",
+    "parse_ports",
+]
+
+log = logging.getLogger("ferroparallel.controller")
+
+CONFIG_FILENAME = "ferroparallel_controller_config.py"
+
+#: Rust controller channel names, in port-pool allocation order (reference §1.6).
+ENGINE_CHANNELS = (
+    "registration",
+    "control_engine",
+    "mux_engine",
+    "task_engine",
+    "iopub_engine",
+    "hb_ping",
+    "hb_pong",
+)
+CLIENT_CHANNELS = ("control_client", "mux_client", "task_client", "iopub_client", "notification")
+ALL_CHANNELS = ENGINE_CHANNELS + CLIENT_CHANNELS
+
+#: Task scheduler schemes understood by ipyparallel.
+SCHEMES = ("leastload", "lru", "twobin", "weighted", "plainrandom", "pure", "none")
+
+_DB_ALIASES = {
+    "memory": "memory",
+    "dict": "memory",
+    "dictdb": "memory",
+    "sqlite": "sqlite",
+    "sqlitedb": "sqlite",
+    "none": "none",
+    "nodb": "none",
+    "no": "none",
+}
+
+_LEVELS = {
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARN": "WARNING",
+    "WARNING": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "ERROR",
+    "FATAL": "ERROR",
+}
+
+# Config sections/keys of ipyparallel that map onto ours.
+_COMPAT_KEYS: dict[tuple[str, str], str] = {
+    ("IPController", "ip"): "ip",
+    ("IPController", "location"): "location",
+    ("IPController", "ssh_server"): "ssh",
+    ("IPController", "reuse_files"): "reuse",
+    ("IPController", "restore_engines"): "restore",
+    ("IPController", "ports"): "ports",
+    ("IPController", "regport"): "port",
+    ("HeartMonitor", "period"): "ping",
+    ("HeartMonitor", "max_heartmonitor_misses"): "hb_max_misses",
+    ("TaskScheduler", "scheme_name"): "scheme",
+    ("TaskScheduler", "hwm"): "hwm",
+}
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value (the message names the setting and its source)."""
+
+
+def parse_ports(value: Any) -> list[int]:
+    """Parse a port pool: ``"10101-10120"``, ``"10101,10105"``, an int or a list of those.
+
+    Parameters
+    ----------
+    value : str, int or iterable
+        The pool specification; ``None`` or ``""`` is an empty pool.
+
+    Returns
+    -------
+    list of int
+    """
+    if value is None or value == "":
+        return []
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid port list {value!r}")
+    if isinstance(value, int):
+        items: Iterable[Any] = [value]
+    elif isinstance(value, str):
+        items = [part for part in value.replace(" ", ",").split(",") if part]
+    else:
+        items = value
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, str) and "-" in item.strip("-"):
+            lo, _, hi = item.partition("-")
+            try:
+                a, b = int(lo), int(hi)
+            except ValueError:
+                raise ConfigError(f"invalid port range {item!r}") from None
+            if a > b:
+                raise ConfigError(f"invalid port range {item!r}")
+            out.extend(range(a, b + 1))
+        else:
+            try:
+                out.append(int(item))
+            except (TypeError, ValueError):
+                raise ConfigError(f"invalid port {item!r}") from None
+    for p in out:
+        if not 0 < p < 65536:
+            raise ConfigError(f"port {p} out of range")
+    return out
+
+
+def parse_db(value: str) -> str:
+    """Normalise a task-record backend name to ``"memory"``, ``"sqlite"`` or ``"none"``."""
+    key = str(value).strip().lower()
+    if key.endswith("db") and key not in _DB_ALIASES:
+        key = key[:-2]
+    try:
+        return _DB_ALIASES[key]
+    except KeyError:
+        raise ConfigError(f"unknown db backend {value!r}: use memory, sqlite or none") from None
+
+
+def parse_log_level(value: str | int) -> str:
+    """Normalise a log level (name or number) to one of DEBUG, INFO, WARNING, ERROR."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        n = int(value)
+        if n <= logging.DEBUG:
+            return "DEBUG"
+        if n <= logging.INFO:
+            return "INFO"
+        if n <= logging.WARNING:
+            return "WARNING"
+        return "ERROR"
+    try:
+        return _LEVELS[str(value).strip().upper()]
+    except KeyError:
+        raise ConfigError(f"unknown log level {value!r}") from None
+
+
+@dataclasses.dataclass
+class ControllerSettings:
+    """Every setting of one controller run.
+
+    Attributes
+    ----------
+    ip : str
+        Interface to bind (``--ip``).
+    location : str
+        Hostname written to the connection files (default: this host's name).
+    ssh : str
+        SSH server written to the connection files (``""``: none).
+    ping : int
+        Heartbeat period in ms (``--ping``).
+    hb_max_misses : int
+        Consecutive missed heartbeats before an engine is dropped.
+    registration_timeout : int or None
+        Pending registration timeout in ms (``None``: the controller's default).
+    scheme : str
+        Task scheduler scheme (``--scheme``).
+    hwm : int or None
+        Task scheduler high-water mark per engine (``--hwm``).
+    db : str
+        Task record backend: ``memory``, ``sqlite`` or ``none`` (``--db``).
+    db_path : str or None
+        SQLite file (default ``<profile_dir>/tasks[-<cluster_id>].db``).
+    restore : bool
+        Re-register the engines of the previous run (``--restore``).
+    reuse : bool
+        Reuse existing, consistent connection files and keep them on exit (``--reuse``).
+    key : str or None
+        HMAC key (default: a fresh random 256-bit hex string per run).
+    pack : str
+        Message packer, ``msgpack`` or ``json``.
+    signature_scheme : str
+        Only ``hmac-sha256``.
+    ports : list of int
+        Port pool, consumed in the order of reference §1.6; the rest are random.
+    port : int
+        Registration port (0: from the pool or random).
+    port_map : dict
+        Explicit port per Rust channel name (wins over ``port`` and ``ports``).
+    log_level : str
+        DEBUG, INFO, WARNING or ERROR.
+    """
+
+    ip: str = "127.0.0.1"
+    location: str = ""
+    ssh: str = ""
+    ping: int = 3000
+    hb_max_misses: int = 10
+    registration_timeout: int | None = None
+    scheme: str = "leastload"
+    hwm: int | None = None
+    db: str = "memory"
+    db_path: str | None = None
+    restore: bool = False
+    reuse: bool = False
+    key: str | None = None
+    pack: str = "msgpack"
+    signature_scheme: str = "hmac-sha256"
+    ports: list[int] = dataclasses.field(default_factory=list)
+    port: int = 0
+    port_map: dict[str, int] = dataclasses.field(default_factory=dict)
+    log_level: str = "INFO"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of every setting."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def update(self, values: Mapping[str, Any], source: str) -> None:
+        """Apply ``values`` (setting name -> raw value), validating each.
+
+        Parameters
+        ----------
+        values : Mapping
+            Raw values; ``None`` values are skipped.
+        source : str
+            Where they came from, for error messages.
+        """
+        names = set(self.field_names())
+        for name, raw in values.items():
+            if raw is None:
+                continue
+            if name not in names:
+                raise ConfigError(f"{source}: unknown controller setting {name!r}")
+            try:
+                setattr(self, name, self._coerce(name, raw))
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {name}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{source}: invalid value {raw!r} for {name}: {e}") from None
+
+    @staticmethod
+    def _coerce(name: str, raw: Any) -> Any:
+        if name in ("ping", "hb_max_misses", "port"):
+            v = int(raw)
+            if v < 0 or (name == "ping" and v == 0):
+                raise ConfigError(f"must be positive, not {raw!r}")
+            return v
+        if name in ("registration_timeout", "hwm"):
+            v = int(raw)
+            if v < 0:
+                raise ConfigError(f"must not be negative, not {raw!r}")
+            return v
+        if name in ("restore", "reuse"):
+            if isinstance(raw, str):
+                return raw.strip().lower() in ("1", "true", "yes", "on")
+            return bool(raw)
+        if name == "db":
+            return parse_db(raw)
+        if name == "log_level":
+            return parse_log_level(raw)
+        if name == "ports":
+            return parse_ports(raw)
+        if name == "scheme":
+            v = str(raw).strip().lower()
+            if v not in SCHEMES:
+                raise ConfigError(f"unknown scheme {raw!r}: use one of {', '.join(SCHEMES)}")
+            return v
+        if name == "pack":
+            v = str(raw).strip().lower()
+            if v == "orjson":
+                v = "json"
+            if v not in ("msgpack", "json"):
+                raise ConfigError(f"unsupported packer {raw!r}: use msgpack or json")
+            return v
+        if name == "signature_scheme":
+            v = str(raw).strip().lower()
+            if v != "hmac-sha256":
+                raise ConfigError(f"unsupported signature scheme {raw!r}")
+            return v
+        if name == "port_map":
+            if not isinstance(raw, Mapping):
+                raise ConfigError("must be a dict of channel name -> port")
+            out = {}
+            for k, p in raw.items():
+                if k not in ALL_CHANNELS:
+                    raise ConfigError(f"unknown channel {k!r}: use {', '.join(ALL_CHANNELS)}")
+                out[k] = parse_ports(p)[0] if p else 0
+            return out
+        if name == "key":
+            return str(raw)
+        if name in ("db_path",):
+            return os.fspath(raw)
+        return str(raw)
+
+    def resolved_location(self) -> str:
+        """``location`` or this machine's hostname."""
+        return self.location or socket.gethostname()
+
+    def requested_ports(self) -> dict[str, int]:
+        """Port per Rust channel: ``port_map``, then ``port``, then the pool, then 0 (random)."""
+        req = dict.fromkeys(ALL_CHANNELS, 0)
+        req.update(self.port_map)
+        if self.port and not self.port_map.get("registration"):
+            req["registration"] = self.port
+        pool = [p for p in self.ports if p not in req.values()]
+        for ch in ALL_CHANNELS:
+            if req[ch] == 0 and pool:
+                req[ch] = pool.pop(0)
+        return req
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a traitlets Python config file and extract the controller settings from it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``*_config.py`` file.
+
+    Returns
+    -------
+    dict
+        Setting name -> raw value (validated later by :meth:`ControllerSettings.update`).
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be loaded (the message names it).
+    """
+    p = Path(path)
+    from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
+
+    loader = PyFileConfigLoader(p.name, path=str(p.parent), log=log)
+    try:
+        cfg = loader.load_config()
+    except ConfigFileNotFound:
+        raise ConfigError(f"config file {p} not found") from None
+    except Exception as e:
+        raise ConfigError(f"cannot load config file {p}: {type(e).__name__}: {e}") from e
+    out: dict[str, Any] = {}
+    for (section, key), name in _COMPAT_KEYS.items():
+        if section in cfg and key in cfg[section]:
+            out[name] = cfg[section][key]
+    if "Controller" in cfg:
+        names = set(ControllerSettings.field_names())
+        for key, value in cfg["Controller"].items():
+            if key not in names:
+                raise ConfigError(f"config file {p}: unknown setting Controller.{key}")
+            out[key] = value
+    return out

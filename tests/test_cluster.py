@@ -1,0 +1,477 @@
+"""The Cluster API and ``ferroparallel cluster``: real controller and engine processes."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferroparallel import _core, paths
+from ferroparallel.cluster import Cluster
+from ferroparallel.cluster._hub import registered_engines
+from ferroparallel.cluster.launchers import pid_alive
+from ferroparallel.error import ConnectionFileError
+
+pytestmark = pytest.mark.timeout(90)
+
+HAVE_CONTROLLER = hasattr(_core, "Controller")
+HAVE_ENGINE = importlib.util.find_spec("ferroparallel.engine.app") is not None
+
+needs_controller = pytest.mark.skipif(
+    not HAVE_CONTROLLER, reason="ferroparallel._core has no Controller yet"
+)
+needs_engine = pytest.mark.skipif(
+    not (HAVE_CONTROLLER and HAVE_ENGINE), reason="needs the Rust controller and the engine"
+)
+
+
+def _client_available() -> bool:
+    try:
+        from ferroparallel import Client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_client = pytest.mark.skipif(
+    not (HAVE_CONTROLLER and HAVE_ENGINE and _client_available()),
+    reason="needs the controller, the engine and the Client",
+)
+
+
+@pytest.fixture(autouse=True)
+def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private profile root; every process recorded in it is killed after the test."""
+    root = tmp_path / "fproot"
+    monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
+    yield root
+    for f in root.glob("profile_*/security/cluster-*.json"):
+        with pytest.MonkeyPatch.context():
+            try:
+                c = Cluster.from_file(f)
+            except Exception:
+                continue
+            for p in c._processes():
+                p.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture
+def clusters() -> Iterator[Callable[..., Cluster]]:
+    """Make clusters that are stopped (and their processes killed) after the test."""
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        c = Cluster(**kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        try:
+            c.stop_cluster_sync()
+        except Exception:
+            for p in c._processes():
+                p.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture
+def sleeper(tmp_path: Path) -> list[str]:
+    """An engine command that only sleeps until SIGTERM (no registration)."""
+    f = tmp_path / "sleeper.py"
+    f.write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n"
+    )
+    return [sys.executable, str(f)]
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_registered(cluster: Cluster, n: int, timeout: float = 30.0) -> dict[int, str]:
+    info = paths.load_connection_file(cluster.client_file, "client")
+
+    def check() -> dict[int, str] | None:
+        engines = registered_engines(info, timeout=2.0)
+        return engines if engines is not None and len(engines) == n else None
+
+    return wait_until(check, timeout, f"{n} registered engines")
+
+
+def all_pids(cluster: Cluster) -> list[int]:
+    return [p.pid for p in cluster._processes()]
+
+
+def assert_gone(pids: list[int], timeout: float = 15.0) -> None:
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout, f"pids {pids} to exit")
+
+
+def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ferroparallel", "cluster", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- without processes ---------------------------------------------------------------------------
+
+
+def test_defaults_and_ids(fp_root: Path) -> None:
+    c = Cluster(n=3)
+    assert c.profile_dir == str(fp_root / "profile_default")
+    assert c.cluster_id and c.cluster_id.split("-")[0].isdigit()
+    assert Cluster(cluster_id="").cluster_id == ""
+    assert Cluster(profile="x").profile_dir == str(fp_root / "profile_x")
+    sec = fp_root / "profile_default" / "security"
+    assert c.cluster_file == sec / f"cluster-{c.cluster_id}.json"
+    assert not c.running and c.engine_set is None
+    with pytest.raises(NotImplementedError):
+        Cluster(engines="mpi")
+    with pytest.raises(TypeError):
+        Cluster(controller_args="--ping 100")  # type: ignore[arg-type]
+
+
+def test_sync_twins_exist() -> None:
+    for name in (
+        "start_controller",
+        "start_engines",
+        "start_cluster",
+        "start_and_connect",
+        "connect_client",
+        "stop_engines",
+        "stop_cluster",
+        "signal_engines",
+        "restart_engines",
+    ):
+        assert asyncio.iscoroutinefunction(getattr(Cluster, name)), name
+        assert callable(getattr(Cluster, f"{name}_sync")), name
+
+
+def test_from_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cluster-nope.json"):
+        Cluster.from_file(profile_dir=tmp_path, cluster_id="nope")
+    bad = tmp_path / "security" / "cluster-bad.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=str(bad)):
+        Cluster.from_file(bad)
+
+
+def test_start_engines_without_controller_names_file() -> None:
+    c = Cluster(n=1, cluster_id="noctl")
+    with pytest.raises(ConnectionFileError, match="ipcontroller-noctl-engine.json"):
+        c.start_engines_sync()
+
+
+# -- the API -------------------------------------------------------------------------------------
+
+
+@needs_engine
+def test_api_start_stop_two_engines(clusters: Callable[..., Cluster], fp_root: Path) -> None:
+    c = clusters(n=2, profile="api")
+    t0 = time.monotonic()
+    assert c.start_cluster_sync() is c
+    engines = wait_registered(c, 2)
+    elapsed = time.monotonic() - t0
+    assert sorted(engines) == [0, 1]
+    assert elapsed < 30
+    assert c.running and c.engine_set is not None and len(c.engine_set.processes) == 2
+    pids = all_pids(c)
+    assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+    # The state file lets another process find everything.
+    state = json.loads(c.cluster_file.read_text())
+    assert state["cluster"]["cluster_id"] == c.cluster_id
+    assert state["controller"]["process"]["pid"] == c.controller.process.pid  # type: ignore[union-attr]
+    assert c.client_file.exists() and c.engine_file.exists()
+    c.stop_cluster_sync()
+    assert_gone(pids)
+    assert not c.cluster_file.exists()
+    assert not c.client_file.exists() and not c.engine_file.exists()
+    assert not c.running
+
+
+@needs_engine
+def test_async_api_and_sync_inside_a_loop(clusters: Callable[..., Cluster]) -> None:
+    c = clusters(n=1)
+
+    async def run() -> list[int]:
+        await c.start_cluster()
+        await asyncio.to_thread(wait_registered, c, 1)
+        pids = all_pids(c)
+        # A *_sync call from inside a running loop runs on a helper thread.
+        esid = c.start_engines_sync(1)
+        await asyncio.to_thread(wait_registered, c, 2)
+        assert esid in c.engines and len(c.engines) == 2
+        await c.stop_engines(esid)
+        await c.stop_cluster()
+        return pids + all_pids(c)
+
+    pids = asyncio.run(run())
+    assert_gone(pids)
+
+
+@needs_engine
+def test_from_file_signal_and_restart(clusters: Callable[..., Cluster]) -> None:
+    c = clusters(n=2, cluster_id="sig")
+    c.start_cluster_sync()
+    wait_registered(c, 2)
+    other = Cluster.from_file(profile_dir=c.profile_dir, cluster_id="sig")
+    assert other.running
+    assert sorted(all_pids(other)) == sorted(all_pids(c))
+    old = list(c.engine_set.pids)  # type: ignore[union-attr]
+    c.restart_engines_sync()
+    new = list(c.engine_set.pids)  # type: ignore[union-attr]
+    assert len(new) == 2 and not set(new) & set(old)
+    assert_gone(old)
+    wait_registered(c, 2)
+    c.signal_engines_sync(signal.SIGKILL)
+    assert_gone(new)
+    # The loaded copy can stop what the first one started.
+    other = Cluster.from_file(profile_dir=c.profile_dir, cluster_id="sig")
+    ctl = other.controller.process.pid  # type: ignore[union-attr]
+    other.stop_cluster_sync()
+    assert_gone([ctl])
+    assert not c.cluster_file.exists()
+
+
+@needs_controller
+def test_controller_failure_reports_log(clusters: Callable[..., Cluster]) -> None:
+    c = clusters(n=1, controller_args=["--scheme", "fastest"])
+    with pytest.raises(RuntimeError, match="fastest") as exc:
+        c.start_controller_sync()
+    assert "ipcontroller" in str(exc.value)  # names the log file
+    assert not c.running
+
+
+@needs_controller
+def test_same_cluster_id_refused_while_running(
+    clusters: Callable[..., Cluster], sleeper: list[str]
+) -> None:
+    c = clusters(n=1, cluster_id="dup", engine_cmd=sleeper)
+    c.start_cluster_sync()
+    with pytest.raises(RuntimeError, match="already running"):
+        clusters(cluster_id="dup").start_controller_sync()
+    assert c.running
+
+
+@needs_controller
+def test_cli_refuses_running_cluster_id(
+    clusters: Callable[..., Cluster], sleeper: list[str], fp_root: Path
+) -> None:
+    c = clusters(n=1, cluster_id="taken", engine_cmd=sleeper)
+    c.start_cluster_sync()
+    r = cli("start", "-n", "1", "--daemonize", "--cluster-id", "taken")
+    assert r.returncode == 1
+    assert "already running" in r.stderr
+    assert c.cluster_file.exists() and c.running
+
+
+@needs_controller
+def test_stale_connection_file_named(clusters: Callable[..., Cluster]) -> None:
+    c = clusters(n=1, cluster_id="stale")
+    c.start_controller_sync()
+    c.controller.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    c.controller.process.wait_sync(10)  # type: ignore[union-attr]
+    with pytest.raises(ConnectionFileError, match="ipcontroller-stale-client.json") as exc:
+        c.connect_client_sync()
+    assert "stale" in str(exc.value)
+    with pytest.raises(RuntimeError, match="not running"):
+        c.start_engines_sync()
+
+
+@needs_controller
+def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Path) -> None:
+    script = tmp_path / "starter.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, sys
+            from ferroparallel.cluster import Cluster
+            c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=sys.argv[1] == "1")
+            c.start_cluster_sync()
+            print(json.dumps([p.pid for p in c._processes()]), flush=True)
+            """
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), "1"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    pids = json.loads(r.stdout)
+    assert len(pids) == 3
+    assert_gone(pids)
+    assert not list(fp_root.glob("profile_default/security/cluster-*.json"))
+    # Without shutdown_atexit the cluster outlives its starter and can be stopped later.
+    r = subprocess.run(
+        [sys.executable, str(script), "0"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    pids = json.loads(r.stdout)
+    assert all(pid_alive(p) for p in pids)
+    (f,) = fp_root.glob("profile_default/security/cluster-*.json")
+    Cluster.from_file(f).stop_cluster_sync()
+    assert_gone(pids)
+
+
+@needs_engine
+def test_engines_inherit_pythonpath(
+    clusters: Callable[..., Cluster], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = tmp_path / "extra_path"
+    marks = tmp_path / "marks"
+    extra.mkdir()
+    marks.mkdir()
+    # sitecustomize runs at start-up of every Python process that has `extra` on its path.
+    (extra / "sitecustomize.py").write_text(
+        "import os, pathlib\n"
+        f"pathlib.Path({str(marks)!r}, str(os.getpid())).write_text('seen')\n"
+    )
+    (extra / "fp_pythonpath_probe.py").write_text("VALUE = 'from PYTHONPATH'\n")
+    old = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(extra) + (os.pathsep + old if old else ""))
+    c = clusters(n=2)
+    c.start_cluster_sync()
+    wait_registered(c, 2)
+    for pid in c.engine_set.pids:  # type: ignore[union-attr]
+        assert (marks / str(pid)).exists()
+    if _client_available():
+        rc = c.connect_client_sync()
+        try:
+            rc.wait_for_engines(2, timeout=30)
+            values = rc[:].apply_sync(lambda: __import__("fp_pythonpath_probe").VALUE)
+            assert values == ["from PYTHONPATH"] * 2
+        finally:
+            rc.close()
+
+
+@needs_client
+def test_context_manager_connects_client(clusters: Callable[..., Cluster]) -> None:
+    c = clusters(n=2)
+    with c as rc:
+        assert len(rc.ids) == 2
+        pids = rc[:].apply_sync(os.getpid)
+        assert sorted(pids) == sorted(c.engine_set.pids)  # type: ignore[union-attr]
+        all_ = all_pids(c)
+    assert_gone(all_)
+    assert not c.cluster_file.exists()
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+@needs_engine
+def test_cli_daemonize_list_stop(fp_root: Path) -> None:
+    r = cli("start", "-n", "2", "--daemonize", "--cluster-id", "cli")
+    assert r.returncode == 0, r.stderr
+    assert "2 registered" in r.stdout
+    c = Cluster.from_file(profile_dir=fp_root / "profile_default", cluster_id="cli")
+    pids = all_pids(c)
+    assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+    wait_registered(c, 2)
+
+    r = cli("list", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert (row["profile"], row["cluster_id"], row["running"], row["n"]) == (
+        "default", "cli", True, 2
+    )
+    r = cli("list")
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["PROFILE", "CLUSTER", "ID", "RUNNING", "ENGINES"]
+    assert lines[1].split() == ["default", "'cli'", "True", "2"]
+
+    r = cli("stop", "--cluster-id", "cli")
+    assert r.returncode == 0, r.stderr
+    assert_gone(pids)
+    assert json.loads(cli("list", "-o", "json").stdout) == []
+    assert cli("stop", "--cluster-id", "cli").returncode == 1
+
+
+@needs_engine
+def test_cli_foreground_ctrl_c(fp_root: Path) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ferroparallel", "cluster", "start", "-n", "1", "--profile", "fg"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        started = p.stdout.readline()
+        assert "started" in started and "1 registered" in started
+        f = fp_root / "profile_fg" / "security" / "cluster-.json"
+        c = Cluster.from_file(f)
+        assert c.cluster_id == ""
+        wait_registered(c, 1)
+        pids = all_pids(c)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "Stopping" in out
+    assert_gone(pids)
+    assert not f.exists()
+
+
+@needs_controller
+def test_cli_clean(fp_root: Path, sleeper: list[str]) -> None:
+    # A cluster whose processes were all killed leaves stale files behind.
+    dead = Cluster(n=1, cluster_id="dead", engine_cmd=sleeper, shutdown_atexit=False)
+    dead.start_cluster_sync()
+    for p in dead._processes():
+        p.send_signal(signal.SIGKILL)
+    assert_gone(all_pids(dead))
+    # A live one must be left alone.
+    live = Cluster(n=1, cluster_id="live", engine_cmd=sleeper)
+    live.start_cluster_sync()
+    try:
+        # An orphan connection file pointing at a closed port.
+        pdir = Path(live.profile_dir)
+        orphan = paths.connection_file(pdir, "client", "orphan")
+        info = paths.load_connection_file(live.client_file)
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        info["registration"] = s.getsockname()[1]
+        s.close()
+        paths.write_connection_file(orphan, info)
+
+        rows = {r["cluster_id"]: r for r in json.loads(cli("list", "-o", "json").stdout)}
+        assert rows["dead"]["running"] is False and rows["live"]["running"] is True
+
+        r = cli("clean")
+        assert r.returncode == 0, r.stderr
+        assert not dead.cluster_file.exists()
+        assert not dead.client_file.exists() and not dead.engine_file.exists()
+        assert not orphan.exists()
+        assert live.cluster_file.exists() and live.client_file.exists()
+        assert live.running
+        assert cli("clean").stdout.strip() == "nothing to clean"
+    finally:
+        live.stop_cluster_sync()

@@ -1,0 +1,228 @@
+"""Profile directories and connection files (ferroparallel.paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ferroparallel import paths
+from ferroparallel.error import ConnectionFileError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own profile root."""
+    root = tmp_path / "fproot"
+    monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
+    return root
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def _client_info(**over: object) -> dict[str, object]:
+    info: dict[str, object] = {
+        "interface": "tcp://127.0.0.1",
+        "registration": 10101,
+        "control": 10102,
+        "mux": 10103,
+        "task": 10104,
+        "iopub": 10105,
+        "notification": 10106,
+        "task_scheme": "leastload",
+        "key": "abc",
+        "signature_scheme": "hmac-sha256",
+        "pack": "msgpack",
+        "unpack": "msgpack",
+        "location": "host",
+        "ssh": "",
+        "curve_serverkey": None,
+    }
+    info.update(over)
+    return info
+
+
+def test_profile_root_env(fp_root: Path) -> None:
+    assert paths.profile_root() == fp_root
+
+
+def test_profile_root_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("FERROPARALLEL_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert paths.profile_root() == tmp_path / "home" / ".ferroparallel"
+    monkeypatch.setenv("FERROPARALLEL_DIR", "")
+    assert paths.profile_root() == tmp_path / "home" / ".ferroparallel"
+
+
+def test_profile_dir_default_and_named(fp_root: Path) -> None:
+    d = paths.profile_dir()
+    assert d == fp_root / "profile_default"
+    assert (d / "security").is_dir() and (d / "log").is_dir()
+    assert _mode(d / "security") == 0o700
+    assert paths.profile_dir("work") == fp_root / "profile_work"
+    assert (fp_root / "profile_work" / "security").is_dir()
+
+
+def test_profile_dir_explicit_wins(tmp_path: Path) -> None:
+    explicit = tmp_path / "elsewhere"
+    assert paths.profile_dir("ignored", explicit) == explicit
+    assert _mode(explicit / "security") == 0o700
+    assert not (paths.profile_root() / "profile_ignored").exists()
+
+
+def test_profile_dir_no_create(fp_root: Path) -> None:
+    d = paths.profile_dir("nothere", create=False)
+    assert d == fp_root / "profile_nothere"
+    assert not d.exists()
+
+
+def test_profile_dir_fixes_security_mode(fp_root: Path) -> None:
+    sec = fp_root / "profile_default" / "security"
+    sec.mkdir(parents=True)
+    os.chmod(sec, 0o755)
+    paths.profile_dir()
+    assert _mode(sec) == 0o700
+
+
+def test_profile_name_with_separator_rejected() -> None:
+    with pytest.raises(ValueError):
+        paths.profile_dir("a/b")
+
+
+def test_connection_file_names(tmp_path: Path) -> None:
+    sec = tmp_path / "security"
+    assert paths.connection_file(tmp_path, "client") == sec / "ipcontroller-client.json"
+    assert paths.connection_file(tmp_path, "engine") == sec / "ipcontroller-engine.json"
+    assert paths.connection_file(tmp_path, "client", "abc") == sec / "ipcontroller-abc-client.json"
+    assert paths.connection_file(str(tmp_path), "engine", "x") == sec / "ipcontroller-x-engine.json"
+    with pytest.raises(ValueError):
+        paths.connection_file(tmp_path, "hub")
+
+
+def test_write_and_load_roundtrip() -> None:
+    pdir = paths.profile_dir()
+    f = paths.connection_file(pdir, "client", "c1")
+    paths.write_connection_file(f, _client_info())
+    assert _mode(f) == 0o600
+    assert paths.load_connection_file(f) == _client_info()
+    assert paths.load_connection_file(f, "client")["notification"] == 10106
+    # Overwriting keeps the mode and leaves no temporary file behind.
+    paths.write_connection_file(f, _client_info(key="def"))
+    assert paths.load_connection_file(f)["key"] == "def"
+    assert _mode(f) == 0o600
+    assert sorted(p.name for p in f.parent.iterdir()) == [f.name]
+
+
+def test_write_mode_ignores_umask() -> None:
+    f = paths.profile_dir() / "security" / "x.json"
+    old = os.umask(0)
+    try:
+        paths.write_connection_file(f, _client_info())
+    finally:
+        os.umask(old)
+    assert _mode(f) == 0o600
+
+
+def test_load_missing_names_file(tmp_path: Path) -> None:
+    f = tmp_path / "nope-client.json"
+    with pytest.raises(ConnectionFileError, match=str(f)) as exc:
+        paths.load_connection_file(f)
+    assert "does not exist" in str(exc.value)
+    assert isinstance(exc.value, OSError)
+
+
+def test_load_unreadable_names_file(tmp_path: Path) -> None:
+    d = tmp_path / "adir.json"
+    d.mkdir()
+    with pytest.raises(ConnectionFileError, match=str(d)):
+        paths.load_connection_file(d)
+    f = tmp_path / "binary.json"
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConnectionFileError, match=str(f)):
+        paths.load_connection_file(f)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their mode")
+def test_load_permission_denied_names_file(tmp_path: Path) -> None:
+    f = tmp_path / "secret.json"
+    f.write_text(json.dumps(_client_info()))
+    os.chmod(f, 0)
+    with pytest.raises(ConnectionFileError, match=str(f)):
+        paths.load_connection_file(f)
+
+
+def test_load_invalid_json_names_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.json"
+    f.write_text('{"interface": "tcp://127.0.0.1", ')
+    with pytest.raises(ConnectionFileError, match=str(f)) as exc:
+        paths.load_connection_file(f)
+    assert "not valid JSON" in str(exc.value)
+    f.write_text("")
+    with pytest.raises(ConnectionFileError, match=str(f)):
+        paths.load_connection_file(f)
+
+
+def test_load_not_an_object_names_file(tmp_path: Path) -> None:
+    f = tmp_path / "list.json"
+    f.write_text("[1, 2]")
+    with pytest.raises(ConnectionFileError, match=str(f)):
+        paths.load_connection_file(f)
+
+
+def test_load_missing_keys_names_file_and_keys(tmp_path: Path) -> None:
+    f = tmp_path / "partial.json"
+    info = _client_info()
+    del info["key"], info["registration"]
+    f.write_text(json.dumps(info))
+    with pytest.raises(ConnectionFileError, match=str(f)) as exc:
+        paths.load_connection_file(f)
+    assert "registration" in str(exc.value) and "key" in str(exc.value)
+
+
+def test_load_role_requires_role_ports(tmp_path: Path) -> None:
+    f = tmp_path / "client.json"
+    f.write_text(json.dumps(_client_info()))
+    paths.load_connection_file(f, "client")
+    with pytest.raises(ConnectionFileError, match="hb_ping") as exc:
+        paths.load_connection_file(f, "engine")
+    assert str(f) in str(exc.value)
+
+
+def test_load_bad_port_and_interface(tmp_path: Path) -> None:
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(_client_info(registration="10101")))
+    with pytest.raises(ConnectionFileError, match="registration"):
+        paths.load_connection_file(f)
+    f.write_text(json.dumps(_client_info(mux=0)))
+    with pytest.raises(ConnectionFileError, match="mux"):
+        paths.load_connection_file(f, "client")
+    f.write_text(json.dumps(_client_info(interface="127.0.0.1")))
+    with pytest.raises(ConnectionFileError, match="interface"):
+        paths.load_connection_file(f)
+
+
+def test_old_ipython_file_hint(tmp_path: Path) -> None:
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps({"exec_key": "k", "url": "tcp://127.0.0.1:10101", "ssh": ""}))
+    with pytest.raises(ConnectionFileError, match="IPython.parallel 0.x"):
+        paths.load_connection_file(f)
+
+
+def test_exec_key_alias(tmp_path: Path) -> None:
+    f = tmp_path / "c.json"
+    info = _client_info()
+    info["exec_key"] = info.pop("key")
+    f.write_text(json.dumps(info))
+    assert paths.load_connection_file(f)["key"] == "abc"
+
+
+def test_validate_connection_info_source_named() -> None:
+    with pytest.raises(ConnectionFileError, match="IPP_CONNECTION_INFO"):
+        paths.validate_connection_info({"interface": "tcp://x"}, "IPP_CONNECTION_INFO")
