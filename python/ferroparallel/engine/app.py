@@ -1,0 +1,134 @@
+"""``ferroparallel engine``: command line and entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from ..error import FerroParallelError
+from .connection import channel_urls, load_connection_info, tunnel_urls
+from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
+from .logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
+    """The engine's argument parser."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Start one engine and connect it to a running controller. The connection info "
+            "comes from --file, else from $FERROPARALLEL_CONNECTION_INFO or "
+            "$IPP_CONNECTION_INFO (JSON of the engine connection file), else from "
+            "<profile dir>/security/ipcontroller[-<cluster id>]-engine.json."
+        ),
+    )
+    p.add_argument("--profile", default=None, help="profile name (default: 'default')")
+    p.add_argument("--profile-dir", default=None, help="profile directory (wins over --profile)")
+    p.add_argument("--cluster-id", default="", help="cluster id in the connection file name")
+    p.add_argument(
+        "--file", "-f", default=None, metavar="PATH", help="engine connection file to use"
+    )
+    p.add_argument(
+        "--wait-for-file",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the connection file to appear (default 10)",
+    )
+    p.add_argument("--id", type=int, default=None, help="engine id to request")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the registration reply (default 10)",
+    )
+    p.add_argument(
+        "--max-missed-pings",
+        type=int,
+        default=10,
+        metavar="N",
+        help="exit after N heartbeat periods without a ping (default 10; 0 never exits)",
+    )
+    p.add_argument(
+        "--ssh",
+        default=None,
+        metavar="SERVER",
+        help="reach the controller through SSH tunnels to [user@]host[:port] "
+        "(default: the file's 'ssh' entry)",
+    )
+    p.add_argument("--sshkey", default=None, metavar="FILE", help="SSH private key file")
+    p.add_argument(
+        "--no-ipython",
+        dest="use_ipython",
+        action="store_false",
+        help="run execute_request as plain Python even when IPython is installed",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default INFO)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one engine until it is shut down.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments after ``ferroparallel engine`` (``sys.argv[1:]`` by default).
+
+    Returns
+    -------
+    int
+        0 after ``shutdown_request`` or SIGTERM; 1 when the connection info is missing or
+        invalid or registration failed; 3 when the controller stopped sending heartbeats.
+        Bad arguments raise ``SystemExit(2)`` (argparse).
+    """
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        info, source = load_connection_info(
+            file=args.file,
+            profile=args.profile,
+            profile_dir=args.profile_dir,
+            cluster_id=args.cluster_id,
+            wait=args.wait_for_file,
+        )
+    except (FerroParallelError, OSError, ValueError) as e:
+        log.error("%s", e)
+        return EXIT_FAILED
+    log.debug("connection info from %s", source)
+    if info.get("curve_serverkey"):
+        log.error("%s asks for CurveZMQ encryption, which ferroparallel does not support", source)
+        return EXIT_FAILED
+    if info["unpack"] != info["pack"]:
+        log.warning(
+            "pack %r and unpack %r differ; using %r", info["pack"], info["unpack"], info["pack"]
+        )
+    urls = channel_urls(info)
+    ssh = args.ssh if args.ssh is not None else info["ssh"]
+    try:
+        if ssh:
+            urls = tunnel_urls(urls, ssh, args.sshkey)
+        kernel = EngineKernel(
+            info,
+            urls,
+            EngineConfig(
+                requested_id=args.id,
+                timeout=args.timeout,
+                max_missed_pings=args.max_missed_pings,
+                use_ipython=args.use_ipython,
+            ),
+        )
+    except (FerroParallelError, OSError, ValueError, RuntimeError) as e:
+        log.error("cannot start the engine: %s", e)
+        return EXIT_FAILED
+    return kernel.run()

@@ -1,0 +1,163 @@
+"""The control channel: abort, clear, shutdown, signal (and kernel_info, interrupt).
+
+Control requests are handled before queued shell requests. ``abort_request``,
+``signal_request``, ``interrupt_request`` and ``kernel_info_request`` are *urgent*: they are
+also handled while a long shell request runs (by the watcher thread), so a client can
+interrupt running code or abort what is queued behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .. import _core
+from .errors import ErrorInfo
+from .signals import parse_signal, signal_self
+
+if TYPE_CHECKING:
+    from .kernel import EngineKernel
+
+log = logging.getLogger(__name__)
+
+#: Control requests also handled while a shell request runs.
+URGENT = frozenset({"abort_request", "signal_request", "interrupt_request", "kernel_info_request"})
+
+
+class AbortSet:
+    """msg_ids of shell requests to answer with ``status: aborted`` (thread-safe, bounded).
+
+    Parameters
+    ----------
+    capacity : int
+        Most ids remembered; the oldest are forgotten first.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def add(self, msg_ids: Iterable[str]) -> None:
+        """Mark ``msg_ids``."""
+        with self._lock:
+            for msg_id in msg_ids:
+                self._ids[str(msg_id)] = None
+                self._ids.move_to_end(str(msg_id))
+            while len(self._ids) > self.capacity:
+                self._ids.popitem(last=False)
+
+    def pop(self, msg_id: str) -> bool:
+        """True (and forget it) if ``msg_id`` was marked."""
+        if not self._ids:
+            return False
+        with self._lock:
+            if msg_id in self._ids:
+                del self._ids[msg_id]
+                return True
+            return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def kernel_info_content() -> dict[str, Any]:
+    """Content of a ``kernel_info_reply``."""
+    return {
+        "status": "ok",
+        "protocol_version": _core.PROTOCOL_VERSION,
+        "implementation": "ferroparallel",
+        "implementation_version": _core.__version__,
+        "language_info": {
+            "name": "python",
+            "version": platform.python_version(),
+            "mimetype": "text/x-python",
+            "file_extension": ".py",
+        },
+        "banner": f"ferroparallel engine {_core.__version__}",
+        "help_links": [],
+    }
+
+
+class ControlHandler:
+    """Answers control requests for one engine.
+
+    Parameters
+    ----------
+    kernel : EngineKernel
+        The engine (its I/O thread, queues and namespace).
+    """
+
+    def __init__(self, kernel: EngineKernel) -> None:
+        self.kernel = kernel
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        """Dispatch one control message; failures become error replies."""
+        msg_type = msg["header"].get("msg_type", "")
+        if not msg_type.endswith("_request"):
+            log.debug("ignoring control message of type %r", msg_type)
+            return
+        handler = getattr(self, "do_" + msg_type.removesuffix("_request"), None)
+        try:
+            if handler is None:
+                raise NotImplementedError(f"{msg_type} is not supported by ferroparallel engines")
+            handler(msg)
+        except Exception as exc:
+            if handler is not None:
+                log.exception("control request %s failed", msg_type)
+            method = msg_type.removesuffix("_request")
+            info = ErrorInfo.from_exception(exc, with_traceback=handler is not None)
+            self.reply(msg, info.content(self.kernel.engine_info(method)))
+
+    def reply(self, msg: dict[str, Any], content: dict[str, Any]) -> None:
+        """Send ``<prefix>_reply`` with ``content`` to the sender of ``msg``."""
+        msg_type = msg["header"].get("msg_type", "")
+        self.kernel.send_control(msg, msg_type.removesuffix("_request") + "_reply", content)
+
+    def do_abort(self, msg: dict[str, Any]) -> None:
+        """``abort_request {msg_ids}``: mark them; an empty list aborts everything queued."""
+        msg_ids = msg["content"].get("msg_ids") or []
+        if isinstance(msg_ids, str):
+            msg_ids = [msg_ids]
+        if not msg_ids:
+            self.kernel.inbox.pull(0)
+            msg_ids = self.kernel.queued_shell_ids()
+        self.kernel.aborted.add(msg_ids)
+        log.info("aborting %d request(s)", len(msg_ids))
+        self.reply(msg, {"status": "ok"})
+
+    def do_clear(self, msg: dict[str, Any]) -> None:
+        """``clear_request``: reset the user namespace."""
+        self.kernel.reset_namespace()
+        self.reply(msg, {"status": "ok"})
+
+    def do_shutdown(self, msg: dict[str, Any]) -> None:
+        """``shutdown_request {restart}``: reply on control and IOPub, then stop."""
+        restart = bool(msg["content"].get("restart", False))
+        content = {"status": "ok", "restart": restart}
+        self.reply(msg, content)
+        self.kernel.publish("shutdown_reply", content, msg["header"], "shutdown")
+        log.info("shutdown requested")
+        self.kernel.request_exit(0)
+
+    def do_signal(self, msg: dict[str, Any]) -> None:
+        """``signal_request {sig}``: deliver ``sig`` (number or name) to this process."""
+        signum = parse_signal(msg["content"].get("sig"))
+        self.reply(msg, {"status": "ok"})
+        log.info("signal %d requested", signum)
+        signal_self(signum)
+
+    def do_interrupt(self, msg: dict[str, Any]) -> None:
+        """``interrupt_request``: SIGINT to this process (interrupts running user code)."""
+        import signal
+
+        self.reply(msg, {"status": "ok"})
+        signal_self(signal.SIGINT)
+
+    def do_kernel_info(self, msg: dict[str, Any]) -> None:
+        """``kernel_info_request``."""
+        self.reply(msg, kernel_info_content())

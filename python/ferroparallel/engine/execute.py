@@ -1,0 +1,213 @@
+"""Running requests: ``apply_request`` calls and plain-Python ``execute_request`` cells."""
+
+from __future__ import annotations
+
+import ast
+import linecache
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..serialize import serialize_object, unpack_apply_message
+from .errors import ErrorInfo
+from .signals import EngineExit, InterruptGate
+
+#: ``publish(msg_type, content, topic)`` sends one IOPub message for the current request.
+IOPubPublisher = Callable[[str, dict[str, Any], str], None]
+
+
+@dataclass
+class ApplyOutcome:
+    """Result of one apply: reply buffers on success, else the error."""
+
+    buffers: list[Any] = field(default_factory=list)
+    error: ErrorInfo | None = None
+
+
+def run_apply(buffers: Sequence[Any], ns: dict[str, Any], gate: InterruptGate) -> ApplyOutcome:
+    """Unpack and call ``f(*args, **kwargs)`` in the user namespace.
+
+    Parameters
+    ----------
+    buffers : sequence of buffer-like
+        The request buffers (``pack_apply_message`` frames).
+    ns : dict
+        The user namespace.
+    gate : InterruptGate
+        Opened while the user function runs (SIGINT → ``KeyboardInterrupt``).
+
+    Returns
+    -------
+    ApplyOutcome
+        ``serialize_object(result)`` frames, or the error (failed unpack, any exception of
+        the call, unserializable result).
+
+    Raises
+    ------
+    EngineExit
+        The engine is stopping (SIGTERM).
+    """
+    try:
+        f, args, kwargs = unpack_apply_message(buffers, ns)
+    except EngineExit:
+        raise
+    except BaseException as exc:
+        return ApplyOutcome(error=ErrorInfo.from_exception(exc))
+    try:
+        with gate:
+            result = f(*args, **kwargs)
+    except EngineExit:
+        raise
+    except BaseException as exc:
+        return ApplyOutcome(error=ErrorInfo.from_exception(exc, skip=1))
+    finally:
+        del f, args, kwargs
+    try:
+        return ApplyOutcome(buffers=serialize_object(result))
+    except EngineExit:
+        raise
+    except BaseException as exc:
+        return ApplyOutcome(error=ErrorInfo.from_exception(exc))
+
+
+@dataclass
+class CellOutcome:
+    """Result of one ``execute_request`` cell."""
+
+    execution_count: int
+    error: ErrorInfo | None = None
+    user_expressions: dict[str, Any] = field(default_factory=dict)
+
+
+class PlainShell:
+    """Runs ``execute_request`` code with ``exec``; the last expression's value is displayed.
+
+    Parameters
+    ----------
+    ns : dict
+        The user namespace.
+    publish : callable
+        ``publish(msg_type, content, topic)`` for ``execute_result`` and ``error``.
+    gate : InterruptGate
+        Opened while user code runs.
+    """
+
+    #: Most cells kept in ``linecache`` for tracebacks.
+    MAX_CACHED_CELLS = 500
+
+    def __init__(self, ns: dict[str, Any], publish: IOPubPublisher, gate: InterruptGate) -> None:
+        self.ns = ns
+        self.publish = publish
+        self.gate = gate
+        self.execution_count = 1
+        self._cells: deque[str] = deque()
+
+    def _cache_source(self, code: str) -> str:
+        filename = f"<cell-{self.execution_count}-{len(self._cells)}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self._cells.append(filename)
+        while len(self._cells) > self.MAX_CACHED_CELLS:
+            linecache.cache.pop(self._cells.popleft(), None)
+        return filename
+
+    def run_cell(
+        self,
+        code: str,
+        silent: bool = False,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+    ) -> CellOutcome:
+        """Execute ``code`` in the namespace.
+
+        Parameters
+        ----------
+        code : str
+            Python source.
+        silent : bool
+            No ``execute_result``, execution count not incremented.
+        store_history : bool
+            Increment the execution count.
+        user_expressions : dict, optional
+            ``{name: expression}`` evaluated after the cell.
+
+        Returns
+        -------
+        CellOutcome
+            The count used, the error if any (also published as IOPub ``error``), and the
+            evaluated user expressions.
+        """
+        count = self.execution_count
+        error = self._run(code, silent, count)
+        if error is not None:
+            self.publish("error", _error_message(error), "error")
+        if store_history and not silent:
+            self.execution_count += 1
+        return CellOutcome(count, error, self.user_expressions(user_expressions or {}))
+
+    def _run(self, code: str, silent: bool, count: int) -> ErrorInfo | None:
+        filename = self._cache_source(code)
+        try:
+            tree = ast.parse(code, filename, "exec")
+            last = None
+            display = not silent and not code.rstrip().endswith(";")
+            if tree.body and isinstance(tree.body[-1], ast.Expr) and display:
+                last = ast.Expression(tree.body.pop().value)
+            body = compile(tree, filename, "exec")
+            tail = compile(last, filename, "eval") if last is not None else None
+        except EngineExit:
+            raise
+        except BaseException as exc:
+            return ErrorInfo.from_exception(exc, with_traceback=False)
+        try:
+            with self.gate:
+                exec(body, self.ns)
+                value = eval(tail, self.ns) if tail is not None else None
+        except EngineExit:
+            raise
+        except BaseException as exc:
+            return ErrorInfo.from_exception(exc, skip=1)
+        if value is not None:
+            self.ns["_"] = value
+            try:
+                text = repr(value)
+            except Exception as exc:
+                return ErrorInfo.from_exception(exc)
+            self.publish(
+                "execute_result",
+                {"data": {"text/plain": text}, "metadata": {}, "execution_count": count},
+                "execute_result",
+            )
+        return None
+
+    def user_expressions(self, expressions: dict[str, str]) -> dict[str, Any]:
+        """Evaluate ``{name: expression}`` in the namespace (jupyter reply format)."""
+        out: dict[str, Any] = {}
+        for name, expr in expressions.items():
+            try:
+                value = eval(expr, self.ns)
+                out[name] = {
+                    "status": "ok",
+                    "data": {"text/plain": repr(value)},
+                    "metadata": {},
+                }
+            except EngineExit:
+                raise
+            except Exception as exc:
+                info = ErrorInfo.from_exception(exc)
+                out[name] = {
+                    "status": "error",
+                    "ename": info.ename,
+                    "evalue": info.evalue,
+                    "traceback": info.traceback,
+                }
+        return out
+
+    def reset(self) -> None:
+        """Forget cached cell sources (the namespace is reset by its owner)."""
+        while self._cells:
+            linecache.cache.pop(self._cells.popleft(), None)
+
+
+def _error_message(error: ErrorInfo) -> dict[str, Any]:
+    return {"ename": error.ename, "evalue": error.evalue, "traceback": list(error.traceback)}

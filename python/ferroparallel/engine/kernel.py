@@ -1,0 +1,350 @@
+"""The engine: sockets, registration, the message loop and shell request dispatch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _core
+from ..error import IoClosedError
+from . import logs
+from .capture import StreamCapture
+from .connection import EngineUrls
+from .control import URGENT, AbortSet, ControlHandler
+from .inbox import (
+    BROADCAST,
+    CONTROL,
+    IOPUB,
+    REGISTRATION,
+    SHELL,
+    WAKE,
+    WAKE_TX,
+    BusyWatcher,
+    Inbox,
+)
+from .liveness import Liveness
+from .namespace import UserNamespace
+from .shell import ShellHandler
+from .signals import EngineExit, InterruptGate, install_handlers
+
+log = logging.getLogger(__name__)
+
+#: Exit statuses of :meth:`EngineKernel.run`.
+EXIT_OK = 0
+EXIT_FAILED = 1  # could not start or register
+EXIT_CONTROLLER_LOST = 3  # no heartbeat for max_missed_pings periods
+
+#: Heartbeat period assumed when the registration reply has none (ms).
+DEFAULT_HB_PERIOD_MS = 3000
+
+
+@dataclass
+class EngineConfig:
+    """Engine options (the command-line flags).
+
+    Attributes
+    ----------
+    requested_id : int or None
+        Engine id to ask the controller for.
+    timeout : float
+        Seconds to wait for the registration reply.
+    max_missed_pings : int
+        Heartbeat periods without a ping before the engine exits (0: never).
+    use_ipython : bool
+        Run ``execute_request`` with IPython when it is importable.
+    """
+
+    requested_id: int | None = None
+    timeout: float = 10.0
+    max_missed_pings: int = 10
+    use_ipython: bool = True
+
+
+class EngineKernel:
+    """One engine process.
+
+    Parameters
+    ----------
+    info : dict
+        Validated engine connection info (``key``, ``pack``, ``signature_scheme`` are used).
+    urls : EngineUrls
+        Where each channel is.
+    config : EngineConfig
+        Options.
+
+    Raises
+    ------
+    ferroparallel.error.WireConfigError
+        Unsupported packer or signature scheme.
+    """
+
+    def __init__(self, info: dict[str, Any], urls: EngineUrls, config: EngineConfig) -> None:
+        self.config = config
+        self.urls = urls
+        self.session = _core.Session(
+            str(info.get("key", "")).encode(),
+            packer=str(info.get("pack", "msgpack")),
+            signature_scheme=str(info.get("signature_scheme", "hmac-sha256")),
+        )
+        self.uuid: str = self.session.session
+        self.engine_id: int | None = None
+        self.hb_period = DEFAULT_HB_PERIOD_MS / 1000
+        self.io = _core.IoThread(self.session, name="ferroparallel-engine-io")
+        self.inbox = Inbox(self.io)
+        self.aborted = AbortSet()
+        self.control = ControlHandler(self)
+        self.shell = ShellHandler(self)
+        self.gate = InterruptGate()
+        self.namespace = UserNamespace()
+        self.capture = StreamCapture(self._publish_stream)
+        self.watcher = BusyWatcher(self.inbox, self.io, self._busy_tick)
+        self.liveness: Liveness | None = None
+        self.exit_code: int | None = None
+        self._metadata = {"engine": self.uuid}
+        self._topic_prefix = "engine.?."
+        self._control_lock = threading.Lock()
+        self._last_error_check = 0.0
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Create every socket (heartbeat first, so the controller sees pongs as soon as it
+        has registered us; shell/control/iopub too, so they are connected before the
+        controller routes anything here)."""
+        ident = self.uuid.encode()
+        urls = self.urls
+        io = self.io
+        io.add_socket("hb_pong", "DEALER", connect=[urls.hb_pong], identity=ident)
+        io.add_socket(
+            "hb_ping",
+            "SUB",
+            connect=[urls.hb_ping],
+            subscribe=[b""],
+            raw=True,
+            forward_to="hb_pong",
+        )
+        io.add_socket(REGISTRATION, "DEALER", connect=[urls.registration], identity=ident)
+        io.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident)
+        io.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident)
+        io.add_socket(IOPUB, "PUB", connect=[urls.iopub], identity=ident)
+        wake = f"inproc://ferroparallel-engine-wake-{self.uuid}"
+        io.add_socket(WAKE, "PAIR", bind=[wake], raw=True, linger_ms=0)
+        io.add_socket(WAKE_TX, "PAIR", connect=[wake], raw=True, linger_ms=0)
+
+    def register(self) -> bool:
+        """Send ``registration_request`` and wait for the reply.
+
+        Returns
+        -------
+        bool
+            True when registered (``engine_id`` and ``hb_period`` set).
+        """
+        content: dict[str, Any] = {"uuid": self.uuid}
+        if self.config.requested_id is not None:
+            content["id"] = self.config.requested_id
+        self.io.send(REGISTRATION, "registration_request", content, metadata=self._metadata)
+        log.info("registering %s at %s", self.uuid, self.urls.registration)
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            while self.inbox.other:
+                name, msg = self.inbox.other.popleft()
+                if name == REGISTRATION and msg["header"].get("msg_type") == "registration_reply":
+                    return self._registered(msg["content"])
+                log.debug("ignoring %s message before registration", name)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error(
+                    "no registration reply from %s within %.1f s",
+                    self.urls.registration,
+                    self.config.timeout,
+                )
+                return False
+            self.inbox.pull(min(left, 0.1))
+
+    def _registered(self, content: dict[str, Any]) -> bool:
+        if content.get("status") != "ok" or not isinstance(content.get("id"), int):
+            log.error(
+                "registration refused: %s: %s",
+                content.get("ename", "error"),
+                content.get("evalue", content),
+            )
+            return False
+        self.engine_id = int(content["id"])
+        period_ms = content.get("hb_period") or DEFAULT_HB_PERIOD_MS
+        self.hb_period = max(float(period_ms), 1.0) / 1000
+        self._topic_prefix = f"engine.{self.engine_id}."
+        logs.set_engine_id(self.engine_id)
+        log.info("registered as engine %d (heartbeat every %g ms)", self.engine_id, period_ms)
+        leaves = self.urls.broadcast
+        if leaves:
+            leaf = leaves[self.engine_id % len(leaves)]
+            self.io.add_socket(BROADCAST, "ROUTER", connect=[leaf], identity=self.uuid.encode())
+            log.debug("broadcast leaf %s", leaf)
+        return True
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Connect, register and serve until shutdown.
+
+        Returns
+        -------
+        int
+            :data:`EXIT_OK` after ``shutdown_request`` or SIGTERM, :data:`EXIT_FAILED` when
+            registration failed, :data:`EXIT_CONTROLLER_LOST` when heartbeats stopped.
+        """
+        restore = install_handlers(self.gate)
+        code = EXIT_FAILED
+        try:
+            self.connect()
+            if not self.register():
+                return EXIT_FAILED
+            self.liveness = Liveness(self.io, self.hb_period, self.config.max_missed_pings)
+            self.liveness.sample()
+            self.watcher.start()
+            code = self.serve()
+        except EngineExit:
+            log.info("SIGTERM received: stopping")
+            code = EXIT_OK
+        except Exception:
+            log.exception("engine failed")
+            code = EXIT_FAILED
+        finally:
+            self._finish()
+            if restore is not None:
+                restore()
+        return code
+
+    def serve(self) -> int:
+        """The message loop: control first, then one shell request at a time."""
+        poll = min(max(self.hb_period / 2, 0.01), 0.5)
+        next_check = 0.0
+        inbox = self.inbox
+        while self.exit_code is None:
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + poll
+                self._maintain(now)
+                if self.exit_code is not None:
+                    break
+            if inbox.control:
+                self._run_control(urgent_only=False)
+            elif inbox.shell:
+                self.shell.handle(inbox.shell.popleft())
+                if inbox.shell:
+                    inbox.pull(0)  # control requests that came meanwhile jump the queue
+            else:
+                inbox.pull(poll)
+        return self.exit_code
+
+    def request_exit(self, code: int) -> None:
+        """Leave the message loop with ``code`` after the current message."""
+        if self.exit_code is None:
+            self.exit_code = code
+
+    def _maintain(self, now: float) -> None:
+        if self.liveness is not None and not self.liveness.alive():
+            log.error(
+                "no heartbeat from the controller for %.1f s (%d periods of %g ms): exiting",
+                self.liveness.limit,
+                self.liveness.max_missed,
+                self.hb_period * 1000,
+            )
+            self.request_exit(EXIT_CONTROLLER_LOST)
+            return
+        while self.inbox.other:
+            name, _ = self.inbox.other.popleft()
+            log.debug("ignoring a message on %s", name)
+        if now - self._last_error_check >= 1.0:
+            self._last_error_check = now
+            for socket, kind, text in self.io.take_errors():
+                log.warning("dropped a message on %s: %s: %s", socket, kind, text)
+
+    def _finish(self) -> None:
+        if self.watcher.is_alive():
+            self.watcher.stop()
+        if self.engine_id is not None and not self.io.closed:
+            try:
+                self.io.send(
+                    REGISTRATION,
+                    "unregistration_request",
+                    {"id": self.engine_id},
+                    metadata=self._metadata,
+                )
+            except Exception:
+                log.debug("could not send unregistration_request", exc_info=True)
+        self.io.close()
+        if self.watcher.is_alive():
+            self.watcher.join(timeout=1.0)
+
+    def _busy_tick(self) -> None:
+        """Watcher thread, while a long request runs: live output, liveness, urgent control."""
+        self.capture.flush_due()
+        if self.liveness is not None:
+            self.liveness.sample()
+        if self.inbox.control:
+            self._run_control(urgent_only=True)
+
+    def _run_control(self, urgent_only: bool) -> None:
+        queue = self.inbox.control
+        with self._control_lock:
+            if not urgent_only:
+                if queue:
+                    self.control.handle(queue.popleft())
+                return
+            keep = []
+            for _ in range(len(queue)):
+                msg = queue.popleft()
+                if msg["header"].get("msg_type") in URGENT:
+                    self.control.handle(msg)
+                else:
+                    keep.append(msg)
+            queue.extendleft(reversed(keep))
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def engine_info(self, method: str) -> dict[str, Any]:
+        """``engine_info`` of error contents."""
+        return {"engine_uuid": self.uuid, "engine_id": self.engine_id, "method": method}
+
+    def publish(
+        self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None, topic: str
+    ) -> None:
+        """Send one IOPub message with topic ``engine.<id>.<topic>``."""
+        self.io.send(
+            IOPUB,
+            msg_type,
+            content,
+            parent,
+            self._metadata,
+            ident=[(self._topic_prefix + topic).encode()],
+        )
+
+    def _publish_stream(self, name: str, text: str, parent: dict[str, Any]) -> None:
+        try:
+            self.publish("stream", {"name": name, "text": text}, parent, name)
+        except IoClosedError:
+            pass
+
+    def send_control(self, request: dict[str, Any], msg_type: str, content: dict[str, Any]) -> None:
+        """Reply on the control channel to the sender of ``request``."""
+        metadata = dict(self._metadata)
+        metadata["status"] = content.get("status", "ok")
+        self.io.send(
+            CONTROL, msg_type, content, request["header"], metadata, ident=request["idents"]
+        )
+
+    def queued_shell_ids(self, msg_type: str | None = None) -> list[str]:
+        """msg_ids of the queued shell requests (of ``msg_type`` if given)."""
+        return [
+            m["header"].get("msg_id", "")
+            for m in list(self.inbox.shell)
+            if msg_type is None or m["header"].get("msg_type") == msg_type
+        ]
+
+    def reset_namespace(self) -> None:
+        """``clear_request``: drop every user name (builtins stay)."""
+        self.shell.reset_namespace()

@@ -1,0 +1,209 @@
+"""The shell channel: ``apply_request``, ``execute_request`` and their replies."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import _core
+from .control import kernel_info_content
+from .errors import ErrorInfo
+from .execute import PlainShell, run_apply
+from .inbox import SHELL, SOCKET_KEY
+from .signals import EngineExit
+
+if TYPE_CHECKING:
+    from .kernel import EngineKernel
+
+log = logging.getLogger(__name__)
+
+#: Request metadata copied into reply metadata.
+COPIED_METADATA = ("label", "is_broadcast", "is_coalescing", "original_msg_id")
+
+
+class ShellHandler:
+    """Answers shell requests for one engine, one at a time, in the main thread.
+
+    Parameters
+    ----------
+    kernel : EngineKernel
+        The engine (its I/O thread, namespace, output capture and watcher).
+    """
+
+    def __init__(self, kernel: EngineKernel) -> None:
+        self.kernel = kernel
+        self.parent: dict[str, Any] | None = None  # header of the request being run
+        self._shell: PlainShell | Any = None
+
+    # -- replies ----------------------------------------------------------------------------
+
+    def publish_current(self, msg_type: str, content: dict[str, Any], topic: str) -> None:
+        """Publish an IOPub message whose parent is the running request."""
+        self.kernel.publish(msg_type, content, self.parent, topic)
+
+    def reply(
+        self,
+        request: dict[str, Any],
+        msg_type: str,
+        content: dict[str, Any],
+        started: str,
+        buffers: list[Any] | None = None,
+    ) -> None:
+        """Send a reply to the sender of ``request`` with the reply metadata."""
+        k = self.kernel
+        req_md = request.get("metadata") or {}
+        metadata = {key: req_md[key] for key in COPIED_METADATA if key in req_md}
+        status = content.get("status", "ok")
+        metadata.update(
+            started=started,
+            dependencies_met=content.get("ename") != "UnmetDependency",
+            engine=k.uuid,
+            status=status,
+        )
+        if status == "error":
+            metadata["engine_info"] = content.get("engine_info", k.engine_info(""))
+        k.io.send(
+            request.get(SOCKET_KEY, SHELL),
+            msg_type,
+            content,
+            request["header"],
+            metadata,
+            ident=request["idents"],
+            buffers=buffers,
+        )
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        """Answer one shell message (busy/idle status around it)."""
+        k = self.kernel
+        header = msg["header"]
+        msg_type = header.get("msg_type", "")
+        if not msg_type.endswith("_request"):
+            log.debug("ignoring shell message of type %r", msg_type)
+            return
+        prefix = msg_type.removesuffix("_request")
+        started = _core.iso_now()
+        k.publish("status", {"execution_state": "busy"}, header, "status")
+        try:
+            if k.aborted.pop(header.get("msg_id", "")):
+                self.reply(msg, prefix + "_reply", {"status": "aborted"}, started)
+            elif msg_type == "apply_request":
+                self._apply(msg, started)
+            elif msg_type == "execute_request":
+                self._execute(msg, started)
+            elif msg_type == "kernel_info_request":
+                self.reply(msg, "kernel_info_reply", kernel_info_content(), started)
+            else:
+                text = f"{msg_type} is not supported by ferroparallel engines"
+                error = ErrorInfo("NotImplementedError", text, [f"NotImplementedError: {text}"])
+                self.reply(msg, prefix + "_reply", error.content(k.engine_info(prefix)), started)
+        except EngineExit:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # a SIGINT just outside user code too
+            log.exception("%s %s failed", msg_type, header.get("msg_id"))
+            content = ErrorInfo.from_exception(exc).content(k.engine_info(prefix))
+            self.reply(msg, prefix + "_reply", content, started)
+        finally:
+            k.publish("status", {"execution_state": "idle"}, header, "status")
+
+    def _begin(self, header: dict[str, Any]) -> None:
+        self.parent = header
+        self.kernel.capture.start(header)
+        self.kernel.watcher.begin()
+
+    def _end(self) -> None:
+        self.kernel.watcher.end()
+        self.kernel.capture.stop()
+
+    # -- apply ------------------------------------------------------------------------------
+
+    def _apply(self, msg: dict[str, Any], started: str) -> None:
+        k = self.kernel
+        self._begin(msg["header"])
+        try:
+            outcome = run_apply(msg["buffers"], k.namespace.ns, k.gate)
+        finally:
+            self._end()
+        if outcome.error is None:
+            self.reply(msg, "apply_reply", {"status": "ok"}, started, outcome.buffers)
+            return
+        error = outcome.error
+        k.publish(
+            "error",
+            {"ename": error.ename, "evalue": error.evalue, "traceback": error.traceback},
+            msg["header"],
+            "error",
+        )
+        self.reply(msg, "apply_reply", error.content(k.engine_info("apply")), started)
+
+    # -- execute ----------------------------------------------------------------------------
+
+    def get_shell(self) -> Any:
+        """The cell runner: IPython's shell when available (created on first use), else
+        :class:`~.execute.PlainShell`."""
+        if self._shell is None:
+            k = self.kernel
+            if k.config.use_ipython:
+                try:
+                    from .ipyshell import IPythonShell
+
+                    self._shell = IPythonShell(k.namespace.module, self.publish_current, k.gate)
+                except ImportError:
+                    log.debug("IPython is not installed: executing code as plain Python")
+                except Exception:
+                    log.warning("IPython shell unavailable, using plain Python", exc_info=True)
+            if self._shell is None:
+                self._shell = PlainShell(k.namespace.ns, self.publish_current, k.gate)
+        return self._shell
+
+    def _execute(self, msg: dict[str, Any], started: str) -> None:
+        k = self.kernel
+        content = msg["content"]
+        code = content.get("code", "")
+        if not isinstance(code, str):
+            raise TypeError(f"execute_request code must be a string, not {type(code).__name__}")
+        silent = bool(content.get("silent", False))
+        store_history = bool(content.get("store_history", not silent))
+        expressions = content.get("user_expressions") or {}
+        shell = self.get_shell()
+        self.parent = msg["header"]
+        if not silent:
+            self.publish_current(
+                "execute_input",
+                {"code": code, "execution_count": shell.execution_count},
+                "execute_input",
+            )
+        self._begin(msg["header"])
+        try:
+            outcome = shell.run_cell(code, silent, store_history, expressions)
+        finally:
+            self._end()
+        reply: dict[str, Any]
+        if outcome.error is None:
+            reply = {"status": "ok"}
+        else:
+            reply = outcome.error.content(k.engine_info("execute"))
+        reply.update(
+            execution_count=outcome.execution_count,
+            user_expressions=outcome.user_expressions,
+            payload=[],
+        )
+        self.reply(msg, "execute_reply", reply, started)
+        if outcome.error is not None and not silent and content.get("stop_on_error", True):
+            # ipykernel behaviour: the cells queued behind a failed one are not run
+            k.inbox.pull(0)
+            queued = k.queued_shell_ids("execute_request")
+            if queued:
+                log.info("aborting %d queued execute_request(s) after an error", len(queued))
+                k.aborted.add(queued)
+
+    def reset_namespace(self) -> None:
+        """``clear_request``: drop every user name (builtins stay)."""
+        k = self.kernel
+        shell = self._shell
+        if shell is None or isinstance(shell, PlainShell):
+            k.namespace.reset()
+        if shell is not None:
+            shell.reset()  # IPython's reset clears the namespace itself
+        k.namespace.fill_defaults()

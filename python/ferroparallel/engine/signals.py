@@ -1,0 +1,117 @@
+"""SIGINT and SIGTERM on the engine.
+
+SIGINT raises ``KeyboardInterrupt`` only while user code runs (inside an
+:class:`InterruptGate`); while the engine is idle or doing its own work it is logged and
+ignored. SIGTERM raises :class:`EngineExit`, which unwinds to the engine's main loop and ends
+the engine cleanly (it unregisters first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EngineExit(BaseException):  # noqa: N818 - a control-flow signal, not an error
+    """Raised in the main thread to stop the engine (SIGTERM)."""
+
+
+class InterruptGate:
+    """Context manager marking the stretch where SIGINT interrupts user code."""
+
+    def __init__(self) -> None:
+        self.open = False
+
+    def __enter__(self) -> InterruptGate:
+        self.open = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.open = False
+
+
+def install_handlers(gate: InterruptGate) -> Callable[[], None] | None:
+    """Install the engine's SIGINT and SIGTERM handlers.
+
+    Parameters
+    ----------
+    gate : InterruptGate
+        SIGINT raises ``KeyboardInterrupt`` while ``gate.open``.
+
+    Returns
+    -------
+    callable or None
+        A function restoring the previous handlers; None when not called from the main
+        thread (nothing installed).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    if hasattr(signal, "SIGTERM"):
+        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+
+    def on_sigint(signum: int, frame: FrameType | None) -> Any:
+        if gate.open:
+            raise KeyboardInterrupt
+        log.info("SIGINT received while idle: ignored")
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> Any:
+        raise EngineExit("SIGTERM")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    return restore
+
+
+def parse_signal(sig: Any) -> int:
+    """Turn a signal number or name (``"SIGINT"``, ``"INT"``, ``2``) into its number.
+
+    Raises
+    ------
+    ValueError
+        Unknown signal.
+    """
+    if isinstance(sig, bool):
+        raise ValueError(f"not a signal: {sig!r}")
+    if isinstance(sig, int):
+        return int(signal.Signals(sig))
+    if isinstance(sig, str):
+        name = sig.strip().upper()
+        if name.isdigit():
+            return int(signal.Signals(int(name)))
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            raise ValueError(f"unknown signal {sig!r}") from None
+    raise ValueError(f"not a signal: {sig!r}")
+
+
+def signal_self(signum: int) -> None:
+    """Deliver ``signum`` to this process, to the main thread when possible (so a blocking
+    call there, e.g. ``time.sleep``, is interrupted)."""
+    main = threading.main_thread().ident
+    if hasattr(signal, "pthread_kill") and main is not None:
+        signal.pthread_kill(main, signum)
+    else:
+        os.kill(os.getpid(), signum)
