@@ -5,7 +5,56 @@ Code written for IPython.parallel / ipyparallel runs after ``import ferroparalle
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import error
 from ._core import Frame, IoThread, Session, __version__
+from .dependency import Dependency, depend, dependent, require
+from .error import CompositeError, RemoteError
+from .serialize import Reference, interactive
 
-__all__ = ["Frame", "IoThread", "Session", "__version__", "error"]
+__all__ = [
+    "AsyncHubResult",
+    "AsyncMapResult",
+    "AsyncResult",
+    "Client",
+    "Cluster",
+    "CompositeError",
+    "Dependency",
+    "DirectView",
+    "Frame",
+    "IoThread",
+    "LoadBalancedView",
+    "Reference",
+    "RemoteError",
+    "Session",
+    "__version__",
+    "depend",
+    "dependent",
+    "error",
+    "interactive",
+    "require",
+]
+
+_LAZY = {
+    "Client": "ferroparallel.client.client",
+    "DirectView": "ferroparallel.client.view",
+    "LoadBalancedView": "ferroparallel.client.view",
+    "AsyncResult": "ferroparallel.client.asyncresult",
+    "AsyncMapResult": "ferroparallel.client.asyncresult",
+    "AsyncHubResult": "ferroparallel.client.asyncresult",
+    "Cluster": "ferroparallel.cluster.cluster",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavier parts (client, cluster) on first use, so engines and the controller
+    start fast."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ferroparallel' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

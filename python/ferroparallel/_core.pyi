@@ -112,7 +112,7 @@ class IoThread:
         identity: bytes | None = None,
         subscribe: Iterable[bytes] | None = None,
         raw: bool = False,
-        linger_ms: int = 0,
+        linger_ms: int = 1000,
         forward_to: str | None = None,
     ) -> list[str]:
         """Create a socket on the I/O thread; returns the bound endpoints (resolved ports).

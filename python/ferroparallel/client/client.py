@@ -1,0 +1,852 @@
+"""The Client: a connection to a ferroparallel (or ipyparallel-protocol) controller.
+
+All sockets live on the native I/O thread of ``ferroparallel._core``. A dispatcher thread takes
+received messages from it in batches and resolves results, metadata and futures.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
+
+from .. import _core, error
+from ..serialize import pack_apply_message
+from . import connection, dispatch
+from .futures import MessageFuture
+from .metadata import Metadata
+
+log = logging.getLogger("ferroparallel.client")
+
+_SOCKETS = (
+    ("query", "DEALER", "registration"),
+    ("mux", "DEALER", "mux"),
+    ("task", "DEALER", "task"),
+    ("control", "DEALER", "control"),
+    ("notification", "SUB", "notification"),
+    ("iopub", "SUB", "iopub"),
+)
+_PACKERS = {"msgpack", "json", "orjson", "msgpack.packb", "msgpack.unpackb", "json.dumps"}
+#: Seconds without any traffic, while requests are outstanding, before probing the controller.
+PROBE_IDLE = 5.0
+
+
+#: Routing identity of a request the controller fans out to the engines in metadata.fanout.
+FANOUT_IDENT = b"fp:fanout"
+
+
+def _execute_content(code: str, silent: bool) -> dict[str, Any]:
+    return {
+        "code": code,
+        "silent": silent,
+        "store_history": not silent,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": True,
+    }
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    if isinstance(x, (str, bytes, int)):
+        return [x]
+    return list(x)
+
+
+class Client(HasTraits):
+    """A connection to a controller.
+
+    Parameters
+    ----------
+    url_or_file : str, os.PathLike or dict, optional
+        Path of the controller's ``ipcontroller-client.json``, or its contents as a dict.
+        By default the file of ``profile`` / ``cluster_id`` is used, waiting up to ``timeout``
+        seconds for it to appear.
+    profile : str, optional
+        Profile name (``~/.ferroparallel/profile_<name>``).
+    context : zmq.Context, optional
+        Accepted for compatibility; the client's sockets live on the native I/O thread.
+    debug : bool
+        Log every message at debug level.
+    timeout : float
+        Seconds to wait for the connection file and for the controller's reply.
+    config, username, packer, unpacker
+        Classic IPython.parallel arguments: ``username`` goes into message headers;
+        ``packer``/``unpacker`` override the connection file's (``"msgpack"`` or ``"json"``).
+    sshserver, sshkey, password, paramiko
+        SSH tunnelling (not implemented yet: using it raises NotImplementedError).
+    exec_key : str, optional
+        HMAC key, overriding the connection file's ``key``.
+    connection_info, url_file, profile_dir, cluster_id, cluster
+        Other ways to name the controller (ipyparallel 9 keywords).
+    """
+
+    block = Bool(False, help="Wait for results by default").tag(config=True)
+    debug = Bool(False).tag(config=True)
+    timeout = Float(10.0)
+    profile = Unicode("default")
+    outstanding = Set(help="msg_ids of requests without a reply")
+    results = Dict(help="results by msg_id, until their AsyncResult owns them")
+    metadata = Instance(collections.defaultdict)
+    history = List(help="msg_ids of every request sent, in order")
+    _ids = List()
+
+    def __init__(
+        self,
+        url_or_file: str | os.PathLike[str] | dict[str, Any] | None = None,
+        profile: str | None = None,
+        context: Any = None,
+        debug: bool = False,
+        timeout: float = 10,
+        config: Any = None,
+        username: str | None = None,
+        packer: str | None = None,
+        unpacker: str | None = None,
+        sshserver: str | None = None,
+        sshkey: str | None = None,
+        password: str | None = None,
+        paramiko: bool | None = None,
+        exec_key: str | bytes | None = None,
+        *,
+        connection_info: dict[str, Any] | None = None,
+        url_file: str | os.PathLike[str] | None = None,
+        profile_dir: str | os.PathLike[str] | None = None,
+        cluster_id: str | None = None,
+        cluster: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            debug=debug, timeout=float(timeout), metadata=collections.defaultdict(Metadata)
+        )
+        if kwargs.pop("ipython_dir", None) is not None:
+            pass  # accepted for compatibility; profiles live under FERROPARALLEL_DIR
+        if kwargs:
+            raise TypeError(f"Client() got unexpected keyword argument(s): {', '.join(kwargs)}")
+        if cluster is not None:
+            profile_dir = profile_dir or getattr(cluster, "profile_dir", None)
+            cluster_id = (
+                cluster_id if cluster_id is not None else getattr(cluster, "cluster_id", None)
+            )
+        self.profile = profile or "default"
+        self._closed = True
+        info, source = connection.resolve_connection_info(
+            url_or_file,
+            connection_info=connection_info,
+            url_file=url_file,
+            profile=profile,
+            profile_dir=profile_dir,
+            cluster_id=cluster_id,
+            timeout=timeout,
+        )
+        if exec_key is not None:
+            info["key"] = exec_key.decode() if isinstance(exec_key, bytes) else exec_key
+        ssh = sshserver or (info.get("ssh") if not connection.is_local(info) else None)
+        if ssh or sshkey or password or paramiko:
+            raise NotImplementedError(
+                f"SSH tunnels are not available yet (sshserver={ssh!r}); run the client on the "
+                "controller's host or forward the controller's ports yourself"
+            )
+        pack = packer or info.get("pack", "msgpack")
+        unpack = unpacker or info.get("unpack", pack)
+        for name in (pack, unpack):
+            if name not in _PACKERS:
+                raise ValueError(f"unsupported packer {name!r}: use 'msgpack' or 'json'")
+        self._connection_info = info
+        self._connection_source = source
+        self._controller_url = connection.url(info, "registration")
+        self._task_scheme = info.get("task_scheme", "leastload")
+        self.session = _core.Session(
+            info["key"].encode(),
+            packer=pack,
+            signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+            username=username,
+        )
+        self._session_id = self.session.session
+        self._io = _core.IoThread(self.session, name="ferroparallel-client")
+        for name, kind, channel in _SOCKETS:
+            self._io.add_socket(name, kind, connect=connection.url(info, channel), linger_ms=1000)
+        self._closed = False
+        self._lock = threading.RLock()
+        self._engines: dict[int, str] = {}
+        self._uuids: dict[str, int] = {}
+        self._futures: dict[str, MessageFuture] = {}
+        self._owned: set[str] = set()
+        self._outstanding_by_engine: dict[str, set[str]] = collections.defaultdict(set)
+        self._query_futures: dict[str, Future] = {}
+        self._engines_changed = threading.Condition()
+        self._registration_callbacks: list[Callable[[int], Any]] = []
+        self._hub_shutdown = False
+        self._last_traffic = time.monotonic()
+        self._probe: tuple[str, float] | None = None
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="ferroparallel-dispatcher", daemon=True
+        )
+        self._dispatcher.start()
+        try:
+            reply = self._query(
+                "connection_request", {}, timeout=timeout, what="connection request"
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._update_engines(reply.get("engines", {}))
+
+    # ----- connection state -----------------------------------------------------------------
+
+    def _update_engines(self, engines: dict[str, str]) -> None:
+        with self._engines_changed:
+            for k, uuid in engines.items():
+                eid = int(k)
+                self._engines[eid] = uuid
+                self._uuids[uuid] = eid
+            self._ids = sorted(self._engines)
+            self._engines_changed.notify_all()
+
+    @property
+    def ids(self) -> list[int]:
+        """Ids of the registered engines (kept current by notifications)."""
+        return list(self._ids)
+
+    def _engine_id_of(self, uuid: str) -> int | None:
+        return self._uuids.get(uuid)
+
+    def _uuid_of(self, engine_id: int) -> str:
+        try:
+            return self._engines[engine_id]
+        except KeyError:
+            raise IndexError(f"No such engine: {engine_id!r} (registered: {self.ids})") from None
+
+    def _build_targets(self, targets: Any) -> tuple[list[str], list[int]]:
+        """Uuids and ids for ``targets`` (None/'all', an int, a slice, or a list)."""
+        ids = self.ids
+        if targets is None or targets == "all":
+            chosen = ids
+        elif isinstance(targets, int):
+            chosen = [ids[targets] if targets < 0 else targets]
+        elif isinstance(targets, slice):
+            chosen = ids[targets]
+        elif isinstance(targets, range):
+            chosen = list(targets)
+        else:
+            chosen = list(targets)
+        if not chosen:
+            raise error.NoEnginesRegistered(
+                "No engines registered (or none selected); start engines or wait for them "
+                "with client.wait_for_engines(n)"
+            )
+        uuids = []
+        for t in chosen:
+            if not isinstance(t, int):
+                raise TypeError(f"targets must be ints, not {type(t).__name__} ({t!r})")
+            uuids.append(self._uuid_of(t))
+        return uuids, list(chosen)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self):
+        for eid in self.ids:
+            yield self.direct_view(eid)
+
+    def __getitem__(self, key: Any):
+        """``rc[i]``, ``rc[i:j]``, ``rc[[...]]``: a DirectView on those engines."""
+        if isinstance(key, str):
+            raise TypeError("index engines with ints, slices or lists of ints")
+        if isinstance(key, int):
+            self._build_targets(key)
+        return self.direct_view(key)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # ----- dispatcher -----------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        io = self._io
+        while not self._closed:
+            try:
+                batch = io.recv(timeout=0.1)
+            except error.IoClosedError:
+                break
+            except Exception:  # noqa: BLE001
+                log.exception("dispatcher: receive failed")
+                continue
+            if batch:
+                self._last_traffic = time.monotonic()
+            for sock, msg in batch:
+                try:
+                    self._dispatch(sock, msg)
+                except Exception:  # noqa: BLE001 - one bad message must not stop the client
+                    log.exception("dispatcher: cannot handle a %s message", sock)
+            for sock, kind, text in io.take_errors():
+                log.warning("dropped a message on %s: %s: %s", sock, kind, text)
+            self._check_controller()
+
+    def _dispatch(self, sock: str, msg: dict[str, Any]) -> None:
+        if self.debug:
+            log.debug("%s <- %s %s", sock, msg.get("msg_type"), msg.get("content"))
+        if sock in ("mux", "task", "control"):
+            with self._lock:
+                dispatch.handle_reply(self, msg)
+        elif sock == "iopub":
+            with self._lock:
+                dispatch.handle_iopub(self, msg)
+        elif sock == "query":
+            parent_id = (msg.get("parent_header") or {}).get("msg_id")
+            fut = self._query_futures.pop(parent_id, None)
+            if self._probe and parent_id == self._probe[0]:
+                self._probe = None
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif sock == "notification":
+            self._handle_notification(msg)
+
+    def _handle_notification(self, msg: dict[str, Any]) -> None:
+        msg_type = msg.get("msg_type")
+        content = msg.get("content") or {}
+        if msg_type == "registration_notification":
+            self._update_engines({str(content["id"]): content["uuid"]})
+            for cb in list(self._registration_callbacks):
+                try:
+                    cb(content["id"])
+                except Exception:  # noqa: BLE001
+                    log.exception("registration callback failed")
+        elif msg_type == "unregistration_notification":
+            with self._engines_changed:
+                eid = content.get("id")
+                uuid = self._engines.pop(eid, None)
+                self._uuids.pop(uuid, None)
+                self._ids = sorted(self._engines)
+                self._engines_changed.notify_all()
+        elif msg_type == "shutdown_notification":
+            self._hub_shutdown = True
+            self._fail_outstanding(
+                error.EngineError("the controller shut down before this task finished")
+            )
+
+    def _fail_outstanding(self, exc: BaseException) -> None:
+        with self._lock:
+            pending = [f for f in self._futures.values() if not f.done()]
+            for fut in pending:
+                self.outstanding.discard(fut.msg_id)
+                self.results[fut.msg_id] = exc
+                fut.set_exception(exc)
+                if not fut.output.done():
+                    fut.output.set_result(None)
+            for fut in list(self._query_futures.values()):
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    def _check_controller(self) -> None:
+        """Probe a silent controller while requests are outstanding; fail them if it is gone."""
+        if not self.outstanding or self._hub_shutdown or self._closed:
+            return
+        now = time.monotonic()
+        if self._probe is None:
+            if now - self._last_traffic > PROBE_IDLE:
+                header = self.session.msg_header("connection_request")
+                self._probe = (header["msg_id"], now)
+                self._io.send("query", "connection_request", {}, header=header)
+        elif now - self._probe[1] > max(self.timeout, 1.0):
+            self._probe = None
+            self._fail_outstanding(
+                error.EngineError(
+                    f"lost contact with the controller at {self._controller_url}: no reply "
+                    f"for {self.timeout:g} s"
+                )
+            )
+
+    def _maybe_release(self, msg_id: str) -> None:
+        """Drop a finished message from the caches once an AsyncResult owns it."""
+        fut = self._futures.get(msg_id)
+        if fut is None or msg_id not in self._owned:
+            return
+        if fut.done() and fut.output.done():
+            self._futures.pop(msg_id, None)
+            self.results.pop(msg_id, None)
+            self.metadata.pop(msg_id, None)
+            self._owned.discard(msg_id)
+
+    def _own(self, msg_ids: Iterable[str]) -> None:
+        """An AsyncResult took references to these messages; the caches may drop them."""
+        with self._lock:
+            for m in msg_ids:
+                self._owned.add(m)
+                self._maybe_release(m)
+
+    # ----- sending --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise error.IoClosedError("this Client is closed; create a new one")
+        if self._hub_shutdown:
+            raise error.IoClosedError(
+                f"the controller at {self._controller_url} has shut down; start a cluster and "
+                "create a new Client"
+            )
+
+    def _query(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        timeout: float | None = None,
+        what: str | None = None,
+    ) -> dict[str, Any]:
+        """Send a hub query and wait for its reply content (errors are raised)."""
+        self._check_open()
+        header = self.session.msg_header(msg_type)
+        fut: Future = Future()
+        self._query_futures[header["msg_id"]] = fut
+        self._io.send("query", msg_type, content, header=header)
+        wait = self.timeout if timeout is None else timeout
+        try:
+            reply = fut.result(timeout=wait)
+        except TimeoutError:
+            self._query_futures.pop(header["msg_id"], None)
+            raise TimeoutError(
+                f"Hub {what or msg_type} timed out: no reply from the controller at "
+                f"{self._controller_url} (connection info from {self._connection_source}) "
+                f"within {wait:g} s"
+            ) from None
+        content = reply.get("content") or {}
+        if content.get("status") == "error":
+            raise error.unwrap_exception(content)
+        return content
+
+    def _register(
+        self,
+        header: dict[str, Any],
+        track: Any = None,
+        engine_uuid: str | None = None,
+        label: str | None = None,
+    ) -> MessageFuture:
+        msg_id = header["msg_id"]
+        fut = MessageFuture(msg_id, header, track)
+        md = self.metadata[msg_id]
+        md["msg_id"] = msg_id
+        md["submitted"] = header.get("date")
+        if label is not None:
+            md["label"] = label
+        if engine_uuid is not None:
+            md["engine_uuid"] = engine_uuid
+            md["engine_id"] = self._uuids.get(engine_uuid)
+            self._outstanding_by_engine[engine_uuid].add(msg_id)
+        self._futures[msg_id] = fut
+        self.outstanding.add(msg_id)
+        self.history.append(msg_id)
+        return fut
+
+    def _send(
+        self,
+        socket: str,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        metadata: dict[str, Any] | None = None,
+        ident: Any = None,
+        buffers: Sequence[Any] | None = None,
+        track: bool = False,
+        engine_uuid: str | None = None,
+    ) -> MessageFuture:
+        self._check_open()
+        header = self.session.msg_header(msg_type)
+        label = (metadata or {}).get("label")
+        with self._lock:
+            fut = self._register(header, None, engine_uuid, label)
+        self._io.send(
+            socket, msg_type, content, None, metadata, ident=ident, buffers=buffers, header=header
+        )
+        return fut
+
+    def _send_fanout(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        uuids: Sequence[str],
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[Any] | None = None,
+    ) -> list[MessageFuture]:
+        """One request for several engines: sent once, fanned out by the controller (each
+        engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``)."""
+        self._check_open()
+        header = self.session.msg_header(msg_type)
+        base = header["msg_id"]
+        pairs = [[u, f"{base}_{u}"] for u in uuids]
+        md = dict(metadata or {})
+        md["fanout"] = pairs
+        label = md.get("label")
+        with self._lock:
+            futs = [self._register({**header, "msg_id": mid}, None, u, label) for u, mid in pairs]
+        self._io.send(
+            "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers, header=header
+        )
+        return futs
+
+    def apply_to(
+        self,
+        uuids: Sequence[str],
+        f: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[MessageFuture]:
+        """Apply ``f`` on each engine in ``uuids`` (one message; fanned out by the controller
+        when there is more than one engine)."""
+        if len(uuids) == 1:
+            return [
+                self.send_apply_request("mux", f, args, kwargs, metadata=metadata, ident=uuids[0])
+            ]
+        if not callable(f):
+            raise TypeError(f"f must be callable, not {type(f).__name__}")
+        bufs = pack_apply_message(f, tuple(args or ()), dict(kwargs or {}))
+        return self._send_fanout("apply_request", {}, uuids, metadata, bufs)
+
+    def execute_on(
+        self,
+        uuids: Sequence[str],
+        code: str,
+        silent: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[MessageFuture]:
+        """Execute ``code`` on each engine in ``uuids`` (one message, fanned out)."""
+        if len(uuids) == 1:
+            return [self.send_execute_request("mux", code, silent, metadata, ident=uuids[0])]
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        return self._send_fanout("execute_request", _execute_content(code, silent), uuids, metadata)
+
+    def send_apply_request(
+        self,
+        socket: str,
+        f: Callable[..., Any],
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        track: bool = False,
+        ident: Any = None,
+    ) -> MessageFuture:
+        """Send an ``apply_request`` on ``socket`` (``"mux"`` with ``ident`` = an engine uuid,
+        or ``"task"``) and return its MessageFuture."""
+        if not callable(f):
+            raise TypeError(f"f must be callable, not {type(f).__name__}")
+        bufs = pack_apply_message(f, tuple(args or ()), dict(kwargs or {}))
+        uuid = ident.decode() if isinstance(ident, bytes) else ident
+        return self._send(
+            socket,
+            "apply_request",
+            {},
+            metadata=metadata or {},
+            ident=ident.encode() if isinstance(ident, str) else ident,
+            buffers=bufs,
+            track=track,
+            engine_uuid=uuid,
+        )
+
+    def send_execute_request(
+        self,
+        socket: str,
+        code: str,
+        silent: bool = True,
+        metadata: dict[str, Any] | None = None,
+        ident: Any = None,
+    ) -> MessageFuture:
+        """Send an ``execute_request`` with ``code``."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        content = _execute_content(code, silent)
+        uuid = ident.decode() if isinstance(ident, bytes) else ident
+        return self._send(
+            socket,
+            "execute_request",
+            content,
+            metadata=metadata or {},
+            ident=ident.encode() if isinstance(ident, str) else ident,
+            engine_uuid=uuid,
+        )
+
+    # ----- public API -----------------------------------------------------------------------
+
+    def spin(self) -> None:
+        """Process pending notifications and results now (the dispatcher thread does this
+        continuously; this waits until it has taken everything already received)."""
+        deadline = time.monotonic() + 1.0
+        while self._io.stats()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def wait(self, jobs: Any = None, timeout: float = -1) -> bool:
+        """Wait for ``jobs`` (msg_ids, AsyncResults, or all outstanding) to finish.
+
+        Returns True when all are done, False on timeout.
+        """
+        futures = self._futures_for(jobs)
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        for fut in futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                fut.exception(timeout=remaining)
+            except TimeoutError:
+                return False
+            except Exception:  # noqa: BLE001 - cancelled etc.
+                pass
+        return True
+
+    def _futures_for(self, jobs: Any) -> list[Future]:
+        if jobs is None:
+            return [self._futures[m] for m in list(self.outstanding) if m in self._futures]
+        out: list[Future] = []
+        for job in _as_list(jobs):
+            if (
+                isinstance(job, Future)
+                and not isinstance(job, MessageFuture)
+                and hasattr(job, "msg_ids")
+            ):
+                out.append(job)
+            elif isinstance(job, MessageFuture):
+                out.append(job)
+            elif isinstance(job, int):
+                out.append(self._futures[self.history[job]])
+            elif isinstance(job, str):
+                if job in self._futures:
+                    out.append(self._futures[job])
+            elif hasattr(job, "msg_ids"):
+                out.append(job)
+            else:
+                raise TypeError(f"cannot wait for {job!r}: pass msg_ids or AsyncResults")
+        return out
+
+    def wait_for_engines(
+        self,
+        n: int | None = None,
+        timeout: float = -1,
+        block: bool = True,
+        interactive: bool | None = None,
+        widget: bool | None = None,
+    ) -> Any:
+        """Wait until at least ``n`` engines are registered.
+
+        Raises ``TimeoutError`` naming the count when the timeout passes.
+        """
+        if n is None:
+            n = 1
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+
+        def _wait() -> None:
+            with self._engines_changed:
+                while len(self._ids) < n:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(
+                            f"{len(self._ids)} engine(s) registered after {timeout:g} s; "
+                            f"expected {n}"
+                        )
+                    self._engines_changed.wait(0.05 if remaining is None else min(0.05, remaining))
+
+        if block:
+            _wait()
+            return None
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                _wait()
+                fut.set_result(None)
+            except BaseException as e:  # noqa: BLE001
+                fut.set_exception(e)
+
+        threading.Thread(target=run, daemon=True).start()
+        return fut
+
+    def direct_view(self, targets: Any = "all", **kwargs: Any):
+        """A DirectView on ``targets`` (``'all'`` follows engines that arrive later)."""
+        from .view import DirectView
+
+        return DirectView(client=self, targets=targets, **kwargs)
+
+    def load_balanced_view(self, targets: Any = None, **kwargs: Any):
+        """A LoadBalancedView (optionally restricted to ``targets``)."""
+        from .view import LoadBalancedView
+
+        return LoadBalancedView(client=self, targets=targets, **kwargs)
+
+    def broadcast_view(self, targets: Any = "all", **kwargs: Any):
+        """A view that sends each request once and lets the controller fan it out."""
+        return self.direct_view(targets, **kwargs)
+
+    def executor(self, targets: Any = None, **kwargs: Any):
+        """A ``concurrent.futures.Executor`` running on load-balanced engines."""
+        return self.load_balanced_view(targets).executor
+
+    def _msg_ids_of(self, jobs: Any) -> list[str]:
+        if jobs is None:
+            return list(self.outstanding)
+        ids: list[str] = []
+        for job in _as_list(jobs):
+            if isinstance(job, str):
+                ids.append(job)
+            elif isinstance(job, int):
+                ids.append(self.history[job])
+            elif hasattr(job, "msg_ids"):
+                ids.extend(job.msg_ids)
+            else:
+                raise TypeError(f"not a msg_id or AsyncResult: {job!r}")
+        return ids
+
+    def _send_control(
+        self, msg_type: str, content: dict[str, Any], targets: Any, block: bool | None
+    ) -> Any:
+        from .asyncresult import AsyncResult
+
+        uuids, ids = self._build_targets(targets)
+        futs = [
+            self._send("control", msg_type, content, ident=u.encode(), engine_uuid=u) for u in uuids
+        ]
+        ar = AsyncResult(self, futs, fname=msg_type, targets=ids)
+        block = self.block if block is None else block
+        if block:
+            ar.get(timeout=self.timeout if self.timeout > 0 else None)
+            return None
+        return ar
+
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> Any:
+        """Abort queued tasks (``jobs``: msg_ids or AsyncResults; all outstanding by default)."""
+        msg_ids = self._msg_ids_of(jobs)
+        if targets is None:
+            engine_ids = (
+                sorted(
+                    {
+                        md.get("engine_id")
+                        for m in msg_ids
+                        if (md := self.metadata.get(m)) is not None
+                        and md.get("engine_id") is not None
+                    }
+                )
+                or self.ids
+            )
+        else:
+            engine_ids = targets
+        if not engine_ids:
+            return None
+        return self._send_control("abort_request", {"msg_ids": msg_ids}, engine_ids, block)
+
+    def clear(self, targets: Any = None, block: bool | None = None) -> Any:
+        """Clear the engines' namespaces."""
+        return self._send_control("clear_request", {}, targets, block)
+
+    def send_signal(self, sig: int | str, targets: Any = None, block: bool | None = None) -> Any:
+        """Send a signal (e.g. ``signal.SIGINT`` to interrupt running code) to engines."""
+        sig = int(sig) if not isinstance(sig, str) else sig
+        return self._send_control("signal_request", {"sig": sig}, targets, block)
+
+    def shutdown(
+        self,
+        targets: Any = "all",
+        restart: bool = False,
+        hub: bool = False,
+        block: bool | None = None,
+    ) -> None:
+        """Shut down engines (and the controller with ``hub=True``)."""
+        if restart:
+            raise NotImplementedError("restarting engines is done with Cluster.restart_engines()")
+        if self._ids:
+            ar = self._send_control("shutdown_request", {"restart": False}, targets, False)
+            if block is None or block or hub:
+                try:
+                    ar.get(timeout=self.timeout)
+                except Exception as e:  # noqa: BLE001 - engines may die before replying
+                    log.debug("engine shutdown: %s", e)
+        if hub:
+            try:
+                self._query("shutdown_request", {}, what="shutdown request")
+            finally:
+                self._hub_shutdown = True
+
+    def queue_status(self, targets: Any = "all", verbose: bool = False) -> dict[Any, Any]:
+        """Queue counts per engine (and ``unassigned`` tasks), from the controller."""
+        if targets == "all" or targets is None:
+            tlist = None
+        else:
+            tlist = self._build_targets(targets)[1]
+        content = self._query("queue_request", {"targets": tlist, "verbose": verbose})
+        content.pop("status", None)
+        out: dict[Any, Any] = {}
+        for k, v in content.items():
+            try:
+                out[int(k)] = v
+            except ValueError:
+                out[k] = v
+        if isinstance(targets, int) and targets in out:
+            return out[targets]
+        return out
+
+    def get_result(
+        self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = False
+    ):
+        """An AsyncResult for earlier requests of this client (by msg_id or history index)."""
+        from .asyncresult import AsyncResult
+
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        msg_ids = self._msg_ids_of(indices_or_msg_ids)
+        futs = []
+        for m in msg_ids:
+            if m not in self._futures:
+                raise KeyError(
+                    f"no local result for {m!r}; results fetched from the hub arrive with the "
+                    "task-records feature"
+                )
+            futs.append(self._futures[m])
+        ar = AsyncResult(self, futs, fname="get_result", owner=owner)
+        block = self.block if block is None else block
+        if block:
+            ar.wait()
+        return ar
+
+    def purge_local_results(self, jobs: Any = None, targets: Any = None) -> None:
+        """Forget finished results held by this client (all of them with ``'all'``)."""
+        if jobs == "all" or (jobs is None and targets is None):
+            ids = [m for m, f in self._futures.items() if f.done()]
+        else:
+            ids = self._msg_ids_of(jobs)
+        with self._lock:
+            for m in ids:
+                fut = self._futures.get(m)
+                if fut is not None and not fut.done():
+                    raise RuntimeError(f"cannot purge {m}: it is still pending")
+                self._futures.pop(m, None)
+                self.results.pop(m, None)
+                self.metadata.pop(m, None)
+
+    def close(self, linger: float | None = None) -> None:
+        """Stop the I/O and dispatcher threads and close every socket. Idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._io.close()
+        t = getattr(self, "_dispatcher", None)
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._ids)} engines"
+        return f"<Client {self._controller_url} ({state})>"

@@ -1,0 +1,93 @@
+"""Finding a controller: connection info from a file, a dict, a profile or a Cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import paths
+from ..error import ConnectionFileError
+
+LOCAL_IPS = {"127.0.0.1", "localhost", "0.0.0.0", "*", "::1", ""}
+
+
+def resolve_connection_info(
+    url_or_file: str | os.PathLike[str] | dict[str, Any] | None,
+    *,
+    connection_info: dict[str, Any] | None,
+    url_file: str | os.PathLike[str] | None,
+    profile: str | None,
+    profile_dir: str | os.PathLike[str] | None,
+    cluster_id: str | None,
+    timeout: float,
+) -> tuple[dict[str, Any], str]:
+    """Return the client connection info and a description of where it came from.
+
+    Waits up to ``timeout`` seconds for a connection file to appear.
+    """
+    if isinstance(url_or_file, dict):
+        connection_info, url_or_file = url_or_file, None
+    if connection_info is not None:
+        return paths.validate_connection_info(connection_info, "connection_info", "client"), (
+            "the connection_info dict"
+        )
+    path = url_or_file if url_or_file is not None else url_file
+    if path is not None:
+        text = os.fspath(path)
+        if "://" in text:
+            raise ValueError(
+                f"Client needs a connection file, not a URL ({text!r}): pass the path of the "
+                "controller's ipcontroller-client.json (in <profile_dir>/security/), or a dict"
+            )
+        candidate = Path(text).expanduser()
+        if not candidate.is_absolute() and not candidate.exists():
+            pdir = paths.profile_dir(profile, profile_dir, create=False)
+            candidate = paths.security_dir(pdir) / candidate
+    else:
+        pdir = paths.profile_dir(profile, profile_dir, create=False)
+        candidate = paths.connection_file(pdir, "client", cluster_id or "")
+    deadline = time.monotonic() + max(timeout, 0)
+    while not candidate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not candidate.exists():
+        raise ConnectionFileError(
+            f"connection file {candidate} does not exist (waited {timeout:g} s); start a "
+            "cluster first (e.g. `ferroparallel cluster start -n 4`) or pass the file's path"
+        )
+    return paths.load_connection_file(candidate, "client"), str(candidate)
+
+
+def _this_host_ips() -> set[str]:
+    ips = set(LOCAL_IPS)
+    try:
+        ips.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return ips
+
+
+def interface_address(info: dict[str, Any]) -> str:
+    """The ``transport://ip`` to connect to, resolving ``*``/``0.0.0.0`` with ``location``."""
+    interface = info["interface"]
+    transport, _, ip = interface.partition("://")
+    if ip in ("*", "0.0.0.0", ""):
+        location = info.get("location") or ""
+        if not location or location == socket.gethostname() or location in _this_host_ips():
+            ip = "127.0.0.1"
+        else:
+            ip = location
+    return f"{transport}://{ip}"
+
+
+def is_local(info: dict[str, Any]) -> bool:
+    """True when the controller runs on this host."""
+    _, _, ip = interface_address(info).partition("://")
+    return ip.startswith("127.") or ip in _this_host_ips()
+
+
+def url(info: dict[str, Any], channel: str) -> str:
+    """The URL of one channel."""
+    return f"{interface_address(info)}:{info[channel]}"

@@ -1,0 +1,185 @@
+"""Turning received replies and IOPub messages into results, metadata and resolved futures.
+
+Runs on the client's dispatcher thread, one batch of messages at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from .. import error
+from ..serialize import deserialize_object
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("ferroparallel.client")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ExecuteReply:
+    """The result of ``view.execute(...)`` on one engine.
+
+    Attributes
+    ----------
+    msg_id : str
+    execution_count : int or None
+    metadata : Metadata
+        The message's metadata (``execute_result``, ``stdout``, …).
+    """
+
+    def __init__(self, msg_id: str, content: dict[str, Any], metadata: Any) -> None:
+        self.msg_id = msg_id
+        self._content = content
+        self.metadata = metadata
+
+    @property
+    def execution_count(self) -> int | None:
+        return self._content.get("execution_count")
+
+    @property
+    def execute_result(self) -> dict[str, Any] | None:
+        return self.metadata.get("execute_result")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metadata[key]
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self.metadata[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        result = self.execute_result
+        text = ""
+        if result:
+            text = result.get("data", {}).get("text/plain", "")
+        count = self.execution_count
+        return f"<ExecuteReply[{count}]: {text}>" if text else f"<ExecuteReply[{count}]>"
+
+
+def _append_stream(old: str, text: str) -> str:
+    """Append stream text; a carriage return not followed by a newline rewrites the line."""
+    out = old + text
+    if "\r" not in text:
+        return out
+    lines = out.split("\n")
+    for i, line in enumerate(lines):
+        if "\r" in line:
+            lines[i] = line.rsplit("\r", 1)[-1] if not line.endswith("\r") else line
+    return "\n".join(lines)
+
+
+def handle_reply(client: Client, msg: dict[str, Any]) -> None:
+    """A reply on the mux, task or control channel."""
+    parent = msg.get("parent_header") or {}
+    msg_id = parent.get("msg_id")
+    fut = client._futures.get(msg_id)
+    if fut is None:
+        log.debug("reply for unknown message %s dropped", msg_id)
+        return
+    header = msg["header"]
+    content = msg.get("content") or {}
+    md_in = msg.get("metadata") or {}
+    md = client.metadata[msg_id]
+    status = content.get("status", md_in.get("status"))
+    engine_uuid = md_in.get("engine")
+    if not engine_uuid and msg.get("idents"):
+        ident = msg["idents"][0]
+        engine_uuid = ident.decode("utf-8", "replace") if isinstance(ident, bytes) else None
+    if engine_uuid and engine_uuid in client._uuids:
+        md["engine_uuid"] = engine_uuid
+        md["engine_id"] = client._uuids[engine_uuid]
+    md["msg_id"] = msg_id
+    md["submitted"] = parent.get("date", md.get("submitted"))
+    md["started"] = md_in.get("started", md.get("started"))
+    md["completed"] = header.get("date")
+    md["received"] = utcnow()
+    md["status"] = status
+    for key in ("follow", "after"):
+        md[key] = md_in.get(key, [])
+    if "label" in md_in:
+        md["label"] = md_in["label"]
+    result: Any = None
+    exc: BaseException | None = None
+    expect_output = True
+    if status == "ok":
+        if header.get("msg_type") == "apply_reply":
+            try:
+                result = deserialize_object(msg.get("buffers") or [])
+            except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
+                exc = error.RemoteError(type(e).__name__, f"cannot deserialize the result: {e}")
+        elif header.get("msg_type") == "execute_reply":
+            result = ExecuteReply(msg_id, content, md)
+        else:
+            result = content
+    elif status == "aborted":
+        exc = error.TaskAborted(f"task {msg_id} was aborted")
+        expect_output = False
+    else:
+        exc = error.unwrap_exception(content)
+        if not content.get("engine_info") or content.get("ename") == "EngineError":
+            expect_output = False
+    client.results[msg_id] = exc if exc is not None else result
+    client.outstanding.discard(msg_id)
+    if engine_uuid:
+        pending = client._outstanding_by_engine.get(engine_uuid)
+        if pending is not None:
+            pending.discard(msg_id)
+    if not fut.done():
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    if not expect_output and not fut.output.done():
+        fut.output.set_result(None)
+    client._maybe_release(msg_id)
+
+
+def handle_iopub(client: Client, msg: dict[str, Any]) -> None:
+    """An IOPub message: output of one of our requests."""
+    parent = msg.get("parent_header") or {}
+    if parent.get("session") != client._session_id:
+        return
+    msg_id = parent.get("msg_id")
+    if msg_id not in client._futures:
+        return
+    md = client.metadata[msg_id]
+    content = msg.get("content") or {}
+    msg_type = msg.get("msg_type")
+    engine_uuid = (msg.get("metadata") or {}).get("engine")
+    if engine_uuid and md.get("engine_uuid") is None:
+        md["engine_uuid"] = engine_uuid
+        md["engine_id"] = client._uuids.get(engine_uuid)
+    if msg_type == "stream":
+        name = content.get("name", "stdout")
+        if name in ("stdout", "stderr"):
+            md[name] = _append_stream(md.get(name) or "", content.get("text", ""))
+    elif msg_type == "execute_input":
+        md["execute_input"] = content.get("code")
+    elif msg_type == "execute_result":
+        md["execute_result"] = content
+    elif msg_type == "display_data":
+        md["outputs"].append(content)
+    elif msg_type == "error":
+        md["error"] = error.unwrap_exception(content)
+    elif msg_type == "data_message":
+        try:
+            data = deserialize_object(msg.get("buffers") or [])
+            if isinstance(data, dict):
+                md["data"].update(data)
+        except Exception:  # noqa: BLE001
+            log.warning("undecodable data_message for %s", msg_id)
+    elif msg_type == "status" and content.get("execution_state") == "idle":
+        fut = client._futures.get(msg_id)
+        if fut is not None and not fut.output.done():
+            fut.output.set_result(None)
+        client._maybe_release(msg_id)

@@ -1,0 +1,32 @@
+"""A joblib parallel backend that runs batches on a LoadBalancedView."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(view: Any, name: str = "ferroparallel", make_default: bool = False) -> None:
+    """Register ``view`` as the joblib backend ``name``."""
+    try:
+        from joblib.parallel import ParallelBackendBase, register_parallel_backend
+    except ImportError as e:
+        raise ImportError("register_joblib_backend needs joblib: pip install joblib") from e
+
+    class FerroBackend(ParallelBackendBase):
+        supports_timeout = True
+
+        def __init__(self, view: Any = view, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.view = view
+
+        def effective_n_jobs(self, n_jobs: int) -> int:
+            return max(len(self.view.client.ids), 1)
+
+        def apply_async(self, func: Any, callback: Any = None) -> Any:
+            ar = self.view.apply_async(func)
+            if callback is not None:
+                ar.add_done_callback(lambda f: callback(f.result()))
+            ar.get = ar.get  # joblib calls .get(timeout=...)
+            return ar
+
+    register_parallel_backend(name, FerroBackend, make_default=make_default)

@@ -1,0 +1,58 @@
+"""``@view.remote`` and ``@view.parallel`` function wrappers."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+
+class RemoteFunction:
+    """Calling it runs the wrapped function through a view's ``apply``."""
+
+    def __init__(
+        self, view: Any, f: Callable[..., Any], block: bool | None = None, **flags: Any
+    ) -> None:
+        self.view = view
+        self.func = f
+        self.block = block
+        self.flags = flags
+        functools.update_wrapper(self, f)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        block = self.view.block if self.block is None else self.block
+        with self.view.temp_flags(block=block, **self.flags):
+            return self.view.apply(self.func, *args, **kwargs)
+
+
+class ParallelFunction(RemoteFunction):
+    """Calling it maps the wrapped function over its sequence arguments; ``.map`` is the
+    element-wise form."""
+
+    def __init__(
+        self,
+        view: Any,
+        f: Callable[..., Any],
+        dist: str = "b",
+        block: bool | None = None,
+        chunksize: int | None = None,
+        **flags: Any,
+    ) -> None:
+        super().__init__(view, f, block=block, **flags)
+        if dist not in ("b", "r"):
+            raise ValueError(f"dist must be 'b' or 'r', not {dist!r}")
+        self.dist = dist
+        self.chunksize = chunksize
+
+    def __call__(self, *sequences: Any, **kwargs: Any) -> Any:
+        """Partition the sequences, call the function once per part (it receives a part and
+        returns a sequence), and join the returned parts."""
+        block = self.view.block if self.block is None else self.block
+        if kwargs:
+            raise TypeError("parallel functions take sequences as positional arguments only")
+        with self.view.temp_flags(**self.flags):
+            return self.view._parallel_call(self.func, sequences, self.dist, block, self.chunksize)
+
+    def map(self, *sequences: Any) -> Any:
+        block = self.view.block if self.block is None else self.block
+        return self.view.map(self.func, *sequences, block=block)

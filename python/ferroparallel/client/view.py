@@ -1,0 +1,567 @@
+"""Views: DirectView (explicit engines) and LoadBalancedView (the task scheduler)."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from traitlets import Any as AnyTrait
+from traitlets import Bool, HasTraits, Instance, Integer, Unicode
+
+from .. import error
+from .asyncresult import AsyncMapResult, AsyncResult
+from .mapping import chunk_sequence, dists
+from .remote_helpers import _execute, _map_chunk, _pull, _push, _set_pickler
+
+
+class View(HasTraits):
+    """Base of the views: flags (``block``, ``targets``, ``track``, ``label``) and the
+    submission methods shared by DirectView and LoadBalancedView."""
+
+    block = Bool(False)
+    track = Bool(False)
+    targets = AnyTrait()
+    label = Unicode(None, allow_none=True)
+    client = Instance("ferroparallel.client.client.Client")
+    _flag_names = ("block", "track", "targets", "label")
+
+    def __init__(self, client: Any = None, targets: Any = None, **flags: Any) -> None:
+        super().__init__(client=client, targets=targets)
+        self.block = client.block
+        self.set_flags(**flags)
+
+    def __repr__(self) -> str:
+        t = self.targets
+        shown = t if not isinstance(t, list) or len(t) <= 16 else f"{t[:4]}...{t[-4:]}"
+        return f"<{type(self).__name__} {shown}>"
+
+    def __len__(self) -> int:
+        targets = self.targets
+        if targets is None or targets == "all":
+            return len(self.client.ids)
+        if isinstance(targets, int):
+            return 1
+        return len(self.client._build_targets(targets)[1])
+
+    # ----- flags ----------------------------------------------------------------------------
+
+    def set_flags(self, **kwargs: Any) -> None:
+        """Set view flags (``block``, ``track``, ``targets``, ``label``, …)."""
+        for name, value in kwargs.items():
+            if name not in self._flag_names:
+                raise KeyError(f"Invalid name: {name!r}; flags are {', '.join(self._flag_names)}")
+            setattr(self, name, value)
+
+    @contextlib.contextmanager
+    def temp_flags(self, **kwargs: Any) -> Iterator[None]:
+        """Set flags for the duration of a ``with`` block."""
+        saved = {k: getattr(self, k) for k in kwargs}
+        self.set_flags(**kwargs)
+        try:
+            yield
+        finally:
+            self.set_flags(**saved)
+
+    def _block(self, block: bool | None) -> bool:
+        return self.block if block is None else bool(block)
+
+    # ----- apply ----------------------------------------------------------------------------
+
+    def apply(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` remotely; blocks when ``view.block`` is True."""
+        return self._really_apply(f, args, kwargs)
+
+    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+        """Call ``f(*args, **kwargs)`` remotely; returns an AsyncResult at once."""
+        return self._really_apply(f, args, kwargs, block=False)
+
+    def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` remotely and wait for the result."""
+        return self._really_apply(f, args, kwargs, block=True)
+
+    def _really_apply(
+        self,
+        f: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        block: bool | None = None,
+        **options: Any,
+    ) -> Any:
+        raise NotImplementedError
+
+    def map(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> Any:
+        """Map ``f`` over sequences in parallel; blocks when ``view.block`` is True."""
+        block = kwargs.pop("block", None)
+        return self._map(f, sequences, block=self._block(block), **kwargs)
+
+    def map_async(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> AsyncMapResult:
+        kwargs.pop("block", None)
+        return self._map(f, sequences, block=False, **kwargs)
+
+    def map_sync(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> list[Any]:
+        kwargs.pop("block", None)
+        return self._map(f, sequences, block=True, **kwargs)
+
+    def _map(
+        self, f: Callable[..., Any], sequences: Sequence[Any], block: bool, **kwargs: Any
+    ) -> Any:
+        raise NotImplementedError
+
+    def remote(self, block: bool | None = None, **flags: Any) -> Callable[[Callable], Any]:
+        """Decorator: calling the function runs it through this view's ``apply``."""
+        from .remotefunction import RemoteFunction
+
+        def deco(f: Callable[..., Any]) -> Any:
+            return RemoteFunction(self, f, block=block, **flags)
+
+        return deco
+
+    def parallel(
+        self, dist: str = "b", block: bool | None = None, **flags: Any
+    ) -> Callable[[Callable], Any]:
+        """Decorator: calling the function maps it over its (sequence) arguments."""
+        from .remotefunction import ParallelFunction
+
+        def deco(f: Callable[..., Any]) -> Any:
+            return ParallelFunction(self, f, dist=dist, block=block, **flags)
+
+        return deco
+
+    def wait(self, jobs: Any = None, timeout: float = -1) -> bool:
+        """Wait for jobs (default: everything this view's client has outstanding)."""
+        return self.client.wait(jobs, timeout)
+
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> Any:
+        """Abort queued jobs."""
+        return self.client.abort(jobs, targets=targets, block=block)
+
+    def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
+        """Queue counts from the controller."""
+        return self.client.queue_status(
+            targets if targets is not None else self.targets, verbose=verbose
+        )
+
+    def spin(self) -> None:
+        self.client.spin()
+
+    def get_result(
+        self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = False
+    ) -> Any:
+        return self.client.get_result(indices_or_msg_ids, block=block, owner=owner)
+
+    @property
+    def history(self) -> list[str]:
+        return self.client.history
+
+    @property
+    def outstanding(self) -> set[str]:
+        return self.client.outstanding
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.client.results
+
+    @property
+    def executor(self) -> Any:
+        """A ``concurrent.futures.Executor`` submitting through this view."""
+        from .executor import ViewExecutor
+
+        return ViewExecutor(self)
+
+    def _finish(self, ar: AsyncResult, block: bool) -> Any:
+        self.client._own(ar.msg_ids)
+        if block:
+            try:
+                return ar.get()
+            except KeyboardInterrupt:
+                raise
+        return ar
+
+
+class DirectView(View):
+    """Run code on explicit engines (``rc[0]``, ``rc[:]``, ``rc[[0, 2]]``)."""
+
+    def __init__(self, client: Any = None, targets: Any = "all", **flags: Any) -> None:
+        super().__init__(client=client, targets=targets, **flags)
+
+    def _targets(self, targets: Any = None) -> tuple[list[str], list[int], bool]:
+        t = self.targets if targets is None else targets
+        uuids, ids = self.client._build_targets(t)
+        single = isinstance(t, int)
+        return uuids, ids, single
+
+    def _really_apply(
+        self,
+        f: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        block: bool | None = None,
+        targets: Any = None,
+        track: bool | None = None,
+        **options: Any,
+    ) -> Any:
+        block = self._block(block)
+        uuids, ids, single = self._targets(targets)
+        metadata = {"label": self.label} if self.label else {}
+        futs = self.client.apply_to(uuids, f, args, kwargs, metadata)
+        fname = getattr(f, "__name__", "f")
+        ar = AsyncResult(self.client, futs, fname=fname, targets=ids[0] if single else ids)
+        return self._finish(ar, block)
+
+    def _map(
+        self, f: Callable[..., Any], sequences: Sequence[Any], block: bool, **kwargs: Any
+    ) -> Any:
+        if kwargs:
+            raise TypeError(f"DirectView.map got unexpected arguments: {', '.join(kwargs)}")
+        if not sequences:
+            raise ValueError("map needs at least one sequence")
+        uuids, ids, _ = self._targets()
+        n = min(len(ids), min(len(s) for s in sequences)) or 1
+        mapper = dists["b"]()
+        futs = []
+        for p in range(n):
+            parts = [mapper.getPartition(s, p, n) for s in sequences]
+            futs.append(
+                self.client.send_apply_request("mux", _map_chunk, (f, *parts), {}, ident=uuids[p])
+            )
+        ar = AsyncMapResult(self.client, futs, mapper, fname=getattr(f, "__name__", "f"))
+        return self._finish(ar, block)
+
+    def _parallel_call(
+        self,
+        f: Callable[..., Any],
+        sequences: Sequence[Any],
+        dist: str,
+        block: bool,
+        chunksize: int | None,
+    ) -> Any:
+        uuids, ids, _ = self._targets()
+        mapper = dists[dist]()
+        n = len(ids)
+        futs = []
+        for p, u in enumerate(uuids):
+            parts = [mapper.getPartition(s, p, n) for s in sequences]
+            futs.append(self.client.send_apply_request("mux", f, parts, {}, ident=u))
+        ar = AsyncMapResult(self.client, futs, mapper, fname=getattr(f, "__name__", "f"))
+        return self._finish(ar, block)
+
+    def execute(
+        self, code: str, silent: bool = True, targets: Any = None, block: bool | None = None
+    ) -> Any:
+        """Run code (a string) in the engines' namespaces."""
+        block = self._block(block)
+        uuids, ids, single = self._targets(targets)
+        metadata = {"label": self.label} if self.label else {}
+        futs = self.client.execute_on(uuids, code, silent=silent, metadata=metadata)
+        ar = AsyncResult(self.client, futs, fname="execute", targets=ids[0] if single else ids)
+        return self._finish(ar, block)
+
+    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:
+        """Execute a local Python file on the engines."""
+        with open(filename, encoding="utf-8") as fh:
+            code = fh.read()
+        return self.execute(code, targets=targets, block=block)
+
+    def push(
+        self,
+        ns: dict[str, Any],
+        targets: Any = None,
+        block: bool | None = None,
+        track: bool | None = None,
+    ) -> Any:
+        """Set names in the engines' namespaces from a dict."""
+        if not isinstance(ns, dict):
+            raise TypeError(f"push takes a dict of names, not {type(ns).__name__}")
+        return self._really_apply(_push, (ns,), {}, block=block, targets=targets)
+
+    def update(self, ns: dict[str, Any]) -> Any:
+        return self.push(ns)
+
+    def pull(
+        self, names: str | Sequence[str], targets: Any = None, block: bool | None = None
+    ) -> Any:
+        """Get names (or expressions) from the engines' namespaces."""
+        if not isinstance(names, str):
+            names = list(names)
+            for n in names:
+                if not isinstance(n, str):
+                    raise TypeError(f"names must be strings, not {type(n).__name__}")
+        return self._really_apply(_pull, (names,), {}, block=block, targets=targets)
+
+    def get(self, key_s: str | Sequence[str]) -> Any:
+        return self.pull(key_s, block=True)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.push({key: value}, block=True)
+
+    def scatter(
+        self,
+        key: str,
+        seq: Any,
+        dist: str = "b",
+        flatten: bool = False,
+        targets: Any = None,
+        block: bool | None = None,
+        track: bool | None = None,
+    ) -> Any:
+        """Partition ``seq`` across the engines, binding each part to ``key``."""
+        block = self._block(block)
+        if dist not in dists:
+            raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
+        uuids, ids, _ = self._targets(targets)
+        mapper = dists[dist]()
+        n = len(ids)
+        futs = []
+        for p, u in enumerate(uuids):
+            part = mapper.getPartition(seq, p, n)
+            if flatten and len(part) == 1:
+                part = part[0]
+            futs.append(self.client.send_apply_request("mux", _push, ({key: part},), {}, ident=u))
+        ar = AsyncResult(self.client, futs, fname="scatter", targets=ids)
+        return self._finish(ar, block)
+
+    def gather(
+        self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None
+    ) -> Any:
+        """Collect the parts of ``key`` from the engines into one sequence."""
+        block = self._block(block)
+        if dist not in dists:
+            raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
+        uuids, ids, _ = self._targets(targets)
+        futs = self.client.apply_to(uuids, _pull, (key,), {})
+        ar = AsyncMapResult(self.client, futs, dists[dist](), fname="gather")
+        return self._finish(ar, block)
+
+    @contextlib.contextmanager
+    def sync_imports(self, local: bool = True, quiet: bool = False) -> Iterator[None]:
+        """Imports inside this ``with`` block also run on the engines."""
+        real_import = builtins.__import__
+        imports: list[str] = []
+
+        def recording_import(name: str, *args: Any, **kwargs: Any) -> Any:
+            fromlist = kwargs.get("fromlist", args[2] if len(args) > 2 else ()) or ()
+            level = kwargs.get("level", args[3] if len(args) > 3 else 0)
+            if level == 0 and not imports_in_progress:
+                imports_in_progress.append(name)
+                try:
+                    if fromlist:
+                        imports.append(f"from {name} import {', '.join(fromlist)}")
+                    else:
+                        imports.append(f"import {name}")
+                    if local:
+                        return real_import(name, *args, **kwargs)
+                    return None
+                finally:
+                    imports_in_progress.pop()
+            return real_import(name, *args, **kwargs)
+
+        imports_in_progress: list[str] = []
+        builtins.__import__ = recording_import
+        try:
+            yield
+        finally:
+            builtins.__import__ = real_import
+        for stmt in imports:
+            if not quiet:
+                print(f"{stmt} on engine(s)")
+            self._really_apply(_execute, (stmt,), {}, block=True)
+
+    def use_cloudpickle(self) -> Any:
+        from .. import serialize
+
+        serialize.use_cloudpickle()
+        return self._really_apply(_set_pickler, ("cloudpickle",), {}, block=True)
+
+    def use_pickle(self) -> Any:
+        from .. import serialize
+
+        serialize.use_pickle()
+        return self._really_apply(_set_pickler, ("pickle",), {}, block=True)
+
+    def use_dill(self) -> Any:
+        from .. import serialize
+
+        serialize.use_dill()
+        return self._really_apply(_set_pickler, ("dill",), {}, block=True)
+
+    def clear(self, targets: Any = None, block: bool | None = None) -> Any:
+        return self.client.clear(targets if targets is not None else self.targets, block=block)
+
+    def shutdown(
+        self,
+        targets: Any = None,
+        restart: bool = False,
+        hub: bool = False,
+        block: bool | None = None,
+    ) -> None:
+        self.client.shutdown(
+            targets if targets is not None else self.targets, restart=restart, hub=hub, block=block
+        )
+
+
+class LoadBalancedView(View):
+    """Let the controller's scheduler choose the engine for each task."""
+
+    after = AnyTrait(None, allow_none=True)
+    follow = AnyTrait(None, allow_none=True)
+    timeout = AnyTrait(None, allow_none=True)
+    retries = Integer(0)
+    _flag_names = ("block", "track", "targets", "label", "after", "follow", "timeout", "retries")
+
+    def __init__(self, client: Any = None, targets: Any = None, **flags: Any) -> None:
+        super().__init__(client=client, targets=targets, **flags)
+
+    def _task_metadata(self, **overrides: Any) -> dict[str, Any]:
+        targets = overrides.get("targets", self.targets)
+        uuids = self.client._build_targets(targets)[0] if targets is not None else []
+        md: dict[str, Any] = {
+            "after": _dep_ids(overrides.get("after", self.after)),
+            "follow": _dep_ids(overrides.get("follow", self.follow)),
+            "timeout": overrides.get("timeout", self.timeout),
+            "targets": uuids,
+            "retries": overrides.get("retries", self.retries),
+        }
+        label = overrides.get("label", self.label)
+        if label:
+            md["label"] = label
+        return md
+
+    def _really_apply(
+        self,
+        f: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        block: bool | None = None,
+        **options: Any,
+    ) -> Any:
+        block = self._block(block)
+        if not self.client.ids and self.targets is None:
+            pass  # tasks wait in the scheduler until an engine arrives
+        md = self._task_metadata(**options)
+        fut = self.client.send_apply_request("task", f, args, kwargs, metadata=md)
+        ar = AsyncResult(self.client, [fut], fname=getattr(f, "__name__", "f"))
+        return self._finish(ar, block)
+
+    def _map(
+        self,
+        f: Callable[..., Any],
+        sequences: Sequence[Any],
+        block: bool,
+        chunksize: int = 1,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        if kwargs:
+            raise TypeError(f"LoadBalancedView.map got unexpected arguments: {', '.join(kwargs)}")
+        if not sequences:
+            raise ValueError("map needs at least one sequence")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        md = self._task_metadata()
+        n = min(len(s) for s in sequences)
+        chunks = chunk_sequence(range(n), chunksize)
+        futs = []
+        mapper = dists["b"]()
+        for idx in chunks:
+            start, stop = idx[0], idx[-1] + 1
+            parts = [s[start:stop] for s in sequences]
+            futs.append(
+                self.client.send_apply_request("task", _map_chunk, (f, *parts), {}, metadata=md)
+            )
+        ar = AsyncMapResult(
+            self.client,
+            futs,
+            mapper,
+            fname=getattr(f, "__name__", "f"),
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+        )
+        return self._finish(ar, block)
+
+    def _parallel_call(
+        self,
+        f: Callable[..., Any],
+        sequences: Sequence[Any],
+        dist: str,
+        block: bool,
+        chunksize: int | None,
+    ) -> Any:
+        n = min(len(s) for s in sequences)
+        size = chunksize or max(1, -(-n // max(len(self.client.ids), 1)))
+        md = self._task_metadata()
+        futs = []
+        for idx in chunk_sequence(range(n), size):
+            start, stop = idx[0], idx[-1] + 1
+            parts = [s[start:stop] for s in sequences]
+            futs.append(self.client.send_apply_request("task", f, parts, {}, metadata=md))
+        ar = AsyncMapResult(self.client, futs, dists["b"](), fname=getattr(f, "__name__", "f"))
+        return self._finish(ar, block)
+
+    def imap(
+        self,
+        f: Callable[..., Any],
+        *sequences: Any,
+        ordered: bool = True,
+        max_outstanding: int | str = "auto",
+    ) -> Iterator[Any]:
+        """Lazily map ``f``: submits as it goes, keeping a bounded number of tasks in flight."""
+        limit = (
+            2 * max(len(self.client.ids), 1) if max_outstanding == "auto" else int(max_outstanding)
+        )
+        iterators = [iter(s) for s in sequences]
+        pending: list[AsyncResult] = []
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < limit:
+                try:
+                    args = [next(it) for it in iterators]
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append(self._really_apply(f, args, {}, block=False))
+            if not pending:
+                return
+            if ordered:
+                yield pending.pop(0).get()
+            else:
+                while True:
+                    done = [ar for ar in pending if ar.ready()]
+                    if done:
+                        pending.remove(done[0])
+                        yield done[0].get()
+                        break
+                    time.sleep(0.0005)
+
+    def register_joblib_backend(
+        self, name: str = "ferroparallel", make_default: bool = False
+    ) -> None:
+        """Register this view as a joblib parallel backend."""
+        from .joblib_backend import register
+
+        register(self, name, make_default)
+
+
+def _dep_ids(dep: Any) -> Any:
+    """Dependencies as msg_ids (lists) or the dict form of a Dependency."""
+    if dep is None:
+        return []
+    if hasattr(dep, "as_dict"):
+        return dep.as_dict()
+    if isinstance(dep, str):
+        return [dep]
+    if hasattr(dep, "msg_ids"):
+        return list(dep.msg_ids)
+    out: list[str] = []
+    for d in dep:
+        out.extend(_dep_ids(d) if not isinstance(d, str) else [d])
+    return out
+
+
+__all__ = ["DirectView", "LoadBalancedView", "View", "error"]
