@@ -26,7 +26,16 @@ from ferroparallel.error import ConnectionFileError
 pytestmark = pytest.mark.timeout(90)
 
 HAVE_CONTROLLER = hasattr(_core, "Controller")
-HAVE_ENGINE = importlib.util.find_spec("ferroparallel.engine.app") is not None
+
+
+def _have_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # the parent package is missing
+        return False
+
+
+HAVE_ENGINE = _have_module("ferroparallel.engine.app")
 
 needs_controller = pytest.mark.skipif(
     not HAVE_CONTROLLER, reason="ferroparallel._core has no Controller yet"
@@ -247,7 +256,7 @@ def test_from_file_signal_and_restart(clusters: Callable[..., Cluster]) -> None:
     assert len(new) == 2 and not set(new) & set(old)
     assert_gone(old)
     wait_registered(c, 2)
-    c.signal_engines_sync(signal.SIGKILL)
+    c.signal_engines_sync("SIGKILL")
     assert_gone(new)
     # The loaded copy can stop what the first one started.
     other = Cluster.from_file(profile_dir=c.profile_dir, cluster_id="sig")
@@ -475,3 +484,36 @@ def test_cli_clean(fp_root: Path, sleeper: list[str]) -> None:
         assert cli("clean").stdout.strip() == "nothing to clean"
     finally:
         live.stop_cluster_sync()
+
+
+@needs_engine
+def test_cli_foreground_stopped_from_elsewhere(fp_root: Path) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ferroparallel", "cluster", "start", "-n", "1",
+         "--cluster-id", "fg2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        assert "1 registered" in p.stdout.readline()
+        c = Cluster.from_file(profile_dir=fp_root / "profile_default", cluster_id="fg2")
+        pids = all_pids(c)
+        r = cli("stop", "--cluster-id", "fg2")
+        assert r.returncode == 0, r.stderr
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "stopped" in out
+    assert_gone(pids)
+
+
+@needs_client
+def test_start_and_connect_reports_dead_engine(clusters: Callable[..., Cluster]) -> None:
+    c = clusters(n=1, engine_args=["--no-such-engine-flag"], engine_timeout=30)
+    with pytest.raises(RuntimeError, match="no-such-engine-flag") as exc:
+        c.start_and_connect_sync()
+    assert "ipengine" in str(exc.value)  # names the engine's log file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -466,6 +467,34 @@ def test_dispatcher_usage() -> None:
         timeout=30,
     )
     assert r.returncode == 0 and b"--profile-dir" in r.stdout and b"--ping" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "ferroparallel", "cluster", "start", "--help"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 and b"--daemonize" in r.stdout
+
+
+def test_dispatcher_runs_engine_help() -> None:
+    try:
+        import ferroparallel.engine.app  # noqa: F401
+    except ImportError:
+        pytest.skip("the engine is not available")
+    r = subprocess.run(
+        [sys.executable, "-m", "ferroparallel", "engine", "--help"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert b"--profile-dir" in r.stdout
+
+
+def test_console_script() -> None:
+    exe = shutil.which("ferroparallel")
+    if exe is None:
+        pytest.skip("ferroparallel is not installed as a command (source checkout)")
+    r = subprocess.run([exe, "--help"], capture_output=True, timeout=30)
+    assert r.returncode == 0 and b"controller" in r.stdout and b"cluster" in r.stdout
 
 
 def test_controller_start_does_not_import_heavy_modules() -> None:

@@ -180,8 +180,12 @@ def _start(args: argparse.Namespace) -> int:
         print("Press Ctrl-C to stop the cluster.", flush=True)
         while cluster.running:
             time.sleep(0.2)
-        _err("the controller exited; stopping the engines")
+        code = ctl.exit_code
         cluster.stop_cluster_sync()
+        if code == 0:  # a clean stop: 'cluster stop' or a hub shutdown request
+            print("The cluster was stopped.", flush=True)
+            return 0
+        _err(f"the controller exited with status {code}; log {ctl.log_file}:\n{ctl.log_tail()}")
         return 1
     except (KeyboardInterrupt, _Terminate):
         print("Stopping the cluster...", flush=True)

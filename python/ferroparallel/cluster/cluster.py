@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import string
 import threading
 import time
@@ -289,7 +290,8 @@ class Cluster:
             other = Cluster.from_file(f)
         except Exception:
             return  # unreadable state: a new start overwrites it
-        alive = [p.pid for p in other._processes() if p.running]
+        mine = {p.pid for p in self._processes()}
+        alive = [p.pid for p in other._processes() if p.pid not in mine and p.running]
         if alive:
             raise RuntimeError(
                 f"cluster {self.cluster_id!r} is already running in {self.profile_dir} "
@@ -544,10 +546,11 @@ class Cluster:
             self.remove_cluster_file()
         _atexit_clusters.discard(self)
 
-    async def signal_engines(self, signum: int, engine_set_id: str | None = None) -> None:
-        """Send a signal to the engines of one set (default: all)."""
+    async def signal_engines(self, signum: int | str, engine_set_id: str | None = None) -> None:
+        """Send a signal (number or name such as ``"SIGINT"``) to one engine set (default: all)."""
+        sig = signal.Signals[signum] if isinstance(signum, str) else signal.Signals(signum)
         for es in self._engine_sets(engine_set_id):
-            es.signal(signum)
+            es.signal(sig)
 
     async def restart_engines(self, engine_set_id: str | None = None) -> None:
         """Stop and start again one engine set (default: all), with the same size and id."""
@@ -730,7 +733,7 @@ class Cluster:
         """Blocking :meth:`stop_cluster`."""
         return run_sync(self.stop_cluster())
 
-    def signal_engines_sync(self, signum: int, engine_set_id: str | None = None) -> None:
+    def signal_engines_sync(self, signum: int | str, engine_set_id: str | None = None) -> None:
         """Blocking :meth:`signal_engines`."""
         return run_sync(self.signal_engines(signum, engine_set_id))
 

@@ -396,8 +396,8 @@ class LocalControllerLauncher:
         """SIGTERM the controller (SIGKILL after ``timeout`` s)."""
         if self.process is not None:
             await terminate([self.process], timeout)
-            if self.process.exit_code not in (0, None):
-                # Killed, so it could not remove its files: do it for it.
+            if self.process.exit_code not in (0, None) and "--reuse" not in self.args:
+                # Killed (or exit status unknown): it may not have removed its files.
                 for f in (self.client_file, self.engine_file):
                     with contextlib.suppress(OSError):
                         f.unlink()
