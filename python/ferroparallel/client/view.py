@@ -222,12 +222,16 @@ class DirectView(View):
         n = min(len(ids), min(len(s) for s in sequences)) or 1
         mapper = dists["b"]()
         futs = []
+        sizes = []
         for p in range(n):
             parts = [mapper.getPartition(s, p, n) for s in sequences]
+            sizes.append(min(len(x) for x in parts))
             futs.append(
                 self.client.send_apply_request("mux", _map_chunk, (f, *parts), {}, ident=uuids[p])
             )
-        ar = AsyncMapResult(self.client, futs, mapper, fname=getattr(f, "__name__", "f"))
+        ar = AsyncMapResult(
+            self.client, futs, mapper, fname=getattr(f, "__name__", "f"), chunk_sizes=sizes
+        )
         return self._finish(ar, block)
 
     def _parallel_call(
@@ -468,10 +472,12 @@ class LoadBalancedView(View):
         n = min(len(s) for s in sequences)
         chunks = chunk_sequence(range(n), chunksize)
         futs = []
+        sizes = []
         mapper = dists["b"]()
         for idx in chunks:
             start, stop = idx[0], idx[-1] + 1
             parts = [s[start:stop] for s in sequences]
+            sizes.append(stop - start)
             futs.append(
                 self.client.send_apply_request("task", _map_chunk, (f, *parts), {}, metadata=md)
             )
@@ -482,6 +488,7 @@ class LoadBalancedView(View):
             fname=getattr(f, "__name__", "f"),
             ordered=ordered,
             return_exceptions=return_exceptions,
+            chunk_sizes=sizes,
         )
         return self._finish(ar, block)
 
