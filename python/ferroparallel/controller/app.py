@@ -9,6 +9,7 @@ and SIGHUP stop the controller, remove the connection files and exit with status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -257,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         try:
             if controller is not None:
+                if log.isEnabledFor(logging.DEBUG):
+                    with contextlib.suppress(Exception):
+                        log.debug("controller stats: %s", controller.stats())
                 controller.stop()
         except Exception as e:  # pragma: no cover - depends on the Rust side
             log.warning("error while stopping the controller: %s", e)
