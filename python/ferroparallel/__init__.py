@@ -9,9 +9,7 @@ from typing import Any
 
 from . import error
 from ._core import Frame, IoThread, Session, __version__
-from .dependency import Dependency, depend, dependent, require
 from .error import CompositeError, RemoteError
-from .serialize import Reference, interactive
 
 __all__ = [
     "AsyncHubResult",
@@ -44,6 +42,12 @@ _LAZY = {
     "AsyncMapResult": "ferroparallel.client.asyncresult",
     "AsyncHubResult": "ferroparallel.client.asyncresult",
     "Cluster": "ferroparallel.cluster.cluster",
+    "Dependency": "ferroparallel.dependency",
+    "depend": "ferroparallel.dependency",
+    "dependent": "ferroparallel.dependency",
+    "require": "ferroparallel.dependency",
+    "Reference": "ferroparallel.serialize",
+    "interactive": "ferroparallel.serialize",
 }
 
 

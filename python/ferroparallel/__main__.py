@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "controller": ("ferroparallel.controller.app", "run a controller in this process"),
     "engine": ("ferroparallel.engine.app", "run an engine in this process"),
     "cluster": ("ferroparallel.cluster.app", "start, stop, list and clean local clusters"),
-    # "demo": ("ferroparallel.demo", "..."),  # add here when it exists
+    "demo": ("ferroparallel.demo", "start a local cluster, run real work on it, report, stop"),
 }
 
 

@@ -58,7 +58,7 @@ const BURST: usize = 256;
 /// The routing identity a client uses for a request that the controller fans out.
 pub const FANOUT: &[u8] = b"fp:fanout";
 /// Time given to flush the shutdown notification before the loop exits.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
 pub struct Server {
     cfg: ControllerConfig,
