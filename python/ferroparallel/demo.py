@@ -37,7 +37,9 @@ def _whoami() -> tuple[str, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     parser = argparse.ArgumentParser(prog="ferroparallel demo", description=__doc__)
-    parser.add_argument("-n", type=int, default=os.cpu_count() or 2, help="engines (default: cores)")
+    parser.add_argument(
+        "-n", type=int, default=os.cpu_count() or 2, help="engines (default: cores)"
+    )
     parser.add_argument("--tasks", type=int, default=200, help="Monte Carlo tasks")
     parser.add_argument("--samples", type=int, default=20_000, help="samples per task")
     parser.add_argument("--mib", type=int, default=64, help="array size for the data round trip")
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter() - t0
         print(f"started a local cluster with {len(rc)} engines in {started:.2f} s")
         where = rc[:].apply_sync(_whoami)
-        for eid, (host, pid) in zip(rc.ids, where):
+        for eid, (host, pid) in zip(rc.ids, where, strict=True):
             print(f"  engine {eid}: pid {pid} on {host}")
 
         lview = rc.load_balanced_view()
@@ -66,9 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elapsed = time.perf_counter() - t1
         total = args.tasks * args.samples
         per_engine = Counter(md["engine_id"] for md in ar.metadata)
-        print(f"pi ~= {4 * inside / total:.5f} from {total:,} samples in {args.tasks} tasks, "
-              f"{elapsed:.2f} s ({args.tasks / elapsed:,.0f} tasks/s)")
-        print("  tasks per engine: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_engine.items())))
+        print(
+            f"pi ~= {4 * inside / total:.5f} from {total:,} samples in {args.tasks} tasks, "
+            f"{elapsed:.2f} s ({args.tasks / elapsed:,.0f} tasks/s)"
+        )
+        print(
+            "  tasks per engine: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_engine.items()))
+        )
 
         try:
             import numpy as np
@@ -84,11 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             t3 = time.perf_counter()
             back = rc[0].pull("a", block=True)
             pulled = time.perf_counter() - t3
-            ok = np.array_equal(back, a) and all(abs(s - float(a.sum())) < 1e-6 * abs(s) for s in sums)
+            ok = np.array_equal(back, a) and all(
+                abs(s - float(a.sum())) < 1e-6 * abs(s) for s in sums
+            )
             mib = a.nbytes / 2**20
-            print(f"array round trip ({mib:.0f} MiB): push to {len(rc)} engines {pushed:.2f} s, "
-                  f"pull {pulled:.2f} s ({mib / pulled:,.0f} MiB/s), "
-                  f"{'correct' if ok else 'MISMATCH'}")
+            print(
+                f"array round trip ({mib:.0f} MiB): push to {len(rc)} engines {pushed:.2f} s, "
+                f"pull {pulled:.2f} s ({mib / pulled:,.0f} MiB/s), "
+                f"{'correct' if ok else 'MISMATCH'}"
+            )
             if not ok:
                 return 1
     finally:
