@@ -102,8 +102,10 @@ class Metadata(dict):
     __slots__ = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        dict.__init__(self, copy.deepcopy(_DEFAULTS))
-        self.update(*args, **kwargs)
+        # Only "outputs" and "data" are mutable defaults: copy those, share the immutable rest.
+        dict.__init__(self, _DEFAULTS, outputs=[], data={})
+        if args or kwargs:
+            self.update(*args, **kwargs)
 
     # -- item access ----------------------------------------------------------------------
 

@@ -311,9 +311,15 @@ class EngineKernel:
         return {"engine_uuid": self.uuid, "engine_id": self.engine_id, "method": method}
 
     def publish(
-        self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None, topic: str
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        parent: dict[str, Any] | None,
+        topic: str,
+        flush: bool = True,
     ) -> None:
-        """Send one IOPub message with topic ``engine.<id>.<topic>``."""
+        """Send one IOPub message with topic ``engine.<id>.<topic>`` (``flush=False``: leave
+        with the next flushed message)."""
         self.io.send(
             IOPUB,
             msg_type,
@@ -321,6 +327,7 @@ class EngineKernel:
             parent,
             self._metadata,
             ident=[(self._topic_prefix + topic).encode()],
+            flush=flush,
         )
 
     def _publish_stream(self, name: str, text: str, parent: dict[str, Any]) -> None:

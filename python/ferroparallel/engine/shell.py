@@ -48,8 +48,10 @@ class ShellHandler:
         content: dict[str, Any],
         started: str,
         buffers: list[Any] | None = None,
+        flush: bool = False,
     ) -> None:
-        """Send a reply to the sender of ``request`` with the reply metadata."""
+        """Send a reply to the sender of ``request`` with the reply metadata (it leaves with
+        the idle status that always follows, unless ``flush``)."""
         k = self.kernel
         req_md = request.get("metadata") or {}
         metadata = {key: req_md[key] for key in COPIED_METADATA if key in req_md}
@@ -70,6 +72,7 @@ class ShellHandler:
             metadata,
             ident=request["idents"],
             buffers=buffers,
+            flush=flush,
         )
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -84,7 +87,8 @@ class ShellHandler:
             return
         prefix = msg_type.removesuffix("_request")
         started = _core.iso_now()
-        k.publish("status", {"execution_state": "busy"}, header, "status")
+        # busy and the reply leave together with the idle status: one I/O wake-up per request
+        k.publish("status", {"execution_state": "busy"}, header, "status", flush=False)
         try:
             if k.aborted.pop(header.get("msg_id", "")):
                 self.reply(msg, prefix + "_reply", {"status": "aborted"}, started)

@@ -143,7 +143,7 @@ impl IoThread {
 
     /// Queue one message; returns its header.
     #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
-                        ident=None, buffers=None, header=None))]
+                        ident=None, buffers=None, header=None, flush=true))]
     #[allow(clippy::too_many_arguments)]
     fn send<'py>(
         &self,
@@ -156,6 +156,7 @@ impl IoThread {
         ident: Option<&Bound<'py, PyAny>>,
         buffers: Option<&Bound<'py, PyAny>>,
         header: Option<&Bound<'py, PyAny>>,
+        flush: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
@@ -171,7 +172,7 @@ impl IoThread {
             .build_frames(msg)
             .map_err(|e| wire_error(py, e))?;
         self.handle
-            .send(socket, frames)
+            .send_with(socket, frames, flush)
             .map_err(PyValueError::new_err)?;
         self.release_sent();
         Ok(header_obj)

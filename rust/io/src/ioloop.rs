@@ -106,13 +106,17 @@ impl IoHandle {
     }
 
     fn command(&self, cmd: Command) -> Result<(), String> {
+        self.command_with(cmd, true)
+    }
+
+    fn command_with(&self, cmd: Command, wake: bool) -> Result<(), String> {
         if self.is_closed() {
             return Err("the I/O thread is closed".into());
         }
         self.commands
             .send(cmd)
             .map_err(|_| "the I/O thread has stopped".to_string())?;
-        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+        if wake && !self.wake_pending.swap(true, Ordering::SeqCst) {
             let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner());
             // A full or failed wake socket only delays the command until the next poll timeout.
             let _ = wake.send(&b""[..], zmq::DONTWAIT);
@@ -155,6 +159,18 @@ impl IoHandle {
 
     /// Queue frames for a socket. Never blocks.
     pub fn send(&self, socket: &str, frames: Vec<OutFrame>) -> Result<(), String> {
+        self.send_with(socket, frames, true)
+    }
+
+    /// Queue frames; with `flush` false the I/O thread is not woken, so the message leaves with
+    /// the next flushed one (or within one poll interval). Saves a thread wake-up for messages
+    /// that are always followed by another (e.g. a busy status before a reply).
+    pub fn send_with(
+        &self,
+        socket: &str,
+        frames: Vec<OutFrame>,
+        flush: bool,
+    ) -> Result<(), String> {
         match self
             .names
             .lock()
@@ -169,10 +185,13 @@ impl IoHandle {
             }
             Some(_) => {}
         }
-        self.command(Command::Send {
-            socket: socket.to_owned(),
-            frames,
-        })
+        self.command_with(
+            Command::Send {
+                socket: socket.to_owned(),
+                frames,
+            },
+            flush,
+        )
     }
 
     /// Stop the thread (flushing queued messages for a bounded time) and close every socket.
