@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Clean release build time of each transport option: every build uses a fresh,
+# empty CARGO_TARGET_DIR (the crates.io download cache is kept, so this is
+# compile time, not download time). Builds run one after another.
+#
+#   benches/transport/build_times.sh            # 2 rounds
+#   ROUNDS=3 benches/transport/build_times.sh
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$HERE"
+BASE="${CARGO_TARGET_DIR:-$HERE/target}"
+ROUNDS="${ROUNDS:-2}"
+mkdir -p "$BASE"
+cargo fetch --quiet
+
+echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(cargo --version)"
+echo "# system libzmq present: $(ldconfig -p | grep -c 'libzmq' || true) entries in ldconfig; pkg-config libzmq: $(pkg-config --modversion libzmq 2>/dev/null || echo none)"
+for feat in libzmq zmtp; do
+    n="$(cargo tree --quiet --features "$feat" -e normal,build --prefix none | sed 's/ (\*)//' | sort -u | wc -l)"
+    echo "# feature $feat: $n crates in the dependency tree (incl. this one)"
+done
+
+for round in $(seq 1 "$ROUNDS"); do
+    for pair in "libzmq bench-libzmq" "zmtp bench-zeromq"; do
+        set -- $pair
+        dir="$(mktemp -d "$BASE/clean-$1-XXXX")"
+        start="$(date +%s.%N)"
+        CARGO_TARGET_DIR="$dir" cargo build --release --quiet --features "$1" --bin "$2"
+        end="$(date +%s.%N)"
+        size="$(stat -c %s "$dir/release/$2")"
+        printf 'BUILD feature=%s round=%d secs=%.1f binary_bytes=%d\n' "$1" "$round" "$(echo "$end - $start" | bc)" "$size"
+        rm -rf "$dir"
+    done
+done
