@@ -725,20 +725,25 @@ class Client(HasTraits):
         return ar
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> Any:
-        """Abort queued tasks (``jobs``: msg_ids or AsyncResults; all outstanding by default)."""
+        """Abort queued tasks (``jobs``: msg_ids or AsyncResults; all outstanding by default).
+
+        Tasks still waiting in the controller's scheduler leave it at once; tasks queued on
+        engines are skipped there. Either way they finish with ``TaskAborted``.
+        """
         msg_ids = self._msg_ids_of(jobs)
+        if msg_ids:
+            try:
+                self._query("abort_request", {"msg_ids": msg_ids}, what="abort request")
+            except error.RemoteError as e:  # an ipyparallel hub does not know this request
+                log.debug("hub abort: %s", e)
         if targets is None:
-            engine_ids = (
-                sorted(
-                    {
-                        md.get("engine_id")
-                        for m in msg_ids
-                        if (md := self.metadata.get(m)) is not None
-                        and md.get("engine_id") is not None
-                    }
-                )
-                or self.ids
-            )
+            engine_ids = sorted(
+                {
+                    md.get("engine_id")
+                    for m in msg_ids
+                    if (md := self.metadata.get(m)) is not None and md.get("engine_id") is not None
+                }
+            ) or self.ids
         else:
             engine_ids = targets
         if not engine_ids:

@@ -87,7 +87,7 @@ impl Default for ControllerConfig {
             hb_max_misses: 10,
             registration_timeout_ms: 30_000,
             scheme: Scheme::LeastLoad,
-            hwm: 0,
+            hwm: 2,
             db: "memory".into(),
             db_path: None,
             restore: false,

@@ -9,6 +9,7 @@ pub mod log;
 mod messages;
 mod scheduler;
 mod server;
+mod tasks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,694 @@
+//! The load-balanced task scheduler: dependencies (`after`, `follow`), target restrictions,
+//! timeouts, retries, blacklists after unmet functional dependencies, and aborts.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fp_io::OutFrame;
+use fp_wire::{Envelope, Value};
+
+use crate::engines::InFlight;
+use crate::log::{log_at, Level};
+use crate::messages::{error_content, error_metadata, reply_type, str_field};
+use crate::server::{frames_of, ident, show, Env, Server, TASK_C, TASK_E};
+
+/// How many finished msg_ids are remembered for dependencies.
+const OUTCOME_MEMORY: usize = 1 << 20;
+
+/// A dependency on other msg_ids (the wire form is a list, or a dict with flags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dep {
+    pub ids: Vec<String>,
+    pub all: bool,
+    pub success: bool,
+    pub failure: bool,
+}
+
+impl Dep {
+    /// Parse metadata `after`/`follow`: `None` when absent or empty.
+    pub fn parse(v: Option<&Value>) -> Result<Option<Dep>, String> {
+        let (ids_v, all, success, failure) = match v {
+            None | Some(Value::Nil) => return Ok(None),
+            Some(Value::Array(items)) => (items.as_slice(), true, true, false),
+            Some(m @ Value::Map(_)) => {
+                let flag = |k: &str, d: bool| match m.get(k) {
+                    Some(Value::Bool(b)) => *b,
+                    _ => d,
+                };
+                let ids = match m.get("dependencies") {
+                    Some(Value::Array(items)) => items.as_slice(),
+                    None | Some(Value::Nil) => &[],
+                    Some(other) => {
+                        return Err(format!("dependencies must be a list, not {other:?}"))
+                    }
+                };
+                (
+                    ids,
+                    flag("all", true),
+                    flag("success", true),
+                    flag("failure", false),
+                )
+            }
+            Some(other) => {
+                return Err(format!(
+                    "a dependency must be a list or a dict, not {other:?}"
+                ))
+            }
+        };
+        if !success && !failure {
+            return Err("a dependency needs success or failure (or both) to be true".into());
+        }
+        let mut ids = Vec::with_capacity(ids_v.len());
+        for id in ids_v {
+            match id {
+                Value::Str(s) => ids.push(s.clone()),
+                other => return Err(format!("dependency msg_ids must be strings, not {other:?}")),
+            }
+        }
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Dep {
+            ids,
+            all,
+            success,
+            failure,
+        }))
+    }
+
+    fn counts(&self, o: &Outcomes, id: &str) -> Option<bool> {
+        // Some(true): finished in a way that counts; Some(false): finished but does not count.
+        match o.outcome.get(id) {
+            Some(true) => Some(self.success),
+            Some(false) => Some(self.failure),
+            None => None,
+        }
+    }
+
+    pub fn met(&self, o: &Outcomes) -> bool {
+        let mut it = self.ids.iter().map(|id| self.counts(o, id) == Some(true));
+        if self.all {
+            it.all(|x| x)
+        } else {
+            it.any(|x| x)
+        }
+    }
+
+    pub fn unreachable(&self, o: &Outcomes) -> bool {
+        let mut it = self.ids.iter().map(|id| self.counts(o, id) == Some(false));
+        if self.all {
+            it.any(|x| x)
+        } else {
+            it.all(|x| x)
+        }
+    }
+}
+
+/// Finished msg_ids: success or failure, and the engine they ran on.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    outcome: HashMap<String, bool>,
+    location: HashMap<String, Vec<u8>>,
+    order: VecDeque<String>,
+}
+
+impl Outcomes {
+    pub fn record(&mut self, msg_id: String, success: bool, engine: Option<Vec<u8>>) {
+        if self.outcome.insert(msg_id.clone(), success).is_none() {
+            self.order.push_back(msg_id.clone());
+        }
+        if let Some(e) = engine {
+            self.location.insert(msg_id, e);
+        }
+        while self.order.len() > OUTCOME_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.outcome.remove(&old);
+                self.location.remove(&old);
+            }
+        }
+    }
+
+    pub fn knows(&self, msg_id: &str) -> bool {
+        self.outcome.contains_key(msg_id)
+    }
+}
+
+/// One load-balanced task held by the scheduler.
+pub struct Task {
+    pub client: Vec<u8>,
+    pub msg_id: String,
+    pub msg_type: String,
+    pub header: Value,
+    pub env: Env,
+    pub targets: Option<Vec<Vec<u8>>>,
+    pub after: Option<Dep>,
+    pub follow: Option<Dep>,
+    pub deadline: Option<Instant>,
+    pub retries: i64,
+    pub blacklist: HashSet<Vec<u8>>,
+}
+
+#[derive(Default)]
+pub struct TaskState {
+    /// Ready to run (after-dependencies met), in submission order.
+    pub queue: VecDeque<Task>,
+    /// Waiting for after-dependencies.
+    pub waiting: Vec<Task>,
+    /// Running on an engine: msg_id -> (engine uuid, task with shared copies of its frames).
+    pub running: HashMap<String, (Vec<u8>, Task)>,
+    pub outcomes: Outcomes,
+    /// msg_ids seen on the MUX channel and not finished (valid dependency targets).
+    pub direct_pending: HashSet<String>,
+    with_deadline: usize,
+}
+
+impl TaskState {
+    pub fn unassigned(&self) -> usize {
+        self.queue.len() + self.waiting.len()
+    }
+
+    fn known(&self, msg_id: &str) -> bool {
+        self.outcomes.knows(msg_id)
+            || self.running.contains_key(msg_id)
+            || self.direct_pending.contains(msg_id)
+            || self.queue.iter().any(|t| t.msg_id == msg_id)
+            || self.waiting.iter().any(|t| t.msg_id == msg_id)
+    }
+}
+
+/// Every frame of an envelope shared (bodies are reference counted, not copied).
+fn share_env(env: &Env) -> Env {
+    Envelope {
+        idents: env.idents.iter().map(|f| f.share()).collect(),
+        signature: env.signature.share(),
+        header: env.header.share(),
+        parent_header: env.parent_header.share(),
+        metadata: env.metadata.share(),
+        content: env.content.share(),
+        buffers: env.buffers.iter().map(|f| f.share()).collect(),
+    }
+}
+
+fn seconds(v: Option<&Value>) -> Option<Duration> {
+    let s = v.and_then(Value::as_f64)?;
+    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s))
+}
+
+impl Server {
+    pub(crate) fn on_task_submit(&mut self, env: Env) {
+        let Some(client) = env.idents.first().map(|f| f.as_ref().to_vec()) else {
+            return;
+        };
+        let Some((header, msg_id, msg_type)) = self.header_of(&env) else {
+            return;
+        };
+        let Some(metadata) = self.unpack(&env, "metadata") else {
+            return;
+        };
+        self.stats.tasks_queued.fetch_add(1, Ordering::Relaxed);
+        let targets = match metadata.get("targets") {
+            Some(Value::Array(items)) if !items.is_empty() => Some(
+                items
+                    .iter()
+                    .filter_map(|t| match t {
+                        Value::Str(s) => Some(s.as_bytes().to_vec()),
+                        other => other
+                            .as_i64()
+                            .and_then(|id| self.engines.uuid_of(id).cloned()),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        };
+        let parsed = Dep::parse(metadata.get("after"))
+            .and_then(|a| Dep::parse(metadata.get("follow")).map(|f| (a, f)));
+        let mut task = Task {
+            client,
+            msg_id,
+            msg_type,
+            header,
+            env,
+            targets,
+            after: None,
+            follow: None,
+            deadline: seconds(metadata.get("timeout")).map(|d| Instant::now() + d),
+            retries: metadata
+                .get("retries")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                .max(0),
+            blacklist: HashSet::new(),
+        };
+        let (after, follow) = match parsed {
+            Ok(p) => p,
+            Err(e) => return self.fail_task(task, "InvalidDependency", &e),
+        };
+        for dep in after.iter().chain(follow.iter()) {
+            for id in &dep.ids {
+                if *id == task.msg_id {
+                    return self.fail_task(
+                        task,
+                        "InvalidDependency",
+                        "a task cannot depend on itself",
+                    );
+                }
+                if !self.tasks.known(id) {
+                    let why = format!("unknown dependency msg_id {id:?}");
+                    return self.fail_task(task, "InvalidDependency", &why);
+                }
+            }
+        }
+        task.after = after;
+        task.follow = follow;
+        if task.deadline.is_some() {
+            self.tasks.with_deadline += 1;
+        }
+        if let Some(why) = self.impossible(&task) {
+            return self.fail_task(task, "ImpossibleDependency", &why);
+        }
+        let ready = task
+            .after
+            .as_ref()
+            .is_none_or(|d| d.met(&self.tasks.outcomes));
+        if ready {
+            self.tasks.queue.push_back(task);
+            self.drain_queue();
+        } else {
+            self.tasks.waiting.push(task);
+        }
+    }
+
+    /// Why a task can never run, if it cannot.
+    fn impossible(&self, task: &Task) -> Option<String> {
+        let o = &self.tasks.outcomes;
+        if task.after.as_ref().is_some_and(|d| d.unreachable(o)) {
+            return Some("the 'after' dependencies can no longer be met".into());
+        }
+        if let Some(f) = &task.follow {
+            if f.unreachable(o) {
+                return Some("the 'follow' dependencies can no longer be met".into());
+            }
+            let places: HashSet<&Vec<u8>> =
+                f.ids.iter().filter_map(|id| o.location.get(id)).collect();
+            if f.all && places.len() > 1 {
+                return Some("'follow' names tasks that ran on different engines".into());
+            }
+            if f.all && f.met(o) {
+                if let Some(place) = places.iter().next() {
+                    if !self
+                        .engines
+                        .by_uuid
+                        .get(*place)
+                        .is_some_and(|e| e.registered)
+                    {
+                        return Some("the engine the task must follow is gone".into());
+                    }
+                }
+            }
+        }
+        if let Some(targets) = &task.targets {
+            let alive = targets.iter().any(|t| {
+                !task.blacklist.contains(t)
+                    && self.engines.by_uuid.get(t).is_some_and(|e| e.registered)
+            });
+            if !alive {
+                return Some("none of the task's target engines can run it".into());
+            }
+        } else if !task.blacklist.is_empty() {
+            let registered: Vec<&Vec<u8>> = self
+                .engines
+                .by_uuid
+                .values()
+                .filter(|e| e.registered)
+                .map(|e| &e.uuid)
+                .collect();
+            if !registered.is_empty() && registered.iter().all(|u| task.blacklist.contains(*u)) {
+                return Some("every engine failed to meet the task's dependencies".into());
+            }
+        }
+        None
+    }
+
+    /// Engines where a follow dependency allows the task to run (None: anywhere).
+    fn follow_places(&self, task: &Task) -> Option<HashSet<Vec<u8>>> {
+        let f = task.follow.as_ref()?;
+        let o = &self.tasks.outcomes;
+        let places: HashSet<Vec<u8>> = f
+            .ids
+            .iter()
+            .filter(|id| f.counts(o, id) == Some(true))
+            .filter_map(|id| o.location.get(id).cloned())
+            .collect();
+        Some(places)
+    }
+
+    /// Send a task to an engine if one can take it; gives the task back otherwise.
+    fn try_assign(&mut self, task: Task) -> Option<Task> {
+        if let Some(f) = &task.follow {
+            if !f.met(&self.tasks.outcomes) {
+                return Some(task);
+            }
+        }
+        let places = self.follow_places(&task);
+        let registered = &self.engines.by_uuid;
+        let allowed = |u: &[u8]| {
+            registered.get(u).is_some_and(|e| e.registered)
+                && !task.blacklist.contains(u)
+                && task
+                    .targets
+                    .as_ref()
+                    .is_none_or(|t| t.iter().any(|x| x == u))
+                && places.as_ref().is_none_or(|p| p.contains(u))
+        };
+        let Some(uuid) = self.balancer.pick(&allowed) else {
+            return Some(task);
+        };
+        let mut env = share_env(&task.env);
+        let rest: Vec<_> = env.idents.drain(1..).collect();
+        let mut idents = vec![ident(&uuid), ident(&task.client)];
+        idents.extend(rest.into_iter().map(OutFrame::Received));
+        env.idents.clear();
+        match self.send(TASK_E, frames_of(idents, env)) {
+            Ok(()) => {
+                self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
+                if task.deadline.is_some() {
+                    self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
+                }
+                if let Some(e) = self.engines.by_uuid.get_mut(&uuid) {
+                    let info = InFlight {
+                        client: task.client.clone(),
+                        header: task.header.clone(),
+                        msg_type: task.msg_type.clone(),
+                    };
+                    e.tasks.insert(task.msg_id.clone(), info);
+                }
+                self.tasks.running.insert(task.msg_id.clone(), (uuid, task));
+                None
+            }
+            Err(_) => {
+                // The engine vanished between registration and now: try elsewhere later.
+                self.balancer.finished(&uuid);
+                let mut task = task;
+                task.blacklist.insert(uuid);
+                Some(task)
+            }
+        }
+    }
+
+    pub(crate) fn drain_queue(&mut self) {
+        let mut kept = VecDeque::new();
+        while let Some(task) = self.tasks.queue.pop_front() {
+            if !self.balancer.has_capacity() {
+                kept.push_back(task);
+                break;
+            }
+            if let Some(back) = self.try_assign(task) {
+                match self.impossible(&back) {
+                    Some(why) => self.fail_task(back, "ImpossibleDependency", &why),
+                    None => kept.push_back(back),
+                }
+            }
+        }
+        kept.extend(self.tasks.queue.drain(..));
+        self.tasks.queue = kept;
+    }
+
+    /// Answer a task with a scheduler error (no engine ran it).
+    fn fail_task(&mut self, task: Task, ename: &str, evalue: &str) {
+        log_at!(
+            Level::Info,
+            "task {} failed in the scheduler: {ename}: {evalue}",
+            task.msg_id
+        );
+        if task.deadline.is_some() && !self.tasks.running.contains_key(&task.msg_id) {
+            self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
+        }
+        self.tasks.outcomes.record(task.msg_id.clone(), false, None);
+        self.send_new(
+            TASK_C,
+            vec![task.client],
+            &reply_type(&task.msg_type),
+            error_content(ename, evalue),
+            task.header,
+            error_metadata(None),
+        );
+        self.release_waiting();
+    }
+
+    /// Move waiting tasks whose after-dependencies are now met to the queue; fail the
+    /// ones that became impossible.
+    pub(crate) fn release_waiting(&mut self) {
+        if self.tasks.waiting.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.tasks.waiting);
+        let mut moved = false;
+        for task in waiting {
+            if let Some(why) = self.impossible(&task) {
+                self.fail_task(task, "ImpossibleDependency", &why);
+            } else if task
+                .after
+                .as_ref()
+                .is_none_or(|d| d.met(&self.tasks.outcomes))
+            {
+                self.tasks.queue.push_back(task);
+                moved = true;
+            } else {
+                self.tasks.waiting.push(task);
+            }
+        }
+        if moved {
+            self.drain_queue();
+        }
+    }
+
+    pub(crate) fn on_task_reply(&mut self, env: Env) {
+        if env.idents.len() < 2 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            log_at!(Level::Warning, "dropped a task reply too short to route");
+            return;
+        }
+        let engine = env.idents[0].as_ref().to_vec();
+        let client = env.idents[1].as_ref().to_vec();
+        let msg_id = self
+            .unpack(&env, "parent_header")
+            .and_then(|p| str_field(&p, "msg_id").map(str::to_owned));
+        let metadata = self.unpack(&env, "metadata").unwrap_or(Value::Nil);
+        let ok = str_field(&metadata, "status") == Some("ok");
+        let unmet = matches!(metadata.get("dependencies_met"), Some(Value::Bool(false)));
+        if let Some(msg_id) = &msg_id {
+            if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
+                if e.tasks.remove(msg_id).is_some() {
+                    e.completed += 1;
+                    self.balancer.finished(&engine);
+                }
+            }
+            if let Some((_, mut task)) = self.tasks.running.remove(msg_id) {
+                if unmet || (!ok && task.retries > 0) {
+                    if !unmet {
+                        task.retries -= 1;
+                    }
+                    log_at!(
+                        Level::Debug,
+                        "task {msg_id} rescheduled after {} on {}",
+                        if unmet {
+                            "an unmet dependency"
+                        } else {
+                            "a failure"
+                        },
+                        show(&engine)
+                    );
+                    task.blacklist.insert(engine);
+                    if task.deadline.is_some() {
+                        self.tasks.with_deadline += 1;
+                    }
+                    self.tasks.queue.push_front(task);
+                    self.drain_queue();
+                    return;
+                }
+            }
+            self.tasks
+                .outcomes
+                .record(msg_id.clone(), ok, Some(engine.clone()));
+        }
+        let mut env = env;
+        let rest: Vec<_> = env.idents.drain(2..).collect();
+        let mut idents = vec![ident(&client), ident(&engine)];
+        idents.extend(rest.into_iter().map(OutFrame::Received));
+        env.idents.clear();
+        let _ = self.send(TASK_C, frames_of(idents, env));
+        self.release_waiting();
+        if !self.tasks.queue.is_empty() {
+            self.drain_queue();
+        }
+    }
+
+    /// Tasks that were running on an engine that died: retried elsewhere if they have retries
+    /// left, answered with EngineError otherwise.
+    pub(crate) fn tasks_stranded(&mut self, uuid: &[u8], id: i64) {
+        let stranded: Vec<String> = self
+            .tasks
+            .running
+            .iter()
+            .filter(|(_, (e, _))| e.as_slice() == uuid)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for msg_id in stranded {
+            let Some((_, mut task)) = self.tasks.running.remove(&msg_id) else {
+                continue;
+            };
+            if task.retries > 0 {
+                task.retries -= 1;
+                task.blacklist.insert(uuid.to_vec());
+                self.tasks.queue.push_front(task);
+            } else {
+                self.tasks
+                    .outcomes
+                    .record(msg_id.clone(), false, Some(uuid.to_vec()));
+                let req = InFlight {
+                    client: task.client,
+                    header: task.header,
+                    msg_type: task.msg_type,
+                };
+                self.fail_request(TASK_C, uuid, id, &msg_id, req);
+            }
+        }
+        self.release_waiting();
+        self.drain_queue();
+    }
+
+    /// Fail queued tasks whose timeout passed before they started.
+    pub(crate) fn task_timeouts(&mut self) {
+        if self.tasks.with_deadline == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let expired = |t: &Task| t.deadline.is_some_and(|d| now >= d);
+        let mut timed_out = Vec::new();
+        let queue = std::mem::take(&mut self.tasks.queue);
+        for t in queue {
+            if expired(&t) {
+                timed_out.push(t);
+            } else {
+                self.tasks.queue.push_back(t);
+            }
+        }
+        let waiting = std::mem::take(&mut self.tasks.waiting);
+        for t in waiting {
+            if expired(&t) {
+                timed_out.push(t);
+            } else {
+                self.tasks.waiting.push(t);
+            }
+        }
+        for t in timed_out {
+            self.fail_task(
+                t,
+                "TaskTimeout",
+                "the task did not start before its timeout",
+            );
+        }
+    }
+
+    /// Remove queued (not yet running) tasks; they are answered as aborted. Returns their ids.
+    pub(crate) fn abort_queued(&mut self, msg_ids: &HashSet<String>) -> Vec<String> {
+        let mut aborted = Vec::new();
+        let mut keep_q = VecDeque::new();
+        for t in std::mem::take(&mut self.tasks.queue) {
+            if msg_ids.contains(&t.msg_id) {
+                aborted.push(t);
+            } else {
+                keep_q.push_back(t);
+            }
+        }
+        self.tasks.queue = keep_q;
+        let mut keep_w = Vec::new();
+        for t in std::mem::take(&mut self.tasks.waiting) {
+            if msg_ids.contains(&t.msg_id) {
+                aborted.push(t);
+            } else {
+                keep_w.push(t);
+            }
+        }
+        self.tasks.waiting = keep_w;
+        let mut ids = Vec::new();
+        for t in aborted {
+            if t.deadline.is_some() {
+                self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
+            }
+            ids.push(t.msg_id.clone());
+            self.tasks.outcomes.record(t.msg_id.clone(), false, None);
+            let md = Value::map([("status", Value::from("aborted"))]);
+            self.send_new(
+                TASK_C,
+                vec![t.client],
+                &reply_type(&t.msg_type),
+                Value::map([("status", Value::from("aborted"))]),
+                t.header,
+                md,
+            );
+        }
+        self.release_waiting();
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::from(*s)).collect())
+    }
+
+    #[test]
+    fn parse_forms_and_errors() {
+        assert_eq!(Dep::parse(None), Ok(None));
+        assert_eq!(Dep::parse(Some(&ids(&[]))), Ok(None));
+        let d = Dep::parse(Some(&ids(&["a"]))).unwrap().unwrap();
+        assert!(d.all && d.success && !d.failure);
+        let m = Value::map([
+            ("dependencies", ids(&["a", "b"])),
+            ("all", Value::Bool(false)),
+            ("success", Value::Bool(false)),
+            ("failure", Value::Bool(true)),
+        ]);
+        let d = Dep::parse(Some(&m)).unwrap().unwrap();
+        assert!(!d.all && !d.success && d.failure);
+        let bad = Value::map([
+            ("dependencies", ids(&["a"])),
+            ("success", Value::Bool(false)),
+            ("failure", Value::Bool(false)),
+        ]);
+        assert!(Dep::parse(Some(&bad)).is_err());
+        assert!(Dep::parse(Some(&Value::Int(3))).is_err());
+    }
+
+    #[test]
+    fn met_and_unreachable() {
+        let mut o = Outcomes::default();
+        let all = Dep {
+            ids: vec!["a".into(), "b".into()],
+            all: true,
+            success: true,
+            failure: false,
+        };
+        let any = Dep {
+            all: false,
+            ..all.clone()
+        };
+        assert!(!all.met(&o) && !any.met(&o));
+        o.record("a".into(), true, None);
+        assert!(!all.met(&o) && any.met(&o));
+        o.record("b".into(), false, None);
+        assert!(!all.met(&o) && all.unreachable(&o));
+        assert!(any.met(&o) && !any.unreachable(&o));
+        let on_failure = Dep {
+            success: false,
+            failure: true,
+            ..all.clone()
+        };
+        assert!(on_failure.unreachable(&o));
+    }
+}
