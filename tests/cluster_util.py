@@ -1,0 +1,318 @@
+"""Helpers for the tests that run real controller and engine processes and raw pyzmq peers.
+
+Everything here waits with a bound: a helper that cannot finish in time fails the test (with the
+controller's log tail where that helps) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import zmq
+
+from peer.session import Session as PeerSession
+
+LOCALHOST = "127.0.0.1"
+
+T = TypeVar("T")
+
+#: Connection-file port keys per role.
+CLIENT_PORTS = ("registration", "control", "mux", "task", "iopub", "notification")
+ENGINE_PORTS = ("registration", "control", "mux", "task", "iopub", "hb_ping", "hb_pong")
+
+
+def wait_until(
+    cond: Callable[[], T], timeout: float = 10.0, what: str = "a condition", interval: float = 0.01
+) -> T:
+    """Return the first truthy value of ``cond()``; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    state = data[data.rfind(b")") + 2 :].split()[0]
+    return state not in (b"Z", b"X")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file (``""`` if it cannot be read)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# -- a controller subprocess -------------------------------------------------------------------
+
+
+@dataclass
+class ControllerProcess:
+    """``python -m ferroparallel.controller`` run by a test, with its connection info."""
+
+    popen: subprocess.Popen[bytes]
+    profile_dir: Path
+    log_file: Path
+    client_file: Path
+    engine_file: Path
+    client: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def client_url(self, key: str) -> str:
+        """URL of a client-side channel (``registration``, ``mux``, ``notification``...)."""
+        return f"tcp://{LOCALHOST}:{self.client[key]}"
+
+    def engine_url(self, key: str) -> str:
+        """URL of an engine-side channel (``registration``, ``mux``, ``hb_ping``...)."""
+        return f"tcp://{LOCALHOST}:{self.engine[key]}"
+
+    def log(self, lines: int = 40) -> str:
+        return log_tail(self.log_file, lines)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        stop_popen(self.popen, timeout)
+
+
+def stop_popen(p: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM a child, SIGKILL it if it is still alive after ``timeout`` s, and reap it."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+def start_controller(
+    profile_dir: Path, *args: str, timeout: float = 30.0, cluster_id: str = ""
+) -> ControllerProcess:
+    """Start a controller in ``profile_dir`` and wait for both of its connection files.
+
+    stdout and stderr go to ``<profile_dir>/log/test-controller.log``.
+    """
+    sec = profile_dir / "security"
+    sec.mkdir(parents=True, exist_ok=True)
+    os.chmod(sec, 0o700)
+    (profile_dir / "log").mkdir(exist_ok=True)
+    log_file = profile_dir / "log" / "test-controller.log"
+    stem = f"ipcontroller-{cluster_id}" if cluster_id else "ipcontroller"
+    client_file = sec / f"{stem}-client.json"
+    engine_file = sec / f"{stem}-engine.json"
+    cmd = [sys.executable, "-m", "ferroparallel.controller", "--profile-dir", str(profile_dir)]
+    if cluster_id:
+        cmd += ["--cluster-id", cluster_id]
+    with open(log_file, "ab") as out:
+        p = subprocess.Popen(
+            [*cmd, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    ctl = ControllerProcess(p, profile_dir, log_file, client_file, engine_file)
+    deadline = time.monotonic() + timeout
+    while not (client_file.exists() and engine_file.exists()):
+        if p.poll() is not None:
+            pytest.fail(f"controller exited with status {p.returncode}:\n{ctl.log()}")
+        if time.monotonic() > deadline:
+            ctl.stop()
+            pytest.fail(f"controller wrote no connection files within {timeout:g} s:\n{ctl.log()}")
+        time.sleep(0.01)
+    ctl.client = json.loads(client_file.read_text())
+    ctl.engine = json.loads(engine_file.read_text())
+    return ctl
+
+
+def peer_session(info: dict[str, Any], session: str | None = None) -> PeerSession:
+    """A pure-Python peer session with the key and packer of a connection file."""
+    return PeerSession(
+        str(info["key"]).encode(),
+        packer=str(info.get("pack", "msgpack")),
+        signature_scheme=str(info.get("signature_scheme", "hmac-sha256")),
+        session=session,
+    )
+
+
+# -- raw pyzmq sockets ---------------------------------------------------------------------------
+
+
+def connect(
+    ctx: zmq.Context,
+    kind: int,
+    urls: str | Iterable[str],
+    identity: bytes | None = None,
+    subscribe: bytes | None = None,
+    timeout: float = 10.0,
+) -> zmq.Socket:
+    """Connect a socket and wait until the ZMTP handshake with every peer has succeeded.
+
+    Waiting for the handshake makes the tests independent of connection timing: a ROUTER peer
+    can route to this socket, and a SUB's subscription is on its way, once this returns.
+    """
+    url_list = [urls] if isinstance(urls, str) else list(urls)
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    if identity is not None:
+        sock.identity = identity
+    if subscribe is not None:
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        for url in url_list:
+            sock.connect(url)
+        done = 0
+        deadline = time.monotonic() + timeout
+        while done < len(url_list):
+            left = deadline - time.monotonic()
+            if left <= 0 or not monitor.poll(int(left * 1000)):
+                sock.close(0)
+                pytest.fail(f"no ZMTP handshake with {url_list} within {timeout:g} s")
+            frames = monitor.recv_multipart()
+            event = int.from_bytes(frames[0][:2], "little")
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                done += 1
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+    return sock
+
+
+def recv_until(
+    session: PeerSession,
+    sock: zmq.Socket,
+    match: Callable[[dict[str, Any]], bool],
+    timeout: float = 10.0,
+    what: str = "a message",
+) -> dict[str, Any]:
+    """Receive (verifying each message) until one satisfies ``match``; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000)):
+            pytest.fail(f"no {what} within {timeout:g} s (saw: {seen[-10:]})")
+        msg = session.deserialize(sock.recv_multipart(copy=True))
+        if match(msg):
+            return msg
+        seen.append(str(msg["msg_type"]))
+
+
+def drain(sock: zmq.Socket, quiet: float = 0.3, limit: float = 5.0) -> list[list[bytes]]:
+    """Every message that arrives until ``quiet`` seconds pass without one (at most ``limit``)."""
+    out: list[list[bytes]] = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and sock.poll(int(quiet * 1000)):
+        out.append(sock.recv_multipart())
+    return out
+
+
+def collect(
+    session: PeerSession,
+    sock: zmq.Socket,
+    n: int,
+    timeout: float = 20.0,
+    quiet: float = 0.3,
+    what: str = "messages",
+) -> list[dict[str, Any]]:
+    """Wait (bounded) for ``n`` messages, then keep whatever else arrives until ``quiet``
+    seconds pass without one; every message is verified but not recorded (no replay check)."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000)):
+            types = [m["msg_type"] for m in out]
+            pytest.fail(f"only {len(out)} of {n} {what} within {timeout:g} s: {types}")
+        out.append(session.deserialize(sock.recv_multipart(), record=False))
+    out.extend(session.deserialize(f, record=False) for f in drain(sock, quiet=quiet))
+    return out
+
+
+class HeartEcho(threading.Thread):
+    """A fake engine's heart: SUB to ``hb_ping``, echo every ping on a DEALER to ``hb_pong``.
+
+    The sockets are created and used in this thread only (pyzmq sockets are not thread-safe).
+    """
+
+    def __init__(self, ctx: zmq.Context, ping_url: str, pong_url: str, identity: bytes) -> None:
+        super().__init__(name="fake-heart", daemon=True)
+        self.ctx = ctx
+        self.ping_url = ping_url
+        self.pong_url = pong_url
+        self.identity = identity
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.echoed = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            pong = connect(self.ctx, zmq.DEALER, self.pong_url, identity=self.identity)
+            ping = connect(self.ctx, zmq.SUB, self.ping_url, subscribe=b"")
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            while not self.stop_event.is_set():
+                if ping.poll(20):
+                    frames = ping.recv_multipart()
+                    pong.send_multipart(frames)
+                    self.echoed += 1
+        finally:
+            ping.close(0)
+            pong.close(0)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(5)
+
+
+def send_all(sock: zmq.Socket, messages: Sequence[Sequence[bytes]]) -> None:
+    """Send each frame list (non-blocking sends would hide nothing here: HWM is 0)."""
+    for frames in messages:
+        sock.send_multipart(list(frames))

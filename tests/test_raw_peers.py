@@ -1,0 +1,340 @@
+"""Raw pyzmq peers against the real controller, and a raw client against a real engine.
+
+The fake engine and the fake client are written with plain pyzmq sockets and the pure-Python
+envelope of ``tests/peer/session.py``; nothing of ferroparallel's Rust I/O is on their side of
+the wire, so these tests check the controller (and the engine) from the outside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from cluster_util import (
+    ControllerProcess,
+    HeartEcho,
+    connect,
+    drain,
+    peer_session,
+    recv_until,
+    start_controller,
+    wait_until,
+)
+from ferroparallel.cluster import Cluster
+from ferroparallel.serialize import deserialize_object, pack_apply_message
+from peer.session import DELIMITER, new_id
+
+pytestmark = pytest.mark.timeout(60)
+
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private FERROPARALLEL_DIR: nothing touches ~/.ferroparallel."""
+    root = tmp_path / "fproot"
+    monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def controller(fp_root: Path) -> Iterator[ControllerProcess]:
+    """A real controller process (``--ping 200``), stopped after the test."""
+    ctl = start_controller(fp_root / "profile_raw", "--ping", "200", "--log-level", "DEBUG")
+    try:
+        yield ctl
+    finally:
+        ctl.stop()
+
+
+def test_fake_engine_and_fake_client_through_real_controller(
+    controller: ControllerProcess, zctx: zmq.Context
+) -> None:
+    ctl = controller
+    client_s = peer_session(ctl.client)
+    engine_uuid = new_id()
+    engine_s = peer_session(ctl.engine, session=engine_uuid)
+    ident = engine_uuid.encode()
+
+    # -- the fake client: query, mux and task DEALERs, iopub and notification SUBs -------------
+    query = connect(zctx, zmq.DEALER, ctl.client_url("registration"))
+    mux = connect(zctx, zmq.DEALER, ctl.client_url("mux"))
+    task = connect(zctx, zmq.DEALER, ctl.client_url("task"))
+    notif = connect(zctx, zmq.SUB, ctl.client_url("notification"), subscribe=b"")
+    iopub = connect(zctx, zmq.SUB, ctl.client_url("iopub"), subscribe=b"")
+
+    hdr = client_s.send(query, "connection_request", {})
+    reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
+    assert reply["parent_header"]["msg_id"] == hdr["msg_id"]
+    assert reply["content"]["status"] == "ok"
+    assert engine_uuid not in reply["content"]["engines"].values()
+
+    # -- the fake engine: shell ROUTER on mux and task, iopub PUB, heart, then registration ------
+    shell = connect(
+        zctx, zmq.ROUTER, [ctl.engine_url("mux"), ctl.engine_url("task")], identity=ident
+    )
+    eng_iopub = connect(zctx, zmq.PUB, ctl.engine_url("iopub"), identity=ident)
+    heart = HeartEcho(zctx, ctl.engine_url("hb_ping"), ctl.engine_url("hb_pong"), ident)
+    heart.start()
+    try:
+        assert heart.ready.wait(10) and heart.error is None, heart.error
+        registrar = connect(zctx, zmq.DEALER, ctl.engine_url("registration"), identity=ident)
+        hdr = engine_s.send(registrar, "registration_request", {"uuid": engine_uuid})
+        reg = recv_until(engine_s, registrar, lambda m: m["msg_type"] == "registration_reply")
+        assert reg["parent_header"]["msg_id"] == hdr["msg_id"]
+        assert reg["content"]["status"] == "ok", reg["content"]
+        eid = reg["content"]["id"]
+        assert isinstance(eid, int) and eid >= 0
+        assert reg["content"]["hb_period"] == 200
+
+        note = recv_until(
+            client_s,
+            notif,
+            lambda m: m["msg_type"] == "registration_notification",
+            what="registration_notification",
+        )
+        assert note["content"] == {"id": eid, "uuid": engine_uuid}
+        assert heart.echoed > 0
+
+        client_s.send(query, "connection_request", {})
+        reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
+        assert reply["content"]["engines"] == {str(eid): engine_uuid}
+
+        # -- execute_request: client -> mux -> engine; stream on iopub; reply back ----------
+        code = "print('hello from the fake engine')"
+        ex_hdr = client_s.send(
+            mux,
+            "execute_request",
+            {"code": code, "silent": False, "user_expressions": {}},
+            metadata={"label": "raw"},
+            ident=ident,
+        )
+        req = recv_until(engine_s, shell, lambda m: True, what="execute_request on the engine")
+        assert req["msg_type"] == "execute_request"
+        assert req["header"] == ex_hdr  # relayed untouched, still verifiable with the key
+        assert req["content"]["code"] == code
+        assert req["metadata"] == {"label": "raw"}
+        assert len(req["idents"]) == 2 and req["idents"][0] == b"mux_out"
+        client_zid = req["idents"][1]
+
+        engine_s.send(
+            eng_iopub,
+            "stream",
+            {"name": "stdout", "text": "hello from the fake engine\n"},
+            parent=req["header"],
+            metadata={"engine": engine_uuid},
+            ident=f"engine.{eid}.stdout".encode(),
+        )
+        engine_s.send(
+            shell,
+            "execute_reply",
+            {"status": "ok", "execution_count": 1, "user_expressions": {}, "payload": []},
+            parent=req["header"],
+            metadata={"engine": engine_uuid, "status": "ok"},
+            ident=req["idents"],
+        )
+        out = recv_until(
+            client_s,
+            iopub,
+            lambda m: m["msg_type"] == "stream",
+            what="stream output on iopub",
+        )
+        assert out["idents"] == [f"engine.{eid}.stdout".encode()]
+        assert out["parent_header"]["msg_id"] == ex_hdr["msg_id"]
+        assert out["content"]["text"] == "hello from the fake engine\n"
+        rep = recv_until(client_s, mux, lambda m: True, what="execute_reply")
+        assert rep["msg_type"] == "execute_reply"
+        assert rep["idents"] == [ident]
+        assert rep["parent_header"]["msg_id"] == ex_hdr["msg_id"]
+        assert rep["metadata"]["engine"] == engine_uuid
+
+        # -- apply_request with 1 MiB of buffers, both ways ---------------------------------
+        bufs = [os.urandom(MIB // 2), b"\x07" * (MIB // 4), bytes(range(256)) * (MIB // 1024)]
+        assert sum(len(b) for b in bufs) == MIB
+        ap_hdr = client_s.send(mux, "apply_request", {}, ident=ident, buffers=bufs)
+        req = recv_until(engine_s, shell, lambda m: True, what="apply_request on the engine")
+        assert req["msg_type"] == "apply_request"
+        assert req["header"]["msg_id"] == ap_hdr["msg_id"]
+        assert req["idents"] == [b"mux_out", client_zid]
+        assert [bytes(b) for b in req["buffers"]] == bufs
+        result = [hashlib.sha256(b"".join(bytes(b) for b in req["buffers"])).digest(), bufs[0]]
+        engine_s.send(
+            shell,
+            "apply_reply",
+            {"status": "ok"},
+            parent=req["header"],
+            metadata={"engine": engine_uuid, "status": "ok"},
+            ident=req["idents"],
+            buffers=result,
+        )
+        rep = recv_until(client_s, mux, lambda m: True, what="apply_reply")
+        assert rep["msg_type"] == "apply_reply"
+        assert rep["parent_header"]["msg_id"] == ap_hdr["msg_id"]
+        assert rep["content"] == {"status": "ok"}
+        assert [bytes(b) for b in rep["buffers"]] == result
+
+        # -- a load-balanced apply_request reaches the only engine through the task channel ---
+        tk_hdr = client_s.send(task, "apply_request", {}, buffers=[b"task-payload"])
+        req = recv_until(engine_s, shell, lambda m: True, what="task apply_request")
+        assert req["header"]["msg_id"] == tk_hdr["msg_id"]
+        assert req["idents"][0] == b"task_out" and len(req["idents"]) == 2
+        assert [bytes(b) for b in req["buffers"]] == [b"task-payload"]
+        engine_s.send(
+            shell,
+            "apply_reply",
+            {"status": "ok"},
+            parent=req["header"],
+            metadata={"engine": engine_uuid, "status": "ok"},
+            ident=req["idents"],
+            buffers=[b"done"],
+        )
+        rep = recv_until(client_s, task, lambda m: True, what="task apply_reply")
+        assert rep["parent_header"]["msg_id"] == tk_hdr["msg_id"]
+        assert [bytes(b) for b in rep["buffers"]] == [b"done"]
+
+        # -- the engine leaves: unregistration_request -> unregistration_notification -------
+        engine_s.send(registrar, "unregistration_request", {"id": eid})
+        note = recv_until(
+            client_s,
+            notif,
+            lambda m: m["msg_type"] == "unregistration_notification",
+            what="unregistration_notification",
+        )
+        assert note["content"] == {"id": eid, "uuid": engine_uuid}
+        client_s.send(query, "connection_request", {})
+        reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
+        assert reply["content"]["engines"] == {}
+    finally:
+        heart.stop()
+    assert ctl.alive, ctl.log()
+
+
+def test_fake_engine_that_never_beats_is_not_registered(
+    controller: ControllerProcess, zctx: zmq.Context
+) -> None:
+    """A registration without heartbeats stays pending: no notification, not in connection_reply;
+    and a second registration of the same uuid is refused."""
+    ctl = controller
+    client_s = peer_session(ctl.client)
+    uuid = new_id()
+    engine_s = peer_session(ctl.engine, session=uuid)
+    notif = connect(zctx, zmq.SUB, ctl.client_url("notification"), subscribe=b"")
+    query = connect(zctx, zmq.DEALER, ctl.client_url("registration"))
+    registrar = connect(zctx, zmq.DEALER, ctl.engine_url("registration"), identity=uuid.encode())
+    engine_s.send(registrar, "registration_request", {"uuid": uuid})
+    reg = recv_until(engine_s, registrar, lambda m: m["msg_type"] == "registration_reply")
+    assert reg["content"]["status"] == "ok"
+    engine_s.send(registrar, "registration_request", {"uuid": uuid})
+    again = recv_until(engine_s, registrar, lambda m: m["msg_type"] == "registration_reply")
+    assert again["content"]["status"] == "error"
+    assert again["content"]["ename"] == "KeyError"
+    assert drain(notif, quiet=0.6) == []
+    client_s.send(query, "connection_request", {})
+    reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
+    assert reply["content"]["engines"] == {}
+
+
+def _first_engine(client_s: Any, query: zmq.Socket) -> tuple[int, str] | None:
+    client_s.send(query, "connection_request", {})
+    reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
+    engines = reply["content"]["engines"]
+    if not engines:
+        return None
+    k = min(engines, key=int)
+    return int(k), engines[k]
+
+
+def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None:
+    """A raw pyzmq client sends a pack_apply_message payload to a real engine process."""
+    cluster = Cluster(
+        n=1,
+        profile_dir=fp_root / "profile_real",
+        controller_args=["--ping", "200"],
+        shutdown_atexit=False,
+    )
+    try:
+        cluster.start_cluster_sync()
+        info = json.loads(cluster.client_file.read_text())
+        client_s = peer_session(info)
+        base = "tcp://127.0.0.1:"
+        query = connect(zctx, zmq.DEALER, base + str(info["registration"]))
+        mux = connect(zctx, zmq.DEALER, base + str(info["mux"]))
+        iopub = connect(zctx, zmq.SUB, base + str(info["iopub"]), subscribe=b"")
+        eid, uuid = wait_until(
+            lambda: _first_engine(client_s, query), timeout=30, what="the engine to register"
+        )
+
+        def work(data: bytes, scale: int) -> tuple[int, bytes, int]:
+            print("working on", len(data), "bytes")
+            return len(data), data[:4] + data[-4:], scale * 7
+
+        payload = b"\x01\x02\x03\x04" + os.urandom(MIB) + b"\xfa\xfb\xfc\xfd"
+        bufs = pack_apply_message(work, (payload,), {"scale": 6})
+        assert len(bufs) > 2  # the 1 MiB argument travels as its own frame
+        hdr = client_s.send(mux, "apply_request", {}, ident=uuid.encode(), buffers=bufs)
+        rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="apply_reply")
+        assert rep["idents"] == [uuid.encode()]
+        assert rep["msg_type"] == "apply_reply"
+        assert rep["parent_header"]["msg_id"] == hdr["msg_id"]
+        assert rep["content"]["status"] == "ok", rep["content"]
+        assert rep["metadata"]["engine"] == uuid
+        assert rep["metadata"]["status"] == "ok"
+        result = deserialize_object([bytes(b) for b in rep["buffers"]])
+        assert result == (len(payload), b"\x01\x02\x03\x04\xfa\xfb\xfc\xfd", 42)
+
+        out = recv_until(
+            client_s,
+            iopub,
+            lambda m: (
+                m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == hdr["msg_id"]
+            ),
+            timeout=10,
+            what="the engine's stdout on iopub",
+        )
+        assert out["idents"][0].startswith(f"engine.{eid}.".encode())
+        assert out["content"]["name"] == "stdout"
+        assert out["content"]["text"].startswith(f"working on {len(payload)} bytes")
+        assert out["metadata"].get("engine") == uuid
+
+        # A remote exception comes back as an error reply with the exception's name.
+        def boom() -> None:
+            raise ZeroDivisionError("raw boom")
+
+        hdr = client_s.send(
+            mux, "apply_request", {}, ident=uuid.encode(), buffers=pack_apply_message(boom)
+        )
+        rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="error apply_reply")
+        assert rep["parent_header"]["msg_id"] == hdr["msg_id"]
+        assert rep["content"]["status"] == "error"
+        assert rep["content"]["ename"] == "ZeroDivisionError"
+        assert rep["content"]["evalue"] == "raw boom"
+        assert rep["content"]["engine_info"]["engine_id"] == eid
+
+        # A forged message for the engine is dropped (not relayed) and the engine keeps serving.
+        mux.send_multipart([uuid.encode(), DELIMITER, b"0" * 64, b"x", b"{}", b"{}", b"{}"])
+        hdr = client_s.send(
+            mux,
+            "apply_request",
+            {},
+            ident=uuid.encode(),
+            buffers=pack_apply_message(pow, (2, 10)),
+        )
+        rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="apply_reply")
+        assert rep["parent_header"]["msg_id"] == hdr["msg_id"]
+        assert deserialize_object([bytes(b) for b in rep["buffers"]]) == 1024
+    finally:
+        cluster.stop_cluster_sync()
