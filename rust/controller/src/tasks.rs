@@ -14,7 +14,7 @@ use crate::messages::{error_content, error_metadata, reply_type, str_field};
 use crate::server::{frames_of, ident, show, Env, Server, TASK_C, TASK_E};
 
 /// How many finished msg_ids are remembered for dependencies.
-const OUTCOME_MEMORY: usize = 1 << 20;
+const OUTCOME_MEMORY: usize = 1 << 18;
 
 /// A dependency on other msg_ids (the wire form is a list, or a dict with flags).
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,65 @@
+"""Choosing the scheduler's default HWM: throughput of no-op tasks and balance of uneven tasks
+for ``--hwm`` 0 (unlimited), 1, 2 and 4, one 2-engine ferroparallel cluster per setting."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+from ferroparallel.serialize import interactive
+
+NAME = "hwm"
+
+
+@interactive  # pickled by value: the engines need not import this module
+def _noop(*_: Any) -> None:
+    return None
+
+
+@interactive
+def _sleep(t: float) -> float:
+    import time as _t
+
+    _t.sleep(t)
+    return t
+
+
+def _measure(hwm: int, n_noop: int, durations: list[float]) -> dict[str, Any]:
+    import ferroparallel as ipp
+
+    cluster = ipp.Cluster(n=2, controller_args=["--hwm", str(hwm)])
+    try:
+        rc = cluster.start_and_connect_sync()
+        lview = rc.load_balanced_view()
+        lview.map_sync(_noop, range(200))
+        t0 = time.perf_counter()
+        ars = [lview.apply_async(_noop) for _ in range(n_noop)]
+        for ar in ars:
+            ar.get(timeout=120)
+        rate = n_noop / (time.perf_counter() - t0)
+        # Balance: uneven tasks; the ideal makespan is half the total work on 2 engines.
+        t1 = time.perf_counter()
+        ars = [lview.apply_async(_sleep, d) for d in durations]
+        for ar in ars:
+            ar.get(timeout=120)
+        makespan = time.perf_counter() - t1
+        ideal = max(sum(durations) / 2, max(durations))
+        return {"hwm": hwm, "noop_tasks_per_s": round(rate), "uneven_makespan_s": round(makespan, 3),
+                "ideal_s": round(ideal, 3), "balance_overhead": round(makespan / ideal, 2)}
+    finally:
+        cluster.stop_cluster_sync()
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """One row per HWM setting."""
+    os.environ.setdefault("FERROPARALLEL_DIR", tempfile.mkdtemp(prefix="fp-bench-hwm-"))
+    rng = random.Random(42)
+    # A few long tasks submitted first among many short ones: eager assignment (hwm 0) can
+    # queue short tasks behind long ones on one engine while the other idles.
+    durations = [0.4, 0.4, 0.4] + [rng.uniform(0.0, 0.04) for _ in range(60 if quick else 120)]
+    rng.shuffle(durations)
+    n_noop = 4000 if quick else 20000
+    return [_measure(h, n_noop, durations) for h in (0, 1, 2, 4)]
