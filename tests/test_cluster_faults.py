@@ -626,16 +626,6 @@ def _round_trips(s: PeerSession, query: zmq.Socket, duration: float) -> list[flo
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a huge subscription sent to any controller PUB port (notification, iopub, "
-    "hb_ping) is stored by libzmq's mtrie on the controller's only event-loop thread: 10 MB "
-    "stalls every channel, heartbeat included, for ~0.7 s when subscribed and ~1.6 s when the "
-    "peer disconnects (x5 on a loaded machine) and grows the controller's RSS by 300-900 MB; "
-    "three of them made the engine miss its heartbeat deadline and exit. Fix: set "
-    "ZMQ_MAXMSGSIZE (e.g. 4096) on the NOTIF, IOP_C and HB_PING sockets in "
-    "rust/controller/src/lib.rs bind_all",
-)
 def test_huge_subscription_neither_stalls_nor_bloats_the_controller(
     fp_root: Path, zctx: zmq.Context
 ) -> None:
@@ -645,10 +635,12 @@ def test_huge_subscription_neither_stalls_nor_bloats_the_controller(
         query = connect(zctx, zmq.DEALER, ctl.client_url("registration"))
         base = max(_round_trips(s, query, 0.3))
         rss0 = _rss_mb(ctl.pid)
-        with _raw_zmtp_sub(ctl.client["notification"]) as raw:
+        # The controller refuses oversized input on its publishing ports: libzmq drops the
+        # peer (the connection is reset) instead of storing the subscription.
+        with contextlib.suppress(OSError), _raw_zmtp_sub(ctl.client["notification"]) as raw:
             raw.sendall(_zmtp_frame(b"\x01" + _BIG[: MB10 // 2]))
-            rtts = _round_trips(s, query, 1.5)
-            rss1 = _rss_mb(ctl.pid)
+        rtts = _round_trips(s, query, 1.5)
+        rss1 = _rss_mb(ctl.pid)
         rtts += _round_trips(s, query, 2.5)
         rss2 = _rss_mb(ctl.pid)
         assert ctl.alive, ctl.log()

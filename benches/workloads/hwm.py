@@ -47,8 +47,13 @@ def _measure(hwm: int, n_noop: int, durations: list[float]) -> dict[str, Any]:
             ar.get(timeout=120)
         makespan = time.perf_counter() - t1
         ideal = max(sum(durations) / 2, max(durations))
-        return {"hwm": hwm, "noop_tasks_per_s": round(rate), "uneven_makespan_s": round(makespan, 3),
-                "ideal_s": round(ideal, 3), "balance_overhead": round(makespan / ideal, 2)}
+        return {
+            "hwm": hwm,
+            "noop_tasks_per_s": round(rate),
+            "uneven_makespan_s": round(makespan, 3),
+            "ideal_s": round(ideal, 3),
+            "balance_overhead": round(makespan / ideal, 2),
+        }
     finally:
         cluster.stop_cluster_sync()
 

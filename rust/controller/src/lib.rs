@@ -78,6 +78,17 @@ fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String>
         if i == IOP_E {
             sock.set_subscribe(b"").map_err(|e| err("subscribe", e))?;
         }
+        // What peers send to the publishing sockets is only subscriptions, and heartbeat
+        // replies are one short frame: refuse anything large instead of storing it.
+        let max_in: Option<i64> = match i {
+            NOTIF | IOP_C | HB_PING => Some(4096),
+            HB_PONG => Some(1024),
+            _ => None,
+        };
+        if let Some(limit) = max_in {
+            sock.set_maxmsgsize(limit)
+                .map_err(|e| err("maxmsgsize", e))?;
+        }
         let endpoint = cfg.endpoint(i);
         sock.bind(&endpoint)
             .map_err(|e| err(&format!("bind {endpoint}"), e))?;

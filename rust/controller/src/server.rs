@@ -326,12 +326,15 @@ impl Server {
         match result {
             Ok(env) => Some(env),
             Err(e) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                log_at!(
-                    Level::Warning,
-                    "dropped message on {}: {e}",
-                    crate::config::CHANNELS[i]
-                );
+                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // A flood of junk must not become a flood of log lines.
+                if n <= 20 || n % 1000 == 0 {
+                    let ch = crate::config::CHANNELS[i];
+                    log_at!(
+                        Level::Warning,
+                        "dropped message on {ch}: {e} ({n} dropped so far)"
+                    );
+                }
                 None
             }
         }
