@@ -20,7 +20,7 @@ pub struct Controller {
     inner: Mutex<Option<fp_controller::Controller>>,
 }
 
-const KNOWN_KEYS: [&str; 15] = [
+const KNOWN_KEYS: [&str; 17] = [
     "ip",
     "ports",
     "key",
@@ -34,6 +34,8 @@ const KNOWN_KEYS: [&str; 15] = [
     "db",
     "db_path",
     "restore",
+    "db_record_limit",
+    "db_size_limit",
     "engine_state_file",
     "log_level",
 ];
@@ -119,6 +121,12 @@ fn parse_config(config: &Bound<'_, PyDict>) -> PyResult<ControllerConfig> {
     }
     if let Some(v) = get("restore") {
         cfg.restore = v.extract()?;
+    }
+    if let Some(v) = get("db_record_limit") {
+        cfg.db_record_limit = v.extract()?;
+    }
+    if let Some(v) = get("db_size_limit") {
+        cfg.db_size_limit = v.extract()?;
     }
     if let Some(v) = get("engine_state_file") {
         cfg.engine_state_file = Some(v.extract()?);

@@ -72,6 +72,9 @@ pub struct ControllerConfig {
     pub db: String,
     pub db_path: Option<String>,
     pub restore: bool,
+    /// In-memory records: most records kept, and most bytes.
+    pub db_record_limit: usize,
+    pub db_size_limit: usize,
     pub engine_state_file: Option<String>,
 }
 
@@ -91,6 +94,8 @@ impl Default for ControllerConfig {
             db: "memory".into(),
             db_path: None,
             restore: false,
+            db_record_limit: crate::records::DEFAULT_RECORD_LIMIT,
+            db_size_limit: crate::records::DEFAULT_SIZE_LIMIT,
             engine_state_file: None,
         }
     }

@@ -7,6 +7,7 @@ mod engines;
 mod heart;
 pub mod log;
 mod messages;
+pub mod records;
 mod scheduler;
 mod server;
 mod tasks;

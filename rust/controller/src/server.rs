@@ -62,6 +62,7 @@ pub struct Server {
     pub(crate) heart: Heart,
     pub(crate) balancer: Balancer,
     pub(crate) tasks: crate::tasks::TaskState,
+    pub(crate) records: crate::records::Records,
     stop: Arc<AtomicBool>,
     pub(crate) stats: Arc<Stats>,
     /// Engines (by id) in the shared table, for the Python side.
@@ -124,6 +125,16 @@ impl Server {
             cfg.hb_max_misses,
         );
         let balancer = Balancer::new(cfg.scheme, cfg.hwm);
+        let records = crate::records::Records::open(
+            &crate::records::RecordsConfig {
+                db: cfg.db.clone(),
+                path: cfg.db_path.clone(),
+                restore: cfg.restore,
+                record_limit: cfg.db_record_limit,
+                size_limit: cfg.db_size_limit,
+            },
+            cfg.packer,
+        )?;
         let n = socks.len();
         Ok(Server {
             cfg,
@@ -135,6 +146,7 @@ impl Server {
             heart,
             balancer,
             tasks: crate::tasks::TaskState::default(),
+            records,
             stop,
             stats,
             shared_engines: Arc::default(),
@@ -411,6 +423,10 @@ impl Server {
                 );
             }
             "queue_request" => self.on_queue_request(zid, header, content),
+            "db_request" | "history_request" | "result_request" | "purge_request"
+            | "resubmit_request" => {
+                self.on_records_query(zid, header, &msg_type, content);
+            }
             "abort_request" => {
                 let ids: std::collections::HashSet<String> = content
                     .get("msg_ids")
@@ -684,6 +700,14 @@ impl Server {
             Some(id),
             method_of(&req.msg_type),
         );
+        let md = error_metadata(Some(&uuid_s));
+        self.records.on_controller_reply(
+            msg_id,
+            Some(uuid),
+            &reply_type(&req.msg_type),
+            &md,
+            &content,
+        );
         self.send_new(
             sock,
             vec![req.client, uuid.to_vec()],
@@ -814,6 +838,11 @@ impl Server {
             self.fan_out(env, from, to, track, client, header, msg_type);
             return;
         }
+        let captured = if track {
+            self.records.capture(&env)
+        } else {
+            None
+        };
         let mut env = env;
         let rest: Vec<RecvFrame> = env.idents.drain(2..).collect();
         let mut idents = vec![ident(&target), ident(&client)];
@@ -822,6 +851,8 @@ impl Server {
         match self.send(to, frames) {
             Ok(()) => {
                 if track {
+                    self.records
+                        .on_request("mux", &header, captured, Some(&target));
                     self.tasks.direct_pending.insert(msg_id.clone());
                     if let Some(e) = self.engines.by_uuid.get_mut(&target) {
                         e.mux.insert(
@@ -896,6 +927,11 @@ impl Server {
             );
             return;
         }
+        let captured = if track {
+            self.records.capture(&env)
+        } else {
+            None
+        };
         for (uuid, msg_id) in pairs {
             let mut h = header.clone();
             h.set("msg_id", Value::Str(msg_id.clone()));
@@ -912,6 +948,10 @@ impl Server {
                 env.metadata.as_ref(),
                 env.content.as_ref(),
             ]);
+            let copy = captured.clone().map(|mut c| {
+                c.header = packed.clone();
+                c
+            });
             let mut frames = vec![
                 ident(&uuid),
                 ident(&client),
@@ -926,6 +966,7 @@ impl Server {
             match self.send(to, frames) {
                 Ok(()) => {
                     if track {
+                        self.records.on_request("mux", &h, copy, Some(&uuid));
                         if let Some(e) = self.engines.by_uuid.get_mut(&uuid) {
                             let req = InFlight {
                                 client: client.clone(),
@@ -971,6 +1012,7 @@ impl Server {
         if track {
             if let Some(parent) = self.unpack(&env, "parent_header") {
                 if let Some(msg_id) = str_field(&parent, "msg_id") {
+                    self.records.on_reply(msg_id, &engine, &env);
                     if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
                         if e.mux.remove(msg_id).is_some() {
                             e.completed += 1;
@@ -1008,6 +1050,7 @@ impl Server {
                 self.unregister(&uuid, "it shut down");
             }
         }
+        self.records.on_iopub(&msg_type, &env);
         let mut env = env;
         let idents: Vec<OutFrame> = env.idents.drain(..).map(OutFrame::Received).collect();
         let frames = frames_of(idents, env);

@@ -206,6 +206,8 @@ impl Server {
         let Some(metadata) = self.unpack(&env, "metadata") else {
             return;
         };
+        let captured = self.records.capture(&env);
+        self.records.on_request("task", &header, captured, None);
         self.stats.tasks_queued.fetch_add(1, Ordering::Relaxed);
         let targets = match metadata.get("targets") {
             Some(Value::Array(items)) if !items.is_empty() => Some(
@@ -372,6 +374,7 @@ impl Server {
         match self.send(TASK_E, frames_of(idents, env)) {
             Ok(()) => {
                 self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
+                self.records.on_assign(&task.msg_id, &uuid);
                 if task.deadline.is_some() {
                     self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
                 }
@@ -425,14 +428,11 @@ impl Server {
             self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
         }
         self.tasks.outcomes.record(task.msg_id.clone(), false, None);
-        self.send_new(
-            TASK_C,
-            vec![task.client],
-            &reply_type(&task.msg_type),
-            error_content(ename, evalue),
-            task.header,
-            error_metadata(None),
-        );
+        let (content, md) = (error_content(ename, evalue), error_metadata(None));
+        let rtype = reply_type(&task.msg_type);
+        self.records
+            .on_controller_reply(&task.msg_id, None, &rtype, &md, &content);
+        self.send_new(TASK_C, vec![task.client], &rtype, content, task.header, md);
         self.release_waiting();
     }
 
@@ -511,6 +511,7 @@ impl Server {
             self.tasks
                 .outcomes
                 .record(msg_id.clone(), ok, Some(engine.clone()));
+            self.records.on_reply(msg_id, &engine, &env);
         }
         let mut env = env;
         let rest: Vec<_> = env.idents.drain(2..).collect();
@@ -620,6 +621,14 @@ impl Server {
             ids.push(t.msg_id.clone());
             self.tasks.outcomes.record(t.msg_id.clone(), false, None);
             let md = Value::map([("status", Value::from("aborted"))]);
+            let aborted = Value::map([("status", Value::from("aborted"))]);
+            self.records.on_controller_reply(
+                &t.msg_id,
+                None,
+                &reply_type(&t.msg_type),
+                &md,
+                &aborted,
+            );
             self.send_new(
                 TASK_C,
                 vec![t.client],

@@ -299,3 +299,11 @@ pub(crate) fn send_frames(sock: &mut zmq::Socket, mut frames: Vec<RawMsg>) -> Se
     }
     SendOutcome::Sent
 }
+
+impl RecvFrame {
+    /// A frame holding a copy of `bytes`, for messages a process builds itself but handles like
+    /// received ones (e.g. a controller re-submitting a stored request).
+    pub fn from_bytes(bytes: &[u8]) -> RecvFrame {
+        RecvFrame(copy_into_msg(bytes))
+    }
+}

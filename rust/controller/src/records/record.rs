@@ -132,7 +132,9 @@ pub struct TaskRecord {
 }
 
 fn opt_str(s: &Option<String>) -> Value {
-    s.as_ref().map(|s| Value::Str(s.clone())).unwrap_or(Value::Nil)
+    s.as_ref()
+        .map(|s| Value::Str(s.clone()))
+        .unwrap_or(Value::Nil)
 }
 
 fn opt_date(t: Option<Micros>) -> Value {
@@ -192,7 +194,8 @@ impl TaskRecord {
     /// One field as a `Value` (dates as ISO strings; buffers as a list of their lengths — the
     /// bytes travel as frames). Unknown names give `None`.
     pub fn field(&self, name: &str, packer: Packer) -> Option<Value> {
-        let lens = |b: &Vec<Blob>| Value::Array(b.iter().map(|x| Value::Int(x.len() as i64)).collect());
+        let lens =
+            |b: &Vec<Blob>| Value::Array(b.iter().map(|x| Value::Int(x.len() as i64)).collect());
         Some(match name {
             "msg_id" => Value::Str(self.msg_id.clone()),
             "header" => Self::unpack(packer, &self.header, "header"),
@@ -239,9 +242,24 @@ impl TaskRecord {
             ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = other.$f; } )* };
         }
         fill!(
-            header, metadata, content, submitted, client_uuid, engine_uuid, started, completed,
-            resubmitted, received, result_header, result_metadata, result_content, queue,
-            execute_input, execute_result, error, label
+            header,
+            metadata,
+            content,
+            submitted,
+            client_uuid,
+            engine_uuid,
+            started,
+            completed,
+            resubmitted,
+            received,
+            result_header,
+            result_metadata,
+            result_content,
+            queue,
+            execute_input,
+            execute_result,
+            error,
+            label
         );
         if self.buffers.is_empty() {
             self.buffers = other.buffers;

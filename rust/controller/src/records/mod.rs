@@ -1,0 +1,292 @@
+//! The hub's task records (reference §9): one record per request relayed through the MUX or
+//! the task scheduler, filled from the relayed traffic, kept by a backend (memory, SQLite or
+//! none), and queried with mongo-style queries over the hub socket.
+//!
+//! On the message path the relays only copy the small packed dict parts and take shared
+//! handles on large buffers; unpacking happens when a query needs a field.
+
+pub mod date;
+mod hub;
+mod memory;
+pub mod query;
+pub mod record;
+mod sqlite;
+
+use fp_wire::{Packer, Value};
+
+use crate::log::{log_at, Level};
+use crate::server::Env;
+pub use query::{Query, QueryError};
+pub use record::{Blob, TaskRecord, Update};
+
+/// Default limits of the in-memory backend.
+pub const DEFAULT_RECORD_LIMIT: usize = 200_000;
+pub const DEFAULT_SIZE_LIMIT: usize = 1 << 30;
+
+/// Where records are kept.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+    /// Add a record (merged into an existing one with the same msg_id).
+    fn add(&mut self, rec: TaskRecord);
+    /// Change a record (an empty one is created first if there is none).
+    fn update(&mut self, msg_id: &str, u: Update);
+    fn get(&mut self, msg_id: &str) -> Result<TaskRecord, QueryError>;
+    /// Call `f` on every record matching `q`, oldest first.
+    fn find(&mut self, q: &Query, f: &mut dyn FnMut(&TaskRecord)) -> Result<(), QueryError>;
+    fn remove(&mut self, ids: &[String]);
+    /// Every msg_id with its submission time, oldest first.
+    fn history(&mut self) -> Result<Vec<(String, Option<i64>)>, QueryError>;
+}
+
+/// `--db none`: nothing is kept; reads are clear errors.
+struct NoRecords;
+
+fn disabled() -> QueryError {
+    QueryError::key(
+        "the controller keeps no task records (started with --db none); use --db memory or \
+         --db sqlite",
+    )
+}
+
+impl Backend for NoRecords {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn add(&mut self, _: TaskRecord) {}
+    fn update(&mut self, _: &str, _: Update) {}
+    fn get(&mut self, _: &str) -> Result<TaskRecord, QueryError> {
+        Err(disabled())
+    }
+    fn find(&mut self, _: &Query, _: &mut dyn FnMut(&TaskRecord)) -> Result<(), QueryError> {
+        Err(disabled())
+    }
+    fn remove(&mut self, _: &[String]) {}
+    fn history(&mut self) -> Result<Vec<(String, Option<i64>)>, QueryError> {
+        Err(disabled())
+    }
+}
+
+/// The request parts copied off a relayed message.
+#[derive(Clone)]
+pub struct Captured {
+    pub header: Vec<u8>,
+    pub metadata: Vec<u8>,
+    pub content: Vec<u8>,
+    pub buffers: Vec<Blob>,
+}
+
+/// Settings of the records (from the controller config).
+#[derive(Debug, Clone)]
+pub struct RecordsConfig {
+    pub db: String,
+    pub path: Option<String>,
+    pub restore: bool,
+    pub record_limit: usize,
+    pub size_limit: usize,
+}
+
+pub struct Records {
+    backend: Box<dyn Backend>,
+    pub packer: Packer,
+    enabled: bool,
+}
+
+fn date_of(v: Option<&Value>) -> Option<i64> {
+    v.and_then(Value::as_str).and_then(date::parse)
+}
+
+impl Records {
+    pub fn open(cfg: &RecordsConfig, packer: Packer) -> Result<Records, String> {
+        let backend: Box<dyn Backend> = match cfg.db.as_str() {
+            "memory" => Box::new(memory::Memory::new(
+                cfg.record_limit,
+                cfg.size_limit,
+                packer,
+            )),
+            "none" => Box::new(NoRecords),
+            "sqlite" => {
+                let path = cfg.path.clone().unwrap_or_else(|| "tasks.db".into());
+                Box::new(sqlite::Sqlite::open(&path, cfg.restore, packer)?)
+            }
+            other => return Err(format!("unknown db backend {other:?}")),
+        };
+        log_at!(Level::Info, "task records: {} backend", backend.name());
+        Ok(Records {
+            enabled: backend.name() != "none",
+            backend,
+            packer,
+        })
+    }
+
+    pub fn backend(&mut self) -> &mut dyn Backend {
+        self.backend.as_mut()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Copy the request parts of `env` (`None` when records are off).
+    pub fn capture(&self, env: &Env) -> Option<Captured> {
+        if !self.enabled {
+            return None;
+        }
+        Some(Captured {
+            header: env.header.as_ref().to_vec(),
+            metadata: env.metadata.as_ref().to_vec(),
+            content: env.content.as_ref().to_vec(),
+            buffers: env.buffers.iter().map(Blob::of).collect(),
+        })
+    }
+
+    /// A request was relayed (`queue` is `mux` or `task`).
+    pub fn on_request(
+        &mut self,
+        queue: &str,
+        header: &Value,
+        cap: Option<Captured>,
+        engine: Option<&[u8]>,
+    ) {
+        let Some(cap) = cap else {
+            return;
+        };
+        let Some(msg_id) = header.get("msg_id").and_then(Value::as_str) else {
+            return;
+        };
+        let rec = TaskRecord {
+            msg_id: msg_id.to_owned(),
+            submitted: date_of(header.get("date")),
+            client_uuid: header
+                .get("session")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            engine_uuid: engine.map(|e| String::from_utf8_lossy(e).into_owned()),
+            queue: Some(queue.to_owned()),
+            header: Some(cap.header),
+            metadata: Some(cap.metadata),
+            content: Some(cap.content),
+            buffers: cap.buffers,
+            ..TaskRecord::default()
+        };
+        self.backend.add(rec);
+    }
+
+    /// A load-balanced task went to `engine`.
+    pub fn on_assign(&mut self, msg_id: &str, engine: &[u8]) {
+        if self.enabled {
+            let e = String::from_utf8_lossy(engine).into_owned();
+            self.backend.update(msg_id, Update::Engine(e));
+        }
+    }
+
+    /// An engine's reply to `msg_id` is being relayed.
+    pub fn on_reply(&mut self, msg_id: &str, engine: &[u8], env: &Env) {
+        if !self.enabled {
+            return;
+        }
+        let header = self.packer.unpack(env.header.as_ref(), "header").ok();
+        let metadata = self.packer.unpack(env.metadata.as_ref(), "metadata").ok();
+        let now = date::now();
+        let engine_uuid = metadata
+            .as_ref()
+            .and_then(|m| m.get("engine"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .or_else(|| Some(String::from_utf8_lossy(engine).into_owned()));
+        let u = Update::Reply {
+            engine_uuid,
+            started: date_of(metadata.as_ref().and_then(|m| m.get("started"))),
+            completed: date_of(header.as_ref().and_then(|h| h.get("date"))).unwrap_or(now),
+            received: now,
+            header: env.header.as_ref().to_vec(),
+            metadata: env.metadata.as_ref().to_vec(),
+            content: env.content.as_ref().to_vec(),
+            buffers: env.buffers.iter().map(Blob::of).collect(),
+        };
+        self.backend.update(msg_id, u);
+    }
+
+    /// The controller answered `msg_id` itself (scheduler error, dead engine, abort).
+    pub fn on_controller_reply(
+        &mut self,
+        msg_id: &str,
+        engine: Option<&[u8]>,
+        msg_type: &str,
+        metadata: &Value,
+        content: &Value,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let pack = |v: &Value| self.packer.pack(v).unwrap_or_default();
+        let now = date::now();
+        let header = &Value::map([
+            ("msg_id", Value::Str(format!("{msg_id}_reply"))),
+            ("msg_type", Value::from(msg_type)),
+            ("session", Value::from("controller")),
+            ("date", Value::Str(date::format(now))),
+        ]);
+        let u = Update::Reply {
+            engine_uuid: engine.map(|e| String::from_utf8_lossy(e).into_owned()),
+            started: None,
+            completed: now,
+            received: now,
+            header: pack(header),
+            metadata: pack(metadata),
+            content: pack(content),
+            buffers: Vec::new(),
+        };
+        self.backend.update(msg_id, u);
+    }
+
+    /// An IOPub message: output of the request named by its parent header.
+    pub fn on_iopub(&mut self, msg_type: &str, env: &Env) {
+        if !self.enabled
+            || !matches!(
+                msg_type,
+                "stream" | "error" | "execute_input" | "execute_result"
+            )
+        {
+            return;
+        }
+        let Ok(parent) = self
+            .packer
+            .unpack(env.parent_header.as_ref(), "parent_header")
+        else {
+            return;
+        };
+        let Some(msg_id) = parent.get("msg_id").and_then(Value::as_str) else {
+            return;
+        };
+        let u = match msg_type {
+            "stream" => {
+                let Ok(c) = self.packer.unpack(env.content.as_ref(), "content") else {
+                    return;
+                };
+                let text = c
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                match c.get("name").and_then(Value::as_str) {
+                    Some("stderr") => Update::Stderr(text),
+                    _ => Update::Stdout(text),
+                }
+            }
+            "execute_input" => {
+                let Ok(c) = self.packer.unpack(env.content.as_ref(), "content") else {
+                    return;
+                };
+                let code = c
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                Update::ExecuteInput(code)
+            }
+            "execute_result" => Update::ExecuteResult(env.content.as_ref().to_vec()),
+            _ => Update::Error(env.content.as_ref().to_vec()),
+        };
+        self.backend.update(msg_id, u);
+    }
+}
