@@ -800,26 +800,123 @@ class Client(HasTraits):
             return out[targets]
         return out
 
+    # ----- hub task records (see ferroparallel.client.hub) ---------------------------------
+
+    def db_query(self, query: dict[str, Any], keys: Sequence[str] | None = None) -> list[dict]:
+        """Task records from the hub matching a mongo-style ``query``.
+
+        Parameters
+        ----------
+        query : dict
+            ``{field: value}`` (equality; ``None`` matches a missing value) or
+            ``{field: {"$op": value}}`` with ``$lt $lte $gt $gte $eq $ne $in $nin $exists $all
+            $mod $glob``; dates may be ``datetime`` objects (naive ones are UTC) or ISO strings.
+        keys : list of str, optional
+            Fields to return (``msg_id`` is always included). Default: every field except
+            ``buffers`` and ``result_buffers``.
+
+        Returns
+        -------
+        list of dict
+            One dict per record, oldest first; dates are tz-aware datetimes.
+
+        Raises
+        ------
+        RemoteError
+            A malformed query, an unknown operator or field (``ename`` says which).
+        """
+        from . import hub
+
+        return hub.db_query(self, query, keys)
+
+    def hub_history(self) -> list[str]:
+        """Every msg_id in the hub's task records, ordered by submission time."""
+        from . import hub
+
+        return hub.hub_history(self)
+
+    def result_status(self, msg_ids: Any, status_only: bool = True) -> dict[str, Any]:
+        """``{"pending": [...], "completed": [...]}`` for ``msg_ids`` (msg_ids, history indices
+        or AsyncResults) from the hub; with ``status_only=False`` completed results are also
+        fetched (into ``self.results`` and the returned dict)."""
+        from . import hub
+
+        return hub.result_status(self, self._msg_ids_of(msg_ids), status_only)
+
+    def resubmit(
+        self,
+        indices_or_msg_ids: Any = None,
+        metadata: dict[str, Any] | None = None,
+        block: bool | None = None,
+    ):
+        """Run finished tasks again (direct tasks on the same engine, load-balanced ones
+        through the scheduler) under new msg_ids.
+
+        Returns
+        -------
+        AsyncHubResult
+            Over the new msg_ids (results are fetched from the hub's records).
+        """
+        from . import hub
+
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        _, ar = hub.resubmit(self, self._msg_ids_of(indices_or_msg_ids))
+        if self.block if block is None else block:
+            ar.wait()
+        return ar
+
+    def purge_hub_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Drop finished task records from the hub: ``jobs`` (msg_ids, indices, AsyncResults or
+        ``'all'``) and/or every finished record of the engines ``targets``. Pending tasks are
+        refused with an error naming them."""
+        from . import hub
+
+        if not jobs and not targets:
+            raise ValueError("purge_hub_results needs jobs (or 'all') and/or targets")
+        msg_ids: Any = "all" if jobs == "all" else (self._msg_ids_of(jobs) if jobs else [])
+        engines: list[Any] = []
+        if targets:
+            tlist = self.ids if targets == "all" else _as_list(targets)
+            engines = [self._engines.get(t, t) if isinstance(t, int) else t for t in tlist]
+        hub.purge_hub(self, msg_ids, engines)
+
+    def purge_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """:meth:`purge_local_results` and :meth:`purge_hub_results`."""
+        if not jobs and not targets:
+            raise ValueError("purge_results needs jobs (or 'all') and/or targets")
+        if jobs:
+            self.purge_local_results(jobs)
+        self.purge_hub_results(jobs, targets)
+
+    def purge_everything(self) -> None:
+        """Drop every finished result, here and in the hub, and clear the history."""
+        self.purge_results("all")
+        self.history = []
+
     def get_result(
         self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = False
     ):
-        """An AsyncResult for earlier requests of this client (by msg_id or history index)."""
+        """An AsyncResult for earlier requests (msg_ids, history indices or AsyncResults).
+
+        Requests this client does not hold (e.g. submitted by another client) are fetched
+        from the hub's task records: the result is then an AsyncHubResult.
+        """
+        from . import hub
         from .asyncresult import AsyncResult
 
         if indices_or_msg_ids is None:
             indices_or_msg_ids = -1
         msg_ids = self._msg_ids_of(indices_or_msg_ids)
-        futs = []
-        for m in msg_ids:
-            if m not in self._futures:
-                raise KeyError(
-                    f"no local result for {m!r}; results fetched from the hub arrive with the "
-                    "task-records feature"
-                )
-            futs.append(self._futures[m])
-        ar = AsyncResult(self, futs, fname="get_result", owner=owner)
-        block = self.block if block is None else block
-        if block:
+        foreign = [m for m in msg_ids if m not in self._futures]
+        if foreign:
+            hub.result_status(self, foreign)  # unknown msg_ids raise here
+            ar = hub.async_hub_result(self, msg_ids, "get_result", owner=owner)
+        else:
+            ar = AsyncResult(
+                self, [self._futures[m] for m in msg_ids], fname="get_result", owner=owner
+            )
+        if self.block if block is None else block:
             ar.wait()
         return ar
 

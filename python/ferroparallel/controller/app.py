@@ -37,6 +37,8 @@ _CLI_SETTINGS = (
     "hwm",
     "db",
     "db_path",
+    "db_record_limit",
+    "db_size_limit",
     "ports",
     "port",
     "pack",
@@ -76,6 +78,17 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
     for flag, value in (("--dictdb", "memory"), ("--sqlitedb", "sqlite"), ("--nodb", "none")):
         g.add_argument(flag, dest="db", action="store_const", const=value, help=f"--db {value}")
     g.add_argument("--db-path", help="SQLite file for --db sqlite")
+    g.add_argument(
+        "--db-record-limit",
+        type=int,
+        help="most task records kept in memory (--db memory); the oldest are culled",
+    )
+    g.add_argument(
+        "--db-size-limit",
+        type=int,
+        metavar="BYTES",
+        help="most bytes of task records kept in memory (--db memory)",
+    )
     g.add_argument("--pack", help="message packer: msgpack (default) or json")
     g.add_argument(
         "--restore",
@@ -149,6 +162,10 @@ def rust_config(
         cfg["registration_timeout_ms"] = settings.registration_timeout
     if settings.hwm is not None:
         cfg["hwm"] = settings.hwm
+    if settings.db_record_limit is not None:
+        cfg["db_record_limit"] = settings.db_record_limit
+    if settings.db_size_limit is not None:
+        cfg["db_size_limit"] = settings.db_size_limit
     if settings.db == "sqlite":
         cfg["db_path"] = settings.db_path or str(profile_dir / f"tasks{suffix}.db")
     return cfg

@@ -195,6 +195,10 @@ class ControllerSettings:
         Task record backend: ``memory``, ``sqlite`` or ``none`` (``--db``).
     db_path : str or None
         SQLite file (default ``<profile_dir>/tasks[-<cluster_id>].db``).
+    db_record_limit : int or None
+        Most task records kept by ``--db memory`` (``None``: the controller's default).
+    db_size_limit : int or None
+        Most bytes of task records kept by ``--db memory`` (``None``: the default, 1 GiB).
     restore : bool
         Re-register the engines of the previous run (``--restore``).
     reuse : bool
@@ -225,6 +229,8 @@ class ControllerSettings:
     hwm: int | None = None
     db: str = "memory"
     db_path: str | None = None
+    db_record_limit: int | None = None
+    db_size_limit: int | None = None
     restore: bool = False
     reuse: bool = False
     key: str | None = None
@@ -268,6 +274,11 @@ class ControllerSettings:
         if name in ("ping", "hb_max_misses", "port"):
             v = int(raw)
             if v < 0 or (name == "ping" and v == 0):
+                raise ConfigError(f"must be positive, not {raw!r}")
+            return v
+        if name in ("db_record_limit", "db_size_limit"):
+            v = int(raw)
+            if v <= 0:
                 raise ConfigError(f"must be positive, not {raw!r}")
             return v
         if name in ("registration_timeout", "hwm"):
