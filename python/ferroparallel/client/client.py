@@ -18,6 +18,7 @@ from typing import Any
 from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error
+from .. import ssh as _ssh
 from ..serialize import pack_apply_message
 from . import connection, dispatch
 from .futures import MessageFuture
@@ -81,8 +82,20 @@ class Client(HasTraits):
     config, username, packer, unpacker
         Classic IPython.parallel arguments: ``username`` goes into message headers;
         ``packer``/``unpacker`` override the connection file's (``"msgpack"`` or ``"json"``).
-    sshserver, sshkey, password, paramiko
-        SSH tunnelling (not implemented yet: using it raises NotImplementedError).
+    sshserver : str, optional
+        ``[user@]host[:port]`` of an SSH server to tunnel every channel through (see
+        :mod:`ferroparallel.ssh`). By default the connection file's ``ssh`` entry when the
+        controller is on another machine; ``sshkey`` or ``password`` alone tunnel through the
+        controller's host.
+    sshkey : str, optional
+        Private key file; when given, only this key is offered.
+    password : str, optional
+        SSH password (or key passphrase with paramiko); never prompted for.
+    paramiko : bool, optional
+        ``True``: tunnel with paramiko; ``False``: with the ``ssh`` command; ``None``: the
+        ``ssh`` command when it exists. A tunnel that cannot be opened raises
+        :class:`ferroparallel.ssh.SSHTunnelError` (naming the host and the reason) within
+        ``timeout``; a tunnel that dies fails outstanding and later requests with it.
     exec_key : str, optional
         HMAC key, overriding the connection file's ``key``.
     connection_info, url_file, profile_dir, cluster_id, cluster
@@ -148,12 +161,10 @@ class Client(HasTraits):
         )
         if exec_key is not None:
             info["key"] = exec_key.decode() if isinstance(exec_key, bytes) else exec_key
-        ssh = sshserver or (info.get("ssh") if not connection.is_local(info) else None)
-        if ssh or sshkey or password or paramiko:
-            raise NotImplementedError(
-                f"SSH tunnels are not available yet (sshserver={ssh!r}); run the client on the "
-                "controller's host or forward the controller's ports yourself"
-            )
+        self._tunnels: Any = None
+        self._tunnel_error: BaseException | None = None
+        urls = {channel: connection.url(info, channel) for _, _, channel in _SOCKETS}
+        ssh_server = _ssh.choose_server(info, sshserver, sshkey, password)
         pack = packer or info.get("pack", "msgpack")
         unpack = unpacker or info.get("unpack", pack)
         for name in (pack, unpack):
@@ -161,7 +172,9 @@ class Client(HasTraits):
                 raise ValueError(f"unsupported packer {name!r}: use 'msgpack' or 'json'")
         self._connection_info = info
         self._connection_source = source
-        self._controller_url = connection.url(info, "registration")
+        self._controller_url = connection.url(info, "registration") + (
+            f" (via SSH {ssh_server})" if ssh_server else ""
+        )
         self._task_scheme = info.get("task_scheme", "leastload")
         self.session = _core.Session(
             info["key"].encode(),
@@ -170,9 +183,24 @@ class Client(HasTraits):
             username=username,
         )
         self._session_id = self.session.session
-        self._io = _core.IoThread(self.session, name="ferroparallel-client")
-        for name, kind, channel in _SOCKETS:
-            self._io.add_socket(name, kind, connect=connection.url(info, channel), linger_ms=1000)
+        if ssh_server:
+            self._tunnels = _ssh.open_tunnels(
+                urls,
+                ssh_server,
+                keyfile=sshkey,
+                password=password,
+                paramiko=paramiko,
+                timeout=timeout,
+                on_death=self._tunnel_died,
+            )
+            urls = dict(self._tunnels.urls)
+        try:
+            self._io = _core.IoThread(self.session, name="ferroparallel-client")
+            for name, kind, channel in _SOCKETS:
+                self._io.add_socket(name, kind, connect=urls[channel], linger_ms=1000)
+        except BaseException:
+            self._close_tunnels()
+            raise
         self._closed = False
         self._lock = threading.RLock()
         self._engines: dict[int, str] = {}
@@ -354,6 +382,16 @@ class Client(HasTraits):
                 if not fut.done():
                     fut.set_exception(exc)
 
+    def _tunnel_died(self, exc: BaseException) -> None:
+        """The SSH tunnels died: fail every outstanding request, refuse new ones."""
+        self._tunnel_error = exc
+        self._fail_outstanding(exc)
+
+    def _close_tunnels(self) -> None:
+        tunnels, self._tunnels = getattr(self, "_tunnels", None), None
+        if tunnels is not None:
+            tunnels.close()
+
     def _check_controller(self) -> None:
         """Probe a silent controller while requests are outstanding; fail them if it is gone."""
         if not self.outstanding or self._hub_shutdown or self._closed:
@@ -396,6 +434,8 @@ class Client(HasTraits):
     def _check_open(self) -> None:
         if self._closed:
             raise error.IoClosedError("this Client is closed; create a new one")
+        if self._tunnel_error is not None:
+            raise self._tunnel_error
         if self._hub_shutdown:
             raise error.IoClosedError(
                 f"the controller at {self._controller_url} has shut down; start a cluster and "
@@ -944,6 +984,7 @@ class Client(HasTraits):
         t = getattr(self, "_dispatcher", None)
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
+        self._close_tunnels()
 
     @property
     def closed(self) -> bool:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from ..error import FerroParallelError
+from ..ssh import choose_server
 from .connection import channel_urls, load_connection_info, tunnel_urls
 from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
 from .logs import setup_logging
@@ -58,7 +59,8 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
         default=None,
         metavar="SERVER",
         help="reach the controller through SSH tunnels to [user@]host[:port] "
-        "(default: the file's 'ssh' entry)",
+        "(default: the file's 'ssh' entry when the controller is on another host; with only "
+        "--sshkey, the controller's host)",
     )
     p.add_argument("--sshkey", default=None, metavar="FILE", help="SSH private key file")
     p.add_argument(
@@ -114,10 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pack %r and unpack %r differ; using %r", info["pack"], info["unpack"], info["pack"]
         )
     urls = channel_urls(info)
-    ssh = args.ssh if args.ssh is not None else info["ssh"]
+    ssh = choose_server(info, args.ssh, args.sshkey)
+    tunnels = None
     try:
         if ssh:
-            urls = tunnel_urls(urls, ssh, args.sshkey)
+            urls, tunnels = tunnel_urls(urls, ssh, args.sshkey, timeout=args.timeout)
+            log.info("reaching the controller through SSH tunnels via %s (%s)", ssh, tunnels.mode)
         kernel = EngineKernel(
             info,
             urls,
@@ -130,5 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (FerroParallelError, OSError, ValueError, RuntimeError) as e:
         log.error("cannot start the engine: %s", e)
+        if tunnels is not None:
+            tunnels.close()
         return EXIT_FAILED
-    return kernel.run()
+    try:
+        return kernel.run()
+    finally:
+        if tunnels is not None:
+            tunnels.close()

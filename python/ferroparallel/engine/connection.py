@@ -222,7 +222,13 @@ def channel_urls(info: dict[str, Any]) -> EngineUrls:
     )
 
 
-def tunnel_urls(urls: EngineUrls, server: str, keyfile: str | None = None) -> EngineUrls:
+def tunnel_urls(
+    urls: EngineUrls,
+    server: str,
+    keyfile: str | None = None,
+    timeout: float = 10.0,
+    paramiko: bool | None = None,
+) -> tuple[EngineUrls, Any]:
     """Reach every channel through SSH tunnels to ``server``.
 
     Parameters
@@ -233,20 +239,30 @@ def tunnel_urls(urls: EngineUrls, server: str, keyfile: str | None = None) -> En
         ``[user@]host[:port]`` of the SSH server.
     keyfile : str, optional
         Private key file.
+    timeout : float
+        Seconds to open the tunnels.
+    paramiko : bool, optional
+        Tunnel implementation (see :func:`ferroparallel.ssh.open_tunnels`).
 
     Returns
     -------
-    EngineUrls
-        ``tcp://127.0.0.1:<local port>`` URLs forwarded to the originals.
+    tuple
+        ``(urls, tunnels)``: ``tcp://127.0.0.1:<local port>`` URLs forwarded to the originals,
+        and the :class:`ferroparallel.ssh.Tunnels` handle to close when the engine exits.
+
+    Raises
+    ------
+    ferroparallel.ssh.SSHTunnelError
+        The tunnels cannot be opened (the message names the host and the reason).
     """
-    from zmq.ssh import tunnel
+    from ..ssh import open_tunnels
 
-    use_paramiko = os.name == "nt"
-
-    def forward(url: str) -> str:
-        local, _ = tunnel.open_tunnel(url, server, keyfile=keyfile, paramiko=use_paramiko)
-        log.debug("tunnel %s -> %s via %s", local, url, server)
-        return local
-
-    out: dict[str, Any] = {k: forward(getattr(urls, k)) for k in PORT_KEYS}
-    return EngineUrls(**out, broadcast=tuple(forward(u) for u in urls.broadcast))
+    named = {k: getattr(urls, k) for k in PORT_KEYS}
+    named.update({f"broadcast{i}": u for i, u in enumerate(urls.broadcast)})
+    tunnels = open_tunnels(named, server, keyfile=keyfile, paramiko=paramiko, timeout=timeout)
+    local = tunnels.urls
+    out = EngineUrls(
+        **{k: local[k] for k in PORT_KEYS},
+        broadcast=tuple(local[f"broadcast{i}"] for i in range(len(urls.broadcast))),
+    )
+    return out, tunnels
