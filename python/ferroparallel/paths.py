@@ -12,7 +12,9 @@ it: ``<profile_dir>/security/ipcontroller[-<cluster_id>]-{client,engine}.json``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +32,11 @@ __all__ = [
     "load_connection_file",
     "validate_connection_info",
     "write_connection_file",
+    "check_permissions",
+    "warn_if_no_key",
 ]
+
+log = logging.getLogger("ferroparallel.security")
 
 #: The two kinds of connection file.
 ROLES = ("client", "engine")
@@ -137,7 +143,8 @@ def validate_connection_info(
 ) -> dict[str, Any]:
     """Check a decoded connection dict and return a normalised copy.
 
-    ``exec_key`` (IPython.parallel 0.x) is accepted as an alias of ``key``.
+    ``exec_key`` (IPython.parallel 0.x) is accepted as an alias of ``key``. An empty key is
+    accepted with a WARNING (see :func:`warn_if_no_key`).
 
     Parameters
     ----------
@@ -191,7 +198,80 @@ def validate_connection_info(
         )
     if not isinstance(out["key"], str):
         raise ConnectionFileError(f"connection file {src}: 'key' must be a string")
+    warn_if_no_key(out, src)
     return out
+
+
+def check_permissions(path: str | os.PathLike[str]) -> list[str]:
+    """Warn when a connection file or its security directory is open to other users.
+
+    A connection file holds the HMAC key, and anyone holding the key can run code on the
+    engines: the file should be mode 0600 and the profile's ``security/`` directory 0700.
+    Nothing is changed; each problem is logged as a WARNING (logger ``ferroparallel.security``)
+    and returned. Does nothing on Windows.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The connection file.
+
+    Returns
+    -------
+    list of str
+        The warnings (empty when the modes are tight or cannot be read).
+    """
+    if os.name != "posix":
+        return []
+    p = Path(path)
+    problems = []
+    try:
+        mode = stat.S_IMODE(p.stat().st_mode)
+    except OSError:
+        return []
+    if mode & 0o077:
+        problems.append(
+            f"connection file {p} is accessible by other users (mode {mode:04o}): anyone who can "
+            f"read its key can run code on your engines; run `chmod 600 {p}`"
+        )
+    parent = p.parent
+    if parent.name == "security":
+        try:
+            dmode = stat.S_IMODE(parent.stat().st_mode)
+        except OSError:
+            dmode = 0
+        if dmode & 0o077:
+            problems.append(
+                f"security directory {parent} is accessible by other users (mode {dmode:04o}); "
+                f"run `chmod 700 {parent}`"
+            )
+    for text in problems:
+        log.warning("%s", text)
+    return problems
+
+
+def warn_if_no_key(info: Mapping[str, Any], source: str | os.PathLike[str]) -> bool:
+    """Log a WARNING when connection info has an empty key (messages are then not signed).
+
+    Parameters
+    ----------
+    info : Mapping
+        Connection info.
+    source : str or os.PathLike
+        Where it came from, for the message.
+
+    Returns
+    -------
+    bool
+        True when the key is empty.
+    """
+    if info.get("key"):
+        return False
+    log.warning(
+        "connection info from %s has an empty key: messages are not signed, and anyone who can "
+        "reach the controller's ports can run code on the engines",
+        os.fspath(source),
+    )
+    return True
 
 
 def load_connection_file(path: str | os.PathLike[str], role: str | None = None) -> dict[str, Any]:
@@ -214,6 +294,11 @@ def load_connection_file(path: str | os.PathLike[str], role: str | None = None) 
     ConnectionFileError
         The file is missing, unreadable, not valid JSON, or lacks required keys; the message
         names the file.
+
+    Notes
+    -----
+    File and security-directory modes looser than 0600/0700 are logged as warnings
+    (:func:`check_permissions`).
     """
     p = Path(path)
     try:
@@ -226,6 +311,7 @@ def load_connection_file(path: str | os.PathLike[str], role: str | None = None) 
         info = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConnectionFileError(f"connection file {p} is not valid JSON: {e}") from e
+    check_permissions(p)
     return validate_connection_info(info, p, role)
 
 

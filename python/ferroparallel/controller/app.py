@@ -103,6 +103,15 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
         help="reuse existing consistent connection files and keep them on exit",
     )
     g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    g = p.add_argument_group("security")
+    g.add_argument(
+        "--no-key",
+        "--insecure",
+        dest="no_key",
+        action="store_true",
+        help="DANGEROUS: do not sign messages (empty key); anyone who can reach the ports can "
+        "run code on the engines. Only for trusted, isolated networks.",
+    )
     return p
 
 
@@ -230,9 +239,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reused is not None:
         key, requested = reused
         log.info("reusing connection files %s and %s", client_file, engine_file)
+        if not key and not args.no_key:
+            log.warning("--reuse: the existing files have no key; using a fresh random key")
+            key = connection.new_key()
     else:
         key = settings.key or os.environ.get("IPP_SESSION_KEY") or connection.new_key()
         requested = settings.requested_ports()
+    if args.no_key:
+        key = ""
+        log.warning(
+            "running WITHOUT a key (--no-key): messages are not signed, and anyone who can reach "
+            "the controller's ports can run arbitrary code on the engines"
+        )
+    elif len(key) < 32:
+        log.warning(
+            "the configured key is only %d characters long; use a random key of at least 256 "
+            "bits (the default when no key is configured)",
+            len(key),
+        )
 
     old_handlers: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():

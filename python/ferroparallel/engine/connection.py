@@ -110,6 +110,9 @@ def load_connection_info(
         info = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConnectionFileError(f"connection file {path} is not valid JSON: {e}") from e
+    from ..paths import check_permissions
+
+    check_permissions(path)
     return validate(info, str(path)), str(path)
 
 
@@ -152,6 +155,9 @@ def validate(info: Any, source: str) -> dict[str, Any]:
     if not isinstance(key, str):
         raise ConnectionFileError(f"{source}: 'key' must be a string")
     out["key"] = key
+    from ..paths import warn_if_no_key
+
+    warn_if_no_key(out, source)
     out["signature_scheme"] = out.get("signature_scheme") or "hmac-sha256"
     out["pack"] = out.get("pack") or "msgpack"
     out["unpack"] = out.get("unpack") or out["pack"]
