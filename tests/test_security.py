@@ -420,3 +420,26 @@ def test_controller_drops_forged_requests(tmp_path: Path) -> None:
         ctx.destroy(linger=0)
         stop_popen(engine)
         ctl.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="protocol limitation: the HMAC covers header, parent_header, metadata and content but "
+    "not the buffers (Jupyter/ipyparallel envelope), so an active attacker on the path can swap "
+    "the pickled payload of a genuine message; see docs/security.md",
+)
+def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
+    ctl, _ = fake_engine
+    marker = tmp_path / "pwned"
+    ident = [ctl.uuid, b"client-1"]
+    genuine = [
+        bytes(f)
+        for f in ctl.session.serialize(
+            "apply_request", {}, ident=ident, buffers=pack_apply_message(len, ("abc",), {})
+        )
+    ]
+    head = genuine[: len(ident) + 6]  # idents, delimiter, signature, the four signed parts
+    ctl.send_raw("mux", head + pack_apply_message(print, (Evil(marker),), {}))
+    ctl.reply()
+    assert not marker.exists(), "a payload swapped into a genuine message was unpickled"

@@ -450,14 +450,19 @@ class _OpenSSH:
             cmd += ["-L", f"127.0.0.1:{lport}:{rh}:{rport}"]
         cmd += ["--", server.host]
         log.debug("starting %s", " ".join(cmd))
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except BaseException:
+            if self._askpass_dir is not None:
+                shutil.rmtree(self._askpass_dir, ignore_errors=True)
+            raise
         self._reader = threading.Thread(
             target=self._read_stderr, name="ferroparallel-ssh-stderr", daemon=True
         )
@@ -918,6 +923,9 @@ def open_tunnels(
                 if e.reason != "local port" or attempt == 2:
                     raise
                 log.debug("local port taken, retrying: %s", e)
+            except BaseException:  # e.g. KeyboardInterrupt: never leave an ssh process behind
+                obackend.close()
+                raise
         backend = obackend
     out = {name: f"tcp://127.0.0.1:{local[_split_url(u)]}" for name, u in remote.items()}
     log.info(
