@@ -1012,7 +1012,7 @@ impl Server {
         if track {
             if let Some(parent) = self.unpack(&env, "parent_header") {
                 if let Some(msg_id) = str_field(&parent, "msg_id") {
-                    self.records.on_reply(msg_id, &engine, &env);
+                    self.records.on_reply(msg_id, &engine, &env, None);
                     if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
                         if e.mux.remove(msg_id).is_some() {
                             e.completed += 1;

@@ -511,7 +511,8 @@ impl Server {
             self.tasks
                 .outcomes
                 .record(msg_id.clone(), ok, Some(engine.clone()));
-            self.records.on_reply(msg_id, &engine, &env);
+            self.records
+                .on_reply(msg_id, &engine, &env, Some(&metadata));
         }
         let mut env = env;
         let rest: Vec<_> = env.idents.drain(2..).collect();

@@ -179,23 +179,30 @@ impl Records {
         }
     }
 
-    /// An engine's reply to `msg_id` is being relayed.
-    pub fn on_reply(&mut self, msg_id: &str, engine: &[u8], env: &Env) {
+    /// An engine's reply to `msg_id` is being relayed (`metadata`: its unpacked metadata,
+    /// when the caller has it already).
+    pub fn on_reply(&mut self, msg_id: &str, engine: &[u8], env: &Env, metadata: Option<&Value>) {
         if !self.enabled {
             return;
         }
         let header = self.packer.unpack(env.header.as_ref(), "header").ok();
-        let metadata = self.packer.unpack(env.metadata.as_ref(), "metadata").ok();
+        let unpacked;
+        let metadata = match metadata {
+            Some(m) => Some(m),
+            None => {
+                unpacked = self.packer.unpack(env.metadata.as_ref(), "metadata").ok();
+                unpacked.as_ref()
+            }
+        };
         let now = date::now();
         let engine_uuid = metadata
-            .as_ref()
             .and_then(|m| m.get("engine"))
             .and_then(Value::as_str)
             .map(str::to_owned)
             .or_else(|| Some(String::from_utf8_lossy(engine).into_owned()));
         let u = Update::Reply {
             engine_uuid,
-            started: date_of(metadata.as_ref().and_then(|m| m.get("started"))),
+            started: date_of(metadata.and_then(|m| m.get("started"))),
             completed: date_of(header.as_ref().and_then(|h| h.get("date"))).unwrap_or(now),
             received: now,
             header: env.header.as_ref().to_vec(),

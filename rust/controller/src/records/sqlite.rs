@@ -2,6 +2,7 @@
 //! event loop only queues operations), read by the event loop after a flush. With `restore`
 //! the records of earlier runs are kept.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -306,6 +307,10 @@ struct Writer {
     seq: i64,
     packer: Packer,
     stored: Packer,
+    /// Records added during the current batch, updated in memory and written once at the
+    /// end of the batch (most tasks start and finish within one batch: one row write each).
+    batch: HashMap<String, TaskRecord>,
+    batch_order: Vec<String>,
 }
 
 impl Writer {
@@ -332,7 +337,9 @@ impl Writer {
         }
     }
 
-    fn add(&mut self, r: TaskRecord) -> rusqlite::Result<()> {
+    /// Write a record; merged into an existing row (its values win where present; streams
+    /// are appended).
+    fn upsert(&mut self, r: TaskRecord) -> rusqlite::Result<()> {
         self.seq += 1;
         let label = self.label_of(&r);
         let sql = "INSERT INTO fp_tasks (seq, msg_id, header, metadata, content, buffers, \
@@ -341,15 +348,27 @@ impl Writer {
             execute_input, execute_result, error, stdout, stderr, label) VALUES (?1, ?2, ?3, \
             ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
             ?22, ?23, ?24) ON CONFLICT(msg_id) DO UPDATE SET \
-            header = coalesce(header, excluded.header), \
-            metadata = coalesce(metadata, excluded.metadata), \
-            content = coalesce(content, excluded.content), \
-            buffers = coalesce(buffers, excluded.buffers), \
-            submitted = coalesce(submitted, excluded.submitted), \
-            client_uuid = coalesce(client_uuid, excluded.client_uuid), \
-            engine_uuid = coalesce(engine_uuid, excluded.engine_uuid), \
-            queue = coalesce(queue, excluded.queue), \
-            label = coalesce(label, excluded.label)";
+            header = coalesce(excluded.header, header), \
+            metadata = coalesce(excluded.metadata, metadata), \
+            content = coalesce(excluded.content, content), \
+            buffers = coalesce(excluded.buffers, buffers), \
+            submitted = coalesce(excluded.submitted, submitted), \
+            client_uuid = coalesce(excluded.client_uuid, client_uuid), \
+            engine_uuid = coalesce(excluded.engine_uuid, engine_uuid), \
+            started = coalesce(excluded.started, started), \
+            completed = coalesce(excluded.completed, completed), \
+            resubmitted = coalesce(excluded.resubmitted, resubmitted), \
+            received = coalesce(excluded.received, received), \
+            result_header = coalesce(excluded.result_header, result_header), \
+            result_metadata = coalesce(excluded.result_metadata, result_metadata), \
+            result_content = coalesce(excluded.result_content, result_content), \
+            result_buffers = coalesce(excluded.result_buffers, result_buffers), \
+            queue = coalesce(excluded.queue, queue), \
+            execute_input = coalesce(excluded.execute_input, execute_input), \
+            execute_result = coalesce(excluded.execute_result, execute_result), \
+            error = coalesce(excluded.error, error), \
+            label = coalesce(excluded.label, label), \
+            stdout = stdout || excluded.stdout, stderr = stderr || excluded.stderr";
         let mut stmt = self.conn.prepare_cached(sql)?;
         stmt.execute(params![
             self.seq,
@@ -435,8 +454,12 @@ impl Writer {
     }
 
     fn update(&mut self, id: &str, u: Update) -> rusqlite::Result<()> {
+        if let Some(r) = self.batch.get_mut(id) {
+            u.apply(r);
+            return Ok(());
+        }
         if self.update_once(id, &u)? == 0 {
-            self.add(TaskRecord::new(id.to_owned()))?;
+            self.upsert(TaskRecord::new(id.to_owned()))?;
             self.update_once(id, &u)?;
         }
         Ok(())
@@ -444,19 +467,40 @@ impl Writer {
 
     fn apply(&mut self, op: Op) -> rusqlite::Result<()> {
         match op {
-            Op::Add(r) => self.add(*r),
+            Op::Add(r) => {
+                if let Some(old) = self.batch.get_mut(&r.msg_id) {
+                    old.merge_from(*r);
+                } else {
+                    self.batch_order.push(r.msg_id.clone());
+                    self.batch.insert(r.msg_id.clone(), *r);
+                }
+                Ok(())
+            }
             Op::Update(id, u) => self.update(&id, *u),
             Op::Remove(ids) => {
                 let mut stmt = self
                     .conn
                     .prepare_cached("DELETE FROM fp_tasks WHERE msg_id = ?1")?;
                 for id in ids {
+                    self.batch.remove(&id);
                     stmt.execute([id])?;
                 }
                 Ok(())
             }
             Op::Flush(_) => Ok(()),
         }
+    }
+
+    /// Write the records added during this batch.
+    fn write_batch(&mut self) -> rusqlite::Result<()> {
+        let order = std::mem::take(&mut self.batch_order);
+        for id in order {
+            if let Some(r) = self.batch.remove(&id) {
+                self.upsert(r)?;
+            }
+        }
+        self.batch.clear();
+        Ok(())
     }
 }
 
@@ -471,6 +515,8 @@ fn write_loop(conn: Connection, rx: Receiver<Op>, packer: Packer, stored: Packer
         seq,
         packer,
         stored,
+        batch: HashMap::new(),
+        batch_order: Vec::new(),
     };
     let mut last_error: Option<String> = None;
     loop {
@@ -507,6 +553,10 @@ fn write_loop(conn: Connection, rx: Receiver<Op>, packer: Packer, stored: Packer
                     None
                 }
             };
+        }
+        if let Err(e) = w.write_batch() {
+            log_at!(Level::Error, "task records: write failed: {e}");
+            last_error = Some(e.to_string());
         }
         let result = w.conn.execute_batch("COMMIT").map_err(|e| e.to_string());
         if let Err(e) = &result {
