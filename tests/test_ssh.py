@@ -425,8 +425,10 @@ def test_dead_tunnel_fails_calls(sshd: Sshd, cluster, use_paramiko) -> None:
         backend = rc._tunnels._backend
         if use_paramiko:
             threading.Thread(target=backend.transport.close, daemon=True).start()
-        else:
-            backend.proc.kill()
+        else:  # the ssh process itself dies (as when the network drops)
+            lport = int(next(iter(rc._tunnels.urls.values())).rsplit(":", 1)[1])
+            for pid in _ssh_forwarding(lport):
+                os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(ssh.SSHTunnelClosedError, match="died"):
             ar.get(timeout=TIMEOUT)
@@ -435,3 +437,51 @@ def test_dead_tunnel_fails_calls(sshd: Sshd, cluster, use_paramiko) -> None:
             rc[:].apply_sync(os.getpid)
     finally:
         rc.close()
+
+
+def _ssh_forwarding(lport: int) -> list[int]:
+    """Pids of ssh processes forwarding local port ``lport``."""
+    needle = f"127.0.0.1:{lport}:".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ssh") and any(needle in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_ssh_process_dies_with_its_owner(sshd: Sshd, cluster) -> None:
+    """An owner killed with SIGKILL (no atexit) does not leave its ssh process behind."""
+    ctl, _ = cluster
+    script = (
+        "import sys\n"
+        "from ferroparallel import ssh\n"
+        "t = ssh.open_tunnels({'r': sys.argv[1]}, sys.argv[2], keyfile=sys.argv[3], "
+        "paramiko=False)\n"
+        "print(t.urls['r'], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, ctl.client_url("registration"), sshd.server, str(sshd.key)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=os.environ,
+    )
+    try:
+        line = owner.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        assert line.startswith("tcp://127.0.0.1:"), line
+        lport = int(line.rsplit(":", 1)[1])
+        assert _ssh_forwarding(lport), "no ssh process carries the forward"
+        owner.kill()
+        owner.wait(5)
+        wait_until(lambda: not _ssh_forwarding(lport), 5, "the orphaned ssh process to exit")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(5)

@@ -6,7 +6,8 @@ sockets to the rewritten ``tcp://127.0.0.1:<local>`` URLs. Two implementations, 
 :mod:`zmq.ssh.tunnel`:
 
 - ``openssh``: one ``ssh -N`` subprocess carrying every forward (the user's ``~/.ssh/config``,
-  agent, ``ProxyJump`` ... apply). Used by default when the ``ssh`` command exists.
+  agent, ``ProxyJump`` ... apply), under a tiny guard process that stops it when its owner
+  exits, however it exits. Used by default when the ``ssh`` command exists.
 - ``paramiko``: an in-process paramiko transport, with one listening socket and accept thread
   per forward. Used with ``paramiko=True``, or when there is no ``ssh`` command.
 
@@ -223,10 +224,20 @@ def _split_url(url: str) -> tuple[str, int]:
 
 
 def _free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago (for ``ssh -L``)."""
-    from zmq.ssh.tunnel import select_random_ports
+    """``n`` distinct loopback ports that were free a moment ago (for ``ssh -L``).
 
-    return select_random_ports(n)
+    As pyzmq's ``zmq.ssh.tunnel.select_random_ports``, without importing paramiko.
+    """
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # ----- the handle ---------------------------------------------------------------------------
@@ -300,10 +311,19 @@ class Tunnels:
                     log.exception("SSH tunnel death callback failed")
             return
 
-    def close(self) -> None:
-        """Close every forward (kill ``ssh`` / stop the paramiko threads). Idempotent."""
+    def close(self, grace: float = 0.0) -> None:
+        """Close every forward (kill ``ssh`` / stop the paramiko threads). Idempotent.
+
+        Parameters
+        ----------
+        grace : float
+            Seconds to wait first, while the tunnels are alive, so that data the caller's
+            sockets just flushed (e.g. an engine's unregistration) reaches the server.
+        """
         if self._closed.is_set():
             return
+        if grace > 0 and self._backend.alive():
+            time.sleep(grace)
         self._closed.set()
         self._backend.close()
         _OPEN.discard(self)
@@ -354,6 +374,26 @@ _UNREACHABLE_TEXT = (
     "kex_exchange_identification",
 )
 _BIND_TEXT = ("address already in use", "cannot listen to port", "could not request local")
+
+# Runs ``ssh`` as a child and stops it when the owner goes away: the owner holds the write end of
+# the guard's stdin, so EOF means the owning process closed the tunnels or died (even by SIGKILL,
+# when no atexit handler runs). The guard exits with ssh's status.
+_GUARD = """\
+import os, signal, subprocess, sys, threading
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+def watch():
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    p.terminate()
+threading.Thread(target=watch, daemon=True).start()
+signal.signal(signal.SIGTERM, lambda *a: p.terminate())
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+rc = p.wait()
+os._exit(rc if rc >= 0 else 128 - rc)
+"""
 
 _ASKPASS = """#!/bin/sh
 case "$1" in
@@ -450,10 +490,13 @@ class _OpenSSH:
             cmd += ["-L", f"127.0.0.1:{lport}:{rh}:{rport}"]
         cmd += ["--", server.host]
         log.debug("starting %s", " ".join(cmd))
+        guarded = bool(sys.executable)
+        if guarded:
+            cmd = [sys.executable, "-I", "-S", "-c", _GUARD, *cmd]
         try:
             self.proc = subprocess.Popen(
                 cmd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if guarded else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=env,
@@ -524,6 +567,15 @@ class _OpenSSH:
         return f"ssh exited with status {self.proc.returncode}" + (f" ({last})" if last else "")
 
     def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()  # the guard stops ssh and exits
+            except OSError:
+                pass
+            try:
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -141,4 +141,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return kernel.run()
     finally:
         if tunnels is not None:
-            tunnels.close()
+            tunnels.close(grace=0.3)  # let the unregistration through
