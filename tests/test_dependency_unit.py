@@ -229,12 +229,6 @@ def test_as_dict_is_msgpack_and_json_friendly() -> None:
     assert sorted(msgpack.unpackb(msgpack.packb(wire))["dependencies"]) == ["x", "y"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Dependency(d.as_dict()) takes the dict's keys as msg_ids instead of loading the "
-    "dict (ipyparallel accepts 'output of Dependency.as_dict()')",
-)
 def test_dependency_from_its_dict_form() -> None:
     original = Dependency(["a", "b"], all=False, success=False, failure=True)
     back = Dependency(original.as_dict())

@@ -551,13 +551,6 @@ def test_retries_exhausted_relay_the_error(lv: LoadBalancedView) -> None:
     assert "every time" in e.evalue
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a task whose retries outlast the engines ends as ImpossibleDependency "
-    "('every engine failed to meet the task's dependencies') instead of relaying its own "
-    "final error",
-)
 def test_more_retries_than_engines_relay_the_error(lv: LoadBalancedView) -> None:
     with lv.temp_flags(retries=3):
         ar = lv.apply_async(fail, "every time")
@@ -592,13 +585,6 @@ def test_require_present_module_runs(lv: LoadBalancedView) -> None:
 
 
 @pytest.mark.parametrize("interactive", [True, False], ids=["interactive", "nested"])
-@pytest.mark.xfail(
-    strict=True,
-    raises=ipp.RemoteError,
-    reason="@require('math') imports math into a namespace the decorated function does not "
-    "see (NameError: name 'math' is not defined); ipyparallel uncans dependent.f/df with the "
-    "engine's user namespace as globals",
-)
 def test_require_makes_the_module_name_usable(lv: LoadBalancedView, interactive: bool) -> None:
     def hypot(a: float, b: float) -> float:
         return math.hypot(a, b)  # noqa: F821 - provided on the engine by @require("math")
@@ -758,11 +744,6 @@ def test_imap_raises_the_first_error(lv: LoadBalancedView) -> None:
         next(it)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="LoadBalancedView.imap has no return_exceptions argument (ipyparallel 9 has)",
-)
 def test_imap_return_exceptions(lv: LoadBalancedView) -> None:
     out = list(lv.imap(fail_on_three, range(6), return_exceptions=True))
     assert isinstance(out[3], ipp.RemoteError)
@@ -918,13 +899,6 @@ def test_abort_a_task_waiting_for_a_dependency(
     assert blocker.get(timeout=WAIT) == "blocker"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="an abort that reaches the controller before the task it names (hub query socket vs "
-    "task socket) is forgotten by the scheduler: the waiting task is only aborted once its "
-    "dependency is done (ImpossibleDependency instead if that dependency fails)",
-)
 def test_abort_right_after_submission(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
     blocker = lv.apply_async(gated, "blocker", gate.path)
     wait_until(lambda: rc.queue_status()["unassigned"] == 0, what="the blocker to be assigned")
@@ -940,12 +914,6 @@ def test_abort_right_after_submission(rc: Client, lv: LoadBalancedView, gate: Ga
     assert blocker.get(timeout=WAIT) == "blocker"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="Client.abort(jobs=<single AsyncResult>) raises 'AsyncResults with a single result "
-    "are not iterable' (_msg_ids_of iterates the AsyncResult); ipyparallel accepts one",
-)
 def test_abort_takes_a_single_asyncresult(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
     blockers = [lv.apply_async(gated, "blocker", gate.path) for _ in range(2)]
     queued = [lv.apply_async(echo, i) for i in range(6)]
@@ -958,12 +926,6 @@ def test_abort_takes_a_single_asyncresult(rc: Client, lv: LoadBalancedView, gate
     assert [b.get(timeout=WAIT) for b in blockers] == ["blocker"] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Client.abort(jobs=<AsyncMapResult>) iterates the map's *results* (waiting for "
-    "them) and takes them for msg_ids/history indices instead of aborting the map's tasks",
-)
 def test_abort_takes_a_map_result(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
     blockers = [lv.apply_async(gated, "blocker", gate.path, 3.0) for _ in range(2)]
     amr = lv.map_async(echo, range(6))
@@ -1032,12 +994,6 @@ def test_joblib_backend(lv: LoadBalancedView, pids: dict[int, int]) -> None:
     assert set(where) <= set(pids.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="register_joblib_backend() registers the name 'ferroparallel', not ipyparallel's "
-    "default 'ipyparallel', so ipyparallel code using backend='ipyparallel' fails",
-)
 def test_joblib_backend_default_name(lv: LoadBalancedView) -> None:
     joblib = _joblib()
     lv.register_joblib_backend()

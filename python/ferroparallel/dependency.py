@@ -28,6 +28,13 @@ class Dependency(set):
     def __init__(self, dependencies: Iterable[Any] = (), all: bool = True,  # noqa: A002
                  success: bool = True, failure: bool = False) -> None:
         ids: list[str] = []
+        if isinstance(dependencies, dict) and "dependencies" in dependencies:
+            # the wire form, as produced by as_dict()
+            form = dependencies
+            dependencies = form["dependencies"]
+            all = form.get("all", all)  # noqa: A001
+            success = form.get("success", success)
+            failure = form.get("failure", failure)
         if isinstance(dependencies, (str, bytes)) or hasattr(dependencies, "msg_ids"):
             dependencies = [dependencies]
         for d in dependencies:
@@ -99,6 +106,14 @@ class dependent:  # noqa: N801 - ipyparallel's name
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.df(*self.dargs, **self.dkwargs):
             raise UnmetDependency(f"dependency {getattr(self.df, '__name__', self.df)} not met")
+        provided = getattr(self, "_provides", None)
+        if provided:
+            # @require: make the modules and objects visible to the wrapped function,
+            # whichever globals it was rebuilt with on this engine.
+            g = getattr(self.f, "__globals__", None)
+            if g is not None:
+                for name, value in provided().items():
+                    g.setdefault(name, value)
         return self.f(*args, **kwargs)
 
 
@@ -136,7 +151,21 @@ def require(*objects: Any, **mapping: Any) -> Callable[[Callable], dependent]:
             mapping[obj.__name__] = obj
         else:
             raise TypeError(f"require() takes module names, modules or functions, not {obj!r}")
-    return depend(_require, *names, **mapping)
+    def provides() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in names:
+            importlib.import_module(name)
+            top = name.split(".")[0]
+            out[top] = importlib.import_module(top)
+        out.update(mapping)
+        return out
+
+    def deco(f: Callable[..., Any]) -> dependent:
+        dep = dependent(f, _require, *names, **mapping)
+        dep._provides = provides
+        return dep
+
+    return deco
 
 
 __all__ = ["Dependency", "depend", "dependent", "require"]

@@ -6,11 +6,13 @@ received messages from it in batches and resolves results, metadata and futures.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -39,6 +41,19 @@ _PACKERS = {"msgpack", "json", "orjson", "msgpack.packb", "msgpack.unpackb", "js
 PROBE_IDLE = 5.0
 
 
+#: Clients not yet closed; closed at interpreter exit, before threads are torn down.
+_OPEN_CLIENTS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN_CLIENTS):
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
 #: Routing identity of a request the controller fans out to the engines in metadata.fanout.
 FANOUT_IDENT = b"fp:fanout"
 
@@ -57,8 +72,8 @@ def _execute_content(code: str, silent: bool) -> dict[str, Any]:
 def _as_list(x: Any) -> list[Any]:
     if x is None:
         return []
-    if isinstance(x, (str, bytes, int)):
-        return [x]
+    if isinstance(x, (str, bytes, int)) or hasattr(x, "msg_ids"):
+        return [x]  # one job; an AsyncResult is not a list of jobs
     return list(x)
 
 
@@ -202,6 +217,7 @@ class Client(HasTraits):
             self._close_tunnels()
             raise
         self._closed = False
+        _OPEN_CLIENTS.add(self)
         self._lock = threading.RLock()
         self._engines: dict[int, str] = {}
         self._uuids: dict[str, int] = {}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def register(view: Any, name: str = "ferroparallel", make_default: bool = False) -> None:
-    """Register ``view`` as the joblib backend ``name``."""
+def register(view: Any, name: str = "ipyparallel", make_default: bool = False) -> None:
+    """Register ``view`` as the joblib backend ``name`` (``"ipyparallel"`` by default, so code
+    written for ipyparallel's backend runs unchanged)."""
     try:
         from joblib.parallel import ParallelBackendBase, register_parallel_backend
     except ImportError as e:
@@ -14,6 +15,7 @@ def register(view: Any, name: str = "ferroparallel", make_default: bool = False)
 
     class FerroBackend(ParallelBackendBase):
         supports_timeout = True
+        supports_retrieve_callback = True
 
         def __init__(self, view: Any = view, **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -22,11 +24,19 @@ def register(view: Any, name: str = "ferroparallel", make_default: bool = False)
         def effective_n_jobs(self, n_jobs: int) -> int:
             return max(len(self.view.client.ids), 1)
 
-        def apply_async(self, func: Any, callback: Any = None) -> Any:
+        def submit(self, func: Any, callback: Any = None) -> Any:
             ar = self.view.apply_async(func)
             if callback is not None:
-                ar.add_done_callback(lambda f: callback(f.result()))
-            ar.get = ar.get  # joblib calls .get(timeout=...)
+                ar.add_done_callback(callback)
             return ar
+
+        def retrieve_result_callback(self, out: Any) -> Any:
+            return out.result()
+
+        def retrieve_result(self, out: Any, timeout: float | None = None) -> Any:
+            return out.get(timeout=timeout)
+
+        def apply_async(self, func: Any, callback: Any = None) -> Any:  # older joblib
+            return self.submit(func, callback)
 
     register_parallel_backend(name, FerroBackend, make_default=make_default)

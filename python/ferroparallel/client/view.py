@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -517,14 +517,29 @@ class LoadBalancedView(View):
         *sequences: Any,
         ordered: bool = True,
         max_outstanding: int | str = "auto",
+        return_exceptions: bool = False,
     ) -> Iterator[Any]:
-        """Lazily map ``f``: submits as it goes, keeping a bounded number of tasks in flight."""
-        limit = (
-            2 * max(len(self.client.ids), 1) if max_outstanding == "auto" else int(max_outstanding)
-        )
+        """Lazily map ``f``: submits as it goes, keeping a bounded number of tasks in flight
+        (``"auto"``: one per engine plus one), yielding results (in order unless
+        ``ordered=False``; exceptions as values with ``return_exceptions=True``)."""
+        if max_outstanding == "auto":
+            limit = max(len(self.client.ids), 1) + 1
+        else:
+            limit = int(max_outstanding)
+            if limit < 1:
+                raise ValueError("max_outstanding must be >= 1 or 'auto'")
         iterators = [iter(s) for s in sequences]
         pending: list[AsyncResult] = []
         exhausted = False
+
+        def result_of(ar: AsyncResult) -> Any:
+            if return_exceptions:
+                try:
+                    return ar.get()
+                except Exception as e:  # noqa: BLE001 - returned as a value on request
+                    return e
+            return ar.get()
+
         while True:
             while not exhausted and len(pending) < limit:
                 try:
@@ -536,18 +551,15 @@ class LoadBalancedView(View):
             if not pending:
                 return
             if ordered:
-                yield pending.pop(0).get()
+                yield result_of(pending.pop(0))
             else:
-                while True:
-                    done = [ar for ar in pending if ar.ready()]
-                    if done:
-                        pending.remove(done[0])
-                        yield done[0].get()
-                        break
-                    time.sleep(0.0005)
+                wait(pending, return_when=FIRST_COMPLETED)
+                done = next(ar for ar in pending if ar.done())
+                pending.remove(done)
+                yield result_of(done)
 
     def register_joblib_backend(
-        self, name: str = "ferroparallel", make_default: bool = False
+        self, name: str = "ipyparallel", make_default: bool = False
     ) -> None:
         """Register this view as a joblib parallel backend."""
         from .joblib_backend import register

@@ -160,6 +160,8 @@ pub struct TaskState {
     pub outcomes: Outcomes,
     /// msg_ids seen on the MUX channel and not finished (valid dependency targets).
     pub direct_pending: HashSet<String>,
+    /// Aborts of msg_ids not seen yet (the abort overtook its task): aborted on arrival.
+    pub early_aborts: HashSet<String>,
     with_deadline: usize,
 }
 
@@ -206,6 +208,7 @@ impl Server {
         let Some(metadata) = self.unpack(&env, "metadata") else {
             return;
         };
+        let aborted_early = self.tasks.early_aborts.remove(&msg_id);
         let captured = self.records.capture(&env);
         self.records.on_request("task", &header, captured, None);
         self.stats.tasks_queued.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +245,12 @@ impl Server {
                 .max(0),
             blacklist: HashSet::new(),
         };
+        if aborted_early {
+            if task.deadline.is_some() {
+                self.tasks.with_deadline += 1;
+            }
+            return self.answer_aborted(task);
+        }
         let (after, follow) = match parsed {
             Ok(p) => p,
             Err(e) => return self.fail_task(task, "InvalidDependency", &e),
@@ -485,7 +494,9 @@ impl Server {
                 }
             }
             if let Some((_, mut task)) = self.tasks.running.remove(msg_id) {
-                if unmet || (!ok && task.retries > 0) {
+                let retry =
+                    !ok && !unmet && task.retries > 0 && self.another_engine(&task, &engine);
+                if unmet || retry {
                     if !unmet {
                         task.retries -= 1;
                     }
@@ -560,6 +571,16 @@ impl Server {
         self.drain_queue();
     }
 
+    /// Whether an engine other than `failed` (and not blacklisted) could still run the task.
+    fn another_engine(&self, task: &Task, failed: &[u8]) -> bool {
+        self.engines.by_uuid.values().any(|e| {
+            e.registered
+                && e.uuid.as_slice() != failed
+                && !task.blacklist.contains(&e.uuid)
+                && task.targets.as_ref().is_none_or(|t| t.contains(&e.uuid))
+        })
+    }
+
     /// Fail queued tasks whose timeout passed before they started.
     pub(crate) fn task_timeouts(&mut self) {
         if self.tasks.with_deadline == 0 {
@@ -593,6 +614,26 @@ impl Server {
         }
     }
 
+    /// Answer a task that never ran with an aborted reply.
+    fn answer_aborted(&mut self, t: Task) {
+        if t.deadline.is_some() {
+            self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
+        }
+        self.tasks.outcomes.record(t.msg_id.clone(), false, None);
+        let md = Value::map([("status", Value::from("aborted"))]);
+        let aborted = Value::map([("status", Value::from("aborted"))]);
+        self.records
+            .on_controller_reply(&t.msg_id, None, &reply_type(&t.msg_type), &md, &aborted);
+        self.send_new(
+            TASK_C,
+            vec![t.client],
+            &reply_type(&t.msg_type),
+            Value::map([("status", Value::from("aborted"))]),
+            t.header,
+            md,
+        );
+    }
+
     /// Remove queued (not yet running) tasks; they are answered as aborted. Returns their ids.
     pub(crate) fn abort_queued(&mut self, msg_ids: &HashSet<String>) -> Vec<String> {
         let mut aborted = Vec::new();
@@ -616,28 +657,16 @@ impl Server {
         self.tasks.waiting = keep_w;
         let mut ids = Vec::new();
         for t in aborted {
-            if t.deadline.is_some() {
-                self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
-            }
             ids.push(t.msg_id.clone());
-            self.tasks.outcomes.record(t.msg_id.clone(), false, None);
-            let md = Value::map([("status", Value::from("aborted"))]);
-            let aborted = Value::map([("status", Value::from("aborted"))]);
-            self.records.on_controller_reply(
-                &t.msg_id,
-                None,
-                &reply_type(&t.msg_type),
-                &md,
-                &aborted,
-            );
-            self.send_new(
-                TASK_C,
-                vec![t.client],
-                &reply_type(&t.msg_type),
-                Value::map([("status", Value::from("aborted"))]),
-                t.header,
-                md,
-            );
+            self.answer_aborted(t);
+        }
+        // An abort may overtake its task (they travel on different sockets): remember the ids
+        // not seen yet, and abort those tasks when they arrive.
+        for id in msg_ids {
+            if !ids.contains(id) && !self.tasks.known(id) && self.tasks.early_aborts.len() < 100_000
+            {
+                self.tasks.early_aborts.insert(id.clone());
+            }
         }
         self.release_waiting();
         ids

@@ -297,3 +297,100 @@ impl Records {
         self.backend.update(msg_id, u);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp_io::RecvFrame;
+    use fp_wire::Envelope;
+
+    fn env(p: Packer, header: &Value, md: &Value, bufs: &[usize]) -> Env {
+        let f = |v: &Value| RecvFrame::from_bytes(&p.pack(v).unwrap());
+        Envelope {
+            idents: vec![RecvFrame::from_bytes(b"client")],
+            signature: RecvFrame::from_bytes(&[b'0'; 64]),
+            header: f(header),
+            parent_header: f(header),
+            metadata: f(md),
+            content: f(&Value::empty_map()),
+            buffers: bufs
+                .iter()
+                .map(|n| RecvFrame::from_bytes(&vec![7u8; *n]))
+                .collect(),
+        }
+    }
+
+    /// Per-task cost of the relay hooks (request, assignment, reply) on each backend:
+    /// `cargo test --release -p fp-controller hook_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn hook_cost() {
+        let p = Packer::Msgpack;
+        let n = 200_000;
+        for db in ["none", "memory", "sqlite"] {
+            let path = std::env::temp_dir().join(format!("fp-hook-cost-{}.db", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let cfg = RecordsConfig {
+                db: db.into(),
+                path: Some(path.to_string_lossy().into_owned()),
+                restore: false,
+                record_limit: DEFAULT_RECORD_LIMIT,
+                size_limit: DEFAULT_SIZE_LIMIT,
+            };
+            let mut r = Records::open(&cfg, p).unwrap();
+            let md = Value::map([("after", Value::Array(vec![])), ("retries", Value::Int(0))]);
+            let reply_md = Value::map([
+                ("started", Value::from("2026-11-26T23:00:00.000001Z")),
+                ("engine", Value::from("e0")),
+                ("status", Value::from("ok")),
+            ]);
+            let mut hooks = std::time::Duration::ZERO;
+            let mut parts = [std::time::Duration::ZERO; 4];
+            for i in 0..n {
+                let h = Value::map([
+                    ("msg_id", Value::Str(format!("s_1_{i}"))),
+                    ("msg_type", Value::from("apply_request")),
+                    ("session", Value::from("s")),
+                    ("date", Value::from("2026-11-26T23:00:00.000000Z")),
+                ]);
+                let req = env(p, &h, &md, &[12, 515, 20]);
+                let rep = env(p, &h, &reply_md, &[5]);
+                let id = format!("s_1_{i}");
+                let t = std::time::Instant::now();
+                let cap = r.capture(&req);
+                parts[0] += t.elapsed();
+                let t1 = std::time::Instant::now();
+                r.on_request("task", &h, cap, None);
+                parts[1] += t1.elapsed();
+                let t2 = std::time::Instant::now();
+                r.on_assign(&id, b"e0");
+                parts[2] += t2.elapsed();
+                let t3 = std::time::Instant::now();
+                r.on_reply(&id, b"e0", &rep, Some(&reply_md));
+                parts[3] += t3.elapsed();
+                hooks += t.elapsed();
+                drop((req, rep));
+            }
+            let per = hooks.as_nanos() as f64 / n as f64;
+            let parts: Vec<u128> = parts.iter().map(|d| d.as_nanos() / n as u128).collect();
+            println!("{db}: capture/request/assign/reply ns {parts:?}");
+            let t2 = std::time::Instant::now();
+            let q = Query::parse(&Value::map([(
+                "completed",
+                Value::map([("$gt", Value::from("2026-01-01"))]),
+            )]))
+            .unwrap();
+            let mut hits = 0;
+            if db != "none" {
+                r.backend().find(&q, &mut |_| hits += 1).unwrap();
+            }
+            let scan = t2.elapsed();
+            println!(
+                "{db:7} hooks {per:7.0} ns/task (event loop); find over {hits} records {:.1} ms",
+                scan.as_secs_f64() * 1e3
+            );
+            drop(r);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
