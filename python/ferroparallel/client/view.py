@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from concurrent.futures import FIRST_COMPLETED, wait
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 from traitlets import Any as AnyTrait
