@@ -32,6 +32,7 @@ from ferroparallel import _core, paths
 from ferroparallel.client import Client
 from ferroparallel.controller.connection import new_key
 from ferroparallel.engine.connection import load_connection_info
+from ferroparallel.error import MessageError
 from ferroparallel.serialize import pack_apply_message, serialize_object
 from test_engine_unit import KEY, EngineProcess, FakeController
 
@@ -311,7 +312,10 @@ class FakeHub:
         while not self._stop.is_set():
             if not reg.poll(50):
                 continue
-            msg = self.session.deserialize(reg.recv_multipart())
+            try:
+                msg = self.session.deserialize(reg.recv_multipart())
+            except MessageError:
+                continue  # unsigned / forged: dropped, like the real controller
             content = {"status": "ok", "engines": {"0": "engine-0"}}
             reg.send_multipart(
                 self.session.serialize(
@@ -443,3 +447,18 @@ def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
     ctl.send_raw("mux", head + pack_apply_message(print, (Evil(marker),), {}))
     ctl.reply()
     assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
+
+
+def test_empty_exec_key_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``Client(exec_key="")`` overrides the file's key with nothing: warned, not refused."""
+    ctx = zmq.Context()
+    hub = FakeHub(ctx, tmp_path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ferroparallel.security"):
+            # The hub has a key, so it drops the unsigned connection request.
+            with pytest.raises(TimeoutError):
+                Client(hub.file, exec_key="", timeout=1)
+    finally:
+        hub.close()
+        ctx.destroy(linger=0)
+    assert any("empty key" in r.getMessage() for r in caplog.records)

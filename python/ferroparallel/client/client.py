@@ -19,7 +19,7 @@ from typing import Any
 
 from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
-from .. import _core, error
+from .. import _core, error, paths
 from .. import ssh as _ssh
 from ..serialize import pack_apply_message
 from . import connection, dispatch
@@ -176,6 +176,7 @@ class Client(HasTraits):
         )
         if exec_key is not None:
             info["key"] = exec_key.decode() if isinstance(exec_key, bytes) else exec_key
+            paths.warn_if_no_key(info, "exec_key")
         self._tunnels: Any = None
         self._tunnel_error: BaseException | None = None
         urls = {channel: connection.url(info, channel) for _, _, channel in _SOCKETS}
