@@ -309,6 +309,12 @@ class Tunnels:
                     self._on_death(self.error)
                 except Exception:  # noqa: BLE001 - a callback must not kill the watcher
                     log.exception("SSH tunnel death callback failed")
+            # Free what is left (listeners, askpass helper): reconnecting sockets then get
+            # "connection refused" at once instead of half-open forwards.
+            try:
+                self._backend.close()
+            except Exception:  # noqa: BLE001
+                log.debug("cleaning up a dead tunnel failed", exc_info=True)
             return
 
     def close(self, grace: float = 0.0) -> None:
