@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fp_wire::{Packer, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::query::{Query, QueryError};
+use super::query::{Cond, Operand, Query, QueryError};
 use super::record::{Blob, TaskRecord, Update};
 use super::Backend;
 use crate::log::{log_at, Level};
@@ -271,9 +271,19 @@ impl Backend for Sqlite {
             }
             return Ok(());
         }
-        let sql = format!("SELECT {COLUMNS} FROM fp_tasks ORDER BY seq");
+        let mut args = Vec::new();
+        let mut clauses = Vec::new();
+        prefilter(q, &mut clauses, &mut args);
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let sql = format!("SELECT {COLUMNS} FROM fp_tasks {filter} ORDER BY seq");
         let mut stmt = self.reader.prepare_cached(&sql).map_err(Self::db_err)?;
-        let mut rows = stmt.query([]).map_err(Self::db_err)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args.iter()))
+            .map_err(Self::db_err)?;
         while let Some(row) = rows.next().map_err(Self::db_err)? {
             let r = self.record_of(row).map_err(Self::db_err)?;
             if q.matches(&r, self.packer) {
@@ -297,6 +307,96 @@ impl Backend for Sqlite {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(Self::db_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(Self::db_err)
+    }
+}
+
+// ----- SQL prefilter ----------------------------------------------------------------------
+
+const DATE_COLUMNS: [&str; 4] = ["submitted", "started", "completed", "received"];
+const TEXT_COLUMNS: [&str; 6] = [
+    "msg_id",
+    "client_uuid",
+    "engine_uuid",
+    "resubmitted",
+    "queue",
+    "label",
+];
+
+/// A plain string operand that is not a date (dates may match other spellings).
+fn text(o: &Operand) -> Option<String> {
+    match (&o.value, o.date) {
+        (Value::Str(s), None) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// SQL conditions implied by `q` on the indexed scalar columns, so SQLite skips rows that
+/// cannot match. Rows it returns are still checked by [`Query::matches`]: a condition is only
+/// translated when every row it excludes would fail the query.
+fn prefilter(q: &Query, clauses: &mut Vec<String>, args: &mut Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as Sql;
+    match q {
+        Query::And(qs) => qs.iter().for_each(|q| prefilter(q, clauses, args)),
+        Query::Or(_) => {}
+        Query::Fields(fields) => {
+            for (name, conds) in fields {
+                let date_col = DATE_COLUMNS.contains(&name.as_str());
+                let text_col = TEXT_COLUMNS.contains(&name.as_str());
+                if !date_col && !text_col {
+                    continue;
+                }
+                for c in conds {
+                    let mut cmp = |op: &str, v: Sql| {
+                        args.push(v);
+                        clauses.push(format!("{name} {op} ?{}", args.len()));
+                    };
+                    match c {
+                        Cond::Eq(o) if o.value.is_nil() => clauses.push(format!("{name} IS NULL")),
+                        Cond::Ne(o) if o.value.is_nil() => {
+                            clauses.push(format!("{name} IS NOT NULL"))
+                        }
+                        Cond::Exists(true) => clauses.push(format!("{name} IS NOT NULL")),
+                        Cond::Exists(false) => clauses.push(format!("{name} IS NULL")),
+                        Cond::Eq(o) if date_col => match o.date {
+                            Some(t) => cmp("=", Sql::Integer(t)),
+                            None => clauses.push("0".into()),
+                        },
+                        Cond::Lt(o) | Cond::Lte(o) | Cond::Gt(o) | Cond::Gte(o) if date_col => {
+                            let op = match c {
+                                Cond::Lt(_) => "<",
+                                Cond::Lte(_) => "<=",
+                                Cond::Gt(_) => ">",
+                                _ => ">=",
+                            };
+                            match o.date {
+                                Some(t) => cmp(op, Sql::Integer(t)),
+                                None => clauses.push("0".into()),
+                            }
+                        }
+                        Cond::Eq(o) if text_col => {
+                            if let Some(s) = text(o) {
+                                cmp("=", Sql::Text(s));
+                            }
+                        }
+                        Cond::In(list) if text_col && !list.is_empty() => {
+                            let texts: Option<Vec<String>> = list.iter().map(text).collect();
+                            if let Some(texts) = texts {
+                                let mut marks = Vec::new();
+                                for t in texts {
+                                    args.push(Sql::Text(t));
+                                    marks.push(format!("?{}", args.len()));
+                                }
+                                clauses.push(format!("{name} IN ({})", marks.join(", ")));
+                            }
+                        }
+                        Cond::Glob(p) if text_col && !p.contains(&'[') => {
+                            cmp("GLOB", Sql::Text(p.iter().collect()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -641,6 +741,49 @@ mod tests {
             assert_eq!(r.buffers.len(), 2);
             assert_eq!(r.buffers[0].as_ref(), b"abc");
             assert_eq!(r.result_buffers[0].as_ref(), b"result");
+            let ids = |db: &mut Sqlite, q: Value| {
+                let mut out = Vec::new();
+                db.find(&Query::parse(&q).unwrap(), &mut |r| {
+                    out.push(r.msg_id.clone())
+                })
+                .unwrap();
+                out
+            };
+            let op = |f: &str, o: &str, v: Value| Value::map([(f, Value::map([(o, v)]))]);
+            let t = |s: &str| Value::from(s);
+            assert_eq!(
+                ids(&mut db, op("completed", "$gt", t("1970-01-01"))),
+                ["m1"]
+            );
+            assert_eq!(
+                ids(&mut db, op("completed", "$gt", Value::Int(3))),
+                Vec::<String>::new()
+            );
+            assert_eq!(
+                ids(&mut db, Value::map([("completed", Value::Nil)])),
+                ["m2"]
+            );
+            assert_eq!(
+                ids(
+                    &mut db,
+                    op("submitted", "$lte", t("1970-01-01T00:00:00.000005Z"))
+                ),
+                ["m1"]
+            );
+            assert_eq!(
+                ids(
+                    &mut db,
+                    op("msg_id", "$in", Value::Array(vec![t("m2"), t("x")]))
+                ),
+                ["m2"]
+            );
+            assert_eq!(ids(&mut db, op("msg_id", "$glob", t("m*"))).len(), 2);
+            assert_eq!(ids(&mut db, op("msg_id", "$glob", t("m[!1]"))), ["m2"]);
+            assert_eq!(ids(&mut db, Value::map([("label", t("L"))])), ["m1"]);
+            assert_eq!(
+                ids(&mut db, op("engine_uuid", "$exists", Value::Bool(false))),
+                ["m2"]
+            );
             db.remove(&["m2".to_owned()]);
             assert_eq!(db.history().unwrap().len(), 1);
             assert_eq!(db.get("m2").unwrap_err().ename, "KeyError");
