@@ -1,0 +1,598 @@
+"""User-level acceptance tests of ``ferroparallel.Client`` on a real cluster.
+
+Written the way ipyparallel / IPython.parallel users drive a client: ``import ferroparallel as
+ipp`` and the classic API. Most tests share one 2-engine cluster (see ``cluster_fixtures``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import traitlets
+
+import ferroparallel as ipp
+from ferroparallel import error
+from ferroparallel.client import Client, DirectView
+from ferroparallel.client.metadata import Metadata
+from ferroparallel.cluster import Cluster
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(120)
+
+SHORT = 30.0
+WaitUntil = Callable[..., Any]
+
+
+def _started_sleeper(seconds: float) -> Callable[[], str]:
+    """A task that announces (on stdout) that it runs, then sleeps."""
+
+    def sleeper() -> str:
+        import time
+
+        print("started", flush=True)
+        time.sleep(seconds)
+        return "slept"
+
+    return sleeper
+
+
+# ----- construction ---------------------------------------------------------------------------
+
+
+def test_client_from_default_profile(shared_cluster: Cluster) -> None:
+    with ipp.Client() as c:
+        assert c.ids == [0, 1]
+        assert c[:].apply_sync(lambda: "hi") == ["hi", "hi"]
+    with ipp.Client(profile="default") as c:
+        assert c.ids == [0, 1]
+
+
+def test_with_client_closes_it(shared_cluster: Cluster) -> None:
+    with ipp.Client() as c:
+        assert not c.closed
+        assert len(c) == 2
+    assert c.closed
+    with pytest.raises(Exception):  # noqa: B017 - any error, but no hang
+        c[0].apply_async(int, 1)
+
+
+def test_client_from_profile_and_cluster_id(shared_cluster: Cluster, fp_session_root: Path) -> None:
+    other = fp_session_root / "profile_elsewhere" / "security"
+    other.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shared_cluster.client_file, other / "ipcontroller-abc123-client.json")
+    with ipp.Client(profile="elsewhere", cluster_id="abc123") as c:
+        assert c.ids == [0, 1]
+        assert c[0].apply_sync(lambda: 5) == 5
+    with ipp.Client(profile_dir=other.parent, cluster_id="abc123") as c:
+        assert c.ids == [0, 1]
+
+
+def test_client_from_cluster_object(shared_cluster: Cluster) -> None:
+    with ipp.Client(cluster=shared_cluster) as c:
+        assert c.ids == [0, 1]
+    with shared_cluster.connect_client_sync() as c:
+        assert c.ids == [0, 1]
+
+
+def test_client_from_path(shared_cluster: Cluster) -> None:
+    path = shared_cluster.client_file
+    for arg in (path, str(path)):
+        with ipp.Client(arg) as c:
+            assert c.ids == [0, 1]
+    with ipp.Client(url_file=str(path)) as c:
+        assert c.ids == [0, 1]
+    with ipp.Client(url_or_file=str(path)) as c:
+        assert c.ids == [0, 1]
+
+
+def test_client_from_dict(shared_cluster: Cluster) -> None:
+    info = json.loads(Path(shared_cluster.client_file).read_text())
+    with ipp.Client(info) as c:
+        assert c.ids == [0, 1]
+        assert c[1].apply_sync(lambda: 7) == 7
+    with ipp.Client(connection_info=info) as c:
+        assert c.ids == [0, 1]
+
+
+def test_exec_key_alias(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """``exec_key`` (IPython.parallel 0.x) is the HMAC key: the right one works, a wrong one is
+    really used (the controller ignores the client, which times out)."""
+    info = json.loads(Path(shared_cluster.client_file).read_text())
+    key = info.pop("key")
+    keyless = tmp_path / "client-nokey.json"
+    keyless.write_text(json.dumps({**info, "key": ""}))
+    with ipp.Client(str(keyless), exec_key=key) as c:
+        assert c[0].apply_sync(lambda: 1) == 1
+    with ipp.Client(str(shared_cluster.client_file), exec_key=key.encode()) as c:
+        assert c.ids == [0, 1]
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ipp.Client(str(shared_cluster.client_file), exec_key="not-the-key", timeout=1)
+    assert time.monotonic() - t0 < 1 + 5
+
+
+def test_classic_positional_signature(shared_cluster: Cluster) -> None:
+    """``Client(url_or_file, profile, context, debug, timeout, config, username, packer,
+    unpacker, ...)`` of the IPython.parallel reference."""
+    path = str(shared_cluster.client_file)
+    pack = json.loads(Path(path).read_text()).get("pack", "msgpack")
+    with ipp.Client(path, "default", None, False, 10, None, "alice", pack, pack) as c:
+        assert c.ids == [0, 1]
+        assert c.session.username == "alice"
+        assert c[0].apply_sync(lambda: 3) == 3
+
+
+def test_sshserver_fails_promptly_naming_ssh(shared_cluster: Cluster) -> None:
+    """``sshserver`` is accepted by keyword and positionally (10th classic argument). Without
+    SSH tunnels the client raises NotImplementedError naming SSH; with them, an unreachable SSH
+    server fails within the timeout with an error naming SSH (and the host)."""
+    path = str(shared_cluster.client_file)
+    t0 = time.monotonic()
+    with pytest.raises((NotImplementedError, ConnectionError), match="(?i)ssh") as info:
+        ipp.Client(path, sshserver="me@gateway.invalid", timeout=5)
+    if not isinstance(info.value, NotImplementedError):
+        assert "gateway.invalid" in str(info.value)
+    with pytest.raises((NotImplementedError, ConnectionError), match="(?i)ssh"):
+        ipp.Client(path, None, None, False, 5, None, None, None, None, "me@gateway.invalid")
+    assert time.monotonic() - t0 < 2 * (5 + 5)
+
+
+def test_url_instead_of_file_is_helpful() -> None:
+    with pytest.raises(ValueError) as info:
+        ipp.Client("tcp://127.0.0.1:10101")
+    text = str(info.value)
+    assert "tcp://127.0.0.1:10101" in text
+    assert "connection file" in text or "ipcontroller-client.json" in text
+
+
+# ----- engines, indexing ----------------------------------------------------------------------
+
+
+def test_len_index_iteration(rc: Client) -> None:
+    assert len(rc) == 2
+    assert rc.ids == [0, 1]
+    v0 = rc[0]
+    assert isinstance(v0, DirectView)
+    assert v0.apply_sync(lambda: "x") == "x"
+    assert len(v0) == 1
+    assert rc[:].apply_sync(lambda: 2) == [2, 2]
+    assert len(rc[:]) == 2
+    assert rc[[0, 1]].apply_sync(lambda: 3) == [3, 3]
+    assert rc[[1]].apply_sync(lambda: 4) == [4]
+    pids = rc[:].apply_sync(os.getpid)
+    assert rc[-1].apply_sync(os.getpid) == pids[-1]
+    assert rc[1:].apply_sync(os.getpid) == pids[1:]
+    views = list(rc)
+    assert len(views) == 2
+    assert [v.apply_sync(os.getpid) for v in views] == pids
+    with pytest.raises(IndexError):
+        rc[5].apply_sync(lambda: 1)
+
+
+def test_ids_is_a_copy(rc: Client) -> None:
+    ids = rc.ids
+    ids.append(99)
+    assert rc.ids == [0, 1]
+
+
+def test_ids_update_when_an_engine_is_added(growing_cluster: tuple[Cluster, Client]) -> None:
+    cluster, grc = growing_cluster
+    before = list(grc.ids)
+    cluster.start_engines_sync(1)
+    grc.wait_for_engines(len(before) + 1, timeout=10)
+    assert len(grc.ids) == len(before) + 1
+    assert grc.ids[: len(before)] == before
+    assert len(grc) == len(before) + 1
+    new = grc.ids[-1]
+    assert grc[new].apply_sync(lambda: "new engine") == "new engine"
+
+
+# ----- bookkeeping: history, outstanding, results, metadata -----------------------------------
+
+
+def test_history_and_outstanding(rc: Client) -> None:
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    (msg_id,) = ar.msg_ids
+    assert rc.history[-1] == msg_id
+    assert msg_id in rc.outstanding
+    assert rc.wait(timeout=SHORT) is True
+    assert msg_id not in rc.outstanding
+    assert rc.outstanding == set()
+    assert msg_id in rc.history
+    ar2 = rc[:].apply_async(lambda: 1)
+    assert rc.history[-2:] == ar2.msg_ids
+    ar2.get(timeout=SHORT)
+    assert not rc.outstanding
+
+
+def test_results_and_metadata_of_low_level_requests(rc: Client) -> None:
+    fut = rc.send_apply_request("mux", lambda x: x * 2, (21,), ident=rc._engines[0])
+    assert fut.result(timeout=SHORT) == 42
+    assert rc.results[fut.msg_id] == 42
+    md = rc.metadata[fut.msg_id]
+    assert isinstance(md, Metadata)
+    assert md["status"] == "ok"
+    assert md.status == "ok"
+    assert md.engine_id == 0
+    assert md.msg_id == fut.msg_id
+    assert md.stdout == ""
+    for key in ("submitted", "started", "completed", "received"):
+        assert md[key] is not None, key
+
+
+def test_metadata_is_strict(rc: Client) -> None:
+    ar = rc[0].apply_async(lambda: print("out"))
+    ar.get(timeout=SHORT)
+    md = ar.metadata
+    assert isinstance(md, Metadata)
+    with pytest.raises(KeyError):
+        md["no_such_key"] = 1
+    with pytest.raises(KeyError):
+        md.update(no_such_key=1)
+    with pytest.raises(KeyError):
+        md.update({"stdout": "x", "bogus": 2})
+    assert "bogus" not in md
+    with pytest.raises((KeyError, AttributeError)):
+        md.no_such_key = 1
+    md.label = "mine"
+    assert md["label"] == "mine"
+    md.update(label="again")
+    assert md.label == "again"
+    assert md.engine_id == 0
+    assert md.status == "ok"
+
+
+def test_block_flag(rc: Client) -> None:
+    assert rc.block is False
+    ar = rc[0].apply(lambda: 1)
+    assert isinstance(ar, ipp.AsyncResult)
+    assert ar.get(timeout=SHORT) == 1
+    rc.block = True
+    try:
+        v = rc[0]
+        assert v.block is True
+        assert v.apply(lambda: 2) == 2
+        assert rc[:].apply(lambda: 3) == [3, 3]
+    finally:
+        rc.block = False
+    assert rc[0].block is False
+
+
+def test_spin(rc: Client) -> None:
+    ar = rc[:].apply_async(lambda: 1)
+    rc.spin()
+    assert ar.get(timeout=SHORT) == [1, 1]
+    rc.spin()
+
+
+def test_wait_with_jobs_and_timeout(rc: Client) -> None:
+    slow = rc[0].apply_async(time.sleep, 1.0)
+    fast = rc[1].apply_async(lambda: 1)
+    assert rc.wait([fast], timeout=SHORT) is True
+    assert rc.wait(fast.msg_ids, timeout=SHORT) is True
+    t0 = time.monotonic()
+    assert rc.wait([slow], timeout=0.1) is False
+    assert time.monotonic() - t0 < 0.9
+    assert rc.wait(slow.msg_ids + fast.msg_ids, timeout=SHORT) is True
+    assert slow.ready()
+    rc[0].apply_async(time.sleep, 0.2)
+    assert rc.wait(timeout=SHORT) is True  # everything outstanding
+    assert not rc.outstanding
+
+
+def test_wait_accepts_a_single_asyncresult(rc: Client) -> None:
+    ar = rc[0].apply_async(time.sleep, 0.1)
+    assert rc.wait(ar, timeout=SHORT) is True
+
+
+def test_wait_for_engines(rc: Client) -> None:
+    assert rc.wait_for_engines(2, timeout=5) is None
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        rc.wait_for_engines(3, timeout=0.3)
+    assert time.monotonic() - t0 < 3
+    fut = rc.wait_for_engines(1, timeout=5, block=False)
+    assert fut.result(timeout=SHORT) is None
+
+
+# ----- control: abort, clear, signals, queue status, shutdown ----------------------------------
+
+
+def test_abort_queued_tasks(rc: Client) -> None:
+    e0 = rc[0]
+    running = e0.apply_async(time.sleep, 1.5)
+    queued = [e0.apply_async(lambda i=i: i) for i in range(3)]
+    rc.abort(queued, block=True)
+    for ar in queued:
+        with pytest.raises(error.TaskAborted):
+            ar.get(timeout=SHORT)
+    assert running.get(timeout=SHORT) is None
+    # by msg_id, and AsyncResult.abort()
+    running = e0.apply_async(time.sleep, 1.0)
+    by_id = e0.apply_async(lambda: "not run")
+    by_ar = e0.apply_async(lambda: "not run either")
+    rc.abort(by_id.msg_ids, block=True)
+    by_ar.abort()
+    for ar in (by_id, by_ar):
+        with pytest.raises(error.TaskAborted):
+            ar.get(timeout=SHORT)
+    running.get(timeout=SHORT)
+    assert e0.apply_sync(lambda: "still serving") == "still serving"
+
+
+def test_abort_accepts_a_single_asyncresult(rc: Client) -> None:
+    running = rc[0].apply_async(time.sleep, 1.0)
+    queued = rc[0].apply_async(lambda: 1)
+    try:
+        rc.abort(queued, block=True)
+        with pytest.raises(error.TaskAborted):
+            queued.get(timeout=SHORT)
+    finally:
+        running.get(timeout=SHORT)
+        queued.wait(SHORT)
+
+
+def test_clear(rc: Client) -> None:
+    rc[:].push({"leftover": 1}, block=True)
+    assert rc[:].pull("leftover", block=True) == [1, 1]
+    rc.clear(targets=[0], block=True)
+    present = ipp.interactive(lambda: "leftover" in globals())
+    assert rc[:].apply_sync(present) == [False, True]
+    ar = rc.clear(block=False)
+    ar.get(timeout=SHORT)
+    assert rc[:].apply_sync(present) == [False, False]
+
+
+def test_send_signal_interrupts_a_running_task(rc: Client, wait_until: WaitUntil) -> None:
+    ar = rc[1].apply_async(_started_sleeper(30))
+    wait_until(lambda: "started" in ar.stdout, SHORT, "the task to start")
+    t0 = time.monotonic()
+    rc.send_signal(signal.SIGINT, targets=1, block=True)
+    with pytest.raises(error.RemoteError) as info:
+        ar.get(timeout=10)
+    assert time.monotonic() - t0 < 10
+    assert info.value.ename == "KeyboardInterrupt"
+    assert info.value.engine_info.get("engine_id") == 1
+    # the engine keeps serving
+    assert rc[1].apply_async(lambda: 42).get(timeout=SHORT) == 42
+    assert rc.ids == [0, 1]
+
+
+def test_queue_status(rc: Client, wait_until: WaitUntil) -> None:
+    qs = rc.queue_status()
+    assert {0, 1, "unassigned"} <= set(qs)
+    for eid in (0, 1):
+        assert {"queue", "completed", "tasks"} <= set(qs[eid])
+    before = qs[0]["completed"]
+    rc[0].apply_sync(lambda: None)
+    one = rc.queue_status(0)
+    assert set(one) >= {"queue", "completed", "tasks"}
+    assert one["completed"] >= before + 1
+    busy = rc[0].apply_async(time.sleep, 2.0)
+    more = rc[0].apply_async(lambda: None)
+    # the hub learns of requests asynchronously; both are queued for two seconds
+    wait_until(lambda: rc.queue_status(0)["queue"] == 2, 1.5, "the hub to see 2 queued tasks")
+    assert rc.queue_status()[1]["queue"] == 0
+    verbose = rc.queue_status(verbose=True)
+    assert isinstance(verbose[0]["queue"], list)
+    busy.get(timeout=SHORT)
+    more.get(timeout=SHORT)
+
+
+def test_get_result(rc: Client) -> None:
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    again = rc.get_result(ar.msg_ids[0])
+    assert again.get(timeout=SHORT) is None
+    assert again.metadata["engine_id"] == 0
+    fut = rc.send_apply_request("mux", lambda: "low", ident=rc._engines[1])
+    idx = rc.history.index(fut.msg_id)
+    assert rc.get_result(idx).get(timeout=SHORT) == "low"
+    assert rc.get_result(fut.msg_id).metadata["engine_id"] == 1
+    ar.get(timeout=SHORT)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="get_result([msg_id]) builds a single-result AsyncResult (client.py get_result: "
+    "AsyncResult(...) without targets/single_result=False), so get() is not a list",
+)
+def test_get_result_of_a_list_is_a_list(rc: Client) -> None:
+    fut = rc.send_apply_request("mux", lambda: "low", ident=rc._engines[1])
+    fut.result(timeout=SHORT)
+    assert rc.get_result([fut.msg_id]).get(timeout=SHORT) == ["low"]
+
+
+def test_get_result_accepts_an_asyncresult(rc: Client) -> None:
+    ar = rc[0].apply_async(time.sleep, 0.3)
+    assert rc.get_result(ar).get(timeout=SHORT) is None
+
+
+def test_get_result_of_finished_work(rc: Client) -> None:
+    """The seed reference: get_result 'can also be a convenient way to retrieve the metadata
+    associated with blocking execution'."""
+    ar = rc[0].apply_async(lambda: "answer")
+    ar.get(timeout=SHORT)
+    ar.wait_for_output(SHORT)
+    assert rc[0].apply_sync(lambda: "blocked") == "blocked"
+    time.sleep(0.3)  # let the client finish its bookkeeping of both
+    last = rc.get_result(-1)
+    assert last.get(timeout=SHORT) == "blocked"
+    assert last.metadata["engine_id"] == 0
+    assert rc.get_result(ar.msg_ids[0]).get(timeout=SHORT) == "answer"
+
+
+def test_send_apply_and_execute_request(rc: Client) -> None:
+    fut = rc.send_apply_request("mux", lambda a, b=0: a + b, (1,), {"b": 2}, ident=rc._engines[1])
+    assert fut.result(timeout=SHORT) == 3
+    fut = rc.send_execute_request("mux", "via_execute = 11", ident=rc._engines[1])
+    fut.result(timeout=SHORT)
+    assert rc[1]["via_execute"] == 11
+    with pytest.raises(error.RemoteError) as info:
+        rc.send_apply_request("mux", lambda: 1 / 0, ident=rc._engines[0]).result(timeout=SHORT)
+    assert info.value.ename == "ZeroDivisionError"
+
+
+def test_purge_local_results(rc: Client) -> None:
+    futs = [rc.send_apply_request("mux", lambda i=i: i, ident=rc._engines[0]) for i in range(3)]
+    assert [f.result(timeout=SHORT) for f in futs] == [0, 1, 2]
+    first = futs[0].msg_id
+    assert first in rc.results and first in rc.metadata
+    rc.purge_local_results(first)
+    assert first not in rc.results
+    assert first not in rc.metadata
+    rc.purge_local_results("all")
+    for f in futs:
+        assert f.msg_id not in rc.results
+        assert f.msg_id not in rc.metadata
+    pending = rc[0].apply_async(time.sleep, 0.5)
+    with pytest.raises(Exception):  # noqa: B017 - refusing to purge pending work, any error
+        rc.purge_local_results(pending.msg_ids)
+    pending.get(timeout=SHORT)
+
+
+_UNCLOSED_CLIENT_SCRIPT = (
+    "import sys, ferroparallel as ipp\n"
+    "rc = ipp.Client(sys.argv[1])\n"
+    "print(rc[0].apply_sync(lambda: 'ran'), flush=True)\n"
+)
+
+
+def test_script_exits_cleanly_without_closing_its_client(shared_cluster: Cluster) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UNCLOSED_CLIENT_SCRIPT, str(shared_cluster.client_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        results.append((p.returncode, out.strip(), err[-300:]))
+    assert all(out == "ran" for _, out, _ in results), results
+    assert [code for code, _, _ in results] == [0] * 6, results
+
+
+def test_close(shared_cluster: Cluster) -> None:
+    c = ipp.Client(shared_cluster.client_file)
+    assert c[0].apply_sync(lambda: 1) == 1
+    c.close()
+    assert c.closed
+    c.close()  # idempotent
+    with pytest.raises(Exception) as info:  # noqa: B017 - any error, but no hang
+        c[0].apply_async(lambda: 1)
+    assert "closed" in str(info.value).lower()
+
+
+def test_executor(rc: Client) -> None:
+    ex = rc.executor()
+    assert isinstance(ex, Executor)
+    fut = ex.submit(lambda x, y=1: x * y, 3, y=5)
+    assert fut.result(timeout=SHORT) == 15
+    assert list(ex.map(lambda x: x + 1, range(6))) == [1, 2, 3, 4, 5, 6]
+    assert list(ex.map(pow, [2, 3], [3, 2])) == [8, 9]
+    with rc.executor() as ex2:
+        futs = [ex2.submit(abs, -i) for i in range(4)]
+    assert [f.result(timeout=0) for f in futs] == [0, 1, 2, 3]
+
+
+# ----- traits ---------------------------------------------------------------------------------
+
+
+def test_traits(rc: Client) -> None:
+    names = set(rc.trait_names())
+    assert {"block", "history", "outstanding", "results", "metadata", "debug", "profile"} <= names
+    traits = rc.traits()
+    assert isinstance(traits["block"], traitlets.Bool)
+    assert set(traits) == names
+    assert set(type(rc).class_trait_names()) == names
+    assert "block" in Client.class_trait_names()
+
+
+def test_observe_client_block(rc: Client) -> None:
+    changes: list[tuple[str, Any, Any]] = []
+    legacy: list[tuple[str, Any, Any]] = []
+
+    def on_change(change: Any) -> None:
+        changes.append((change["name"], change["old"], change["new"]))
+
+    def on_trait(name: str, old: Any, new: Any) -> None:
+        legacy.append((name, old, new))
+
+    rc.observe(on_change, "block")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        rc.on_trait_change(on_trait, "block")
+    try:
+        rc.block = True
+        rc.block = False
+    finally:
+        rc.unobserve(on_change, "block")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            rc.on_trait_change(on_trait, "block", remove=True)
+    assert changes == [("block", False, True), ("block", True, False)]
+    assert legacy == [("block", False, True), ("block", True, False)]
+
+
+def test_observe_view_targets_and_block(rc: Client) -> None:
+    view = rc.direct_view([0])
+    assert {"targets", "block"} <= set(view.trait_names())
+    changes: list[tuple[str, Any, Any]] = []
+    legacy: list[tuple[str, Any, Any]] = []
+
+    def on_trait(name: str, old: Any, new: Any) -> None:
+        legacy.append((name, old, new))
+
+    view.observe(
+        lambda ch: changes.append((ch["name"], ch["old"], ch["new"])), ["targets", "block"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        view.on_trait_change(on_trait, "block")
+    view.targets = [1]
+    view.block = True
+    view.set_flags(block=False)
+    assert changes == [("targets", [0], [1]), ("block", False, True), ("block", True, False)]
+    assert legacy == [("block", False, True), ("block", True, False)]
+    assert view.apply_sync(os.getpid) == [rc[1].apply_sync(os.getpid)]
+
+
+# ----- throwaway clusters ---------------------------------------------------------------------
+
+
+def test_shutdown(
+    new_cluster: Callable[..., tuple[Cluster, Client]], wait_until: WaitUntil
+) -> None:
+    cluster, c = new_cluster(n=2)
+    pids = c[:].apply_sync(os.getpid)
+    c.shutdown(targets=[1], block=True)
+    wait_until(lambda: c.ids == [0], SHORT, "engine 1 to unregister")
+    assert c[0].apply_sync(lambda: "alive") == "alive"
+    c.shutdown(block=True)
+    wait_until(lambda: c.ids == [], SHORT, "all engines to unregister")
+    procs = [p for es in cluster.engines.values() for p in es.processes]
+    assert sorted(p.pid for p in procs) == sorted(pids)
+    wait_until(lambda: not any(p.running for p in procs), SHORT, "engine processes to exit")
+    with pytest.raises(error.NoEnginesRegistered):
+        c[:].apply_sync(lambda: 1)
+    c.shutdown(hub=True)
+    wait_until(lambda: not cluster.running, SHORT, "the controller to exit")

@@ -1,0 +1,420 @@
+"""User-level acceptance tests of DirectView on a real cluster (see ``cluster_fixtures``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ferroparallel as ipp
+from ferroparallel import error
+from ferroparallel.client import Client, DirectView
+from ferroparallel.cluster import Cluster
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(120)
+
+SHORT = 30.0
+WaitUntil = Callable[..., Any]
+
+
+# ----- execute / run --------------------------------------------------------------------------
+
+
+def test_execute_blocking_sets_names(dv: DirectView) -> None:
+    dv.execute("a = 6 * 7", block=True)
+    assert dv.pull("a", block=True) == [42, 42]
+    replies = dv.execute("b = a + 1", block=True)
+    assert len(replies) == 2
+    assert dv["b"] == [43, 43]
+
+
+def test_execute_captures_stdout(dv: DirectView) -> None:
+    ar = dv.execute("import os\nprint('hello from', os.getpid())")
+    ar.get(timeout=SHORT)
+    assert ar.wait_for_output(SHORT)
+    pids = dv.apply_sync(os.getpid)
+    assert ar.stdout == [f"hello from {pid}\n" for pid in pids]
+    single = dv.execute("print('only one')", targets=1)
+    single.get(timeout=SHORT)
+    assert single.wait_for_output(SHORT)
+    assert single.stdout == "only one\n"
+
+
+def test_execute_errors(rc: Client, dv: DirectView) -> None:
+    with pytest.raises(error.RemoteError) as info:
+        rc[0].execute("1/0", block=True)
+    assert info.value.ename == "ZeroDivisionError"
+    assert str(info.value).startswith("[0:execute]: ZeroDivisionError:")
+    ar = dv.execute("raise ValueError('bad value')")
+    with pytest.raises(error.CompositeError) as cinfo:
+        ar.get(timeout=SHORT)
+    assert [e[0] for e in cinfo.value.elist] == ["ValueError", "ValueError"]
+    assert [e[1] for e in cinfo.value.elist] == ["bad value", "bad value"]
+    assert sorted(e[3]["engine_id"] for e in cinfo.value.elist) == [0, 1]
+    # a syntax error is reported, and the engines keep working
+    with pytest.raises(error.CompositeError) as sinfo:
+        dv.execute("def (:", block=True)
+    assert all(e[0] == "SyntaxError" for e in sinfo.value.elist)
+    assert dv.apply_sync(lambda: "ok") == ["ok", "ok"]
+
+
+def test_run_a_file(dv: DirectView, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("ran = 40 + 2\nprint('running', ran)\n")
+    dv.run(str(script), block=True)
+    assert dv["ran"] == [42, 42]
+    ar = dv.run(str(script))
+    ar.get(timeout=SHORT)
+    ar.wait_for_output(SHORT)
+    assert ar.stdout == ["running 42\n", "running 42\n"]
+
+
+# ----- apply / map ----------------------------------------------------------------------------
+
+
+def test_apply_variants(rc: Client, dv: DirectView) -> None:
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    ar = dv.apply(add, 1, b=2)  # block is False by default
+    assert isinstance(ar, ipp.AsyncResult)
+    assert ar.get(timeout=SHORT) == [3, 3]
+    assert dv.apply_sync(add, 2, 3) == [5, 5]
+    ar = dv.apply_async(add, 4)
+    assert ar.get(timeout=SHORT) == [4, 4]
+    assert rc[0].apply_sync(add, 1, 1) == 2  # one engine: a scalar
+    assert rc[[0]].apply_sync(add, 1, 1) == [2]  # a list of engines: a list
+    dv.block = True
+    assert dv.apply(add, 5, 5) == [10, 10]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="View.apply/apply_sync/apply_async take f as a normal parameter (view.py), so a "
+    "keyword argument named f collides: TypeError 'got multiple values for argument f'",
+)
+def test_apply_passes_a_keyword_named_f(rc: Client) -> None:
+    assert rc[1].apply_sync(lambda f: f * 2, f=21) == 42
+    assert rc[1].apply_async(lambda f: f * 2, f=1).get(timeout=SHORT) == 2
+
+
+def test_apply_sends_and_returns_numpy_arrays(rc: Client) -> None:
+    a = np.arange(100_000, dtype=np.float64)
+    out = rc[0].apply_sync(lambda x: x * 2, a)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, a * 2)
+
+
+def test_map_variants(dv: DirectView) -> None:
+    assert dv.map_sync(lambda x: x * 2, range(10)) == [x * 2 for x in range(10)]
+    ar = dv.map_async(lambda x, y: x + y, range(5), range(10, 15))
+    assert isinstance(ar, ipp.AsyncMapResult)
+    assert ar.get(timeout=SHORT) == [10, 12, 14, 16, 18]
+    ar = dv.map(str, [1, 2, 3])  # non-blocking by default
+    assert ar.get(timeout=SHORT) == ["1", "2", "3"]
+    # the work really is spread over both engines
+    pids = dv.map_sync(lambda _: __import__("os").getpid(), range(4))
+    assert len(set(pids)) == 2
+    with dv.temp_flags(block=True):
+        assert dv.map(abs, [-1, -2]) == [1, 2]
+    # more engines than elements
+    assert dv.map_sync(lambda x: x + 1, [1]) == [2]
+
+
+def test_map_errors(dv: DirectView) -> None:
+    with pytest.raises(error.CompositeError) as info:
+        dv.map_sync(lambda x: 1 / x, [1, 0, 2, 4])
+    assert info.value.elist[0][0] == "ZeroDivisionError"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DirectView.map does not accept return_exceptions (view.py DirectView._map raises "
+    "TypeError for any keyword), unlike ipyparallel 9's DirectView.map",
+)
+def test_map_return_exceptions(dv: DirectView) -> None:
+    out = dv.map_sync(lambda x: 1 / x, [0, 1, 2, 4], return_exceptions=True)
+    assert isinstance(out[0], error.RemoteError)
+    assert out[-2:] == [0.5, 0.25]  # a failed chunk: its error once (ipyparallel) or per item
+
+
+# ----- data movement --------------------------------------------------------------------------
+
+
+def test_push_pull_update_get(rc: Client, dv: DirectView) -> None:
+    dv.push({"a": 1, "b": [1, 2]}, block=True)
+    assert dv.pull("a", block=True) == [1, 1]
+    assert dv.pull(("a", "b"), block=True) == [[1, [1, 2]], [1, [1, 2]]]
+    ar = dv.push({"c": "three"})
+    ar.get(timeout=SHORT)
+    assert dv.pull("c").get(timeout=SHORT) == ["three", "three"]
+    dv.update({"d": 4.5})
+    dv.wait(timeout=SHORT)
+    assert dv.get("d") == [4.5, 4.5]
+    rc[0].push({"only0": 0}, block=True)
+    assert rc[0].pull("only0", block=True) == 0
+    rc[1].push({"arr": np.ones(3)}, block=True)
+    np.testing.assert_array_equal(rc[1].pull("arr", block=True), np.ones(3))
+
+
+def test_item_access(rc: Client, dv: DirectView) -> None:
+    dv["x"] = 10
+    assert dv["x"] == [10, 10]
+    rc[1]["x"] = 11
+    assert rc[1]["x"] == 11
+    assert dv["x"] == [10, 11]
+
+
+def test_scatter_gather_block_distribution(dv: DirectView) -> None:
+    data = list(range(11))
+    dv.scatter("part", data, block=True)
+    assert dv.pull("part", block=True) == [list(range(6)), list(range(6, 11))]
+    assert dv.gather("part", block=True) == data
+    ar = dv.scatter("part2", data)
+    ar.get(timeout=SHORT)
+    gathered = dv.gather("part2")
+    assert gathered.get(timeout=SHORT) == data
+
+
+def test_scatter_gather_round_robin(dv: DirectView) -> None:
+    data = list(range(11))
+    dv.scatter("rr", data, dist="r", block=True)
+    assert dv.pull("rr", block=True) == [data[0::2], data[1::2]]
+    assert dv.gather("rr", dist="r", block=True) == data
+
+
+def test_scatter_flatten(dv: DirectView) -> None:
+    dv.scatter("one", [7, 8], flatten=True, block=True)
+    assert dv.pull("one", block=True) == [7, 8]
+    dv.scatter("listed", [7, 8], block=True)
+    assert dv.pull("listed", block=True) == [[7], [8]]
+
+
+def test_scatter_gather_numpy(dv: DirectView) -> None:
+    a = np.arange(20.0).reshape(10, 2)
+    dv.scatter("a", a, block=True)
+    parts = dv.pull("a", block=True)
+    assert all(isinstance(p, np.ndarray) for p in parts)
+    np.testing.assert_array_equal(parts[0], a[:5])
+    np.testing.assert_array_equal(parts[1], a[5:])
+    dv.execute("shape = a.shape", block=True)
+    assert dv["shape"] == [(5, 2), (5, 2)]
+    back = dv.gather("a", block=True)
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, a)
+    v = np.arange(9)
+    dv.scatter("v", v, dist="r", block=True)
+    np.testing.assert_array_equal(dv.pull("v", block=True)[0], v[0::2])
+    np.testing.assert_array_equal(np.sort(dv.gather("v", dist="r", block=True)), v)
+
+
+# ----- flags ----------------------------------------------------------------------------------
+
+
+def test_set_flags(rc: Client, dv: DirectView) -> None:
+    dv.set_flags(block=True)
+    assert dv.block is True
+    assert dv.apply(lambda: 1) == [1, 1]
+    dv.set_flags(block=False, targets=[1])
+    ar = dv.apply(os.getpid)
+    assert ar.get(timeout=SHORT) == [rc[1].apply_sync(os.getpid)]
+    with pytest.raises(KeyError):
+        dv.set_flags(no_such_flag=1)
+
+
+def test_temp_flags(dv: DirectView) -> None:
+    with dv.temp_flags(block=True, targets=[0]):
+        assert dv.block is True
+        assert dv.apply(lambda: "t") == ["t"]
+    assert dv.block is False
+    assert len(dv) == 2
+    with pytest.raises(ZeroDivisionError), dv.temp_flags(block=True):
+        raise ZeroDivisionError
+    assert dv.block is False
+
+
+# ----- imports, decorators, references --------------------------------------------------------
+
+
+def test_sync_imports(dv: DirectView, capsys: pytest.CaptureFixture[str]) -> None:
+    with dv.sync_imports():
+        import statistics
+    assert "statistics" in capsys.readouterr().out
+    assert statistics.mean([1, 2, 3]) == 2  # imported locally too
+    use = ipp.interactive(lambda: statistics.median([5, 1, 3]))
+    assert dv.apply_sync(use) == [3, 3]
+    with dv.sync_imports(quiet=True):
+        from fractions import Fraction
+    assert capsys.readouterr().out == ""
+    assert dv.apply_sync(ipp.interactive(lambda: str(Fraction(2, 6)))) == ["1/3", "1/3"]
+    assert Fraction(1, 2) == 0.5
+
+
+def test_remote_decorator(rc: Client, dv: DirectView) -> None:
+    @dv.remote(block=True)
+    def getpid() -> int:
+        import os
+
+        return os.getpid()
+
+    pids = getpid()
+    assert len(set(pids)) == 2
+
+    @rc[0].remote(block=False)
+    def double(x: int) -> int:
+        return 2 * x
+
+    ar = double(21)
+    assert ar.get(timeout=SHORT) == 42
+
+
+def test_parallel_decorator(dv: DirectView) -> None:
+    @dv.parallel(block=True)
+    def sizes(part: list[int]) -> list[int]:
+        return [len(part)] * len(part)
+
+    # called with a list: each engine gets one partition
+    assert sizes(list(range(10))) == [5] * 10
+
+    @dv.parallel(block=True)
+    def double(x: Any) -> Any:
+        return x * 2
+
+    # .map is element-wise
+    assert double.map(range(6)) == [0, 2, 4, 6, 8, 10]
+    # a call doubles each partition (list repetition): [0,1,2]*2 + [3,4,5]*2
+    assert double(list(range(6))) == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+
+    @dv.parallel(dist="r", block=False)
+    def tag(part: list[int]) -> list[tuple[int, int]]:
+        import os
+
+        return [(x, os.getpid()) for x in part]
+
+    ar = tag(list(range(6)))
+    pairs = ar.get(timeout=SHORT)
+    assert [x for x, _ in pairs] == list(range(6))
+    assert pairs[0][1] != pairs[1][1]
+
+
+def test_reference_argument(rc: Client, dv: DirectView) -> None:
+    dv.push({"a": 10}, block=True)
+    rc[1].push({"a": 20}, block=True)
+    assert dv.apply_sync(lambda x, y: x + y, ipp.Reference("a"), 1) == [11, 21]
+    assert dv.apply_sync(lambda *, k: k * 2, k=ipp.Reference("a")) == [20, 40]
+
+
+def test_interactive_functions_see_pushed_names(dv: DirectView) -> None:
+    dv.push({"scale": 3}, block=True)
+
+    @ipp.interactive
+    def scaled(x: int) -> int:
+        return scale * x  # noqa: F821 - defined on the engines
+
+    assert dv.apply_sync(scaled, 2) == [6, 6]
+    assert dv.map_sync(scaled, [1, 2, 3]) == [3, 6, 9]
+
+    @ipp.interactive
+    def set_global() -> None:
+        global made_remotely
+        made_remotely = "yes"
+
+    dv.apply_sync(set_global)
+    assert dv["made_remotely"] == ["yes", "yes"]
+
+
+def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
+    try:
+        dv.use_pickle()
+        assert dv.apply_sync(abs, -3) == [3, 3]
+        assert dv.apply_sync(os.getpid) == dv.apply_sync(os.getpid)
+    finally:
+        dv.use_cloudpickle()
+    # closures and lambdas work again
+    k = 5
+    assert dv.apply_sync(lambda: k + 1) == [6, 6]
+
+
+# ----- control through the view ---------------------------------------------------------------
+
+
+def test_view_wait(dv: DirectView) -> None:
+    dv.apply_async(time.sleep, 0.3)
+    assert dv.wait(timeout=SHORT) is True
+    slow = dv.apply_async(time.sleep, 1.0)
+    assert dv.wait(slow.msg_ids, timeout=0.1) is False
+    assert dv.wait([slow], timeout=SHORT) is True
+    assert slow.ready()
+
+
+def test_view_wait_accepts_an_asyncresult(dv: DirectView) -> None:
+    ar = dv.apply_async(time.sleep, 0.2)
+    assert dv.wait(ar, timeout=SHORT) is True
+
+
+def test_view_abort(rc: Client) -> None:
+    view = rc[0]
+    running = view.apply_async(time.sleep, 1.0)
+    queued = [view.apply_async(lambda: "never") for _ in range(2)]
+    view.abort(queued, block=True)
+    for ar in queued:
+        with pytest.raises(error.TaskAborted):
+            ar.get(timeout=SHORT)
+    assert running.get(timeout=SHORT) is None
+
+
+def test_view_queue_status(rc: Client, dv: DirectView) -> None:
+    qs = dv.queue_status()
+    assert {0, 1} <= set(qs)
+    one = rc[1].queue_status()
+    assert "completed" in (one[1] if 1 in one else one)
+
+
+def test_view_clear(rc: Client, dv: DirectView) -> None:
+    dv.push({"junk": 1}, block=True)
+    rc[1].clear(block=True)
+    has_junk = ipp.interactive(lambda: "junk" in globals())
+    assert dv.apply_sync(has_junk) == [True, False]
+    dv.clear(block=True)
+    assert dv.apply_sync(has_junk) == [False, False]
+
+
+def test_no_engines_selected(rc: Client) -> None:
+    with pytest.raises(error.NoEnginesRegistered):
+        rc.direct_view([]).apply_sync(lambda: 1)
+
+
+# ----- targets='all' follows the cluster ------------------------------------------------------
+
+
+def test_all_targets_follow_new_engines(growing_cluster: tuple[Cluster, Client]) -> None:
+    cluster, grc = growing_cluster
+    everyone = grc.direct_view("all")
+    before = len(grc.ids)
+    assert everyone.apply_sync(lambda: 1) == [1] * before
+    cluster.start_engines_sync(1)
+    grc.wait_for_engines(before + 1, timeout=10)
+    assert len(everyone) == before + 1
+    assert everyone.apply_sync(lambda: 1) == [1] * (before + 1)
+    assert everyone.map_sync(lambda x: x, range(before + 1)) == list(range(before + 1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rc[:] keeps targets=slice(None) and re-resolves it at every call (client.py "
+    "__getitem__/direct_view, view.py DirectView._targets), so it follows new engines; "
+    "ipyparallel freezes rc[:] to the engines present when it was made",
+)
+def test_slice_view_is_frozen_at_creation(growing_cluster: tuple[Cluster, Client]) -> None:
+    cluster, grc = growing_cluster
+    frozen = grc[:]
+    before = len(grc.ids)
+    cluster.start_engines_sync(1)
+    grc.wait_for_engines(before + 1, timeout=10)
+    assert frozen.apply_sync(lambda: 1) == [1] * before
