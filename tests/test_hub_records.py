@@ -219,7 +219,7 @@ def test_second_client_reads_results(rc: Client, other: Client) -> None:
     with pytest.raises(error.RemoteError) as ei:
         other.get_result(bad.msg_ids[0]).get(timeout=SHORT)
     assert ei.value.ename == "ValueError" and "boom" in str(ei.value)
-    assert other.get_result(direct.msg_ids, block=True).get(timeout=SHORT) == [1, 2]
+    assert other.get_result(direct.msg_ids, block=True).get(timeout=SHORT) == [[1, 2]]
     recs = other.db_query({"client_uuid": rc.session.session, "msg_id": ok.msg_ids[0]})
     assert recs and recs[0]["stdout"] == "echo shared\n"
     st = other.result_status([ok.msg_ids[0], direct.msg_ids[0]], status_only=False)

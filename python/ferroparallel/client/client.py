@@ -964,15 +964,18 @@ class Client(HasTraits):
 
         if indices_or_msg_ids is None:
             indices_or_msg_ids = -1
+        # one msg_id or index (or a single-result AsyncResult) gives one value; a list a list
+        single = isinstance(indices_or_msg_ids, (str, int)) or bool(
+            getattr(indices_or_msg_ids, "_single_result", False)
+        )
         msg_ids = self._msg_ids_of(indices_or_msg_ids)
         foreign = [m for m in msg_ids if m not in self._futures]
         if foreign:
             hub.result_status(self, foreign)  # unknown msg_ids raise here
-            ar = hub.async_hub_result(self, msg_ids, "get_result", owner=owner)
+            ar = hub.async_hub_result(self, msg_ids, "get_result", owner, single)
         else:
-            ar = AsyncResult(
-                self, [self._futures[m] for m in msg_ids], fname="get_result", owner=owner
-            )
+            futs = [self._futures[m] for m in msg_ids]
+            ar = AsyncResult(self, futs, fname="get_result", owner=owner, single_result=single)
         if self.block if block is None else block:
             ar.wait()
         return ar

@@ -326,14 +326,18 @@ def result_status(
 
 
 def async_hub_result(
-    client: Client, msg_ids: list[str], fname: str, owner: bool = False
+    client: Client,
+    msg_ids: list[str],
+    fname: str,
+    owner: bool = False,
+    single: bool | None = None,
 ) -> AsyncHubResult:
     """An AsyncHubResult over ``msg_ids`` (local futures where the client has them)."""
     from .asyncresult import AsyncHubResult
 
     hub = hub_results(client)
     futs = [hub.future(m) for m in msg_ids]
-    return AsyncHubResult(client, futs, fname=fname, owner=owner)
+    return AsyncHubResult(client, futs, fname=fname, owner=owner, single_result=single)
 
 
 def resubmit(client: Client, msg_ids: list[str]) -> tuple[dict[str, str], AsyncHubResult]:
