@@ -95,6 +95,31 @@ fn date_of(v: Option<&Value>) -> Option<i64> {
     v.and_then(Value::as_str).and_then(date::parse)
 }
 
+/// The `date` of a packed header. For msgpack the value is read straight from the bytes (a
+/// header is a flat map of short strings, so the key `date` appears as the fixstr `\xa4date`);
+/// anything unexpected falls back to unpacking the header.
+fn header_date(packer: Packer, packed: &[u8]) -> Option<i64> {
+    if packer == Packer::Msgpack {
+        const KEY: &[u8] = b"\xa4date";
+        if let Some(at) = packed.windows(KEY.len()).position(|w| w == KEY) {
+            let rest = &packed[at + KEY.len()..];
+            let s = match rest.first() {
+                Some(&b) if (0xa0..=0xbf).contains(&b) => rest.get(1..1 + (b - 0xa0) as usize),
+                Some(0xd9) => rest.get(1).and_then(|n| rest.get(2..2 + *n as usize)),
+                _ => None,
+            };
+            if let Some(t) = s
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(date::parse)
+            {
+                return Some(t);
+            }
+        }
+    }
+    let header = packer.unpack(packed, "header").ok()?;
+    date_of(header.get("date"))
+}
+
 impl Records {
     pub fn open(cfg: &RecordsConfig, packer: Packer) -> Result<Records, String> {
         let backend: Box<dyn Backend> = match cfg.db.as_str() {
@@ -185,7 +210,7 @@ impl Records {
         if !self.enabled {
             return;
         }
-        let header = self.packer.unpack(env.header.as_ref(), "header").ok();
+        let completed = header_date(self.packer, env.header.as_ref());
         let unpacked;
         let metadata = match metadata {
             Some(m) => Some(m),
@@ -203,7 +228,7 @@ impl Records {
         let u = Update::Reply {
             engine_uuid,
             started: date_of(metadata.and_then(|m| m.get("started"))),
-            completed: date_of(header.as_ref().and_then(|h| h.get("date"))).unwrap_or(now),
+            completed: completed.unwrap_or(now),
             received: now,
             header: env.header.as_ref().to_vec(),
             metadata: env.metadata.as_ref().to_vec(),
@@ -318,6 +343,24 @@ mod tests {
                 .map(|n| RecvFrame::from_bytes(&vec![7u8; *n]))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn header_date_fast_path() {
+        for p in [Packer::Msgpack, Packer::Json] {
+            let h = Value::map([
+                ("msg_id", Value::from("a")),
+                ("date", Value::from("1970-01-01T00:00:01Z")),
+                ("session", Value::from("s")),
+            ]);
+            assert_eq!(header_date(p, &p.pack(&h).unwrap()), Some(1_000_000));
+            let none = Value::map([("msg_id", Value::from("a"))]);
+            assert_eq!(header_date(p, &p.pack(&none).unwrap()), None);
+            let odd = Value::map([("date", Value::Int(3))]);
+            assert_eq!(header_date(p, &p.pack(&odd).unwrap()), None);
+        }
+        assert_eq!(header_date(Packer::Msgpack, b"\xa4date\xbf"), None);
+        assert_eq!(header_date(Packer::Msgpack, b""), None);
     }
 
     /// Per-task cost of the relay hooks (request, assignment, reply) on each backend:
