@@ -157,8 +157,9 @@ impl Server {
         let mut completed = Vec::new();
         let mut entries: Vec<(String, Value)> = Vec::new();
         let mut frames = Vec::new();
-        for id in &ids {
-            let r = self.records.backend().get(id)?;
+        let found = self.records.backend().get_many(&ids);
+        for (id, r) in ids.iter().zip(found) {
+            let r = r?;
             if r.pending() {
                 pending.push(Value::Str(id.clone()));
                 continue;
@@ -224,8 +225,9 @@ impl Server {
             other => {
                 let ids = str_list(other, "msg_ids")?;
                 let mut busy = Vec::new();
-                for id in ids {
-                    match self.records.backend().get(&id) {
+                let found = self.records.backend().get_many(&ids);
+                for (id, r) in ids.into_iter().zip(found) {
+                    match r {
                         Ok(r) if r.pending() => busy.push(id),
                         Ok(_) => doomed.push(id),
                         Err(e) if e.ename == "KeyError" && self.records.enabled() => {}
@@ -268,8 +270,9 @@ impl Server {
     fn resubmit_request(&mut self, content: &Value) -> Result<Reply, QueryError> {
         let ids = str_list(content.get("msg_ids"), "msg_ids")?;
         let mut recs = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let r = self.records.backend().get(id)?;
+        let found = self.records.backend().get_many(&ids);
+        for (id, r) in ids.iter().zip(found) {
+            let r = r?;
             if r.pending() {
                 return Err(QueryError::runtime(format!(
                     "task {id:?} is still pending; only finished tasks can be resubmitted"

@@ -31,6 +31,10 @@ pub trait Backend: Send {
     /// Change a record (an empty one is created first if there is none).
     fn update(&mut self, msg_id: &str, u: Update);
     fn get(&mut self, msg_id: &str) -> Result<TaskRecord, QueryError>;
+    /// Several records (one flush for backends that write in the background).
+    fn get_many(&mut self, ids: &[String]) -> Vec<Result<TaskRecord, QueryError>> {
+        ids.iter().map(|id| self.get(id)).collect()
+    }
     /// Call `f` on every record matching `q`, oldest first.
     fn find(&mut self, q: &Query, f: &mut dyn FnMut(&TaskRecord)) -> Result<(), QueryError>;
     fn remove(&mut self, ids: &[String]);

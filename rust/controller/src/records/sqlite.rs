@@ -220,6 +220,17 @@ impl Sqlite {
         })
     }
 
+    /// One record, without flushing the writer first.
+    fn read_one(&self, msg_id: &str) -> Result<TaskRecord, QueryError> {
+        let sql = format!("SELECT {COLUMNS} FROM fp_tasks WHERE msg_id = ?1");
+        let mut stmt = self.reader.prepare_cached(&sql).map_err(Self::db_err)?;
+        let rec = stmt
+            .query_row([msg_id], |r| self.record_of(r))
+            .optional()
+            .map_err(Self::db_err)?;
+        rec.ok_or_else(|| QueryError::key(format!("no task record {msg_id:?}")))
+    }
+
     fn db_err(e: rusqlite::Error) -> QueryError {
         QueryError::runtime(format!("task records database: {e}"))
     }
@@ -249,20 +260,21 @@ impl Backend for Sqlite {
 
     fn get(&mut self, msg_id: &str) -> Result<TaskRecord, QueryError> {
         self.flush()?;
-        let sql = format!("SELECT {COLUMNS} FROM fp_tasks WHERE msg_id = ?1");
-        let mut stmt = self.reader.prepare_cached(&sql).map_err(Self::db_err)?;
-        let rec = stmt
-            .query_row([msg_id], |r| self.record_of(r))
-            .optional()
-            .map_err(Self::db_err)?;
-        rec.ok_or_else(|| QueryError::key(format!("no task record {msg_id:?}")))
+        self.read_one(msg_id)
+    }
+
+    fn get_many(&mut self, ids: &[String]) -> Vec<Result<TaskRecord, QueryError>> {
+        if let Err(e) = self.flush() {
+            return ids.iter().map(|_| Err(e.clone())).collect();
+        }
+        ids.iter().map(|id| self.read_one(id)).collect()
     }
 
     fn find(&mut self, q: &Query, f: &mut dyn FnMut(&TaskRecord)) -> Result<(), QueryError> {
         self.flush()?;
         if let Some(ids) = q.msg_ids() {
             for id in ids {
-                match self.get(&id) {
+                match self.read_one(&id) {
                     Ok(r) if q.matches(&r, self.packer) => f(&r),
                     Ok(_) => {}
                     Err(e) if e.ename == "KeyError" => {}
