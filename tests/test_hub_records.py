@@ -269,6 +269,13 @@ def test_pending_result_and_purge(rc: Client, other: Client) -> None:
     c.get(timeout=SHORT)
     rc.purge_results(c.msg_ids)
     assert c.msg_ids[0] not in rc.results
+    assert rc.db_query({"msg_id": c.msg_ids[0]}) == []
+    d = lb.apply_async(echo, 4)
+    d.get(timeout=SHORT)
+    wait_until(lambda: rc.db_query({"msg_id": d.msg_ids[0], "completed": {"$ne": None}}))
+    rc.purge_everything()
+    assert rc.history == []
+    assert rc.db_query({"completed": {"$ne": None}}) == []
 
 
 def test_resubmit_direct_and_load_balanced(rc: Client) -> None:
