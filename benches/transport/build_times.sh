@@ -24,11 +24,18 @@ for round in $(seq 1 "$ROUNDS"); do
     for pair in "libzmq bench-libzmq" "zmtp bench-zeromq"; do
         set -- $pair
         dir="$(mktemp -d "$BASE/clean-$1-XXXX")"
-        start="$(date +%s.%N)"
-        CARGO_TARGET_DIR="$dir" cargo build --release --quiet --features "$1" --bin "$2"
-        end="$(date +%s.%N)"
+        # wall time, and CPU time (user+sys of cargo and all compilers), which
+        # is much less sensitive to other load on a shared machine
+        read -r wall cpu < <(CARGO_TARGET_DIR="$dir" python3 - "$1" "$2" <<'EOF'
+import os, resource, subprocess, sys, time
+t = time.monotonic()
+subprocess.run(["cargo", "build", "--release", "--quiet", "--features", sys.argv[1], "--bin", sys.argv[2]], check=True)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"{time.monotonic() - t:.1f} {ru.ru_utime + ru.ru_stime:.1f}")
+EOF
+)
         size="$(stat -c %s "$dir/release/$2")"
-        printf 'BUILD feature=%s round=%d secs=%.1f binary_bytes=%d\n' "$1" "$round" "$(echo "$end - $start" | bc)" "$size"
+        printf 'BUILD feature=%s round=%d secs=%s cpu_secs=%s binary_bytes=%d\n' "$1" "$round" "$wall" "$cpu" "$size"
         rm -rf "$dir"
     done
 done
