@@ -307,7 +307,9 @@ class Client(HasTraits):
             raise TypeError("index engines with ints, slices or lists of ints")
         if isinstance(key, int):
             self._build_targets(key)
-        return self.direct_view(key)
+            return self.direct_view(key)
+        # A slice or list names the engines registered now (only 'all' follows new ones).
+        return self.direct_view(self._build_targets(key)[1])
 
     def __enter__(self) -> Client:
         return self
@@ -414,12 +416,14 @@ class Client(HasTraits):
         if not self.outstanding or self._hub_shutdown or self._closed:
             return
         now = time.monotonic()
+        # Probe after a quiet spell, and give up within the client's timeout in all.
+        half = max(0.25, min(PROBE_IDLE, self.timeout / 2))
         if self._probe is None:
-            if now - self._last_traffic > PROBE_IDLE:
+            if now - self._last_traffic > half:
                 header = self.session.msg_header("connection_request")
                 self._probe = (header["msg_id"], now)
                 self._io.send("query", "connection_request", {}, header=header)
-        elif now - self._probe[1] > max(self.timeout, 1.0):
+        elif now - self._probe[1] > half:
             self._probe = None
             self._fail_outstanding(
                 error.EngineError(
@@ -775,6 +779,7 @@ class Client(HasTraits):
             self._send("control", msg_type, content, ident=u.encode(), engine_uuid=u) for u in uuids
         ]
         ar = AsyncResult(self, futs, fname=msg_type, targets=ids)
+        self._own(ar.msg_ids)
         block = self.block if block is None else block
         if block:
             ar.get(timeout=self.timeout if self.timeout > 0 else None)
