@@ -246,12 +246,6 @@ def test_display_outputs(dv: DirectView, capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out.count("shown") == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AsyncResult.display_outputs does not wait for IOPub output (asyncresult.py "
-    "display_outputs; ipyparallel calls wait_for_output() first), so output that arrives after "
-    "the reply is missing",
-)
 def test_display_outputs_waits_for_output(
     dv: DirectView, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -471,11 +465,6 @@ def test_dead_controller_fails_queries_within_timeout(new_cluster: NewCluster) -
     assert url in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending work on a dead controller fails only after PROBE_IDLE (5 s) of silence plus "
-    "the client timeout (client.py PROBE_IDLE / _check_controller), not within the timeout",
-)
 def test_dead_controller_fails_pending_work_within_timeout(new_cluster: NewCluster) -> None:
     cluster, c = new_cluster(n=1, timeout=2)
     url = c._controller_url
@@ -526,12 +515,6 @@ def test_memory_stays_bounded_over_many_tasks(rc: Client) -> None:
     assert alive < base[0] + 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control requests (clear/abort/send_signal) stay in rc._futures/results/metadata "
-    "forever: Client._send_control builds an AsyncResult that never owns its messages "
-    "(client.py _send_control), so the caches grow by one entry per engine per call",
-)
 def test_control_requests_do_not_accumulate(rc: Client) -> None:
     base = _cache_sizes(rc)
     for _ in range(30):  # 2 engines: 60 entries if nothing is dropped

@@ -403,11 +403,6 @@ def test_get_result(rc: Client) -> None:
     ar.get(timeout=SHORT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="get_result([msg_id]) builds a single-result AsyncResult (client.py get_result: "
-    "AsyncResult(...) without targets/single_result=False), so get() is not a list",
-)
 def test_get_result_of_a_list_is_a_list(rc: Client) -> None:
     fut = rc.send_apply_request("mux", lambda: "low", ident=rc._engines[1])
     fut.result(timeout=SHORT)

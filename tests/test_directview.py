@@ -94,11 +94,6 @@ def test_apply_variants(rc: Client, dv: DirectView) -> None:
     assert dv.apply(add, 5, 5) == [10, 10]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="View.apply/apply_sync/apply_async take f as a normal parameter (view.py), so a "
-    "keyword argument named f collides: TypeError 'got multiple values for argument f'",
-)
 def test_apply_passes_a_keyword_named_f(rc: Client) -> None:
     assert rc[1].apply_sync(lambda f: f * 2, f=21) == 42
     assert rc[1].apply_async(lambda f: f * 2, f=1).get(timeout=SHORT) == 2
@@ -133,11 +128,6 @@ def test_map_errors(dv: DirectView) -> None:
     assert info.value.elist[0][0] == "ZeroDivisionError"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DirectView.map does not accept return_exceptions (view.py DirectView._map raises "
-    "TypeError for any keyword), unlike ipyparallel 9's DirectView.map",
-)
 def test_map_return_exceptions(dv: DirectView) -> None:
     out = dv.map_sync(lambda x: 1 / x, [0, 1, 2, 4], return_exceptions=True)
     assert isinstance(out[0], error.RemoteError)
@@ -405,12 +395,6 @@ def test_all_targets_follow_new_engines(growing_cluster: tuple[Cluster, Client])
     assert everyone.map_sync(lambda x: x, range(before + 1)) == list(range(before + 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rc[:] keeps targets=slice(None) and re-resolves it at every call (client.py "
-    "__getitem__/direct_view, view.py DirectView._targets), so it follows new engines; "
-    "ipyparallel freezes rc[:] to the engines present when it was made",
-)
 def test_slice_view_is_frozen_at_creation(growing_cluster: tuple[Cluster, Client]) -> None:
     cluster, grc = growing_cluster
     frozen = grc[:]

@@ -732,6 +732,9 @@ class AsyncResult(concurrent.futures.Future):
         """
         if groupby not in ("type", "engine", "order"):
             raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
+        if self.done():
+            # the reply can arrive before the last output: wait (briefly) for all of it
+            self.wait_for_output(timeout=5)
         n = len(self._children)
         items = [(self._engine_id(i), self._md(i)) for i in range(n)]
         kinds = (

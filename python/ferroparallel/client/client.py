@@ -69,6 +69,13 @@ def _execute_content(code: str, silent: bool) -> dict[str, Any]:
     }
 
 
+def _engine_error(evalue: str) -> BaseException:
+    """An EngineError raised like the controller's (a RemoteError that is also an EngineError)."""
+    return error.unwrap_exception(
+        {"status": "error", "ename": "EngineError", "evalue": evalue, "traceback": []}
+    )
+
+
 def _as_list(x: Any) -> list[Any]:
     if x is None:
         return []
@@ -351,7 +358,7 @@ class Client(HasTraits):
             log.debug("%s <- %s %s", sock, msg.get("msg_type"), msg.get("content"))
         if sock in ("mux", "task", "control"):
             with self._lock:
-                dispatch.handle_reply(self, msg)
+                dispatch.handle_reply(self, msg, sock)
         elif sock == "iopub":
             with self._lock:
                 dispatch.handle_iopub(self, msg)
@@ -385,7 +392,7 @@ class Client(HasTraits):
         elif msg_type == "shutdown_notification":
             self._hub_shutdown = True
             self._fail_outstanding(
-                error.EngineError("the controller shut down before this task finished")
+                _engine_error("the controller shut down before this task finished")
             )
 
     def _fail_outstanding(self, exc: BaseException) -> None:
@@ -426,7 +433,7 @@ class Client(HasTraits):
         elif now - self._probe[1] > half:
             self._probe = None
             self._fail_outstanding(
-                error.EngineError(
+                _engine_error(
                     f"lost contact with the controller at {self._controller_url}: no reply "
                     f"for {self.timeout:g} s"
                 )

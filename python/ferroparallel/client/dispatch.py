@@ -78,8 +78,8 @@ def _append_stream(old: str, text: str) -> str:
     return "\n".join(lines)
 
 
-def handle_reply(client: Client, msg: dict[str, Any]) -> None:
-    """A reply on the mux, task or control channel."""
+def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> None:
+    """A reply on the mux, task or control channel (control requests have no output)."""
     parent = msg.get("parent_header") or {}
     msg_id = parent.get("msg_id")
     fut = client._futures.get(msg_id)
@@ -110,7 +110,7 @@ def handle_reply(client: Client, msg: dict[str, Any]) -> None:
         md["label"] = md_in["label"]
     result: Any = None
     exc: BaseException | None = None
-    expect_output = True
+    expect_output = sock != "control"
     if status == "ok":
         if header.get("msg_type") == "apply_reply":
             try:

@@ -70,15 +70,15 @@ class View(HasTraits):
 
     # ----- apply ----------------------------------------------------------------------------
 
-    def apply(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def apply(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Call ``f(*args, **kwargs)`` remotely; blocks when ``view.block`` is True."""
         return self._really_apply(f, args, kwargs)
 
-    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+    def apply_async(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncResult:
         """Call ``f(*args, **kwargs)`` remotely; returns an AsyncResult at once."""
         return self._really_apply(f, args, kwargs, block=False)
 
-    def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def apply_sync(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Call ``f(*args, **kwargs)`` remotely and wait for the result."""
         return self._really_apply(f, args, kwargs, block=True)
 
@@ -92,16 +92,16 @@ class View(HasTraits):
     ) -> Any:
         raise NotImplementedError
 
-    def map(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> Any:
+    def map(self, f: Callable[..., Any], /, *sequences: Any, **kwargs: Any) -> Any:
         """Map ``f`` over sequences in parallel; blocks when ``view.block`` is True."""
         block = kwargs.pop("block", None)
         return self._map(f, sequences, block=self._block(block), **kwargs)
 
-    def map_async(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> AsyncMapResult:
+    def map_async(self, f: Callable[..., Any], /, *sequences: Any, **kwargs: Any) -> AsyncMapResult:
         kwargs.pop("block", None)
         return self._map(f, sequences, block=False, **kwargs)
 
-    def map_sync(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> list[Any]:
+    def map_sync(self, f: Callable[..., Any], /, *sequences: Any, **kwargs: Any) -> list[Any]:
         kwargs.pop("block", None)
         return self._map(f, sequences, block=True, **kwargs)
 
@@ -214,6 +214,7 @@ class DirectView(View):
     def _map(
         self, f: Callable[..., Any], sequences: Sequence[Any], block: bool, **kwargs: Any
     ) -> Any:
+        return_exceptions = bool(kwargs.pop("return_exceptions", False))
         if kwargs:
             raise TypeError(f"DirectView.map got unexpected arguments: {', '.join(kwargs)}")
         if not sequences:
@@ -230,7 +231,12 @@ class DirectView(View):
                 self.client.send_apply_request("mux", _map_chunk, (f, *parts), {}, ident=uuids[p])
             )
         ar = AsyncMapResult(
-            self.client, futs, mapper, fname=getattr(f, "__name__", "f"), chunk_sizes=sizes
+            self.client,
+            futs,
+            mapper,
+            fname=getattr(f, "__name__", "f"),
+            chunk_sizes=sizes,
+            return_exceptions=return_exceptions,
         )
         return self._finish(ar, block)
 
