@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 import ferroparallel as ipp
+from cluster_util import wait_until as _wait_until
 from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
 
@@ -37,15 +38,8 @@ SHORT = 30.0
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = SHORT, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    """Poll ``cond`` until it returns something truthy (see cluster_util.wait_until)."""
+    return _wait_until(cond, timeout, what)
 
 
 @pytest.fixture(name="wait_until")

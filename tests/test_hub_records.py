@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import ferroparallel as ipp
+from cluster_util import wait_until as _wait_until
 from ferroparallel import error
 from ferroparallel.client import Client
 from ferroparallel.cluster import Cluster
@@ -25,15 +26,8 @@ BASE_ARGS = ["--ping", "200"]
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = SHORT, what: str = "condition") -> Any:
-    """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    """Poll ``cond`` until it is truthy (see cluster_util.wait_until)."""
+    return _wait_until(cond, timeout, what)
 
 
 def _kill(cluster: Cluster) -> None:

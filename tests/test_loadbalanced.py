@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import ferroparallel as ipp
+from cluster_util import wait_until as _wait_until
 from ferroparallel import error
 from ferroparallel.client import Client
 from ferroparallel.client.view import LoadBalancedView
@@ -139,15 +140,8 @@ def gated(x: Any, path: str, limit: float = 20.0) -> Any:
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    """Poll ``cond`` until it returns something truthy (see cluster_util.wait_until)."""
+    return _wait_until(cond, timeout, what)
 
 
 def expect_remote(ar: Any, cls: type[BaseException], ename: str) -> Any:
