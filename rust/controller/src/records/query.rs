@@ -295,16 +295,37 @@ impl Query {
 }
 
 /// A record's field as a query sees it.
-enum Fv {
+enum Fv<'a> {
     Date(Option<Micros>),
+    S(Option<&'a str>),
     V(Value),
 }
 
-fn field_value(r: &TaskRecord, name: &str, packer: Packer) -> Fv {
+fn field_value<'a>(r: &'a TaskRecord, name: &str, packer: Packer) -> Fv<'a> {
     if let Some(d) = r.date_field(name) {
         return Fv::Date(d);
     }
+    if let Some(s) = r.str_field(name) {
+        return Fv::S(s);
+    }
     Fv::V(r.field(name, packer).unwrap_or(Value::Nil))
+}
+
+fn str_eq(s: &str, b: &Operand) -> bool {
+    match &b.value {
+        Value::Str(y) => s == y || (b.date.is_some() && date::parse(s) == b.date),
+        _ => false,
+    }
+}
+
+fn str_order(s: &str, o: &Operand) -> Option<Ordering> {
+    match &o.value {
+        Value::Str(y) => match (o.date, date::parse(s)) {
+            (Some(d), Some(t)) => Some(t.cmp(&d)),
+            _ => Some(s.cmp(y.as_str())),
+        },
+        _ => None,
+    }
 }
 
 fn num(v: &Value) -> Option<f64> {
@@ -327,6 +348,8 @@ fn values_eq(a: &Value, b: &Operand) -> bool {
 
 fn eq(f: &Fv, o: &Operand) -> bool {
     match f {
+        Fv::S(None) => o.value.is_nil(),
+        Fv::S(Some(s)) => str_eq(s, o),
         Fv::Date(None) => o.value.is_nil(),
         Fv::Date(Some(t)) => o.date == Some(*t),
         Fv::V(v) => values_eq(v, o),
@@ -335,7 +358,8 @@ fn eq(f: &Fv, o: &Operand) -> bool {
 
 fn order(f: &Fv, o: &Operand) -> Option<Ordering> {
     match f {
-        Fv::Date(None) => None,
+        Fv::S(None) | Fv::Date(None) => None,
+        Fv::S(Some(s)) => str_order(s, o),
         Fv::Date(Some(t)) => o.date.map(|d| t.cmp(&d)),
         Fv::V(v) => match (v, &o.value) {
             (Value::Int(x), Value::Int(y)) => Some(x.cmp(y)),
@@ -353,6 +377,7 @@ fn order(f: &Fv, o: &Operand) -> Option<Ordering> {
 
 fn present(f: &Fv) -> bool {
     match f {
+        Fv::S(s) => s.is_some(),
         Fv::Date(d) => d.is_some(),
         Fv::V(v) => !v.is_nil(),
     }
@@ -387,9 +412,10 @@ impl Cond {
                     }
                     _ => false,
                 },
-                Fv::Date(_) => false,
+                Fv::Date(_) | Fv::S(_) => false,
             },
             Cond::Glob(p) => match f {
+                Fv::S(Some(s)) => glob(p, &s.chars().collect::<Vec<_>>()),
                 Fv::V(Value::Str(s)) => glob(p, &s.chars().collect::<Vec<_>>()),
                 Fv::Date(Some(t)) => glob(p, &date::format(*t).chars().collect::<Vec<_>>()),
                 _ => false,

@@ -224,6 +224,23 @@ impl TaskRecord {
         })
     }
 
+    /// A string field, borrowed (for fast comparisons); `None` for other fields and for a
+    /// label that must be read from the metadata.
+    pub fn str_field(&self, name: &str) -> Option<Option<&str>> {
+        Some(match name {
+            "msg_id" => Some(self.msg_id.as_str()),
+            "client_uuid" => self.client_uuid.as_deref(),
+            "engine_uuid" => self.engine_uuid.as_deref(),
+            "resubmitted" => self.resubmitted.as_deref(),
+            "queue" => self.queue.as_deref(),
+            "execute_input" => self.execute_input.as_deref(),
+            "stdout" => Some(self.stdout.as_str()),
+            "stderr" => Some(self.stderr.as_str()),
+            "label" if self.label.is_some() => self.label.as_deref(),
+            _ => return None,
+        })
+    }
+
     /// A date field as microseconds (for fast comparisons).
     pub fn date_field(&self, name: &str) -> Option<Option<Micros>> {
         Some(match name {
