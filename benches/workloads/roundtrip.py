@@ -1,0 +1,277 @@
+"""Sync round trip of a no-op on one engine, vs ipyparallel, Dask and a raw pyzmq echo floor.
+
+One 2-engine cluster per framework, all started before measuring and stopped at the end:
+
+- ferroparallel and ipyparallel: ``rc[0].apply_sync(noop)``;
+- Dask (reference): ``client.submit(noop, pure=False).result()`` (500 calls in a full run, as
+  each takes about 10 ms: the client batches its messages to the scheduler every 10 ms);
+- raw pyzmq (the floor): a DEALER in this process sends a 3-frame message shaped like an
+  apply request (a ~200-byte JSON header, ``{}`` content, a ~60-byte pickled-function buffer)
+  to a ROUTER in a separate Python process that sends it straight back (pyzmq, TCP loopback as
+  the clusters use);
+- raw pyzmq through a relay: the same, but through a third process running ``zmq.proxy``
+  (ROUTER -> DEALER, in C) between the two, as a controller sits between client and engine: the
+  floor of that topology.
+
+Every call is timed on its own (``time.perf_counter``, garbage collector paused per batch),
+after a warm-up. The calls are split in rounds and the contenders take turns in each round, so a
+burst of load from other processes on the machine hits all of them alike. Dask is measured in a
+second phase, alone: an idle Dask cluster keeps about 13% of a core busy (event-loop ticks,
+heartbeats, monitors), which would slow the others down on a 2-core machine. Reported: the
+median, 10th and 90th percentiles in µs, and ``ratio`` = ferroparallel's median / this row's
+median (ipyparallel row: ferroparallel/ipyparallel, below 1 means ferroparallel is faster; raw
+rows: how many times the floor ferroparallel costs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zmq  # noqa: E402
+from _frameworks import (  # noqa: E402
+    FRAMEWORKS,
+    Running,
+    gc_paused,
+    isolated_env,
+    label,
+    median,
+    missing,
+    percentile,
+    ratio,
+    running,
+)
+from _tasks import noop  # noqa: E402
+
+NAME = "roundtrip"
+
+#: The echo server: a ROUTER bound to a random loopback port (printed), echoing every message
+#: until it receives the single frame ``b"stop"``.
+_ECHO_SERVER = """
+import sys
+import zmq
+
+ctx = zmq.Context()
+sock = ctx.socket(zmq.ROUTER)
+sock.setsockopt(zmq.LINGER, 0)
+port = sock.bind_to_random_port("tcp://127.0.0.1")
+sys.stdout.write(f"{port}\\n")
+sys.stdout.flush()
+while True:
+    msg = sock.recv_multipart()
+    if len(msg) == 2 and msg[1] == b"stop":
+        break
+    sock.send_multipart(msg)
+sock.close()
+ctx.term()
+"""
+
+#: The relay: ``zmq.proxy`` from a ROUTER bound to a random port (printed) to a DEALER connected
+#: to the echo server at ``argv[1]``; runs until terminated.
+_RELAY = """
+import sys
+import zmq
+
+ctx = zmq.Context()
+front = ctx.socket(zmq.ROUTER)
+back = ctx.socket(zmq.DEALER)
+back.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
+port = front.bind_to_random_port("tcp://127.0.0.1")
+sys.stdout.write(f"{port}\\n")
+sys.stdout.flush()
+zmq.proxy(front, back)
+"""
+
+
+def _request_frames() -> list[bytes]:
+    """Three frames the size of an ``apply_request``'s header, content and function buffer."""
+    header = {
+        "msg_id": "8d2c3f0e-41a7-4bde-9c55-0f3a2b1c9d7e_1234_5",
+        "msg_type": "apply_request",
+        "username": "bench",
+        "session": "4f1e2d3c-5b6a-4798-8a9b-0c1d2e3f4a5b",
+        "date": "2026-01-01T00:00:00.000000Z",
+        "version": "8.5",
+    }
+    return [json.dumps(header).encode(), b"{}", pickle.dumps((noop, (), {}))]
+
+
+def _spawn(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start ``python -c script args...``; return it and the port it prints first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True
+    )
+    line = proc.stdout.readline() if proc.stdout is not None else ""
+    if not line.strip():
+        _end(proc)
+        raise RuntimeError(f"helper process did not start (exit code {proc.poll()})")
+    return proc, int(line)
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    """Wait briefly for ``proc`` to exit, terminate it, kill it if it still runs."""
+    for stop in (None, proc.terminate, proc.kill):
+        if stop is not None:
+            stop()
+        try:
+            proc.wait(timeout=2 if stop is None else 5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@contextlib.contextmanager
+def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]]:
+    """Start the echo server and the relay; yield two round trips (direct, relayed).
+
+    Both helper processes are stopped on exit.
+    """
+    procs: list[subprocess.Popen[str]] = []
+    ctx = zmq.Context()
+    socks: list[zmq.Socket] = []
+    try:
+        echo, echo_port = _spawn(_ECHO_SERVER)
+        procs.append(echo)
+        relay, relay_port = _spawn(_RELAY, str(echo_port))
+        procs.append(relay)
+        frames = _request_frames()
+        calls = []
+        for port in (echo_port, relay_port):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            socks.append(sock)
+
+            def call(send: Any = sock.send_multipart, recv: Any = sock.recv_multipart) -> object:
+                send(frames)
+                return recv()
+
+            calls.append(call)
+        yield calls[0], calls[1]
+    finally:
+        if socks:
+            with contextlib.suppress(zmq.ZMQError):
+                socks[0].send(b"stop", zmq.NOBLOCK)
+        for proc in procs:
+            if proc is not procs[0]:
+                proc.terminate()
+            _end(proc)
+        for sock in socks:
+            sock.close()
+        ctx.term()
+
+
+def _time_calls(call: Callable[[], object], n: int, out: list[float]) -> None:
+    """Append the duration in µs of each of ``n`` calls of ``call`` to ``out``."""
+    clock = time.perf_counter
+    with gc_paused():
+        for _ in range(n):
+            t0 = clock()
+            call()
+            out.append((clock() - t0) * 1e6)
+
+
+def _contenders(clusters: dict[str, Running]) -> list[tuple[str, str, Callable[[], object]]]:
+    """``(label, operation, one round trip)`` for each running cluster."""
+    out: list[tuple[str, str, Callable[[], object]]] = []
+    for name, cluster in clusters.items():
+        if name == "dask":
+
+            def call(client: Any = cluster.client) -> object:
+                return client.submit(noop, pure=False).result()
+
+            out.append((cluster.label, "client.submit(noop).result()", call))
+        else:
+
+            def call(view: Any = cluster.client[0]) -> object:
+                return view.apply_sync(noop)
+
+            out.append((cluster.label, "rc[0].apply_sync(noop)", call))
+    return out
+
+
+def _measure(
+    contenders: list[tuple[str, str, Callable[[], object]]],
+    calls: int,
+    rounds: int,
+    warmup: int,
+    samples: dict[str, list[float]],
+) -> None:
+    """Warm every contender up, then time ``calls`` calls of each, alternating in ``rounds``."""
+    for _, _, call in contenders:
+        _time_calls(call, warmup, [])
+    for _ in range(rounds):
+        for lab, _, call in contenders:
+            _time_calls(call, calls // rounds, samples.setdefault(lab, []))
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Measure the sync round trip of every contender.
+
+    Parameters
+    ----------
+    quick : bool
+        300 timed calls per contender (in 3 rounds) instead of 2000 (in 10 rounds; Dask, at
+        about 10 ms a call, 500).
+
+    Returns
+    -------
+    list of dict
+        One row per contender (a row with a note for a peer that is not installed).
+    """
+    calls, rounds, warmup = (300, 3, 50) if quick else (2000, 10, 200)
+    dask_calls = 300 if quick else 500  # ~10 ms each: enough for a median, keeps the run short
+    raw = f"raw pyzmq {zmq.__version__}"
+    samples: dict[str, list[float]] = {}
+    order: list[tuple[str, str]] = []
+    with isolated_env():
+        why = {name: missing(name) for name in FRAMEWORKS}
+        installed = [name for name in FRAMEWORKS if why[name] is None]
+        # Phase 1: the frameworks that are quiet when idle, and the floors, taking turns.
+        quiet = [name for name in installed if name != "dask"]
+        with running(quiet) as clusters, pyzmq_floors() as (direct, relayed):
+            contenders = _contenders(clusters)
+            contenders[1:1] = [
+                (raw, "DEALER->ROUTER echo, 3 frames", direct),
+                (f"{raw} relay", "same via a zmq.proxy process", relayed),
+            ]
+            _measure(contenders, calls, rounds, warmup, samples)
+            order += [(lab, op) for lab, op, _ in contenders]
+        # Phase 2: Dask alone.
+        if "dask" in installed:
+            with running(["dask"]) as clusters:
+                contenders = _contenders(clusters)
+                _measure(contenders, dask_calls, rounds, warmup // 4, samples)
+                order += [(lab, op) for lab, op, _ in contenders]
+
+    fp_median = median(samples.get(label("ferroparallel"), []))
+    rows: list[dict[str, Any]] = []
+    for lab, op in order:
+        times = samples[lab]
+        rows.append(
+            {
+                "contender": lab,
+                "op": op,
+                "calls": len(times),
+                "median_us": median(times),
+                "p10_us": percentile(times, 10),
+                "p90_us": percentile(times, 90),
+                "ratio": ratio(fp_median, median(times)),
+                "note": "measured alone, after the others" if lab.startswith("dask") else "",
+            }
+        )
+    for name in FRAMEWORKS:
+        if why[name] is not None:
+            rows.append({"contender": label(name), "note": why[name]})
+    return rows

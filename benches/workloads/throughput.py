@@ -1,0 +1,315 @@
+"""No-op task throughput, direct and load-balanced, vs ipyparallel and Dask (2 engines).
+
+``N`` = 20,000 (4,000 with ``--quick``) calls of each kind:
+
+- direct ``rc[0].apply_async(noop)``, and ``rc[:].apply_async(noop)`` (a DirectView of both
+  engines: each call is one task per engine, so N/2 calls make the N tasks), ferroparallel and
+  ipyparallel;
+- load-balanced ``lview.apply_async(noop)`` and ``lview.map(noop, range(N), chunksize=1)``
+  (non-blocking), ferroparallel and ipyparallel; and for Dask, as the same two load-balanced
+  patterns, ``client.submit(noop, pure=False)`` and ``client.map(noop, range(N), pure=False)``.
+
+Two numbers per run: *submit*, the time to return from the submitting loop (or ``map`` call), and
+*end to end*, until every result has been fetched (``ar.get()`` of each AsyncResult, ``.get()``
+of the map result, ``client.gather``). Rates are tasks per second. ``ratio_*`` columns are
+ferroparallel's rate / this row's rate for the same pattern (above 1: ferroparallel is faster);
+the Dask rows compare with ferroparallel's load-balanced rows.
+
+ferroparallel and ipyparallel run side by side (both clusters up, taking turns per pattern);
+Dask afterwards, alone, because an idle Dask cluster keeps about 13% of a core busy, which would
+slow the others down on a 2-core machine. The garbage collector is paused during each timed run;
+results are purged and the machine left to settle for half a second between runs. A run that
+fails (e.g. the client gives up on a controller that does not answer) becomes a row whose note
+starts with ``FAILED:`` (traceback on stderr); the other runs still happen.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _frameworks import (  # noqa: E402
+    FRAMEWORKS,
+    Running,
+    gc_paused,
+    isolated_env,
+    label,
+    missing,
+    ratio,
+    running,
+)
+from _tasks import noop  # noqa: E402
+
+NAME = "throughput"
+
+#: Pause between timed runs, so that the previous run's tail does not disturb the next.
+SETTLE_S = 0.5
+
+
+@dataclass
+class Pattern:
+    """One way of submitting ``n`` no-op calls.
+
+    Attributes
+    ----------
+    key : str
+        Short name (the ``pattern`` column).
+    call : str
+        What is called, for the table.
+    fanout : int
+        Tasks per call (engines reached by one call); a run makes ``n // fanout`` calls.
+    submit : callable
+        ``submit(client, n)`` submits ``n`` calls and returns a handle.
+    collect : callable
+        ``collect(client, handle)`` fetches every result; returns how many there are.
+    """
+
+    key: str
+    call: str
+    fanout: int
+    submit: Callable[[Any, int], Any]
+    collect: Callable[[Any, Any], int]
+
+
+def _get_each(rc: Any, ars: list[Any]) -> int:
+    """``ar.get()`` of every AsyncResult; the number of engine results."""
+    count = 0
+    for ar in ars:
+        value = ar.get()
+        count += len(value) if isinstance(value, list) else 1
+    return count
+
+
+def _get_map(rc: Any, amr: Any) -> int:
+    """The whole map result; its length."""
+    return len(amr.get())
+
+
+def _ipp_patterns(n_engines: int) -> list[Pattern]:
+    """The patterns of ferroparallel and ipyparallel (same API)."""
+
+    def direct_one(rc: Any, n: int) -> list[Any]:
+        apply = rc[0].apply_async
+        return [apply(noop) for _ in range(n)]
+
+    def direct_all(rc: Any, n: int) -> list[Any]:
+        apply = rc[:].apply_async
+        return [apply(noop) for _ in range(n)]
+
+    def lb_apply(rc: Any, n: int) -> list[Any]:
+        apply = rc.load_balanced_view().apply_async
+        return [apply(noop) for _ in range(n)]
+
+    def lb_map(rc: Any, n: int) -> Any:
+        return rc.load_balanced_view().map(noop, range(n), chunksize=1, block=False)
+
+    return [
+        Pattern("direct rc[0]", "rc[0].apply_async(noop)", 1, direct_one, _get_each),
+        Pattern("direct rc[:]", "rc[:].apply_async(noop)", n_engines, direct_all, _get_each),
+        Pattern("lb submit", "lview.apply_async(noop)", 1, lb_apply, _get_each),
+        Pattern("lb map", "lview.map(noop, range(N), chunksize=1)", 1, lb_map, _get_map),
+    ]
+
+
+def _dask_patterns() -> list[Pattern]:
+    """Dask's equivalents of the load-balanced patterns."""
+
+    def submit(client: Any, n: int) -> list[Any]:
+        sub = client.submit
+        return [sub(noop, pure=False) for _ in range(n)]
+
+    def map_(client: Any, n: int) -> list[Any]:
+        return client.map(noop, range(n), pure=False)
+
+    def gather(client: Any, futures: list[Any]) -> int:
+        return len(client.gather(futures))
+
+    return [
+        Pattern("lb submit", "client.submit(noop, pure=False)", 1, submit, gather),
+        Pattern("lb map", "client.map(noop, range(N), pure=False)", 1, map_, gather),
+    ]
+
+
+def _purge(cluster: Running) -> str:
+    """Forget the finished results held by the client, so runs do not pile up memory.
+
+    Returns
+    -------
+    str
+        ``""``, or why the purge failed (for the ``note`` column). ``purge_local_results`` is
+        retried: ferroparallel 0.1.0's iterates its futures without the client lock and can
+        raise ``RuntimeError`` while late messages are still being handled.
+    """
+    if cluster.name == "dask":
+        return ""
+    error: Exception | None = None
+    for _ in range(5):
+        try:
+            cluster.client.purge_local_results("all")
+            return ""
+        except Exception as e:  # noqa: BLE001 - reported in the table, not fatal
+            error = e
+            time.sleep(0.1)
+    return f"purge_local_results failed: {type(error).__name__}: {error}"
+
+
+def _measure(cluster: Running, pattern: Pattern, n: int) -> dict[str, Any]:
+    """Time one run of ``pattern`` (``n`` tasks) on ``cluster``; one row (without ratios)."""
+    client = cluster.client
+    calls = n // pattern.fanout
+    tasks = calls * pattern.fanout
+    with gc_paused():
+        t0 = time.perf_counter()
+        handle = pattern.submit(client, calls)
+        t1 = time.perf_counter()
+        got = pattern.collect(client, handle)
+        t2 = time.perf_counter()
+    if got != tasks:
+        raise RuntimeError(f"{cluster.label} {pattern.key}: {got} results for {tasks} tasks")
+    del handle
+    note = _purge(cluster)
+    gc.collect()
+    time.sleep(SETTLE_S)
+    return {
+        "pattern": pattern.key,
+        "framework": cluster.label,
+        "call": pattern.call,
+        "calls": calls,
+        "tasks": tasks,
+        "submit_tasks_s": tasks / (t1 - t0),
+        "e2e_tasks_s": tasks / (t2 - t0),
+        "e2e_s": t2 - t0,
+        "note": note,
+    }
+
+
+def _wait_idle(cluster: Running, timeout: float = 120.0) -> bool:
+    """Wait until the cluster has no queued or running task (ferroparallel, ipyparallel).
+
+    Returns
+    -------
+    bool
+        Whether it became idle within ``timeout`` seconds (Dask: always True).
+    """
+    if cluster.name == "dask":
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = cluster.client.queue_status()
+            busy = status.get("unassigned", 0) + sum(
+                v.get("queue", 0) + v.get("tasks", 0)
+                for v in status.values()
+                if isinstance(v, dict)
+            )
+            if busy == 0:
+                return True
+        except Exception:  # noqa: BLE001 - a client that lost its controller: retry
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def _measure_or_report(cluster: Running, pattern: Pattern, n: int) -> dict[str, Any]:
+    """:func:`_measure`, or a row saying why it failed (traceback on stderr).
+
+    After a failure the cluster is given time to finish the tasks it still has, so that they
+    do not disturb the next measurement.
+    """
+    try:
+        return _measure(cluster, pattern, n)
+    except Exception as e:  # noqa: BLE001 - a failed row beats losing the whole table
+        traceback.print_exc()
+        note = f"FAILED: {type(e).__name__}: {e}"
+        if not _wait_idle(cluster):
+            note += " (still busy 120 s later)"
+        _purge(cluster)
+        calls = n // pattern.fanout
+        return {
+            "pattern": pattern.key,
+            "framework": cluster.label,
+            "call": pattern.call,
+            "calls": calls,
+            "tasks": calls * pattern.fanout,
+            "submit_tasks_s": math.nan,
+            "e2e_tasks_s": math.nan,
+            "e2e_s": math.nan,
+            "note": note,
+        }
+
+
+def _warm_up(cluster: Running, patterns: list[Pattern]) -> None:
+    """A short untimed run of every pattern (imports, connections, caches)."""
+    for pattern in patterns:
+        handle = pattern.submit(cluster.client, 50)
+        pattern.collect(cluster.client, handle)
+    _purge(cluster)
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Measure every pattern of every installed framework once.
+
+    Parameters
+    ----------
+    quick : bool
+        4,000 tasks per pattern instead of 20,000.
+
+    Returns
+    -------
+    list of dict
+        One row per pattern and framework, grouped by pattern; a row with a note for a peer
+        that is not installed.
+    """
+    n = 4_000 if quick else 20_000
+    measured: list[dict[str, Any]] = []
+    with isolated_env():
+        why = {name: missing(name) for name in FRAMEWORKS}
+        quiet = [name for name in ("ferroparallel", "ipyparallel") if why[name] is None]
+        if quiet:
+            with running(quiet) as clusters:
+                patterns = _ipp_patterns(n_engines=2)
+                for cluster in clusters.values():
+                    _warm_up(cluster, patterns)
+                for pattern in patterns:
+                    for cluster in clusters.values():
+                        measured.append(_measure_or_report(cluster, pattern, n))
+        if why["dask"] is None:
+            with running(["dask"]) as clusters:
+                patterns = _dask_patterns()
+                _warm_up(clusters["dask"], patterns)
+                for pattern in patterns:
+                    row = _measure_or_report(clusters["dask"], pattern, n)
+                    row["note"] = "; ".join(
+                        filter(None, ["measured alone, after the others", row["note"]])
+                    )
+                    measured.append(row)
+
+    fp = label("ferroparallel")
+    reference = {row["pattern"]: row for row in measured if row["framework"] == fp}
+    rows: list[dict[str, Any]] = []
+    for key in dict.fromkeys(row["pattern"] for row in measured):
+        for row in (r for r in measured if r["pattern"] == key):
+            ref = reference.get(key, {})
+            rows.append(
+                {
+                    **{k: v for k, v in row.items() if k != "note"},
+                    "ratio_submit": ratio(
+                        ref.get("submit_tasks_s", math.nan), row["submit_tasks_s"]
+                    ),
+                    "ratio_e2e": ratio(ref.get("e2e_tasks_s", math.nan), row["e2e_tasks_s"]),
+                    "note": row["note"],
+                }
+            )
+    for name in FRAMEWORKS:
+        if why[name] is not None:
+            rows.append({"framework": label(name), "note": why[name]})
+    return rows
