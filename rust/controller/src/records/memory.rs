@@ -12,7 +12,7 @@ use fp_wire::Packer;
 const CULLED_MEMORY: usize = 1 << 20;
 
 pub struct Memory {
-    records: HashMap<String, (TaskRecord, usize)>,
+    records: HashMap<String, (Box<TaskRecord>, usize)>,
     /// Arrival order (may hold ids already removed; skipped and compacted).
     order: VecDeque<String>,
     bytes: usize,
@@ -41,7 +41,8 @@ impl Memory {
         let size = size_of(&rec);
         self.bytes += size;
         self.order.push_back(rec.msg_id.clone());
-        self.records.insert(rec.msg_id.clone(), (rec, size));
+        self.records
+            .insert(rec.msg_id.clone(), (Box::new(rec), size));
         self.cull();
     }
 
@@ -141,7 +142,7 @@ impl Backend for Memory {
 
     fn get(&mut self, msg_id: &str) -> Result<TaskRecord, QueryError> {
         match self.records.get(msg_id) {
-            Some((r, _)) => Ok(r.clone()),
+            Some((r, _)) => Ok((**r).clone()),
             None => Err(self.missing(msg_id)),
         }
     }
