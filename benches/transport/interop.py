@@ -41,7 +41,9 @@ def socket(ctx, kind):
 
 
 def result(test, **kv):
-    print(f"RESULT impl={IMP} test={test} " + " ".join(f"{k}={v}" for k, v in kv.items()), flush=True)
+    print(
+        f"RESULT impl={IMP} test={test} " + " ".join(f"{k}={v}" for k, v in kv.items()), flush=True
+    )
 
 
 def echo(ep):
@@ -106,8 +108,17 @@ def lat(ep, n=20000):
         if i >= warm:
             samples.append(dt / 1000.0)
     samples.sort()
-    pct = lambda p: samples[min(len(samples) - 1, round((len(samples) - 1) * p))]
-    result("lat", n=n, median_us=f"{pct(0.5):.1f}", p99_us=f"{pct(0.99):.1f}", min_us=f"{samples[0]:.1f}")
+
+    def pct(p):
+        return samples[min(len(samples) - 1, round((len(samples) - 1) * p))]
+
+    result(
+        "lat",
+        n=n,
+        median_us=f"{pct(0.5):.1f}",
+        p99_us=f"{pct(0.99):.1f}",
+        min_us=f"{samples[0]:.1f}",
+    )
 
 
 def thr(ep, n=200000, window=500):

@@ -65,7 +65,10 @@ def main():
             data[key]["thr"].append(float(r["msgs_per_s"]))
         elif t == "bw":
             data[key]["bw_all"].extend(float(x) for x in r["reps"].split(","))
-    med = lambda v: statistics.median(v) if v else float("nan")
+
+    def med(v):
+        return statistics.median(v) if v else float("nan")
+
     idle_levels = sorted({k[1] for k in data if k[1] > 0})
 
     print()
@@ -73,12 +76,22 @@ def main():
     n_reps = max((len(v["lat_med"]) for v in data.values()), default=0)
     print(f"\nMedians over {n_reps} repetitions (lat: median of per-run median/p99).\n")
     mib = next((r["mib"] for r in rows if r["test"] == "bw"), "?")
-    cols = ["implementation", "RTT median µs", "RTT p99 µs", "pipelined msgs/s", f"{mib} MiB best MiB/s", f"{mib} MiB median MiB/s"]
+    cols = [
+        "implementation",
+        "RTT median µs",
+        "RTT p99 µs",
+        "pipelined msgs/s",
+        f"{mib} MiB best MiB/s",
+        f"{mib} MiB median MiB/s",
+    ]
     for lvl in idle_levels:
         cols += [f"RTT median µs (+{lvl} idle peers)", f"msgs/s (+{lvl} idle peers)"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    fmt = lambda x, p=0: "–" if x != x else f"{x:,.{p}f}"
+
+    def fmt(x, p=0):
+        return "–" if x != x else f"{x:,.{p}f}"
+
     for cfg in ORDER:
         d = data.get((cfg, 0))
         if not d:
@@ -97,18 +110,22 @@ def main():
         print("| " + " | ".join(cells) + " |")
 
     print("\nPer-repetition values (to judge the noise):\n")
-    for (cfg, lvl), d in sorted(data.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1])):
+    for (cfg, lvl), d in sorted(
+        data.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1])
+    ):
         parts = []
         if d["lat_med"]:
             parts.append("lat_med " + "/".join(f"{x:.0f}" for x in d["lat_med"]))
         if d["thr"]:
-            parts.append("msgs/s " + "/".join(f"{x/1000:.0f}k" for x in d["thr"]))
+            parts.append("msgs/s " + "/".join(f"{x / 1000:.0f}k" for x in d["thr"]))
         if d["bw_all"]:
             parts.append("bw " + "/".join(f"{x:.0f}" for x in d["bw_all"]))
         print(f"- {cfg} idle={lvl}: " + "; ".join(parts))
 
     if len(sys.argv) > 2:
-        print("\nInterop (rows: server ROUTER echo, columns: client DEALER; checks passed/total):\n")
+        print(
+            "\nInterop (rows: server ROUTER echo, columns: client DEALER; checks passed/total):\n"
+        )
         res = {}
         servers, clients = [], []
         for line in open(sys.argv[2]):
