@@ -423,8 +423,11 @@ class Client(HasTraits):
         if not self.outstanding or self._hub_shutdown or self._closed:
             return
         now = time.monotonic()
-        # Probe after a quiet spell, and give up within the client's timeout in all.
+        # Probe after a quiet spell; any message from the controller since the probe counts as
+        # a sign of life. Give up when nothing at all arrived within the client's timeout.
         half = max(0.25, min(PROBE_IDLE, self.timeout / 2))
+        if self._probe is not None and self._last_traffic >= self._probe[1]:
+            self._probe = None
         if self._probe is None:
             if now - self._last_traffic > half:
                 header = self.session.msg_header("connection_request")

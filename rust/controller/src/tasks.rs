@@ -13,6 +13,9 @@ use crate::log::{log_at, Level};
 use crate::messages::{error_content, error_metadata, reply_type, str_field};
 use crate::server::{frames_of, ident, show, Env, Server, TASK_C, TASK_E};
 
+/// Most unassignable queued tasks looked at in one pass of the queue.
+const SCAN_LIMIT: usize = 1024;
+
 /// How many finished msg_ids are remembered for dependencies.
 const OUTCOME_MEMORY: usize = 1 << 18;
 
@@ -408,22 +411,25 @@ impl Server {
         }
     }
 
+    /// Assign queued tasks while engines have room. Costs O(tasks assigned + tasks skipped):
+    /// tasks that cannot run yet (targets or follow restrictions) are put back in front, in
+    /// order, and at most `SCAN_LIMIT` of them are looked at per call.
     pub(crate) fn drain_queue(&mut self) {
-        let mut kept = VecDeque::new();
-        while let Some(task) = self.tasks.queue.pop_front() {
-            if !self.balancer.has_capacity() {
-                kept.push_back(task);
+        let mut skipped: Vec<Task> = Vec::new();
+        while skipped.len() < SCAN_LIMIT && self.balancer.has_capacity() {
+            let Some(task) = self.tasks.queue.pop_front() else {
                 break;
-            }
+            };
             if let Some(back) = self.try_assign(task) {
                 match self.impossible(&back) {
                     Some(why) => self.fail_task(back, "ImpossibleDependency", &why),
-                    None => kept.push_back(back),
+                    None => skipped.push(back),
                 }
             }
         }
-        kept.extend(self.tasks.queue.drain(..));
-        self.tasks.queue = kept;
+        for task in skipped.into_iter().rev() {
+            self.tasks.queue.push_front(task);
+        }
     }
 
     /// Answer a task with a scheduler error (no engine ran it).
