@@ -52,6 +52,18 @@ _ENV_KEYS = (
 )
 
 
+def _refresh_dask_config() -> None:
+    """Make an already imported Dask read the environment again.
+
+    Dask reads ``DASK_*`` variables into its configuration when first imported; without a
+    refresh, a later cluster in this process would still use the temporary directory of the
+    first :func:`isolated_env` (recreating it after its removal).
+    """
+    config = sys.modules.get("dask.config")
+    if config is not None:
+        config.refresh()
+
+
 @contextlib.contextmanager
 def isolated_env() -> Iterator[Path]:
     """Run the body with every framework directory in a fresh temporary directory.
@@ -79,6 +91,7 @@ def isolated_env() -> Iterator[Path]:
         os.environ["DASK_TEMPORARY_DIRECTORY"] = str(tmp / "dask")
         path = [str(HERE)] + [p for p in (saved["PYTHONPATH"] or "").split(os.pathsep) if p]
         os.environ["PYTHONPATH"] = os.pathsep.join(path)
+        _refresh_dask_config()
         yield tmp
     finally:
         for key, value in saved.items():
@@ -86,6 +99,7 @@ def isolated_env() -> Iterator[Path]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _refresh_dask_config()
         if os.environ.get("FERROBENCH_KEEP_TMP") == "1":
             print(f"(kept {tmp})", file=sys.stderr)
         else:
