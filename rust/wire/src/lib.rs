@@ -20,7 +20,7 @@ pub use envelope::{
     check_header as check_header_value, split_envelope, Envelope, Limits, DELIMITER,
 };
 pub use error::WireError;
-pub use header::{iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
+pub use header::{iso_from_unix, iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
 pub use packer::Packer;
 pub use sign::{Auth, DigestHistory, DEFAULT_HISTORY_SIZE};
 pub use value::Value;

@@ -19,19 +19,6 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 fn digits(b: &[u8], at: usize, n: usize) -> Option<i64> {
     let s = b.get(at..at + n)?;
     let mut v = 0i64;
@@ -109,17 +96,7 @@ pub fn parse(s: &str) -> Option<Micros> {
 
 /// Format as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (fixed width, so strings sort like times).
 pub fn format(t: Micros) -> String {
-    let secs = t.div_euclid(1_000_000);
-    let us = t.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{us:06}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    fp_wire::iso_from_unix(t.div_euclid(1_000_000), t.rem_euclid(1_000_000) as u32)
 }
 
 /// The current time.
