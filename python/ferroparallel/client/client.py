@@ -997,11 +997,11 @@ class Client(HasTraits):
 
     def purge_local_results(self, jobs: Any = None, targets: Any = None) -> None:
         """Forget finished results held by this client (all of them with ``'all'``)."""
-        if jobs == "all" or (jobs is None and targets is None):
-            ids = [m for m, f in self._futures.items() if f.done()]
-        else:
-            ids = self._msg_ids_of(jobs)
-        with self._lock:
+        with self._lock:  # the dispatcher thread changes the caches under this lock
+            if jobs == "all" or (jobs is None and targets is None):
+                ids = [m for m, f in self._futures.items() if f.done()]
+            else:
+                ids = self._msg_ids_of(jobs)
             for m in ids:
                 fut = self._futures.get(m)
                 if fut is not None and not fut.done():
