@@ -470,30 +470,28 @@ impl Server {
             other => {
                 let evalue = format!("unsupported hub request type {other:?}");
                 log_at!(Level::Warning, "{evalue}");
-                let content = error_content("NotImplementedError", &evalue);
-                self.send_new(
-                    REG,
-                    vec![zid],
-                    "hub_error",
-                    content,
-                    header,
-                    Value::empty_map(),
-                );
+                self.query_error(zid, "hub_error", header, "NotImplementedError", &evalue);
             }
         }
     }
 
+    /// Answer a hub query with an error content (`msg_type` is usually `hub_error`).
+    fn query_error(&mut self, zid: Vec<u8>, msg_type: &str, parent: Value, ename: &str, why: &str) {
+        let content = error_content(ename, why);
+        self.send_new(
+            REG,
+            vec![zid],
+            msg_type,
+            content,
+            parent,
+            Value::empty_map(),
+        );
+    }
+
     fn on_registration(&mut self, zid: Vec<u8>, header: Value, content: Value) {
         let Some(uuid) = str_field(&content, "uuid").map(|s| s.as_bytes().to_vec()) else {
-            let c = error_content("KeyError", "registration_request needs a 'uuid'");
-            self.send_new(
-                REG,
-                vec![zid],
-                "registration_reply",
-                c,
-                header,
-                Value::empty_map(),
-            );
+            let why = "registration_request needs a 'uuid'";
+            self.query_error(zid, "registration_reply", header, "KeyError", why);
             return;
         };
         if self.engines.by_uuid.contains_key(&uuid) {
@@ -502,15 +500,7 @@ impl Server {
                 show(&uuid)
             );
             log_at!(Level::Warning, "refused registration: {evalue}");
-            let c = error_content("KeyError", &evalue);
-            self.send_new(
-                REG,
-                vec![zid],
-                "registration_reply",
-                c,
-                header,
-                Value::empty_map(),
-            );
+            self.query_error(zid, "registration_reply", header, "KeyError", &evalue);
             return;
         }
         let requested = content.get("id").and_then(Value::as_i64);
@@ -569,23 +559,16 @@ impl Server {
                     match uuid {
                         Some(u) => targets.push(u),
                         None => {
-                            let c = error_content("IndexError", &format!("no such engine: {t:?}"));
-                            self.send_new(
-                                REG,
-                                vec![zid],
-                                "hub_error",
-                                c,
-                                header,
-                                Value::empty_map(),
-                            );
+                            let why = format!("no such engine: {t:?}");
+                            self.query_error(zid, "hub_error", header, "IndexError", &why);
                             return;
                         }
                     }
                 }
             }
             Some(other) => {
-                let c = error_content("TypeError", &format!("bad targets: {other:?}"));
-                self.send_new(REG, vec![zid], "hub_error", c, header, Value::empty_map());
+                let why = format!("bad targets: {other:?}");
+                self.query_error(zid, "hub_error", header, "TypeError", &why);
                 return;
             }
         }
