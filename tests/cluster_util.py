@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -316,3 +316,19 @@ def send_all(sock: zmq.Socket, messages: Sequence[Sequence[bytes]]) -> None:
     """Send each frame list (non-blocking sends would hide nothing here: HWM is 0)."""
     for frames in messages:
         sock.send_multipart(list(frames))
+
+
+@pytest.fixture
+def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private FERROPARALLEL_DIR: nothing touches ~/.ferroparallel."""
+    root = tmp_path / "fproot"
+    monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    """A private pyzmq context, destroyed (linger 0) after the test."""
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

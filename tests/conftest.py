@@ -17,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer.session import Session as PeerSession  # noqa: E402
 
+#: Shared fixtures (fp_root, zctx) of the cluster tests.
+pytest_plugins = ["cluster_util"]
+
 LOCALHOST = "127.0.0.1"
 
 

@@ -61,19 +61,8 @@ MB10 = 10 * 1000 * 1000
 BAD_INPUT_PING_MS = 500
 
 
-@pytest.fixture(autouse=True)
-def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private FERROPARALLEL_DIR: nothing touches ~/.ferroparallel."""
-    root = tmp_path / "fproot"
-    monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
-    return root
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
+# fp_root (a private FERROPARALLEL_DIR) and zctx are fixtures of cluster_util (a pytest plugin).
+pytestmark = pytest.mark.usefixtures("fp_root")
 
 
 @pytest.fixture

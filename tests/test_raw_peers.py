@@ -36,19 +36,8 @@ pytestmark = pytest.mark.timeout(60)
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private FERROPARALLEL_DIR: nothing touches ~/.ferroparallel."""
-    root = tmp_path / "fproot"
-    monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
-    return root
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
+# fp_root (a private FERROPARALLEL_DIR) and zctx are fixtures of cluster_util (a pytest plugin).
+pytestmark = pytest.mark.usefixtures("fp_root")
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use fp_io::{Delivery, Incoming, IoHandle, OutFrame, OutgoingMessage, SocketKind, SocketSpec};
+use fp_io::{Delivery, Incoming, IoHandle, OutgoingMessage, SocketKind, SocketSpec};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -181,15 +181,7 @@ impl IoThread {
     /// Queue frames exactly as given.
     fn send_raw(&self, py: Python<'_>, socket: &str, frames: &Bound<'_, PyAny>) -> PyResult<()> {
         self.check_open(py)?;
-        let mut out = Vec::new();
-        for item in frames.try_iter()? {
-            let held = HeldBuffer::get(&item?)?;
-            if held.as_slice().len() >= fp_io::ZERO_COPY_THRESHOLD {
-                out.push(OutFrame::External(Box::new(held)));
-            } else {
-                out.push(OutFrame::Owned(held.as_slice().to_vec()));
-            }
-        }
+        let out = out_buffers(Some(frames))?;
         self.handle
             .send(socket, out)
             .map_err(PyValueError::new_err)?;
