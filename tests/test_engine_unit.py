@@ -418,8 +418,12 @@ def test_iopub_topics_and_live_output(shared):
     assert first[0] == {"name": "stdout", "text": "a\n"}
     assert done - first[1] > 0.3, "stdout should be published while the code still runs"
     assert b"engine.7.stdout" in topics and b"engine.7.stderr" in topics
-    assert topics[0] == b"engine.7.status"
-    assert ctl.reply()["content"]["status"] == "ok"
+    # status has its own topic (clients that count outputs do not subscribe to it)
+    assert topics[0] == b"status.engine.7" and topics[-1] == b"status.engine.7"
+    reply = ctl.reply()
+    assert reply["content"]["status"] == "ok"
+    # the reply counts the outputs sent before it: the two streams
+    assert reply["metadata"]["fp_outputs"] == 2
 
 
 def test_execute_error_and_stop_on_error_aborts_queued(shared):

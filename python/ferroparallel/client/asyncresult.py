@@ -18,7 +18,6 @@ import concurrent.futures
 import functools
 import logging
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -28,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from ..error import CompositeError, RemoteError
-from .futures import POLL_INTERVAL, wait_interruptibly
+from .futures import POLL_INTERVAL, SETTLED, SlimFuture, wait_interruptibly
 from .mapping import Map, RoundRobinMap, _kind
 from .metadata import ALIASES as _MD_ALIASES
 from .metadata import DATE_KEYS, METADATA_KEYS, Metadata, parse_date, utcnow
@@ -76,7 +75,7 @@ def _parse_dates_in(md: Any) -> Any:
     return md
 
 
-class AsyncResult(concurrent.futures.Future):
+class AsyncResult(SlimFuture):
     """The future result of one or more messages sent to engines.
 
     Parameters
@@ -140,7 +139,8 @@ class AsyncResult(concurrent.futures.Future):
         self._single_result = bool(single_result)
         # references to the client's Metadata objects, kept after the client drops them
         self._mds: list[Any] = [self._client_md(m) for m in self._msg_ids]
-        self._cond = threading.Condition(threading.Lock())
+        # waits re-check their predicate whenever any future settles (see futures.SETTLED)
+        self._cond = SETTLED
         self._order: list[int] = []  # indices of finished children, in completion order
         self._n_failed = 0
         self._init_state()
@@ -364,7 +364,7 @@ class AsyncResult(concurrent.futures.Future):
         if not wait_interruptibly(self, timeout):
             raise TimeoutError(_NOT_READY)
         if rex == self._return_exceptions:
-            return concurrent.futures.Future.result(self, timeout=0)
+            return SlimFuture.result(self, timeout=0)
         return self._computed(rex)
 
     def result(self, timeout: float | None = None) -> Any:

@@ -22,6 +22,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 from .. import _core, error, paths
 from .. import ssh as _ssh
 from ..serialize import pack_apply_message
+from ..wire_names import OUTPUT_TOPIC_PREFIX
 from . import connection, dispatch
 from .futures import MessageFuture
 from .metadata import Metadata
@@ -220,7 +221,12 @@ class Client(HasTraits):
         try:
             self._io = _core.IoThread(self.session, name="ferroparallel-client")
             for name, kind, channel in _SOCKETS:
-                self._io.add_socket(name, kind, connect=urls[channel], linger_ms=1000)
+                # IOPub: outputs only; ferroparallel engines' status messages have their own
+                # topic, and replies say how many outputs to wait for (see wire_names)
+                topics = [OUTPUT_TOPIC_PREFIX] if name == "iopub" else None
+                self._io.add_socket(
+                    name, kind, connect=urls[channel], linger_ms=1000, subscribe=topics
+                )
         except BaseException:
             self._close_tunnels()
             raise
@@ -344,24 +350,52 @@ class Client(HasTraits):
                 continue
             if batch:
                 self._last_traffic = time.monotonic()
-            for sock, msg in batch:
-                try:
-                    self._dispatch(sock, msg)
-                except Exception:  # noqa: BLE001 - one bad message must not stop the client
-                    log.exception("dispatcher: cannot handle a %s message", sock)
+                self._dispatch_batch(batch)
             for sock, kind, text in io.take_errors():
                 log.warning("dropped a message on %s: %s: %s", sock, kind, text)
             self._check_controller()
 
+    def _dispatch_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Handle one batch: caches updated under the lock (taken once), futures settled
+        after it is released (their callbacks must not run under a lock of ours)."""
+        done: list[dispatch.Settle] = []
+        others: list[tuple[str, dict[str, Any]]] = []
+        for sock, msg in batch:
+            # first, so that replies in this batch see engines registered before them
+            if sock == "notification" and msg.get("msg_type") == "registration_notification":
+                try:
+                    self._handle_notification(msg)
+                except Exception:  # noqa: BLE001
+                    log.exception("dispatcher: cannot handle a notification")
+        with self._lock:
+            for sock, msg in batch:
+                if self.debug:
+                    log.debug("%s <- %s %s", sock, msg.get("msg_type"), msg.get("content"))
+                try:
+                    if sock == "iopub":
+                        item = dispatch.handle_iopub(self, msg)
+                    elif sock in ("mux", "task", "control"):
+                        item = dispatch.handle_reply(self, msg, sock)
+                    else:
+                        if msg.get("msg_type") != "registration_notification":
+                            others.append((sock, msg))
+                        continue
+                except Exception:  # noqa: BLE001 - one bad message must not stop the client
+                    log.exception("dispatcher: cannot handle a %s message", sock)
+                    continue
+                if item is not None:
+                    done.append(item)
+        if done:
+            dispatch.settle(self, done)
+        for sock, msg in others:
+            try:
+                self._dispatch(sock, msg)
+            except Exception:  # noqa: BLE001
+                log.exception("dispatcher: cannot handle a %s message", sock)
+
     def _dispatch(self, sock: str, msg: dict[str, Any]) -> None:
-        if self.debug:
-            log.debug("%s <- %s %s", sock, msg.get("msg_type"), msg.get("content"))
-        if sock in ("mux", "task", "control"):
-            with self._lock:
-                dispatch.handle_reply(self, msg, sock)
-        elif sock == "iopub":
-            with self._lock:
-                dispatch.handle_iopub(self, msg)
+        if sock == "notification":
+            self._handle_notification(msg)
         elif sock == "query":
             parent_id = (msg.get("parent_header") or {}).get("msg_id")
             fut = self._query_futures.pop(parent_id, None)
@@ -369,8 +403,6 @@ class Client(HasTraits):
                 self._probe = None
             if fut is not None and not fut.done():
                 fut.set_result(msg)
-        elif sock == "notification":
-            self._handle_notification(msg)
 
     def _handle_notification(self, msg: dict[str, Any]) -> None:
         msg_type = msg.get("msg_type")

@@ -6,11 +6,14 @@ Runs on the client's dispatcher thread, one batch of messages at a time.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import InvalidStateError
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import error
 from ..serialize import deserialize_object
+from ..wire_names import OUTPUT_COUNT_KEY
+from .metadata import parse_date
 
 if TYPE_CHECKING:
     from .client import Client
@@ -78,14 +81,27 @@ def _append_stream(old: str, text: str) -> str:
     return "\n".join(lines)
 
 
-def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> None:
-    """A reply on the mux, task or control channel (control requests have no output)."""
+#: What the dispatcher settles once it has released the client's lock: the future of a message,
+#: its result (``NO_REPLY`` when only its output completed), its exception (or None), and
+#: whether its output is complete.
+Settle = tuple[Any, Any, "BaseException | None", bool]
+
+#: The result slot of a settlement for output that completed before the reply arrived.
+NO_REPLY = object()
+
+
+def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
+    """A reply on the mux, task or control channel (control requests have no output).
+
+    Updates the client's caches (call with ``client._lock`` held) and returns what to settle
+    with :func:`settle` after releasing the lock, or None for a reply to nothing we sent.
+    """
     parent = msg.get("parent_header") or {}
     msg_id = parent.get("msg_id")
     fut = client._futures.get(msg_id)
     if fut is None:
         log.debug("reply for unknown message %s dropped", msg_id)
-        return
+        return None
     header = msg["header"]
     content = msg.get("content") or {}
     md_in = msg.get("metadata") or {}
@@ -95,19 +111,23 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> None
     if not engine_uuid and msg.get("idents"):
         ident = msg["idents"][0]
         engine_uuid = ident.decode("utf-8", "replace") if isinstance(ident, bytes) else None
+    # trusted keys only: dict.update skips Metadata's per-key checks
+    values: dict[str, Any] = {
+        "msg_id": msg_id,
+        "submitted": parse_date(parent.get("date", md.get("submitted"))),
+        "started": parse_date(md_in.get("started", md.get("started"))),
+        "completed": parse_date(header.get("date")),
+        "received": utcnow(),
+        "status": status,
+        "follow": md_in.get("follow", []),
+        "after": md_in.get("after", []),
+    }
     if engine_uuid and engine_uuid in client._uuids:
-        md["engine_uuid"] = engine_uuid
-        md["engine_id"] = client._uuids[engine_uuid]
-    md["msg_id"] = msg_id
-    md["submitted"] = parent.get("date", md.get("submitted"))
-    md["started"] = md_in.get("started", md.get("started"))
-    md["completed"] = header.get("date")
-    md["received"] = utcnow()
-    md["status"] = status
-    for key in ("follow", "after"):
-        md[key] = md_in.get(key, [])
+        values["engine_uuid"] = engine_uuid
+        values["engine_id"] = client._uuids[engine_uuid]
     if "label" in md_in:
-        md["label"] = md_in["label"]
+        values["label"] = md_in["label"]
+    dict.update(md, values)
     result: Any = None
     exc: BaseException | None = None
     expect_output = sock != "control"
@@ -134,27 +154,54 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> None
         pending = client._outstanding_by_engine.get(engine_uuid)
         if pending is not None:
             pending.discard(msg_id)
-    if not fut.done():
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    if not expect_output and not fut.output.done():
-        fut.output.set_result(None)
-    client._maybe_release(msg_id)
+    output_done = not expect_output
+    expected = md_in.get(OUTPUT_COUNT_KEY)
+    if expect_output and type(expected) is int:
+        # a ferroparallel engine says how many outputs it sent: no need to wait for "idle"
+        fut.outputs_expected = expected
+        output_done = fut.outputs_seen >= expected
+    return fut, result, exc, output_done
 
 
-def handle_iopub(client: Client, msg: dict[str, Any]) -> None:
-    """An IOPub message: output of one of our requests."""
+def settle(client: Client, done: list[Settle]) -> None:
+    """Resolve the futures of handled messages (without the client's lock: their callbacks,
+    and the callbacks of the AsyncResults over them, run here), then let the client's caches
+    drop what an AsyncResult owns."""
+    for fut, result, exc, output_done in done:
+        try:
+            if result is not NO_REPLY and not fut.done():
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+            if output_done and not fut.output.done():
+                fut.output.set_result(None)
+        except InvalidStateError:  # settled meanwhile by another thread (e.g. a failure)
+            pass
+    with client._lock:
+        for fut, _, _, _ in done:
+            client._maybe_release(fut.msg_id)
+
+
+def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
+    """An IOPub message: output of one of our requests (call with ``client._lock`` held).
+
+    Returns a settlement for :func:`settle` when the message completes its request's output.
+    """
     parent = msg.get("parent_header") or {}
     if parent.get("session") != client._session_id:
-        return
+        return None
     msg_id = parent.get("msg_id")
-    if msg_id not in client._futures:
-        return
+    fut = client._futures.get(msg_id)
+    if fut is None:
+        return None
     md = client.metadata[msg_id]
     content = msg.get("content") or {}
     msg_type = msg.get("msg_type")
+    if msg_type == "status":
+        if content.get("execution_state") == "idle":
+            return _output_complete(fut)
+        return None
     engine_uuid = (msg.get("metadata") or {}).get("engine")
     if engine_uuid and md.get("engine_uuid") is None:
         md["engine_uuid"] = engine_uuid
@@ -178,8 +225,15 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> None:
                 md["data"].update(data)
         except Exception:  # noqa: BLE001
             log.warning("undecodable data_message for %s", msg_id)
-    elif msg_type == "status" and content.get("execution_state") == "idle":
-        fut = client._futures.get(msg_id)
-        if fut is not None and not fut.output.done():
-            fut.output.set_result(None)
-        client._maybe_release(msg_id)
+    fut.outputs_seen += 1
+    expected = fut.outputs_expected
+    if expected is not None and fut.outputs_seen >= expected:
+        return _output_complete(fut)
+    return None
+
+
+def _output_complete(fut: Any) -> Settle | None:
+    if fut.output.done():
+        return None
+    # the reply may still be on its way: settle only the output (the reply settles the rest)
+    return fut, NO_REPLY, None, True

@@ -3,18 +3,206 @@
 The client's dispatcher thread resolves a :class:`MessageFuture` when the reply to its message
 arrives (``set_result`` / ``set_exception``), and resolves its :attr:`MessageFuture.output`
 future when all IOPub output of the message has arrived.
+
+Every future here is a :class:`SlimFuture`: a real ``concurrent.futures.Future`` that owns no
+lock of its own. A client keeps several futures per task alive (the message, its output, the
+AsyncResult), and ``concurrent.futures.Future`` gives each one a ``Condition``, an ``RLock``,
+two lists and five bound methods: at 10^4 tasks in flight that is most of what the garbage
+collector walks. A SlimFuture instead settles under one module-wide lock and wakes waiters
+through one module-wide condition (:data:`SETTLED`); the per-future condition and waiter list
+that ``concurrent.futures.wait``/``as_completed`` use are created only when such a function
+actually waits on the future.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import Any
 
-__all__ = ["MessageFuture", "wait_interruptibly"]
+__all__ = ["SETTLED", "MessageFuture", "SlimFuture", "wait_interruptibly"]
+
+log = logging.getLogger("ferroparallel.client")
 
 #: Longest single blocking wait, so that signal handlers (Ctrl-C) run promptly on every platform.
 POLL_INTERVAL = 0.05
+
+#: The condition every SlimFuture settles under; notified whenever one of them finishes.
+#: Callbacks never run while it is held.
+SETTLED = threading.Condition(threading.RLock())
+
+_DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
+class SlimFuture(concurrent.futures.Future):
+    """A ``concurrent.futures.Future`` without a lock of its own (see the module docstring).
+
+    Behaves exactly like ``concurrent.futures.Future`` (``result``, ``exception``,
+    ``add_done_callback``, ``cancel``, ``set_result``, ``set_exception``, and it works with
+    ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future``).
+    """
+
+    def __init__(self) -> None:  # noqa: D107 - no super().__init__(): that allocates the lock
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._callbacks: list[Callable[[Any], Any]] | None = None
+        self._cond_: threading.Condition | None = None
+        self._waiters_: list[Any] | None = None
+
+    # -- what concurrent.futures.wait/as_completed use; created on their first use ------------
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond_
+        if cond is None:
+            with SETTLED:
+                if self._cond_ is None:
+                    self._waiters_ = []
+                    self._cond_ = threading.Condition()
+                cond = self._cond_
+        return cond
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        self._condition  # noqa: B018 - creates the waiter list with the condition
+        return self._waiters_  # type: ignore[return-value]
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def cancel(self) -> bool:
+        with SETTLED:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = CANCELLED
+            callbacks = self._take_callbacks_locked()
+            SETTLED.notify_all()
+        self._notify_external()
+        self._run_callbacks(callbacks)
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with SETTLED:
+            if self._state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                return False
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        raise RuntimeError(f"Future in unexpected state: {self._state}")
+
+    def set_result(self, result: Any) -> None:
+        self._settle(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._settle(None, exception)
+
+    def _settle(self, result: Any, exception: BaseException | None) -> None:
+        with SETTLED:
+            if self._state in _DONE_STATES:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+            callbacks = self._take_callbacks_locked()
+            SETTLED.notify_all()
+        self._notify_external()
+        self._run_callbacks(callbacks)
+
+    def _take_callbacks_locked(self) -> list[Callable[[Any], Any]] | None:
+        callbacks, self._callbacks = self._callbacks, None
+        return callbacks
+
+    def _notify_external(self) -> None:
+        """Wake ``concurrent.futures.wait``/``as_completed`` calls waiting on this future."""
+        cond = self._cond_
+        if cond is None:
+            return
+        with cond:
+            for waiter in self._waiters_ or ():
+                if self._state == FINISHED:
+                    if self._exception is not None:
+                        waiter.add_exception(self)
+                    else:
+                        waiter.add_result(self)
+                else:
+                    waiter.add_cancelled(self)
+            cond.notify_all()
+
+    def _run_callbacks(self, callbacks: list[Callable[[Any], Any]] | None) -> None:
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - as concurrent.futures: log and go on
+                log.exception("exception calling callback for %r", self)
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        with SETTLED:
+            if self._state not in _DONE_STATES:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        self._run_callbacks([fn])
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _wait_done(self, timeout: float | None) -> None:
+        if self._state in _DONE_STATES:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with SETTLED:
+            while self._state not in _DONE_STATES:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError()
+                SETTLED.wait(left)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait_done(timeout)
+        if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise concurrent.futures.CancelledError()
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_done(timeout)
+        if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise concurrent.futures.CancelledError()
+        return self._exception
+
+    def __repr__(self) -> str:
+        state = self._state
+        if state == FINISHED:
+            if self._exception is not None:
+                what = f"raised {type(self._exception).__name__}"
+            else:
+                what = f"returned {type(self._result).__name__}"
+            return f"<{type(self).__name__} at {id(self):#x} state=finished {what}>"
+        return f"<{type(self).__name__} at {id(self):#x} state={state.lower()}>"
 
 
 def wait_interruptibly(
@@ -47,6 +235,7 @@ def wait_interruptibly(
             return not fs or any(f.done() for f in fs)
         return all(f.done() for f in fs)
 
+    slim = all(isinstance(f, SlimFuture) for f in fs)
     while True:
         pending = [f for f in fs if not f.done()]
         if met():
@@ -57,12 +246,18 @@ def wait_interruptibly(
             step = min(POLL_INTERVAL, deadline - time.monotonic())
             if step <= 0:
                 return False
-        concurrent.futures.wait(pending, timeout=step, return_when=return_when)
+        if slim:
+            # every SlimFuture notifies SETTLED when it finishes: no per-future waiter needed
+            with SETTLED:
+                if not met():
+                    SETTLED.wait(step)
+        else:
+            concurrent.futures.wait(pending, timeout=step, return_when=return_when)
         if return_when == concurrent.futures.ALL_COMPLETED:
             fs = pending
 
 
-class MessageFuture(concurrent.futures.Future):
+class MessageFuture(SlimFuture):
     """The future result of one message (apply, execute, control request) sent to an engine.
 
     Parameters
@@ -96,7 +291,11 @@ class MessageFuture(concurrent.futures.Future):
         self.msg_id = msg_id
         self.header: dict[str, Any] = header if header is not None else {"msg_id": msg_id}
         self.track = track
-        self.output: concurrent.futures.Future = concurrent.futures.Future()
+        self.output: concurrent.futures.Future = SlimFuture()
+        #: IOPub outputs received, and how many the engine said it sent (None: not known yet,
+        #: or an engine that does not say; then the ``idle`` status completes the output)
+        self.outputs_seen = 0
+        self.outputs_expected: int | None = None
 
     def cancel(self) -> bool:
         """A sent message cannot be cancelled: always False (see ``Client.abort``)."""

@@ -185,36 +185,45 @@ class HubResults:
                 self._pending.pop(msg_id, None)
             if fut.done():
                 return
-            parent = dict(entry.get("header") or {"msg_id": msg_id})
-            parent["msg_id"] = msg_id
-            msg = {
-                "parent_header": parent,
-                "header": entry.get("result_header") or {},
-                "content": entry.get("result_content") or {},
-                "metadata": entry.get("result_metadata") or {},
-                "buffers": buffers,
-                "idents": [],
-            }
-            dispatch.handle_reply(client, msg)
-            md = client.metadata[msg_id]
-            io = entry.get("io") or {}
-            for key in ("stdout", "stderr"):
-                if io.get(key):
-                    md[key] = io[key]
-            if io.get("execute_input") is not None:
-                md["execute_input"] = io["execute_input"]
-            if io.get("execute_result") is not None:
-                md["execute_result"] = io["execute_result"]
-            if io.get("error") is not None:
-                md["error"] = error.unwrap_exception(io["error"])
-            for key in DATE_FIELDS:
-                if entry.get(key) is not None:
-                    md[key] = parse_date(entry[key])
-            if entry.get("engine_uuid"):
-                md["engine_uuid"] = entry["engine_uuid"]
-                md["engine_id"] = client._uuids.get(entry["engine_uuid"])
-            if not fut.output.done():
-                fut.output.set_result(None)
+            item = self._apply_entry(msg_id, entry, buffers)
+        if item is not None:
+            fut, result, exc, _ = item
+            dispatch.settle(client, [(fut, result, exc, True)])
+
+    def _apply_entry(
+        self, msg_id: str, entry: Mapping[str, Any], buffers: list[Any]
+    ) -> dispatch.Settle | None:
+        """Fill the client's caches from a task record (``client._lock`` held)."""
+        client = self._client
+        parent = dict(entry.get("header") or {"msg_id": msg_id})
+        parent["msg_id"] = msg_id
+        msg = {
+            "parent_header": parent,
+            "header": entry.get("result_header") or {},
+            "content": entry.get("result_content") or {},
+            "metadata": entry.get("result_metadata") or {},
+            "buffers": buffers,
+            "idents": [],
+        }
+        item = dispatch.handle_reply(client, msg)
+        md = client.metadata[msg_id]
+        io = entry.get("io") or {}
+        for key in ("stdout", "stderr"):
+            if io.get(key):
+                md[key] = io[key]
+        if io.get("execute_input") is not None:
+            md["execute_input"] = io["execute_input"]
+        if io.get("execute_result") is not None:
+            md["execute_result"] = io["execute_result"]
+        if io.get("error") is not None:
+            md["error"] = error.unwrap_exception(io["error"])
+        for key in DATE_FIELDS:
+            if entry.get(key) is not None:
+                md[key] = parse_date(entry[key])
+        if entry.get("engine_uuid"):
+            md["engine_uuid"] = entry["engine_uuid"]
+            md["engine_id"] = client._uuids.get(entry["engine_uuid"])
+        return item
 
     def fail(self, exc: BaseException) -> None:
         """Fail every pending hub future (the hub cannot answer for them)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import _core
 from ..error import IoClosedError
+from ..wire_names import STATUS_TOPIC_PREFIX
 from . import logs
 from .capture import StreamCapture
 from .connection import EngineUrls
@@ -105,6 +106,10 @@ class EngineKernel:
         self.exit_code: int | None = None
         self._metadata = {"engine": self.uuid}
         self._topic_prefix = "engine.?."
+        self._status_topic = STATUS_TOPIC_PREFIX + b"?"
+        #: IOPub output messages (everything but status) published since the current shell
+        #: request started; the reply carries the count (``OUTPUT_COUNT_KEY``)
+        self.published = 0
         self._control_lock = threading.Lock()
         self._last_error_check = 0.0
 
@@ -176,6 +181,7 @@ class EngineKernel:
         period_ms = content.get("hb_period") or DEFAULT_HB_PERIOD_MS
         self.hb_period = max(float(period_ms), 1.0) / 1000
         self._topic_prefix = f"engine.{self.engine_id}."
+        self._status_topic = STATUS_TOPIC_PREFIX + str(self.engine_id).encode()
         logs.set_engine_id(self.engine_id)
         log.info("registered as engine %d (heartbeat every %g ms)", self.engine_id, period_ms)
         leaves = self.urls.broadcast
@@ -319,14 +325,25 @@ class EngineKernel:
         flush: bool = True,
     ) -> None:
         """Send one IOPub message with topic ``engine.<id>.<topic>`` (``flush=False``: leave
-        with the next flushed message)."""
+        with the next flushed message).
+
+        Status messages go out under ``status.engine.<id>`` instead: clients that count the
+        outputs of a request (``OUTPUT_COUNT_KEY`` in the reply) subscribe to ``engine.``
+        only, so the controller's PUB socket never sends them the two status messages of
+        every request; subscribers of everything (ipyparallel's client) still get them.
+        """
+        if topic == "status":
+            ident = self._status_topic
+        else:
+            ident = (self._topic_prefix + topic).encode()
+            self.published += 1
         self.io.send(
             IOPUB,
             msg_type,
             content,
             parent,
             self._metadata,
-            ident=[(self._topic_prefix + topic).encode()],
+            ident=[ident],
             flush=flush,
         )
 

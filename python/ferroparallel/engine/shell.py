@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from ..wire_names import OUTPUT_COUNT_KEY
 from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
@@ -62,6 +63,7 @@ class ShellHandler:
             engine=k.uuid,
             status=status,
         )
+        metadata[OUTPUT_COUNT_KEY] = k.published
         if status == "error":
             metadata["engine_info"] = content.get("engine_info", k.engine_info(""))
         k.io.send(
@@ -87,6 +89,7 @@ class ShellHandler:
             return
         prefix = msg_type.removesuffix("_request")
         started = _core.iso_now()
+        k.published = 0
         # busy and the reply leave together with the idle status: one I/O wake-up per request
         k.publish("status", {"execution_state": "busy"}, header, "status", flush=False)
         try:
