@@ -741,3 +741,25 @@ def test_imports_and_works_without_numpy() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_fast_path_writes_what_the_full_pickler_writes() -> None:
+    """Plain data and importable functions skip the Pickler object but not its output."""
+    import io
+    import os.path
+
+    from ferroparallel.serialize import deserialize_object, pickling, serialize_object
+
+    samples = [None, 7, "x", ((), {}), ((1, "a", [1, 2.5]), {"k": (True, None)}), os.path.join]
+    for obj in samples:
+        full = io.BytesIO()
+        pickling._pickler_class(full, lambda b: True).dump(obj)
+        assert serialize_object(obj)[0] == full.getvalue(), obj
+    # lambdas, closures and deep or large containers still go through cloudpickle
+    square = lambda x: x * x  # noqa: E731
+    assert deserialize_object(serialize_object(square))(3) == 9
+    deep = [[[[1]]]]
+    assert deserialize_object(serialize_object(deep)) == deep
+    assert not pickling._is_plain(([[[1]]], {}), 1024)
+    assert not pickling._is_plain((square,), 1024)
+    assert not pickling._is_plain(b"x" * 2000, 1024)

@@ -6,9 +6,11 @@ import io
 import pickle
 import sys
 from collections.abc import Sequence
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import cloudpickle
+from cloudpickle.cloudpickle import _should_pickle_by_reference
 
 from .buffers import DEFAULT_THRESHOLD, reduce_memoryview, reduce_ndarray, wrap_large_buffers
 from .namespace import resolve_in_namespace
@@ -22,6 +24,51 @@ else:
 PROTOCOL = 5
 
 _END = object()
+
+#: Types pickled the same way by every pickler (no functions or classes inside).
+_ATOMS = frozenset({type(None), bool, int, float, complex, str})
+#: Container items :func:`_is_plain` looks at before giving up (then the full pickler runs).
+_PLAIN_BUDGET = 64
+
+
+def _is_plain(obj: Any, threshold: int) -> bool:
+    """Whether ``obj`` is plain data: atoms, ``bytes`` of at most ``threshold`` bytes, and
+    tuples, lists and dicts (with atom keys) of them, three levels deep, a few dozen items."""
+    t = type(obj)
+    if t in _ATOMS:
+        return True
+    if t is bytes:
+        return len(obj) <= threshold
+    budget = _PLAIN_BUDGET
+    stack = [(obj, 3)]
+    while stack:
+        x, depth = stack.pop()
+        t = type(x)
+        if t in _ATOMS:
+            continue
+        if t is bytes:
+            if len(x) > threshold:
+                return False
+            continue
+        if depth == 0 or not (t is tuple or t is list or t is dict):
+            return False
+        budget -= len(x)
+        if budget < 0:
+            return False
+        if t is tuple or t is list:
+            stack.extend([(v, depth - 1) for v in x])
+        elif t is dict:
+            for k, v in x.items():
+                if type(k) not in _ATOMS:
+                    return False
+                stack.append((v, depth - 1))
+    return True
+
+
+def _by_reference(obj: Any) -> bool:
+    """Whether cloudpickle would pickle function ``obj`` by reference (module + name), which
+    the standard pickler does identically and much faster."""
+    return type(obj) is FunctionType and _should_pickle_by_reference(obj)
 
 
 def _make_pickler_class(base: type) -> type:
@@ -121,6 +168,11 @@ def serialize_object(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[Buffe
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, not {threshold}")
+    if _pickler_name != "dill" and (
+        (_pickler_name == "cloudpickle" and _by_reference(obj)) or _is_plain(obj, threshold)
+    ):
+        # the same bytes the full pickler would write, without building a Pickler object
+        return [pickle.dumps(obj, protocol=PROTOCOL)]
     frames: list[Any] = [b""]
 
     def buffer_callback(buf: pickle.PickleBuffer) -> bool:
