@@ -486,11 +486,14 @@ class Client(HasTraits):
             self._owned.discard(msg_id)
 
     def _own(self, msg_ids: Iterable[str]) -> None:
-        """An AsyncResult took references to these messages; the caches may drop them."""
-        with self._lock:
-            for m in msg_ids:
-                self._owned.add(m)
-                self._maybe_release(m)
+        """An AsyncResult took references to these messages; the caches may drop them.
+
+        No lock: ownership is recorded before the state is checked, and the dispatcher settles
+        before it checks ownership, so one of the two always releases a finished message.
+        """
+        for m in msg_ids:
+            self._owned.add(m)
+            self._maybe_release(m)
 
     # ----- sending --------------------------------------------------------------------------
 
@@ -571,8 +574,8 @@ class Client(HasTraits):
         self._check_open()
         header = self.session.msg_header(msg_type)
         label = (metadata or {}).get("label")
-        with self._lock:
-            fut = self._register(header, None, engine_uuid, label)
+        # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
+        fut = self._register(header, None, engine_uuid, label)
         self._io.send(
             socket, msg_type, content, None, metadata, ident=ident, buffers=buffers, header=header
         )
@@ -595,8 +598,7 @@ class Client(HasTraits):
         md = dict(metadata or {})
         md["fanout"] = pairs
         label = md.get("label")
-        with self._lock:
-            futs = [self._register({**header, "msg_id": mid}, None, u, label) for u, mid in pairs]
+        futs = [self._register({**header, "msg_id": mid}, None, u, label) for u, mid in pairs]
         self._io.send(
             "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers, header=header
         )

@@ -161,7 +161,11 @@ impl IoThread {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
         let parts = session.parts(msg_type, content, parent, metadata, header)?;
-        let header_obj = to_py(py, &parts.header)?;
+        // the caller's own header object when it passed one (no second conversion)
+        let header_obj = match header {
+            Some(h) if !h.is_none() => h.clone(),
+            _ => to_py(py, &parts.header)?,
+        };
         let msg = OutgoingMessage {
             idents: ident_list(ident)?,
             parts,
