@@ -522,3 +522,32 @@ def test_control_requests_do_not_accumulate(rc: Client) -> None:
     rc.abort(block=True)
     for now, before in zip(_cache_sizes(rc), base, strict=True):
         assert now - before < 50, (base, _cache_sizes(rc))
+
+
+def test_no_status_traffic_and_output_complete_by_count(rc: Client) -> None:
+    """Our engines' status messages never reach the client (own IOPub topic), and a task's
+    output is complete as soon as the reply's output count has arrived."""
+    view = rc[0]
+    view.apply_sync(lambda: None)  # warm up
+    before = rc._io.stats()["received"]
+    ars = [view.apply_async(lambda: None) for _ in range(200)]
+    for ar in ars:
+        ar.get(SHORT)
+    received = rc._io.stats()["received"] - before
+    # one reply each; busy/idle would make it 600
+    assert 200 <= received < 260, received
+
+    def chatty() -> int:
+        import sys
+
+        print("out-1")
+        print("out-2", file=sys.stderr)
+        print("out-3")
+        return 5
+
+    ar = view.apply_async(chatty)
+    assert ar.get(SHORT) == 5
+    assert ar.wait_for_output(SHORT)
+    assert ar.stdout == "out-1\nout-3\n" and ar.stderr == "out-2\n"
+    fut = ar._children[0]
+    assert fut.outputs_expected == fut.outputs_seen >= 2

@@ -1031,3 +1031,89 @@ def test_hub_result_with_resolved_futures(client: FakeClient) -> None:
     assert repr(hr) == "<AsyncHubResult(get_result): finished>"
     single = AsyncHubResult(client, [futs[0].msg_id])
     assert single.get() == 0
+
+
+class _FakeClient:
+    """Just what ``client.dispatch`` touches."""
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        from ferroparallel.client.metadata import Metadata
+
+        self._session_id = "s"
+        self._futures: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = collections.defaultdict(Metadata)
+        self._uuids: dict[str, int] = {"e": 0}
+        self.results: dict[str, Any] = {}
+        self.outstanding: set[str] = set()
+        self._outstanding_by_engine: dict[str, set[str]] = {}
+        self._lock = threading.RLock()
+        self._owned: set[str] = set()
+
+    def _maybe_release(self, msg_id: str) -> None:
+        pass
+
+
+def _reply(msg_id: str, md: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "parent_header": {"msg_id": msg_id, "date": "2026-01-01T00:00:00Z"},
+        "header": {"msg_type": "execute_reply", "date": "2026-01-01T00:00:01Z"},
+        "content": {"status": "ok", "execution_count": 1},
+        "metadata": {"engine": "e", "status": "ok", **md},
+        "idents": [],
+    }
+
+
+def _iopub(msg_id: str, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "parent_header": {"msg_id": msg_id, "session": "s"},
+        "msg_type": msg_type,
+        "content": content,
+        "metadata": {"engine": "e"},
+    }
+
+
+def _run(client: _FakeClient, items: list[tuple[str, dict[str, Any]]]) -> None:
+    from ferroparallel.client import dispatch
+
+    for sock, msg in items:
+        with client._lock:
+            if sock == "iopub":
+                item = dispatch.handle_iopub(client, msg)
+            else:
+                item = dispatch.handle_reply(client, msg, sock)
+        if item is not None:
+            dispatch.settle(client, [item])
+
+
+def test_output_completes_by_count_in_any_order() -> None:
+    """A ferroparallel engine's reply counts its outputs: output is complete when that many
+    arrived, whether they come before or after the reply, with no status message at all."""
+    stream = _iopub("a", "stream", {"name": "stdout", "text": "x\n"})
+    for order in (["reply", "out", "out"], ["out", "reply", "out"], ["out", "out", "reply"]):
+        client = _FakeClient()
+        fut = MessageFuture("a")
+        client._futures["a"] = fut
+        msgs = [("mux", _reply("a", {"fp_outputs": 2})) if o == "reply" else ("iopub", stream)
+                for o in order]
+        _run(client, msgs[:-1])
+        assert not fut.output.done(), order
+        _run(client, msgs[-1:])
+        assert fut.done() and fut.output.done(), order
+        assert client.metadata["a"]["stdout"] == "x\nx\n"
+
+
+def test_output_of_engines_without_a_count_completes_on_idle() -> None:
+    """ipyparallel engines send no count: the idle status completes the output, even when it
+    arrives before the reply (which then must still set the result)."""
+    client = _FakeClient()
+    fut = MessageFuture("b")
+    client._futures["b"] = fut
+    _run(client, [("iopub", _iopub("b", "stream", {"name": "stdout", "text": "y"}))])
+    _run(client, [("iopub", _iopub("b", "status", {"execution_state": "idle"}))])
+    assert fut.output.done() and not fut.done()
+    _run(client, [("mux", _reply("b", {}))])
+    assert fut.done() and fut.result().execution_count == 1
+    assert client.metadata["b"]["stdout"] == "y"
