@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from ..error import CompositeError, RemoteError
-from .futures import POLL_INTERVAL, SETTLED, SlimFuture, wait_interruptibly
+from .futures import _LOCK, POLL_INTERVAL, SETTLED, SlimFuture, _notify_settled, wait_interruptibly
 from .mapping import Map, RoundRobinMap, _kind
 from .metadata import ALIASES as _MD_ALIASES
 from .metadata import DATE_KEYS, METADATA_KEYS, Metadata, parse_date, utcnow
@@ -171,13 +171,14 @@ class AsyncResult(SlimFuture):
             if self._mds[i] is None:
                 self._mds[i] = self._client_md(self._msg_ids[i])
             failed = fut.cancelled() or fut.exception(timeout=0) is not None
-            with self._cond:
+            with _LOCK:
                 self._order.append(i)
                 if failed:
                     self._n_failed += 1
                 self._on_child_done_locked(i)
                 last = len(self._order) == len(self._children)
-                self._cond.notify_all()
+                if not last:  # the last one settles this future, which notifies
+                    _notify_settled()
             if last:
                 self._resolve()
         except Exception:  # pragma: no cover - never let a bug kill the dispatcher
@@ -196,8 +197,6 @@ class AsyncResult(SlimFuture):
                 self.set_result(value)
         except concurrent.futures.InvalidStateError:  # pragma: no cover - resolved twice
             pass
-        with self._cond:
-            self._cond.notify_all()
 
     def _outcomes(self) -> list[tuple[Any, bool]]:
         return [_outcome(c) for c in self._children]

@@ -114,7 +114,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     # trusted keys only: dict.update skips Metadata's per-key checks
     values: dict[str, Any] = {
         "msg_id": msg_id,
-        "submitted": parse_date(parent.get("date", md.get("submitted"))),
+        "submitted": md.get("submitted") or parse_date(parent.get("date")),
         "started": parse_date(md_in.get("started", md.get("started"))),
         "completed": parse_date(header.get("date")),
         "received": utcnow(),

@@ -40,6 +40,14 @@ POLL_INTERVAL = 0.05
 #: The condition every SlimFuture settles under; notified whenever one of them finishes.
 #: Callbacks never run while it is held.
 SETTLED = threading.Condition(threading.RLock())
+#: SETTLED's lock, entered directly (a ``with SETTLED`` goes through Python-level methods).
+_LOCK: Any = SETTLED._lock  # type: ignore[attr-defined]
+
+
+def _notify_settled() -> None:
+    """``SETTLED.notify_all()`` when someone waits (call with the lock held)."""
+    if SETTLED._waiters:  # type: ignore[attr-defined]
+        SETTLED.notify_all()
 
 _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
@@ -66,7 +74,7 @@ class SlimFuture(concurrent.futures.Future):
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         cond = self._cond_
         if cond is None:
-            with SETTLED:
+            with _LOCK:
                 if self._cond_ is None:
                     self._waiters_ = []
                     self._cond_ = threading.Condition()
@@ -90,20 +98,20 @@ class SlimFuture(concurrent.futures.Future):
         return self._state == RUNNING
 
     def cancel(self) -> bool:
-        with SETTLED:
+        with _LOCK:
             if self._state in (RUNNING, FINISHED):
                 return False
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
             self._state = CANCELLED
             callbacks = self._take_callbacks_locked()
-            SETTLED.notify_all()
+            _notify_settled()
         self._notify_external()
         self._run_callbacks(callbacks)
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
-        with SETTLED:
+        with _LOCK:
             if self._state == CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
                 return False
@@ -119,14 +127,14 @@ class SlimFuture(concurrent.futures.Future):
         self._settle(None, exception)
 
     def _settle(self, result: Any, exception: BaseException | None) -> None:
-        with SETTLED:
+        with _LOCK:
             if self._state in _DONE_STATES:
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
             self._exception = exception
             self._state = FINISHED
             callbacks = self._take_callbacks_locked()
-            SETTLED.notify_all()
+            _notify_settled()
         self._notify_external()
         self._run_callbacks(callbacks)
 
@@ -158,7 +166,7 @@ class SlimFuture(concurrent.futures.Future):
                 log.exception("exception calling callback for %r", self)
 
     def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
-        with SETTLED:
+        with _LOCK:
             if self._state not in _DONE_STATES:
                 if self._callbacks is None:
                     self._callbacks = [fn]
@@ -173,7 +181,7 @@ class SlimFuture(concurrent.futures.Future):
         if self._state in _DONE_STATES:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        with SETTLED:
+        with _LOCK:
             while self._state not in _DONE_STATES:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
