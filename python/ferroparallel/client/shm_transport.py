@@ -164,9 +164,12 @@ class ShmTransport:
         engines not asked yet; an engine that does not answer in time counts as remote)."""
         if not uuids:
             return False
-        unknown = [u for u in uuids if u not in self._local]
-        if unknown:
-            self._probe(unknown)
+        if any(u not in self._local for u in uuids):
+            # Ask every engine not asked yet at once: later requests to them need no round trip.
+            known = self._local
+            self._probe(
+                [u for u in dict.fromkeys([*uuids, *self._client._uuids]) if u not in known]
+            )
         return all(self._local.get(u, False) for u in uuids)
 
     def _probe(self, uuids: Sequence[str]) -> None:
