@@ -77,12 +77,12 @@ def segments_of(pid: int | None = None) -> list[str]:
     return shm.our_segments(pid)
 
 
-def run_script(code: str, timeout: float = 120, **popen: Any) -> subprocess.Popen[str]:
-    """Start ``python -c code`` (dedented) with this tree on ``PYTHONPATH``."""
+def run_script(code: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
+    """Start ``python -c code argv...`` (code dedented) with this tree on ``PYTHONPATH``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *argv],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
