@@ -121,10 +121,16 @@ def _pid_namespace() -> int:
         return 0
 
 
+_prefix: tuple[int, str] = (-1, "")
+
+
 def new_segment_name() -> str:
     """``fp-<pid namespace>-<pid>-<start time>-<16 hex>`` for this process."""
+    global _prefix
     pid = os.getpid()
-    return f"fp-{_pid_namespace()}-{pid}-{_start_time(pid) or 0}-{secrets.token_hex(8)}"
+    if _prefix[0] != pid:  # first call, or a forked child
+        _prefix = (pid, f"fp-{_pid_namespace()}-{pid}-{_start_time(pid) or 0}-")
+    return _prefix[1] + secrets.token_hex(8)
 
 
 def creator_alive(name: str) -> bool | None:
@@ -239,7 +245,7 @@ class SegmentWriter:
         self.threshold = threshold
         self.host = host_token() if host is None else host
         self.directory = SHM_DIR if directory is None else directory
-        self.name = new_segment_name()
+        self.name = ""  # chosen with the first buffer
         self.nbytes = 0
         self._parts: list[tuple[memoryview, int]] = []
 
@@ -252,6 +258,8 @@ class SegmentWriter:
 
     def add(self, raw: memoryview) -> ShmSlice:
         """Reserve room for ``raw`` (a flat contiguous view, kept alive until :meth:`commit`)."""
+        if not self.name:
+            self.name = new_segment_name()
         offset = -(-self.nbytes // ALIGN) * ALIGN
         self._parts.append((raw, offset))
         self.nbytes = offset + raw.nbytes
@@ -271,6 +279,8 @@ class SegmentWriter:
             If the segment cannot be created or filled (``/dev/shm`` full: ``ENOSPC``). Nothing
             is left behind, also when interrupted (``KeyboardInterrupt``).
         """
+        if not self._parts:
+            raise ValueError("no buffer was added: nothing to commit")
         seg = Segment(self.name, self.nbytes, self.directory)
         fd = os.open(seg.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
