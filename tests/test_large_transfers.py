@@ -24,7 +24,7 @@ from ferroparallel.client import Client
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import RemoteError
 from ferroparallel.serialize.apply import MAX_BUFFERS
-from transfer_util import owner_kind, run_script, segments_of
+from transfer_util import ends, owner_kind, run_script, segments_of
 
 pytest_plugins = ("cluster_fixtures",)
 pytestmark = pytest.mark.timeout(300)
@@ -40,12 +40,6 @@ def sock_rc(rc: Client, shared_cluster: Cluster) -> Iterator[Client]:
     with ipp.Client(shared_cluster.client_file, shm=False) as client:
         client.wait_for_engines(2, timeout=SHORT)
         yield client
-
-
-def ends(name_or_array: object) -> tuple[int, int, int, str, bool]:
-    """Runs on an engine: (size, first byte, last byte, owner kind, read-only)."""
-    a = name_or_array
-    return int(a.size), int(a[0]), int(a[-1]), owner_kind(a), not a.flags.writeable
 
 
 def big_zeros(n: int) -> np.ndarray:

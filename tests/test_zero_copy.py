@@ -27,7 +27,7 @@ from ferroparallel.serialize import pack_apply_message, shm
 from transfer_util import (
     assert_over_frame,
     data_address,
-    memory_owner,
+    frame_check,
     owner_kind,
     segments_of,
     status_kib,
@@ -74,17 +74,6 @@ def sent_addresses(client: Client) -> set[int]:
             if memoryview(b).nbytes >= 64 * 1024:
                 out.add(data_address(np.frombuffer(b, np.uint8)))
     return out
-
-
-def frame_check(name_or_value: Any) -> tuple[str, bool, bool]:
-    """Runs on an engine: (owner kind, data inside the owner, read-only) of a value."""
-    a = name_or_value
-    owner = memory_owner(a)
-    start = a.__array_interface__["data"][0]
-    inside = True
-    if hasattr(owner, "address"):
-        inside = owner.address <= start and start + a.nbytes <= owner.address + len(owner)
-    return owner_kind(a), inside, not a.flags.writeable
 
 
 def test_push_and_apply_arguments_are_not_copied(sock_rc: Client) -> None:

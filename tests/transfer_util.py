@@ -98,3 +98,18 @@ def status_kib(field: str, pid: str = "self") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
+
+
+def frame_check(a: np.ndarray) -> tuple[str, bool, bool]:
+    """(owner kind, data inside the owner, read-only) of an array (runs on engines)."""
+    owner = memory_owner(a)
+    start = data_address(a)
+    inside = True
+    if isinstance(owner, _core.Frame):
+        inside = owner.address <= start and start + a.nbytes <= owner.address + len(owner)
+    return owner_kind(a), inside, not a.flags.writeable
+
+
+def ends(a: np.ndarray) -> tuple[int, int, int, str, bool]:
+    """(size, first, last, owner kind, read-only) of a 1-D array (runs on engines)."""
+    return int(a.size), int(a[0]), int(a[-1]), owner_kind(a), not a.flags.writeable

@@ -165,6 +165,8 @@ class ShmTransport:
         if not uuids:
             return False
         if any(u not in self._local for u in uuids):
+            if threading.current_thread() is getattr(self._client, "_dispatcher", None):
+                return False  # replies are handled by this very thread: cannot wait for them
             # Ask every engine not asked yet at once: later requests to them need no round trip.
             known = self._local
             self._probe(
