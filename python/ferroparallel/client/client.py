@@ -21,11 +21,11 @@ from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error, paths
 from .. import ssh as _ssh
-from ..serialize import pack_apply_message
 from ..wire_names import OUTPUT_TOPIC_PREFIX
 from . import connection, dispatch
 from .futures import MessageFuture
 from .metadata import Metadata
+from .shm_transport import ShmTransport
 
 log = logging.getLogger("ferroparallel.client")
 
@@ -123,6 +123,14 @@ class Client(HasTraits):
         HMAC key, overriding the connection file's ``key``.
     connection_info, url_file, profile_dir, cluster_id, cluster
         Other ways to name the controller (ipyparallel 9 keywords).
+    shm : bool, optional
+        Send large arguments (push, scatter, apply) to engines on this host through shared
+        memory: written once into ``/dev/shm``, mapped read-only by every engine. Default: on,
+        unless ``$FERROPARALLEL_SHM=0``; engines on other hosts always get the socket path.
+        See ``docs/decisions/0003-shared-memory.md``.
+    shm_threshold : int, optional
+        Buffers above this many bytes use shared memory (default
+        ``$FERROPARALLEL_SHM_THRESHOLD`` or 1 MiB).
     """
 
     block = Bool(False, help="Wait for results by default").tag(config=True)
@@ -157,6 +165,8 @@ class Client(HasTraits):
         profile_dir: str | os.PathLike[str] | None = None,
         cluster_id: str | None = None,
         cluster: Any = None,
+        shm: bool | None = None,
+        shm_threshold: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -207,6 +217,7 @@ class Client(HasTraits):
             username=username,
         )
         self._session_id = self.session.session
+        self._shm = ShmTransport(self, shm, shm_threshold)
         if ssh_server:
             self._tunnels = _ssh.open_tunnels(
                 urls,
@@ -620,8 +631,16 @@ class Client(HasTraits):
             ]
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
-        bufs = pack_apply_message(f, tuple(args or ()), dict(kwargs or {}))
-        return self._send_fanout("apply_request", {}, uuids, metadata, bufs)
+        bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), uuids)
+        if seg is None:
+            return self._send_fanout("apply_request", {}, uuids, metadata, bufs)
+        try:
+            futs = self._send_fanout("apply_request", {}, uuids, metadata, bufs)
+        except BaseException:
+            self._shm.drop(seg)
+            raise
+        self._shm.hold(seg, futs)
+        return futs
 
     def execute_on(
         self,
@@ -651,18 +670,27 @@ class Client(HasTraits):
         or ``"task"``) and return its MessageFuture."""
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
-        bufs = pack_apply_message(f, tuple(args or ()), dict(kwargs or {}))
         uuid = ident.decode() if isinstance(ident, bytes) else ident
-        return self._send(
-            socket,
-            "apply_request",
-            {},
-            metadata=metadata or {},
-            ident=ident.encode() if isinstance(ident, str) else ident,
-            buffers=bufs,
-            track=track,
-            engine_uuid=uuid,
-        )
+        targets = [uuid] if uuid else (metadata or {}).get("targets") or None
+        bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), targets)
+        try:
+            fut = self._send(
+                socket,
+                "apply_request",
+                {},
+                metadata=metadata or {},
+                ident=ident.encode() if isinstance(ident, str) else ident,
+                buffers=bufs,
+                track=track,
+                engine_uuid=uuid,
+            )
+        except BaseException:
+            if seg is not None:
+                self._shm.drop(seg)
+            raise
+        if seg is not None:
+            self._shm.hold(seg, [fut])
+        return fut
 
     def send_execute_request(
         self,
@@ -1048,11 +1076,17 @@ class Client(HasTraits):
         """Stop the I/O and dispatcher threads and close every socket. Idempotent."""
         if getattr(self, "_closed", True):
             return
+        shm = getattr(self, "_shm", None)
+        if shm is not None:
+            # Give requests already sent a moment to be mapped by their engines.
+            shm.wait_released(1.0 if linger is None else linger)
         self._closed = True
         self._io.close()
         t = getattr(self, "_dispatcher", None)
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
+        if shm is not None:
+            shm.close()
         self._close_tunnels()
 
     @property

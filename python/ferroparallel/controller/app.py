@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from .. import paths
+from ..serialize.shm import sweep as sweep_segments
 from .config import CONFIG_FILENAME, ConfigError, ControllerSettings, load_config_file
 
 __all__ = ["main", "build_parser", "resolve_settings", "rust_config"]
@@ -276,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             log.error("controller failed to start: %s: %s", type(e).__name__, e)
             return 1
+        sweep_segments()  # /dev/shm segments left by crashed clients (see serialize.shm)
         client = connection.client_info(settings, key, ports)
         engine = connection.engine_info(settings, key, ports)
         wrote = True

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from ..serialize import shm
 from .errors import ErrorInfo
 from .signals import parse_signal, signal_self
 
@@ -80,6 +81,8 @@ def kernel_info_content() -> dict[str, Any]:
         },
         "banner": f"ferroparallel engine {_core.__version__}",
         "help_links": [],
+        # Clients on the same host (equal token) send large arguments through /dev/shm.
+        "ferroparallel": {"host": shm.host_token()},
     }
 
 

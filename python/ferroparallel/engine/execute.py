@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..serialize import serialize_object, unpack_apply_message
+from ..serialize.apply import check_buffer_count
 from .errors import ErrorInfo
 from .signals import EngineExit, InterruptGate
 
@@ -64,7 +65,9 @@ def run_apply(buffers: Sequence[Any], ns: dict[str, Any], gate: InterruptGate) -
     finally:
         del f, args, kwargs
     try:
-        return ApplyOutcome(buffers=serialize_object(result))
+        frames = serialize_object(result)
+        check_buffer_count(frames, "result")
+        return ApplyOutcome(buffers=frames)
     except EngineExit:
         raise
     except BaseException as exc:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import _core
 from ..error import IoClosedError
+from ..serialize.shm import sweep as sweep_segments
 from ..wire_names import STATUS_TOPIC_PREFIX
 from . import logs
 from .capture import StreamCapture
@@ -205,6 +206,7 @@ class EngineKernel:
         restore = install_handlers(self.gate)
         code = EXIT_FAILED
         try:
+            sweep_segments()  # /dev/shm segments left by crashed clients (see serialize.shm)
             self.connect()
             if not self.register():
                 return EXIT_FAILED

@@ -3,8 +3,11 @@
 Functions, lambdas, closures and interactively defined classes are pickled with cloudpickle
 (switch with :func:`use_pickle` / :func:`use_dill`). NumPy arrays, ``bytes``, ``bytearray``
 and ``memoryview`` values larger than a threshold (1024 bytes by default) travel as their own
-frames without being copied into the pickle, and are rebuilt over the received frames. The
-frame layout is documented in ``docs/protocol.md``.
+frames without being copied into the pickle, and are rebuilt over the received frames: received
+arrays are read-only views (``numpy.array(x)`` gives a writable copy). With a
+:class:`~.shm.SegmentWriter`, buffers above its threshold go through one same-host shared-memory
+segment instead (:mod:`.shm`). The frame layout is documented in ``docs/protocol.md``, copies
+and read-only semantics in ``docs/data-transfer.md``.
 """
 
 from __future__ import annotations

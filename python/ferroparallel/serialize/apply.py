@@ -20,6 +20,11 @@ from typing import Any
 from .buffers import DEFAULT_THRESHOLD
 from .pickling import BufferLike, deserialize_object, serialize_object
 from .reference import Reference
+from .shm import SegmentWriter
+
+#: Most buffers one message may carry: receivers accept 65536 frames per message, and the
+#: envelope (routing identities, delimiter, signature, four dict parts) needs a few of them.
+MAX_BUFFERS = (1 << 16) - 64
 
 APPLY_MAGIC = b"FPAP"
 APPLY_VERSION = 1
@@ -31,6 +36,7 @@ def pack_apply_message(
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     threshold: int = DEFAULT_THRESHOLD,
+    shm: SegmentWriter | None = None,
 ) -> list[BufferLike]:
     """Serialize a call ``f(*args, **kwargs)`` into the buffers of an ``apply_request``.
 
@@ -45,6 +51,9 @@ def pack_apply_message(
         Keyword arguments, treated like ``args``.
     threshold : int
         Out-of-band size threshold in bytes, as in :func:`serialize_object`.
+    shm : SegmentWriter, optional
+        Same-host shared memory for the arguments' large buffers, as in
+        :func:`serialize_object` (the function's own frames never use it).
 
     Returns
     -------
@@ -65,9 +74,25 @@ def pack_apply_message(
         if not isinstance(key, str):
             raise TypeError(f"keyword argument names must be str, not {type(key).__name__}")
     f_frames = serialize_object(f, threshold)
-    arg_frames = serialize_object((args, kwargs), threshold)
+    arg_frames = serialize_object((args, kwargs), threshold, shm)
     header = _HEADER.pack(APPLY_MAGIC, APPLY_VERSION, 0, len(f_frames))
     return [header, *f_frames, *arg_frames]
+
+
+def check_buffer_count(buffers: Sequence[Any], what: str = "message") -> None:
+    """Refuse, before anything is sent, a message with more buffers than receivers accept.
+
+    Raises
+    ------
+    ValueError
+        If ``len(buffers)`` exceeds :data:`MAX_BUFFERS`, naming both numbers and the ways out.
+    """
+    if len(buffers) > MAX_BUFFERS:
+        raise ValueError(
+            f"this {what} needs {len(buffers)} buffers, more than the {MAX_BUFFERS} one message "
+            "may carry: send fewer large objects per call (e.g. one stacked array instead of "
+            "many), raise the out-of-band threshold, or use shared memory (local engines)"
+        )
 
 
 def unpack_apply_message(

@@ -80,7 +80,7 @@ def rebuild_memoryview(buf: Any, fmt: str, shape: tuple[int, ...]) -> memoryview
         return view
 
 
-class _LargeBytes:
+class LargeBytes:
     """Stand-in for a large ``bytes``/``bytearray`` that pickles as an out-of-band buffer."""
 
     __slots__ = ("data",)
@@ -103,7 +103,7 @@ def wrap_large_buffers(obj: Any, threshold: int) -> Any:
     """
 
     def leaf(value: bytes | bytearray) -> Any:
-        return _LargeBytes(value) if len(value) > threshold else value
+        return LargeBytes(value) if len(value) > threshold else value
 
     return transform_leaves(obj, _BYTES_TYPES, leaf, SCAN_BUDGET)
 

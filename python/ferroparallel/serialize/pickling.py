@@ -12,8 +12,15 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import cloudpickle
 from cloudpickle.cloudpickle import _should_pickle_by_reference
 
-from .buffers import DEFAULT_THRESHOLD, reduce_memoryview, reduce_ndarray, wrap_large_buffers
+from .buffers import (
+    DEFAULT_THRESHOLD,
+    LargeBytes,
+    reduce_memoryview,
+    reduce_ndarray,
+    wrap_large_buffers,
+)
 from .namespace import resolve_in_namespace
+from .shm import SegmentWriter
 
 if TYPE_CHECKING and sys.version_info >= (3, 12):
     from collections.abc import Buffer as BufferLike
@@ -76,21 +83,40 @@ def _make_pickler_class(base: type) -> type:
     base_override = getattr(base, "reducer_override", None)
 
     class FerroPickler(base):  # type: ignore[misc, valid-type]
-        def __init__(self, file: Any, buffer_callback: Any) -> None:
+        def __init__(
+            self, file: Any, buffer_callback: Any, shm: SegmentWriter | None = None
+        ) -> None:
             super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+            self.shm = shm
 
         def reducer_override(self, obj: Any) -> Any:
-            if type(obj) is memoryview:
-                return reduce_memoryview(obj)
-            rv = reduce_ndarray(obj)
-            if rv is not None:
-                return rv
-            if base_override is not None:
-                return base_override(self, obj)
-            return NotImplemented
+            t = type(obj)
+            if t is memoryview:
+                rv = reduce_memoryview(obj)
+            elif t is LargeBytes:
+                rv = obj.__reduce_ex__(PROTOCOL)
+            else:
+                rv = reduce_ndarray(obj)
+                if rv is None:
+                    if base_override is not None:
+                        return base_override(self, obj)
+                    return NotImplemented
+            if self.shm is not None:
+                return _to_shm(rv, self.shm)
+            return rv
 
     FerroPickler.__qualname__ = FerroPickler.__name__ = f"Ferro{base.__name__}"
     return FerroPickler
+
+
+def _to_shm(rv: tuple[Any, ...], shm: SegmentWriter) -> tuple[Any, ...]:
+    """Move the out-of-band buffer of a reduce value (first argument) into ``shm``."""
+    args = rv[1] if len(rv) > 1 else ()
+    if args and type(args[0]) is pickle.PickleBuffer:
+        raw = args[0].raw()
+        if shm.wants(raw.nbytes):
+            return (rv[0], (shm.add(raw), *args[1:]), *rv[2:])
+    return rv
 
 
 _pickler_class: type = _make_pickler_class(cloudpickle.Pickler)
@@ -142,7 +168,9 @@ def current_pickler() -> str:
     return _pickler_name
 
 
-def serialize_object(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[BufferLike]:
+def serialize_object(
+    obj: Any, threshold: int = DEFAULT_THRESHOLD, shm: SegmentWriter | None = None
+) -> list[BufferLike]:
     """Serialize one object into a pickle frame and its out-of-band buffer frames.
 
     Parameters
@@ -152,6 +180,11 @@ def serialize_object(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[Buffe
     threshold : int
         Buffers (NumPy array data, ``bytes``, ``bytearray``, ``memoryview``) of more than
         ``threshold`` bytes travel as their own frames; smaller ones stay in the pickle.
+    shm : SegmentWriter, optional
+        Same-host transfer: buffers larger than ``shm.threshold`` are reserved in this
+        writer and the pickle holds a small descriptor instead (no frame). The caller must
+        ``shm.commit()`` before sending and release the segment once received (see
+        :mod:`.shm`).
 
     Returns
     -------
@@ -184,7 +217,7 @@ def serialize_object(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[Buffe
 
     obj = wrap_large_buffers(obj, threshold)
     file = io.BytesIO()
-    _pickler_class(file, buffer_callback).dump(obj)
+    _pickler_class(file, buffer_callback, shm).dump(obj)
     frames[0] = file.getvalue()
     return frames
 

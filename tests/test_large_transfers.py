@@ -1,0 +1,182 @@
+"""Large frames, many buffers, memory bounds and Ctrl-C (issue 7 items 4 and 5).
+
+- arrays over 2 GiB through shared memory and over the socket;
+- thousands of buffers in one message work; more than a message may carry fail before
+  anything is sent (client) or as a clear error (engine result);
+- client peak RSS while pushing grows by at most 1.1x the array (subprocess, VmHWM); the
+  engine holds one copy;
+- a push interrupted by SIGINT leaves the client and the engines usable, and no segment.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import ferroparallel as ipp
+from ferroparallel import Reference
+from ferroparallel.client import Client
+from ferroparallel.cluster import Cluster
+from ferroparallel.error import RemoteError
+from ferroparallel.serialize.apply import MAX_BUFFERS
+from transfer_util import ends, owner_kind, run_script, segments_of
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(300)
+
+MIB = 1 << 20
+GIB = 1 << 30
+SHORT = 60.0
+
+
+@pytest.fixture
+def sock_rc(rc: Client, shared_cluster: Cluster) -> Iterator[Client]:
+    """A client of the shared cluster that never uses shared memory."""
+    with ipp.Client(shared_cluster.client_file, shm=False) as client:
+        client.wait_for_engines(2, timeout=SHORT)
+        yield client
+
+
+def big_zeros(n: int) -> np.ndarray:
+    a = np.zeros(n, dtype=np.uint8)  # untouched pages: cheap in RSS and time
+    a[0], a[-1] = 3, 7
+    return a
+
+
+def test_array_over_2_gib_through_shared_memory(rc: Client) -> None:
+    n = 2 * GIB + 100 * MIB
+    a = big_zeros(n)
+    rc[0].push({"huge": a}, block=True)
+    assert rc[0].apply_sync(ends, Reference("huge")) == (n, 3, 7, "shm", True)
+    rc[0].execute("del huge", block=True)
+    assert segments_of() == []
+
+
+def test_array_over_2_gib_over_the_socket(sock_rc: Client) -> None:
+    n = 2 * GIB + 16 * MIB
+    a = big_zeros(n)
+    sock_rc[0].push({"huge": a}, block=True)
+    assert sock_rc[0].apply_sync(ends, Reference("huge")) == (n, 3, 7, "frame", True)
+    back = sock_rc[0].apply_sync(lambda x: x[-3 * MIB :], Reference("huge"))
+    assert back[-1] == 7 and back.size == 3 * MIB
+    sock_rc[0].execute("del huge", block=True)
+
+
+@pytest.mark.parametrize("use_shm", [False, True])
+def test_thousands_of_buffers(rc: Client, sock_rc: Client, use_shm: bool) -> None:
+    arrays = [np.full(300, i, dtype=np.int64) for i in range(5000)]  # 2400 B: out of band
+    client = rc if use_shm else sock_rc
+    saved, rc._shm.threshold = rc._shm.threshold, 1024
+    try:
+        client[0].push({"many": arrays}, block=True)
+    finally:
+        rc._shm.threshold = saved
+    kinds = client[0].apply_sync(lambda m: sorted({owner_kind(x) for x in m}), Reference("many"))
+    assert kinds == (["shm"] if use_shm else ["frame"])
+    back = client[0].pull("many", block=True)
+    assert len(back) == 5000 and all((b == i).all() for i, b in enumerate(back))
+
+
+def test_too_many_buffers_fail_before_sending(sock_rc: Client) -> None:
+    arrays = [np.zeros(200) for _ in range(MAX_BUFFERS + 1)]  # 1600 B each: out of band
+    sent = sock_rc._io.stats()["sent"]
+    with pytest.raises(ValueError, match=f"more than the {MAX_BUFFERS}"):
+        sock_rc[0].push({"many": arrays})
+    assert sock_rc._io.stats()["sent"] == sent  # nothing left the client
+    with pytest.raises(RemoteError, match="more than the") as e:
+        sock_rc[0].apply_sync(lambda n: [np.zeros(200) for _ in range(n)], MAX_BUFFERS + 1)
+    assert e.value.ename == "ValueError"
+    assert sock_rc[0].apply_sync(lambda: 1) == 1
+
+
+PEAK_SCRIPT = """
+    import json, sys, numpy as np, ferroparallel as ipp
+    def kib(field, pid="self"):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] == "shm")
+    rc.wait_for_engines(2, timeout=30)
+    warm = np.ones(2 << 20, dtype=np.uint8)
+    rc[:].push({"warm": warm}, block=True)  # imports, probes, first-use allocations
+    def engine_mem():
+        import numpy as np
+        return kib("VmRSS")
+    rc[:].execute("a = None", block=True)  # what an earlier run left
+    eng0 = rc[:].apply_sync(engine_mem)
+    base = kib("VmHWM")
+    a = np.ones(int(sys.argv[3]), dtype=np.uint8)
+    rc[:].push({"a": a}, block=True)
+    peak = kib("VmHWM")
+    touched = rc[:].apply_sync(lambda x: int(x[::4096].sum()), ipp.Reference("a"))
+    eng1 = rc[:].apply_sync(engine_mem)
+    print(json.dumps({"base": base, "peak": peak, "n": a.nbytes,
+                      "engine_growth": [b - x for x, b in zip(eng0, eng1)],
+                      "touched": touched}))
+    rc.close()
+"""
+
+
+@pytest.mark.parametrize("path", ["socket", "shm"])
+def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -> None:
+    n = 256 * MIB
+    proc = run_script(PEAK_SCRIPT, str(shared_cluster.client_file), path, str(n))
+    out, err = proc.communicate(timeout=SHORT * 2)
+    assert proc.returncode == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    growth = r["peak"] - r["base"]
+    assert growth <= 1.1 * n, f"client peak RSS grew by {growth / n:.2f}x the array"
+    for g in r["engine_growth"]:  # one copy on each engine (pages of frame or mapping)
+        assert 0.9 * n <= g <= 1.1 * n + 16 * MIB, f"engine RSS grew by {g / n:.2f}x"
+
+
+INTERRUPT_SCRIPT = """
+    import json, sys, time, numpy as np, ferroparallel as ipp
+    from ferroparallel.serialize import shm
+    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] == "shm")
+    rc.wait_for_engines(2, timeout=30)
+    rc[:].push({"warm": np.ones(2 << 20, dtype=np.uint8)}, block=True)
+    a = np.ones(1 << 30, dtype=np.uint8)
+    print("ready", flush=True)
+    outcome = "completed"
+    try:
+        for _ in range(20):
+            rc[:].push({"a": a}, block=True)
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    rc.wait(timeout=60)
+    same = rc[:].apply_sync(lambda x: int(x.sum()), np.arange(1000))
+    pulled = rc[0].pull("warm", block=True).nbytes
+    live = rc._shm.live_segments()
+    rc.close()
+    print(json.dumps({"outcome": outcome, "same": same, "pulled": pulled, "live": live,
+                      "left": shm.our_segments()}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("path", ["socket", "shm"])
+def test_ctrl_c_during_a_big_push_leaves_everything_usable(
+    rc: Client, shared_cluster: Cluster, path: str
+) -> None:
+    proc = run_script(INTERRUPT_SCRIPT, str(shared_cluster.client_file), path)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=SHORT * 2)
+    assert proc.returncode == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["outcome"] == "interrupted", r
+    assert r["same"] == [499500, 499500]
+    assert r["pulled"] == 2 * MIB
+    assert r["live"] == [] and r["left"] == []
+    assert segments_of(proc.pid) == []
+    # the engines serve other clients too
+    assert rc[:].apply_sync(lambda: 2) == [2, 2]
+    rc[:].execute("a = None", block=True)
