@@ -510,3 +510,20 @@ def test_controller_start_does_not_import_heavy_modules() -> None:
                        env={**os.environ})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.decode().replace("'", '"')) == []
+
+
+def test_hwm_budget_settings() -> None:
+    """The adaptive queue budget: default from the controller, 0 under an explicit --hwm
+    unless given too, validated."""
+    req = config.ControllerSettings().requested_ports()
+    cfg = app.rust_config(config.ControllerSettings(), "k", req, Path("/tmp"), "")
+    assert "hwm_budget_ms" not in cfg
+    cfg = app.rust_config(config.ControllerSettings(hwm=1), "k", req, Path("/tmp"), "")
+    assert cfg["hwm"] == 1 and cfg["hwm_budget_ms"] == 0.0
+    s = config.ControllerSettings(hwm=1, hwm_budget=5)
+    assert app.rust_config(s, "k", req, Path("/tmp"), "")["hwm_budget_ms"] == 5
+    s = config.ControllerSettings()
+    s.update({"hwm_budget": "0.5"}, "test")
+    assert s.hwm_budget == 0.5
+    with pytest.raises(config.ConfigError, match="hwm_budget"):
+        s.update({"hwm_budget": "-1"}, "test")

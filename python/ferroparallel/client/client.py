@@ -24,7 +24,7 @@ from .. import ssh as _ssh
 from ..wire_names import OUTPUT_TOPIC_PREFIX
 from . import connection, dispatch
 from .futures import MessageFuture
-from .metadata import Metadata
+from .metadata import Metadata, parse_date
 from .shm_transport import ShmTransport
 
 log = logging.getLogger("ferroparallel.client")
@@ -554,21 +554,39 @@ class Client(HasTraits):
         engine_uuid: str | None = None,
         label: str | None = None,
     ) -> MessageFuture:
-        msg_id = header["msg_id"]
-        fut = MessageFuture(msg_id, header, track)
-        md = self.metadata[msg_id]
-        md["msg_id"] = msg_id
-        md["submitted"] = header.get("date")
-        if label is not None:
-            md["label"] = label
-        if engine_uuid is not None:
-            md["engine_uuid"] = engine_uuid
-            md["engine_id"] = self._uuids.get(engine_uuid)
-            self._outstanding_by_engine[engine_uuid].add(msg_id)
-        self._futures[msg_id] = fut
-        self.outstanding.add(msg_id)
-        self.history.append(msg_id)
-        return fut
+        return self._register_all(header, [(header["msg_id"], engine_uuid)], label, track)[0]
+
+    def _register_all(
+        self,
+        header: dict[str, Any],
+        entries: Sequence[tuple[str, str | None]],
+        label: str | None = None,
+        track: Any = None,
+    ) -> list[MessageFuture]:
+        """Create the futures and cache entries of messages sent with ``header`` (one per
+        ``(msg_id, engine_uuid)``; several for a fanned-out request). Each trait is read once
+        and each Metadata filled with one ``dict.update`` (the keys are known to be valid)."""
+        metadata, futures = self.metadata, self._futures
+        outstanding, history = self.outstanding, self.history
+        by_engine = self._outstanding_by_engine
+        submitted = parse_date(header.get("date"))
+        out = []
+        for msg_id, engine_uuid in entries:
+            h = header if msg_id == header["msg_id"] else {**header, "msg_id": msg_id}
+            fut = MessageFuture(msg_id, h, track)
+            values: dict[str, Any] = {"msg_id": msg_id, "submitted": submitted}
+            if label is not None:
+                values["label"] = label
+            if engine_uuid is not None:
+                values["engine_uuid"] = engine_uuid
+                values["engine_id"] = self._uuids.get(engine_uuid)
+                by_engine[engine_uuid].add(msg_id)
+            dict.update(metadata[msg_id], values)
+            futures[msg_id] = fut
+            outstanding.add(msg_id)
+            history.append(msg_id)
+            out.append(fut)
+        return out
 
     def _send(
         self,
@@ -609,7 +627,7 @@ class Client(HasTraits):
         md = dict(metadata or {})
         md["fanout"] = pairs
         label = md.get("label")
-        futs = [self._register({**header, "msg_id": mid}, None, u, label) for u, mid in pairs]
+        futs = self._register_all(header, [(mid, u) for u, mid in pairs], label)
         self._io.send(
             "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers, header=header
         )

@@ -36,6 +36,7 @@ _CLI_SETTINGS = (
     "ping",
     "scheme",
     "hwm",
+    "hwm_budget",
     "db",
     "db_path",
     "db_record_limit",
@@ -75,6 +76,13 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
     g.add_argument("--ping", type=int, metavar="MS", help="heartbeat period in ms (default 3000)")
     g.add_argument("--scheme", help="task scheduler scheme (default leastload)")
     g.add_argument("--hwm", type=int, help="task scheduler high-water mark per engine")
+    g.add_argument(
+        "--hwm-budget",
+        type=float,
+        metavar="MS",
+        help="adaptive queue budget: engines with short tasks may hold more than the HWM "
+        "(default 2 ms, or 0 when --hwm is given: exactly --hwm)",
+    )
     g.add_argument("--db", help="task record backend: memory (default), sqlite or none")
     for flag, value in (("--dictdb", "memory"), ("--sqlitedb", "sqlite"), ("--nodb", "none")):
         g.add_argument(flag, dest="db", action="store_const", const=value, help=f"--db {value}")
@@ -172,6 +180,11 @@ def rust_config(
         cfg["registration_timeout_ms"] = settings.registration_timeout
     if settings.hwm is not None:
         cfg["hwm"] = settings.hwm
+    if settings.hwm_budget is not None:
+        cfg["hwm_budget_ms"] = settings.hwm_budget
+    elif settings.hwm is not None:
+        # an explicit --hwm is a strict bound unless a budget is asked for as well
+        cfg["hwm_budget_ms"] = 0.0
     if settings.db_record_limit is not None:
         cfg["db_record_limit"] = settings.db_record_limit
     if settings.db_size_limit is not None:

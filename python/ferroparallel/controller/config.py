@@ -90,6 +90,7 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("HeartMonitor", "max_heartmonitor_misses"): "hb_max_misses",
     ("TaskScheduler", "scheme_name"): "scheme",
     ("TaskScheduler", "hwm"): "hwm",
+    ("TaskScheduler", "hwm_budget"): "hwm_budget",
 }
 
 
@@ -191,6 +192,11 @@ class ControllerSettings:
         Task scheduler scheme (``--scheme``).
     hwm : int or None
         Task scheduler high-water mark per engine (``--hwm``).
+    hwm_budget : float or None
+        Queue budget in ms of the adaptive depth (``--hwm-budget``): an engine whose tasks
+        are short may hold as many as fit into this much of its measured service time (at
+        most 32, never fewer than ``hwm``); 0 holds every engine to ``hwm`` exactly. Default:
+        2 ms, or 0 when ``hwm`` is set (an explicit HWM is a strict bound).
     db : str
         Task record backend: ``memory``, ``sqlite`` or ``none`` (``--db``).
     db_path : str or None
@@ -227,6 +233,7 @@ class ControllerSettings:
     registration_timeout: int | None = None
     scheme: str = "leastload"
     hwm: int | None = None
+    hwm_budget: float | None = None
     db: str = "memory"
     db_path: str | None = None
     db_record_limit: int | None = None
@@ -285,6 +292,11 @@ class ControllerSettings:
             v = int(raw)
             if v < 0:
                 raise ConfigError(f"must not be negative, not {raw!r}")
+            return v
+        if name == "hwm_budget":
+            v = float(raw)
+            if not v >= 0 or v == float("inf"):
+                raise ConfigError(f"must be a number of ms >= 0, not {raw!r}")
             return v
         if name in ("restore", "reuse"):
             if isinstance(raw, str):

@@ -20,7 +20,7 @@ pub struct Controller {
     inner: Mutex<Option<fp_controller::Controller>>,
 }
 
-const KNOWN_KEYS: [&str; 17] = [
+const KNOWN_KEYS: [&str; 18] = [
     "ip",
     "ports",
     "key",
@@ -31,6 +31,7 @@ const KNOWN_KEYS: [&str; 17] = [
     "registration_timeout_ms",
     "scheme",
     "hwm",
+    "hwm_budget_ms",
     "db",
     "db_path",
     "restore",
@@ -106,6 +107,15 @@ fn parse_config(config: &Bound<'_, PyDict>) -> PyResult<ControllerConfig> {
     }
     if let Some(v) = get("hwm") {
         cfg.hwm = v.extract()?;
+    }
+    if let Some(v) = get("hwm_budget_ms") {
+        let ms: f64 = v.extract()?;
+        if !ms.is_finite() || ms < 0.0 {
+            return Err(PyValueError::new_err(format!(
+                "hwm_budget_ms must be a number >= 0, not {ms}"
+            )));
+        }
+        cfg.hwm_budget_ms = ms;
     }
     if let Some(v) = get("db") {
         let db: String = v.extract()?;

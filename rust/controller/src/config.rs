@@ -69,6 +69,9 @@ pub struct ControllerConfig {
     pub scheme: Scheme,
     /// Outstanding tasks per engine; 0 = unlimited.
     pub hwm: usize,
+    /// Queue budget of the adaptive depth in ms (engines with short tasks may hold more than
+    /// `hwm`, see `scheduler`); 0 = exactly `hwm`.
+    pub hwm_budget_ms: f64,
     pub db: String,
     pub db_path: Option<String>,
     pub restore: bool,
@@ -91,6 +94,7 @@ impl Default for ControllerConfig {
             registration_timeout_ms: 30_000,
             scheme: Scheme::LeastLoad,
             hwm: 2,
+            hwm_budget_ms: 2.0,
             db: "memory".into(),
             db_path: None,
             restore: false,

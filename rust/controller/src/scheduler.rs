@@ -1,12 +1,67 @@
 //! The load balancer: picks an engine for a task according to the scheme and the HWM.
+//!
+//! **Adaptive depth.** The HWM bounds the tasks an engine holds (running + queued), which keeps
+//! uneven work balanced but makes an engine wait a controller round trip for its next task
+//! whenever the queue runs dry. With a *queue budget* (default 2 ms) an engine whose tasks are
+//! short may hold more: as many as its measured service time fits into the budget (at most
+//! [`MAX_DEPTH`]), never fewer than the HWM. The estimate is an EWMA of each task's service
+//! time (reply time minus the later of its assignment and the previous reply, since an engine
+//! runs its tasks in order). An engine whose oldest task has been out longer than the budget is
+//! busy with something long and is held to the HWM again, so short tasks stop piling up behind
+//! a long one after at most one budget's worth.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::config::Scheme;
+
+/// Most tasks an engine may hold under the adaptive depth.
+pub const MAX_DEPTH: usize = 32;
+/// Weight of the newest sample in the service-time average.
+const EWMA_NEW: f64 = 0.2;
 
 /// One engine as the scheduler sees it.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub uuid: Vec<u8>,
     pub load: usize,
+    /// Assignment times of the tasks it holds, oldest first.
+    assigned: VecDeque<Instant>,
+    last_reply: Option<Instant>,
+    /// Average service time in seconds (None until a task finished).
+    service: Option<f64>,
+}
+
+impl Slot {
+    fn new(uuid: Vec<u8>) -> Slot {
+        Slot {
+            uuid,
+            load: 0,
+            assigned: VecDeque::new(),
+            last_reply: None,
+            service: None,
+        }
+    }
+
+    /// Tasks this engine may hold now.
+    fn limit(&self, hwm: usize, budget: Duration, now: Instant) -> usize {
+        if hwm == 0 {
+            return usize::MAX;
+        }
+        let Some(service) = self.service else {
+            return hwm;
+        };
+        if budget.is_zero() {
+            return hwm;
+        }
+        if let Some(oldest) = self.assigned.front() {
+            if now.saturating_duration_since(*oldest) > budget {
+                return hwm;
+            }
+        }
+        let depth = (budget.as_secs_f64() / service.max(1e-7)) as usize;
+        depth.clamp(hwm, MAX_DEPTH.max(hwm))
+    }
 }
 
 /// Engines in least-recently-used order (front = least recently assigned) with their loads.
@@ -14,17 +69,20 @@ pub struct Slot {
 pub struct Balancer {
     pub scheme: Scheme,
     pub hwm: usize,
+    /// Queue budget of the adaptive depth; zero keeps every engine at the HWM.
+    pub budget: Duration,
     pub slots: Vec<Slot>,
     rng: u64,
 }
 
 impl Balancer {
-    pub fn new(scheme: Scheme, hwm: usize) -> Balancer {
+    pub fn new(scheme: Scheme, hwm: usize, budget: Duration) -> Balancer {
         use std::hash::BuildHasher;
         let seed = std::collections::hash_map::RandomState::new().hash_one(fp_wire::new_id());
         Balancer {
             scheme,
             hwm,
+            budget,
             slots: Vec::new(),
             rng: seed | 1,
         }
@@ -42,7 +100,7 @@ impl Balancer {
 
     pub fn add(&mut self, uuid: Vec<u8>) {
         if !self.slots.iter().any(|s| s.uuid == uuid) {
-            self.slots.insert(0, Slot { uuid, load: 0 });
+            self.slots.insert(0, Slot::new(uuid));
         }
     }
 
@@ -50,25 +108,48 @@ impl Balancer {
         self.slots.retain(|s| s.uuid != uuid);
     }
 
+    /// A task of `uuid` finished (its reply arrived): one slot free, service time measured.
     pub fn finished(&mut self, uuid: &[u8]) {
+        let now = Instant::now();
         if let Some(s) = self.slots.iter_mut().find(|s| s.uuid == uuid) {
             s.load = s.load.saturating_sub(1);
+            if let Some(at) = s.assigned.pop_front() {
+                let start = s.last_reply.map_or(at, |r| r.max(at));
+                let sample = now.saturating_duration_since(start).as_secs_f64();
+                s.service = Some(match s.service {
+                    Some(avg) => avg + EWMA_NEW * (sample - avg),
+                    None => sample,
+                });
+            }
+            s.last_reply = Some(now);
         }
     }
 
-    /// True if some engine (optionally among `targets`) is below the HWM.
+    /// Undo the last [`pick`](Self::pick) of `uuid` (the task could not be sent).
+    pub fn unpick(&mut self, uuid: &[u8]) {
+        if let Some(s) = self.slots.iter_mut().find(|s| s.uuid == uuid) {
+            s.load = s.load.saturating_sub(1);
+            s.assigned.pop_back();
+        }
+    }
+
+    /// True if some engine has room for another task.
     pub fn has_capacity(&self) -> bool {
+        let now = Instant::now();
         self.slots
             .iter()
-            .any(|s| self.hwm == 0 || s.load < self.hwm)
+            .any(|s| s.load < s.limit(self.hwm, self.budget, now))
     }
 
     /// Pick an engine for a task, mark it loaded and move it to the back (most recently used).
     /// `allowed` filters candidates (targets, blacklists).
     pub fn pick(&mut self, allowed: &dyn Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
-        let hwm = self.hwm;
+        let (hwm, budget, now) = (self.hwm, self.budget, Instant::now());
         let candidates: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| (hwm == 0 || self.slots[i].load < hwm) && allowed(&self.slots[i].uuid))
+            .filter(|&i| {
+                let s = &self.slots[i];
+                s.load < s.limit(hwm, budget, now) && allowed(&s.uuid)
+            })
             .collect();
         if candidates.is_empty() {
             return None;
@@ -118,6 +199,7 @@ impl Balancer {
         };
         let mut slot = self.slots.remove(chosen);
         slot.load += 1;
+        slot.assigned.push_back(now);
         let uuid = slot.uuid.clone();
         self.slots.push(slot);
         Some(uuid)
@@ -129,7 +211,7 @@ mod tests {
     use super::*;
 
     fn balancer(scheme: Scheme, hwm: usize) -> Balancer {
-        let mut b = Balancer::new(scheme, hwm);
+        let mut b = Balancer::new(scheme, hwm, Duration::ZERO);
         for u in [b"a", b"b", b"c"] {
             b.add(u.to_vec());
         }
@@ -162,5 +244,44 @@ mod tests {
             }
             assert!(b.pick(&|_| false).is_none());
         }
+    }
+
+    #[test]
+    fn short_tasks_earn_a_deeper_queue_and_long_ones_lose_it() {
+        let mut b = Balancer::new(Scheme::LeastLoad, 2, Duration::from_millis(50));
+        b.add(b"a".to_vec());
+        // no measurement yet: the HWM
+        assert!(b.pick(&|_| true).is_some() && b.pick(&|_| true).is_some());
+        assert!(b.pick(&|_| true).is_none());
+        // two quick tasks: service time ~0, depth grows up to MAX_DEPTH
+        b.finished(b"a");
+        b.finished(b"a");
+        let mut n = 0;
+        while b.pick(&|_| true).is_some() {
+            n += 1;
+            assert!(n <= MAX_DEPTH, "depth must stay bounded");
+        }
+        assert_eq!(n, MAX_DEPTH);
+        // the oldest task has now been out longer than the budget: back to the HWM
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!b.has_capacity());
+        for _ in 0..MAX_DEPTH - 1 {
+            b.finished(b"a");
+        }
+        // one task left, but it has been out for 60 ms > budget: HWM 2 allows one more
+        assert!(b.pick(&|_| true).is_some());
+        assert!(b.pick(&|_| true).is_none());
+    }
+
+    #[test]
+    fn zero_budget_or_unpick_keep_the_plain_hwm() {
+        let mut b = balancer(Scheme::Lru, 1);
+        let u = b.pick(&|u| u == b"a").expect("a has room");
+        b.unpick(&u);
+        assert_eq!(b.pick(&|u| u == b"a"), Some(b"a".to_vec()));
+        b.finished(b"a");
+        b.finished(b"a");
+        assert_eq!(b.pick(&|u| u == b"a"), Some(b"a".to_vec()));
+        assert!(b.pick(&|u| u == b"a").is_none());
     }
 }

@@ -124,7 +124,8 @@ impl Server {
             Duration::from_millis(cfg.hb_period_ms.max(1)),
             cfg.hb_max_misses,
         );
-        let balancer = Balancer::new(cfg.scheme, cfg.hwm);
+        let budget = Duration::from_secs_f64(cfg.hwm_budget_ms.max(0.0) / 1000.0);
+        let balancer = Balancer::new(cfg.scheme, cfg.hwm, budget);
         let records = crate::records::Records::open(
             &crate::records::RecordsConfig {
                 db: cfg.db.clone(),

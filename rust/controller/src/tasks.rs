@@ -403,7 +403,7 @@ impl Server {
             }
             Err(_) => {
                 // The engine vanished between registration and now: try elsewhere later.
-                self.balancer.finished(&uuid);
+                self.balancer.unpick(&uuid);
                 let mut task = task;
                 task.blacklist.insert(uuid);
                 Some(task)
