@@ -20,6 +20,7 @@ from typing import Any
 from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error, paths
+from .. import curve as _curve
 from .. import ssh as _ssh
 from ..serialize import pack_apply_message
 from . import connection, dispatch
@@ -206,6 +207,17 @@ class Client(HasTraits):
             username=username,
         )
         self._session_id = self.session.session
+        serverkey = info.get("curve_serverkey") or os.environ.get(_curve.SERVERKEY_ENV_VAR) or None
+        if serverkey:
+            serverkey = _curve.check_key(
+                serverkey,
+                "curve_serverkey"
+                if info.get("curve_serverkey")
+                else f"${_curve.SERVERKEY_ENV_VAR}",
+            )
+        # One fresh key pair per client for every socket (CurveZMQ client side).
+        curve_options = _curve.client_socket_options(serverkey)
+        self._curve = bool(curve_options)
         if ssh_server:
             self._tunnels = _ssh.open_tunnels(
                 urls,
@@ -220,7 +232,9 @@ class Client(HasTraits):
         try:
             self._io = _core.IoThread(self.session, name="ferroparallel-client")
             for name, kind, channel in _SOCKETS:
-                self._io.add_socket(name, kind, connect=urls[channel], linger_ms=1000)
+                self._io.add_socket(
+                    name, kind, connect=urls[channel], linger_ms=1000, **curve_options
+                )
         except BaseException:
             self._close_tunnels()
             raise
@@ -495,6 +509,7 @@ class Client(HasTraits):
                 f"Hub {what or msg_type} timed out: no reply from the controller at "
                 f"{self._controller_url} (connection info from {self._connection_source}) "
                 f"within {wait:g} s"
+                + _curve.describe_handshake_failures(self._io.handshake_failures())
             ) from None
         content = reply.get("content") or {}
         if content.get("status") == "error":

@@ -90,6 +90,9 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("HeartMonitor", "max_heartmonitor_misses"): "hb_max_misses",
     ("TaskScheduler", "scheme_name"): "scheme",
     ("TaskScheduler", "hwm"): "hwm",
+    ("IPController", "enable_curve"): "curve",
+    ("IPController", "curve_secretkey"): "curve_secretkey",
+    ("IPController", "curve_publickey"): "curve_publickey",
 }
 
 
@@ -205,6 +208,14 @@ class ControllerSettings:
         Reuse existing, consistent connection files and keep them on exit (``--reuse``).
     key : str or None
         HMAC key (default: a fresh random 256-bit hex string per run).
+    curve : bool
+        Encrypt and authenticate every connection with CurveZMQ (``--curve``; default from
+        ``$FERROPARALLEL_CURVE`` / ``$IPP_ENABLE_CURVE``).
+    curve_secretkey : str or None
+        The controller's CURVE secret key, Z85 (default: ``$IPP_CURVE_SECRETKEY``, else a
+        fresh key pair per run). Never written to the connection files.
+    curve_publickey : str or None
+        Only checked against ``curve_secretkey`` (ipyparallel configures both).
     pack : str
         Message packer, ``msgpack`` or ``json``.
     signature_scheme : str
@@ -234,6 +245,9 @@ class ControllerSettings:
     restore: bool = False
     reuse: bool = False
     key: str | None = None
+    curve: bool = False
+    curve_secretkey: str | None = None
+    curve_publickey: str | None = None
     pack: str = "msgpack"
     signature_scheme: str = "hmac-sha256"
     ports: list[int] = dataclasses.field(default_factory=list)
@@ -286,7 +300,7 @@ class ControllerSettings:
             if v < 0:
                 raise ConfigError(f"must not be negative, not {raw!r}")
             return v
-        if name in ("restore", "reuse"):
+        if name in ("restore", "reuse", "curve"):
             if isinstance(raw, str):
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             return bool(raw)
@@ -324,6 +338,13 @@ class ControllerSettings:
             return out
         if name == "key":
             return str(raw)
+        if name in ("curve_secretkey", "curve_publickey"):
+            from ..curve import check_key
+
+            try:
+                return check_key(raw, name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if name in ("db_path",):
             return os.fspath(raw)
         return str(raw)
