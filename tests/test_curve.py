@@ -305,3 +305,87 @@ def test_cluster_curve_flag_and_env(
         assert ctl.client["curve_serverkey"] is None
     finally:
         ctl.stop()
+
+
+# -- settings, connection files, validation (no processes) ---------------------------------------
+
+
+def test_controller_settings_and_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferroparallel.controller import app, config
+
+    for var in (*fpcurve.ENABLE_ENV_VARS, fpcurve.SECRETKEY_ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    public, secret = fpcurve.keypair()
+    cfg = tmp_path / "ferroparallel_controller_config.py"
+    cfg.write_text(
+        "c = get_config()\n"
+        "c.IPController.enable_curve = True\n"
+        f"c.IPController.curve_secretkey = b'{secret}'\n"
+        f"c.IPController.curve_publickey = '{public}'\n"
+    )
+    args = app.build_parser().parse_args(["--config", str(cfg)])
+    settings, _ = app.resolve_settings(args, tmp_path)
+    assert settings.curve and app.curve_keys(settings) == (public, secret)
+    # --no-curve beats the config file; the environment is below the config file.
+    args = app.build_parser().parse_args(["--config", str(cfg), "--no-curve"])
+    assert app.curve_keys(app.resolve_settings(args, tmp_path)[0]) is None
+    monkeypatch.setenv("IPP_ENABLE_CURVE", "0")
+    args = app.build_parser().parse_args([])
+    assert not app.resolve_settings(args, tmp_path / "none")[0].curve
+    monkeypatch.setenv("FERROPARALLEL_CURVE", "yes")
+    settings = app.resolve_settings(args, tmp_path / "none")[0]
+    fresh = app.curve_keys(settings)
+    assert fresh is not None and fresh[0] != public
+    # A public key that does not belong to the secret key, and a malformed key, are refused.
+    other_public, _ = fpcurve.keypair()
+    settings.update({"curve_secretkey": secret, "curve_publickey": other_public}, "test")
+    with pytest.raises(config.ConfigError, match="does not belong"):
+        app.curve_keys(settings)
+    with pytest.raises(config.ConfigError, match="Z85"):
+        settings.update({"curve_secretkey": "not-a-key"}, "test")
+    rust = app.rust_config(settings, "k" * 64, {}, tmp_path, "", curve_secretkey=secret)
+    assert rust["curve_secretkey"] == secret
+    ctl = _core.Controller(rust)  # accepted by the Rust side (not started)
+    assert ctl is not None
+    with pytest.raises(ValueError, match="CURVE key"):
+        _core.Controller({**rust, "curve_secretkey": "short"})
+
+
+def test_reuse_needs_the_same_server_key(tmp_path: Path) -> None:
+    from ferroparallel.controller import config, connection
+
+    settings = config.ControllerSettings()
+    ports = {ch: 10000 + i for i, ch in enumerate(config.ALL_CHANNELS)}
+    public, _ = fpcurve.keypair()
+    cf, ef = tmp_path / "c.json", tmp_path / "e.json"
+    connection.write_files(
+        cf,
+        ef,
+        connection.client_info(settings, "k" * 64, ports, public),
+        connection.engine_info(settings, "k" * 64, ports, public),
+    )
+    assert json.loads(cf.read_text())["curve_serverkey"] == public
+    assert connection.reusable_files(settings, cf, ef, public) is not None
+    assert connection.reusable_files(settings, cf, ef, fpcurve.keypair()[0]) is None
+    assert connection.reusable_files(settings, cf, ef, None) is None
+
+
+def test_bad_curve_serverkey_in_connection_info_is_refused(tmp_path: Path) -> None:
+    from ferroparallel import paths
+    from ferroparallel.engine.connection import validate
+    from ferroparallel.error import ConnectionFileError
+
+    info = {
+        "interface": "tcp://127.0.0.1",
+        "key": "k",
+        **{k: 10000 + i for i, k in enumerate(ENGINE_PORTS)},
+        "notification": 10010,
+        "curve_serverkey": "0" * 41,
+    }
+    with pytest.raises(ConnectionFileError, match="curve_serverkey"):
+        validate(info, "test info")
+    with pytest.raises(ConnectionFileError, match="curve_serverkey"):
+        paths.validate_connection_info(info, "test info", "client")
+    with pytest.raises(ConnectionFileError, match="curve_serverkey"):
+        Client({**info, "curve_serverkey": "x" * 39 + "\u00e9"}, timeout=1)
+    assert validate({**info, "curve_serverkey": None}, "ok")["curve_serverkey"] is None
