@@ -121,9 +121,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
     maps: dict[str, list[float]] = {"plain": [], "curve": []}
     bw: dict[str, list[float]] = {"plain": [], "curve": []}
     with isolated_env(), _clusters() as clients:
-        for name, rc in clients.items():  # warm-up
+        for rc in clients.values():  # warm-up
             _roundtrips(rc, 50)
-            _push_pull(rc, payload[: MiB])
+            _push_pull(rc, payload[:MiB])
         for r in range(ROUNDS):
             order = list(clients.items())
             if r % 2:

@@ -121,6 +121,11 @@ class Client(HasTraits):
         ``timeout``; a tunnel that dies fails outstanding and later requests with it.
     exec_key : str, optional
         HMAC key, overriding the connection file's ``key``.
+
+    CurveZMQ is used when the connection info has a ``curve_serverkey`` (or
+    ``$IPP_CURVE_SERVERKEY`` is set): every socket is encrypted, with a fresh key pair of this
+    client. Without the right server key the handshake fails, and the connection request raises
+    ``TimeoutError`` after ``timeout`` seconds, naming the reason.
     connection_info, url_file, profile_dir, cluster_id, cluster
         Other ways to name the controller (ipyparallel 9 keywords).
     """
