@@ -13,6 +13,15 @@ def new_id() -> str:
 def iso_now() -> str:
     """The current UTC time as ISO-8601 with microseconds and a ``Z`` suffix."""
 
+def has_curve() -> bool:
+    """True when libzmq was built with CurveZMQ (libsodium): always, for a normal build."""
+
+def curve_keypair() -> tuple[str, str]:
+    """A fresh CURVE key pair ``(public, secret)``, Z85 strings of 40 characters."""
+
+def curve_public_key(secretkey: str | bytes) -> str:
+    """The Z85 public key that belongs to a secret key (Z85, or 32 raw bytes)."""
+
 class Frame:
     """A read-only buffer over one received message frame (no copy).
 
@@ -114,6 +123,10 @@ class IoThread:
         raw: bool = False,
         linger_ms: int = 1000,
         forward_to: str | None = None,
+        curve_server: bool = False,
+        curve_serverkey: str | bytes | None = None,
+        curve_publickey: str | bytes | None = None,
+        curve_secretkey: str | bytes | None = None,
     ) -> list[str]:
         """Create a socket on the I/O thread; returns the bound endpoints (resolved ports).
 
@@ -121,6 +134,11 @@ class IoThread:
         A ``raw`` socket delivers unparsed frames. ``forward_to`` relays every frame list
         received on this socket, unchanged, to another socket without involving Python
         (used for the engine heartbeat echo).
+
+        CurveZMQ (keys are Z85 ``str``/``bytes`` or 32 raw bytes): ``curve_serverkey`` makes a
+        CURVE client of the server with that public key, using ``curve_secretkey`` (and its
+        ``curve_publickey``) or a fresh key pair; ``curve_server=True`` with
+        ``curve_secretkey`` makes a CURVE server. Invalid keys raise ``ValueError``.
         """
     def send(
         self,
@@ -148,6 +166,9 @@ class IoThread:
         :meth:`Session.deserialize` with ``buffers`` as :class:`Frame`, or a list of
         :class:`Frame` for raw sockets. Releases the GIL while waiting and checks for signals at
         least every 50 ms, so Ctrl-C raises KeyboardInterrupt."""
+    def handshake_failures(self) -> list[tuple[str, str, str]]:
+        """Connecting sockets whose last ZMTP handshake failed: ``(socket_name, endpoint,
+        reason)``, e.g. a CURVE mechanism mismatch or a server that refused our key."""
     def take_errors(self) -> list[tuple[str, str, str]]:
         """Messages dropped since the last call: ``(socket_name, error_class_name, text)``."""
     def stats(self) -> dict[str, int]: ...
@@ -177,6 +198,8 @@ class Controller:
         rewritten on every (un)registration.
         ``log_level`` (``"DEBUG"``, ``"INFO"``, ``"WARNING"``, ``"ERROR"``); the controller
         logs to stderr.
+        ``curve_secretkey`` (Z85 ``str``/``bytes``, optional): every bound socket becomes a
+        CurveZMQ server with this key (the public key is derived from it).
     """
 
     def __init__(self, config: dict[str, Any]) -> None: ...

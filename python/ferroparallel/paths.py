@@ -198,6 +198,10 @@ def validate_connection_info(
         )
     if not isinstance(out["key"], str):
         raise ConnectionFileError(f"connection file {src}: 'key' must be a string")
+    from .curve import serverkey_of
+
+    if "curve_serverkey" in out:
+        out["curve_serverkey"] = serverkey_of(out, f"connection file {src}")
     warn_if_no_key(out, src)
     return out
 

@@ -20,10 +20,11 @@ from typing import Any
 from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error, paths
+from .. import curve as _curve
 from .. import ssh as _ssh
 from ..wire_names import OUTPUT_TOPIC_PREFIX
 from . import connection, dispatch
-from .futures import MessageFuture
+from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
 from .shm_transport import ShmTransport
 
@@ -121,6 +122,11 @@ class Client(HasTraits):
         ``timeout``; a tunnel that dies fails outstanding and later requests with it.
     exec_key : str, optional
         HMAC key, overriding the connection file's ``key``.
+
+    CurveZMQ is used when the connection info has a ``curve_serverkey`` (or
+    ``$IPP_CURVE_SERVERKEY`` is set): every socket is encrypted, with a fresh key pair of this
+    client. Without the right server key the handshake fails, and the connection request raises
+    ``TimeoutError`` after ``timeout`` seconds, naming the reason.
     connection_info, url_file, profile_dir, cluster_id, cluster
         Other ways to name the controller (ipyparallel 9 keywords).
     shm : bool, optional
@@ -218,6 +224,17 @@ class Client(HasTraits):
         )
         self._session_id = self.session.session
         self._shm = ShmTransport(self, shm, shm_threshold)
+        serverkey = info.get("curve_serverkey") or os.environ.get(_curve.SERVERKEY_ENV_VAR) or None
+        if serverkey:
+            serverkey = _curve.check_key(
+                serverkey,
+                "curve_serverkey"
+                if info.get("curve_serverkey")
+                else f"${_curve.SERVERKEY_ENV_VAR}",
+            )
+        # One fresh key pair per client for every socket (CurveZMQ client side).
+        curve_options = _curve.client_socket_options(serverkey)
+        self._curve = bool(curve_options)
         if ssh_server:
             self._tunnels = _ssh.open_tunnels(
                 urls,
@@ -236,7 +253,12 @@ class Client(HasTraits):
                 # topic, and replies say how many outputs to wait for (see wire_names)
                 topics = [OUTPUT_TOPIC_PREFIX] if name == "iopub" else None
                 self._io.add_socket(
-                    name, kind, connect=urls[channel], linger_ms=1000, subscribe=topics
+                    name,
+                    kind,
+                    connect=urls[channel],
+                    linger_ms=1000,
+                    subscribe=topics,
+                    **curve_options,
                 )
         except BaseException:
             self._close_tunnels()
@@ -541,6 +563,7 @@ class Client(HasTraits):
                 f"Hub {what or msg_type} timed out: no reply from the controller at "
                 f"{self._controller_url} (connection info from {self._connection_source}) "
                 f"within {wait:g} s"
+                + _curve.describe_handshake_failures(self._io.handshake_failures())
             ) from None
         content = reply.get("content") or {}
         if content.get("status") == "error":
@@ -750,6 +773,11 @@ class Client(HasTraits):
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         for fut in futures:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if isinstance(fut, SlimFuture):
+                # settled, not just done: AsyncResults over it have seen it finish too
+                if not fut.wait_settled(remaining):
+                    return False
+                continue
             try:
                 fut.exception(timeout=remaining)
             except TimeoutError:
@@ -760,7 +788,8 @@ class Client(HasTraits):
 
     def _futures_for(self, jobs: Any) -> list[Future]:
         if jobs is None:
-            return [self._futures[m] for m in list(self.outstanding) if m in self._futures]
+            # outstanding ones, and replies being handled (no longer outstanding, not settled)
+            return [f for f in list(self._futures.values()) if not f.settled()]
         out: list[Future] = []
         for job in _as_list(jobs):
             if (

@@ -67,6 +67,7 @@ class SlimFuture(concurrent.futures.Future):
         self._callbacks: list[Callable[[Any], Any]] | None = None
         self._cond_: threading.Condition | None = None
         self._waiters_: list[Any] | None = None
+        self._callbacks_ran = False
 
     # -- what concurrent.futures.wait/as_completed use; created on their first use ------------
 
@@ -108,6 +109,7 @@ class SlimFuture(concurrent.futures.Future):
             _notify_settled()
         self._notify_external()
         self._run_callbacks(callbacks)
+        self._mark_callbacks_ran()
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -137,6 +139,32 @@ class SlimFuture(concurrent.futures.Future):
             _notify_settled()
         self._notify_external()
         self._run_callbacks(callbacks)
+        self._mark_callbacks_ran()
+
+    def _mark_callbacks_ran(self) -> None:
+        with _LOCK:
+            self._callbacks_ran = True
+            _notify_settled()
+
+    def settled(self) -> bool:
+        """Whether the future is done and the callbacks it had then have run (so that, e.g.,
+        an AsyncResult over this message has seen it finish)."""
+        return self._callbacks_ran
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Wait until :meth:`settled` (interruptible by Ctrl-C); False on timeout."""
+        if self._callbacks_ran:
+            return True
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        with SETTLED:
+            while not self._callbacks_ran:
+                step = POLL_INTERVAL
+                if deadline is not None:
+                    step = min(step, deadline - time.monotonic())
+                    if step <= 0:
+                        return False
+                SETTLED.wait(step)
+        return True
 
     def _take_callbacks_locked(self) -> list[Callable[[Any], Any]] | None:
         callbacks, self._callbacks = self._callbacks, None

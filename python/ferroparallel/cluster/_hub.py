@@ -28,7 +28,8 @@ def registered_engines(info: Mapping[str, Any], timeout: float = 2.0) -> dict[in
     Parameters
     ----------
     info : Mapping
-        Client (or engine) connection info: ``interface``, ``registration``, ``key``, ``pack``.
+        Client (or engine) connection info: ``interface``, ``registration``, ``key``, ``pack``,
+        and ``curve_serverkey`` when the controller uses CurveZMQ.
     timeout : float
         Seconds to wait for the reply.
 
@@ -49,6 +50,19 @@ def registered_engines(info: Mapping[str, Any], timeout: float = 2.0) -> dict[in
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    serverkey = info.get("curve_serverkey")
+    if serverkey:
+        from ..curve import keypair
+
+        if not zmq.has("curve"):
+            sock.close(0)
+            raise RuntimeError(
+                "the controller uses CurveZMQ, but pyzmq's libzmq was built without CURVE"
+            )
+        public, secret = keypair()
+        sock.curve_serverkey = str(serverkey).encode("ascii")
+        sock.curve_publickey = public.encode("ascii")
+        sock.curve_secretkey = secret.encode("ascii")
     try:
         sock.connect(_url(info, int(info["registration"])))
         frames = session.serialize("connection_request", {})

@@ -50,6 +50,17 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         help="return once the cluster is up and leave it running in the background",
     )
     s.add_argument("--ip", help="controller interface (default 127.0.0.1)")
+    s.add_argument(
+        "--curve",
+        dest="curve",
+        action="store_true",
+        default=None,
+        help="encrypt and authenticate every connection with CurveZMQ (default: "
+        "$FERROPARALLEL_CURVE / $IPP_ENABLE_CURVE)",
+    )
+    s.add_argument(
+        "--no-curve", dest="curve", action="store_false", help="do not use CurveZMQ"
+    )
     s.add_argument("--log-level", help="log level of the controller and engines")
     s.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
@@ -148,6 +159,7 @@ def _start(args: argparse.Namespace) -> int:
         profile_dir=args.profile_dir,
         cluster_id=args.cluster_id,
         controller_ip=args.ip,
+        curve=args.curve,
         log_level=args.log_level,
         controller_args=args.controller_arg,
         engine_args=args.engine_arg,

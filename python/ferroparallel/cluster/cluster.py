@@ -121,6 +121,11 @@ class Cluster:
         ``--ip`` of the controller.
     controller_location : str, optional
         ``--location`` of the controller.
+    curve : bool, optional
+        ``True``: the controller encrypts and authenticates every connection with CurveZMQ
+        (``--curve``); clients and engines take its public key from the connection files.
+        ``False``: never (``--no-curve``). ``None`` (default): the controller's choice
+        (``$FERROPARALLEL_CURVE`` / ``$IPP_ENABLE_CURVE``, its config file).
     log_level : str or int, optional
         ``--log-level`` of the controller and the engines.
     engine_timeout : float
@@ -169,6 +174,7 @@ class Cluster:
         engine_args: Sequence[str] = (),
         controller_ip: str | None = None,
         controller_location: str | None = None,
+        curve: bool | None = None,
         log_level: str | int | None = None,
         engine_timeout: float = 60.0,
         controller_timeout: float = 30.0,
@@ -198,6 +204,7 @@ class Cluster:
         self.engine_args = list(engine_args)
         self.controller_ip = controller_ip
         self.controller_location = controller_location
+        self.curve = None if curve is None else bool(curve)
         self.log_level = log_level
         self.engine_timeout = float(engine_timeout)
         self.controller_timeout = float(controller_timeout)
@@ -270,6 +277,8 @@ class Cluster:
             args += ["--ip", self.controller_ip]
         if self.controller_location is not None:
             args += ["--location", self.controller_location]
+        if self.curve is not None:
+            args.append("--curve" if self.curve else "--no-curve")
         if self.log_level is not None:
             args += ["--log-level", str(self.log_level)]
         return args + self.controller_args
@@ -599,6 +608,7 @@ class Cluster:
                 "engine_args": self.engine_args,
                 "controller_ip": self.controller_ip,
                 "controller_location": self.controller_location,
+                "curve": self.curve,
                 "log_level": self.log_level,
                 "engine_timeout": self.engine_timeout,
                 "controller_timeout": self.controller_timeout,
@@ -625,7 +635,7 @@ class Cluster:
         opts.setdefault("shutdown_atexit", False)
         known = {
             "n", "profile", "profile_dir", "cluster_id", "controller_args", "engine_args",
-            "controller_ip", "controller_location", "log_level", "engine_timeout",
+            "controller_ip", "controller_location", "curve", "log_level", "engine_timeout",
             "controller_timeout", "stop_timeout", "send_engines_connection_env",
             "shutdown_atexit", "controller_cmd", "engine_cmd", "env", "delay",
         }

@@ -121,6 +121,21 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
         help="DANGEROUS: do not sign messages (empty key); anyone who can reach the ports can "
         "run code on the engines. Only for trusted, isolated networks.",
     )
+    g.add_argument(
+        "--curve",
+        dest="curve",
+        action="store_true",
+        default=None,
+        help="encrypt and authenticate every connection with CurveZMQ: the controller's public "
+        "key goes into the connection files, and peers without it cannot connect "
+        "(default: $FERROPARALLEL_CURVE or $IPP_ENABLE_CURVE)",
+    )
+    g.add_argument(
+        "--no-curve",
+        dest="curve",
+        action="store_false",
+        help="do not use CurveZMQ, even when the environment or config file asks for it",
+    )
     return p
 
 
@@ -135,6 +150,14 @@ def resolve_settings(
         The settings and the config file that was loaded (``None`` if none).
     """
     settings = ControllerSettings()
+    from ..curve import SECRETKEY_ENV_VAR, enabled_by_env
+
+    env_curve = enabled_by_env()
+    if env_curve is not None:
+        settings.curve = env_curve
+    env_secret = os.environ.get(SECRETKEY_ENV_VAR, "").strip()
+    if env_secret:
+        settings.update({"curve_secretkey": env_secret}, f"${SECRETKEY_ENV_VAR}")
     cfg_file: Path | None
     if args.config:
         cfg_file = Path(args.config).expanduser()
@@ -149,8 +172,36 @@ def resolve_settings(
     cli = {name: getattr(args, name) for name in _CLI_SETTINGS}
     cli["restore"] = args.restore
     cli["reuse"] = args.reuse
+    cli["curve"] = args.curve
     settings.update(cli, "command line")
     return settings, cfg_file
+
+
+def curve_keys(settings: ControllerSettings) -> tuple[str, str] | None:
+    """The controller's CURVE key pair ``(public, secret)``, or ``None`` without CURVE.
+
+    The configured secret key (``curve_secretkey``, ``$IPP_CURVE_SECRETKEY``) when there is
+    one, else a fresh pair.
+
+    Raises
+    ------
+    ConfigError
+        CURVE is not available in this build, or the configured public key does not belong to
+        the secret key.
+    """
+    if not settings.curve:
+        return None
+    from .. import curve
+
+    if not curve.available():
+        raise ConfigError("--curve: this build of ferroparallel._core has no CURVE support")
+    if settings.curve_secretkey:
+        secret = settings.curve_secretkey
+        public = curve.public_key(secret)
+        if settings.curve_publickey and settings.curve_publickey != public:
+            raise ConfigError("curve_publickey does not belong to curve_secretkey")
+        return public, secret
+    return curve.keypair()
 
 
 def rust_config(
@@ -159,6 +210,7 @@ def rust_config(
     ports: dict[str, int],
     profile_dir: Path,
     cluster_id: str,
+    curve_secretkey: str | None = None,
 ) -> dict[str, Any]:
     """The config dict of :class:`ferroparallel._core.Controller`."""
     suffix = f"-{cluster_id}" if cluster_id else ""
@@ -176,6 +228,8 @@ def rust_config(
         "engine_state_file": str(paths.log_dir(profile_dir) / f"engines{cluster_id}.json"),
         "log_level": settings.log_level,
     }
+    if curve_secretkey:
+        cfg["curve_secretkey"] = curve_secretkey
     if settings.registration_timeout is not None:
         cfg["registration_timeout_ms"] = settings.registration_timeout
     if settings.hwm is not None:
@@ -234,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(settings.log_level)
     if cfg_file is not None:
         log.debug("loaded config file %s", cfg_file)
+    try:
+        curve_pair = curve_keys(settings)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        log.error("%s", e)
+        return 1
+    serverkey = curve_pair[0] if curve_pair else None
 
     from .. import _core
 
@@ -249,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reused = None
     if settings.reuse:
-        reused = connection.reusable_files(settings, client_file, engine_file)
+        reused = connection.reusable_files(settings, client_file, engine_file, serverkey)
     if reused is not None:
         key, requested = reused
         log.info("reusing connection files %s and %s", client_file, engine_file)
@@ -283,7 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     wrote = False
     try:
         try:
-            controller = _core.Controller(rust_config(settings, key, requested, pdir, cid))
+            controller = _core.Controller(
+                rust_config(
+                    settings,
+                    key,
+                    requested,
+                    pdir,
+                    cid,
+                    curve_secretkey=curve_pair[1] if curve_pair else None,
+                )
+            )
             ports = controller.start()
         except (_Terminate, KeyboardInterrupt):
             raise
@@ -291,8 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("controller failed to start: %s: %s", type(e).__name__, e)
             return 1
         sweep_segments()  # /dev/shm segments left by crashed clients (see serialize.shm)
-        client = connection.client_info(settings, key, ports)
-        engine = connection.engine_info(settings, key, ports)
+        client = connection.client_info(settings, key, ports, serverkey)
+        engine = connection.engine_info(settings, key, ports, serverkey)
         wrote = True
         connection.write_files(client_file, engine_file, client, engine)
         log.info(
@@ -302,6 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             client["registration"],
             client_file,
         )
+        if serverkey:
+            log.info(
+                "CurveZMQ on: every connection is encrypted; peers need the server key %s "
+                "(it is in the connection files)",
+                serverkey,
+            )
         while not controller.wait(1.0):
             pass
         log.info("controller stopped")

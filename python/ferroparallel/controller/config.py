@@ -91,6 +91,9 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("TaskScheduler", "scheme_name"): "scheme",
     ("TaskScheduler", "hwm"): "hwm",
     ("TaskScheduler", "hwm_budget"): "hwm_budget",
+    ("IPController", "enable_curve"): "curve",
+    ("IPController", "curve_secretkey"): "curve_secretkey",
+    ("IPController", "curve_publickey"): "curve_publickey",
 }
 
 
@@ -211,6 +214,14 @@ class ControllerSettings:
         Reuse existing, consistent connection files and keep them on exit (``--reuse``).
     key : str or None
         HMAC key (default: a fresh random 256-bit hex string per run).
+    curve : bool
+        Encrypt and authenticate every connection with CurveZMQ (``--curve``; default from
+        ``$FERROPARALLEL_CURVE`` / ``$IPP_ENABLE_CURVE``).
+    curve_secretkey : str or None
+        The controller's CURVE secret key, Z85 (default: ``$IPP_CURVE_SECRETKEY``, else a
+        fresh key pair per run). Never written to the connection files.
+    curve_publickey : str or None
+        Only checked against ``curve_secretkey`` (ipyparallel configures both).
     pack : str
         Message packer, ``msgpack`` or ``json``.
     signature_scheme : str
@@ -241,6 +252,9 @@ class ControllerSettings:
     restore: bool = False
     reuse: bool = False
     key: str | None = None
+    curve: bool = False
+    curve_secretkey: str | None = None
+    curve_publickey: str | None = None
     pack: str = "msgpack"
     signature_scheme: str = "hmac-sha256"
     ports: list[int] = dataclasses.field(default_factory=list)
@@ -298,7 +312,7 @@ class ControllerSettings:
             if not v >= 0 or v == float("inf"):
                 raise ConfigError(f"must be a number of ms >= 0, not {raw!r}")
             return v
-        if name in ("restore", "reuse"):
+        if name in ("restore", "reuse", "curve"):
             if isinstance(raw, str):
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             return bool(raw)
@@ -336,6 +350,13 @@ class ControllerSettings:
             return out
         if name == "key":
             return str(raw)
+        if name in ("curve_secretkey", "curve_publickey"):
+            from ..curve import check_key
+
+            try:
+                return check_key(raw, name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if name in ("db_path",):
             return os.fspath(raw)
         return str(raw)

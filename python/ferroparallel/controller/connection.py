@@ -51,7 +51,9 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
-def _common(settings: ControllerSettings, key: str) -> dict[str, Any]:
+def _common(
+    settings: ControllerSettings, key: str, serverkey: str | None = None
+) -> dict[str, Any]:
     return {
         "interface": f"tcp://{settings.ip}",
         "key": key,
@@ -60,13 +62,19 @@ def _common(settings: ControllerSettings, key: str) -> dict[str, Any]:
         "unpack": settings.pack,
         "location": settings.resolved_location(),
         "ssh": settings.ssh,
-        "curve_serverkey": None,
+        # The controller's public CURVE key (Z85), or None without CURVE; never the secret.
+        "curve_serverkey": serverkey,
     }
 
 
-def client_info(settings: ControllerSettings, key: str, ports: Mapping[str, Any]) -> dict[str, Any]:
+def client_info(
+    settings: ControllerSettings,
+    key: str,
+    ports: Mapping[str, Any],
+    serverkey: str | None = None,
+) -> dict[str, Any]:
     """The client connection dict for the bound ``ports`` (Rust channel name -> port)."""
-    info = _common(settings, key)
+    info = _common(settings, key, serverkey)
     for k, ch in _CLIENT_KEYS.items():
         info[k] = int(ports[ch])
     info["task_scheme"] = settings.scheme
@@ -75,9 +83,14 @@ def client_info(settings: ControllerSettings, key: str, ports: Mapping[str, Any]
     return info
 
 
-def engine_info(settings: ControllerSettings, key: str, ports: Mapping[str, Any]) -> dict[str, Any]:
+def engine_info(
+    settings: ControllerSettings,
+    key: str,
+    ports: Mapping[str, Any],
+    serverkey: str | None = None,
+) -> dict[str, Any]:
     """The engine connection dict for the bound ``ports`` (Rust channel name -> port)."""
-    info = _common(settings, key)
+    info = _common(settings, key, serverkey)
     for k, ch in _ENGINE_KEYS.items():
         info[k] = int(ports[ch])
     if "broadcast_engine" in ports:
@@ -87,9 +100,16 @@ def engine_info(settings: ControllerSettings, key: str, ports: Mapping[str, Any]
 
 
 def reusable_files(
-    settings: ControllerSettings, client_file: Path, engine_file: Path
+    settings: ControllerSettings,
+    client_file: Path,
+    engine_file: Path,
+    serverkey: str | None = None,
 ) -> tuple[str, dict[str, int]] | None:
     """With ``--reuse``, the key and ports of an existing consistent pair of files.
+
+    ``serverkey`` is the CURVE public key of this run (``None`` without CURVE): files written
+    with another server key (or without CURVE, or with CURVE when it is now off) cannot be
+    reused, because their readers would fail the handshake.
 
     Returns
     -------
@@ -106,7 +126,7 @@ def reusable_files(
     except ConnectionFileError as e:
         log.warning("--reuse: %s; writing new connection files", e)
         return None
-    for k in _SHARED_KEYS:
+    for k in (*_SHARED_KEYS, "curve_serverkey"):
         if client.get(k) != engine.get(k):
             log.warning(
                 "--reuse: %s and %s disagree on %r; writing new connection files",
@@ -115,7 +135,15 @@ def reusable_files(
                 k,
             )
             return None
-    wanted = _common(settings, client["key"])
+    wanted = _common(settings, client["key"], serverkey)
+    if client.get("curve_serverkey") != serverkey:
+        log.warning(
+            "--reuse: %s was written for another CurveZMQ server key (or without CURVE); "
+            "writing new connection files (to keep the key across runs, configure "
+            "curve_secretkey or $IPP_CURVE_SECRETKEY)",
+            client_file,
+        )
+        return None
     for k in ("interface", "pack", "signature_scheme"):
         if client.get(k) != wanted[k]:
             log.warning(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
+from ..curve import SERVERKEY_ENV_VAR, check_key
 from ..error import FerroParallelError
 from ..ssh import choose_server
 from .connection import channel_urls, load_connection_info, tunnel_urls
@@ -108,9 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return EXIT_FAILED
     log.debug("connection info from %s", source)
+    if not info.get("curve_serverkey"):
+        env_key = os.environ.get(SERVERKEY_ENV_VAR, "").strip()
+        if env_key:
+            try:
+                info["curve_serverkey"] = check_key(env_key, f"${SERVERKEY_ENV_VAR}")
+            except ValueError as e:
+                log.error("%s", e)
+                return EXIT_FAILED
     if info.get("curve_serverkey"):
-        log.error("%s asks for CurveZMQ encryption, which ferroparallel does not support", source)
-        return EXIT_FAILED
+        log.info("using CurveZMQ: every connection to the controller is encrypted")
     if info["unpack"] != info["pack"]:
         log.warning(
             "pack %r and unpack %r differ; using %r", info["pack"], info["unpack"], info["pack"]

@@ -155,6 +155,10 @@ def validate(info: Any, source: str) -> dict[str, Any]:
     if not isinstance(key, str):
         raise ConnectionFileError(f"{source}: 'key' must be a string")
     out["key"] = key
+    from ..curve import serverkey_of
+
+    if "curve_serverkey" in out:
+        out["curve_serverkey"] = serverkey_of(out, source)
     from ..paths import warn_if_no_key
 
     warn_if_no_key(out, source)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _core
+from .. import curve as _curve
 from ..error import IoClosedError
 from ..serialize.shm import sweep as sweep_segments
 from ..wire_names import STATUS_TOPIC_PREFIX
@@ -86,6 +87,9 @@ class EngineKernel:
     def __init__(self, info: dict[str, Any], urls: EngineUrls, config: EngineConfig) -> None:
         self.config = config
         self.urls = urls
+        # CurveZMQ: the controller's public key from the connection info, and one fresh key
+        # pair of this engine for all of its sockets.
+        self.curve_options = _curve.client_socket_options(info.get("curve_serverkey") or None)
         self.session = _core.Session(
             str(info.get("key", "")).encode(),
             packer=str(info.get("pack", "msgpack")),
@@ -123,7 +127,8 @@ class EngineKernel:
         ident = self.uuid.encode()
         urls = self.urls
         io = self.io
-        io.add_socket("hb_pong", "DEALER", connect=[urls.hb_pong], identity=ident)
+        cv = self.curve_options
+        io.add_socket("hb_pong", "DEALER", connect=[urls.hb_pong], identity=ident, **cv)
         io.add_socket(
             "hb_ping",
             "SUB",
@@ -131,11 +136,12 @@ class EngineKernel:
             subscribe=[b""],
             raw=True,
             forward_to="hb_pong",
+            **cv,
         )
-        io.add_socket(REGISTRATION, "DEALER", connect=[urls.registration], identity=ident)
-        io.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident)
-        io.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident)
-        io.add_socket(IOPUB, "PUB", connect=[urls.iopub], identity=ident)
+        io.add_socket(REGISTRATION, "DEALER", connect=[urls.registration], identity=ident, **cv)
+        io.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident, **cv)
+        io.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident, **cv)
+        io.add_socket(IOPUB, "PUB", connect=[urls.iopub], identity=ident, **cv)
         wake = f"inproc://ferroparallel-engine-wake-{self.uuid}"
         io.add_socket(WAKE, "PAIR", bind=[wake], raw=True, linger_ms=0)
         io.add_socket(WAKE_TX, "PAIR", connect=[wake], raw=True, linger_ms=0)
@@ -163,9 +169,10 @@ class EngineKernel:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.error(
-                    "no registration reply from %s within %.1f s",
+                    "no registration reply from %s within %.1f s%s",
                     self.urls.registration,
                     self.config.timeout,
+                    _curve.describe_handshake_failures(self.io.handshake_failures()),
                 )
                 return False
             self.inbox.pull(min(left, 0.1))
@@ -188,7 +195,13 @@ class EngineKernel:
         leaves = self.urls.broadcast
         if leaves:
             leaf = leaves[self.engine_id % len(leaves)]
-            self.io.add_socket(BROADCAST, "ROUTER", connect=[leaf], identity=self.uuid.encode())
+            self.io.add_socket(
+                BROADCAST,
+                "ROUTER",
+                connect=[leaf],
+                identity=self.uuid.encode(),
+                **self.curve_options,
+            )
             log.debug("broadcast leaf %s", leaf)
         return True
 

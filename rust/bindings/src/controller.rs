@@ -20,7 +20,7 @@ pub struct Controller {
     inner: Mutex<Option<fp_controller::Controller>>,
 }
 
-const KNOWN_KEYS: [&str; 18] = [
+const KNOWN_KEYS: [&str; 19] = [
     "ip",
     "ports",
     "key",
@@ -39,6 +39,7 @@ const KNOWN_KEYS: [&str; 18] = [
     "db_size_limit",
     "engine_state_file",
     "log_level",
+    "curve_secretkey",
 ];
 
 fn parse_config(config: &Bound<'_, PyDict>) -> PyResult<ControllerConfig> {
@@ -140,6 +141,14 @@ fn parse_config(config: &Bound<'_, PyDict>) -> PyResult<ControllerConfig> {
     }
     if let Some(v) = get("engine_state_file") {
         cfg.engine_state_file = Some(v.extract()?);
+    }
+    if let Some(v) = get("curve_secretkey") {
+        cfg.curve_secretkey = Some(crate::curve::key_arg("curve_secretkey", &v)?);
+        if !fp_io::curve::available() {
+            return Err(PyValueError::new_err(
+                "curve_secretkey given, but this build of libzmq has no CURVE support",
+            ));
+        }
     }
     if let Some(v) = get("log_level") {
         let name: String = v.str()?.to_str()?.to_owned();

@@ -4,6 +4,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use fp_io::{Delivery, Incoming, IoHandle, OutgoingMessage, SocketKind, SocketSpec};
+
+use crate::curve::curve_role;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -101,7 +103,8 @@ impl IoThread {
     }
 
     #[pyo3(signature = (name, kind, *, connect=None, bind=None, identity=None, subscribe=None,
-                        raw=false, linger_ms=1000, forward_to=None))]
+                        raw=false, linger_ms=1000, forward_to=None, curve_server=false,
+                        curve_serverkey=None, curve_publickey=None, curve_secretkey=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_socket(
         &self,
@@ -115,8 +118,18 @@ impl IoThread {
         raw: bool,
         linger_ms: i32,
         forward_to: Option<String>,
+        curve_server: bool,
+        curve_serverkey: Option<&Bound<'_, PyAny>>,
+        curve_publickey: Option<&Bound<'_, PyAny>>,
+        curve_secretkey: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<String>> {
         self.check_open(py)?;
+        let curve = curve_role(
+            curve_server,
+            curve_serverkey,
+            curve_publickey,
+            curve_secretkey,
+        )?;
         let kind = SocketKind::from_name(kind).map_err(PyValueError::new_err)?;
         let mut spec = SocketSpec::new(name, kind);
         spec.connect = strings(connect)?;
@@ -136,6 +149,7 @@ impl IoThread {
         spec.raw = raw;
         spec.linger_ms = linger_ms;
         spec.forward_to = forward_to;
+        spec.curve = curve;
         let handle = &self.handle;
         py.detach(|| handle.add_socket(spec, ADD_SOCKET_TIMEOUT))
             .map_err(PyValueError::new_err)
@@ -255,6 +269,11 @@ impl IoThread {
                 return Ok(PyList::empty(py));
             }
         }
+    }
+
+    /// Sockets whose last handshake failed: `(socket, endpoint, reason)`.
+    fn handshake_failures(&self) -> Vec<(String, String, String)> {
+        self.handle.handshakes.failures()
     }
 
     /// Messages dropped since the last call: `(socket, error class, text)`.

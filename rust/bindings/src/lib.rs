@@ -5,6 +5,7 @@ use pyo3::types::PyBytes;
 
 mod controller;
 mod convert;
+mod curve;
 mod errors;
 mod frame;
 mod iothread;
@@ -30,6 +31,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", fp_wire::PROTOCOL_VERSION)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
     m.add_function(wrap_pyfunction!(iso_now, m)?)?;
+    m.add_function(wrap_pyfunction!(curve::has_curve, m)?)?;
+    m.add_function(wrap_pyfunction!(curve::curve_keypair, m)?)?;
+    m.add_function(wrap_pyfunction!(curve::curve_public_key, m)?)?;
     m.add_class::<frame::Frame>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;

@@ -79,6 +79,9 @@ pub struct ControllerConfig {
     pub db_record_limit: usize,
     pub db_size_limit: usize,
     pub engine_state_file: Option<String>,
+    /// CurveZMQ secret key of the controller: every bound socket becomes a CURVE server.
+    /// `None`: no encryption (NULL mechanism).
+    pub curve_secretkey: Option<fp_io::CurveKey>,
 }
 
 impl Default for ControllerConfig {
@@ -101,6 +104,7 @@ impl Default for ControllerConfig {
             db_record_limit: crate::records::DEFAULT_RECORD_LIMIT,
             db_size_limit: crate::records::DEFAULT_SIZE_LIMIT,
             engine_state_file: None,
+            curve_secretkey: None,
         }
     }
 }

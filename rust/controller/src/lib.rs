@@ -45,6 +45,10 @@ pub type Ports = Vec<(&'static str, u16)>;
 
 fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String> {
     let ctx = fp_io::context();
+    let curve = match &cfg.curve_secretkey {
+        Some(secret) => Some(fp_io::Curve::server(*secret)?),
+        None => None,
+    };
     let mut socks = Vec::with_capacity(CHANNELS.len());
     let mut ports = Vec::with_capacity(CHANNELS.len());
     for (i, name) in CHANNELS.iter().enumerate() {
@@ -56,6 +60,9 @@ fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String>
         };
         let err = |what: &str, e: zmq::Error| format!("{name}: {what}: {e}");
         let sock = ctx.socket(kind).map_err(|e| err("create", e))?;
+        if let Some(curve) = &curve {
+            curve.apply(&sock).map_err(|e| format!("{name}: {e}"))?;
+        }
         sock.set_linger(500).map_err(|e| err("linger", e))?;
         sock.set_sndhwm(0).map_err(|e| err("sndhwm", e))?;
         sock.set_rcvhwm(0).map_err(|e| err("rcvhwm", e))?;

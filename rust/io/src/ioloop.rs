@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Inbox, Incoming};
 use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
 use crate::session::SessionCore;
@@ -42,6 +43,8 @@ pub struct IoHandle {
     pub releases: ReleaseQueue,
     pub stats: Arc<IoStats>,
     pub session: Arc<SessionCore>,
+    /// Handshake outcomes of the connecting sockets (see [`Handshakes`]).
+    pub handshakes: Arc<Handshakes>,
     names: Mutex<HashMap<String, SocketKind>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
@@ -55,6 +58,7 @@ const RECV_BURST: usize = 512;
 const CLOSE_FLUSH: Duration = Duration::from_millis(2000);
 
 static WAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
+static MONITOR_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl IoHandle {
     /// Start an I/O thread for `session`.
@@ -72,6 +76,7 @@ impl IoHandle {
         let releases = ReleaseQueue::new();
         let stats = Arc::new(IoStats::default());
         let wake_pending = Arc::new(AtomicBool::new(false));
+        let handshakes = Arc::new(Handshakes::default());
         let mut lp = Loop {
             sockets: Vec::new(),
             by_name: HashMap::new(),
@@ -82,6 +87,7 @@ impl IoHandle {
             releases: releases.clone(),
             stats: stats.clone(),
             session: session.clone(),
+            handshakes: handshakes.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -95,6 +101,7 @@ impl IoHandle {
             releases,
             stats,
             session,
+            handshakes,
             names: Mutex::new(HashMap::new()),
             thread: Mutex::new(Some(thread)),
             closed: AtomicBool::new(false),
@@ -222,6 +229,24 @@ struct Entry {
     raw: bool,
     forward: Option<usize>,
     pending: VecDeque<Vec<RawMsg>>,
+    /// PAIR socket receiving this socket's handshake events (connecting sockets only).
+    monitor: Option<zmq::Socket>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if self.monitor.is_some() {
+            // libzmq's I/O thread sends monitor events with a *blocking* send. Once our end of
+            // the monitor pipe is gone, the next event (e.g. a failed reconnect handshake while
+            // the socket lingers) would block that thread for good, and with it every socket
+            // of the process. So stop the monitor before either socket is closed.
+            // SAFETY: the socket pointer is valid while `self.sock` lives; a NULL endpoint
+            // with no events is libzmq's documented way to stop monitoring.
+            unsafe {
+                zmq_sys::zmq_socket_monitor(self.sock.as_mut_ptr(), std::ptr::null(), 0);
+            }
+        }
+    }
 }
 
 struct Loop {
@@ -234,13 +259,14 @@ struct Loop {
     releases: ReleaseQueue,
     stats: Arc<IoStats>,
     session: Arc<SessionCore>,
+    handshakes: Arc<Handshakes>,
 }
 
 impl Loop {
     fn run(&mut self) {
         let mut closing = false;
         while !closing {
-            let (wake_ready, readable, writable) = self.poll(POLL_MS);
+            let (wake_ready, readable, writable, monitors) = self.poll(POLL_MS);
             if wake_ready {
                 while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
             }
@@ -255,6 +281,9 @@ impl Loop {
                 if writable.get(i).copied().unwrap_or(false) {
                     self.flush(i);
                 }
+                if monitors.get(i).copied().unwrap_or(false) {
+                    self.read_monitor(i);
+                }
             }
             self.inbox.push_batch(batch, drops);
         }
@@ -263,8 +292,11 @@ impl Loop {
         self.inbox.close();
     }
 
-    fn poll(&self, timeout_ms: i64) -> (bool, Vec<bool>, Vec<bool>) {
-        let mut items = Vec::with_capacity(self.sockets.len() + 1);
+    /// Poll the wake socket, every socket and every monitor. Returns whether the wake socket
+    /// is readable, and per socket: readable, writable, monitor readable.
+    fn poll(&self, timeout_ms: i64) -> (bool, Vec<bool>, Vec<bool>, Vec<bool>) {
+        let n = self.sockets.len();
+        let mut items = Vec::with_capacity(2 * n + 1);
         items.push(self.wake.as_poll_item(zmq::POLLIN));
         for e in &self.sockets {
             let mut ev = zmq::PollEvents::empty();
@@ -276,14 +308,38 @@ impl Loop {
             }
             items.push(e.sock.as_poll_item(ev));
         }
+        let mut monitor_of = Vec::new();
+        for (i, e) in self.sockets.iter().enumerate() {
+            if let Some(m) = &e.monitor {
+                items.push(m.as_poll_item(zmq::POLLIN));
+                monitor_of.push(i);
+            }
+        }
         if zmq::poll(&mut items, timeout_ms).is_err() {
             // EINTR and friends: treat as "nothing ready"; the loop simply polls again.
-            return (false, Vec::new(), Vec::new());
+            return (false, Vec::new(), Vec::new(), Vec::new());
         }
         let wake = items[0].is_readable();
-        let readable = items[1..].iter().map(|i| i.is_readable()).collect();
-        let writable = items[1..].iter().map(|i| i.is_writable()).collect();
-        (wake, readable, writable)
+        let readable = items[1..=n].iter().map(|i| i.is_readable()).collect();
+        let writable = items[1..=n].iter().map(|i| i.is_writable()).collect();
+        let mut monitors = vec![false; n];
+        for (k, &i) in monitor_of.iter().enumerate() {
+            monitors[i] = items[n + 1 + k].is_readable();
+        }
+        (wake, readable, writable, monitors)
+    }
+
+    /// Record every queued handshake event of socket `i`.
+    fn read_monitor(&mut self, i: usize) {
+        let entry = &self.sockets[i];
+        let Some(monitor) = &entry.monitor else {
+            return;
+        };
+        while let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) {
+            if let Some((event, value, endpoint)) = parse_event(&frames) {
+                self.handshakes.record(&entry.name, event, value, endpoint);
+            }
+        }
     }
 
     /// Run queued commands; returns true when asked to close.
@@ -320,7 +376,11 @@ impl Loop {
             ),
             None => None,
         };
-        let (sock, bound) = spec.create(crate::context())?;
+        let monitor = (!spec.connect.is_empty()).then(|| {
+            let n = MONITOR_COUNTER.fetch_add(1, Ordering::Relaxed);
+            format!("inproc://fp-io-monitor-{}-{n}", std::process::id())
+        });
+        let (sock, bound, monitor) = spec.create(crate::context(), monitor.as_deref())?;
         self.by_name.insert(spec.name.clone(), self.sockets.len());
         self.sockets.push(Entry {
             name: Arc::from(spec.name.as_str()),
@@ -329,6 +389,7 @@ impl Loop {
             raw: spec.raw,
             forward,
             pending: VecDeque::new(),
+            monitor,
         });
         Ok(bound)
     }
@@ -454,4 +515,92 @@ pub fn recv_multipart(sock: &mut zmq::Socket) -> Result<Option<Vec<RecvFrame>>, 
         }
     }
     Ok(Some(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curve::{keypair, Curve};
+    use fp_wire::{Limits, Packer};
+
+    fn io() -> IoHandle {
+        let session = SessionCore::new(
+            b"k".to_vec(),
+            Packer::Json,
+            "hmac-sha256",
+            "s".into(),
+            "u".into(),
+            16,
+            Limits::default(),
+        )
+        .expect("session");
+        IoHandle::spawn(Arc::new(session), "fp-io-test").expect("io thread")
+    }
+
+    fn raw(name: &str, kind: SocketKind) -> SocketSpec {
+        let mut spec = SocketSpec::new(name, kind);
+        spec.raw = true;
+        spec
+    }
+
+    /// Raw frames received by `io` within `wait`.
+    fn received(io: &IoHandle, wait: Duration) -> Vec<Vec<Vec<u8>>> {
+        let (batch, _) = io.inbox.wait_batch(wait, 100);
+        batch
+            .into_iter()
+            .filter_map(|inc| match inc.delivery {
+                Delivery::Raw(frames) => Some(frames.iter().map(|f| f.as_ref().to_vec()).collect()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn refused_curve_client_is_reported_and_does_not_wedge_libzmq() {
+        let t = Duration::from_secs(10);
+        let (_, secret) = keypair().expect("keypair");
+        let (wrong, _) = keypair().expect("keypair");
+        let server = io();
+        let mut spec = raw("server", SocketKind::Router);
+        spec.bind = vec!["tcp://127.0.0.1:*".into()];
+        spec.curve = Some(Curve::server(secret).expect("server"));
+        let endpoint = server.add_socket(spec, t).expect("bind").remove(0);
+
+        let client = io();
+        let mut spec = raw("query", SocketKind::Dealer);
+        spec.connect = vec![endpoint.clone()];
+        spec.curve = Some(Curve::client(wrong).expect("client"));
+        client.add_socket(spec, t).expect("connect");
+        client
+            .send("query", vec![OutFrame::Owned(b"hello".to_vec())])
+            .expect("queued");
+        let deadline = Instant::now() + t;
+        while client.handshakes.failures().is_empty() {
+            assert!(Instant::now() < deadline, "no handshake failure reported");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let failures = client.handshakes.failures();
+        assert_eq!(failures[0].0, "query");
+        assert!(failures[0].2.contains("curve_serverkey"), "{failures:?}");
+        assert!(received(&server, Duration::from_millis(300)).is_empty());
+        // Closing the refused socket (it keeps retrying while it lingers) must leave libzmq's
+        // I/O thread free: a plain pair made afterwards still talks.
+        client.close();
+        std::thread::sleep(Duration::from_millis(300));
+        let a = io();
+        let mut spec = raw("a", SocketKind::Router);
+        spec.bind = vec!["tcp://127.0.0.1:*".into()];
+        let ep = a.add_socket(spec, t).expect("bind").remove(0);
+        let b = io();
+        let mut spec = raw("b", SocketKind::Dealer);
+        spec.connect = vec![ep];
+        b.add_socket(spec, t).expect("connect");
+        b.send("b", vec![OutFrame::Owned(b"after".to_vec())])
+            .expect("queued");
+        let got = received(&a, t);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0][1], b"after");
+        assert!(b.handshakes.failures().is_empty());
+        assert_eq!(b.handshakes.state("b").succeeded, 1);
+    }
 }

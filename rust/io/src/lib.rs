@@ -7,12 +7,16 @@
 //! a copy and handed back through a [`ReleaseQueue`] once libzmq no longer needs them, so the
 //! owner can release them on a thread of its choosing.
 
+pub mod curve;
+mod handshake;
 mod inbox;
 mod ioloop;
 mod outframe;
 mod session;
 mod socket;
 
+pub use curve::{Curve, CurveKey};
+pub use handshake::{HandshakeState, Handshakes};
 pub use inbox::{Delivery, DropReport, Inbox, Incoming};
 pub use ioloop::{recv_multipart, IoHandle, IoStats};
 pub use outframe::RecvFrame;

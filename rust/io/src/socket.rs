@@ -1,5 +1,7 @@
 //! Socket specifications and creation.
 
+use crate::curve::Curve;
+
 /// ZMQ socket types we use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SocketKind {
@@ -76,6 +78,8 @@ pub struct SocketSpec {
     pub linger_ms: i32,
     /// Relay every received frame list, unchanged, to this socket (no delivery to the caller).
     pub forward_to: Option<String>,
+    /// CurveZMQ role and keys; `None` is the NULL mechanism (no encryption).
+    pub curve: Option<Curve>,
 }
 
 impl SocketSpec {
@@ -90,13 +94,31 @@ impl SocketSpec {
             raw: false,
             linger_ms: 1000,
             forward_to: None,
+            curve: None,
         }
     }
 
-    /// Create, configure, bind and connect. Returns the socket and its resolved bound endpoints.
-    pub(crate) fn create(&self, ctx: &zmq::Context) -> Result<(zmq::Socket, Vec<String>), String> {
+    /// Create, configure, bind and connect. Returns the socket, its resolved bound endpoints
+    /// and, when `monitor` names an inproc endpoint, a PAIR socket receiving its handshake
+    /// events (set up before any connection is made, so no event is missed).
+    pub(crate) fn create(
+        &self,
+        ctx: &zmq::Context,
+        monitor: Option<&str>,
+    ) -> Result<(zmq::Socket, Vec<String>, Option<zmq::Socket>), String> {
         let err = |what: &str, e: zmq::Error| format!("socket {:?}: {what}: {e}", self.name);
         let sock = ctx.socket(self.kind.zmq()).map_err(|e| err("create", e))?;
+        if let Some(curve) = &self.curve {
+            curve
+                .apply(&sock)
+                .map_err(|e| format!("socket {:?}: {e}", self.name))?;
+        }
+        let monitor = match monitor {
+            Some(endpoint) => {
+                Some(open_monitor(ctx, &sock, endpoint).map_err(|e| err("monitor", e))?)
+            }
+            None => None,
+        };
         sock.set_linger(self.linger_ms)
             .map_err(|e| err("linger", e))?;
         sock.set_sndhwm(0).map_err(|e| err("sndhwm", e))?;
@@ -135,6 +157,132 @@ impl SocketSpec {
                 sock.send(frame, 0).map_err(|e| err("xsub subscribe", e))?;
             }
         }
-        Ok((sock, bound))
+        Ok((sock, bound, monitor))
+    }
+}
+
+/// Handshake events the I/O thread watches on connecting sockets.
+pub(crate) const HANDSHAKE_EVENTS: i32 = (zmq_sys::ZMQ_EVENT_HANDSHAKE_SUCCEEDED
+    | zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) as i32;
+
+fn open_monitor(
+    ctx: &zmq::Context,
+    sock: &zmq::Socket,
+    endpoint: &str,
+) -> Result<zmq::Socket, zmq::Error> {
+    sock.monitor(endpoint, HANDSHAKE_EVENTS)?;
+    let pair = ctx.socket(zmq::PAIR)?;
+    pair.set_linger(0)?;
+    pair.connect(endpoint)?;
+    Ok(pair)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curve::{keypair, Curve};
+    use crate::handshake::parse_event;
+    use std::time::{Duration, Instant};
+
+    const SECRET_TEXT: &[u8] = b"fp-io curve test: plaintext that must arrive intact";
+
+    fn server(secret: crate::CurveKey) -> (zmq::Socket, String) {
+        let mut spec = SocketSpec::new("server", SocketKind::Router);
+        spec.bind = vec!["tcp://127.0.0.1:*".into()];
+        spec.curve = Some(Curve::server(secret).expect("server role"));
+        let (sock, bound, monitor) = spec.create(crate::context(), None).expect("server socket");
+        assert!(monitor.is_none());
+        sock.set_rcvtimeo(200).expect("rcvtimeo");
+        (sock, bound[0].clone())
+    }
+
+    fn client(name: &str, endpoint: &str, curve: Option<Curve>) -> (zmq::Socket, zmq::Socket) {
+        let mut spec = SocketSpec::new(name, SocketKind::Dealer);
+        spec.connect = vec![endpoint.to_owned()];
+        spec.curve = curve;
+        let monitor = format!("inproc://fp-io-test-monitor-{name}");
+        let (sock, _, monitor) = spec
+            .create(crate::context(), Some(&monitor))
+            .expect("client socket");
+        sock.set_rcvtimeo(200).expect("rcvtimeo");
+        (sock, monitor.expect("monitor"))
+    }
+
+    /// Collect handshake events of `monitor` for up to `wait`, stopping at the first one.
+    fn first_event(monitor: &zmq::Socket, wait: Duration) -> Option<(u16, u32)> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if monitor.poll(zmq::POLLIN, 50).unwrap_or(0) > 0 {
+                let frames = monitor.recv_multipart(0).ok()?;
+                let (event, value, _endpoint) = parse_event(&frames)?;
+                return Some((event, value));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn curve_pair_round_trip() {
+        let (public, secret) = keypair().expect("keypair");
+        let (srv, endpoint) = server(secret);
+        let (cli, monitor) = client(
+            "good",
+            &endpoint,
+            Some(Curve::client(public).expect("role")),
+        );
+        let (event, _) = first_event(&monitor, Duration::from_secs(10)).expect("event");
+        assert_eq!(u32::from(event), zmq_sys::ZMQ_EVENT_HANDSHAKE_SUCCEEDED);
+        cli.send(SECRET_TEXT, 0).expect("send");
+        let mut got = None;
+        for _ in 0..50 {
+            if let Ok(frames) = srv.recv_multipart(0) {
+                got = Some(frames);
+                break;
+            }
+        }
+        let frames = got.expect("the server received the message");
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1], SECRET_TEXT);
+        srv.send_multipart([&frames[0][..], b"reply"], 0)
+            .expect("reply");
+        let mut reply = None;
+        for _ in 0..50 {
+            if let Ok(r) = cli.recv_bytes(0) {
+                reply = Some(r);
+                break;
+            }
+        }
+        assert_eq!(reply.as_deref(), Some(&b"reply"[..]));
+    }
+
+    #[test]
+    fn curve_server_refuses_peers_without_its_key() {
+        let (_, secret) = keypair().expect("keypair");
+        let (srv, endpoint) = server(secret);
+        let (wrong_public, _) = keypair().expect("keypair");
+        let cases = [
+            ("null", None, zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL),
+            (
+                "wrong",
+                Some(Curve::client(wrong_public).expect("role")),
+                zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            ),
+        ];
+        for (name, curve, expected) in cases {
+            let (cli, monitor) = client(name, &endpoint, curve);
+            cli.send(SECRET_TEXT, 0).expect("queued");
+            let (event, value) =
+                first_event(&monitor, Duration::from_secs(10)).expect("handshake event");
+            assert_eq!(u32::from(event), expected, "{name}");
+            if name == "null" {
+                assert_eq!(value, zmq_sys::ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH);
+            }
+            assert!(
+                srv.recv_multipart(0).is_err(),
+                "{name}: nothing may get through"
+            );
+        }
     }
 }
