@@ -719,3 +719,14 @@ def test_signal_names_and_abort_set():
     aborted = AbortSet(capacity=2)
     aborted.add(["a", "b", "c"])
     assert not aborted.pop("a") and aborted.pop("c") and not aborted.pop("c")
+
+
+def test_engine_log_level_accepts_names_and_numbers() -> None:
+    """ipyparallel passes numeric levels (``Cluster(log_level=40)``)."""
+    from ferroparallel.engine.app import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--log-level", "40"]).log_level == "ERROR"
+    assert parser.parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-level", "loud"])

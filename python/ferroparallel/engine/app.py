@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from ..controller.config import parse_log_level
 from ..curve import SERVERKEY_ENV_VAR, check_key
 from ..error import FerroParallelError
 from ..ssh import choose_server
@@ -74,9 +75,8 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level",
         default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        help="logging level (default INFO)",
+        type=parse_log_level,
+        help="logging level: DEBUG, INFO (default), WARNING, ERROR, or a number (e.g. 40)",
     )
     return p
 
