@@ -451,8 +451,7 @@ class LoadBalancedView(View):
         **options: Any,
     ) -> Any:
         block = self._block(block)
-        if not self.client.ids and self.targets is None:
-            pass  # tasks wait in the scheduler until an engine arrives
+        # with no engine yet, the task waits in the scheduler until one arrives
         md = self._task_metadata(**options)
         fut = self.client.send_apply_request("task", f, args, kwargs, metadata=md)
         ar = AsyncResult(self.client, [fut], fname=getattr(f, "__name__", "f"))

@@ -256,7 +256,8 @@ def deserialize_object(
     obj = pickle.loads(frames[0], buffers=buffers)
     if next(buffers, _END) is not _END:
         raise ValueError(f"{len(frames) - 1} buffer frames given, the pickle uses fewer")
-    if namespace is not None:
+    if namespace is not None and not _is_plain(obj, sys.maxsize):
+        # plain data holds no Reference and no __main__ function: nothing to resolve
         obj = resolve_in_namespace(obj, namespace)
     return obj
 
