@@ -246,7 +246,7 @@ class RawMover(Mover):
         self.peers = peers
         self.env = {}
         self.engine_pids = peers.pids
-        self.other_pids = []
+        self.other_pids = peers.relay_pids
 
     def _checksums(self, replies: list[Any]) -> list[Checksum]:
         return [tuple(json.loads(r.bytes)) for r in replies]

@@ -6,8 +6,8 @@ for an engine. :class:`RawPeers` starts one server per engine and talks to them 
 sockets. Every array goes as one frame, zero-copy (``copy=False``) on both sides, and the
 replies are small acknowledgements: the least any ZMQ framework has to do to move the data.
 
-Requests (first frame the command, then the arguments; the reply is one small frame unless
-said otherwise):
+Requests (an empty delimiter frame, the command, then the arguments; the reply is the
+delimiter and one small frame unless said otherwise):
 
 ==========================  ===============================================================
 ``push <name> <data>``      keep the frame ``data`` under ``name``; reply ``ok``
@@ -17,6 +17,9 @@ said otherwise):
 ``clear``                   forget every frame; reply ``ok``
 ``stop``                    exit (no reply)
 ==========================  ===============================================================
+
+With ``relay=True`` a ``zmq.proxy`` process sits between the client and each server, as a
+controller sits between a client and an engine: every message crosses one more process.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 
 import zmq
 
-HERE = Path(__file__).resolve().parent
+#: How long a request may wait for its reply before failing (ms).
+TIMEOUT_MS = 300_000
 
 
 def serve() -> None:
@@ -46,7 +50,10 @@ def serve() -> None:
     sys.stdout.flush()
     kept: dict[bytes, zmq.Frame] = {}
     while True:
-        ident, cmd, *args = sock.recv_multipart(copy=False)
+        frames = sock.recv_multipart(copy=False)
+        # The routing frames (one per ROUTER crossed: the relay adds one) end with b"".
+        split = next(i for i, f in enumerate(frames) if not f.bytes) + 1
+        route, (cmd, *args) = frames[:split], frames[split:]
         command = cmd.bytes
         if command == b"stop":
             break
@@ -64,9 +71,37 @@ def serve() -> None:
             reply = b"ok"
         else:
             reply = b"unknown command " + command
-        sock.send_multipart([ident, reply], copy=False)
+        sock.send_multipart([*route, reply], copy=False)
     sock.close()
     ctx.term()
+
+
+def relay(port: int) -> None:
+    """``zmq.proxy`` (in C) from a ROUTER on a random port (printed) to a DEALER on ``port``.
+
+    Runs in a helper process until terminated: the floor of a client -> controller -> engine
+    topology, where every message crosses a middle process.
+    """
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    back = ctx.socket(zmq.DEALER)
+    back.connect(f"tcp://127.0.0.1:{port}")
+    front_port = front.bind_to_random_port("tcp://127.0.0.1")
+    sys.stdout.write(f"{front_port}\n")
+    sys.stdout.flush()
+    zmq.proxy(front, back)
+
+
+def _spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
+    """Run this file with ``args`` in a new process; it and the port it prints first."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.PIPE, text=True
+    )
+    line = proc.stdout.readline() if proc.stdout is not None else ""
+    if not line.strip():
+        _end(proc)
+        raise RuntimeError(f"raw pyzmq helper {args} did not start (exit code {proc.poll()})")
+    return proc, int(line)
 
 
 def _end(proc: subprocess.Popen[str]) -> None:
@@ -93,26 +128,27 @@ class RawPeers:
     ----------
     n : int
         Number of servers ("engines").
+    relay : bool
+        Put a :func:`relay` process in front of each server (the DEALERs connect to those).
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, relay: bool = False) -> None:
         self.ctx = zmq.Context()
         self.procs: list[subprocess.Popen[str]] = []
+        self.servers: list[int] = []
         self.socks: list[zmq.Socket] = []
         try:
             for _ in range(n):
-                proc = subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve())],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
+                proc, port = _spawn()
                 self.procs.append(proc)
-                line = proc.stdout.readline() if proc.stdout is not None else ""
-                if not line.strip():
-                    raise RuntimeError(f"raw pyzmq server did not start ({proc.poll()})")
+                self.servers.append(proc.pid)
+                if relay:
+                    proc, port = _spawn("relay", str(port))
+                    self.procs.append(proc)
                 sock = self.ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(f"tcp://127.0.0.1:{int(line)}")
+                sock.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
+                sock.connect(f"tcp://127.0.0.1:{port}")
                 self.socks.append(sock)
         except BaseException:
             self.close()
@@ -121,26 +157,38 @@ class RawPeers:
     @property
     def pids(self) -> list[int]:
         """Pids of the server processes."""
-        return [proc.pid for proc in self.procs]
+        return list(self.servers)
+
+    @property
+    def relay_pids(self) -> list[int]:
+        """Pids of the relay processes (empty without relays)."""
+        return [proc.pid for proc in self.procs if proc.pid not in self.servers]
 
     def request(self, k: int, *frames: Any) -> list[zmq.Frame]:
         """Send ``frames`` (zero-copy) to the first ``k`` servers; their replies, in order."""
-        for sock in self.socks[:k]:
-            sock.send_multipart(frames, copy=False)
-        return [sock.recv(copy=False) for sock in self.socks[:k]]
+        return self.request_each([frames] * k)
 
     def request_each(self, parts: list[tuple[Any, ...]]) -> list[zmq.Frame]:
-        """Send ``parts[i]`` to server ``i`` (all first, then wait); their replies."""
-        for sock, frames in zip(self.socks, parts, strict=False):
-            sock.send_multipart(frames, copy=False)
-        return [sock.recv(copy=False) for sock in self.socks[: len(parts)]]
+        """Send ``parts[i]`` to server ``i`` (all first, then wait); their replies.
+
+        Raises
+        ------
+        zmq.Again
+            If a server does not answer within :data:`TIMEOUT_MS`.
+        """
+        socks = self.socks[: len(parts)]
+        for sock, frames in zip(socks, parts, strict=True):
+            sock.send_multipart([b"", *frames], copy=False)
+        return [sock.recv_multipart(copy=False)[-1] for sock in socks]
 
     def close(self) -> None:
         """Stop the servers and close the sockets (idempotent)."""
         for sock in self.socks:
             with contextlib.suppress(zmq.ZMQError):
-                sock.send(b"stop", zmq.NOBLOCK)
+                sock.send_multipart([b"", b"stop"], zmq.NOBLOCK)
         for proc in self.procs:
+            if proc.pid not in self.servers:
+                proc.terminate()  # a relay runs until terminated
             _end(proc)
         for sock in self.socks:
             sock.close()
@@ -150,4 +198,7 @@ class RawPeers:
 
 
 if __name__ == "__main__":
-    serve()
+    if sys.argv[1:2] == ["relay"]:
+        relay(int(sys.argv[2]))
+    else:
+        serve()

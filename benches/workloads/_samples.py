@@ -14,6 +14,9 @@ from typing import Any
 
 from _frameworks import median, ratio
 
+#: The ratio columns (filled on the ferroparallel rows).
+RATIOS = ("fp/raw", "fp/relay", "fp/ipp", "fp/dask", "fp/copy")
+
 #: Operations on the data (every one of them is a "data workload" for the Dask target).
 DATA_OPS = ("push", "pull", "scatter", "gather", "apply")
 
@@ -95,8 +98,8 @@ class Roles:
         ferroparallel rows (the socket path, and the shared-memory path when available).
     shm : str or None
         The ferroparallel shared-memory row, if any.
-    raw, ipp : str or None
-        The raw pyzmq and ipyparallel rows.
+    raw, relay, ipp : str or None
+        The raw pyzmq rows (direct, and through a relay process) and the ipyparallel row.
     dask : list of str
         The Dask rows (the best of them is the one to beat).
     copy : str
@@ -106,6 +109,7 @@ class Roles:
     ferro: list[str]
     shm: str | None
     raw: str | None
+    relay: str | None
     ipp: str | None
     dask: list[str]
     copy: str
@@ -116,13 +120,13 @@ def _targets(case: Case, label: str, roles: Roles, got: dict[str, float]) -> str
     checks: list[tuple[str, float, float]] = []  # (name, value, minimum)
     big_transfer = case.op in ("push", "pull") and case.mib >= 128
     if big_transfer:
-        checks.append(("raw>=0.8", got["fp_raw"], 0.8))
+        checks.append(("raw>=0.8", got["fp/raw"], 0.8))
         allowed = 1.1 * case.mib * (case.engines if case.op == "pull" else 1)
         checks.append(("rss<=1.1x", allowed / max(got["client_rss_mib"], 1e-9), 1.0))
     if case.op in DATA_OPS:
-        checks.append(("dask>1", got["fp_dask"], 1.0 + 1e-12))
+        checks.append(("dask>1", got["fp/dask"], 1.0 + 1e-12))
     if label == roles.shm and case.op in ("push", "pull"):
-        checks.append(("copy>=0.75", got["fp_copy"], 0.75))
+        checks.append(("copy>=0.75", got["fp/copy"], 0.75))
     parts = []
     for name, value, minimum in checks:
         if math.isnan(value):
@@ -147,8 +151,10 @@ def rows(samples: Samples, roles: Roles, order: list[str]) -> list[dict[str, Any
     -------
     list of dict
         Columns: ``op``, ``mib``, ``engines``, ``contender``, ``reps``, ``median_s``, ``mib_s``,
-        ``client_rss_mib``, ``engine_rss_mib``, ``other_rss_mib``, ``fp_raw``, ``fp_ipp``,
-        ``fp_dask``, ``fp_copy``, ``targets``, ``note``.
+        ``client_rss_mib``, ``engine_rss_mib``, ``other_rss_mib``, the ratios of
+        :data:`RATIOS` (ferroparallel rows: its MiB/s over raw pyzmq's, raw pyzmq through a
+        relay's, ipyparallel's, the best Dask's, ``a.copy()``'s of the same size), ``targets``,
+        ``note``.
     """
     cases = list(dict.fromkeys(case for case, _ in samples.series))
     out: list[dict[str, Any]] = []
@@ -175,13 +181,14 @@ def rows(samples: Samples, roles: Roles, order: list[str]) -> list[dict[str, Any
                 "client_rss_mib": _peak(series.client_mib),
                 "engine_rss_mib": _peak(series.engine_mib),
                 "other_rss_mib": _peak(series.other_mib),
-                **dict.fromkeys(("fp_raw", "fp_ipp", "fp_dask", "fp_copy", "targets"), ""),
+                **dict.fromkeys(RATIOS + ("targets",), ""),
             }
             if label in roles.ferro:
-                row["fp_raw"] = ratio(speed, samples.mib_s(case, roles.raw))
-                row["fp_ipp"] = ratio(speed, samples.mib_s(case, roles.ipp))
-                row["fp_dask"] = ratio(speed, best_dask)
-                row["fp_copy"] = ratio(speed, samples.mib_s(copy_case, roles.copy))
+                row["fp/raw"] = ratio(speed, samples.mib_s(case, roles.raw))
+                row["fp/relay"] = ratio(speed, samples.mib_s(case, roles.relay))
+                row["fp/ipp"] = ratio(speed, samples.mib_s(case, roles.ipp))
+                row["fp/dask"] = ratio(speed, best_dask)
+                row["fp/copy"] = ratio(speed, samples.mib_s(copy_case, roles.copy))
                 row["targets"] = _targets(case, label, roles, row)
             notes = [series.failure, samples.notes.get(label, "")]
             row["note"] = "; ".join(filter(None, notes))

@@ -10,10 +10,14 @@ Cases (float64 arrays of random numbers):
   ``.gather("x")``; Dask ``client.scatter(np.array_split(a, 2))``, ``np.concatenate(gather)``;
 - ``apply``: ``rc[0].apply_sync(lambda x: x.sum(), a)`` with 128 MiB; Dask
   ``client.submit(np.sum, client.scatter(a)).result()`` (the transfer included);
-- ``copy``: ``a.copy()`` in this process, the memory-bandwidth floor.
+- ``copy``: ``a.copy()`` in this process, the memory floor of the shared-memory target, and
+  ``np.copyto`` into an already touched array (the memory bandwidth without page faults).
 
-Dask runs twice: ``direct=True`` (client <-> workers) and ``direct=False`` (through the
-scheduler). ``mib_s`` counts the MiB that moved: a push to 2 engines moves the array twice.
+Raw pyzmq runs twice: straight to its servers, and through a ``zmq.proxy`` relay process in
+front of each (the floor of the client -> controller -> engine topology). Dask runs twice:
+``direct=True`` (client <-> workers) and ``direct=False`` (through the scheduler).
+
+``mib_s`` counts the MiB that moved: a push to 2 engines moves the array twice.
 Times are medians of ``reps`` repetitions (5, 3 for 512 MiB; 1 with ``--quick``), after an
 untimed warm-up. After the timed runs, what arrived is checked (dtype, length, sum and three
 items; each pulled array as it arrives): a contender whose data is wrong gets no speed.
@@ -29,7 +33,7 @@ repetition; Dask runs afterwards, alone (an idle Dask cluster keeps about 13% of
 Shared memory: when ferroparallel announces a same-host shared-memory path
 (``ferroparallel.SHM_AVAILABLE`` true, or a ``ferroparallel.shm`` module), a second
 ferroparallel cluster runs with ``FERROPARALLEL_SHM=1`` (the first with ``FERROPARALLEL_SHM=0``)
-and gets its own rows, ``fp_copy`` being its target ratio; otherwise a row says
+and gets its own rows, ``fp/copy`` being its target ratio; otherwise a row says
 ``shm not available``.
 """
 
@@ -51,6 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _pages  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 from _frameworks import FRAMEWORKS, Running, descendants, isolated_env, label, missing, start  # noqa: E402
@@ -66,6 +71,10 @@ NAME = "data"
 SHM_ENV = "FERROPARALLEL_SHM"
 
 _MIB = 1024 * 1024
+#: Labels of the memory floors.
+COPY, WARM_COPY = "a.copy()", "np.copyto(warm, a)"
+#: Before each timed operation, touch and free this many times the MiB it moves (see _pages).
+PREFAULT_FACTOR = 2
 #: float64 items of the scatter/gather case.
 SCATTER_ITEMS = 10**7
 #: MiB of the apply case.
@@ -109,6 +118,7 @@ class Bench:
     def __init__(self, samples: Samples, quick: bool) -> None:
         self.samples = samples
         self.quick = quick
+        self.prefault = _pages.prefault_enabled()
 
     def reps(self, mib: float) -> int:
         """Repetitions of a case with an array of ``mib`` MiB."""
@@ -129,6 +139,8 @@ class Bench:
         if mover is not None:
             groups |= {"engines": mover.engine_pids, "other": mover.other_pids}
         env = mover.environment() if mover is not None else contextlib.nullcontext()
+        if self.prefault:
+            _pages.prefault(PREFAULT_FACTOR * case.moved_mib + 64)
         gc.collect()
         try:
             with env, PeakGrowth(groups) as peak:
@@ -176,6 +188,13 @@ class Bench:
                 mover.apply_sum(a)
                 mover.clear()
 
+    def copy_floor(self, a: np.ndarray, mib: int) -> None:
+        """Time ``a.copy()`` (fresh memory, as a receiver gets) and a copy into warm memory."""
+        case = Case("copy", mib, 0)
+        self.timed(case, None, COPY, a.copy)
+        out = np.ones_like(a)  # touched: its pages are backed
+        self.timed(case, None, WARM_COPY, partial(np.copyto, out, a))
+
     def push_pull(self, movers: list[Mover], sizes: tuple[int, ...], floor: bool) -> None:
         """Push then pull each size to 1 and 2 engines; ``floor``: time ``a.copy()`` too."""
         for mib in sizes:
@@ -185,7 +204,7 @@ class Bench:
                 push, pull = Case("push", mib, k), Case("pull", mib, k)
                 for _ in range(self.reps(mib)):
                     if floor and k == 1:
-                        self.timed(Case("copy", mib, 0), None, "a.copy()", a.copy)
+                        self.copy_floor(a, mib)
                     for m in movers:
                         self.timed(push, m, m.label, partial(m.push, a, k))
                 for m in movers:
@@ -303,7 +322,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     """
     samples = Samples()
     bench = Bench(samples, quick)
-    fp, raw, copy = label("ferroparallel"), f"raw pyzmq {zmq.__version__}", "a.copy()"
+    fp, raw = label("ferroparallel"), f"raw pyzmq {zmq.__version__}"
+    relay = f"{raw} relay"
     dask_labels = [f"{label('dask')} direct", f"{label('dask')} scheduler"]
     with isolated_env():
         why = {name: missing(name) for name in FRAMEWORKS}
@@ -314,8 +334,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
             started = _cluster_movers(stack, quiet, no_shm is None)
             peers = RawPeers(2)
             stack.callback(peers.close)
+            relayed = RawPeers(2, relay=True)
+            stack.callback(relayed.close)
             movers: list[Mover] = [mover for mover, _ in started]
-            movers.insert(1 + (no_shm is None), RawMover(raw, peers))
+            at = 1 + (no_shm is None) if why["ferroparallel"] is None else 0
+            movers[at:at] = [RawMover(raw, peers), RawMover(relay, relayed)]
             bench.all_cases(movers, floor=True)
         for mover, cluster in started:
             if cluster.killed:
@@ -338,12 +361,16 @@ def run(quick: bool) -> list[dict[str, Any]]:
         ferro=[fp] + ([shm] if shm else []),
         shm=shm,
         raw=raw,
+        relay=relay,
         ipp=label("ipyparallel") if why["ipyparallel"] is None else None,
         dask=dask_labels if why["dask"] is None else [],
-        copy=copy,
+        copy=COPY,
     )
-    order = [copy, fp, *roles.ferro[1:], raw, label("ipyparallel"), *dask_labels]
-    out = rows(samples, roles, order)
+    order = [COPY, WARM_COPY, fp, *roles.ferro[1:], raw, relay, label("ipyparallel")]
+    out = rows(samples, roles, order + dask_labels)
+    memory = _pages.note(bench.prefault, PREFAULT_FACTOR)
+    if memory:
+        out.append({"contender": "(machine)", "note": memory})
     if no_shm is not None and why["ferroparallel"] is None:
         out.append({"contender": f"{fp} shm", "note": no_shm})
     for name in FRAMEWORKS:
