@@ -10,7 +10,8 @@
 # Environment:
 #   FERROBENCH_VENV    where the venv lives (default: benches/.venv)
 #   PYTHON             the interpreter that creates it (default: python3; needs >= 3.11)
-#   FERROBENCH_NO_SELF=1   install only the peers (ferroparallel is on PYTHONPATH already)
+#   FERROBENCH_NO_SELF=1   do not build ferroparallel: install its dependencies and the peers
+#                          only (for a build already on PYTHONPATH, e.g. PYTHONPATH=python)
 #
 # Building ferroparallel needs a Rust toolchain (cargo) and a C++ compiler (libzmq is built
 # from source): the first build takes a few minutes.
@@ -29,7 +30,14 @@ pip=("$venv/bin/python" -m pip)
 
 peers=("ipyparallel>=9.2" "dask[distributed]>=2024.1" "numpy>=1.24" "psutil>=5.9")
 if [ "${FERROBENCH_NO_SELF:-0}" = "1" ]; then
-    "${pip[@]}" install "${peers[@]}"
+    # ferroparallel's own runtime dependencies, read from pyproject.toml, and the peers.
+    mapfile -t deps < <("$venv/bin/python" -c '
+import sys, tomllib
+with open(sys.argv[1], "rb") as fh:
+    project = tomllib.load(fh)["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["bench"]))
+' "$root/pyproject.toml")
+    "${pip[@]}" install "${deps[@]}" "${peers[@]}"
 else
     # A regular (non-editable) install: maturin builds in release mode, as the numbers need.
     "${pip[@]}" install "$root[bench]" "${peers[@]}"
@@ -45,4 +53,8 @@ for name in ("ferroparallel", "ipyparallel", "distributed", "numpy", "psutil", "
     except ImportError as e:
         print(f"  {name:14s} NOT IMPORTABLE ({e})")
 EOF
-echo "ready: $venv/bin/python benches/run.py --quick"
+if [ "${FERROBENCH_NO_SELF:-0}" = "1" ]; then
+    echo "ready: PYTHONPATH=<ferroparallel build> $venv/bin/python benches/run.py --quick"
+else
+    echo "ready: $venv/bin/python benches/run.py --quick"
+fi
