@@ -30,8 +30,8 @@ reset through ``/proc/<pid>/clear_refs`` (see ``_rss``); the largest over the re
 ferroparallel, ipyparallel, the raw pyzmq servers and the copy floor take turns within each
 repetition; Dask runs afterwards, alone (an idle Dask cluster keeps about 13% of a core busy).
 
-Shared memory: when ferroparallel announces a same-host shared-memory path
-(``ferroparallel.SHM_AVAILABLE`` true, or a ``ferroparallel.shm`` module), a second
+Shared memory: when ferroparallel has a same-host shared-memory path (``Client(shm=...)``,
+``ferroparallel.SHM_AVAILABLE`` or a ``shm`` module: see :func:`shm_unavailable`), a second
 ferroparallel cluster runs with ``FERROPARALLEL_SHM=1`` (the first with ``FERROPARALLEL_SHM=0``)
 and gets its own rows, ``fp/copy`` being its target ratio; otherwise a row says
 ``shm not available``.
@@ -43,6 +43,7 @@ import contextlib
 import gc
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -82,13 +83,21 @@ APPLY_MIB = 128
 
 
 def shm_unavailable() -> str | None:
-    """Why ferroparallel's shared-memory path cannot be measured, or ``None`` when it can."""
+    """Why ferroparallel's shared-memory path cannot be measured, or ``None`` when it can.
+
+    The path exists when ``ferroparallel.Client`` takes a ``shm`` argument (switched by
+    ``FERROPARALLEL_SHM=0/1`` in every process), or the package says so with
+    ``SHM_AVAILABLE`` or a ``shm`` module.
+    """
     import ferroparallel
 
     if getattr(ferroparallel, "SHM_AVAILABLE", False):
         return None
-    if importlib.util.find_spec("ferroparallel.shm") is not None:
+    if "shm" in inspect.signature(ferroparallel.Client).parameters:
         return None
+    for module in ("ferroparallel.shm", "ferroparallel.serialize.shm"):
+        if importlib.util.find_spec(module) is not None:
+            return None
     return "shm not available"
 
 
