@@ -41,9 +41,12 @@ class Mover:
         The other processes of the cluster (controller, schedulers, nannies).
     env : dict
         Environment variables set around every operation (and when the cluster started).
+    shm : bool
+        Whether it moves data through shared memory (``/dev/shm``).
     """
 
     label: str = ""
+    shm: bool = False
     engine_pids: list[int]
     other_pids: list[int]
     env: dict[str, str]

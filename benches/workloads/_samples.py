@@ -53,6 +53,7 @@ class Series:
     client_mib: list[float] = field(default_factory=list)
     engine_mib: list[float] = field(default_factory=list)
     other_mib: list[float] = field(default_factory=list)
+    devshm_mib: list[float] = field(default_factory=list)
     failure: str = ""
 
 
@@ -151,7 +152,8 @@ def rows(samples: Samples, roles: Roles, order: list[str]) -> list[dict[str, Any
     -------
     list of dict
         Columns: ``op``, ``mib``, ``engines``, ``contender``, ``reps``, ``median_s``, ``mib_s``,
-        ``client_rss_mib``, ``engine_rss_mib``, ``other_rss_mib``, the ratios of
+        ``client_rss_mib``, ``engine_rss_mib``, ``other_rss_mib``, ``devshm_mib`` (only
+        when there is a shared-memory row; NaN on the rows that do not use it), the ratios of
         :data:`RATIOS` (ferroparallel rows: its MiB/s over raw pyzmq's, raw pyzmq through a
         relay's, ipyparallel's, the best Dask's, ``a.copy()``'s of the same size), ``targets``,
         ``note``.
@@ -181,6 +183,7 @@ def rows(samples: Samples, roles: Roles, order: list[str]) -> list[dict[str, Any
                 "client_rss_mib": _peak(series.client_mib),
                 "engine_rss_mib": _peak(series.engine_mib),
                 "other_rss_mib": _peak(series.other_mib),
+                **({"devshm_mib": _peak(series.devshm_mib)} if roles.shm else {}),
                 **dict.fromkeys(RATIOS + ("targets",), ""),
             }
             if label in roles.ferro:

@@ -46,6 +46,7 @@ import importlib.util
 import inspect
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -101,6 +102,18 @@ def shm_unavailable() -> str | None:
     return "shm not available"
 
 
+def _devshm_used() -> int:
+    """Bytes used in ``/dev/shm`` (0 without it).
+
+    Shared memory written with ``write`` rather than through a mapping is in no process's RSS
+    (and a mapping counts only once touched), so the shared-memory rows report this growth.
+    """
+    try:
+        return shutil.disk_usage("/dev/shm").used
+    except OSError:
+        return 0
+
+
 def _array(items: int, seed: int) -> np.ndarray:
     """``items`` random float64 (random, so a wrong byte anywhere shows in the sum)."""
     return np.random.default_rng(seed).random(items)
@@ -149,10 +162,10 @@ class Bench:
             groups |= {"engines": mover.engine_pids, "other": mover.other_pids}
         env = mover.environment() if mover is not None else contextlib.nullcontext()
         if self.prefault:
-            _pages.prefault(PREFAULT_FACTOR * case.moved_mib + 64)
-        gc.collect()
+            _pages.prefault(PREFAULT_FACTOR * case.moved_mib + 16)
         try:
             with env, PeakGrowth(groups) as peak:
+                shm_before = _devshm_used()
                 gc.disable()
                 try:
                     t0 = time.perf_counter()
@@ -160,6 +173,7 @@ class Bench:
                     elapsed = time.perf_counter() - t0
                 finally:
                     gc.enable()
+                shm_growth = (_devshm_used() - shm_before) / _MIB
         except Exception as e:  # noqa: BLE001 - a failed row beats losing the whole table
             traceback.print_exc()
             series.failure = f"FAILED: {type(e).__name__}: {e}"
@@ -168,6 +182,7 @@ class Bench:
         series.client_mib.append(peak.mib("client"))
         series.engine_mib.append(peak.mib("engines"))
         series.other_mib.append(peak.mib("other"))
+        series.devshm_mib.append(shm_growth if mover is not None and mover.shm else math.nan)
         return value
 
     def check(self, case: Case, label: str, got: Callable[[], list[Any]], want: list[Any]) -> None:
@@ -186,6 +201,7 @@ class Bench:
 
     def warm_up(self, movers: list[Mover]) -> None:
         """Every operation once with a small array, untimed (imports, connections, buffers)."""
+        gc.collect()  # once: timed runs pause the collector, the arrays are freed by refcount
         a = _array(_MIB // 8, 0)
         for mover in movers:
             with mover.environment():
@@ -311,7 +327,9 @@ def _cluster_movers(
     out: list[tuple[ClusterMover, Running]] = []
     for name, lab, env in variants:
         run, pids = stack.enter_context(_started(name, env))
-        out.append((ClusterMover(lab, name, run.client, pids, env), run))
+        mover = ClusterMover(lab, name, run.client, pids, env)
+        mover.shm = env.get(SHM_ENV) == "1"
+        out.append((mover, run))
     return out
 
 
