@@ -243,9 +243,9 @@ class Bench:
                         if got is not None:
                             self.check(pull, m.label, partial(map, checksum, got), [want] * k)
                         del got
-            for m in movers:
-                with m.environment():
-                    m.clear()
+                for m in movers:  # every contender holds up to 2 copies: free them now
+                    with m.environment():
+                        m.clear()
 
     def scatter_gather(self, movers: list[Mover]) -> None:
         """Scatter 10^7 float64 across 2 engines, then gather them back."""
