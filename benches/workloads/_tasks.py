@@ -13,3 +13,29 @@ from typing import Any
 def noop(*args: Any, **kwargs: Any) -> None:
     """Do nothing and return ``None`` (accepts any arguments, so ``map`` can use it too)."""
     return None
+
+
+def checksum(x: Any) -> tuple[str, int, float, float, float, float]:
+    """What is needed to tell that a 1-D array arrived whole: dtype, length, sum, three items.
+
+    Used by the ``data`` workload to check, outside the timed part, what each framework
+    actually moved (so that none can look fast by not moving the data).
+
+    Parameters
+    ----------
+    x : array-like
+        A 1-D numeric array (anything ``numpy.asarray`` accepts, e.g. a buffer).
+
+    Returns
+    -------
+    tuple
+        ``(dtype, length, sum, first, middle, last)``; the items are NaN for an empty array.
+    """
+    import numpy as np
+
+    a = np.asarray(x)
+    n = int(a.size)
+    if n == 0:
+        nan = float("nan")
+        return str(a.dtype), 0, 0.0, nan, nan, nan
+    return str(a.dtype), n, float(a.sum()), float(a[0]), float(a[n // 2]), float(a[-1])
