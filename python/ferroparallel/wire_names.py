@@ -6,7 +6,13 @@ See ``docs/protocol.md`` ("ferroparallel extensions").
 
 from __future__ import annotations
 
-__all__ = ["OUTPUT_COUNT_KEY", "OUTPUT_TOPIC_PREFIX", "STATUS_TOPIC_PREFIX"]
+__all__ = [
+    "OUTPUT_COUNT_KEY",
+    "OUTPUT_TOPIC_PREFIX",
+    "SHM_HOST_KEY",
+    "SHM_SEGMENT_KEY",
+    "STATUS_TOPIC_PREFIX",
+]
 
 #: IOPub topic of an engine's ``status`` messages: ``status.engine.<id>``. Every other IOPub
 #: message keeps ipyparallel's ``engine.<id>.<type>``.
@@ -20,3 +26,11 @@ OUTPUT_TOPIC_PREFIX = b"engine."
 #: for the request before replying. A client that has received that many knows the request's
 #: output is complete without waiting for the ``idle`` status.
 OUTPUT_COUNT_KEY = "fp_outputs"
+
+#: Request metadata key: the client's host token, sent when it accepts large results through
+#: shared memory (an engine with the same token may answer with segment descriptors).
+SHM_HOST_KEY = "fp_shm_host"
+
+#: Reply metadata key: the name of the shared-memory segment that holds the result's large
+#: buffers; the client unlinks it once it has mapped the result.
+SHM_SEGMENT_KEY = "fp_shm_segment"

@@ -22,7 +22,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 from .. import _core, error, paths
 from .. import curve as _curve
 from .. import ssh as _ssh
-from ..wire_names import OUTPUT_TOPIC_PREFIX
+from ..wire_names import OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
 from . import connection, dispatch
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
@@ -656,6 +656,13 @@ class Client(HasTraits):
         )
         return futs
 
+    def _shm_results(self, metadata: dict[str, Any] | None) -> dict[str, Any]:
+        """Request metadata saying that large results may come back through shared memory
+        (when this client uses it: engines on this host then answer with a segment)."""
+        if not self._shm.enabled:
+            return metadata or {}
+        return {**(metadata or {}), SHM_HOST_KEY: self._shm.host}
+
     def apply_to(
         self,
         uuids: Sequence[str],
@@ -673,6 +680,7 @@ class Client(HasTraits):
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
         bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), uuids)
+        metadata = self._shm_results(metadata)
         if seg is None:
             return self._send_fanout("apply_request", {}, uuids, metadata, bufs)
         try:
@@ -714,6 +722,7 @@ class Client(HasTraits):
         uuid = ident.decode() if isinstance(ident, bytes) else ident
         targets = [uuid] if uuid else (metadata or {}).get("targets") or None
         bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), targets)
+        metadata = self._shm_results(metadata)
         try:
             fut = self._send(
                 socket,

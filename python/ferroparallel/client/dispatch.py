@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import error
 from ..serialize import deserialize_object
-from ..wire_names import OUTPUT_COUNT_KEY
+from ..serialize.shm import release_name as release_segment
+from ..wire_names import OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
 from .metadata import parse_date
 
 if TYPE_CHECKING:
@@ -137,6 +138,10 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                 result = deserialize_object(msg.get("buffers") or [])
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
                 exc = error.RemoteError(type(e).__name__, f"cannot deserialize the result: {e}")
+            finally:
+                segment = md_in.get(SHM_SEGMENT_KEY)
+                if segment:  # mapped (or failed): the name is no longer needed
+                    release_segment(segment)
         elif header.get("msg_type") == "execute_reply":
             result = ExecuteReply(msg_id, content, md)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import linecache
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,12 @@ from typing import Any
 from ..serialize import serialize_object, unpack_apply_message
 from ..serialize.apply import check_buffer_count
 from .errors import ErrorInfo
+from .results_shm import ResultSegments
 from .signals import EngineExit, InterruptGate
 
 #: ``publish(msg_type, content, topic)`` sends one IOPub message for the current request.
+log = logging.getLogger("ferroparallel.engine")
+
 IOPubPublisher = Callable[[str, dict[str, Any], str], None]
 
 
@@ -24,9 +28,17 @@ class ApplyOutcome:
 
     buffers: list[Any] = field(default_factory=list)
     error: ErrorInfo | None = None
+    #: The shared-memory segment holding the result's large buffers (None: all in frames).
+    segment: Any = None
 
 
-def run_apply(buffers: Sequence[Any], ns: dict[str, Any], gate: InterruptGate) -> ApplyOutcome:
+def run_apply(
+    buffers: Sequence[Any],
+    ns: dict[str, Any],
+    gate: InterruptGate,
+    results: ResultSegments | None = None,
+    request_metadata: dict[str, Any] | None = None,
+) -> ApplyOutcome:
     """Unpack and call ``f(*args, **kwargs)`` in the user namespace.
 
     Parameters
@@ -37,12 +49,17 @@ def run_apply(buffers: Sequence[Any], ns: dict[str, Any], gate: InterruptGate) -
         The user namespace.
     gate : InterruptGate
         Opened while the user function runs (SIGINT → ``KeyboardInterrupt``).
+    results : ResultSegments, optional
+        Shared-memory policy for the result (see :mod:`.results_shm`).
+    request_metadata : dict, optional
+        The request's metadata (says whether the client can map a result segment).
 
     Returns
     -------
     ApplyOutcome
-        ``serialize_object(result)`` frames, or the error (failed unpack, any exception of
-        the call, unserializable result).
+        ``serialize_object(result)`` frames (large buffers possibly in a shared-memory
+        segment), or the error (failed unpack, any exception of the call, unserializable
+        result).
 
     Raises
     ------
@@ -65,9 +82,17 @@ def run_apply(buffers: Sequence[Any], ns: dict[str, Any], gate: InterruptGate) -
     finally:
         del f, args, kwargs
     try:
-        frames = serialize_object(result)
+        writer = results.writer_for(request_metadata or {}) if results is not None else None
+        frames = serialize_object(result, shm=writer)
+        segment = None
+        if writer is not None and results is not None and len(writer):
+            try:
+                segment = results.commit(writer)
+            except OSError as e:
+                log.warning("shared memory unavailable (%s): result sent over the socket", e)
+                frames = serialize_object(result)
         check_buffer_count(frames, "result")
-        return ApplyOutcome(buffers=frames)
+        return ApplyOutcome(buffers=frames, segment=segment)
     except EngineExit:
         raise
     except BaseException as exc:

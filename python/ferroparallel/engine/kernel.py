@@ -30,6 +30,7 @@ from .inbox import (
 )
 from .liveness import Liveness
 from .namespace import UserNamespace
+from .results_shm import ResultSegments
 from .shell import ShellHandler
 from .signals import EngineExit, InterruptGate, install_handlers
 
@@ -106,6 +107,7 @@ class EngineKernel:
         self.gate = InterruptGate()
         self.namespace = UserNamespace()
         self.capture = StreamCapture(self._publish_stream)
+        self.result_segments = ResultSegments()
         self.watcher = BusyWatcher(self.inbox, self.io, self._busy_tick)
         self.liveness: Liveness | None = None
         self.exit_code: int | None = None
@@ -235,6 +237,7 @@ class EngineKernel:
             code = EXIT_FAILED
         finally:
             self._finish()
+            self.result_segments.release_all()
             if restore is not None:
                 restore()
         return code

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from ..wire_names import OUTPUT_COUNT_KEY
+from ..wire_names import OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
 from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
@@ -50,6 +50,7 @@ class ShellHandler:
         started: str,
         buffers: list[Any] | None = None,
         flush: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Send a reply to the sender of ``request`` with the reply metadata (it leaves with
         the idle status that always follows, unless ``flush``)."""
@@ -64,6 +65,8 @@ class ShellHandler:
             status=status,
         )
         metadata[OUTPUT_COUNT_KEY] = k.published
+        if extra:
+            metadata.update(extra)
         if status == "error":
             metadata["engine_info"] = content.get("engine_info", k.engine_info(""))
         k.io.send(
@@ -129,11 +132,14 @@ class ShellHandler:
         k = self.kernel
         self._begin(msg["header"])
         try:
-            outcome = run_apply(msg["buffers"], k.namespace.ns, k.gate)
+            outcome = run_apply(
+                msg["buffers"], k.namespace.ns, k.gate, k.result_segments, msg.get("metadata")
+            )
         finally:
             self._end()
         if outcome.error is None:
-            self.reply(msg, "apply_reply", {"status": "ok"}, started, outcome.buffers)
+            extra = {SHM_SEGMENT_KEY: outcome.segment.name} if outcome.segment else None
+            self.reply(msg, "apply_reply", {"status": "ok"}, started, outcome.buffers, extra=extra)
             return
         error = outcome.error
         k.publish(

@@ -353,3 +353,18 @@ def open_slice(name: str, offset: int, nbytes: int, host: str) -> memoryview:
             f"descriptor [{offset}:{offset + nbytes}] is outside segment {name} ({len(mm)} bytes)"
         )
     return memoryview(mm)[offset : offset + nbytes]
+
+
+def release_name(name: str, directory: Path | None = None) -> bool:
+    """Unlink the segment ``name`` (a receiver done with a result segment). Only names of
+    ferroparallel segments are accepted, so a peer cannot make us remove other files.
+
+    Returns
+    -------
+    bool
+        Whether ``name`` was a segment name (whether or not it still existed).
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        return False
+    Segment(name, 0, SHM_DIR if directory is None else directory).release()
+    return True

@@ -1,0 +1,82 @@
+"""Large apply results (pull, gather, apply) through shared memory for a client on the engines'
+host: the engine writes the result's big buffers once into a segment, the client maps it
+read-only and unlinks the name; nothing is left in /dev/shm."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import ferroparallel as ipp
+from ferroparallel.client import Client, DirectView
+from ferroparallel.cluster import Cluster
+from ferroparallel.engine.results_shm import GRACE, ResultSegments
+from ferroparallel.serialize import serialize_object, shm
+from ferroparallel.wire_names import SHM_HOST_KEY
+from transfer_util import assert_over_frame, assert_over_shm, owner_kind
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1 << 20
+
+
+def _engine_segments(rc: Client) -> list[list[str]]:
+    return rc[:].apply_sync(lambda: __import__("ferroparallel").serialize.shm.our_segments())
+
+
+def test_pull_and_apply_results_come_through_shm(rc: Client, dv: DirectView) -> None:
+    a = np.arange(MIB, dtype=np.float64)  # 8 MiB
+    dv.push({"big": a}, block=True)
+    for got in dv.pull("big", block=True):
+        assert_over_shm(got)
+        assert np.array_equal(got, a)
+    doubled = dv.apply_sync(lambda x: x * 2, a)
+    for got in doubled:
+        assert_over_shm(got)
+        assert np.array_equal(got, a * 2)
+    small = rc[0].apply_sync(lambda: np.arange(10))
+    assert owner_kind(small) != "shm"  # below the threshold: in the pickle or a frame
+    # the client unlinked every result segment as it mapped it
+    deadline = time.monotonic() + 5
+    while any(_engine_segments(rc)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _engine_segments(rc) == [[], []]
+
+
+def test_results_use_the_socket_without_shm(shared_cluster: Cluster) -> None:
+    a = np.arange(MIB, dtype=np.float64)
+    with ipp.Client(shared_cluster.client_file, shm=False) as rc2:
+        got = rc2[0].apply_sync(lambda x: x + 1, a)
+        assert_over_frame(got)
+        assert np.array_equal(got, a + 1)
+
+
+def test_result_segments_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a client on this host gets a segment; unreleased segments expire; all are
+    released at exit; peers cannot make a client unlink other files."""
+    results = ResultSegments()
+    if not results.enabled:
+        pytest.skip("/dev/shm is not usable here")
+    assert results.writer_for({}) is None
+    assert results.writer_for({SHM_HOST_KEY: "another-host"}) is None
+    writer = results.writer_for({SHM_HOST_KEY: results.host})
+    assert writer is not None
+    frames = serialize_object(np.ones(2 * MIB, dtype=np.uint8), shm=writer)
+    assert len(frames) == 1  # the buffer went to the segment, only its descriptor is pickled
+    seg = results.commit(writer)
+    assert seg is not None and seg.path.exists()
+    results.expire(now=time.monotonic() + GRACE / 2)
+    assert seg.path.exists()
+    results.expire(now=time.monotonic() + GRACE + 1)
+    assert not seg.path.exists()
+    second = results.writer_for({SHM_HOST_KEY: results.host})
+    serialize_object(np.ones(2 * MIB, dtype=np.uint8), shm=second)
+    seg2 = results.commit(second)
+    assert seg2 is not None and seg2.path.exists()
+    results.release_all()
+    assert not seg2.path.exists()
+    assert shm.release_name("../../etc/passwd") is False
+    assert shm.release_name("fp-1-2-3-nothex") is False
