@@ -13,13 +13,16 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
+import ferroparallel
 from ferroparallel import _core
 from ferroparallel.serialize import shm
 
 # Engines cannot import the tests: send the helpers below by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-PYTHON_DIR = str(Path(__file__).resolve().parent.parent / "python")
+#: Where the ferroparallel under test comes from (the source tree, or the installed wheel in
+#: CI): child scripts must import the same one.
+PYTHON_DIR = str(Path(ferroparallel.__file__).resolve().parent.parent)
 
 
 def memory_owner(a: Any) -> Any:
@@ -78,7 +81,8 @@ def segments_of(pid: int | None = None) -> list[str]:
 
 
 def run_script(code: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
-    """Start ``python -c code argv...`` (code dedented) with this tree on ``PYTHONPATH``."""
+    """Start ``python -c code argv...`` (code dedented) importing the ferroparallel under
+    test (``PYTHONPATH``)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
