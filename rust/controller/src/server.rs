@@ -308,26 +308,30 @@ impl Server {
                     return;
                 }
             };
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
-            if i == HB_PONG {
-                self.on_pong(frames);
-                continue;
-            }
-            let env = match self.verified(i, frames) {
-                Some(env) => env,
-                None => continue,
-            };
-            match i {
-                REG => self.on_query(env),
-                MUX_C => self.on_client_relay(env, MUX_C, MUX_E, true),
-                CTL_C => self.on_client_relay(env, CTL_C, CTL_E, false),
-                MUX_E => self.on_engine_reply(env, MUX_C, true),
-                CTL_E => self.on_engine_reply(env, CTL_C, false),
-                TASK_C => self.on_task_submit(env),
-                TASK_E => self.on_task_reply(env),
-                IOP_E => self.on_iopub(env),
-                _ => {}
-            }
+            self.handle(i, frames);
+        }
+    }
+
+    /// Handle one message received on socket `i`.
+    pub(crate) fn handle(&mut self, i: usize, frames: Vec<RecvFrame>) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        if i == HB_PONG {
+            self.on_pong(frames);
+            return;
+        }
+        let Some(env) = self.verified(i, frames) else {
+            return;
+        };
+        match i {
+            REG => self.on_query(env),
+            MUX_C => self.on_client_relay(env, MUX_C, MUX_E, true),
+            CTL_C => self.on_client_relay(env, CTL_C, CTL_E, false),
+            MUX_E => self.on_engine_reply(env, MUX_C, true),
+            CTL_E => self.on_engine_reply(env, CTL_C, false),
+            TASK_C => self.on_task_submit(env),
+            TASK_E => self.on_task_reply(env),
+            IOP_E => self.on_iopub(env),
+            _ => {}
         }
     }
 
@@ -747,12 +751,12 @@ impl Server {
         }
     }
 
-    fn ping(&mut self) {
+    pub(crate) fn ping(&mut self) {
         let payload = self.heart.ping_payload();
         let _ = self.send(HB_PING, vec![OutFrame::Owned(payload)]);
     }
 
-    fn timers(&mut self) {
+    pub(crate) fn timers(&mut self) {
         self.task_timeouts();
         let now = Instant::now();
         if let Some(t) = self.heart.next_fast_ping {

@@ -9,6 +9,8 @@
 
 mod envelope;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod header;
 mod json;
 mod msgpack;

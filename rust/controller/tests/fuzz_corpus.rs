@@ -1,0 +1,24 @@
+//! Replays the committed `cargo fuzz` corpus of `hub_messages` (fuzz/corpus/hub_messages) and
+//! the generated seeds through the same harness, so CI re-checks them on stable in seconds.
+
+use std::path::Path;
+
+#[test]
+fn hub_messages_corpus_replays_cleanly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/hub_messages");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("the committed corpus") {
+        let path = entry.expect("a corpus entry").path();
+        let data = std::fs::read(&path).expect("a readable corpus file");
+        fp_controller::fuzzing::hub_messages(&data);
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus in {}", dir.display());
+}
+
+#[test]
+fn seeds_replay_cleanly() {
+    for (_, input) in fp_controller::fuzzing::seed_inputs() {
+        fp_controller::fuzzing::hub_messages(&input);
+    }
+}
