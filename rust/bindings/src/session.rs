@@ -35,20 +35,6 @@ fn key_bytes(key: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
     }
 }
 
-/// Environment variable that turns buffer digests off (`0`, `false`, `no`, `off`) for sessions
-/// created without an explicit `sign_buffers`.
-const SIGN_BUFFERS_ENV: &str = "FERROPARALLEL_SIGN_BUFFERS";
-
-fn sign_buffers_default() -> bool {
-    match std::env::var(SIGN_BUFFERS_ENV) {
-        Ok(v) => !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "0" | "false" | "no" | "off"
-        ),
-        Err(_) => true,
-    }
-}
-
 /// Idents given as one bytes object or a sequence of them.
 pub fn ident_list(ident: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Vec<u8>>> {
     let Some(ident) = ident else {
@@ -154,7 +140,7 @@ impl Session {
             limits,
         )
         .map_err(|e| wire_error(py, e))?
-        .with_sign_buffers(sign_buffers.unwrap_or_else(sign_buffers_default));
+        .with_sign_buffers(sign_buffers.unwrap_or_else(fp_io::sign_buffers_default));
         Ok(Session {
             core: Arc::new(core),
         })

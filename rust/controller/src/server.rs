@@ -107,7 +107,8 @@ impl Server {
             fp_wire::DEFAULT_HISTORY_SIZE,
             fp_wire::Limits::default(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_sign_buffers(fp_io::sign_buffers_default());
         let mut engines = EngineTable::default();
         if cfg.restore {
             if let Some(path) = &cfg.engine_state_file {

@@ -22,6 +22,21 @@ pub struct SessionCore {
     auth: Mutex<Auth>,
 }
 
+/// Environment variable that turns sending buffer digests off (`0`, `false`, `no`, `off`) in
+/// every process that inherits it: clients, engines and the controller.
+pub const SIGN_BUFFERS_ENV: &str = "FERROPARALLEL_SIGN_BUFFERS";
+
+/// Whether sessions add buffer digests by default: yes unless [`SIGN_BUFFERS_ENV`] says no.
+pub fn sign_buffers_default() -> bool {
+    match std::env::var(SIGN_BUFFERS_ENV) {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "no" | "off"
+        ),
+        Err(_) => true,
+    }
+}
+
 /// A message to be built and sent by the I/O thread.
 pub struct OutgoingMessage {
     pub idents: Vec<Vec<u8>>,
