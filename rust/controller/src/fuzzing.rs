@@ -59,11 +59,26 @@ const SCHEMES: [Scheme; 5] = [
 /// Most operations taken from one input.
 const MAX_OPS: usize = 64;
 
+thread_local! {
+    /// Sockets of the previous harness, reused: creating and reaping twelve sockets per input
+    /// would dominate the run time. Unbound and unconnected, they keep no state between uses.
+    static SPARE: std::cell::RefCell<Option<Vec<zmq::Socket>>> = const { std::cell::RefCell::new(None) };
+}
+
 /// A controller without a network.
 pub struct Harness {
     server: Server,
     auth: Auth,
     packer: Packer,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let socks = self.server.take_sockets();
+        if socks.len() == CHANNELS.len() {
+            SPARE.with(|s| *s.borrow_mut() = Some(socks));
+        }
+    }
 }
 
 impl Harness {
@@ -84,16 +99,21 @@ impl Harness {
             hwm: usize::from(config_byte & config::HWM1 != 0),
             ..ControllerConfig::default()
         };
-        let mut socks = Vec::with_capacity(CHANNELS.len());
-        for (i, name) in CHANNELS.iter().enumerate() {
-            socks.push(channel_socket(i, name)?);
-        }
-        if config_byte & config::MANDATORY == 0 {
-            for i in [MUX_E, CTL_E, TASK_E] {
-                socks[i]
-                    .set_router_mandatory(false)
-                    .map_err(|e| e.to_string())?;
+        let socks = match SPARE.with(|s| s.borrow_mut().take()) {
+            Some(socks) => socks,
+            None => {
+                let mut socks = Vec::with_capacity(CHANNELS.len());
+                for (i, name) in CHANNELS.iter().enumerate() {
+                    socks.push(channel_socket(i, name)?);
+                }
+                socks
             }
+        };
+        let mandatory = config_byte & config::MANDATORY != 0;
+        for i in [MUX_E, CTL_E, TASK_E] {
+            socks[i]
+                .set_router_mandatory(mandatory)
+                .map_err(|e| e.to_string())?;
         }
         let auth = Auth::new(&cfg.key, &cfg.signature_scheme).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -519,6 +539,29 @@ pub fn seed_inputs() -> Vec<(String, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fp_wire::Value;
+
+    /// Found by `cargo fuzz run hub_messages`: a task `timeout` too large for a `Duration`
+    /// (or for an `Instant`) panicked the controller thread.
+    #[test]
+    fn huge_task_timeouts_do_not_panic() {
+        for timeout in [1e300, 1e18, f64::MAX, 1e-300, -1.0] {
+            let mut h = Harness::new(config::KEYED).unwrap();
+            let md = Value::map([("timeout", Value::Float(timeout))]);
+            let frames = message(
+                Packer::Msgpack,
+                &[b"client"],
+                "apply_request",
+                "t1",
+                None,
+                md,
+                Value::empty_map(),
+                &[b"f"],
+            );
+            h.apply(crate::server::TASK_C as u8 | op::SIGN, frames);
+            h.beat();
+        }
+    }
 
     #[test]
     fn a_seed_session_registers_an_engine() {

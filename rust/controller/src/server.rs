@@ -155,6 +155,15 @@ impl Server {
         })
     }
 
+    /// Take the sockets back (for the fuzzing harness, which reuses them); the server cannot
+    /// send or receive afterwards.
+    pub(crate) fn take_sockets(&mut self) -> Vec<zmq::Socket> {
+        for q in &mut self.pending {
+            q.clear();
+        }
+        std::mem::take(&mut self.socks)
+    }
+
     pub fn run(&mut self) {
         log_at!(
             Level::Info,
