@@ -15,10 +15,12 @@ CI runs a short profile. For a long run, set ``FP_FUZZ_EXAMPLES`` (examples per 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
-from collections.abc import Sequence
+import resource
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +53,41 @@ DELIM = b"<IDS|MSG>"
 frames_st = st.lists(st.binary(max_size=64), max_size=12)
 
 
-def outcome(call: Any, *args: Any) -> BaseException | None:
-    """Run ``call``; return the exception it raised (None on success). Re-raise anything that
-    is not an ordinary ``Exception``: that would take a process down."""
+#: Address space a call may add (see ``memory_cap``).
+MEMORY_HEADROOM = 2 << 30
+
+
+@contextlib.contextmanager
+def memory_cap(headroom: int = MEMORY_HEADROOM) -> Iterator[None]:
+    """Cap this process's address space at its current size plus ``headroom`` (Linux).
+
+    A mutated pickle can ask for an arbitrary allocation (e.g. a length field turned into
+    10^10): with the cap that is a ``MemoryError``, without it the kernel's OOM killer ends the
+    test run, and possibly other processes on the machine.
+    """
     try:
-        call(*args)
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+    except OSError:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + headroom
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def outcome(call: Any, *args: Any) -> BaseException | None:
+    """Run ``call`` under ``memory_cap``; return the exception it raised (None on success).
+    Re-raise anything that is not an ordinary ``Exception``: that would take a process down."""
+    try:
+        with memory_cap():
+            call(*args)
     except Exception as e:  # noqa: BLE001 - any ordinary exception is a clean refusal
         return e
     return None
