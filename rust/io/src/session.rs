@@ -20,6 +20,9 @@ pub struct SessionCore {
     /// Received digests are always checked, whatever this says.
     pub sign_buffers: bool,
     auth: Mutex<Auth>,
+    /// The same key without a replay history, for buffer digests: hashing large buffers must
+    /// not hold the lock that signing and verifying on other threads need.
+    buffers_auth: Auth,
 }
 
 /// Environment variable that turns sending buffer digests off (`0`, `false`, `no`, `off`) in
@@ -55,6 +58,7 @@ impl SessionCore {
         limits: Limits,
     ) -> Result<SessionCore, WireError> {
         let auth = Auth::with_history(&key, signature_scheme, history_size)?;
+        let buffers_auth = Auth::with_history(&key, signature_scheme, 1)?;
         Ok(SessionCore {
             headers: HeaderFactory::new(session, username),
             packer,
@@ -63,6 +67,7 @@ impl SessionCore {
             limits,
             sign_buffers: true,
             auth: Mutex::new(auth),
+            buffers_auth,
         })
     }
 
@@ -85,7 +90,7 @@ impl SessionCore {
         if buffers.peek().is_none() {
             return;
         }
-        if let Some(digest) = self.auth().buffers_digest(buffers) {
+        if let Some(digest) = self.buffers_auth.buffers_digest(buffers) {
             parts
                 .metadata
                 .set(fp_wire::BUFFERS_DIGEST_KEY, Value::Str(digest));
@@ -158,12 +163,10 @@ impl SessionCore {
                 content: Value::Nil,
             }
         };
-        {
-            let mut auth = self.auth();
-            auth.check_buffers(&parts.metadata, env.buffers.iter().map(AsRef::as_ref))?;
-            if record {
-                auth.record(env.signature.as_ref())?;
-            }
+        self.buffers_auth
+            .check_buffers(&parts.metadata, env.buffers.iter().map(AsRef::as_ref))?;
+        if record {
+            self.auth().record(env.signature.as_ref())?;
         }
         Ok((env.idents, parts, env.buffers))
     }
