@@ -426,13 +426,6 @@ def test_controller_drops_forged_requests(tmp_path: Path) -> None:
         ctl.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="protocol limitation: the HMAC covers header, parent_header, metadata and content but "
-    "not the buffers (Jupyter/ipyparallel envelope), so an active attacker on the path can swap "
-    "the pickled payload of a genuine message; see docs/security.md",
-)
 def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
     ctl, _ = fake_engine
     marker = tmp_path / "pwned"
@@ -444,9 +437,18 @@ def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
         )
     ]
     head = genuine[: len(ident) + 6]  # idents, delimiter, signature, the four signed parts
+    # The signed metadata carries the digest of the genuine buffers.
+    assert len(ctl.session.unpack(head[len(ident) + 4])["buffers_hmac"]) == 64
     ctl.send_raw("mux", head + pack_apply_message(print, (Evil(marker),), {}))
-    ctl.reply()
+    for tampered in (head, head + genuine[len(head) :] + [b"extra"], head + genuine[-1:]):
+        ctl.send_raw("mux", tampered)
+    assert _no_reply(ctl.sockets["mux"], 0.5), "the engine answered a message with swapped buffers"
     assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
+    # Refusing the forgeries did not burn the genuine message's signature.
+    ctl.send_raw("mux", genuine)
+    rep = ctl.reply()
+    assert rep["content"]["status"] == "ok"
+    assert rep["metadata"]["buffers_hmac"], "the reply's buffers are authenticated too"
 
 
 def test_empty_exec_key_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -55,6 +55,11 @@ class Session:
         Number of signatures remembered to reject replays.
     max_part : int
         Largest accepted packed dict part in bytes.
+    sign_buffers : bool, optional
+        Put an HMAC of the buffers into the signed metadata (``metadata["buffers_hmac"]``) of
+        messages sent with buffers. Default: on, unless the environment variable
+        ``FERROPARALLEL_SIGN_BUFFERS`` is ``0``/``false``/``no``/``off``. Received digests are
+        always checked.
     """
 
     session: str
@@ -62,6 +67,7 @@ class Session:
     packer: str
     signature_scheme: str
     key: bytes
+    sign_buffers: bool
     def __init__(
         self,
         key: bytes = b"",
@@ -72,6 +78,7 @@ class Session:
         username: str | None = None,
         history_size: int = 65536,
         max_part: int = 268435456,
+        sign_buffers: bool | None = None,
     ) -> None: ...
     def msg_id(self) -> str: ...
     def msg_header(self, msg_type: str) -> dict[str, Any]: ...

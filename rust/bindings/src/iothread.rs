@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use fp_io::{Delivery, Incoming, IoHandle, OutgoingMessage, SocketKind, SocketSpec};
+use fp_io::{Delivery, Incoming, IoHandle, OutFrame, OutgoingMessage, SocketKind, SocketSpec};
 
 use crate::curve::curve_role;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -19,6 +19,8 @@ use crate::session::{ident_list, out_buffers, Session};
 /// Longest single wait without checking for signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 const ADD_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffers at least this large (in total) are digested with the GIL released.
+const DETACH_BYTES: usize = 1 << 20;
 
 /// A native thread that owns ZMQ sockets for this process.
 #[pyclass(frozen, module = "ferroparallel._core")]
@@ -185,10 +187,16 @@ impl IoThread {
             parts,
             buffers: out_buffers(buffers)?,
         };
-        let frames = session
-            .core
-            .build_frames(msg)
-            .map_err(|e| wire_error(py, e))?;
+        // Digesting large buffers takes a while: do it without holding the GIL.
+        let large = session.core.sign_buffers
+            && msg.buffers.iter().map(OutFrame::len).sum::<usize>() >= DETACH_BYTES;
+        let core = &session.core;
+        let frames = if large {
+            py.detach(|| core.build_frames(msg))
+        } else {
+            core.build_frames(msg)
+        }
+        .map_err(|e| wire_error(py, e))?;
         self.handle
             .send_with(socket, frames, flush)
             .map_err(PyValueError::new_err)?;

@@ -108,7 +108,8 @@ impl Session {
 impl Session {
     #[new]
     #[pyo3(signature = (key=None, *, packer="msgpack", signature_scheme="hmac-sha256",
-                        session=None, username=None, history_size=65536, max_part=268435456))]
+                        session=None, username=None, history_size=65536, max_part=268435456,
+                        sign_buffers=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -119,6 +120,7 @@ impl Session {
         username: Option<String>,
         history_size: usize,
         max_part: usize,
+        sign_buffers: Option<bool>,
     ) -> PyResult<Self> {
         let packer = Packer::from_name(packer).map_err(|e| wire_error(py, e))?;
         let username = username
@@ -137,10 +139,17 @@ impl Session {
             history_size,
             limits,
         )
-        .map_err(|e| wire_error(py, e))?;
+        .map_err(|e| wire_error(py, e))?
+        .with_sign_buffers(sign_buffers.unwrap_or_else(fp_io::sign_buffers_default));
         Ok(Session {
             core: Arc::new(core),
         })
+    }
+
+    /// Whether sent messages carry a digest of their buffers in the signed metadata.
+    #[getter]
+    fn sign_buffers(&self) -> bool {
+        self.core.sign_buffers
     }
 
     #[getter]
@@ -241,7 +250,15 @@ impl Session {
         buffers: Option<&Bound<'py, PyAny>>,
         header: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let parts = self.parts(msg_type, content, parent, metadata, header)?;
+        let mut parts = self.parts(msg_type, content, parent, metadata, header)?;
+        if let Some(b) = buffers.filter(|b| !b.is_none()) {
+            let held: Vec<HeldBuffer> = b
+                .try_iter()?
+                .map(|item| HeldBuffer::get(&item?))
+                .collect::<PyResult<_>>()?;
+            self.core
+                .add_buffers_digest(&mut parts, held.iter().map(HeldBuffer::as_slice));
+        }
         let (sig, packed) = self
             .core
             .pack_and_sign(&parts)

@@ -43,6 +43,11 @@ impl Heart {
         payload
     }
 
+    /// The most recent ping payload.
+    pub fn last_payload(&self) -> Option<&[u8]> {
+        self.recent.back().map(|(p, _)| p.as_slice())
+    }
+
     /// The beat a pong payload answers, if it is one of ours.
     pub fn beat_of(&self, payload: &[u8]) -> Option<u64> {
         self.recent

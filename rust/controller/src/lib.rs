@@ -4,6 +4,8 @@
 
 mod config;
 mod engines;
+#[doc(hidden)]
+pub mod fuzzing;
 mod heart;
 pub mod log;
 mod messages;
@@ -43,8 +45,63 @@ fn port_of(endpoint: &str) -> u16 {
 /// Bound port of each channel.
 pub type Ports = Vec<(&'static str, u16)>;
 
-fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String> {
+/// A socket of the right type and options for channel `i`, not yet bound; a CurveZMQ server
+/// when `curve` is given.
+fn channel_socket(
+    i: usize,
+    name: &str,
+    curve: Option<&fp_io::Curve>,
+) -> Result<zmq::Socket, String> {
     let ctx = fp_io::context();
+    let kind = match i {
+        REG | MUX_C | MUX_E | CTL_C | CTL_E | TASK_C | TASK_E | HB_PONG => zmq::ROUTER,
+        NOTIF | IOP_C | HB_PING => zmq::PUB,
+        IOP_E => zmq::SUB,
+        _ => return Err(format!("no socket type for channel {name}")),
+    };
+    let err = |what: &str, e: zmq::Error| format!("{name}: {what}: {e}");
+    let sock = ctx.socket(kind).map_err(|e| err("create", e))?;
+    if let Some(curve) = curve {
+        curve.apply(&sock).map_err(|e| format!("{name}: {e}"))?;
+    }
+    sock.set_linger(500).map_err(|e| err("linger", e))?;
+    sock.set_sndhwm(0).map_err(|e| err("sndhwm", e))?;
+    sock.set_rcvhwm(0).map_err(|e| err("rcvhwm", e))?;
+    let engine_side = match i {
+        MUX_E => Some(&b"mux_out"[..]),
+        CTL_E => Some(&b"control_out"[..]),
+        TASK_E => Some(&b"task_out"[..]),
+        _ => None,
+    };
+    if let Some(identity) = engine_side {
+        sock.set_identity(identity)
+            .map_err(|e| err("identity", e))?;
+        sock.set_router_mandatory(true)
+            .map_err(|e| err("router_mandatory", e))?;
+    }
+    if matches!(i, MUX_C | CTL_C | TASK_C | REG) {
+        // A client that went away must not make sends fail; drop silently like ipyparallel.
+        sock.set_router_mandatory(false)
+            .map_err(|e| err("router_mandatory", e))?;
+    }
+    if i == IOP_E {
+        sock.set_subscribe(b"").map_err(|e| err("subscribe", e))?;
+    }
+    // What peers send to the publishing sockets is only subscriptions, and heartbeat
+    // replies are one short frame: refuse anything large instead of storing it.
+    let max_in: Option<i64> = match i {
+        NOTIF | IOP_C | HB_PING => Some(4096),
+        HB_PONG => Some(1024),
+        _ => None,
+    };
+    if let Some(limit) = max_in {
+        sock.set_maxmsgsize(limit)
+            .map_err(|e| err("maxmsgsize", e))?;
+    }
+    Ok(sock)
+}
+
+fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String> {
     let curve = match &cfg.curve_secretkey {
         Some(secret) => Some(fp_io::Curve::server(*secret)?),
         None => None,
@@ -52,54 +109,10 @@ fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String>
     let mut socks = Vec::with_capacity(CHANNELS.len());
     let mut ports = Vec::with_capacity(CHANNELS.len());
     for (i, name) in CHANNELS.iter().enumerate() {
-        let kind = match i {
-            REG | MUX_C | MUX_E | CTL_C | CTL_E | TASK_C | TASK_E | HB_PONG => zmq::ROUTER,
-            NOTIF | IOP_C | HB_PING => zmq::PUB,
-            IOP_E => zmq::SUB,
-            _ => return Err(format!("no socket type for channel {name}")),
-        };
-        let err = |what: &str, e: zmq::Error| format!("{name}: {what}: {e}");
-        let sock = ctx.socket(kind).map_err(|e| err("create", e))?;
-        if let Some(curve) = &curve {
-            curve.apply(&sock).map_err(|e| format!("{name}: {e}"))?;
-        }
-        sock.set_linger(500).map_err(|e| err("linger", e))?;
-        sock.set_sndhwm(0).map_err(|e| err("sndhwm", e))?;
-        sock.set_rcvhwm(0).map_err(|e| err("rcvhwm", e))?;
-        let engine_side = match i {
-            MUX_E => Some(&b"mux_out"[..]),
-            CTL_E => Some(&b"control_out"[..]),
-            TASK_E => Some(&b"task_out"[..]),
-            _ => None,
-        };
-        if let Some(identity) = engine_side {
-            sock.set_identity(identity)
-                .map_err(|e| err("identity", e))?;
-            sock.set_router_mandatory(true)
-                .map_err(|e| err("router_mandatory", e))?;
-        }
-        if matches!(i, MUX_C | CTL_C | TASK_C | REG) {
-            // A client that went away must not make sends fail; drop silently like ipyparallel.
-            sock.set_router_mandatory(false)
-                .map_err(|e| err("router_mandatory", e))?;
-        }
-        if i == IOP_E {
-            sock.set_subscribe(b"").map_err(|e| err("subscribe", e))?;
-        }
-        // What peers send to the publishing sockets is only subscriptions, and heartbeat
-        // replies are one short frame: refuse anything large instead of storing it.
-        let max_in: Option<i64> = match i {
-            NOTIF | IOP_C | HB_PING => Some(4096),
-            HB_PONG => Some(1024),
-            _ => None,
-        };
-        if let Some(limit) = max_in {
-            sock.set_maxmsgsize(limit)
-                .map_err(|e| err("maxmsgsize", e))?;
-        }
+        let sock = channel_socket(i, name, curve.as_ref())?;
         let endpoint = cfg.endpoint(i);
         sock.bind(&endpoint)
-            .map_err(|e| err(&format!("bind {endpoint}"), e))?;
+            .map_err(|e| format!("{name}: bind {endpoint}: {e}"))?;
         let bound = match sock.get_last_endpoint() {
             Ok(Ok(s)) => s,
             _ => endpoint,

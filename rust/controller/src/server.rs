@@ -107,7 +107,8 @@ impl Server {
             fp_wire::DEFAULT_HISTORY_SIZE,
             fp_wire::Limits::default(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_sign_buffers(fp_io::sign_buffers_default());
         let mut engines = EngineTable::default();
         if cfg.restore {
             if let Some(path) = &cfg.engine_state_file {
@@ -153,6 +154,15 @@ impl Server {
             shared_engines: Arc::default(),
             shutdown_at: None,
         })
+    }
+
+    /// Take the sockets back (for the fuzzing harness, which reuses them); the server cannot
+    /// send or receive afterwards.
+    pub(crate) fn take_sockets(&mut self) -> Vec<zmq::Socket> {
+        for q in &mut self.pending {
+            q.clear();
+        }
+        std::mem::take(&mut self.socks)
     }
 
     pub fn run(&mut self) {
@@ -309,26 +319,30 @@ impl Server {
                     return;
                 }
             };
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
-            if i == HB_PONG {
-                self.on_pong(frames);
-                continue;
-            }
-            let env = match self.verified(i, frames) {
-                Some(env) => env,
-                None => continue,
-            };
-            match i {
-                REG => self.on_query(env),
-                MUX_C => self.on_client_relay(env, MUX_C, MUX_E, true),
-                CTL_C => self.on_client_relay(env, CTL_C, CTL_E, false),
-                MUX_E => self.on_engine_reply(env, MUX_C, true),
-                CTL_E => self.on_engine_reply(env, CTL_C, false),
-                TASK_C => self.on_task_submit(env),
-                TASK_E => self.on_task_reply(env),
-                IOP_E => self.on_iopub(env),
-                _ => {}
-            }
+            self.handle(i, frames);
+        }
+    }
+
+    /// Handle one message received on socket `i`.
+    pub(crate) fn handle(&mut self, i: usize, frames: Vec<RecvFrame>) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        if i == HB_PONG {
+            self.on_pong(frames);
+            return;
+        }
+        let Some(env) = self.verified(i, frames) else {
+            return;
+        };
+        match i {
+            REG => self.on_query(env),
+            MUX_C => self.on_client_relay(env, MUX_C, MUX_E, true),
+            CTL_C => self.on_client_relay(env, CTL_C, CTL_E, false),
+            MUX_E => self.on_engine_reply(env, MUX_C, true),
+            CTL_E => self.on_engine_reply(env, CTL_C, false),
+            TASK_C => self.on_task_submit(env),
+            TASK_E => self.on_task_reply(env),
+            IOP_E => self.on_iopub(env),
+            _ => {}
         }
     }
 
@@ -748,12 +762,12 @@ impl Server {
         }
     }
 
-    fn ping(&mut self) {
+    pub(crate) fn ping(&mut self) {
         let payload = self.heart.ping_payload();
         let _ = self.send(HB_PING, vec![OutFrame::Owned(payload)]);
     }
 
-    fn timers(&mut self) {
+    pub(crate) fn timers(&mut self) {
         self.task_timeouts();
         let now = Instant::now();
         if let Some(t) = self.heart.next_fast_ping {

@@ -195,9 +195,14 @@ fn share_env(env: &Env) -> Env {
     }
 }
 
+/// A positive number of seconds; `None` for anything else, including values too large for a
+/// `Duration` (a client's `timeout=1e300` must not bring the controller down).
 fn seconds(v: Option<&Value>) -> Option<Duration> {
     let s = v.and_then(Value::as_f64)?;
-    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s))
+    if !(s.is_finite() && s > 0.0) {
+        return None;
+    }
+    Duration::try_from_secs_f64(s).ok()
 }
 
 impl Server {
@@ -240,7 +245,8 @@ impl Server {
             targets,
             after: None,
             follow: None,
-            deadline: seconds(metadata.get("timeout")).map(|d| Instant::now() + d),
+            // A deadline past what an Instant can hold is no deadline.
+            deadline: seconds(metadata.get("timeout")).and_then(|d| Instant::now().checked_add(d)),
             retries: metadata
                 .get("retries")
                 .and_then(Value::as_i64)

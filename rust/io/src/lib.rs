@@ -21,7 +21,7 @@ pub use inbox::{Delivery, DropReport, Inbox, Incoming};
 pub use ioloop::{recv_multipart, IoHandle, IoStats};
 pub use outframe::RecvFrame;
 pub use outframe::{try_send, ExternalBuffer, OutFrame, ReadyFrames, ReleaseQueue, Sent};
-pub use session::{OutgoingMessage, SessionCore};
+pub use session::{sign_buffers_default, OutgoingMessage, SessionCore, SIGN_BUFFERS_ENV};
 pub use socket::{SocketKind, SocketSpec};
 
 /// Frames at least this long are sent from the caller's memory without a copy.

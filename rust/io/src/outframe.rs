@@ -46,12 +46,17 @@ pub enum OutFrame {
 }
 
 impl OutFrame {
-    pub fn len(&self) -> usize {
+    /// The bytes this frame sends.
+    pub fn bytes(&self) -> &[u8] {
         match self {
-            OutFrame::Owned(v) => v.len(),
-            OutFrame::External(b) => b.bytes().len(),
-            OutFrame::Received(m) => m.as_ref().len(),
+            OutFrame::Owned(v) => v,
+            OutFrame::External(b) => b.bytes(),
+            OutFrame::Received(m) => m.as_ref(),
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -15,7 +15,29 @@ pub struct SessionCore {
     pub key: Vec<u8>,
     pub signature_scheme: String,
     pub limits: Limits,
+    /// Put a digest of the buffers into the signed metadata of messages sent with buffers
+    /// (`metadata["buffers_hmac"]`, see [`fp_wire::Auth::buffers_digest`]). On by default.
+    /// Received digests are always checked, whatever this says.
+    pub sign_buffers: bool,
     auth: Mutex<Auth>,
+    /// The same key without a replay history, for buffer digests: hashing large buffers must
+    /// not hold the lock that signing and verifying on other threads need.
+    buffers_auth: Auth,
+}
+
+/// Environment variable that turns sending buffer digests off (`0`, `false`, `no`, `off`) in
+/// every process that inherits it: clients, engines and the controller.
+pub const SIGN_BUFFERS_ENV: &str = "FERROPARALLEL_SIGN_BUFFERS";
+
+/// Whether sessions add buffer digests by default: yes unless [`SIGN_BUFFERS_ENV`] says no.
+pub fn sign_buffers_default() -> bool {
+    match std::env::var(SIGN_BUFFERS_ENV) {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "no" | "off"
+        ),
+        Err(_) => true,
+    }
 }
 
 /// A message to be built and sent by the I/O thread.
@@ -36,14 +58,43 @@ impl SessionCore {
         limits: Limits,
     ) -> Result<SessionCore, WireError> {
         let auth = Auth::with_history(&key, signature_scheme, history_size)?;
+        let buffers_auth = Auth::with_history(&key, signature_scheme, 1)?;
         Ok(SessionCore {
             headers: HeaderFactory::new(session, username),
             packer,
             key,
             signature_scheme: signature_scheme.to_owned(),
             limits,
+            sign_buffers: true,
             auth: Mutex::new(auth),
+            buffers_auth,
         })
+    }
+
+    /// The same session, adding buffer digests to sent messages or not.
+    pub fn with_sign_buffers(mut self, on: bool) -> SessionCore {
+        self.sign_buffers = on;
+        self
+    }
+
+    /// Add the digest of `buffers` to `parts.metadata` when this session signs buffers, has a
+    /// key, and there is at least one buffer.
+    pub fn add_buffers_digest<'a, I>(&self, parts: &mut Parts, buffers: I)
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        if !self.sign_buffers || self.key.is_empty() {
+            return;
+        }
+        let mut buffers = buffers.into_iter().peekable();
+        if buffers.peek().is_none() {
+            return;
+        }
+        if let Some(digest) = self.buffers_auth.buffers_digest(buffers) {
+            parts
+                .metadata
+                .set(fp_wire::BUFFERS_DIGEST_KEY, Value::Str(digest));
+        }
     }
 
     fn auth(&self) -> std::sync::MutexGuard<'_, Auth> {
@@ -66,7 +117,8 @@ impl SessionCore {
     }
 
     /// All frames of a message, in wire order.
-    pub fn build_frames(&self, msg: OutgoingMessage) -> Result<Vec<OutFrame>, WireError> {
+    pub fn build_frames(&self, mut msg: OutgoingMessage) -> Result<Vec<OutFrame>, WireError> {
+        self.add_buffers_digest(&mut msg.parts, msg.buffers.iter().map(OutFrame::bytes));
         let (sig, packed) = self.pack_and_sign(&msg.parts)?;
         let mut frames = Vec::with_capacity(msg.idents.len() + 6 + msg.buffers.len());
         frames.extend(msg.idents.into_iter().map(OutFrame::Owned));
@@ -77,16 +129,18 @@ impl SessionCore {
         Ok(frames)
     }
 
-    /// Verify an envelope's signature (recording it in the replay history when `record`).
+    /// Verify an envelope's signature and, when its metadata carries one, the buffers digest
+    /// (recording the signature in the replay history when `record`).
     pub fn verify<F: AsRef<[u8]>>(
         &self,
         env: &fp_wire::Envelope<F>,
         record: bool,
     ) -> Result<(), WireError> {
-        env.verify(&mut self.auth(), record)
+        env.verify_with_buffers(&mut self.auth(), self.packer, record)
     }
 
-    /// Split, verify (recording the signature) and unpack received frames.
+    /// Split, verify (signature and buffers digest; recording the signature) and unpack
+    /// received frames.
     pub fn parse<F: AsRef<[u8]>>(
         &self,
         frames: Vec<F>,
@@ -94,7 +148,7 @@ impl SessionCore {
         record: bool,
     ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
         let env = split_envelope(frames, &self.limits)?;
-        env.verify(&mut self.auth(), record)?;
+        env.verify(&mut self.auth(), false)?;
         let parts = if unpack_content {
             env.unpack(self.packer)?
         } else {
@@ -109,6 +163,87 @@ impl SessionCore {
                 content: Value::Nil,
             }
         };
+        self.buffers_auth
+            .check_buffers(&parts.metadata, env.buffers.iter().map(AsRef::as_ref))?;
+        if record {
+            self.auth().record(env.signature.as_ref())?;
+        }
         Ok((env.idents, parts, env.buffers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(sign_buffers: bool) -> SessionCore {
+        SessionCore::new(
+            b"key".to_vec(),
+            Packer::Msgpack,
+            "hmac-sha256",
+            "s".into(),
+            "u".into(),
+            100,
+            Limits::default(),
+        )
+        .unwrap()
+        .with_sign_buffers(sign_buffers)
+    }
+
+    fn message(core: &SessionCore, buffers: &[&[u8]]) -> Vec<Vec<u8>> {
+        let parts = Parts {
+            header: core.headers.header("apply_request"),
+            parent_header: Value::empty_map(),
+            metadata: Value::empty_map(),
+            content: Value::empty_map(),
+        };
+        let frames = core
+            .build_frames(OutgoingMessage {
+                idents: vec![b"id".to_vec()],
+                parts,
+                buffers: buffers
+                    .iter()
+                    .map(|b| OutFrame::Owned(b.to_vec()))
+                    .collect(),
+            })
+            .unwrap();
+        frames.iter().map(|f| f.bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn buffers_are_signed_and_checked() {
+        let tx = core(true);
+        let rx = core(true);
+        let mut frames = message(&tx, &[b"one", b"two"]);
+        let (_, parts, bufs) = rx.parse(frames.clone(), true, true).unwrap();
+        assert!(parts.metadata.get(fp_wire::BUFFERS_DIGEST_KEY).is_some());
+        assert_eq!(bufs.len(), 2);
+        // Swapped buffers are refused, and the refusal does not burn the genuine signature.
+        let mut forged = frames.clone();
+        *forged.last_mut().unwrap() = b"TWO".to_vec();
+        let fresh = core(true);
+        assert_eq!(
+            fresh.parse(forged.clone(), true, true).unwrap_err(),
+            WireError::InvalidSignature
+        );
+        assert!(fresh.parse(frames.clone(), true, true).is_ok());
+        let env = split_envelope(forged, &Limits::default()).unwrap();
+        assert_eq!(
+            core(true).verify(&env, true),
+            Err(WireError::InvalidSignature)
+        );
+        // Dropped buffers too.
+        frames.pop();
+        assert!(core(true).parse(frames, true, true).is_err());
+    }
+
+    #[test]
+    fn no_digest_without_buffers_or_when_disabled() {
+        let rx = core(true);
+        for (tx, bufs) in [(core(true), &[][..]), (core(false), &[&b"x"[..]][..])] {
+            let frames = message(&tx, bufs);
+            let (_, parts, _) = rx.parse(frames, true, true).unwrap();
+            assert!(parts.metadata.get(fp_wire::BUFFERS_DIGEST_KEY).is_none());
+        }
     }
 }

@@ -109,6 +109,27 @@ impl<F: AsRef<[u8]>> Envelope<F> {
         auth.verify(self.signature.as_ref(), &self.packed_parts(), record)
     }
 
+    /// Verify the signature and, when the signed metadata carries a buffers digest
+    /// ([`crate::BUFFERS_DIGEST_KEY`]), the buffers. With `record`, the signature enters the
+    /// replay history only once both checks passed. The metadata is unpacked only when its
+    /// packed bytes can hold a digest, so messages without one cost nothing extra.
+    pub fn verify_with_buffers(
+        &self,
+        auth: &mut Auth,
+        packer: Packer,
+        record: bool,
+    ) -> Result<(), WireError> {
+        auth.verify(self.signature.as_ref(), &self.packed_parts(), false)?;
+        if auth.is_signing() && may_hold_buffers_digest(self.metadata.as_ref()) {
+            let metadata = packer.unpack(self.metadata.as_ref(), "metadata")?;
+            auth.check_buffers(&metadata, self.buffers.iter().map(AsRef::as_ref))?;
+        }
+        if record {
+            auth.record(self.signature.as_ref())?;
+        }
+        Ok(())
+    }
+
     /// Unpack all four parts. The header must be a map with a string `msg_type`.
     pub fn unpack(&self, packer: Packer) -> Result<Parts, WireError> {
         let header = packer.unpack(self.header.as_ref(), "header")?;
@@ -131,6 +152,14 @@ impl<F: AsRef<[u8]>> Envelope<F> {
             content,
         })
     }
+}
+
+/// True when packed metadata may contain the buffers digest key. Both packers store map keys
+/// as plain UTF-8, so its absence proves the key is absent (only a key holder could hide it
+/// with JSON escapes, and it then only skips a check of its own message).
+pub fn may_hold_buffers_digest(packed_metadata: &[u8]) -> bool {
+    let key = crate::BUFFERS_DIGEST_KEY.as_bytes();
+    packed_metadata.windows(key.len()).any(|w| w == key)
 }
 
 /// A header must be a map holding string `msg_id` and `msg_type`.
@@ -208,6 +237,52 @@ mod tests {
             split_envelope(empty, &l).unwrap_err(),
             WireError::NoDelimiter
         );
+    }
+
+    #[test]
+    fn buffers_are_checked_when_the_metadata_names_a_digest() {
+        let key = b"k";
+        let signer = Auth::new(key, "hmac-sha256").unwrap();
+        let build = |id: &str, buffers: &[&[u8]], digest_of: &[&[u8]]| {
+            let md = Value::map([(
+                crate::BUFFERS_DIGEST_KEY,
+                Value::Str(signer.buffers_digest(digest_of.iter().copied()).unwrap()),
+            )]);
+            let parts = crate::Parts {
+                header: Value::map([("msg_id", Value::from(id)), ("msg_type", Value::from("t"))]),
+                parent_header: Value::empty_map(),
+                metadata: md,
+                content: Value::empty_map(),
+            };
+            let packed = parts.pack(Packer::Msgpack).unwrap();
+            let refs = [&packed[0][..], &packed[1], &packed[2], &packed[3]];
+            let mut f = vec![DELIMITER.to_vec(), signer.sign(&refs)];
+            f.extend(packed);
+            f.extend(buffers.iter().map(|b| b.to_vec()));
+            split_envelope(f, &Limits::default()).unwrap()
+        };
+        let mut auth = Auth::new(key, "hmac-sha256").unwrap();
+        let good = build("a", &[b"x", b"y"], &[b"x", b"y"]);
+        assert_eq!(
+            good.verify_with_buffers(&mut auth, Packer::Msgpack, true),
+            Ok(())
+        );
+        assert_eq!(
+            good.verify_with_buffers(&mut auth, Packer::Msgpack, true),
+            Err(WireError::DuplicateSignature)
+        );
+        let swapped = build("b", &[b"x", b"z"], &[b"x", b"y"]);
+        assert_eq!(
+            swapped.verify_with_buffers(&mut auth, Packer::Msgpack, true),
+            Err(WireError::InvalidSignature)
+        );
+        // A rejected message is not recorded: the genuine one still passes afterwards.
+        let genuine = build("b", &[b"x", b"y"], &[b"x", b"y"]);
+        assert!(genuine.verify(&mut auth, false).is_ok());
+        let stripped = build("c", &[], &[b"x"]);
+        assert!(stripped
+            .verify_with_buffers(&mut auth, Packer::Msgpack, false)
+            .is_err());
     }
 
     #[test]

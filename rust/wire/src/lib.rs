@@ -9,6 +9,8 @@
 
 mod envelope;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod header;
 mod json;
 mod msgpack;
@@ -17,12 +19,13 @@ mod sign;
 mod value;
 
 pub use envelope::{
-    check_header as check_header_value, split_envelope, Envelope, Limits, DELIMITER,
+    check_header as check_header_value, may_hold_buffers_digest, split_envelope, Envelope, Limits,
+    DELIMITER,
 };
 pub use error::WireError;
 pub use header::{iso_from_unix, iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
 pub use packer::Packer;
-pub use sign::{Auth, DigestHistory, DEFAULT_HISTORY_SIZE};
+pub use sign::{Auth, DigestHistory, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE};
 pub use value::Value;
 
 /// The four packed dict parts of a message, in signing order.

@@ -1,6 +1,6 @@
 //! HMAC signing and verification with a bounded history of seen digests.
 
-use crate::WireError;
+use crate::{Value, WireError};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::{HashSet, VecDeque};
@@ -9,6 +9,13 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Default number of digests remembered to reject replays (as jupyter_client).
 pub const DEFAULT_HISTORY_SIZE: usize = 65536;
+
+/// Metadata key holding the hex HMAC of a message's buffers (see [`Auth::buffers_digest`]).
+pub const BUFFERS_DIGEST_KEY: &str = "buffers_hmac";
+
+/// Prefix of the buffers digest input. No packed header starts with it, so a buffers digest can
+/// never be replayed as a message signature (and the reverse).
+const BUFFERS_DOMAIN: &[u8] = b"ferroparallel buffers v1\0";
 
 /// A bounded set of seen signatures. When full, the oldest 10% are forgotten.
 #[derive(Debug, Clone)]
@@ -171,6 +178,76 @@ impl Auth {
     pub fn history(&self) -> &DigestHistory {
         &self.history
     }
+
+    /// Enter an already verified signature into the replay history; a signature already there
+    /// is rejected as a replay. Used to record a message only once all of it has been checked.
+    pub fn record(&mut self, signature: &[u8]) -> Result<(), WireError> {
+        if self.mac.is_none() {
+            return Ok(());
+        }
+        let given = decode_hex32(signature).ok_or(WireError::InvalidSignature)?;
+        if self.history.insert(given) {
+            Ok(())
+        } else {
+            Err(WireError::DuplicateSignature)
+        }
+    }
+
+    fn buffers_mac<'a, I>(&self, buffers: I) -> Option<HmacSha256>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let mut mac = self.mac.clone()?;
+        mac.update(BUFFERS_DOMAIN);
+        for b in buffers {
+            mac.update(&(b.len() as u64).to_be_bytes());
+            mac.update(b);
+        }
+        Some(mac)
+    }
+
+    /// The lowercase hex HMAC-SHA256 of the buffers (frames after content), `None` without a
+    /// key. Input: a fixed domain prefix, then for each buffer its length (u64 big-endian) and
+    /// bytes, so neither the split between buffers nor their number can be changed unnoticed.
+    pub fn buffers_digest<'a, I>(&self, buffers: I) -> Option<String>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let d = self.buffers_mac(buffers)?.finalize().into_bytes();
+        // The hex alphabet is ASCII.
+        Some(encode_hex(&d).into_iter().map(char::from).collect())
+    }
+
+    /// Check buffers against the hex digest found in signed metadata (constant time). Without
+    /// a key nothing is checked.
+    pub fn verify_buffers<'a, I>(&self, expected: &[u8], buffers: I) -> Result<(), WireError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let Some(mac) = self.buffers_mac(buffers) else {
+            return Ok(());
+        };
+        let given = decode_hex32(expected).ok_or(WireError::InvalidSignature)?;
+        mac.verify_slice(&given)
+            .map_err(|_| WireError::InvalidSignature)
+    }
+
+    /// Check the buffers of a message whose signature was verified, given its unpacked
+    /// metadata: when the metadata carries [`BUFFERS_DIGEST_KEY`], the buffers must match it
+    /// (peers that do not send it, like ipyparallel, are accepted as they are).
+    pub fn check_buffers<'a, I>(&self, metadata: &Value, buffers: I) -> Result<(), WireError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        if self.mac.is_none() {
+            return Ok(());
+        }
+        match metadata.get(BUFFERS_DIGEST_KEY) {
+            None => Ok(()),
+            Some(Value::Str(hex)) => self.verify_buffers(hex.as_bytes(), buffers),
+            Some(_) => Err(WireError::InvalidSignature),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +304,47 @@ mod tests {
         assert!(auth.sign(&[b"a", b"b", b"c", b"d"]).is_empty());
         assert!(auth.verify(b"", &[b"a", b"b", b"c", b"d"], true).is_ok());
         assert!(Auth::new(b"k", "hmac-md5").is_err());
+    }
+
+    #[test]
+    fn buffers_digest_covers_bytes_split_and_count() {
+        let mut auth = Auth::new(b"secret", "hmac-sha256").unwrap();
+        let bufs: [&[u8]; 2] = [b"abc", b"def"];
+        let d = auth.buffers_digest(bufs).unwrap();
+        assert_eq!(d.len(), 64);
+        assert!(auth.verify_buffers(d.as_bytes(), bufs).is_ok());
+        for other in [
+            vec![&b"abc"[..], &b"deF"[..]],
+            vec![&b"ab"[..], &b"cdef"[..]],
+            vec![&b"abcdef"[..]],
+            vec![&b"abc"[..], &b"def"[..], &b""[..]],
+            vec![],
+        ] {
+            assert_eq!(
+                auth.verify_buffers(d.as_bytes(), other),
+                Err(WireError::InvalidSignature)
+            );
+        }
+        assert_eq!(
+            auth.verify_buffers(b"not hex", bufs),
+            Err(WireError::InvalidSignature)
+        );
+        // A buffers digest is never a valid message signature.
+        let parts: [&[u8]; 4] = [b"", b"", b"", b""];
+        assert!(auth.verify(d.as_bytes(), &parts, false).is_err());
+        let md = Value::map([(BUFFERS_DIGEST_KEY, Value::Str(d.clone()))]);
+        assert!(auth.check_buffers(&md, bufs).is_ok());
+        assert!(auth.check_buffers(&Value::empty_map(), [&b"x"[..]]).is_ok());
+        let bad = Value::map([(BUFFERS_DIGEST_KEY, Value::Int(1))]);
+        assert!(auth.check_buffers(&bad, bufs).is_err());
+        let unkeyed = Auth::new(b"", "hmac-sha256").unwrap();
+        assert!(unkeyed.buffers_digest(bufs).is_none());
+        assert!(unkeyed.check_buffers(&bad, bufs).is_ok());
+        // record() only enters verified signatures once.
+        let sig = auth.sign(&parts);
+        assert_eq!(auth.record(&sig), Ok(()));
+        assert_eq!(auth.record(&sig), Err(WireError::DuplicateSignature));
+        assert_eq!(auth.record(b"zz"), Err(WireError::InvalidSignature));
     }
 
     #[test]
