@@ -164,7 +164,7 @@ def test_core_to_peer(packer: str, key: bytes) -> None:
     metadata = dict(msg["metadata"])
     if key:
         # The buffers digest ferroparallel adds (docs/protocol.md); a peer just sees one more key.
-        assert len(metadata.pop("buffers_hmac")) == 64
+        assert len(metadata.pop("buffers_mac")) == 64
     assert metadata == req["metadata"]
     assert msg["content"] == req["content"]
     assert as_bytes(msg["buffers"]) == buffers
@@ -577,7 +577,7 @@ def test_python_dealer_to_core_router(
     assert reply["content"] == {"status": "ok"}
     metadata = dict(reply["metadata"])
     if key:
-        assert len(metadata.pop("buffers_hmac")) == 64  # ferroparallel's buffers digest
+        assert len(metadata.pop("buffers_mac")) == 64  # ferroparallel's buffers digest
     assert metadata == {"engine": 0}
     assert as_bytes(reply["buffers"]) == [reply_big]
     assert io.take_errors() == []

@@ -252,10 +252,10 @@ def test_wrong_key_unsigned_and_digestless_peers() -> None:
     plain = _core.Session(KEY, sign_buffers=False)
     assert not plain.sign_buffers
     msg = session().deserialize(genuine(plain, 2))
-    assert "buffers_hmac" not in msg["metadata"]
+    assert "buffers_mac" not in msg["metadata"]
     assert len(msg["buffers"]) == 2
     signed = session().deserialize(genuine(session(), 2))
-    assert len(signed["metadata"]["buffers_hmac"]) == 64
+    assert len(signed["metadata"]["buffers_mac"]) == 64
 
 
 # ----- connection files -------------------------------------------------------------------

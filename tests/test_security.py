@@ -438,7 +438,7 @@ def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
     ]
     head = genuine[: len(ident) + 6]  # idents, delimiter, signature, the four signed parts
     # The signed metadata carries the digest of the genuine buffers.
-    assert len(ctl.session.unpack(head[len(ident) + 4])["buffers_hmac"]) == 64
+    assert len(ctl.session.unpack(head[len(ident) + 4])["buffers_mac"]) == 64
     ctl.send_raw("mux", head + pack_apply_message(print, (Evil(marker),), {}))
     for tampered in (head, head + genuine[len(head) :] + [b"extra"], head + genuine[-1:]):
         ctl.send_raw("mux", tampered)
@@ -448,7 +448,7 @@ def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
     ctl.send_raw("mux", genuine)
     rep = ctl.reply()
     assert rep["content"]["status"] == "ok"
-    assert rep["metadata"]["buffers_hmac"], "the reply's buffers are authenticated too"
+    assert rep["metadata"]["buffers_mac"], "the reply's buffers are authenticated too"
 
 
 def test_empty_exec_key_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -16,7 +16,7 @@ pub struct SessionCore {
     pub signature_scheme: String,
     pub limits: Limits,
     /// Put a digest of the buffers into the signed metadata of messages sent with buffers
-    /// (`metadata["buffers_hmac"]`, see [`fp_wire::Auth::buffers_digest`]). On by default.
+    /// (`metadata["buffers_mac"]`, see [`fp_wire::Auth::buffers_digest`]). On by default.
     /// Received digests are always checked, whatever this says.
     pub sign_buffers: bool,
     auth: Mutex<Auth>,

@@ -10,12 +10,12 @@ type HmacSha256 = Hmac<Sha256>;
 /// Default number of digests remembered to reject replays (as jupyter_client).
 pub const DEFAULT_HISTORY_SIZE: usize = 65536;
 
-/// Metadata key holding the hex HMAC of a message's buffers (see [`Auth::buffers_digest`]).
-pub const BUFFERS_DIGEST_KEY: &str = "buffers_hmac";
+/// Metadata key holding the hex MAC of a message's buffers (see [`Auth::buffers_digest`]).
+pub const BUFFERS_DIGEST_KEY: &str = "buffers_mac";
 
-/// Prefix of the buffers digest input. No packed header starts with it, so a buffers digest can
-/// never be replayed as a message signature (and the reverse).
-const BUFFERS_DOMAIN: &[u8] = b"ferroparallel buffers v1\0";
+/// Context string deriving the buffers MAC key from the session key (BLAKE3 `derive_key`):
+/// the buffers MAC and the message signature never share a key.
+const BUFFERS_CONTEXT: &str = "ferroparallel 2026-11 buffers MAC v1";
 
 /// A bounded set of seen signatures. When full, the oldest 10% are forgotten.
 #[derive(Debug, Clone)]
@@ -68,6 +68,8 @@ impl DigestHistory {
 #[derive(Debug, Clone)]
 pub struct Auth {
     mac: Option<HmacSha256>,
+    /// Key of the buffers MAC (keyed BLAKE3), derived from the session key.
+    buffers_key: Option<[u8; 32]>,
     history: DigestHistory,
 }
 
@@ -118,8 +120,10 @@ impl Auth {
         } else {
             Some(HmacSha256::new_from_slice(key).map_err(|e| WireError::Config(e.to_string()))?)
         };
+        let buffers_key = (!key.is_empty()).then(|| blake3::derive_key(BUFFERS_CONTEXT, key));
         Ok(Auth {
             mac,
+            buffers_key,
             history: DigestHistory::new(history),
         })
     }
@@ -193,33 +197,31 @@ impl Auth {
         }
     }
 
-    fn buffers_mac<'a, I>(&self, buffers: I) -> Option<HmacSha256>
+    fn buffers_mac<'a, I>(&self, buffers: I) -> Option<blake3::Hash>
     where
         I: IntoIterator<Item = &'a [u8]>,
     {
-        let mut mac = self.mac.clone()?;
-        mac.update(BUFFERS_DOMAIN);
+        let mut mac = blake3::Hasher::new_keyed(self.buffers_key.as_ref()?);
         for b in buffers {
             mac.update(&(b.len() as u64).to_be_bytes());
             mac.update(b);
         }
-        Some(mac)
+        Some(mac.finalize())
     }
 
-    /// The lowercase hex HMAC-SHA256 of the buffers (frames after content), `None` without a
-    /// key. Input: a fixed domain prefix, then for each buffer its length (u64 big-endian) and
+    /// The lowercase hex MAC of the buffers (frames after content), `None` without a key:
+    /// keyed BLAKE3 (several times faster than HMAC-SHA256 on large arrays) under a key
+    /// derived from the session key. Input: for each buffer its length (u64 big-endian) and
     /// bytes, so neither the split between buffers nor their number can be changed unnoticed.
     pub fn buffers_digest<'a, I>(&self, buffers: I) -> Option<String>
     where
         I: IntoIterator<Item = &'a [u8]>,
     {
-        let d = self.buffers_mac(buffers)?.finalize().into_bytes();
-        // The hex alphabet is ASCII.
-        Some(encode_hex(&d).into_iter().map(char::from).collect())
+        Some(self.buffers_mac(buffers)?.to_hex().to_string())
     }
 
-    /// Check buffers against the hex digest found in signed metadata (constant time). Without
-    /// a key nothing is checked.
+    /// Check buffers against the hex MAC found in signed metadata (constant-time comparison).
+    /// Without a key nothing is checked.
     pub fn verify_buffers<'a, I>(&self, expected: &[u8], buffers: I) -> Result<(), WireError>
     where
         I: IntoIterator<Item = &'a [u8]>,
@@ -228,8 +230,12 @@ impl Auth {
             return Ok(());
         };
         let given = decode_hex32(expected).ok_or(WireError::InvalidSignature)?;
-        mac.verify_slice(&given)
-            .map_err(|_| WireError::InvalidSignature)
+        // blake3::Hash compares in constant time
+        if mac == blake3::Hash::from(given) {
+            Ok(())
+        } else {
+            Err(WireError::InvalidSignature)
+        }
     }
 
     /// Check the buffers of a message whose signature was verified, given its unpacked
