@@ -132,8 +132,9 @@ def _end(proc: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]]:
-    """Start the echo server and the relay; yield two round trips (direct, relayed).
+def pyzmq_sockets() -> Iterator[tuple[list[bytes], zmq.Socket, zmq.Socket]]:
+    """Start the echo server and the relay; yield the request frames and two connected DEALER
+    sockets (direct to the echo server, and through the relay).
 
     Both helper processes are stopped on exit.
     """
@@ -145,20 +146,12 @@ def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]
         procs.append(echo)
         relay, relay_port = _spawn(_RELAY, str(echo_port))
         procs.append(relay)
-        frames = _request_frames()
-        calls = []
         for port in (echo_port, relay_port):
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"tcp://127.0.0.1:{port}")
             socks.append(sock)
-
-            def call(send: Any = sock.send_multipart, recv: Any = sock.recv_multipart) -> object:
-                send(frames)
-                return recv()
-
-            calls.append(call)
-        yield calls[0], calls[1]
+        yield _request_frames(), socks[0], socks[1]
     finally:
         if socks:
             with contextlib.suppress(zmq.ZMQError):
@@ -170,6 +163,35 @@ def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]
         for sock in socks:
             sock.close()
         ctx.term()
+
+
+@contextlib.contextmanager
+def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]]:
+    """Start the echo server and the relay; yield two round trips (direct, relayed)."""
+    with pyzmq_sockets() as (frames, direct, relayed):
+        calls = []
+        for sock in (direct, relayed):
+
+            def call(send: Any = sock.send_multipart, recv: Any = sock.recv_multipart) -> object:
+                send(frames)
+                return recv()
+
+            calls.append(call)
+        yield calls[0], calls[1]
+
+
+def pipelined_rate(sock: zmq.Socket, frames: list[bytes], n: int, window: int = 1000) -> float:
+    """Messages per second of ``n`` echoes with up to ``window`` in flight (the pipelined
+    floor of task throughput)."""
+    t0 = time.perf_counter()
+    sent = received = 0
+    while received < n:
+        while sent < n and sent - received < window:
+            sock.send_multipart(frames)
+            sent += 1
+        sock.recv_multipart()
+        received += 1
+    return n / (time.perf_counter() - t0)
 
 
 def _time_calls(call: Callable[[], object], n: int, out: list[float]) -> None:

@@ -9,6 +9,11 @@
   (non-blocking), ferroparallel and ipyparallel; and for Dask, as the same two load-balanced
   patterns, ``client.submit(noop, pure=False)`` and ``client.map(noop, range(N), pure=False)``.
 
+Two more rows give the floor of the load-balanced patterns: a raw pyzmq DEALER sending the same
+number of apply-request-sized messages, pipelined (up to 1,000 in flight), to an echo process,
+directly and through a ``zmq.proxy`` relay (issue target: load-balanced throughput at least half
+the pipelined echo rate).
+
 Two numbers per run: *submit*, the time to return from the submitting loop (or ``map`` call), and
 *end to end*, until every result has been fetched (``ar.get()`` of each AsyncResult, ``.get()``
 of the map result, ``client.gather``). Rates are tasks per second. ``ratio_*`` columns are
@@ -255,6 +260,34 @@ def _warm_up(cluster: Running, patterns: list[Pattern]) -> None:
     _purge(cluster)
 
 
+def _raw_floors(n: int) -> list[dict[str, Any]]:
+    """The pipelined floor: ``n`` apply-request-sized echoes through a raw pyzmq DEALER with
+    up to 1,000 in flight, to an echo process directly and through a ``zmq.proxy`` relay (the
+    client -> controller -> engine topology). Compared with the load-balanced rows."""
+    import zmq
+    from roundtrip import pipelined_rate, pyzmq_sockets
+
+    rows = []
+    with pyzmq_sockets() as (frames, direct, relayed):
+        for sock, call in ((direct, "DEALER->ROUTER echo"), (relayed, "echo via zmq.proxy")):
+            pipelined_rate(sock, frames, min(n, 2_000))  # warm up
+            rate = pipelined_rate(sock, frames, n)
+            rows.append(
+                {
+                    "pattern": "lb submit",
+                    "framework": f"raw pyzmq {zmq.__version__}",
+                    "call": f"{call}, pipelined (1,000 in flight)",
+                    "calls": n,
+                    "tasks": n,
+                    "submit_tasks_s": math.nan,
+                    "e2e_tasks_s": rate,
+                    "e2e_s": n / rate,
+                    "note": "floor: no Python work per message",
+                }
+            )
+    return rows
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     """Measure every pattern of every installed framework once.
 
@@ -282,6 +315,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 for pattern in patterns:
                     for cluster in clusters.values():
                         measured.append(_measure_or_report(cluster, pattern, n))
+        measured.extend(_raw_floors(n))
         if why["dask"] is None:
             with running(["dask"]) as clusters:
                 patterns = _dask_patterns()
