@@ -56,10 +56,10 @@ class Session:
     max_part : int
         Largest accepted packed dict part in bytes.
     sign_buffers : bool, optional
-        Put a MAC (keyed BLAKE3) of the buffers into the signed metadata (``metadata["buffers_mac"]``) of
-        messages sent with buffers. Default: on, unless the environment variable
-        ``FERROPARALLEL_SIGN_BUFFERS`` is ``0``/``false``/``no``/``off``. Received digests are
-        always checked.
+        Put a MAC (keyed BLAKE3) of the buffers into the signed metadata
+        (``metadata["buffers_mac"]``) of messages sent with buffers. Default: on, unless the
+        environment variable ``FERROPARALLEL_SIGN_BUFFERS`` is ``0``/``false``/``no``/``off``.
+        Received digests are always checked.
     """
 
     session: str
