@@ -750,7 +750,15 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
 
     from ferroparallel.serialize import deserialize_object, pickling, serialize_object
 
-    samples = [None, 7, "x", ((), {}), ((1, "a", [1, 2.5]), {"k": (True, None)}), os.path.join]
+    samples = [
+        None,
+        7,
+        "x",
+        ((), {}),
+        ((1, "a", [1, 2.5]), {"k": (True, None)}),
+        os.path.join,
+        (os.path.join, range(3, 9)),
+    ]
     for obj in samples:
         full = io.BytesIO()
         pickling._pickler_class(full, lambda b: True).dump(obj)
@@ -763,3 +771,7 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
     assert not pickling._is_plain(([[[1]]], {}), 1024)
     assert not pickling._is_plain((square,), 1024)
     assert not pickling._is_plain(b"x" * 2000, 1024)
+    # a function pickled once is sent as the same frames every time
+    runner = pickling.Prepickled(square)
+    assert serialize_object(runner) == runner.frames and runner(4) == 16
+    assert deserialize_object(serialize_object(runner))(5) == 25

@@ -12,6 +12,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, HasTraits, Instance, Integer, Unicode
 
 from .. import error
+from ..serialize.pickling import Prepickled
 from .asyncresult import AsyncMapResult, AsyncResult
 from .mapping import chunk_sequence, dists
 from .remote_helpers import _execute, _map_chunk, _pull, _push, _set_pickler
@@ -224,11 +225,12 @@ class DirectView(View):
         mapper = dists["b"]()
         futs = []
         sizes = []
+        runner = Prepickled(_map_chunk)  # pickled once for every chunk
         for p in range(n):
             parts = [mapper.getPartition(s, p, n) for s in sequences]
             sizes.append(min(len(x) for x in parts))
             futs.append(
-                self.client.send_apply_request("mux", _map_chunk, (f, *parts), {}, ident=uuids[p])
+                self.client.send_apply_request("mux", runner, (f, *parts), {}, ident=uuids[p])
             )
         ar = AsyncMapResult(
             self.client,
@@ -479,12 +481,13 @@ class LoadBalancedView(View):
         futs = []
         sizes = []
         mapper = dists["b"]()
+        runner = Prepickled(_map_chunk)  # pickled once for every chunk
         for idx in chunks:
             start, stop = idx[0], idx[-1] + 1
             parts = [s[start:stop] for s in sequences]
             sizes.append(stop - start)
             futs.append(
-                self.client.send_apply_request("task", _map_chunk, (f, *parts), {}, metadata=md)
+                self.client.send_apply_request("task", runner, (f, *parts), {}, metadata=md)
             )
         ar = AsyncMapResult(
             self.client,

@@ -33,14 +33,15 @@ PROTOCOL = 5
 _END = object()
 
 #: Types pickled the same way by every pickler (no functions or classes inside).
-_ATOMS = frozenset({type(None), bool, int, float, complex, str})
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, range})
 #: Container items :func:`_is_plain` looks at before giving up (then the full pickler runs).
 _PLAIN_BUDGET = 64
 
 
 def _is_plain(obj: Any, threshold: int) -> bool:
-    """Whether ``obj`` is plain data: atoms, ``bytes`` of at most ``threshold`` bytes, and
-    tuples, lists and dicts (with atom keys) of them, three levels deep, a few dozen items."""
+    """Whether ``obj`` is plain data: atoms (and ``range``), ``bytes`` of at most ``threshold``
+    bytes, functions pickled by reference, and tuples, lists and dicts (with atom keys) of them,
+    three levels deep, a few dozen items."""
     t = type(obj)
     if t in _ATOMS:
         return True
@@ -57,6 +58,10 @@ def _is_plain(obj: Any, threshold: int) -> bool:
             if len(x) > threshold:
                 return False
             continue
+        if t is FunctionType:
+            if _by_reference(x):  # pickled by module and name, by every pickler alike
+                continue
+            return False
         if depth == 0 or not (t is tuple or t is list or t is dict):
             return False
         budget -= len(x)
@@ -70,6 +75,26 @@ def _is_plain(obj: Any, threshold: int) -> bool:
                     return False
                 stack.append((v, depth - 1))
     return True
+
+
+class Prepickled:
+    """A function serialized once and sent many times (e.g. the chunk runner of a map):
+    :func:`serialize_object` returns its frames without pickling it again.
+
+    Parameters
+    ----------
+    function : callable
+        The function; calling the Prepickled calls it.
+    """
+
+    __slots__ = ("frames", "function")
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.frames = serialize_object(function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
 
 
 def _by_reference(obj: Any) -> bool:
@@ -201,6 +226,8 @@ def serialize_object(
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, not {threshold}")
+    if type(obj) is Prepickled:
+        return list(obj.frames)
     if _pickler_name != "dill" and (
         (_pickler_name == "cloudpickle" and _by_reference(obj)) or _is_plain(obj, threshold)
     ):
