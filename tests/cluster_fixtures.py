@@ -4,7 +4,7 @@ Loaded by those test modules with ``pytest_plugins = ("cluster_fixtures",)``, so
 shared by all of them:
 
 - ``shared_cluster``: ONE session-scoped cluster of 2 engines (profile ``default``, the unnamed
-  cluster id ``""`` so that a bare ``Client()`` finds it), controller ``--ping 200``. The profile
+  cluster id ``""`` so that a bare ``Client()`` finds it), controller ``--ping 500``. The profile
   root (``FERROPARALLEL_DIR``) is a session temporary directory.
 - ``rc``: the session client on it, reset after every test (``block`` flag, outstanding work,
   engine namespaces) and checked to still have its 2 responsive engines.
@@ -32,7 +32,9 @@ from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
 
 #: Controller arguments of every test cluster: a fast heartbeat, so dead engines are noticed soon.
-CONTROLLER_ARGS = ["--ping", "200"]
+# 500 ms (5 s without pings before an engine gives up): 2 GiB socket-path transfers keep the
+# controller's event loop busy for a while (MAC check), and CI machines are loaded
+CONTROLLER_ARGS = ["--ping", "500"]
 #: Upper bound for anything that should take well under a second on an idle machine.
 SHORT = 30.0
 
