@@ -100,5 +100,7 @@ def assert_same(a: Any, b: Any) -> None:
         assert list(a) == list(b)
         for k in a:
             assert_same(a[k], b[k])
+    elif isinstance(a, memoryview):
+        assert (a.format, a.shape, a.tolist()) == (b.format, b.shape, b.tolist())
     else:
         assert a == b

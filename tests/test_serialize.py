@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from array_strategies import assert_same
+
 try:
     import ferroparallel.serialize as fs
 except ImportError:
@@ -45,29 +47,6 @@ def points_into(arr: np.ndarray, buf: Any) -> bool:
     start = address(buf)
     data = arr.__array_interface__["data"][0]
     return start <= data < start + memoryview(buf).nbytes
-
-
-def assert_same(a: Any, b: Any) -> None:
-    """Deep equality that also checks types, and dtype/shape/bytes of arrays."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        if a.dtype.hasobject:
-            assert a.tolist() == b.tolist()
-        else:
-            assert a.tobytes() == b.tobytes()
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, memoryview):
-        assert (a.format, a.shape, a.tolist()) == (b.format, b.shape, b.tolist())
-    else:
-        assert a == b
 
 
 @pytest.fixture

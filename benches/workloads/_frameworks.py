@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from _tasks import noop
+from _util import restore_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,11 +95,7 @@ def isolated_env() -> Iterator[Path]:
         _refresh_dask_config()
         yield tmp
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(saved)
         _refresh_dask_config()
         if os.environ.get("FERROBENCH_KEEP_TMP") == "1":
             print(f"(kept {tmp})", file=sys.stderr)

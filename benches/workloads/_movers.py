@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from _rawzmq import RawPeers
 from _tasks import checksum
+from _util import restore_env
 
 Checksum = tuple[Any, ...]
 
@@ -59,11 +60,7 @@ class Mover:
         try:
             yield
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            restore_env(saved)
 
     def push(self, a: np.ndarray, k: int) -> None:
         """Send ``a`` to each of the first ``k`` engines (as ``a``); return once all have it."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from _util import end_process as _end
 
 #: How long a request may wait for its reply before failing (ms).
 TIMEOUT_MS = 300_000
@@ -104,18 +105,6 @@ def _spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line)
 
 
-def _end(proc: subprocess.Popen[str]) -> None:
-    """Wait briefly for ``proc`` to exit, terminate it, kill it if it still runs."""
-    for stop in (None, proc.terminate, proc.kill):
-        if stop is not None:
-            stop()
-        try:
-            proc.wait(timeout=2 if stop is None else 5)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 class RawPeers:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,3 +82,26 @@ def calibrate(func: Callable[[int], object], target: float, floor: int, cap: int
     elapsed = min(elapsed, *(time_once(lambda n=n: func(n)) for _ in range(2)))
     per_op = elapsed / n
     return int(min(cap, max(floor, target / max(per_op, 1e-9))))
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as ``saved`` recorded them (None: was unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def end_process(proc: subprocess.Popen[str]) -> None:
+    """Wait briefly for ``proc`` to exit, terminate it, kill it if it still runs."""
+    for stop in (None, proc.terminate, proc.kill):
+        if stop is not None:
+            stop()
+        try:
+            proc.wait(timeout=2 if stop is None else 5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.stdout is not None:
+        proc.stdout.close()

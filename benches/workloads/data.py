@@ -66,6 +66,7 @@ from _rawzmq import RawPeers  # noqa: E402
 from _rss import PeakGrowth  # noqa: E402
 from _samples import Case, Roles, Samples, rows  # noqa: E402
 from _tasks import checksum  # noqa: E402
+from _util import restore_env  # noqa: E402
 
 NAME = "data"
 
@@ -299,11 +300,7 @@ def _started(name: str, env: dict[str, str]) -> Iterator[tuple[Running, list[int
     try:
         run = start(name)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(saved)
     try:
         yield run, sorted(descendants() - before)
     finally:

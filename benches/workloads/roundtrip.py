@@ -51,6 +51,7 @@ from _frameworks import (  # noqa: E402
     running,
 )
 from _tasks import noop  # noqa: E402
+from _util import end_process as _end  # noqa: E402
 
 NAME = "roundtrip"
 
@@ -117,18 +118,6 @@ def _spawn(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line)
 
 
-def _end(proc: subprocess.Popen[str]) -> None:
-    """Wait briefly for ``proc`` to exit, terminate it, kill it if it still runs."""
-    for stop in (None, proc.terminate, proc.kill):
-        if stop is not None:
-            stop()
-        try:
-            proc.wait(timeout=2 if stop is None else 5)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 @contextlib.contextmanager
