@@ -527,3 +527,12 @@ def test_hwm_budget_settings() -> None:
     assert s.hwm_budget == 0.5
     with pytest.raises(config.ConfigError, match="hwm_budget"):
         s.update({"hwm_budget": "-1"}, "test")
+
+
+def test_controller_refuses_a_bad_hwm_budget() -> None:
+    """The Rust controller names the setting and the rule when the budget is not a number >= 0."""
+    from ferroparallel import _core
+
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="hwm_budget_ms must be a number >= 0"):
+            _core.Controller({"hwm_budget_ms": bad, "key": b"k"})
