@@ -601,6 +601,15 @@ mod tests {
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0][1], b"after");
         assert!(b.handshakes.failures().is_empty());
+        // The monitor reports the handshake asynchronously: it may land after the message.
+        let deadline = Instant::now() + t;
+        while b.handshakes.state("b").succeeded == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "handshake success never reported"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(b.handshakes.state("b").succeeded, 1);
     }
 }
