@@ -155,6 +155,39 @@ def test_message_future_basics() -> None:
     assert "m1" in repr(f)
 
 
+def test_message_future_output_is_created_on_demand() -> None:
+    # finished before anyone asked: the future handed out later is already resolved
+    f = MessageFuture("m4")
+    assert not f.output_done()
+    f.finish_output()
+    f.finish_output()  # idempotent
+    assert f.output_done()
+    assert f.output.done() and f.output.result() is None
+    assert f.output is f.output
+    # asked for first: finishing resolves it and wakes a waiter on another thread
+    g = MessageFuture("m5")
+    out = g.output
+    assert not out.done() and not g.output_done()
+    later(g.finish_output)
+    assert concurrent.futures.wait([out], timeout=5).done == {out}
+    assert g.output_done()
+
+
+def test_single_message_results_leave_little_for_the_garbage_collector() -> None:
+    """Thousands of held results must not each keep extra GC-tracked containers alive: the
+    msg_id tuple and the completion order of a one-message AsyncResult become untracked."""
+    import gc
+
+    client = FakeClient()
+    (fut,) = client.send(1)
+    ar = AsyncResult(client, [fut])
+    client.reply(fut, 1)
+    assert ar.get(5) == 1
+    gc.collect()
+    assert not gc.is_tracked(ar._msg_ids)
+    assert not gc.is_tracked(ar._order)
+
+
 def test_message_future_tracking() -> None:
     tracker: concurrent.futures.Future = concurrent.futures.Future()
     f = MessageFuture("m2", {"msg_id": "m2", "msg_type": "apply_request"}, track=tracker)
@@ -1096,8 +1129,10 @@ def test_output_completes_by_count_in_any_order() -> None:
         client = _FakeClient()
         fut = MessageFuture("a")
         client._futures["a"] = fut
-        msgs = [("mux", _reply("a", {"fp_outputs": 2})) if o == "reply" else ("iopub", stream)
-                for o in order]
+        msgs = [
+            ("mux", _reply("a", {"fp_outputs": 2})) if o == "reply" else ("iopub", stream)
+            for o in order
+        ]
         _run(client, msgs[:-1])
         assert not fut.output.done(), order
         _run(client, msgs[-1:])

@@ -355,8 +355,7 @@ def test_engines_inherit_pythonpath(
     marks.mkdir()
     # sitecustomize runs at start-up of every Python process that has `extra` on its path.
     (extra / "sitecustomize.py").write_text(
-        "import os, pathlib\n"
-        f"pathlib.Path({str(marks)!r}, str(os.getpid())).write_text('seen')\n"
+        f"import os, pathlib\npathlib.Path({str(marks)!r}, str(os.getpid())).write_text('seen')\n"
     )
     (extra / "fp_pythonpath_probe.py").write_text("VALUE = 'from PYTHONPATH'\n")
     old = os.environ.get("PYTHONPATH")
@@ -405,7 +404,10 @@ def test_cli_daemonize_list_stop(fp_root: Path) -> None:
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert (row["profile"], row["cluster_id"], row["running"], row["n"]) == (
-        "default", "cli", True, 2
+        "default",
+        "cli",
+        True,
+        2,
     )
     r = cli("list")
     lines = r.stdout.splitlines()
@@ -489,8 +491,17 @@ def test_cli_clean(fp_root: Path, sleeper: list[str]) -> None:
 @needs_engine
 def test_cli_foreground_stopped_from_elsewhere(fp_root: Path) -> None:
     p = subprocess.Popen(
-        [sys.executable, "-m", "ferroparallel", "cluster", "start", "-n", "1",
-         "--cluster-id", "fg2"],
+        [
+            sys.executable,
+            "-m",
+            "ferroparallel",
+            "cluster",
+            "start",
+            "-n",
+            "1",
+            "--cluster-id",
+            "fg2",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -260,8 +260,10 @@ def test_engines_exit_when_the_controller_is_killed(clusters: Callable[..., Clus
     # The engines give up after 10 periods (2 s) without a ping; allow for a loaded machine.
     # exit codes, not just "pid gone": a leader thread is a zombie before its threads finish
     wait_until(
-        lambda: not any(pid_running(p.pid) for p in engines)
-        and all(p.exit_code is not None for p in engines),
+        lambda: (
+            not any(pid_running(p.pid) for p in engines)
+            and all(p.exit_code is not None for p in engines)
+        ),
         15,
         "the engines to exit after the controller died",
         interval=0.05,

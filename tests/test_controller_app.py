@@ -79,9 +79,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
             p.wait(10)
 
 
-def start_controller(
-    procs: list[subprocess.Popen[bytes]], *args: str
-) -> subprocess.Popen[bytes]:
+def start_controller(procs: list[subprocess.Popen[bytes]], *args: str) -> subprocess.Popen[bytes]:
     p = subprocess.Popen(
         [sys.executable, "-m", "ferroparallel.controller", *args],
         stdout=subprocess.PIPE,
@@ -161,8 +159,13 @@ def test_defaults_when_no_config(tmp_path: Path) -> None:
     s, cfg = app.resolve_settings(args, tmp_path)
     assert cfg is None
     assert s == config.ControllerSettings()
-    assert (s.ip, s.ping, s.scheme, s.db, s.pack) == ("127.0.0.1", 3000, "leastload", "memory",
-                                                      "msgpack")
+    assert (s.ip, s.ping, s.scheme, s.db, s.pack) == (
+        "127.0.0.1",
+        3000,
+        "leastload",
+        "memory",
+        "msgpack",
+    )
 
 
 def test_config_file_and_cli_override(tmp_path: Path) -> None:
@@ -287,8 +290,7 @@ def test_files_written_and_removed(
     assert client["registration"] == engine["registration"]
     assert client["pack"] == engine["pack"] == "msgpack"
     assert client["interface"] == "tcp://127.0.0.1"
-    ports = [client[k] for k in ("registration", "control", "mux", "task", "iopub",
-                                 "notification")]
+    ports = [client[k] for k in ("registration", "control", "mux", "task", "iopub", "notification")]
     ports += [engine[k] for k in ("control", "mux", "task", "iopub", "hb_ping", "hb_pong")]
     assert len(set(ports)) == 12 and all(isinstance(x, int) and x > 0 for x in ports)
     p.send_signal(sig)
@@ -329,8 +331,9 @@ def test_config_file_honoured_and_cli_overrides(
         "c.Controller.pack = 'json'\n",
     )
     cf, ef = files(pdir, "cfg")
-    p = start_controller(procs, "--profile-dir", str(pdir), "--cluster-id", "cfg",
-                         "--location", "clihost")
+    p = start_controller(
+        procs, "--profile-dir", str(pdir), "--cluster-id", "cfg", "--location", "clihost"
+    )
     wait_files(p, cf, ef)
     client = paths.load_connection_file(cf)
     assert client["task_scheme"] == "lru"  # from the config file
@@ -356,15 +359,13 @@ def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> Non
         s.close()
     pdir = tmp_path / "prof"
     cf, ef = files(pdir)
-    p = start_controller(procs, "--profile-dir", str(pdir), "--ports",
-                         ",".join(map(str, pool)))
+    p = start_controller(procs, "--profile-dir", str(pdir), "--ports", ",".join(map(str, pool)))
     wait_files(p, cf, ef)
     client = paths.load_connection_file(cf, "client")
     engine = paths.load_connection_file(ef, "engine")
     assert client["registration"] == pool[0]
     assert engine["control"] == pool[1]
-    used = {client[k] for k in ("registration", "control", "mux", "task", "iopub",
-                                "notification")}
+    used = {client[k] for k in ("registration", "control", "mux", "task", "iopub", "notification")}
     used |= {engine[k] for k in ("control", "mux", "task", "iopub", "hb_ping", "hb_pong")}
     assert used == set(pool)
     p.terminate()
@@ -506,8 +507,9 @@ def test_controller_start_does_not_import_heavy_modules() -> None:
         "if m in sys.modules]\n"
         "print(bad)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
-                       env={**os.environ})
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=30, env={**os.environ}
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.decode().replace("'", '"')) == []
 

@@ -25,8 +25,13 @@ class Dependency(set):
         Whether successful / failed tasks count as finished. Both False is an error.
     """
 
-    def __init__(self, dependencies: Iterable[Any] = (), all: bool = True,  # noqa: A002
-                 success: bool = True, failure: bool = False) -> None:
+    def __init__(
+        self,
+        dependencies: Iterable[Any] = (),
+        all: bool = True,  # noqa: A002
+        success: bool = True,
+        failure: bool = False,
+    ) -> None:
         ids: list[str] = []
         if isinstance(dependencies, dict) and "dependencies" in dependencies:
             # the wire form, as produced by as_dict()
@@ -87,16 +92,19 @@ class Dependency(set):
         }
 
     def __repr__(self) -> str:
-        return (f"Dependency({sorted(self)}, all={self.all}, success={self.success}, "
-                f"failure={self.failure})")
+        return (
+            f"Dependency({sorted(self)}, all={self.all}, success={self.success}, "
+            f"failure={self.failure})"
+        )
 
 
 class dependent:  # noqa: N801 - ipyparallel's name
     """A function that only runs where ``df(*dargs, **dkwargs)`` is true; elsewhere it raises
     UnmetDependency so the scheduler can place it on another engine."""
 
-    def __init__(self, _wrapped_f: Callable[..., Any], _df: Callable[..., Any],
-                 *dargs: Any, **dkwargs: Any) -> None:
+    def __init__(
+        self, _wrapped_f: Callable[..., Any], _df: Callable[..., Any], *dargs: Any, **dkwargs: Any
+    ) -> None:
         self.f = _wrapped_f
         self.df = _df
         self.dargs = dargs
@@ -151,6 +159,7 @@ def require(*objects: Any, **mapping: Any) -> Callable[[Callable], dependent]:
             mapping[obj.__name__] = obj
         else:
             raise TypeError(f"require() takes module names, modules or functions, not {obj!r}")
+
     def provides() -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in names:

@@ -113,9 +113,7 @@ def log_dir(profile_dir: str | os.PathLike[str]) -> Path:
     return Path(profile_dir) / "log"
 
 
-def connection_file(
-    profile_dir: str | os.PathLike[str], role: str, cluster_id: str = ""
-) -> Path:
+def connection_file(profile_dir: str | os.PathLike[str], role: str, cluster_id: str = "") -> Path:
     """Path of a connection file.
 
     Parameters

@@ -129,7 +129,9 @@ class AsyncResult(SlimFuture):
                     raise KeyError(f"no future for msg_id {child!r} in this client") from None
             futures.append(child)
         self._children = futures
-        self._msg_ids: list[str] = [getattr(c, "msg_id", None) for c in futures]
+        # a tuple of strings, which the garbage collector stops tracking (fewer, cheaper
+        # collections while thousands of results are held)
+        self._msg_ids: tuple[str, ...] = tuple(getattr(c, "msg_id", None) for c in futures)
         self._fname = fname
         self._targets = targets
         self.owner = owner
@@ -137,11 +139,14 @@ class AsyncResult(SlimFuture):
         if single_result is None:
             single_result = len(futures) == 1 and not isinstance(targets, (list, tuple, range))
         self._single_result = bool(single_result)
-        # references to the client's Metadata objects, kept after the client drops them
-        self._mds: list[Any] = [self._client_md(m) for m in self._msg_ids]
+        # references to the client's Metadata objects, kept after the client drops them (a
+        # MessageFuture holds its own: ``md``; other futures get an entry when first looked up)
+        self._mds: dict[int, Any] | None = None
         # waits re-check their predicate whenever any future settles (see futures.SETTLED)
         self._cond = SETTLED
-        self._order: list[int] = []  # indices of finished children, in completion order
+        # indices of finished children, in completion order (a tuple while there is one child:
+        # the garbage collector stops tracking it, which matters with thousands of results)
+        self._order: list[int] | tuple[int, ...] = [] if len(futures) > 1 else ()
         self._n_failed = 0
         self._init_state()
         if not futures:
@@ -168,11 +173,14 @@ class AsyncResult(SlimFuture):
 
     def _child_done(self, i: int, fut: concurrent.futures.Future) -> None:
         try:
-            if self._mds[i] is None:
-                self._mds[i] = self._client_md(self._msg_ids[i])
+            if getattr(fut, "md", None) is None:
+                self._md(i)  # capture it before the client may drop it
             failed = fut.cancelled() or fut.exception(timeout=0) is not None
             with _LOCK:
-                self._order.append(i)
+                if type(self._order) is tuple:
+                    self._order = (*self._order, i)
+                else:
+                    self._order.append(i)
                 if failed:
                     self._n_failed += 1
                 self._on_child_done_locked(i)
@@ -439,11 +447,18 @@ class AsyncResult(SlimFuture):
     # -- metadata -----------------------------------------------------------------------------
 
     def _md(self, i: int) -> Any:
-        md = self._mds[i]
+        md = getattr(self._children[i], "md", None)
+        if md is not None:
+            return md
+        mds = self._mds
+        if mds is None:
+            mds = self._mds = {}
+        md = mds.get(i)
         if md is None:
-            md = self._mds[i] = self._client_md(self._msg_ids[i])
+            md = self._client_md(self._msg_ids[i])
             if md is None:
                 return Metadata(msg_id=self._msg_ids[i])
+            mds[i] = md
         return md
 
     def _engine_id(self, i: int) -> int | None:

@@ -467,8 +467,8 @@ class Client(HasTraits):
                 self.outstanding.discard(fut.msg_id)
                 self.results[fut.msg_id] = exc
                 fut.set_exception(exc)
-                if not fut.output.done():
-                    fut.output.set_result(None)
+                if not fut.output_done():
+                    fut.finish_output()
             for fut in list(self._query_futures.values()):
                 if not fut.done():
                     fut.set_exception(exc)
@@ -512,7 +512,7 @@ class Client(HasTraits):
         fut = self._futures.get(msg_id)
         if fut is None or msg_id not in self._owned:
             return
-        if fut.done() and fut.output.done():
+        if fut.done() and fut.output_done():
             self._futures.pop(msg_id, None)
             self.results.pop(msg_id, None)
             self.metadata.pop(msg_id, None)
@@ -604,7 +604,8 @@ class Client(HasTraits):
                 values["engine_uuid"] = engine_uuid
                 values["engine_id"] = self._uuids.get(engine_uuid)
                 by_engine[engine_uuid].add(msg_id)
-            dict.update(metadata[msg_id], values)
+            md = fut.md = metadata[msg_id]
+            dict.update(md, values)
             futures[msg_id] = fut
             outstanding.add(msg_id)
             history.append(msg_id)
@@ -927,13 +928,17 @@ class Client(HasTraits):
             except error.RemoteError as e:  # an ipyparallel hub does not know this request
                 log.debug("hub abort: %s", e)
         if targets is None:
-            engine_ids = sorted(
-                {
-                    md.get("engine_id")
-                    for m in msg_ids
-                    if (md := self.metadata.get(m)) is not None and md.get("engine_id") is not None
-                }
-            ) or self.ids
+            engine_ids = (
+                sorted(
+                    {
+                        md.get("engine_id")
+                        for m in msg_ids
+                        if (md := self.metadata.get(m)) is not None
+                        and md.get("engine_id") is not None
+                    }
+                )
+                or self.ids
+            )
         else:
             engine_ids = targets
         if not engine_ids:

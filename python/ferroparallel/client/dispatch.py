@@ -179,8 +179,8 @@ def settle(client: Client, done: list[Settle]) -> None:
                     fut.set_exception(exc)
                 else:
                     fut.set_result(result)
-            if output_done and not fut.output.done():
-                fut.output.set_result(None)
+            if output_done and not fut.output_done():
+                fut.finish_output()
         except InvalidStateError:  # settled meanwhile by another thread (e.g. a failure)
             pass
     with client._lock:
@@ -238,7 +238,7 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
 
 
 def _output_complete(fut: Any) -> Settle | None:
-    if fut.output.done():
+    if fut.output_done():
         return None
     # the reply may still be on its way: settle only the output (the reply settles the rest)
     return fut, NO_REPLY, None, True

@@ -49,6 +49,7 @@ def _notify_settled() -> None:
     if SETTLED._waiters:  # type: ignore[attr-defined]
         SETTLED.notify_all()
 
+
 _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
@@ -327,7 +328,12 @@ class MessageFuture(SlimFuture):
         self.msg_id = msg_id
         self.header: dict[str, Any] = header if header is not None else {"msg_id": msg_id}
         self.track = track
-        self.output: concurrent.futures.Future = SlimFuture()
+        #: the client's Metadata of this message (set when the client registers it)
+        self.md: Any = None
+        # the output future is created only when asked for (most never are): until then,
+        # whether the output is complete is this flag
+        self._output: SlimFuture | None = None
+        self._output_complete = False
         #: IOPub outputs received, and how many the engine said it sent (None: not known yet,
         #: or an engine that does not say; then the ``idle`` status completes the output)
         self.outputs_seen = 0
@@ -336,6 +342,39 @@ class MessageFuture(SlimFuture):
     def cancel(self) -> bool:
         """A sent message cannot be cancelled: always False (see ``Client.abort``)."""
         return False
+
+    @property
+    def output(self) -> concurrent.futures.Future:
+        """Resolved (with None) once all IOPub output of the message has arrived."""
+        out = self._output
+        if out is None:
+            with _LOCK:
+                out = self._output
+                if out is None:
+                    out = self._output = SlimFuture()
+                    complete = self._output_complete
+                else:
+                    complete = False
+            if complete:  # outside the lock: settling notifies under it
+                out.set_result(None)
+        return out
+
+    def output_done(self) -> bool:
+        """Whether all IOPub output has arrived (without creating :attr:`output`)."""
+        return self._output_complete
+
+    def finish_output(self) -> None:
+        """Mark the output complete (idempotent); resolves :attr:`output` if it exists."""
+        with _LOCK:
+            if self._output_complete:
+                return
+            self._output_complete = True
+            out = self._output
+        if out is not None and not out.done():
+            try:
+                out.set_result(None)
+            except concurrent.futures.InvalidStateError:  # pragma: no cover - raced
+                pass
 
     @property
     def sent(self) -> bool:

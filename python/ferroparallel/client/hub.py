@@ -233,8 +233,8 @@ class HubResults:
         for fut in pending:
             if not fut.done():
                 fut.set_exception(exc)
-            if not fut.output.done():
-                fut.output.set_result(None)
+            if not fut.output_done():
+                fut.finish_output()
 
     def _start(self) -> None:
         self._wake.set()

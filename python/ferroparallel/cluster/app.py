@@ -58,9 +58,7 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         help="encrypt and authenticate every connection with CurveZMQ (default: "
         "$FERROPARALLEL_CURVE / $IPP_ENABLE_CURVE)",
     )
-    s.add_argument(
-        "--no-curve", dest="curve", action="store_false", help="do not use CurveZMQ"
-    )
+    s.add_argument("--no-curve", dest="curve", action="store_false", help="do not use CurveZMQ")
     s.add_argument("--log-level", help="log level of the controller and engines")
     s.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"

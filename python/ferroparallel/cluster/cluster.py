@@ -468,9 +468,7 @@ class Cluster:
             return
         deadline = time.monotonic() + timeout
         while len(client.ids) < n:
-            dead = [
-                p for es in self.engines.values() for p in es.processes if not p.running
-            ]
+            dead = [p for es in self.engines.values() for p in es.processes if not p.running]
             if dead:
                 p = dead[0]
                 raise RuntimeError(
@@ -634,10 +632,25 @@ class Cluster:
         opts.update(kwargs)
         opts.setdefault("shutdown_atexit", False)
         known = {
-            "n", "profile", "profile_dir", "cluster_id", "controller_args", "engine_args",
-            "controller_ip", "controller_location", "curve", "log_level", "engine_timeout",
-            "controller_timeout", "stop_timeout", "send_engines_connection_env",
-            "shutdown_atexit", "controller_cmd", "engine_cmd", "env", "delay",
+            "n",
+            "profile",
+            "profile_dir",
+            "cluster_id",
+            "controller_args",
+            "engine_args",
+            "controller_ip",
+            "controller_location",
+            "curve",
+            "log_level",
+            "engine_timeout",
+            "controller_timeout",
+            "stop_timeout",
+            "send_engines_connection_env",
+            "shutdown_atexit",
+            "controller_cmd",
+            "engine_cmd",
+            "env",
+            "delay",
         }
         self = cls(**{k: v for k, v in opts.items() if k in known})
         if d.get("controller"):

@@ -546,7 +546,11 @@ class LocalEngineSetLauncher:
     ) -> LocalEngineSetLauncher:
         """Rebuild a launcher (for engines started by another process)."""
         self = cls(
-            profile_dir, cluster_id, engine_set_id, d.get("n", 0), d.get("args") or (),
+            profile_dir,
+            cluster_id,
+            engine_set_id,
+            d.get("n", 0),
+            d.get("args") or (),
             cmd=d.get("cmd"),
         )
         self.processes = [Process.from_dict(p) for p in d.get("processes", [])]

@@ -51,9 +51,7 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
-def _common(
-    settings: ControllerSettings, key: str, serverkey: str | None = None
-) -> dict[str, Any]:
+def _common(settings: ControllerSettings, key: str, serverkey: str | None = None) -> dict[str, Any]:
     return {
         "interface": f"tcp://{settings.ip}",
         "key": key,
