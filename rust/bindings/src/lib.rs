@@ -12,6 +12,12 @@ mod iothread;
 mod pybuffer;
 mod session;
 
+/// mimalloc for every Rust allocation of the extension (the I/O thread, the controller):
+/// buffers are allocated on one thread and freed on another, which glibc's malloc handles with
+/// contended arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A jupyter-style session id.
 #[pyfunction]
 fn new_id() -> String {
