@@ -21,12 +21,14 @@ from typing import Any
 
 import pytest
 import traitlets
+import zmq
 
 import ferroparallel as ipp
-from ferroparallel import error
+from ferroparallel import _core, error
 from ferroparallel.client import Client, DirectView
 from ferroparallel.client.metadata import Metadata
 from ferroparallel.cluster import Cluster
+from ferroparallel.wire_names import NO_STATUS_KEY
 
 pytest_plugins = ("cluster_fixtures",)
 pytestmark = pytest.mark.timeout(120)
@@ -591,3 +593,52 @@ def test_shutdown(
         c[:].apply_sync(lambda: 1)
     c.shutdown(hub=True)
     wait_until(lambda: not cluster.running, SHORT, "the controller to exit")
+
+
+def _statuses_seen(shared_cluster: Cluster, run: Callable[[], str]) -> list[str]:
+    """Execution states an outside IOPub subscriber (of everything) sees for the request
+    that ``run()`` makes (and returns the msg_id of)."""
+    cinfo = json.loads(shared_cluster.client_file.read_text())
+    session = _core.Session(cinfo["key"].encode(), packer=cinfo.get("pack", "msgpack"))
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.subscribe(b"")
+    sub.connect(f"tcp://127.0.0.1:{cinfo['iopub']}")
+    try:
+        time.sleep(0.3)  # the subscription reaches the controller
+        msg_id = run()
+        states: list[str] = []
+        deadline = time.monotonic() + 10
+        # until the idle status, or one second without any message
+        while time.monotonic() < deadline and states[-1:] != ["idle"] and sub.poll(1000):
+            msg = session.deserialize(sub.recv_multipart(), record=False)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status":
+                states.append(msg["content"]["execution_state"])
+        return states
+    finally:
+        sub.close()
+
+
+def test_requests_ask_engines_for_no_status_unless_wanted(
+    rc: Client, shared_cluster: Cluster
+) -> None:
+    """Our client counts outputs from the reply (``fp_outputs``), so its requests carry
+    ``fp_no_status`` and engines send no busy/idle for them; ``status_messages=True`` brings
+    them back (for tools watching IOPub)."""
+    assert rc.status_messages is False
+    assert rc._request_metadata({"a": 1})[NO_STATUS_KEY] is True
+
+    def run() -> str:
+        ar = rc[0].apply_async(print, "hello")
+        ar.get(timeout=10)
+        assert ar.wait_for_output(10) and ar.stdout == "hello\n"
+        return ar.msg_ids[0]
+
+    assert _statuses_seen(shared_cluster, run) == []
+    rc.status_messages = True
+    try:
+        assert NO_STATUS_KEY not in rc._request_metadata(None)
+        assert _statuses_seen(shared_cluster, run) == ["busy", "idle"]
+    finally:
+        rc.status_messages = False

@@ -34,6 +34,7 @@ from ferroparallel.engine.execute import PlainShell, run_apply
 from ferroparallel.engine.signals import InterruptGate, parse_signal
 from ferroparallel.error import ConnectionFileError
 from ferroparallel.serialize import deserialize_object, interactive, pack_apply_message
+from ferroparallel.wire_names import NO_STATUS_KEY
 
 KEY = b"engine-test-key-0123456789abcdef"
 IP = "tcp://127.0.0.1"
@@ -424,6 +425,35 @@ def test_iopub_topics_and_live_output(shared):
     assert reply["content"]["status"] == "ok"
     # the reply counts the outputs sent before it: the two streams
     assert reply["metadata"]["fp_outputs"] == 2
+
+
+def test_requests_may_ask_for_no_status_messages(shared):
+    """``fp_no_status`` (what ferroparallel clients send): the reply, counted outputs, and no
+    busy/idle; requests without it (every other peer) still get both."""
+    ctl, _ = shared
+    quiet = ctl.send(
+        "mux",
+        "execute_request",
+        {"code": "print('q')", "silent": True},
+        metadata={NO_STATUS_KEY: True},
+    )
+    rep = ctl.reply()
+    assert rep["parent_header"]["msg_id"] == quiet and rep["content"]["status"] == "ok"
+    assert rep["metadata"]["fp_outputs"] == 1
+    loud = ctl.send("mux", "execute_request", {"code": "print('l')", "silent": True})
+    assert ctl.reply()["parent_header"]["msg_id"] == loud
+    # the loud request's idle status is published after everything of the quiet one
+    seen: list[tuple[str, str]] = []
+    deadline = time.monotonic() + WAIT
+    while not seen or seen[-1] != (loud, "idle"):
+        msg = ctl.recv("iopub", max(0.0, deadline - time.monotonic()))
+        parent = msg["parent_header"].get("msg_id")
+        if parent in (quiet, loud):
+            state = msg["content"].get("execution_state", msg["content"].get("text", ""))
+            seen.append((parent, state))
+    assert seen.count((quiet, "q\n")) == 1
+    assert not [s for s in seen if s[0] == quiet and s[1] in ("busy", "idle")], seen
+    assert (loud, "busy") in seen and (loud, "l\n") in seen
 
 
 def test_execute_error_and_stop_on_error_aborts_queued(shared):

@@ -7,6 +7,7 @@ See ``docs/protocol.md`` ("ferroparallel extensions").
 from __future__ import annotations
 
 __all__ = [
+    "NO_STATUS_KEY",
     "OUTPUT_COUNT_KEY",
     "OUTPUT_TOPIC_PREFIX",
     "SHM_HOST_KEY",
@@ -34,3 +35,10 @@ SHM_HOST_KEY = "fp_shm_host"
 #: Reply metadata key: the name of the shared-memory segment that holds the result's large
 #: buffers; the client unlinks it once it has mapped the result.
 SHM_SEGMENT_KEY = "fp_shm_segment"
+
+#: Request metadata key: when true, the engine publishes no ``busy``/``idle`` status around the
+#: request. Status messages exist for the requester's benefit; a ferroparallel client knows
+#: when output is complete from ``OUTPUT_COUNT_KEY`` and never subscribes to them, so it asks
+#: engines not to send them (they were half of an engine's and the controller's work per
+#: no-op task). Requests without the key (every other peer) get status messages as always.
+NO_STATUS_KEY = "fp_no_status"

@@ -22,7 +22,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 from .. import _core, error, paths
 from .. import curve as _curve
 from .. import ssh as _ssh
-from ..wire_names import OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
+from ..wire_names import NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
 from . import connection, dispatch
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
@@ -141,6 +141,12 @@ class Client(HasTraits):
 
     block = Bool(False, help="Wait for results by default").tag(config=True)
     debug = Bool(False).tag(config=True)
+    status_messages = Bool(
+        False,
+        help="Ask engines for busy/idle IOPub status messages around this client's requests "
+        "(ferroparallel engines leave them out by default: this client knows from each reply "
+        "how many outputs to expect, and never subscribes to them).",
+    ).tag(config=True)
     timeout = Float(10.0)
     profile = Unicode("default")
     outstanding = Set(help="msg_ids of requests without a reply")
@@ -657,12 +663,17 @@ class Client(HasTraits):
         )
         return futs
 
-    def _shm_results(self, metadata: dict[str, Any] | None) -> dict[str, Any]:
-        """Request metadata saying that large results may come back through shared memory
-        (when this client uses it: engines on this host then answer with a segment)."""
-        if not self._shm.enabled:
-            return metadata or {}
-        return {**(metadata or {}), SHM_HOST_KEY: self._shm.host}
+    def _request_metadata(self, metadata: dict[str, Any] | None) -> dict[str, Any]:
+        """Metadata of a shell request (a new dict): ``metadata`` plus that large results may
+        come back through shared memory (when this client uses it: engines on this host then
+        answer with a segment), and that no busy/idle status is wanted (unless
+        ``status_messages``: this client counts outputs with the reply's ``fp_outputs``)."""
+        md = dict(metadata) if metadata else {}
+        if self._shm.enabled:
+            md[SHM_HOST_KEY] = self._shm.host
+        if not self.status_messages:
+            md[NO_STATUS_KEY] = True
+        return md
 
     def apply_to(
         self,
@@ -681,7 +692,7 @@ class Client(HasTraits):
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
         bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), uuids)
-        metadata = self._shm_results(metadata)
+        metadata = self._request_metadata(metadata)
         if seg is None:
             return self._send_fanout("apply_request", {}, uuids, metadata, bufs)
         try:
@@ -704,7 +715,10 @@ class Client(HasTraits):
             return [self.send_execute_request("mux", code, silent, metadata, ident=uuids[0])]
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
-        return self._send_fanout("execute_request", _execute_content(code, silent), uuids, metadata)
+        content = _execute_content(code, silent)
+        return self._send_fanout(
+            "execute_request", content, uuids, self._request_metadata(metadata)
+        )
 
     def send_apply_request(
         self,
@@ -723,7 +737,7 @@ class Client(HasTraits):
         uuid = ident.decode() if isinstance(ident, bytes) else ident
         targets = [uuid] if uuid else (metadata or {}).get("targets") or None
         bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), targets)
-        metadata = self._shm_results(metadata)
+        metadata = self._request_metadata(metadata)
         try:
             fut = self._send(
                 socket,
@@ -760,7 +774,7 @@ class Client(HasTraits):
             socket,
             "execute_request",
             content,
-            metadata=metadata or {},
+            metadata=self._request_metadata(metadata),
             ident=ident.encode() if isinstance(ident, str) else ident,
             engine_uuid=uuid,
         )

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from ..wire_names import OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
+from ..wire_names import NO_STATUS_KEY, OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
 from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
@@ -34,6 +34,8 @@ class ShellHandler:
     def __init__(self, kernel: EngineKernel) -> None:
         self.kernel = kernel
         self.parent: dict[str, Any] | None = None  # header of the request being run
+        # whether replies must wake the I/O thread themselves (no idle status follows them)
+        self._flush_replies = False
         self._shell: PlainShell | Any = None
 
     # -- replies ----------------------------------------------------------------------------
@@ -77,7 +79,7 @@ class ShellHandler:
             metadata,
             ident=request["idents"],
             buffers=buffers,
-            flush=flush,
+            flush=flush or self._flush_replies,
         )
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -93,8 +95,11 @@ class ShellHandler:
         prefix = msg_type.removesuffix("_request")
         started = _core.iso_now()
         k.published = 0
-        # busy and the reply leave together with the idle status: one I/O wake-up per request
-        k.publish("status", {"execution_state": "busy"}, header, "status", flush=False)
+        status = not (msg.get("metadata") or {}).get(NO_STATUS_KEY)
+        self._flush_replies = not status
+        if status:
+            # busy and the reply leave together with the idle status: one I/O wake-up
+            k.publish("status", {"execution_state": "busy"}, header, "status", flush=False)
         try:
             if k.aborted.pop(header.get("msg_id", "")):
                 self.reply(msg, prefix + "_reply", {"status": "aborted"}, started)
@@ -115,7 +120,8 @@ class ShellHandler:
             content = ErrorInfo.from_exception(exc).content(k.engine_info(prefix))
             self.reply(msg, prefix + "_reply", content, started)
         finally:
-            k.publish("status", {"execution_state": "idle"}, header, "status")
+            if status:
+                k.publish("status", {"execution_state": "idle"}, header, "status")
 
     def _begin(self, header: dict[str, Any]) -> None:
         self.parent = header
