@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -284,3 +285,55 @@ def test_ctrl_c_interrupts_a_blocking_recv_promptly(tmp_path):
     assert proc.returncode == 0, err
     assert out.startswith("interrupted")
     assert elapsed < 5, f"Ctrl-C took {elapsed:.2f}s to interrupt recv()"
+
+
+# -- DirectSockets: sockets driven by the calling thread -------------------------------------
+
+
+def test_direct_sockets_round_trip_wake_and_close():
+    session = _core.Session(b"k" * 32)
+    direct = _core.DirectSockets(session)
+    io = _core.IoThread(session)
+    try:
+        (endpoint,) = direct.add_socket("shell", "ROUTER", bind=LOOPBACK)
+        io.add_socket("peer", "DEALER", connect=endpoint, identity=b"peer")
+        arr = np.arange(100_000, dtype="f8")
+        io.send("peer", "apply_request", {"n": 1}, buffers=serialize_object(arr))
+        got = []
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            got = direct.recv(timeout=1.0)
+        ((name, msg),) = got
+        assert name == "shell" and msg["content"] == {"n": 1} and msg["idents"] == [b"peer"]
+        np.testing.assert_array_equal(deserialize_object(msg["buffers"]), arr)
+        # the reply leaves from this thread, zero-copy buffers included
+        direct.send(
+            "shell",
+            "apply_reply",
+            {"ok": True},
+            msg["header"],
+            ident=msg["idents"],
+            buffers=serialize_object(arr * 2),
+        )
+        _, reply = recv_one(io)
+        assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
+        np.testing.assert_array_equal(deserialize_object(reply["buffers"]), arr * 2)
+        # a forged message is dropped and reported, never delivered
+        forged = _core.Session(b"x" * 32)
+        io.send_raw("peer", forged.serialize("apply_request", {}))
+        time.sleep(0.2)
+        assert direct.recv(timeout=0.3) == []
+        assert [e[0] for e in direct.take_errors()] == ["shell"]
+        # wake() cuts a long wait short, from another thread
+        threading.Timer(0.2, direct.wake).start()
+        t0 = time.monotonic()
+        assert direct.recv(timeout=30) == []
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(ValueError, match="no socket named"):
+            direct.send("nope", "x")
+    finally:
+        direct.close()
+        io.close()
+    assert direct.closed
+    with pytest.raises(error.IoClosedError):
+        direct.recv(timeout=0)

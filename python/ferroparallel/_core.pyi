@@ -184,6 +184,63 @@ class IoThread:
     @property
     def closed(self) -> bool: ...
 
+class DirectSockets:
+    """Sockets that the calling threads poll and send on themselves, without an I/O thread
+    (an engine's shell and control channels: the thread that waits for a request answers it
+    with no thread hand-off). Every operation takes one internal lock; a thread that needs
+    the sockets while another waits on them in :meth:`recv` wakes it, so it hands over at once.
+
+    Parameters
+    ----------
+    session : Session
+        Verifies received messages and signs sent ones.
+    """
+
+    def __init__(self, session: Session) -> None: ...
+    def add_socket(
+        self,
+        name: str,
+        kind: str,
+        *,
+        connect: Sequence[str] | str | None = None,
+        bind: Sequence[str] | str | None = None,
+        identity: Buffer | None = None,
+        raw: bool = False,
+        linger_ms: int = 1000,
+        curve_serverkey: Buffer | None = None,
+        curve_publickey: Buffer | None = None,
+        curve_secretkey: Buffer | None = None,
+    ) -> list[str]:
+        """Create a socket (as :meth:`IoThread.add_socket`, without forwarding or handshake
+        monitoring); returns the bound endpoints."""
+    def send(
+        self,
+        socket: str,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        ident: Sequence[bytes] | bytes | None = None,
+        buffers: Sequence[Buffer] | None = None,
+        header: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Sign and send one message now (waiting, without the GIL, up to 30 s for a peer
+        that is not taking messages: ValueError then); returns its header."""
+    def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
+        """Wait up to ``timeout`` seconds (``None``: until something arrives) for messages on
+        any socket, as :meth:`IoThread.recv`; returns early, possibly with nothing, when
+        :meth:`wake` is called. Releases the GIL while waiting; Ctrl-C raises
+        KeyboardInterrupt within 50 ms."""
+    def wake(self) -> None:
+        """Interrupt a :meth:`recv` waiting in another thread."""
+    def take_errors(self) -> list[tuple[str, str, str]]:
+        """Messages dropped since the last call: ``(socket_name, error_class_name, text)``."""
+    def close(self) -> None:
+        """Close every socket. Idempotent."""
+    @property
+    def closed(self) -> bool: ...
+
 class Controller:
     """The ferroparallel controller: hub, MUX/control/IOPub relays, task scheduler and heartbeat,
     all on native threads (no Python on the message path).

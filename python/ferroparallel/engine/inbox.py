@@ -1,9 +1,12 @@
 """Received messages, and the thread that keeps receiving while a long request runs.
 
-Only one thread at a time calls ``IoThread.recv``: the main thread while idle, the
-:class:`BusyWatcher` while the main thread runs a request for longer than a grace period. Both
-sort what they receive into the same queues, so control requests that arrive during a long
-request are seen at once (abort, signal) and jump ahead of queued shell requests.
+The shell, control and broadcast sockets are :class:`~ferroparallel._core.DirectSockets`: the
+thread that waits for requests polls them itself (no I/O thread hop). Only one thread at a time
+receives: the main thread while idle, the :class:`BusyWatcher` while the main thread runs a
+request for longer than a grace period. Both sort what they receive into the same queues, so
+control requests that arrive during a long request are seen at once (abort, signal) and jump
+ahead of queued shell requests. The other sockets (registration, IOPub, heartbeat) stay on the
+engine's I/O thread.
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ from ..error import IoClosedError
 log = logging.getLogger(__name__)
 
 #: Socket names of the engine's I/O thread.
-SHELL, BROADCAST, CONTROL, IOPUB, REGISTRATION, WAKE, WAKE_TX = (
+SHELL, BROADCAST, CONTROL, IOPUB, REGISTRATION = (
     "shell",
     "broadcast",
     "control",
     "iopub",
     "registration",
-    "wake",
-    "wake_tx",
 )
 
 #: Key added to received shell messages: the socket to reply on.
@@ -40,26 +41,32 @@ class Inbox:
     Parameters
     ----------
     io : ferroparallel._core.IoThread
-        The engine's I/O thread.
+        The engine's I/O thread (registration replies).
+    direct : ferroparallel._core.DirectSockets
+        The shell, control and broadcast sockets.
     """
 
-    def __init__(self, io: Any) -> None:
+    def __init__(self, io: Any, direct: Any) -> None:
         self._io = io
+        self._direct = direct
         self._lock = threading.Lock()
         self.control: deque[dict[str, Any]] = deque()
         self.shell: deque[dict[str, Any]] = deque()
         self.other: deque[tuple[str, Any]] = deque()
 
     def pull(self, timeout: float) -> int:
-        """Receive for up to ``timeout`` seconds and queue what arrived.
+        """Receive requests for up to ``timeout`` seconds (less when woken) and queue them.
 
         Returns
         -------
         int
-            Number of messages received (wake-ups included).
+            Number of messages received.
         """
-        with self._lock:
-            batch = self._io.recv(timeout=timeout)
+        if not self._lock.acquire(blocking=False):
+            self._direct.wake()  # the other receiver hands over at once
+            self._lock.acquire()
+        try:
+            batch = self._direct.recv(timeout=timeout)
             for name, msg in batch:
                 if name == SHELL:
                     self.shell.append(msg)
@@ -68,8 +75,16 @@ class Inbox:
                     self.shell.append(msg)
                 elif name == CONTROL:
                     self.control.append(msg)
-                elif name != WAKE:
+                else:
                     self.other.append((name, msg))
+        finally:
+            self._lock.release()
+        return len(batch)
+
+    def pull_other(self, timeout: float) -> int:
+        """Receive on the I/O thread's sockets (the registration reply) into :attr:`other`."""
+        batch = self._io.recv(timeout=timeout)
+        self.other.extend(batch)
         return len(batch)
 
 
@@ -80,8 +95,8 @@ class BusyWatcher(threading.Thread):
     ----------
     inbox : Inbox
         Where received messages go.
-    io : ferroparallel._core.IoThread
-        Used to wake a pending receive when the request ends.
+    direct : ferroparallel._core.DirectSockets
+        Woken when the request ends, so that a pending receive hands the sockets back.
     on_tick : callable
         Called (in this thread) after every receive while engaged: handles urgent control
         requests, flushes captured output.
@@ -94,14 +109,14 @@ class BusyWatcher(threading.Thread):
     def __init__(
         self,
         inbox: Inbox,
-        io: Any,
+        direct: Any,
         on_tick: Callable[[], None],
         grace: float = 0.05,
         tick: float = 0.05,
     ) -> None:
         super().__init__(name="ferroparallel-engine-watcher", daemon=True)
         self._inbox = inbox
-        self._io = io
+        self._direct = direct
         self._on_tick = on_tick
         self._grace = grace
         self._tick = tick
@@ -117,10 +132,7 @@ class BusyWatcher(threading.Thread):
         """The main thread finished its request: stop receiving promptly."""
         self._busy_since = None
         if self._engaged:
-            try:
-                self._io.send_raw(WAKE_TX, [b""])
-            except (IoClosedError, ValueError):
-                pass
+            self._direct.wake()
 
     def stop(self) -> None:
         """Ask the thread to exit (it does within one tick)."""

@@ -23,8 +23,6 @@ from .inbox import (
     IOPUB,
     REGISTRATION,
     SHELL,
-    WAKE,
-    WAKE_TX,
     BusyWatcher,
     Inbox,
 )
@@ -100,7 +98,9 @@ class EngineKernel:
         self.engine_id: int | None = None
         self.hb_period = DEFAULT_HB_PERIOD_MS / 1000
         self.io = _core.IoThread(self.session, name="ferroparallel-engine-io")
-        self.inbox = Inbox(self.io)
+        # shell, control, broadcast: polled and answered by the main thread itself
+        self.direct = _core.DirectSockets(self.session)
+        self.inbox = Inbox(self.io, self.direct)
         self.aborted = AbortSet()
         self.control = ControlHandler(self)
         self.shell = ShellHandler(self)
@@ -108,7 +108,7 @@ class EngineKernel:
         self.namespace = UserNamespace()
         self.capture = StreamCapture(self._publish_stream)
         self.result_segments = ResultSegments()
-        self.watcher = BusyWatcher(self.inbox, self.io, self._busy_tick)
+        self.watcher = BusyWatcher(self.inbox, self.direct, self._busy_tick)
         self.liveness: Liveness | None = None
         self.exit_code: int | None = None
         self._metadata = {"engine": self.uuid}
@@ -141,12 +141,10 @@ class EngineKernel:
             **cv,
         )
         io.add_socket(REGISTRATION, "DEALER", connect=[urls.registration], identity=ident, **cv)
-        io.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident, **cv)
-        io.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident, **cv)
+        direct = self.direct
+        direct.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident, **cv)
+        direct.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident, **cv)
         io.add_socket(IOPUB, "PUB", connect=[urls.iopub], identity=ident, **cv)
-        wake = f"inproc://ferroparallel-engine-wake-{self.uuid}"
-        io.add_socket(WAKE, "PAIR", bind=[wake], raw=True, linger_ms=0)
-        io.add_socket(WAKE_TX, "PAIR", connect=[wake], raw=True, linger_ms=0)
 
     def register(self) -> bool:
         """Send ``registration_request`` and wait for the reply.
@@ -177,7 +175,7 @@ class EngineKernel:
                     _curve.describe_handshake_failures(self.io.handshake_failures()),
                 )
                 return False
-            self.inbox.pull(min(left, 0.1))
+            self.inbox.pull_other(min(left, 0.1))
 
     def _registered(self, content: dict[str, Any]) -> bool:
         if content.get("status") != "ok" or not isinstance(content.get("id"), int):
@@ -197,7 +195,7 @@ class EngineKernel:
         leaves = self.urls.broadcast
         if leaves:
             leaf = leaves[self.engine_id % len(leaves)]
-            self.io.add_socket(
+            self.direct.add_socket(
                 BROADCAST,
                 "ROUTER",
                 connect=[leaf],
@@ -284,7 +282,7 @@ class EngineKernel:
             log.debug("ignoring a message on %s", name)
         if now - self._last_error_check >= 1.0:
             self._last_error_check = now
-            for socket, kind, text in self.io.take_errors():
+            for socket, kind, text in [*self.io.take_errors(), *self.direct.take_errors()]:
                 log.warning("dropped a message on %s: %s: %s", socket, kind, text)
 
     def _finish(self) -> None:
@@ -300,6 +298,7 @@ class EngineKernel:
                 )
             except Exception:
                 log.debug("could not send unregistration_request", exc_info=True)
+        self.direct.close()
         self.io.close()
         if self.watcher.is_alive():
             self.watcher.join(timeout=1.0)
@@ -375,7 +374,7 @@ class EngineKernel:
         """Reply on the control channel to the sender of ``request``."""
         metadata = dict(self._metadata)
         metadata["status"] = content.get("status", "ok")
-        self.io.send(
+        self.direct.send(
             CONTROL, msg_type, content, request["header"], metadata, ident=request["idents"]
         )
 

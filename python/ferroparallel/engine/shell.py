@@ -34,8 +34,6 @@ class ShellHandler:
     def __init__(self, kernel: EngineKernel) -> None:
         self.kernel = kernel
         self.parent: dict[str, Any] | None = None  # header of the request being run
-        # whether replies must wake the I/O thread themselves (no idle status follows them)
-        self._flush_replies = False
         self._shell: PlainShell | Any = None
 
     # -- replies ----------------------------------------------------------------------------
@@ -51,11 +49,10 @@ class ShellHandler:
         content: dict[str, Any],
         started: str,
         buffers: list[Any] | None = None,
-        flush: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Send a reply to the sender of ``request`` with the reply metadata (it leaves with
-        the idle status that always follows, unless ``flush``)."""
+        """Send a reply to the sender of ``request`` with the reply metadata, at once (from
+        this thread: the shell sockets are direct)."""
         k = self.kernel
         req_md = request.get("metadata") or {}
         metadata = {key: req_md[key] for key in COPIED_METADATA if key in req_md}
@@ -71,7 +68,7 @@ class ShellHandler:
             metadata.update(extra)
         if status == "error":
             metadata["engine_info"] = content.get("engine_info", k.engine_info(""))
-        k.io.send(
+        k.direct.send(
             request.get(SOCKET_KEY, SHELL),
             msg_type,
             content,
@@ -79,7 +76,6 @@ class ShellHandler:
             metadata,
             ident=request["idents"],
             buffers=buffers,
-            flush=flush or self._flush_replies,
         )
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -96,10 +92,8 @@ class ShellHandler:
         started = _core.iso_now()
         k.published = 0
         status = not (msg.get("metadata") or {}).get(NO_STATUS_KEY)
-        self._flush_replies = not status
         if status:
-            # busy and the reply leave together with the idle status: one I/O wake-up
-            k.publish("status", {"execution_state": "busy"}, header, "status", flush=False)
+            k.publish("status", {"execution_state": "busy"}, header, "status")
         try:
             if k.aborted.pop(header.get("msg_id", "")):
                 self.reply(msg, prefix + "_reply", {"status": "aborted"}, started)

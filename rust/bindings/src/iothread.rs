@@ -41,38 +41,76 @@ impl IoThread {
         }
         Ok(())
     }
-
-    fn incoming_to_py<'py>(&self, py: Python<'py>, inc: Incoming) -> PyResult<Bound<'py, PyTuple>> {
-        let name = inc.socket.as_ref();
-        let obj = match inc.delivery {
-            Delivery::Raw(frames) => {
-                let list = PyList::empty(py);
-                for f in frames {
-                    list.append(Py::new(py, Frame::new(f))?)?;
-                }
-                list.into_any()
-            }
-            Delivery::Message {
-                idents,
-                parts,
-                buffers,
-            } => {
-                let id_list = PyList::empty(py);
-                for id in &idents {
-                    id_list.append(PyBytes::new(py, id.as_ref()))?;
-                }
-                let buf_list = PyList::empty(py);
-                for b in buffers {
-                    buf_list.append(Py::new(py, Frame::new(b))?)?;
-                }
-                message_dict(py, id_list, &parts, true, buf_list)?.into_any()
-            }
-        };
-        PyTuple::new(py, [name.into_pyobject(py)?.into_any(), obj])
-    }
 }
 
-fn strings(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+/// A received message as the `(socket, message)` tuple handed to Python.
+pub(crate) fn incoming_to_py<'py>(py: Python<'py>, inc: Incoming) -> PyResult<Bound<'py, PyTuple>> {
+    let name = inc.socket.as_ref();
+    let obj = match inc.delivery {
+        Delivery::Raw(frames) => {
+            let list = PyList::empty(py);
+            for f in frames {
+                list.append(Py::new(py, Frame::new(f))?)?;
+            }
+            list.into_any()
+        }
+        Delivery::Message {
+            idents,
+            parts,
+            buffers,
+        } => {
+            let id_list = PyList::empty(py);
+            for id in &idents {
+                id_list.append(PyBytes::new(py, id.as_ref()))?;
+            }
+            let buf_list = PyList::empty(py);
+            for b in buffers {
+                buf_list.append(Py::new(py, Frame::new(b))?)?;
+            }
+            message_dict(py, id_list, &parts, true, buf_list)?.into_any()
+        }
+    };
+    PyTuple::new(py, [name.into_pyobject(py)?.into_any(), obj])
+}
+
+/// Sign and frame one message; returns its header (the caller's own object when it passed
+/// one: no second conversion) and the frames.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_message<'py>(
+    py: Python<'py>,
+    session: &Session,
+    msg_type: &str,
+    content: Option<&Bound<'py, PyAny>>,
+    parent: Option<&Bound<'py, PyAny>>,
+    metadata: Option<&Bound<'py, PyAny>>,
+    ident: Option<&Bound<'py, PyAny>>,
+    buffers: Option<&Bound<'py, PyAny>>,
+    header: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, Vec<OutFrame>)> {
+    let parts = session.parts(msg_type, content, parent, metadata, header)?;
+    let header_obj = match header {
+        Some(h) if !h.is_none() => h.clone(),
+        _ => to_py(py, &parts.header)?,
+    };
+    let msg = OutgoingMessage {
+        idents: ident_list(ident)?,
+        parts,
+        buffers: out_buffers(buffers)?,
+    };
+    // Digesting large buffers takes a while: do it without holding the GIL.
+    let large = session.core.sign_buffers
+        && msg.buffers.iter().map(OutFrame::len).sum::<usize>() >= DETACH_BYTES;
+    let core = &session.core;
+    let frames = if large {
+        py.detach(|| core.build_frames(msg))
+    } else {
+        core.build_frames(msg)
+    }
+    .map_err(|e| wire_error(py, e))?;
+    Ok((header_obj, frames))
+}
+
+pub(crate) fn strings(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
     let Some(obj) = obj else {
         return Ok(Vec::new());
     };
@@ -176,27 +214,9 @@ impl IoThread {
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
-        let parts = session.parts(msg_type, content, parent, metadata, header)?;
-        // the caller's own header object when it passed one (no second conversion)
-        let header_obj = match header {
-            Some(h) if !h.is_none() => h.clone(),
-            _ => to_py(py, &parts.header)?,
-        };
-        let msg = OutgoingMessage {
-            idents: ident_list(ident)?,
-            parts,
-            buffers: out_buffers(buffers)?,
-        };
-        // Digesting large buffers takes a while: do it without holding the GIL.
-        let large = session.core.sign_buffers
-            && msg.buffers.iter().map(OutFrame::len).sum::<usize>() >= DETACH_BYTES;
-        let core = &session.core;
-        let frames = if large {
-            py.detach(|| core.build_frames(msg))
-        } else {
-            core.build_frames(msg)
-        }
-        .map_err(|e| wire_error(py, e))?;
+        let (header_obj, frames) = build_message(
+            py, session, msg_type, content, parent, metadata, ident, buffers, header,
+        )?;
         self.handle
             .send_with(socket, frames, flush)
             .map_err(PyValueError::new_err)?;
@@ -246,7 +266,7 @@ impl IoThread {
                 let mut drops = Vec::new();
                 for inc in batch {
                     let socket = inc.socket.clone();
-                    match self.incoming_to_py(py, inc) {
+                    match incoming_to_py(py, inc) {
                         Ok(item) => out.append(item)?,
                         // A message whose values have no Python equivalent (e.g. an unhashable
                         // map key) is dropped and reported like any other bad message.

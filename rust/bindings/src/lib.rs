@@ -6,6 +6,7 @@ use pyo3::types::PyBytes;
 mod controller;
 mod convert;
 mod curve;
+mod direct;
 mod errors;
 mod frame;
 mod iothread;
@@ -43,6 +44,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<frame::Frame>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;
+    m.add_class::<direct::DirectSockets>()?;
     m.add_class::<controller::Controller>()?;
     Ok(())
 }

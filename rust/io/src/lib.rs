@@ -8,6 +8,7 @@
 //! owner can release them on a thread of its choosing.
 
 pub mod curve;
+mod direct;
 mod handshake;
 mod inbox;
 mod ioloop;
@@ -16,6 +17,7 @@ mod session;
 mod socket;
 
 pub use curve::{Curve, CurveKey};
+pub use direct::DirectSockets;
 pub use handshake::{HandshakeState, Handshakes};
 pub use inbox::{Delivery, DropReport, Inbox, Incoming};
 pub use ioloop::{recv_multipart, IoHandle, IoStats};

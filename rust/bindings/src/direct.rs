@@ -1,0 +1,192 @@
+//! `DirectSockets`: sockets that the calling Python threads poll and send on themselves.
+
+use std::time::{Duration, Instant};
+
+use fp_io::{SocketKind, SocketSpec};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use crate::curve::curve_role;
+use crate::errors::io_closed;
+use crate::iothread::{build_message, incoming_to_py, strings};
+use crate::pybuffer::HeldBuffer;
+use crate::session::Session;
+
+/// Longest single wait without checking for signals (Ctrl-C).
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+/// How long a send waits for a peer that is not taking messages.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sockets without an I/O thread (see `fp_io::DirectSockets`).
+#[pyclass(frozen, module = "ferroparallel._core")]
+pub struct DirectSockets {
+    inner: fp_io::DirectSockets,
+    session: Py<Session>,
+}
+
+impl DirectSockets {
+    fn release_sent(&self) {
+        drop(self.inner.releases.drain());
+    }
+
+    fn check_open(&self, py: Python<'_>) -> PyResult<()> {
+        if self.inner.is_closed() {
+            return Err(io_closed(py, "the sockets are closed".into()));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl DirectSockets {
+    #[new]
+    fn new(session: Bound<'_, Session>) -> PyResult<Self> {
+        let core = session.get().core.clone();
+        let inner = fp_io::DirectSockets::new(core).map_err(PyRuntimeError::new_err)?;
+        Ok(DirectSockets {
+            inner,
+            session: session.unbind(),
+        })
+    }
+
+    #[pyo3(signature = (name, kind, *, connect=None, bind=None, identity=None, raw=false,
+                        linger_ms=1000, curve_serverkey=None, curve_publickey=None,
+                        curve_secretkey=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_socket(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        kind: &str,
+        connect: Option<&Bound<'_, PyAny>>,
+        bind: Option<&Bound<'_, PyAny>>,
+        identity: Option<&Bound<'_, PyAny>>,
+        raw: bool,
+        linger_ms: i32,
+        curve_serverkey: Option<&Bound<'_, PyAny>>,
+        curve_publickey: Option<&Bound<'_, PyAny>>,
+        curve_secretkey: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<String>> {
+        self.check_open(py)?;
+        let curve = curve_role(false, curve_serverkey, curve_publickey, curve_secretkey)?;
+        let kind = SocketKind::from_name(kind).map_err(PyValueError::new_err)?;
+        let mut spec = SocketSpec::new(name, kind);
+        spec.connect = strings(connect)?;
+        spec.bind = strings(bind)?;
+        spec.identity = match identity {
+            Some(i) if !i.is_none() => Some(HeldBuffer::get(i)?.as_slice().to_vec()),
+            _ => None,
+        };
+        spec.raw = raw;
+        spec.linger_ms = linger_ms;
+        spec.curve = curve;
+        let inner = &self.inner;
+        py.detach(|| inner.add_socket(spec))
+            .map_err(PyValueError::new_err)
+    }
+
+    /// Sign and send one message now (see the type stub); returns its header.
+    #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
+                        ident=None, buffers=None, header=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send<'py>(
+        &self,
+        py: Python<'py>,
+        socket: &str,
+        msg_type: &str,
+        content: Option<&Bound<'py, PyAny>>,
+        parent: Option<&Bound<'py, PyAny>>,
+        metadata: Option<&Bound<'py, PyAny>>,
+        ident: Option<&Bound<'py, PyAny>>,
+        buffers: Option<&Bound<'py, PyAny>>,
+        header: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.check_open(py)?;
+        let session = self.session.bind(py).get();
+        let (header_obj, frames) = build_message(
+            py, session, msg_type, content, parent, metadata, ident, buffers, header,
+        )?;
+        let inner = &self.inner;
+        let sent = py.detach(|| inner.send(socket, frames, SEND_TIMEOUT));
+        self.release_sent();
+        sent.map_err(PyValueError::new_err)?;
+        Ok(header_obj)
+    }
+
+    /// Wait for messages (see the type stub).
+    #[pyo3(signature = (timeout=None))]
+    fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
+        if let Some(t) = timeout {
+            if !t.is_finite() || t < 0.0 {
+                return Err(PyValueError::new_err(
+                    "timeout must be None or a number >= 0",
+                ));
+            }
+        }
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+        let inner = &self.inner;
+        loop {
+            let slice = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(SIGNAL_SLICE),
+                None => SIGNAL_SLICE,
+            };
+            let (batch, woken) = py
+                .detach(|| inner.recv(slice))
+                .map_err(|e| io_closed(py, e))?;
+            self.release_sent();
+            let out = PyList::empty(py);
+            for inc in batch {
+                match incoming_to_py(py, inc) {
+                    Ok(item) => out.append(item)?,
+                    Err(e) => log::warn!("dropped a message with unconvertible values: {e}"),
+                }
+            }
+            if out.len() > 0 {
+                return Ok(out);
+            }
+            py.check_signals()?;
+            // woken: return (empty) so that the caller can look at its queues
+            if woken || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Interrupt a `recv` waiting in another thread.
+    fn wake(&self) {
+        self.inner.wake();
+    }
+
+    /// Messages dropped since the last call: `(socket, error class, text)`.
+    fn take_errors(&self) -> Vec<(String, &'static str, String)> {
+        self.inner
+            .take_drops()
+            .into_iter()
+            .map(|d| (d.socket.to_string(), d.kind, d.text))
+            .collect()
+    }
+
+    /// Close every socket. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let inner = &self.inner;
+        py.detach(|| inner.close());
+        self.release_sent();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) {
+        self.close(py);
+    }
+}

@@ -1,0 +1,338 @@
+//! Sockets driven by the threads that use them, without an I/O thread in between.
+//!
+//! A process whose main thread waits for a request, runs it and answers it (an engine's shell
+//! and control channels) pays two thread hand-offs per request when an I/O thread owns the
+//! sockets: the I/O thread wakes to receive and wakes the main thread; the main thread queues
+//! the reply and wakes the I/O thread. Here the waiting thread polls the sockets itself and
+//! sends its reply itself. libzmq sockets are not thread-safe, but they may be used by any
+//! thread that holds them exclusively with a memory barrier: every operation takes the one
+//! mutex. A thread that needs the sockets while another one waits on them (e.g. a reply sent
+//! while a watcher thread polls for control requests) interrupts that wait through an internal
+//! wake-up socket, so nobody waits longer than the hand-over.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::inbox::{Delivery, DropReport, Incoming};
+use crate::ioloop::recv_multipart;
+use crate::outframe::{try_send, OutFrame, ReadyFrames, ReleaseQueue, Sent};
+use crate::session::SessionCore;
+use crate::socket::{SocketKind, SocketSpec};
+
+/// Most messages taken from one socket by one `recv` call (the others wait for the next).
+const RECV_BURST: usize = 512;
+const MAX_DROP_REPORTS: usize = 1000;
+
+static WAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+struct Entry {
+    name: Arc<str>,
+    sock: zmq::Socket,
+    kind: SocketKind,
+    raw: bool,
+}
+
+struct State {
+    entries: Vec<Entry>,
+    wake_rx: zmq::Socket,
+}
+
+/// A set of sockets used directly by the calling threads (see the module docs).
+pub struct DirectSockets {
+    state: Mutex<State>,
+    wake_tx: Mutex<zmq::Socket>,
+    session: Arc<SessionCore>,
+    /// Borrowed send buffers that libzmq has finished with (drop them where convenient).
+    pub releases: ReleaseQueue,
+    drops: Mutex<Vec<DropReport>>,
+    closed: AtomicBool,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DirectSockets {
+    /// An empty set that verifies and signs with `session`.
+    pub fn new(session: Arc<SessionCore>) -> Result<DirectSockets, String> {
+        let ctx = crate::context();
+        let n = WAKE_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let endpoint = format!("inproc://fp-direct-wake-{}-{n}", std::process::id());
+        let wake_rx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
+        wake_rx.bind(&endpoint).map_err(|e| e.to_string())?;
+        wake_rx.set_linger(0).map_err(|e| e.to_string())?;
+        let wake_tx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
+        wake_tx.connect(&endpoint).map_err(|e| e.to_string())?;
+        wake_tx.set_linger(0).map_err(|e| e.to_string())?;
+        Ok(DirectSockets {
+            state: Mutex::new(State {
+                entries: Vec::new(),
+                wake_rx,
+            }),
+            wake_tx: Mutex::new(wake_tx),
+            session,
+            releases: ReleaseQueue::new(),
+            drops: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn check_open(&self) -> Result<(), String> {
+        if self.is_closed() {
+            return Err("the sockets are closed".into());
+        }
+        Ok(())
+    }
+
+    /// The sockets, interrupting a thread that is waiting on them.
+    fn take(&self) -> MutexGuard<'_, State> {
+        match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.wake();
+                lock(&self.state)
+            }
+        }
+    }
+
+    /// Interrupt a `recv` waiting in another thread (it returns what it has, possibly nothing).
+    pub fn wake(&self) {
+        // A full wake pipe already holds a wake-up: nothing is lost by a failed send.
+        let _ = lock(&self.wake_tx).send(&b""[..], zmq::DONTWAIT);
+    }
+
+    /// Create a socket (monitors and forwarding are not supported here); returns the bound
+    /// endpoints.
+    pub fn add_socket(&self, spec: SocketSpec) -> Result<Vec<String>, String> {
+        self.check_open()?;
+        if spec.forward_to.is_some() {
+            return Err("direct sockets cannot forward".into());
+        }
+        let mut state = self.take();
+        if state.entries.iter().any(|e| *e.name == *spec.name) {
+            return Err(format!("a socket named {:?} already exists", spec.name));
+        }
+        let (sock, bound, _) = spec.create(crate::context(), None)?;
+        state.entries.push(Entry {
+            name: Arc::from(spec.name.as_str()),
+            sock,
+            kind: spec.kind,
+            raw: spec.raw,
+        });
+        Ok(bound)
+    }
+
+    /// Wait up to `timeout` for messages on any socket and return those that arrived (at most
+    /// [`RECV_BURST`] per socket), and whether the wait was cut short by [`Self::wake`].
+    pub fn recv(&self, timeout: Duration) -> Result<(Vec<Incoming>, bool), String> {
+        self.check_open()?;
+        let mut state = lock(&self.state);
+        let State { entries, wake_rx } = &mut *state;
+        let mut batch = Vec::new();
+        let mut drops = Vec::new();
+        let readable = {
+            let mut items = Vec::with_capacity(entries.len() + 1);
+            items.push(wake_rx.as_poll_item(zmq::POLLIN));
+            for e in entries.iter() {
+                let events = if e.kind.receives() {
+                    zmq::POLLIN
+                } else {
+                    zmq::PollEvents::empty()
+                };
+                items.push(e.sock.as_poll_item(events));
+            }
+            let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
+            // EINTR (a signal) counts as a timeout: the caller checks for signals.
+            if zmq::poll(&mut items, ms).is_err() {
+                return Ok((batch, false));
+            }
+            items.iter().map(|i| i.is_readable()).collect::<Vec<_>>()
+        };
+        if readable[0] {
+            while wake_rx.recv_bytes(zmq::DONTWAIT).is_ok() {}
+        }
+        for (i, e) in entries.iter_mut().enumerate() {
+            if readable[i + 1] {
+                self.receive(e, &mut batch, &mut drops);
+            }
+        }
+        drop(state);
+        if !drops.is_empty() {
+            let mut d = lock(&self.drops);
+            let room = MAX_DROP_REPORTS.saturating_sub(d.len());
+            d.extend(drops.into_iter().take(room));
+        }
+        Ok((batch, readable[0]))
+    }
+
+    fn receive(&self, e: &mut Entry, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) {
+        for _ in 0..RECV_BURST {
+            let frames = match recv_multipart(&mut e.sock) {
+                Ok(Some(frames)) => frames,
+                Ok(None) => return,
+                Err(text) => {
+                    drops.push(DropReport {
+                        socket: e.name.clone(),
+                        kind: "RecvError",
+                        text,
+                    });
+                    return;
+                }
+            };
+            self.received.fetch_add(1, Ordering::Relaxed);
+            if e.raw {
+                batch.push(Incoming {
+                    socket: e.name.clone(),
+                    delivery: Delivery::Raw(frames),
+                });
+                continue;
+            }
+            match self.session.parse(frames, true, true) {
+                Ok((idents, parts, buffers)) => batch.push(Incoming {
+                    socket: e.name.clone(),
+                    delivery: Delivery::Message {
+                        idents,
+                        parts,
+                        buffers,
+                    },
+                }),
+                Err(err) => drops.push(DropReport {
+                    socket: e.name.clone(),
+                    kind: err.kind(),
+                    text: err.to_string(),
+                }),
+            }
+        }
+    }
+
+    /// Send one message on `socket`, waiting up to `timeout` while its peer is not ready
+    /// (high-water mark reached).
+    pub fn send(
+        &self,
+        socket: &str,
+        frames: Vec<OutFrame>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        self.check_open()?;
+        let deadline = Instant::now() + timeout;
+        let mut ready = ReadyFrames::new(frames, &self.releases);
+        let mut state = self.take();
+        let entry = state
+            .entries
+            .iter_mut()
+            .find(|e| *e.name == *socket)
+            .ok_or_else(|| format!("no socket named {socket:?}"))?;
+        if !matches!(
+            entry.kind,
+            SocketKind::Router | SocketKind::Dealer | SocketKind::Pair | SocketKind::Pub
+        ) {
+            return Err(format!(
+                "socket {socket:?} ({:?}) does not send here",
+                entry.kind
+            ));
+        }
+        loop {
+            match try_send(&mut entry.sock, ready) {
+                Sent::Ok => {
+                    self.sent.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Sent::Failed(_, text) => return Err(format!("send on {socket:?} failed: {text}")),
+                Sent::WouldBlock(back) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(format!(
+                            "send on {socket:?} timed out after {timeout:?}: the peer is not \
+                             taking messages"
+                        ));
+                    }
+                    ready = back;
+                    let mut items = [entry.sock.as_poll_item(zmq::POLLOUT)];
+                    let ms = left.as_millis().clamp(1, 100) as i64;
+                    let _ = zmq::poll(&mut items, ms);
+                }
+            }
+        }
+    }
+
+    /// Messages dropped since the last call (bad signatures, unparsable frames).
+    pub fn take_drops(&self) -> Vec<DropReport> {
+        std::mem::take(&mut *lock(&self.drops))
+    }
+
+    /// Close every socket (each lingers as its spec said). Idempotent.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut state = self.take();
+        state.entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Arc<SessionCore> {
+        let core = SessionCore::new(
+            b"k".to_vec(),
+            fp_wire::Packer::Json,
+            "hmac-sha256",
+            "s".into(),
+            "u".into(),
+            16,
+            fp_wire::Limits::default(),
+        );
+        Arc::new(core.expect("session"))
+    }
+
+    #[test]
+    fn wake_interrupts_a_waiting_recv_and_send_takes_over() {
+        let d = Arc::new(DirectSockets::new(session()).expect("direct"));
+        let mut spec = SocketSpec::new("a", SocketKind::Pair);
+        spec.bind = vec!["inproc://fp-direct-test-a".into()];
+        spec.raw = true;
+        d.add_socket(spec).expect("bind");
+        let peer = crate::context().socket(zmq::PAIR).expect("peer");
+        peer.connect("inproc://fp-direct-test-a").expect("connect");
+        let waiter = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let (got, woken) = d.recv(Duration::from_secs(10)).expect("recv");
+                assert!(woken);
+                (got.len(), t0.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        // the send interrupts the waiting recv instead of waiting 10 s for the lock
+        d.send(
+            "a",
+            vec![OutFrame::Owned(b"x".to_vec())],
+            Duration::from_secs(1),
+        )
+        .expect("send");
+        let (n, waited) = waiter.join().expect("join");
+        assert_eq!(n, 0);
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(peer.recv_bytes(0).expect("recv"), b"x");
+        peer.send(&b"y"[..], 0).expect("send");
+        let (got, _) = d.recv(Duration::from_secs(5)).expect("recv");
+        assert_eq!(got.len(), 1);
+        assert!(matches!(&got[0].delivery, Delivery::Raw(f) if f[0].as_ref() == b"y"));
+        assert!(d.send("nope", Vec::new(), Duration::from_secs(1)).is_err());
+        d.close();
+        assert!(d.recv(Duration::from_millis(1)).is_err());
+    }
+}
