@@ -62,3 +62,11 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext ferroparallel``: register the parallel magics (``%px`` …), which connect a
+    default Client on first use."""
+    from .client.magics import load_ipython_extension as load
+
+    load(shell)

@@ -10,6 +10,7 @@ import atexit
 import collections
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -295,6 +296,26 @@ class Client(HasTraits):
             self.close()
             raise
         self._update_engines(reply.get("engines", {}))
+        self._activate_magics()
+
+    def _activate_magics(self) -> None:
+        """Inside IPython, a blocking view of all engines becomes the magics' active view (as
+        creating an ipyparallel Client does)."""
+        shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+        if shell is None or not hasattr(shell, "register_magics"):
+            return
+        try:
+            self.activate()
+        except Exception:  # noqa: BLE001 - the magics are a convenience, never a failure
+            log.debug("could not register the parallel magics", exc_info=True)
+
+    def activate(self, targets: Any = "all", suffix: str = "") -> Any:
+        """Register the IPython parallel magics for a blocking DirectView of ``targets``
+        (see :meth:`DirectView.activate`); returns the view."""
+        view = self.direct_view(targets)
+        view.block = True
+        view.activate(suffix)
+        return view
 
     # ----- connection state -----------------------------------------------------------------
 

@@ -405,6 +405,20 @@ class DirectView(View):
     def clear(self, targets: Any = None, block: bool | None = None) -> Any:
         return self.client.clear(targets if targets is not None else self.targets, block=block)
 
+    def activate(self, suffix: str = "") -> Any:
+        """Make this view the one the IPython magics (``%px``, ``%%px``, ``%pxresult``,
+        ``%pxconfig``, ``%autopx``) run on; with ``suffix``, register them under new names
+        (``%px<suffix>`` …) so that several views can be active at once. Outside IPython it
+        warns and does nothing.
+
+        Returns
+        -------
+        ferroparallel.client.magics.ParallelMagics or None
+        """
+        from .magics import activate
+
+        return activate(self, suffix)
+
     def shutdown(
         self,
         targets: Any = None,

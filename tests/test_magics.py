@@ -1,0 +1,116 @@
+"""The IPython parallel magics (%px, %%px, %pxresult, %pxconfig, %autopx) on a real cluster, in
+a real IPython InteractiveShell."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import ferroparallel as ipp
+from ferroparallel import error
+from ferroparallel.client import Client
+from ferroparallel.cluster import Cluster
+
+pytest_plugins = ("cluster_fixtures",)
+
+
+@pytest.fixture
+def ip() -> Iterator[InteractiveShell]:
+    """A fresh IPython shell, gone after the test (so other tests see no IPython)."""
+    shell = InteractiveShell.instance()
+    try:
+        yield shell
+    finally:
+        InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def magics(ip: InteractiveShell, rc: Client) -> Any:
+    view = rc.activate()
+    assert view.block is True and view.targets == "all"
+    return ip
+
+
+def test_px_runs_on_every_engine_and_shows_output(magics: Any, rc: Client, capsys) -> None:
+    magics.run_line_magic("px", "a = 5")
+    assert rc[:].pull("a", block=True) == [5, 5]
+    magics.run_line_magic("px", "print(a * 2)")
+    out = capsys.readouterr().out
+    assert "[stdout:0] 10" in out and "[stdout:1] 10" in out
+    magics.run_line_magic("px", "--targets 1 a + 1")
+    out = capsys.readouterr().out
+    assert "Out[1:" in out and "6" in out and "Out[0:" not in out
+
+
+def test_cell_px_with_options_and_local(magics: Any, rc: Client, capsys) -> None:
+    magics.run_cell_magic("px", "--targets [0, 1] --group-outputs engine", "x = 7\nprint('x', x)")
+    out = capsys.readouterr().out
+    assert out.count("x 7") == 2
+    magics.run_cell_magic("px", "--local --targets 0", "y = 11")
+    assert magics.user_ns["y"] == 11
+    assert rc[0].pull("y", block=True) == 11
+    with pytest.raises(UsageError, match="goes in the cell"):
+        magics.run_cell_magic("px", "--targets 0 print(1)", "pass")
+
+
+def test_noblock_out_and_pxresult(magics: Any, capsys) -> None:
+    ar = magics.run_line_magic("px", "--noblock -o saved 40 + 2")
+    assert isinstance(ar, ipp.AsyncResult)
+    assert magics.user_ns["saved"] is ar
+    magics.run_line_magic("pxresult", "")
+    out = capsys.readouterr().out
+    assert out.count("42") == 2
+
+
+def test_errors_are_raised_with_the_remote_traceback(magics: Any) -> None:
+    with pytest.raises(error.CompositeError) as info:
+        magics.run_line_magic("px", "1 / 0")
+    assert [e[0] for e in info.value.elist] == ["ZeroDivisionError"] * 2
+    with pytest.raises(error.RemoteError, match="ZeroDivisionError"):
+        magics.run_line_magic("px", "--targets 0 1 / 0")
+
+
+def test_pxconfig_sets_defaults(magics: Any, capsys) -> None:
+    magics.run_line_magic("pxconfig", "--targets 1 --verbose")
+    magics.run_line_magic("px", "'done'")
+    out = capsys.readouterr().out
+    assert "Parallel execution on engine(s): 1" in out and "Out[1:" in out
+    magics.run_line_magic("pxconfig", "--noblock --no-verbose")
+    ar = magics.run_line_magic("px", "'later'")
+    assert isinstance(ar, ipp.AsyncResult) and ar.wait(30) and ar.successful()
+    with pytest.raises(UsageError):
+        magics.run_line_magic("pxconfig", "--bogus")
+
+
+def test_autopx_sends_every_cell_to_the_engines(magics: Any, rc: Client, capsys) -> None:
+    magics.run_cell("%autopx")
+    magics.run_cell("z = 3 * 4")
+    magics.run_cell("print('z is', z)")
+    magics.run_cell("%autopx")
+    out = capsys.readouterr().out
+    assert "enabled" in out and "disabled" in out and out.count("z is 12") == 2
+    assert "z" not in magics.user_ns
+    assert rc[:].pull("z", block=True) == [12, 12]
+    magics.run_cell("local_only = 1")
+    assert magics.user_ns["local_only"] == 1
+
+
+def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluster, capsys) -> None:
+    # a Client created inside IPython activates a blocking view of all engines
+    with Client() as rc2:
+        ip.run_line_magic("px", "w = 1")
+        assert rc2[:].pull("w", block=True) == [1, 1]
+        rc2.activate(targets=[0], suffix="0")
+        ip.run_line_magic("px0", "print('only zero')")
+        out = capsys.readouterr().out
+        assert "[stdout:0] only zero" in out and "[stdout:1]" not in out
+
+
+def test_activate_outside_ipython_warns(rc: Client) -> None:
+    InteractiveShell.clear_instance()
+    with pytest.warns(RuntimeWarning, match="IPython session"):
+        assert rc[:].activate() is None
