@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
+
+pytest.importorskip("IPython", reason="the magics need IPython (pip install ferroparallel[magics])")
+
+from IPython.core.error import UsageError  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
 import ferroparallel as ipp
 from ferroparallel import error

@@ -754,3 +754,16 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
     runner = pickling.Prepickled(square)
     assert serialize_object(runner) == runner.frames and runner(4) == 16
     assert deserialize_object(serialize_object(runner))(5) == 25
+    # inside another object (a map chunk's arguments) it goes as its stored bytes, pickled no
+    # further, and comes back as the function; large closure buffers stay out of band
+    args = ((runner, range(3)), {})
+    assert pickling._is_plain(args, 1024)
+    (f, part), kw = deserialize_object(serialize_object(args))
+    assert f(6) == 36 and part == range(3) and kw == {}
+    big = np.arange(100_000, dtype="f8")
+    heavy = pickling.Prepickled(lambda x: x + big[-1])
+    frames = serialize_object(((heavy, [1]), {}))
+    assert not pickling._is_plain(((heavy, [1]), {}), 1024)
+    assert len(frames) == 2 and memoryview(frames[1]).nbytes == big.nbytes
+    (g, _), _ = deserialize_object(frames)
+    assert g(1) == 100_000.0

@@ -226,11 +226,12 @@ class DirectView(View):
         futs = []
         sizes = []
         runner = Prepickled(_map_chunk)  # pickled once for every chunk
+        fp = _pickled_once(f)
         for p in range(n):
             parts = [mapper.getPartition(s, p, n) for s in sequences]
             sizes.append(min(len(x) for x in parts))
             futs.append(
-                self.client.send_apply_request("mux", runner, (f, *parts), {}, ident=uuids[p])
+                self.client.send_apply_request("mux", runner, (fp, *parts), {}, ident=uuids[p])
             )
         ar = AsyncMapResult(
             self.client,
@@ -415,8 +416,17 @@ class DirectView(View):
         -------
         ferroparallel.client.magics.ParallelMagics or None
         """
-        from .magics import activate
+        try:
+            from .magics import activate
+        except ImportError:
+            import warnings
 
+            warnings.warn(
+                "the parallel magics need IPython (pip install ferroparallel[magics])",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
         return activate(self, suffix)
 
     def shutdown(
@@ -496,12 +506,13 @@ class LoadBalancedView(View):
         sizes = []
         mapper = dists["b"]()
         runner = Prepickled(_map_chunk)  # pickled once for every chunk
+        fp = _pickled_once(f)
         for idx in chunks:
             start, stop = idx[0], idx[-1] + 1
             parts = [s[start:stop] for s in sequences]
             sizes.append(stop - start)
             futs.append(
-                self.client.send_apply_request("task", runner, (f, *parts), {}, metadata=md)
+                self.client.send_apply_request("task", runner, (fp, *parts), {}, metadata=md)
             )
         ar = AsyncMapResult(
             self.client,
@@ -526,10 +537,11 @@ class LoadBalancedView(View):
         size = chunksize or max(1, -(-n // max(len(self.client.ids), 1)))
         md = self._task_metadata()
         futs = []
+        fp = _pickled_once(f)
         for idx in chunk_sequence(range(n), size):
             start, stop = idx[0], idx[-1] + 1
             parts = [s[start:stop] for s in sequences]
-            futs.append(self.client.send_apply_request("task", f, parts, {}, metadata=md))
+            futs.append(self.client.send_apply_request("task", fp, parts, {}, metadata=md))
         ar = AsyncMapResult(self.client, futs, dists["b"](), fname=getattr(f, "__name__", "f"))
         return self._finish(ar, block)
 
@@ -606,3 +618,9 @@ def _dep_ids(dep: Any) -> Any:
 
 
 __all__ = ["DirectView", "LoadBalancedView", "View", "error"]
+
+
+def _pickled_once(f: Any) -> Any:
+    """``f`` serialized once for all the chunks of a map (a lambda or closure goes through
+    cloudpickle, which costs far more than the chunk itself)."""
+    return f if type(f) is Prepickled else Prepickled(f)

@@ -40,8 +40,9 @@ _PLAIN_BUDGET = 64
 
 def _is_plain(obj: Any, threshold: int) -> bool:
     """Whether ``obj`` is plain data: atoms (and ``range``), ``bytes`` of at most ``threshold``
-    bytes, functions pickled by reference, and tuples, lists and dicts (with atom keys) of them,
-    three levels deep, a few dozen items."""
+    bytes, functions pickled by reference, :class:`Prepickled` objects without out-of-band
+    buffers, and tuples, lists and dicts (with atom keys) of them, three levels deep, a few
+    dozen items."""
     t = type(obj)
     if t in _ATOMS:
         return True
@@ -60,6 +61,10 @@ def _is_plain(obj: Any, threshold: int) -> bool:
             continue
         if t is FunctionType:
             if _by_reference(x):  # pickled by module and name, by every pickler alike
+                continue
+            return False
+        if t is Prepickled:
+            if len(x.frames) == 1:  # its bytes, as they are (see Prepickled.__reduce__)
                 continue
             return False
         if depth == 0 or not (t is tuple or t is list or t is dict):
@@ -95,6 +100,17 @@ class Prepickled:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # inside another pickle (e.g. the function argument of a map chunk): the stored
+        # frames, so the function is not pickled again; it unpickles as the function itself
+        head, *buffers = self.frames
+        return _load_frames, (bytes(head), *(pickle.PickleBuffer(b) for b in buffers))
+
+
+def _load_frames(head: bytes, *buffers: Any) -> Any:
+    """The object of :class:`Prepickled` frames (see ``Prepickled.__reduce__``)."""
+    return pickle.loads(head, buffers=buffers)
 
 
 def _by_reference(obj: Any) -> bool:
