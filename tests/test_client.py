@@ -642,3 +642,14 @@ def test_requests_ask_engines_for_no_status_unless_wanted(
         assert _statuses_seen(shared_cluster, run) == ["busy", "idle"]
     finally:
         rc.status_messages = False
+
+
+def test_wait_interactive_and_deprecated_spin_thread(rc: Client, capsys) -> None:
+    ars = [rc[i % 2].apply_async(time.sleep, 0.05) for i in range(6)]
+    rc.wait_interactive(interval=0.05, timeout=30)
+    assert all(ar.ready() for ar in ars)
+    rc.wait_interactive(ars[:2], interval=0.05)
+    with pytest.warns(DeprecationWarning, match="spin_thread"):
+        rc.spin_thread(0.1)
+    with pytest.warns(DeprecationWarning, match="stop_spin_thread"):
+        rc.stop_spin_thread()

@@ -731,6 +731,26 @@ def test_imap_unordered(lv: LoadBalancedView) -> None:
     assert seen[0] != 0
 
 
+def test_imap_cancel_stops_submitting_and_aborts_the_queued(lv: LoadBalancedView) -> None:
+    consumed = 0
+
+    def inputs() -> Iterator[float]:
+        nonlocal consumed
+        while True:
+            consumed += 1
+            yield 0.3
+
+    it = lv.imap(span, inputs(), max_outstanding=4)
+    assert iter(it) is it
+    first = next(it)
+    assert first[1] >= first[0]
+    before = consumed
+    it.cancel()
+    assert list(it) == []
+    assert consumed == before, "cancel() must not consume more inputs"
+    assert lv.client.wait(timeout=30), "the aborted or running tasks never finished"
+
+
 def test_imap_raises_the_first_error(lv: LoadBalancedView) -> None:
     it = lv.imap(fail_on_three, range(6), max_outstanding=2)
     assert [next(it) for _ in range(3)] == [0, 1, 2]

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -830,6 +831,36 @@ class Client(HasTraits):
             except Exception:  # noqa: BLE001 - cancelled etc.
                 pass
         return True
+
+    def wait_interactive(
+        self, jobs: Any = None, interval: float = 1.0, timeout: float | None = -1
+    ) -> None:
+        """Wait for ``jobs`` (default: everything outstanding) while showing a progress bar
+        (see :meth:`AsyncResult.wait_interactive`)."""
+        from .asyncresult import AsyncResult
+
+        futures: list[Future] = []
+        for fut in self._futures_for(jobs):
+            children = getattr(fut, "_children", None)
+            futures.extend(children if children is not None else [fut])
+        AsyncResult(self, futures, fname="wait").wait_interactive(interval, timeout)
+
+    def spin_thread(self, interval: float = 1) -> None:
+        """Deprecated no-op (a background thread always processes replies)."""
+        warnings.warn(
+            "Client.spin_thread is deprecated and does nothing: replies are always processed "
+            "in the background",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+
+    def stop_spin_thread(self) -> None:
+        """Deprecated no-op (see :meth:`spin_thread`)."""
+        warnings.warn(
+            "Client.stop_spin_thread is deprecated and does nothing",
+            DeprecationWarning,
+            stacklevel=2,
+        )
 
     def _futures_for(self, jobs: Any) -> list[Future]:
         if jobs is None:

@@ -552,45 +552,18 @@ class LoadBalancedView(View):
         ordered: bool = True,
         max_outstanding: int | str = "auto",
         return_exceptions: bool = False,
-    ) -> Iterator[Any]:
+    ) -> LazyMapIterator:
         """Lazily map ``f``: submits as it goes, keeping a bounded number of tasks in flight
         (``"auto"``: one per engine plus one), yielding results (in order unless
-        ``ordered=False``; exceptions as values with ``return_exceptions=True``)."""
+        ``ordered=False``; exceptions as values with ``return_exceptions=True``). The iterator's
+        ``cancel()`` stops submitting and aborts the tasks still queued."""
         if max_outstanding == "auto":
             limit = max(len(self.client.ids), 1) + 1
         else:
             limit = int(max_outstanding)
             if limit < 1:
                 raise ValueError("max_outstanding must be >= 1 or 'auto'")
-        iterators = [iter(s) for s in sequences]
-        pending: list[AsyncResult] = []
-        exhausted = False
-
-        def result_of(ar: AsyncResult) -> Any:
-            if return_exceptions:
-                try:
-                    return ar.get()
-                except Exception as e:  # noqa: BLE001 - returned as a value on request
-                    return e
-            return ar.get()
-
-        while True:
-            while not exhausted and len(pending) < limit:
-                try:
-                    args = [next(it) for it in iterators]
-                except StopIteration:
-                    exhausted = True
-                    break
-                pending.append(self._really_apply(f, args, {}, block=False))
-            if not pending:
-                return
-            if ordered:
-                yield result_of(pending.pop(0))
-            else:
-                wait(pending, return_when=FIRST_COMPLETED)
-                done = next(ar for ar in pending if ar.done())
-                pending.remove(done)
-                yield result_of(done)
+        return LazyMapIterator(self, f, sequences, limit, ordered, return_exceptions)
 
     def register_joblib_backend(
         self, name: str = "ipyparallel", make_default: bool = False
@@ -624,3 +597,66 @@ def _pickled_once(f: Any) -> Any:
     """``f`` serialized once for all the chunks of a map (a lambda or closure goes through
     cloudpickle, which costs far more than the chunk itself)."""
     return f if type(f) is Prepickled else Prepickled(f)
+
+
+class LazyMapIterator:
+    """The iterator of :meth:`LoadBalancedView.imap`: consumes the inputs as results are
+    taken, with at most ``limit`` tasks in flight."""
+
+    def __init__(
+        self,
+        view: LoadBalancedView,
+        f: Callable[..., Any],
+        sequences: Sequence[Any],
+        limit: int,
+        ordered: bool,
+        return_exceptions: bool,
+    ) -> None:
+        self._view = view
+        self._f = f
+        self._fp = _pickled_once(f)
+        self._inputs = [iter(s) for s in sequences]
+        self._limit = limit
+        self._ordered = ordered
+        self._return_exceptions = return_exceptions
+        self._pending: list[AsyncResult] = []
+        self._exhausted = False
+
+    def __iter__(self) -> LazyMapIterator:
+        return self
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._pending) < self._limit:
+            try:
+                args = [next(it) for it in self._inputs]
+            except StopIteration:
+                self._exhausted = True
+                return
+            ar = self._view._really_apply(self._fp, args, {}, block=False)
+            ar._fname = getattr(self._f, "__name__", "f")
+            self._pending.append(ar)
+
+    def __next__(self) -> Any:
+        self._fill()
+        if not self._pending:
+            raise StopIteration
+        if self._ordered:
+            ar = self._pending.pop(0)
+        else:
+            wait(self._pending, return_when=FIRST_COMPLETED)
+            ar = next(a for a in self._pending if a.done())
+            self._pending.remove(ar)
+        if self._return_exceptions:
+            try:
+                return ar.get()
+            except Exception as e:  # noqa: BLE001 - returned as a value on request
+                return e
+        return ar.get()
+
+    def cancel(self) -> None:
+        """Submit nothing more and abort the tasks not started yet; the iteration ends."""
+        self._exhausted = True
+        pending, self._pending = self._pending, []
+        waiting = [ar for ar in pending if not ar.done()]
+        if waiting:
+            self._view.client.abort(waiting, block=False)
