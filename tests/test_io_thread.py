@@ -18,6 +18,8 @@ import zmq
 
 from ferroparallel import _core, error
 from ferroparallel.serialize import deserialize_object, serialize_object
+from peer.session import DELIMITER
+from peer.session import Session as PeerSession
 
 LOOPBACK = "tcp://127.0.0.1:*"
 
@@ -324,6 +326,13 @@ def test_direct_sockets_round_trip_wake_and_close():
         time.sleep(0.2)
         assert direct.recv(timeout=0.3) == []
         assert [e[0] for e in direct.take_errors()] == ["shell"]
+        # so is one whose values Python cannot hold (a map key it cannot hash)
+        peer = PeerSession(b"k" * 32)
+        parts = [peer.pack(peer.msg_header("x")), peer.pack({}), peer.pack({}), b"\x81\x90\x01"]
+        io.send_raw("peer", [DELIMITER, peer.sign(parts), *parts])
+        time.sleep(0.2)
+        assert direct.recv(timeout=0.3) == []
+        assert [e[:2] for e in direct.take_errors()] == [("shell", "UnpackError")]
         # wake() cuts a long wait short, from another thread
         threading.Timer(0.2, direct.wake).start()
         t0 = time.monotonic()

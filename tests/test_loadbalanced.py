@@ -742,7 +742,9 @@ def test_imap_cancel_stops_submitting_and_aborts_the_queued(lv: LoadBalancedView
 
     it = lv.imap(span, inputs(), max_outstanding=4)
     assert iter(it) is it
+    assert [ar._fname for ar in it._pending] == []  # nothing submitted before iterating
     first = next(it)
+    assert {ar._fname for ar in it._pending} == {"span"}  # the function's name, not a wrapper's
     assert first[1] >= first[0]
     before = consumed
     it.cancel()

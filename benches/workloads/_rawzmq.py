@@ -105,8 +105,6 @@ def _spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line)
 
 
-
-
 class RawPeers:
     """``n`` server processes and a DEALER connected to each; call :meth:`close` when done.
 

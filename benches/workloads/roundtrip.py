@@ -118,8 +118,6 @@ def _spawn(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line)
 
 
-
-
 @contextlib.contextmanager
 def pyzmq_sockets() -> Iterator[tuple[list[bytes], zmq.Socket, zmq.Socket]]:
     """Start the echo server and the relay; yield the request frames and two connected DEALER

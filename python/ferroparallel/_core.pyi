@@ -232,6 +232,11 @@ class DirectSockets:
         any socket, as :meth:`IoThread.recv`; returns early, possibly with nothing, when
         :meth:`wake` is called. Releases the GIL while waiting; Ctrl-C raises
         KeyboardInterrupt within 50 ms."""
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait (without the GIL) until every connecting socket has completed a handshake with
+        each of its endpoints; False after ``timeout`` seconds."""
+    def handshake_failures(self) -> list[tuple[str, str, str]]:
+        """As :meth:`IoThread.handshake_failures`, for these sockets."""
     def wake(self) -> None:
         """Interrupt a :meth:`recv` waiting in another thread."""
     def take_errors(self) -> list[tuple[str, str, str]]:

@@ -29,18 +29,15 @@ if TYPE_CHECKING:
 GROUPINGS = ("type", "engine", "order")
 
 
-class _ArgumentError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
-    """An argparse parser that raises instead of exiting the interpreter."""
+    """An argparse parser whose errors are IPython UsageErrors (shown as a one-line message),
+    never an exit of the interpreter."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        raise _ArgumentError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message}")
 
     def exit(self, status: int = 0, message: str | None = None) -> Any:  # type: ignore[override]
-        raise _ArgumentError(message or f"{self.prog}: exit {status}")
+        raise UsageError(message or f"{self.prog}: exit {status}")
 
 
 def _targets(text: str) -> Any:
@@ -57,15 +54,20 @@ def _targets(text: str) -> Any:
     raise ValueError(f"--targets must be 'all', an int, a slice or a list, not {text!r}")
 
 
-def _exec_parser(prog: str, cell: bool) -> _Parser:
+def _config_parser(prog: str) -> _Parser:
+    """The view options of ``%pxconfig`` (and of ``%px``)."""
     p = _Parser(prog=prog, add_help=False)
     p.add_argument("--targets", "-t", type=_targets, default=None)
-    block = p.add_mutually_exclusive_group()
-    block.add_argument("--block", dest="block", action="store_true", default=None)
-    block.add_argument("--noblock", dest="block", action="store_false", default=None)
-    verbose = p.add_mutually_exclusive_group()
-    verbose.add_argument("--verbose", dest="verbose", action="store_true", default=None)
-    verbose.add_argument("--no-verbose", dest="verbose", action="store_false", default=None)
+    for on, off in (("block", "noblock"), ("verbose", "no-verbose")):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(f"--{on}", dest=on, action="store_true", default=None)
+        group.add_argument(f"--{off}", dest=on, action="store_false", default=None)
+    return p
+
+
+def _exec_parser(prog: str, cell: bool) -> _Parser:
+    """``%px`` / ``%%px`` options: the view options, plus output and interrupt handling."""
+    p = _config_parser(prog)
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--stream", dest="stream", action="store_true", default=None)
     stream.add_argument("--no-stream", dest="stream", action="store_false", default=None)
@@ -74,18 +76,6 @@ def _exec_parser(prog: str, cell: bool) -> _Parser:
     p.add_argument("--signal-on-interrupt", default="SIGINT")
     if cell:
         p.add_argument("--local", action="store_true", default=False)
-    return p
-
-
-def _config_parser(prog: str) -> _Parser:
-    p = _Parser(prog=prog, add_help=False)
-    p.add_argument("--targets", "-t", type=_targets, default=None)
-    block = p.add_mutually_exclusive_group()
-    block.add_argument("--block", dest="block", action="store_true", default=None)
-    block.add_argument("--noblock", dest="block", action="store_false", default=None)
-    verbose = p.add_mutually_exclusive_group()
-    verbose.add_argument("--verbose", dest="verbose", action="store_true", default=None)
-    verbose.add_argument("--no-verbose", dest="verbose", action="store_false", default=None)
     return p
 
 
@@ -219,10 +209,7 @@ class ParallelMagics(Magics):
         opts, rest = _split_options(line)
         if rest:
             raise UsageError(f"%pxconfig: unexpected {rest!r}")
-        try:
-            args = _config_parser("%pxconfig").parse_args(opts)
-        except _ArgumentError as e:
-            raise UsageError(str(e)) from None
+        args = _config_parser("%pxconfig").parse_args(opts)
         view = self._view()
         if args.targets is not None:
             view.targets = args.targets
@@ -241,10 +228,7 @@ class ParallelMagics(Magics):
         (sent to the engines on Ctrl-C; default SIGINT, empty to send none).
         """
         opts, code = _split_options(line)
-        try:
-            args = _exec_parser("%px", cell=False).parse_args(opts)
-        except _ArgumentError as e:
-            raise UsageError(str(e)) from None
+        args = _exec_parser("%px", cell=False).parse_args(opts)
         if not code.strip():
             raise UsageError("%px needs code to run, e.g. %px import numpy")
         return self._run(code, args)
@@ -255,10 +239,7 @@ class ParallelMagics(Magics):
         opts, rest = _split_options(line)
         if rest:
             raise UsageError(f"%%px: unexpected {rest!r} (the code goes in the cell)")
-        try:
-            args = _exec_parser("%%px", cell=True).parse_args(opts)
-        except _ArgumentError as e:
-            raise UsageError(str(e)) from None
+        args = _exec_parser("%%px", cell=True).parse_args(opts)
         if not args.local:
             return self._run(cell, args)
         block = self._view().block if args.block is None else args.block
@@ -275,10 +256,7 @@ class ParallelMagics(Magics):
         it) and raise its error, if any."""
         p = _Parser(prog="%pxresult", add_help=False)
         p.add_argument("--group-outputs", "-g", choices=GROUPINGS, default="type")
-        try:
-            args = p.parse_args(shlex.split(line))
-        except _ArgumentError as e:
-            raise UsageError(str(e)) from None
+        args = p.parse_args(shlex.split(line))
         if self.last_result is None:
             raise UsageError("no previous %px result: run %px first")
         ar = self.last_result
@@ -329,13 +307,20 @@ def _signal_number(sig: str) -> int:
         raise UsageError(f"unknown signal {sig!r}") from None
 
 
-def _stream_outputs(ar: AsyncResult, poll: float = 0.05) -> None:
+def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = 5.0) -> None:
     """Print each engine's stdout/stderr as it arrives, until ``ar`` is done and its output
-    complete."""
+    complete (or ``grace`` seconds after it finished, for output that never completes)."""
     shown: dict[tuple[int, str], int] = {}
-    done_at: float | None = None
+    finished_at: float | None = None
     while True:
-        finished = ar.done()
+        # whether everything is in, decided before printing: what arrives later is printed
+        # by the next round
+        complete = ar.done() and (
+            ar.wait_for_output(timeout=0)
+            or (finished_at is not None and time.monotonic() - finished_at > grace)
+        )
+        if ar.done() and finished_at is None:
+            finished_at = time.monotonic()
         for i in range(len(ar)):
             md = ar._md(i)
             eid = ar._engine_id(i)
@@ -343,22 +328,13 @@ def _stream_outputs(ar: AsyncResult, poll: float = 0.05) -> None:
                 text = md.get(kind) or ""
                 start = shown.get((i, kind), 0)
                 if len(text) > start:
-                    chunk = text[start:]
                     shown[(i, kind)] = len(text)
                     label = f"[{kind}:{'?' if eid is None else eid}]"
                     out = sys.stdout if kind == "stdout" else sys.stderr
-                    for piece in chunk.splitlines():
+                    for piece in text[start:].splitlines():
                         print(f"{label} {piece}", file=out)
-        if finished:
-            if done_at is None:
-                done_at = time.monotonic()
-            if ar.wait_for_output(timeout=0) or time.monotonic() - done_at > 5:
-                if done_at is not None and all(
-                    len(ar._md(i).get(k) or "") <= shown.get((i, k), 0)
-                    for i in range(len(ar))
-                    for k in ("stdout", "stderr")
-                ):
-                    return
+        if complete:
+            return
         ar.wait(poll)
 
 

@@ -208,7 +208,7 @@ class DirectView(View):
         uuids, ids, single = self._targets(targets)
         metadata = {"label": self.label} if self.label else {}
         futs = self.client.apply_to(uuids, f, args, kwargs, metadata)
-        fname = getattr(f, "__name__", "f")
+        fname = _name_of(f)
         ar = AsyncResult(self.client, futs, fname=fname, targets=ids[0] if single else ids)
         return self._finish(ar, block)
 
@@ -237,7 +237,7 @@ class DirectView(View):
             self.client,
             futs,
             mapper,
-            fname=getattr(f, "__name__", "f"),
+            fname=_name_of(f),
             chunk_sizes=sizes,
             return_exceptions=return_exceptions,
         )
@@ -258,7 +258,7 @@ class DirectView(View):
         for p, u in enumerate(uuids):
             parts = [mapper.getPartition(s, p, n) for s in sequences]
             futs.append(self.client.send_apply_request("mux", f, parts, {}, ident=u))
-        ar = AsyncMapResult(self.client, futs, mapper, fname=getattr(f, "__name__", "f"))
+        ar = AsyncMapResult(self.client, futs, mapper, fname=_name_of(f))
         return self._finish(ar, block)
 
     def execute(
@@ -480,7 +480,7 @@ class LoadBalancedView(View):
         # with no engine yet, the task waits in the scheduler until one arrives
         md = self._task_metadata(**options)
         fut = self.client.send_apply_request("task", f, args, kwargs, metadata=md)
-        ar = AsyncResult(self.client, [fut], fname=getattr(f, "__name__", "f"))
+        ar = AsyncResult(self.client, [fut], fname=_name_of(f))
         return self._finish(ar, block)
 
     def _map(
@@ -518,7 +518,7 @@ class LoadBalancedView(View):
             self.client,
             futs,
             mapper,
-            fname=getattr(f, "__name__", "f"),
+            fname=_name_of(f),
             ordered=ordered,
             return_exceptions=return_exceptions,
             chunk_sizes=sizes,
@@ -542,7 +542,7 @@ class LoadBalancedView(View):
             start, stop = idx[0], idx[-1] + 1
             parts = [s[start:stop] for s in sequences]
             futs.append(self.client.send_apply_request("task", fp, parts, {}, metadata=md))
-        ar = AsyncMapResult(self.client, futs, dists["b"](), fname=getattr(f, "__name__", "f"))
+        ar = AsyncMapResult(self.client, futs, dists["b"](), fname=_name_of(f))
         return self._finish(ar, block)
 
     def imap(
@@ -593,6 +593,13 @@ def _dep_ids(dep: Any) -> Any:
 __all__ = ["DirectView", "LoadBalancedView", "View", "error"]
 
 
+def _name_of(f: Any) -> str:
+    """The function name an AsyncResult reports (that of the function a Prepickled holds)."""
+    if type(f) is Prepickled:
+        f = f.function
+    return getattr(f, "__name__", "f")
+
+
 def _pickled_once(f: Any) -> Any:
     """``f`` serialized once for all the chunks of a map (a lambda or closure goes through
     cloudpickle, which costs far more than the chunk itself)."""
@@ -613,7 +620,6 @@ class LazyMapIterator:
         return_exceptions: bool,
     ) -> None:
         self._view = view
-        self._f = f
         self._fp = _pickled_once(f)
         self._inputs = [iter(s) for s in sequences]
         self._limit = limit
@@ -632,9 +638,7 @@ class LazyMapIterator:
             except StopIteration:
                 self._exhausted = True
                 return
-            ar = self._view._really_apply(self._fp, args, {}, block=False)
-            ar._fname = getattr(self._f, "__name__", "f")
-            self._pending.append(ar)
+            self._pending.append(self._view._really_apply(self._fp, args, {}, block=False))
 
     def __next__(self) -> Any:
         self._fill()

@@ -154,12 +154,26 @@ class EngineKernel:
         bool
             True when registered (``engine_id`` and ``hb_period`` set).
         """
+        deadline = time.monotonic() + self.config.timeout
+        # Register only once the shell and control connections are up: the controller routes
+        # requests to us as soon as it has registered us, and drops what it cannot route.
+        if not self.direct.wait_connected(self.config.timeout):
+            log.error(
+                "could not connect to the controller's shell/control channels (%s, %s) within "
+                "%.1f s%s",
+                self.urls.mux,
+                self.urls.control,
+                self.config.timeout,
+                _curve.describe_handshake_failures(
+                    self.io.handshake_failures() + self.direct.handshake_failures()
+                ),
+            )
+            return False
         content: dict[str, Any] = {"uuid": self.uuid}
         if self.config.requested_id is not None:
             content["id"] = self.config.requested_id
         self.io.send(REGISTRATION, "registration_request", content, metadata=self._metadata)
         log.info("registering %s at %s", self.uuid, self.urls.registration)
-        deadline = time.monotonic() + self.config.timeout
         while True:
             while self.inbox.other:
                 name, msg = self.inbox.other.popleft()
@@ -172,7 +186,9 @@ class EngineKernel:
                     "no registration reply from %s within %.1f s%s",
                     self.urls.registration,
                     self.config.timeout,
-                    _curve.describe_handshake_failures(self.io.handshake_failures()),
+                    _curve.describe_handshake_failures(
+                        self.io.handshake_failures() + self.direct.handshake_failures()
+                    ),
                 )
                 return False
             self.inbox.pull_other(min(left, 0.1))

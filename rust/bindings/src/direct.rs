@@ -1,20 +1,17 @@
 //! `DirectSockets`: sockets that the calling Python threads poll and send on themselves.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fp_io::{SocketKind, SocketSpec};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use crate::curve::curve_role;
+use crate::delivery::{batch_to_py, error_tuples, socket_spec, Deadline};
 use crate::errors::io_closed;
-use crate::iothread::{build_message, incoming_to_py, strings};
-use crate::pybuffer::HeldBuffer;
+use crate::iothread::build_message;
 use crate::session::Session;
 
-/// Longest single wait without checking for signals (Ctrl-C).
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 /// How long a send waits for a peer that is not taking messages.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -70,17 +67,7 @@ impl DirectSockets {
     ) -> PyResult<Vec<String>> {
         self.check_open(py)?;
         let curve = curve_role(false, curve_serverkey, curve_publickey, curve_secretkey)?;
-        let kind = SocketKind::from_name(kind).map_err(PyValueError::new_err)?;
-        let mut spec = SocketSpec::new(name, kind);
-        spec.connect = strings(connect)?;
-        spec.bind = strings(bind)?;
-        spec.identity = match identity {
-            Some(i) if !i.is_none() => Some(HeldBuffer::get(i)?.as_slice().to_vec()),
-            _ => None,
-        };
-        spec.raw = raw;
-        spec.linger_ms = linger_ms;
-        spec.curve = curve;
+        let spec = socket_spec(name, kind, connect, bind, identity, raw, linger_ms, curve)?;
         let inner = &self.inner;
         py.detach(|| inner.add_socket(spec))
             .map_err(PyValueError::new_err)
@@ -117,42 +104,41 @@ impl DirectSockets {
     /// Wait for messages (see the type stub).
     #[pyo3(signature = (timeout=None))]
     fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
-        if let Some(t) = timeout {
-            if !t.is_finite() || t < 0.0 {
-                return Err(PyValueError::new_err(
-                    "timeout must be None or a number >= 0",
-                ));
-            }
-        }
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+        let deadline = Deadline::new(timeout)?;
         let inner = &self.inner;
         loop {
-            let slice = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(SIGNAL_SLICE),
-                None => SIGNAL_SLICE,
-            };
+            let slice = deadline.slice();
             let (batch, woken) = py
                 .detach(|| inner.recv(slice))
                 .map_err(|e| io_closed(py, e))?;
             self.release_sent();
-            let out = PyList::empty(py);
-            for inc in batch {
-                match incoming_to_py(py, inc) {
-                    Ok(item) => out.append(item)?,
-                    Err(e) => log::warn!("dropped a message with unconvertible values: {e}"),
-                }
-            }
+            let (out, drops) = batch_to_py(py, batch)?;
+            inner.report(drops);
             if out.len() > 0 {
                 return Ok(out);
             }
             py.check_signals()?;
             // woken: return (empty) so that the caller can look at its queues
-            if woken || deadline.is_some_and(|d| Instant::now() >= d) {
+            if woken || deadline.passed() {
                 return Ok(out);
             }
         }
+    }
+
+    /// Wait (without the GIL) until every connecting socket has completed a handshake with
+    /// each of its endpoints; False after `timeout` seconds.
+    fn wait_connected(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        if !timeout.is_finite() || timeout < 0.0 {
+            return Err(PyValueError::new_err("timeout must be a number >= 0"));
+        }
+        let inner = &self.inner;
+        py.detach(|| inner.wait_connected(Duration::from_secs_f64(timeout)))
+            .map_err(|e| io_closed(py, e))
+    }
+
+    /// Sockets whose last handshake failed: `(socket, endpoint, reason)`.
+    fn handshake_failures(&self) -> Vec<(String, String, String)> {
+        self.inner.handshakes.failures()
     }
 
     /// Interrupt a `recv` waiting in another thread.
@@ -162,11 +148,7 @@ impl DirectSockets {
 
     /// Messages dropped since the last call: `(socket, error class, text)`.
     fn take_errors(&self) -> Vec<(String, &'static str, String)> {
-        self.inner
-            .take_drops()
-            .into_iter()
-            .map(|d| (d.socket.to_string(), d.kind, d.text))
-            .collect()
+        error_tuples(self.inner.take_drops())
     }
 
     /// Close every socket. Idempotent.

@@ -1,23 +1,21 @@
 //! `IoThread`: the per-process native I/O thread, exposed to Python.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fp_io::{Delivery, Incoming, IoHandle, OutFrame, OutgoingMessage, SocketKind, SocketSpec};
+use fp_io::{IoHandle, OutFrame, OutgoingMessage};
 
 use crate::curve::curve_role;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
-use crate::convert::{message_dict, to_py};
+use crate::convert::to_py;
+use crate::delivery::{batch_to_py, error_tuples, socket_spec, Deadline};
 use crate::errors::{io_closed, wire_error};
-use crate::frame::Frame;
 use crate::pybuffer::HeldBuffer;
 use crate::session::{ident_list, out_buffers, Session};
 
-/// Longest single wait without checking for signals (Ctrl-C).
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 const ADD_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffers at least this large (in total) are digested with the GIL released.
 const DETACH_BYTES: usize = 1 << 20;
@@ -41,36 +39,6 @@ impl IoThread {
         }
         Ok(())
     }
-}
-
-/// A received message as the `(socket, message)` tuple handed to Python.
-pub(crate) fn incoming_to_py<'py>(py: Python<'py>, inc: Incoming) -> PyResult<Bound<'py, PyTuple>> {
-    let name = inc.socket.as_ref();
-    let obj = match inc.delivery {
-        Delivery::Raw(frames) => {
-            let list = PyList::empty(py);
-            for f in frames {
-                list.append(Py::new(py, Frame::new(f))?)?;
-            }
-            list.into_any()
-        }
-        Delivery::Message {
-            idents,
-            parts,
-            buffers,
-        } => {
-            let id_list = PyList::empty(py);
-            for id in &idents {
-                id_list.append(PyBytes::new(py, id.as_ref()))?;
-            }
-            let buf_list = PyList::empty(py);
-            for b in buffers {
-                buf_list.append(Py::new(py, Frame::new(b))?)?;
-            }
-            message_dict(py, id_list, &parts, true, buf_list)?.into_any()
-        }
-    };
-    PyTuple::new(py, [name.into_pyobject(py)?.into_any(), obj])
 }
 
 /// Sign and frame one message; returns its header (the caller's own object when it passed
@@ -170,14 +138,7 @@ impl IoThread {
             curve_publickey,
             curve_secretkey,
         )?;
-        let kind = SocketKind::from_name(kind).map_err(PyValueError::new_err)?;
-        let mut spec = SocketSpec::new(name, kind);
-        spec.connect = strings(connect)?;
-        spec.bind = strings(bind)?;
-        spec.identity = match identity {
-            Some(i) if !i.is_none() => Some(HeldBuffer::get(i)?.as_slice().to_vec()),
-            _ => None,
-        };
+        let mut spec = socket_spec(name, kind, connect, bind, identity, raw, linger_ms, curve)?;
         spec.subscribe = match subscribe {
             Some(s) if !s.is_none() => Some(
                 s.try_iter()?
@@ -186,10 +147,7 @@ impl IoThread {
             ),
             _ => None,
         };
-        spec.raw = raw;
-        spec.linger_ms = linger_ms;
         spec.forward_to = forward_to;
-        spec.curve = curve;
         let handle = &self.handle;
         py.detach(|| handle.add_socket(spec, ADD_SOCKET_TIMEOUT))
             .map_err(PyValueError::new_err)
@@ -243,40 +201,14 @@ impl IoThread {
         timeout: Option<f64>,
         max_messages: usize,
     ) -> PyResult<Bound<'py, PyList>> {
-        if let Some(t) = timeout {
-            if !t.is_finite() || t < 0.0 {
-                return Err(PyValueError::new_err(
-                    "timeout must be None or a number >= 0",
-                ));
-            }
-        }
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+        let deadline = Deadline::new(timeout)?;
         let inbox = self.handle.inbox.clone();
         loop {
-            let slice = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(SIGNAL_SLICE),
-                None => SIGNAL_SLICE,
-            };
+            let slice = deadline.slice();
             let (batch, closed) = py.detach(|| inbox.wait_batch(slice, max_messages));
             self.release_sent();
             if !batch.is_empty() {
-                let out = PyList::empty(py);
-                let mut drops = Vec::new();
-                for inc in batch {
-                    let socket = inc.socket.clone();
-                    match incoming_to_py(py, inc) {
-                        Ok(item) => out.append(item)?,
-                        // A message whose values have no Python equivalent (e.g. an unhashable
-                        // map key) is dropped and reported like any other bad message.
-                        Err(e) => drops.push(fp_io::DropReport {
-                            socket,
-                            kind: "UnpackError",
-                            text: e.value(py).to_string(),
-                        }),
-                    }
-                }
+                let (out, drops) = batch_to_py(py, batch)?;
                 if !drops.is_empty() {
                     self.handle
                         .stats
@@ -293,7 +225,7 @@ impl IoThread {
                 return Err(io_closed(py, "the I/O thread is closed".into()));
             }
             py.check_signals()?;
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if deadline.passed() {
                 return Ok(PyList::empty(py));
             }
         }
@@ -306,12 +238,7 @@ impl IoThread {
 
     /// Messages dropped since the last call: `(socket, error class, text)`.
     fn take_errors(&self) -> Vec<(String, &'static str, String)> {
-        self.handle
-            .inbox
-            .take_drops()
-            .into_iter()
-            .map(|d| (d.socket.to_string(), d.kind, d.text))
-            .collect()
+        error_tuples(self.handle.inbox.take_drops())
     }
 
     /// Counters: sent, received, dropped, send_errors, forwarded, pending (undelivered).

@@ -6,6 +6,7 @@ use pyo3::types::PyBytes;
 mod controller;
 mod convert;
 mod curve;
+mod delivery;
 mod direct;
 mod errors;
 mod frame;

@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Incoming};
 use crate::ioloop::recv_multipart;
 use crate::outframe::{try_send, OutFrame, ReadyFrames, ReleaseQueue, Sent};
 use crate::session::SessionCore;
-use crate::socket::{SocketKind, SocketSpec};
+use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
 
 /// Most messages taken from one socket by one `recv` call (the others wait for the next).
 const RECV_BURST: usize = 512;
@@ -31,6 +32,22 @@ struct Entry {
     sock: zmq::Socket,
     kind: SocketKind,
     raw: bool,
+    /// Handshake events of a connecting socket, and how many endpoints it connects to.
+    monitor: Option<zmq::Socket>,
+    endpoints: u64,
+}
+
+impl Entry {
+    fn read_monitor(&self, handshakes: &Handshakes) {
+        let Some(monitor) = &self.monitor else {
+            return;
+        };
+        while let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) {
+            if let Some((event, value, endpoint)) = parse_event(&frames) {
+                handshakes.record(&self.name, event, value, endpoint);
+            }
+        }
+    }
 }
 
 struct State {
@@ -46,6 +63,8 @@ pub struct DirectSockets {
     /// Borrowed send buffers that libzmq has finished with (drop them where convenient).
     pub releases: ReleaseQueue,
     drops: Mutex<Vec<DropReport>>,
+    /// Handshake outcomes of the connecting sockets (read whenever the sockets are polled).
+    pub handshakes: Handshakes,
     closed: AtomicBool,
     pub received: AtomicU64,
     pub sent: AtomicU64,
@@ -76,6 +95,7 @@ impl DirectSockets {
             session,
             releases: ReleaseQueue::new(),
             drops: Mutex::new(Vec::new()),
+            handshakes: Handshakes::default(),
             closed: AtomicBool::new(false),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -122,12 +142,15 @@ impl DirectSockets {
         if state.entries.iter().any(|e| *e.name == *spec.name) {
             return Err(format!("a socket named {:?} already exists", spec.name));
         }
-        let (sock, bound, _) = spec.create(crate::context(), None)?;
+        let monitor = monitor_endpoint(&spec);
+        let (sock, bound, monitor) = spec.create(crate::context(), monitor.as_deref())?;
         state.entries.push(Entry {
             name: Arc::from(spec.name.as_str()),
             sock,
             kind: spec.kind,
             raw: spec.raw,
+            monitor,
+            endpoints: spec.connect.len() as u64,
         });
         Ok(bound)
     }
@@ -151,6 +174,10 @@ impl DirectSockets {
                 };
                 items.push(e.sock.as_poll_item(events));
             }
+            // monitors last: their events are read whenever anything wakes the poll
+            for m in entries.iter().filter_map(|e| e.monitor.as_ref()) {
+                items.push(m.as_poll_item(zmq::POLLIN));
+            }
             let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
             // EINTR (a signal) counts as a timeout: the caller checks for signals.
             if zmq::poll(&mut items, ms).is_err() {
@@ -161,18 +188,28 @@ impl DirectSockets {
         if readable[0] {
             while wake_rx.recv_bytes(zmq::DONTWAIT).is_ok() {}
         }
+        for e in entries.iter() {
+            e.read_monitor(&self.handshakes);
+        }
         for (i, e) in entries.iter_mut().enumerate() {
             if readable[i + 1] {
                 self.receive(e, &mut batch, &mut drops);
             }
         }
         drop(state);
-        if !drops.is_empty() {
-            let mut d = lock(&self.drops);
-            let room = MAX_DROP_REPORTS.saturating_sub(d.len());
-            d.extend(drops.into_iter().take(room));
-        }
+        self.report(drops);
         Ok((batch, readable[0]))
+    }
+
+    /// Record dropped messages (also those the caller could not convert), for
+    /// [`Self::take_drops`]; at most a thousand are kept.
+    pub fn report(&self, drops: Vec<DropReport>) {
+        if drops.is_empty() {
+            return;
+        }
+        let mut d = lock(&self.drops);
+        let room = MAX_DROP_REPORTS.saturating_sub(d.len());
+        d.extend(drops.into_iter().take(room));
     }
 
     fn receive(&self, e: &mut Entry, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) {
@@ -212,6 +249,38 @@ impl DirectSockets {
                     text: err.to_string(),
                 }),
             }
+        }
+    }
+
+    /// Wait up to `timeout` until every connecting socket has completed a handshake with each
+    /// of its endpoints (so that a peer routing to our identity finds us). False on timeout;
+    /// [`Self::handshakes`] then says what failed.
+    pub fn wait_connected(&self, timeout: Duration) -> Result<bool, String> {
+        self.check_open()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.take();
+            for e in &state.entries {
+                e.read_monitor(&self.handshakes);
+            }
+            let done = state.entries.iter().all(|e| {
+                e.monitor.is_none() || self.handshakes.state(&e.name).succeeded >= e.endpoints
+            });
+            if done {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut items: Vec<_> = state
+                .entries
+                .iter()
+                .filter_map(|e| e.monitor.as_ref())
+                .map(|m| m.as_poll_item(zmq::POLLIN))
+                .collect();
+            let ms = left.as_millis().clamp(1, 50) as i64;
+            let _ = zmq::poll(&mut items, ms);
         }
     }
 
@@ -334,5 +403,29 @@ mod tests {
         assert!(d.send("nope", Vec::new(), Duration::from_secs(1)).is_err());
         d.close();
         assert!(d.recv(Duration::from_millis(1)).is_err());
+    }
+
+    #[test]
+    fn wait_connected_waits_for_every_endpoint() {
+        let server = crate::context().socket(zmq::ROUTER).expect("router");
+        server.bind("tcp://127.0.0.1:*").expect("bind");
+        let up = server.get_last_endpoint().expect("ep").expect("utf8");
+        let d = DirectSockets::new(session()).expect("direct");
+        let mut spec = SocketSpec::new("shell", SocketKind::Dealer);
+        spec.connect = vec![up.clone()];
+        d.add_socket(spec).expect("connect");
+        assert!(d.wait_connected(Duration::from_secs(10)).expect("open"));
+        assert_eq!(d.handshakes.state("shell").succeeded, 1);
+        // a second endpoint where nobody listens: not connected until the timeout
+        let nobody = crate::context().socket(zmq::ROUTER).expect("router");
+        nobody.bind("tcp://127.0.0.1:*").expect("bind");
+        let gone = nobody.get_last_endpoint().expect("ep").expect("utf8");
+        drop(nobody);
+        let mut spec = SocketSpec::new("control", SocketKind::Dealer);
+        spec.connect = vec![up, gone];
+        d.add_socket(spec).expect("connect");
+        let t0 = Instant::now();
+        assert!(!d.wait_connected(Duration::from_millis(300)).expect("open"));
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }

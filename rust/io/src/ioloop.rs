@@ -11,7 +11,7 @@ use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Inbox, Incoming};
 use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
 use crate::session::SessionCore;
-use crate::socket::{SocketKind, SocketSpec};
+use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
 
 /// Counters kept by the I/O thread.
 #[derive(Debug, Default)]
@@ -58,7 +58,6 @@ const RECV_BURST: usize = 512;
 const CLOSE_FLUSH: Duration = Duration::from_millis(2000);
 
 static WAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
-static MONITOR_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl IoHandle {
     /// Start an I/O thread for `session`.
@@ -376,10 +375,7 @@ impl Loop {
             ),
             None => None,
         };
-        let monitor = (!spec.connect.is_empty()).then(|| {
-            let n = MONITOR_COUNTER.fetch_add(1, Ordering::Relaxed);
-            format!("inproc://fp-io-monitor-{}-{n}", std::process::id())
-        });
+        let monitor = monitor_endpoint(&spec);
         let (sock, bound, monitor) = spec.create(crate::context(), monitor.as_deref())?;
         self.by_name.insert(spec.name.clone(), self.sockets.len());
         self.sockets.push(Entry {

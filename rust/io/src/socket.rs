@@ -162,6 +162,17 @@ impl SocketSpec {
 }
 
 /// Handshake events the I/O thread watches on connecting sockets.
+static MONITOR_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A fresh inproc endpoint for the handshake monitor of a connecting socket (None for a socket
+/// that only binds: it has no handshakes of its own to report).
+pub(crate) fn monitor_endpoint(spec: &SocketSpec) -> Option<String> {
+    (!spec.connect.is_empty()).then(|| {
+        let n = MONITOR_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("inproc://fp-io-monitor-{}-{n}", std::process::id())
+    })
+}
+
 pub(crate) const HANDSHAKE_EVENTS: i32 = (zmq_sys::ZMQ_EVENT_HANDSHAKE_SUCCEEDED
     | zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
