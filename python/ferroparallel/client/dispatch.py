@@ -14,6 +14,7 @@ from .. import error
 from ..serialize import deserialize_object
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
+from .futures import settling_batch
 from .metadata import parse_date
 
 if TYPE_CHECKING:
@@ -172,17 +173,18 @@ def settle(client: Client, done: list[Settle]) -> None:
     """Resolve the futures of handled messages (without the client's lock: their callbacks,
     and the callbacks of the AsyncResults over them, run here), then let the client's caches
     drop what an AsyncResult owns."""
-    for fut, result, exc, output_done in done:
-        try:
-            if result is not NO_REPLY and not fut.done():
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(result)
-            if output_done and not fut.output_done():
-                fut.finish_output()
-        except InvalidStateError:  # settled meanwhile by another thread (e.g. a failure)
-            pass
+    with settling_batch():  # waiters wake once, when the whole batch is settled
+        for fut, result, exc, output_done in done:
+            try:
+                if result is not NO_REPLY and not fut.done():
+                    if exc is not None:
+                        fut.set_exception(exc)
+                    else:
+                        fut.set_result(result)
+                if output_done and not fut.output_done():
+                    fut.finish_output()
+            except InvalidStateError:  # settled meanwhile by another thread (e.g. a failure)
+                pass
     with client._lock:
         for fut, _, _, _ in done:
             client._maybe_release(fut.msg_id)

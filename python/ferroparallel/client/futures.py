@@ -30,7 +30,7 @@ from concurrent.futures._base import (
 )
 from typing import Any
 
-__all__ = ["SETTLED", "MessageFuture", "SlimFuture", "wait_interruptibly"]
+__all__ = ["SETTLED", "MessageFuture", "SlimFuture", "settling_batch", "wait_interruptibly"]
 
 log = logging.getLogger("ferroparallel.client")
 
@@ -44,10 +44,39 @@ SETTLED = threading.Condition(threading.RLock())
 _LOCK: Any = SETTLED._lock  # type: ignore[attr-defined]
 
 
+#: Per thread: whether this thread settles a batch (see :func:`settling_batch`).
+_BATCH = threading.local()
+
+
 def _notify_settled() -> None:
-    """``SETTLED.notify_all()`` when someone waits (call with the lock held)."""
-    if SETTLED._waiters:  # type: ignore[attr-defined]
+    """``SETTLED.notify_all()`` when someone waits (call with the lock held); inside
+    :func:`settling_batch`, once at the end of the batch instead."""
+    if getattr(_BATCH, "active", False):
+        _BATCH.pending = True
+    elif SETTLED._waiters:  # type: ignore[attr-defined]
         SETTLED.notify_all()
+
+
+class settling_batch:  # noqa: N801 - used like a function: ``with settling_batch():``
+    """Within this context, futures settled by the current thread wake waiters once, on exit,
+    instead of once per future (and again per callback round): a dispatcher settling a batch
+    of replies wakes a thread waiting on one of them once, not hundreds of times while it
+    still holds the GIL. Callbacks still run at once; only the waking is deferred.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _BATCH.active = True
+        _BATCH.pending = False
+
+    def __exit__(self, *exc: object) -> None:
+        _BATCH.active = False
+        if _BATCH.pending:
+            _BATCH.pending = False
+            with _LOCK:
+                if SETTLED._waiters:  # type: ignore[attr-defined]
+                    SETTLED.notify_all()
 
 
 _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
