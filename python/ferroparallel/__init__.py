@@ -5,6 +5,7 @@ Code written for IPython.parallel / ipyparallel runs after ``import ferroparalle
 
 from __future__ import annotations
 
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from typing import Any
 
 from . import error
@@ -12,9 +13,13 @@ from ._core import Frame, IoThread, Session, __version__
 from .error import CompositeError, RemoteError
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "AsyncHubResult",
     "AsyncMapResult",
     "AsyncResult",
+    "BroadcastView",
     "Client",
     "Cluster",
     "CompositeError",
@@ -23,15 +28,24 @@ __all__ = [
     "Frame",
     "IoThread",
     "LoadBalancedView",
+    "PrePickled",
     "Reference",
     "RemoteError",
     "Session",
     "__version__",
     "depend",
     "dependent",
+    "deserialize_object",
     "error",
     "interactive",
+    "pack_apply_message",
+    "register_joblib_backend",
     "require",
+    "serialize_object",
+    "unpack_apply_message",
+    "use_cloudpickle",
+    "use_dill",
+    "use_pickle",
 ]
 
 _LAZY = {
@@ -48,18 +62,34 @@ _LAZY = {
     "require": "ferroparallel.dependency",
     "Reference": "ferroparallel.serialize",
     "interactive": "ferroparallel.serialize",
+    "BroadcastView": "ferroparallel.client.view",
+    "serialize_object": "ferroparallel.serialize",
+    "deserialize_object": "ferroparallel.serialize",
+    "pack_apply_message": "ferroparallel.serialize",
+    "unpack_apply_message": "ferroparallel.serialize",
+    "use_cloudpickle": "ferroparallel.serialize",
+    "use_pickle": "ferroparallel.serialize",
+    "use_dill": "ferroparallel.serialize",
+}
+
+#: ipyparallel's names for objects that are called differently here.
+_ALIASES = {
+    "PrePickled": ("ferroparallel.serialize.pickling", "Prepickled"),
+    "register_joblib_backend": ("ferroparallel.client.joblib_backend", "register_default"),
 }
 
 
 def __getattr__(name: str) -> Any:
     """Import the heavier parts (client, cluster) on first use, so engines and the controller
     start fast."""
-    module = _LAZY.get(name)
+    module, attr = _LAZY.get(name), name
+    if module is None and name in _ALIASES:
+        module, attr = _ALIASES[name]
     if module is None:
         raise AttributeError(f"module 'ferroparallel' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
 

@@ -941,9 +941,11 @@ class Client(HasTraits):
 
         return LoadBalancedView(client=self, targets=targets, **kwargs)
 
-    def broadcast_view(self, targets: Any = "all", **kwargs: Any):
-        """A view that sends each request once and lets the controller fan it out."""
-        return self.direct_view(targets, **kwargs)
+    def broadcast_view(self, targets: Any = "all", is_coalescing: bool = False, **kwargs: Any):
+        """A BroadcastView: each request is sent once and fanned out by the controller."""
+        from .view import BroadcastView
+
+        return BroadcastView(client=self, targets=targets, is_coalescing=is_coalescing, **kwargs)
 
     def executor(self, targets: Any = None, **kwargs: Any):
         """A ``concurrent.futures.Executor`` running on load-balanced engines."""
@@ -1019,6 +1021,75 @@ class Client(HasTraits):
         """Send a signal (e.g. ``signal.SIGINT`` to interrupt running code) to engines."""
         sig = int(sig) if not isinstance(sig, str) else sig
         return self._send_control("signal_request", {"sig": sig}, targets, block)
+
+    def become_dask(
+        self,
+        targets: Any = "all",
+        port: int = 0,
+        nanny: bool = False,
+        scheduler_args: dict[str, Any] | None = None,
+        **worker_args: Any,
+    ) -> Any:
+        """Turn the engines into a dask.distributed cluster and return a dask Client for it.
+
+        A dask scheduler starts on a thread of this process (once; later calls add workers to
+        it), and each engine in ``targets`` starts a dask Worker on a thread of its own, so it
+        keeps serving ferroparallel requests too. Needs ``dask[distributed]`` here and on the
+        engines, and engines that can reach this host.
+
+        Parameters
+        ----------
+        targets : int, list of int, slice or 'all'
+            The engines that become workers.
+        port : int
+            The scheduler's port (0: any free port).
+        nanny : bool
+            Start each worker under a dask Nanny (a separate process that restarts it).
+        scheduler_args : dict, optional
+            Keyword arguments of ``distributed.Scheduler``.
+        **worker_args
+            Keyword arguments of ``distributed.Worker`` (default ``nthreads=1``).
+
+        Returns
+        -------
+        distributed.Client
+            Connected to the scheduler, once every new worker has joined it.
+        """
+        from ..dask_support import DaskBridge, import_distributed, start_worker
+
+        distributed = import_distributed()
+        self._check_open()
+        _, ids = self._build_targets(targets)
+        bridge = getattr(self, "_dask", None)
+        if bridge is None:
+            bridge = self._dask = DaskBridge(self._controller_url)
+        address = bridge.ensure_scheduler(port, scheduler_args)
+        view = self.direct_view(ids)
+        args = bridge.worker_args(worker_args)
+        view.apply_async(start_worker, address, nanny, args).get(timeout=self._dask_timeout)
+        dask_client = distributed.Client(address, timeout=self._dask_timeout)
+        dask_client.wait_for_workers(len(ids), timeout=self._dask_timeout)
+        return dask_client
+
+    become_distributed = become_dask
+
+    def stop_dask(self, targets: Any = "all") -> None:
+        """Stop the dask workers of ``targets`` (see :meth:`become_dask`); with ``'all'``, the
+        scheduler too."""
+        from ..dask_support import stop_worker
+
+        bridge = getattr(self, "_dask", None)
+        if bridge is None:
+            return
+        _, ids = self._build_targets(targets)
+        self.direct_view(ids).apply_async(stop_worker).get(timeout=self._dask_timeout)
+        if targets == "all" or targets is None:
+            bridge.stop_scheduler()
+
+    stop_distributed = stop_dask
+
+    #: Seconds become_dask/stop_dask wait for the workers.
+    _dask_timeout = 60.0
 
     def shutdown(
         self,
@@ -1207,6 +1278,12 @@ class Client(HasTraits):
         if shm is not None:
             # Give requests already sent a moment to be mapped by their engines.
             shm.wait_released(1.0 if linger is None else linger)
+        bridge = getattr(self, "_dask", None)
+        if bridge is not None:  # the scheduler runs in this process
+            try:
+                bridge.stop_scheduler()
+            except Exception as e:  # noqa: BLE001 - closing goes on
+                log.warning("could not stop the dask scheduler: %s", e)
         self._closed = True
         self._io.close()
         t = getattr(self, "_dispatcher", None)

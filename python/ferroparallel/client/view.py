@@ -441,6 +441,18 @@ class DirectView(View):
         )
 
 
+class BroadcastView(DirectView):
+    """ipyparallel's BroadcastView: a DirectView (whose requests to several engines already
+    leave the client once and are fanned out by the controller).
+
+    ``is_coalescing`` is accepted and recorded for compatibility; replies always come back
+    one per engine, and results are the same list either way.
+    """
+
+    is_coalescing = Bool(False)
+    _flag_names = ("block", "track", "targets", "label", "is_coalescing")
+
+
 class LoadBalancedView(View):
     """Let the controller's scheduler choose the engine for each task."""
 
@@ -590,7 +602,7 @@ def _dep_ids(dep: Any) -> Any:
     return out
 
 
-__all__ = ["DirectView", "LoadBalancedView", "View", "error"]
+__all__ = ["BroadcastView", "DirectView", "LoadBalancedView", "View", "error"]
 
 
 def _name_of(f: Any) -> str:

@@ -65,6 +65,16 @@ class EngineConfig:
     use_ipython: bool = True
 
 
+#: The engine this process runs (None outside an engine), for code that runs on it
+#: (see :mod:`ferroparallel.datapub`).
+_ACTIVE: EngineKernel | None = None
+
+
+def active_kernel() -> EngineKernel | None:
+    """The engine running in this process, or None."""
+    return _ACTIVE
+
+
 class EngineKernel:
     """One engine process.
 
@@ -232,8 +242,10 @@ class EngineKernel:
             :data:`EXIT_OK` after ``shutdown_request`` or SIGTERM, :data:`EXIT_FAILED` when
             registration failed, :data:`EXIT_CONTROLLER_LOST` when heartbeats stopped.
         """
+        global _ACTIVE
         restore = install_handlers(self.gate)
         code = EXIT_FAILED
+        _ACTIVE = self
         try:
             sweep_segments()  # /dev/shm segments left by crashed clients (see serialize.shm)
             self.connect()
@@ -250,6 +262,7 @@ class EngineKernel:
             log.exception("engine failed")
             code = EXIT_FAILED
         finally:
+            _ACTIVE = None
             self._finish()
             self.result_segments.release_all()
             if restore is not None:
@@ -356,6 +369,7 @@ class EngineKernel:
         parent: dict[str, Any] | None,
         topic: str,
         flush: bool = True,
+        buffers: list[Any] | None = None,
     ) -> None:
         """Send one IOPub message with topic ``engine.<id>.<topic>`` (``flush=False``: leave
         with the next flushed message).
@@ -377,6 +391,7 @@ class EngineKernel:
             parent,
             self._metadata,
             ident=[ident],
+            buffers=buffers,
             flush=flush,
         )
 

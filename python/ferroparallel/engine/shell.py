@@ -125,6 +125,7 @@ class ShellHandler:
     def _end(self) -> None:
         self.kernel.watcher.end()
         self.kernel.capture.stop()
+        self.parent = None  # outputs published from now on belong to no request
 
     # -- apply ------------------------------------------------------------------------------
 

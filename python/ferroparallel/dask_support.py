@@ -1,0 +1,201 @@
+"""Turning the engines into a dask.distributed cluster: ``Client.become_dask()``.
+
+The dask scheduler runs on an event loop thread of the client process (ipyparallel runs it in
+its Python hub; ferroparallel's controller is native code with no Python on it), and each
+engine runs a dask ``Worker`` (or ``Nanny``) on an event loop thread of its own, next to the
+engine's main thread, so the engine keeps answering ipyparallel requests while it serves dask.
+The functions an engine runs (:func:`start_worker`, :func:`stop_worker`) live here so that
+they are pickled by reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import threading
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+__all__ = ["DaskBridge", "start_worker", "stop_worker"]
+
+T = TypeVar("T")
+
+#: Seconds to wait for a scheduler or worker to start or to close.
+START_TIMEOUT = 60.0
+CLOSE_TIMEOUT = 30.0
+
+#: On an engine: the running worker and its loop (see :func:`start_worker`).
+_WORKER: dict[str, Any] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def import_distributed() -> Any:
+    """The ``distributed`` module, or an ImportError that names the package to install."""
+    try:
+        import distributed
+    except ImportError as e:
+        raise ImportError(
+            "become_dask needs dask.distributed on the client and on every engine: "
+            "pip install 'dask[distributed]'"
+        ) from e
+    return distributed
+
+
+class LoopThread:
+    """A daemon thread running an asyncio event loop, for dask objects used from sync code."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the loop and wait for its result (TimeoutError after ``timeout``)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        """Stop the loop and its thread."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(CLOSE_TIMEOUT)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+# -- engine side --------------------------------------------------------------------------------
+
+
+def start_worker(
+    address: str, nanny: bool = False, worker_args: Mapping[str, Any] | None = None
+) -> str:
+    """Run on an engine: start a dask Worker (a Nanny with ``nanny=True``) for the scheduler at
+    ``address`` on a loop thread of this process, replacing one started before.
+
+    Returns
+    -------
+    str
+        The worker's (or nanny's) address.
+    """
+    distributed = import_distributed()
+    args = dict(worker_args or {})
+    args.setdefault("nthreads", 1)
+    from .engine.kernel import active_kernel
+
+    kernel = active_kernel()
+    if kernel is not None and kernel.engine_id is not None:
+        args.setdefault("name", f"engine-{kernel.engine_id}")
+    with _WORKER_LOCK:
+        _stop_worker_locked()
+        loop = LoopThread("ferroparallel-dask-worker")
+        cls = distributed.Nanny if nanny else distributed.Worker
+
+        async def start() -> Any:
+            return await cls(address, **args)
+
+        try:
+            worker = loop.run(start(), START_TIMEOUT)
+        except BaseException:
+            loop.stop()
+            raise
+        _WORKER.update(loop=loop, worker=worker)
+        return str(worker.address)
+
+
+def stop_worker() -> bool:
+    """Run on an engine: stop the dask worker :func:`start_worker` started; False if none."""
+    with _WORKER_LOCK:
+        return _stop_worker_locked()
+
+
+def _stop_worker_locked() -> bool:
+    worker, loop = _WORKER.pop("worker", None), _WORKER.pop("loop", None)
+    if worker is None or loop is None:
+        return False
+    try:
+        loop.run(worker.close(), CLOSE_TIMEOUT)
+    finally:
+        loop.stop()
+    return True
+
+
+# -- client side --------------------------------------------------------------------------------
+
+
+def _loopback_host(url: str | None) -> str | None:
+    """``127.0.0.1`` when ``url`` (the controller's) is on a loopback address, else None."""
+    host = urlparse(url or "").hostname
+    if host is None:
+        return None
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return "127.0.0.1" if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:
+        return None
+
+
+class DaskBridge:
+    """The dask scheduler of one ferroparallel Client and the engines that serve it.
+
+    Parameters
+    ----------
+    controller_url : str
+        A URL of the controller: when it is a loopback address, the scheduler and the workers
+        listen on 127.0.0.1 only (everything is on this host).
+    """
+
+    def __init__(self, controller_url: str | None) -> None:
+        self._host = _loopback_host(controller_url)
+        self._loop: LoopThread | None = None
+        self._scheduler: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str | None:
+        """The scheduler's address (None when not running)."""
+        return None if self._scheduler is None else str(self._scheduler.address)
+
+    def ensure_scheduler(self, port: int, scheduler_args: Mapping[str, Any] | None) -> str:
+        """Start the scheduler unless it runs; returns its address."""
+        distributed = import_distributed()
+        with self._lock:
+            if self._scheduler is not None:
+                return str(self._scheduler.address)
+            args = dict(scheduler_args or {})
+            args.setdefault("port", port)
+            if self._host is not None:
+                args.setdefault("host", self._host)
+                args.setdefault("dashboard_address", f"{self._host}:0")
+            loop = LoopThread("ferroparallel-dask-scheduler")
+
+            async def start() -> Any:
+                return await distributed.Scheduler(**args)
+
+            try:
+                self._scheduler = loop.run(start(), START_TIMEOUT)
+            except BaseException:
+                loop.stop()
+                raise
+            self._loop = loop
+            return str(self._scheduler.address)
+
+    def worker_args(self, worker_args: Mapping[str, Any]) -> dict[str, Any]:
+        """Worker arguments with this bridge's defaults (listen on loopback when local)."""
+        args = dict(worker_args)
+        if self._host is not None:
+            args.setdefault("host", self._host)
+        return args
+
+    def stop_scheduler(self) -> None:
+        """Close the scheduler (its workers are told to close) and its loop thread."""
+        with self._lock:
+            scheduler, loop = self._scheduler, self._loop
+            self._scheduler = self._loop = None
+        if scheduler is None or loop is None:
+            return
+        try:
+            loop.run(scheduler.close(), CLOSE_TIMEOUT)
+        finally:
+            loop.stop()

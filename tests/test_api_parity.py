@@ -1,0 +1,134 @@
+"""ipyparallel names and helpers that tutorials use: top-level exports, BroadcastView,
+``datapub.publish_data``, the default joblib backend (real cluster, see ``cluster_fixtures``)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ferroparallel as ipp
+from ferroparallel.client import Client, DirectView
+from ferroparallel.datapub import publish_data
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(120)
+
+SHORT = 30.0
+
+
+def publish_steps(n: int) -> int:
+    from ferroparallel.datapub import publish_data
+
+    for i in range(n):
+        publish_data({"step": i, "square": i * i})
+    publish_data({"done": True})
+    return n
+
+
+def publish_then_wait(path: str) -> str:
+    from ferroparallel.datapub import publish_data
+
+    publish_data({"stage": "started", "pid": os.getpid()})
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    publish_data({"stage": "finishing"})
+    return "finished"
+
+
+def test_top_level_names_of_ipyparallel() -> None:
+    for name in (
+        "Client", "Cluster", "DirectView", "LoadBalancedView", "BroadcastView", "AsyncResult",
+        "AsyncMapResult", "AsyncHubResult", "RemoteError", "CompositeError", "Reference",
+        "interactive", "require", "depend", "dependent", "Dependency", "PrePickled", "error",
+        "serialize_object", "deserialize_object", "pack_apply_message", "unpack_apply_message",
+        "use_cloudpickle", "use_pickle", "use_dill", "register_joblib_backend",
+    ):  # fmt: skip
+        assert getattr(ipp, name) is not None, name
+        assert name in ipp.__all__, name
+    assert ipp.ALL_COMPLETED == concurrent.futures.ALL_COMPLETED
+    assert ipp.FIRST_COMPLETED == concurrent.futures.FIRST_COMPLETED
+    assert ipp.FIRST_EXCEPTION == concurrent.futures.FIRST_EXCEPTION
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        ipp.no_such_name  # noqa: B018
+
+
+def test_top_level_serialization_round_trip() -> None:
+    frames = ipp.serialize_object({"a": [1, 2.5, "x"], "b": b"y" * 5000})
+    assert ipp.deserialize_object(frames) == {"a": [1, 2.5, "x"], "b": b"y" * 5000}
+    bufs = ipp.pack_apply_message(pow, (2, 10), {})
+    f, args, kwargs = ipp.unpack_apply_message(bufs)
+    assert f(*args, **kwargs) == 1024
+    ipp.use_pickle()
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - a lambda cannot be pickled by reference
+            ipp.serialize_object(lambda x: x)
+    finally:
+        ipp.use_cloudpickle()
+    assert ipp.deserialize_object(ipp.serialize_object(lambda x: x + 1))(1) == 2
+
+
+def test_prepickled_object_is_sent_as_is(dv: DirectView) -> None:
+    table = ipp.PrePickled({"k": list(range(100))})
+    out = dv.apply_sync(lambda t: sum(t["k"]), table)
+    assert out == [4950, 4950]
+
+
+def test_broadcast_view(rc: Client) -> None:
+    bv = rc.broadcast_view()
+    assert isinstance(bv, ipp.BroadcastView) and isinstance(bv, ipp.DirectView)
+    assert bv.is_coalescing is False
+    assert sorted(bv.apply_sync(os.getpid)) == sorted(rc[:].apply_sync(os.getpid))
+    coalescing = rc.broadcast_view(targets=[1], is_coalescing=True)
+    assert coalescing.is_coalescing is True
+    coalescing.push({"bv_value": 7}, block=True)
+    assert coalescing.pull("bv_value", block=True) == [7]
+    assert "is_coalescing" in coalescing.trait_names()
+
+
+def test_publish_data_reaches_metadata(rc: Client, dv: DirectView) -> None:
+    ar = dv.apply_async(publish_steps, 3)
+    assert ar.get(timeout=SHORT) == [3, 3]
+    assert ar.wait_for_output(SHORT)
+    assert ar.data == [{"step": 2, "square": 4, "done": True}] * 2
+    single = rc[0].apply_async(publish_steps, 2)
+    assert single.get(timeout=SHORT) == 2
+    assert single.wait_for_output(SHORT)
+    assert single.data == {"step": 1, "square": 1, "done": True}
+
+
+def test_publish_data_is_seen_while_the_task_runs(
+    rc: Client, tmp_path: Path, wait_until: Callable[..., Any]
+) -> None:
+    flag = tmp_path / "go"
+    ar = rc[1].apply_async(publish_then_wait, str(flag))
+    wait_until(lambda: ar.data.get("stage") == "started", SHORT, "first published data")
+    assert not ar.ready()
+    pid = ar.data["pid"]
+    flag.touch()
+    assert ar.get(timeout=SHORT) == "finished"
+    assert ar.wait_for_output(SHORT)
+    assert ar.data == {"stage": "finishing", "pid": pid}
+
+
+def test_publish_data_outside_an_engine() -> None:
+    with pytest.raises(RuntimeError, match="only in code running on a ferroparallel engine"):
+        publish_data({"x": 1})
+    with pytest.raises(TypeError, match="takes a dict"):
+        publish_data([("x", 1)])  # type: ignore[arg-type]
+
+
+def test_default_joblib_backend_connects_a_client(rc: Client) -> None:
+    joblib = pytest.importorskip("joblib")
+    ipp.register_joblib_backend("ferroparallel-default-client")
+    with joblib.parallel_config(backend="ferroparallel-default-client"):
+        first = joblib.Parallel(n_jobs=2)(joblib.delayed(pow)(i, 2) for i in range(6))
+        second = joblib.Parallel(n_jobs=2)(joblib.delayed(os.getpid)() for _ in range(4))
+    assert first == [i * i for i in range(6)]
+    assert set(second) <= set(rc[:].apply_sync(os.getpid))

@@ -1,0 +1,91 @@
+"""``Client.become_dask`` / ``stop_dask``: engines serving as dask.distributed workers (real
+cluster, see ``cluster_fixtures``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from ferroparallel.client import Client
+from ferroparallel.dask_support import import_distributed
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(180)
+
+distributed = pytest.importorskip("distributed")
+
+SHORT = 60.0
+
+
+def worker_thread_name() -> str:
+    import threading
+
+    return threading.current_thread().name
+
+
+@pytest.fixture
+def dask_rc(rc: Client) -> Iterator[Client]:
+    """The shared cluster's client; whatever dask the test started is stopped afterwards."""
+    try:
+        yield rc
+    finally:
+        rc.stop_dask()
+
+
+def test_become_dask_runs_dask_work_on_the_engines(dask_rc: Client) -> None:
+    rc = dask_rc
+    engine_pids = rc[:].apply_sync(os.getpid)
+    with rc.become_dask() as dc:
+        workers = dc.scheduler_info()["workers"]
+        assert len(workers) == 2
+        assert sorted(w["name"] for w in workers.values()) == ["engine-0", "engine-1"]
+        assert all(w["nthreads"] == 1 for w in workers.values())
+        assert all(addr.startswith("tcp://127.0.0.1:") for addr in workers)
+        assert dc.scheduler.address.startswith("tcp://127.0.0.1:")
+        squares = dc.gather(dc.map(lambda x: x * x, range(20)))
+        assert squares == [x * x for x in range(20)]
+        pids = set(dc.gather(dc.map(lambda _: os.getpid(), range(20), pure=False)))
+        assert pids <= set(engine_pids)
+        # the engines keep serving ferroparallel requests, on their own main thread
+        assert rc[:].apply_sync(os.getpid) == engine_pids
+        threads = set(dc.gather(dc.map(lambda _: worker_thread_name(), range(4), pure=False)))
+        assert "MainThread" not in threads
+
+
+def test_become_dask_on_some_engines_with_worker_args(dask_rc: Client) -> None:
+    rc = dask_rc
+    with rc.become_dask(targets=[1], nthreads=2) as dc:
+        workers = list(dc.scheduler_info()["workers"].values())
+        assert [(w["name"], w["nthreads"]) for w in workers] == [("engine-1", 2)]
+        assert dc.submit(os.getpid).result(timeout=SHORT) == rc[1].apply_sync(os.getpid)
+    # a second call adds workers to the same scheduler
+    with rc.become_distributed(targets=[0]) as dc:
+        names = sorted(w["name"] for w in dc.scheduler_info()["workers"].values())
+        assert names == ["engine-0", "engine-1"]
+
+
+def test_stop_dask_stops_workers_and_scheduler(dask_rc: Client) -> None:
+    rc = dask_rc
+    dc = rc.become_dask()
+    address = dc.scheduler.address
+    dc.close()
+    rc.stop_dask(targets=[0])
+    with distributed.Client(address, timeout=SHORT) as dc:
+        names = [w["name"] for w in dc.scheduler_info()["workers"].values()]
+        assert names == ["engine-1"]
+    rc.stop_dask()
+    with pytest.raises(OSError):
+        distributed.Client(address, timeout=2)
+    # and it starts again, with a new scheduler
+    with rc.become_dask() as dc:
+        assert dc.submit(sum, [1, 2, 3]).result(timeout=SHORT) == 6
+    assert rc[:].apply_sync(lambda: 7) == [7, 7]
+
+
+def test_missing_distributed_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ImportError, match=r"pip install 'dask\[distributed\]'"):
+        import_distributed()
