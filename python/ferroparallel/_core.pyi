@@ -166,13 +166,21 @@ class IoThread:
     def send_raw(self, socket: str, frames: Sequence[Buffer]) -> None:
         """Queue frames exactly as given (no envelope, no signature)."""
     def recv(
-        self, timeout: float | None = None, max_messages: int = 10000
+        self, timeout: float | None = None, max_messages: int = 10000, since: int | None = None
     ) -> list[tuple[str, Any]]:
         """Wait up to ``timeout`` seconds (``None``: until something arrives) and return every
         message received so far as ``(socket_name, message)``; ``message`` is the dict of
         :meth:`Session.deserialize` with ``buffers`` as :class:`Frame`, or a list of
         :class:`Frame` for raw sockets. Releases the GIL while waiting and checks for signals at
-        least every 50 ms, so Ctrl-C raises KeyboardInterrupt."""
+        least every 50 ms, so Ctrl-C raises KeyboardInterrupt.
+
+        With ``since`` (a :meth:`generation` value) the caller waits with priority: messages
+        go to it before any caller without ``since``, and it returns at once, possibly with
+        nothing, when the generation is no longer ``since`` (see :meth:`wake`)."""
+    def generation(self) -> int:
+        """The inbox generation, bumped by :meth:`wake`."""
+    def wake(self) -> None:
+        """Bump the generation: ``recv(since=g)`` calls with an older ``g`` return at once."""
     def handshake_failures(self) -> list[tuple[str, str, str]]:
         """Connecting sockets whose last ZMTP handshake failed: ``(socket_name, endpoint,
         reason)``, e.g. a CURVE mechanism mismatch or a server that refused our key."""

@@ -274,6 +274,16 @@ class AsyncResult(SlimFuture):
                 self._cond.wait(step)
         return True
 
+    def _wait_replies(self, timeout: float | None) -> bool:
+        """Wait until every message has its reply; the waiting thread receives and handles
+        replies itself when the client can (``Client._wait_here``)."""
+        if self.done():
+            return True
+        here = getattr(self._client, "_wait_here", None)
+        if here is None:
+            return wait_interruptibly(self, timeout)
+        return here(self.done, timeout)
+
     def _check_ready(self) -> None:
         if not self.done():
             raise TimeoutError(_NOT_READY)
@@ -301,7 +311,7 @@ class AsyncResult(SlimFuture):
         """
         timeout = _timeout(timeout)
         if return_when is None:
-            return wait_interruptibly(self, timeout)
+            return self._wait_replies(timeout)
         if return_when == ALL_COMPLETED:
             self._wait_until(self.done, timeout)
         elif return_when == FIRST_COMPLETED:
@@ -368,7 +378,7 @@ class AsyncResult(SlimFuture):
                 composite = self._failures(finished)
                 if composite is not None:
                     raise composite
-        if not wait_interruptibly(self, timeout):
+        if not self._wait_replies(timeout):
             raise TimeoutError(_NOT_READY)
         if rex == self._return_exceptions:
             return SlimFuture.result(self, timeout=0)

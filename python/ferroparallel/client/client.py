@@ -25,7 +25,7 @@ from .. import _core, error, paths
 from .. import curve as _curve
 from .. import ssh as _ssh
 from ..wire_names import NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
-from . import connection, dispatch
+from . import connection, dispatch, waiting
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
 from .shm_transport import ShmTransport
@@ -412,9 +412,14 @@ class Client(HasTraits):
             if batch:
                 self._last_traffic = time.monotonic()
                 self._dispatch_batch(batch)
+                io.wake()  # threads waiting in wait_here look at their results again
             for sock, kind, text in io.take_errors():
                 log.warning("dropped a message on %s: %s: %s", sock, kind, text)
             self._check_controller()
+
+    def _wait_here(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done()``, handling replies in this thread (see ``waiting.wait_here``)."""
+        return waiting.wait_here(self, done, timeout)
 
     def _dispatch_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Handle one batch: caches updated under the lock (taken once), futures settled

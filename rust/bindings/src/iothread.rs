@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use fp_io::{IoHandle, OutFrame, OutgoingMessage};
+use fp_io::{IoHandle, OutFrame, OutgoingMessage, Waiter};
 
 use crate::curve::curve_role;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -194,18 +194,24 @@ impl IoThread {
     }
 
     /// Wait for received messages (see the type stub).
-    #[pyo3(signature = (timeout=None, max_messages=10000))]
+    #[pyo3(signature = (timeout=None, max_messages=10000, since=None))]
     fn recv<'py>(
         &self,
         py: Python<'py>,
         timeout: Option<f64>,
         max_messages: usize,
+        since: Option<u64>,
     ) -> PyResult<Bound<'py, PyList>> {
         let deadline = Deadline::new(timeout)?;
         let inbox = self.handle.inbox.clone();
+        let waiter = match since {
+            Some(since) => Waiter::Priority { since },
+            None => Waiter::Plain,
+        };
         loop {
             let slice = deadline.slice();
-            let (batch, closed) = py.detach(|| inbox.wait_batch(slice, max_messages));
+            let taken = py.detach(|| inbox.wait_batch_as(slice, max_messages, waiter));
+            let (batch, closed) = (taken.batch, taken.closed);
             self.release_sent();
             if !batch.is_empty() {
                 let (out, drops) = batch_to_py(py, batch)?;
@@ -224,11 +230,24 @@ impl IoThread {
             if closed {
                 return Err(io_closed(py, "the I/O thread is closed".into()));
             }
+            if taken.woken {
+                return Ok(PyList::empty(py));
+            }
             py.check_signals()?;
             if deadline.passed() {
                 return Ok(PyList::empty(py));
             }
         }
+    }
+
+    /// The inbox generation, for `recv(since=...)` (see the type stub).
+    fn generation(&self) -> u64 {
+        self.handle.inbox.generation()
+    }
+
+    /// Bump the inbox generation: `recv(since=g)` calls with an older `g` return at once.
+    fn wake(&self) {
+        self.handle.inbox.wake();
     }
 
     /// Sockets whose last handshake failed: `(socket, endpoint, reason)`.

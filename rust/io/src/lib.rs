@@ -19,7 +19,7 @@ mod socket;
 pub use curve::{Curve, CurveKey};
 pub use direct::DirectSockets;
 pub use handshake::{HandshakeState, Handshakes};
-pub use inbox::{Delivery, DropReport, Inbox, Incoming};
+pub use inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 pub use ioloop::{recv_multipart, IoHandle, IoStats};
 pub use outframe::RecvFrame;
 pub use outframe::{try_send, ExternalBuffer, OutFrame, ReadyFrames, ReleaseQueue, Sent};
