@@ -8,6 +8,9 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyT
 
 const MAX_DEPTH: usize = 256;
 
+/// Map keys up to this many bytes become interned Python strings.
+const MAX_INTERNED_KEY: usize = 40;
+
 static PACK_DEFAULT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 fn pack_default<'py>(py: Python<'py>) -> PyResult<&'py Bound<'py, PyAny>> {
@@ -119,7 +122,14 @@ pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
         Value::Map(items) => {
             let dict = PyDict::new(py);
             for (k, v) in items {
-                let key = to_py(py, k)?;
+                // message keys repeat in every message: interned, they are shared and compare
+                // by pointer in Python's dict lookups
+                let key = match k {
+                    Value::Str(s) if s.len() <= MAX_INTERNED_KEY => {
+                        PyString::intern(py, s).into_any()
+                    }
+                    _ => to_py(py, k)?,
+                };
                 if key.hash().is_err() {
                     return Err(crate::errors::error_class(
                         py,
