@@ -1,6 +1,6 @@
 """Small functions the views run on engines (push, pull, map chunks, imports).
 
-They are marked ``@interactive`` so their globals are the engine's user namespace.
+Those marked ``@interactive`` have the engine's user namespace as their globals.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def _pull(__fp_keys__: Any) -> Any:
     return [eval(k, g) for k in __fp_keys__]  # noqa: S307
 
 
-@interactive
 def _map_chunk(__fp_f__: Any, *__fp_seqs__: Any) -> list[Any]:
+    # not @interactive: it needs no user globals, and pickled by reference it costs an engine
+    # ~1 us to load per chunk instead of ~11 us (rebuilding and relinking a function)
     return list(map(__fp_f__, *__fp_seqs__))
 
 
