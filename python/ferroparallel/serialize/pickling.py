@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -38,11 +38,19 @@ _ATOMS = frozenset({type(None), bool, int, float, complex, str, range})
 _PLAIN_BUDGET = 64
 
 
-def _is_plain(obj: Any, threshold: int) -> bool:
+def _not_main(f: FunctionType) -> bool:
+    """A received function needs no relinking to the engine namespace (not ``__main__``)."""
+    return f.__module__ != "__main__"
+
+
+def _is_plain(
+    obj: Any, threshold: int, plain_function: Callable[[FunctionType], bool] | None = None
+) -> bool:
     """Whether ``obj`` is plain data: atoms (and ``range``), ``bytes`` of at most ``threshold``
-    bytes, functions pickled by reference, :class:`Prepickled` objects without out-of-band
-    buffers, and tuples, lists and dicts (with atom keys) of them, three levels deep, a few
-    dozen items."""
+    bytes, functions pickled by reference (or for which ``plain_function`` is true),
+    :class:`Prepickled` objects without out-of-band buffers, and tuples, lists and dicts (with
+    atom keys) of them, three levels deep, a few dozen items."""
+    by_reference = _by_reference if plain_function is None else plain_function
     t = type(obj)
     if t in _ATOMS:
         return True
@@ -60,7 +68,7 @@ def _is_plain(obj: Any, threshold: int) -> bool:
                 return False
             continue
         if t is FunctionType:
-            if _by_reference(x):  # pickled by module and name, by every pickler alike
+            if by_reference(x):  # pickled by module and name, by every pickler alike
                 continue
             return False
         if t is Prepickled:
@@ -299,7 +307,7 @@ def deserialize_object(
     obj = pickle.loads(frames[0], buffers=buffers)
     if next(buffers, _END) is not _END:
         raise ValueError(f"{len(frames) - 1} buffer frames given, the pickle uses fewer")
-    if namespace is not None and not _is_plain(obj, sys.maxsize):
+    if namespace is not None and not _is_plain(obj, sys.maxsize, _not_main):
         # plain data holds no Reference and no __main__ function: nothing to resolve
         obj = resolve_in_namespace(obj, namespace)
     return obj
