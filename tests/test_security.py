@@ -426,6 +426,64 @@ def test_controller_drops_forged_requests(tmp_path: Path) -> None:
         ctl.stop()
 
 
+@pytest.mark.parametrize("db", ["memory", "sqlite"])
+def test_hub_never_vouches_for_swapped_buffers(tmp_path: Path, db: str) -> None:
+    """The controller relays buffers without hashing them (the receiver checks them), so a
+    genuine header with swapped buffers reaches the engine, which drops it; the hub checks
+    recorded buffers before it serves them under a digest of its own: refused (memory), or
+    never recorded (sqlite, checked when stored)."""
+    ctl = start_controller(tmp_path / "prof", "--db", db)
+    marker = tmp_path / "pwned"
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "ferroparallel.engine", "--file", str(ctl.engine_file)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ctx = zmq.Context()
+    try:
+        with Client(ctl.client_file, timeout=WAIT) as rc:
+            rc.wait_for_engines(1, timeout=30)
+            uuid = rc._engines[rc.ids[0]].encode()
+            good = _core.Session(ctl.client["key"].encode(), packer=ctl.client.get("pack"))
+            genuine = [
+                bytes(f)
+                for f in good.serialize(
+                    "apply_request", {}, ident=[uuid], buffers=pack_apply_message(len, ("abc",), {})
+                )
+            ]
+            head = genuine[:7]  # engine ident, delimiter, signature, the four signed parts
+            msg_id = good.unpack(head[3])["msg_id"]
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(ctl.client_url("mux"))
+            sock.send_multipart(head + pack_apply_message(print, (Evil(marker),), {}))
+            assert _no_reply(sock, 0.5), "the engine answered a message with swapped buffers"
+            assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
+            wait_until(lambda: rc.db_query({"msg_id": msg_id}, keys=["msg_id"]), 5, "a record")
+            if db == "memory":
+                with pytest.raises(Exception, match="do not match the digest") as info:
+                    rc.db_query({"msg_id": msg_id}, keys=["msg_id", "buffers"])
+                assert getattr(info.value, "ename", "") == "InvalidSignature"
+            else:
+                [rec] = rc.db_query({"msg_id": msg_id}, keys=["msg_id", "buffers"])
+                assert rec["buffers"] == []
+            # genuine requests and results are served with their buffers
+            ar = rc[0].apply_async(len, "abcd")
+            assert ar.get(timeout=WAIT) == 4
+            mid = ar.msg_ids[0]
+            wait_until(lambda: rc.db_query({"msg_id": mid, "completed": {"$ne": None}}), 5)
+            [rec] = rc.db_query({"msg_id": mid}, keys=["buffers", "result_buffers"])
+            assert rec["buffers"] and rec["result_buffers"]
+            with Client(ctl.client_file, timeout=WAIT) as other:  # from the hub's records
+                assert other.get_result(mid).get(timeout=WAIT) == 4
+            assert rc[:].apply_sync(lambda: "ok") == ["ok"]
+    finally:
+        ctx.destroy(linger=0)
+        stop_popen(engine)
+        ctl.stop()
+
+
 def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
     ctl, _ = fake_engine
     marker = tmp_path / "pwned"

@@ -139,6 +139,37 @@ impl SessionCore {
         env.verify_with_buffers(&mut self.auth(), self.packer, record)
     }
 
+    /// Verify an envelope's signature only (recording it in the replay history when
+    /// `record`): for a receiver that forwards buffers without looking at them and checks
+    /// them with [`SessionCore::check_packed_buffers`] before it vouches for them.
+    pub fn verify_signature<F: AsRef<[u8]>>(
+        &self,
+        env: &fp_wire::Envelope<F>,
+        record: bool,
+    ) -> Result<(), WireError> {
+        env.verify(&mut self.auth(), record)
+    }
+
+    /// Check buffers against the digest in their message's packed metadata (as signed when
+    /// the message arrived); `Ok` when the metadata carries none (peers that send no digest).
+    pub fn check_packed_buffers<'a, I>(
+        &self,
+        packed_metadata: Option<&[u8]>,
+        buffers: I,
+    ) -> Result<(), WireError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let Some(packed) = packed_metadata else {
+            return Ok(());
+        };
+        if !fp_wire::may_hold_buffers_digest(packed) {
+            return Ok(());
+        }
+        let metadata = self.packer.unpack(packed, "metadata")?;
+        self.buffers_auth.check_buffers(&metadata, buffers)
+    }
+
     /// Split, verify (signature and buffers digest; recording the signature) and unpack
     /// received frames.
     pub fn parse<F: AsRef<[u8]>>(

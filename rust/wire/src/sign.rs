@@ -13,6 +13,9 @@ pub const DEFAULT_HISTORY_SIZE: usize = 65536;
 /// Metadata key holding the hex MAC of a message's buffers (see [`Auth::buffers_digest`]).
 pub const BUFFERS_DIGEST_KEY: &str = "buffers_mac";
 
+/// Buffers at least this long are hashed on several threads.
+const PARALLEL_HASH_MIN: usize = 4 << 20;
+
 /// Context string deriving the buffers MAC key from the session key (BLAKE3 `derive_key`):
 /// the buffers MAC and the message signature never share a key.
 const BUFFERS_CONTEXT: &str = "ferroparallel 2026-11 buffers MAC v1";
@@ -204,7 +207,13 @@ impl Auth {
         let mut mac = blake3::Hasher::new_keyed(self.buffers_key.as_ref()?);
         for b in buffers {
             mac.update(&(b.len() as u64).to_be_bytes());
-            mac.update(b);
+            if b.len() >= PARALLEL_HASH_MIN {
+                // same result as `update`, on every core (a large array is hashed by the
+                // sender and the receiver, each with the transfer waiting for it)
+                mac.update_rayon(b);
+            } else {
+                mac.update(b);
+            }
         }
         Some(mac.finalize())
     }
@@ -310,6 +319,23 @@ mod tests {
         assert!(auth.sign(&[b"a", b"b", b"c", b"d"]).is_empty());
         assert!(auth.verify(b"", &[b"a", b"b", b"c", b"d"], true).is_ok());
         assert!(Auth::new(b"k", "hmac-md5").is_err());
+    }
+
+    #[test]
+    fn large_buffers_hash_in_parallel_to_the_same_digest() {
+        let auth = Auth::new(b"secret", "hmac-sha256").unwrap();
+        let big: Vec<u8> = (0..PARALLEL_HASH_MIN + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let bufs: [&[u8]; 3] = [b"head", &big, b"tail"];
+        let mut serial = blake3::Hasher::new_keyed(auth.buffers_key.as_ref().unwrap());
+        for b in bufs {
+            serial.update(&(b.len() as u64).to_be_bytes());
+            serial.update(b);
+        }
+        let d = auth.buffers_digest(bufs).unwrap();
+        assert_eq!(d, serial.finalize().to_hex().to_string());
+        assert!(auth.verify_buffers(d.as_bytes(), bufs).is_ok());
     }
 
     #[test]

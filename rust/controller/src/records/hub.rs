@@ -57,6 +57,39 @@ fn project(r: &TaskRecord, fields: &[&str], packer: fp_wire::Packer) -> Value {
     )
 }
 
+/// Whether stored buffers match the digest in their message's signed metadata (the
+/// controller forwards buffers unchecked, see `Server::verified`, and checks them here, before
+/// a reply signs them under a digest of its own).
+fn authentic(
+    session: Option<&fp_io::SessionCore>,
+    metadata: &Option<Vec<u8>>,
+    buffers: &[Blob],
+) -> bool {
+    let Some(session) = session else {
+        return true; // checked when stored
+    };
+    if buffers.is_empty() {
+        return true;
+    }
+    match session.check_packed_buffers(metadata.as_deref(), buffers.iter().map(AsRef::as_ref)) {
+        Ok(()) => true,
+        Err(e) => {
+            log_at!(Level::Warning, "stored buffers fail their digest: {e}");
+            false
+        }
+    }
+}
+
+fn forged_error(msg_id: &str) -> QueryError {
+    QueryError {
+        ename: "InvalidSignature",
+        evalue: format!(
+            "the buffers recorded for {msg_id} do not match the digest their sender signed \
+             (altered on the way to the controller); they are not served"
+        ),
+    }
+}
+
 impl Server {
     /// Handle a records query; false if `msg_type` is not one.
     pub(crate) fn on_records_query(
@@ -115,19 +148,30 @@ impl Server {
         let mut lens = Vec::new();
         let mut rlens = Vec::new();
         let mut frames = Vec::new();
+        let mut forged: Option<String> = None;
+        let session = (!self.records.checked_when_stored()).then_some(&self.session);
         self.records.backend().find(&query, &mut |r| {
             records.push(project(r, &fields, packer));
             let count =
                 |b: &[Blob]| Value::Array(b.iter().map(|x| Value::Int(x.len() as i64)).collect());
             if want_bufs {
+                if !authentic(session, &r.metadata, &r.buffers) {
+                    forged.get_or_insert_with(|| r.msg_id.clone());
+                }
                 lens.push(count(&r.buffers));
                 frames.extend(r.buffers.iter().map(Blob::out_frame));
             }
             if want_rbufs {
+                if !authentic(session, &r.result_metadata, &r.result_buffers) {
+                    forged.get_or_insert_with(|| r.msg_id.clone());
+                }
                 rlens.push(count(&r.result_buffers));
                 frames.extend(r.result_buffers.iter().map(Blob::out_frame));
             }
         })?;
+        if let Some(id) = forged {
+            return Err(forged_error(&id));
+        }
         let or_nil = |want: bool, v: Vec<Value>| if want { Value::Array(v) } else { Value::Nil };
         Ok((
             ok(vec![
@@ -191,6 +235,11 @@ impl Server {
                 ("nbuffers", Value::Int(r.result_buffers.len() as i64)),
                 ("io", io),
             ]);
+            if !self.records.checked_when_stored()
+                && !authentic(Some(&self.session), &r.result_metadata, &r.result_buffers)
+            {
+                return Err(forged_error(&r.msg_id));
+            }
             frames.extend(r.result_buffers.iter().map(Blob::out_frame));
             entries.push((id.clone(), entry));
         }

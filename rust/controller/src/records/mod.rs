@@ -12,6 +12,7 @@ pub mod query;
 pub mod record;
 mod sqlite;
 
+use fp_io::RecvFrame;
 use fp_wire::{Packer, Value};
 
 use crate::log::{log_at, Level};
@@ -93,6 +94,10 @@ pub struct Records {
     backend: Box<dyn Backend>,
     pub packer: Packer,
     enabled: bool,
+    /// Persistent backends: buffers are checked against their digest before they are stored
+    /// (records outlive this run's key, so they could not be checked when served later).
+    /// Without it (memory), the hub checks buffers when it serves them (`records::hub`).
+    store_checks: Option<fp_io::SessionCore>,
 }
 
 fn date_of(v: Option<&Value>) -> Option<i64> {
@@ -144,7 +149,41 @@ impl Records {
             enabled: backend.name() != "none",
             backend,
             packer,
+            store_checks: None,
         })
+    }
+
+    /// Check buffers with `core` before storing them when the backend outlives the process
+    /// (see [`Records::checked_when_stored`]).
+    pub fn with_store_checks(mut self, core: fp_io::SessionCore) -> Records {
+        if self.backend.name() == "sqlite" {
+            self.store_checks = Some(core);
+        }
+        self
+    }
+
+    /// Whether stored buffers were checked against their digest when stored (otherwise the
+    /// hub checks them before serving them).
+    pub fn checked_when_stored(&self) -> bool {
+        self.store_checks.is_some()
+    }
+
+    /// Buffers of a message to store: all of them, or none when a store check finds them
+    /// altered (the record is kept, without them).
+    fn storable(&self, metadata: &[u8], buffers: &[RecvFrame]) -> Vec<Blob> {
+        if let Some(core) = &self.store_checks {
+            if !buffers.is_empty() {
+                let frames = buffers.iter().map(AsRef::as_ref);
+                if let Err(e) = core.check_packed_buffers(Some(metadata), frames) {
+                    log_at!(
+                        Level::Warning,
+                        "buffers not recorded: they do not match their digest ({e})"
+                    );
+                    return Vec::new();
+                }
+            }
+        }
+        buffers.iter().map(Blob::of).collect()
     }
 
     pub fn backend(&mut self) -> &mut dyn Backend {
@@ -164,7 +203,7 @@ impl Records {
             header: env.header.as_ref().to_vec(),
             metadata: env.metadata.as_ref().to_vec(),
             content: env.content.as_ref().to_vec(),
-            buffers: env.buffers.iter().map(Blob::of).collect(),
+            buffers: self.storable(env.metadata.as_ref(), &env.buffers),
         })
     }
 
@@ -237,7 +276,7 @@ impl Records {
             header: env.header.as_ref().to_vec(),
             metadata: env.metadata.as_ref().to_vec(),
             content: env.content.as_ref().to_vec(),
-            buffers: env.buffers.iter().map(Blob::of).collect(),
+            buffers: self.storable(env.metadata.as_ref(), &env.buffers),
         };
         self.backend.update(msg_id, u);
     }
@@ -331,7 +370,7 @@ impl Records {
 mod tests {
     use super::*;
     use fp_io::RecvFrame;
-    use fp_wire::Envelope;
+    use fp_wire::{Envelope, Parts};
 
     fn env(p: Packer, header: &Value, md: &Value, bufs: &[usize]) -> Env {
         let f = |v: &Value| RecvFrame::from_bytes(&p.pack(v).unwrap());
@@ -347,6 +386,54 @@ mod tests {
                 .map(|n| RecvFrame::from_bytes(&vec![7u8; *n]))
                 .collect(),
         }
+    }
+
+    fn core(p: Packer) -> fp_io::SessionCore {
+        fp_io::SessionCore::new(
+            b"key".to_vec(),
+            p,
+            "hmac-sha256",
+            "s".into(),
+            "u".into(),
+            1,
+            fp_wire::Limits::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn persistent_records_keep_only_buffers_that_match_their_digest() {
+        let p = Packer::Msgpack;
+        let path = std::env::temp_dir().join(format!("fp-store-check-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        for db in ["memory", "sqlite"] {
+            let cfg = RecordsConfig {
+                db: db.into(),
+                path: Some(path.to_string_lossy().into_owned()),
+                restore: false,
+                record_limit: DEFAULT_RECORD_LIMIT,
+                size_limit: DEFAULT_SIZE_LIMIT,
+            };
+            let r = Records::open(&cfg, p).unwrap().with_store_checks(core(p));
+            assert_eq!(r.checked_when_stored(), db == "sqlite");
+            let h = Value::map([("msg_id", Value::from("a")), ("msg_type", Value::from("x"))]);
+            // a digest of two buffers (3 and 4 bytes of 7s)
+            let mut parts = Parts {
+                header: h.clone(),
+                parent_header: Value::empty_map(),
+                metadata: Value::empty_map(),
+                content: Value::empty_map(),
+            };
+            core(p).add_buffers_digest(&mut parts, [&[7u8; 3][..], &[7u8; 4][..]]);
+            let genuine = env(p, &h, &parts.metadata, &[3, 4]);
+            assert_eq!(r.capture(&genuine).unwrap().buffers.len(), 2);
+            let swapped = env(p, &h, &parts.metadata, &[4, 3]);
+            let kept = r.capture(&swapped).unwrap().buffers.len();
+            assert_eq!(kept, if db == "sqlite" { 0 } else { 2 }, "{db}");
+            let no_digest = env(p, &h, &Value::empty_map(), &[5]);
+            assert_eq!(r.capture(&no_digest).unwrap().buffers.len(), 1);
+        }
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
