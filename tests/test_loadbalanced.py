@@ -1213,3 +1213,34 @@ def test_new_engines_take_queued_tasks(
     assert [ar.get(timeout=WAIT) for ar in ars] == list(range(10))
     on_new = [ar for ar in ars if ar.metadata.engine_id == new_id]
     assert len(on_new) >= 2, [ar.metadata.engine_id for ar in ars]
+
+
+def test_flag_changes_reach_the_next_task(lv: LoadBalancedView, pids: dict[int, int]) -> None:
+    """Task metadata is reused between calls while the flags stay the same: every change of
+    a flag must still show in the next task."""
+    assert lv.apply_async(engine_pid).get(timeout=WAIT) in pids.values()
+    lv.label = "first"
+    ar = lv.apply_async(engine_pid)
+    ar.get(timeout=WAIT)
+    assert ar.metadata["label"] == "first"
+    lv.set_flags(label=None, targets=[1])
+    assert {lv.apply_async(engine_pid).get(timeout=WAIT) for _ in range(4)} == {pids[1]}
+    lv.targets = None
+    with lv.temp_flags(targets=[0], label="temp"):
+        ar = lv.apply_async(engine_pid)
+        assert ar.get(timeout=WAIT) == pids[0]
+        assert ar.metadata["label"] == "temp"
+    ar = lv.apply_async(engine_pid)
+    ar.get(timeout=WAIT)
+    assert not ar.metadata["label"]
+    slow = lv.apply_async(time.sleep, 0.3)
+    lv.after = [slow]
+    after = lv.apply_async(time.time)
+    assert after.get(timeout=WAIT) >= slow.metadata["completed"].timestamp() - 0.05
+    lv.after = None
+    assert lv._task_metadata()["after"] == []
+    lv.timeout, lv.retries = 2.5, 3
+    md = lv._task_metadata()
+    assert (md["timeout"], md["retries"]) == (2.5, 3)
+    md["retries"] = 99  # a caller's change to its copy stays there
+    assert lv._task_metadata()["retries"] == 3

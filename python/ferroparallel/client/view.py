@@ -9,7 +9,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, HasTraits, Instance, Integer, Unicode
+from traitlets import Bool, HasTraits, Instance, Integer, Unicode, observe
 
 from .. import error
 from ..serialize.pickling import Prepickled
@@ -463,9 +463,28 @@ class LoadBalancedView(View):
     _flag_names = ("block", "track", "targets", "label", "after", "follow", "timeout", "retries")
 
     def __init__(self, client: Any = None, targets: Any = None, **flags: Any) -> None:
+        #: the task metadata of the current flags, while they need no per-call work (see
+        #: ``_task_metadata``); dropped whenever a flag changes
+        self._md_cache: dict[str, Any] | None = None
         super().__init__(client=client, targets=targets, **flags)
 
+    @observe("targets", "after", "follow", "timeout", "retries", "label")
+    def _flags_changed(self, change: Any) -> None:
+        self._md_cache = None
+
     def _task_metadata(self, **overrides: Any) -> dict[str, Any]:
+        if not overrides:
+            cached = self._md_cache
+            if cached is not None:
+                return dict(cached)
+        md = self._build_task_metadata(**overrides)
+        if not overrides and self.targets is None and not md["after"] and not md["follow"]:
+            # no engine list to resolve, no dependency that could change: reusable as it is
+            self._md_cache = md
+            return dict(md)
+        return md
+
+    def _build_task_metadata(self, **overrides: Any) -> dict[str, Any]:
         targets = overrides.get("targets", self.targets)
         uuids = self.client._build_targets(targets)[0] if targets is not None else []
         md: dict[str, Any] = {
