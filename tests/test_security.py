@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -383,9 +384,13 @@ def test_client_drops_forged_replies_before_unpickling(tmp_path: Path) -> None:
 # ----- verify before relaying: controller -----------------------------------------------------
 
 
-def test_controller_drops_forged_requests(tmp_path: Path) -> None:
-    ctl = start_controller(tmp_path / "prof")
-    marker = tmp_path / "pwned"
+@contextlib.contextmanager
+def _one_engine_cluster(
+    tmp_path: Path, *controller_args: str
+) -> Iterator[tuple[Any, Client, Any, bytes, zmq.Context]]:
+    """A controller, one engine and a Client: ``(controller, client, a session with the
+    cluster's key, the engine's uuid, a zmq context for hand-made sockets)``."""
+    ctl = start_controller(tmp_path / "prof", *controller_args)
     engine = subprocess.Popen(
         [sys.executable, "-m", "ferroparallel.engine", "--file", str(ctl.engine_file)],
         stdin=subprocess.DEVNULL,
@@ -398,32 +403,36 @@ def test_controller_drops_forged_requests(tmp_path: Path) -> None:
             rc.wait_for_engines(1, timeout=30)
             uuid = rc._engines[rc.ids[0]].encode()
             good = _core.Session(ctl.client["key"].encode(), packer=ctl.client.get("pack"))
-            bufs = pack_apply_message(print, (Evil(marker),), {})
-            socks = {}
-            for channel in ("mux", "task", "control"):
-                s = ctx.socket(zmq.DEALER)
-                s.linger = 0
-                s.connect(ctl.client_url(channel))
-                socks[channel] = s
-            ident = [uuid]
-            for frames in forged_variants(good, "apply_request", ident, bufs).values():
-                for channel, s in socks.items():
-                    s.send_multipart(frames[1:] if channel == "task" else frames)
-            assert all(_no_reply(s, 0.2) for s in socks.values())
-            # The cluster still works, and nothing forged ran anywhere.
-            assert rc[:].apply_sync(lambda: "ok") == ["ok"]
-            wait_until(lambda: "dropped message" in _controller_log(ctl), 5, "drop log lines")
-            assert not marker.exists(), "a forged payload reached an engine and was unpickled"
-            # Control: the same payload, properly signed, runs on the engine.
-            socks["mux"].send_multipart(
-                good.serialize("apply_request", {}, ident=ident, buffers=bufs)
-            )
-            assert socks["mux"].poll(int(WAIT * 1000))
-            wait_until(marker.exists, 5, "the signed payload to run")
+            yield ctl, rc, good, uuid, ctx
     finally:
         ctx.destroy(linger=0)
         stop_popen(engine)
         ctl.stop()
+
+
+def test_controller_drops_forged_requests(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with _one_engine_cluster(tmp_path) as (ctl, rc, good, uuid, ctx):
+        bufs = pack_apply_message(print, (Evil(marker),), {})
+        socks = {}
+        for channel in ("mux", "task", "control"):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.connect(ctl.client_url(channel))
+            socks[channel] = s
+        ident = [uuid]
+        for frames in forged_variants(good, "apply_request", ident, bufs).values():
+            for channel, s in socks.items():
+                s.send_multipart(frames[1:] if channel == "task" else frames)
+        assert all(_no_reply(s, 0.2) for s in socks.values())
+        # The cluster still works, and nothing forged ran anywhere.
+        assert rc[:].apply_sync(lambda: "ok") == ["ok"]
+        wait_until(lambda: "dropped message" in _controller_log(ctl), 5, "drop log lines")
+        assert not marker.exists(), "a forged payload reached an engine and was unpickled"
+        # Control: the same payload, properly signed, runs on the engine.
+        socks["mux"].send_multipart(good.serialize("apply_request", {}, ident=ident, buffers=bufs))
+        assert socks["mux"].poll(int(WAIT * 1000))
+        wait_until(marker.exists, 5, "the signed payload to run")
 
 
 @pytest.mark.parametrize("db", ["memory", "sqlite"])
@@ -432,56 +441,38 @@ def test_hub_never_vouches_for_swapped_buffers(tmp_path: Path, db: str) -> None:
     genuine header with swapped buffers reaches the engine, which drops it; the hub checks
     recorded buffers before it serves them under a digest of its own: refused (memory), or
     never recorded (sqlite, checked when stored)."""
-    ctl = start_controller(tmp_path / "prof", "--db", db)
     marker = tmp_path / "pwned"
-    engine = subprocess.Popen(
-        [sys.executable, "-m", "ferroparallel.engine", "--file", str(ctl.engine_file)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ctx = zmq.Context()
-    try:
-        with Client(ctl.client_file, timeout=WAIT) as rc:
-            rc.wait_for_engines(1, timeout=30)
-            uuid = rc._engines[rc.ids[0]].encode()
-            good = _core.Session(ctl.client["key"].encode(), packer=ctl.client.get("pack"))
-            genuine = [
-                bytes(f)
-                for f in good.serialize(
-                    "apply_request", {}, ident=[uuid], buffers=pack_apply_message(len, ("abc",), {})
-                )
-            ]
-            head = genuine[:7]  # engine ident, delimiter, signature, the four signed parts
-            msg_id = good.unpack(head[3])["msg_id"]
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            sock.connect(ctl.client_url("mux"))
-            sock.send_multipart(head + pack_apply_message(print, (Evil(marker),), {}))
-            assert _no_reply(sock, 0.5), "the engine answered a message with swapped buffers"
-            assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
-            wait_until(lambda: rc.db_query({"msg_id": msg_id}, keys=["msg_id"]), 5, "a record")
-            if db == "memory":
-                with pytest.raises(Exception, match="do not match the digest") as info:
-                    rc.db_query({"msg_id": msg_id}, keys=["msg_id", "buffers"])
-                assert getattr(info.value, "ename", "") == "InvalidSignature"
-            else:
-                [rec] = rc.db_query({"msg_id": msg_id}, keys=["msg_id", "buffers"])
-                assert rec["buffers"] == []
-            # genuine requests and results are served with their buffers
-            ar = rc[0].apply_async(len, "abcd")
-            assert ar.get(timeout=WAIT) == 4
-            mid = ar.msg_ids[0]
-            wait_until(lambda: rc.db_query({"msg_id": mid, "completed": {"$ne": None}}), 5)
-            [rec] = rc.db_query({"msg_id": mid}, keys=["buffers", "result_buffers"])
-            assert rec["buffers"] and rec["result_buffers"]
-            with Client(ctl.client_file, timeout=WAIT) as other:  # from the hub's records
-                assert other.get_result(mid).get(timeout=WAIT) == 4
-            assert rc[:].apply_sync(lambda: "ok") == ["ok"]
-    finally:
-        ctx.destroy(linger=0)
-        stop_popen(engine)
-        ctl.stop()
+    with _one_engine_cluster(tmp_path, "--db", db) as (ctl, rc, good, uuid, ctx):
+        buffers = pack_apply_message(len, ("abc",), {})
+        genuine = [
+            bytes(f) for f in good.serialize("apply_request", {}, ident=[uuid], buffers=buffers)
+        ]
+        head = genuine[:7]  # engine ident, delimiter, signature, the four signed parts
+        msg_id = good.unpack(head[3])["msg_id"]
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(ctl.client_url("mux"))
+        sock.send_multipart(head + pack_apply_message(print, (Evil(marker),), {}))
+        assert _no_reply(sock, 0.5), "the engine answered a message with swapped buffers"
+        assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
+        wait_until(lambda: rc.db_query({"msg_id": msg_id}, keys=["msg_id"]), 5, "a record")
+        if db == "memory":
+            with pytest.raises(Exception, match="do not match the digest") as info:
+                rc.db_query({"msg_id": msg_id}, keys=["msg_id", "buffers"])
+            assert getattr(info.value, "ename", "") == "InvalidSignature"
+        else:
+            [rec] = rc.db_query({"msg_id": msg_id}, keys=["msg_id", "buffers"])
+            assert rec["buffers"] == []
+        # genuine requests and results are served with their buffers
+        ar = rc[0].apply_async(len, "abcd")
+        assert ar.get(timeout=WAIT) == 4
+        mid = ar.msg_ids[0]
+        wait_until(lambda: rc.db_query({"msg_id": mid, "completed": {"$ne": None}}), 5)
+        [rec] = rc.db_query({"msg_id": mid}, keys=["buffers", "result_buffers"])
+        assert rec["buffers"] and rec["result_buffers"]
+        with Client(ctl.client_file, timeout=WAIT) as other:  # from the hub's records
+            assert other.get_result(mid).get(timeout=WAIT) == 4
+        assert rc[:].apply_sync(lambda: "ok") == ["ok"]
 
 
 def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:

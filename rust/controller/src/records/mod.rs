@@ -388,6 +388,17 @@ mod tests {
         }
     }
 
+    fn open_records(db: &str, path: &std::path::Path, p: Packer) -> Records {
+        let cfg = RecordsConfig {
+            db: db.into(),
+            path: Some(path.to_string_lossy().into_owned()),
+            restore: false,
+            record_limit: DEFAULT_RECORD_LIMIT,
+            size_limit: DEFAULT_SIZE_LIMIT,
+        };
+        Records::open(&cfg, p).unwrap()
+    }
+
     fn core(p: Packer) -> fp_io::SessionCore {
         fp_io::SessionCore::new(
             b"key".to_vec(),
@@ -407,14 +418,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("fp-store-check-{}.db", std::process::id()));
         let _ = std::fs::remove_file(&path);
         for db in ["memory", "sqlite"] {
-            let cfg = RecordsConfig {
-                db: db.into(),
-                path: Some(path.to_string_lossy().into_owned()),
-                restore: false,
-                record_limit: DEFAULT_RECORD_LIMIT,
-                size_limit: DEFAULT_SIZE_LIMIT,
-            };
-            let r = Records::open(&cfg, p).unwrap().with_store_checks(core(p));
+            let r = open_records(db, &path, p).with_store_checks(core(p));
             assert_eq!(r.checked_when_stored(), db == "sqlite");
             let h = Value::map([("msg_id", Value::from("a")), ("msg_type", Value::from("x"))]);
             // a digest of two buffers (3 and 4 bytes of 7s)
@@ -464,14 +468,7 @@ mod tests {
         for db in ["none", "memory", "sqlite"] {
             let path = std::env::temp_dir().join(format!("fp-hook-cost-{}.db", std::process::id()));
             let _ = std::fs::remove_file(&path);
-            let cfg = RecordsConfig {
-                db: db.into(),
-                path: Some(path.to_string_lossy().into_owned()),
-                restore: false,
-                record_limit: DEFAULT_RECORD_LIMIT,
-                size_limit: DEFAULT_SIZE_LIMIT,
-            };
-            let mut r = Records::open(&cfg, p).unwrap();
+            let mut r = open_records(db, &path, p);
             let md = Value::map([("after", Value::Array(vec![])), ("retries", Value::Int(0))]);
             let reply_md = Value::map([
                 ("started", Value::from("2026-11-26T23:00:00.000001Z")),
