@@ -15,6 +15,11 @@ def noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def noop_chunk(items: Any) -> list[None]:
+    """``noop`` over a chunk of items (Dask's counterpart of a ``map`` with ``chunksize``)."""
+    return [noop(x) for x in items]
+
+
 def checksum(x: Any) -> tuple[str, int, float, float, float, float]:
     """What is needed to tell that a 1-D array arrived whole: dtype, length, sum, three items.
 

@@ -5,9 +5,11 @@
 - direct ``rc[0].apply_async(noop)``, and ``rc[:].apply_async(noop)`` (a DirectView of both
   engines: each call is one task per engine, so N/2 calls make the N tasks), ferroparallel and
   ipyparallel;
-- load-balanced ``lview.apply_async(noop)`` and ``lview.map(noop, range(N), chunksize=1)``
-  (non-blocking), ferroparallel and ipyparallel; and for Dask, as the same two load-balanced
-  patterns, ``client.submit(noop, pure=False)`` and ``client.map(noop, range(N), pure=False)``.
+- load-balanced ``lview.apply_async(noop)``, and ``lview.map(noop, range(N), chunksize=c)``
+  (non-blocking) with ``c`` = 1 and 100, ferroparallel and ipyparallel; and for Dask, as the
+  same load-balanced patterns, ``client.submit(noop, pure=False)``,
+  ``client.map(noop, range(N), pure=False)``, and ``client.map`` of a chunk runner over chunks
+  of 100 (Dask's map has no chunksize); rates count items, not chunks.
 
 Two more rows give the floor of the load-balanced patterns: a raw pyzmq DEALER sending the same
 number of apply-request-sized messages, pipelined (up to 1,000 in flight), to an echo process,
@@ -52,12 +54,14 @@ from _frameworks import (  # noqa: E402
     ratio,
     running,
 )
-from _tasks import noop  # noqa: E402
+from _tasks import noop, noop_chunk  # noqa: E402
 
 NAME = "throughput"
 
 #: Pause between timed runs, so that the previous run's tail does not disturb the next.
 SETTLE_S = 0.5
+#: Items per task of the ``lb map c100`` pattern (``chunksize`` of the map; Dask maps chunks).
+CHUNK = 100
 
 
 @dataclass
@@ -117,11 +121,17 @@ def _ipp_patterns(n_engines: int) -> list[Pattern]:
     def lb_map(rc: Any, n: int) -> Any:
         return rc.load_balanced_view().map(noop, range(n), chunksize=1, block=False)
 
+    def lb_map_100(rc: Any, n: int) -> Any:
+        return rc.load_balanced_view().map(noop, range(n), chunksize=CHUNK, block=False)
+
     return [
         Pattern("direct rc[0]", "rc[0].apply_async(noop)", 1, direct_one, _get_each),
         Pattern("direct rc[:]", "rc[:].apply_async(noop)", n_engines, direct_all, _get_each),
         Pattern("lb submit", "lview.apply_async(noop)", 1, lb_apply, _get_each),
         Pattern("lb map", "lview.map(noop, range(N), chunksize=1)", 1, lb_map, _get_map),
+        Pattern(
+            "lb map c100", f"lview.map(noop, range(N), chunksize={CHUNK})", 1, lb_map_100, _get_map
+        ),
     ]
 
 
@@ -135,12 +145,26 @@ def _dask_patterns() -> list[Pattern]:
     def map_(client: Any, n: int) -> list[Any]:
         return client.map(noop, range(n), pure=False)
 
+    def map_chunks(client: Any, n: int) -> list[Any]:
+        chunks = [range(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+        return client.map(noop_chunk, chunks, pure=False)
+
     def gather(client: Any, futures: list[Any]) -> int:
         return len(client.gather(futures))
+
+    def gather_chunks(client: Any, futures: list[Any]) -> int:
+        return sum(len(chunk) for chunk in client.gather(futures))
 
     return [
         Pattern("lb submit", "client.submit(noop, pure=False)", 1, submit, gather),
         Pattern("lb map", "client.map(noop, range(N), pure=False)", 1, map_, gather),
+        Pattern(
+            "lb map c100",
+            f"client.map(noop_chunk, <chunks of {CHUNK}>, pure=False)",
+            1,
+            map_chunks,
+            gather_chunks,
+        ),
     ]
 
 
