@@ -69,12 +69,6 @@ class SigintDeferred:
             old(signal.SIGINT, None)
 
 
-def _wait_settled(done: Callable[[], bool], step: float) -> None:
-    with SETTLED:
-        if not done():
-            SETTLED.wait(step)
-
-
 def wait_here(client: Client, done: Callable[[], bool], timeout: float | None) -> bool:
     """Wait until ``done()`` (True) or ``timeout`` seconds (False; None or negative: no
     limit), receiving and handling the client's replies in this thread meanwhile.
