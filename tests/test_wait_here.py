@@ -29,6 +29,11 @@ def square(x: int) -> int:
     return x * x
 
 
+def slow_square(x: int) -> int:
+    time.sleep(0.0005)  # so that collecting the results takes a while: get() has to wait
+    return x * x
+
+
 @pytest.fixture
 def sigint_handler() -> Iterator[None]:
     old = signal.getsignal(signal.SIGINT)
@@ -62,9 +67,9 @@ def test_sigint_during_get_loses_no_reply(rc: Client, sigint_handler: None) -> N
 
     signal.signal(signal.SIGINT, handler)
     view = rc.load_balanced_view()
-    ars = [view.apply_async(square, i) for i in range(3000)]
     stop = threading.Event()
     pinger = _interrupt_repeatedly(stop)
+    ars = [view.apply_async(slow_square, i) for i in range(3000)]
     results: dict[int, int] = {}
     interrupted: list[int] = []
     try:
