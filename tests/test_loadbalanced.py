@@ -1236,7 +1236,9 @@ def test_flag_changes_reach_the_next_task(lv: LoadBalancedView, pids: dict[int, 
     slow = lv.apply_async(time.sleep, 0.3)
     lv.after = [slow]
     after = lv.apply_async(time.time)
-    assert after.get(timeout=WAIT) >= slow.metadata["completed"].timestamp() - 0.05
+    started_after = after.get(timeout=WAIT)
+    slow.get(timeout=WAIT)
+    assert started_after >= slow.metadata["completed"].timestamp() - 0.05
     lv.after = None
     assert lv._task_metadata()["after"] == []
     lv.timeout, lv.retries = 2.5, 3
