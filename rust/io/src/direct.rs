@@ -53,7 +53,14 @@ impl Entry {
 struct State {
     entries: Vec<Entry>,
     wake_rx: zmq::Socket,
+    /// When the handshake monitors were last read by [`DirectSockets::recv`].
+    monitors_read: Instant,
 }
+
+/// How often [`DirectSockets::recv`] reads the handshake monitors. Every socket in a
+/// `zmq_poll` costs syscalls of its own (libzmq checks each one's command mailbox), so the
+/// monitors join the poll only this often rather than on every request.
+const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A set of sockets used directly by the calling threads (see the module docs).
 pub struct DirectSockets {
@@ -90,6 +97,10 @@ impl DirectSockets {
             state: Mutex::new(State {
                 entries: Vec::new(),
                 wake_rx,
+                // due at the first receive
+                monitors_read: Instant::now()
+                    .checked_sub(MONITOR_INTERVAL)
+                    .unwrap_or_else(Instant::now),
             }),
             wake_tx: Mutex::new(wake_tx),
             session,
@@ -160,7 +171,12 @@ impl DirectSockets {
     pub fn recv(&self, timeout: Duration) -> Result<(Vec<Incoming>, bool), String> {
         self.check_open()?;
         let mut state = lock(&self.state);
-        let State { entries, wake_rx } = &mut *state;
+        let State {
+            entries,
+            wake_rx,
+            monitors_read,
+        } = &mut *state;
+        let monitors_due = monitors_read.elapsed() >= MONITOR_INTERVAL;
         let mut batch = Vec::new();
         let mut drops = Vec::new();
         let readable = {
@@ -174,9 +190,11 @@ impl DirectSockets {
                 };
                 items.push(e.sock.as_poll_item(events));
             }
-            // monitors last: their events are read whenever anything wakes the poll
-            for m in entries.iter().filter_map(|e| e.monitor.as_ref()) {
-                items.push(m.as_poll_item(zmq::POLLIN));
+            // monitors last, when due: their events are read whenever anything wakes the poll
+            if monitors_due {
+                for m in entries.iter().filter_map(|e| e.monitor.as_ref()) {
+                    items.push(m.as_poll_item(zmq::POLLIN));
+                }
             }
             let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
             // EINTR (a signal) counts as a timeout: the caller checks for signals.
@@ -188,8 +206,11 @@ impl DirectSockets {
         if readable[0] {
             while wake_rx.recv_bytes(zmq::DONTWAIT).is_ok() {}
         }
-        for e in entries.iter() {
-            e.read_monitor(&self.handshakes);
+        if monitors_due {
+            for e in entries.iter() {
+                e.read_monitor(&self.handshakes);
+            }
+            *monitors_read = Instant::now();
         }
         for (i, e) in entries.iter_mut().enumerate() {
             if readable[i + 1] {
