@@ -10,16 +10,15 @@ they are pickled by reference.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import threading
-from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["DaskBridge", "start_worker", "stop_worker"]
+from .loop_thread import LoopThread
 
-T = TypeVar("T")
+__all__ = ["DaskBridge", "start_worker", "stop_worker"]
 
 #: Seconds to wait for a scheduler or worker to start or to close.
 START_TIMEOUT = 60.0
@@ -40,28 +39,6 @@ def import_distributed() -> Any:
             "pip install 'dask[distributed]'"
         ) from e
     return distributed
-
-
-class LoopThread:
-    """A daemon thread running an asyncio event loop, for dask objects used from sync code."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run ``coro`` on the loop and wait for its result (TimeoutError after ``timeout``)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        """Stop the loop and its thread."""
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(CLOSE_TIMEOUT)
-        if not self.thread.is_alive():
-            self.loop.close()
 
 
 # -- engine side --------------------------------------------------------------------------------

@@ -27,7 +27,14 @@ from datetime import datetime
 from typing import Any
 
 from ..error import CompositeError, RemoteError
-from .futures import _LOCK, POLL_INTERVAL, SETTLED, SlimFuture, _notify_settled, wait_interruptibly
+from .futures import (
+    _LOCK,
+    SETTLED,
+    SlimFuture,
+    _notify_settled,
+    wait_interruptibly,
+    wait_until,
+)
 from .mapping import Map, RoundRobinMap, _kind
 from .metadata import ALIASES as _MD_ALIASES
 from .metadata import DATE_KEYS, METADATA_KEYS, Metadata, parse_date, utcnow
@@ -262,17 +269,7 @@ class AsyncResult(SlimFuture):
 
     def _wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Wait (interruptibly) until ``predicate()``, re-checked whenever a child finishes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                if deadline is None:
-                    step = POLL_INTERVAL
-                else:
-                    step = min(POLL_INTERVAL, deadline - time.monotonic())
-                    if step <= 0:
-                        return False
-                self._cond.wait(step)
-        return True
+        return wait_until(predicate, timeout)
 
     def _wait_replies(self, timeout: float | None) -> bool:
         """Wait until every message has its reply; the waiting thread receives and handles

@@ -30,7 +30,14 @@ from concurrent.futures._base import (
 )
 from typing import Any
 
-__all__ = ["SETTLED", "MessageFuture", "SlimFuture", "settling_batch", "wait_interruptibly"]
+__all__ = [
+    "SETTLED",
+    "MessageFuture",
+    "SlimFuture",
+    "settling_batch",
+    "wait_interruptibly",
+    "wait_until",
+]
 
 log = logging.getLogger("ferroparallel.client")
 
@@ -269,6 +276,22 @@ class SlimFuture(concurrent.futures.Future):
                 what = f"returned {type(self._result).__name__}"
             return f"<{type(self).__name__} at {id(self):#x} state=finished {what}>"
         return f"<{type(self).__name__} at {id(self):#x} state={state.lower()}>"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+    """Wait until ``predicate()``, re-checked whenever a SlimFuture settles (and at least every
+    :data:`POLL_INTERVAL`, so Ctrl-C is seen); False after ``timeout`` seconds (None: no
+    limit)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with SETTLED:
+        while not predicate():
+            step = POLL_INTERVAL
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+            SETTLED.wait(step)
+    return True
 
 
 def wait_interruptibly(

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .. import error
-from .futures import POLL_INTERVAL, SETTLED
+from .futures import POLL_INTERVAL, wait_until
 
 if TYPE_CHECKING:
     from .client import Client
@@ -100,15 +100,8 @@ def _step(deadline: float | None) -> float:
 
 
 def _settled_until(done: Callable[[], bool], deadline: float | None) -> bool:
-    """Wait for ``done()`` on the futures' condition (the dispatcher thread receives)."""
-    while not done():
-        step = _step(deadline)
-        if step <= 0:
-            return False
-        with SETTLED:
-            if not done():
-                SETTLED.wait(step)
-    return True
+    """Wait for ``done()`` as futures settle (the dispatcher thread receives)."""
+    return wait_until(done, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _receive_until(

@@ -8,30 +8,25 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from ..loop_thread import LoopThread
+
 __all__ = ["run_sync"]
 
 T = TypeVar("T")
 
 
-class _LoopThread:
-    """A daemon thread running a private event loop (for ``*_sync`` calls inside a loop)."""
+_shared: LoopThread | None = None
+_shared_lock = threading.Lock()
 
-    _lock = threading.Lock()
-    _instance: _LoopThread | None = None
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="ferroparallel-cluster-loop", daemon=True
-        )
-        self.thread.start()
-
-    @classmethod
-    def get(cls) -> _LoopThread:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
+def _shared_loop() -> LoopThread:
+    """The helper thread's loop for ``*_sync`` calls made inside a running loop (one per
+    process, started on first use)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = LoopThread("ferroparallel-cluster-loop")
+        return _shared
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -56,4 +51,4 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
             raise
         finally:
             loop.close()
-    return asyncio.run_coroutine_threadsafe(coro, _LoopThread.get().loop).result()
+    return _shared_loop().run(coro)
