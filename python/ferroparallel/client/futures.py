@@ -192,16 +192,7 @@ class SlimFuture(concurrent.futures.Future):
         """Wait until :meth:`settled` (interruptible by Ctrl-C); False on timeout."""
         if self._callbacks_ran:
             return True
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        with SETTLED:
-            while not self._callbacks_ran:
-                step = POLL_INTERVAL
-                if deadline is not None:
-                    step = min(step, deadline - time.monotonic())
-                    if step <= 0:
-                        return False
-                SETTLED.wait(step)
-        return True
+        return wait_until(self.settled, None if timeout is None or timeout < 0 else timeout)
 
     def _take_callbacks_locked(self) -> list[Callable[[Any], Any]] | None:
         callbacks, self._callbacks = self._callbacks, None
