@@ -111,8 +111,10 @@ class Session:
 class IoThread:
     """A native thread that owns ZMQ sockets for this process.
 
-    ``send`` queues a message (one call per message, no per-frame Python work); the thread signs,
-    sends, receives, verifies and decodes; ``recv`` hands received messages to Python in batches.
+    ``send`` signs and sends a message from the calling thread (one call per message, no
+    per-frame Python work; a message the socket cannot take yet waits, in order, for the thread
+    to send it); the thread receives, verifies and decodes; ``recv`` hands received messages to
+    Python in batches.
     Buffers given to ``send`` are borrowed without copying and released (under the GIL) after the
     socket is done with them.
     """
@@ -158,13 +160,10 @@ class IoThread:
         ident: Sequence[bytes] | bytes | None = None,
         buffers: Sequence[Buffer] | None = None,
         header: dict[str, Any] | None = None,
-        flush: bool = True,
     ) -> dict[str, Any]:
-        """Queue a message; returns its header (``msg_id`` included). With ``flush=False`` the
-        I/O thread is not woken: the message leaves with the next flushed message (or within
-        100 ms), saving a wake-up when another message always follows."""
+        """Sign and send a message now; returns its header (``msg_id`` included)."""
     def send_raw(self, socket: str, frames: Sequence[Buffer]) -> None:
-        """Queue frames exactly as given (no envelope, no signature)."""
+        """Send frames exactly as given (no envelope, no signature)."""
     def recv(
         self, timeout: float | None = None, max_messages: int = 10000, since: int | None = None
     ) -> list[tuple[str, Any]]:

@@ -368,11 +368,9 @@ class EngineKernel:
         content: dict[str, Any],
         parent: dict[str, Any] | None,
         topic: str,
-        flush: bool = True,
         buffers: list[Any] | None = None,
     ) -> None:
-        """Send one IOPub message with topic ``engine.<id>.<topic>`` (``flush=False``: leave
-        with the next flushed message).
+        """Send one IOPub message with topic ``engine.<id>.<topic>``.
 
         Status messages go out under ``status.engine.<id>`` instead: clients that count the
         outputs of a request (``OUTPUT_COUNT_KEY`` in the reply) subscribe to ``engine.``
@@ -392,7 +390,6 @@ class EngineKernel:
             self._metadata,
             ident=[ident],
             buffers=buffers,
-            flush=flush,
         )
 
     def _publish_stream(self, name: str, text: str, parent: dict[str, Any]) -> None:

@@ -155,7 +155,7 @@ impl IoThread {
 
     /// Queue one message; returns its header.
     #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
-                        ident=None, buffers=None, header=None, flush=true))]
+                        ident=None, buffers=None, header=None))]
     #[allow(clippy::too_many_arguments)]
     fn send<'py>(
         &self,
@@ -168,7 +168,6 @@ impl IoThread {
         ident: Option<&Bound<'py, PyAny>>,
         buffers: Option<&Bound<'py, PyAny>>,
         header: Option<&Bound<'py, PyAny>>,
-        flush: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
@@ -176,7 +175,7 @@ impl IoThread {
             py, session, msg_type, content, parent, metadata, ident, buffers, header,
         )?;
         self.handle
-            .send_with(socket, frames, flush)
+            .send(socket, frames)
             .map_err(PyValueError::new_err)?;
         self.release_sent();
         Ok(header_obj)

@@ -1,9 +1,24 @@
-//! The I/O thread: owns the sockets, sends queued frames, receives and verifies messages.
+//! The I/O thread: receives and verifies messages; sends leave from the calling thread.
+//!
+//! Every socket sits behind its own mutex. A thread that sends takes that mutex and hands the
+//! frames to libzmq itself (no queue, no wake-up of the I/O thread: one thread hand-off less per
+//! message). The I/O thread never blocks while holding a socket: it waits in `poll(2)` on each
+//! socket's `ZMQ_FD` and on a wake-up pipe, then takes the sockets that have something to do.
+//!
+//! `ZMQ_FD` is edge-triggered: it signals that the socket's state *may* have changed, and any
+//! operation on the socket (a send from another thread included) may consume that signal. So a
+//! sender checks `ZMQ_EVENTS` after its send and wakes the I/O thread when something is waiting
+//! to be read; the I/O thread looks at every socket after a wake-up, after a poll timeout, and
+//! whenever it left messages unread. Messages that cannot leave at once (high-water mark) queue
+//! per socket, in order, and the I/O thread sends them when the socket is writable again.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,69 +36,155 @@ pub struct IoStats {
     pub dropped: AtomicU64,
     pub send_errors: AtomicU64,
     pub forwarded: AtomicU64,
+    /// Polls that timed out although a socket had messages waiting: a lost `ZMQ_FD` signal,
+    /// which only costs latency (up to one poll interval) but should never happen.
+    pub late: AtomicU64,
 }
 
-type AddReply = Sender<Result<Vec<String>, String>>;
+type AddReply = Sender<Result<(Vec<String>, Arc<Shared>), String>>;
 
 enum Command {
     AddSocket(Box<SocketSpec>, AddReply),
-    Send {
-        socket: String,
-        frames: Vec<OutFrame>,
-    },
     Close,
+}
+
+/// How long one poll waits before looking at every socket again (wake-ups end it at once).
+const POLL_MS: i32 = 100;
+/// Messages received from one socket before the loop looks at the others.
+const RECV_BURST: usize = 512;
+/// Messages received per hold of a socket's mutex (senders wait at most this long).
+const LOCKED_BURST: usize = 32;
+/// How long `close` keeps trying to flush queued messages.
+const CLOSE_FLUSH: Duration = Duration::from_millis(2000);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One socket, shared by the I/O thread and the threads that send on it.
+pub struct Shared {
+    name: Arc<str>,
+    kind: SocketKind,
+    /// The socket's `ZMQ_FD` (valid while the socket is open).
+    fd: RawFd,
+    state: Mutex<SockState>,
+}
+
+struct SockState {
+    /// `None` once the I/O thread has closed the socket.
+    sock: Option<zmq::Socket>,
+    /// Messages waiting for the socket to become writable, oldest first.
+    pending: VecDeque<Vec<RawMsg>>,
+}
+
+/// What a send left for the I/O thread to do.
+enum AfterSend {
+    Nothing,
+    /// Something may be waiting to be read that the I/O thread was not told about.
+    Wake,
+}
+
+impl Shared {
+    /// Send `frames` now, or queue them behind earlier messages still waiting for the socket.
+    fn send(
+        &self,
+        frames: Vec<RawMsg>,
+        stats: &IoStats,
+        inbox: &Inbox,
+    ) -> Result<AfterSend, String> {
+        let mut st = lock(&self.state);
+        let SockState { sock, pending } = &mut *st;
+        let Some(sock) = sock.as_mut() else {
+            return Err(format!("socket {:?} is closed", self.name));
+        };
+        if !pending.is_empty() {
+            // the I/O thread is waiting for the socket to become writable; keep the order
+            pending.push_back(frames);
+            return Ok(AfterSend::Nothing);
+        }
+        match send_frames(sock, frames) {
+            SendOutcome::Sent => {
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            SendOutcome::WouldBlock(frames) => pending.push_back(frames),
+            SendOutcome::Failed(reason) => {
+                stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                inbox.push_batch(
+                    Vec::new(),
+                    vec![DropReport {
+                        socket: self.name.clone(),
+                        kind: "SendError",
+                        text: format!("send failed: {reason}"),
+                    }],
+                );
+            }
+        }
+        // The send may have consumed the ZMQ_FD signal the I/O thread polls for.
+        let events = sock.get_events().unwrap_or(zmq::POLLIN);
+        if events.contains(zmq::POLLIN) || (!pending.is_empty() && events.contains(zmq::POLLOUT)) {
+            Ok(AfterSend::Wake)
+        } else {
+            Ok(AfterSend::Nothing)
+        }
+    }
 }
 
 /// The caller's side of an I/O thread. Cheap to share between threads.
 pub struct IoHandle {
     commands: Sender<Command>,
-    wake: Mutex<zmq::Socket>,
-    wake_pending: Arc<AtomicBool>,
+    wake: Waker,
     pub inbox: Arc<Inbox>,
     pub releases: ReleaseQueue,
     pub stats: Arc<IoStats>,
     pub session: Arc<SessionCore>,
     /// Handshake outcomes of the connecting sockets (see [`Handshakes`]).
     pub handshakes: Arc<Handshakes>,
-    names: Mutex<HashMap<String, SocketKind>>,
+    sockets: Mutex<HashMap<String, Arc<Shared>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
 }
 
-/// How long one poll waits before re-checking commands (commands also wake it at once).
-const POLL_MS: i64 = 100;
-/// Messages received from one socket before the loop looks at the others.
-const RECV_BURST: usize = 512;
-/// How long `close` keeps trying to flush queued messages.
-const CLOSE_FLUSH: Duration = Duration::from_millis(2000);
+/// Wakes the I/O thread out of `poll` (one byte on a socket pair; wake-ups coalesce).
+#[derive(Clone)]
+struct Waker {
+    tx: Arc<UnixStream>,
+    pending: Arc<AtomicBool>,
+}
 
-static WAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
+impl Waker {
+    fn wake(&self) {
+        if !self.pending.swap(true, Ordering::SeqCst) {
+            // A full pipe already holds a wake-up; other errors only delay until the next poll.
+            let _ = (&*self.tx).write(&[1u8]);
+        }
+    }
+}
 
 impl IoHandle {
     /// Start an I/O thread for `session`.
     pub fn spawn(session: Arc<SessionCore>, name: &str) -> Result<IoHandle, String> {
-        let ctx = crate::context();
-        let n = WAKE_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let endpoint = format!("inproc://fp-io-wake-{}-{n}", std::process::id());
-        let wake_rx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
-        wake_rx.bind(&endpoint).map_err(|e| e.to_string())?;
-        let wake_tx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
-        wake_tx.connect(&endpoint).map_err(|e| e.to_string())?;
-        wake_tx.set_linger(0).map_err(|e| e.to_string())?;
+        let (wake_tx, wake_rx) =
+            UnixStream::pair().map_err(|e| format!("cannot create the wake-up pipe: {e}"))?;
+        for s in [&wake_tx, &wake_rx] {
+            s.set_nonblocking(true)
+                .map_err(|e| format!("cannot set up the wake-up pipe: {e}"))?;
+        }
         let (tx, rx) = mpsc::channel();
         let inbox = Arc::new(Inbox::default());
         let releases = ReleaseQueue::new();
         let stats = Arc::new(IoStats::default());
-        let wake_pending = Arc::new(AtomicBool::new(false));
+        let waker = Waker {
+            tx: Arc::new(wake_tx),
+            pending: Arc::new(AtomicBool::new(false)),
+        };
         let handshakes = Arc::new(Handshakes::default());
         let mut lp = Loop {
-            sockets: Vec::new(),
+            entries: Vec::new(),
             by_name: HashMap::new(),
-            wake: wake_rx,
+            wake_rx,
+            wake_pending: waker.pending.clone(),
             commands: rx,
-            wake_pending: wake_pending.clone(),
             inbox: inbox.clone(),
-            releases: releases.clone(),
             stats: stats.clone(),
             session: session.clone(),
             handshakes: handshakes.clone(),
@@ -94,14 +195,13 @@ impl IoHandle {
             .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
         Ok(IoHandle {
             commands: tx,
-            wake: Mutex::new(wake_tx),
-            wake_pending,
+            wake: waker,
             inbox,
             releases,
             stats,
             session,
             handshakes,
-            names: Mutex::new(HashMap::new()),
+            sockets: Mutex::new(HashMap::new()),
             thread: Mutex::new(Some(thread)),
             closed: AtomicBool::new(false),
         })
@@ -112,21 +212,13 @@ impl IoHandle {
     }
 
     fn command(&self, cmd: Command) -> Result<(), String> {
-        self.command_with(cmd, true)
-    }
-
-    fn command_with(&self, cmd: Command, wake: bool) -> Result<(), String> {
         if self.is_closed() {
             return Err("the I/O thread is closed".into());
         }
         self.commands
             .send(cmd)
             .map_err(|_| "the I/O thread has stopped".to_string())?;
-        if wake && !self.wake_pending.swap(true, Ordering::SeqCst) {
-            let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner());
-            // A full or failed wake socket only delays the command until the next poll timeout.
-            let _ = wake.send(&b""[..], zmq::DONTWAIT);
-        }
+        self.wake.wake();
         Ok(())
     }
 
@@ -144,60 +236,43 @@ impl IoHandle {
         }
         let (tx, rx) = mpsc::channel();
         let name = spec.name.clone();
-        let kind = spec.kind;
         self.command(Command::AddSocket(Box::new(spec), tx))?;
-        let bound = rx
+        let (bound, shared) = rx
             .recv_timeout(timeout)
             .map_err(|_| format!("timed out creating socket {name:?}"))??;
-        self.names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name, kind);
+        lock(&self.sockets).insert(name, shared);
         Ok(bound)
     }
 
     pub fn has_socket(&self, name: &str) -> bool {
-        self.names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(name)
+        lock(&self.sockets).contains_key(name)
     }
 
-    /// Queue frames for a socket. Never blocks.
+    /// Send one message on `socket` from the calling thread. Never blocks for long: when the
+    /// socket cannot take the message now (high-water mark), it is queued and the I/O thread
+    /// sends it as soon as it can, in order.
     pub fn send(&self, socket: &str, frames: Vec<OutFrame>) -> Result<(), String> {
-        self.send_with(socket, frames, true)
-    }
-
-    /// Queue frames; with `flush` false the I/O thread is not woken, so the message leaves with
-    /// the next flushed one (or within one poll interval). Saves a thread wake-up for messages
-    /// that are always followed by another (e.g. a busy status before a reply).
-    pub fn send_with(
-        &self,
-        socket: &str,
-        frames: Vec<OutFrame>,
-        flush: bool,
-    ) -> Result<(), String> {
-        match self
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(socket)
-        {
+        if self.is_closed() {
+            return Err("the I/O thread is closed".into());
+        }
+        let shared = match lock(&self.sockets).get(socket) {
             None => return Err(format!("no socket named {socket:?}")),
-            Some(kind) if matches!(kind, SocketKind::Sub | SocketKind::Pull) => {
+            Some(s) if matches!(s.kind, SocketKind::Sub | SocketKind::Pull) => {
                 return Err(format!(
-                    "socket {socket:?} is a {kind:?} socket and cannot send"
+                    "socket {socket:?} is a {:?} socket and cannot send",
+                    s.kind
                 ))
             }
-            Some(_) => {}
+            Some(s) => s.clone(),
+        };
+        let raw = frames
+            .into_iter()
+            .map(|f| f.into_raw(&self.releases))
+            .collect();
+        if let AfterSend::Wake = shared.send(raw, &self.stats, &self.inbox)? {
+            self.wake.wake();
         }
-        self.command_with(
-            Command::Send {
-                socket: socket.to_owned(),
-                frames,
-            },
-            flush,
-        )
+        Ok(())
     }
 
     /// Stop the thread (flushing queued messages for a bounded time) and close every socket.
@@ -207,10 +282,11 @@ impl IoHandle {
         }
         let _ = self.command(Command::Close);
         self.closed.store(true, Ordering::SeqCst);
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = lock(&self.thread).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
+        lock(&self.sockets).clear();
         self.inbox.close();
     }
 }
@@ -221,41 +297,53 @@ impl Drop for IoHandle {
     }
 }
 
+/// The I/O thread's view of one socket.
 struct Entry {
-    name: Arc<str>,
-    sock: zmq::Socket,
-    kind: SocketKind,
+    shared: Arc<Shared>,
     raw: bool,
     forward: Option<usize>,
-    pending: VecDeque<Vec<RawMsg>>,
     /// PAIR socket receiving this socket's handshake events (connecting sockets only).
     monitor: Option<zmq::Socket>,
+    monitor_fd: Option<RawFd>,
+}
+
+impl Entry {
+    /// Close the socket (stopping its monitor first).
+    fn close(&mut self) {
+        let mut st = lock(&self.shared.state);
+        if let Some(sock) = st.sock.as_mut() {
+            if self.monitor.is_some() {
+                // libzmq's I/O thread sends monitor events with a *blocking* send. Once our end
+                // of the monitor pipe is gone, the next event (e.g. a failed reconnect handshake
+                // while the socket lingers) would block that thread for good, and with it every
+                // socket of the process. So stop the monitor before either socket is closed.
+                // SAFETY: the socket pointer is valid while `sock` lives; a NULL endpoint with
+                // no events is libzmq's documented way to stop monitoring.
+                unsafe {
+                    zmq_sys::zmq_socket_monitor(sock.as_mut_ptr(), std::ptr::null(), 0);
+                }
+            }
+        }
+        st.sock = None;
+        st.pending.clear();
+        drop(st);
+        self.monitor = None;
+    }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if self.monitor.is_some() {
-            // libzmq's I/O thread sends monitor events with a *blocking* send. Once our end of
-            // the monitor pipe is gone, the next event (e.g. a failed reconnect handshake while
-            // the socket lingers) would block that thread for good, and with it every socket
-            // of the process. So stop the monitor before either socket is closed.
-            // SAFETY: the socket pointer is valid while `self.sock` lives; a NULL endpoint
-            // with no events is libzmq's documented way to stop monitoring.
-            unsafe {
-                zmq_sys::zmq_socket_monitor(self.sock.as_mut_ptr(), std::ptr::null(), 0);
-            }
-        }
+        self.close();
     }
 }
 
 struct Loop {
-    sockets: Vec<Entry>,
+    entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
-    wake: zmq::Socket,
-    commands: Receiver<Command>,
+    wake_rx: UnixStream,
     wake_pending: Arc<AtomicBool>,
+    commands: Receiver<Command>,
     inbox: Arc<Inbox>,
-    releases: ReleaseQueue,
     stats: Arc<IoStats>,
     session: Arc<SessionCore>,
     handshakes: Arc<Handshakes>,
@@ -263,80 +351,112 @@ struct Loop {
 
 impl Loop {
     fn run(&mut self) {
-        let mut closing = false;
-        while !closing {
-            let (wake_ready, readable, writable, monitors) = self.poll(POLL_MS);
-            if wake_ready {
-                while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
-            }
+        // Every socket is looked at on the first pass and whenever `all` is set.
+        let mut all = true;
+        let mut ready: Vec<bool> = Vec::new();
+        let mut monitors_ready: Vec<bool> = Vec::new();
+        let mut timed_out = false;
+        loop {
+            // Order matters: drain the pipe, then clear the flag, then look at the sockets. A
+            // waker that finds the flag still set acted before it was cleared, so the look
+            // below sees its socket; one that finds it clear writes a byte the next poll sees.
+            // (Clearing first would let the drain eat a byte whose flag stays set, and the
+            // next waker would then not write: a lost wake-up.)
+            self.drain_wake();
             self.wake_pending.store(false, Ordering::SeqCst);
-            closing = self.run_commands();
+            if self.run_commands() {
+                break;
+            }
+            let n = self.entries.len();
+            ready.resize(n, true);
+            monitors_ready.resize(n, true);
             let mut batch = Vec::new();
             let mut drops = Vec::new();
-            for i in 0..self.sockets.len() {
-                if readable.get(i).copied().unwrap_or(false) {
-                    self.receive(i, &mut batch, &mut drops);
+            let mut busy = false;
+            for i in 0..n {
+                if all || ready[i] {
+                    let before = batch.len();
+                    busy |= self.service(i, &mut batch, &mut drops);
+                    if timed_out && batch.len() > before {
+                        self.stats.late.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                if writable.get(i).copied().unwrap_or(false) {
-                    self.flush(i);
-                }
-                if monitors.get(i).copied().unwrap_or(false) {
+                if all || monitors_ready[i] {
                     self.read_monitor(i);
                 }
             }
             self.inbox.push_batch(batch, drops);
+            let timeout = if busy { 0 } else { POLL_MS };
+            let polled = self.poll(timeout, &mut ready, &mut monitors_ready);
+            timed_out = polled == Polled::TimedOut && !busy;
+            all = polled != Polled::Some || busy;
         }
         self.flush_all_until(Instant::now() + CLOSE_FLUSH);
-        self.sockets.clear();
+        for e in &mut self.entries {
+            e.close();
+        }
+        self.entries.clear();
         self.inbox.close();
     }
 
-    /// Poll the wake socket, every socket and every monitor. Returns whether the wake socket
-    /// is readable, and per socket: readable, writable, monitor readable.
-    fn poll(&self, timeout_ms: i64) -> (bool, Vec<bool>, Vec<bool>, Vec<bool>) {
-        let n = self.sockets.len();
-        let mut items = Vec::with_capacity(2 * n + 1);
-        items.push(self.wake.as_poll_item(zmq::POLLIN));
-        for e in &self.sockets {
-            let mut ev = zmq::PollEvents::empty();
-            if e.kind.receives() {
-                ev |= zmq::POLLIN;
+    fn drain_wake(&mut self) {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = self.wake_rx.read(&mut buf) {
+            if n == 0 {
+                break;
             }
-            if !e.pending.is_empty() {
-                ev |= zmq::POLLOUT;
-            }
-            items.push(e.sock.as_poll_item(ev));
+        }
+    }
+
+    /// Wait until a socket's `ZMQ_FD`, a monitor or the wake-up pipe is readable, or
+    /// `timeout_ms`. Fills `ready` / `monitors_ready` when some descriptors are readable.
+    fn poll(&self, timeout_ms: i32, ready: &mut [bool], monitors_ready: &mut [bool]) -> Polled {
+        let mut fds = Vec::with_capacity(1 + 2 * self.entries.len());
+        fds.push(pollfd(self.wake_rx.as_raw_fd()));
+        for e in &self.entries {
+            fds.push(pollfd(e.shared.fd));
         }
         let mut monitor_of = Vec::new();
-        for (i, e) in self.sockets.iter().enumerate() {
-            if let Some(m) = &e.monitor {
-                items.push(m.as_poll_item(zmq::POLLIN));
+        for (i, e) in self.entries.iter().enumerate() {
+            if let Some(fd) = e.monitor_fd {
+                fds.push(pollfd(fd));
                 monitor_of.push(i);
             }
         }
-        if zmq::poll(&mut items, timeout_ms).is_err() {
-            // EINTR and friends: treat as "nothing ready"; the loop simply polls again.
-            return (false, Vec::new(), Vec::new(), Vec::new());
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if rc == 0 {
+            return Polled::TimedOut;
         }
-        let wake = items[0].is_readable();
-        let readable = items[1..=n].iter().map(|i| i.is_readable()).collect();
-        let writable = items[1..=n].iter().map(|i| i.is_writable()).collect();
-        let mut monitors = vec![false; n];
+        if rc < 0 {
+            // EINTR and friends: look at everything and poll again
+            return Polled::All;
+        }
+        let n = self.entries.len();
+        for (i, r) in ready.iter_mut().enumerate().take(n) {
+            *r = fds[1 + i].revents != 0;
+        }
+        monitors_ready.iter_mut().for_each(|m| *m = false);
         for (k, &i) in monitor_of.iter().enumerate() {
-            monitors[i] = items[n + 1 + k].is_readable();
+            monitors_ready[i] = fds[1 + n + k].revents != 0;
         }
-        (wake, readable, writable, monitors)
+        if fds[0].revents != 0 {
+            Polled::All
+        } else {
+            Polled::Some
+        }
     }
 
     /// Record every queued handshake event of socket `i`.
     fn read_monitor(&mut self, i: usize) {
-        let entry = &self.sockets[i];
+        let entry = &self.entries[i];
         let Some(monitor) = &entry.monitor else {
             return;
         };
         while let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) {
             if let Some((event, value, endpoint)) = parse_event(&frames) {
-                self.handshakes.record(&entry.name, event, value, endpoint);
+                self.handshakes
+                    .record(&entry.shared.name, event, value, endpoint);
             }
         }
     }
@@ -350,22 +470,13 @@ impl Loop {
                     let result = self.add_socket(*spec);
                     let _ = reply.send(result);
                 }
-                Ok(Command::Send { socket, frames }) => {
-                    if let Some(&i) = self.by_name.get(&socket) {
-                        let raw = frames
-                            .into_iter()
-                            .map(|f| f.into_raw(&self.releases))
-                            .collect();
-                        self.send(i, raw);
-                    }
-                }
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,
             }
         }
     }
 
-    fn add_socket(&mut self, spec: SocketSpec) -> Result<Vec<String>, String> {
+    fn add_socket(&mut self, spec: SocketSpec) -> Result<(Vec<String>, Arc<Shared>), String> {
         let forward = match &spec.forward_to {
             Some(t) => Some(
                 *self
@@ -377,94 +488,134 @@ impl Loop {
         };
         let monitor = monitor_endpoint(&spec);
         let (sock, bound, monitor) = spec.create(crate::context(), monitor.as_deref())?;
-        self.by_name.insert(spec.name.clone(), self.sockets.len());
-        self.sockets.push(Entry {
+        let fd = sock
+            .get_fd()
+            .map_err(|e| format!("cannot get the descriptor of socket {:?}: {e}", spec.name))?;
+        let monitor_fd = match &monitor {
+            Some(m) => Some(
+                m.get_fd()
+                    .map_err(|e| format!("cannot get the descriptor of a monitor: {e}"))?,
+            ),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
             name: Arc::from(spec.name.as_str()),
-            sock,
             kind: spec.kind,
+            fd,
+            state: Mutex::new(SockState {
+                sock: Some(sock),
+                pending: VecDeque::new(),
+            }),
+        });
+        self.by_name.insert(spec.name.clone(), self.entries.len());
+        self.entries.push(Entry {
+            shared: shared.clone(),
             raw: spec.raw,
             forward,
-            pending: VecDeque::new(),
             monitor,
+            monitor_fd,
         });
-        Ok(bound)
+        Ok((bound, shared))
     }
 
-    fn send(&mut self, i: usize, frames: Vec<RawMsg>) {
-        let entry = &mut self.sockets[i];
-        if !entry.pending.is_empty() {
-            entry.pending.push_back(frames);
-            return;
-        }
-        match send_frames(&mut entry.sock, frames) {
-            SendOutcome::Sent => {
-                self.stats.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            SendOutcome::WouldBlock(frames) => entry.pending.push_back(frames),
-            SendOutcome::Failed(reason) => {
-                self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                let report = DropReport {
-                    socket: entry.name.clone(),
-                    kind: "SendError",
-                    text: format!("send failed: {reason}"),
+    /// Receive what socket `i` has (up to [`RECV_BURST`] messages), deliver or forward it, and
+    /// send what is queued for it once it is writable. Returns true when the loop should look
+    /// at every socket again without waiting (messages left unread, or a forward touched
+    /// another socket).
+    fn service(
+        &mut self,
+        i: usize,
+        batch: &mut Vec<Incoming>,
+        drops: &mut Vec<DropReport>,
+    ) -> bool {
+        let shared = self.entries[i].shared.clone();
+        let receives = shared.kind.receives();
+        let mut rounds = 0usize;
+        let mut again = false;
+        loop {
+            let mut received = Vec::new();
+            let (readable, writable_again) = {
+                let mut st = lock(&shared.state);
+                let SockState { sock, pending } = &mut *st;
+                let Some(sock) = sock.as_mut() else {
+                    return again;
                 };
-                self.inbox.push_batch(Vec::new(), vec![report]);
-            }
-        }
-    }
-
-    fn flush(&mut self, i: usize) {
-        while let Some(frames) = self.sockets[i].pending.pop_front() {
-            match send_frames(&mut self.sockets[i].sock, frames) {
-                SendOutcome::Sent => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                if receives {
+                    while received.len() < LOCKED_BURST {
+                        match recv_multipart(sock) {
+                            Ok(Some(frames)) => received.push(frames),
+                            Ok(None) => break,
+                            Err(reason) => {
+                                drops.push(DropReport {
+                                    socket: shared.name.clone(),
+                                    kind: "RecvError",
+                                    text: reason,
+                                });
+                                break;
+                            }
+                        }
+                    }
                 }
-                SendOutcome::WouldBlock(frames) => {
-                    self.sockets[i].pending.push_front(frames);
-                    return;
+                let mut sent = 0;
+                while let Some(frames) = pending.pop_front() {
+                    match send_frames(sock, frames) {
+                        SendOutcome::Sent => sent += 1,
+                        SendOutcome::WouldBlock(frames) => {
+                            pending.push_front(frames);
+                            break;
+                        }
+                        SendOutcome::Failed(_) => {
+                            self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
-                SendOutcome::Failed(_) => {
-                    self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    fn flush_all_until(&mut self, deadline: Instant) {
-        while Instant::now() < deadline {
-            for i in 0..self.sockets.len() {
-                self.flush(i);
-            }
-            if self.sockets.iter().all(|e| e.pending.is_empty()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn receive(&mut self, i: usize, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) {
-        for _ in 0..RECV_BURST {
-            let frames = match recv_multipart(&mut self.sockets[i].sock) {
-                Ok(Some(frames)) => frames,
-                Ok(None) => return,
-                Err(reason) => {
-                    drops.push(DropReport {
-                        socket: self.sockets[i].name.clone(),
-                        kind: "RecvError",
-                        text: reason,
-                    });
-                    return;
-                }
+                self.stats.sent.fetch_add(sent, Ordering::Relaxed);
+                // After our own operations ZMQ_FD may not signal what is already there: look.
+                let events = sock.get_events().unwrap_or(zmq::POLLIN);
+                (
+                    receives && events.contains(zmq::POLLIN),
+                    !pending.is_empty() && events.contains(zmq::POLLOUT),
+                )
             };
+            rounds += received.len().max(1);
+            again |= self.deliver(i, received, batch, drops);
+            if !readable && !writable_again {
+                return again;
+            }
+            if rounds >= RECV_BURST {
+                return true;
+            }
+        }
+    }
+
+    /// Verify and queue for delivery (or forward) messages received on socket `i`. Returns
+    /// true when a forward sent on another socket.
+    fn deliver(
+        &mut self,
+        i: usize,
+        received: Vec<Vec<RecvFrame>>,
+        batch: &mut Vec<Incoming>,
+        drops: &mut Vec<DropReport>,
+    ) -> bool {
+        let mut forwarded = false;
+        for frames in received {
             self.stats.received.fetch_add(1, Ordering::Relaxed);
-            let entry = &self.sockets[i];
+            let entry = &self.entries[i];
             if let Some(j) = entry.forward {
                 let raw: Vec<RawMsg> = frames.into_iter().map(|f| f.0).collect();
                 self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                self.send(j, raw);
+                let target = self.entries[j].shared.clone();
+                if let Err(text) = target.send(raw, &self.stats, &self.inbox) {
+                    drops.push(DropReport {
+                        socket: target.name.clone(),
+                        kind: "SendError",
+                        text,
+                    });
+                }
+                forwarded = true;
                 continue;
             }
-            let socket = entry.name.clone();
+            let socket = entry.shared.name.clone();
             if entry.raw {
                 batch.push(Incoming {
                     socket,
@@ -491,6 +642,59 @@ impl Loop {
                 }
             }
         }
+        forwarded
+    }
+
+    /// Send what is queued on every socket, for at most until `deadline`.
+    fn flush_all_until(&mut self, deadline: Instant) {
+        loop {
+            let mut left = false;
+            for e in &self.entries {
+                let mut st = lock(&e.shared.state);
+                let SockState { sock, pending } = &mut *st;
+                let Some(sock) = sock.as_mut() else {
+                    continue;
+                };
+                while let Some(frames) = pending.pop_front() {
+                    match send_frames(sock, frames) {
+                        SendOutcome::Sent => {
+                            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        SendOutcome::WouldBlock(frames) => {
+                            pending.push_front(frames);
+                            break;
+                        }
+                        SendOutcome::Failed(_) => {
+                            self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                left |= !pending.is_empty();
+            }
+            if !left || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Outcome of one [`Loop::poll`].
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Polled {
+    /// Only the sockets marked ready need a look.
+    Some,
+    /// Woken up (or the poll failed): look at every socket.
+    All,
+    /// Nothing happened within the timeout: look at every socket (cheap, once per interval).
+    TimedOut,
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
     }
 }
 
@@ -549,6 +753,112 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Threads sending on one socket while the I/O thread receives the echoes on it: every
+    /// message arrives, in each thread's order, and no wake-up is lost (a lost `ZMQ_FD`
+    /// signal would show as a poll that timed out with messages waiting).
+    #[test]
+    fn concurrent_direct_sends_lose_nothing() {
+        let t = Duration::from_secs(20);
+        let server = Arc::new(io());
+        let mut spec = raw("echo", SocketKind::Router);
+        spec.bind = vec!["tcp://127.0.0.1:*".into()];
+        let endpoint = server.add_socket(spec, t).expect("bind").remove(0);
+        let client = Arc::new(io());
+        let mut spec = raw("c", SocketKind::Dealer);
+        spec.connect = vec![endpoint];
+        client.add_socket(spec, t).expect("connect");
+
+        const THREADS: usize = 4;
+        const EACH: usize = 2000;
+        let total = THREADS * EACH;
+        let echo = {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                let deadline = Instant::now() + t;
+                while n < total && Instant::now() < deadline {
+                    let (batch, _) = server.inbox.wait_batch(Duration::from_millis(50), 1000);
+                    for inc in batch {
+                        if let Delivery::Raw(frames) = inc.delivery {
+                            let out = frames
+                                .iter()
+                                .map(|f| OutFrame::Owned(f.as_ref().to_vec()))
+                                .collect();
+                            server.send("echo", out).expect("echo");
+                            n += 1;
+                        }
+                    }
+                }
+                n
+            })
+        };
+        let senders: Vec<_> = (0..THREADS)
+            .map(|k| {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let body = format!("{k}:{i}").into_bytes();
+                        client.send("c", vec![OutFrame::Owned(body)]).expect("send");
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0usize; THREADS];
+        let mut got = 0;
+        let deadline = Instant::now() + t;
+        while got < total {
+            assert!(
+                Instant::now() < deadline,
+                "only {got} of {total} echoes arrived"
+            );
+            for frames in received(&client, Duration::from_millis(50)) {
+                let text = String::from_utf8(frames[0].clone()).expect("utf8");
+                let (k, i) = text.split_once(':').expect("k:i");
+                let (k, i): (usize, usize) = (k.parse().expect("k"), i.parse().expect("i"));
+                assert_eq!(i, next[k], "thread {k}: out of order");
+                next[k] += 1;
+                got += 1;
+            }
+        }
+        for s in senders {
+            s.join().expect("sender");
+        }
+        assert_eq!(echo.join().expect("echo"), total);
+        assert_eq!(client.stats.sent.load(Ordering::Relaxed), total as u64);
+        assert_eq!(
+            client.stats.late.load(Ordering::Relaxed),
+            0,
+            "a wake-up was lost"
+        );
+        assert_eq!(
+            server.stats.late.load(Ordering::Relaxed),
+            0,
+            "a wake-up was lost"
+        );
+    }
+
+    /// A socket that cannot send yet (no peer) queues messages in order and sends nothing
+    /// twice; closing flushes for a bounded time and returns.
+    #[test]
+    fn unsendable_messages_queue_and_close_returns() {
+        let client = io();
+        client
+            .add_socket(raw("lonely", SocketKind::Dealer), Duration::from_secs(10))
+            .expect("socket");
+        for i in 0..10u8 {
+            client
+                .send("lonely", vec![OutFrame::Owned(vec![i])])
+                .expect("queued");
+        }
+        assert_eq!(client.stats.sent.load(Ordering::Relaxed), 0);
+        let t0 = Instant::now();
+        client.close();
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        assert!(client
+            .send("lonely", vec![OutFrame::Owned(vec![0])])
+            .is_err());
     }
 
     #[test]

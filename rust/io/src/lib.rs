@@ -1,9 +1,9 @@
 //! The per-process I/O thread of ferroparallel, without any Python.
 //!
-//! One native thread owns every ZMQ socket of the process. Other threads queue outgoing messages
-//! ([`IoHandle::send`]) and collect received ones in batches ([`IoHandle::wait_batch`]). Received
-//! messages are split, verified and unpacked on the I/O thread; malformed ones are dropped and
-//! reported, never delivered. Outgoing buffers owned by a foreign runtime (Python) are sent without
+//! One native thread receives on every ZMQ socket of the process; other threads send on them
+//! directly, each socket behind its own lock ([`IoHandle::send`]), and collect received messages
+//! in batches (`IoHandle::inbox`). Received messages are split, verified and unpacked on the I/O
+//! thread; malformed ones are dropped and reported, never delivered. Outgoing buffers owned by a foreign runtime (Python) are sent without
 //! a copy and handed back through a [`ReleaseQueue`] once libzmq no longer needs them, so the
 //! owner can release them on a thread of its choosing.
 
