@@ -1084,6 +1084,12 @@ class _FakeClient:
         self._outstanding_by_engine: dict[str, set[str]] = {}
         self._lock = threading.RLock()
         self._owned: set[str] = set()
+        # the dispatcher reads the Client's traits from here (traitlets' value store)
+        self._trait_values = {
+            "metadata": self.metadata,
+            "results": self.results,
+            "outstanding": self.outstanding,
+        }
 
     def _maybe_release(self, msg_id: str) -> None:
         pass

@@ -219,6 +219,25 @@ def test_history_and_outstanding(rc: Client) -> None:
     assert not rc.outstanding
 
 
+def test_bookkeeping_follows_reassigned_traits(rc: Client) -> None:
+    """The per-message path reads the bookkeeping traits without going through traitlets:
+    assigning new containers (even equal ones, which traitlets does not announce) is seen."""
+    rc.history = list(rc.history)
+    rc.outstanding = set()
+    rc.results = {}
+    ar = rc[0].apply_async(time.sleep, 0.3)
+    (msg_id,) = ar.msg_ids
+    assert rc.history[-1] == msg_id
+    assert msg_id in rc.outstanding
+    fut = rc.send_apply_request("mux", lambda: 7, ident=rc._engines[0])
+    assert fut.result(timeout=SHORT) == 7
+    assert rc.results[fut.msg_id] == 7
+    assert rc.metadata[fut.msg_id].status == "ok"
+    ar.get(timeout=SHORT)
+    assert rc.wait(timeout=SHORT) is True
+    assert msg_id not in rc.outstanding
+
+
 def test_results_and_metadata_of_low_level_requests(rc: Client) -> None:
     fut = rc.send_apply_request("mux", lambda x: x * 2, (21,), ident=rc._engines[0])
     assert fut.result(timeout=SHORT) == 42

@@ -88,6 +88,10 @@ def _as_list(x: Any) -> list[Any]:
     return list(x)
 
 
+#: Traits the per-message path reads from ``_trait_values`` (no validation happens on read).
+_HOT_TRAITS = ("metadata", "outstanding", "results", "history", "debug", "status_messages")
+
+
 class Client(HasTraits):
     """A connection to a controller.
 
@@ -186,6 +190,10 @@ class Client(HasTraits):
         super().__init__(
             debug=debug, timeout=float(timeout), metadata=collections.defaultdict(Metadata)
         )
+        # The per-message path reads these traits from ``_trait_values`` (a trait read costs
+        # ~1 µs); reading each once here puts its default value there.
+        for name in _HOT_TRAITS:
+            getattr(self, name)
         if kwargs.pop("ipython_dir", None) is not None:
             pass  # accepted for compatibility; profiles live under FERROPARALLEL_DIR
         if kwargs:
@@ -435,7 +443,7 @@ class Client(HasTraits):
                     log.exception("dispatcher: cannot handle a notification")
         with self._lock:
             for sock, msg in batch:
-                if self.debug:
+                if self._trait_values["debug"]:
                     log.debug("%s <- %s %s", sock, msg.get("msg_type"), msg.get("content"))
                 try:
                     if sock == "iopub":
@@ -518,7 +526,7 @@ class Client(HasTraits):
 
     def _check_controller(self) -> None:
         """Probe a silent controller while requests are outstanding; fail them if it is gone."""
-        if not self.outstanding or self._hub_shutdown or self._closed:
+        if not self._trait_values["outstanding"] or self._hub_shutdown or self._closed:
             return
         now = time.monotonic()
         # Probe after a quiet spell; any message from the controller since the probe counts as
@@ -547,8 +555,8 @@ class Client(HasTraits):
             return
         if fut.done() and fut.output_done():
             self._futures.pop(msg_id, None)
-            self.results.pop(msg_id, None)
-            self.metadata.pop(msg_id, None)
+            self._trait_values["results"].pop(msg_id, None)
+            self._trait_values["metadata"].pop(msg_id, None)
             self._owned.discard(msg_id)
 
     def _own(self, msg_ids: Iterable[str]) -> None:
@@ -622,8 +630,8 @@ class Client(HasTraits):
         """Create the futures and cache entries of messages sent with ``header`` (one per
         ``(msg_id, engine_uuid)``; several for a fanned-out request). Each trait is read once
         and each Metadata filled with one ``dict.update`` (the keys are known to be valid)."""
-        metadata, futures = self.metadata, self._futures
-        outstanding, history = self.outstanding, self.history
+        metadata, futures = self._trait_values["metadata"], self._futures
+        outstanding, history = self._trait_values["outstanding"], self._trait_values["history"]
         by_engine = self._outstanding_by_engine
         submitted = parse_date(header.get("date"))
         out = []
@@ -698,7 +706,7 @@ class Client(HasTraits):
         md = dict(metadata) if metadata else {}
         if self._shm.enabled:
             md[SHM_HOST_KEY] = self._shm.host
-        if not self.status_messages:
+        if not self._trait_values["status_messages"]:
             md[NO_STATUS_KEY] = True
         return md
 

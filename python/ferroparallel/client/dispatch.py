@@ -107,7 +107,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     header = msg["header"]
     content = msg.get("content") or {}
     md_in = msg.get("metadata") or {}
-    md = client.metadata[msg_id]
+    md = client._trait_values["metadata"][msg_id]
     status = content.get("status", md_in.get("status"))
     engine_uuid = md_in.get("engine")
     if not engine_uuid and msg.get("idents"):
@@ -154,8 +154,8 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         exc = error.unwrap_exception(content)
         if not content.get("engine_info") or content.get("ename") == "EngineError":
             expect_output = False
-    client.results[msg_id] = exc if exc is not None else result
-    client.outstanding.discard(msg_id)
+    client._trait_values["results"][msg_id] = exc if exc is not None else result
+    client._trait_values["outstanding"].discard(msg_id)
     if engine_uuid:
         pending = client._outstanding_by_engine.get(engine_uuid)
         if pending is not None:
@@ -202,7 +202,7 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
     fut = client._futures.get(msg_id)
     if fut is None:
         return None
-    md = client.metadata[msg_id]
+    md = client._trait_values["metadata"][msg_id]
     content = msg.get("content") or {}
     msg_type = msg.get("msg_type")
     if msg_type == "status":

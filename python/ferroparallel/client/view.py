@@ -173,7 +173,7 @@ class View(HasTraits):
         return ViewExecutor(self)
 
     def _finish(self, ar: AsyncResult, block: bool) -> Any:
-        self.client._own(ar.msg_ids)
+        ar._client._own(ar.msg_ids)
         if block:
             try:
                 return ar.get()
@@ -205,11 +205,13 @@ class DirectView(View):
         **options: Any,
     ) -> Any:
         block = self._block(block)
-        uuids, ids, single = self._targets(targets)
-        metadata = {"label": self.label} if self.label else {}
-        futs = self.client.apply_to(uuids, f, args, kwargs, metadata)
-        fname = _name_of(f)
-        ar = AsyncResult(self.client, futs, fname=fname, targets=ids[0] if single else ids)
+        client = self.client
+        t = self.targets if targets is None else targets
+        uuids, ids = client._build_targets(t)
+        label = self.label
+        futs = client.apply_to(uuids, f, args, kwargs, {"label": label} if label else {})
+        single = isinstance(t, int)
+        ar = AsyncResult(client, futs, fname=_name_of(f), targets=ids[0] if single else ids)
         return self._finish(ar, block)
 
     def _map(
@@ -510,8 +512,9 @@ class LoadBalancedView(View):
         block = self._block(block)
         # with no engine yet, the task waits in the scheduler until one arrives
         md = self._task_metadata(**options)
-        fut = self.client.send_apply_request("task", f, args, kwargs, metadata=md)
-        ar = AsyncResult(self.client, [fut], fname=_name_of(f))
+        client = self.client
+        fut = client.send_apply_request("task", f, args, kwargs, metadata=md)
+        ar = AsyncResult(client, [fut], fname=_name_of(f))
         return self._finish(ar, block)
 
     def _map(

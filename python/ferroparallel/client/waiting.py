@@ -14,6 +14,7 @@ while replies are being recorded must not lose them; it is raised right after th
 
 from __future__ import annotations
 
+import _signal  # the C module: ``signal.signal`` converts every value to and from an enum
 import signal
 import threading
 import time
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .client import Client
 
 __all__ = ["SigintDeferred", "wait_here"]
+
+_SIGINT = int(signal.SIGINT)
 
 
 class SigintDeferred:
@@ -44,7 +47,7 @@ class SigintDeferred:
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
         self.hit = False
-        self.old: Any = signal.getsignal(signal.SIGINT)
+        self.old: Any = _signal.getsignal(_SIGINT)
         self.usable = self.old is not None
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -53,17 +56,17 @@ class SigintDeferred:
 
     def __enter__(self) -> SigintDeferred:
         if self.usable:
-            signal.signal(signal.SIGINT, self._handler)
+            _signal.signal(_SIGINT, self._handler)
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self.usable:
             return
-        signal.signal(signal.SIGINT, self.old)
+        _signal.signal(_SIGINT, self.old)
         if not self.hit or exc_type is not None:
             return
         old = self.old
-        if old is signal.default_int_handler or old == signal.SIG_DFL:
+        if old is signal.default_int_handler or old == _signal.SIG_DFL:
             raise KeyboardInterrupt
         if callable(old):
             old(signal.SIGINT, None)
