@@ -174,12 +174,14 @@ class IoThread:
         least every 50 ms, so Ctrl-C raises KeyboardInterrupt.
 
         With ``since`` (a :meth:`generation` value) the caller waits with priority: messages
-        go to it before any caller without ``since``, and it returns at once, possibly with
-        nothing, when the generation is no longer ``since`` (see :meth:`wake`)."""
+        go to it before any caller without ``since`` (the first such caller receives from the
+        sockets itself while the I/O thread steps aside), and it returns at once, possibly
+        with nothing, when the generation is no longer ``since`` (see :meth:`wake`)."""
     def generation(self) -> int:
         """The inbox generation, bumped by :meth:`wake`."""
     def wake(self) -> None:
-        """Bump the generation: ``recv(since=g)`` calls with an older ``g`` return at once."""
+        """Bump the generation: ``recv(since=g)`` calls with an older ``g`` return at once (a
+        caller receiving from the sockets is interrupted too)."""
     def handshake_failures(self) -> list[tuple[str, str, str]]:
         """Connecting sockets whose last ZMTP handshake failed: ``(socket_name, endpoint,
         reason)``, e.g. a CURVE mechanism mismatch or a server that refused our key."""

@@ -3,10 +3,12 @@
 Normally the client's dispatcher thread receives replies, settles their futures, and wakes the
 thread that waits in ``get()``: two thread hand-offs (I/O thread → dispatcher → waiter) on the
 path of every synchronous call. :func:`wait_here` instead makes the waiting thread a priority
-receiver of the client's inbox (``IoThread.recv(since=...)``): replies go to it first, it
-handles whole batches exactly as the dispatcher would, and returns as soon as what it waits
-for is done. The dispatcher bumps the inbox generation after every batch it handles, so a
-waiter whose result the dispatcher settled returns at once too.
+receiver (``IoThread.recv(since=...)``): it receives from the sockets itself while the I/O
+thread steps aside (decision 0006; when another thread already does, it waits on the inbox,
+where replies go to priority receivers first), handles whole batches exactly as the
+dispatcher would, and returns as soon as what it waits for is done. The dispatcher bumps the
+inbox generation after every batch it handles, so a waiter whose result the dispatcher settled
+returns at once too.
 
 In the main thread a batch is handled with SIGINT deferred (:class:`SigintDeferred`): Ctrl-C
 while replies are being recorded must not lose them; it is raised right after the batch.

@@ -209,7 +209,12 @@ impl IoThread {
         };
         loop {
             let slice = deadline.slice();
-            let taken = py.detach(|| inbox.wait_batch_as(slice, max_messages, waiter));
+            let handle = &self.handle;
+            let taken = py.detach(|| match waiter {
+                // a waiting thread receives for itself (see IoHandle::wait_priority)
+                Waiter::Priority { since } => handle.wait_priority(slice, max_messages, since),
+                Waiter::Plain => inbox.wait_batch_as(slice, max_messages, waiter),
+            });
             let (batch, closed) = (taken.batch, taken.closed);
             self.release_sent();
             if !batch.is_empty() {
@@ -247,6 +252,7 @@ impl IoThread {
     /// Bump the inbox generation: `recv(since=g)` calls with an older `g` return at once.
     fn wake(&self) {
         self.handle.inbox.wake();
+        self.handle.wake_loop(); // a thread receiving for itself polls the sockets
     }
 
     /// Sockets whose last handshake failed: `(socket, endpoint, reason)`.

@@ -185,6 +185,23 @@ impl Inbox {
         }
     }
 
+    /// Count the caller as a priority waiter until [`Inbox::leave_priority`] (a thread that
+    /// receives for itself: what it delivers must not go to the plain waiters meanwhile).
+    pub fn enter_priority(&self) {
+        self.lock().priority_waiters += 1;
+    }
+
+    /// Undo [`Inbox::enter_priority`]; what is left goes to the plain waiters again.
+    pub fn leave_priority(&self) {
+        let mut st = self.lock();
+        st.priority_waiters = st.priority_waiters.saturating_sub(1);
+        let hand_over = st.priority_waiters == 0 && !st.queue.is_empty();
+        drop(st);
+        if hand_over {
+            self.cond.notify_all();
+        }
+    }
+
     /// The current generation (see [`Inbox::wake`]).
     pub fn generation(&self) -> u64 {
         self.lock().generation

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::handshake::{parse_event, Handshakes};
-use crate::inbox::{Delivery, DropReport, Inbox, Incoming};
+use crate::inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
 use crate::session::SessionCore;
 use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
@@ -132,6 +132,7 @@ impl Shared {
 /// The caller's side of an I/O thread. Cheap to share between threads.
 pub struct IoHandle {
     commands: Sender<Command>,
+    shared: Arc<LoopShared>,
     wake: Waker,
     pub inbox: Arc<Inbox>,
     pub releases: ReleaseQueue,
@@ -178,9 +179,13 @@ impl IoHandle {
             pending: Arc::new(AtomicBool::new(false)),
         };
         let handshakes = Arc::new(Handshakes::default());
-        let mut lp = Loop {
+        let lp = Loop {
             entries: Vec::new(),
             by_name: HashMap::new(),
+            all: true,
+            ready: Vec::new(),
+            monitors_ready: Vec::new(),
+            timed_out: false,
             wake_rx,
             wake_pending: waker.pending.clone(),
             commands: rx,
@@ -189,12 +194,20 @@ impl IoHandle {
             session: session.clone(),
             handshakes: handshakes.clone(),
         };
+        let shared = Arc::new(LoopShared {
+            lp: Mutex::new(lp),
+            leased: AtomicBool::new(false),
+            park: Mutex::new(()),
+            unparked: std::sync::Condvar::new(),
+        });
+        let runner = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || lp.run())
+            .spawn(move || runner.run())
             .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
         Ok(IoHandle {
             commands: tx,
+            shared,
             wake: waker,
             inbox,
             releases,
@@ -275,12 +288,64 @@ impl IoHandle {
         Ok(())
     }
 
+    /// Interrupt the poll of whoever receives (the I/O thread or a leasing waiter).
+    pub fn wake_loop(&self) {
+        self.wake.wake();
+    }
+
+    /// Wait like `inbox.wait_batch_as(timeout, max, Waiter::Priority { since })`, but receive
+    /// on this thread while waiting: the I/O thread steps aside, so a reply reaches the
+    /// waiting thread without a hand-off between threads (decision 0006). Falls back to the
+    /// plain priority wait when another thread already holds the loop.
+    pub fn wait_priority(&self, timeout: Duration, max: usize, since: u64) -> Taken {
+        let waiter = Waiter::Priority { since };
+        let now = self.inbox.wait_batch_as(Duration::ZERO, max, waiter);
+        if !now.batch.is_empty() || now.woken || now.closed || timeout.is_zero() {
+            return now;
+        }
+        if self.is_closed()
+            || self
+                .shared
+                .leased
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return self.inbox.wait_batch_as(timeout, max, waiter);
+        }
+        let deadline = Instant::now() + timeout;
+        self.inbox.enter_priority();
+        self.wake.wake(); // the I/O thread leaves its poll and parks
+        let taken = {
+            let mut lp = lock(&self.shared.lp);
+            loop {
+                let busy = lp.pass();
+                let taken = self.inbox.wait_batch_as(Duration::ZERO, max, waiter);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !taken.batch.is_empty() || taken.woken || taken.closed || left.is_zero() {
+                    break taken;
+                }
+                let ms = if busy {
+                    0
+                } else {
+                    left.as_millis().clamp(1, POLL_MS as u128) as i32
+                };
+                lp.poll_pass(ms);
+            }
+        };
+        self.shared.leased.store(false, Ordering::SeqCst);
+        drop(lock(&self.shared.park));
+        self.shared.unparked.notify_all();
+        self.inbox.leave_priority();
+        taken
+    }
+
     /// Stop the thread (flushing queued messages for a bounded time) and close every socket.
     pub fn close(&self) {
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
         let _ = self.command(Command::Close);
+        self.shared.unparked.notify_all();
         self.closed.store(true, Ordering::SeqCst);
         let handle = lock(&self.thread).take();
         if let Some(h) = handle {
@@ -340,6 +405,12 @@ impl Drop for Entry {
 struct Loop {
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
+    /// Look at every socket on the next pass (first pass, wake-up, timeout, busy socket).
+    all: bool,
+    ready: Vec<bool>,
+    monitors_ready: Vec<bool>,
+    /// The last poll was an idle one that timed out (see [`IoStats::late`]).
+    timed_out: bool,
     wake_rx: UnixStream,
     wake_pending: Arc<AtomicBool>,
     commands: Receiver<Command>,
@@ -349,48 +420,91 @@ struct Loop {
     handshakes: Arc<Handshakes>,
 }
 
-impl Loop {
-    fn run(&mut self) {
-        // Every socket is looked at on the first pass and whenever `all` is set.
-        let mut all = true;
-        let mut ready: Vec<bool> = Vec::new();
-        let mut monitors_ready: Vec<bool> = Vec::new();
-        let mut timed_out = false;
+/// What the I/O thread and a leasing waiter share: the loop, and who wants it.
+struct LoopShared {
+    lp: Mutex<Loop>,
+    /// A waiting thread holds or wants the loop (see [`IoHandle::wait_priority`]).
+    leased: AtomicBool,
+    park: Mutex<()>,
+    unparked: std::sync::Condvar,
+}
+
+impl LoopShared {
+    /// The I/O thread: passes over the sockets until closed, stepping aside while a waiting
+    /// thread receives for itself.
+    fn run(&self) {
         loop {
-            // Order matters: drain the pipe, then clear the flag, then look at the sockets. A
-            // waker that finds the flag still set acted before it was cleared, so the look
-            // below sees its socket; one that finds it clear writes a byte the next poll sees.
-            // (Clearing first would let the drain eat a byte whose flag stays set, and the
-            // next waker would then not write: a lost wake-up.)
-            self.drain_wake();
-            self.wake_pending.store(false, Ordering::SeqCst);
-            if self.run_commands() {
-                break;
+            if self.leased.load(Ordering::SeqCst) {
+                let g = lock(&self.park);
+                let _ = self.unparked.wait_timeout_while(
+                    g,
+                    Duration::from_millis(POLL_MS as u64),
+                    |_| self.leased.load(Ordering::SeqCst),
+                );
+                continue;
             }
-            let n = self.entries.len();
-            ready.resize(n, true);
-            monitors_ready.resize(n, true);
-            let mut batch = Vec::new();
-            let mut drops = Vec::new();
-            let mut busy = false;
-            for i in 0..n {
-                if all || ready[i] {
-                    let before = batch.len();
-                    busy |= self.service(i, &mut batch, &mut drops);
-                    if timed_out && batch.len() > before {
-                        self.stats.late.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                if all || monitors_ready[i] {
-                    self.read_monitor(i);
-                }
+            let mut lp = lock(&self.lp);
+            if lp.run_commands() {
+                lp.shut_down();
+                return;
             }
-            self.inbox.push_batch(batch, drops);
-            let timeout = if busy { 0 } else { POLL_MS };
-            let polled = self.poll(timeout, &mut ready, &mut monitors_ready);
-            timed_out = polled == Polled::TimedOut && !busy;
-            all = polled != Polled::Some || busy;
+            let busy = lp.pass();
+            if self.leased.load(Ordering::SeqCst) {
+                continue; // hand the loop over now
+            }
+            lp.poll_pass(if busy { 0 } else { POLL_MS });
         }
+    }
+}
+
+impl Loop {
+    /// One look at the sockets that need it: receive, send what is queued, deliver to the
+    /// inbox. Returns true when messages were left unread (poll again without waiting).
+    fn pass(&mut self) -> bool {
+        // Order matters: drain the pipe, then clear the flag, then look at the sockets. A
+        // waker that finds the flag still set acted before it was cleared, so the look
+        // below sees its socket; one that finds it clear writes a byte the next poll sees.
+        // (Clearing first would let the drain eat a byte whose flag stays set, and the
+        // next waker would then not write: a lost wake-up.)
+        self.drain_wake();
+        self.wake_pending.store(false, Ordering::SeqCst);
+        let n = self.entries.len();
+        self.ready.resize(n, true);
+        self.monitors_ready.resize(n, true);
+        let all = self.all;
+        let mut batch = Vec::new();
+        let mut drops = Vec::new();
+        let mut busy = false;
+        for i in 0..n {
+            if all || self.ready[i] {
+                let before = batch.len();
+                busy |= self.service(i, &mut batch, &mut drops);
+                if self.timed_out && batch.len() > before {
+                    self.stats.late.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if all || self.monitors_ready[i] {
+                self.read_monitor(i);
+            }
+        }
+        self.inbox.push_batch(batch, drops);
+        self.all = busy;
+        busy
+    }
+
+    /// Wait up to `timeout_ms` for something to do (see [`Loop::poll`]).
+    fn poll_pass(&mut self, timeout_ms: i32) {
+        let mut ready = std::mem::take(&mut self.ready);
+        let mut monitors_ready = std::mem::take(&mut self.monitors_ready);
+        let polled = self.poll(timeout_ms, &mut ready, &mut monitors_ready);
+        self.ready = ready;
+        self.monitors_ready = monitors_ready;
+        self.timed_out = polled == Polled::TimedOut && timeout_ms >= POLL_MS;
+        self.all |= polled != Polled::Some;
+    }
+
+    /// Flush what is queued (bounded), close every socket and the inbox.
+    fn shut_down(&mut self) {
         self.flush_all_until(Instant::now() + CLOSE_FLUSH);
         for e in &mut self.entries {
             e.close();
@@ -837,6 +951,108 @@ mod tests {
             0,
             "a wake-up was lost"
         );
+    }
+
+    /// An echo server on its own I/O thread; returns it, its endpoint and the echo thread.
+    fn echo_server(total: usize) -> (Arc<IoHandle>, String, std::thread::JoinHandle<usize>) {
+        let t = Duration::from_secs(20);
+        let server = Arc::new(io());
+        let mut spec = raw("echo", SocketKind::Router);
+        spec.bind = vec!["tcp://127.0.0.1:*".into()];
+        let endpoint = server.add_socket(spec, t).expect("bind").remove(0);
+        let s = server.clone();
+        let echo = std::thread::spawn(move || {
+            let mut n = 0;
+            let deadline = Instant::now() + t;
+            while n < total && Instant::now() < deadline {
+                let (batch, _) = s.inbox.wait_batch(Duration::from_millis(50), 1000);
+                for inc in batch {
+                    if let Delivery::Raw(frames) = inc.delivery {
+                        let out = frames
+                            .iter()
+                            .map(|f| OutFrame::Owned(f.as_ref().to_vec()))
+                            .collect();
+                        s.send("echo", out).expect("echo");
+                        n += 1;
+                    }
+                }
+            }
+            n
+        });
+        (server, endpoint, echo)
+    }
+
+    /// Threads that wait for their own echoes receive on the loop themselves (one at a
+    /// time; the others wait on the inbox), the I/O thread takes over again between them,
+    /// and nothing is lost, duplicated or late.
+    #[test]
+    fn leased_waits_receive_everything_and_hand_the_loop_back() {
+        const THREADS: usize = 3;
+        const EACH: usize = 200;
+        let total = THREADS * EACH + 1;
+        let (server, endpoint, echo) = echo_server(total);
+        let client = Arc::new(io());
+        let mut spec = raw("c", SocketKind::Dealer);
+        spec.connect = vec![endpoint];
+        client
+            .add_socket(spec, Duration::from_secs(10))
+            .expect("connect");
+        let seen = Arc::new(Mutex::new(
+            std::collections::HashMap::<Vec<u8>, usize>::new(),
+        ));
+        let workers: Vec<_> = (0..THREADS)
+            .map(|k| {
+                let client = client.clone();
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let body = format!("{k}:{i}").into_bytes();
+                        client
+                            .send("c", vec![OutFrame::Owned(body.clone())])
+                            .expect("send");
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        while !lock(&seen).contains_key(&body) {
+                            assert!(Instant::now() < deadline, "{k}:{i} never came back");
+                            let since = client.inbox.generation();
+                            let taken = client.wait_priority(Duration::from_millis(50), 100, since);
+                            let mut s = lock(&seen);
+                            for inc in taken.batch {
+                                if let Delivery::Raw(frames) = inc.delivery {
+                                    *s.entry(frames[0].as_ref().to_vec()).or_default() += 1;
+                                }
+                            }
+                            drop(s);
+                            // as the Python client does after handling a batch
+                            client.inbox.wake();
+                            client.wake_loop();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("worker");
+        }
+        // the I/O thread receives again for plain waiters
+        client
+            .send("c", vec![OutFrame::Owned(b"after".to_vec())])
+            .expect("send");
+        let got = received(&client, Duration::from_secs(10));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0][0], b"after");
+        assert_eq!(echo.join().expect("echo"), total);
+        let seen = lock(&seen);
+        assert_eq!(seen.len(), THREADS * EACH);
+        assert!(
+            seen.values().all(|&n| n == 1),
+            "a message was delivered twice"
+        );
+        assert_eq!(
+            client.stats.late.load(Ordering::Relaxed),
+            0,
+            "a wake-up was lost"
+        );
+        drop(server);
     }
 
     /// A socket that cannot send yet (no peer) queues messages in order and sends nothing
