@@ -314,6 +314,12 @@ impl IoHandle {
         }
         let deadline = Instant::now() + timeout;
         self.inbox.enter_priority();
+        // hands the loop back however this ends (a panic included: the I/O thread must not
+        // stay parked)
+        let _lease = Lease {
+            shared: &self.shared,
+            inbox: &self.inbox,
+        };
         self.wake.wake(); // the I/O thread leaves its poll and parks
         let taken = {
             let mut lp = lock(&self.shared.lp);
@@ -332,10 +338,6 @@ impl IoHandle {
                 lp.poll_pass(ms);
             }
         };
-        self.shared.leased.store(false, Ordering::SeqCst);
-        drop(lock(&self.shared.park));
-        self.shared.unparked.notify_all();
-        self.inbox.leave_priority();
         taken
     }
 
@@ -418,6 +420,22 @@ struct Loop {
     stats: Arc<IoStats>,
     session: Arc<SessionCore>,
     handshakes: Arc<Handshakes>,
+}
+
+/// A waiting thread's hold on the loop (see [`IoHandle::wait_priority`]); dropping it hands
+/// the loop back to the I/O thread.
+struct Lease<'a> {
+    shared: &'a LoopShared,
+    inbox: &'a Inbox,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.shared.leased.store(false, Ordering::SeqCst);
+        drop(lock(&self.shared.park));
+        self.shared.unparked.notify_all();
+        self.inbox.leave_priority();
+    }
 }
 
 /// What the I/O thread and a leasing waiter share: the loop, and who wants it.
