@@ -68,6 +68,10 @@ pub struct Server {
     /// Engines (by id) in the shared table, for the Python side.
     pub shared_engines: Arc<std::sync::Mutex<Vec<(i64, String)>>>,
     shutdown_at: Option<Instant>,
+    /// Sockets whose `ZMQ_EVENTS` must be read before the next blocking poll: those we
+    /// operated on (an operation can consume the edge-triggered `ZMQ_FD` signal) and those
+    /// whose descriptor fired.
+    check: Vec<bool>,
 }
 
 pub(crate) fn frames_of(idents: Vec<OutFrame>, env: Env) -> Vec<OutFrame> {
@@ -165,6 +169,7 @@ impl Server {
             stats,
             shared_engines: Arc::default(),
             shutdown_at: None,
+            check: vec![true; n],
         })
     }
 
@@ -224,25 +229,61 @@ impl Server {
         wait.clamp(0, 100)
     }
 
-    fn poll(&self, timeout_ms: i64) -> (Vec<bool>, Vec<bool>) {
-        let mut items: Vec<zmq::PollItem> = Vec::with_capacity(self.socks.len());
-        for (i, s) in self.socks.iter().enumerate() {
-            let mut ev = zmq::PollEvents::empty();
-            if !matches!(i, NOTIF | IOP_C | HB_PING) {
-                ev |= zmq::POLLIN;
-            }
-            if !self.pending[i].is_empty() {
-                ev |= zmq::POLLOUT;
-            }
-            items.push(s.as_poll_item(ev));
+    /// Which sockets can be read (`POLLIN` wanted) or written (messages queued), waiting up
+    /// to `timeout_ms` when none can.
+    ///
+    /// `zmq_poll` reads every socket's command mailbox on each call (one `poll(2)` per
+    /// socket, twice per wake-up), which on a dozen sockets is most of the syscalls the
+    /// controller makes per message. Here `poll(2)` watches each socket's `ZMQ_FD`, and
+    /// `ZMQ_EVENTS` is read only for sockets that were touched or whose descriptor fired.
+    fn poll(&mut self, timeout_ms: i64) -> (Vec<bool>, Vec<bool>) {
+        let n = self.socks.len();
+        let mut readable = vec![false; n];
+        let mut writable = vec![false; n];
+        self.check.resize(n, true);
+        if self.ready_now(&mut readable, &mut writable) {
+            return (readable, writable);
         }
-        if zmq::poll(&mut items, timeout_ms).is_err() {
-            return (Vec::new(), Vec::new());
+        let mut fds: Vec<libc::pollfd> = self
+            .socks
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.get_fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout_ms.clamp(0, i32::MAX as i64) as i32;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        for (c, fd) in self.check.iter_mut().zip(&fds) {
+            // timeout, EINTR or an error: look at every socket (cheap, at most every 100 ms)
+            *c |= rc <= 0 || fd.revents != 0;
         }
-        (
-            items.iter().map(|i| i.is_readable()).collect(),
-            items.iter().map(|i| i.is_writable()).collect(),
-        )
+        self.ready_now(&mut readable, &mut writable);
+        (readable, writable)
+    }
+
+    /// Read `ZMQ_EVENTS` of the sockets marked in `check`; true if any can be served now.
+    fn ready_now(&mut self, readable: &mut [bool], writable: &mut [bool]) -> bool {
+        let mut any = false;
+        for i in 0..self.socks.len() {
+            if !std::mem::take(&mut self.check[i]) {
+                continue;
+            }
+            let ev = self.socks[i]
+                .get_events()
+                .unwrap_or(zmq::POLLIN | zmq::POLLOUT);
+            if !matches!(i, NOTIF | IOP_C | HB_PING) && ev.contains(zmq::POLLIN) {
+                readable[i] = true;
+                any = true;
+            }
+            if !self.pending[i].is_empty() && ev.contains(zmq::POLLOUT) {
+                writable[i] = true;
+                any = true;
+            }
+        }
+        any
     }
 
     // ----- sending ------------------------------------------------------------------------
@@ -250,6 +291,9 @@ impl Server {
     /// Send frames on socket `i`; returns the errno when the send failed outright.
     pub(crate) fn send(&mut self, i: usize, frames: Vec<OutFrame>) -> Result<(), i32> {
         let ready = ReadyFrames::new(frames, &self.releases);
+        if let Some(c) = self.check.get_mut(i) {
+            *c = true; // the send may consume this socket's ZMQ_FD signal
+        }
         if !self.pending[i].is_empty() {
             self.pending[i].push_back(ready);
             return Ok(());
@@ -268,6 +312,9 @@ impl Server {
     }
 
     fn flush(&mut self, i: usize) {
+        if let Some(c) = self.check.get_mut(i) {
+            *c = true;
+        }
         while let Some(ready) = self.pending[i].pop_front() {
             match try_send(&mut self.socks[i], ready) {
                 Sent::Ok => {}
@@ -322,6 +369,9 @@ impl Server {
     // ----- receiving ----------------------------------------------------------------------
 
     fn receive(&mut self, i: usize) {
+        if let Some(c) = self.check.get_mut(i) {
+            *c = true; // messages may be left (burst limit); ZMQ_EVENTS tells
+        }
         for _ in 0..BURST {
             let frames = match recv_multipart(&mut self.socks[i]) {
                 Ok(Some(f)) => f,
