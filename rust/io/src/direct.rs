@@ -10,6 +10,9 @@
 //! while a watcher thread polls for control requests) interrupts that wait through an internal
 //! wake-up socket, so nobody waits longer than the hand-over.
 
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,8 +28,6 @@ use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
 const RECV_BURST: usize = 512;
 const MAX_DROP_REPORTS: usize = 1000;
 
-static WAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 struct Entry {
     name: Arc<str>,
     sock: zmq::Socket,
@@ -35,6 +36,9 @@ struct Entry {
     /// Handshake events of a connecting socket, and how many endpoints it connects to.
     monitor: Option<zmq::Socket>,
     endpoints: u64,
+    /// Read `ZMQ_EVENTS` before blocking: the socket was used (an operation may consume its
+    /// edge-triggered `ZMQ_FD` signal), its descriptor fired, or messages were left unread.
+    check: bool,
 }
 
 impl Entry {
@@ -52,7 +56,7 @@ impl Entry {
 
 struct State {
     entries: Vec<Entry>,
-    wake_rx: zmq::Socket,
+    wake_rx: UnixStream,
     /// When the handshake monitors were last read by [`DirectSockets::recv`].
     monitors_read: Instant,
 }
@@ -65,7 +69,7 @@ const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 /// A set of sockets used directly by the calling threads (see the module docs).
 pub struct DirectSockets {
     state: Mutex<State>,
-    wake_tx: Mutex<zmq::Socket>,
+    wake_tx: UnixStream,
     session: Arc<SessionCore>,
     /// Borrowed send buffers that libzmq has finished with (drop them where convenient).
     pub releases: ReleaseQueue,
@@ -77,6 +81,14 @@ pub struct DirectSockets {
     pub sent: AtomicU64,
 }
 
+fn pollfd(fd: std::os::fd::RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -84,15 +96,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl DirectSockets {
     /// An empty set that verifies and signs with `session`.
     pub fn new(session: Arc<SessionCore>) -> Result<DirectSockets, String> {
-        let ctx = crate::context();
-        let n = WAKE_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let endpoint = format!("inproc://fp-direct-wake-{}-{n}", std::process::id());
-        let wake_rx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
-        wake_rx.bind(&endpoint).map_err(|e| e.to_string())?;
-        wake_rx.set_linger(0).map_err(|e| e.to_string())?;
-        let wake_tx = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
-        wake_tx.connect(&endpoint).map_err(|e| e.to_string())?;
-        wake_tx.set_linger(0).map_err(|e| e.to_string())?;
+        let (wake_tx, wake_rx) =
+            UnixStream::pair().map_err(|e| format!("cannot create the wake-up pipe: {e}"))?;
+        for sock in [&wake_tx, &wake_rx] {
+            sock.set_nonblocking(true)
+                .map_err(|e| format!("cannot set up the wake-up pipe: {e}"))?;
+        }
         Ok(DirectSockets {
             state: Mutex::new(State {
                 entries: Vec::new(),
@@ -102,7 +111,7 @@ impl DirectSockets {
                     .checked_sub(MONITOR_INTERVAL)
                     .unwrap_or_else(Instant::now),
             }),
-            wake_tx: Mutex::new(wake_tx),
+            wake_tx,
             session,
             releases: ReleaseQueue::new(),
             drops: Mutex::new(Vec::new()),
@@ -138,8 +147,8 @@ impl DirectSockets {
 
     /// Interrupt a `recv` waiting in another thread (it returns what it has, possibly nothing).
     pub fn wake(&self) {
-        // A full wake pipe already holds a wake-up: nothing is lost by a failed send.
-        let _ = lock(&self.wake_tx).send(&b""[..], zmq::DONTWAIT);
+        // A full pipe already holds a wake-up: nothing is lost by a failed write.
+        let _ = (&self.wake_tx).write(&[1u8]);
     }
 
     /// Create a socket (monitors and forwarding are not supported here); returns the bound
@@ -162,12 +171,17 @@ impl DirectSockets {
             raw: spec.raw,
             monitor,
             endpoints: spec.connect.len() as u64,
+            check: true,
         });
         Ok(bound)
     }
 
     /// Wait up to `timeout` for messages on any socket and return those that arrived (at most
     /// [`RECV_BURST`] per socket), and whether the wait was cut short by [`Self::wake`].
+    ///
+    /// `poll(2)` watches each socket's `ZMQ_FD` (and the wake-up pipe); `ZMQ_EVENTS` is read
+    /// only for sockets that were used or signalled. (`zmq_poll` reads every socket's command
+    /// mailbox, one syscall each, before and after every wait.)
     pub fn recv(&self, timeout: Duration) -> Result<(Vec<Incoming>, bool), String> {
         self.check_open()?;
         let mut state = lock(&self.state);
@@ -176,50 +190,63 @@ impl DirectSockets {
             wake_rx,
             monitors_read,
         } = &mut *state;
-        let monitors_due = monitors_read.elapsed() >= MONITOR_INTERVAL;
         let mut batch = Vec::new();
         let mut drops = Vec::new();
-        let readable = {
-            let mut items = Vec::with_capacity(entries.len() + 1);
-            items.push(wake_rx.as_poll_item(zmq::POLLIN));
+        for e in entries.iter_mut() {
+            self.service(e, &mut batch, &mut drops);
+        }
+        let mut woken = false;
+        if batch.is_empty() {
+            let mut fds = Vec::with_capacity(1 + 2 * entries.len());
+            fds.push(pollfd(wake_rx.as_raw_fd()));
             for e in entries.iter() {
-                let events = if e.kind.receives() {
-                    zmq::POLLIN
-                } else {
-                    zmq::PollEvents::empty()
-                };
-                items.push(e.sock.as_poll_item(events));
+                fds.push(pollfd(e.sock.get_fd().unwrap_or(-1)));
             }
-            // monitors last, when due: their events are read whenever anything wakes the poll
-            if monitors_due {
-                for m in entries.iter().filter_map(|e| e.monitor.as_ref()) {
-                    items.push(m.as_poll_item(zmq::POLLIN));
+            for e in entries.iter() {
+                if let Some(m) = &e.monitor {
+                    fds.push(pollfd(m.get_fd().unwrap_or(-1)));
                 }
             }
-            let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
-            // EINTR (a signal) counts as a timeout: the caller checks for signals.
-            if zmq::poll(&mut items, ms).is_err() {
-                return Ok((batch, false));
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            // EINTR (a signal) or a timeout: look at every socket; the caller checks signals
+            let fired = |k: usize| rc <= 0 || fds[k].revents != 0;
+            if rc > 0 && fds[0].revents != 0 {
+                woken = true;
+                let mut buf = [0u8; 64];
+                while matches!(wake_rx.read(&mut buf), Ok(n) if n > 0) {}
             }
-            items.iter().map(|i| i.is_readable()).collect::<Vec<_>>()
-        };
-        if readable[0] {
-            while wake_rx.recv_bytes(zmq::DONTWAIT).is_ok() {}
-        }
-        if monitors_due {
-            for e in entries.iter() {
-                e.read_monitor(&self.handshakes);
+            let monitors_fired = fds[1 + entries.len()..].iter().any(|f| f.revents != 0);
+            for (k, e) in entries.iter_mut().enumerate() {
+                e.check |= fired(1 + k);
             }
-            *monitors_read = Instant::now();
-        }
-        for (i, e) in entries.iter_mut().enumerate() {
-            if readable[i + 1] {
-                self.receive(e, &mut batch, &mut drops);
+            if monitors_fired || rc <= 0 || monitors_read.elapsed() >= MONITOR_INTERVAL {
+                for e in entries.iter() {
+                    e.read_monitor(&self.handshakes);
+                }
+                *monitors_read = Instant::now();
+            }
+            for e in entries.iter_mut() {
+                self.service(e, &mut batch, &mut drops);
             }
         }
         drop(state);
         self.report(drops);
-        Ok((batch, readable[0]))
+        Ok((batch, woken))
+    }
+
+    /// Receive from `e` if it was flagged and has messages (see [`Entry::check`]).
+    fn service(&self, e: &mut Entry, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) {
+        if !std::mem::take(&mut e.check) {
+            return;
+        }
+        // read even for sockets that do not receive: it resets their descriptor's signal
+        let events = e.sock.get_events().unwrap_or(zmq::POLLIN);
+        if e.kind.receives() && events.contains(zmq::POLLIN) {
+            // a full burst may leave messages: look again before the next wait
+            e.check = self.receive(e, batch, drops);
+        }
     }
 
     /// Record dropped messages (also those the caller could not convert), for
@@ -233,18 +260,24 @@ impl DirectSockets {
         d.extend(drops.into_iter().take(room));
     }
 
-    fn receive(&self, e: &mut Entry, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) {
+    /// Receive up to [`RECV_BURST`] messages; true when the burst was used up.
+    fn receive(
+        &self,
+        e: &mut Entry,
+        batch: &mut Vec<Incoming>,
+        drops: &mut Vec<DropReport>,
+    ) -> bool {
         for _ in 0..RECV_BURST {
             let frames = match recv_multipart(&mut e.sock) {
                 Ok(Some(frames)) => frames,
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(text) => {
                     drops.push(DropReport {
                         socket: e.name.clone(),
                         kind: "RecvError",
                         text,
                     });
-                    return;
+                    return false;
                 }
             };
             self.received.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +304,7 @@ impl DirectSockets {
                 }),
             }
         }
+        true
     }
 
     /// Wait up to `timeout` until every connecting socket has completed a handshake with each
@@ -331,6 +365,7 @@ impl DirectSockets {
                 entry.kind
             ));
         }
+        entry.check = true; // a send may consume the socket's ZMQ_FD signal
         loop {
             match try_send(&mut entry.sock, ready) {
                 Sent::Ok => {
