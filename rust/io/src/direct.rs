@@ -472,11 +472,10 @@ mod tests {
         d.add_socket(spec).expect("connect");
         assert!(d.wait_connected(Duration::from_secs(10)).expect("open"));
         assert_eq!(d.handshakes.state("shell").succeeded, 1);
-        // a second endpoint where nobody listens: not connected until the timeout
-        let nobody = crate::context().socket(zmq::ROUTER).expect("router");
-        nobody.bind("tcp://127.0.0.1:*").expect("bind");
-        let gone = nobody.get_last_endpoint().expect("ep").expect("utf8");
-        drop(nobody);
+        // a second endpoint that accepts TCP but never speaks ZMTP: not connected until the
+        // timeout (a freed port could be taken meanwhile by another process's ZMQ socket)
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let gone = format!("tcp://{}", silent.local_addr().expect("addr"));
         let mut spec = SocketSpec::new("control", SocketKind::Dealer);
         spec.connect = vec![up, gone];
         d.add_socket(spec).expect("connect");

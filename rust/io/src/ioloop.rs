@@ -897,40 +897,15 @@ mod tests {
     /// signal would show as a poll that timed out with messages waiting).
     #[test]
     fn concurrent_direct_sends_lose_nothing() {
+        const THREADS: usize = 4;
+        const EACH: usize = 2000;
+        let total = THREADS * EACH;
         let t = Duration::from_secs(20);
-        let server = Arc::new(io());
-        let mut spec = raw("echo", SocketKind::Router);
-        spec.bind = vec!["tcp://127.0.0.1:*".into()];
-        let endpoint = server.add_socket(spec, t).expect("bind").remove(0);
+        let (server, endpoint, echo) = echo_server(total);
         let client = Arc::new(io());
         let mut spec = raw("c", SocketKind::Dealer);
         spec.connect = vec![endpoint];
         client.add_socket(spec, t).expect("connect");
-
-        const THREADS: usize = 4;
-        const EACH: usize = 2000;
-        let total = THREADS * EACH;
-        let echo = {
-            let server = server.clone();
-            std::thread::spawn(move || {
-                let mut n = 0;
-                let deadline = Instant::now() + t;
-                while n < total && Instant::now() < deadline {
-                    let (batch, _) = server.inbox.wait_batch(Duration::from_millis(50), 1000);
-                    for inc in batch {
-                        if let Delivery::Raw(frames) = inc.delivery {
-                            let out = frames
-                                .iter()
-                                .map(|f| OutFrame::Owned(f.as_ref().to_vec()))
-                                .collect();
-                            server.send("echo", out).expect("echo");
-                            n += 1;
-                        }
-                    }
-                }
-                n
-            })
-        };
         let senders: Vec<_> = (0..THREADS)
             .map(|k| {
                 let client = client.clone();
