@@ -41,6 +41,22 @@ struct Entry {
     check: bool,
 }
 
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if self.monitor.is_some() {
+            // libzmq's I/O thread sends monitor events with a *blocking* send: once our end of
+            // the monitor pipe is gone, the next event of the lingering socket (a handshake
+            // that fails because the peer hung up) would block that thread, and with it every
+            // socket of the process. Stop the monitor before either socket is closed.
+            // SAFETY: the socket pointer is valid while `self.sock` lives; a NULL endpoint with
+            // no events is libzmq's documented way to stop monitoring.
+            unsafe {
+                zmq_sys::zmq_socket_monitor(self.sock.as_mut_ptr(), std::ptr::null(), 0);
+            }
+        }
+    }
+}
+
 impl Entry {
     fn read_monitor(&self, handshakes: &Handshakes) {
         let Some(monitor) = &self.monitor else {

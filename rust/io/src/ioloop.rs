@@ -512,6 +512,7 @@ impl Loop {
         }
         self.inbox.push_batch(batch, drops);
         self.all = busy;
+        self.timed_out = false; // counts for the pass right after the timed-out poll only
         busy
     }
 
