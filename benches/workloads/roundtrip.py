@@ -57,6 +57,9 @@ NAME = "roundtrip"
 
 #: The echo server: a ROUTER bound to a random loopback port (printed), echoing every message
 #: until it receives the single frame ``b"stop"``.
+#: How long the raw pyzmq floors wait for one echo before giving up.
+RECV_TIMEOUT_MS = 30_000
+
 _ECHO_SERVER = """
 import sys
 import zmq
@@ -64,6 +67,10 @@ import zmq
 ctx = zmq.Context()
 sock = ctx.socket(zmq.ROUTER)
 sock.setsockopt(zmq.LINGER, 0)
+# no high-water mark: a ROUTER drops what it cannot queue, and a lost echo would stall the
+# pipelined floor (ferroparallel's sockets have none either)
+sock.setsockopt(zmq.SNDHWM, 0)
+sock.setsockopt(zmq.RCVHWM, 0)
 port = sock.bind_to_random_port("tcp://127.0.0.1")
 sys.stdout.write(f"{port}\\n")
 sys.stdout.flush()
@@ -85,6 +92,9 @@ import zmq
 ctx = zmq.Context()
 front = ctx.socket(zmq.ROUTER)
 back = ctx.socket(zmq.DEALER)
+for s in (front, back):
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.setsockopt(zmq.RCVHWM, 0)
 back.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
 port = front.bind_to_random_port("tcp://127.0.0.1")
 sys.stdout.write(f"{port}\\n")
@@ -136,6 +146,9 @@ def pyzmq_sockets() -> Iterator[tuple[list[bytes], zmq.Socket, zmq.Socket]]:
         for port in (echo_port, relay_port):
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a lost echo fails, not hangs
             sock.connect(f"tcp://127.0.0.1:{port}")
             socks.append(sock)
         yield _request_frames(), socks[0], socks[1]
@@ -169,14 +182,19 @@ def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]
 
 def pipelined_rate(sock: zmq.Socket, frames: list[bytes], n: int, window: int = 1000) -> float:
     """Messages per second of ``n`` echoes with up to ``window`` in flight (the pipelined
-    floor of task throughput)."""
+    floor of task throughput). Raises RuntimeError when an echo does not come back within
+    :data:`RECV_TIMEOUT_MS`."""
     t0 = time.perf_counter()
     sent = received = 0
     while received < n:
         while sent < n and sent - received < window:
             sock.send_multipart(frames)
             sent += 1
-        sock.recv_multipart()
+        try:
+            sock.recv_multipart()
+        except zmq.Again:
+            secs = RECV_TIMEOUT_MS / 1000
+            raise RuntimeError(f"echo {received + 1} of {n} not back within {secs:g} s") from None
         received += 1
     return n / (time.perf_counter() - t0)
 
