@@ -10,7 +10,7 @@
 //! while a watcher thread polls for control requests) interrupts that wait through an internal
 //! wake-up socket, so nobody waits longer than the hand-over.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +23,7 @@ use crate::ioloop::recv_multipart;
 use crate::outframe::{try_send, OutFrame, ReadyFrames, ReleaseQueue, Sent};
 use crate::session::SessionCore;
 use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
+use crate::wakeup::{drain, pollfd, wake_pair};
 
 /// Most messages taken from one socket by one `recv` call (the others wait for the next).
 const RECV_BURST: usize = 512;
@@ -97,14 +98,6 @@ pub struct DirectSockets {
     pub sent: AtomicU64,
 }
 
-fn pollfd(fd: std::os::fd::RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -112,12 +105,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl DirectSockets {
     /// An empty set that verifies and signs with `session`.
     pub fn new(session: Arc<SessionCore>) -> Result<DirectSockets, String> {
-        let (wake_tx, wake_rx) =
-            UnixStream::pair().map_err(|e| format!("cannot create the wake-up pipe: {e}"))?;
-        for sock in [&wake_tx, &wake_rx] {
-            sock.set_nonblocking(true)
-                .map_err(|e| format!("cannot set up the wake-up pipe: {e}"))?;
-        }
+        let (wake_tx, wake_rx) = wake_pair()?;
         Ok(DirectSockets {
             state: Mutex::new(State {
                 entries: Vec::new(),
@@ -230,8 +218,7 @@ impl DirectSockets {
             let fired = |k: usize| rc <= 0 || fds[k].revents != 0;
             if rc > 0 && fds[0].revents != 0 {
                 woken = true;
-                let mut buf = [0u8; 64];
-                while matches!(wake_rx.read(&mut buf), Ok(n) if n > 0) {}
+                drain(wake_rx);
             }
             let monitors_fired = fds[1 + entries.len()..].iter().any(|f| f.revents != 0);
             for (k, e) in entries.iter_mut().enumerate() {

@@ -13,7 +13,7 @@
 //! per socket, in order, and the I/O thread sends them when the socket is writable again.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +27,7 @@ use crate::inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
 use crate::session::SessionCore;
 use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
+use crate::wakeup::{drain, pollfd, wake_pair};
 
 /// Counters kept by the I/O thread.
 #[derive(Debug, Default)]
@@ -167,12 +168,7 @@ impl Waker {
 impl IoHandle {
     /// Start an I/O thread for `session`.
     pub fn spawn(session: Arc<SessionCore>, name: &str) -> Result<IoHandle, String> {
-        let (wake_tx, wake_rx) =
-            UnixStream::pair().map_err(|e| format!("cannot create the wake-up pipe: {e}"))?;
-        for s in [&wake_tx, &wake_rx] {
-            s.set_nonblocking(true)
-                .map_err(|e| format!("cannot set up the wake-up pipe: {e}"))?;
-        }
+        let (wake_tx, wake_rx) = wake_pair()?;
         let (tx, rx) = mpsc::channel();
         let inbox = Arc::new(Inbox::default());
         let releases = ReleaseQueue::new();
@@ -538,12 +534,7 @@ impl Loop {
     }
 
     fn drain_wake(&mut self) {
-        let mut buf = [0u8; 64];
-        while let Ok(n) = self.wake_rx.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
+        drain(&self.wake_rx);
     }
 
     /// Wait until a socket's `ZMQ_FD`, a monitor or the wake-up pipe is readable, or
@@ -826,14 +817,6 @@ enum Polled {
     All,
     /// Nothing happened within the timeout: look at every socket (cheap, once per interval).
     TimedOut,
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
 }
 
 /// Receive one whole multipart message, or `None` if nothing is waiting.

@@ -15,6 +15,7 @@ mod ioloop;
 mod outframe;
 mod session;
 mod socket;
+mod wakeup;
 
 pub use curve::{Curve, CurveKey};
 pub use direct::DirectSockets;
