@@ -22,6 +22,16 @@ def curve_keypair() -> tuple[str, str]:
 def curve_public_key(secretkey: str | bytes) -> str:
     """The Z85 public key that belongs to a secret key (Z85, or 32 raw bytes)."""
 
+def buffer_address(obj: Buffer) -> tuple[int, int]:
+    """``(address, nbytes)`` of a contiguous buffer; valid while ``obj`` stays alive."""
+
+def read_process_memory(pid: int, addr: int, dest: Buffer) -> None:
+    """Fill the writable buffer ``dest`` from address ``addr`` of process ``pid``
+    (``process_vm_readv``, GIL released). ``OSError`` (ESRCH, EPERM, EFAULT) on failure."""
+
+def write_process_memory(pid: int, addr: int, src: bytes) -> None:
+    """Write ``src`` to address ``addr`` of process ``pid`` (``process_vm_writev``)."""
+
 class Frame:
     """A read-only buffer over one received message frame (no copy).
 

@@ -11,6 +11,7 @@ mod direct;
 mod errors;
 mod frame;
 mod iothread;
+mod peer;
 mod pybuffer;
 mod session;
 
@@ -42,6 +43,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(curve::has_curve, m)?)?;
     m.add_function(wrap_pyfunction!(curve::curve_keypair, m)?)?;
     m.add_function(wrap_pyfunction!(curve::curve_public_key, m)?)?;
+    m.add_function(wrap_pyfunction!(peer::buffer_address, m)?)?;
+    m.add_function(wrap_pyfunction!(peer::read_process_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(peer::write_process_memory, m)?)?;
     m.add_class::<frame::Frame>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;

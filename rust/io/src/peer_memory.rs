@@ -1,0 +1,139 @@
+//! Copying bytes out of another process's memory (`process_vm_readv`), for same-host transfers
+//! of large request arguments: the receiver copies straight from the sender's buffer into its
+//! own, one copy and no intermediate file (see `docs/decisions/0007-reading-peer-memory.md`).
+
+use std::io;
+
+/// Largest piece asked of one `process_vm_readv` call (the kernel may return less; a smaller
+/// piece also bounds how long one call runs without looking at signals).
+const PIECE: usize = 256 << 20;
+
+/// Copy `dst.len()` bytes starting at address `addr` of process `pid` into `dst`.
+///
+/// # Errors
+///
+/// The OS error of the first failing call: `ESRCH` (no such process), `EPERM` (not allowed to
+/// read that process: another user, or a ptrace policy), `EFAULT` (the range is not mapped in
+/// that process). A call that copies nothing while bytes remain reports `EFAULT`. `EINTR` is
+/// retried.
+pub fn read_process_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()> {
+    let total = dst.len();
+    let mut done = 0usize;
+    while done < total {
+        let want = (total - done).min(PIECE);
+        let start = addr
+            .checked_add(done as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        let local = libc::iovec {
+            iov_base: dst[done..].as_mut_ptr().cast(),
+            iov_len: want,
+        };
+        let remote = libc::iovec {
+            iov_base: start as usize as *mut libc::c_void,
+            iov_len: want,
+        };
+        // SAFETY: `local` describes `want` writable bytes inside `dst`, which we borrow mutably
+        // for the whole call; `remote` is only an address in the other process: the kernel
+        // checks it and fails with EFAULT instead of touching our memory.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Copy `src` to address `addr` of process `pid` (`process_vm_writev`): how a receiver tells
+/// the sender, through a word the sender watches, that it has its copy.
+///
+/// # Errors
+///
+/// As [`read_process_memory`].
+pub fn write_process_memory(pid: i32, addr: u64, src: &[u8]) -> io::Result<()> {
+    let total = src.len();
+    let mut done = 0usize;
+    while done < total {
+        let want = (total - done).min(PIECE);
+        let start = addr
+            .checked_add(done as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        let local = libc::iovec {
+            iov_base: src[done..].as_ptr() as *mut libc::c_void,
+            iov_len: want,
+        };
+        let remote = libc::iovec {
+            iov_base: start as usize as *mut libc::c_void,
+            iov_len: want,
+        };
+        // SAFETY: `local` describes `want` readable bytes of `src` (the kernel only reads
+        // them); `remote` is checked by the kernel, which fails with EFAULT for a bad range.
+        let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_memory_exactly() {
+        let src: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut dst = vec![0u8; src.len()];
+        let pid = std::process::id() as i32;
+        read_process_memory(pid, src.as_ptr() as u64, &mut dst).expect("read own memory");
+        assert_eq!(src, dst);
+    }
+
+    #[test]
+    fn empty_read_is_ok_and_bad_ranges_fail() {
+        let pid = std::process::id() as i32;
+        read_process_memory(pid, 0, &mut []).expect("nothing to read");
+        let mut dst = [0u8; 16];
+        let err = read_process_memory(pid, 8, &mut dst).expect_err("address 8 is not mapped");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+        let err = read_process_memory(pid, u64::MAX - 4, &mut dst).expect_err("wraps around");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    }
+
+    #[test]
+    fn writes_own_memory_exactly() {
+        let mut word = vec![0u8; 8];
+        let pid = std::process::id() as i32;
+        let addr = word.as_mut_ptr() as u64;
+        write_process_memory(pid, addr, &7u64.to_ne_bytes()).expect("write own memory");
+        assert_eq!(
+            u64::from_ne_bytes(word[..8].try_into().expect("8 bytes")),
+            7
+        );
+        let err = write_process_memory(pid, 8, &[1]).expect_err("address 8 is not mapped");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    }
+
+    #[test]
+    fn a_missing_process_is_esrch() {
+        let mut dst = [0u8; 4];
+        // pid_max is at most 2^22 on Linux: this pid cannot exist.
+        let err = read_process_memory(i32::MAX, 4096, &mut dst).expect_err("no such process");
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
+}
