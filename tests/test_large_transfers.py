@@ -48,11 +48,17 @@ def big_zeros(n: int) -> np.ndarray:
     return a
 
 
-def test_array_over_2_gib_through_shared_memory(rc: Client) -> None:
+@pytest.mark.parametrize("path", ["shm", "lent"])
+def test_array_over_2_gib_through_shared_memory(rc: Client, path: str) -> None:
     n = 2 * GIB + 100 * MIB
     a = big_zeros(n)
-    rc[0].push({"huge": a}, block=True)
-    assert rc[0].apply_sync(ends, Reference("huge")) == (n, 3, 7, "shm", True)
+    saved, rc._shm.peer_read = rc._shm.peer_read, path == "lent"
+    try:
+        rc[0].push({"huge": a}, block=True)
+    finally:
+        rc._shm.peer_read = saved
+    kind = "shm" if path == "shm" else "ndarray"
+    assert rc[0].apply_sync(ends, Reference("huge")) == (n, 3, 7, kind, True)
     rc[0].execute("del huge", block=True)
     assert segments_of() == []
 
@@ -67,17 +73,18 @@ def test_array_over_2_gib_over_the_socket(sock_rc: Client) -> None:
     sock_rc[0].execute("del huge", block=True)
 
 
-@pytest.mark.parametrize("use_shm", [False, True])
-def test_thousands_of_buffers(rc: Client, sock_rc: Client, use_shm: bool) -> None:
+@pytest.mark.parametrize("path", ["socket", "shm", "lent"])
+def test_thousands_of_buffers(rc: Client, sock_rc: Client, path: str) -> None:
     arrays = [np.full(300, i, dtype=np.int64) for i in range(5000)]  # 2400 B: out of band
-    client = rc if use_shm else sock_rc
-    saved, rc._shm.threshold = rc._shm.threshold, 1024
+    client = sock_rc if path == "socket" else rc
+    saved = rc._shm.threshold, rc._shm.peer_read
+    rc._shm.threshold, rc._shm.peer_read = 1024, path == "lent"
     try:
         client[0].push({"many": arrays}, block=True)
     finally:
-        rc._shm.threshold = saved
+        rc._shm.threshold, rc._shm.peer_read = saved
     kinds = client[0].apply_sync(lambda m: sorted({owner_kind(x) for x in m}), Reference("many"))
-    assert kinds == (["shm"] if use_shm else ["frame"])
+    assert kinds == [{"socket": "frame", "shm": "shm", "lent": "ndarray"}[path]]
     back = client[0].pull("many", block=True)
     assert len(back) == 5000 and all((b == i).all() for i, b in enumerate(back))
 
@@ -101,7 +108,7 @@ PEAK_SCRIPT = """
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
         return 0
-    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] == "shm")
+    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] != "socket", peer_read=sys.argv[2] == "lent")
     rc.wait_for_engines(2, timeout=30)
     warm = np.ones(2 << 20, dtype=np.uint8)
     rc[:].push({"warm": warm}, block=True)  # imports, probes, first-use allocations
@@ -123,7 +130,7 @@ PEAK_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("path", ["socket", "shm"])
+@pytest.mark.parametrize("path", ["socket", "shm", "lent"])
 def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -> None:
     n = 256 * MIB
     proc = run_script(PEAK_SCRIPT, str(shared_cluster.client_file), path, str(n))
@@ -139,7 +146,7 @@ def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -
 INTERRUPT_SCRIPT = """
     import json, sys, time, numpy as np, ferroparallel as ipp
     from ferroparallel.serialize import shm
-    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] == "shm")
+    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] != "socket", peer_read=sys.argv[2] == "lent")
     rc.wait_for_engines(2, timeout=30)
     rc[:].push({"warm": np.ones(2 << 20, dtype=np.uint8)}, block=True)
     a = np.ones(1 << 30, dtype=np.uint8)
@@ -160,7 +167,7 @@ INTERRUPT_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("path", ["socket", "shm"])
+@pytest.mark.parametrize("path", ["socket", "shm", "lent"])
 def test_ctrl_c_during_a_big_push_leaves_everything_usable(
     rc: Client, shared_cluster: Cluster, path: str
 ) -> None:

@@ -38,6 +38,20 @@ SHORT = 30.0
 
 
 @pytest.fixture(autouse=True)
+def segments_even_for_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
+    """These tests are about segments: the shared client does not lend (test_peer_read.py)."""
+    if "rc" not in request.fixturenames:
+        yield
+        return
+    rc = request.getfixturevalue("rc")
+    saved, rc._shm.peer_read = rc._shm.peer_read, False
+    try:
+        yield
+    finally:
+        rc._shm.peer_read = saved
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_segments() -> Iterator[None]:
     """Every test must leave no segment of this process behind."""
     yield
@@ -330,8 +344,9 @@ def test_engine_killed_mid_transfer_releases_the_segment(
         time.sleep(0.01)
     assert rc._shm.live_segments() == [] and segments_of() == []
     assert not (shm.SHM_DIR / names[0]).exists()
-    # the surviving engine still gets shm transfers
-    assert rc[0].apply_sync(owner_kind, np.ones(2 * MIB, dtype=np.uint8)) == "shm"
+    # the surviving engine still gets shm transfers (non-blocking: blocking calls lend)
+    ar = rc[0].apply_async(owner_kind, np.ones(2 * MIB, dtype=np.uint8))
+    assert ar.get(timeout=SHORT) == "shm"
 
 
 def test_client_killed_holding_segments_leaves_nothing_after_the_sweep(
@@ -362,7 +377,8 @@ def test_client_killed_holding_segments_leaves_nothing_after_the_sweep(
     with ipp.Client(cluster.client_file) as rc2:  # ...until a process starts and sweeps
         assert segments_of(proc.pid) == []
         # the engine survived requests whose segments vanished, and still works
-        assert rc2[0].apply_sync(owner_kind, np.ones(2 * MIB, dtype=np.uint8)) == "shm"
+        ar = rc2[0].apply_async(owner_kind, np.ones(2 * MIB, dtype=np.uint8))
+        assert ar.get(timeout=SHORT) == "shm"
     rc.wait_for_engines(1, timeout=SHORT)
     assert rc[0].apply_sync(lambda: 5) == 5
 

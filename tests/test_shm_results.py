@@ -5,6 +5,7 @@ read-only and unlinks the name; nothing is left in /dev/shm."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,6 +28,17 @@ def _engine_segments(rc: Client) -> list[list[str]]:
     return rc[:].apply_sync(lambda: __import__("ferroparallel").serialize.shm.our_segments())
 
 
+@pytest.fixture
+def no_lending(rc: Client) -> Iterator[None]:
+    """Blocking calls of the shared client use segments (lending: test_peer_read.py)."""
+    saved, rc._shm.peer_read = rc._shm.peer_read, False
+    try:
+        yield
+    finally:
+        rc._shm.peer_read = saved
+
+
+@pytest.mark.usefixtures("no_lending")
 def test_pull_and_apply_results_come_through_shm(rc: Client, dv: DirectView) -> None:
     a = np.arange(MIB, dtype=np.float64)  # 8 MiB
     dv.push({"big": a}, block=True)

@@ -124,8 +124,9 @@ def test_engine_sends_its_result_without_copy() -> None:
 
 def test_shm_path_arrays_are_over_the_mapping(rc: Client) -> None:
     a = np.arange(MIB, dtype=np.float64)
-    assert rc[:].apply_sync(frame_check, a) == [("shm", True, True)] * 2
-    rc[:].push({"a": a}, block=True)
+    # non-blocking calls: blocking ones lend their arguments (test_peer_read.py)
+    assert rc[:].apply_async(frame_check, a).get(timeout=30) == [("shm", True, True)] * 2
+    rc[:].push({"a": a}, block=False).get(timeout=30)
     assert rc[:].apply_sync(frame_check, Reference("a")) == [("shm", True, True)] * 2
 
 
@@ -167,11 +168,12 @@ def client_rss_growth(rc: Client, targets: list[int], a: np.ndarray) -> tuple[in
     return rc._io.stats()["sent"] - sent, len(commits), grown
 
 
-@pytest.mark.parametrize("use_shm", [False, True])
+@pytest.mark.parametrize("path", ["socket", "shm", "lent"])
 def test_fan_out_to_16_engines_costs_the_client_what_1_engine_does(
-    new_cluster: Callable[..., tuple[Cluster, Client]], use_shm: bool
+    new_cluster: Callable[..., tuple[Cluster, Client]], path: str
 ) -> None:
-    cluster, rc = new_cluster(n=16, shm=use_shm)
+    use_shm = path == "shm"
+    cluster, rc = new_cluster(n=16, shm=path != "socket", peer_read=path == "lent")
     a = np.ones(64 * MIB, dtype=np.uint8)
     rc[:].push({"warm": np.ones(2 * MIB, dtype=np.uint8)}, block=True)  # engines probed
     one = client_rss_growth(rc, [0], a)
@@ -180,5 +182,5 @@ def test_fan_out_to_16_engines_costs_the_client_what_1_engine_does(
     assert one[1] == many[1] == (1 if use_shm else 0)
     assert many[2] <= max(1.2 * one[2], 0) + 0.1 * a.nbytes  # no per-engine copy
     kinds = rc[:].apply_sync(owner_kind, Reference("a"))
-    assert kinds == ["shm" if use_shm else "frame"] * 16
+    assert kinds == [{"socket": "frame", "shm": "shm", "lent": "ndarray"}[path]] * 16
     assert segments_of() == []

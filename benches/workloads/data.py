@@ -34,7 +34,9 @@ Shared memory: when ferroparallel has a same-host shared-memory path (``Client(s
 ``ferroparallel.SHM_AVAILABLE`` or a ``shm`` module: see :func:`shm_unavailable`), a second
 ferroparallel cluster runs with ``FERROPARALLEL_SHM=1`` (the first with ``FERROPARALLEL_SHM=0``)
 and gets its own rows, ``fp/copy`` being its target ratio; otherwise a row says
-``shm not available``.
+``shm not available``. Every timed operation here blocks (``block=True``), so on that cluster
+ferroparallel's engines and client copy straight from each other's memory (decision 0007)
+rather than through a ``/dev/shm`` segment, which non-blocking calls use.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ See ``docs/protocol.md`` ("ferroparallel extensions").
 from __future__ import annotations
 
 __all__ = [
+    "LENT_RESULT_KEY",
+    "LEND_RESULTS_KEY",
     "NO_STATUS_KEY",
     "OUTPUT_COUNT_KEY",
     "OUTPUT_TOPIC_PREFIX",
@@ -42,3 +44,13 @@ SHM_SEGMENT_KEY = "fp_shm_segment"
 #: engines not to send them (they were half of an engine's and the controller's work per
 #: no-op task). Requests without the key (every other peer) get status messages as always.
 NO_STATUS_KEY = "fp_no_status"
+
+#: Request metadata key: ``[pid, start time, token]`` of a client that waits for this reply and
+#: can read the engine's memory: the engine may lend the result's large buffers instead of
+#: copying them (``docs/decisions/0007-reading-peer-memory.md``).
+LEND_RESULTS_KEY = "fp_lend_results"
+
+#: Reply metadata key: ``[pid, start time, seal address, nonce]`` of a lent result. The engine
+#: waits until the word at the seal address no longer holds the nonce; the client, having read
+#: the buffers, checks the word still holds it (the copy is valid) and writes 0.
+LENT_RESULT_KEY = "fp_lent_result"

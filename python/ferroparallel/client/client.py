@@ -24,7 +24,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 from .. import _core, error, paths
 from .. import curve as _curve
 from .. import ssh as _ssh
-from ..wire_names import NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
+from ..wire_names import LEND_RESULTS_KEY, NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
 from . import connection, dispatch, waiting
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
@@ -143,6 +143,13 @@ class Client(HasTraits):
     shm_threshold : int, optional
         Buffers above this many bytes use shared memory (default
         ``$FERROPARALLEL_SHM_THRESHOLD`` or 1 MiB).
+    peer_read : bool, optional
+        For calls that wait for their results (``block=True``, ``apply_sync``, ...), let
+        engines on this host copy large arguments straight out of this process's memory
+        (``process_vm_readv``: one copy, nothing in ``/dev/shm``) instead of going through a
+        segment. Default: on when ``shm`` is, unless ``$FERROPARALLEL_PEER_READ=0``; used only
+        with engines that proved they can read this process. See
+        ``docs/decisions/0007-reading-peer-memory.md``.
     """
 
     block = Bool(False, help="Wait for results by default").tag(config=True)
@@ -185,6 +192,7 @@ class Client(HasTraits):
         cluster: Any = None,
         shm: bool | None = None,
         shm_threshold: int | None = None,
+        peer_read: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -239,7 +247,7 @@ class Client(HasTraits):
             username=username,
         )
         self._session_id = self.session.session
-        self._shm = ShmTransport(self, shm, shm_threshold)
+        self._shm = ShmTransport(self, shm, shm_threshold, peer_read)
         serverkey = info.get("curve_serverkey") or os.environ.get(_curve.SERVERKEY_ENV_VAR) or None
         if serverkey:
             serverkey = _curve.check_key(
@@ -664,9 +672,11 @@ class Client(HasTraits):
         buffers: Sequence[Any] | None = None,
         track: bool = False,
         engine_uuid: str | None = None,
+        header: dict[str, Any] | None = None,
     ) -> MessageFuture:
         self._check_open()
-        header = self.session.msg_header(msg_type)
+        if header is None:
+            header = self.session.msg_header(msg_type)
         label = (metadata or {}).get("label")
         # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
         fut = self._register(header, None, engine_uuid, label)
@@ -682,11 +692,13 @@ class Client(HasTraits):
         uuids: Sequence[str],
         metadata: dict[str, Any] | None = None,
         buffers: Sequence[Any] | None = None,
+        header: dict[str, Any] | None = None,
     ) -> list[MessageFuture]:
         """One request for several engines: sent once, fanned out by the controller (each
         engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``)."""
         self._check_open()
-        header = self.session.msg_header(msg_type)
+        if header is None:
+            header = self.session.msg_header(msg_type)
         base = header["msg_id"]
         pairs = [[u, f"{base}_{u}"] for u in uuids]
         md = dict(metadata or {})
@@ -698,14 +710,22 @@ class Client(HasTraits):
         )
         return futs
 
-    def _request_metadata(self, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    def _request_metadata(
+        self, metadata: dict[str, Any] | None, lend_from: Sequence[str] | None | bool = False
+    ) -> dict[str, Any]:
         """Metadata of a shell request (a new dict): ``metadata`` plus that large results may
         come back through shared memory (when this client uses it: engines on this host then
-        answer with a segment), and that no busy/idle status is wanted (unless
-        ``status_messages``: this client counts outputs with the reply's ``fp_outputs``)."""
+        answer with a segment) or be lent by the engines ``lend_from`` (``None``: any engine;
+        ``False``: no lending) when this thread waits for them, and that no busy/idle status
+        is wanted (unless ``status_messages``: this client counts outputs with the reply's
+        ``fp_outputs``)."""
         md = dict(metadata) if metadata else {}
         if self._shm.enabled:
             md[SHM_HOST_KEY] = self._shm.host
+        if lend_from is not False:
+            lend = self._shm.lend_results(lend_from)
+            if lend is not None:
+                md[LEND_RESULTS_KEY] = lend
         if not self._trait_values["status_messages"]:
             md[NO_STATUS_KEY] = True
         return md
@@ -726,12 +746,15 @@ class Client(HasTraits):
             ]
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
-        bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), uuids)
-        metadata = self._request_metadata(metadata)
+        header = self.session.msg_header("apply_request")
+        bufs, seg = self._shm.pack_apply(
+            f, tuple(args or ()), dict(kwargs or {}), uuids, header["msg_id"]
+        )
+        metadata = self._request_metadata(metadata, uuids)
         if seg is None:
-            return self._send_fanout("apply_request", {}, uuids, metadata, bufs)
+            return self._send_fanout("apply_request", {}, uuids, metadata, bufs, header)
         try:
-            futs = self._send_fanout("apply_request", {}, uuids, metadata, bufs)
+            futs = self._send_fanout("apply_request", {}, uuids, metadata, bufs, header)
         except BaseException:
             self._shm.drop(seg)
             raise
@@ -771,8 +794,11 @@ class Client(HasTraits):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
         uuid = ident.decode() if isinstance(ident, bytes) else ident
         targets = [uuid] if uuid else (metadata or {}).get("targets") or None
-        bufs, seg = self._shm.pack_apply(f, tuple(args or ()), dict(kwargs or {}), targets)
-        metadata = self._request_metadata(metadata)
+        header = self.session.msg_header("apply_request")
+        bufs, seg = self._shm.pack_apply(
+            f, tuple(args or ()), dict(kwargs or {}), targets, header["msg_id"]
+        )
+        metadata = self._request_metadata(metadata, targets)
         try:
             fut = self._send(
                 socket,
@@ -783,6 +809,7 @@ class Client(HasTraits):
                 buffers=bufs,
                 track=track,
                 engine_uuid=uuid,
+                header=header,
             )
         except BaseException:
             if seg is not None:

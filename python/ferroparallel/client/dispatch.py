@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import error
-from ..serialize import deserialize_object
+from ..serialize import deserialize_object, peer
 from ..serialize.shm import release_name as release_segment
-from ..wire_names import OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
+from ..wire_names import LENT_RESULT_KEY, OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
 from .futures import settling_batch
 from .metadata import parse_date
 
@@ -103,6 +103,9 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     fut = client._futures.get(msg_id)
     if fut is None:
         log.debug("reply for unknown message %s dropped", msg_id)
+        lent = (msg.get("metadata") or {}).get(LENT_RESULT_KEY)
+        if lent:
+            peer.finish_pickup(lent)  # nobody will copy it: let the engine go on
         return None
     header = msg["header"]
     content = msg.get("content") or {}
@@ -135,14 +138,28 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     expect_output = sock != "control"
     if status == "ok":
         if header.get("msg_type") == "apply_reply":
+            lent = md_in.get(LENT_RESULT_KEY)
             try:
-                result = deserialize_object(msg.get("buffers") or [])
+                if lent:
+                    with peer.serving(msg_id):
+                        result = deserialize_object(msg.get("buffers") or [])
+                else:
+                    result = deserialize_object(msg.get("buffers") or [])
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
                 exc = error.RemoteError(type(e).__name__, f"cannot deserialize the result: {e}")
             finally:
                 segment = md_in.get(SHM_SEGMENT_KEY)
                 if segment:  # mapped (or failed): the name is no longer needed
                     release_segment(segment)
+                # copied (or failed): the engine may go on; a copy it stopped waiting for
+                # (it may have changed meanwhile) is refused
+                if lent and not peer.finish_pickup(lent) and exc is None:
+                    result = None
+                    exc = error.RemoteError(
+                        "ShmError",
+                        "the engine stopped waiting for this client to copy its result: "
+                        "run the request again",
+                    )
         elif header.get("msg_type") == "execute_reply":
             result = ExecuteReply(msg_id, content, md)
         else:

@@ -7,9 +7,15 @@ did and every target engine runs on this host, the segment is written (once, wha
 number of engines) and the message carries descriptors; the segment is released when every
 reply has arrived. Otherwise the arguments are serialized again for the socket path.
 
+Calls that wait for their replies (inside :meth:`ShmTransport.waiting`) first try lending:
+large buffers are not copied at all here, the engines read them from this process's memory
+when they unpack the request (``docs/decisions/0007-reading-peer-memory.md``); the loan ends
+when every reply has arrived. Non-blocking calls keep the segment: their caller may change
+the array as soon as the call returns.
+
 Whether an engine is local is asked once per engine with a ``kernel_info_request`` on the
 control channel (answered even while the engine is busy): its reply carries the engine's host
-token.
+token, and whether it could read a probe secret out of this process's memory.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..serialize import peer as _peer
 from ..serialize import shm as _shm
 from ..serialize.apply import check_buffer_count, pack_apply_message
 
@@ -46,12 +54,27 @@ class ShmTransport:
     threshold : int, optional
         Buffers above this many bytes use shared memory. Default
         ``$FERROPARALLEL_SHM_THRESHOLD`` or 1 MiB.
+    peer_read : bool, optional
+        Lend large arguments of waiting calls to engines that can read this process. Default:
+        when ``enabled`` was not turned off explicitly, unless ``$FERROPARALLEL_PEER_READ=0``.
     """
 
     def __init__(
-        self, client: Client, enabled: bool | None = None, threshold: int | None = None
+        self,
+        client: Client,
+        enabled: bool | None = None,
+        threshold: int | None = None,
+        peer_read: bool | None = None,
     ) -> None:
         self._client = client
+        if peer_read is None:
+            peer_read = enabled is not False and _shm.enabled_by_env() and _peer.enabled_by_env()
+        self.peer_read = bool(peer_read)
+        self.peer_host = _peer.peer_token()
+        self._readers: dict[str, bool] = {}
+        self._lenders: dict[str, bool] = {}
+        self._probes: dict[str, tuple[Future, bytes]] = {}
+        self._calls = threading.local()
         self.enabled = (_shm.enabled_by_env() if enabled is None else bool(enabled)) and (
             _shm.available()
         )
@@ -60,7 +83,7 @@ class ShmTransport:
             raise ValueError(f"shm_threshold must be >= 0, not {self.threshold}")
         self.host = _shm.host_token()
         self._local: dict[str, bool] = {}
-        self._live: set[_shm.Segment] = set()
+        self._live: set[_shm.Segment | _peer.Loan] = set()
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
         if self.enabled:
@@ -70,22 +93,58 @@ class ShmTransport:
 
     # ----- packing ------------------------------------------------------------------------
 
+    @contextmanager
+    def waiting(self, block: bool = True) -> Iterator[None]:
+        """Requests packed by this thread inside the block are waited for (``block``): their
+        large arguments may be lent instead of copied."""
+        prev = getattr(self._calls, "waits", False)
+        self._calls.waits = bool(block)
+        try:
+            yield
+        finally:
+            self._calls.waits = prev
+
+    def lend_results(self, uuids: Sequence[str] | None) -> list[Any] | None:
+        """The ``LEND_RESULTS_KEY`` value for a request to ``uuids`` (``None``: any engine):
+        when this thread waits for the reply and every target can lend to this process."""
+        if not (self.peer_read and getattr(self._calls, "waits", False)):
+            return None
+        targets = list(self._client._uuids) if uuids is None else list(uuids)
+        if not self.known_local(targets) or not all(self._lenders.get(u) for u in targets):
+            return None
+        pid, start = _peer.own_identity()
+        return [pid, start, self.peer_host]
+
     def pack_apply(
         self,
         f: Callable[..., Any],
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         uuids: Sequence[str] | None,
-    ) -> tuple[list[Any], _shm.Segment | None]:
-        """Serialize ``f(*args, **kwargs)`` for ``uuids`` (``None``: any registered engine).
+        msg_id: str | None = None,
+    ) -> tuple[list[Any], _shm.Segment | _peer.Loan | None]:
+        """Serialize ``f(*args, **kwargs)`` for ``uuids`` (``None``: any registered engine);
+        ``msg_id`` is the request's (needed to lend arguments).
 
         Returns
         -------
         tuple
-            ``(buffers, segment)``: ``segment`` is ``None`` on the socket path; otherwise the
-            caller sends ``buffers`` and then calls :meth:`hold` (or :meth:`drop` if the send
-            failed).
+            ``(buffers, held)``: ``held`` is ``None`` on the socket path; otherwise (a segment,
+            or a loan of this process's memory) the caller sends ``buffers`` and then calls
+            :meth:`hold` (or :meth:`drop` if the send failed).
         """
+        if msg_id is not None and self.peer_read and getattr(self._calls, "waits", False):
+            lender = _peer.LoanWriter(self.threshold, msg_id, self.peer_host)
+            bufs = pack_apply_message(f, args, kwargs, shm=lender)
+            if not lender:
+                check_buffer_count(bufs, "request")
+                return bufs, None
+            targets = list(self._client._uuids) if uuids is None else list(uuids)
+            if self.all_local(targets) and all(self._readers.get(u) for u in targets):
+                check_buffer_count(bufs, "request")
+                with self._lock:
+                    self._live.add(lender.loan)
+                return bufs, lender.loan
         if not self.enabled:
             return _socket_path(f, args, kwargs), None
         writer = _shm.SegmentWriter(self.threshold, self.host)
@@ -110,8 +169,9 @@ class ShmTransport:
             self._live.add(seg)
         return bufs, seg
 
-    def hold(self, seg: _shm.Segment, futures: Sequence[Future]) -> None:
-        """Release ``seg`` once every future is done (every target replied or failed)."""
+    def hold(self, seg: _shm.Segment | _peer.Loan, futures: Sequence[Future]) -> None:
+        """Release ``seg`` (a segment or a loan) once every future is done (every target
+        replied or failed)."""
         left = [len(futures)]
         lock = threading.Lock()
 
@@ -127,7 +187,7 @@ class ShmTransport:
         for fut in futures:
             fut.add_done_callback(done)
 
-    def drop(self, seg: _shm.Segment) -> None:
+    def drop(self, seg: _shm.Segment | _peer.Loan) -> None:
         """Release ``seg`` now."""
         seg.release()
         with self._lock:
@@ -148,50 +208,101 @@ class ShmTransport:
     def live_segments(self) -> list[str]:
         """Names of the segments this client still owns."""
         with self._lock:
-            return sorted(s.name for s in self._live)
+            return sorted(s.name for s in self._live if isinstance(s, _shm.Segment))
+
+    def live_loans(self) -> list[_peer.Loan]:
+        """The loans of this process's memory still outstanding."""
+        with self._lock:
+            return [s for s in self._live if isinstance(s, _peer.Loan)]
 
     def close(self) -> None:
-        """Release every segment (requests still queued on engines then fail to map them)."""
+        """Release every segment (requests still queued on engines then fail to map them).
+        Outstanding loans are kept until the process exits: an engine may still read them,
+        and memory released here could be reused by something else."""
         with self._lock:
             live, self._live = self._live, set()
         for seg in live:
-            seg.release()
+            if isinstance(seg, _peer.Loan):
+                _peer.orphan(seg)
+            else:
+                seg.release()
 
     # ----- locality -----------------------------------------------------------------------
 
     def all_local(self, uuids: Sequence[str]) -> bool:
         """Whether every engine in ``uuids`` shares this host's ``/dev/shm`` (asks the
-        engines not asked yet; an engine that does not answer in time counts as remote)."""
+        engines not asked yet and waits for them; an engine that does not answer in time
+        counts as remote)."""
         if not uuids:
             return False
         if any(u not in self._local for u in uuids):
             if threading.current_thread() is getattr(self._client, "_dispatcher", None):
                 return False  # replies are handled by this very thread: cannot wait for them
             # Ask every engine not asked yet at once: later requests to them need no round trip.
-            known = self._local
-            self._probe(
-                [u for u in dict.fromkeys([*uuids, *self._client._uuids]) if u not in known]
-            )
+            self._start_probe(list(dict.fromkeys([*uuids, *self._client._uuids])))
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            for u in uuids:
+                asked = self._probes.get(u)
+                if asked is None or u in self._local:
+                    continue
+                fut, secret = asked
+                try:
+                    fut.result(timeout=max(deadline - time.monotonic(), 0.0))
+                except Exception as e:  # noqa: BLE001 - any failure: "not known to be local"
+                    log.info("engine %s did not tell its host (%s): socket path", u, e)
+                    self._record(u, {}, b"")
+                    continue
+                if u not in self._local:  # answered; its callback may not have run yet
+                    self._answered(u, fut, secret)
         return all(self._local.get(u, False) for u in uuids)
 
-    def _probe(self, uuids: Sequence[str]) -> None:
+    def known_local(self, uuids: Sequence[str]) -> bool:
+        """Like :meth:`all_local` but never waits: engines not asked yet are asked in the
+        background and count as remote until they answer."""
+        if not uuids:
+            return False
+        if any(u not in self._local for u in uuids):
+            self._start_probe(list(dict.fromkeys([*uuids, *self._client._uuids])))
+        return all(self._local.get(u, False) for u in uuids)
+
+    def _start_probe(self, uuids: Sequence[str]) -> None:
+        """Send a ``kernel_info_request`` (with the peer-memory probe) to each engine in
+        ``uuids`` not asked yet; answers are recorded as they arrive."""
         client = self._client
-        futs = {}
-        for u in uuids:
-            futs[u] = client._send(
-                "control", "kernel_info_request", {}, ident=u.encode(), engine_uuid=u
-            )
+        with self._lock:
+            ask = [u for u in uuids if u not in self._probes and u not in self._local]
+            if not ask:
+                return
+            secret, probe = _peer.make_probe()
+            content = {"ferroparallel": {"peer_probe": probe}}
+            futs = {}
+            for u in ask:
+                futs[u] = client._send(
+                    "control", "kernel_info_request", content, ident=u.encode(), engine_uuid=u
+                )
+                self._probes[u] = (futs[u], secret)
         client._own([f.msg_id for f in futs.values()])
-        deadline = time.monotonic() + PROBE_TIMEOUT
         for u, fut in futs.items():
-            try:
-                content = fut.result(timeout=max(deadline - time.monotonic(), 0.0))
-                info = content.get("ferroparallel") if isinstance(content, dict) else None
-                host = info.get("host") if isinstance(info, dict) else None
-            except Exception as e:  # noqa: BLE001 - any failure means "not known to be local"
-                log.info("engine %s did not tell its host (%s): socket path", u, e)
-                host = None
-            self._local[u] = host == self.host
+            fut.add_done_callback(lambda f, u=u: self._answered(u, f, secret))
+
+    def _answered(self, uuid: str, fut: Future, secret: bytes) -> None:
+        try:
+            reply = fut.result(timeout=0)
+        except Exception as e:  # noqa: BLE001 - any failure means "not known to be local"
+            log.info("engine %s did not tell its host (%s): socket path", uuid, e)
+            reply = {}
+        info = reply.get("ferroparallel") if isinstance(reply, dict) else None
+        self._record(uuid, info if isinstance(info, dict) else {}, secret)
+
+    def _record(self, uuid: str, info: dict[str, Any], secret: bytes) -> None:
+        """What an engine's ``kernel_info_reply`` (its ``ferroparallel`` part) tells us."""
+        local = info.get("host") == self.host
+        read = info.get("peer_probe")
+        self._readers[uuid] = bool(secret) and read == secret.hex()
+        self._lenders[uuid] = local and _peer.check_lend_probe(info.get("lend_probe"))
+        if self.peer_read and local and not self._readers[uuid]:
+            log.info("engine %s cannot read this process (%s): shared memory", uuid, read)
+        self._local[uuid] = local  # last: readers of _local find the rest recorded
 
 
 def _socket_path(

@@ -209,7 +209,8 @@ class DirectView(View):
         t = self.targets if targets is None else targets
         uuids, ids = client._build_targets(t)
         label = self.label
-        futs = client.apply_to(uuids, f, args, kwargs, {"label": label} if label else {})
+        with client._shm.waiting(block):
+            futs = client.apply_to(uuids, f, args, kwargs, {"label": label} if label else {})
         single = isinstance(t, int)
         ar = AsyncResult(client, futs, fname=_name_of(f), targets=ids[0] if single else ids)
         return self._finish(ar, block)
@@ -229,12 +230,13 @@ class DirectView(View):
         sizes = []
         runner = Prepickled(_map_chunk)  # pickled once for every chunk
         fp = _pickled_once(f)
-        for p in range(n):
-            parts = [mapper.getPartition(s, p, n) for s in sequences]
-            sizes.append(min(len(x) for x in parts))
-            futs.append(
-                self.client.send_apply_request("mux", runner, (fp, *parts), {}, ident=uuids[p])
-            )
+        with self.client._shm.waiting(block):
+            for p in range(n):
+                parts = [mapper.getPartition(s, p, n) for s in sequences]
+                sizes.append(min(len(x) for x in parts))
+                futs.append(
+                    self.client.send_apply_request("mux", runner, (fp, *parts), {}, ident=uuids[p])
+                )
         ar = AsyncMapResult(
             self.client,
             futs,
@@ -257,9 +259,10 @@ class DirectView(View):
         mapper = dists[dist]()
         n = len(ids)
         futs = []
-        for p, u in enumerate(uuids):
-            parts = [mapper.getPartition(s, p, n) for s in sequences]
-            futs.append(self.client.send_apply_request("mux", f, parts, {}, ident=u))
+        with self.client._shm.waiting(block):
+            for p, u in enumerate(uuids):
+                parts = [mapper.getPartition(s, p, n) for s in sequences]
+                futs.append(self.client.send_apply_request("mux", f, parts, {}, ident=u))
         ar = AsyncMapResult(self.client, futs, mapper, fname=_name_of(f))
         return self._finish(ar, block)
 
@@ -333,11 +336,14 @@ class DirectView(View):
         mapper = dists[dist]()
         n = len(ids)
         futs = []
-        for p, u in enumerate(uuids):
-            part = mapper.getPartition(seq, p, n)
-            if flatten and len(part) == 1:
-                part = part[0]
-            futs.append(self.client.send_apply_request("mux", _push, ({key: part},), {}, ident=u))
+        with self.client._shm.waiting(block):
+            for p, u in enumerate(uuids):
+                part = mapper.getPartition(seq, p, n)
+                if flatten and len(part) == 1:
+                    part = part[0]
+                futs.append(
+                    self.client.send_apply_request("mux", _push, ({key: part},), {}, ident=u)
+                )
         ar = AsyncResult(self.client, futs, fname="scatter", targets=ids)
         return self._finish(ar, block)
 
@@ -349,7 +355,8 @@ class DirectView(View):
         if dist not in dists:
             raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
         uuids, ids, _ = self._targets(targets)
-        futs = self.client.apply_to(uuids, _pull, (key,), {})
+        with self.client._shm.waiting(block):
+            futs = self.client.apply_to(uuids, _pull, (key,), {})
         ar = AsyncMapResult(self.client, futs, dists[dist](), fname="gather")
         return self._finish(ar, block)
 
@@ -513,7 +520,8 @@ class LoadBalancedView(View):
         # with no engine yet, the task waits in the scheduler until one arrives
         md = self._task_metadata(**options)
         client = self.client
-        fut = client.send_apply_request("task", f, args, kwargs, metadata=md)
+        with client._shm.waiting(block):
+            fut = client.send_apply_request("task", f, args, kwargs, metadata=md)
         ar = AsyncResult(client, [fut], fname=_name_of(f))
         return self._finish(ar, block)
 
@@ -541,13 +549,14 @@ class LoadBalancedView(View):
         mapper = dists["b"]()
         runner = Prepickled(_map_chunk)  # pickled once for every chunk
         fp = _pickled_once(f)
-        for idx in chunks:
-            start, stop = idx[0], idx[-1] + 1
-            parts = [s[start:stop] for s in sequences]
-            sizes.append(stop - start)
-            futs.append(
-                self.client.send_apply_request("task", runner, (fp, *parts), {}, metadata=md)
-            )
+        with self.client._shm.waiting(block):
+            for idx in chunks:
+                start, stop = idx[0], idx[-1] + 1
+                parts = [s[start:stop] for s in sequences]
+                sizes.append(stop - start)
+                futs.append(
+                    self.client.send_apply_request("task", runner, (fp, *parts), {}, metadata=md)
+                )
         ar = AsyncMapResult(
             self.client,
             futs,
@@ -572,10 +581,11 @@ class LoadBalancedView(View):
         md = self._task_metadata()
         futs = []
         fp = _pickled_once(f)
-        for idx in chunk_sequence(range(n), size):
-            start, stop = idx[0], idx[-1] + 1
-            parts = [s[start:stop] for s in sequences]
-            futs.append(self.client.send_apply_request("task", fp, parts, {}, metadata=md))
+        with self.client._shm.waiting(block):
+            for idx in chunk_sequence(range(n), size):
+                start, stop = idx[0], idx[-1] + 1
+                parts = [s[start:stop] for s in sequences]
+                futs.append(self.client.send_apply_request("task", fp, parts, {}, metadata=md))
         ar = AsyncMapResult(self.client, futs, dists["b"](), fname=_name_of(f))
         return self._finish(ar, block)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from ..serialize import shm
+from ..serialize.peer import answer_probe, lend_probe
 from .errors import ErrorInfo
 from .signals import parse_signal, signal_self
 
@@ -162,5 +163,13 @@ class ControlHandler:
         signal_self(signal.SIGINT)
 
     def do_kernel_info(self, msg: dict[str, Any]) -> None:
-        """``kernel_info_request``."""
-        self.reply(msg, kernel_info_content())
+        """``kernel_info_request``; a ferroparallel client may ask the engine to prove it can
+        read the client's memory (``content.ferroparallel.peer_probe``, see
+        :func:`~ferroparallel.serialize.peer.answer_probe`)."""
+        content = kernel_info_content()
+        asked = msg.get("content")
+        probe = asked.get("ferroparallel") if isinstance(asked, dict) else None
+        if isinstance(probe, dict) and "peer_probe" in probe:
+            content["ferroparallel"]["peer_probe"] = answer_probe(probe["peer_probe"])
+            content["ferroparallel"]["lend_probe"] = lend_probe()
+        self.reply(msg, content)

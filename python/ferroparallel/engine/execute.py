@@ -12,6 +12,7 @@ from typing import Any
 
 from ..serialize import serialize_object, unpack_apply_message
 from ..serialize.apply import check_buffer_count
+from ..serialize.peer import serving
 from .errors import ErrorInfo
 from .results_shm import ResultSegments
 from .signals import EngineExit, InterruptGate
@@ -28,7 +29,8 @@ class ApplyOutcome:
 
     buffers: list[Any] = field(default_factory=list)
     error: ErrorInfo | None = None
-    #: The shared-memory segment holding the result's large buffers (None: all in frames).
+    #: The shared-memory segment holding the result's large buffers, or the ``LentResult``
+    #: the client copies them from (None: all in frames).
     segment: Any = None
 
 
@@ -38,6 +40,7 @@ def run_apply(
     gate: InterruptGate,
     results: ResultSegments | None = None,
     request_metadata: dict[str, Any] | None = None,
+    request_id: str = "",
 ) -> ApplyOutcome:
     """Unpack and call ``f(*args, **kwargs)`` in the user namespace.
 
@@ -53,6 +56,9 @@ def run_apply(
         Shared-memory policy for the result (see :mod:`.results_shm`).
     request_metadata : dict, optional
         The request's metadata (says whether the client can map a result segment).
+    request_id : str, optional
+        The request's msg_id: arguments lent from the client's memory are read only for the
+        request they were lent to (see :mod:`ferroparallel.serialize.peer`).
 
     Returns
     -------
@@ -67,7 +73,8 @@ def run_apply(
         The engine is stopping (SIGTERM).
     """
     try:
-        f, args, kwargs = unpack_apply_message(buffers, ns)
+        with serving(request_id):
+            f, args, kwargs = unpack_apply_message(buffers, ns)
     except EngineExit:
         raise
     except BaseException as exc:
@@ -82,12 +89,13 @@ def run_apply(
     finally:
         del f, args, kwargs
     try:
-        writer = results.writer_for(request_metadata or {}) if results is not None else None
+        md = request_metadata or {}
+        writer = results.writer_for(md, request_id) if results is not None else None
         frames = serialize_object(result, shm=writer)
         segment = None
         if writer is not None and results is not None and len(writer):
             try:
-                segment = results.commit(writer)
+                segment = results.commit(writer, md)
             except OSError as e:
                 log.warning("shared memory unavailable (%s): result sent over the socket", e)
                 frames = serialize_object(result)

@@ -1,5 +1,11 @@
 """Large apply results through shared memory, for clients on the engine's host.
 
+A client that waits for the reply and can read this engine's memory asks for the result to
+be lent instead (``LEND_RESULTS_KEY``, see ``docs/decisions/0007-reading-peer-memory.md``):
+the reply carries descriptors of the result's own buffers, and the engine waits until the
+client has copied them (:meth:`~ferroparallel.serialize.peer.LentResult.wait`) before it runs
+anything else, so nothing can change them meanwhile.
+
 A client that can map segments says so in each request (``SHM_HOST_KEY``: its host token).
 When the token is this engine's, the result's buffers above the threshold are written into one
 new segment and the reply names it (``SHM_SEGMENT_KEY``); the client maps the result and
@@ -16,8 +22,9 @@ import time
 from collections import deque
 from typing import Any
 
+from ..serialize import peer as _peer
 from ..serialize import shm as _shm
-from ..wire_names import SHM_HOST_KEY
+from ..wire_names import LEND_RESULTS_KEY, SHM_HOST_KEY
 
 log = logging.getLogger("ferroparallel.engine")
 
@@ -30,21 +37,44 @@ class ResultSegments:
 
     def __init__(self) -> None:
         self.enabled = _shm.enabled_by_env() and _shm.available()
+        self.lending = _peer.enabled_by_env()
         self.threshold = _shm.threshold_from_env()
         self.host = _shm.host_token()
+        self.peer_host = _peer.peer_token()
         self._owned: deque[tuple[float, _shm.Segment]] = deque()
+        self._seals = _peer.Seals()
 
-    def writer_for(self, request_metadata: dict[str, Any]) -> _shm.SegmentWriter | None:
-        """A segment writer when the requesting client is on this host, else None."""
+    def writer_for(
+        self, request_metadata: dict[str, Any], request_id: str = ""
+    ) -> _shm.SegmentWriter | _peer.LoanWriter | None:
+        """Where the result's large buffers go: lent to a waiting client that can read this
+        process (``LEND_RESULTS_KEY``), a segment for a client on this host, else None."""
         self.expire()
+        lend = request_metadata.get(LEND_RESULTS_KEY)
+        if (
+            self.lending
+            and request_id
+            and isinstance(lend, list)
+            and len(lend) == 3
+            and lend[2] == self.peer_host
+        ):
+            return _peer.LoanWriter(self.threshold, request_id, self.peer_host)
         if not self.enabled or request_metadata.get(SHM_HOST_KEY) != self.host:
             return None
         return _shm.SegmentWriter(self.threshold, self.host)
 
-    def commit(self, writer: _shm.SegmentWriter) -> _shm.Segment | None:
-        """Write the segment (None when nothing went into it)."""
+    def commit(
+        self,
+        writer: _shm.SegmentWriter | _peer.LoanWriter,
+        request_metadata: dict[str, Any] | None = None,
+    ) -> _shm.Segment | _peer.LentResult | None:
+        """Write the segment, or arm the loan for the requester named in
+        ``request_metadata`` (None when nothing went into the writer)."""
         if not len(writer):
             return None
+        if isinstance(writer, _peer.LoanWriter):
+            client = (request_metadata or {})[LEND_RESULTS_KEY]
+            return _peer.LentResult(writer.loan, self._seals, client)
         seg = writer.commit()
         self._owned.append((time.monotonic(), seg))
         return seg

@@ -6,7 +6,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from ..wire_names import NO_STATUS_KEY, OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
+from ..serialize.peer import LentResult
+from ..wire_names import LENT_RESULT_KEY, NO_STATUS_KEY, OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
 from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
@@ -134,13 +135,24 @@ class ShellHandler:
         self._begin(msg["header"])
         try:
             outcome = run_apply(
-                msg["buffers"], k.namespace.ns, k.gate, k.result_segments, msg.get("metadata")
+                msg["buffers"],
+                k.namespace.ns,
+                k.gate,
+                k.result_segments,
+                msg.get("metadata"),
+                msg["header"].get("msg_id", ""),
             )
         finally:
             self._end()
         if outcome.error is None:
-            extra = {SHM_SEGMENT_KEY: outcome.segment.name} if outcome.segment else None
+            held = outcome.segment
+            if isinstance(held, LentResult):
+                extra = {LENT_RESULT_KEY: held.reply_metadata()}
+            else:
+                extra = {SHM_SEGMENT_KEY: held.name} if held else None
             self.reply(msg, "apply_reply", {"status": "ok"}, started, outcome.buffers, extra=extra)
+            if isinstance(held, LentResult):
+                held.wait()  # nothing may change the lent buffers before the client has them
             return
         error = outcome.error
         k.publish(

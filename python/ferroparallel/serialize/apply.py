@@ -20,7 +20,7 @@ from typing import Any
 from .buffers import DEFAULT_THRESHOLD
 from .pickling import BufferLike, deserialize_object, serialize_object
 from .reference import Reference
-from .shm import SegmentWriter
+from .shm import OutOfBandSink
 
 #: Most buffers one message may carry: receivers accept 65536 frames per message, and the
 #: envelope (routing identities, delimiter, signature, four dict parts) needs a few of them.
@@ -36,7 +36,7 @@ def pack_apply_message(
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     threshold: int = DEFAULT_THRESHOLD,
-    shm: SegmentWriter | None = None,
+    shm: OutOfBandSink | None = None,
 ) -> list[BufferLike]:
     """Serialize a call ``f(*args, **kwargs)`` into the buffers of an ``apply_request``.
 
@@ -51,7 +51,7 @@ def pack_apply_message(
         Keyword arguments, treated like ``args``.
     threshold : int
         Out-of-band size threshold in bytes, as in :func:`serialize_object`.
-    shm : SegmentWriter, optional
+    shm : OutOfBandSink, optional
         Same-host shared memory for the arguments' large buffers, as in
         :func:`serialize_object` (the function's own frames never use it).
 

@@ -20,7 +20,7 @@ from .buffers import (
     wrap_large_buffers,
 )
 from .namespace import resolve_in_namespace
-from .shm import SegmentWriter
+from .shm import OutOfBandSink
 
 if TYPE_CHECKING and sys.version_info >= (3, 12):
     from collections.abc import Buffer as BufferLike
@@ -133,7 +133,7 @@ def _make_pickler_class(base: type) -> type:
 
     class FerroPickler(base):  # type: ignore[misc, valid-type]
         def __init__(
-            self, file: Any, buffer_callback: Any, shm: SegmentWriter | None = None
+            self, file: Any, buffer_callback: Any, shm: OutOfBandSink | None = None
         ) -> None:
             super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
             self.shm = shm
@@ -158,7 +158,7 @@ def _make_pickler_class(base: type) -> type:
     return FerroPickler
 
 
-def _to_shm(rv: tuple[Any, ...], shm: SegmentWriter) -> tuple[Any, ...]:
+def _to_shm(rv: tuple[Any, ...], shm: OutOfBandSink) -> tuple[Any, ...]:
     """Move the out-of-band buffer of a reduce value (first argument) into ``shm``."""
     args = rv[1] if len(rv) > 1 else ()
     if args and type(args[0]) is pickle.PickleBuffer:
@@ -218,7 +218,7 @@ def current_pickler() -> str:
 
 
 def serialize_object(
-    obj: Any, threshold: int = DEFAULT_THRESHOLD, shm: SegmentWriter | None = None
+    obj: Any, threshold: int = DEFAULT_THRESHOLD, shm: OutOfBandSink | None = None
 ) -> list[BufferLike]:
     """Serialize one object into a pickle frame and its out-of-band buffer frames.
 
@@ -229,11 +229,12 @@ def serialize_object(
     threshold : int
         Buffers (NumPy array data, ``bytes``, ``bytearray``, ``memoryview``) of more than
         ``threshold`` bytes travel as their own frames; smaller ones stay in the pickle.
-    shm : SegmentWriter, optional
-        Same-host transfer: buffers larger than ``shm.threshold`` are reserved in this
-        writer and the pickle holds a small descriptor instead (no frame). The caller must
-        ``shm.commit()`` before sending and release the segment once received (see
-        :mod:`.shm`).
+    shm : OutOfBandSink, optional
+        Same-host transfer: buffers larger than ``shm.threshold`` go to this sink and the
+        pickle holds a small descriptor instead (no frame). With a ``shm.SegmentWriter`` the
+        caller must ``commit()`` before sending and release the segment once received (see
+        :mod:`.shm`); with a ``peer.LoanWriter`` it keeps the loan until every reply arrived
+        (see :mod:`.peer`).
 
     Returns
     -------

@@ -25,7 +25,7 @@ import secrets
 import socket
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 #: Where segments live (a tmpfs on Linux).
 SHM_DIR = Path("/dev/shm")
@@ -182,6 +182,23 @@ def our_segments(pid: int | None = None, directory: Path | None = None) -> list[
 
 
 # ----- sender -------------------------------------------------------------------------------
+
+
+class OutOfBandSink(Protocol):
+    """Where the pickler puts large buffers instead of frames: a :class:`SegmentWriter`, or a
+    :class:`~ferroparallel.serialize.peer.LoanWriter` (lent by address)."""
+
+    threshold: int
+
+    def __len__(self) -> int: ...
+
+    def wants(self, nbytes: int) -> bool:
+        """Whether a buffer of ``nbytes`` goes to this sink."""
+        ...
+
+    def add(self, raw: memoryview) -> Any:
+        """Take ``raw``; returns the descriptor pickled in its place."""
+        ...
 
 
 class ShmSlice:

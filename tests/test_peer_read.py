@@ -1,0 +1,338 @@
+"""Arguments lent from the client's memory (docs/decisions/0007-reading-peer-memory.md).
+
+In-process: descriptors round-trip through our own memory, only for the request they were lent
+to, and fail clearly for another host, a gone lender or an unreadable range; the capability
+probe. On the shared cluster: blocking push / apply / scatter / map / load-balanced calls lend
+(the engines copy with ``process_vm_readv``, nothing goes to /dev/shm), non-blocking calls and
+``peer_read=False`` keep the shared-memory segment, a loan lasts until every reply arrived, a
+resubmitted request cannot read a loan, and a client killed with lent requests queued gives
+those requests an error, not someone else's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ferroparallel as ipp
+from ferroparallel import Reference
+from ferroparallel.client import Client, DirectView
+from ferroparallel.cluster import Cluster
+from ferroparallel.error import RemoteError
+from ferroparallel.serialize import deserialize_object, peer, serialize_object, shm
+from transfer_util import owner_kind, run_script, segments_of
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1 << 20
+SHORT = 30.0
+
+
+def lent(obj: Any, msg_id: str = "m-1", threshold: int = 1024) -> tuple[list[Any], peer.Loan]:
+    writer = peer.LoanWriter(threshold, msg_id)
+    frames = serialize_object(obj, shm=writer)
+    return frames, writer.loan
+
+
+def engine_reads() -> list[int]:
+    """``[count, bytes]`` of the lent buffers this process read (runs on engines)."""
+    from ferroparallel.serialize import peer
+
+    return list(peer.reads)
+
+
+@pytest.fixture(autouse=True)
+def no_segments() -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 5
+    while segments_of() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segments_of() == []
+
+
+# ----- in-process ---------------------------------------------------------------------------
+
+
+def test_lent_buffers_round_trip_exactly_for_their_request() -> None:
+    a = np.arange(100_000, dtype=np.float64)
+    obj = {
+        "a": a,
+        "strided": a[::3],
+        "fortran": np.asfortranarray(a[:60_000].reshape(300, 200)),
+        "rec": np.zeros(5000, dtype=[("x", "i4"), ("y", "f8")]),
+        "raw": memoryview(bytes(range(256)) * 40),
+        "nested": [(a[:5000] * 2,)],
+    }
+    frames, loan = lent(obj, "req-7")
+    assert len(frames) == 1 and len(loan.buffers) == 6 and loan.nbytes > a.nbytes
+    before = list(peer.reads)
+    with peer.serving("req-7"):
+        back = deserialize_object(frames)
+    assert peer.reads[0] - before[0] == 6
+    assert np.array_equal(back["a"], a) and not back["a"].flags.writeable
+    assert np.array_equal(back["strided"], a[::3])
+    assert back["fortran"].flags.f_contiguous and np.array_equal(back["fortran"], obj["fortran"])
+    assert back["rec"].dtype == obj["rec"].dtype and np.array_equal(back["rec"], obj["rec"])
+    assert bytes(back["raw"]) == bytes(obj["raw"])
+    assert np.array_equal(back["nested"][0][0], a[:5000] * 2)
+    # a private copy: the lender's memory is not shared
+    assert back["a"].__array_interface__["data"][0] != a.__array_interface__["data"][0]
+    # the per-engine ids of a fanned-out request may read it too
+    with peer.serving("req-7_engine-uuid"):
+        assert np.array_equal(deserialize_object(frames)["a"], a)
+
+
+@pytest.mark.parametrize("current", [None, "req-8", "req-70"])
+def test_a_loan_cannot_be_read_for_another_request(current: str | None) -> None:
+    frames, _loan = lent(np.ones(10_000), "req-7")
+    if current is None:
+        with pytest.raises(shm.ShmError, match="resubmitted request cannot reuse them"):
+            deserialize_object(frames)
+    else:
+        with peer.serving(current), pytest.raises(shm.ShmError, match="'req-7'"):
+            deserialize_object(frames)
+
+
+def test_foreign_host_gone_lender_and_bad_ranges_fail_clearly() -> None:
+    pid, start = peer.own_identity()
+    token = peer.peer_token()
+    buf = np.ones(4096, dtype=np.uint8)
+    addr, n = ipp._core.buffer_address(buf)
+    with peer.serving("x"):
+        with pytest.raises(shm.ShmError, match="another host"):
+            peer.read_slice(pid, start, addr, n, "elsewhere/boot/1/pid:2", "x")
+        with pytest.raises(shm.ShmError, match="is gone"):
+            peer.read_slice(pid, start + 1, addr, n, token, "x")
+        with pytest.raises(shm.ShmError, match="cannot read the arguments"):
+            peer.read_slice(pid, start, 8, n, token, "x")
+        assert bytes(peer.read_slice(pid, start, addr, n, token, "x")) == bytes(buf)
+
+
+def test_read_process_memory_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="not a process id"):
+        ipp._core.read_process_memory(-1, 0, bytearray(1))
+    with pytest.raises(BufferError, match="writable"):
+        ipp._core.read_process_memory(os.getpid(), 0, b"read-only")
+
+
+def test_probe_answers() -> None:
+    secret, probe = peer.make_probe()
+    assert peer.answer_probe(probe) == secret.hex()
+    assert peer.answer_probe("junk").startswith("error: malformed")
+    assert peer.answer_probe([1, 2, 3, 10_000, probe[4]]).startswith("error: malformed")
+    assert peer.answer_probe([*probe[:4], "other"]) == "error: another host or pid namespace"
+    gone = [probe[0], probe[1] + 1, *probe[2:]]
+    assert peer.answer_probe(gone).startswith("error: no process")
+
+
+def test_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for off in ("0", "off", "no", "False"):
+        monkeypatch.setenv(peer.ENV_ENABLE, off)
+        assert not peer.enabled_by_env()
+    monkeypatch.delenv(peer.ENV_ENABLE)
+    assert peer.enabled_by_env()
+
+
+# ----- on the shared 2-engine cluster -------------------------------------------------------
+
+
+def reads_delta(dv: DirectView, before: list[list[int]]) -> list[list[int]]:
+    now = dv.apply_sync(engine_reads)
+    return [[x - y for x, y in zip(n, b, strict=True)] for n, b in zip(now, before, strict=True)]
+
+
+def test_blocking_calls_lend_and_engines_copy(rc: Client, dv: DirectView) -> None:
+    a = np.arange(MIB, dtype=np.float64)  # 8 MiB
+    before = dv.apply_sync(engine_reads)
+    dv.push({"a": a}, block=True)
+    assert reads_delta(dv, before) == [[1, a.nbytes], [1, a.nbytes]]
+    assert dv.apply_sync(owner_kind, Reference("a")) == ["ndarray", "ndarray"]
+    same = dv.apply_sync(lambda x: bool((x == np.arange(len(x))).all()), Reference("a"))
+    assert same == [True, True]
+    assert rc._shm.live_loans() == [] and segments_of() == []
+
+    before = dv.apply_sync(engine_reads)
+    assert dv.apply_sync(lambda x: int(x.sum()), a) == [int(a.sum())] * 2
+    dv.scatter("part", a, block=True)
+    assert np.array_equal(np.concatenate(dv.pull("part", block=True)), a)
+    assert [d[0] for d in reads_delta(dv, before)] == [2, 2]  # apply, scatter: one read each
+
+    parts = [a[: MIB // 2] + i for i in range(4)]
+    lview = rc.load_balanced_view()
+    before = dv.apply_sync(engine_reads)
+    assert lview.apply_sync(lambda x: float(x[0]), parts[3]) == 3.0
+    assert lview.map_sync(lambda x: float(x[-1]), parts) == [float(p[-1]) for p in parts]
+    assert dv.map_sync(lambda x: float(x[1]), parts) == [float(p[1]) for p in parts]
+    assert sum(d[0] for d in reads_delta(dv, before)) == 1 + 4 + 4
+    assert rc._shm.live_loans() == [] and segments_of() == []
+
+
+def test_non_blocking_calls_and_peer_read_off_use_a_segment(
+    rc: Client, dv: DirectView, shared_cluster: Cluster
+) -> None:
+    a = np.arange(MIB, dtype=np.float64)
+    before = dv.apply_sync(engine_reads)
+    dv.push({"a": a}, block=False).get(timeout=SHORT)
+    assert dv.apply_sync(owner_kind, Reference("a")) == ["shm", "shm"]
+    with ipp.Client(shared_cluster.client_file, peer_read=False) as rc2:
+        assert not rc2._shm.peer_read
+        assert rc2[:].apply_sync(owner_kind, a) == ["shm", "shm"]
+    with ipp.Client(shared_cluster.client_file, shm=False) as rc3:
+        assert not rc3._shm.peer_read  # shm=False: everything over the socket
+        assert rc3[:].apply_sync(owner_kind, a) == ["frame", "frame"]
+    assert reads_delta(dv, before) == [[0, 0], [0, 0]]
+
+
+def test_a_loan_lasts_until_every_reply(rc: Client, dv: DirectView) -> None:
+    a = np.ones(2 * MIB, dtype=np.uint8)
+    busy = dv.apply_async(time.sleep, 1.0)
+    with rc._shm.waiting():  # what a blocking view call does around its submission
+        futs = rc.apply_to(rc._build_targets("all")[0], lambda x: int(x.sum()), (a,))
+    loans = rc._shm.live_loans()
+    assert len(loans) == 1 and loans[0].nbytes == a.nbytes
+    ar = ipp.AsyncResult(rc, futs)
+    assert ar.get(timeout=SHORT) == [a.size, a.size]
+    busy.get(timeout=SHORT)
+    deadline = time.monotonic() + 5
+    while rc._shm.live_loans() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rc._shm.live_loans() == [] and loans[0].buffers == []
+
+
+def test_a_resubmitted_loan_fails_with_a_clear_error(rc: Client) -> None:
+    a = np.arange(MIB // 4, dtype=np.float64)
+    ar = rc[0].apply_async(lambda x: float(x.sum()), a)  # non-blocking: a segment
+    with rc._shm.waiting():
+        fut = rc.send_apply_request(
+            "mux", lambda x: float(x.sum()), (a,), ident=rc._build_targets(0)[0][0]
+        )
+    assert ar.get(timeout=SHORT) == fut.result(timeout=SHORT) == float(a.sum())
+    again = rc.resubmit([fut.msg_id])
+    with pytest.raises(RemoteError, match="cannot reuse them"):
+        again.get(timeout=SHORT)
+    assert rc[0].apply_sync(lambda: "still serving") == "still serving"
+
+
+def test_a_killed_lender_gives_its_queued_requests_an_error(
+    rc: Client, shared_cluster: Cluster
+) -> None:
+    target = rc.ids[0]
+    rc[target].apply_async(time.sleep, 2.0)  # keeps the engine busy while the lender dies
+    script = run_script(
+        """
+        import sys, numpy as np, ferroparallel as ipp
+        rc = ipp.Client(sys.argv[1], timeout=30)
+        a = np.full(1 << 20, 7.0)
+        with rc._shm.waiting():
+            uuid = rc._build_targets(int(sys.argv[2]))[0][0]
+            fut = rc.send_apply_request("mux", lambda x: float(x.sum()), (a,), ident=uuid)
+        print(fut.msg_id, flush=True)
+        import time; time.sleep(60)
+        """,
+        str(shared_cluster.client_file),
+        str(target),
+    )
+    try:
+        msg_id = script.stdout.readline().strip()
+        assert msg_id, script.stderr.read()
+    finally:
+        script.send_signal(signal.SIGKILL)
+        script.wait(timeout=SHORT)
+    late = rc.get_result(msg_id, block=False)
+    with pytest.raises(RemoteError, match="is gone|cannot read the arguments"):
+        late.get(timeout=SHORT)
+    assert rc[target].apply_sync(lambda: "still serving") == "still serving"
+
+
+# ----- lent results -------------------------------------------------------------------------
+
+
+def test_lend_probe_and_pickup_handshake() -> None:
+    assert peer.check_lend_probe(peer.lend_probe())
+    tampered = peer.lend_probe()
+    tampered[5] = "00" * 16
+    assert not peer.check_lend_probe(tampered)
+    assert not peer.check_lend_probe("junk")
+
+    seals = peer.Seals()
+    me = list(peer.own_identity())
+    loan = peer.Loan("r-1")
+    loan.buffers.append(memoryview(b"x"))
+    lent = peer.LentResult(loan, seals, me)
+    assert peer.finish_pickup(lent.reply_metadata())  # the client has its copy...
+    assert lent.wait(timeout=5)  # ...so the engine goes on at once
+    assert loan.buffers == [] and not peer.finish_pickup(lent.reply_metadata())
+
+
+def test_an_engine_stops_waiting_for_a_slow_or_dead_client() -> None:
+    seals = peer.Seals()
+    slow = peer.LentResult(peer.Loan("r-2"), seals, list(peer.own_identity()))
+    t0 = time.monotonic()
+    assert not slow.wait(timeout=0.2)
+    assert 0.2 <= time.monotonic() - t0 < 5
+    assert not peer.finish_pickup(slow.reply_metadata())  # a late copy is refused
+    pid, start = peer.own_identity()
+    dead = peer.LentResult(peer.Loan("r-3"), seals, [pid, start + 1])  # not this process
+    t0 = time.monotonic()
+    assert not dead.wait(timeout=30)
+    assert time.monotonic() - t0 < 5
+
+
+def client_reads() -> list[int]:
+    return list(peer.reads)
+
+
+def test_blocking_pulls_gathers_and_results_are_lent(rc: Client, dv: DirectView) -> None:
+    a = np.arange(MIB, dtype=np.float64)  # 8 MiB
+    dv.push({"a": a}, block=True)
+    before = client_reads()
+    got = dv.pull("a", block=True)
+    assert all(np.array_equal(g, a) and not g.flags.writeable for g in got)
+    assert [owner_kind(g) for g in got] == ["ndarray", "ndarray"]
+    dv.scatter("part", a, block=True)
+    assert np.array_equal(dv.gather("part", block=True), a)
+    doubled = rc[0].apply_sync(lambda x: x * 2, Reference("a"))
+    assert np.array_equal(doubled, a * 2)
+    assert client_reads()[0] - before[0] == 2 + 2 + 1
+    # a non-blocking pull comes back through a segment
+    before = client_reads()
+    assert [owner_kind(g) for g in dv.pull("a", block=False).get(timeout=SHORT)] == ["shm"] * 2
+    assert client_reads() == before
+
+
+def test_the_engine_changes_nothing_before_the_client_has_its_copy(rc: Client) -> None:
+    uuid = rc._build_targets(0)[0][0]
+    rc[0].execute("import numpy as np; big = np.zeros(32 << 20, dtype=np.uint8)", block=True)
+    for i in range(5):
+        with rc._shm.waiting():  # as a blocking pull does: the result is lent
+            fut = rc.send_apply_request("mux", lambda x: x, (Reference("big"),), ident=uuid)
+        # queued right behind it on the engine: changes the very array in place
+        change = rc[0].apply_async(lambda x: x.__iadd__(1) is x, Reference("big"))
+        got = fut.result(timeout=SHORT)
+        assert got.min() == got.max() == i  # the values at reply time, never changed ones
+        assert change.get(timeout=SHORT) is True
+
+
+def test_a_new_client_asks_in_the_background_then_lends(
+    rc: Client, shared_cluster: Cluster
+) -> None:
+    a = np.arange(MIB, dtype=np.float64)
+    rc[0].push({"a": a}, block=True)
+    with ipp.Client(shared_cluster.client_file) as rc2:
+        rc2.wait_for_engines(2, timeout=SHORT)
+        uuid = rc2._build_targets(0)[0][0]
+        assert np.array_equal(rc2[0].pull("a", block=True), a)  # never waits for the probe
+        deadline = time.monotonic() + SHORT
+        while not rc2._shm._lenders.get(uuid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rc2._shm._lenders.get(uuid) and rc2._shm._readers.get(uuid)
+        before = client_reads()
+        assert np.array_equal(rc2[0].pull("a", block=True), a)
+        assert client_reads()[0] == before[0] + 1
