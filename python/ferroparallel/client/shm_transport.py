@@ -109,11 +109,14 @@ class ShmTransport:
         when this thread waits for the reply and every target can lend to this process."""
         if not (self.peer_read and getattr(self._calls, "waits", False)):
             return None
-        targets = list(self._client._uuids) if uuids is None else list(uuids)
-        if not self.known_local(targets) or not all(self._lenders.get(u) for u in targets):
-            return None
-        pid, start = _peer.own_identity()
-        return [pid, start, self.peer_host]
+        targets = self._client._uuids if uuids is None else uuids
+        lenders = self._lenders
+        for u in targets:
+            if not lenders.get(u):
+                if u not in self._local:
+                    self.known_local(list(targets))  # ask in the background
+                return None
+        return [*_peer.own_identity(), self.peer_host]
 
     def pack_apply(
         self,

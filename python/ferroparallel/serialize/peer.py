@@ -20,6 +20,7 @@ Received buffers are private copies; like every received buffer they are handed 
 from __future__ import annotations
 
 import array
+import hashlib
 import logging
 import os
 import threading
@@ -54,9 +55,10 @@ _identity: tuple[int, int] = (-1, 0)
 
 
 def peer_token() -> str:
-    """Equal in two processes iff one can name the other by pid: the host token and the pid
-    namespace."""
-    return f"{host_token()}/pid:{_pid_namespace()}"
+    """Equal in two processes iff one can name the other by pid: a digest (16 hex digits) of
+    the host token and the pid namespace."""
+    text = f"{host_token()}/pid:{_pid_namespace()}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def own_identity() -> tuple[int, int]:
