@@ -181,23 +181,24 @@ def read_slice(pid: int, start: int, addr: int, nbytes: int, host: str, loan: st
     current = getattr(_request, "msg_id", None)
     if current is None or not (current == loan or current.startswith(loan + "_")):
         raise ShmError(
-            f"this request carries arguments lent from another process's memory for request "
-            f"{loan!r}; they can only be read while that request runs (a resubmitted request "
-            f"cannot reuse them: submit it again from the client)"
+            f"these buffers were lent from another process's memory for request {loan!r} and "
+            f"can only be read while that request's message is delivered (a resubmitted "
+            f"request or a result fetched later from the hub cannot reuse them: run the "
+            f"request again)"
         )
     here = peer_token()
     if host != here:
         raise ShmError(
-            f"arguments lent by a process on another host or pid namespace ({host!r}, this "
+            f"buffers lent by a process on another host or pid namespace ({host!r}, this "
             f"is {here!r}): disable lending for clusters spanning hosts ({ENV_ENABLE}=0)"
         )
     if _start_time(pid) != start:
-        raise ShmError(f"the client that lent these arguments (pid {pid}) is gone")
+        raise ShmError(f"the process that lent these buffers (pid {pid}) is gone")
     dest = _allocate(nbytes)
     try:
         _core.read_process_memory(pid, addr, dest)
     except OSError as e:
-        raise ShmError(f"cannot read the arguments lent by pid {pid}: {e}") from None
+        raise ShmError(f"cannot read the buffers lent by pid {pid}: {e}") from None
     reads[0] += 1
     reads[1] += nbytes
     return memoryview(dest).toreadonly()
