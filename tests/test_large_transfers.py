@@ -24,7 +24,7 @@ from ferroparallel.client import Client
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import RemoteError
 from ferroparallel.serialize.apply import MAX_BUFFERS
-from transfer_util import ends, owner_kind, run_script, segments_of
+from transfer_util import ends, need_lending, owner_kind, run_script, segments_of
 
 pytest_plugins = ("cluster_fixtures",)
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +50,8 @@ def big_zeros(n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("path", ["shm", "lent"])
 def test_array_over_2_gib_through_shared_memory(rc: Client, path: str) -> None:
+    if path == "lent":
+        need_lending()
     n = 2 * GIB + 100 * MIB
     a = big_zeros(n)
     saved, rc._shm.peer_read = rc._shm.peer_read, path == "lent"
@@ -75,6 +77,8 @@ def test_array_over_2_gib_over_the_socket(sock_rc: Client) -> None:
 
 @pytest.mark.parametrize("path", ["socket", "shm", "lent"])
 def test_thousands_of_buffers(rc: Client, sock_rc: Client, path: str) -> None:
+    if path == "lent":
+        need_lending()
     arrays = [np.full(300, i, dtype=np.int64) for i in range(5000)]  # 2400 B: out of band
     client = sock_rc if path == "socket" else rc
     saved = rc._shm.threshold, rc._shm.peer_read
@@ -132,6 +136,8 @@ PEAK_SCRIPT = """
 
 @pytest.mark.parametrize("path", ["socket", "shm", "lent"])
 def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -> None:
+    if path == "lent":
+        need_lending()
     n = 256 * MIB
     proc = run_script(PEAK_SCRIPT, str(shared_cluster.client_file), path, str(n))
     out, err = proc.communicate(timeout=SHORT * 2)
@@ -171,6 +177,8 @@ INTERRUPT_SCRIPT = """
 def test_ctrl_c_during_a_big_push_leaves_everything_usable(
     rc: Client, shared_cluster: Cluster, path: str
 ) -> None:
+    if path == "lent":
+        need_lending()
     proc = run_script(INTERRUPT_SCRIPT, str(shared_cluster.client_file), path)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""

@@ -26,7 +26,7 @@ from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import RemoteError
 from ferroparallel.serialize import deserialize_object, peer, serialize_object, shm
-from transfer_util import owner_kind, run_script, segments_of
+from transfer_util import need_lending, owner_kind, run_script, segments_of
 
 pytest_plugins = ("cluster_fixtures",)
 pytestmark = pytest.mark.timeout(120)
@@ -50,6 +50,7 @@ def engine_reads() -> list[int]:
 
 @pytest.fixture(autouse=True)
 def no_segments() -> Iterator[None]:
+    need_lending()
     yield
     deadline = time.monotonic() + 5
     while segments_of() and time.monotonic() < deadline:
@@ -336,3 +337,18 @@ def test_a_new_client_asks_in_the_background_then_lends(
         before = client_reads()
         assert np.array_equal(rc2[0].pull("a", block=True), a)
         assert client_reads()[0] == before[0] + 1
+
+
+def test_engines_that_failed_the_probe_get_segments(shared_cluster: Cluster) -> None:
+    a = np.arange(MIB, dtype=np.float64)
+    with ipp.Client(shared_cluster.client_file) as rc2:
+        rc2.wait_for_engines(2, timeout=SHORT)
+        uuids = rc2._build_targets("all")[0]
+        assert rc2._shm.all_local(uuids)  # probed
+        for u in uuids:  # as if ptrace or seccomp forbade process_vm_readv / writev
+            rc2._shm._readers[u] = rc2._shm._lenders[u] = False
+        before = client_reads()
+        assert rc2[:].apply_sync(owner_kind, a) == ["shm", "shm"]
+        rc2[:].push({"a": a}, block=True)
+        assert [owner_kind(x) for x in rc2[:].pull("a", block=True)] == ["shm", "shm"]
+        assert client_reads() == before

@@ -28,6 +28,7 @@ from transfer_util import (
     assert_over_frame,
     data_address,
     frame_check,
+    need_lending,
     owner_kind,
     segments_of,
     status_kib,
@@ -172,6 +173,8 @@ def client_rss_growth(rc: Client, targets: list[int], a: np.ndarray) -> tuple[in
 def test_fan_out_to_16_engines_costs_the_client_what_1_engine_does(
     new_cluster: Callable[..., tuple[Cluster, Client]], path: str
 ) -> None:
+    if path == "lent":
+        need_lending()
     use_shm = path == "shm"
     cluster, rc = new_cluster(n=16, shm=path != "socket", peer_read=path == "lent")
     a = np.ones(64 * MIB, dtype=np.uint8)

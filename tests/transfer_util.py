@@ -117,3 +117,43 @@ def frame_check(a: np.ndarray) -> tuple[str, bool, bool]:
 def ends(a: np.ndarray) -> tuple[int, int, int, str, bool]:
     """(size, first, last, owner kind, read-only) of a 1-D array (runs on engines)."""
     return int(a.size), int(a[0]), int(a[-1]), owner_kind(a), not a.flags.writeable
+
+
+_can_lend: bool | None = None
+_LEND_SECRET = os.urandom(16)
+
+
+def can_lend() -> bool:
+    """Whether a child process may read this one's memory (``process_vm_readv``: ptrace
+    permission, no seccomp filter against it). Where it may not, ferroparallel falls back to
+    shared-memory segments and the tests of lending skip."""
+    global _can_lend
+    if _can_lend is None:
+        addr, n = _core.buffer_address(_LEND_SECRET)
+        child = run_script(
+            """
+            import os, sys
+            from ferroparallel import _core
+            dest = bytearray(int(sys.argv[3]))
+            try:
+                _core.read_process_memory(int(sys.argv[1]), int(sys.argv[2]), dest)
+            except OSError as e:
+                print("error", e)
+            else:
+                print(dest.hex())
+            """,
+            str(os.getpid()),
+            str(addr),
+            str(n),
+        )
+        out, _ = child.communicate(timeout=60)
+        _can_lend = out.strip() == _LEND_SECRET.hex()
+    return _can_lend
+
+
+def need_lending() -> None:
+    """Skip the calling test where processes cannot read each other's memory."""
+    import pytest
+
+    if not can_lend():
+        pytest.skip("process_vm_readv between processes is not allowed here")
