@@ -8,34 +8,20 @@ use std::io;
 /// piece also bounds how long one call runs without looking at signals).
 const PIECE: usize = 256 << 20;
 
-/// Copy `dst.len()` bytes starting at address `addr` of process `pid` into `dst`.
-///
-/// # Errors
-///
-/// The OS error of the first failing call: `ESRCH` (no such process), `EPERM` (not allowed to
-/// read that process: another user, or a ptrace policy), `EFAULT` (the range is not mapped in
-/// that process). A call that copies nothing while bytes remain reports `EFAULT`. `EINTR` is
-/// retried.
-pub fn read_process_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()> {
-    let total = dst.len();
+/// Run `call(local_offset, remote_address, len)` over `[0, total)` in pieces until every byte
+/// moved: `call` returns what one `process_vm_*` call returned (bytes moved, or -1 with errno).
+fn in_pieces(
+    addr: u64,
+    total: usize,
+    mut call: impl FnMut(usize, u64, usize) -> isize,
+) -> io::Result<()> {
     let mut done = 0usize;
     while done < total {
         let want = (total - done).min(PIECE);
         let start = addr
             .checked_add(done as u64)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-        let local = libc::iovec {
-            iov_base: dst[done..].as_mut_ptr().cast(),
-            iov_len: want,
-        };
-        let remote = libc::iovec {
-            iov_base: start as usize as *mut libc::c_void,
-            iov_len: want,
-        };
-        // SAFETY: `local` describes `want` writable bytes inside `dst`, which we borrow mutably
-        // for the whole call; `remote` is only an address in the other process: the kernel
-        // checks it and fails with EFAULT instead of touching our memory.
-        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        let n = call(done, start, want);
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -51,6 +37,37 @@ pub fn read_process_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()
     Ok(())
 }
 
+fn remote_iovec(start: u64, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: start as usize as *mut libc::c_void,
+        iov_len: len,
+    }
+}
+
+/// Copy `dst.len()` bytes starting at address `addr` of process `pid` into `dst`.
+///
+/// # Errors
+///
+/// The OS error of the first failing call: `ESRCH` (no such process), `EPERM` (not allowed to
+/// read that process: another user, or a ptrace policy), `EFAULT` (the range is not mapped in
+/// that process). A call that copies nothing while bytes remain reports `EFAULT`. `EINTR` is
+/// retried.
+pub fn read_process_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()> {
+    let base = dst.as_mut_ptr();
+    in_pieces(addr, dst.len(), |done, start, want| {
+        let local = libc::iovec {
+            // SAFETY: `done + want <= dst.len()`: the pointer stays inside `dst`.
+            iov_base: unsafe { base.add(done) }.cast(),
+            iov_len: want,
+        };
+        let remote = remote_iovec(start, want);
+        // SAFETY: `local` describes `want` writable bytes inside `dst`, which we borrow
+        // mutably for the whole call; `remote` is only an address in the other process: the
+        // kernel checks it and fails with EFAULT instead of touching our memory.
+        unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) }
+    })
+}
+
 /// Copy `src` to address `addr` of process `pid` (`process_vm_writev`): how a receiver tells
 /// the sender, through a word the sender watches, that it has its copy.
 ///
@@ -58,37 +75,16 @@ pub fn read_process_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()
 ///
 /// As [`read_process_memory`].
 pub fn write_process_memory(pid: i32, addr: u64, src: &[u8]) -> io::Result<()> {
-    let total = src.len();
-    let mut done = 0usize;
-    while done < total {
-        let want = (total - done).min(PIECE);
-        let start = addr
-            .checked_add(done as u64)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+    in_pieces(addr, src.len(), |done, start, want| {
         let local = libc::iovec {
             iov_base: src[done..].as_ptr() as *mut libc::c_void,
             iov_len: want,
         };
-        let remote = libc::iovec {
-            iov_base: start as usize as *mut libc::c_void,
-            iov_len: want,
-        };
+        let remote = remote_iovec(start, want);
         // SAFETY: `local` describes `want` readable bytes of `src` (the kernel only reads
         // them); `remote` is checked by the kernel, which fails with EFAULT for a bad range.
-        let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        done += n as usize;
-    }
-    Ok(())
+        unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) }
+    })
 }
 
 #[cfg(test)]
