@@ -352,3 +352,23 @@ def test_engines_that_failed_the_probe_get_segments(shared_cluster: Cluster) -> 
         rc2[:].push({"a": a}, block=True)
         assert [owner_kind(x) for x in rc2[:].pull("a", block=True)] == ["shm", "shm"]
         assert client_reads() == before
+
+
+def test_a_retried_task_reads_its_loan_again(rc: Client, tmp_path: Any) -> None:
+    flag = str(tmp_path / "failed-once")
+
+    def fails_once(x: np.ndarray, flag: str) -> float:
+        import os
+
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            raise RuntimeError("first attempt")
+        return float(x.sum())
+
+    a = np.ones(MIB, dtype=np.float64)
+    lview = rc.load_balanced_view()
+    before = rc[:].apply_sync(engine_reads)
+    with lview.temp_flags(retries=2):
+        assert lview.apply_sync(fails_once, a, flag) == float(a.size)
+    after = rc[:].apply_sync(engine_reads)
+    assert sum(x[0] - y[0] for x, y in zip(after, before, strict=True)) == 2  # both attempts
