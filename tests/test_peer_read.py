@@ -372,3 +372,18 @@ def test_a_retried_task_reads_its_loan_again(rc: Client, tmp_path: Any) -> None:
         assert lview.apply_sync(fails_once, a, flag) == float(a.size)
     after = rc[:].apply_sync(engine_reads)
     assert sum(x[0] - y[0] for x, y in zip(after, before, strict=True)) == 2  # both attempts
+
+
+def test_own_identity_follows_a_fork() -> None:
+    parent = peer.own_identity()
+    assert parent[0] == os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what it believes it is
+        os.write(w, str(peer.own_identity()[0]).encode())
+        os._exit(0)
+    os.close(w)
+    reported = int(os.read(r, 64))
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert reported == pid and peer.own_identity() == parent

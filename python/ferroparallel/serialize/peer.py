@@ -62,12 +62,21 @@ def peer_token() -> str:
 
 
 def own_identity() -> tuple[int, int]:
-    """``(pid, start time)`` of this process (recomputed after a fork)."""
+    """``(pid, start time)`` of this process (computed once, again in a forked child:
+    ``getpid`` is a system call, and this is asked on every waiting request)."""
     global _identity
-    pid = os.getpid()
-    if _identity[0] != pid:
+    if _identity[0] < 0:
+        pid = os.getpid()
         _identity = (pid, _start_time(pid) or 0)
     return _identity
+
+
+def _forget_identity() -> None:
+    global _identity
+    _identity = (-1, 0)
+
+
+os.register_at_fork(after_in_child=_forget_identity)
 
 
 # ----- sender -------------------------------------------------------------------------------
@@ -121,7 +130,6 @@ class LoanWriter:
         self.threshold = threshold
         self.host = peer_token() if host is None else host
         self.loan = Loan(msg_id)
-        self._pid, self._start = own_identity()
 
     def __len__(self) -> int:
         return len(self.loan.buffers)
@@ -135,7 +143,8 @@ class LoanWriter:
         addr, nbytes = _core.buffer_address(raw)
         self.loan.buffers.append(raw)
         self.loan.nbytes += nbytes
-        return PeerSlice(self._pid, self._start, addr, nbytes, self.host, self.loan.msg_id)
+        pid, start = own_identity()
+        return PeerSlice(pid, start, addr, nbytes, self.host, self.loan.msg_id)
 
 
 _orphans: list[Loan] = []
