@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -387,3 +387,23 @@ def test_own_identity_follows_a_fork() -> None:
     os.close(r)
     os.waitpid(pid, 0)
     assert reported == pid and peer.own_identity() == parent
+
+
+def test_engines_with_lending_off_get_segments(
+    new_cluster: Callable[..., tuple[Cluster, Client]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(peer.ENV_ENABLE, "0")  # inherited by the engines
+    cluster, first = new_cluster(n=1)
+    first.close()
+    monkeypatch.delenv(peer.ENV_ENABLE)
+    a = np.arange(MIB, dtype=np.float64)
+    with ipp.Client(cluster.client_file) as rc2:
+        rc2.wait_for_engines(1, timeout=SHORT)
+        assert rc2._shm.peer_read
+        before = client_reads()
+        assert rc2[0].apply_sync(owner_kind, a) == "shm"
+        rc2[0].push({"a": a}, block=True)
+        assert owner_kind(rc2[0].pull("a", block=True)) == "shm"
+        assert client_reads() == before
+        uuid = rc2._build_targets(0)[0][0]
+        assert not rc2._shm._readers[uuid] and not rc2._shm._lenders[uuid]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _core
 from ..serialize import shm
 from ..serialize.peer import answer_probe, lend_probe
+from ..serialize.peer import enabled_by_env as peer_enabled
 from .errors import ErrorInfo
 from .signals import parse_signal, signal_self
 
@@ -170,6 +171,9 @@ class ControlHandler:
         asked = msg.get("content")
         probe = asked.get("ferroparallel") if isinstance(asked, dict) else None
         if isinstance(probe, dict) and "peer_probe" in probe:
-            content["ferroparallel"]["peer_probe"] = answer_probe(probe["peer_probe"])
-            content["ferroparallel"]["lend_probe"] = lend_probe()
+            if peer_enabled():  # FERROPARALLEL_PEER_READ=0 here: clients keep segments
+                content["ferroparallel"]["peer_probe"] = answer_probe(probe["peer_probe"])
+                content["ferroparallel"]["lend_probe"] = lend_probe()
+            else:
+                content["ferroparallel"]["peer_probe"] = "error: disabled on this engine"
         self.reply(msg, content)
