@@ -37,8 +37,10 @@ ENV_ENABLE = "FERROPARALLEL_PEER_READ"
 
 #: Reads this process made: ``[count, bytes]`` (tests and diagnostics).
 reads = [0, 0]
-#: Seconds an engine waits for a client to pick up a lent result before it moves on.
+#: Seconds an engine waits for a client to pick up a lent result before it moves on, plus one
+#: second per :data:`PICKUP_RATE` bytes of the result (a huge copy into cold memory is slow).
 PICKUP_TIMEOUT = 30.0
+PICKUP_RATE = 100e6
 
 log = logging.getLogger("ferroparallel.peer")
 
@@ -325,9 +327,12 @@ class LentResult:
         pid, start = own_identity()
         return [pid, start, self.seals.address(self.slot), self.nonce]
 
-    def wait(self, timeout: float = PICKUP_TIMEOUT) -> bool:
-        """Wait until the client picked the result up (True), died, or ``timeout`` passed;
-        then release the buffers. After a False return the client's copy is refused."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the client picked the result up (True), died, or ``timeout`` passed
+        (default :data:`PICKUP_TIMEOUT` plus a second per :data:`PICKUP_RATE` bytes); then
+        release the buffers. After a False return the client's copy is refused."""
+        if timeout is None:
+            timeout = PICKUP_TIMEOUT + self.loan.nbytes / PICKUP_RATE
         seals, i, nonce = self.seals, self.slot, self.nonce
         start = time.monotonic()
         deadline, check_alive = start + timeout, start + 0.1
