@@ -310,13 +310,16 @@ def test_blocking_pulls_gathers_and_results_are_lent(rc: Client, dv: DirectView)
 
 def test_the_engine_changes_nothing_before_the_client_has_its_copy(rc: Client) -> None:
     uuid = rc._build_targets(0)[0][0]
+    assert rc._shm.all_local([uuid]) and rc._shm._lenders[uuid]  # probed: results are lent
     rc[0].execute("import numpy as np; big = np.zeros(32 << 20, dtype=np.uint8)", block=True)
     for i in range(5):
+        reads = client_reads()[0]
         with rc._shm.waiting():  # as a blocking pull does: the result is lent
             fut = rc.send_apply_request("mux", lambda x: x, (Reference("big"),), ident=uuid)
         # queued right behind it on the engine: changes the very array in place
         change = rc[0].apply_async(lambda x: x.__iadd__(1) is x, Reference("big"))
         got = fut.result(timeout=SHORT)
+        assert client_reads()[0] == reads + 1  # lent, and copied by this client
         assert got.min() == got.max() == i  # the values at reply time, never changed ones
         assert change.get(timeout=SHORT) is True
 
