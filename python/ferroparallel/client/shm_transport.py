@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..serialize import peer as _peer
@@ -93,16 +92,10 @@ class ShmTransport:
 
     # ----- packing ------------------------------------------------------------------------
 
-    @contextmanager
-    def waiting(self, block: bool = True) -> Iterator[None]:
-        """Requests packed by this thread inside the block are waited for (``block``): their
-        large arguments may be lent instead of copied."""
-        prev = getattr(self._calls, "waits", False)
-        self._calls.waits = bool(block)
-        try:
-            yield
-        finally:
-            self._calls.waits = prev
+    def waiting(self, block: bool = True) -> _peer.ThreadSetting:
+        """``with transport.waiting(block):`` requests packed by this thread inside the block
+        are waited for (``block``): their large arguments may be lent instead of copied."""
+        return _peer.ThreadSetting(self._calls, "waits", bool(block))
 
     def lend_results(self, uuids: Sequence[str] | None) -> list[Any] | None:
         """The ``LEND_RESULTS_KEY`` value for a request to ``uuids`` (``None``: any engine):

@@ -25,8 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from .. import _core
@@ -160,16 +159,31 @@ def orphan(loan: Loan) -> None:
 # ----- receiver -----------------------------------------------------------------------------
 
 
-@contextmanager
-def serving(msg_id: str) -> Iterator[None]:
-    """Unpack the arguments of request ``msg_id`` inside this block (descriptors lent to
-    another request are refused)."""
-    prev = getattr(_request, "msg_id", None)
-    _request.msg_id = msg_id
-    try:
-        yield
-    finally:
-        _request.msg_id = prev
+class ThreadSetting:
+    """``with ThreadSetting(local, name, value):`` sets a thread-local attribute for the
+    block, then restores it (a class: a generator context manager costs ~1.5 µs more, on every
+    request)."""
+
+    __slots__ = ("_local", "_name", "_prev", "_value")
+
+    def __init__(self, local: threading.local, name: str, value: Any) -> None:
+        self._local = local
+        self._name = name
+        self._value = value
+        self._prev: Any = None
+
+    def __enter__(self) -> None:
+        self._prev = getattr(self._local, self._name, None)
+        setattr(self._local, self._name, self._value)
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self._local, self._name, self._prev)
+
+
+def serving(msg_id: str) -> ThreadSetting:
+    """Unpack the arguments of request ``msg_id`` inside this ``with`` block (descriptors lent
+    to another request are refused)."""
+    return ThreadSetting(_request, "msg_id", msg_id)
 
 
 def _allocate(nbytes: int) -> Any:
