@@ -24,7 +24,7 @@ import ferroparallel as ipp
 from ferroparallel import Reference
 from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
-from ferroparallel.error import RemoteError
+from ferroparallel.error import EngineError, RemoteError
 from ferroparallel.serialize import deserialize_object, peer, serialize_object, shm
 from transfer_util import need_lending, owner_kind, run_script, segments_of
 
@@ -410,3 +410,28 @@ def test_engines_with_lending_off_get_segments(
         assert client_reads() == before
         uuid = rc2._build_targets(0)[0][0]
         assert not rc2._shm._readers[uuid] and not rc2._shm._lenders[uuid]
+
+
+def test_an_engine_killed_before_reading_its_loan_releases_it(
+    new_cluster: Callable[..., tuple[Cluster, Client]],
+) -> None:
+    cluster, rc2 = new_cluster(n=2)
+    pids = dict(zip(rc2.ids, rc2[:].apply_sync(os.getpid), strict=True))
+    uuid = rc2._build_targets(1)[0][0]
+    assert rc2._shm.all_local([uuid]) and rc2._shm._readers[uuid]
+    busy = rc2[1].apply_async(time.sleep, 60)
+    a = np.ones(16 * MIB, dtype=np.uint8)
+    with rc2._shm.waiting():  # as a blocking call does: the argument is lent
+        fut = rc2.send_apply_request("mux", lambda x: int(x.sum()), (a,), ident=uuid)
+    assert len(rc2._shm.live_loans()) == 1
+    os.kill(pids[1], signal.SIGKILL)
+    for pending in (busy.get, fut.result):
+        with pytest.raises(EngineError):
+            pending(timeout=SHORT)
+    deadline = time.monotonic() + 5
+    while rc2._shm.live_loans() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rc2._shm.live_loans() == []
+    before = rc2[0].apply_sync(engine_reads)
+    assert rc2[0].apply_sync(lambda x: int(x.sum()), a) == a.size  # the survivor still reads
+    assert rc2[0].apply_sync(engine_reads)[0] == before[0] + 1
