@@ -26,7 +26,7 @@ from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import EngineError, RemoteError
 from ferroparallel.serialize import deserialize_object, peer, serialize_object, shm
-from transfer_util import need_lending, owner_kind, run_script, segments_of
+from transfer_util import assert_no_segments_left, need_lending, owner_kind, run_script, segments_of
 
 pytest_plugins = ("cluster_fixtures",)
 pytestmark = pytest.mark.timeout(120)
@@ -50,12 +50,10 @@ def engine_reads() -> list[int]:
 
 @pytest.fixture(autouse=True)
 def no_segments() -> Iterator[None]:
+    """Lending needs permission to read other processes; no test leaves a segment behind."""
     need_lending()
     yield
-    deadline = time.monotonic() + 5
-    while segments_of() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert segments_of() == []
+    assert_no_segments_left()
 
 
 # ----- in-process ---------------------------------------------------------------------------
@@ -435,3 +433,47 @@ def test_an_engine_killed_before_reading_its_loan_releases_it(
     before = rc2[0].apply_sync(engine_reads)
     assert rc2[0].apply_sync(lambda x: int(x.sum()), a) == a.size  # the survivor still reads
     assert rc2[0].apply_sync(engine_reads)[0] == before[0] + 1
+
+
+def test_a_big_lent_result_gets_more_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peer, "PICKUP_TIMEOUT", 0.0)
+    monkeypatch.setattr(peer, "PICKUP_RATE", 1e9)
+    loan = peer.Loan("r-4")
+    loan.nbytes = 300_000_000  # 0.3 s at the patched rate
+    slow = peer.LentResult(loan, peer.Seals(), list(peer.own_identity()))
+    t0 = time.monotonic()
+    assert not slow.wait()
+    assert 0.3 <= time.monotonic() - t0 < 5
+
+
+def test_a_reply_nobody_expects_lets_the_engine_go_on() -> None:
+    from ferroparallel.client import dispatch
+    from ferroparallel.wire_names import LENT_RESULT_KEY
+
+    class NoFutures:
+        _futures: dict[str, Any] = {}
+
+    lent = peer.LentResult(peer.Loan("r-5"), peer.Seals(), list(peer.own_identity()))
+    msg = {
+        "parent_header": {"msg_id": "r-5"},
+        "header": {"msg_type": "apply_reply"},
+        "metadata": {LENT_RESULT_KEY: lent.reply_metadata()},
+    }
+    assert dispatch.handle_reply(NoFutures(), msg) is None  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    assert lent.wait(timeout=10)  # released by the client: no wait
+    assert time.monotonic() - t0 < 1
+
+
+def test_closing_a_client_keeps_its_outstanding_loans(shared_cluster: Cluster) -> None:
+    a = np.full(2 * MIB, 3, dtype=np.uint8)
+    rc2 = ipp.Client(shared_cluster.client_file)
+    rc2.wait_for_engines(2, timeout=SHORT)
+    uuid = rc2._build_targets(0)[0][0]
+    assert rc2._shm.all_local([uuid]) and rc2._shm._readers[uuid]
+    rc2[0].apply_async(time.sleep, 1.0)
+    with rc2._shm.waiting():
+        rc2.send_apply_request("mux", lambda x: int(x.sum()), (a,), ident=uuid)
+    (loan,) = rc2._shm.live_loans()
+    rc2.close(linger=0)
+    assert loan in peer._orphans and loan.buffers  # the engine may still read them

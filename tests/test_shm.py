@@ -28,7 +28,14 @@ from ferroparallel.cluster import Cluster
 from ferroparallel.error import EngineError, RemoteError
 from ferroparallel.serialize import deserialize_object, serialize_object, shm
 from ferroparallel.serialize.apply import pack_apply_message, unpack_apply_message
-from transfer_util import assert_over_shm, fp_mappings, owner_kind, run_script, segments_of
+from transfer_util import (
+    assert_no_segments_left,
+    assert_over_shm,
+    fp_mappings,
+    owner_kind,
+    run_script,
+    segments_of,
+)
 
 pytest_plugins = ("cluster_fixtures",)
 pytestmark = pytest.mark.timeout(120)
@@ -55,10 +62,7 @@ def segments_even_for_blocking_calls(request: pytest.FixtureRequest) -> Iterator
 def no_leaked_segments() -> Iterator[None]:
     """Every test must leave no segment of this process behind."""
     yield
-    deadline = time.monotonic() + 5
-    while segments_of() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert segments_of() == []
+    assert_no_segments_left()
 
 
 # ----- in-process ---------------------------------------------------------------------------

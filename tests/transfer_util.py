@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,15 @@ def fp_mappings() -> list[str]:
 def segments_of(pid: int | None = None) -> list[str]:
     """Segments in /dev/shm created by ``pid`` (default: this process)."""
     return shm.our_segments(pid)
+
+
+def assert_no_segments_left(timeout: float = 5.0) -> None:
+    """This process's segments are all gone within ``timeout`` seconds (they are released as
+    the last replies arrive, on the dispatcher thread)."""
+    deadline = time.monotonic() + timeout
+    while segments_of() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segments_of() == []
 
 
 def run_script(code: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
