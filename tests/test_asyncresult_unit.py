@@ -31,7 +31,7 @@ from ferroparallel.client.asyncresult import (
 )
 from ferroparallel.client.futures import MessageFuture
 from ferroparallel.client.mapping import Map, RoundRobinMap
-from ferroparallel.client.metadata import Metadata, parse_date
+from ferroparallel.client.metadata import NO_DEPENDENCIES, Metadata, parse_date
 from ferroparallel.error import (
     CompositeError,
     EngineError,
@@ -282,6 +282,33 @@ def test_metadata_dates_and_copies() -> None:
     deep = copy.deepcopy(md)
     deep.outputs.append(1)
     assert md.outputs == []
+
+
+def test_shared_empty_dependencies_are_read_only_lists() -> None:
+    """Replies that name no dependencies share one empty list: it behaves as ``[]`` and
+    refuses changes (which would show in every result) with a message naming the fix."""
+    md = Metadata(after=NO_DEPENDENCIES, follow=NO_DEPENDENCIES)
+    assert md.after == [] and md["follow"] == [] and isinstance(md.after, list)
+    assert not md.after and len(md.after) == 0 and md.after + ["x"] == ["x"]
+    for change in (
+        lambda deps: deps.append("x"),
+        lambda deps: deps.extend(["x"]),
+        lambda deps: deps.insert(0, "x"),
+        lambda deps: deps.__setitem__(slice(0, 0), ["x"]),
+        lambda deps: deps.__iadd__(["x"]),
+    ):
+        with pytest.raises(TypeError, match="assign a new list"):
+            change(md.after)
+    assert NO_DEPENDENCIES == []
+    md.after = ["m1"]  # assigning a new list is how dependencies are recorded
+    assert md.after == ["m1"] and NO_DEPENDENCIES == []
+    # copies are ordinary lists that can be changed
+    for clone in (copy.copy(NO_DEPENDENCIES), copy.deepcopy(NO_DEPENDENCIES)):
+        assert type(clone) is list and clone == []
+    assert type(pickle.loads(pickle.dumps(NO_DEPENDENCIES))) is list
+    deep = copy.deepcopy(Metadata(follow=NO_DEPENDENCIES))
+    deep.follow.append("m2")
+    assert deep.follow == ["m2"] and NO_DEPENDENCIES == []
 
 
 # -- AsyncResult: results and waiting ---------------------------------------------------------

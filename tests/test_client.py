@@ -251,6 +251,8 @@ def test_results_and_metadata_of_low_level_requests(rc: Client) -> None:
     assert md.stdout == ""
     for key in ("submitted", "started", "completed", "received"):
         assert md[key] is not None, key
+    assert md.after == [] and md.follow == []  # ipyparallel's values for a direct request
+    assert isinstance(md.after, list) and isinstance(md.follow, list)
 
 
 def test_metadata_is_strict(rc: Client) -> None:

@@ -82,6 +82,24 @@ def test_valid_message_is_accepted(packer: str) -> None:
     assert [bytes(b) for b in msg["buffers"]] == [b"buffer"]
 
 
+def test_map_keys_decode_exactly_beyond_the_key_cache(packer: str) -> None:
+    """Received map keys are cached as interned strings up to a bound: many thousands of
+    distinct keys (a peer sending ever new ones) still decode exactly, and equal keys are one
+    shared string object."""
+    peer = PeerSession(KEY, packer=packer)
+    core = _core.Session(KEY, packer=packer)
+    for batch in range(3):
+        content = {f"key-{batch}-{i}": i for i in range(2000)}
+        frames = peer.serialize("test_request", content, metadata={"status": "ok"})
+        msg = core.deserialize([bytes(f) for f in frames])
+        assert msg["content"] == content
+        assert list(msg["content"]) == list(content)  # order kept
+    first = core.deserialize([bytes(f) for f in peer.serialize("a_request", {"k": 1})])
+    second = core.deserialize([bytes(f) for f in peer.serialize("a_request", {"k": 2})])
+    (k1,), (k2,) = first["content"], second["content"]
+    assert k1 == k2 == "k" and k1 is k2
+
+
 @pytest.mark.parametrize(
     "frames",
     [

@@ -419,7 +419,7 @@ class Client(HasTraits):
         io = self._io
         while not self._closed:
             try:
-                batch = io.recv(timeout=0.1)
+                batch = io.recv(timeout=0.1, max_messages=waiting.BATCH)
             except error.IoClosedError:
                 break
             except Exception:  # noqa: BLE001

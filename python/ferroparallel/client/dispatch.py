@@ -15,7 +15,7 @@ from ..serialize import deserialize_object, peer
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import LENT_RESULT_KEY, OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
 from .futures import settling_batch
-from .metadata import parse_date
+from .metadata import NO_DEPENDENCIES, parse_date
 
 if TYPE_CHECKING:
     from .client import Client
@@ -124,8 +124,8 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         "completed": parse_date(header.get("date")),
         "received": utcnow(),
         "status": status,
-        "follow": md_in.get("follow", []),
-        "after": md_in.get("after", []),
+        "follow": md_in["follow"] if "follow" in md_in else NO_DEPENDENCIES,
+        "after": md_in["after"] if "after" in md_in else NO_DEPENDENCIES,
     }
     if engine_uuid and engine_uuid in client._uuids:
         values["engine_uuid"] = engine_uuid

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["DATE_KEYS", "METADATA_KEYS", "Metadata", "parse_date", "utcnow"]
+__all__ = ["DATE_KEYS", "METADATA_KEYS", "NO_DEPENDENCIES", "Metadata", "parse_date", "utcnow"]
 
 #: The metadata keys holding timestamps.
 DATE_KEYS = ("submitted", "started", "completed", "received")
@@ -37,6 +37,36 @@ _DEFAULTS: dict[str, Any] = {
 
 #: Every key of a Metadata, in order.
 METADATA_KEYS = tuple(_DEFAULTS)
+
+
+class _ReadOnlyEmptyList(list):
+    """An empty list that cannot be changed (see :data:`NO_DEPENDENCIES`)."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "this metadata list is shared and read-only: assign a new list instead "
+            "(md['after'] = [...])"
+        )
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _read_only
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only  # type: ignore[assignment]
+
+    def __copy__(self) -> list[Any]:
+        return []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return list, ()
+
+
+#: The ``after`` / ``follow`` value of a reply that names no dependencies: one shared,
+#: read-only empty list. A fresh list per result would be two more objects per task for the
+#: garbage collector to walk on every full collection while thousands of results are held.
+NO_DEPENDENCIES: list[Any] = _ReadOnlyEmptyList()
 
 #: Names used by IPython.parallel before IPython 3, readable as attributes.
 ALIASES = {"pyin": "execute_input", "pyout": "execute_result", "pyerr": "error"}

@@ -27,6 +27,12 @@ from typing import TYPE_CHECKING, Any
 from .. import error
 from .futures import POLL_INTERVAL, wait_until
 
+#: Most messages handled per receive. A received message is a handful of Python containers
+#: until it is handled; a big batch that is alive when the garbage collector runs is promoted
+#: to the oldest generation, and with many results outstanding (tens of thousands of
+#: AsyncResults) those promotions trigger full collections over all of them again and again.
+BATCH = 64
+
 if TYPE_CHECKING:
     from .client import Client
 
@@ -125,7 +131,7 @@ def _receive_until(
         if client._closed:
             return _settled_until(done, deadline)
         try:
-            batch = io.recv(timeout=step, since=since)
+            batch = io.recv(timeout=step, max_messages=BATCH, since=since)
         except error.IoClosedError:
             continue
         if batch:

@@ -1,7 +1,11 @@
 //! Converting between Python objects and wire values.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use fp_wire::{Parts, Value};
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -11,7 +15,33 @@ const MAX_DEPTH: usize = 256;
 /// Map keys up to this many bytes become interned Python strings.
 const MAX_INTERNED_KEY: usize = 40;
 
+/// Most map keys kept in [`KEYS`] (a peer sending ever new keys cannot grow it further).
+const MAX_CACHED_KEYS: usize = 2048;
+
+/// Map keys already seen, as interned Python strings. The same few dozen keys come in every
+/// message; finding one here costs less than decoding, hashing and interning it again.
+static KEYS: Mutex<Option<HashMap<String, Py<PyString>>>> = Mutex::new(None);
+
 static PACK_DEFAULT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The interned Python string of map key `s` (cached; see [`KEYS`]).
+fn key_string<'py>(py: Python<'py>, s: &str) -> Bound<'py, PyString> {
+    {
+        let keys = KEYS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keys.as_ref().and_then(|m| m.get(s)) {
+            return k.bind(py).clone();
+        }
+    }
+    // created without the lock held: no Python code runs while it is taken
+    let key = PyString::intern(py, s);
+    let mut keys = KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = keys.get_or_insert_with(HashMap::new);
+    if map.len() < MAX_CACHED_KEYS {
+        map.entry(s.to_owned())
+            .or_insert_with(|| key.clone().unbind());
+    }
+    key
+}
 
 fn pack_default<'py>(py: Python<'py>) -> PyResult<&'py Bound<'py, PyAny>> {
     PACK_DEFAULT
@@ -125,9 +155,7 @@ pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
                 // message keys repeat in every message: interned, they are shared and compare
                 // by pointer in Python's dict lookups
                 let key = match k {
-                    Value::Str(s) if s.len() <= MAX_INTERNED_KEY => {
-                        PyString::intern(py, s).into_any()
-                    }
+                    Value::Str(s) if s.len() <= MAX_INTERNED_KEY => key_string(py, s).into_any(),
                     _ => to_py(py, k)?,
                 };
                 if key.hash().is_err() {
@@ -154,17 +182,22 @@ pub fn message_dict<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let header = to_py(py, &parts.header)?;
-    d.set_item("msg_id", header.get_item("msg_id")?)?;
-    d.set_item("msg_type", header.get_item("msg_type")?)?;
-    d.set_item("header", header)?;
-    d.set_item("parent_header", to_py(py, &parts.parent_header)?)?;
-    d.set_item("metadata", to_py(py, &parts.metadata)?)?;
-    if content_unpacked {
-        d.set_item("content", to_py(py, &parts.content)?)?;
+    let (msg_id, msg_type) = (intern!(py, "msg_id"), intern!(py, "msg_type"));
+    d.set_item(msg_id, header.get_item(msg_id)?)?;
+    d.set_item(msg_type, header.get_item(msg_type)?)?;
+    d.set_item(intern!(py, "header"), header)?;
+    d.set_item(
+        intern!(py, "parent_header"),
+        to_py(py, &parts.parent_header)?,
+    )?;
+    d.set_item(intern!(py, "metadata"), to_py(py, &parts.metadata)?)?;
+    let content = if content_unpacked {
+        to_py(py, &parts.content)?
     } else {
-        d.set_item("content", py.None())?;
-    }
-    d.set_item("buffers", buffers)?;
-    d.set_item("idents", idents)?;
+        py.None().into_bound(py)
+    };
+    d.set_item(intern!(py, "content"), content)?;
+    d.set_item(intern!(py, "buffers"), buffers)?;
+    d.set_item(intern!(py, "idents"), idents)?;
     Ok(d)
 }
