@@ -114,7 +114,10 @@ class Metadata(dict):
 
     Setting an unknown key, by item, attribute or ``update()``, raises KeyError; keys cannot
     be deleted. Date keys may hold ISO strings or datetimes; strings are parsed to aware
-    datetimes when assigned through Python (see :func:`parse_date`).
+    datetimes when assigned through Python (see :func:`parse_date`). Once a reply arrived,
+    ``after`` and ``follow`` hold the dependencies it names, as ipyparallel's client does, or
+    else :data:`NO_DEPENDENCIES`: an empty list shared by all results, which refuses changes
+    (assign a new list instead).
 
     Parameters
     ----------
