@@ -551,3 +551,26 @@ def test_no_status_traffic_and_output_complete_by_count(rc: Client) -> None:
     assert ar.stdout == "out-1\nout-3\n" and ar.stderr == "out-2\n"
     fut = ar._children[0]
     assert fut.outputs_expected == fut.outputs_seen >= 2
+
+
+def test_output_of_a_finished_result_is_there_when_read(rc: Client) -> None:
+    """``ar.get(); ar.stdout``: the engine sends output before its reply, but on the IOPub
+    channel, which may deliver it a moment after the reply; reading an output key of a
+    finished result waits for it (it was announced in the reply)."""
+
+    def shout(i: int) -> int:
+        print("line", i)
+        print("err", i, file=sys.stderr)
+        return i
+
+    for i in range(40):
+        ar = rc[0].apply_async(shout, i)
+        assert ar.get(timeout=SHORT) == i
+        assert ar.stdout == f"line {i}\n"
+        assert ar.stderr == f"err {i}\n"
+    both = rc[:].apply_async(shout, 7)
+    both.get(timeout=SHORT)
+    assert both.stdout == ["line 7\n", "line 7\n"]
+    ran = rc[:].execute("print('cell')")
+    ran.get(timeout=SHORT)
+    assert ran["stdout"] == ["cell\n", "cell\n"]

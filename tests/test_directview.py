@@ -13,7 +13,7 @@ import pytest
 
 import ferroparallel as ipp
 from ferroparallel import error
-from ferroparallel.client import Client, DirectView
+from ferroparallel.client import AsyncResult, Client, DirectView
 from ferroparallel.cluster import Cluster
 
 pytest_plugins = ("cluster_fixtures",)
@@ -29,9 +29,25 @@ WaitUntil = Callable[..., Any]
 def test_execute_blocking_sets_names(dv: DirectView) -> None:
     dv.execute("a = 6 * 7", block=True)
     assert dv.pull("a", block=True) == [42, 42]
-    replies = dv.execute("b = a + 1", block=True)
-    assert len(replies) == 2
+    ar = dv.execute("b = a + 1", block=True)
+    assert len(ar) == 2
     assert dv["b"] == [43, 43]
+
+
+def test_blocking_execute_returns_its_asyncresult_with_output(dv: DirectView) -> None:
+    """As ipyparallel: a blocking execute waits for the replies and the output, and returns
+    the AsyncResult (``display_outputs``, ``stdout`` work on it at once)."""
+    ar = dv.execute("print('said', 6 * 7)", block=True)
+    assert isinstance(ar, AsyncResult) and ar.ready() and ar.successful()
+    assert ar.stdout == ["said 42\n", "said 42\n"]
+    assert len(ar.get()) == 2  # the replies are still there
+    single = dv.client[0].execute("print('one')", block=True)
+    assert isinstance(single, AsyncResult) and single.stdout == "one\n"
+    dv.block = True
+    try:
+        assert isinstance(dv.execute("c = 1"), AsyncResult)
+    finally:
+        dv.block = False
 
 
 def test_execute_captures_stdout(dv: DirectView) -> None:
@@ -170,6 +186,27 @@ def test_scatter_gather_block_distribution(dv: DirectView) -> None:
     ar.get(timeout=SHORT)
     gathered = dv.gather("part2")
     assert gathered.get(timeout=SHORT) == data
+
+
+def test_blocking_scatter_returns_none_and_view_flags_apply(dv: DirectView) -> None:
+    """As ipyparallel: a blocking scatter returns None; clear/abort/shutdown default to the
+    view's ``block`` (a blocking view waits for the engines' answers and returns None)."""
+    assert dv.scatter("s", list(range(6)), block=True) is None
+    assert dv.gather("s", block=True) == list(range(6))
+    ar = dv.scatter("s2", list(range(4)))
+    assert isinstance(ar, AsyncResult)
+    ar.get(timeout=SHORT)
+    dv.block = True
+    try:
+        assert dv.abort() is None
+        dv["gone"] = 1
+        assert dv.clear() is None
+        with pytest.raises(error.RemoteError):
+            dv.pull("gone")
+    finally:
+        dv.block = False
+    pending = dv.clear()
+    pending.get(timeout=SHORT)
 
 
 def test_scatter_gather_round_robin(dv: DirectView) -> None:

@@ -53,6 +53,19 @@ log = logging.getLogger("ferroparallel.client")
 _NOT_READY = "Result not ready."
 
 
+def _true() -> bool:
+    return True
+
+
+#: Metadata keys that IOPub output fills in.
+_OUTPUT_KEYS = frozenset(
+    ("stdout", "stderr", "outputs", "execute_input", "execute_result", "error", "data")
+)
+#: Seconds an output key of a finished result waits for output still on its way: the engine
+#: sends it before the reply, but on another channel, so it may arrive a moment later.
+OUTPUT_GRACE = 2.0
+
+
 def _outcome(fut: concurrent.futures.Future) -> tuple[Any, bool]:
     """``(value, False)`` or ``(exception, True)`` of a finished future."""
     if fut.cancelled():
@@ -489,8 +502,17 @@ class AsyncResult(SlimFuture):
         key = _MD_ALIASES.get(key, key)
         if key not in METADATA_KEYS:
             raise KeyError(key)
+        if key in _OUTPUT_KEYS and self.done():
+            self._await_output()
         values = [self._md_value(i, key) for i in range(len(self._children))]
         return values[0] if self._single_result else values
+
+    def _await_output(self) -> None:
+        """Once the replies are in: wait briefly for output announced but not yet arrived, so
+        that ``ar.get(); ar.stdout`` shows what the call printed."""
+        pending = [c for c in self._children if not getattr(c, "output_done", _true)()]
+        if pending:
+            self.wait_for_output(timeout=OUTPUT_GRACE)
 
     @property
     def msg_ids(self) -> list[str]:

@@ -1049,8 +1049,8 @@ class Client(HasTraits):
             )
         else:
             engine_ids = targets
-        if not engine_ids:
-            return None
+        if isinstance(engine_ids, (list, tuple, range)) and not engine_ids:
+            return None  # no engine to ask (engine 0 is a target, not "none")
         return self._send_control("abort_request", {"msg_ids": msg_ids}, engine_ids, block)
 
     def clear(self, targets: Any = None, block: bool | None = None) -> Any:

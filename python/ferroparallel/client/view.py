@@ -17,6 +17,11 @@ from .asyncresult import AsyncMapResult, AsyncResult
 from .mapping import chunk_sequence, dists
 from .remote_helpers import _execute, _map_chunk, _pull, _push, _set_pickler
 
+#: Seconds a blocking ``execute`` waits, after the replies, for the output they announced
+#: (it is sent before the reply, so it is normally there already; a lost IOPub message must
+#: not hang the call).
+OUTPUT_WAIT = 10.0
+
 
 class View(HasTraits):
     """Base of the views: flags (``block``, ``targets``, ``track``, ``label``) and the
@@ -136,8 +141,13 @@ class View(HasTraits):
         return self.client.wait(jobs, timeout)
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> Any:
-        """Abort queued jobs."""
-        return self.client.abort(jobs, targets=targets, block=block)
+        """Abort queued jobs on this view's engines (``block`` and ``targets`` default to the
+        view's; blocking, it returns None once every engine answered)."""
+        return self.client.abort(
+            jobs,
+            targets=self.targets if targets is None else targets,
+            block=self._block(block),
+        )
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
         """Queue counts from the controller."""
@@ -275,7 +285,13 @@ class DirectView(View):
         metadata = {"label": self.label} if self.label else {}
         futs = self.client.execute_on(uuids, code, silent=silent, metadata=metadata)
         ar = AsyncResult(self.client, futs, fname="execute", targets=ids[0] if single else ids)
-        return self._finish(ar, block)
+        ar._client._own(ar.msg_ids)
+        if block:
+            # as ipyparallel: blocking waits for the replies (raising a failure) and for the
+            # output, and still returns the AsyncResult (for display_outputs, stdout, ...)
+            ar.get()
+            ar.wait_for_output(OUTPUT_WAIT)
+        return ar
 
     def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:
         """Execute a local Python file on the engines."""
@@ -345,6 +361,9 @@ class DirectView(View):
                     self.client.send_apply_request("mux", _push, ({key: part},), {}, ident=u)
                 )
         ar = AsyncResult(self.client, futs, fname="scatter", targets=ids)
+        if block:
+            self._finish(ar, block)  # waits, and raises a failure
+            return None  # as ipyparallel: nothing to return once the parts are in place
         return self._finish(ar, block)
 
     def gather(
@@ -413,7 +432,10 @@ class DirectView(View):
         return self._really_apply(_set_pickler, ("dill",), {}, block=True)
 
     def clear(self, targets: Any = None, block: bool | None = None) -> Any:
-        return self.client.clear(targets if targets is not None else self.targets, block=block)
+        """Clear the engines' namespaces (``block`` defaults to the view's)."""
+        return self.client.clear(
+            targets if targets is not None else self.targets, block=self._block(block)
+        )
 
     def activate(self, suffix: str = "") -> Any:
         """Make this view the one the IPython magics (``%px``, ``%%px``, ``%pxresult``,
@@ -445,9 +467,9 @@ class DirectView(View):
         hub: bool = False,
         block: bool | None = None,
     ) -> None:
-        self.client.shutdown(
-            targets if targets is not None else self.targets, restart=restart, hub=hub, block=block
-        )
+        if targets is None or targets == "all":
+            targets = self.targets
+        self.client.shutdown(targets, restart=restart, hub=hub, block=self._block(block))
 
 
 class BroadcastView(DirectView):
