@@ -396,6 +396,36 @@ def test_view_abort(rc: Client) -> None:
     assert running.get(timeout=SHORT) is None
 
 
+def test_each_view_keeps_its_own_history(rc: Client) -> None:
+    """As ipyparallel: ``view.history`` / ``outstanding`` hold what was submitted through
+    that view; ``wait()``, ``abort()`` and ``get_result()`` default to them."""
+    mine, other, lb = rc[0], rc[0], rc.load_balanced_view()
+    first = mine.apply_async(lambda: "first")
+    slow = lb.apply_async(time.sleep, 3.0)
+    last = mine.apply_async(lambda: "last")
+    assert mine.history == [*first.msg_ids, *last.msg_ids]
+    assert set(mine.outstanding) <= set(mine.history)
+    assert slow.msg_ids[0] in lb.history and slow.msg_ids[0] not in mine.history
+    # wait() is this view's: done long before the load-balanced sleep
+    started = time.monotonic()
+    assert mine.wait(timeout=SHORT)
+    assert time.monotonic() - started < 2.5 and not slow.ready()
+    assert mine.outstanding == set()
+    assert mine.get_result().get(timeout=SHORT) == "last"  # the view's last request
+    assert mine.get_result(0).get(timeout=SHORT) == "first"
+    assert mine.get_result([0, 1]).get(timeout=SHORT) == ["first", "last"]
+    # abort() aborts this view's queued tasks, not another view's
+    busy = other.apply_async(time.sleep, 1.0)
+    queued_here = mine.apply_async(lambda: "aborted")
+    queued_there = other.apply_async(lambda: "runs")
+    mine.abort(block=True)
+    with pytest.raises(error.TaskAborted):
+        queued_here.get(timeout=SHORT)
+    assert queued_there.get(timeout=SHORT) == "runs"
+    assert busy.get(timeout=SHORT) is None
+    assert lb.wait(timeout=SHORT) and slow.get(timeout=SHORT) is None
+
+
 def test_view_queue_status(rc: Client, dv: DirectView) -> None:
     qs = dv.queue_status()
     assert {0, 1} <= set(qs)

@@ -38,6 +38,9 @@ class View(HasTraits):
         super().__init__(client=client, targets=targets)
         self.block = client.block
         self.set_flags(**flags)
+        # what was submitted through this view (ipyparallel's view.history / outstanding)
+        self._history: list[str] = []
+        self._outstanding: set[str] = set()
 
     def __repr__(self) -> str:
         t = self.targets
@@ -137,14 +140,17 @@ class View(HasTraits):
         return deco
 
     def wait(self, jobs: Any = None, timeout: float = -1) -> bool:
-        """Wait for jobs (default: everything this view's client has outstanding)."""
-        return self.client.wait(jobs, timeout)
+        """Wait for jobs (default: everything submitted through this view); True when they
+        are done, False when ``timeout`` seconds passed first."""
+        return self.client.wait(list(self.outstanding) if jobs is None else jobs, timeout)
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> Any:
-        """Abort queued jobs on this view's engines (``block`` and ``targets`` default to the
-        view's; blocking, it returns None once every engine answered)."""
+        """Abort queued jobs (default: this view's outstanding ones) on this view's engines
+        (``block`` and ``targets`` default to the view's; blocking, it returns None once every
+        engine answered). As in ipyparallel, an empty list of jobs asks the engines to abort
+        everything queued on them."""
         return self.client.abort(
-            jobs,
+            list(self.outstanding) if jobs is None else jobs,
             targets=self.targets if targets is None else targets,
             block=self._block(block),
         )
@@ -161,15 +167,27 @@ class View(HasTraits):
     def get_result(
         self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = False
     ) -> Any:
-        return self.client.get_result(indices_or_msg_ids, block=block, owner=owner)
+        """Results by msg_id, or by index into this view's :attr:`history` (default: the
+        last request of this view); see :meth:`Client.get_result`."""
+        jobs = -1 if indices_or_msg_ids is None else indices_or_msg_ids
+        if isinstance(jobs, int):
+            jobs = self._history[jobs]
+        elif isinstance(jobs, (list, tuple, set)):
+            jobs = [self._history[j] if isinstance(j, int) else j for j in jobs]
+        return self.client.get_result(jobs, block=block, owner=owner)
 
     @property
     def history(self) -> list[str]:
-        return self.client.history
+        """msg_ids of the requests submitted through this view, oldest first."""
+        return self._history
 
     @property
     def outstanding(self) -> set[str]:
-        return self.client.outstanding
+        """msg_ids submitted through this view that have not finished."""
+        pending = self.client.outstanding
+        # iterate over our own set only: the dispatcher thread changes the client's
+        self._outstanding = {m for m in self._outstanding if m in pending}
+        return self._outstanding
 
     @property
     def results(self) -> dict[str, Any]:
@@ -182,8 +200,16 @@ class View(HasTraits):
 
         return ViewExecutor(self)
 
+    def _record(self, ar: AsyncResult) -> None:
+        """``ar`` was submitted through this view: the client may drop what ``ar`` owns, and
+        the view remembers its msg_ids."""
+        ids = ar.msg_ids
+        ar._client._own(ids)
+        self._history.extend(ids)
+        self._outstanding.update(ids)
+
     def _finish(self, ar: AsyncResult, block: bool) -> Any:
-        ar._client._own(ar.msg_ids)
+        self._record(ar)
         if block:
             try:
                 return ar.get()
@@ -285,7 +311,7 @@ class DirectView(View):
         metadata = {"label": self.label} if self.label else {}
         futs = self.client.execute_on(uuids, code, silent=silent, metadata=metadata)
         ar = AsyncResult(self.client, futs, fname="execute", targets=ids[0] if single else ids)
-        ar._client._own(ar.msg_ids)
+        self._record(ar)
         if block:
             # as ipyparallel: blocking waits for the replies (raising a failure) and for the
             # output, and still returns the AsyncResult (for display_outputs, stdout, ...)
