@@ -41,6 +41,7 @@ class View(HasTraits):
         # what was submitted through this view (ipyparallel's view.history / outstanding)
         self._history: list[str] = []
         self._outstanding: set[str] = set()
+        self._prune_at = 1024  # size at which finished msg_ids leave _outstanding
 
     def __repr__(self) -> str:
         t = self.targets
@@ -207,6 +208,8 @@ class View(HasTraits):
         ar._client._own(ids)
         self._history.extend(ids)
         self._outstanding.update(ids)
+        if len(self._outstanding) > self._prune_at:  # amortized: never read, still bounded
+            self._prune_at = 2 * len(self.outstanding) + 1024
 
     def _finish(self, ar: AsyncResult, block: bool) -> Any:
         self._record(ar)
