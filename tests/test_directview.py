@@ -426,6 +426,21 @@ def test_each_view_keeps_its_own_history(rc: Client) -> None:
     assert lb.wait(timeout=SHORT) and slow.get(timeout=SHORT) is None
 
 
+def test_importer_and_resolved_targets(rc: Client, dv: DirectView) -> None:
+    """``with view.importer:`` imports here and on the engines; ``rc[-1]``, slices and lists
+    name the engines registered when the view is made (as ipyparallel)."""
+    with dv.importer:
+        import colorsys  # noqa: F401 - imported for the engines
+    assert dv.apply_sync(lambda: colorsys.__name__) == ["colorsys", "colorsys"]  # noqa: F821
+    assert rc[-1].targets == rc.ids[-1]
+    assert rc[-1].apply_sync(lambda: 1) == 1  # a single engine: a single result
+    assert rc[::2].targets == rc.ids[::2]
+    assert rc.direct_view(rc.ids[:1]).targets == rc.ids[:1]
+    assert rc.direct_view("all").targets == "all"
+    with pytest.raises(TypeError, match="block"):
+        dv.map_async(abs, [1], block=True)
+
+
 def test_view_queue_status(rc: Client, dv: DirectView) -> None:
     qs = dv.queue_status()
     assert {0, 1} <= set(qs)

@@ -1246,3 +1246,31 @@ def test_flag_changes_reach_the_next_task(lv: LoadBalancedView, pids: dict[int, 
     assert (md["timeout"], md["retries"]) == (2.5, 3)
     md["retries"] = 99  # a caller's change to its copy stays there
     assert lv._task_metadata()["retries"] == 3
+
+
+def test_flags_are_validated_when_set(lv: LoadBalancedView) -> None:
+    """As ipyparallel's set_flags: a malformed dependency is a ValueError, a timeout of the
+    wrong type a TypeError and a negative one a ValueError; nothing is changed by them."""
+    for bad in (5, 1.5, object(), [1, 2], {"dependencies": ["a"]}):
+        with pytest.raises(ValueError, match="Invalid dependency"):
+            lv.set_flags(after=bad)
+        with pytest.raises(ValueError, match="Invalid dependency"):
+            lv.set_flags(follow=bad)
+    with pytest.raises(TypeError, match="timeout"):
+        lv.set_flags(timeout="10")
+    with pytest.raises(ValueError, match="timeout"):
+        lv.set_flags(timeout=-1)
+    assert lv.after is None and lv.follow is None and lv.timeout is None
+    done = lv.apply_async(lambda: 1)
+    good = ["m1", done, ipp.Dependency(["m2"]), ipp.Dependency(["m3"]).as_dict(), ("m4", "m5")]
+    for dep in good:
+        with lv.temp_flags(after=dep, timeout=2.5):
+            assert lv.after is dep and lv.timeout == 2.5
+    assert lv.after is None and lv.timeout is None
+    assert done.get(timeout=30) == 1
+    for call in (
+        lambda: lv.map_async(abs, [1], block=True),
+        lambda: lv.map_sync(abs, [1], block=False),
+    ):
+        with pytest.raises(TypeError, match="block"):
+            call()

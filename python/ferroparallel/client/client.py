@@ -395,11 +395,8 @@ class Client(HasTraits):
         """``rc[i]``, ``rc[i:j]``, ``rc[[...]]``: a DirectView on those engines."""
         if isinstance(key, str):
             raise TypeError("index engines with ints, slices or lists of ints")
-        if isinstance(key, int):
-            self._build_targets(key)
-            return self.direct_view(key)
-        # A slice or list names the engines registered now (only 'all' follows new ones).
-        return self.direct_view(self._build_targets(key)[1])
+        # an int, slice or list names the engines registered now (only 'all' follows new ones)
+        return self.direct_view(key)
 
     def __enter__(self) -> Client:
         return self
@@ -973,6 +970,10 @@ class Client(HasTraits):
         """A DirectView on ``targets`` (``'all'`` follows engines that arrive later)."""
         from .view import DirectView
 
+        if targets is not None and not (isinstance(targets, str) and targets == "all"):
+            # resolved now, as ipyparallel does: rc[-1] is the engine that is last today
+            ids = self._build_targets(targets)[1]
+            targets = ids[0] if isinstance(targets, int) else ids
         return DirectView(client=self, targets=targets, **kwargs)
 
     def load_balanced_view(self, targets: Any = None, **kwargs: Any):

@@ -9,9 +9,10 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, HasTraits, Instance, Integer, Unicode, observe
+from traitlets import Bool, HasTraits, Instance, Integer, Unicode, observe, validate
 
 from .. import error
+from ..dependency import Dependency
 from ..serialize.pickling import Prepickled
 from .asyncresult import AsyncMapResult, AsyncResult
 from .mapping import chunk_sequence, dists
@@ -108,11 +109,15 @@ class View(HasTraits):
         return self._map(f, sequences, block=self._block(block), **kwargs)
 
     def map_async(self, f: Callable[..., Any], /, *sequences: Any, **kwargs: Any) -> AsyncMapResult:
-        kwargs.pop("block", None)
+        """``map(..., block=False)``: returns an AsyncMapResult at once."""
+        if "block" in kwargs:
+            raise TypeError("map_async takes no `block` argument (use map(..., block=...))")
         return self._map(f, sequences, block=False, **kwargs)
 
     def map_sync(self, f: Callable[..., Any], /, *sequences: Any, **kwargs: Any) -> list[Any]:
-        kwargs.pop("block", None)
+        """``map(..., block=True)``: returns the list of results."""
+        if "block" in kwargs:
+            raise TypeError("map_sync takes no `block` argument (use map(..., block=...))")
         return self._map(f, sequences, block=True, **kwargs)
 
     def _map(
@@ -408,6 +413,11 @@ class DirectView(View):
         ar = AsyncMapResult(self.client, futs, dists[dist](), fname="gather")
         return self._finish(ar, block)
 
+    @property
+    def importer(self) -> Any:
+        """``sync_imports(local=True)`` as a property: ``with view.importer: import x``."""
+        return self.sync_imports(True)
+
     @contextlib.contextmanager
     def sync_imports(self, local: bool = True, quiet: bool = False) -> Iterator[None]:
         """Imports inside this ``with`` block also run on the engines."""
@@ -531,6 +541,27 @@ class LoadBalancedView(View):
     @observe("targets", "after", "follow", "timeout", "retries", "label")
     def _flags_changed(self, change: Any) -> None:
         self._md_cache = None
+
+    @validate("after", "follow")
+    def _check_dependency(self, proposal: Any) -> Any:
+        dep = proposal["value"]
+        if not _valid_dependency(dep):
+            raise ValueError(
+                f"Invalid dependency: {dep!r}; give msg_ids, AsyncResults, a list of them, "
+                "or an ipp.Dependency"
+            )
+        return dep
+
+    @validate("timeout")
+    def _check_timeout(self, proposal: Any) -> Any:
+        t = proposal["value"]
+        if t is None:
+            return None
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"Invalid type for timeout: {type(t).__name__} (seconds, or None)")
+        if t < 0:
+            raise ValueError(f"Invalid timeout: {t} (seconds >= 0, or None for no timeout)")
+        return t
 
     def _task_metadata(self, **overrides: Any) -> dict[str, Any]:
         if not overrides:
@@ -667,6 +698,22 @@ class LoadBalancedView(View):
         from .joblib_backend import register
 
         register(self, name, make_default)
+
+
+def _valid_dependency(dep: Any, depth: int = 0) -> bool:
+    """Whether ``dep`` is a dependency form ``after``/``follow`` accept: None, a msg_id, an
+    AsyncResult (anything with ``msg_ids``), a Dependency or its dict form, or a list, tuple
+    or set of those."""
+    if dep is None or isinstance(dep, (str, Dependency)) or hasattr(dep, "msg_ids"):
+        return True
+    if isinstance(dep, dict):
+        ids = dep.get("dependencies")
+        return set(dep) == set(Dependency().as_dict()) and (
+            isinstance(ids, list) and all(isinstance(d, str) for d in ids)
+        )
+    if isinstance(dep, (list, tuple, set, frozenset)) and depth < 8:
+        return all(_valid_dependency(d, depth + 1) for d in dep if d is not None)
+    return False
 
 
 def _dep_ids(dep: Any) -> Any:
