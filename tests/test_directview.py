@@ -441,6 +441,29 @@ def test_importer_and_resolved_targets(rc: Client, dv: DirectView) -> None:
         dv.map_async(abs, [1], block=True)
 
 
+def test_bad_arguments_name_the_fix(rc: Client, dv: DirectView) -> None:
+    """Mistakes are caught before anything is sent, with ipyparallel's exception types."""
+    lv = rc.load_balanced_view()
+    for view in (dv, lv):
+        with pytest.raises(ValueError, match=r"equal length, but have \[2, 1\]"):
+            view.map_sync(lambda a, b: a, [1, 2], [1])
+        with pytest.raises(TypeError, match="use list"):
+            view.map_sync(abs, (x for x in range(3)))
+    with pytest.raises(ValueError, match="equal length"):
+        dv.parallel(block=True)(lambda a, b: a)([1, 2], [3])
+    with pytest.raises(TypeError, match="use push"):
+        dv.scatter("x", 5)
+    with pytest.raises(TypeError, match="str or a list of str"):
+        dv.pull(5)
+    with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):
+        rc.send_signal("SIGFOO", block=True)
+    with pytest.raises(KeyError, match="Invalid name: 'nope'"), dv.temp_flags(nope=1):
+        pass
+    assert dv.block is False
+    assert rc.send_signal(" 18 ", targets=0, block=True) is None  # SIGCONT: harmless
+    assert rc.send_signal("cont", targets=0, block=True) is None
+
+
 def test_view_queue_status(rc: Client, dv: DirectView) -> None:
     qs = dv.queue_status()
     assert {0, 1} <= set(qs)

@@ -10,6 +10,7 @@ import atexit
 import collections
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -1060,7 +1061,15 @@ class Client(HasTraits):
 
     def send_signal(self, sig: int | str, targets: Any = None, block: bool | None = None) -> Any:
         """Send a signal (e.g. ``signal.SIGINT`` to interrupt running code) to engines."""
-        sig = int(sig) if not isinstance(sig, str) else sig
+        if isinstance(sig, str):
+            name = sig.strip().upper()
+            name = name if name.isdigit() or name.startswith("SIG") else "SIG" + name
+            if not name.isdigit() and name not in signal.Signals.__members__:
+                raise ValueError(
+                    f"unknown signal {sig!r}: give a number or a name such as 'SIGINT'"
+                )
+        else:
+            sig = int(sig)
         return self._send_control("signal_request", {"sig": sig}, targets, block)
 
     def become_dask(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
@@ -59,16 +59,21 @@ class View(HasTraits):
 
     # ----- flags ----------------------------------------------------------------------------
 
-    def set_flags(self, **kwargs: Any) -> None:
-        """Set view flags (``block``, ``track``, ``targets``, ``label``, …)."""
-        for name, value in kwargs.items():
+    def _check_flag_names(self, names: Iterable[str]) -> None:
+        for name in names:
             if name not in self._flag_names:
                 raise KeyError(f"Invalid name: {name!r}; flags are {', '.join(self._flag_names)}")
+
+    def set_flags(self, **kwargs: Any) -> None:
+        """Set view flags (``block``, ``track``, ``targets``, ``label``, …)."""
+        self._check_flag_names(kwargs)
+        for name, value in kwargs.items():
             setattr(self, name, value)
 
     @contextlib.contextmanager
     def temp_flags(self, **kwargs: Any) -> Iterator[None]:
         """Set flags for the duration of a ``with`` block."""
+        self._check_flag_names(kwargs)
         saved = {k: getattr(self, k) for k in kwargs}
         self.set_flags(**kwargs)
         try:
@@ -265,8 +270,7 @@ class DirectView(View):
         return_exceptions = bool(kwargs.pop("return_exceptions", False))
         if kwargs:
             raise TypeError(f"DirectView.map got unexpected arguments: {', '.join(kwargs)}")
-        if not sequences:
-            raise ValueError("map needs at least one sequence")
+        _check_sequences(sequences)
         uuids, ids, _ = self._targets()
         n = min(len(ids), min(len(s) for s in sequences)) or 1
         mapper = dists["b"]()
@@ -299,6 +303,7 @@ class DirectView(View):
         block: bool,
         chunksize: int | None,
     ) -> Any:
+        _check_sequences(sequences)
         uuids, ids, _ = self._targets()
         mapper = dists[dist]()
         n = len(ids)
@@ -353,6 +358,8 @@ class DirectView(View):
     ) -> Any:
         """Get names (or expressions) from the engines' namespaces."""
         if not isinstance(names, str):
+            if not isinstance(names, (list, tuple, set)):
+                raise TypeError(f"names must be a str or a list of str, not {type(names).__name__}")
             names = list(names)
             for n in names:
                 if not isinstance(n, str):
@@ -382,6 +389,11 @@ class DirectView(View):
         block = self._block(block)
         if dist not in dists:
             raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
+        if not hasattr(seq, "__len__") or not hasattr(seq, "__getitem__"):
+            raise TypeError(
+                f"scatter needs a sequence (list, tuple, range, array...), not "
+                f"{type(seq).__name__}; to send one object to every engine, use push"
+            )
         uuids, ids, _ = self._targets(targets)
         mapper = dists[dist]()
         n = len(ids)
@@ -619,8 +631,7 @@ class LoadBalancedView(View):
     ) -> Any:
         if kwargs:
             raise TypeError(f"LoadBalancedView.map got unexpected arguments: {', '.join(kwargs)}")
-        if not sequences:
-            raise ValueError("map needs at least one sequence")
+        _check_sequences(sequences)
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         md = self._task_metadata()
@@ -698,6 +709,21 @@ class LoadBalancedView(View):
         from .joblib_backend import register
 
         register(self, name, make_default)
+
+
+def _check_sequences(sequences: Sequence[Any]) -> None:
+    """What ``map`` accepts, as ipyparallel: one or more sequences of equal length."""
+    if not sequences:
+        raise ValueError("map needs at least one sequence")
+    for s in sequences:
+        if not hasattr(s, "__len__") or not hasattr(s, "__getitem__"):
+            raise TypeError(
+                f"map takes sequences (list, tuple, range, array...), not {type(s).__name__}: "
+                "use list(...) for an iterator, or LoadBalancedView.imap"
+            )
+    lengths = [len(s) for s in sequences]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"all sequences must have equal length, but have {lengths}")
 
 
 def _valid_dependency(dep: Any, depth: int = 0) -> bool:
