@@ -113,6 +113,15 @@ def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluste
         assert "[stdout:0] only zero" in out and "[stdout:1]" not in out
 
 
+def test_view_activate_returns_none_inside_ipython(ip: InteractiveShell, rc: Client) -> None:
+    """As ipyparallel: a notebook cell ending in ``rc[:].activate()`` shows nothing, and the
+    magics then follow that view's (non-blocking) flags."""
+    assert rc[:].activate() is None
+    ar = ip.run_line_magic("px", "d = 4")
+    assert ar.get(timeout=30) is not None
+    assert rc[:].pull("d", block=True) == [4, 4]
+
+
 def test_activate_outside_ipython_warns(rc: Client) -> None:
     InteractiveShell.clear_instance()
     with pytest.warns(RuntimeWarning, match="IPython session"):

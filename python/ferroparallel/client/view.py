@@ -488,16 +488,12 @@ class DirectView(View):
             targets if targets is not None else self.targets, block=self._block(block)
         )
 
-    def activate(self, suffix: str = "") -> Any:
+    def activate(self, suffix: str = "") -> None:
         """Make this view the one the IPython magics (``%px``, ``%%px``, ``%pxresult``,
         ``%pxconfig``, ``%autopx``) run on; with ``suffix``, register them under new names
         (``%px<suffix>`` …) so that several views can be active at once. Outside IPython it
-        warns and does nothing.
-
-        Returns
-        -------
-        ferroparallel.client.magics.ParallelMagics or None
-        """
+        warns and does nothing. Returns None, as ipyparallel's (so that a notebook cell
+        ending with it shows nothing)."""
         try:
             from .magics import activate
         except ImportError:
@@ -509,7 +505,8 @@ class DirectView(View):
                 stacklevel=2,
             )
             return None
-        return activate(self, suffix)
+        activate(self, suffix)
+        return None
 
     def shutdown(
         self,
