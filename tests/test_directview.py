@@ -399,7 +399,8 @@ def test_view_abort(rc: Client) -> None:
 def test_each_view_keeps_its_own_history(rc: Client) -> None:
     """As ipyparallel: ``view.history`` / ``outstanding`` hold what was submitted through
     that view; ``wait()``, ``abort()`` and ``get_result()`` default to them."""
-    mine, other, lb = rc[0], rc[0], rc.load_balanced_view()
+    # the load-balanced sleep goes to engine 1, so that nothing of it queues on engine 0
+    mine, other, lb = rc[0], rc[0], rc.load_balanced_view(targets=[1])
     first = mine.apply_async(lambda: "first")
     slow = lb.apply_async(time.sleep, 3.0)
     last = mine.apply_async(lambda: "last")
