@@ -132,3 +132,42 @@ def test_default_joblib_backend_connects_a_client(rc: Client) -> None:
         second = joblib.Parallel(n_jobs=2)(joblib.delayed(os.getpid)() for _ in range(4))
     assert first == [i * i for i in range(6)]
     assert set(second) <= set(rc[:].apply_sync(os.getpid))
+
+
+def test_ipyparallel_top_level_names(rc: Client) -> None:
+    """The names ipyparallel exports at its top level that user code reaches for: the error
+    classes (``except ipp.TaskAborted``), ``ipp.TimeoutError`` (the builtin), ``remote`` /
+    ``parallel`` decorators over a view, and ``version_info``."""
+    for name in (
+        "EngineError",
+        "NoEnginesRegistered",
+        "TaskAborted",
+        "TaskTimeout",
+        "DependencyTimeout",
+        "ImpossibleDependency",
+        "InvalidDependency",
+        "UnmetDependency",
+        "KernelError",
+        "TaskRejectError",
+        "AlreadyDisplayedError",
+        "unwrap_exception",
+        "collect_exceptions",
+        "wrap_exception",
+        "RemoteFunction",
+        "ParallelFunction",
+        "ViewExecutor",
+    ):
+        assert getattr(ipp, name) is not None, name
+    assert ipp.TimeoutError is TimeoutError
+    assert ipp.TaskAborted is ipp.error.TaskAborted
+    assert issubclass(ipp.RemoteError, ipp.IPythonError)
+    assert isinstance(ipp.version_info, tuple) and all(isinstance(p, int) for p in ipp.version_info)
+    assert ".".join(map(str, ipp.version_info)) == ipp.__version__.split("+")[0]
+    triple = ipp.remote(rc[:], block=True)(lambda x: x * 3)
+    assert isinstance(triple, ipp.RemoteFunction) and triple(2) == [6, 6]
+    lv = rc.load_balanced_view()
+    inc = ipp.parallel(lv, block=True, ordered=False)(lambda x: x + 1)
+    assert isinstance(inc, ipp.ParallelFunction)
+    assert sorted(inc.map(range(6))) == [1, 2, 3, 4, 5, 6]
+    in_order = ipp.parallel(lv, block=True)(lambda x: x * 2)
+    assert in_order.map(range(5)) == [0, 2, 4, 6, 8]

@@ -10,12 +10,39 @@ from typing import Any
 
 from . import error
 from ._core import Frame, IoThread, Session, __version__
-from .error import CompositeError, RemoteError
+from .error import (
+    AlreadyDisplayedError,
+    CompositeError,
+    DependencyTimeout,
+    EngineError,
+    ImpossibleDependency,
+    InvalidDependency,
+    IPythonError,
+    KernelError,
+    NoEnginesRegistered,
+    RemoteError,
+    TaskAborted,
+    TaskRejectError,
+    TaskTimeout,
+    UnmetDependency,
+    collect_exceptions,
+    unwrap_exception,
+    wrap_exception,
+)
+
+#: ipyparallel exports the builtin under this name too (``except ipp.TimeoutError``).
+TimeoutError = TimeoutError  # noqa: A001, PLW0127
+
+#: ``__version__`` as a tuple of ints (as ipyparallel's ``version_info``).
+version_info: tuple[int, ...] = tuple(
+    int(part) for part in __version__.split("+")[0].split(".") if part.isdigit()
+)
 
 __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "AlreadyDisplayedError",
     "AsyncHubResult",
     "AsyncMapResult",
     "AsyncResult",
@@ -24,28 +51,49 @@ __all__ = [
     "Cluster",
     "CompositeError",
     "Dependency",
+    "DependencyTimeout",
     "DirectView",
+    "EngineError",
     "Frame",
+    "ImpossibleDependency",
+    "InvalidDependency",
+    "IPythonError",
     "IoThread",
+    "KernelError",
     "LoadBalancedView",
+    "NoEnginesRegistered",
+    "ParallelFunction",
     "PrePickled",
     "Reference",
     "RemoteError",
+    "RemoteFunction",
     "Session",
+    "TaskAborted",
+    "TaskRejectError",
+    "TaskTimeout",
+    "TimeoutError",
+    "UnmetDependency",
+    "ViewExecutor",
     "__version__",
+    "collect_exceptions",
     "depend",
     "dependent",
     "deserialize_object",
     "error",
     "interactive",
     "pack_apply_message",
+    "parallel",
     "register_joblib_backend",
+    "remote",
     "require",
     "serialize_object",
     "unpack_apply_message",
+    "unwrap_exception",
     "use_cloudpickle",
     "use_dill",
     "use_pickle",
+    "version_info",
+    "wrap_exception",
 ]
 
 _LAZY = {
@@ -70,6 +118,11 @@ _LAZY = {
     "use_cloudpickle": "ferroparallel.serialize",
     "use_pickle": "ferroparallel.serialize",
     "use_dill": "ferroparallel.serialize",
+    "RemoteFunction": "ferroparallel.client.remotefunction",
+    "ParallelFunction": "ferroparallel.client.remotefunction",
+    "remote": "ferroparallel.client.remotefunction",
+    "parallel": "ferroparallel.client.remotefunction",
+    "ViewExecutor": "ferroparallel.client.executor",
 }
 
 #: ipyparallel's names for objects that are called differently here.

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 __all__ = [
+    "IPythonError",
     "FerroParallelError",
     "MessageError",
     "MalformedMessage",
@@ -47,6 +48,10 @@ __all__ = [
 
 class FerroParallelError(Exception):
     """Base class of every ferroparallel error."""
+
+
+#: ipyparallel's name for the base class of its errors.
+IPythonError = FerroParallelError
 
 
 class MessageError(FerroParallelError, ValueError):

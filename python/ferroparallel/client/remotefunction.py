@@ -36,6 +36,7 @@ class ParallelFunction(RemoteFunction):
         dist: str = "b",
         block: bool | None = None,
         chunksize: int | None = None,
+        ordered: bool = True,
         **flags: Any,
     ) -> None:
         super().__init__(view, f, block=block, **flags)
@@ -43,6 +44,7 @@ class ParallelFunction(RemoteFunction):
             raise ValueError(f"dist must be 'b' or 'r', not {dist!r}")
         self.dist = dist
         self.chunksize = chunksize
+        self.ordered = bool(ordered)
 
     def __call__(self, *sequences: Any, **kwargs: Any) -> Any:
         """Partition the sequences, call the function once per part (it receives a part and
@@ -54,5 +56,36 @@ class ParallelFunction(RemoteFunction):
             return self.view._parallel_call(self.func, sequences, self.dist, block, self.chunksize)
 
     def map(self, *sequences: Any) -> Any:
+        """Call the function on each element (of the zipped sequences): a load-balanced
+        view sends a task per element (``chunksize`` per task, in order unless ``ordered``
+        is false), a direct view one task per engine."""
         block = self.view.block if self.block is None else self.block
-        return self.view.map(self.func, *sequences, block=block)
+        options: dict[str, Any] = {}
+        if hasattr(self.view, "imap"):  # load-balanced: order and chunks apply
+            options["ordered"] = self.ordered
+            if self.chunksize:
+                options["chunksize"] = self.chunksize
+        with self.view.temp_flags(**self.flags):
+            return self.view.map(self.func, *sequences, block=block, **options)
+
+
+def remote(view: Any, block: bool | None = None, **flags: Any) -> Callable[[Callable], Any]:
+    """Decorator (ipyparallel's ``ipp.remote``): calling the function runs it on ``view``,
+    as ``view.remote(block, **flags)`` does."""
+
+    def deco(f: Callable[..., Any]) -> RemoteFunction:
+        return RemoteFunction(view, f, block=block, **flags)
+
+    return deco
+
+
+def parallel(
+    view: Any, dist: str = "b", block: bool | None = None, ordered: bool = True, **flags: Any
+) -> Callable[[Callable], Any]:
+    """Decorator (ipyparallel's ``ipp.parallel``): calling the function splits its sequence
+    arguments across ``view``'s engines; ``.map`` applies it element-wise."""
+
+    def deco(f: Callable[..., Any]) -> ParallelFunction:
+        return ParallelFunction(view, f, dist=dist, block=block, ordered=ordered, **flags)
+
+    return deco
