@@ -171,3 +171,25 @@ def test_ipyparallel_top_level_names(rc: Client) -> None:
     assert sorted(inc.map(range(6))) == [1, 2, 3, 4, 5, 6]
     in_order = ipp.parallel(lv, block=True)(lambda x: x * 2)
     assert in_order.map(range(5)) == [0, 2, 4, 6, 8]
+
+
+def test_view_helpers_and_the_client_cluster(
+    rc: Client, dv: DirectView, shared_cluster: Any
+) -> None:
+    """``view.imap``, ``view.purge_results`` and ``view.shutdown`` exist on every view (as
+    ipyparallel's View); a client made by a Cluster knows it (``rc.cluster``)."""
+    assert list(dv.imap(lambda x: x * 2, range(5))) == [0, 2, 4, 6, 8]
+    ar = dv.apply_async(lambda: "kept")
+    ar.get(timeout=30)
+    first = ar.msg_ids[0]
+    assert rc.db_query({"msg_id": first}, keys=["msg_id"])
+    dv.purge_results(jobs=[first])
+    assert rc.db_query({"msg_id": first}, keys=["msg_id"]) == []
+    lv = rc.load_balanced_view()
+    assert callable(lv.shutdown) and callable(lv.purge_results)
+    assert rc.cluster is None  # made from a connection file
+    made = shared_cluster.connect_client_sync()
+    try:
+        assert made.cluster is shared_cluster
+    finally:
+        made.close()

@@ -574,3 +574,33 @@ def test_output_of_a_finished_result_is_there_when_read(rc: Client) -> None:
     ran = rc[:].execute("print('cell')")
     ran.get(timeout=SHORT)
     assert ran["stdout"] == ["cell\n", "cell\n"]
+
+
+def test_stream_output_prints_lines_as_they_arrive(rc: Client, capsys: Any) -> None:
+    """``with ar.stream_output():`` prints each engine's output while the request still runs,
+    prefixed with the stream and engine id; what is left is printed when the block ends."""
+
+    def talk() -> None:
+        import sys as _sys
+        import time as _time
+
+        print("early", flush=True)
+        _time.sleep(1.5)
+        print("late", end="")  # no newline: printed when the block ends
+        print("oops", file=_sys.stderr)
+
+    ar = rc[:].apply_async(talk)
+    with ar.stream_output(interval=0.02):
+        deadline = time.monotonic() + SHORT
+        seen = ""
+        while "[stdout:1] early" not in seen or "[stdout:0] early" not in seen:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+            seen += capsys.readouterr().out
+        assert not ar.ready()  # printed while the request was still running
+        ar.get(timeout=SHORT)
+        ar.wait_for_output(SHORT)
+    out, err = capsys.readouterr()
+    assert out.count("late") == 2 and "[stdout:0] late" in out and "[stdout:1] late" in out
+    assert "[stderr:0] oops" in err and "[stderr:1] oops" in err
+    assert "early" not in out  # each line printed once

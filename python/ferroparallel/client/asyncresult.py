@@ -761,6 +761,19 @@ class AsyncResult(SlimFuture):
 
     # -- output -------------------------------------------------------------------------------
 
+    def stream_output(self, interval: float = 0.05) -> Any:
+        """A context manager: while its block runs, the messages' stdout/stderr is printed as
+        it arrives, each line prefixed ``[stdout:<engine>]``; the rest when the block ends.
+
+        Examples
+        --------
+        >>> with ar.stream_output():  # doctest: +SKIP
+        ...     ar.wait_for_output()
+        """
+        from .streaming import stream_output
+
+        return stream_output(self, interval)
+
     def display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
         """Print (or, in IPython, display) the output captured for each message.
 

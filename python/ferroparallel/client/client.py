@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error, paths
@@ -162,6 +163,7 @@ class Client(HasTraits):
         "how many outputs to expect, and never subscribes to them).",
     ).tag(config=True)
     timeout = Float(10.0)
+    cluster = AnyTrait(None, allow_none=True, help="the Cluster this client was made by, if any")
     profile = Unicode("default")
     outstanding = Set(help="msg_ids of requests without a reply")
     results = Dict(help="results by msg_id, until their AsyncResult owns them")
@@ -207,6 +209,7 @@ class Client(HasTraits):
             pass  # accepted for compatibility; profiles live under FERROPARALLEL_DIR
         if kwargs:
             raise TypeError(f"Client() got unexpected keyword argument(s): {', '.join(kwargs)}")
+        self.cluster = cluster
         if cluster is not None:
             profile_dir = profile_dir or getattr(cluster, "profile_dir", None)
             cluster_id = (

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class
 
+from .streaming import OutputPrinter
+
 if TYPE_CHECKING:
     from .asyncresult import AsyncResult
     from .view import DirectView
@@ -310,7 +312,7 @@ def _signal_number(sig: str) -> int:
 def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = 5.0) -> None:
     """Print each engine's stdout/stderr as it arrives, until ``ar`` is done and its output
     complete (or ``grace`` seconds after it finished, for output that never completes)."""
-    shown: dict[tuple[int, str], int] = {}
+    printer = OutputPrinter(ar)
     finished_at: float | None = None
     while True:
         # whether everything is in, decided before printing: what arrives later is printed
@@ -321,18 +323,7 @@ def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = 5.0) -> 
         )
         if ar.done() and finished_at is None:
             finished_at = time.monotonic()
-        for i in range(len(ar)):
-            md = ar._md(i)
-            eid = ar._engine_id(i)
-            for kind in ("stdout", "stderr"):
-                text = md.get(kind) or ""
-                start = shown.get((i, kind), 0)
-                if len(text) > start:
-                    shown[(i, kind)] = len(text)
-                    label = f"[{kind}:{'?' if eid is None else eid}]"
-                    out = sys.stdout if kind == "stdout" else sys.stderr
-                    for piece in text[start:].splitlines():
-                        print(f"{label} {piece}", file=out)
+        printer.print_new(final=complete)
         if complete:
             return
         ar.wait(poll)

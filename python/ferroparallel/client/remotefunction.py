@@ -61,7 +61,7 @@ class ParallelFunction(RemoteFunction):
         is false), a direct view one task per engine."""
         block = self.view.block if self.block is None else self.block
         options: dict[str, Any] = {}
-        if hasattr(self.view, "imap"):  # load-balanced: order and chunks apply
+        if getattr(self.view, "load_balanced", False):  # order and chunks apply
             options["ordered"] = self.ordered
             if self.chunksize:
                 options["chunksize"] = self.chunksize

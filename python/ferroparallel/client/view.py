@@ -34,6 +34,8 @@ class View(HasTraits):
     label = Unicode(None, allow_none=True)
     client = Instance("ferroparallel.client.client.Client")
     _flag_names = ("block", "track", "targets", "label")
+    #: Whether the scheduler picks the engine of each task (a LoadBalancedView).
+    load_balanced = False
 
     def __init__(self, client: Any = None, targets: Any = None, **flags: Any) -> None:
         super().__init__(client=client, targets=targets)
@@ -165,6 +167,31 @@ class View(HasTraits):
             targets=self.targets if targets is None else targets,
             block=self._block(block),
         )
+
+    def shutdown(
+        self,
+        targets: Any = None,
+        restart: bool = False,
+        hub: bool = False,
+        block: bool | None = None,
+    ) -> None:
+        """Stop engines (default: this view's; all of them for a load-balanced view), and the
+        hub too with ``hub=True``; ``block`` defaults to the view's."""
+        if targets is None or (isinstance(targets, str) and targets == "all"):
+            targets = self.targets if self.targets is not None else "all"
+        self.client.shutdown(targets, restart=restart, hub=hub, block=self._block(block))
+
+    def purge_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Forget finished results here and in the hub (see :meth:`Client.purge_results`);
+        ``targets`` None or ``'all'`` means this view's engines."""
+        if targets is None or (isinstance(targets, str) and targets == "all"):
+            targets = self.targets if self.targets is not None else "all"
+        self.client.purge_results(jobs=jobs, targets=targets)
+
+    def imap(self, f: Callable[..., Any], /, *sequences: Any, **kwargs: Any) -> Iterator[Any]:
+        """Iterate over ``map_async(f, *sequences)``'s results as they become available, in
+        order."""
+        return iter(self.map_async(f, *sequences, **kwargs))
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
         """Queue counts from the controller."""
@@ -508,17 +535,6 @@ class DirectView(View):
         activate(self, suffix)
         return None
 
-    def shutdown(
-        self,
-        targets: Any = None,
-        restart: bool = False,
-        hub: bool = False,
-        block: bool | None = None,
-    ) -> None:
-        if targets is None or targets == "all":
-            targets = self.targets
-        self.client.shutdown(targets, restart=restart, hub=hub, block=self._block(block))
-
 
 class BroadcastView(DirectView):
     """ipyparallel's BroadcastView: a DirectView (whose requests to several engines already
@@ -534,6 +550,8 @@ class BroadcastView(DirectView):
 
 class LoadBalancedView(View):
     """Let the controller's scheduler choose the engine for each task."""
+
+    load_balanced = True
 
     after = AnyTrait(None, allow_none=True)
     follow = AnyTrait(None, allow_none=True)
