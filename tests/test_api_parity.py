@@ -185,11 +185,23 @@ def test_view_helpers_and_the_client_cluster(
     assert rc.db_query({"msg_id": first}, keys=["msg_id"])
     dv.purge_results(jobs=[first])
     assert rc.db_query({"msg_id": first}, keys=["msg_id"]) == []
-    lv = rc.load_balanced_view()
-    assert callable(lv.shutdown) and callable(lv.purge_results)
     assert rc.cluster is None  # made from a connection file
     made = shared_cluster.connect_client_sync()
     try:
         assert made.cluster is shared_cluster
     finally:
         made.close()
+
+
+def test_load_balanced_view_shutdown_stops_every_engine() -> None:
+    """``lview.shutdown()`` (a View method, as in ipyparallel) stops all engines when the view
+    names none; it blocks when the view does."""
+    with ipp.Cluster(n=2, log_level="ERROR") as own:
+        own.wait_for_engines(2, timeout=30)
+        lv = own.load_balanced_view()
+        lv.block = True
+        assert lv.shutdown() is None
+        deadline = time.monotonic() + 30
+        while own.ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert own.ids == []

@@ -415,6 +415,10 @@ def test_each_view_keeps_its_own_history(rc: Client) -> None:
     assert mine.get_result().get(timeout=SHORT) == "last"  # the view's last request
     assert mine.get_result(0).get(timeout=SHORT) == "first"
     assert mine.get_result([0, 1]).get(timeout=SHORT) == ["first", "last"]
+    with pytest.raises(IndexError, match="2 requests submitted through it"):
+        mine.get_result(5)
+    with pytest.raises(IndexError, match="0 requests"):
+        rc[1].get_result()
     # abort() aborts this view's queued tasks, not another view's
     busy = other.apply_async(time.sleep, 1.0)
     queued_here = mine.apply_async(lambda: "aborted")

@@ -31,9 +31,10 @@ from ferroparallel.engine.connection import (
 )
 from ferroparallel.engine.control import AbortSet
 from ferroparallel.engine.execute import PlainShell, run_apply
-from ferroparallel.engine.signals import InterruptGate, parse_signal
+from ferroparallel.engine.signals import InterruptGate
 from ferroparallel.error import ConnectionFileError
 from ferroparallel.serialize import deserialize_object, interactive, pack_apply_message
+from ferroparallel.signal_names import parse_signal
 from ferroparallel.wire_names import NO_STATUS_KEY
 
 KEY = b"engine-test-key-0123456789abcdef"

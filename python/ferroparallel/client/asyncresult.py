@@ -53,17 +53,15 @@ log = logging.getLogger("ferroparallel.client")
 _NOT_READY = "Result not ready."
 
 
-def _true() -> bool:
-    return True
-
-
 #: Metadata keys that IOPub output fills in.
 _OUTPUT_KEYS = frozenset(
     ("stdout", "stderr", "outputs", "execute_input", "execute_result", "error", "data")
 )
-#: Seconds an output key of a finished result waits for output still on its way: the engine
-#: sends it before the reply, but on another channel, so it may arrive a moment later.
-OUTPUT_GRACE = 2.0
+#: Seconds a finished result waits for output still on its way (before its output keys are
+#: read, its outputs displayed, or a blocking ``execute`` returns): the engine sends output
+#: before the reply, but on another channel, so it may arrive a moment later; a lost IOPub
+#: message must not hang the caller.
+OUTPUT_GRACE = 5.0
 
 
 def _outcome(fut: concurrent.futures.Future) -> tuple[Any, bool]:
@@ -508,10 +506,9 @@ class AsyncResult(SlimFuture):
         return values[0] if self._single_result else values
 
     def _await_output(self) -> None:
-        """Once the replies are in: wait briefly for output announced but not yet arrived, so
-        that ``ar.get(); ar.stdout`` shows what the call printed."""
-        pending = [c for c in self._children if not getattr(c, "output_done", _true)()]
-        if pending:
+        """Once the replies are in: wait briefly (:data:`OUTPUT_GRACE`) for output announced
+        but not yet arrived, so that ``ar.get(); ar.stdout`` shows what the call printed."""
+        if any(hasattr(c, "output_done") and not c.output_done() for c in self._children):
             self.wait_for_output(timeout=OUTPUT_GRACE)
 
     @property
@@ -789,8 +786,7 @@ class AsyncResult(SlimFuture):
         if groupby not in ("type", "engine", "order"):
             raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
         if self.done():
-            # the reply can arrive before the last output: wait (briefly) for all of it
-            self.wait_for_output(timeout=5)
+            self._await_output()  # the reply can arrive before the last output
         n = len(self._children)
         items = [(self._engine_id(i), self._md(i)) for i in range(n)]
         kinds = (

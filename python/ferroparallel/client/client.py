@@ -10,7 +10,6 @@ import atexit
 import collections
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
 from .. import _core, error, paths
 from .. import curve as _curve
 from .. import ssh as _ssh
+from ..signal_names import parse_signal
 from ..wire_names import LEND_RESULTS_KEY, NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
 from . import connection, dispatch, waiting
 from .futures import MessageFuture, SlimFuture
@@ -1064,15 +1064,9 @@ class Client(HasTraits):
 
     def send_signal(self, sig: int | str, targets: Any = None, block: bool | None = None) -> Any:
         """Send a signal (e.g. ``signal.SIGINT`` to interrupt running code) to engines."""
-        if isinstance(sig, str):
-            name = sig.strip().upper()
-            name = name if name.isdigit() or name.startswith("SIG") else "SIG" + name
-            if not name.isdigit() and name not in signal.Signals.__members__:
-                raise ValueError(
-                    f"unknown signal {sig!r}: give a number or a name such as 'SIGINT'"
-                )
-        else:
-            sig = int(sig)
+        number = parse_signal(sig)  # ValueError naming an unknown signal, before sending
+        if not isinstance(sig, str):
+            sig = number  # a name travels as given (engines read it on their own platform)
         return self._send_control("signal_request", {"sig": sig}, targets, block)
 
     def become_dask(

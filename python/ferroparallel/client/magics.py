@@ -14,7 +14,6 @@ import argparse
 import ast
 import re
 import shlex
-import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class
 
+from ..signal_names import parse_signal
+from .asyncresult import OUTPUT_GRACE
 from .streaming import OutputPrinter
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ class ParallelMagics(Magics):
     def _finish(self, ar: AsyncResult, groupby: str, streamed: bool) -> None:
         if streamed:
             # stdout/stderr were shown as they came: what remains are rich outputs and results
-            ar.wait_for_output(timeout=5)
+            ar.wait_for_output(timeout=OUTPUT_GRACE)
             for i in range(len(ar)):
                 _show_rest(ar, i)
         else:
@@ -299,17 +300,13 @@ class ParallelMagics(Magics):
 
 
 def _signal_number(sig: str) -> int:
-    text = str(sig).strip().upper()
-    if text.isdigit():
-        return int(text)
-    name = text if text.startswith("SIG") else f"SIG{text}"
     try:
-        return int(getattr(signal, name))
-    except AttributeError:
-        raise UsageError(f"unknown signal {sig!r}") from None
+        return parse_signal(sig)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
-def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = 5.0) -> None:
+def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = OUTPUT_GRACE) -> None:
     """Print each engine's stdout/stderr as it arrives, until ``ar`` is done and its output
     complete (or ``grace`` seconds after it finished, for output that never completes)."""
     printer = OutputPrinter(ar)

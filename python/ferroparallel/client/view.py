@@ -18,11 +18,6 @@ from .asyncresult import AsyncMapResult, AsyncResult
 from .mapping import chunk_sequence, dists
 from .remote_helpers import _execute, _map_chunk, _pull, _push, _set_pickler
 
-#: Seconds a blocking ``execute`` waits, after the replies, for the output they announced
-#: (it is sent before the reply, so it is normally there already; a lost IOPub message must
-#: not hang the call).
-OUTPUT_WAIT = 10.0
-
 
 class View(HasTraits):
     """Base of the views: flags (``block``, ``targets``, ``track``, ``label``) and the
@@ -209,10 +204,20 @@ class View(HasTraits):
         last request of this view); see :meth:`Client.get_result`."""
         jobs = -1 if indices_or_msg_ids is None else indices_or_msg_ids
         if isinstance(jobs, int):
-            jobs = self._history[jobs]
+            jobs = self._history_entry(jobs)
         elif isinstance(jobs, (list, tuple, set)):
-            jobs = [self._history[j] if isinstance(j, int) else j for j in jobs]
+            jobs = [self._history_entry(j) if isinstance(j, int) else j for j in jobs]
         return self.client.get_result(jobs, block=block, owner=owner)
+
+    def _history_entry(self, index: int) -> str:
+        try:
+            return self._history[index]
+        except IndexError:
+            raise IndexError(
+                f"no request {index} in this view's history ({len(self._history)} requests "
+                "submitted through it); pass a msg_id, or use client.get_result for the "
+                "client's history"
+            ) from None
 
     @property
     def history(self) -> list[str]:
@@ -356,7 +361,7 @@ class DirectView(View):
             # as ipyparallel: blocking waits for the replies (raising a failure) and for the
             # output, and still returns the AsyncResult (for display_outputs, stdout, ...)
             ar.get()
-            ar.wait_for_output(OUTPUT_WAIT)
+            ar._await_output()
         return ar
 
     def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:

@@ -19,8 +19,9 @@ from .. import _core
 from ..serialize import shm
 from ..serialize.peer import answer_probe, lend_probe
 from ..serialize.peer import enabled_by_env as peer_enabled
+from ..signal_names import parse_signal
 from .errors import ErrorInfo
-from .signals import parse_signal, signal_self
+from .signals import signal_self
 
 if TYPE_CHECKING:
     from .kernel import EngineKernel

@@ -82,31 +82,6 @@ def install_handlers(gate: InterruptGate) -> Callable[[], None] | None:
     return restore
 
 
-def parse_signal(sig: Any) -> int:
-    """Turn a signal number or name (``"SIGINT"``, ``"INT"``, ``2``) into its number.
-
-    Raises
-    ------
-    ValueError
-        Unknown signal.
-    """
-    if isinstance(sig, bool):
-        raise ValueError(f"not a signal: {sig!r}")
-    if isinstance(sig, int):
-        return int(signal.Signals(sig))
-    if isinstance(sig, str):
-        name = sig.strip().upper()
-        if name.isdigit():
-            return int(signal.Signals(int(name)))
-        if not name.startswith("SIG"):
-            name = "SIG" + name
-        try:
-            return int(signal.Signals[name])
-        except KeyError:
-            raise ValueError(f"unknown signal {sig!r}") from None
-    raise ValueError(f"not a signal: {sig!r}")
-
-
 def signal_self(signum: int) -> None:
     """Deliver ``signum`` to this process, to the main thread when possible (so a blocking
     call there, e.g. ``time.sleep``, is interrupted)."""
