@@ -163,6 +163,34 @@ def test_defaults_and_ids(fp_root: Path) -> None:
         Cluster(controller_args="--ping 100")  # type: ignore[arg-type]
 
 
+def test_cluster_is_configurable(fp_root: Path) -> None:
+    """As ipyparallel's Cluster: a traitlets Configurable (config, traits, observers)."""
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.Cluster.n = 5
+    cfg.Cluster.engine_timeout = 7
+    cfg.Cluster.controller_args = ["--ping", "500"]
+    c = Cluster(config=cfg, engine_timeout=9)
+    assert (c.n, c.engine_timeout, c.controller_args) == (5, 9.0, ["--ping", "500"])
+    assert c._controller_argv()[-2:] == ["--ping", "500"]
+    names = set(c.trait_names())
+    assert {"n", "profile_dir", "cluster_id", "controller", "engines", "log", "config"} <= names
+    assert {"engine_launcher_class", "controller_launcher_class"} <= names
+    assert c.traits(config=True)["n"].help
+    seen: list[object] = []
+    c.observe(lambda change: seen.append(change["new"]), names="n")
+    c.n = 3
+    assert seen == [3]
+    assert c.log.name == "ferroparallel.cluster"
+    c2 = Cluster(engines="LocalEngineSetLauncher", controller="local")
+    assert (c2.engine_launcher_class, c2.controller_launcher_class) == ("local", "local")
+    with pytest.raises(TypeError, match="only one of"):
+        Cluster(engines="local", engine_launcher_class="local")
+    with pytest.raises(NotImplementedError, match="'mpi' is not available"):
+        Cluster(engine_launcher_class="mpi")
+
+
 def test_sync_twins_exist() -> None:
     for name in (
         "start_controller",

@@ -202,6 +202,27 @@ def test_curve_cluster_runs_work(curve_cluster: tuple[Cluster, Client]) -> None:
     assert rc.queue_status()["unassigned"] == 0
 
 
+def test_client_curve_keywords_and_traits(curve_cluster: tuple[Cluster, Client]) -> None:
+    """ipyparallel's Client takes curve_serverkey/publickey/secretkey as keywords (traits)."""
+    cluster, _ = curve_cluster
+    info = json.loads(cluster.client_file.read_text())
+    serverkey = info.pop("curve_serverkey")
+    public, secret = fpcurve.keypair()
+    with Client(
+        info, timeout=SHORT, curve_serverkey=serverkey.encode(), curve_secretkey=secret
+    ) as rc:
+        assert rc.curve_serverkey == serverkey.encode()
+        assert (rc.curve_publickey, rc.curve_secretkey) == (public.encode(), secret.encode())
+        assert {"curve_serverkey", "curve_publickey", "curve_secretkey"} <= set(rc.trait_names())
+        assert rc[0].apply_sync(lambda: 5) == 5
+    with pytest.raises(ValueError, match="does not belong"):
+        Client(info, curve_serverkey=serverkey, curve_secretkey=secret, curve_publickey=serverkey)
+    with pytest.raises(ValueError, match="need a server key"):
+        Client(info, curve_secretkey=secret)
+    with pytest.raises(ValueError, match="Z85"):
+        Client(info, curve_serverkey="short")
+
+
 @pytest.mark.parametrize("variant", ["no server key", "wrong server key"])
 def test_client_without_the_server_key_cannot_connect(
     curve_cluster: tuple[Cluster, Client], variant: str

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Float, HasTraits, Instance, List, Set, Unicode
+from traitlets import Bool, Bytes, Dict, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error, paths
 from .. import curve as _curve
@@ -91,6 +91,47 @@ def _as_list(x: Any) -> list[Any]:
 
 
 #: Traits the per-message path reads from ``_trait_values`` (no validation happens on read).
+_CURVE_KWARGS = ("curve_serverkey", "curve_publickey", "curve_secretkey")
+
+
+def _client_curve_options(info: dict[str, Any], given: dict[str, Any]) -> dict[str, str]:
+    """CURVE socket options of a client: the server key from ``given`` (Client keywords), the
+    connection info or ``$IPP_CURVE_SERVERKEY``; the client's pair from ``given`` or fresh."""
+    if "curve_serverkey" in given:
+        serverkey, source = given["curve_serverkey"], "Client(curve_serverkey=...)"
+    elif info.get("curve_serverkey"):
+        serverkey, source = info["curve_serverkey"], "the connection info's curve_serverkey"
+    else:
+        serverkey = os.environ.get(_curve.SERVERKEY_ENV_VAR) or None
+        source = f"${_curve.SERVERKEY_ENV_VAR}"
+    if not serverkey:
+        if "curve_publickey" in given or "curve_secretkey" in given:
+            raise ValueError(
+                "curve_publickey/curve_secretkey need a server key: pass curve_serverkey=, or "
+                "connect to a controller started with --curve"
+            )
+        return {}
+    serverkey = _curve.check_key(serverkey, source)
+    keys = None
+    if "curve_secretkey" in given:
+        secret = _curve.check_key(given["curve_secretkey"], "Client(curve_secretkey=...)")
+        public = _curve.public_key(secret)
+        if "curve_publickey" in given:
+            claimed = _curve.check_key(given["curve_publickey"], "Client(curve_publickey=...)")
+            if claimed != public:
+                raise ValueError(
+                    "curve_publickey does not belong to curve_secretkey: pass the pair made "
+                    "together (zmq.curve_keypair()), or only curve_secretkey"
+                )
+        keys = (public, secret)
+    elif "curve_publickey" in given:
+        raise ValueError(
+            "curve_publickey without curve_secretkey: pass the secret key too (or neither, for "
+            "a fresh pair)"
+        )
+    return _curve.client_socket_options(serverkey, keys)
+
+
 _HOT_TRAITS = ("metadata", "outstanding", "results", "history", "debug", "status_messages")
 
 
@@ -131,10 +172,14 @@ class Client(HasTraits):
     exec_key : str, optional
         HMAC key, overriding the connection file's ``key``.
 
-    CurveZMQ is used when the connection info has a ``curve_serverkey`` (or
-    ``$IPP_CURVE_SERVERKEY`` is set): every socket is encrypted, with a fresh key pair of this
-    client. Without the right server key the handshake fails, and the connection request raises
-    ``TimeoutError`` after ``timeout`` seconds, naming the reason.
+    CurveZMQ is used when a server key is known: the ``curve_serverkey`` keyword, else the
+    connection info's ``curve_serverkey``, else ``$IPP_CURVE_SERVERKEY``. Every socket is then
+    encrypted, with this client's key pair: ``curve_publickey`` / ``curve_secretkey`` when both
+    are given (a secret key alone is enough: its public key is derived), else a fresh pair. The
+    keys are Z85 (40 characters, ``str`` or ``bytes``) and stay readable as the ``curve_*``
+    traits (``bytes``, as in ipyparallel). Without the right server key the handshake fails,
+    and the connection request raises ``TimeoutError`` after ``timeout`` seconds, naming the
+    reason.
     connection_info, url_file, profile_dir, cluster_id, cluster
         Other ways to name the controller (ipyparallel 9 keywords).
     shm : bool, optional
@@ -164,6 +209,9 @@ class Client(HasTraits):
     ).tag(config=True)
     timeout = Float(10.0)
     cluster = AnyTrait(None, allow_none=True, help="the Cluster this client was made by, if any")
+    curve_serverkey = Bytes(None, allow_none=True, help="the controller's CURVE public key (Z85)")
+    curve_publickey = Bytes(None, allow_none=True, help="this client's CURVE public key (Z85)")
+    curve_secretkey = Bytes(None, allow_none=True, help="this client's CURVE secret key (Z85)")
     profile = Unicode("default")
     outstanding = Set(help="msg_ids of requests without a reply")
     results = Dict(help="results by msg_id, until their AsyncResult owns them")
@@ -207,6 +255,7 @@ class Client(HasTraits):
             getattr(self, name)
         if kwargs.pop("ipython_dir", None) is not None:
             pass  # accepted for compatibility; profiles live under FERROPARALLEL_DIR
+        curve_keys = {k: v for k in _CURVE_KWARGS if (v := kwargs.pop(k, None)) is not None}
         if kwargs:
             raise TypeError(f"Client() got unexpected keyword argument(s): {', '.join(kwargs)}")
         self.cluster = cluster
@@ -252,17 +301,10 @@ class Client(HasTraits):
         )
         self._session_id = self.session.session
         self._shm = ShmTransport(self, shm, shm_threshold, peer_read)
-        serverkey = info.get("curve_serverkey") or os.environ.get(_curve.SERVERKEY_ENV_VAR) or None
-        if serverkey:
-            serverkey = _curve.check_key(
-                serverkey,
-                "curve_serverkey"
-                if info.get("curve_serverkey")
-                else f"${_curve.SERVERKEY_ENV_VAR}",
-            )
-        # One fresh key pair per client for every socket (CurveZMQ client side).
-        curve_options = _curve.client_socket_options(serverkey)
+        curve_options = _client_curve_options(info, curve_keys)
         self._curve = bool(curve_options)
+        for name, value in curve_options.items():
+            setattr(self, name, value.encode("ascii"))
         if ssh_server:
             self._tunnels = _ssh.open_tunnels(
                 urls,

@@ -37,6 +37,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default
+from traitlets.config import LoggingConfigurable
+
 from .. import paths
 from ..error import ConnectionFileError
 from ._sync import run_sync
@@ -101,8 +105,28 @@ def _client_class() -> type:
     return Client
 
 
-class Cluster:
+_LOCAL_LAUNCHERS = (
+    "local",
+    "localcontrollerlauncher",
+    "localenginesetlauncher",
+    "localengineset",
+    "localenginelauncher",
+)
+
+
+def _launcher_name(value: Any) -> str:
+    """``"local"`` for any spelling of the local launchers (a name, a dotted path, a class)."""
+    name = value if isinstance(value, str) else getattr(value, "__name__", str(value))
+    short = name.rsplit(".", 1)[-1].lower()
+    return "local" if short in _LOCAL_LAUNCHERS else name
+
+
+class Cluster(LoggingConfigurable):
     """A controller and sets of engines on this machine, started as subprocesses.
+
+    A traitlets ``Configurable`` as in ipyparallel: every parameter below is a trait, settable
+    as a keyword, as an attribute before starting, or through ``config`` (``c.Cluster.n = 4``),
+    observable with ``observe``.
 
     Parameters
     ----------
@@ -144,12 +168,15 @@ class Cluster:
     env : Mapping, optional
         Extra environment variables for the controller and engines (on top of ``os.environ``).
     controller, engines : str
-        Launcher names; only ``"local"`` is available.
+        Launchers (aliases of ``controller_launcher_class`` / ``engine_launcher_class``, as in
+        ipyparallel); only ``"local"`` is available.
     controller_cmd, engine_cmd : sequence of str, optional
         Commands replacing ``[sys.executable, "-m", "ferroparallel.controller"]`` /
         ``[sys.executable, "-m", "ferroparallel.engine"]``.
     load_profile : bool
         Accepted for ipyparallel compatibility (profiles hold no cluster config yet).
+    config : traitlets.config.Config, optional
+        Configuration (section ``Cluster``); keywords win over it.
 
     Attributes
     ----------
@@ -163,63 +190,97 @@ class Cluster:
         Engine set id -> :class:`LocalEngineSetLauncher`.
     """
 
+    n = Integer(None, allow_none=True, help="engines to start by default").tag(config=True)
+    profile = Unicode(None, allow_none=True, help="profile name").tag(config=True)
+    profile_dir = Unicode("", help="profile directory (wins over profile)").tag(config=True)
+    cluster_id = Unicode(None, allow_none=True, help="cluster id (default: a fresh one)").tag(
+        config=True
+    )
+    controller_args = List(Unicode(), help="extra controller arguments").tag(config=True)
+    engine_args = List(Unicode(), help="extra arguments of each engine").tag(config=True)
+    controller_ip = Unicode(None, allow_none=True, help="--ip of the controller").tag(config=True)
+    controller_location = Unicode(None, allow_none=True, help="--location of the controller").tag(
+        config=True
+    )
+    curve = Bool(None, allow_none=True, help="CurveZMQ (None: the controller's choice)").tag(
+        config=True
+    )
+    log_level = Union(
+        [Integer(), Unicode()], default_value=None, allow_none=True, help="--log-level"
+    ).tag(config=True)
+    engine_timeout = Float(60.0, help="seconds to wait for engines to register").tag(config=True)
+    controller_timeout = Float(30.0, help="seconds to wait for the controller").tag(config=True)
+    stop_timeout = Float(5.0, help="seconds between SIGTERM and SIGKILL").tag(config=True)
+    delay = Float(0.0, help="pause between controller and engines").tag(config=True)
+    send_engines_connection_env = Bool(
+        True, help="connection info in the engines' environment"
+    ).tag(config=True)
+    shutdown_atexit = Bool(True, help="stop what this object started at exit").tag(config=True)
+    env = Dict(help="extra environment of the controller and engines").tag(config=True)
+    controller_launcher_class = Unicode("local", help="controller launcher").tag(config=True)
+    engine_launcher_class = Unicode("local", help="engine launcher").tag(config=True)
+    controller_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
+    engine_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
+    load_profile = Bool(True, help="accepted for ipyparallel compatibility").tag(config=True)
+    controller = AnyTrait(None, allow_none=True, help="the controller launcher, once started")
+    engines = Dict(help="engine set id -> engine set launcher")
+
     def __init__(
         self,
         *,
-        n: int | None = None,
-        profile: str | None = None,
-        profile_dir: str | os.PathLike[str] | None = None,
-        cluster_id: str | None = None,
-        controller_args: Sequence[str] = (),
-        engine_args: Sequence[str] = (),
-        controller_ip: str | None = None,
-        controller_location: str | None = None,
-        curve: bool | None = None,
-        log_level: str | int | None = None,
-        engine_timeout: float = 60.0,
-        controller_timeout: float = 30.0,
-        stop_timeout: float = 5.0,
-        delay: float = 0.0,
-        send_engines_connection_env: bool = True,
-        shutdown_atexit: bool = True,
-        env: Mapping[str, str] | None = None,
-        controller: str = "local",
-        engines: str = "local",
-        controller_cmd: Sequence[str] | None = None,
-        engine_cmd: Sequence[str] | None = None,
-        load_profile: bool = True,
+        engines: Any = None,
+        controller: Any = None,
+        **kwargs: Any,
     ) -> None:
-        for what, name in (("controller", controller), ("engine", engines)):
-            if str(name).lower() not in ("local", "localcontrollerlauncher", "localengineset"):
-                raise NotImplementedError(
-                    f"{what} launcher {name!r} is not available; only 'local' is implemented"
-                )
-        if isinstance(controller_args, str) or isinstance(engine_args, str):
-            raise TypeError("controller_args and engine_args must be sequences of strings")
-        self.profile = profile
-        self.profile_dir: str = str(paths.profile_dir(profile, profile_dir, create=True))
-        self.cluster_id: str = new_cluster_id() if cluster_id is None else str(cluster_id)
-        self.n = n
-        self.controller_args = list(controller_args)
-        self.engine_args = list(engine_args)
-        self.controller_ip = controller_ip
-        self.controller_location = controller_location
-        self.curve = None if curve is None else bool(curve)
-        self.log_level = log_level
-        self.engine_timeout = float(engine_timeout)
-        self.controller_timeout = float(controller_timeout)
-        self.stop_timeout = float(stop_timeout)
-        self.delay = float(delay)
-        self.send_engines_connection_env = bool(send_engines_connection_env)
-        self.shutdown_atexit = bool(shutdown_atexit)
-        self.env = dict(env) if env else {}
-        self.controller_cmd = list(controller_cmd) if controller_cmd else None
-        self.engine_cmd = list(engine_cmd) if engine_cmd else None
-        self.load_profile = load_profile
-        self.controller: LocalControllerLauncher | None = None
-        self.engines: dict[str, LocalEngineSetLauncher] = {}
+        for alias, name in (
+            (engines, "engine_launcher_class"),
+            (controller, "controller_launcher_class"),
+        ):
+            if alias is None:
+                continue
+            if name in kwargs:
+                what = name.split("_", 1)[0] + "s" if name.startswith("engine") else "controller"
+                raise TypeError(f"give only one of {what!r} or {name!r}, not both")
+            kwargs[name] = alias
+        for name in ("controller_launcher_class", "engine_launcher_class"):
+            if name in kwargs:
+                launcher = _launcher_name(kwargs[name])
+                if launcher != "local":
+                    what = name.split("_", 1)[0]
+                    raise NotImplementedError(
+                        f"{what} launcher {launcher!r} is not available; only 'local' is "
+                        "implemented"
+                    )
+                kwargs[name] = launcher
+        for name in ("controller_args", "engine_args", "controller_cmd", "engine_cmd"):
+            value = kwargs.get(name)
+            if isinstance(value, str | bytes):
+                raise TypeError(f"{name} must be a sequence of strings, not a string")
+            if value is not None:
+                kwargs[name] = list(value)
+        for name in ("profile_dir",):
+            if kwargs.get(name) is not None:
+                kwargs[name] = os.fspath(kwargs[name])
+            else:
+                kwargs.pop(name, None)
+        if kwargs.get("env") is not None:
+            kwargs["env"] = dict(kwargs["env"])
+        else:
+            kwargs.pop("env", None)
+        if "cluster_id" in kwargs and kwargs["cluster_id"] is not None:
+            kwargs["cluster_id"] = str(kwargs["cluster_id"])
+        super().__init__(**kwargs)
+        self.profile_dir = str(
+            paths.profile_dir(self.profile, self.profile_dir or None, create=True)
+        )
+        if self.cluster_id is None:
+            self.cluster_id = new_cluster_id()
         self._engine_info: dict[str, Any] | None = None
         self._client: Any = None
+
+    @default("log")
+    def _default_log(self) -> logging.Logger:
+        return log
 
     # -- properties --------------------------------------------------------------------------
 
