@@ -25,9 +25,11 @@ def curve_public_key(secretkey: str | bytes) -> str:
 def buffer_address(obj: Buffer) -> tuple[int, int]:
     """``(address, nbytes)`` of a contiguous buffer; valid while ``obj`` stays alive."""
 
-def read_process_memory(pid: int, addr: int, dest: Buffer) -> None:
+def read_process_memory(pid: int, addr: int, dest: Buffer, threads: int | None = None) -> None:
     """Fill the writable buffer ``dest`` from address ``addr`` of process ``pid``
-    (``process_vm_readv``, GIL released). ``OSError`` (ESRCH, EPERM, EFAULT) on failure."""
+    (``process_vm_readv``, GIL released; reads of 8 MiB and more split over up to ``threads``
+    threads, default the usable CPUs, at most 4). ``OSError`` (ESRCH, EPERM, EFAULT) on
+    failure."""
 
 def write_process_memory(pid: int, addr: int, src: bytes) -> None:
     """Write ``src`` to address ``addr`` of process ``pid`` (``process_vm_writev``)."""

@@ -58,17 +58,24 @@ pub fn buffer_address(obj: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
     Ok((view.addr(), view.len()))
 }
 
+/// Most threads one read uses.
+const MAX_READ_THREADS: usize = 4;
+
 /// Fill the writable buffer `dest` with `len(dest)` bytes read at address `addr` of process
-/// `pid` (`process_vm_readv`, with the GIL released).
+/// `pid` (`process_vm_readv`, with the GIL released). Large reads are split over up to
+/// `threads` threads (default: the CPUs this process may use, at most 4; see
+/// `fp_io::read_process_memory_parallel`).
 ///
 /// Raises `OSError` with the errno of the failure: ESRCH (the process is gone), EPERM (not
 /// allowed to read it), EFAULT (the range is not mapped there).
 #[pyfunction]
+#[pyo3(signature = (pid, addr, dest, threads=None))]
 pub fn read_process_memory(
     py: Python<'_>,
     pid: i64,
     addr: u64,
     dest: &Bound<'_, PyAny>,
+    threads: Option<usize>,
 ) -> PyResult<()> {
     let pid = i32::try_from(pid)
         .ok()
@@ -88,7 +95,13 @@ pub fn read_process_memory(
             // `view` drops (after this closure); nothing else in this call aliases them.
             unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
         };
-        let r = fp_io::read_process_memory(pid, addr, dst);
+        let limit = threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_READ_THREADS)
+        });
+        let n = fp_io::read_threads(dst.len(), limit);
+        let r = fp_io::read_process_memory_parallel(pid, addr, dst, n);
         (r, view)
     });
     let (r, view) = result;

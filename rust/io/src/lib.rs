@@ -25,7 +25,9 @@ pub use inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 pub use ioloop::{recv_multipart, IoHandle, IoStats};
 pub use outframe::RecvFrame;
 pub use outframe::{try_send, ExternalBuffer, OutFrame, ReadyFrames, ReleaseQueue, Sent};
-pub use peer_memory::{read_process_memory, write_process_memory};
+pub use peer_memory::{
+    read_process_memory, read_process_memory_parallel, read_threads, write_process_memory,
+};
 pub use session::{sign_buffers_default, OutgoingMessage, SessionCore, SIGN_BUFFERS_ENV};
 pub use socket::{SocketKind, SocketSpec};
 

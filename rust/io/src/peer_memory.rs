@@ -68,6 +68,71 @@ pub fn read_process_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()
     })
 }
 
+/// Reads below this many bytes run on the calling thread alone.
+pub const PARALLEL_MIN: usize = 8 << 20;
+/// Least share of a read one thread takes (smaller shares cost more in thread start-up than
+/// they save).
+const PARALLEL_SHARE: usize = 4 << 20;
+const PAGE: usize = 4096;
+
+/// Threads worth using for a read of `len` bytes, at most `limit`: 1 below [`PARALLEL_MIN`],
+/// else one per [`PARALLEL_SHARE`] up to `limit`.
+pub fn read_threads(len: usize, limit: usize) -> usize {
+    if len < PARALLEL_MIN {
+        return 1;
+    }
+    limit.min(len / PARALLEL_SHARE).max(1)
+}
+
+/// [`read_process_memory`] split into page-aligned shares copied by `threads` threads at once
+/// (the calling thread takes the first share). Into freshly allocated memory one thread copies
+/// at about 60% of `memcpy`'s speed (the kernel faults the destination in 4 KiB steps while it
+/// holds the source pages pinned); two threads on two cores bring it level with `memcpy`.
+///
+/// # Errors
+///
+/// As [`read_process_memory`]: the error of the first share that failed.
+pub fn read_process_memory_parallel(
+    pid: i32,
+    addr: u64,
+    dst: &mut [u8],
+    threads: usize,
+) -> io::Result<()> {
+    let n = threads.max(1);
+    if n == 1 || dst.is_empty() {
+        return read_process_memory(pid, addr, dst);
+    }
+    let share = dst.len().div_ceil(n).div_ceil(PAGE) * PAGE;
+    let mut parts: Vec<(u64, &mut [u8])> = Vec::with_capacity(n);
+    let mut offset = 0u64;
+    for part in dst.chunks_mut(share) {
+        let start = addr
+            .checked_add(offset)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        offset += part.len() as u64;
+        parts.push((start, part));
+    }
+    let mut parts = parts.into_iter();
+    let Some((first_addr, first)) = parts.next() else {
+        return Ok(());
+    };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = parts
+            .map(|(start, part)| scope.spawn(move || read_process_memory(pid, start, part)))
+            .collect();
+        let mut result = read_process_memory(pid, first_addr, first);
+        for helper in helpers {
+            let r = helper
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a copying thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
+
 /// Copy `src` to address `addr` of process `pid` (`process_vm_writev`): how a receiver tells
 /// the sender, through a word the sender watches, that it has its copy.
 ///
@@ -98,6 +163,28 @@ mod tests {
         let pid = std::process::id() as i32;
         read_process_memory(pid, src.as_ptr() as u64, &mut dst).expect("read own memory");
         assert_eq!(src, dst);
+    }
+
+    #[test]
+    fn parallel_reads_are_exact_for_any_split() {
+        let src: Vec<u8> = (0..(3 << 20) + 12_345u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let pid = std::process::id() as i32;
+        for threads in [1, 2, 3, 4, 7] {
+            let mut dst = vec![0u8; src.len()];
+            read_process_memory_parallel(pid, src.as_ptr() as u64, &mut dst, threads)
+                .expect("read own memory");
+            assert!(src == dst, "{threads} threads");
+        }
+        let mut dst = vec![0u8; 1 << 20];
+        let err = read_process_memory_parallel(pid, 8, &mut dst, 4).expect_err("unmapped");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+        read_process_memory_parallel(pid, 0, &mut [], 4).expect("nothing to read");
+        assert_eq!(read_threads(PARALLEL_MIN - 1, 8), 1);
+        assert_eq!(read_threads(PARALLEL_MIN, 8), 2);
+        assert_eq!(read_threads(1 << 30, 2), 2);
+        assert_eq!(read_threads(1 << 30, 0), 1);
     }
 
     #[test]
