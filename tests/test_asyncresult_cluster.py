@@ -288,7 +288,7 @@ def test_remote_error_fields(rc: Client) -> None:
     assert e.engine_info["engine_id"] == 0
     assert e.engine_info["engine_uuid"] == rc._engines[0]
     assert e.engine_info["method"] == "apply"
-    assert str(e) == "[0:apply]: ZeroDivisionError: division by zero"
+    assert str(e) == "[0:apply] ZeroDivisionError: division by zero"
     assert ar.successful() is False
     assert isinstance(ar.exception(timeout=0), error.RemoteError)
     assert ar.get(timeout=0, return_exceptions=True).ename == "ZeroDivisionError"
@@ -307,8 +307,8 @@ def test_composite_error(rc: Client, dv: DirectView, capsys: pytest.CaptureFixtu
         assert "ZeroDivisionError" in tb
         assert engine_info["engine_id"] == i
     text = str(e)
-    assert "[0:apply]: ZeroDivisionError: division by zero" in text
-    assert "[1:apply]: ZeroDivisionError: division by zero" in text
+    assert "[0:apply]ZeroDivisionError: division by zero" in text
+    assert "[1:apply]ZeroDivisionError: division by zero" in text
     for i in (0, 1):
         with pytest.raises(error.RemoteError) as one:
             e.raise_exception(i)

@@ -530,6 +530,9 @@ def test_executor(rc: Client) -> None:
     with rc.executor() as ex2:
         futs = [ex2.submit(abs, -i) for i in range(4)]
     assert [f.result(timeout=0) for f in futs] == [0, 1, 2, 3]
+    # a DirectView's executor maps too (split by engine, no chunksize)
+    dex = rc[:].executor
+    assert list(dex.map(lambda x: x * x, range(4))) == [0, 1, 4, 9]
 
 
 # ----- traits ---------------------------------------------------------------------------------

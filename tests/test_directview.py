@@ -66,7 +66,7 @@ def test_execute_errors(rc: Client, dv: DirectView) -> None:
     with pytest.raises(error.RemoteError) as info:
         rc[0].execute("1/0", block=True)
     assert info.value.ename == "ZeroDivisionError"
-    assert str(info.value).startswith("[0:execute]: ZeroDivisionError:")
+    assert str(info.value).startswith("[0:execute] ZeroDivisionError:")
     ar = dv.execute("raise ValueError('bad value')")
     with pytest.raises(error.CompositeError) as cinfo:
         ar.get(timeout=SHORT)
@@ -358,11 +358,17 @@ def test_interactive_functions_see_pushed_names(dv: DirectView) -> None:
 
 def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
     try:
-        dv.use_pickle()
+        ar = dv.use_pickle(block=False)  # the view's block by default, as ipyparallel
+        assert isinstance(ar, ipp.AsyncResult)
+        ar.get(timeout=SHORT)
         assert dv.apply_sync(abs, -3) == [3, 3]
         assert dv.apply_sync(os.getpid) == dv.apply_sync(os.getpid)
+        # as ipyparallel: code keeps working after use_pickle (lambdas, push)
+        dv.push({"pp": 5}, block=True)
+        assert dv.apply_sync(lambda: 1) == [1, 1]
+        assert dv.pull("pp", block=True) == [5, 5]
     finally:
-        dv.use_cloudpickle()
+        dv.use_cloudpickle(block=True)
     # closures and lambdas work again
     k = 5
     assert dv.apply_sync(lambda: k + 1) == [6, 6]
@@ -450,12 +456,14 @@ def test_bad_arguments_name_the_fix(rc: Client, dv: DirectView) -> None:
     """Mistakes are caught before anything is sent, with ipyparallel's exception types."""
     lv = rc.load_balanced_view()
     for view in (dv, lv):
+        # as ipyparallel (and the builtin map): iterables are taken, the shortest wins
+        assert view.map_sync(lambda a, b: a + b, [1, 2, 3], [10, 20]) == [11, 22]
+        assert view.map_sync(abs, (-x for x in range(3))) == [0, 1, 2]
+        with pytest.raises(TypeError, match="not int"):
+            view.map_sync(abs, 5)
+        # a parallel function still needs equal lengths
         with pytest.raises(ValueError, match=r"equal length, but have \[2, 1\]"):
-            view.map_sync(lambda a, b: a, [1, 2], [1])
-        with pytest.raises(TypeError, match="use list"):
-            view.map_sync(abs, (x for x in range(3)))
-    with pytest.raises(ValueError, match="equal length"):
-        dv.parallel(block=True)(lambda a, b: a)([1, 2], [3])
+            view.parallel(block=True)(lambda a, b: a)([1, 2], [3])
     with pytest.raises(TypeError, match="use push"):
         dv.scatter("x", 5)
     with pytest.raises(TypeError, match="str or a list of str"):

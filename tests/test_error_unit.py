@@ -49,30 +49,32 @@ def test_remote_error_fields_and_forms() -> None:
     assert e.traceback == (
         'Traceback (most recent call last):\n  File "<x>", line 1\nZeroDivisionError: x'
     )
-    assert str(e) == "[0:apply]: ZeroDivisionError: division by zero"
-    assert repr(e) == str(e)
+    # ipyparallel's forms
+    assert str(e) == "[0:apply] ZeroDivisionError: division by zero"
+    assert repr(e) == "<RemoteError[0]:ZeroDivisionError(division by zero)>"
 
 
 def test_remote_error_without_engine_info() -> None:
     e = RemoteError("ValueError", "bad")
-    assert str(e) == "ValueError: bad"
+    assert str(e) == "[Engine Exception] ValueError: bad"
+    assert repr(e) == "<RemoteError[ ]:ValueError(bad)>"
     assert e.traceback == ""
     assert e.engine_info == {}
-    assert e.render_traceback() == ["ValueError: bad"]
+    assert e.render_traceback() == ["[Engine Exception]", "ValueError: bad"]
 
 
 def test_remote_error_traceback_string_kept() -> None:
     e = RemoteError("KeyError", "'a'", "line1\nline2", INFO3)
     assert e.traceback == "line1\nline2"
-    assert str(e) == "[3:execute]: KeyError: 'a'"
-    assert e.render_traceback() == ["line1", "line2"]
-    assert e._render_traceback_() == ["line1", "line2"]
+    assert str(e) == "[3:execute] KeyError: 'a'"
+    assert e.render_traceback() == ["[3:execute]", "line1", "line2"]
+    assert e._render_traceback_() == ["[3:execute]", "line1", "line2"]
 
 
 def test_remote_error_print_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     zde().print_traceback()
     out = capsys.readouterr().out
-    assert out.startswith("Traceback (most recent call last):")
+    assert out.startswith("[0:apply]\nTraceback (most recent call last):")
     assert "ZeroDivisionError: x" in out
 
 
@@ -118,7 +120,7 @@ def test_unwrap_typed(ename: str, bases: tuple[type, ...]) -> None:
     assert e.ename == ename
     assert e.evalue == "boom"
     assert e.traceback == "a\nb"
-    assert str(e) == f"[0:apply]: {ename}: boom"
+    assert str(e) == f"[0:apply] {ename}: boom"
     # the dynamic class is cached
     assert type(unwrap_exception(content)) is type(e)
     # and catchable by either name
@@ -133,14 +135,14 @@ def test_unwrap_typed_pickles() -> None:
     e2 = pickle.loads(pickle.dumps(e))
     assert type(e2) is type(e)
     assert isinstance(e2, EngineError)
-    assert str(e2) == "EngineError: died"
+    assert str(e2) == "[Engine Exception] EngineError: died"
 
 
 def test_unwrap_untyped_is_plain_remote_error() -> None:
     e = unwrap_exception({"ename": "ZeroDivisionError", "evalue": "division by zero"})
     assert type(e) is RemoteError
     assert not isinstance(e, ZeroDivisionError)
-    assert str(e) == "ZeroDivisionError: division by zero"
+    assert str(e) == "[Engine Exception] ZeroDivisionError: division by zero"
     # missing fields are tolerated
     assert type(unwrap_exception({})) is RemoteError
 
@@ -159,7 +161,7 @@ def test_wrap_exception_current() -> None:
     assert content["traceback"][0].startswith("Traceback")
     assert content["traceback"][-1] == "ZeroDivisionError: division by zero"
     e = unwrap_exception(content)
-    assert str(e) == "[0:apply]: ZeroDivisionError: division by zero"
+    assert str(e) == "[0:apply] ZeroDivisionError: division by zero"
     assert "1 / 0" in e.traceback
 
 
@@ -186,7 +188,7 @@ def test_wrap_remote_error_forwards_identity() -> None:
 
 def composite() -> CompositeError:
     return CompositeError(
-        "one or more exceptions from call to method: f",
+        "one or more exceptions raised in: f",
         [
             ("ZeroDivisionError", "division by zero", "tb0\nZeroDivisionError", INFO0),
             ("EngineError", "engine 3 died", ["tb3"], INFO3),
@@ -198,17 +200,18 @@ def test_composite_fields_and_str() -> None:
     c = composite()
     assert isinstance(c, RemoteError)
     assert isinstance(c, KernelError)
-    assert c.msg == "one or more exceptions from call to method: f"
+    assert c.msg == "one or more exceptions raised in: f"
     assert c.elist == [
         ("ZeroDivisionError", "division by zero", "tb0\nZeroDivisionError", INFO0),
         ("EngineError", "engine 3 died", "tb3", INFO3),
     ]
+    # ipyparallel's forms (no space between the label and the name)
     assert str(c).splitlines() == [
-        "one or more exceptions from call to method: f",
-        "[0:apply]: ZeroDivisionError: division by zero",
-        "[3:execute]: EngineError: engine 3 died",
+        "one or more exceptions raised in: f",
+        "[0:apply]ZeroDivisionError: division by zero",
+        "[3:execute]EngineError: engine 3 died",
     ]
-    assert "2 errors" in repr(c)
+    assert repr(c) == "CompositeError(2)"
 
 
 def test_composite_raise_exception() -> None:
@@ -220,24 +223,19 @@ def test_composite_raise_exception() -> None:
     with pytest.raises(EngineError) as info2:
         c.raise_exception(1)
     assert isinstance(info2.value, RemoteError)
-    assert str(info2.value) == "[3:execute]: EngineError: engine 3 died"
-    with pytest.raises(IndexError):
+    assert str(info2.value) == "[3:execute] EngineError: engine 3 died"
+    with pytest.raises(IndexError, match="index 2 does not exist"):
         c.raise_exception(2)
 
 
 def test_composite_render_and_print(capsys: pytest.CaptureFixture[str]) -> None:
     c = composite()
-    assert c.render_traceback(0) == [
-        "[0:apply]: ZeroDivisionError: division by zero",
-        "tb0",
-        "ZeroDivisionError",
-    ]
+    assert c.render_traceback(0) == ["[0:apply]:", "tb0", "ZeroDivisionError"]
     lines = c.render_traceback()
-    assert lines[0] == c.msg
-    assert "tb0" in lines and "tb3" in lines
+    assert lines == ["[0:apply]:", "tb0", "ZeroDivisionError", "", "[3:execute]:", "tb3", ""]
     c.print_traceback(1)
     out = capsys.readouterr().out
-    assert out.splitlines() == ["[3:execute]: EngineError: engine 3 died", "tb3"]
+    assert out.splitlines() == ["[3:execute]:", "tb3"]
     c.print_traceback()
     assert "tb0" in capsys.readouterr().out
 
@@ -248,8 +246,14 @@ def test_composite_tb_limit() -> None:
     lines = c.render_traceback()
     assert "tb3" in lines and "tb4" not in lines
     assert lines[-1] == "... 3 more exceptions ..."
-    # str lists every error
-    assert len(str(c).splitlines()) == 8
+    # str lists the first tb_limit errors, then how many more
+    assert str(c).splitlines()[1:] == [
+        "[0:a]ValueError: 0",
+        "[1:a]ValueError: 1",
+        "[2:a]ValueError: 2",
+        "[3:a]ValueError: 3",
+        ".... 3 more exceptions ...",
+    ]
 
 
 def test_composite_flattens_nested_and_accepts_exceptions() -> None:
@@ -293,7 +297,7 @@ def test_collect_raises_composite() -> None:
     with pytest.raises(CompositeError) as info:
         collect_exceptions([1, zde(), 3, zde(INFO3)], "myfunc")
     c = info.value
-    assert c.msg == "one or more exceptions from call to method: myfunc"
+    assert c.msg == "one or more exceptions raised in: myfunc"
     assert [e[3] for e in c.elist] == [INFO0, INFO3]
 
 

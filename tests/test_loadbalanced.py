@@ -848,6 +848,13 @@ def test_parallel_decorator(lv: LoadBalancedView) -> None:
 
     assert sizes(list(range(10))) == [3, 3, 3, 1]
 
+    @lv.parallel(block=True)
+    def one_each(xs: list[int]) -> list[int]:
+        return [len(xs)]
+
+    # as ipyparallel: without a chunksize, one task per element
+    assert one_each(range(6)) == [1] * 6
+
     @lv.parallel(block=False)
     def incr(x: int) -> int:
         return x + 1

@@ -682,9 +682,12 @@ def test_result_aliases() -> None:
 def test_use_pickle(restore_pickler: None) -> None:
     fs.use_pickle()
     assert fs.current_pickler() == "pickle"
-    with pytest.raises((pickle.PicklingError, AttributeError)):
-        fs.serialize_object(lambda: 1)
+    # as ipyparallel's use_pickle: back to the default, lambdas still go (by value)
+    assert roundtrip(lambda: 1)() == 1
     assert roundtrip(module_level_function) is module_level_function
+    # importable functions go by reference: the standard pickle of it
+    head = fs.serialize_object(module_level_function)[0]
+    assert b"module_level_function" in bytes(head) and len(bytes(head)) < 200
     a = np.arange(5000.0)[::2]
     frames = fs.serialize_object([a, memoryview(os.urandom(2000)), os.urandom(3000)])
     assert len(frames) == 4

@@ -142,13 +142,14 @@ class InvalidDependency(ImpossibleDependency):
 # Errors raised on engines (or by the scheduler / hub) and re-raised in the client ---------------
 
 
-def _engine_prefix(engine_info: Mapping[str, Any] | None) -> str:
-    """``"[<id>:<method>]: "`` for an engine_info dict, ``""`` without one."""
+def _engine_label(engine_info: Mapping[str, Any] | None) -> str:
+    """``"[<id>:<method>]"`` for an engine_info dict, ``"[Engine Exception]"`` without one
+    (ipyparallel's labels)."""
     if not engine_info:
-        return ""
+        return "[Engine Exception]"
     eid = engine_info.get("engine_id")
     method = engine_info.get("method") or "?"
-    return f"[{'?' if eid is None else eid}:{method}]: "
+    return f"[{'?' if eid is None else eid}:{method}]"
 
 
 def _traceback_text(traceback: str | Iterable[str] | None) -> str:
@@ -195,10 +196,11 @@ class RemoteError(KernelError):
         self.engine_info: dict[str, Any] = dict(engine_info or {})
 
     def __str__(self) -> str:
-        return f"{_engine_prefix(self.engine_info)}{self.ename}: {self.evalue}"
+        return f"{_engine_label(self.engine_info)} {self.ename}: {self.evalue}"
 
     def __repr__(self) -> str:
-        return str(self)
+        eid = self.engine_info.get("engine_id", " ")
+        return f"<{type(self).__name__}[{eid}]:{self.ename}({self.evalue})>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -207,9 +209,9 @@ class RemoteError(KernelError):
         )
 
     def render_traceback(self) -> list[str]:
-        """The remote traceback as a list of lines (falls back to ``"ename: evalue"``)."""
+        """The engine label (``[0:apply]``), then the remote traceback, as a list of lines."""
         text = self.traceback or f"{self.ename}: {self.evalue}"
-        return text.split("\n")
+        return [_engine_label(self.engine_info), *text.splitlines()]
 
     def _render_traceback_(self) -> list[str]:
         """IPython's hook: show the remote traceback instead of the local one."""
@@ -229,7 +231,7 @@ class CompositeError(RemoteError):
     Parameters
     ----------
     message : str
-        What failed (``"one or more exceptions from call to method: f"``).
+        What failed (``"one or more exceptions raised in: f"``).
     elist : list of tuple or exception
         ``(ename, evalue, traceback, engine_info)`` per error, or exception objects (a
         RemoteError's fields are used; nested CompositeErrors are flattened).
@@ -265,15 +267,21 @@ class CompositeError(RemoteError):
 
     def __str__(self) -> str:
         lines = [self.msg]
-        for ename, evalue, _tb, info in self.elist:
-            lines.append(f"{_engine_prefix(info)}{ename}: {evalue}")
+        for ename, evalue, _tb, info in self.elist[: self.tb_limit]:
+            lines.append(f"{_engine_label(info)}{ename}: {evalue}")
+        extra = len(self.elist) - self.tb_limit
+        if extra > 0:
+            lines.append(f".... {extra} more exceptions ...")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"CompositeError({self.msg!r}, {len(self.elist)} errors)"
+        return f"CompositeError({len(self.elist)})"
 
     def _remote(self, excid: int) -> RemoteError:
-        ename, evalue, tb, info = self.elist[excid]
+        try:
+            ename, evalue, tb, info = self.elist[excid]
+        except (IndexError, TypeError):
+            raise IndexError(f"an exception with index {excid} does not exist") from None
         return unwrap_exception(
             {"ename": ename, "evalue": evalue, "traceback": tb, "engine_info": info}
         )
@@ -286,18 +294,18 @@ class CompositeError(RemoteError):
         """Lines of one error's traceback, or of the first ``tb_limit`` ones when ``excid`` is
         None (followed by a count of the rest)."""
         if excid is not None:
-            ename, evalue, tb, info = self.elist[excid]
-            return [
-                f"{_engine_prefix(info)}{ename}: {evalue}",
-                *self._remote(excid).render_traceback(),
-            ]
-        lines = [self.msg]
+            try:
+                ename, evalue, tb, info = self.elist[excid]
+            except (IndexError, TypeError):
+                raise IndexError(f"an exception with index {excid} does not exist") from None
+            return [f"{_engine_label(info)}:", *(tb or f"{ename}: {evalue}").splitlines()]
+        lines: list[str] = []
         for i in range(min(len(self.elist), self.tb_limit)):
-            lines.append("")
             lines.extend(self.render_traceback(i))
+            lines.append("")
         extra = len(self.elist) - self.tb_limit
         if extra > 0:
-            lines.extend(["", f"... {extra} more exception{'s' if extra > 1 else ''} ..."])
+            lines.append(f"... {extra} more exceptions ...")
         return lines
 
     def _render_traceback_(self) -> list[str]:
@@ -520,4 +528,4 @@ def collect_exceptions(rdict_or_list: Any, method: str = "unspecified") -> Any:
             elist.extend(e.elist)
         else:
             elist.append(_entry_of(e))
-    raise CompositeError(f"one or more exceptions from call to method: {method}", elist)
+    raise CompositeError(f"one or more exceptions raised in: {method}", elist)

@@ -254,7 +254,7 @@ class AsyncResult(SlimFuture):
         errors = [self._error_entry(i, v) for i, (v, failed) in enumerate(outcomes) if failed]
         if not errors:
             return None
-        return CompositeError(f"one or more exceptions from call to method: {self._fname}", errors)
+        return CompositeError(f"one or more exceptions raised in: {self._fname}", errors)
 
     def _compute(self, return_exceptions: bool) -> tuple[Any, BaseException | None]:
         """``(result, None)`` or ``(None, error)`` from the finished children."""

@@ -162,7 +162,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         else:
             result = content
     elif status == "aborted":
-        exc = error.TaskAborted(f"task {msg_id} was aborted")
+        exc = error.TaskAborted(msg_id)  # as ipyparallel: the message is the msg_id
         expect_output = False
     else:
         exc = error.unwrap_exception(content)

@@ -27,7 +27,8 @@ class ViewExecutor(Executor):
         chunksize: int = 1,
     ) -> Iterator[Any]:
         seqs = [list(it) for it in iterables]
-        kwargs = {"chunksize": chunksize} if hasattr(self.view, "imap") else {}
+        # only a load-balanced map takes a chunksize (a direct map splits by engine)
+        kwargs = {"chunksize": chunksize} if getattr(self.view, "load_balanced", False) else {}
         ar = self.view.map_async(fn, *seqs, **kwargs)
         self._submitted.append(ar)
         if timeout is not None:

@@ -302,7 +302,7 @@ class DirectView(View):
         return_exceptions = bool(kwargs.pop("return_exceptions", False))
         if kwargs:
             raise TypeError(f"DirectView.map got unexpected arguments: {', '.join(kwargs)}")
-        _check_sequences(sequences)
+        sequences = _as_sequences(sequences, mapping=True)
         uuids, ids, _ = self._targets()
         n = min(len(ids), min(len(s) for s in sequences)) or 1
         mapper = dists["b"]()
@@ -335,7 +335,7 @@ class DirectView(View):
         block: bool,
         chunksize: int | None,
     ) -> Any:
-        _check_sequences(sequences)
+        sequences = _as_sequences(sequences, mapping=False)
         uuids, ids, _ = self._targets()
         mapper = dists[dist]()
         n = len(ids)
@@ -496,23 +496,23 @@ class DirectView(View):
                 print(f"{stmt} on engine(s)")
             self._really_apply(_execute, (stmt,), {}, block=True)
 
-    def use_cloudpickle(self) -> Any:
+    def use_cloudpickle(self, block: bool | None = None) -> Any:
         from .. import serialize
 
         serialize.use_cloudpickle()
-        return self._really_apply(_set_pickler, ("cloudpickle",), {}, block=True)
+        return self._really_apply(_set_pickler, ("cloudpickle",), {}, block=block)
 
-    def use_pickle(self) -> Any:
+    def use_pickle(self, block: bool | None = None) -> Any:
         from .. import serialize
 
         serialize.use_pickle()
-        return self._really_apply(_set_pickler, ("pickle",), {}, block=True)
+        return self._really_apply(_set_pickler, ("pickle",), {}, block=block)
 
-    def use_dill(self) -> Any:
+    def use_dill(self, block: bool | None = None) -> Any:
         from .. import serialize
 
         serialize.use_dill()
-        return self._really_apply(_set_pickler, ("dill",), {}, block=True)
+        return self._really_apply(_set_pickler, ("dill",), {}, block=block)
 
     def clear(self, targets: Any = None, block: bool | None = None) -> Any:
         """Clear the engines' namespaces (``block`` defaults to the view's)."""
@@ -651,7 +651,7 @@ class LoadBalancedView(View):
     ) -> Any:
         if kwargs:
             raise TypeError(f"LoadBalancedView.map got unexpected arguments: {', '.join(kwargs)}")
-        _check_sequences(sequences)
+        sequences = _as_sequences(sequences, mapping=True)
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         md = self._task_metadata()
@@ -689,8 +689,11 @@ class LoadBalancedView(View):
         block: bool,
         chunksize: int | None,
     ) -> Any:
+        # as ipyparallel: without a chunksize, one task per element (each call gets a part of
+        # one element)
+        sequences = _as_sequences(sequences, mapping=False)
         n = min(len(s) for s in sequences)
-        size = chunksize or max(1, -(-n // max(len(self.client.ids), 1)))
+        size = chunksize or 1
         md = self._task_metadata()
         futs = []
         fp = _pickled_once(f)
@@ -731,19 +734,30 @@ class LoadBalancedView(View):
         register(self, name, make_default)
 
 
-def _check_sequences(sequences: Sequence[Any]) -> None:
-    """What ``map`` accepts, as ipyparallel: one or more sequences of equal length."""
+def _as_sequences(sequences: Sequence[Any], mapping: bool) -> list[Any]:
+    """What ``map`` and parallel functions accept, as ipyparallel: sequences, or iterables
+    (made lists here). ``map`` stops at the shortest sequence, as the builtin ``map`` does; a
+    parallel function (``mapping=False``) needs sequences of equal length (ValueError)."""
     if not sequences:
         raise ValueError("map needs at least one sequence")
+    out = []
     for s in sequences:
-        if not hasattr(s, "__len__") or not hasattr(s, "__getitem__"):
-            raise TypeError(
-                f"map takes sequences (list, tuple, range, array...), not {type(s).__name__}: "
-                "use list(...) for an iterator, or LoadBalancedView.imap"
-            )
-    lengths = [len(s) for s in sequences]
+        if not (hasattr(s, "__len__") and hasattr(s, "__getitem__")):
+            try:
+                s = list(s)
+            except TypeError:
+                raise TypeError(
+                    f"map takes sequences or iterables (list, tuple, range, array, generator"
+                    f"...), not {type(s).__name__}"
+                ) from None
+        out.append(s)
+    lengths = [len(s) for s in out]
     if len(set(lengths)) > 1:
-        raise ValueError(f"all sequences must have equal length, but have {lengths}")
+        if not mapping:
+            raise ValueError(f"all sequences must have equal length, but have {lengths}")
+        n = min(lengths)
+        out = [s if len(s) == n else s[:n] for s in out]
+    return out
 
 
 def _valid_dependency(dep: Any, depth: int = 0) -> bool:

@@ -182,13 +182,16 @@ def use_cloudpickle() -> None:
 
 
 def use_pickle() -> None:
-    """Pickle with the standard library only: functions and classes by reference.
+    """Back to the default serialization, as ipyparallel's ``use_pickle`` (which undoes
+    ``use_dill`` / ``use_cloudpickle``).
 
-    Lambdas, closures and ``__main__`` definitions (including ``@interactive`` functions) can
-    no longer be sent. Receivers need no switch: any of the three picklers' output loads with
+    Functions and classes of importable modules go by reference, as the standard pickler
+    sends them; lambdas, closures and ``__main__`` definitions still go by value (ipyparallel
+    sends them by value with its own "canning" in this mode), so code keeps working after the
+    switch. Receivers need no switch: any of the picklers' output loads with
     :func:`pickle.loads` as long as the package that wrote it is importable.
     """
-    _set_pickler(pickle.Pickler, "pickle")
+    _set_pickler(cloudpickle.Pickler, "pickle")
 
 
 def use_dill() -> None:
