@@ -593,7 +593,7 @@ def test_stream_output_prints_lines_as_they_arrive(rc: Client, capsys: Any) -> N
     with ar.stream_output(interval=0.02):
         deadline = time.monotonic() + SHORT
         seen = ""
-        while "[stdout:1] early" not in seen or "[stdout:0] early" not in seen:
+        while "[stdout:1] \nearly" not in seen or "[stdout:0] \nearly" not in seen:
             assert time.monotonic() < deadline, seen
             time.sleep(0.05)
             seen += capsys.readouterr().out
@@ -601,6 +601,7 @@ def test_stream_output_prints_lines_as_they_arrive(rc: Client, capsys: Any) -> N
         ar.get(timeout=SHORT)
         ar.wait_for_output(SHORT)
     out, err = capsys.readouterr()
-    assert out.count("late") == 2 and "[stdout:0] late" in out and "[stdout:1] late" in out
-    assert "[stderr:0] oops" in err and "[stderr:1] oops" in err
+    # ipyparallel's form: a label line when the stream changes, then the text as printed
+    assert out.count("late") == 2 and "[stdout:0] \nlate" in out and "[stdout:1] \nlate" in out
+    assert "[stderr:0] \noops" in err and "[stderr:1] \noops" in err
     assert "early" not in out  # each line printed once

@@ -865,47 +865,57 @@ def test_wait_for_output(client: FakeClient) -> None:
 
 
 def test_display_outputs(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    """ipyparallel's forms outside IPython: labelled streams only (no displays, no results)."""
     futs = client.send(2, engines=[1, 0])
     ar = AsyncResult(client, futs, targets=[1, 0])
     md1, md0 = (client.metadata[f.msg_id] for f in futs)
     md1["stdout"] = "one\n"
     md0["stdout"] = "zero\nzero again\n"
-    md0["stderr"] = "oops\n"
+    md0["stderr"] = "oops"
     md1["execute_result"] = {"data": {"text/plain": "41"}, "execution_count": 3}
     md0["outputs"].append({"data": {"text/plain": "<Figure>"}, "metadata": {}})
     for f in futs:
         client.reply(f, None)
     ar.display_outputs()
     cap = capsys.readouterr()
-    assert cap.out.splitlines() == [
-        "[stdout:1] one",
-        "[stdout:0]",
-        "zero",
-        "zero again",
-        "[output:0] <Figure>",
-        "Out[1:3]: 41",
-    ]
-    assert cap.err.splitlines() == ["[stderr:0] oops"]
+    assert cap.out == "[stdout:1] \none\n[stdout:0] \nzero\nzero again\n"
+    assert cap.err == "[stderr:0] \noops"
     ar.display_outputs(groupby="engine")
-    out = capsys.readouterr().out.splitlines()
-    assert out.index("[stdout:0]") < out.index("[stdout:1] one")
-    ar.display_outputs(groupby="order")
-    out = capsys.readouterr().out.splitlines()
-    assert out.index("[stdout:1] one") < out.index("[stdout:0]")
+    cap = capsys.readouterr()
+    assert cap.out == "[stdout:1] \none\n[stdout:0] \nzero\nzero again\n"
     ar.display_outputs(result_only=True)
-    assert capsys.readouterr().out.splitlines() == ["Out[1:3]: 41"]
+    assert capsys.readouterr().out == ""
     with pytest.raises(ValueError):
         ar.display_outputs(groupby="nope")
 
 
-def test_display_outputs_error(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
-    (f,) = client.send(1, engines=[0])
-    ar = AsyncResult(client, [f])
-    client.metadata[f.msg_id]["error"] = remote()
-    client.reply(f, exc=remote())
-    ar.display_outputs()
-    err = capsys.readouterr().err
-    assert "[0:error]" in err and "ZeroDivisionError" in err
+def test_display_outputs_in_ipython(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    """Inside IPython the rich outputs and results are shown too (``Out[1:3]: 41``)."""
+    shell_mod = pytest.importorskip("IPython.core.interactiveshell")
+    shell = shell_mod.InteractiveShell.instance()
+    try:
+        futs = client.send(2, engines=[1, 0])
+        ar = AsyncResult(client, futs, targets=[1, 0])
+        md1, md0 = (client.metadata[f.msg_id] for f in futs)
+        md1["stdout"] = "one\n"
+        md1["execute_result"] = {"data": {"text/plain": "41"}, "execution_count": 3}
+        md0["outputs"].append({"data": {"text/plain": "<Figure>"}, "metadata": {}})
+        for f in futs:
+            client.reply(f, None)
+        ar.display_outputs()
+        out = capsys.readouterr().out.splitlines()
+        assert out == ["[stdout:1] ", "one", "[output:0]", "<Figure>", "Out[1:3]: 41"]
+        ar.display_outputs(result_only=True)
+        assert capsys.readouterr().out.splitlines() == ["Out[1:3]: 41"]
+        # a single-engine result: no labels
+        (f,) = client.send(1, engines=[2])
+        one = AsyncResult(client, [f], targets=2)
+        client.metadata[f.msg_id]["stdout"] = "alone\n"
+        client.reply(f, None)
+        one.display_outputs()
+        assert capsys.readouterr().out == "alone\n"
+    finally:
+        shell_mod.InteractiveShell.clear_instance()
 
 
 def test_wait_interactive(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:

@@ -279,8 +279,9 @@ def test_composite_pickles() -> None:
 def test_already_displayed_error() -> None:
     a = error.AlreadyDisplayedError(composite())
     assert isinstance(a, RemoteError)
-    assert str(a) == "2 errors already displayed"
-    assert a.render_traceback() == ["2 errors already displayed"]
+    assert str(a) == "2 errors"
+    assert repr(a) == "<AlreadyDisplayedError(2 errors)>"
+    assert a.render_traceback() == ["2 errors"]
 
 
 # -- collect_exceptions -----------------------------------------------------------------------

@@ -43,10 +43,17 @@ def test_px_runs_on_every_engine_and_shows_output(magics: Any, rc: Client, capsy
     assert rc[:].pull("a", block=True) == [5, 5]
     magics.run_line_magic("px", "print(a * 2)")
     out = capsys.readouterr().out
-    assert "[stdout:0] 10" in out and "[stdout:1] 10" in out
+    # ipyparallel's form: the label on its own line, then the text as printed
+    assert "[stdout:0] \n10\n" in out and "[stdout:1] \n10\n" in out
     magics.run_line_magic("px", "--targets 1 a + 1")
     out = capsys.readouterr().out
-    assert "Out[1:" in out and "6" in out and "Out[0:" not in out
+    assert "Out[1:" in out and "]: 6" in out and "Out[0:" not in out
+    magics.run_line_magic("px", "--no-stream a * 3")
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("Out[")] == [
+        line for line in out.splitlines() if "]: 15" in line
+    ]
+    assert out.count("]: 15") == 2
 
 
 def test_cell_px_with_options_and_local(magics: Any, rc: Client, capsys) -> None:
@@ -69,9 +76,18 @@ def test_noblock_out_and_pxresult(magics: Any, capsys) -> None:
     assert out.count("42") == 2
 
 
-def test_errors_are_raised_with_the_remote_traceback(magics: Any) -> None:
-    with pytest.raises(error.CompositeError) as info:
+def test_errors_are_raised_with_the_remote_traceback(magics: Any, capsys) -> None:
+    # streamed: the tracebacks are shown as they come, then a short AlreadyDisplayedError
+    with pytest.raises(error.AlreadyDisplayedError) as shown:
         magics.run_line_magic("px", "1 / 0")
+    assert str(shown.value) == "2 errors"
+    err = capsys.readouterr().err
+    assert "[0:execute]" in err and "[1:execute]" in err and "ZeroDivisionError" in err
+    original = shown.value.original_error
+    assert [e[0] for e in original.elist] == ["ZeroDivisionError"] * 2
+    # not streamed: the CompositeError itself
+    with pytest.raises(error.CompositeError) as info:
+        magics.run_line_magic("px", "--no-stream 1 / 0")
     assert [e[0] for e in info.value.elist] == ["ZeroDivisionError"] * 2
     with pytest.raises(error.RemoteError, match="ZeroDivisionError"):
         magics.run_line_magic("px", "--targets 0 1 / 0")
@@ -110,7 +126,7 @@ def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluste
         rc2.activate(targets=[0], suffix="0")
         ip.run_line_magic("px0", "print('only zero')")
         out = capsys.readouterr().out
-        assert "[stdout:0] only zero" in out and "[stdout:1]" not in out
+        assert "[stdout:0] \nonly zero" in out and "[stdout:1]" not in out
 
 
 def test_view_activate_returns_none_inside_ipython(ip: InteractiveShell, rc: Client) -> None:

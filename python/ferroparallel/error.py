@@ -317,7 +317,8 @@ class CompositeError(RemoteError):
 
 
 class AlreadyDisplayedError(RemoteError):
-    """Raised (by ``%px``) after a CompositeError's tracebacks were already shown.
+    """Raised (by ``%px``) after a CompositeError's tracebacks were already shown: its text is
+    only the count (``"2 errors"``), as ipyparallel's.
 
     Parameters
     ----------
@@ -327,16 +328,19 @@ class AlreadyDisplayedError(RemoteError):
 
     def __init__(self, original_error: RemoteError) -> None:
         self.original_error = original_error
-        n = len(original_error.elist) if isinstance(original_error, CompositeError) else 1
+        self.n = len(original_error.elist) if isinstance(original_error, CompositeError) else 1
         super().__init__(
             "AlreadyDisplayedError",
-            f"{n} error{'s' if n != 1 else ''} already displayed",
+            f"{self.n} errors",
             original_error.traceback,
             original_error.engine_info,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.original_error,))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}({self.n} errors)>"
 
     def __str__(self) -> str:
         return self.evalue

@@ -772,38 +772,27 @@ class AsyncResult(SlimFuture):
         return stream_output(self, interval)
 
     def display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
-        """Print (or, in IPython, display) the output captured for each message.
+        """Show the output captured for each message, as ipyparallel does: stdout and stderr
+        under ``[stdout:<engine>]`` labels (no labels for a single-engine result); inside
+        IPython also the rich outputs (``[output:<engine>]``) and the results
+        (``Out[<engine>:<count>]: ...``), which ipyparallel does not show outside IPython.
 
         Parameters
         ----------
         groupby : {"type", "engine", "order"}
             ``type``: all stdout, then all stderr, then displays, then results; ``engine``:
-            everything of one engine together (engines in id order); ``order``: everything of
-            one message together, in submission order.
+            everything of one engine together; ``order``: like ``type``, with the rich outputs
+            of all engines collated (all first outputs, then all second ones, ...).
         result_only : bool
-            Show only ``execute_result`` outputs.
+            Show only the results.
         """
         if groupby not in ("type", "engine", "order"):
             raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
         if self.done():
             self._await_output()  # the reply can arrive before the last output
-        n = len(self._children)
-        items = [(self._engine_id(i), self._md(i)) for i in range(n)]
-        kinds = (
-            ("execute_result",)
-            if result_only
-            else ("stdout", "stderr", "outputs", "execute_result", "error")
-        )
-        if groupby == "type":
-            for kind in kinds:
-                for eid, md in items:
-                    _show(kind, eid, md)
-            return
-        if groupby == "engine":
-            items.sort(key=lambda t: (t[0] is None, t[0] if t[0] is not None else 0))
-        for eid, md in items:
-            for kind in kinds:
-                _show(kind, eid, md)
+        from .outputs import display_outputs
+
+        display_outputs(self, groupby, result_only)
 
     # -- misc ---------------------------------------------------------------------------------
 
@@ -963,65 +952,6 @@ def _items(chunk: Any) -> list[Any]:
     if kind == "frame":
         return [chunk.iloc[k] for k in range(len(chunk))]
     return list(chunk)
-
-
-def _ipython_shell() -> Any:
-    ipython = sys.modules.get("IPython")
-    if ipython is None:
-        return None
-    try:
-        return ipython.get_ipython()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _print_block(text: str, label: str, file: Any) -> None:
-    body = text.rstrip("\n")
-    if "\n" in body:
-        print(label, file=file)
-        print(body, file=file)
-    else:
-        print(f"{label} {body}", file=file)
-
-
-def _show_data(data: dict[str, Any], metadata: dict[str, Any] | None, label: str) -> None:
-    if _ipython_shell() is not None:
-        from IPython.display import display
-
-        if label:
-            print(label)
-        display(data, raw=True, metadata=metadata or {})
-        return
-    text = data.get("text/plain")
-    if text is None:
-        text = f"<{', '.join(sorted(data))}>"
-    _print_block(str(text), label, sys.stdout)
-
-
-def _show(kind: str, eid: Any, md: Any) -> None:
-    """Show one kind of captured output of one message."""
-    label_id = "?" if eid is None else eid
-    if kind in ("stdout", "stderr"):
-        text = md.get(kind) or ""
-        if text:
-            _print_block(
-                text, f"[{kind}:{label_id}]", sys.stdout if kind == "stdout" else sys.stderr
-            )
-    elif kind == "outputs":
-        for out in md.get("outputs") or []:
-            if isinstance(out, dict):
-                _show_data(out.get("data") or {}, out.get("metadata"), f"[output:{label_id}]")
-    elif kind == "execute_result":
-        res = md.get("execute_result")
-        if isinstance(res, dict):
-            count = res.get("execution_count")
-            _show_data(res.get("data") or {}, res.get("metadata"), f"Out[{label_id}:{count}]:")
-    elif kind == "error":
-        err = md.get("error")
-        if err is not None:
-            lines = err.render_traceback() if hasattr(err, "render_traceback") else [str(err)]
-            print(f"[{label_id}:error]", file=sys.stderr)
-            print("\n".join(lines), file=sys.stderr)
 
 
 class _TextBar:

@@ -30,6 +30,9 @@ def utcnow() -> datetime:
 class ExecuteReply:
     """The result of ``view.execute(...)`` on one engine.
 
+    Shown as IPython shows a result (``Out[<engine>:<count>]: <text/plain>``) by IPython's
+    display machinery (``display(reply)``, the last expression of a cell).
+
     Attributes
     ----------
     msg_id : str
@@ -51,6 +54,11 @@ class ExecuteReply:
     def execute_result(self) -> dict[str, Any] | None:
         return self.metadata.get("execute_result")
 
+    @property
+    def data(self) -> dict[str, Any]:
+        """The result's mime bundle (``{}`` without a result)."""
+        return (self.execute_result or {}).get("data") or {}
+
     def __getitem__(self, key: str) -> Any:
         return self.metadata[key]
 
@@ -63,12 +71,27 @@ class ExecuteReply:
             raise AttributeError(key) from None
 
     def __repr__(self) -> str:
-        result = self.execute_result
-        text = ""
-        if result:
-            text = result.get("data", {}).get("text/plain", "")
-        count = self.execution_count
-        return f"<ExecuteReply[{count}]: {text}>" if text else f"<ExecuteReply[{count}]>"
+        text = self.data.get("text/plain", "")
+        if len(text) > 32:
+            text = text[:29] + "..."
+        return f"<ExecuteReply[{self.execution_count}]: {text}>"
+
+    def _plaintext(self) -> str:
+        text = self.data.get("text/plain", "")
+        if not text:
+            return ""
+        if "\n" in text and not text.startswith("\n"):
+            text = "\n" + text  # a multi-line repr starts on its own line
+        return f"Out[{self.metadata.get('engine_id')}:{self.execution_count}]: {text}"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self._plaintext())
+
+    def _repr_mimebundle_(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        data = dict(self.data)
+        if "text/plain" in data:
+            data["text/plain"] = self._plaintext()
+        return data, (self.execute_result or {}).get("metadata") or {}
 
 
 def _append_stream(old: str, text: str) -> str:
@@ -238,6 +261,10 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
     elif msg_type == "display_data":
         md["outputs"].append(content)
     elif msg_type == "error":
+        if "engine_info" not in content:  # as ipyparallel: say which engine, for the traceback
+            method = (parent.get("msg_type") or "execute_request").partition("_")[0]
+            info = {"engine_id": md.get("engine_id"), "engine_uuid": md.get("engine_uuid")}
+            content = {**content, "engine_info": {**info, "method": method}}
         md["error"] = error.unwrap_exception(content)
     elif msg_type == "data_message":
         try:

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class
 
+from ..error import AlreadyDisplayedError, CompositeError
 from ..signal_names import parse_signal
 from .asyncresult import OUTPUT_GRACE
-from .streaming import OutputPrinter
+from .outputs import OutputPrinter
 
 if TYPE_CHECKING:
     from .asyncresult import AsyncResult
@@ -180,9 +181,10 @@ class ParallelMagics(Magics):
             self.shell.user_ns[args.save_name] = ar
         if not block:
             return ar
+        printer = None
         try:
             if stream:
-                _stream_outputs(ar)
+                printer = _stream_outputs(ar)
             else:
                 ar.wait()
         except KeyboardInterrupt:
@@ -192,17 +194,20 @@ class ParallelMagics(Magics):
                 view.client.send_signal(_signal_number(sig), targets=targets, block=False)
                 ar.wait(timeout=5)
             raise
-        return self._finish(ar, args.group_outputs, streamed=stream)
+        return self._finish(ar, args.group_outputs, printer)
 
-    def _finish(self, ar: AsyncResult, groupby: str, streamed: bool) -> None:
-        if streamed:
-            # stdout/stderr were shown as they came: what remains are rich outputs and results
-            ar.wait_for_output(timeout=OUTPUT_GRACE)
-            for i in range(len(ar)):
-                _show_rest(ar, i)
-        else:
+    def _finish(self, ar: AsyncResult, groupby: str, printer: OutputPrinter | None) -> None:
+        """Show what was not streamed, and raise the remote error, as ipyparallel's %px: after
+        streamed tracebacks, a CompositeError is raised as a short AlreadyDisplayedError."""
+        if printer is None:
+            ar.wait_for_output(timeout=1)
             ar.display_outputs(groupby)
-        ar.get()  # raises the remote error (a CompositeError for several engines)
+        try:
+            ar.get()
+        except CompositeError as e:
+            if printer is not None and printer.errors_shown:
+                raise AlreadyDisplayedError(e) from None
+            raise
 
     # -- the magics -------------------------------------------------------------------------
 
@@ -250,8 +255,10 @@ class ParallelMagics(Magics):
         ar = self._run(cell, args)
         self.shell.run_cell(cell)
         if block:
-            _stream_outputs(ar) if (args.stream is None or args.stream) else ar.wait()
-            return self._finish(ar, args.group_outputs, streamed=args.stream is not False)
+            printer = _stream_outputs(ar) if args.stream is not False else None
+            if printer is None:
+                ar.wait()
+            return self._finish(ar, args.group_outputs, printer)
         return ar
 
     def pxresult(self, line: str) -> None:
@@ -263,8 +270,8 @@ class ParallelMagics(Magics):
         if self.last_result is None:
             raise UsageError("no previous %px result: run %px first")
         ar = self.last_result
-        ar.wait()
-        self._finish(ar, args.group_outputs, streamed=False)
+        ar.get()  # as ipyparallel: a failure raises before anything is shown
+        ar.display_outputs(args.group_outputs)
 
     def autopx(self, line: str = "") -> None:
         """``%autopx``: toggle running every following cell on the engines (as ``%%px``);
@@ -306,9 +313,12 @@ def _signal_number(sig: str) -> int:
         raise UsageError(str(e)) from None
 
 
-def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = OUTPUT_GRACE) -> None:
-    """Print each engine's stdout/stderr as it arrives, until ``ar`` is done and its output
-    complete (or ``grace`` seconds after it finished, for output that never completes)."""
+def _stream_outputs(
+    ar: AsyncResult, poll: float = 0.05, grace: float = OUTPUT_GRACE
+) -> OutputPrinter:
+    """Show each engine's output as it arrives, until ``ar`` is done and its output complete
+    (or ``grace`` seconds after it finished, for output that never completes); returns the
+    printer (how many errors it showed)."""
     printer = OutputPrinter(ar)
     finished_at: float | None = None
     while True:
@@ -322,18 +332,8 @@ def _stream_outputs(ar: AsyncResult, poll: float = 0.05, grace: float = OUTPUT_G
             finished_at = time.monotonic()
         printer.print_new(final=complete)
         if complete:
-            return
+            return printer
         ar.wait(poll)
-
-
-def _show_rest(ar: AsyncResult, i: int) -> None:
-    """Rich outputs, the result and nothing else (stdout/stderr were streamed)."""
-    from .asyncresult import _show
-
-    eid = ar._engine_id(i)
-    md = ar._md(i)
-    for kind in ("outputs", "execute_result"):
-        _show(kind, eid, md)
 
 
 def activate(view: DirectView, suffix: str = "") -> ParallelMagics | None:

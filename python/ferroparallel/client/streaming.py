@@ -1,47 +1,14 @@
-"""Printing the stdout/stderr of running requests as it arrives (``AsyncResult.stream_output``
-and the ``%px`` magic's streaming)."""
+"""Showing the output of running requests as it arrives (``AsyncResult.stream_output``; the
+``%px`` magic streams with the same :class:`~.outputs.OutputPrinter`)."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-
-class OutputPrinter:
-    """Prints what each message of an AsyncResult wrote to stdout/stderr since the last call,
-    line by line, each line prefixed ``[stdout:<engine id>]`` (or ``stderr``).
-
-    Parameters
-    ----------
-    ar : AsyncResult
-        Whose output to print.
-    """
-
-    def __init__(self, ar: Any) -> None:
-        self._ar = ar
-        self._shown: dict[tuple[int, str], int] = {}
-
-    def print_new(self, final: bool = False) -> None:
-        """Print the complete lines that arrived since the last call (with ``final``, also an
-        unfinished last line)."""
-        ar = self._ar
-        for i in range(len(ar)):
-            md = ar._md(i)
-            eid = ar._engine_id(i)
-            for kind in ("stdout", "stderr"):
-                text = md.get(kind) or ""
-                start = self._shown.get((i, kind), 0)
-                end = len(text) if final else text.rfind("\n", start) + 1
-                if end <= start:
-                    continue
-                self._shown[(i, kind)] = end
-                label = f"[{kind}:{'?' if eid is None else eid}]"
-                out = sys.stdout if kind == "stdout" else sys.stderr
-                for piece in text[start:end].splitlines():
-                    print(f"{label} {piece}", file=out)
+from .outputs import OutputPrinter
 
 
 @contextlib.contextmanager
