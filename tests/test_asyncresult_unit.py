@@ -892,7 +892,7 @@ def test_display_outputs(client: FakeClient, capsys: pytest.CaptureFixture[str])
 def test_display_outputs_in_ipython(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
     """Inside IPython the rich outputs and results are shown too (``Out[1:3]: 41``)."""
     shell_mod = pytest.importorskip("IPython.core.interactiveshell")
-    shell = shell_mod.InteractiveShell.instance()
+    shell_mod.InteractiveShell.instance()  # display goes through this shell
     try:
         futs = client.send(2, engines=[1, 0])
         ar = AsyncResult(client, futs, targets=[1, 0])
