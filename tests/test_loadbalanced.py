@@ -770,13 +770,16 @@ def test_imap_return_exceptions(lv: LoadBalancedView) -> None:
 
 
 def test_set_flags(rc: Client, lv: LoadBalancedView) -> None:
-    lv.set_flags(block=True, retries=2, timeout=5.0, targets=[1])
+    assert lv.timeout == 0.0  # as ipyparallel: 0 is no limit
+    assert lv.set_flags(block=True, retries=2, timeout=5, targets=[1]) is lv  # chainable
     assert (lv.block, lv.retries, lv.timeout, lv.targets) == (True, 2, 5.0, [1])
+    assert isinstance(lv.timeout, float)
     assert lv.apply(echo, 9) == 9
     ar = lv.apply_async(engine_pid)
     ar.get(timeout=WAIT)
     assert ar.metadata.engine_id == 1
     lv.set_flags(block=False, retries=0, timeout=None, targets=None)
+    assert lv.timeout == 0.0  # None is accepted as "no limit"
     assert isinstance(lv.apply(echo, 1), ipp.AsyncResult)
     with pytest.raises(KeyError):
         lv.set_flags(no_such_flag=1)
@@ -798,7 +801,7 @@ def test_temp_flags_restore(lv: LoadBalancedView) -> None:
         None,
         None,
         0,
-        None,
+        0.0,
         None,
     )
     with pytest.raises(ZeroDivisionError), lv.temp_flags(block=True, retries=5):
@@ -1267,13 +1270,13 @@ def test_flags_are_validated_when_set(lv: LoadBalancedView) -> None:
         lv.set_flags(timeout="10")
     with pytest.raises(ValueError, match="timeout"):
         lv.set_flags(timeout=-1)
-    assert lv.after is None and lv.follow is None and lv.timeout is None
+    assert lv.after is None and lv.follow is None and lv.timeout == 0.0
     done = lv.apply_async(lambda: 1)
     good = ["m1", done, ipp.Dependency(["m2"]), ipp.Dependency(["m3"]).as_dict(), ("m4", "m5")]
     for dep in good:
         with lv.temp_flags(after=dep, timeout=2.5):
             assert lv.after is dep and lv.timeout == 2.5
-    assert lv.after is None and lv.timeout is None
+    assert lv.after is None and lv.timeout == 0.0
     assert done.get(timeout=30) == 1
     for call in (
         lambda: lv.map_async(abs, [1], block=True),

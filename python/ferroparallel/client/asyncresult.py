@@ -348,7 +348,8 @@ class AsyncResult(SlimFuture):
         return_exceptions : bool, optional
             Override the AsyncResult's ``return_exceptions`` for this call.
         return_when : str, optional
-            ``FIRST_EXCEPTION``: raise as soon as one message has failed. ``ALL_COMPLETED``
+            ``FIRST_EXCEPTION``: raise the first failure (a RemoteError) as soon as there is
+            one while others still run (once all are done, as usual). ``ALL_COMPLETED``
             (default) waits for all. ``FIRST_COMPLETED`` is not supported (a warning; waits
             for all).
 
@@ -380,12 +381,9 @@ class AsyncResult(SlimFuture):
             if not self._wait_until(lambda: self.done() or self._n_failed > 0, timeout):
                 raise TimeoutError(_NOT_READY)
             if not self.done():
+                # as ipyparallel: the first failure itself (the others are still running)
                 finished = [_outcome(c) if c.done() else (None, False) for c in self._children]
-                if self._single_result:
-                    raise next(v for v, failed in finished if failed)
-                composite = self._failures(finished)
-                if composite is not None:
-                    raise composite
+                raise next(v for v, failed in finished if failed)
         if not self._wait_replies(timeout):
             raise TimeoutError(_NOT_READY)
         if rex == self._return_exceptions:
@@ -402,9 +400,9 @@ class AsyncResult(SlimFuture):
         return self.get()
 
     def successful(self) -> bool:
-        """Whether every message succeeded (AssertionError if not finished yet)."""
+        """Whether every message succeeded (RuntimeError if not finished yet)."""
         if not self.done():
-            raise AssertionError(_NOT_READY)
+            raise RuntimeError("Cannot check successful() if not done.")
         return self._n_failed == 0
 
     def cancel(self) -> bool:
@@ -701,8 +699,8 @@ class AsyncResult(SlimFuture):
 
     # -- aborting, splitting ------------------------------------------------------------------
 
-    def abort(self) -> Any:
-        """Abort the messages that have not finished (``client.abort``).
+    def abort(self) -> None:
+        """Abort the messages that have not finished (``client.abort(..., block=True)``).
 
         Raises
         ------
@@ -712,7 +710,7 @@ class AsyncResult(SlimFuture):
         if self.done():
             raise RuntimeError("Can't abort, I am already done!")
         pending = [m for m, c in zip(self._msg_ids, self._children, strict=True) if not c.done()]
-        return self._client.abort(pending)
+        self._client.abort(pending, block=True)  # as ipyparallel: waits, returns None
 
     def split(self) -> tuple[AsyncResult, ...]:
         """One single-result AsyncResult per message."""

@@ -302,7 +302,8 @@ def hub_results(client: Client) -> HubResults:
 def result_status(
     client: Client, msg_ids: Iterable[str], status_only: bool = True
 ) -> dict[str, Any]:
-    """``{"pending": [...], "completed": [...]}`` from the hub; with ``status_only=False`` the
+    """``{"status": "ok", "pending": [...], "completed": [...]}`` from the hub; with
+    ``status_only=False`` the
     completed results are also fetched into ``client.results`` / ``client.metadata`` (and
     under their msg_ids in the returned dict).
 
@@ -315,6 +316,7 @@ def result_status(
     reply = hub_query(client, "result_request", {"msg_ids": ids, "status_only": status_only})
     content = reply["content"]
     out: dict[str, Any] = {
+        "status": content.get("status", "ok"),
         "pending": list(content.get("pending") or []),
         "completed": list(content.get("completed") or []),
     }
@@ -354,7 +356,8 @@ def resubmit(client: Client, msg_ids: list[str]) -> tuple[dict[str, str], AsyncH
     content = hub_query(client, "resubmit_request", {"msg_ids": msg_ids})["content"]
     mapping: dict[str, str] = dict(content.get("resubmitted") or {})
     new_ids = [mapping[m] for m in msg_ids if m in mapping]
-    return mapping, async_hub_result(client, new_ids, "resubmit")
+    # as ipyparallel: a list of results, even for one task
+    return mapping, async_hub_result(client, new_ids, "resubmit", single=False)
 
 
 def purge_hub(client: Client, msg_ids: list[str] | str, engines: list[Any]) -> None:

@@ -31,8 +31,8 @@ _DEFAULTS: dict[str, Any] = {
     "outputs": [],
     "data": {},
     "label": None,
-    "is_broadcast": None,
-    "is_coalescing": None,
+    "is_broadcast": False,
+    "is_coalescing": False,
 }
 
 #: Every key of a Metadata, in order.
@@ -109,8 +109,8 @@ class Metadata(dict):
 
     Keys and defaults: ``msg_id``, ``submitted``, ``started``, ``completed``, ``received``,
     ``engine_uuid``, ``engine_id``, ``follow``, ``after``, ``status``, ``execute_input``,
-    ``execute_result``, ``error``, ``label``, ``is_broadcast``, ``is_coalescing`` (None),
-    ``stdout``, ``stderr`` (``""``), ``outputs`` (``[]``), ``data`` (``{}``).
+    ``execute_result``, ``error``, ``label`` (None), ``is_broadcast``, ``is_coalescing``
+    (False), ``stdout``, ``stderr`` (``""``), ``outputs`` (``[]``), ``data`` (``{}``).
 
     Setting an unknown key, by item, attribute or ``update()``, raises KeyError; keys cannot
     be deleted. Date keys may hold ISO strings or datetimes; strings are parsed to aware

@@ -61,11 +61,13 @@ class View(HasTraits):
             if name not in self._flag_names:
                 raise KeyError(f"Invalid name: {name!r}; flags are {', '.join(self._flag_names)}")
 
-    def set_flags(self, **kwargs: Any) -> None:
-        """Set view flags (``block``, ``track``, ``targets``, ``label``, …)."""
+    def set_flags(self, **kwargs: Any) -> View:
+        """Set view flags (``block``, ``track``, ``targets``, ``label``, …); returns the view
+        (as ipyparallel: ``view.set_flags(block=True).apply(f)``)."""
         self._check_flag_names(kwargs)
         for name, value in kwargs.items():
             setattr(self, name, value)
+        return self
 
     @contextlib.contextmanager
     def temp_flags(self, **kwargs: Any) -> Iterator[None]:
@@ -248,6 +250,7 @@ class View(HasTraits):
         the view remembers its msg_ids."""
         ids = ar.msg_ids
         ar._client._own(ids)
+        ar.owner = True  # as ipyparallel's views: the result leaves the client's caches
         self._history.extend(ids)
         self._outstanding.update(ids)
         if len(self._outstanding) > self._prune_at:  # amortized: never read, still bounded
@@ -475,9 +478,14 @@ class DirectView(View):
                 imports_in_progress.append(name)
                 try:
                     if fromlist:
-                        imports.append(f"from {name} import {', '.join(fromlist)}")
+                        stmt = f"from {name} import {', '.join(fromlist)}"
+                        said = f"importing {','.join(fromlist)} from {name} on engine(s)"
                     else:
-                        imports.append(f"import {name}")
+                        stmt, said = f"import {name}", f"importing {name} on engine(s)"
+                    if stmt not in imports:
+                        imports.append(stmt)
+                        if not quiet:  # ipyparallel's words, as the import happens
+                            print(said)
                     if local:
                         return real_import(name, *args, **kwargs)
                     return None
@@ -492,8 +500,6 @@ class DirectView(View):
         finally:
             builtins.__import__ = real_import
         for stmt in imports:
-            if not quiet:
-                print(f"{stmt} on engine(s)")
             self._really_apply(_execute, (stmt,), {}, block=True)
 
     def use_cloudpickle(self, block: bool | None = None) -> Any:
@@ -560,7 +566,7 @@ class LoadBalancedView(View):
 
     after = AnyTrait(None, allow_none=True)
     follow = AnyTrait(None, allow_none=True)
-    timeout = AnyTrait(None, allow_none=True)
+    timeout = AnyTrait(0.0, help="seconds a task may wait to start (0: no limit)")
     retries = Integer(0)
     _flag_names = ("block", "track", "targets", "label", "after", "follow", "timeout", "retries")
 
@@ -573,6 +579,8 @@ class LoadBalancedView(View):
     @observe("targets", "after", "follow", "timeout", "retries", "label")
     def _flags_changed(self, change: Any) -> None:
         self._md_cache = None
+        if change["name"] == "timeout" and change["new"] is None:
+            self.timeout = 0.0  # None (which skips validation) also means no limit
 
     @validate("after", "follow")
     def _check_dependency(self, proposal: Any) -> Any:
@@ -588,12 +596,12 @@ class LoadBalancedView(View):
     def _check_timeout(self, proposal: Any) -> Any:
         t = proposal["value"]
         if t is None:
-            return None
+            return 0.0  # no limit
         if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"Invalid type for timeout: {type(t).__name__} (seconds, or None)")
+            raise TypeError(f"Invalid type for timeout: {type(t).__name__} (seconds, 0 for none)")
         if t < 0:
-            raise ValueError(f"Invalid timeout: {t} (seconds >= 0, or None for no timeout)")
-        return t
+            raise ValueError(f"Invalid timeout: {t} (seconds >= 0; 0 for no timeout)")
+        return float(t)
 
     def _task_metadata(self, **overrides: Any) -> dict[str, Any]:
         if not overrides:
