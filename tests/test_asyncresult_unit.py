@@ -933,7 +933,7 @@ def test_wait_interactive(client: FakeClient, capsys: pytest.CaptureFixture[str]
     t0 = time.monotonic()
     ar.wait_interactive(interval=0.01, widget=False)
     assert ar.ready() and time.monotonic() - t0 < 5
-    assert "3/3" in capsys.readouterr().err  # tqdm writes to stderr
+    assert "3/3" in capsys.readouterr().out  # as ipyparallel: the text bar goes to stdout
     # timeout: returns without raising
     pending = AsyncResult(client, client.send(2), targets=[0, 1])
     t0 = time.monotonic()

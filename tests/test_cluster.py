@@ -155,7 +155,7 @@ def test_defaults_and_ids(fp_root: Path) -> None:
     assert Cluster(cluster_id="").cluster_id == ""
     assert Cluster(profile="x").profile_dir == str(fp_root / "profile_x")
     sec = fp_root / "profile_default" / "security"
-    assert c.cluster_file == sec / f"cluster-{c.cluster_id}.json"
+    assert c.cluster_file == str(sec / f"cluster-{c.cluster_id}.json")  # a str, as ipyparallel
     assert not c.running and c.engine_set is None
     with pytest.raises(NotImplementedError):
         Cluster(engines="mpi")
@@ -239,13 +239,13 @@ def test_api_start_stop_two_engines(clusters: Callable[..., Cluster], fp_root: P
     pids = all_pids(c)
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
     # The state file lets another process find everything.
-    state = json.loads(c.cluster_file.read_text())
+    state = json.loads(Path(c.cluster_file).read_text())
     assert state["cluster"]["cluster_id"] == c.cluster_id
     assert state["controller"]["process"]["pid"] == c.controller.process.pid  # type: ignore[union-attr]
     assert c.client_file.exists() and c.engine_file.exists()
     c.stop_cluster_sync()
     assert_gone(pids)
-    assert not c.cluster_file.exists()
+    assert not Path(c.cluster_file).exists()
     assert not c.client_file.exists() and not c.engine_file.exists()
     assert not c.running
 
@@ -291,7 +291,7 @@ def test_from_file_signal_and_restart(clusters: Callable[..., Cluster]) -> None:
     ctl = other.controller.process.pid  # type: ignore[union-attr]
     other.stop_cluster_sync()
     assert_gone([ctl])
-    assert not c.cluster_file.exists()
+    assert not Path(c.cluster_file).exists()
 
 
 @needs_controller
@@ -323,7 +323,7 @@ def test_cli_refuses_running_cluster_id(
     r = cli("start", "-n", "1", "--daemonize", "--cluster-id", "taken")
     assert r.returncode == 1
     assert "already running" in r.stderr
-    assert c.cluster_file.exists() and c.running
+    assert Path(c.cluster_file).exists() and c.running
 
 
 @needs_controller
@@ -412,7 +412,7 @@ def test_context_manager_connects_client(clusters: Callable[..., Cluster]) -> No
         assert sorted(pids) == sorted(c.engine_set.pids)  # type: ignore[union-attr]
         all_ = all_pids(c)
     assert_gone(all_)
-    assert not c.cluster_file.exists()
+    assert not Path(c.cluster_file).exists()
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -506,10 +506,10 @@ def test_cli_clean(fp_root: Path, sleeper: list[str]) -> None:
 
         r = cli("clean")
         assert r.returncode == 0, r.stderr
-        assert not dead.cluster_file.exists()
+        assert not Path(dead.cluster_file).exists()
         assert not dead.client_file.exists() and not dead.engine_file.exists()
         assert not orphan.exists()
-        assert live.cluster_file.exists() and live.client_file.exists()
+        assert Path(live.cluster_file).exists() and live.client_file.exists()
         assert live.running
         assert cli("clean").stdout.strip() == "nothing to clean"
     finally:

@@ -479,6 +479,9 @@ def test_bad_arguments_name_the_fix(rc: Client, dv: DirectView) -> None:
     assert dv.block is False
     assert rc.send_signal(" 18 ", targets=0, block=True) is None  # SIGCONT: harmless
     assert rc.send_signal("cont", targets=0, block=True) is None
+    assert rc.send_signal(0, targets=[0], block=True) is None  # as kill: only "is it there"
+    with pytest.raises(ValueError, match="unknown signal number 999"):
+        rc.send_signal(999)
 
 
 def test_view_queue_status(rc: Client, dv: DirectView) -> None:

@@ -670,7 +670,10 @@ def test_plain_shell_results_errors_and_silence():
     assert r.user_expressions["bad"]["ename"] == "NameError"
     out.clear()
     assert shell.run_cell("x;").error is None and out == []
-    assert shell.run_cell("x", silent=True).error is None and out == []
+    silent = shell.run_cell("x", silent=True)
+    assert silent.error is None and out == []
+    # as IPython kernels: an uncounted execution reports the last counted one
+    assert silent.execution_count == shell.execution_count - 1
     count = shell.execution_count
     err = shell.run_cell("def g():\n    1/0\ng()").error
     assert err.ename == "ZeroDivisionError" and out[-1][0] == "error"

@@ -8,7 +8,8 @@ from typing import Any
 
 
 def parse_signal(sig: Any) -> int:
-    """Turn a signal number or name (``"SIGINT"``, ``"INT"``, ``"2"``, ``2``) into its number.
+    """Turn a signal number or name (``"SIGINT"``, ``"INT"``, ``"2"``, ``2``) into its number
+    (0 is accepted: delivering it only checks the process exists).
 
     Raises
     ------
@@ -18,11 +19,11 @@ def parse_signal(sig: Any) -> int:
     if isinstance(sig, bool):
         raise ValueError(f"not a signal: {sig!r}")
     if isinstance(sig, int):
-        return int(signal.Signals(sig))
+        return _number(sig)
     if isinstance(sig, str):
         name = sig.strip().upper()
         if name.isdigit():
-            return int(signal.Signals(int(name)))
+            return _number(int(name))
         if not name.startswith("SIG"):
             name = "SIG" + name
         try:
@@ -32,3 +33,13 @@ def parse_signal(sig: Any) -> int:
                 f"unknown signal {sig!r}: give a number or a name such as 'SIGINT'"
             ) from None
     raise ValueError(f"not a signal: {sig!r}")
+
+
+def _number(n: int) -> int:
+    """``n`` if it is a signal number (0, "is the process there?", included, as ``kill``)."""
+    if n == 0:
+        return 0
+    try:
+        return int(signal.Signals(n))
+    except ValueError:
+        raise ValueError(f"unknown signal number {n}: give a number such as 2 (SIGINT)") from None

@@ -999,12 +999,13 @@ def _progress_bar(total: int, widget: bool | None, desc: str) -> Any:
             from tqdm.auto import tqdm
     except ImportError:
         return _TextBar(total, desc)
+    # a text bar goes to stdout, as ipyparallel's
     try:
-        return _TqdmBar(tqdm(total=total, unit="tasks", desc=desc))
+        return _TqdmBar(tqdm(total=total, unit="tasks", desc=desc, file=sys.stdout))
     except Exception:  # noqa: BLE001 - e.g. a notebook bar without ipywidgets
         try:
             from tqdm import tqdm as text_tqdm
 
-            return _TqdmBar(text_tqdm(total=total, unit="tasks", desc=desc))
+            return _TqdmBar(text_tqdm(total=total, unit="tasks", desc=desc, file=sys.stdout))
         except Exception:  # noqa: BLE001
             return _TextBar(total, desc)

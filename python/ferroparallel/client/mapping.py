@@ -88,14 +88,9 @@ def _common_kind(parts: Sequence[Any]) -> str:
     return "list"
 
 
-def _convert(items: list[Any], kind: str) -> Any:
-    if kind == "str":
-        return "".join(items)
-    if kind == "bytes":
-        return bytes(items)
-    if kind == "tuple":
-        return tuple(items)
-    return items
+#: Partition kinds that ``joinPartitions`` returns as the list of partitions (ipyparallel joins
+#: only arrays and lists/tuples).
+_UNJOINED = ("scalar", "str", "bytes")
 
 
 class Map:
@@ -137,25 +132,20 @@ class Map:
         return self.concatenate(listOfPartitions)
 
     def concatenate(self, listOfPartitions: Sequence[Any]) -> Any:  # noqa: N803
-        """Concatenate partitions: ``numpy.concatenate`` for arrays, ``pandas.concat`` for
-        pandas objects, ``str``/``bytes``/``tuple`` of the same type, a list otherwise; when
-        some partition is not a sequence (a scalar), the list of partitions itself."""
+        """Concatenate partitions as ipyparallel does: ``numpy.concatenate`` for arrays,
+        ``pandas.concat`` for pandas objects, one list for lists and tuples; anything else
+        (scalars, ``str``, ``bytes``) comes back as the list of partitions itself."""
         parts = list(listOfPartitions)
         if not parts:
             return []
         kind = _common_kind(parts)
-        if kind == "scalar":
+        if kind in _UNJOINED:
             return parts
         if kind == "ndarray":
             return sys.modules["numpy"].concatenate(parts)
         if kind == "frame":
             return sys.modules["pandas"].concat(parts)
-        if kind == "str":
-            return "".join(parts)
-        if kind == "bytes":
-            return b"".join(parts)
-        chained = list(itertools.chain.from_iterable(parts))
-        return tuple(chained) if kind == "tuple" else chained
+        return list(itertools.chain.from_iterable(parts))
 
 
 class RoundRobinMap(Map):
@@ -173,12 +163,13 @@ class RoundRobinMap(Map):
 
     def joinPartitions(self, listOfPartitions: Sequence[Any]) -> Any:  # noqa: N802, N803
         """Interleave partitions back into the original order (lengths may differ by one, or
-        arbitrarily: element ``k`` of each partition is taken while it exists)."""
+        arbitrarily: element ``k`` of each partition is taken while it exists); a list, or an
+        array. ``str``, ``bytes`` and scalars come back as the list of partitions."""
         parts = list(listOfPartitions)
         if not parts:
             return []
         kind = _common_kind(parts)
-        if kind == "scalar":
+        if kind in _UNJOINED:
             return parts
         q = len(parts)
         total = sum(len(p) for p in parts)
@@ -197,7 +188,7 @@ class RoundRobinMap(Map):
             order = list(_interleave([range(offsets[i], offsets[i + 1]) for i in range(q)]))
             joined = Map.concatenate(self, parts)
             return joined.iloc[order] if kind == "frame" else joined[order]
-        return _convert(list(_interleave(parts)), kind)
+        return list(_interleave(parts))
 
 
 def _interleave(parts: Sequence[Any]) -> Iterator[Any]:

@@ -285,8 +285,12 @@ class Cluster(LoggingConfigurable):
     # -- properties --------------------------------------------------------------------------
 
     @property
-    def cluster_file(self) -> Path:
-        """``<profile_dir>/security/cluster-<cluster_id>.json``."""
+    def cluster_file(self) -> str:
+        """``<profile_dir>/security/cluster-<cluster_id>.json`` (a ``str``, as ipyparallel's)."""
+        return str(self._cluster_path)
+
+    @property
+    def _cluster_path(self) -> Path:
         return cluster_file(self.profile_dir, self.cluster_id)
 
     @property
@@ -353,7 +357,7 @@ class Cluster(LoggingConfigurable):
     # -- starting ----------------------------------------------------------------------------
 
     def _check_not_running_elsewhere(self) -> None:
-        f = self.cluster_file
+        f = self._cluster_path
         if not f.exists():
             return
         try:
@@ -772,14 +776,14 @@ class Cluster(LoggingConfigurable):
 
     def write_cluster_file(self) -> None:
         """Write the cluster file (atomically, mode 0600)."""
-        paths.write_connection_file(self.cluster_file, self.to_dict())
+        paths.write_connection_file(self._cluster_path, self.to_dict())
 
     update_cluster_file = write_cluster_file
 
     def remove_cluster_file(self) -> None:
         """Remove the cluster file if it exists."""
         with contextlib.suppress(FileNotFoundError):
-            self.cluster_file.unlink()
+            self._cluster_path.unlink()
 
     # -- synchronous twins ---------------------------------------------------------------------
 

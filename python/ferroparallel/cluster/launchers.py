@@ -319,6 +319,11 @@ class LocalControllerLauncher:
         return paths.connection_file(self.profile_dir, "engine", self.cluster_id)
 
     @property
+    def connection_files(self) -> dict[str, str]:
+        """``{"client": path, "engine": path}`` of the connection files (as ipyparallel's)."""
+        return {"client": str(self.client_file), "engine": str(self.engine_file)}
+
+    @property
     def running(self) -> bool:
         """True while the controller process is alive."""
         return self.process is not None and self.process.running

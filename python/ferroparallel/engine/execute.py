@@ -170,8 +170,9 @@ class PlainShell:
         Returns
         -------
         CellOutcome
-            The count used, the error if any (also published as IOPub ``error``), and the
-            evaluated user expressions.
+            The count used (for an execution that is not counted, the last counted one), the
+            error if any (also published as IOPub ``error``), and the evaluated user
+            expressions.
         """
         count = self.execution_count
         error = self._run(code, silent, count)
@@ -179,6 +180,8 @@ class PlainShell:
             self.publish("error", _error_message(error), "error")
         if store_history and not silent:
             self.execution_count += 1
+        else:
+            count -= 1  # as IPython kernels: the reply names the last counted execution
         return CellOutcome(count, error, self.user_expressions(user_expressions or {}))
 
     def _run(self, code: str, silent: bool, count: int) -> ErrorInfo | None:
