@@ -412,6 +412,18 @@ def test_queue_status(rc: Client, wait_until: WaitUntil) -> None:
     assert isinstance(verbose[0]["queue"], list)
     busy.get(timeout=SHORT)
     more.get(timeout=SHORT)
+    # verbose: msg_ids, the completed ones too (as ipyparallel's hub)
+    done = rc.queue_status(0, verbose=True)["completed"]
+    assert isinstance(done, list) and more.msg_ids[0] in done and busy.msg_ids[0] in done
+    lb = rc.load_balanced_view(targets=[1])
+    t = lb.apply_async(lambda: None)
+    t.get(timeout=SHORT)
+    wait_until(
+        lambda: t.msg_ids[0] in rc.queue_status(1, verbose=True)["completed"],
+        SHORT,
+        "the hub to list the finished task",
+    )
+    assert rc.queue_status(1)["completed"] == len(rc.queue_status(1, verbose=True)["completed"])
 
 
 def test_get_result(rc: Client) -> None:

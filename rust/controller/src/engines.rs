@@ -26,7 +26,9 @@ pub struct Engine {
     pub mux: HashMap<String, InFlight>,
     /// Load-balanced tasks in flight, by msg_id.
     pub tasks: HashMap<String, InFlight>,
-    pub completed: u64,
+    /// msg_ids of the requests this engine finished, direct and load-balanced, in order (what
+    /// a verbose `queue_request` lists, as ipyparallel's hub keeps them).
+    pub completed: Vec<String>,
 }
 
 impl Engine {

@@ -596,7 +596,7 @@ impl Server {
             stall_deadline: Instant::now() + stall,
             mux: Default::default(),
             tasks: Default::default(),
-            completed: 0,
+            completed: Vec::new(),
         });
         log_at!(
             Level::Info,
@@ -666,7 +666,16 @@ impl Server {
             if let Some(e) = self.engines.by_uuid.get(uuid) {
                 let entry = Value::map([
                     ("queue", ids(&e.mux)),
-                    ("completed", Value::Int(e.completed as i64)),
+                    (
+                        "completed",
+                        if verbose {
+                            Value::Array(
+                                e.completed.iter().map(|k| Value::Str(k.clone())).collect(),
+                            )
+                        } else {
+                            Value::Int(e.completed.len() as i64)
+                        },
+                    ),
                     ("tasks", ids(&e.tasks)),
                 ]);
                 reply.set(&e.id.to_string(), entry);
@@ -1079,8 +1088,8 @@ impl Server {
                 if let Some(msg_id) = str_field(&parent, "msg_id") {
                     self.records.on_reply(msg_id, &engine, &env, None);
                     if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
-                        if e.mux.remove(msg_id).is_some() {
-                            e.completed += 1;
+                        if let Some((key, _)) = e.mux.remove_entry(msg_id) {
+                            e.completed.push(key);
                         }
                     }
                     if self.tasks.direct_pending.remove(msg_id) {

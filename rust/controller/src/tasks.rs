@@ -500,8 +500,8 @@ impl Server {
         let unmet = matches!(metadata.get("dependencies_met"), Some(Value::Bool(false)));
         if let Some(msg_id) = &msg_id {
             if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
-                if e.tasks.remove(msg_id).is_some() {
-                    e.completed += 1;
+                if let Some((key, _)) = e.tasks.remove_entry(msg_id) {
+                    e.completed.push(key);
                     self.balancer.finished(&engine);
                 }
             }
