@@ -83,6 +83,7 @@ def test_broadcast_view(rc: Client) -> None:
     bv = rc.broadcast_view()
     assert isinstance(bv, ipp.BroadcastView) and isinstance(bv, ipp.DirectView)
     assert bv.is_coalescing is False
+    assert bv.targets == rc.ids  # as ipyparallel: "all" is resolved when the view is made
     assert sorted(bv.apply_sync(os.getpid)) == sorted(rc[:].apply_sync(os.getpid))
     coalescing = rc.broadcast_view(targets=[1], is_coalescing=True)
     assert coalescing.is_coalescing is True

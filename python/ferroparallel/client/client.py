@@ -1029,9 +1029,11 @@ class Client(HasTraits):
         return LoadBalancedView(client=self, targets=targets, **kwargs)
 
     def broadcast_view(self, targets: Any = "all", is_coalescing: bool = False, **kwargs: Any):
-        """A BroadcastView: each request is sent once and fanned out by the controller."""
+        """A BroadcastView: each request is sent once and fanned out by the controller. As in
+        ipyparallel, ``targets`` are resolved now (``"all"``: the engines registered now)."""
         from .view import BroadcastView
 
+        targets = self._build_targets(targets)[1]
         return BroadcastView(client=self, targets=targets, is_coalescing=is_coalescing, **kwargs)
 
     def executor(self, targets: Any = None, **kwargs: Any):
