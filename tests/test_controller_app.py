@@ -283,8 +283,11 @@ def test_files_written_and_removed(
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
     client = paths.load_connection_file(cf, "client")
     engine = paths.load_connection_file(ef, "engine")
-    assert set(client) == CLIENT_KEYS
-    assert set(engine) == ENGINE_KEYS
+    # ferroparallel's same-host Unix sockets (ferroparallel.ipc) come on top of the TCP ports
+    assert set(client) == CLIENT_KEYS | {"fp_ipc"}
+    assert set(engine) == ENGINE_KEYS | {"fp_ipc"}
+    assert set(client["fp_ipc"]) == {"host", *(CLIENT_KEYS & set(client["fp_ipc"]))}
+    assert all(u.startswith("ipc://@fp-") for k, u in engine["fp_ipc"].items() if k != "host")
     assert re.fullmatch("[0-9a-f]{64}", client["key"])
     assert client["key"] == engine["key"]
     assert client["registration"] == engine["registration"]

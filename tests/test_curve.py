@@ -115,6 +115,7 @@ class TcpRelay:
 def relayed(info: dict[str, Any], keys: tuple[str, ...], relays: list[TcpRelay]) -> dict[str, Any]:
     """A copy of connection info whose ports in ``keys`` go through new relays."""
     out = dict(info)
+    out.pop("fp_ipc", None)  # over TCP, through the relays (not the same-host Unix sockets)
     out["interface"] = f"tcp://{LOCALHOST}"
     for k in keys:
         r = TcpRelay(int(info[k]))

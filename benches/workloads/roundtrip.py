@@ -11,7 +11,10 @@ One 2-engine cluster per framework, all started before measuring and stopped at 
   the clusters use);
 - raw pyzmq through a relay: the same, but through a third process running ``zmq.proxy``
   (ROUTER -> DEALER, in C) between the two, as a controller sits between client and engine: the
-  floor of that topology.
+  floor of that topology;
+- the same two floors over abstract Unix sockets (``ipc``): a local ferroparallel cluster talks
+  over such sockets (``ferroparallel.ipc``), so these are its floors on one machine, while the
+  TCP rows are the floors of a cluster spread over machines (and of ipyparallel's).
 
 Every call is timed on its own (``time.perf_counter``, garbage collector paused per batch),
 after a warm-up. The calls are split in rounds and the contenders take turns in each round, so a
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -71,8 +75,12 @@ sock.setsockopt(zmq.LINGER, 0)
 # pipelined floor (ferroparallel's sockets have none either)
 sock.setsockopt(zmq.SNDHWM, 0)
 sock.setsockopt(zmq.RCVHWM, 0)
-port = sock.bind_to_random_port("tcp://127.0.0.1")
-sys.stdout.write(f"{port}\\n")
+if len(sys.argv) > 1:  # an ipc:// endpoint to bind
+    sock.bind(sys.argv[1])
+    url = sys.argv[1]
+else:
+    url = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+sys.stdout.write(f"{url}\\n")
 sys.stdout.flush()
 while True:
     msg = sock.recv_multipart()
@@ -83,8 +91,9 @@ sock.close()
 ctx.term()
 """
 
-#: The relay: ``zmq.proxy`` from a ROUTER bound to a random port (printed) to a DEALER connected
-#: to the echo server at ``argv[1]``; runs until terminated.
+#: The relay: ``zmq.proxy`` from a ROUTER bound to a random port (or the ``ipc://`` endpoint
+#: ``argv[2]``; its URL printed) to a DEALER connected to the echo server at URL ``argv[1]``;
+#: runs until terminated.
 _RELAY = """
 import sys
 import zmq
@@ -95,9 +104,13 @@ back = ctx.socket(zmq.DEALER)
 for s in (front, back):
     s.setsockopt(zmq.SNDHWM, 0)
     s.setsockopt(zmq.RCVHWM, 0)
-back.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
-port = front.bind_to_random_port("tcp://127.0.0.1")
-sys.stdout.write(f"{port}\\n")
+back.connect(sys.argv[1])
+if len(sys.argv) > 2:
+    front.bind(sys.argv[2])
+    url = sys.argv[2]
+else:
+    url = f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}"
+sys.stdout.write(f"{url}\\n")
 sys.stdout.flush()
 zmq.proxy(front, back)
 """
@@ -116,8 +129,8 @@ def _request_frames() -> list[bytes]:
     return [json.dumps(header).encode(), b"{}", pickle.dumps((noop, (), {}))]
 
 
-def _spawn(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
-    """Start ``python -c script args...``; return it and the port it prints first."""
+def _spawn(script: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``python -c script args...``; return it and the URL it prints first."""
     proc = subprocess.Popen(
         [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True
     )
@@ -125,31 +138,37 @@ def _spawn(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     if not line.strip():
         _end(proc)
         raise RuntimeError(f"helper process did not start (exit code {proc.poll()})")
-    return proc, int(line)
+    return proc, line.strip()
 
 
 @contextlib.contextmanager
-def pyzmq_sockets() -> Iterator[tuple[list[bytes], zmq.Socket, zmq.Socket]]:
+def pyzmq_sockets(transport: str = "tcp") -> Iterator[tuple[list[bytes], zmq.Socket, zmq.Socket]]:
     """Start the echo server and the relay; yield the request frames and two connected DEALER
     sockets (direct to the echo server, and through the relay).
 
-    Both helper processes are stopped on exit.
+    ``transport``: ``"tcp"`` (loopback) or ``"ipc"`` (abstract Unix sockets, as a local
+    ferroparallel cluster uses; see ``ferroparallel.ipc``). Both helper processes are stopped
+    on exit.
     """
     procs: list[subprocess.Popen[str]] = []
     ctx = zmq.Context()
     socks: list[zmq.Socket] = []
+    names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    if transport == "ipc":
+        tag = f"@fpbench-{os.getpid()}-{time.monotonic_ns()}"
+        names = ((f"ipc://{tag}-echo",), (f"ipc://{tag}-relay",))
     try:
-        echo, echo_port = _spawn(_ECHO_SERVER)
+        echo, echo_url = _spawn(_ECHO_SERVER, *names[0])
         procs.append(echo)
-        relay, relay_port = _spawn(_RELAY, str(echo_port))
+        relay, relay_url = _spawn(_RELAY, echo_url, *names[1])
         procs.append(relay)
-        for port in (echo_port, relay_port):
+        for url in (echo_url, relay_url):
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a lost echo fails, not hangs
-            sock.connect(f"tcp://127.0.0.1:{port}")
+            sock.connect(url)
             socks.append(sock)
         yield _request_frames(), socks[0], socks[1]
     finally:
@@ -166,9 +185,11 @@ def pyzmq_sockets() -> Iterator[tuple[list[bytes], zmq.Socket, zmq.Socket]]:
 
 
 @contextlib.contextmanager
-def pyzmq_floors() -> Iterator[tuple[Callable[[], object], Callable[[], object]]]:
+def pyzmq_floors(
+    transport: str = "tcp",
+) -> Iterator[tuple[Callable[[], object], Callable[[], object]]]:
     """Start the echo server and the relay; yield two round trips (direct, relayed)."""
-    with pyzmq_sockets() as (frames, direct, relayed):
+    with pyzmq_sockets(transport) as (frames, direct, relayed):
         calls = []
         for sock in (direct, relayed):
 
@@ -267,11 +288,17 @@ def run(quick: bool) -> list[dict[str, Any]]:
         installed = [name for name in FRAMEWORKS if why[name] is None]
         # Phase 1: the frameworks that are quiet when idle, and the floors, taking turns.
         quiet = [name for name in installed if name != "dask"]
-        with running(quiet) as clusters, pyzmq_floors() as (direct, relayed):
+        with (
+            running(quiet) as clusters,
+            pyzmq_floors() as (direct, relayed),
+            pyzmq_floors("ipc") as (ipc_direct, ipc_relayed),
+        ):
             contenders = _contenders(clusters)
             contenders[1:1] = [
-                (raw, "DEALER->ROUTER echo, 3 frames", direct),
+                (raw, "DEALER->ROUTER echo, 3 frames, TCP", direct),
                 (f"{raw} relay", "same via a zmq.proxy process", relayed),
+                (f"{raw} ipc", "same echo over Unix sockets", ipc_direct),
+                (f"{raw} ipc relay", "same relay over Unix sockets", ipc_relayed),
             ]
             _measure(contenders, calls, rounds, warmup, samples)
             order += [(lab, op) for lab, op, _ in contenders]

@@ -11,10 +11,11 @@
   ``client.map(noop, range(N), pure=False)``, and ``client.map`` of a chunk runner over chunks
   of 100 (Dask's map has no chunksize); rates count items, not chunks.
 
-Two more rows give the floor of the load-balanced patterns: a raw pyzmq DEALER sending the same
+Four more rows give the floor of the load-balanced patterns: a raw pyzmq DEALER sending the same
 number of apply-request-sized messages, pipelined (up to 1,000 in flight), to an echo process,
-directly and through a ``zmq.proxy`` relay (issue target: load-balanced throughput at least half
-the pipelined echo rate).
+directly and through a ``zmq.proxy`` relay, over loopback TCP and over abstract Unix sockets
+(``ipc``, what a local ferroparallel cluster uses; issue target: load-balanced throughput at
+least half the pipelined echo rate).
 
 Two numbers per run: *submit*, the time to return from the submitting loop (or ``map`` call), and
 *end to end*, until every result has been fetched (``ar.get()`` of each AsyncResult, ``.get()``
@@ -292,24 +293,27 @@ def _raw_floors(n: int) -> list[dict[str, Any]]:
     from roundtrip import pipelined_rate, pyzmq_sockets
 
     rows = []
-    with pyzmq_sockets() as (frames, direct, relayed):
-        for sock, call in ((direct, "DEALER->ROUTER echo"), (relayed, "echo via zmq.proxy")):
-            pipelined_rate(sock, frames, min(n, 2_000))  # warm up
-            rate = pipelined_rate(sock, frames, n)
-            rows.append(
-                {
-                    "pattern": "lb submit",
-                    "framework": f"raw pyzmq {zmq.__version__}",
-                    "call": f"{call}, pipelined (1,000 in flight)",
-                    "calls": n,
-                    "tasks": n,
-                    "submit_tasks_s": math.nan,
-                    "e2e_tasks_s": rate,
-                    "e2e_s": n / rate,
-                    "note": "floor: no Python work per message",
-                }
-            )
+    for transport in ("tcp", "ipc"):
+        with pyzmq_sockets(transport) as (frames, direct, relayed):
+            for sock, call in ((direct, "DEALER->ROUTER echo"), (relayed, "echo via zmq.proxy")):
+                pipelined_rate(sock, frames, min(n, 2_000))  # warm up
+                rate = pipelined_rate(sock, frames, n)
+                rows.append(_floor_row(f"{call} ({transport})", n, rate, zmq.__version__))
     return rows
+
+
+def _floor_row(call: str, n: int, rate: float, version: str) -> dict[str, Any]:
+    return {
+        "pattern": "lb submit",
+        "framework": f"raw pyzmq {version}",
+        "call": f"{call}, pipelined (1,000 in flight)",
+        "calls": n,
+        "tasks": n,
+        "submit_tasks_s": math.nan,
+        "e2e_tasks_s": rate,
+        "e2e_s": n / rate,
+        "note": "floor: no Python work per message",
+    }
 
 
 def run(quick: bool) -> list[dict[str, Any]]:

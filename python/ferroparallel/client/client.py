@@ -24,6 +24,7 @@ from traitlets import Bool, Bytes, Dict, Float, HasTraits, Instance, List, Set, 
 
 from .. import _core, error, paths
 from .. import curve as _curve
+from .. import ipc as _ipc
 from .. import ssh as _ssh
 from ..signal_names import parse_signal
 from ..wire_names import LEND_RESULTS_KEY, NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
@@ -289,8 +290,15 @@ class Client(HasTraits):
                 raise ValueError(f"unsupported packer {name!r}: use 'msgpack' or 'json'")
         self._connection_info = info
         self._connection_source = source
+        local = None if ssh_server else _ipc.local_urls(info, tuple(urls))
+        if local is not None:  # same host: the controller's Unix sockets (ferroparallel.ipc)
+            urls = local
+        #: "ipc" when this client talks to the controller through its same-host Unix sockets
+        self.transport = "ipc" if local is not None else "tcp"
         self._controller_url = connection.url(info, "registration") + (
-            f" (via SSH {ssh_server})" if ssh_server else ""
+            f" (via SSH {ssh_server})"
+            if ssh_server
+            else (f" ({urls['registration']})" if local else "")
         )
         self._task_scheme = info.get("task_scheme", "leastload")
         self.session = _core.Session(

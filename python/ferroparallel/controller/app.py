@@ -112,6 +112,17 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
         help="reuse existing consistent connection files and keep them on exit",
     )
     g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    g.add_argument(
+        "--ipc",
+        dest="ipc",
+        action="store_true",
+        default=None,
+        help="also listen on abstract Unix sockets for clients and engines on this host "
+        "(default on Linux, unless $FERROPARALLEL_IPC=0)",
+    )
+    g.add_argument(
+        "--no-ipc", dest="ipc", action="store_false", help="listen on the TCP ports only"
+    )
     g = p.add_argument_group("security")
     g.add_argument(
         "--no-key",
@@ -155,6 +166,9 @@ def resolve_settings(
     env_curve = enabled_by_env()
     if env_curve is not None:
         settings.curve = env_curve
+    from .. import ipc
+
+    settings.ipc = ipc.enabled_by_env() and ipc.available()
     env_secret = os.environ.get(SECRETKEY_ENV_VAR, "").strip()
     if env_secret:
         settings.update({"curve_secretkey": env_secret}, f"${SECRETKEY_ENV_VAR}")
@@ -173,6 +187,7 @@ def resolve_settings(
     cli["restore"] = args.restore
     cli["reuse"] = args.reuse
     cli["curve"] = args.curve
+    cli["ipc"] = args.ipc
     settings.update(cli, "command line")
     return settings, cfg_file
 
@@ -211,8 +226,10 @@ def rust_config(
     profile_dir: Path,
     cluster_id: str,
     curve_secretkey: str | None = None,
+    ipc_prefix: str | None = None,
 ) -> dict[str, Any]:
-    """The config dict of :class:`ferroparallel._core.Controller`."""
+    """The config dict of :class:`ferroparallel._core.Controller` (``ipc_prefix``: the
+    endpoint prefix to keep, with ``--reuse``; default a fresh one when IPC is on)."""
     suffix = f"-{cluster_id}" if cluster_id else ""
     cfg: dict[str, Any] = {
         "ip": settings.ip,
@@ -228,6 +245,11 @@ def rust_config(
         "engine_state_file": str(paths.log_dir(profile_dir) / f"engines{cluster_id}.json"),
         "log_level": settings.log_level,
     }
+    if settings.ipc:
+        from .. import ipc
+
+        if ipc.available():
+            cfg["ipc_prefix"] = ipc_prefix or ipc.new_prefix()
     if curve_secretkey:
         cfg["curve_secretkey"] = curve_secretkey
     if settings.registration_timeout is not None:
@@ -310,8 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reused = None
     if settings.reuse:
         reused = connection.reusable_files(settings, client_file, engine_file, serverkey)
+    ipc_prefix = None
     if reused is not None:
         key, requested = reused
+        ipc_prefix = connection.reused_ipc_prefix(client_file)
         log.info("reusing connection files %s and %s", client_file, engine_file)
         if not key and not args.no_key:
             log.warning("--reuse: the existing files have no key; using a fresh random key")
@@ -351,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pdir,
                     cid,
                     curve_secretkey=curve_pair[1] if curve_pair else None,
+                    ipc_prefix=ipc_prefix,
                 )
             )
             ports = controller.start()
@@ -360,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("controller failed to start: %s: %s", type(e).__name__, e)
             return 1
         sweep_segments()  # /dev/shm segments left by crashed clients (see serialize.shm)
-        client = connection.client_info(settings, key, ports, serverkey)
-        engine = connection.engine_info(settings, key, ports, serverkey)
+        ipc_endpoints = dict(controller.ipc_endpoints())
+        client = connection.client_info(settings, key, ports, serverkey, ipc_endpoints)
+        engine = connection.engine_info(settings, key, ports, serverkey, ipc_endpoints)
         wrote = True
         connection.write_files(client_file, engine_file, client, engine)
         log.info(

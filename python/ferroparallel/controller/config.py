@@ -234,6 +234,9 @@ class ControllerSettings:
         Explicit port per Rust channel name (wins over ``port`` and ``ports``).
     log_level : str
         DEBUG, INFO, WARNING or ERROR.
+    ipc : bool
+        Also bind every channel on an abstract Unix socket for peers on this host (Linux;
+        ``--no-ipc`` or ``$FERROPARALLEL_IPC=0`` to turn off; see :mod:`ferroparallel.ipc`).
     """
 
     ip: str = "127.0.0.1"
@@ -261,6 +264,7 @@ class ControllerSettings:
     port: int = 0
     port_map: dict[str, int] = dataclasses.field(default_factory=dict)
     log_level: str = "INFO"
+    ipc: bool = True
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -312,7 +316,7 @@ class ControllerSettings:
             if not v >= 0 or v == float("inf"):
                 raise ConfigError(f"must be a number of ms >= 0, not {raw!r}")
             return v
-        if name in ("restore", "reuse", "curve"):
+        if name in ("restore", "reuse", "curve", "ipc"):
             if isinstance(raw, str):
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             return bool(raw)

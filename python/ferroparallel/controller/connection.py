@@ -70,11 +70,14 @@ def client_info(
     key: str,
     ports: Mapping[str, Any],
     serverkey: str | None = None,
+    ipc_endpoints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The client connection dict for the bound ``ports`` (Rust channel name -> port)."""
+    """The client connection dict for the bound ``ports`` (Rust channel name -> port) and
+    ``ipc_endpoints`` (Rust channel name -> ``ipc://`` URL, see :mod:`ferroparallel.ipc`)."""
     info = _common(settings, key, serverkey)
     for k, ch in _CLIENT_KEYS.items():
         info[k] = int(ports[ch])
+    _add_ipc(info, ipc_endpoints, _CLIENT_KEYS)
     info["task_scheme"] = settings.scheme
     if "broadcast_client" in ports:
         info["broadcast"] = int(ports["broadcast_client"])
@@ -86,15 +89,28 @@ def engine_info(
     key: str,
     ports: Mapping[str, Any],
     serverkey: str | None = None,
+    ipc_endpoints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The engine connection dict for the bound ``ports`` (Rust channel name -> port)."""
+    """The engine connection dict for the bound ``ports`` (Rust channel name -> port) and
+    ``ipc_endpoints`` (as :func:`client_info`)."""
     info = _common(settings, key, serverkey)
     for k, ch in _ENGINE_KEYS.items():
         info[k] = int(ports[ch])
+    _add_ipc(info, ipc_endpoints, _ENGINE_KEYS)
     if "broadcast_engine" in ports:
         b = ports["broadcast_engine"]
         info["broadcast"] = [int(x) for x in b] if isinstance(b, list | tuple) else [int(b)]
     return info
+
+
+def _add_ipc(
+    info: dict[str, Any], endpoints: Mapping[str, str] | None, keys: Mapping[str, str]
+) -> None:
+    from ..ipc import INFO_KEY, connection_entry
+
+    entry = connection_entry(endpoints or {}, keys)
+    if entry is not None:
+        info[INFO_KEY] = entry
 
 
 def reusable_files(
@@ -158,6 +174,25 @@ def reusable_files(
     for k, ch in _ENGINE_KEYS.items():
         ports[ch] = engine[k]
     return client["key"], ports
+
+
+def reused_ipc_prefix(client_file: Path) -> str | None:
+    """With ``--reuse``: the IPC endpoint prefix of the existing client file, so that peers
+    holding the old files reach the new controller on the same Unix sockets too (None when the
+    file lists none, or lists them for another host)."""
+    from ..ipc import INFO_KEY, host_token
+
+    try:
+        entry = load_connection_file(client_file, "client").get(INFO_KEY)
+    except ConnectionFileError:
+        return None
+    if not isinstance(entry, Mapping) or entry.get("host") != host_token():
+        return None
+    url = entry.get("registration")
+    suffix = _CLIENT_KEYS["registration"]
+    if not isinstance(url, str) or not url.startswith("ipc://@fp-") or not url.endswith(suffix):
+        return None
+    return url[len("ipc://") : -len(suffix)]
 
 
 def write_files(

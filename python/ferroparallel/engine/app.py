@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tunnels = None
     try:
         if ssh:
+            urls = channel_urls(info, same_host=False)  # tunnels go to the TCP ports
             urls, tunnels = tunnel_urls(urls, ssh, args.sshkey, timeout=args.timeout)
             log.info("reaching the controller through SSH tunnels via %s (%s)", ssh, tunnels.mode)
         kernel = EngineKernel(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import ipc
 from ..error import ConnectionFileError
 
 log = logging.getLogger(__name__)
@@ -207,27 +208,34 @@ def disambiguate_interface(interface: str, location: str) -> str:
         return f"{transport}://{location}"
 
 
-def channel_urls(info: dict[str, Any]) -> EngineUrls:
+def channel_urls(info: dict[str, Any], same_host: bool = True) -> EngineUrls:
     """The URL of every engine channel.
 
     Parameters
     ----------
     info : dict
         Validated connection info.
+    same_host : bool
+        Use the controller's same-host Unix sockets when the info lists them for this host
+        (False: the TCP ports, e.g. for SSH tunnels).
 
     Returns
     -------
     EngineUrls
-        ``<interface>:<port>`` per channel (``<interface>-<port>`` for ``ipc://``);
-        ``broadcast`` lists the broadcast-scheduler leaves when the info has them.
+        ``<interface>:<port>`` per channel (``<interface>-<port>`` for ``ipc://``), or the
+        controller's same-host Unix sockets when the info lists them for this host (see
+        :mod:`ferroparallel.ipc`); ``broadcast`` lists the broadcast-scheduler leaves when the
+        info has them.
     """
     base = disambiguate_interface(info["interface"], info.get("location", ""))
     sep = "-" if base.startswith("ipc://") else ":"
     leaves = info.get("broadcast") or ()
     if isinstance(leaves, int):
         leaves = (leaves,)
+    urls = {k: f"{base}{sep}{info[k]}" for k in PORT_KEYS}
+    local = ipc.local_urls(info, PORT_KEYS) if same_host and not leaves else None
     return EngineUrls(
-        **{k: f"{base}{sep}{info[k]}" for k in PORT_KEYS},
+        **(local if local is not None else urls),
         broadcast=tuple(f"{base}{sep}{port}" for port in leaves),
     )
 

@@ -20,7 +20,7 @@ pub struct Controller {
     inner: Mutex<Option<fp_controller::Controller>>,
 }
 
-const KNOWN_KEYS: [&str; 19] = [
+const KNOWN_KEYS: [&str; 20] = [
     "ip",
     "ports",
     "key",
@@ -40,6 +40,7 @@ const KNOWN_KEYS: [&str; 19] = [
     "engine_state_file",
     "log_level",
     "curve_secretkey",
+    "ipc_prefix",
 ];
 
 fn parse_config(config: &Bound<'_, PyDict>) -> PyResult<ControllerConfig> {
@@ -56,6 +57,15 @@ fn parse_config(config: &Bound<'_, PyDict>) -> PyResult<ControllerConfig> {
     let get = |k: &str| config.get_item(k).ok().flatten().filter(|v| !v.is_none());
     if let Some(v) = get("ip") {
         cfg.ip = v.extract()?;
+    }
+    if let Some(v) = get("ipc_prefix") {
+        let prefix: String = v.extract()?;
+        if prefix.is_empty() || prefix.len() > 80 || prefix.contains('\0') {
+            return Err(PyValueError::new_err(
+                "ipc_prefix must be a non-empty path or @name of at most 80 bytes",
+            ));
+        }
+        cfg.ipc_prefix = Some(prefix);
     }
     if let Some(v) = get("ports") {
         let ports = v
@@ -194,6 +204,21 @@ impl Controller {
         }
         *inner = Some(ctl);
         Ok(ports)
+    }
+
+    /// The `ipc://` endpoint of each channel (empty without `ipc_prefix`, or before start).
+    fn ipc_endpoints<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        let out = PyDict::new(py);
+        if let Some(ctl) = inner.as_ref() {
+            for (name, url) in &ctl.ipc {
+                out.set_item(*name, url)?;
+            }
+        }
+        Ok(out)
     }
 
     /// Wait until the controller stops (True) or the timeout passes (False).

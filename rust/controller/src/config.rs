@@ -82,6 +82,9 @@ pub struct ControllerConfig {
     /// CurveZMQ secret key of the controller: every bound socket becomes a CURVE server.
     /// `None`: no encryption (NULL mechanism).
     pub curve_secretkey: Option<fp_io::CurveKey>,
+    /// Also bind every channel on `ipc://<prefix><channel>` (peers on this host connect there:
+    /// no TCP stack between processes of one machine). `None`: TCP only.
+    pub ipc_prefix: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -105,11 +108,19 @@ impl Default for ControllerConfig {
             db_size_limit: crate::records::DEFAULT_SIZE_LIMIT,
             engine_state_file: None,
             curve_secretkey: None,
+            ipc_prefix: None,
         }
     }
 }
 
 impl ControllerConfig {
+    /// The extra `ipc://` endpoint of channel `name`, if IPC is on.
+    pub fn ipc_endpoint(&self, name: &str) -> Option<String> {
+        self.ipc_prefix
+            .as_ref()
+            .map(|prefix| format!("ipc://{prefix}{name}"))
+    }
+
     pub fn endpoint(&self, index: usize) -> String {
         match self.ports[index] {
             0 => format!("tcp://{}:*", self.ip),

@@ -30,6 +30,7 @@ pub struct Controller {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub ports: Ports,
+    pub ipc: IpcEndpoints,
     pub stats: Arc<Stats>,
     engines: Arc<Mutex<Vec<(i64, String)>>>,
 }
@@ -44,6 +45,9 @@ fn port_of(endpoint: &str) -> u16 {
 
 /// Bound port of each channel.
 pub type Ports = Vec<(&'static str, u16)>;
+
+/// Bound `ipc://` endpoint of each channel (empty without IPC).
+pub type IpcEndpoints = Vec<(&'static str, String)>;
 
 /// A socket of the right type and options for channel `i`, not yet bound; a CurveZMQ server
 /// when `curve` is given.
@@ -101,13 +105,17 @@ fn channel_socket(
     Ok(sock)
 }
 
-fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String> {
+/// What [`bind_all`] bound: the sockets, the TCP port and the IPC endpoint of each channel.
+type Bound = (Vec<zmq::Socket>, Ports, IpcEndpoints);
+
+fn bind_all(cfg: &ControllerConfig) -> Result<Bound, String> {
     let curve = match &cfg.curve_secretkey {
         Some(secret) => Some(fp_io::Curve::server(*secret)?),
         None => None,
     };
     let mut socks = Vec::with_capacity(CHANNELS.len());
     let mut ports = Vec::with_capacity(CHANNELS.len());
+    let mut ipc = Vec::new();
     for (i, name) in CHANNELS.iter().enumerate() {
         let sock = channel_socket(i, name, curve.as_ref())?;
         let endpoint = cfg.endpoint(i);
@@ -118,15 +126,20 @@ fn bind_all(cfg: &ControllerConfig) -> Result<(Vec<zmq::Socket>, Ports), String>
             _ => endpoint,
         };
         ports.push((*name, port_of(&bound)));
+        if let Some(url) = cfg.ipc_endpoint(name) {
+            sock.bind(&url)
+                .map_err(|e| format!("{name}: bind {url}: {e}"))?;
+            ipc.push((*name, url));
+        }
         socks.push(sock);
     }
-    Ok((socks, ports))
+    Ok((socks, ports, ipc))
 }
 
 impl Controller {
     /// Bind every socket and start the event loop.
     pub fn start(cfg: ControllerConfig) -> Result<Controller, String> {
-        let (socks, ports) = bind_all(&cfg)?;
+        let (socks, ports, ipc) = bind_all(&cfg)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
         let mut server = Server::new(cfg, socks, stop.clone(), stats.clone())?;
@@ -139,6 +152,7 @@ impl Controller {
             stop,
             thread: Mutex::new(Some(thread)),
             ports,
+            ipc,
             stats,
             engines,
         })
