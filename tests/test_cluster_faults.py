@@ -718,3 +718,45 @@ def test_connection_file_left_by_a_killed_controller(fp_root: Path) -> None:
     elapsed = time.monotonic() - t0
     assert address in str(e.value) and str(ctl.client_file) in str(e.value), str(e.value)
     assert elapsed < 3.0, elapsed
+
+
+# -- a killed engine is noticed within seconds, whatever the heartbeat period ------------------
+
+
+def _spin(seconds: float) -> int:
+    """Hold the GIL (pure-Python loop) for ``seconds``."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_a_killed_engine_fails_its_task_within_seconds(
+    clusters: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """With the default heartbeat (3 s x 10 misses = 30 s), the closed connection of a killed
+    engine starts a probe: its running task fails with EngineError within seconds, while a
+    live engine busy in pure Python (GIL held) keeps answering and stays."""
+    env = {"FERROPARALLEL_IPC": "1" if transport == "ipc" else "0"}
+    monkeypatch.setenv("FERROPARALLEL_IPC", env["FERROPARALLEL_IPC"])
+    cluster = clusters(2, controller_args=[], env=env)
+    rc = cluster.start_and_connect_sync()
+    try:
+        assert rc.transport == transport
+        pids = engine_pids(rc)
+        busy = rc[0].apply_async(_spin, 5.0)
+        doomed = rc[1].apply_async(time.sleep, 60)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(RemoteError) as info:
+            doomed.get(timeout=15)
+        assert time.monotonic() - t0 < 10, "noticed only by the slow heartbeat"
+        assert info.value.ename == "EngineError" and isinstance(info.value, EngineError)
+        assert busy.get(timeout=30) > 0  # the busy engine was not taken for dead
+        assert rc.ids == [0]
+        assert rc[0].apply_sync(lambda: "alive") == "alive"
+    finally:
+        rc.close()

@@ -13,7 +13,29 @@ pub struct Heart {
     pub next_beat: Instant,
     /// Quick extra pings while registrations are pending (so new engines answer at once).
     pub next_fast_ping: Option<Instant>,
+    /// A check of every engine after a heartbeat connection closed (see [`Probe`]).
+    pub probe: Option<Probe>,
 }
+
+/// After an engine's heartbeat connection closes (its process died, most often), every engine
+/// is pinged quickly for [`PROBE_GRACE`]: those that answer none of these pings are dropped
+/// at its end, their running tasks failing with `EngineError` within seconds instead of after
+/// `max_misses` heartbeat periods. An engine's pongs come from its I/O thread, not from the
+/// Python thread that may be busy running a task, so a live engine answers within
+/// milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// The beat of the first probe ping: an engine whose last answered beat is older did not
+    /// answer any of them.
+    pub beat: u64,
+    pub deadline: Instant,
+    pub next_ping: Instant,
+}
+
+/// How long engines have to answer a probe.
+pub const PROBE_GRACE: Duration = Duration::from_secs(2);
+/// Interval of the probe pings.
+pub const PROBE_PING: Duration = Duration::from_millis(100);
 
 /// Interval of the extra pings sent while an engine waits for its first heartbeat.
 pub const FAST_PING: Duration = Duration::from_millis(20);
@@ -30,6 +52,7 @@ impl Heart {
             recent: VecDeque::new(),
             next_beat: now,
             next_fast_ping: None,
+            probe: None,
         }
     }
 

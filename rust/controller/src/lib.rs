@@ -133,7 +133,30 @@ fn bind_all(cfg: &ControllerConfig) -> Result<Bound, String> {
         }
         socks.push(sock);
     }
+    // the heartbeat socket's closed connections (an engine process gone) start a probe
+    let monitor = heartbeat_monitor(&socks[HB_PONG])?;
+    socks.push(monitor);
     Ok((socks, ports, ipc))
+}
+
+/// A PAIR socket receiving the `DISCONNECTED` events of `hb_pong` (index `server::HB_MON`).
+fn heartbeat_monitor(hb_pong: &zmq::Socket) -> Result<zmq::Socket, String> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let endpoint = format!(
+        "inproc://fp-controller-hb-monitor-{}-{n}",
+        std::process::id()
+    );
+    let err = |what: &str, e: zmq::Error| format!("heartbeat monitor: {what}: {e}");
+    hb_pong
+        .monitor(&endpoint, zmq::SocketEvent::DISCONNECTED.to_raw() as i32)
+        .map_err(|e| err("monitor", e))?;
+    let pair = fp_io::context()
+        .socket(zmq::PAIR)
+        .map_err(|e| err("socket", e))?;
+    pair.set_linger(0).map_err(|e| err("linger", e))?;
+    pair.connect(&endpoint).map_err(|e| err("connect", e))?;
+    Ok(pair)
 }
 
 impl Controller {

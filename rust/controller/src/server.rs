@@ -13,7 +13,7 @@ use fp_wire::{split_envelope, Envelope, Parts, Value, DELIMITER};
 
 use crate::config::ControllerConfig;
 use crate::engines::{Engine, EngineTable, InFlight};
-use crate::heart::{Heart, FAST_PING};
+use crate::heart::{Heart, Probe, FAST_PING, PROBE_GRACE, PROBE_PING};
 use crate::log::{log_at, Level};
 use crate::messages::{
     engine_error_content, error_content, error_metadata, method_of, reply_type, str_field,
@@ -32,6 +32,8 @@ pub const IOP_C: usize = 8;
 pub const IOP_E: usize = 9;
 pub const HB_PING: usize = 10;
 pub const HB_PONG: usize = 11;
+/// Not a channel: the monitor of [`HB_PONG`]'s connections (see `heart::Probe`).
+pub const HB_MON: usize = 12;
 
 /// Counters shared with the owner of the controller.
 #[derive(Debug, Default)]
@@ -222,6 +224,9 @@ impl Server {
         if let Some(f) = self.heart.next_fast_ping {
             next = next.min(f);
         }
+        if let Some(p) = self.heart.probe {
+            next = next.min(p.next_ping).min(p.deadline);
+        }
         if let Some(s) = self.shutdown_at {
             next = next.min(s);
         }
@@ -390,6 +395,10 @@ impl Server {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         if i == HB_PONG {
             self.on_pong(frames);
+            return;
+        }
+        if i == HB_MON {
+            self.on_heartbeat_disconnect(&frames);
             return;
         }
         let Some(env) = self.verified(i, frames) else {
@@ -838,6 +847,57 @@ impl Server {
         }
     }
 
+    /// A monitor event of the heartbeat socket: a closed connection starts a [`Probe`].
+    fn on_heartbeat_disconnect(&mut self, frames: &[RecvFrame]) {
+        let head = frames.first().map(|f| f.as_ref()).unwrap_or(&[]);
+        if head.len() < 2 {
+            return;
+        }
+        let event = u16::from_ne_bytes([head[0], head[1]]);
+        if event != zmq::SocketEvent::DISCONNECTED.to_raw() {
+            return;
+        }
+        let now = Instant::now();
+        self.heart.beat += 1;
+        self.heart.probe = Some(Probe {
+            beat: self.heart.beat,
+            deadline: now + PROBE_GRACE,
+            next_ping: now + PROBE_PING,
+        });
+        log_at!(
+            Level::Debug,
+            "a heartbeat connection closed: checking every engine"
+        );
+        self.ping();
+    }
+
+    /// Drop the engines that answered none of the probe's pings (at its deadline), or ping.
+    fn probe_timer(&mut self, now: Instant) {
+        let Some(mut probe) = self.heart.probe else {
+            return;
+        };
+        if now >= probe.deadline {
+            self.heart.probe = None;
+            let silent: Vec<Vec<u8>> = self
+                .engines
+                .by_uuid
+                .values()
+                .filter(|e| e.registered && e.last_beat < probe.beat)
+                .map(|e| e.uuid.clone())
+                .collect();
+            for uuid in silent {
+                self.unregister(
+                    &uuid,
+                    "its heartbeat connection closed and it stopped answering",
+                );
+            }
+        } else if now >= probe.next_ping {
+            probe.next_ping = now + PROBE_PING;
+            self.heart.probe = Some(probe);
+            self.ping();
+        }
+    }
+
     pub(crate) fn ping(&mut self) {
         let payload = self.heart.ping_payload();
         let _ = self.send(HB_PING, vec![OutFrame::Owned(payload)]);
@@ -846,6 +906,7 @@ impl Server {
     pub(crate) fn timers(&mut self) {
         self.task_timeouts();
         let now = Instant::now();
+        self.probe_timer(now);
         if let Some(t) = self.heart.next_fast_ping {
             if now >= t {
                 let pending = self.engines.by_uuid.values().any(|e| !e.registered);
