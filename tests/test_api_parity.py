@@ -205,3 +205,18 @@ def test_load_balanced_view_shutdown_stops_every_engine() -> None:
         while own.ids and time.monotonic() < deadline:
             time.sleep(0.05)
         assert own.ids == []
+
+
+def test_silent_execute_reports_the_last_counted_execution(dv: DirectView) -> None:
+    """As IPython kernels (and so ipyparallel): a silent execute is not counted, and its reply
+    names the last counted execution."""
+    counted = dv.execute("parity_a = 1", silent=False).get(timeout=SHORT)[0].execution_count
+    silent = dv.execute("parity_b = 2").get(timeout=SHORT)[0].execution_count
+    assert silent == counted
+    again = dv.execute("parity_c = 3", silent=False).get(timeout=SHORT)[0].execution_count
+    assert again == counted + 1
+
+
+def test_load_balanced_view_int_target_is_a_list(rc: Client) -> None:
+    assert rc.load_balanced_view(0).targets == [0]  # as ipyparallel
+    assert rc.load_balanced_view(0).apply_sync(lambda: 3) == 3

@@ -581,16 +581,21 @@ def test_index_results(client: FakeClient) -> None:
     with pytest.raises(TimeoutError):
         _ = ar[0]
     client.reply(futs[0], "a")
-    client.reply(futs[1], exc=remote(engine=1))
     client.reply(futs[2], "c")
-    assert ar[0] == "a" and ar[-1] == "c"
-    with pytest.raises(RemoteError):
-        _ = ar[1]
-    assert ar[2:] == ["c"]
-    with pytest.raises(CompositeError):
-        _ = ar[:2]
+    client.reply(futs[1], "b")
+    assert ar[0] == "a" and ar[-1] == "c" and ar[1:] == ["b", "c"]
     with pytest.raises(TypeError):
         _ = ar[1.5]
+    # as ipyparallel: with a failure anywhere, indexing raises the CompositeError
+    failing = AsyncResult(client, client.send(3), targets=[0, 1, 2])
+    for f, kw in zip(
+        failing._children, ({"value": "a"}, {"exc": remote(engine=1)}, {"value": "c"})
+    ):
+        client.reply(f, kw.get("value"), exc=kw.get("exc"))
+    for key in (0, 1, slice(2, None)):
+        with pytest.raises(CompositeError) as info:
+            _ = failing[key]
+        assert [e[3]["engine_id"] for e in info.value.elist] == [1]
     (g,) = client.send(1)
     single = AsyncResult(client, [g])
     client.reply(g, [10, 20])
@@ -687,9 +692,16 @@ def test_iteration_errors_and_single(client: FakeClient) -> None:
     client.reply(futs[0], 0)
     client.reply(futs[1], exc=remote(engine=1))
     client.reply(futs[2], 2)
-    it = iter(ar)
+    # as ipyparallel: a finished result with a failure raises the CompositeError at once
+    with pytest.raises(CompositeError):
+        next(iter(ar))
+    # while running: the results before the failure, then the failure (as a CompositeError)
+    running = AsyncResult(client, client.send(2), targets=[0, 1])
+    client.reply(running._children[0], 0)
+    it = iter(running)
     assert next(it) == 0
-    with pytest.raises(RemoteError):
+    client.reply(running._children[1], exc=remote(engine=1))
+    with pytest.raises(CompositeError):
         next(it)
     (g,) = client.send(1)
     with pytest.raises(TypeError):

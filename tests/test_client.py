@@ -217,6 +217,22 @@ def test_history_and_outstanding(rc: Client) -> None:
     assert rc.history[-2:] == ar2.msg_ids
     ar2.get(timeout=SHORT)
     assert not rc.outstanding
+    # as ipyparallel: control requests (abort, clear, signals) are not tasks
+    n = len(rc.history)
+    rc.abort(block=True)
+    rc.clear(block=True)
+    rc.send_signal("SIGCONT", block=True)
+    assert len(rc.history) == n and not rc.outstanding
+    assert rc.get_result(-1).get(timeout=SHORT) == ar2.get()[-1]
+
+
+def test_first_sync_call_records_one_task(shared_cluster: Any) -> None:
+    """A fresh client's first blocking call also probes the engines (kernel_info): only the
+    call itself is in the history."""
+    with Client(profile="default", cluster_id="") as fresh:
+        assert fresh[0].apply_sync(lambda: 5) == 5
+        assert len(fresh.history) == 1
+        assert fresh.get_result(0).get(timeout=SHORT) == 5
 
 
 def test_bookkeeping_follows_reassigned_traits(rc: Client) -> None:
@@ -487,9 +503,17 @@ def test_purge_local_results(rc: Client) -> None:
         assert f.msg_id not in rc.results
         assert f.msg_id not in rc.metadata
     pending = rc[0].apply_async(time.sleep, 0.5)
-    with pytest.raises(Exception):  # noqa: B017 - refusing to purge pending work, any error
+    with pytest.raises(RuntimeError, match="pending"):
         rc.purge_local_results(pending.msg_ids)
     pending.get(timeout=SHORT)
+    # as ipyparallel: nothing named is an error; targets purge that engine's results
+    with pytest.raises(ValueError, match="at least one of"):
+        rc.purge_local_results()
+    on1 = rc.send_apply_request("mux", lambda: 1, ident=rc._engines[1])
+    on0 = rc.send_apply_request("mux", lambda: 0, ident=rc._engines[0])
+    assert (on1.result(timeout=SHORT), on0.result(timeout=SHORT)) == (1, 0)
+    rc.purge_local_results(targets=1)
+    assert on1.msg_id not in rc.results and on0.msg_id in rc.results
 
 
 _UNCLOSED_CLIENT_SCRIPT = (

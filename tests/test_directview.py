@@ -470,6 +470,11 @@ def test_bad_arguments_name_the_fix(rc: Client, dv: DirectView) -> None:
             view.parallel(block=True)(lambda a, b: a)([1, 2], [3])
     with pytest.raises(TypeError, match="use push"):
         dv.scatter("x", 5)
+    with pytest.raises(TypeError, match="use push"):
+        dv.scatter("x", {"a": 1})
+    # as ipyparallel: any iterable is split as a list
+    dv.scatter("s", {1, 2, 3}, block=True)
+    assert sorted(x for part in dv.pull("s", block=True) for x in part) == [1, 2, 3]
     with pytest.raises(TypeError, match="str or a list of str"):
         dv.pull(5)
     with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):

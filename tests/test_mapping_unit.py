@@ -167,8 +167,11 @@ def test_join_scalars_and_empty() -> None:
     assert Map().joinPartitions([[1, 2], (3,), np.array([4])]) == [1, 2, 3, 4]
 
 
-def test_join_ranges() -> None:
-    assert Map().joinPartitions(split("b", range(7), 3)) == list(range(7))
+def test_ranges_are_split_but_not_joined() -> None:
+    # as ipyparallel: only arrays, lists and tuples are joined; a range's parts stay ranges
+    parts = split("b", range(7), 3)
+    assert parts == [range(0, 3), range(3, 5), range(5, 7)]
+    assert Map().joinPartitions(parts) == parts
 
 
 @given(seq=st.lists(st.integers()), size=st.integers(min_value=1, max_value=10))

@@ -547,18 +547,8 @@ class AsyncResult(SlimFuture):
             return self._md_values(key)
         if isinstance(key, (int, slice)):
             self._check_ready()
-            if self._single_result or isinstance(self, AsyncMapResult):
-                return self.get()[key]
-            picked = self._outcomes()[key]
-            if isinstance(key, int):
-                value, failed = picked
-                if failed and not self._return_exceptions:
-                    raise value
-                return value
-            composite = None if self._return_exceptions else self._failures(picked)
-            if composite is not None:
-                raise composite
-            return [v for v, _ in picked]
+            # as ipyparallel: any failure raises (a CompositeError of all of them)
+            return self.get()[key]
         raise TypeError(f"invalid key type {type(key).__name__!r} (use a metadata key or index)")
 
     # -- timing -------------------------------------------------------------------------------
@@ -747,11 +737,14 @@ class AsyncResult(SlimFuture):
         return self._iter_results()
 
     def _iter_results(self) -> Iterator[Any]:
+        if self.done():  # as ipyparallel: a failure anywhere raises the CompositeError
+            yield from self.get(0)
+            return
         for child in self._children:
             wait_interruptibly(child)
             value, failed = _outcome(child)
             if failed and not self._return_exceptions:
-                raise value
+                raise self._failures([(value, failed)]) or value
             yield value
 
     # -- output -------------------------------------------------------------------------------

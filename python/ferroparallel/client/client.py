@@ -676,8 +676,10 @@ class Client(HasTraits):
         track: Any = None,
         engine_uuid: str | None = None,
         label: str | None = None,
+        record: bool = True,
     ) -> MessageFuture:
-        return self._register_all(header, [(header["msg_id"], engine_uuid)], label, track)[0]
+        entries = [(header["msg_id"], engine_uuid)]
+        return self._register_all(header, entries, label, track, record)[0]
 
     def _register_all(
         self,
@@ -685,10 +687,14 @@ class Client(HasTraits):
         entries: Sequence[tuple[str, str | None]],
         label: str | None = None,
         track: Any = None,
+        record: bool = True,
     ) -> list[MessageFuture]:
         """Create the futures and cache entries of messages sent with ``header`` (one per
         ``(msg_id, engine_uuid)``; several for a fanned-out request). Each trait is read once
-        and each Metadata filled with one ``dict.update`` (the keys are known to be valid)."""
+        and each Metadata filled with one ``dict.update`` (the keys are known to be valid).
+
+        ``record=False`` (control requests: abort, clear, signals, probes): not in
+        ``history`` nor ``outstanding``, as in ipyparallel, where those list tasks only."""
         metadata, futures = self._trait_values["metadata"], self._futures
         outstanding, history = self._trait_values["outstanding"], self._trait_values["history"]
         by_engine = self._outstanding_by_engine
@@ -707,8 +713,9 @@ class Client(HasTraits):
             md = fut.md = metadata[msg_id]
             dict.update(md, values)
             futures[msg_id] = fut
-            outstanding.add(msg_id)
-            history.append(msg_id)
+            if record:
+                outstanding.add(msg_id)
+                history.append(msg_id)
             out.append(fut)
         return out
 
@@ -724,13 +731,14 @@ class Client(HasTraits):
         track: bool = False,
         engine_uuid: str | None = None,
         header: dict[str, Any] | None = None,
+        record: bool = True,
     ) -> MessageFuture:
         self._check_open()
         if header is None:
             header = self.session.msg_header(msg_type)
         label = (metadata or {}).get("label")
         # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
-        fut = self._register(header, None, engine_uuid, label)
+        fut = self._register(header, None, engine_uuid, label, record)
         self._io.send(
             socket, msg_type, content, None, metadata, ident=ident, buffers=buffers, header=header
         )
@@ -1031,9 +1039,12 @@ class Client(HasTraits):
         return DirectView(client=self, targets=targets, **kwargs)
 
     def load_balanced_view(self, targets: Any = None, **kwargs: Any):
-        """A LoadBalancedView (optionally restricted to ``targets``)."""
+        """A LoadBalancedView (optionally restricted to ``targets``; one engine id is taken as
+        a list of one, as in ipyparallel)."""
         from .view import LoadBalancedView
 
+        if isinstance(targets, int) and not isinstance(targets, bool):
+            targets = [targets]
         return LoadBalancedView(client=self, targets=targets, **kwargs)
 
     def broadcast_view(self, targets: Any = "all", is_coalescing: bool = False, **kwargs: Any):
@@ -1070,7 +1081,8 @@ class Client(HasTraits):
 
         uuids, ids = self._build_targets(targets)
         futs = [
-            self._send("control", msg_type, content, ident=u.encode(), engine_uuid=u) for u in uuids
+            self._send("control", msg_type, content, ident=u.encode(), engine_uuid=u, record=False)
+            for u in uuids
         ]
         ar = AsyncResult(self, futs, fname=msg_type, targets=ids)
         self._own(ar.msg_ids)
@@ -1354,13 +1366,30 @@ class Client(HasTraits):
             ar.wait()
         return ar
 
-    def purge_local_results(self, jobs: Any = None, targets: Any = None) -> None:
-        """Forget finished results held by this client (all of them with ``'all'``)."""
+    def purge_local_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Forget finished results held by this client: ``jobs`` (msg_ids, history indices,
+        AsyncResults, or ``'all'``) and/or the results of the engines ``targets``.
+
+        Raises
+        ------
+        ValueError
+            Neither jobs nor targets given (as ipyparallel).
+        RuntimeError
+            One of them is still pending.
+        """
+        if (jobs is None or (not isinstance(jobs, int) and not jobs)) and (
+            targets is None or (not isinstance(targets, int) and not targets)
+        ):
+            raise ValueError("Must specify at least one of `targets` and `jobs` ('all': every one)")
         with self._lock:  # the dispatcher thread changes the caches under this lock
-            if jobs == "all" or (jobs is None and targets is None):
+            if isinstance(jobs, str) and jobs == "all":
                 ids = [m for m, f in self._futures.items() if f.done()]
             else:
-                ids = self._msg_ids_of(jobs)
+                ids = self._msg_ids_of(jobs) if jobs is not None and jobs != () else []
+                if targets is not None and targets != ():
+                    engines = set(self._build_targets(targets)[1])
+                    mds = self._trait_values["metadata"]
+                    ids += [m for m in self._futures if mds.get(m, {}).get("engine_id") in engines]
             for m in ids:
                 fut = self._futures.get(m)
                 if fut is not None and not fut.done():

@@ -62,8 +62,8 @@ def _slice(seq: Any, start: int, stop: int, step: int = 1) -> Any:
 
 
 def _kind(part: Any) -> str:
-    """How a partition joins: ``ndarray``, ``frame``, ``str``, ``bytes``, ``tuple``, ``list``
-    (any other sequence) or ``scalar``."""
+    """How a partition joins: ``ndarray``, ``frame``, ``str``, ``bytes``, ``tuple``, ``list``,
+    ``sequence`` (any other sequence: a range, ...) or ``scalar``."""
     if _is_array(part):
         return "ndarray"
     if _is_frame(part):
@@ -74,8 +74,10 @@ def _kind(part: Any) -> str:
         return "bytes"
     if isinstance(part, tuple):
         return "tuple"
-    if isinstance(part, Sequence):
+    if isinstance(part, list):
         return "list"
+    if isinstance(part, Sequence):
+        return "sequence"  # a range, a deque...: not joined, as ipyparallel
     return "scalar"
 
 
@@ -83,14 +85,14 @@ def _common_kind(parts: Sequence[Any]) -> str:
     kinds = {_kind(p) for p in parts}
     if len(kinds) == 1:
         return kinds.pop()
-    if "scalar" in kinds:
+    if kinds & set(_UNJOINED):
         return "scalar"
     return "list"
 
 
 #: Partition kinds that ``joinPartitions`` returns as the list of partitions (ipyparallel joins
 #: only arrays and lists/tuples).
-_UNJOINED = ("scalar", "str", "bytes")
+_UNJOINED = ("scalar", "str", "bytes", "sequence")
 
 
 class Map:

@@ -274,7 +274,12 @@ class ShmTransport:
             futs = {}
             for u in ask:
                 futs[u] = client._send(
-                    "control", "kernel_info_request", content, ident=u.encode(), engine_uuid=u
+                    "control",
+                    "kernel_info_request",
+                    content,
+                    ident=u.encode(),
+                    engine_uuid=u,
+                    record=False,
                 )
                 self._probes[u] = (futs[u], secret)
         client._own([f.msg_id for f in futs.values()])

@@ -424,11 +424,14 @@ class DirectView(View):
         block = self._block(block)
         if dist not in dists:
             raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
-        if not hasattr(seq, "__len__") or not hasattr(seq, "__getitem__"):
-            raise TypeError(
-                f"scatter needs a sequence (list, tuple, range, array...), not "
-                f"{type(seq).__name__}; to send one object to every engine, use push"
-            )
+        if isinstance(seq, dict) or not hasattr(seq, "__len__") or not hasattr(seq, "__getitem__"):
+            if isinstance(seq, dict) or not hasattr(seq, "__iter__"):
+                raise TypeError(
+                    f"scatter needs a sequence or iterable (list, tuple, range, array, set"
+                    f"...), not {type(seq).__name__}; to send one object to every engine, "
+                    "use push"
+                )
+            seq = list(seq)  # as ipyparallel: a set, a generator... is split as a list
         uuids, ids, _ = self._targets(targets)
         mapper = dists[dist]()
         n = len(ids)

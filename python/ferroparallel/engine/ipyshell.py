@@ -165,6 +165,8 @@ class IPythonShell:
                 failure, with_traceback=False
             )
         exprs = self.shell.user_expressions(user_expressions) if user_expressions else {}
+        if silent or not store_history:
+            count -= 1  # as IPython kernels: the reply names the last counted execution
         return CellOutcome(count, error, exprs)
 
     def reset(self) -> None:
