@@ -588,10 +588,10 @@ def test_index_results(client: FakeClient) -> None:
         _ = ar[1.5]
     # as ipyparallel: with a failure anywhere, indexing raises the CompositeError
     failing = AsyncResult(client, client.send(3), targets=[0, 1, 2])
-    for f, kw in zip(
-        failing._children, ({"value": "a"}, {"exc": remote(engine=1)}, {"value": "c"})
-    ):
-        client.reply(f, kw.get("value"), exc=kw.get("exc"))
+    kids = failing._children
+    client.reply(kids[0], "a")
+    client.reply(kids[1], exc=remote(engine=1))
+    client.reply(kids[2], "c")
     for key in (0, 1, slice(2, None)):
         with pytest.raises(CompositeError) as info:
             _ = failing[key]
