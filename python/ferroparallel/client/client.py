@@ -198,6 +198,10 @@ class Client(HasTraits):
         segment. Default: on when ``shm`` is, unless ``$FERROPARALLEL_PEER_READ=0``; used only
         with engines that proved they can read this process. See
         ``docs/decisions/0007-reading-peer-memory.md``.
+
+    On the controller's host (Linux) the client talks to it over its abstract Unix sockets
+    rather than its TCP ports (``transport`` is then ``"ipc"``, else ``"tcp"``;
+    ``$FERROPARALLEL_IPC=0`` keeps TCP; see :mod:`ferroparallel.ipc`).
     """
 
     block = Bool(False, help="Wait for results by default").tag(config=True)
