@@ -134,6 +134,33 @@ def test_default_joblib_backend_connects_a_client(rc: Client) -> None:
     assert set(second) <= set(rc[:].apply_sync(os.getpid))
 
 
+def test_default_joblib_backend_starts_a_cluster_when_none_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ipyparallel's: with no cluster in the default profile, the backend starts one and
+    stops it when joblib is done."""
+    joblib = pytest.importorskip("joblib")
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setenv("FERROPARALLEL_DIR", str(tmp_path / "empty-root"))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    ipp.register_joblib_backend("ferroparallel-own-cluster")
+    with joblib.parallel_config(backend="ferroparallel-own-cluster"):
+        out = joblib.Parallel(n_jobs=2)(joblib.delayed(pow)(i, 3) for i in range(5))
+    assert out == [i**3 for i in range(5)]
+    import gc
+
+    gc.collect()  # the backend is gone: its cluster is stopped
+
+    def leftovers() -> set[int]:
+        now = {p.pid for p in psutil.Process().children(recursive=True) if p.is_running()}
+        return {pid for pid in now - before if psutil.pid_exists(pid)}
+
+    deadline = time.monotonic() + SHORT
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftovers()
+
+
 def test_ipyparallel_top_level_names(rc: Client) -> None:
     """The names ipyparallel exports at its top level that user code reaches for: the error
     classes (``except ipp.TaskAborted``), ``ipp.TimeoutError`` (the builtin), ``remote`` /

@@ -470,8 +470,8 @@ def test_bad_arguments_name_the_fix(rc: Client, dv: DirectView) -> None:
             view.parallel(block=True)(lambda a, b: a)([1, 2], [3])
     with pytest.raises(TypeError, match="use push"):
         dv.scatter("x", 5)
-    with pytest.raises(TypeError, match="use push"):
-        dv.scatter("x", {"a": 1})
+    dv.scatter("x", {"a": 1, "b": 2, "c": 3}, block=True)  # as ipyparallel: the keys
+    assert dv.pull("x", block=True) == [["a", "b"], ["c"]]
     # as ipyparallel: any iterable is split as a list
     dv.scatter("s", {1, 2, 3}, block=True)
     assert sorted(x for part in dv.pull("s", block=True) for x in part) == [1, 2, 3]

@@ -11,8 +11,11 @@ def register(view: Any, name: str = "ipyparallel", make_default: bool = False) -
     written for ipyparallel's backend runs unchanged).
 
     With ``view=None``, each use of the backend (each ``joblib.parallel_backend(name)`` block
-    or ``Parallel`` call) connects a default ``Client()`` and runs on a LoadBalancedView of all
-    its engines, closed when joblib drops the backend.
+    or ``Parallel`` call) finds a cluster as ipyparallel's backend does: the default profile's
+    unnamed cluster (``Cluster.from_file()``, starting engines if it has none), else a running
+    controller of the default profile (``Client()``), else a new local ``Cluster()`` that it
+    stops when joblib is done with the backend; it runs on a LoadBalancedView of all the
+    engines.
 
     Raises
     ------
@@ -30,17 +33,25 @@ def register(view: Any, name: str = "ipyparallel", make_default: bool = False) -
 
         def __init__(self, view: Any = view, **kwargs: Any) -> None:
             super().__init__(**kwargs)
+            self._cluster: Any = None
             if view is None:
-                from .client import Client
-
-                client = Client()
+                client, self._cluster = _default_client()
                 view = client.load_balanced_view()
                 # joblib may run several Parallel calls on one backend: close when it is gone
-                weakref.finalize(self, client.close)
+                weakref.finalize(self, _release, client, self._cluster)
             self.view = view
 
         def effective_n_jobs(self, n_jobs: int) -> int:
+            targets = self.view.targets
+            if targets is not None and not isinstance(targets, str):
+                return max(len(targets) if isinstance(targets, list | tuple) else 1, 1)
             return max(len(self.view.client.ids), 1)
+
+        def terminate(self) -> None:
+            """Stop the cluster this backend started, if any (as ipyparallel's)."""
+            cluster, self._cluster = self._cluster, None
+            if cluster is not None:
+                _release(self.view.client, cluster)
 
         def submit(self, func: Any, callback: Any = None) -> Any:
             ar = self.view.apply_async(func)
@@ -65,3 +76,36 @@ def register_default(name: str = "ipyparallel", make_default: bool = False) -> N
     default ``Client()`` when used (see :func:`register`; ``view.register_joblib_backend()``
     binds one view instead)."""
     register(None, name, make_default)
+
+
+def _default_client() -> tuple[Any, Any]:
+    """``(client, cluster it started or None)`` for a backend without a view."""
+    from ..cluster import Cluster
+    from .client import Client
+
+    try:
+        cluster = Cluster.from_file()  # the default profile's unnamed cluster
+    except (FileNotFoundError, ValueError):
+        cluster = None
+    if cluster is not None and cluster.running:
+        if not cluster.engines:
+            cluster.start_engines_sync()
+        client = cluster.connect_client_sync()
+        client.wait_for_engines(cluster.n or 1, timeout=cluster.engine_timeout)
+        return client, None
+    try:
+        client = Client(timeout=1)  # a controller of the default profile, started otherwise
+    except Exception:  # noqa: BLE001 - none usable (no file, stale, unreachable): start one
+        pass
+    else:
+        if client.ids:
+            return client, None
+        client.close()
+    cluster = Cluster()
+    return cluster.start_and_connect_sync(), cluster
+
+
+def _release(client: Any, cluster: Any) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.stop_cluster_sync()

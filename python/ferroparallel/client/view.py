@@ -425,13 +425,13 @@ class DirectView(View):
         if dist not in dists:
             raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
         if isinstance(seq, dict) or not hasattr(seq, "__len__") or not hasattr(seq, "__getitem__"):
-            if isinstance(seq, dict) or not hasattr(seq, "__iter__"):
+            if not hasattr(seq, "__iter__"):
                 raise TypeError(
                     f"scatter needs a sequence or iterable (list, tuple, range, array, set"
                     f"...), not {type(seq).__name__}; to send one object to every engine, "
                     "use push"
                 )
-            seq = list(seq)  # as ipyparallel: a set, a generator... is split as a list
+            seq = list(seq)  # as ipyparallel: a set, a dict's keys... are split as a list
         uuids, ids, _ = self._targets(targets)
         mapper = dists[dist]()
         n = len(ids)
