@@ -1226,6 +1226,10 @@ class Client(HasTraits):
         if hub:
             try:
                 self._query("shutdown_request", {}, what="shutdown request")
+            except error.EngineError:
+                # the shutdown notification overtook the reply (they travel on different
+                # sockets) and failed the pending query: the controller is stopping, as asked
+                pass
             finally:
                 self._hub_shutdown = True
 
