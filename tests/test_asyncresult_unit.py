@@ -878,18 +878,26 @@ def test_wait_for_output(client: FakeClient) -> None:
     assert ar.sent and ar.wait_for_send(0)
 
 
-def test_display_outputs(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
-    """ipyparallel's forms outside IPython: labelled streams only (no displays, no results)."""
+def _outputs_of_two_engines(client: FakeClient, more: bool = True) -> AsyncResult:
+    """A finished result of engines 1 and 0: stdout on both (engine 0's also stderr when
+    ``more``), a result on engine 1, a rich output on engine 0."""
     futs = client.send(2, engines=[1, 0])
     ar = AsyncResult(client, futs, targets=[1, 0])
     md1, md0 = (client.metadata[f.msg_id] for f in futs)
     md1["stdout"] = "one\n"
-    md0["stdout"] = "zero\nzero again\n"
-    md0["stderr"] = "oops"
+    if more:
+        md0["stdout"] = "zero\nzero again\n"
+        md0["stderr"] = "oops"
     md1["execute_result"] = {"data": {"text/plain": "41"}, "execution_count": 3}
     md0["outputs"].append({"data": {"text/plain": "<Figure>"}, "metadata": {}})
     for f in futs:
         client.reply(f, None)
+    return ar
+
+
+def test_display_outputs(client: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    """ipyparallel's forms outside IPython: labelled streams only (no displays, no results)."""
+    ar = _outputs_of_two_engines(client)
     ar.display_outputs()
     cap = capsys.readouterr()
     assert cap.out == "[stdout:1] \none\n[stdout:0] \nzero\nzero again\n"
@@ -908,14 +916,7 @@ def test_display_outputs_in_ipython(client: FakeClient, capsys: pytest.CaptureFi
     shell_mod = pytest.importorskip("IPython.core.interactiveshell")
     shell_mod.InteractiveShell.instance()  # display goes through this shell
     try:
-        futs = client.send(2, engines=[1, 0])
-        ar = AsyncResult(client, futs, targets=[1, 0])
-        md1, md0 = (client.metadata[f.msg_id] for f in futs)
-        md1["stdout"] = "one\n"
-        md1["execute_result"] = {"data": {"text/plain": "41"}, "execution_count": 3}
-        md0["outputs"].append({"data": {"text/plain": "<Figure>"}, "metadata": {}})
-        for f in futs:
-            client.reply(f, None)
+        ar = _outputs_of_two_engines(client, more=False)
         ar.display_outputs()
         out = capsys.readouterr().out.splitlines()
         assert out == ["[stdout:1] ", "one", "[output:0]", "<Figure>", "Out[1:3]: 41"]
