@@ -138,6 +138,13 @@ def test_unwrap_typed_pickles() -> None:
     assert str(e2) == "[Engine Exception] EngineError: died"
 
 
+def test_traceback_entries_join_as_ipyparallel() -> None:
+    """IPython's frame entries end with a newline: joined, they leave a blank line."""
+    e = unwrap_exception({"ename": "E", "evalue": "x", "traceback": ["frame\n", "E: x"]})
+    assert e.traceback == "frame\n\nE: x"
+    assert e.render_traceback()[1:] == ["frame", "", "E: x"]
+
+
 def test_unwrap_untyped_is_plain_remote_error() -> None:
     e = unwrap_exception({"ename": "ZeroDivisionError", "evalue": "division by zero"})
     assert type(e) is RemoteError

@@ -157,7 +157,9 @@ def _traceback_text(traceback: str | Iterable[str] | None) -> str:
         return ""
     if isinstance(traceback, str):
         return traceback
-    return "\n".join(str(line).rstrip("\n") for line in traceback)
+    # joined as ipyparallel joins them: an entry ending in a newline (IPython's frames) leaves
+    # a blank line before the next one
+    return "\n".join(str(line) for line in traceback)
 
 
 class RemoteError(KernelError):
