@@ -247,3 +247,27 @@ def test_silent_execute_reports_the_last_counted_execution(dv: DirectView) -> No
 def test_load_balanced_view_int_target_is_a_list(rc: Client) -> None:
     assert rc.load_balanced_view(0).targets == [0]  # as ipyparallel
     assert rc.load_balanced_view(0).apply_sync(lambda: 3) == 3
+
+
+def test_view_results_are_owned_and_metadata_defaults(dv: DirectView) -> None:
+    """As ipyparallel: results made by a view own their entries; is_broadcast/is_coalescing
+    are False, not None."""
+    ar = dv.apply_async(lambda: 1)
+    assert ar.get(timeout=SHORT) == [1, 1]
+    assert ar.owner is True
+    for md in ar.metadata:
+        assert md["is_broadcast"] is False and md["is_coalescing"] is False
+
+
+def test_targeted_joblib_backend_counts_its_engines(rc: Client) -> None:
+    joblib = pytest.importorskip("joblib")
+    from joblib.parallel import get_active_backend
+
+    rc.load_balanced_view(targets=[0]).register_joblib_backend(name="fp-one-engine")
+    with joblib.parallel_config(backend="fp-one-engine"):
+        backend, _ = get_active_backend()
+        assert backend.effective_n_jobs(-1) == 1  # as ipyparallel: len(view)
+    rc.load_balanced_view().register_joblib_backend(name="fp-all-engines")
+    with joblib.parallel_config(backend="fp-all-engines"):
+        backend, _ = get_active_backend()
+        assert backend.effective_n_jobs(-1) == len(rc.ids)

@@ -189,6 +189,18 @@ def test_cluster_is_configurable(fp_root: Path) -> None:
         Cluster(engines="local", engine_launcher_class="local")
     with pytest.raises(NotImplementedError, match="'mpi' is not available"):
         Cluster(engine_launcher_class="mpi")
+    # the same check for an attribute set later and for a config file
+    with pytest.raises(NotImplementedError, match="'ssh' is not available"):
+        c2.controller_launcher_class = "ssh"
+    mpi = Config()
+    mpi.Cluster.engine_launcher_class = "ipyparallel.cluster.launcher.MPIEngineSetLauncher"
+    with pytest.raises(NotImplementedError, match="MPIEngineSetLauncher"):
+        Cluster(config=mpi)
+
+    class LocalEngineSetLauncher:  # a class is taken by its name, as ipyparallel takes classes
+        pass
+
+    assert Cluster(engines=LocalEngineSetLauncher).engine_launcher_class == "local"
 
 
 def test_sync_twins_exist() -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import paths
@@ -217,8 +217,9 @@ class Cluster(LoggingConfigurable):
     ).tag(config=True)
     shutdown_atexit = Bool(True, help="stop what this object started at exit").tag(config=True)
     env = Dict(help="extra environment of the controller and engines").tag(config=True)
-    controller_launcher_class = Unicode("local", help="controller launcher").tag(config=True)
-    engine_launcher_class = Unicode("local", help="engine launcher").tag(config=True)
+    # a name or a class (as ipyparallel's); validated to "local", the only launchers here
+    controller_launcher_class = AnyTrait("local", help="controller launcher").tag(config=True)
+    engine_launcher_class = AnyTrait("local", help="engine launcher").tag(config=True)
     controller_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
     engine_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
     load_profile = Bool(True, help="accepted for ipyparallel compatibility").tag(config=True)
@@ -232,37 +233,24 @@ class Cluster(LoggingConfigurable):
         controller: Any = None,
         **kwargs: Any,
     ) -> None:
-        for alias, name in (
-            (engines, "engine_launcher_class"),
-            (controller, "controller_launcher_class"),
+        for alias, what, name in (
+            (engines, "engines", "engine_launcher_class"),
+            (controller, "controller", "controller_launcher_class"),
         ):
-            if alias is None:
-                continue
-            if name in kwargs:
-                what = name.split("_", 1)[0] + "s" if name.startswith("engine") else "controller"
-                raise TypeError(f"give only one of {what!r} or {name!r}, not both")
-            kwargs[name] = alias
-        for name in ("controller_launcher_class", "engine_launcher_class"):
-            if name in kwargs:
-                launcher = _launcher_name(kwargs[name])
-                if launcher != "local":
-                    what = name.split("_", 1)[0]
-                    raise NotImplementedError(
-                        f"{what} launcher {launcher!r} is not available; only 'local' is "
-                        "implemented"
-                    )
-                kwargs[name] = launcher
+            if alias is not None:
+                if name in kwargs:
+                    raise TypeError(f"give only one of {what!r} or {name!r}, not both")
+                kwargs[name] = alias
         for name in ("controller_args", "engine_args", "controller_cmd", "engine_cmd"):
             value = kwargs.get(name)
             if isinstance(value, str | bytes):
                 raise TypeError(f"{name} must be a sequence of strings, not a string")
             if value is not None:
                 kwargs[name] = list(value)
-        for name in ("profile_dir",):
-            if kwargs.get(name) is not None:
-                kwargs[name] = os.fspath(kwargs[name])
-            else:
-                kwargs.pop(name, None)
+        if kwargs.get("profile_dir") is not None:
+            kwargs["profile_dir"] = os.fspath(kwargs["profile_dir"])
+        else:
+            kwargs.pop("profile_dir", None)
         if kwargs.get("env") is not None:
             kwargs["env"] = dict(kwargs["env"])
         else:
@@ -281,6 +269,18 @@ class Cluster(LoggingConfigurable):
     @default("log")
     def _default_log(self) -> logging.Logger:
         return log
+
+    @validate("controller_launcher_class", "engine_launcher_class")
+    def _check_launcher(self, proposal: Any) -> str:
+        """Only the local launchers exist: any spelling of them becomes ``"local"`` (from a
+        keyword, an attribute or a config file alike)."""
+        launcher = _launcher_name(proposal["value"])
+        if launcher != "local":
+            what = proposal["trait"].name.split("_", 1)[0]
+            raise NotImplementedError(
+                f"{what} launcher {launcher!r} is not available; only 'local' is implemented"
+            )
+        return launcher
 
     # -- properties --------------------------------------------------------------------------
 
