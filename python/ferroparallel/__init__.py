@@ -8,8 +8,12 @@ from __future__ import annotations
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from typing import Any
 
+from ._allocator import mimalloc_without_huge_pages
+
+with mimalloc_without_huge_pages():  # before anything loads the extension
+    from ._core import Frame, IoThread, Session, __version__
+
 from . import error
-from ._core import Frame, IoThread, Session, __version__
 from .error import (
     AlreadyDisplayedError,
     CompositeError,
