@@ -194,6 +194,11 @@ class IoThread:
     def wake(self) -> None:
         """Bump the generation: ``recv(since=g)`` calls with an older ``g`` return at once (a
         caller receiving from the sockets is interrupted too)."""
+    def batch_sends(self, on: bool) -> None:
+        """Hold back messages sent less than 200 µs after the previous one and send them
+        together: when 64 wait on a socket, when a thread starts waiting in
+        ``recv(since=...)``, or at the latest 500 µs after the first (decision 0010).
+        ``batch_sends(False)`` sends what is held."""
     def handshake_failures(self) -> list[tuple[str, str, str]]:
         """Connecting sockets whose last ZMTP handshake failed: ``(socket_name, endpoint,
         reason)``, e.g. a CURVE mechanism mismatch or a server that refused our key."""

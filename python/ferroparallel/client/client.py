@@ -345,6 +345,9 @@ class Client(HasTraits):
         except BaseException:
             self._close_tunnels()
             raise
+        if os.environ.get("FERROPARALLEL_BATCH_SENDS", "1") != "0":
+            # requests sent in a quick succession leave together (decision 0010)
+            self._io.batch_sends(True)
         self._closed = False
         _OPEN_CLIENTS.add(self)
         self._lock = threading.RLock()

@@ -255,6 +255,12 @@ impl IoThread {
         self.handle.wake_loop(); // a thread receiving for itself polls the sockets
     }
 
+    /// Hold back messages sent in a quick succession and send them together (see the type
+    /// stub); off by default.
+    fn batch_sends(&self, on: bool) {
+        self.handle.set_batching(on);
+    }
+
     /// Sockets whose last handshake failed: `(socket, endpoint, reason)`.
     fn handshake_failures(&self) -> Vec<(String, String, String)> {
         self.handle.handshakes.failures()

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::batching::{Batching, Before, CAP};
 use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
@@ -84,43 +85,53 @@ struct SockState {
 /// What a send left for the I/O thread to do.
 enum AfterSend {
     Nothing,
+    /// The message was held back (batching): the I/O thread must know when to send it.
+    Held,
     /// Something may be waiting to be read that the I/O thread was not told about.
     Wake,
 }
 
 impl Shared {
     /// Send `frames` now, or queue them behind earlier messages still waiting for the socket.
+    ///
+    /// `hold` (batching, see [`crate::batching`]): queue the message unless [`CAP`] are
+    /// queued, in which case all of them leave now.
     fn send(
         &self,
         frames: Vec<RawMsg>,
         stats: &IoStats,
         inbox: &Inbox,
+        hold: bool,
     ) -> Result<AfterSend, String> {
         let mut st = lock(&self.state);
         let SockState { sock, pending } = &mut *st;
         let Some(sock) = sock.as_mut() else {
             return Err(format!("socket {:?} is closed", self.name));
         };
-        if !pending.is_empty() {
-            // the I/O thread is waiting for the socket to become writable; keep the order
+        if hold || !pending.is_empty() {
+            // behind what is held or waits for the high-water mark: keep the order
             pending.push_back(frames);
-            return Ok(AfterSend::Nothing);
-        }
-        match send_frames(sock, frames) {
-            SendOutcome::Sent => {
-                stats.sent.fetch_add(1, Ordering::Relaxed);
+            if hold && pending.len() < CAP {
+                return Ok(AfterSend::Held);
             }
-            SendOutcome::WouldBlock(frames) => pending.push_back(frames),
-            SendOutcome::Failed(reason) => {
-                stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                inbox.push_batch(
-                    Vec::new(),
-                    vec![DropReport {
-                        socket: self.name.clone(),
-                        kind: "SendError",
-                        text: format!("send failed: {reason}"),
-                    }],
-                );
+            send_queue(sock, pending, stats);
+        } else {
+            match send_frames(sock, frames) {
+                SendOutcome::Sent => {
+                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                SendOutcome::WouldBlock(frames) => pending.push_back(frames),
+                SendOutcome::Failed(reason) => {
+                    stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                    inbox.push_batch(
+                        Vec::new(),
+                        vec![DropReport {
+                            socket: self.name.clone(),
+                            kind: "SendError",
+                            text: format!("send failed: {reason}"),
+                        }],
+                    );
+                }
             }
         }
         // The send may have consumed the ZMQ_FD signal the I/O thread polls for.
@@ -131,6 +142,24 @@ impl Shared {
             Ok(AfterSend::Nothing)
         }
     }
+}
+
+/// Send the queued messages of a socket in order, until the socket would block.
+fn send_queue(sock: &mut zmq::Socket, pending: &mut VecDeque<Vec<RawMsg>>, stats: &IoStats) {
+    let mut sent = 0;
+    while let Some(frames) = pending.pop_front() {
+        match send_frames(sock, frames) {
+            SendOutcome::Sent => sent += 1,
+            SendOutcome::WouldBlock(frames) => {
+                pending.push_front(frames);
+                break;
+            }
+            SendOutcome::Failed(_) => {
+                stats.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    stats.sent.fetch_add(sent, Ordering::Relaxed);
 }
 
 /// The caller's side of an I/O thread. Cheap to share between threads.
@@ -147,6 +176,7 @@ pub struct IoHandle {
     sockets: Mutex<HashMap<String, Arc<Shared>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
+    batching: Arc<Batching>,
 }
 
 /// Wakes the I/O thread out of `poll` (one byte on a socket pair; wake-ups coalesce).
@@ -178,7 +208,9 @@ impl IoHandle {
             pending: Arc::new(AtomicBool::new(false)),
         };
         let handshakes = Arc::new(Handshakes::default());
+        let batching = Arc::new(Batching::new());
         let lp = Loop {
+            batching: batching.clone(),
             entries: Vec::new(),
             by_name: HashMap::new(),
             all: true,
@@ -216,6 +248,7 @@ impl IoHandle {
             sockets: Mutex::new(HashMap::new()),
             thread: Mutex::new(Some(thread)),
             closed: AtomicBool::new(false),
+            batching,
         })
     }
 
@@ -281,10 +314,48 @@ impl IoHandle {
             .into_iter()
             .map(|f| f.into_raw(&self.releases))
             .collect();
-        if let AfterSend::Wake = shared.send(raw, &self.stats, &self.inbox)? {
-            self.wake.wake();
+        let now = self.batching.now();
+        let hold = self.batching.hold(now);
+        if self.batching.enabled() && self.batching.before_send(socket, hold) == Before::SendHeld {
+            self.send_sockets_held();
+        }
+        match shared.send(raw, &self.stats, &self.inbox, hold)? {
+            AfterSend::Nothing => {}
+            AfterSend::Wake => self.wake.wake(),
+            AfterSend::Held => {
+                if self.batching.arm(now) {
+                    self.wake.wake();
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Hold back messages sent in a quick succession and send them together (see
+    /// [`crate::batching`]); off by default. Turning it off sends what is held.
+    pub fn set_batching(&self, on: bool) {
+        self.batching.set_enabled(on);
+        if !on {
+            self.send_held();
+        }
+    }
+
+    /// Send every held message now (a thread is about to wait for replies).
+    pub fn send_held(&self) {
+        self.batching.clear_held();
+        self.send_sockets_held();
+    }
+
+    fn send_sockets_held(&self) {
+        self.batching.disarm();
+        let sockets: Vec<Arc<Shared>> = lock(&self.sockets).values().cloned().collect();
+        for shared in sockets {
+            let mut st = lock(&shared.state);
+            let SockState { sock, pending } = &mut *st;
+            if let (Some(sock), false) = (sock.as_mut(), pending.is_empty()) {
+                send_queue(sock, pending, &self.stats);
+            }
+        }
     }
 
     /// Interrupt the poll of a waiting thread that receives for itself (so that it looks at
@@ -301,6 +372,9 @@ impl IoHandle {
     /// waiting thread without a hand-off between threads (decision 0006). Falls back to the
     /// plain priority wait when another thread already holds the loop.
     pub fn wait_priority(&self, timeout: Duration, max: usize, since: u64) -> Taken {
+        if self.batching.enabled() {
+            self.send_held(); // what the waiter waits for may be among them
+        }
         let waiter = Waiter::Priority { since };
         let now = self.inbox.wait_batch_as(Duration::ZERO, max, waiter);
         if !now.batch.is_empty() || now.woken || now.closed || timeout.is_zero() {
@@ -417,6 +491,7 @@ impl Drop for Entry {
 }
 
 struct Loop {
+    batching: Arc<Batching>,
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
     /// Look at every socket on the next pass (first pass, wake-up, timeout, busy socket).
@@ -496,6 +571,9 @@ impl Loop {
         // next waker would then not write: a lost wake-up.)
         self.drain_wake();
         self.wake_pending.store(false, Ordering::SeqCst);
+        if self.batching.take_due(self.batching.now()) {
+            self.all = true; // held messages are due: look at (and send on) every socket
+        }
         let n = self.entries.len();
         self.ready.resize(n, true);
         self.monitors_ready.resize(n, true);
@@ -523,6 +601,7 @@ impl Loop {
 
     /// Wait up to `timeout_ms` for something to do (see [`Loop::poll`]).
     fn poll_pass(&mut self, timeout_ms: i32) {
+        let timeout_ms = self.batching.poll_timeout(timeout_ms, self.batching.now());
         let mut ready = std::mem::take(&mut self.ready);
         let mut monitors_ready = std::mem::take(&mut self.monitors_ready);
         let polled = self.poll(timeout_ms, &mut ready, &mut monitors_ready);
@@ -743,7 +822,7 @@ impl Loop {
                 let raw: Vec<RawMsg> = frames.into_iter().map(|f| f.0).collect();
                 self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                 let target = self.entries[j].shared.clone();
-                if let Err(text) = target.send(raw, &self.stats, &self.inbox) {
+                if let Err(text) = target.send(raw, &self.stats, &self.inbox, false) {
                     drops.push(DropReport {
                         socket: target.name.clone(),
                         kind: "SendError",
@@ -1043,6 +1122,70 @@ mod tests {
             0,
             "a wake-up was lost"
         );
+        drop(server);
+    }
+
+    /// With batching on, a burst of sends (from two threads) arrives complete and in each
+    /// sender's order without anyone waiting for it (the I/O thread's deadline sends what is
+    /// held), and a lone send after a pause leaves at once.
+    #[test]
+    fn batched_sends_all_arrive_in_order_without_a_waiter() {
+        const EACH: usize = 300;
+        let total = 2 * EACH + 1;
+        let (server, endpoint, echo) = echo_server(total);
+        let client = Arc::new(io());
+        client.set_batching(true);
+        let mut spec = raw("c", SocketKind::Dealer);
+        spec.connect = vec![endpoint];
+        client
+            .add_socket(spec, Duration::from_secs(10))
+            .expect("connect");
+        let senders: Vec<_> = (0..2)
+            .map(|k| {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let body = format!("{k}:{i:04}").into_bytes();
+                        client.send("c", vec![OutFrame::Owned(body)]).expect("send");
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().expect("sender");
+        }
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < 2 * EACH && Instant::now() < deadline {
+            let (batch, _) = client.inbox.wait_batch(Duration::from_millis(50), 1000);
+            for inc in batch {
+                if let Delivery::Raw(frames) = inc.delivery {
+                    got.push(frames[0].as_ref().to_vec());
+                }
+            }
+        }
+        assert_eq!(got.len(), 2 * EACH, "every message came back once");
+        for k in 0..2 {
+            let mine: Vec<&Vec<u8>> = got
+                .iter()
+                .filter(|b| b.starts_with(format!("{k}:").as_bytes()))
+                .collect();
+            let mut sorted = mine.clone();
+            sorted.sort();
+            assert_eq!(mine, sorted, "sender {k}'s messages kept their order");
+            assert_eq!(mine.len(), EACH);
+        }
+        // after a pause: leaves at once (no deadline to wait for), echoed well within 1 s
+        std::thread::sleep(Duration::from_millis(5));
+        let t0 = Instant::now();
+        client
+            .send("c", vec![OutFrame::Owned(b"last".to_vec())])
+            .expect("send");
+        let (batch, _) = client.inbox.wait_batch(Duration::from_secs(5), 10);
+        assert_eq!(batch.len(), 1, "the lone message came back");
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert_eq!(echo.join().expect("echo"), total);
+        assert_eq!(client.stats.late.load(Ordering::Relaxed), 0);
         drop(server);
     }
 

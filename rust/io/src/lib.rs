@@ -7,6 +7,7 @@
 //! a copy and handed back through a [`ReleaseQueue`] once libzmq no longer needs them, so the
 //! owner can release them on a thread of its choosing.
 
+mod batching;
 pub mod curve;
 mod direct;
 mod handshake;
