@@ -250,9 +250,17 @@ class DirectSockets:
         ident: Sequence[bytes] | bytes | None = None,
         buffers: Sequence[Buffer] | None = None,
         header: dict[str, Any] | None = None,
+        hold: bool = False,
     ) -> dict[str, Any]:
         """Sign and send one message now (waiting, without the GIL, up to 30 s for a peer
-        that is not taking messages: ValueError then); returns its header."""
+        that is not taking messages: ValueError then); returns its header. ``hold=True``:
+        keep it back until :meth:`send_held` or the next send that is not held (messages
+        leave in the order given)."""
+    @property
+    def held(self) -> int:
+        """Number of messages held back by ``send(..., hold=True)``."""
+    def send_held(self) -> None:
+        """Send every held message now, in order."""
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Wait up to ``timeout`` seconds (``None``: until something arrives) for messages on
         any socket, as :meth:`IoThread.recv`; returns early, possibly with nothing, when

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ EXIT_CONTROLLER_LOST = 3  # no heartbeat for max_missed_pings periods
 
 #: Heartbeat period assumed when the registration reply has none (ms).
 DEFAULT_HB_PERIOD_MS = 3000
+#: Most replies held back at once (see ``EngineKernel.hold_reply``).
+HOLD_CAP = 16
 
 
 @dataclass
@@ -119,6 +122,7 @@ class EngineKernel:
         self.capture = StreamCapture(self._publish_stream)
         self.result_segments = ResultSegments()
         self.watcher = BusyWatcher(self.inbox, self.direct, self._busy_tick)
+        self.hold_replies = os.environ.get("FERROPARALLEL_HOLD_REPLIES", "1") != "0"
         self.liveness: Liveness | None = None
         self.exit_code: int | None = None
         self._metadata = {"engine": self.uuid}
@@ -282,14 +286,31 @@ class EngineKernel:
                 if self.exit_code is not None:
                     break
             if inbox.control:
+                self.send_held()  # replies leave in the order they were made
                 self._run_control(urgent_only=False)
             elif inbox.shell:
                 self.shell.handle(inbox.shell.popleft())
                 if inbox.shell:
                     inbox.pull(0)  # control requests that came meanwhile jump the queue
             else:
+                self.send_held()
                 inbox.pull(poll)
         return self.exit_code
+
+    def hold_reply(self) -> bool:
+        """Whether the reply being sent may be held back: more requests are queued behind it
+        (their replies follow soon), so they leave together (decision 0010). Held replies
+        leave when the queue runs empty, before control requests, at :data:`HOLD_CAP`, and
+        from the watcher thread once a request has run for its grace period."""
+        return self.hold_replies and bool(self.inbox.shell) and self.direct.held < HOLD_CAP
+
+    def send_held(self) -> None:
+        """Send the replies held back by :meth:`hold_reply` (any thread)."""
+        if self.direct.held:
+            try:
+                self.direct.send_held()
+            except Exception:  # noqa: BLE001 - a peer gone; the rest of the engine goes on
+                log.warning("could not send held replies", exc_info=True)
 
     def request_exit(self, code: int) -> None:
         """Leave the message loop with ``code`` after the current message."""
@@ -335,6 +356,7 @@ class EngineKernel:
     def _busy_tick(self) -> None:
         """Watcher thread, while a long request runs: live output, liveness, urgent control."""
         self.capture.flush_due()
+        self.send_held()  # replies of the requests before this long one
         if self.liveness is not None:
             self.liveness.sample()
         if self.inbox.control:

@@ -51,9 +51,11 @@ class ShellHandler:
         started: str,
         buffers: list[Any] | None = None,
         extra: dict[str, Any] | None = None,
+        may_hold: bool = False,
     ) -> None:
-        """Send a reply to the sender of ``request`` with the reply metadata, at once (from
-        this thread: the shell sockets are direct)."""
+        """Send a reply to the sender of ``request`` with the reply metadata, from this thread
+        (the shell sockets are direct): at once, or with ``may_hold`` held back while more
+        requests are queued (``EngineKernel.hold_reply``)."""
         k = self.kernel
         req_md = request.get("metadata") or {}
         metadata = {key: req_md[key] for key in COPIED_METADATA if key in req_md}
@@ -77,6 +79,7 @@ class ShellHandler:
             metadata,
             ident=request["idents"],
             buffers=buffers,
+            hold=may_hold and k.hold_reply(),
         )
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -150,7 +153,15 @@ class ShellHandler:
                 extra = {LENT_RESULT_KEY: held.reply_metadata()}
             else:
                 extra = {SHM_SEGMENT_KEY: held.name} if held else None
-            self.reply(msg, "apply_reply", {"status": "ok"}, started, outcome.buffers, extra=extra)
+            self.reply(
+                msg,
+                "apply_reply",
+                {"status": "ok"},
+                started,
+                outcome.buffers,
+                extra=extra,
+                may_hold=not isinstance(held, LentResult),  # a lender waits for its reply
+            )
             if isinstance(held, LentResult):
                 held.wait()  # nothing may change the lent buffers before the client has them
             return
@@ -161,7 +172,9 @@ class ShellHandler:
             msg["header"],
             "error",
         )
-        self.reply(msg, "apply_reply", error.content(k.engine_info("apply")), started)
+        self.reply(
+            msg, "apply_reply", error.content(k.engine_info("apply")), started, may_hold=True
+        )
 
     # -- execute ----------------------------------------------------------------------------
 

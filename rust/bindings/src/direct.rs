@@ -75,7 +75,7 @@ impl DirectSockets {
 
     /// Sign and send one message now (see the type stub); returns its header.
     #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
-                        ident=None, buffers=None, header=None))]
+                        ident=None, buffers=None, header=None, hold=false))]
     #[allow(clippy::too_many_arguments)]
     fn send<'py>(
         &self,
@@ -88,6 +88,7 @@ impl DirectSockets {
         ident: Option<&Bound<'py, PyAny>>,
         buffers: Option<&Bound<'py, PyAny>>,
         header: Option<&Bound<'py, PyAny>>,
+        hold: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
@@ -95,10 +96,24 @@ impl DirectSockets {
             py, session, msg_type, content, parent, metadata, ident, buffers, header,
         )?;
         let inner = &self.inner;
-        let sent = py.detach(|| inner.send(socket, frames, SEND_TIMEOUT));
+        let sent = py.detach(|| inner.send(socket, frames, SEND_TIMEOUT, hold));
         self.release_sent();
         sent.map_err(PyValueError::new_err)?;
         Ok(header_obj)
+    }
+
+    /// Messages held back by `send(..., hold=True)`.
+    #[getter]
+    fn held(&self) -> usize {
+        self.inner.held()
+    }
+
+    /// Send every held message now (in order).
+    fn send_held(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        let sent = py.detach(|| inner.send_held(SEND_TIMEOUT));
+        self.release_sent();
+        sent.map_err(PyValueError::new_err)
     }
 
     /// Wait for messages (see the type stub).

@@ -13,7 +13,7 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,8 @@ impl Entry {
 
 struct State {
     entries: Vec<Entry>,
+    /// Replies held back by `send(.., hold=true)`, oldest first: (socket index, frames).
+    held: Vec<(usize, ReadyFrames)>,
     wake_rx: UnixStream,
     /// When the handshake monitors were last read by [`DirectSockets::recv`].
     monitors_read: Instant,
@@ -96,6 +98,8 @@ pub struct DirectSockets {
     closed: AtomicBool,
     pub received: AtomicU64,
     pub sent: AtomicU64,
+    /// Messages held back (see [`DirectSockets::send`]), readable without the lock.
+    held: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,6 +113,7 @@ impl DirectSockets {
         Ok(DirectSockets {
             state: Mutex::new(State {
                 entries: Vec::new(),
+                held: Vec::new(),
                 wake_rx,
                 // due at the first receive
                 monitors_read: Instant::now()
@@ -123,6 +128,7 @@ impl DirectSockets {
             closed: AtomicBool::new(false),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
         })
     }
 
@@ -193,6 +199,7 @@ impl DirectSockets {
             entries,
             wake_rx,
             monitors_read,
+            ..
         } = &mut *state;
         let mut batch = Vec::new();
         let mut drops = Vec::new();
@@ -344,21 +351,28 @@ impl DirectSockets {
 
     /// Send one message on `socket`, waiting up to `timeout` while its peer is not ready
     /// (high-water mark reached).
+    ///
+    /// `hold`: keep the message back until [`DirectSockets::send_held`] or the next send
+    /// that is not held (messages leave in the order they were given). An engine holds the
+    /// replies of requests that were already queued behind the one it answers, so that they
+    /// leave together (decision 0010).
     pub fn send(
         &self,
         socket: &str,
         frames: Vec<OutFrame>,
         timeout: Duration,
+        hold: bool,
     ) -> Result<(), String> {
         self.check_open()?;
         let deadline = Instant::now() + timeout;
-        let mut ready = ReadyFrames::new(frames, &self.releases);
+        let ready = ReadyFrames::new(frames, &self.releases);
         let mut state = self.take();
-        let entry = state
+        let index = state
             .entries
-            .iter_mut()
-            .find(|e| *e.name == *socket)
+            .iter()
+            .position(|e| *e.name == *socket)
             .ok_or_else(|| format!("no socket named {socket:?}"))?;
+        let entry = &state.entries[index];
         if !matches!(
             entry.kind,
             SocketKind::Router | SocketKind::Dealer | SocketKind::Pair | SocketKind::Pub
@@ -368,6 +382,54 @@ impl DirectSockets {
                 entry.kind
             ));
         }
+        if hold {
+            state.held.push((index, ready));
+            self.held.store(state.held.len(), Ordering::SeqCst);
+            return Ok(());
+        }
+        let sent_held = self.send_held_locked(&mut state, deadline);
+        let sent = self.send_ready(&mut state.entries[index], ready, deadline, timeout);
+        sent_held.and(sent)
+    }
+
+    /// Number of messages held back.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Send every held message, waiting up to `timeout` for each peer that is not ready.
+    pub fn send_held(&self, timeout: Duration) -> Result<(), String> {
+        if self.held() == 0 {
+            return Ok(());
+        }
+        self.check_open()?;
+        let mut state = self.take();
+        self.send_held_locked(&mut state, Instant::now() + timeout)
+    }
+
+    /// Send what is held, in order; the first failure is returned after trying them all.
+    fn send_held_locked(&self, state: &mut State, deadline: Instant) -> Result<(), String> {
+        let held = std::mem::take(&mut state.held);
+        self.held.store(0, Ordering::SeqCst);
+        let mut result = Ok(());
+        for (index, ready) in held {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = self.send_ready(&mut state.entries[index], ready, deadline, left) {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+
+    /// Send `ready` on `entry`, waiting until `deadline` while the peer is not ready.
+    fn send_ready(
+        &self,
+        entry: &mut Entry,
+        mut ready: ReadyFrames,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let socket = &entry.name;
         entry.check = true; // a send may consume the socket's ZMQ_FD signal
         loop {
             match try_send(&mut entry.sock, ready) {
@@ -404,6 +466,7 @@ impl DirectSockets {
             return;
         }
         let mut state = self.take();
+        let _ = self.send_held_locked(&mut state, Instant::now() + Duration::from_secs(1));
         state.entries.clear();
     }
 }
@@ -449,6 +512,7 @@ mod tests {
             "a",
             vec![OutFrame::Owned(b"x".to_vec())],
             Duration::from_secs(1),
+            false,
         )
         .expect("send");
         let (n, waited) = waiter.join().expect("join");
@@ -459,7 +523,41 @@ mod tests {
         let (got, _) = d.recv(Duration::from_secs(5)).expect("recv");
         assert_eq!(got.len(), 1);
         assert!(matches!(&got[0].delivery, Delivery::Raw(f) if f[0].as_ref() == b"y"));
-        assert!(d.send("nope", Vec::new(), Duration::from_secs(1)).is_err());
+        assert!(d
+            .send("nope", Vec::new(), Duration::from_secs(1), false)
+            .is_err());
+        // held messages leave in order, with the next send that is not held or send_held
+        for body in [&b"h1"[..], b"h2"] {
+            d.send(
+                "a",
+                vec![OutFrame::Owned(body.to_vec())],
+                Duration::from_secs(1),
+                true,
+            )
+            .expect("hold");
+        }
+        assert_eq!(d.held(), 2);
+        assert!(peer.recv_bytes(zmq::DONTWAIT).is_err(), "nothing left yet");
+        d.send(
+            "a",
+            vec![OutFrame::Owned(b"now".to_vec())],
+            Duration::from_secs(1),
+            false,
+        )
+        .expect("send");
+        assert_eq!(d.held(), 0);
+        for want in [&b"h1"[..], b"h2", b"now"] {
+            assert_eq!(peer.recv_bytes(0).expect("recv"), want);
+        }
+        d.send(
+            "a",
+            vec![OutFrame::Owned(b"h3".to_vec())],
+            Duration::from_secs(1),
+            true,
+        )
+        .expect("hold");
+        d.send_held(Duration::from_secs(1)).expect("send_held");
+        assert_eq!(peer.recv_bytes(0).expect("recv"), b"h3");
         d.close();
         assert!(d.recv(Duration::from_millis(1)).is_err());
     }
