@@ -151,5 +151,5 @@ def test_view_activate_returns_none_inside_ipython(ip: InteractiveShell, rc: Cli
 
 def test_activate_outside_ipython_warns(rc: Client) -> None:
     InteractiveShell.clear_instance()
-    with pytest.warns(RuntimeWarning, match="IPython session"):
+    with pytest.warns(UserWarning, match="IPython session"):  # ipyparallel's category
         assert rc[:].activate() is None

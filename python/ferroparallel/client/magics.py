@@ -346,7 +346,7 @@ def activate(view: DirectView, suffix: str = "") -> ParallelMagics | None:
 
         warnings.warn(
             "the parallel magics need an IPython session: activate() did nothing",
-            RuntimeWarning,
+            UserWarning,  # as ipyparallel's
             stacklevel=3,
         )
         return None
