@@ -475,6 +475,8 @@ def test_get_result_of_an_unknown_msg_id_fails_on_get(rc: Client) -> None:
     assert "ferroparallel-no-such-msg" in str(info.value)
     with pytest.raises(error.RemoteError):
         rc.get_result(["ferroparallel-no-such-msg"], block=True).get(timeout=SHORT)
+    with pytest.raises(TypeError, match="Expected msg_id, int, or AsyncResult, got 3.5"):
+        rc.get_result(3.5)
 
 
 def test_get_result_of_a_list_is_a_list(rc: Client) -> None:

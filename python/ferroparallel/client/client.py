@@ -1072,6 +1072,8 @@ class Client(HasTraits):
         if jobs is None:
             return list(self.outstanding)
         ids: list[str] = []
+        if not isinstance(jobs, Iterable) and not isinstance(jobs, int):
+            jobs = [jobs]  # reported below, as one job of the wrong type
         for job in _as_list(jobs):
             if isinstance(job, str):
                 ids.append(job)
@@ -1080,7 +1082,8 @@ class Client(HasTraits):
             elif hasattr(job, "msg_ids"):
                 ids.extend(job.msg_ids)
             else:
-                raise TypeError(f"not a msg_id or AsyncResult: {job!r}")
+                # ipyparallel's wording
+                raise TypeError(f"Expected msg_id, int, or AsyncResult, got {job!r}")
         return ids
 
     def _send_control(
