@@ -474,7 +474,9 @@ def test_get_result_of_an_unknown_msg_id_fails_on_get(rc: Client) -> None:
     assert info.value.ename == "KeyError"
     assert "ferroparallel-no-such-msg" in str(info.value)
     with pytest.raises(error.RemoteError):
-        rc.get_result(["ferroparallel-no-such-msg"], block=True).get(timeout=SHORT)
+        rc.get_result(["ferroparallel-no-such-msg"]).get(timeout=SHORT)
+    with pytest.raises(error.RemoteError, match="ferroparallel-no-such-msg"):
+        rc.get_result("ferroparallel-no-such-msg", block=True)  # waiting raises at once
     with pytest.raises(TypeError, match="Expected msg_id, int, or AsyncResult, got 3.5"):
         rc.get_result(3.5)
 

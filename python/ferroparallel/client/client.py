@@ -1360,7 +1360,8 @@ class Client(HasTraits):
 
         Requests this client does not hold (e.g. submitted by another client) are fetched
         from the hub's task records: the result is then an AsyncHubResult. A msg_id the hub
-        does not know fails it (its ``get``/``wait``/``ready`` raise the hub's RemoteError).
+        does not know fails it: its ``get`` raises the hub's RemoteError (as does this call
+        when it blocks).
         """
         from . import hub
         from .asyncresult import AsyncResult
@@ -1377,6 +1378,8 @@ class Client(HasTraits):
             try:
                 hub.result_status(self, foreign)
             except error.RemoteError as exc:
+                if self.block if block is None else block:
+                    raise  # as ipyparallel: waiting for the result raises the hub's error
                 # as ipyparallel: an unknown msg_id fails the AsyncHubResult, not this call
                 ar = hub.failed_hub_result(self, msg_ids, exc, "get_result", owner, single)
             else:
