@@ -44,11 +44,12 @@ def publish_then_wait(path: str) -> str:
 
 def test_top_level_names_of_ipyparallel() -> None:
     for name in (
-        "Client", "Cluster", "DirectView", "LoadBalancedView", "BroadcastView", "AsyncResult",
-        "AsyncMapResult", "AsyncHubResult", "RemoteError", "CompositeError", "Reference",
-        "interactive", "require", "depend", "dependent", "Dependency", "PrePickled", "error",
-        "serialize_object", "deserialize_object", "pack_apply_message", "unpack_apply_message",
-        "use_cloudpickle", "use_pickle", "use_dill", "register_joblib_backend",
+        "Client", "Cluster", "ClusterManager", "DirectView", "LoadBalancedView", "BroadcastView",
+        "AsyncResult", "AsyncMapResult", "AsyncHubResult", "RemoteError", "CompositeError",
+        "Reference", "interactive", "require", "depend", "dependent", "Dependency", "PrePickled",
+        "error", "serialize_object", "deserialize_object", "pack_apply_message",
+        "unpack_apply_message", "use_cloudpickle", "use_pickle", "use_dill",
+        "register_joblib_backend",
     ):  # fmt: skip
         assert getattr(ipp, name) is not None, name
         assert name in ipp.__all__, name

@@ -213,6 +213,44 @@ def test_map_result_iteration_and_progress(dv: DirectView) -> None:
     assert ar[3] == 9
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["finished", "while-running"])
+@pytest.mark.parametrize("kind", ["direct", "load-balanced", "load-balanced-unordered"])
+def test_iterating_over_a_failure_raises_a_composite_error(
+    rc: Client, kind: str, lazy: bool
+) -> None:
+    # as ipyparallel: iteration raises a CompositeError (holding the one error) at the failed
+    # element, whether the map had finished or not, as get() would
+    gate = "import time; time.sleep(0.3)" if lazy else ""
+
+    def f(x: int, gate: str = gate) -> int:
+        exec(gate)
+        if x == 3:
+            raise ValueError(f"bad {x}")
+        return x
+
+    if kind == "direct":
+        ar = rc[:].map_async(f, range(6))
+    else:
+        ar = rc.load_balanced_view().map_async(f, range(6), ordered=kind == "load-balanced")
+    if not lazy:
+        ar.wait(SHORT)
+    seen: list[int] = []
+    with pytest.raises(ipp.CompositeError) as info:
+        for value in ar:
+            seen.append(value)
+    assert [e[0] for e in info.value.elist] == ["ValueError"]
+    assert "bad 3" in str(info.value)
+    assert 3 not in seen
+    # and over an AsyncResult of several engines
+    multi = rc[:].apply_async(f, 3)
+    if not lazy:
+        multi.wait(SHORT)
+    with pytest.raises(ipp.CompositeError):
+        list(multi)
+    ar.wait(SHORT)
+    multi.wait(SHORT)
+
+
 def test_timing(rc: Client, dv: DirectView) -> None:
     ar = dv.apply_async(time.sleep, 0.5)
     time.sleep(0.1)

@@ -6,6 +6,7 @@ ipp`` and the classic API. Most tests share one 2-engine cluster (see ``cluster_
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -240,7 +241,7 @@ def test_bookkeeping_follows_reassigned_traits(rc: Client) -> None:
     assigning new containers (even equal ones, which traitlets does not announce) is seen."""
     rc.history = list(rc.history)
     rc.outstanding = set()
-    rc.results = {}
+    rc.results = collections.defaultdict(dict)
     ar = rc[0].apply_async(time.sleep, 0.3)
     (msg_id,) = ar.msg_ids
     assert rc.history[-1] == msg_id
@@ -452,6 +453,32 @@ def test_get_result(rc: Client) -> None:
     assert rc.get_result(idx).get(timeout=SHORT) == "low"
     assert rc.get_result(fut.msg_id).metadata["engine_id"] == 1
     ar.get(timeout=SHORT)
+
+
+def test_results_is_a_defaultdict(rc: Client) -> None:
+    # as ipyparallel: ``rc.results`` is a defaultdict(dict): a msg_id it does not hold (never
+    # sent, or already owned by its AsyncResult) reads as an empty dict, not a KeyError
+    assert type(rc.results) is collections.defaultdict
+    ar = rc[0].apply_async(lambda: 1)
+    assert ar.get(timeout=SHORT) == 1
+    assert rc.results[ar.msg_ids[0]] == {}
+    assert rc.results["ferroparallel-no-such-msg"] == {}
+
+
+def test_get_result_of_an_unknown_msg_id_fails_on_get(rc: Client) -> None:
+    # as ipyparallel: the AsyncHubResult is returned; asking it for the result raises
+    ar = rc.get_result("ferroparallel-no-such-msg")
+    assert isinstance(ar, ipp.AsyncHubResult)
+    with pytest.raises(error.RemoteError) as info:
+        ar.get(timeout=SHORT)
+    assert info.value.ename == "KeyError"
+    assert "ferroparallel-no-such-msg" in str(info.value)
+    with pytest.raises(error.RemoteError):
+        rc.get_result(["ferroparallel-no-such-msg"]).get(timeout=SHORT)
+    with pytest.raises(error.RemoteError, match="ferroparallel-no-such-msg"):
+        rc.get_result("ferroparallel-no-such-msg", block=True)  # waiting raises at once
+    with pytest.raises(TypeError, match="Expected msg_id, int, or AsyncResult, got 3.5"):
+        rc.get_result(3.5)
 
 
 def test_get_result_of_a_list_is_a_list(rc: Client) -> None:

@@ -307,6 +307,37 @@ def test_from_file_signal_and_restart(clusters: Callable[..., Cluster]) -> None:
 
 
 @needs_controller
+def test_cluster_manager_finds_and_drops_clusters(
+    clusters: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    import ferroparallel as ipp
+
+    c = clusters(n=0, cluster_id="managed")
+    c.start_cluster_sync()
+    manager = ipp.ClusterManager()
+    found = manager.load_clusters()
+    assert list(found) == ["default:managed"]  # "<profile>:<cluster_id>"
+    loaded = manager.get_cluster("default:managed")
+    assert loaded.cluster_id == "managed" and loaded.running
+    assert manager.load_clusters(profile="default") is manager.clusters  # nothing twice
+    assert list(manager.clusters) == ["default:managed"]
+    key, new = manager.new_cluster(profile="other", cluster_id="later")
+    assert key == "other:later" and not new.running
+    with pytest.raises(KeyError, match="already exists"):
+        manager.new_cluster(profile="other", cluster_id="later")
+    manager.remove_cluster(key)
+    with pytest.raises(KeyError):
+        manager.get_cluster(key)
+    elsewhere = tmp_path / "elsewhere"
+    assert list(ipp.ClusterManager().load_clusters(profile_dir=elsewhere)) == []
+    assert list(
+        ipp.ClusterManager().load_clusters(profile_dirs=[elsewhere], init_default_clusters=True)
+    ) == [f"{elsewhere}:"]
+    c.stop_cluster_sync()
+    assert manager.load_clusters() == {}  # stopped: dropped, and its file is gone
+
+
+@needs_controller
 def test_controller_failure_reports_log(clusters: Callable[..., Cluster]) -> None:
     c = clusters(n=1, controller_args=["--scheme", "fastest"])
     with pytest.raises(RuntimeError, match="fastest") as exc:

@@ -286,16 +286,51 @@ def test_depend_builds_a_dependent_that_keeps_the_name() -> None:
     assert add(2, 3) == 5
 
 
-def test_dependent_call_where_condition_fails_raises_unmet() -> None:
-    def cond(flag: bool) -> bool:
+def test_condition_is_checked_on_the_engine_not_by_a_local_call() -> None:
+    # as in ipyparallel: calling a dependent runs it; the engine checks the condition
+    def cond(flag: Any) -> Any:
         return flag
 
     @depend(cond, False)
     def f() -> int:
         return 1
 
+    assert f() == 1
     with pytest.raises(UnmetDependency):
-        f()
+        f.check_dependency()
+    # only False is unmet: other falsy values are not
+    for value in (None, 0, "", True):
+        dependent(f, cond, value).check_dependency()
+
+
+def test_condition_checked_when_unpacked_into_a_namespace() -> None:
+    from ferroparallel.serialize import deserialize_object, serialize_object
+
+    @depend(bool, False)
+    def f() -> int:
+        return 1
+
+    frames = serialize_object([f])
+    assert deserialize_object(frames)[0]() == 1  # no namespace: not on an engine
+    with pytest.raises(UnmetDependency):
+        deserialize_object(frames, {})
+
+
+def test_depend_is_a_decorator_class() -> None:
+    deco = depend(bool, 1, k=2)
+    assert isinstance(deco, depend)
+    assert (deco.f, deco.args, deco.kwargs) == (bool, (1,), {"k": 2})
+    assert dependent(len, bool).__name__ == "len"
+
+
+def test_require_missing_module_local_call_runs() -> None:
+    @require("ferroparallel_no_such_module_xyz")
+    def f() -> int:
+        return 1
+
+    assert f() == 1
+    with pytest.raises(UnmetDependency, match="ferroparallel_no_such_module_xyz"):
+        f.check_dependency()
 
 
 def test_dependent_is_picklable_by_value() -> None:

@@ -360,6 +360,28 @@ def test_interactive_functions_see_pushed_names(dv: DirectView) -> None:
     assert dv["made_remotely"] == ["yes", "yes"]
 
 
+def test_engine_process_looks_like_an_ipyparallel_engine(dv: DirectView, tmp_path: Path) -> None:
+    # as on an ipyparallel engine: no engine options in sys.argv (a module parsing the command
+    # line when imported must not see them), and imports follow the working directory
+    argvs = dv.apply_sync(lambda: list(__import__("sys").argv))
+    assert all(len(argv) == 1 for argv in argvs)
+    (tmp_path / "fp_cwd_module_xyz.py").write_text("VALUE = 'from cwd'\n")
+
+    def import_from(path: str) -> str:
+        import importlib
+        import os
+
+        old = os.getcwd()
+        os.chdir(path)
+        try:
+            return importlib.import_module("fp_cwd_module_xyz").VALUE
+        finally:
+            os.chdir(old)
+
+    assert dv.apply_sync(import_from, str(tmp_path)) == ["from cwd", "from cwd"]
+    dv.execute("import sys; sys.modules.pop('fp_cwd_module_xyz', None)", block=True)
+
+
 def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
     try:
         ar = dv.use_pickle(block=False)  # the view's block by default, as ipyparallel

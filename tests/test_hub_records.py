@@ -221,8 +221,9 @@ def test_second_client_reads_results(rc: Client, other: Client) -> None:
         [ok.msg_ids[0], direct.msg_ids[0]]
     )
     assert st[ok.msg_ids[0]] == "shared"
+    unknown = other.get_result("no-such-msg-id")  # as ipyparallel: fails when asked, not here
     with pytest.raises(error.RemoteError) as ei:
-        other.get_result("no-such-msg-id")
+        unknown.get(timeout=SHORT)
     assert ei.value.ename == "KeyError"
 
 
@@ -327,7 +328,11 @@ def test_no_records_backend(fp_root: Path) -> None:
     try:
         ar = rc.load_balanced_view().apply_async(echo, 1)
         assert ar.get(timeout=SHORT) == 1
-        for call in (rc.hub_history, lambda: rc.db_query({}), lambda: rc.get_result("x")):
+        for call in (
+            rc.hub_history,
+            lambda: rc.db_query({}),
+            lambda: rc.get_result("x").get(SHORT),
+        ):
             with pytest.raises(error.RemoteError) as ei:
                 call()
             assert "--db none" in str(ei.value)
@@ -381,7 +386,7 @@ def test_memory_culling(fp_root: Path) -> None:
         assert ars[-1].msg_ids[0] in hist
         with ipp.Client(cluster.client_file, timeout=SHORT) as other:
             with pytest.raises(error.RemoteError) as ei:
-                other.get_result(ars[0].msg_ids[0])
+                other.get_result(ars[0].msg_ids[0]).get(timeout=SHORT)
             assert ei.value.ename == "KeyError" and "culled" in str(ei.value)
             assert other.get_result(ars[-1].msg_ids[0]).get(timeout=SHORT) == 29
     finally:

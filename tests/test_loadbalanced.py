@@ -616,6 +616,63 @@ def test_depend_met_nowhere_is_impossible(lv: LoadBalancedView) -> None:
     expect_remote(ar, error.ImpossibleDependency, "ImpossibleDependency")
 
 
+@ipp.interactive
+def has_marker(value: int) -> bool:
+    return globals().get("dep_marker") == value
+
+
+@ipp.interactive
+def read_marker() -> int:
+    return dep_marker  # noqa: F821 - pushed to the engines
+
+
+def test_depend_condition_and_function_see_the_engine_namespace(
+    rc: Client, lv: LoadBalancedView
+) -> None:
+    # the condition and the function of a dependent are bound to the engine's user namespace,
+    # as a plain @interactive function is
+    rc[0].push({"dep_marker": 10}, block=True)
+    rc[1].push({"dep_marker": 11}, block=True)
+    try:
+        there = ipp.depend(has_marker, 11)(read_marker)
+        ars = [lv.apply_async(there) for _ in range(4)]
+        assert [ar.get(timeout=WAIT) for ar in ars] == [11] * 4
+        assert {ar.metadata.engine_id for ar in ars} == {1}
+        # a direct view runs it where it is met; elsewhere the task fails with UnmetDependency
+        ar = rc.direct_view([0, 1]).apply_async(ipp.dependent(read_marker, has_marker, 10))
+        with pytest.raises(ipp.CompositeError) as info:
+            ar.get(timeout=WAIT)
+        assert [e[0] for e in info.value.elist] == ["UnmetDependency"]
+        assert ar.metadata[0]["status"] == "ok" and ar.metadata[1]["status"] == "error"
+    finally:
+        rc[:].execute("dep_marker = None", block=True)
+
+
+def test_depend_only_false_is_unmet(lv: LoadBalancedView) -> None:
+    # a condition returning None (or any value but False) is met, as in ipyparallel
+    f = ipp.depend(echo, None)(double)
+    assert lv.apply_sync(f, 4) == 8
+
+
+def test_require_submodule_binds_the_package_in_the_namespace(rc: Client) -> None:
+    @ipp.require("os", "json.decoder")
+    @ipp.interactive
+    def names() -> tuple[str, str]:
+        return (os.sep, json.decoder.__name__)  # noqa: F821 - imported by @require
+
+    assert rc.load_balanced_view().apply_sync(names) == (os.sep, "json.decoder")
+    assert rc[0].apply_sync(ipp.interactive(lambda: json.__name__)) == "json"  # noqa: F821
+
+
+def test_require_unmet_names_the_module(rc: Client) -> None:
+    f = ipp.require("ferroparallel_no_such_module_xyz")(echo)
+    assert f(3) == 3  # a local call does not check
+    with pytest.raises(ipp.RemoteError) as info:
+        rc[0].apply_sync(f, 3)
+    assert info.value.ename == "UnmetDependency"
+    assert "ferroparallel_no_such_module_xyz" in info.value.evalue
+
+
 # -- map ------------------------------------------------------------------------------------------
 
 

@@ -76,6 +76,17 @@ def test_noblock_out_and_pxresult(magics: Any, capsys) -> None:
     assert out.count("42") == 2
 
 
+def test_px_results_are_named_after_the_magic(magics: Any, capsys) -> None:
+    # as ipyparallel: the AsyncResult of %px / %%px is called "%px" (repr, errors)
+    ar = magics.run_line_magic("px", "--noblock 40 + 2")
+    assert len(ar.get(timeout=30)) == 2
+    assert repr(ar).startswith("<AsyncResult(%px): ")
+    cell = magics.run_cell_magic("px", "--noblock", "1 / 0")
+    with pytest.raises(error.CompositeError, match="raised in: %px"):
+        cell.get(timeout=30)
+    capsys.readouterr()
+
+
 def test_errors_are_raised_with_the_remote_traceback(magics: Any, capsys) -> None:
     # streamed: the tracebacks are shown as they come, then a short AlreadyDisplayedError
     with pytest.raises(error.AlreadyDisplayedError) as shown:
@@ -140,5 +151,5 @@ def test_view_activate_returns_none_inside_ipython(ip: InteractiveShell, rc: Cli
 
 def test_activate_outside_ipython_warns(rc: Client) -> None:
     InteractiveShell.clear_instance()
-    with pytest.warns(RuntimeWarning, match="IPython session"):
+    with pytest.warns(UserWarning, match="IPython session"):  # ipyparallel's category
         assert rc[:].activate() is None

@@ -99,21 +99,57 @@ class Dependency(set):
 
 
 class dependent:  # noqa: N801 - ipyparallel's name
-    """A function that only runs where ``df(*dargs, **dkwargs)`` is true; elsewhere it raises
-    UnmetDependency so the scheduler can place it on another engine."""
+    """A function that only runs on engines where ``df(*dargs, **dkwargs)`` holds.
+
+    The condition is checked on the engine when the task arrives (when the object is unpacked
+    into the engine's namespace), not when the object is called: calling it locally runs the
+    function. Where ``df`` returns ``False`` (or raises :class:`UnmetDependency`) the task fails
+    with UnmetDependency, and a load-balanced scheduler tries it on another engine.
+
+    Parameters
+    ----------
+    _wrapped_f : callable
+        The function to run.
+    _df : callable
+        The condition, called as ``_df(*dargs, **dkwargs)`` on the engine.
+    *dargs, **dkwargs
+        Its arguments.
+    """
 
     def __init__(
         self, _wrapped_f: Callable[..., Any], _df: Callable[..., Any], *dargs: Any, **dkwargs: Any
     ) -> None:
+        functools.update_wrapper(self, _wrapped_f)  # first: it copies _wrapped_f.__dict__
+        self.__dict__.pop("_provides", None)
+        if not hasattr(self, "__name__"):
+            self.__name__ = "f"
         self.f = _wrapped_f
         self.df = _df
         self.dargs = dargs
         self.dkwargs = dkwargs
-        functools.update_wrapper(self, _wrapped_f)
+
+    def check_dependency(self) -> None:
+        """Raise :class:`UnmetDependency` if the condition returns ``False`` here.
+
+        Raises
+        ------
+        UnmetDependency
+            ``df(*dargs, **dkwargs)`` returned ``False`` (or raised it).
+        """
+        if self.df(*self.dargs, **self.dkwargs) is False:
+            name = getattr(self.df, "__name__", repr(self.df))
+            raise UnmetDependency(f"dependency {name} not met")
+
+    def _resolve_in(self, resolve: Callable[[Any], Any]) -> dependent:
+        """Engine side: bind the parts to the user namespace, then check the condition."""
+        self.f = resolve(self.f)
+        self.df = resolve(self.df)
+        self.dargs = resolve(self.dargs)
+        self.dkwargs = resolve(self.dkwargs)
+        self.check_dependency()
+        return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.df(*self.dargs, **self.dkwargs):
-            raise UnmetDependency(f"dependency {getattr(self.df, '__name__', self.df)} not met")
         provided = getattr(self, "_provides", None)
         if provided:
             # @require: make the modules and objects visible to the wrapped function,
@@ -125,13 +161,31 @@ class dependent:  # noqa: N801 - ipyparallel's name
         return self.f(*args, **kwargs)
 
 
-def depend(_df: Callable[..., Any], *dargs: Any, **dkwargs: Any) -> Callable[[Callable], dependent]:
-    """Decorator: run the function only where ``_df(*dargs, **dkwargs)`` returns True."""
+class depend:  # noqa: N801 - ipyparallel's name
+    """Decorator: run the function only on engines where ``_df(*dargs, **dkwargs)`` holds.
 
-    def deco(f: Callable[..., Any]) -> dependent:
-        return dependent(f, _df, *dargs, **dkwargs)
+    Parameters
+    ----------
+    _df : callable
+        The condition, called on the engine before the task runs; returning ``False`` (or
+        raising :class:`UnmetDependency`) sends the task to another engine.
+    *dargs, **dkwargs
+        Its arguments.
 
-    return deco
+    Examples
+    --------
+    >>> @depend(has_gpu, 0)
+    ... def train(x): ...
+    >>> lview.apply(train, data)  # doctest: +SKIP
+    """
+
+    def __init__(self, _df: Callable[..., Any], *dargs: Any, **dkwargs: Any) -> None:
+        self.f = _df
+        self.args = dargs
+        self.kwargs = dkwargs
+
+    def __call__(self, f: Callable[..., Any]) -> dependent:
+        return dependent(f, self.f, *self.args, **self.kwargs)
 
 
 @interactive
@@ -139,9 +193,11 @@ def _require(*modules: str, **mapping: Any) -> bool:
     g = globals()
     for name in modules:
         try:
-            g[name.split(".")[0]] = importlib.import_module(name)
+            importlib.import_module(name)
         except ImportError:
-            return False
+            raise UnmetDependency(name) from None
+        top = name.split(".")[0]  # as ``import a.b`` binds ``a``
+        g[top] = importlib.import_module(top)
     g.update(mapping)
     return True
 
@@ -163,7 +219,10 @@ def require(*objects: Any, **mapping: Any) -> Callable[[Callable], dependent]:
     def provides() -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in names:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue  # a local call: the engine checks the requirement, not the caller
             top = name.split(".")[0]
             out[top] = importlib.import_module(top)
         out.update(mapping)

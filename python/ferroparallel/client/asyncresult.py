@@ -256,6 +256,13 @@ class AsyncResult(SlimFuture):
             return None
         return CompositeError(f"one or more exceptions raised in: {self._fname}", errors)
 
+    def _failure_of(self, i: int, exc: BaseException) -> CompositeError:
+        """The CompositeError of child ``i``'s failure alone: what iterating over the results
+        raises at a failed one (as ipyparallel, which wraps even a single error)."""
+        return CompositeError(
+            f"one or more exceptions raised in: {self._fname}", [self._error_entry(i, exc)]
+        )
+
     def _compute(self, return_exceptions: bool) -> tuple[Any, BaseException | None]:
         """``(result, None)`` or ``(None, error)`` from the finished children."""
         outcomes = self._outcomes()
@@ -740,11 +747,11 @@ class AsyncResult(SlimFuture):
         if self.done():  # as ipyparallel: a failure anywhere raises the CompositeError
             yield from self.get(0)
             return
-        for child in self._children:
+        for i, child in enumerate(self._children):
             wait_interruptibly(child)
             value, failed = _outcome(child)
             if failed and not self._return_exceptions:
-                raise self._failures([(value, failed)]) or value
+                raise self._failure_of(i, value)
             yield value
 
     # -- output -------------------------------------------------------------------------------
@@ -882,11 +889,12 @@ class AsyncMapResult(AsyncResult):
         return super().get_dict(timeout)
 
     def _chunk_items(self, i: int) -> list[Any]:
-        """The elements of finished chunk ``i`` (raises its error unless return_exceptions)."""
+        """The elements of finished chunk ``i`` (raises its error, as a CompositeError, unless
+        return_exceptions)."""
         value, failed = _outcome(self._children[i])
         if failed:
             if not self._return_exceptions:
-                raise value
+                raise self._failure_of(i, value)
             return [value] * self._chunk_size(i)
         return _items(value)
 

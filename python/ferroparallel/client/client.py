@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Bytes, Dict, Float, HasTraits, Instance, List, Set, Unicode
+from traitlets import Bool, Bytes, Float, HasTraits, Instance, List, Set, Unicode
 
 from .. import _core, error, paths
 from .. import curve as _curve
@@ -219,7 +219,9 @@ class Client(HasTraits):
     curve_secretkey = Bytes(None, allow_none=True, help="this client's CURVE secret key (Z85)")
     profile = Unicode("default")
     outstanding = Set(help="msg_ids of requests without a reply")
-    results = Dict(help="results by msg_id, until their AsyncResult owns them")
+    results = Instance(
+        dict, help="results by msg_id, until their AsyncResult owns them (a missing one reads {})"
+    )
     metadata = Instance(collections.defaultdict)
     history = List(help="msg_ids of every request sent, in order")
     _ids = List()
@@ -252,7 +254,10 @@ class Client(HasTraits):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            debug=debug, timeout=float(timeout), metadata=collections.defaultdict(Metadata)
+            debug=debug,
+            timeout=float(timeout),
+            metadata=collections.defaultdict(Metadata),
+            results=collections.defaultdict(dict),  # as ipyparallel's
         )
         # The per-message path reads these traits from ``_trait_values`` (a trait read costs
         # ~1 µs); reading each once here puts its default value there.
@@ -1070,6 +1075,8 @@ class Client(HasTraits):
         if jobs is None:
             return list(self.outstanding)
         ids: list[str] = []
+        if not isinstance(jobs, Iterable) and not isinstance(jobs, int):
+            jobs = [jobs]  # reported below, as one job of the wrong type
         for job in _as_list(jobs):
             if isinstance(job, str):
                 ids.append(job)
@@ -1078,7 +1085,8 @@ class Client(HasTraits):
             elif hasattr(job, "msg_ids"):
                 ids.extend(job.msg_ids)
             else:
-                raise TypeError(f"not a msg_id or AsyncResult: {job!r}")
+                # ipyparallel's wording
+                raise TypeError(f"Expected msg_id, int, or AsyncResult, got {job!r}")
         return ids
 
     def _send_control(
@@ -1354,7 +1362,9 @@ class Client(HasTraits):
         """An AsyncResult for earlier requests (msg_ids, history indices or AsyncResults).
 
         Requests this client does not hold (e.g. submitted by another client) are fetched
-        from the hub's task records: the result is then an AsyncHubResult.
+        from the hub's task records: the result is then an AsyncHubResult. A msg_id the hub
+        does not know fails it: its ``get`` raises the hub's RemoteError (as does this call
+        when it blocks).
         """
         from . import hub
         from .asyncresult import AsyncResult
@@ -1368,8 +1378,15 @@ class Client(HasTraits):
         msg_ids = self._msg_ids_of(indices_or_msg_ids)
         foreign = [m for m in msg_ids if m not in self._futures]
         if foreign:
-            hub.result_status(self, foreign)  # unknown msg_ids raise here
-            ar = hub.async_hub_result(self, msg_ids, "get_result", owner, single)
+            try:
+                hub.result_status(self, foreign)
+            except error.RemoteError as exc:
+                if self.block if block is None else block:
+                    raise  # as ipyparallel: waiting for the result raises the hub's error
+                # as ipyparallel: an unknown msg_id fails the AsyncHubResult, not this call
+                ar = hub.failed_hub_result(self, msg_ids, exc, "get_result", owner, single)
+            else:
+                ar = hub.async_hub_result(self, msg_ids, "get_result", owner, single)
         else:
             futs = [self._futures[m] for m in msg_ids]
             ar = AsyncResult(self, futs, fname="get_result", owner=owner, single_result=single)

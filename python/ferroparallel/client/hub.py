@@ -351,6 +351,29 @@ def async_hub_result(
     return AsyncHubResult(client, futs, fname=fname, owner=owner, single_result=single)
 
 
+def failed_hub_result(
+    client: Client,
+    msg_ids: list[str],
+    exc: BaseException,
+    fname: str,
+    owner: bool = False,
+    single: bool | None = None,
+) -> AsyncHubResult:
+    """An AsyncHubResult over ``msg_ids`` that the hub refused to look up: the client's own
+    futures where it has them, futures failed with ``exc`` for the others."""
+    from .asyncresult import AsyncHubResult
+
+    futs = []
+    for msg_id in msg_ids:
+        fut = client._futures.get(msg_id)
+        if fut is None:
+            fut = MessageFuture(msg_id, {"msg_id": msg_id})
+            fut.set_exception(exc)
+            fut.finish_output()
+        futs.append(fut)
+    return AsyncHubResult(client, futs, fname=fname, owner=owner, single_result=single)
+
+
 def resubmit(client: Client, msg_ids: list[str]) -> tuple[dict[str, str], AsyncHubResult]:
     """Resubmit finished tasks; returns ``{old: new}`` and an AsyncHubResult on the new ids."""
     content = hub_query(client, "resubmit_request", {"msg_ids": msg_ids})["content"]

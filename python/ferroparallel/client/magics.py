@@ -176,6 +176,7 @@ class ParallelMagics(Magics):
             kind = "Parallel" if block else "Async parallel"
             print(f"{kind} execution on engine(s): {where}")
         ar = view.execute(code, silent=False, targets=targets, block=False)
+        ar._fname = "%px"  # as ipyparallel: its repr, progress bar and errors name the magic
         self.last_result = ar
         if args.save_name:
             self.shell.user_ns[args.save_name] = ar
@@ -345,7 +346,7 @@ def activate(view: DirectView, suffix: str = "") -> ParallelMagics | None:
 
         warnings.warn(
             "the parallel magics need an IPython session: activate() did nothing",
-            RuntimeWarning,
+            UserWarning,  # as ipyparallel's
             stacklevel=3,
         )
         return None

@@ -542,7 +542,7 @@ class DirectView(View):
 
             warnings.warn(
                 "the parallel magics need IPython (pip install ferroparallel[magics])",
-                RuntimeWarning,
+                UserWarning,  # as ipyparallel's
                 stacklevel=2,
             )
             return None

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .cluster import Cluster, new_cluster_id
+from .manager import ClusterManager
 
-__all__ = ["Cluster", "new_cluster_id"]
+__all__ = ["Cluster", "ClusterManager", "new_cluster_id"]

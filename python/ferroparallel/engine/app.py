@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 from ..controller.config import parse_log_level
@@ -81,6 +82,18 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
     return p
 
 
+def _present_as_kernel() -> None:
+    """Show user code the process an ipyparallel (IPython kernel) engine shows it.
+
+    ``sys.argv`` keeps only the program: the engine's own options would trip modules that parse
+    the command line when imported (argparse, absl). ``''`` leads ``sys.path``, so that imports
+    follow the working directory when user code changes it (``%px cd``, ``os.chdir``).
+    """
+    del sys.argv[1:]
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one engine until it is shut down.
 
@@ -147,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tunnels is not None:
             tunnels.close()
         return EXIT_FAILED
+    _present_as_kernel()
     try:
         return kernel.run()
     finally:

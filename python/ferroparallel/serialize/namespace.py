@@ -11,17 +11,30 @@ from .reference import Reference
 from .walk import transform_leaves
 
 _LEAF_TYPES: frozenset[type] = frozenset({Reference, types.FunctionType})
+#: The leaf types with ``dependent`` (imported on first use: that module imports this package).
+_leaf_types: frozenset[type] | None = None
+
+
+def _all_leaf_types() -> frozenset[type]:
+    global _leaf_types  # noqa: PLW0603 - a once-computed cache
+    if _leaf_types is None:
+        from ..dependency import dependent  # noqa: PLC0415 - circular at import time
+
+        _leaf_types = _LEAF_TYPES | {dependent}
+    return _leaf_types
 
 
 def resolve_in_namespace(obj: Any, namespace: dict[str, Any]) -> Any:
     """Bind a freshly unpickled object to the engine namespace.
 
     ``Reference(name)`` becomes ``eval(name, namespace)`` and functions from ``__main__`` are
-    rebuilt with ``namespace`` as their globals (see :mod:`.interactive`). Applies to ``obj``
-    itself and to values at any depth of plain lists, tuples and dicts (at most
-    :data:`~.buffers.SCAN_BUDGET` container items in all; larger containers are left as they
-    are); objects inside other objects (attributes, sets, subclasses of the containers) are
-    left as they are.
+    rebuilt with ``namespace`` as their globals (see :mod:`.interactive`). A ``dependent``
+    (``@depend``/``@require``) gets the same treatment of its function, condition and their
+    arguments, then its condition is checked (UnmetDependency where it does not hold).
+    Applies to ``obj`` itself and to values at any depth of plain lists, tuples and dicts (at
+    most :data:`~.buffers.SCAN_BUDGET` container items in all; larger containers are left as
+    they are); objects inside other objects (attributes, sets, subclasses of the containers)
+    are left as they are.
 
     Parameters
     ----------
@@ -37,11 +50,17 @@ def resolve_in_namespace(obj: Any, namespace: dict[str, Any]) -> Any:
     """
     relinker = Relinker(namespace)
 
-    def leaf(value: Any) -> Any:
-        if type(value) is Reference:
-            return value.get_object(namespace)
-        if value.__module__ == "__main__":
-            return relinker.relink(value)
-        return value
+    leaf_types = _all_leaf_types()
 
-    return transform_leaves(obj, _LEAF_TYPES, leaf, SCAN_BUDGET)
+    def leaf(value: Any) -> Any:
+        t = type(value)
+        if t is Reference:
+            return value.get_object(namespace)
+        if t is types.FunctionType:
+            return relinker.relink(value) if value.__module__ == "__main__" else value
+        return value._resolve_in(resolve)  # a dependent
+
+    def resolve(value: Any) -> Any:
+        return transform_leaves(value, leaf_types, leaf, SCAN_BUDGET)
+
+    return resolve(obj)
