@@ -773,20 +773,7 @@ impl Loop {
                         }
                     }
                 }
-                let mut sent = 0;
-                while let Some(frames) = pending.pop_front() {
-                    match send_frames(sock, frames) {
-                        SendOutcome::Sent => sent += 1,
-                        SendOutcome::WouldBlock(frames) => {
-                            pending.push_front(frames);
-                            break;
-                        }
-                        SendOutcome::Failed(_) => {
-                            self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                self.stats.sent.fetch_add(sent, Ordering::Relaxed);
+                send_queue(sock, pending, &self.stats);
                 // After our own operations ZMQ_FD may not signal what is already there: look.
                 let events = sock.get_events().unwrap_or(zmq::POLLIN);
                 (
@@ -872,20 +859,7 @@ impl Loop {
                 let Some(sock) = sock.as_mut() else {
                     continue;
                 };
-                while let Some(frames) = pending.pop_front() {
-                    match send_frames(sock, frames) {
-                        SendOutcome::Sent => {
-                            self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        SendOutcome::WouldBlock(frames) => {
-                            pending.push_front(frames);
-                            break;
-                        }
-                        SendOutcome::Failed(_) => {
-                            self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
+                send_queue(sock, pending, &self.stats);
                 left |= !pending.is_empty();
             }
             if !left || Instant::now() >= deadline {
@@ -969,12 +943,24 @@ mod tests {
     /// signal would show as a poll that timed out with messages waiting).
     #[test]
     fn concurrent_direct_sends_lose_nothing() {
+        threads_send_and_receive_every_echo_in_order(false);
+    }
+
+    /// The same with batching on: held messages all leave (the I/O thread's deadline sends
+    /// the last ones, nobody waits in `wait_priority`), in order, none twice.
+    #[test]
+    fn batched_sends_all_arrive_in_order_without_a_waiter() {
+        threads_send_and_receive_every_echo_in_order(true);
+    }
+
+    fn threads_send_and_receive_every_echo_in_order(batching: bool) {
         const THREADS: usize = 4;
         const EACH: usize = 2000;
         let total = THREADS * EACH;
         let t = Duration::from_secs(20);
         let (server, endpoint, echo) = echo_server(total);
         let client = Arc::new(io());
+        client.set_batching(batching);
         let mut spec = raw("c", SocketKind::Dealer);
         spec.connect = vec![endpoint];
         client.add_socket(spec, t).expect("connect");
@@ -1122,70 +1108,6 @@ mod tests {
             0,
             "a wake-up was lost"
         );
-        drop(server);
-    }
-
-    /// With batching on, a burst of sends (from two threads) arrives complete and in each
-    /// sender's order without anyone waiting for it (the I/O thread's deadline sends what is
-    /// held), and a lone send after a pause leaves at once.
-    #[test]
-    fn batched_sends_all_arrive_in_order_without_a_waiter() {
-        const EACH: usize = 300;
-        let total = 2 * EACH + 1;
-        let (server, endpoint, echo) = echo_server(total);
-        let client = Arc::new(io());
-        client.set_batching(true);
-        let mut spec = raw("c", SocketKind::Dealer);
-        spec.connect = vec![endpoint];
-        client
-            .add_socket(spec, Duration::from_secs(10))
-            .expect("connect");
-        let senders: Vec<_> = (0..2)
-            .map(|k| {
-                let client = client.clone();
-                std::thread::spawn(move || {
-                    for i in 0..EACH {
-                        let body = format!("{k}:{i:04}").into_bytes();
-                        client.send("c", vec![OutFrame::Owned(body)]).expect("send");
-                    }
-                })
-            })
-            .collect();
-        for s in senders {
-            s.join().expect("sender");
-        }
-        let mut got: Vec<Vec<u8>> = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while got.len() < 2 * EACH && Instant::now() < deadline {
-            let (batch, _) = client.inbox.wait_batch(Duration::from_millis(50), 1000);
-            for inc in batch {
-                if let Delivery::Raw(frames) = inc.delivery {
-                    got.push(frames[0].as_ref().to_vec());
-                }
-            }
-        }
-        assert_eq!(got.len(), 2 * EACH, "every message came back once");
-        for k in 0..2 {
-            let mine: Vec<&Vec<u8>> = got
-                .iter()
-                .filter(|b| b.starts_with(format!("{k}:").as_bytes()))
-                .collect();
-            let mut sorted = mine.clone();
-            sorted.sort();
-            assert_eq!(mine, sorted, "sender {k}'s messages kept their order");
-            assert_eq!(mine.len(), EACH);
-        }
-        // after a pause: leaves at once (no deadline to wait for), echoed well within 1 s
-        std::thread::sleep(Duration::from_millis(5));
-        let t0 = Instant::now();
-        client
-            .send("c", vec![OutFrame::Owned(b"last".to_vec())])
-            .expect("send");
-        let (batch, _) = client.inbox.wait_batch(Duration::from_secs(5), 10);
-        assert_eq!(batch.len(), 1, "the lone message came back");
-        assert!(t0.elapsed() < Duration::from_secs(1));
-        assert_eq!(echo.join().expect("echo"), total);
-        assert_eq!(client.stats.late.load(Ordering::Relaxed), 0);
         drop(server);
     }
 
