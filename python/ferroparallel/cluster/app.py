@@ -37,7 +37,9 @@ def _add_profile_args(p: argparse.ArgumentParser, cluster_id: bool = True) -> No
 
 def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser:
     """The argument parser of the cluster command."""
-    p = argparse.ArgumentParser(prog=prog, description="Start, stop, list and clean clusters.")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Start, stop, list and clean clusters, or add engines to one."
+    )
     sub = p.add_subparsers(dest="action", metavar="{start,stop,list,clean,engines}")
     sub.required = True
 
