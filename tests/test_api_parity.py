@@ -93,6 +93,19 @@ def test_broadcast_view(rc: Client) -> None:
     assert "is_coalescing" in coalescing.trait_names()
 
 
+def test_broadcast_results_say_they_were_broadcast(rc: Client) -> None:
+    """As ipyparallel: results of a BroadcastView carry ``is_broadcast`` (and the view's
+    ``is_coalescing``) in their metadata; a DirectView's do not."""
+    ar = rc.broadcast_view().apply_async(os.getpid)
+    ar.get(timeout=SHORT)
+    assert [(m["is_broadcast"], m["is_coalescing"]) for m in ar.metadata] == [(True, False)] * 2
+    ar = rc.broadcast_view(is_coalescing=True).execute("bv_x = 1", block=True)
+    assert [(m["is_broadcast"], m["is_coalescing"]) for m in ar.metadata] == [(True, True)] * 2
+    ar = rc[:].apply_async(os.getpid)
+    ar.get(timeout=SHORT)
+    assert [m["is_broadcast"] for m in ar.metadata] == [False, False]
+
+
 def test_publish_data_reaches_metadata(rc: Client, dv: DirectView) -> None:
     ar = dv.apply_async(publish_steps, 3)
     assert ar.get(timeout=SHORT) == [3, 3]

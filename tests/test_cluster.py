@@ -493,6 +493,32 @@ def test_cli_daemonize_list_stop(fp_root: Path) -> None:
 
 
 @needs_engine
+def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
+    """ipcluster's spellings: ``--n=1 --daemonize=True``, and ``engines`` adding a set of
+    engines to a running cluster (stopped with it by ``stop``)."""
+    r = cli("start", "--n=1", "--daemonize=True", "--profile=ipc", "--cluster-id=x")
+    assert r.returncode == 0, r.stderr
+    c = Cluster.from_file(profile_dir=fp_root / "profile_ipc", cluster_id="x")
+    try:
+        r = cli("engines", "--n=2", "--daemonize", "--profile=ipc", "--cluster-id=x")
+        assert r.returncode == 0, r.stderr
+        assert "2 registered" in r.stdout
+        c = Cluster.from_file(profile_dir=fp_root / "profile_ipc", cluster_id="x")
+        assert sorted(es.n for es in c.engines.values()) == [1, 2]
+        wait_registered(c, 3)
+        pids = all_pids(c)
+        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+    finally:
+        r = cli("stop", "--profile=ipc", "--cluster-id=x")
+    assert r.returncode == 0, r.stderr
+    assert_gone(pids)
+    r = cli("engines", "-n", "1", "--daemonize", "--profile=ipc", "--cluster-id=x")
+    assert r.returncode == 1 and "no running cluster 'x'" in r.stderr
+    r = cli("start", "-n", "1", "--daemonize=maybe", "--profile=ipc")
+    assert r.returncode == 2 and "expected True or False" in r.stderr
+
+
+@needs_engine
 def test_cli_foreground_ctrl_c(fp_root: Path) -> None:
     p = subprocess.Popen(
         [sys.executable, "-m", "ferroparallel", "cluster", "start", "-n", "1", "--profile", "fg"],

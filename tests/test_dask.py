@@ -89,3 +89,28 @@ def test_missing_distributed_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match=r"pip install 'dask\[distributed\]'"):
         import_distributed()
+
+
+def test_scheduler_in_the_client_does_not_print_info_logs(dask_rc: Client) -> None:
+    """ipyparallel's scheduler logs in its controller; ours runs in the user's process, where
+    dask's default stream handler would print every worker connection at INFO. The handlers
+    are raised to WARNING while the scheduler runs and restored by ``stop_dask``."""
+    import io
+    import logging
+
+    rc = dask_rc
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setLevel(logging.INFO)
+    dlog = logging.getLogger("distributed")
+    dlog.addHandler(handler)
+    try:
+        dc = rc.become_dask()
+        assert dc.submit(lambda: 3).result(timeout=SHORT) == 3
+        assert handler.level == logging.WARNING
+        rc.stop_dask()
+        assert handler.level == logging.INFO
+        assert "Register worker" not in buf.getvalue()
+        assert " - INFO - " not in buf.getvalue() and "INFO" not in buf.getvalue()
+    finally:
+        dlog.removeHandler(handler)

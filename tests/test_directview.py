@@ -554,3 +554,41 @@ def test_slice_view_is_frozen_at_creation(growing_cluster: tuple[Cluster, Client
     cluster.start_engines_sync(1)
     grc.wait_for_engines(before + 1, timeout=10)
     assert frozen.apply_sync(lambda: 1) == [1] * before
+
+
+# ----- rich output from apply ------------------------------------------------------------------
+
+
+def _display_rich() -> tuple[str, bool]:
+    """Run on an engine that has not imported IPython yet: import it here, then display."""
+    from IPython import get_ipython
+    from IPython.display import HTML, display
+
+    display(HTML("<b>hi</b>"))
+    display({"text/plain": "raw"}, raw=True)
+    print("after")
+    return type(get_ipython()).__name__, get_ipython() is not None
+
+
+def test_apply_display_publishes_display_data_on_a_fresh_engine(
+    new_cluster: Callable[..., tuple[Cluster, Client]],
+) -> None:
+    """As on ipyparallel's (ipykernel) engines: ``display()`` and ``get_ipython()`` work in
+    functions sent with ``apply``, even when that call is the first to import IPython; the
+    output lands in ``ar.outputs``, not as text in ``ar.stdout``."""
+    _, rc = new_cluster(n=1)
+    ar = rc[:].apply_async(_display_rich)
+    ((_, has_shell),) = ar.get(timeout=SHORT)
+    assert has_shell
+    assert ar.wait_for_output(SHORT)
+    assert ar.stdout == ["after\n"]
+    (outputs,) = ar.outputs
+    assert [o["data"]["text/plain"] for o in outputs][1:] == ["raw"]
+    assert outputs[0]["data"]["text/html"] == "<b>hi</b>"
+    # later calls (IPython now imported) and execute share that shell
+    again = rc[:].apply_async(_display_rich)
+    again.get(timeout=SHORT)
+    assert again.wait_for_output(SHORT)
+    assert len(again.outputs[0]) == 2 and again.stdout == ["after\n"]
+    rc[:].execute("x = get_ipython() is not None", block=True)
+    assert rc[:]["x"] == [True]

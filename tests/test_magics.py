@@ -153,3 +153,13 @@ def test_activate_outside_ipython_warns(rc: Client) -> None:
     InteractiveShell.clear_instance()
     with pytest.warns(UserWarning, match="IPython session"):  # ipyparallel's category
         assert rc[:].activate() is None
+
+
+def test_bare_px_runs_nothing_quietly(magics: Any, capsys) -> None:
+    """As ipyparallel's: a bare ``%px`` runs the empty cell on the engines (no error); options
+    without code are still refused."""
+    res = magics.run_cell("%px")
+    assert res.success, res.error_in_exec
+    assert capsys.readouterr().out == ""
+    with pytest.raises(UsageError, match="needs code"):
+        magics.run_line_magic("px", "--targets 0")

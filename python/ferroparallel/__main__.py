@@ -16,7 +16,10 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "controller": ("ferroparallel.controller.app", "run a controller in this process"),
     "engine": ("ferroparallel.engine.app", "run an engine in this process"),
-    "cluster": ("ferroparallel.cluster.app", "start, stop, list and clean local clusters"),
+    "cluster": (
+        "ferroparallel.cluster.app",
+        "start, stop, list and clean local clusters; add engines",
+    ),
     "demo": ("ferroparallel.demo", "start a local cluster, run real work on it, report, stop"),
 }
 

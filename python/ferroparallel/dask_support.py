@@ -10,7 +10,9 @@ they are pickled by reference.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -113,6 +115,22 @@ def _loopback_host(url: str | None) -> str | None:
         return None
 
 
+def _quiet_distributed_logs(level: int = logging.WARNING) -> contextlib.ExitStack:
+    """Raise the stream handlers of the ``distributed`` logger to ``level`` until the
+    returned stack is closed.
+
+    The scheduler runs in this (the user's) process, where dask's default logging would print
+    every worker connection at INFO; ipyparallel's scheduler logs in its controller instead.
+    Handlers set to ``level`` or above by the user are left alone.
+    """
+    stack = contextlib.ExitStack()
+    for handler in logging.getLogger("distributed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.level < level:
+            stack.callback(handler.setLevel, handler.level)
+            handler.setLevel(level)
+    return stack
+
+
 class DaskBridge:
     """The dask scheduler of one ferroparallel Client and the engines that serve it.
 
@@ -127,6 +145,7 @@ class DaskBridge:
         self._host = _loopback_host(controller_url)
         self._loop: LoopThread | None = None
         self._scheduler: Any = None
+        self._quiet: contextlib.ExitStack | None = None
         self._lock = threading.Lock()
 
     @property
@@ -150,11 +169,14 @@ class DaskBridge:
             async def start() -> Any:
                 return await distributed.Scheduler(**args)
 
+            quiet = _quiet_distributed_logs()
             try:
                 self._scheduler = loop.run(start(), START_TIMEOUT)
             except BaseException:
                 loop.stop()
+                quiet.close()
                 raise
+            self._quiet = quiet
             self._loop = loop
             return str(self._scheduler.address)
 
@@ -168,11 +190,13 @@ class DaskBridge:
     def stop_scheduler(self) -> None:
         """Close the scheduler (its workers are told to close) and its loop thread."""
         with self._lock:
-            scheduler, loop = self._scheduler, self._loop
-            self._scheduler = self._loop = None
+            scheduler, loop, quiet = self._scheduler, self._loop, self._quiet
+            self._scheduler = self._loop = self._quiet = None
         if scheduler is None or loop is None:
             return
         try:
             loop.run(scheduler.close(), CLOSE_TIMEOUT)
         finally:
             loop.stop()
+            if quiet is not None:
+                quiet.close()

@@ -155,6 +155,9 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         values["engine_id"] = client._uuids[engine_uuid]
     if "label" in md_in:
         values["label"] = md_in["label"]
+    if md_in.get("is_broadcast"):  # a BroadcastView's request (the engine echoes the flags)
+        values["is_broadcast"] = True
+        values["is_coalescing"] = bool(md_in.get("is_coalescing"))
     dict.update(md, values)
     result: Any = None
     exc: BaseException | None = None

@@ -238,8 +238,9 @@ class ParallelMagics(Magics):
         """
         opts, code = _split_options(line)
         args = _exec_parser("%px", cell=False).parse_args(opts)
-        if not code.strip():
+        if not code.strip() and opts:
             raise UsageError("%px needs code to run, e.g. %px import numpy")
+        # a bare %px runs the empty cell on the engines, as ipyparallel's does
         return self._run(code, args)
 
     def cell_px(self, line: str, cell: str) -> Any:

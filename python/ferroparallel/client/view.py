@@ -272,6 +272,10 @@ class DirectView(View):
     def __init__(self, client: Any = None, targets: Any = "all", **flags: Any) -> None:
         super().__init__(client=client, targets=targets, **flags)
 
+    def _request_md(self) -> dict[str, Any]:
+        """Metadata of this view's requests (the engine copies it into the replies)."""
+        return {"label": self.label} if self.label else {}
+
     def _targets(self, targets: Any = None) -> tuple[list[str], list[int], bool]:
         t = self.targets if targets is None else targets
         uuids, ids = self.client._build_targets(t)
@@ -292,9 +296,8 @@ class DirectView(View):
         client = self.client
         t = self.targets if targets is None else targets
         uuids, ids = client._build_targets(t)
-        label = self.label
         with client._shm.waiting(block):
-            futs = client.apply_to(uuids, f, args, kwargs, {"label": label} if label else {})
+            futs = client.apply_to(uuids, f, args, kwargs, self._request_md())
         single = isinstance(t, int)
         ar = AsyncResult(client, futs, fname=_name_of(f), targets=ids[0] if single else ids)
         return self._finish(ar, block)
@@ -356,8 +359,7 @@ class DirectView(View):
         """Run code (a string) in the engines' namespaces."""
         block = self._block(block)
         uuids, ids, single = self._targets(targets)
-        metadata = {"label": self.label} if self.label else {}
-        futs = self.client.execute_on(uuids, code, silent=silent, metadata=metadata)
+        futs = self.client.execute_on(uuids, code, silent=silent, metadata=self._request_md())
         ar = AsyncResult(self.client, futs, fname="execute", targets=ids[0] if single else ids)
         self._record(ar)
         if block:
@@ -459,7 +461,7 @@ class DirectView(View):
             raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
         uuids, ids, _ = self._targets(targets)
         with self.client._shm.waiting(block):
-            futs = self.client.apply_to(uuids, _pull, (key,), {})
+            futs = self.client.apply_to(uuids, _pull, (key,), {}, self._request_md())
         ar = AsyncMapResult(self.client, futs, dists[dist](), fname="gather")
         return self._finish(ar, block)
 
@@ -560,6 +562,13 @@ class BroadcastView(DirectView):
 
     is_coalescing = Bool(False)
     _flag_names = ("block", "track", "targets", "label", "is_coalescing")
+
+    def _request_md(self) -> dict[str, Any]:
+        """As ipyparallel's: the requests (and so their results' metadata) say they were
+        broadcast, and whether coalescing was asked for."""
+        md = super()._request_md()
+        md.update(is_broadcast=True, is_coalescing=bool(self.is_coalescing))
+        return md
 
 
 class LoadBalancedView(View):

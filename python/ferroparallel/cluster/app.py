@@ -37,18 +37,16 @@ def _add_profile_args(p: argparse.ArgumentParser, cluster_id: bool = True) -> No
 
 def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser:
     """The argument parser of the cluster command."""
-    p = argparse.ArgumentParser(prog=prog, description="Start, stop, list and clean clusters.")
-    sub = p.add_subparsers(dest="action", metavar="{start,stop,list,clean}")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Start, stop, list and clean clusters, or add engines to one."
+    )
+    sub = p.add_subparsers(dest="action", metavar="{start,stop,list,clean,engines}")
     sub.required = True
 
     s = sub.add_parser("start", help="start a controller and engines")
     _add_profile_args(s)
     s.add_argument("-n", "--n", type=int, default=None, help="number of engines (default: CPUs)")
-    s.add_argument(
-        "--daemonize",
-        action="store_true",
-        help="return once the cluster is up and leave it running in the background",
-    )
+    _add_daemonize(s, "return once the cluster is up and leave it running in the background")
     s.add_argument("--ip", help="controller interface (default 127.0.0.1)")
     s.add_argument(
         "--curve",
@@ -84,7 +82,43 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
 
     s = sub.add_parser("clean", help="remove state and connection files of stopped clusters")
     _add_profile_args(s, cluster_id=False)
+
+    s = sub.add_parser(
+        "engines",
+        help="start more engines for a running cluster (as 'ipcluster engines')",
+        description="Start a set of engines connected to a running cluster's controller; "
+        "'cluster stop' stops them with the cluster.",
+    )
+    _add_profile_args(s)
+    s.add_argument("-n", "--n", type=int, default=None, help="number of engines (default: CPUs)")
+    _add_daemonize(s, "return once the engines are up and leave them running in the background")
+    s.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
+    )
     return p
+
+
+def _bool_word(value: str) -> bool:
+    """``True``/``False`` (any case, or 1/0, yes/no) as ipcluster's ``--daemonize=True``."""
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, not {value!r}")
+
+
+def _add_daemonize(p: argparse.ArgumentParser, text: str) -> None:
+    """``--daemonize``, also in ipcluster's ``--daemonize=True`` / ``=False`` form."""
+    p.add_argument(
+        "--daemonize",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_bool_word,
+        metavar="BOOL",
+        help=text,
+    )
 
 
 def _profile_dirs(args: argparse.Namespace) -> list[Path]:
@@ -202,6 +236,68 @@ def _start(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, *old):
             signal.signal(sig, signal.SIG_IGN)
         cluster.stop_cluster_sync()
+        return 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from ._hub import registered_engines
+    from .cluster import Cluster
+
+    if args.n is not None and args.n < 0:
+        _err("-n must not be negative")
+        return 2
+    try:
+        cluster = Cluster.from_file(
+            profile=args.profile,
+            profile_dir=args.profile_dir,
+            cluster_id=args.cluster_id,
+            shutdown_atexit=False,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        _err(f"no running cluster {args.cluster_id!r} to add engines to ({e})")
+        return 1
+    if not cluster.running:
+        _err(f"the controller of cluster {cluster.cluster_id!r} is not running")
+        return 1
+    info = paths.load_connection_file(cluster.client_file, "client")
+    before = len(registered_engines(info, timeout=5.0) or [])
+    try:
+        esid = cluster.start_engines_sync(args.n)
+    except (RuntimeError, OSError) as e:
+        _err(f"failed to start engines: {e}")
+        return 1
+    n = cluster.engines[esid].n
+    try:
+        count = _wait_registered(cluster, before + n, args.timeout) - before
+    except RuntimeError as e:
+        _err(str(e))
+        cluster.stop_engines_sync(esid)
+        return 1
+    print(
+        f"Started {n} engine(s) for cluster {cluster.cluster_id!r} in {cluster.profile_dir} "
+        f"(engine set {esid}), {count} registered",
+        flush=True,
+    )
+    if args.daemonize:
+        return 0
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, _on_terminate)
+    try:
+        print("Press Ctrl-C to stop these engines.", flush=True)
+        while cluster.engines[esid].running:
+            time.sleep(0.2)
+        return 0
+    except (KeyboardInterrupt, _Terminate):
+        print("Stopping the engines...", flush=True)
+        cluster.stop_engines_sync(esid)
         return 0
     finally:
         for sig, handler in old.items():
@@ -382,7 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status.
     """
     args = build_parser().parse_args(argv)
-    handlers = {"start": _start, "stop": _stop, "list": _list, "clean": _clean}
+    handlers = {
+        "start": _start,
+        "stop": _stop,
+        "list": _list,
+        "clean": _clean,
+        "engines": _engines,
+    }
     try:
         return handlers[args.action](args)
     except ValueError as e:

@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tunnels.close()
         return EXIT_FAILED
     _present_as_kernel()
+    kernel.shell.watch_ipython_import()
     try:
         return kernel.run()
     finally:

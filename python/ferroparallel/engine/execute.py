@@ -41,6 +41,7 @@ def run_apply(
     results: ResultSegments | None = None,
     request_metadata: dict[str, Any] | None = None,
     request_id: str = "",
+    before_call: Callable[[], None] | None = None,
 ) -> ApplyOutcome:
     """Unpack and call ``f(*args, **kwargs)`` in the user namespace.
 
@@ -59,6 +60,9 @@ def run_apply(
     request_id : str, optional
         The request's msg_id: arguments lent from the client's memory are read only for the
         request they were lent to (see :mod:`ferroparallel.serialize.peer`).
+    before_call : callable, optional
+        Called once the request is unpacked, right before the function (the engine creates
+        its IPython shell there when unpacking imported IPython); its errors are logged.
 
     Returns
     -------
@@ -79,6 +83,11 @@ def run_apply(
         raise
     except BaseException as exc:
         return ApplyOutcome(error=ErrorInfo.from_exception(exc))
+    if before_call is not None:
+        try:
+            before_call()
+        except Exception:
+            log.warning("preparing the call failed", exc_info=True)
     try:
         with gate:
             result = f(*args, **kwargs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
@@ -12,6 +14,7 @@ from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
 from .inbox import SHELL, SOCKET_KEY
+from .ipyhook import call_after_import
 from .signals import EngineExit
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ class ShellHandler:
         self.kernel = kernel
         self.parent: dict[str, Any] | None = None  # header of the request being run
         self._shell: PlainShell | Any = None
+        self._making_shell = False
 
     # -- replies ----------------------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class ShellHandler:
                 k.result_segments,
                 msg.get("metadata"),
                 msg["header"].get("msg_id", ""),
+                before_call=self.ensure_ipython_shell,
             )
         finally:
             self._end()
@@ -183,18 +188,54 @@ class ShellHandler:
         :class:`~.execute.PlainShell`."""
         if self._shell is None:
             k = self.kernel
-            if k.config.use_ipython:
-                try:
-                    from .ipyshell import IPythonShell
+            self._making_shell = True
+            try:
+                if k.config.use_ipython:
+                    try:
+                        from .ipyshell import IPythonShell
 
-                    self._shell = IPythonShell(k.namespace.module, self.publish_current, k.gate)
-                except ImportError:
-                    log.debug("IPython is not installed: executing code as plain Python")
-                except Exception:
-                    log.warning("IPython shell unavailable, using plain Python", exc_info=True)
-            if self._shell is None:
-                self._shell = PlainShell(k.namespace.ns, self.publish_current, k.gate)
+                        self._shell = IPythonShell(k.namespace.module, self.publish_current, k.gate)
+                    except ImportError:
+                        log.debug("IPython is not installed: executing code as plain Python")
+                    except Exception:
+                        log.warning("IPython shell unavailable, using plain Python", exc_info=True)
+                if self._shell is None:
+                    self._shell = PlainShell(k.namespace.ns, self.publish_current, k.gate)
+            finally:
+                self._making_shell = False
         return self._shell
+
+    def ensure_ipython_shell(self) -> None:
+        """Create the IPython shell now if IPython is already imported in this process.
+
+        Code run by ``apply`` then finds a shell, as on an ipykernel engine: ``display()``
+        publishes ``display_data`` and ``get_ipython()`` returns the shell. Creating it costs
+        little once IPython is imported; an engine that never imports IPython never pays.
+        """
+        if (
+            self._shell is None
+            and not self._making_shell
+            and self.kernel.config.use_ipython
+            and "IPython" in sys.modules
+        ):
+            self.get_shell()
+
+    def watch_ipython_import(self) -> None:
+        """Create the IPython shell as soon as anything in this process imports IPython (in
+        the main thread; other threads leave it to the next ``apply``), so that the very
+        call that first imports ``IPython.display`` already has a shell to display with."""
+        if not self.kernel.config.use_ipython:
+            return
+
+        def imported() -> None:
+            if threading.current_thread() is not threading.main_thread():
+                return
+            try:
+                self.ensure_ipython_shell()
+            except Exception:  # never break the user's import
+                log.warning("could not create the IPython shell", exc_info=True)
+
+        call_after_import("IPython", imported)
 
     def _execute(self, msg: dict[str, Any], started: str) -> None:
         k = self.kernel
