@@ -475,6 +475,16 @@ impl DirectSockets {
 mod tests {
     use super::*;
 
+    /// Send one owned frame on socket "a" (held or not), waiting up to 1 s.
+    fn send_on_a(d: &DirectSockets, body: &[u8], hold: bool) -> Result<(), String> {
+        d.send(
+            "a",
+            vec![OutFrame::Owned(body.to_vec())],
+            Duration::from_secs(1),
+            hold,
+        )
+    }
+
     fn session() -> Arc<SessionCore> {
         let core = SessionCore::new(
             b"k".to_vec(),
@@ -508,13 +518,7 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(100));
         // the send interrupts the waiting recv instead of waiting 10 s for the lock
-        d.send(
-            "a",
-            vec![OutFrame::Owned(b"x".to_vec())],
-            Duration::from_secs(1),
-            false,
-        )
-        .expect("send");
+        send_on_a(&d, b"x", false).expect("send");
         let (n, waited) = waiter.join().expect("join");
         assert_eq!(n, 0);
         assert!(waited < Duration::from_secs(5), "{waited:?}");
@@ -528,34 +532,16 @@ mod tests {
             .is_err());
         // held messages leave in order, with the next send that is not held or send_held
         for body in [&b"h1"[..], b"h2"] {
-            d.send(
-                "a",
-                vec![OutFrame::Owned(body.to_vec())],
-                Duration::from_secs(1),
-                true,
-            )
-            .expect("hold");
+            send_on_a(&d, body, true).expect("hold");
         }
         assert_eq!(d.held(), 2);
         assert!(peer.recv_bytes(zmq::DONTWAIT).is_err(), "nothing left yet");
-        d.send(
-            "a",
-            vec![OutFrame::Owned(b"now".to_vec())],
-            Duration::from_secs(1),
-            false,
-        )
-        .expect("send");
+        send_on_a(&d, b"now", false).expect("send");
         assert_eq!(d.held(), 0);
         for want in [&b"h1"[..], b"h2", b"now"] {
             assert_eq!(peer.recv_bytes(0).expect("recv"), want);
         }
-        d.send(
-            "a",
-            vec![OutFrame::Owned(b"h3".to_vec())],
-            Duration::from_secs(1),
-            true,
-        )
-        .expect("hold");
+        send_on_a(&d, b"h3", true).expect("hold");
         d.send_held(Duration::from_secs(1)).expect("send_held");
         assert_eq!(peer.recv_bytes(0).expect("recv"), b"h3");
         d.close();
