@@ -697,8 +697,10 @@ def test_map_unordered_yields_in_completion_order(lv: LoadBalancedView) -> None:
     amr = lv.map_async(sleep_echo, range(10), delays, ordered=False)
     seen = list(amr)
     assert sorted(seen) == list(range(10))
-    # task 0 (and whatever the scheduler queued behind it on its engine) comes late
-    assert seen.index(0) >= 5, seen
+    # task 0 (and whatever the scheduler queued behind it on its engine) comes late: the
+    # other engine answers several quick tasks first (how many depends on how deep the
+    # scheduler queued behind task 0, which depends on timing: at least 3 of its 9)
+    assert seen.index(0) >= 3, seen
     assert amr.get(timeout=WAIT) == list(range(10))
 
 

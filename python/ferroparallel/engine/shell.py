@@ -59,7 +59,8 @@ class ShellHandler:
     ) -> None:
         """Send a reply to the sender of ``request`` with the reply metadata, from this thread
         (the shell sockets are direct): at once, or with ``may_hold`` held back while more
-        requests are queued (``EngineKernel.hold_reply``)."""
+        requests are queued (``EngineKernel.hold_reply``) unless ``request`` came through the
+        task scheduler."""
         k = self.kernel
         req_md = request.get("metadata") or {}
         metadata = {key: req_md[key] for key in COPIED_METADATA if key in req_md}
@@ -83,7 +84,9 @@ class ShellHandler:
             metadata,
             ident=request["idents"],
             buffers=buffers,
-            hold=may_hold and k.hold_reply(),
+            # never a load-balanced task's (metadata with the scheduler's keys): its reply is
+            # the scheduler's news that the engine has room, which must not wait
+            hold=may_hold and "retries" not in req_md and k.hold_reply(),
         )
 
     # -- dispatch ---------------------------------------------------------------------------
