@@ -33,6 +33,7 @@ CLIENT_KEYS = {
     "task",
     "iopub",
     "notification",
+    "broadcast",
     "task_scheme",
     "key",
     "signature_scheme",
@@ -51,6 +52,7 @@ ENGINE_KEYS = {
     "iopub",
     "hb_ping",
     "hb_pong",
+    "broadcast",
     "key",
     "signature_scheme",
     "pack",
@@ -141,10 +143,10 @@ def test_parse_db_and_log_level() -> None:
 
 
 def test_requested_ports_pool_order() -> None:
-    s = config.ControllerSettings(ports=list(range(20000, 20012)))
+    s = config.ControllerSettings(ports=list(range(20000, 20014)))
     req = s.requested_ports()
     assert [req[ch] for ch in config.ENGINE_CHANNELS + config.CLIENT_CHANNELS] == list(
-        range(20000, 20012)
+        range(20000, 20014)
     )
     s = config.ControllerSettings(ports=[20000, 20001], port=21000, port_map={"hb_ping": 22000})
     req = s.requested_ports()
@@ -351,9 +353,9 @@ def test_config_file_honoured_and_cli_overrides(
 def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
     import socket
 
-    # Find 12 consecutive-ish free ports: ask the OS for free ones and use them as the pool.
+    # Find 14 free ports (one per channel): ask the OS for free ones and use them as the pool.
     socks = []
-    for _ in range(12):
+    for _ in range(14):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         socks.append(s)
@@ -370,6 +372,7 @@ def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> Non
     assert engine["control"] == pool[1]
     used = {client[k] for k in ("registration", "control", "mux", "task", "iopub", "notification")}
     used |= {engine[k] for k in ("control", "mux", "task", "iopub", "hb_ping", "hb_pong")}
+    used |= {client["broadcast"], *engine["broadcast"]}
     assert used == set(pool)
     p.terminate()
     p.communicate(timeout=20)

@@ -212,6 +212,8 @@ def test_barrage_on_every_port_loses_nothing(cluster_and_client: tuple[Cluster, 
         (client_info["iopub"], zmq.XSUB, pools["iopub"]),
         (client_info["notification"], zmq.XSUB, pools["iopub"]),
         (engine_info["hb_ping"], zmq.XSUB, pools["engine"]),
+        (client_info["broadcast"], zmq.DEALER, pools["client"]),
+        (engine_info["broadcast"][0], zmq.DEALER, pools["engine"]),
     ]
     ctx = zmq.Context()
     socks = [(connect(ctx, kind, port), kind, Junk(rng, key, pool)) for port, kind, pool in targets]

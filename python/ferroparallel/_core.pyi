@@ -291,7 +291,8 @@ class Controller:
         ``ports`` (dict[str, int]): port per channel, 0 or missing = random. Channel names:
         ``registration`` (shared by engines and clients), ``notification``, ``mux_client``,
         ``mux_engine``, ``control_client``, ``control_engine``, ``task_client``,
-        ``task_engine``, ``iopub_client``, ``iopub_engine``, ``hb_ping``, ``hb_pong``.
+        ``task_engine``, ``iopub_client``, ``iopub_engine``, ``hb_ping``, ``hb_pong``,
+        ``broadcast_client``, ``broadcast_engine``.
         ``key`` (bytes), ``signature_scheme`` (str), ``pack`` (``"msgpack"``/``"json"``).
         ``hb_period_ms`` (int, default 3000), ``hb_max_misses`` (int, default 10),
         ``registration_timeout_ms`` (int, default max(30000, 10 * period)).

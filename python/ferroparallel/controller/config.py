@@ -49,8 +49,16 @@ ENGINE_CHANNELS = (
     "iopub_engine",
     "hb_ping",
     "hb_pong",
+    "broadcast_engine",
 )
-CLIENT_CHANNELS = ("control_client", "mux_client", "task_client", "iopub_client", "notification")
+CLIENT_CHANNELS = (
+    "control_client",
+    "mux_client",
+    "task_client",
+    "iopub_client",
+    "notification",
+    "broadcast_client",
+)
 ALL_CHANNELS = ENGINE_CHANNELS + CLIENT_CHANNELS
 
 #: Task scheduler schemes understood by ipyparallel.

@@ -77,7 +77,7 @@ def client_info(
     info = _common(settings, key, serverkey)
     for k, ch in _CLIENT_KEYS.items():
         info[k] = int(ports[ch])
-    _add_ipc(info, ipc_endpoints, _CLIENT_KEYS)
+    _add_ipc(info, ipc_endpoints, {**_CLIENT_KEYS, "broadcast": "broadcast_client"})
     info["task_scheme"] = settings.scheme
     if "broadcast_client" in ports:
         info["broadcast"] = int(ports["broadcast_client"])
@@ -96,7 +96,7 @@ def engine_info(
     info = _common(settings, key, serverkey)
     for k, ch in _ENGINE_KEYS.items():
         info[k] = int(ports[ch])
-    _add_ipc(info, ipc_endpoints, _ENGINE_KEYS)
+    _add_ipc(info, ipc_endpoints, {**_ENGINE_KEYS, "broadcast": "broadcast_engine"})
     if "broadcast_engine" in ports:
         b = ports["broadcast_engine"]
         info["broadcast"] = [int(x) for x in b] if isinstance(b, list | tuple) else [int(b)]
@@ -173,6 +173,12 @@ def reusable_files(
         ports[ch] = client[k]
     for k, ch in _ENGINE_KEYS.items():
         ports[ch] = engine[k]
+    # files written before the broadcast channel existed have no "broadcast": a random port
+    if isinstance(client.get("broadcast"), int):
+        ports["broadcast_client"] = client["broadcast"]
+    leaves = engine.get("broadcast")
+    if isinstance(leaves, list) and leaves and isinstance(leaves[0], int):
+        ports["broadcast_engine"] = leaves[0]
     return client["key"], ports
 
 

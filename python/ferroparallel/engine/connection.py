@@ -233,11 +233,13 @@ def channel_urls(info: dict[str, Any], same_host: bool = True) -> EngineUrls:
     if isinstance(leaves, int):
         leaves = (leaves,)
     urls = {k: f"{base}{sep}{info[k]}" for k in PORT_KEYS}
-    local = ipc.local_urls(info, PORT_KEYS) if same_host and not leaves else None
-    return EngineUrls(
-        **(local if local is not None else urls),
-        broadcast=tuple(f"{base}{sep}{port}" for port in leaves),
-    )
+    broadcast = tuple(f"{base}{sep}{port}" for port in leaves)
+    local = ipc.local_urls(info, PORT_KEYS) if same_host else None
+    if local is not None and len(leaves) == 1:
+        # ferroparallel's controller has one leaf, listed with the other IPC endpoints
+        leaf = ipc.local_urls(info, ("broadcast",))
+        broadcast = (leaf["broadcast"],) if leaf is not None else broadcast
+    return EngineUrls(**(local if local is not None else urls), broadcast=broadcast)
 
 
 def tunnel_urls(

@@ -3,7 +3,7 @@
 use fp_wire::Packer;
 
 /// The channels the controller binds, in a fixed order.
-pub const CHANNELS: [&str; 12] = [
+pub const CHANNELS: [&str; 14] = [
     "registration",
     "notification",
     "mux_client",
@@ -16,6 +16,8 @@ pub const CHANNELS: [&str; 12] = [
     "iopub_engine",
     "hb_ping",
     "hb_pong",
+    "broadcast_client",
+    "broadcast_engine",
 ];
 
 /// Task scheduling schemes.
@@ -59,7 +61,7 @@ impl Scheme {
 pub struct ControllerConfig {
     pub ip: String,
     /// Port per channel (index as in [`CHANNELS`]); 0 = random.
-    pub ports: [u16; 12],
+    pub ports: [u16; 14],
     pub key: Vec<u8>,
     pub signature_scheme: String,
     pub packer: Packer,
@@ -91,7 +93,7 @@ impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
             ip: "127.0.0.1".into(),
-            ports: [0; 12],
+            ports: [0; 14],
             key: Vec::new(),
             signature_scheme: "hmac-sha256".into(),
             packer: Packer::Msgpack,

@@ -24,6 +24,8 @@ pub struct Engine {
     pub stall_deadline: Instant,
     /// Direct (MUX) requests in flight, by msg_id.
     pub mux: HashMap<String, InFlight>,
+    /// Broadcast requests in flight, by the msg_id the engine got.
+    pub bcast: HashMap<String, crate::broadcast::BcastInFlight>,
     /// Load-balanced tasks in flight, by msg_id.
     pub tasks: HashMap<String, InFlight>,
     /// msg_ids of the requests this engine finished, direct and load-balanced, in order (what

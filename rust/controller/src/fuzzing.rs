@@ -38,7 +38,7 @@ pub mod config {
 
 /// Bits of an op byte.
 pub mod op {
-    /// Low 4 bits: the channel (index in [`crate::CHANNELS`]); 12..=15 is a forced heartbeat.
+    /// Low 4 bits: the channel (index in [`crate::CHANNELS`]); 14 and 15 force a heartbeat.
     pub const CHANNEL: u8 = 0x0f;
     /// Sign the message correctly.
     pub const SIGN: u8 = 0x10;
@@ -500,9 +500,9 @@ pub fn seed_inputs() -> Vec<(String, Vec<u8>)> {
                     bufs,
                 ),
             ),
-            (12, Vec::new()),
-            (12, Vec::new()),
-            (12, Vec::new()),
+            (15, Vec::new()),
+            (15, Vec::new()),
+            (15, Vec::new()),
             (
                 SIGN,
                 reg(

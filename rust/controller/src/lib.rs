@@ -2,6 +2,7 @@
 //! notifications), the MUX and control relays, the IOPub relay, the task scheduler and the
 //! heartbeat, on one native event-loop thread.
 
+mod broadcast;
 mod config;
 mod engines;
 #[doc(hidden)]
@@ -22,7 +23,8 @@ pub use config::{ControllerConfig, Scheme, CHANNELS};
 pub use server::Stats;
 
 use server::{
-    Server, CTL_C, CTL_E, HB_PING, HB_PONG, IOP_C, IOP_E, MUX_C, MUX_E, NOTIF, REG, TASK_C, TASK_E,
+    Server, BCAST_C, BCAST_E, CTL_C, CTL_E, HB_PING, HB_PONG, IOP_C, IOP_E, MUX_C, MUX_E, NOTIF,
+    REG, TASK_C, TASK_E,
 };
 
 /// A running controller.
@@ -58,7 +60,9 @@ fn channel_socket(
 ) -> Result<zmq::Socket, String> {
     let ctx = fp_io::context();
     let kind = match i {
-        REG | MUX_C | MUX_E | CTL_C | CTL_E | TASK_C | TASK_E | HB_PONG => zmq::ROUTER,
+        REG | MUX_C | MUX_E | CTL_C | CTL_E | TASK_C | TASK_E | HB_PONG | BCAST_C | BCAST_E => {
+            zmq::ROUTER
+        }
         NOTIF | IOP_C | HB_PING => zmq::PUB,
         IOP_E => zmq::SUB,
         _ => return Err(format!("no socket type for channel {name}")),
@@ -75,6 +79,7 @@ fn channel_socket(
         MUX_E => Some(&b"mux_out"[..]),
         CTL_E => Some(&b"control_out"[..]),
         TASK_E => Some(&b"task_out"[..]),
+        BCAST_E => Some(broadcast::LEAF_IDENTITY),
         _ => None,
     };
     if let Some(identity) = engine_side {
@@ -83,7 +88,7 @@ fn channel_socket(
         sock.set_router_mandatory(true)
             .map_err(|e| err("router_mandatory", e))?;
     }
-    if matches!(i, MUX_C | CTL_C | TASK_C | REG) {
+    if matches!(i, MUX_C | CTL_C | TASK_C | REG | BCAST_C) {
         // A client that went away must not make sends fail; drop silently like ipyparallel.
         sock.set_router_mandatory(false)
             .map_err(|e| err("router_mandatory", e))?;

@@ -32,8 +32,10 @@ pub const IOP_C: usize = 8;
 pub const IOP_E: usize = 9;
 pub const HB_PING: usize = 10;
 pub const HB_PONG: usize = 11;
+pub const BCAST_C: usize = 12;
+pub const BCAST_E: usize = 13;
 /// Not a channel: the monitor of [`HB_PONG`]'s connections (see `heart::Probe`).
-pub const HB_MON: usize = 12;
+pub const HB_MON: usize = 14;
 
 /// Counters shared with the owner of the controller.
 #[derive(Debug, Default)]
@@ -51,7 +53,7 @@ pub(crate) type Env = Envelope<RecvFrame>;
 const BURST: usize = 256;
 /// Sockets towards clients: what the loop sends on them during a pass leaves together at the
 /// end of the pass, output before replies (see [`Server::send`]).
-const DEFERRED: [usize; 4] = [IOP_C, MUX_C, CTL_C, TASK_C];
+const DEFERRED: [usize; 5] = [IOP_C, MUX_C, CTL_C, TASK_C, BCAST_C];
 /// The routing identity a client uses for a request that the controller fans out.
 pub const FANOUT: &[u8] = b"fp:fanout";
 /// Time given to flush the shutdown notification before the loop exits.
@@ -68,6 +70,7 @@ pub struct Server {
     pub(crate) balancer: Balancer,
     pub(crate) tasks: crate::tasks::TaskState,
     pub(crate) records: crate::records::Records,
+    pub(crate) broadcast: crate::broadcast::BroadcastState,
     stop: Arc<AtomicBool>,
     pub(crate) stats: Arc<Stats>,
     /// Engines (by id) in the shared table, for the Python side.
@@ -170,6 +173,7 @@ impl Server {
             balancer,
             tasks: crate::tasks::TaskState::default(),
             records,
+            broadcast: Default::default(),
             stop,
             stats,
             shared_engines: Arc::default(),
@@ -432,6 +436,8 @@ impl Server {
             TASK_C => self.on_task_submit(env),
             TASK_E => self.on_task_reply(env),
             IOP_E => self.on_iopub(env),
+            BCAST_C => self.on_broadcast_submit(env),
+            BCAST_E => self.on_broadcast_reply(env),
             _ => {}
         }
     }
@@ -623,6 +629,7 @@ impl Server {
             last_beat: self.heart.beat,
             stall_deadline: Instant::now() + stall,
             mux: Default::default(),
+            bcast: Default::default(),
             tasks: Default::default(),
             completed: Vec::new(),
         });
@@ -778,6 +785,17 @@ impl Server {
             let uuid = Some(engine.uuid.clone());
             self.tasks.outcomes.record(msg_id.clone(), false, uuid);
             self.fail_request(MUX_C, &engine.uuid, engine.id, &msg_id, req);
+        }
+        for (msg_id, req) in engine.bcast {
+            let evalue = format!("Engine {} died while running task {msg_id:?}", engine.id);
+            let content = engine_error_content(
+                "EngineError",
+                &evalue,
+                &uuid_s,
+                Some(engine.id),
+                method_of(&req.msg_type),
+            );
+            self.fail_broadcast(&engine.uuid, req, content);
         }
         self.tasks_stranded(&engine.uuid, engine.id);
         self.engines_changed();
