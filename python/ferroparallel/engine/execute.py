@@ -12,6 +12,11 @@ from typing import Any
 
 from ..serialize import serialize_object, unpack_apply_message
 from ..serialize.apply import check_buffer_count
+from ..serialize.ipp_compat import (
+    is_ferroparallel_payload,
+    serialize_ipp_result,
+    unpack_ipp_apply,
+)
 from ..serialize.peer import serving
 from .errors import ErrorInfo
 from .results_shm import ResultSegments
@@ -48,7 +53,10 @@ def run_apply(
     Parameters
     ----------
     buffers : sequence of buffer-like
-        The request buffers (``pack_apply_message`` frames).
+        The request buffers: ``pack_apply_message`` frames, or an ipyparallel client's
+        payload (frame 0 is not our 12-byte header), which is unpacked and answered with
+        ipyparallel's serialization (:mod:`ferroparallel.serialize.ipp_compat`; no shared
+        memory).
     ns : dict
         The user namespace.
     gate : InterruptGate
@@ -76,9 +84,13 @@ def run_apply(
     EngineExit
         The engine is stopping (SIGTERM).
     """
+    ours = is_ferroparallel_payload(buffers)
     try:
-        with serving(request_id):
-            f, args, kwargs = unpack_apply_message(buffers, ns)
+        if ours:
+            with serving(request_id):
+                f, args, kwargs = unpack_apply_message(buffers, ns)
+        else:
+            f, args, kwargs = unpack_ipp_apply(buffers, ns)
     except EngineExit:
         raise
     except BaseException as exc:
@@ -97,6 +109,8 @@ def run_apply(
         return ApplyOutcome(error=ErrorInfo.from_exception(exc, skip=1))
     finally:
         del f, args, kwargs
+    if not ours:
+        return _ipp_result(result)
     try:
         md = request_metadata or {}
         writer = results.writer_for(md, request_id) if results is not None else None
@@ -110,6 +124,18 @@ def run_apply(
                 frames = serialize_object(result)
         check_buffer_count(frames, "result")
         return ApplyOutcome(buffers=frames, segment=segment)
+    except EngineExit:
+        raise
+    except BaseException as exc:
+        return ApplyOutcome(error=ErrorInfo.from_exception(exc))
+
+
+def _ipp_result(result: Any) -> ApplyOutcome:
+    """The reply to an ipyparallel-format request: ipyparallel frames, never shared memory."""
+    try:
+        frames = serialize_ipp_result(result)
+        check_buffer_count(frames, "result")
+        return ApplyOutcome(buffers=frames)
     except EngineExit:
         raise
     except BaseException as exc:
