@@ -63,6 +63,8 @@ def _close_open_clients() -> None:
 
 #: Routing identity of a request the controller fans out to the engines in metadata.fanout.
 FANOUT_IDENT = b"fp:fanout"
+#: ``connection_reply`` key listing the controller's extensions of the protocol.
+FEATURES_KEY = "fp_features"
 
 
 def _execute_content(code: str, silent: bool) -> dict[str, Any]:
@@ -203,6 +205,9 @@ class Client(HasTraits):
     rather than its TCP ports (``transport`` is then ``"ipc"``, else ``"tcp"``;
     ``$FERROPARALLEL_IPC=0`` keeps TCP; see :mod:`ferroparallel.ipc`).
     """
+
+    #: Protocol extensions of the controller (``connection_reply``); none until connected.
+    _features: frozenset[str] = frozenset()
 
     block = Bool(False, help="Wait for results by default").tag(config=True)
     debug = Bool(False).tag(config=True)
@@ -378,6 +383,8 @@ class Client(HasTraits):
         except BaseException:
             self.close()
             raise
+        # what this controller adds to the ipyparallel protocol (none: an ipyparallel one)
+        self._features = frozenset(reply.get(FEATURES_KEY) or ())
         self._update_engines(reply.get("engines", {}))
         self._activate_magics()
 
@@ -773,9 +780,17 @@ class Client(HasTraits):
         base = header["msg_id"]
         pairs = [[u, f"{base}_{u}"] for u in uuids]
         md = dict(metadata or {})
-        md["fanout"] = pairs
         label = md.get("label")
         futs = self._register_all(header, [(mid, u) for u, mid in pairs], label)
+        if "fanout" not in self._features:
+            # an ipyparallel controller: one message per engine (same msg_ids, same buffers)
+            for u, mid in pairs:
+                self._io.send(
+                    "mux", msg_type, content, None, md, ident=u.encode(), buffers=buffers,
+                    header={**header, "msg_id": mid},
+                )  # fmt: skip
+            return futs
+        md["fanout"] = pairs
         self._io.send(
             "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers, header=header
         )
@@ -1114,7 +1129,7 @@ class Client(HasTraits):
         engines are skipped there. Either way they finish with ``TaskAborted``.
         """
         msg_ids = self._msg_ids_of(jobs)
-        if msg_ids:
+        if msg_ids and "abort" in self._features:
             try:
                 self._query("abort_request", {"msg_ids": msg_ids}, what="abort request")
             except error.RemoteError as e:  # an ipyparallel hub does not know this request

@@ -54,6 +54,9 @@ const BURST: usize = 256;
 /// Sockets towards clients: what the loop sends on them during a pass leaves together at the
 /// end of the pass, output before replies (see [`Server::send`]).
 const DEFERRED: [usize; 5] = [IOP_C, MUX_C, CTL_C, TASK_C, BCAST_C];
+/// Protocol extensions listed in `connection_reply.fp_features`: the MUX fan-out (see
+/// [`FANOUT`]) and `abort_request` on the hub.
+const FEATURES: [&str; 2] = ["fanout", "abort"];
 /// The routing identity a client uses for a request that the controller fans out.
 pub const FANOUT: &[u8] = b"fp:fanout";
 /// Time given to flush the shutdown notification before the loop exits.
@@ -528,6 +531,11 @@ impl Server {
                 let content = Value::map([
                     ("status", Value::from("ok")),
                     ("engines", self.engines.registered_map()),
+                    // our extensions, for clients that would otherwise assume an ipyparallel hub
+                    (
+                        "fp_features",
+                        Value::Array(FEATURES.iter().map(|f| Value::from(*f)).collect()),
+                    ),
                 ]);
                 self.send_new(
                     REG,
