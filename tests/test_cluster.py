@@ -158,7 +158,9 @@ def test_defaults_and_ids(fp_root: Path) -> None:
     assert c.cluster_file == str(sec / f"cluster-{c.cluster_id}.json")  # a str, as ipyparallel
     assert not c.running and c.engine_set is None
     with pytest.raises(NotImplementedError):
-        Cluster(engines="mpi")
+        Cluster(engines="pbs")
+    with pytest.raises(NotImplementedError):
+        Cluster(controller="mpi")  # MPI engines only
     with pytest.raises(TypeError):
         Cluster(controller_args="--ping 100")  # type: ignore[arg-type]
 
@@ -187,15 +189,18 @@ def test_cluster_is_configurable(fp_root: Path) -> None:
     assert (c2.engine_launcher_class, c2.controller_launcher_class) == ("local", "local")
     with pytest.raises(TypeError, match="only one of"):
         Cluster(engines="local", engine_launcher_class="local")
-    with pytest.raises(NotImplementedError, match="'mpi' is not available"):
-        Cluster(engine_launcher_class="mpi")
+    with pytest.raises(NotImplementedError, match="'slurm' is not available"):
+        Cluster(engine_launcher_class="slurm")
     # the same check for an attribute set later and for a config file
     with pytest.raises(NotImplementedError, match="'ssh' is not available"):
         c2.controller_launcher_class = "ssh"
     mpi = Config()
     mpi.Cluster.engine_launcher_class = "ipyparallel.cluster.launcher.MPIEngineSetLauncher"
-    with pytest.raises(NotImplementedError, match="MPIEngineSetLauncher"):
-        Cluster(config=mpi)
+    assert Cluster(config=mpi).engine_launcher_class == "mpi"
+    pbs = Config()
+    pbs.Cluster.engine_launcher_class = "ipyparallel.cluster.launcher.PBSEngineSetLauncher"
+    with pytest.raises(NotImplementedError, match="PBSEngineSetLauncher"):
+        Cluster(config=pbs)
 
     class LocalEngineSetLauncher:  # a class is taken by its name, as ipyparallel takes classes
         pass

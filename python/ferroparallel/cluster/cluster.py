@@ -45,6 +45,7 @@ from .. import paths
 from ..error import ConnectionFileError
 from ._sync import run_sync
 from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process, terminate_sync
+from .mpi import MPI_LAUNCHERS, MPIEngineSetLauncher
 
 __all__ = ["Cluster", "cluster_file", "new_cluster_id", "run_sync"]
 
@@ -115,10 +116,13 @@ _LOCAL_LAUNCHERS = (
 
 
 def _launcher_name(value: Any) -> str:
-    """``"local"`` for any spelling of the local launchers (a name, a dotted path, a class)."""
+    """``"local"`` or ``"mpi"`` for any spelling of those launchers (a name, a dotted path, a
+    class)."""
     name = value if isinstance(value, str) else getattr(value, "__name__", str(value))
     short = name.rsplit(".", 1)[-1].lower()
-    return "local" if short in _LOCAL_LAUNCHERS else name
+    if short in _LOCAL_LAUNCHERS:
+        return "local"
+    return "mpi" if short in MPI_LAUNCHERS else name
 
 
 class Cluster(LoggingConfigurable):
@@ -169,7 +173,8 @@ class Cluster(LoggingConfigurable):
         Extra environment variables for the controller and engines (on top of ``os.environ``).
     controller, engines : str
         Launchers (aliases of ``controller_launcher_class`` / ``engine_launcher_class``, as in
-        ipyparallel); only ``"local"`` is available.
+        ipyparallel): ``"local"`` (subprocesses), and for engines ``"mpi"`` (one ``mpiexec``
+        job whose ranks are the engines; see :mod:`ferroparallel.cluster.mpi`).
     controller_cmd, engine_cmd : sequence of str, optional
         Commands replacing ``[sys.executable, "-m", "ferroparallel.controller"]`` /
         ``[sys.executable, "-m", "ferroparallel.engine"]``.
@@ -217,7 +222,7 @@ class Cluster(LoggingConfigurable):
     ).tag(config=True)
     shutdown_atexit = Bool(True, help="stop what this object started at exit").tag(config=True)
     env = Dict(help="extra environment of the controller and engines").tag(config=True)
-    # a name or a class (as ipyparallel's); validated to "local", the only launchers here
+    # a name or a class (as ipyparallel's); validated to "local" or (engines) "mpi"
     controller_launcher_class = AnyTrait("local", help="controller launcher").tag(config=True)
     engine_launcher_class = AnyTrait("local", help="engine launcher").tag(config=True)
     controller_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
@@ -275,12 +280,13 @@ class Cluster(LoggingConfigurable):
         """Only the local launchers exist: any spelling of them becomes ``"local"`` (from a
         keyword, an attribute or a config file alike)."""
         launcher = _launcher_name(proposal["value"])
-        if launcher != "local":
-            what = proposal["trait"].name.split("_", 1)[0]
-            raise NotImplementedError(
-                f"{what} launcher {launcher!r} is not available; only 'local' is implemented"
-            )
-        return launcher
+        what = proposal["trait"].name.split("_", 1)[0]
+        if launcher == "local" or (launcher == "mpi" and what == "engine"):
+            return launcher
+        available = "'local' and (engines) 'mpi' are" if what == "engine" else "'local' is"
+        raise NotImplementedError(
+            f"{what} launcher {launcher!r} is not available; only {available} implemented"
+        )
 
     # -- properties --------------------------------------------------------------------------
 
@@ -440,7 +446,8 @@ class Cluster(LoggingConfigurable):
         engine_set_id : str, optional
             Id of the new set (default: a fresh one).
         **kwargs
-            Launcher attributes to override (``args``, ``env``, ``cmd``).
+            Launcher attributes to override (``args``, ``env``, ``cmd``; for MPI engines
+            ``mpi_cmd`` and ``mpi_args``).
 
         Returns
         -------
@@ -455,16 +462,19 @@ class Cluster(LoggingConfigurable):
         esid = engine_set_id or self._new_engine_set_id()
         if esid in self.engines and self.engines[esid].running:
             raise RuntimeError(f"engine set {esid!r} is already running")
-        launcher = LocalEngineSetLauncher(
-            self.profile_dir,
-            self.cluster_id,
-            esid,
-            n,
-            args=kwargs.pop("args", self._engine_argv()),
-            env=kwargs.pop("env", self._child_env()),
-            connection_info=info if self.send_engines_connection_env else None,
-            cmd=kwargs.pop("cmd", self.engine_cmd),
-        )
+        common: dict[str, Any] = {
+            "args": kwargs.pop("args", self._engine_argv()),
+            "env": kwargs.pop("env", self._child_env()),
+            "connection_info": info if self.send_engines_connection_env else None,
+            "cmd": kwargs.pop("cmd", self.engine_cmd),
+        }
+        launcher: LocalEngineSetLauncher
+        if self.engine_launcher_class == "mpi":
+            launcher = MPIEngineSetLauncher(
+                self.profile_dir, self.cluster_id, esid, n, **common, **self._mpi_options(kwargs)
+            )
+        else:
+            launcher = LocalEngineSetLauncher(self.profile_dir, self.cluster_id, esid, n, **common)
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         self.engines[esid] = launcher
@@ -473,6 +483,21 @@ class Cluster(LoggingConfigurable):
             _track_for_exit(self)
         self.write_cluster_file()
         return esid
+
+    def _mpi_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``mpi_cmd`` / ``mpi_args`` of an MPI engine set: keyword arguments of
+        :meth:`start_engines`, else ipyparallel's config sections (``c.MPILauncher.mpi_args``,
+        ``c.MPIEngineSetLauncher.mpi_args``, the latter winning)."""
+        opts: dict[str, Any] = {}
+        for section in ("MPILauncher", "MPIEngineSetLauncher"):
+            if section in self.config:
+                for key in ("mpi_cmd", "mpi_args"):
+                    if key in self.config[section]:
+                        opts[key] = list(self.config[section][key])
+        for key in ("mpi_cmd", "mpi_args"):
+            if key in kwargs:
+                opts[key] = list(kwargs.pop(key))
+        return opts
 
     async def start_cluster(self, n: int | None = None) -> Cluster:
         """Start the controller (unless running) and ``n`` engines.
@@ -723,9 +748,8 @@ class Cluster(LoggingConfigurable):
                 d["controller"], self.profile_dir, self.cluster_id
             )
         for esid, es in (d.get("engines") or {}).items():
-            self.engines[esid] = LocalEngineSetLauncher.from_dict(
-                es, self.profile_dir, self.cluster_id, esid
-            )
+            kind = MPIEngineSetLauncher if es.get("kind") == "mpi" else LocalEngineSetLauncher
+            self.engines[esid] = kind.from_dict(es, self.profile_dir, self.cluster_id, esid)
         if self.shutdown_atexit:
             _track_for_exit(self)
         return self

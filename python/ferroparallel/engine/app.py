@@ -15,6 +15,7 @@ from ..ssh import choose_server
 from .connection import channel_urls, load_connection_info, tunnel_urls
 from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
 from .logs import setup_logging
+from .mpi import init_mpi
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
         dest="use_ipython",
         action="store_false",
         help="run execute_request as plain Python even when IPython is installed",
+    )
+    p.add_argument(
+        "--mpi",
+        action="store_true",
+        help="started by mpiexec: initialise MPI (mpi4py), ask for the MPI rank as engine id, "
+        "and give user code MPI, mpi_rank and mpi_size",
     )
     p.add_argument(
         "--log-level",
@@ -137,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(
             "pack %r and unpack %r differ; using %r", info["pack"], info["unpack"], info["pack"]
         )
+    mpi = None
+    if args.mpi:
+        try:
+            mpi = init_mpi()
+        except RuntimeError as e:
+            log.error("%s", e)
+            return EXIT_FAILED
     urls = channel_urls(info)
     ssh = choose_server(info, args.ssh, args.sshkey)
     tunnels = None
@@ -149,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             info,
             urls,
             EngineConfig(
-                requested_id=args.id,
+                requested_id=args.id if mpi is None else mpi.requested_id(args.id),
                 timeout=args.timeout,
                 max_missed_pings=args.max_missed_pings,
                 use_ipython=args.use_ipython,
@@ -160,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tunnels is not None:
             tunnels.close()
         return EXIT_FAILED
+    if mpi is not None:
+        kernel.namespace.ns.update(mpi.namespace())
     _present_as_kernel()
     kernel.shell.watch_ipython_import()
     try:

@@ -1,0 +1,180 @@
+"""Engines started with ``mpiexec`` (``Cluster(engines="mpi")``, as ipyparallel's
+``MPIEngineSetLauncher``).
+
+One ``mpiexec -n N [mpi_args] python -m ferroparallel.engine --mpi ...`` process runs the whole
+set: the engines are the ranks of one MPI job (``MPI.COMM_WORLD`` spans them) and ask for their
+rank as engine id. Stopping the set terminates ``mpiexec``, which ends the job; signals for the
+engines (``Cluster.signal_engines``, e.g. SIGINT to interrupt running code) go to the engine
+processes on this machine directly, because ``mpiexec`` would take most of them as a request to
+abort the job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import paths
+from .launchers import LocalEngineSetLauncher, Process, _log_name, _proc_stat, terminate
+
+__all__ = ["MPIEngineSetLauncher", "descendants"]
+
+#: Names of the MPI engine launcher, lower case, as ipyparallel spells them.
+MPI_LAUNCHERS = (
+    "mpi",
+    "mpienginesetlauncher",
+    "mpiexecenginesetlauncher",
+    "mpiengineset",
+    "mpilauncher",
+    "mpiexeclauncher",
+)
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid`` on this machine (from ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        try:
+            children.setdefault(int(rest[1]), []).append(int(name))
+        except (IndexError, ValueError):
+            continue
+    out: list[int] = []
+    todo = list(children.get(pid, ()))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def _is_engine(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"ferroparallel.engine" in argv or any(a.endswith(b"ferroparallel-engine") for a in argv)
+
+
+class MPIEngineSetLauncher(LocalEngineSetLauncher):
+    """Run ``n`` engines as the ranks of one ``mpiexec`` job.
+
+    Parameters are those of :class:`~.launchers.LocalEngineSetLauncher`, plus:
+
+    mpi_cmd : sequence of str, optional
+        The MPI launcher command (default ``["mpiexec"]``).
+    mpi_args : sequence of str, optional
+        Extra ``mpiexec`` arguments, placed after ``-n N`` (hosts files, binding...).
+    """
+
+    kind = "mpi"
+
+    def __init__(
+        self,
+        *args: Any,
+        mpi_cmd: Sequence[str] | None = None,
+        mpi_args: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.mpi_cmd = list(mpi_cmd) if mpi_cmd else ["mpiexec"]
+        self.mpi_args = list(mpi_args)
+
+    def full_cmd(self) -> list[str]:
+        """The ``mpiexec`` command line that starts the whole set."""
+        return [
+            *self.mpi_cmd,
+            "-n",
+            str(self.n),
+            *self.mpi_args,
+            *super().full_cmd(),
+            "--mpi",
+        ]
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the engines (the ranks running on this machine)."""
+        return [p for proc in self.processes for p in descendants(proc.pid) if _is_engine(p)]
+
+    def start(self) -> list[Process]:
+        """Start ``mpiexec`` (without waiting for the engines to register).
+
+        Raises
+        ------
+        FileNotFoundError
+            The MPI launcher command is not installed (the message says what to install).
+        """
+        if self.running:
+            raise RuntimeError(f"engine set {self.engine_set_id!r} is already running")
+        exe = self.mpi_cmd[0]
+        if shutil.which(exe, path=self.env.get("PATH")) is None:
+            raise FileNotFoundError(
+                f"{exe!r} not found: MPI engines need an MPI launcher and mpi4py "
+                "(pip install mpich mpi4py, or your system's MPI), or set mpi_cmd"
+            )
+        log_file = paths.log_dir(self.profile_dir) / _log_name(
+            "ipengine", self.cluster_id, self.engine_set_id, "mpi"
+        )
+        self.processes = [Process.spawn(self.full_cmd(), self.engine_env(), log_file)]
+        return self.processes
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to every engine of the job on this machine."""
+        for pid in self.pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """End the job: SIGTERM the engines on this machine (they unregister and finalise MPI
+        together, so ``mpiexec`` exits by itself), then ``mpiexec`` if it is still running
+        (which ends ranks elsewhere); SIGKILL after ``timeout`` s for whatever is left."""
+        engines = []
+        for pid in self.pids:
+            st = _proc_stat(pid)
+            engines.append(Process(pid, start_time=st[1] if st else None))
+        await terminate(engines, timeout)
+        await terminate(self.processes, timeout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state."""
+        return {**super().to_dict(), "kind": self.kind, "mpi_cmd": self.mpi_cmd,
+                "mpi_args": self.mpi_args}  # fmt: skip
+
+    @classmethod
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        profile_dir: str | os.PathLike[str],
+        cluster_id: str,
+        engine_set_id: str,
+    ) -> MPIEngineSetLauncher:
+        """Rebuild a launcher (for an MPI job started by another process)."""
+        self = cls(
+            Path(profile_dir),
+            cluster_id,
+            engine_set_id,
+            d.get("n", 0),
+            d.get("args") or (),
+            cmd=d.get("cmd"),
+            mpi_cmd=d.get("mpi_cmd"),
+            mpi_args=d.get("mpi_args") or (),
+        )
+        self.processes = [Process.from_dict(p) for p in d.get("processes", [])]
+        return self

@@ -1,0 +1,111 @@
+"""MPI engines: ``Cluster(engines="mpi")`` runs the engines as the ranks of one real
+``mpiexec`` job (MPICH or Open MPI, with mpi4py), as ipyparallel's MPI launcher does."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from traitlets.config import Config
+
+from cluster_util import pid_running, wait_until
+from ferroparallel import interactive
+from ferroparallel.cluster import Cluster
+from ferroparallel.cluster.mpi import MPIEngineSetLauncher
+from ferroparallel.error import RemoteError
+
+pytest.importorskip("mpi4py")
+if shutil.which("mpiexec") is None:
+    pytest.skip("mpiexec is not installed (pip install mpich)", allow_module_level=True)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("fp_root")]
+
+SHORT = 60.0
+
+
+def _mpi_env() -> dict[str, str]:
+    # Open MPI refuses to run as root unless told; MPICH ignores these
+    return {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def test_mpi_engines_share_a_communicator(fp_root: Path) -> None:
+    cluster = Cluster(n=2, engines="mpi", env=_mpi_env(), shutdown_atexit=False)
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(2, timeout=SHORT)
+        assert sorted(rc.ids) == [0, 1]  # engine id = MPI rank
+        dv = rc[:]
+        ranks = dv.apply_sync(interactive(lambda: (mpi_rank, mpi_size)))  # noqa: F821
+        assert ranks == [(0, 2), (1, 2)]
+        dv.execute("total = MPI.COMM_WORLD.allreduce(mpi_rank + 1)", block=True)
+        assert dv.pull("total", block=True) == [3, 3]
+        es = cluster.engine_set
+        assert isinstance(es, MPIEngineSetLauncher)
+        engine_pids = es.pids
+        assert len(engine_pids) == 2
+        assert sorted(dv.apply_sync(os.getpid)) == sorted(engine_pids)
+
+        # SIGINT reaches the engines (not mpiexec, which would end the job): the running code
+        # is interrupted and both engines keep serving
+        ar = dv.apply_async(time.sleep, 30)
+        time.sleep(0.5)
+        cluster.signal_engines_sync(signal.SIGINT)
+        with pytest.raises(Exception) as info:
+            ar.get(timeout=SHORT)
+        assert "KeyboardInterrupt" in str(info.value)
+        assert dv.apply_sync(interactive(lambda: mpi_rank)) == [0, 1]  # noqa: F821
+
+        # a cluster loaded from its file (another process) can stop the job
+        again = Cluster.from_file(cluster.cluster_file)
+        assert isinstance(again.engine_set, MPIEngineSetLauncher)
+        assert sorted(again.engine_set.pids) == sorted(engine_pids)
+        mpiexec = es.processes[0]
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+    for pid in engine_pids:
+        wait_until(lambda p=pid: not pid_running(p), timeout=SHORT, what=f"engine {pid} to exit")
+    wait_until(lambda: not mpiexec.running, timeout=SHORT, what="mpiexec to exit")
+    assert mpiexec.exit_code == 0  # the job ended normally: every rank finalised MPI
+
+
+def test_mpi_options_from_ipyparallel_config(fp_root: Path) -> None:
+    cfg = Config()
+    cfg.MPILauncher.mpi_args = ["-v"]
+    cfg.MPIEngineSetLauncher.mpi_args = ["-n", "1"]  # wins
+    cfg.MPIEngineSetLauncher.mpi_cmd = ["mpiexec"]
+    cluster = Cluster(n=1, engines="MPI", config=cfg, shutdown_atexit=False)
+    assert cluster._mpi_options({}) == {"mpi_args": ["-n", "1"], "mpi_cmd": ["mpiexec"]}
+    assert cluster._mpi_options({"mpi_args": ["-x"]})["mpi_args"] == ["-x"]
+
+
+def test_missing_mpiexec_is_a_clear_error(fp_root: Path) -> None:
+    cluster = Cluster(n=1, engines="mpi", shutdown_atexit=False)
+    try:
+        cluster.start_controller_sync()
+        with pytest.raises(FileNotFoundError, match="pip install mpich mpi4py"):
+            cluster.start_engines_sync(mpi_cmd=["no-such-mpiexec"])
+    finally:
+        cluster.stop_cluster_sync()
+
+
+def test_engine_without_mpi4py_fails_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from ferroparallel.engine import mpi as engine_mpi
+
+    real_import = builtins.__import__
+
+    def no_mpi4py(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("mpi4py"):
+            raise ImportError("No module named 'mpi4py'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpi4py)
+    with pytest.raises(RuntimeError, match="pip install mpi4py"):
+        engine_mpi.init_mpi()
+    _ = RemoteError  # the error type user code sees for remote failures
