@@ -6,6 +6,7 @@ controller's log tail where that helps) instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -332,3 +333,22 @@ def zctx() -> Iterator[zmq.Context]:
     ctx = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@contextlib.contextmanager
+def running_cluster(profile_dir: Path, n: int, ping_ms: int = 200) -> Iterator[Any]:
+    """A real cluster of ``n`` engines in ``profile_dir`` (heartbeat every ``ping_ms``),
+    stopped on exit."""
+    from ferroparallel.cluster import Cluster
+
+    cluster = Cluster(
+        n=n,
+        profile_dir=profile_dir,
+        controller_args=["--ping", str(ping_ms)],
+        shutdown_atexit=False,
+    )
+    try:
+        cluster.start_cluster_sync()
+        yield cluster
+    finally:
+        cluster.stop_cluster_sync()

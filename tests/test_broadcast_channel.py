@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 import zmq
 
-from cluster_util import collect, connect, peer_session, recv_until, wait_until
+from cluster_util import (
+    collect,
+    connect,
+    peer_session,
+    recv_until,
+    running_cluster,
+    wait_until,
+)
 from ferroparallel.cluster import Cluster
 from ferroparallel.serialize import deserialize_object, pack_apply_message
 from peer.session import DELIMITER, new_id
@@ -59,17 +66,8 @@ class Peer:
 
 @pytest.fixture
 def cluster(fp_root: Path) -> Iterator[Cluster]:
-    c = Cluster(
-        n=2,
-        profile_dir=fp_root / "profile_bcast",
-        controller_args=["--ping", "200"],
-        shutdown_atexit=False,
-    )
-    try:
-        c.start_cluster_sync()
+    with running_cluster(fp_root / "profile_bcast", 2) as c:
         yield c
-    finally:
-        c.stop_cluster_sync()
 
 
 def test_connection_files_list_the_broadcast_ports(cluster: Cluster) -> None:

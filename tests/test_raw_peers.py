@@ -24,10 +24,10 @@ from cluster_util import (
     drain,
     peer_session,
     recv_until,
+    running_cluster,
     start_controller,
     wait_until,
 )
-from ferroparallel.cluster import Cluster
 from ferroparallel.serialize import deserialize_object, pack_apply_message
 from peer.session import DELIMITER, new_id
 
@@ -249,14 +249,7 @@ def _first_engine(client_s: Any, query: zmq.Socket) -> tuple[int, str] | None:
 
 def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None:
     """A raw pyzmq client sends a pack_apply_message payload to a real engine process."""
-    cluster = Cluster(
-        n=1,
-        profile_dir=fp_root / "profile_real",
-        controller_args=["--ping", "200"],
-        shutdown_atexit=False,
-    )
-    try:
-        cluster.start_cluster_sync()
+    with running_cluster(fp_root / "profile_real", 1) as cluster:
         info = json.loads(cluster.client_file.read_text())
         client_s = peer_session(info)
         base = "tcp://127.0.0.1:"
@@ -325,5 +318,3 @@ def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None
         rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="apply_reply")
         assert rep["parent_header"]["msg_id"] == hdr["msg_id"]
         assert deserialize_object([bytes(b) for b in rep["buffers"]]) == 1024
-    finally:
-        cluster.stop_cluster_sync()

@@ -542,6 +542,11 @@ class LocalEngineSetLauncher:
         }
 
     @classmethod
+    def _options_from_dict(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of a subclass, from its :meth:`to_dict` output."""
+        return {}
+
+    @classmethod
     def from_dict(
         cls,
         d: Mapping[str, Any],
@@ -557,6 +562,7 @@ class LocalEngineSetLauncher:
             d.get("n", 0),
             d.get("args") or (),
             cmd=d.get("cmd"),
+            **cls._options_from_dict(d),
         )
         self.processes = [Process.from_dict(p) for p in d.get("processes", [])]
         return self

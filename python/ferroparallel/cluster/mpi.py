@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from .. import paths
@@ -158,23 +157,5 @@ class MPIEngineSetLauncher(LocalEngineSetLauncher):
                 "mpi_args": self.mpi_args}  # fmt: skip
 
     @classmethod
-    def from_dict(
-        cls,
-        d: Mapping[str, Any],
-        profile_dir: str | os.PathLike[str],
-        cluster_id: str,
-        engine_set_id: str,
-    ) -> MPIEngineSetLauncher:
-        """Rebuild a launcher (for an MPI job started by another process)."""
-        self = cls(
-            Path(profile_dir),
-            cluster_id,
-            engine_set_id,
-            d.get("n", 0),
-            d.get("args") or (),
-            cmd=d.get("cmd"),
-            mpi_cmd=d.get("mpi_cmd"),
-            mpi_args=d.get("mpi_args") or (),
-        )
-        self.processes = [Process.from_dict(p) for p in d.get("processes", [])]
-        return self
+    def _options_from_dict(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        return {"mpi_cmd": d.get("mpi_cmd"), "mpi_args": d.get("mpi_args") or ()}
