@@ -158,6 +158,13 @@ class EngineKernel:
         direct = self.direct
         direct.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident, **cv)
         direct.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident, **cv)
+        if urls.broadcast:
+            # Every leaf, now: the one that serves this engine (id mod leaves, ipyparallel's
+            # rule) is only known after registration, and the controller may broadcast to us
+            # as soon as it has registered us. The other leaves never route to us.
+            direct.add_socket(
+                BROADCAST, "ROUTER", connect=list(urls.broadcast), identity=ident, **cv
+            )
         io.add_socket(IOPUB, "PUB", connect=[urls.iopub], identity=ident, **cv)
 
     def register(self) -> bool:
@@ -222,17 +229,6 @@ class EngineKernel:
         self._status_topic = STATUS_TOPIC_PREFIX + str(self.engine_id).encode()
         logs.set_engine_id(self.engine_id)
         log.info("registered as engine %d (heartbeat every %g ms)", self.engine_id, period_ms)
-        leaves = self.urls.broadcast
-        if leaves:
-            leaf = leaves[self.engine_id % len(leaves)]
-            self.direct.add_socket(
-                BROADCAST,
-                "ROUTER",
-                connect=[leaf],
-                identity=self.uuid.encode(),
-                **self.curve_options,
-            )
-            log.debug("broadcast leaf %s", leaf)
         return True
 
     # -- running ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use fp_io::{OutFrame, OutgoingMessage, RecvFrame};
-use fp_wire::{Parts, Value, BUFFERS_DIGEST_KEY, DELIMITER};
+use fp_wire::{Parts, Value, BUFFERS_DIGEST_KEY};
 
 use crate::log::{log_at, Level};
 use crate::messages::{engine_error_content, error_metadata, method_of, reply_type, str_field};
@@ -150,30 +150,11 @@ impl Server {
             let mut h = header.clone();
             let engine_msg_id = format!("{original}_{uuid}");
             h.set("msg_id", Value::Str(engine_msg_id.clone()));
-            let packed = match self.session.packer.pack(&h) {
-                Ok(p) => p,
-                Err(e) => {
-                    log_at!(Level::Error, "cannot repack a broadcast header: {e}");
-                    continue;
-                }
+            let mut route = vec![ident(uuid.as_bytes())];
+            route.extend(idents.iter().map(|i| ident(i)));
+            let Some((frames, _)) = self.resigned(route, &h, &env, Some(&packed_md)) else {
+                continue;
             };
-            let sig = self.session.sign_packed(&[
-                &packed,
-                env.parent_header.as_ref(),
-                &packed_md,
-                env.content.as_ref(),
-            ]);
-            let mut frames = vec![ident(uuid.as_bytes())];
-            frames.extend(idents.iter().map(|i| ident(i)));
-            frames.extend([
-                OutFrame::Owned(DELIMITER.to_vec()),
-                OutFrame::Owned(sig),
-                OutFrame::Owned(packed),
-                OutFrame::Received(env.parent_header.share()),
-                OutFrame::Owned(packed_md.clone()),
-                OutFrame::Received(env.content.share()),
-            ]);
-            frames.extend(env.buffers.iter().map(|b| OutFrame::Received(b.share())));
             let req = BcastInFlight {
                 idents: idents.clone(),
                 header: h,

@@ -1115,34 +1115,14 @@ impl Server {
         for (uuid, msg_id) in pairs {
             let mut h = header.clone();
             h.set("msg_id", Value::Str(msg_id.clone()));
-            let packed = match self.session.packer.pack(&h) {
-                Ok(p) => p,
-                Err(e) => {
-                    log_at!(Level::Error, "cannot repack a fan-out header: {e}");
-                    continue;
-                }
+            let route = vec![ident(&uuid), ident(&client)];
+            let Some((frames, packed)) = self.resigned(route, &h, &env, None) else {
+                continue;
             };
-            let sig = self.session.sign_packed(&[
-                &packed,
-                env.parent_header.as_ref(),
-                env.metadata.as_ref(),
-                env.content.as_ref(),
-            ]);
             let copy = captured.clone().map(|mut c| {
-                c.header = packed.clone();
+                c.header = packed;
                 c
             });
-            let mut frames = vec![
-                ident(&uuid),
-                ident(&client),
-                OutFrame::Owned(DELIMITER.to_vec()),
-                OutFrame::Owned(sig),
-                OutFrame::Owned(packed),
-                OutFrame::Received(env.parent_header.share()),
-                OutFrame::Received(env.metadata.share()),
-                OutFrame::Received(env.content.share()),
-            ];
-            frames.extend(env.buffers.iter().map(|b| OutFrame::Received(b.share())));
             match self.send(to, frames) {
                 Ok(()) => {
                     if track {
@@ -1179,6 +1159,48 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// The frames of `env` under another header (`header`, packed here) and optionally
+    /// other packed metadata, re-signed by the controller, after the routing frames `route`;
+    /// the bodies of the other parts and of the buffers are shared, not copied. Also returns
+    /// the packed header. `None` (logged) if the header cannot be packed.
+    pub(crate) fn resigned(
+        &self,
+        route: Vec<OutFrame>,
+        header: &Value,
+        env: &Env,
+        metadata: Option<&[u8]>,
+    ) -> Option<(Vec<OutFrame>, Vec<u8>)> {
+        let packed = match self.session.packer.pack(header) {
+            Ok(p) => p,
+            Err(e) => {
+                log_at!(Level::Error, "cannot repack a header: {e}");
+                return None;
+            }
+        };
+        let md = metadata.unwrap_or(env.metadata.as_ref());
+        let sig = self.session.sign_packed(&[
+            &packed,
+            env.parent_header.as_ref(),
+            md,
+            env.content.as_ref(),
+        ]);
+        let mut frames = route;
+        frames.reserve(6 + env.buffers.len());
+        frames.extend([
+            OutFrame::Owned(DELIMITER.to_vec()),
+            OutFrame::Owned(sig),
+            OutFrame::Owned(packed.clone()),
+            OutFrame::Received(env.parent_header.share()),
+            match metadata {
+                Some(m) => OutFrame::Owned(m.to_vec()),
+                None => OutFrame::Received(env.metadata.share()),
+            },
+            OutFrame::Received(env.content.share()),
+        ]);
+        frames.extend(env.buffers.iter().map(|b| OutFrame::Received(b.share())));
+        Some((frames, packed))
     }
 
     fn on_engine_reply(&mut self, env: Env, to: usize, track: bool) {
