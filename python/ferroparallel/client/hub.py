@@ -109,8 +109,15 @@ def hub_query(
     return reply
 
 
-def _split(buffers: list[Any], lens: list[list[int]] | None, at: int) -> tuple[list[Any], int]:
-    n = len(lens) if lens is not None else 0
+def _split(buffers: list[Any], lens: int | list[int] | None, at: int) -> tuple[list[Any], int]:
+    """The ``lens`` buffers of one record from ``at``: a count, as ipyparallel's hub (and ours)
+    sends, or a list with one entry per buffer (older ferroparallel controllers)."""
+    if lens is None:
+        n = 0
+    elif isinstance(lens, int):
+        n = lens
+    else:
+        n = len(lens)
     return buffers[at : at + n], at + n
 
 

@@ -9,17 +9,21 @@ interrupt running code or abort what is queued behind it.
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from ..error import IoClosedError
 from ..serialize import shm
 from ..serialize.peer import answer_probe, lend_probe
 from ..serialize.peer import enabled_by_env as peer_enabled
 from ..signal_names import parse_signal
+from ..wire_names import NO_STATUS_KEY
 from .errors import ErrorInfo
 from .signals import signal_self
 
@@ -81,6 +85,9 @@ def kernel_info_content() -> dict[str, Any]:
             "version": platform.python_version(),
             "mimetype": "text/x-python",
             "file_extension": ".py",
+            "pygments_lexer": "ipython3",
+            "codemirror_mode": {"name": "ipython", "version": 3},
+            "nbconvert_exporter": "python",
         },
         "banner": f"ferroparallel engine {_core.__version__}",
         "help_links": [],
@@ -102,11 +109,32 @@ class ControlHandler:
         self.kernel = kernel
 
     def handle(self, msg: dict[str, Any]) -> None:
-        """Dispatch one control message; failures become error replies."""
+        """Dispatch one control message; failures become error replies.
+
+        As ipykernel does for control requests, the engine publishes ``status`` busy/idle
+        around each one (parent = the request) unless its metadata holds ``fp_no_status``;
+        ``signal_request`` has none (ipyparallel's nanny answers it, not the kernel).
+        """
         msg_type = msg["header"].get("msg_type", "")
         if not msg_type.endswith("_request"):
             log.debug("ignoring control message of type %r", msg_type)
             return
+        status = msg_type != "signal_request" and not (msg.get("metadata") or {}).get(NO_STATUS_KEY)
+        if status:
+            self._status(msg, "busy")
+        try:
+            self._dispatch(msg, msg_type)
+        finally:
+            if status:
+                self._status(msg, "idle")
+
+    def _status(self, msg: dict[str, Any], state: str) -> None:
+        try:
+            self.kernel.publish("status", {"execution_state": state}, msg["header"], "status")
+        except IoClosedError:  # shutting down
+            pass
+
+    def _dispatch(self, msg: dict[str, Any], msg_type: str) -> None:
         handler = getattr(self, "do_" + msg_type.removesuffix("_request"), None)
         try:
             if handler is None:
@@ -163,6 +191,30 @@ class ControlHandler:
 
         self.reply(msg, {"status": "ok"})
         signal_self(signal.SIGINT)
+
+    def do_comm_info(self, msg: dict[str, Any]) -> None:
+        """``comm_info_request``: engines hold no comms."""
+        self.reply(msg, {"status": "ok", "comms": {}})
+
+    def do_usage(self, msg: dict[str, Any]) -> None:
+        """``usage_request`` (ipykernel's resource usage reply): host name, pid, CPU count and,
+        with psutil installed, this process's CPU percent and memory and the host's memory."""
+        content: dict[str, Any] = {
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "cpu_count": os.cpu_count(),
+        }
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        if psutil is not None:
+            proc = psutil.Process()
+            content["kernel_cpu"] = proc.cpu_percent()
+            content["kernel_memory"] = proc.memory_info().rss
+            content["cpu_count"] = psutil.cpu_count()
+            content["host_virtual_memory"] = dict(psutil.virtual_memory()._asdict())
+        self.reply(msg, content)
 
     def do_kernel_info(self, msg: dict[str, Any]) -> None:
         """``kernel_info_request``; a ferroparallel client may ask the engine to prove it can

@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Request metadata copied into reply metadata.
-COPIED_METADATA = ("label", "is_broadcast", "is_coalescing", "original_msg_id")
+#: Request metadata copied into reply metadata, with the value a reply carries when the request
+#: has none (ipyparallel's engines always send all four).
+COPIED_METADATA: dict[str, Any] = {
+    "label": None,
+    "is_broadcast": False,
+    "is_coalescing": False,
+    "original_msg_id": "",
+}
 
 
 class ShellHandler:
@@ -63,7 +69,7 @@ class ShellHandler:
         task scheduler."""
         k = self.kernel
         req_md = request.get("metadata") or {}
-        metadata = {key: req_md[key] for key in COPIED_METADATA if key in req_md}
+        metadata = {key: req_md.get(key, default) for key, default in COPIED_METADATA.items()}
         status = content.get("status", "ok")
         metadata.update(
             started=started,
@@ -114,6 +120,8 @@ class ShellHandler:
                 self._execute(msg, started)
             elif msg_type == "kernel_info_request":
                 self.reply(msg, "kernel_info_reply", kernel_info_content(), started)
+            elif msg_type == "comm_info_request":  # engines hold no comms
+                self.reply(msg, "comm_info_reply", {"status": "ok", "comms": {}}, started)
             else:
                 text = f"{msg_type} is not supported by ferroparallel engines"
                 error = ErrorInfo("NotImplementedError", text, [f"NotImplementedError: {text}"])

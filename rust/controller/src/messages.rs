@@ -23,6 +23,14 @@ pub fn error_content(ename: &str, evalue: &str) -> Value {
     ])
 }
 
+/// Error content of a hub query failure: [`error_content`] plus an empty `engine_info`, as
+/// ipyparallel's hub sends it (its `wrap_exception` always adds the key).
+pub fn hub_error_content(ename: &str, evalue: &str) -> Value {
+    let mut content = error_content(ename, evalue);
+    content.set("engine_info", Value::empty_map());
+    content
+}
+
 /// Error content with `engine_info`, for failures attributed to an engine.
 pub fn engine_error_content(
     ename: &str,

@@ -16,7 +16,7 @@ use crate::engines::{Engine, EngineTable, InFlight};
 use crate::heart::{Heart, Probe, FAST_PING, PROBE_GRACE, PROBE_PING};
 use crate::log::{log_at, Level};
 use crate::messages::{
-    engine_error_content, error_content, error_metadata, method_of, reply_type, str_field,
+    engine_error_content, error_metadata, hub_error_content, method_of, reply_type, str_field,
 };
 use crate::scheduler::Balancer;
 
@@ -592,16 +592,17 @@ impl Server {
                 self.begin_shutdown();
             }
             other => {
-                let evalue = format!("unsupported hub request type {other:?}");
-                log_at!(Level::Warning, "{evalue}");
-                self.query_error(zid, "hub_error", header, "NotImplementedError", &evalue);
+                // KeyError with this text, as ipyparallel's hub
+                let evalue = format!("Bad Message Type: '{other}'");
+                log_at!(Level::Warning, "unsupported hub request: {evalue}");
+                self.query_error(zid, "hub_error", header, "KeyError", &evalue);
             }
         }
     }
 
     /// Answer a hub query with an error content (`msg_type` is usually `hub_error`).
     fn query_error(&mut self, zid: Vec<u8>, msg_type: &str, parent: Value, ename: &str, why: &str) {
-        let content = error_content(ename, why);
+        let content = hub_error_content(ename, why);
         self.send_new(
             REG,
             vec![zid],

@@ -11,7 +11,7 @@ use super::record::{Blob, TaskRecord, Update};
 use super::Captured;
 use crate::engines::InFlight;
 use crate::log::{log_at, Level};
-use crate::messages::error_content;
+use crate::messages::hub_error_content;
 use crate::server::{Server, MUX_E, REG};
 
 /// Routing identity of requests the hub re-submits: their replies are dropped by the relays
@@ -114,7 +114,7 @@ impl Server {
                 log_at!(Level::Info, "{msg_type} failed: {e}");
                 (
                     "hub_error".to_owned(),
-                    error_content(e.ename, &e.evalue),
+                    hub_error_content(e.ename, &e.evalue),
                     Vec::new(),
                 )
             }
@@ -152,8 +152,8 @@ impl Server {
         let session = (!self.records.checked_when_stored()).then_some(&self.session);
         self.records.backend().find(&query, &mut |r| {
             records.push(project(r, &fields, packer));
-            let count =
-                |b: &[Blob]| Value::Array(b.iter().map(|x| Value::Int(x.len() as i64)).collect());
+            // as ipyparallel: the number of buffers of each record, which follow in order
+            let count = |b: &[Blob]| Value::Int(b.len() as i64);
             if want_bufs {
                 if !authentic(session, &r.metadata, &r.buffers) {
                     forged.get_or_insert_with(|| r.msg_id.clone());
@@ -185,7 +185,11 @@ impl Server {
 
     fn history_request(&mut self) -> Result<Reply, QueryError> {
         let mut h = self.records.backend().history()?;
-        // stable: arrival order among equal (or unknown) submission times
+        // As ipyparallel's hub: only submitted requests. A record without a submission time
+        // holds IOPub output whose request the hub never saw (a broadcast's per-engine
+        // msg_ids): listing it would offer clients a result that never comes.
+        h.retain(|(_, t)| t.is_some());
+        // stable: arrival order among equal submission times
         h.sort_by_key(|(_, t)| t.unwrap_or(i64::MAX));
         let ids = h.into_iter().map(|(id, _)| Value::Str(id)).collect();
         Ok((ok(vec![("history", Value::Array(ids))]), Vec::new()))
@@ -284,7 +288,8 @@ impl Server {
                     }
                 }
                 if !busy.is_empty() {
-                    return Err(QueryError::value(format!(
+                    // IndexError, as ipyparallel's hub
+                    return Err(QueryError::index(format!(
                         "cannot purge pending tasks (still running or queued): {}",
                         busy.join(", ")
                     )));

@@ -35,6 +35,12 @@ impl QueryError {
             evalue: evalue.into(),
         }
     }
+    pub fn index(evalue: impl Into<String>) -> QueryError {
+        QueryError {
+            ename: "IndexError",
+            evalue: evalue.into(),
+        }
+    }
     pub fn runtime(evalue: impl Into<String>) -> QueryError {
         QueryError {
             ename: "RuntimeError",
