@@ -232,6 +232,7 @@ def test_a_killed_lender_gives_its_queued_requests_an_error(
         with rc._shm.waiting():
             uuid = rc._build_targets(int(sys.argv[2]))[0][0]
             fut = rc.send_apply_request("mux", lambda x: float(x.sum()), (a,), ident=uuid)
+        rc.queue_status()  # a round trip: the request has left this process (no batching)
         print(fut.msg_id, flush=True)
         import time; time.sleep(60)
         """,

@@ -280,14 +280,17 @@ class ShellHandler:
             user_expressions=outcome.user_expressions,
             payload=[],
         )
-        self.reply(msg, "execute_reply", reply, started)
+        queued: list[str] = []
         if outcome.error is not None and not silent and content.get("stop_on_error", True):
-            # ipykernel behaviour: the cells queued behind a failed one are not run
+            # ipykernel behaviour: the cells queued behind a failed one are not run. Only those
+            # here before the reply leaves: a request sent once the client has seen the error
+            # is a new decision of the user and runs.
             k.inbox.pull(0)
             queued = k.queued_shell_ids("execute_request")
             if queued:
                 log.info("aborting %d queued execute_request(s) after an error", len(queued))
                 k.aborted.add(queued)
+        self.reply(msg, "execute_reply", reply, started)
 
     def reset_namespace(self) -> None:
         """``clear_request``: drop every user name (builtins stay)."""
