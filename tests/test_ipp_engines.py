@@ -20,6 +20,7 @@ import pytest
 from cluster_util import stop_popen, wait_until
 from ferroparallel.client import Client
 from ferroparallel.cluster import Cluster
+from ferroparallel.error import RemoteError
 
 ipp = pytest.importorskip("ipyparallel")
 
@@ -120,3 +121,6 @@ def test_our_client_executes_on_ipyparallel_engines(setup: Setup) -> None:
         ar = rc[:].execute("import os; x = 6 * 7; print(x)", block=True)
         assert ar.successful()
         assert ar.stdout == ["42\n", "42\n"]
+        # apply cannot work there: the error says why
+        with pytest.raises(RemoteError, match="is an ipyparallel engine"):
+            rc[0].apply_sync(os.getpid)

@@ -115,6 +115,27 @@ Settle = tuple[Any, Any, "BaseException | None", bool]
 NO_REPLY = object()
 
 
+#: Added to the error of an ipyparallel engine that could not unpickle our apply payload.
+FOREIGN_ENGINE_HINT = (
+    "this engine is an ipyparallel engine, which cannot read ferroparallel's apply requests: "
+    "use execute(), or run ferroparallel engines"
+)
+
+
+def _foreign_engine_refusal(
+    header: dict[str, Any], content: dict[str, Any], md_in: dict[str, Any]
+) -> bool:
+    """An ipyparallel engine's failure to unpickle an apply request (our payload starts with a
+    12-byte header that is no pickle): an ``apply_reply`` error from an engine that does not
+    count its outputs as ours do."""
+    return (
+        header.get("msg_type") == "apply_reply"
+        and content.get("ename") == "UnpicklingError"
+        and OUTPUT_COUNT_KEY not in md_in
+        and bool(content.get("engine_info"))
+    )
+
+
 def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
     """A reply on the mux, task or control channel (control requests have no output).
 
@@ -191,6 +212,8 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         exc = error.TaskAborted(msg_id)  # as ipyparallel: the message is the msg_id
         expect_output = False
     else:
+        if _foreign_engine_refusal(header, content, md_in):
+            content = {**content, "evalue": f"{content.get('evalue')} ({FOREIGN_ENGINE_HINT})"}
         exc = error.unwrap_exception(content)
         if not content.get("engine_info") or content.get("ename") == "EngineError":
             expect_output = False
