@@ -109,3 +109,34 @@ def test_engine_without_mpi4py_fails_with_a_hint(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(RuntimeError, match="pip install mpi4py"):
         engine_mpi.init_mpi()
     _ = RemoteError  # the error type user code sees for remote failures
+
+
+def test_cli_starts_mpi_engines(fp_root: Path) -> None:
+    import subprocess
+    import sys
+
+    from ferroparallel import Client
+
+    env = {**os.environ, **_mpi_env()}
+    cli = [sys.executable, "-m", "ferroparallel", "cluster"]
+    started = subprocess.run(
+        [*cli, "start", "-n", "2", "--engines", "MPI", "--cluster-id", "mpicli", "--daemonize"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SHORT,
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        with Client(cluster_id="mpicli", timeout=SHORT) as rc:
+            rc.wait_for_engines(2, timeout=SHORT)
+            assert rc[:].apply_sync(interactive(lambda: mpi_size)) == [2, 2]  # noqa: F821
+    finally:
+        stopped = subprocess.run(
+            [*cli, "stop", "--cluster-id", "mpicli"], env=env, capture_output=True, timeout=SHORT
+        )
+    assert stopped.returncode == 0
+    bad = subprocess.run(
+        [*cli, "start", "--engines", "pbs"], env=env, capture_output=True, text=True, timeout=SHORT
+    )
+    assert bad.returncode == 2 and "'pbs' is not available" in bad.stderr

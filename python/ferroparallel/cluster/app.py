@@ -71,6 +71,20 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     s.add_argument(
         "--engine-arg", action="append", default=[], metavar="ARG", help="extra engine argument"
     )
+    s.add_argument(
+        "--engines",
+        default="local",
+        metavar="LAUNCHER",
+        help="how to start the engines: 'local' (default) or 'mpi' (one mpiexec job whose "
+        "ranks are the engines; ipcluster's --engines=MPI)",
+    )
+    s.add_argument(
+        "--mpi-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra mpiexec argument for --engines mpi (repeatable)",
+    )
 
     s = sub.add_parser("stop", help="stop a cluster started by 'cluster start' or the API")
     _add_profile_args(s)
@@ -180,24 +194,35 @@ def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from traitlets.config import Config
+
     from .cluster import Cluster
 
     if args.n is not None and args.n < 0:
         _err("-n must not be negative")
         return 2
-    cluster = Cluster(
-        n=args.n,
-        profile=args.profile,
-        profile_dir=args.profile_dir,
-        cluster_id=args.cluster_id,
-        controller_ip=args.ip,
-        curve=args.curve,
-        log_level=args.log_level,
-        controller_args=args.controller_arg,
-        engine_args=args.engine_arg,
-        engine_timeout=args.timeout,
-        shutdown_atexit=not args.daemonize,
-    )
+    config = Config()
+    if args.mpi_arg:
+        config.MPIEngineSetLauncher.mpi_args = list(args.mpi_arg)
+    try:
+        cluster = Cluster(
+            n=args.n,
+            profile=args.profile,
+            profile_dir=args.profile_dir,
+            cluster_id=args.cluster_id,
+            controller_ip=args.ip,
+            curve=args.curve,
+            log_level=args.log_level,
+            controller_args=args.controller_arg,
+            engine_args=args.engine_arg,
+            engine_timeout=args.timeout,
+            shutdown_atexit=not args.daemonize,
+            engines=args.engines,
+            config=config,
+        )
+    except NotImplementedError as e:
+        _err(str(e))
+        return 2
     old = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
