@@ -764,3 +764,29 @@ def test_engine_log_level_accepts_names_and_numbers() -> None:
     assert parser.parse_args(["--log-level", "debug"]).log_level == "DEBUG"
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-level", "loud"])
+
+
+def test_stdin_link_reads_info_and_follows_the_launcher() -> None:
+    import io
+    import json as _json
+
+    from ferroparallel.engine import stdin_link
+
+    info = {"key": "k", "interface": "tcp://127.0.0.1"}
+    stream = io.BytesIO(_json.dumps(info).encode() + b"\nsignal 0\njunk\n")
+    assert stdin_link.read_info(stream) == info
+    with pytest.raises(ValueError, match="no connection info"):
+        stdin_link.read_info(io.BytesIO(b""))
+    with pytest.raises(ValueError, match="not JSON"):
+        stdin_link.read_info(io.BytesIO(b"{oops\n"))
+
+    class Kernel:
+        code = None
+
+        def request_exit(self, code: int) -> None:
+            self.code = code
+
+    kernel, ended = Kernel(), []
+    t = stdin_link.follow(kernel, stream, on_eof=lambda: ended.append(True))
+    t.join(5)
+    assert kernel.code == 0 and ended == [True]  # signal 0 delivered harmlessly, junk ignored

@@ -33,7 +33,7 @@ import string
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from ..error import ConnectionFileError
 from ._sync import run_sync
 from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process, terminate_sync
 from .mpi import MPI_LAUNCHERS, MPIEngineSetLauncher
+from .ssh_engines import SSH_LAUNCHERS, SSHEngineSetLauncher
 
 __all__ = ["Cluster", "cluster_file", "new_cluster_id", "run_sync"]
 
@@ -122,6 +123,8 @@ def _launcher_name(value: Any) -> str:
     short = name.rsplit(".", 1)[-1].lower()
     if short in _LOCAL_LAUNCHERS:
         return "local"
+    if short in SSH_LAUNCHERS:
+        return "ssh"
     return "mpi" if short in MPI_LAUNCHERS else name
 
 
@@ -281,9 +284,9 @@ class Cluster(LoggingConfigurable):
         keyword, an attribute or a config file alike)."""
         launcher = _launcher_name(proposal["value"])
         what = proposal["trait"].name.split("_", 1)[0]
-        if launcher == "local" or (launcher == "mpi" and what == "engine"):
+        if launcher == "local" or (launcher in ("mpi", "ssh") and what == "engine"):
             return launcher
-        available = "'local' and (engines) 'mpi' are" if what == "engine" else "'local' is"
+        available = "'local', 'mpi' and 'ssh' are" if what == "engine" else "'local' is"
         raise NotImplementedError(
             f"{what} launcher {launcher!r} is not available; only {available} implemented"
         )
@@ -473,6 +476,11 @@ class Cluster(LoggingConfigurable):
             launcher = MPIEngineSetLauncher(
                 self.profile_dir, self.cluster_id, esid, n, **common, **self._mpi_options(kwargs)
             )
+        elif self.engine_launcher_class == "ssh":
+            launcher = SSHEngineSetLauncher(
+                self.profile_dir, self.cluster_id, esid, n, **common, **self._ssh_options(kwargs)
+            )
+            self.n = launcher.n  # the hosts' counts decide, as in ipyparallel
         else:
             launcher = LocalEngineSetLauncher(self.profile_dir, self.cluster_id, esid, n, **common)
         if kwargs:
@@ -484,20 +492,38 @@ class Cluster(LoggingConfigurable):
         self.write_cluster_file()
         return esid
 
+    def _launcher_options(
+        self, kwargs: dict[str, Any], sections: Sequence[str], keys: Sequence[str]
+    ) -> dict[str, Any]:
+        """Options of a launcher: ipyparallel's config ``sections`` (later ones win), then the
+        keyword arguments of :meth:`start_engines` (popped)."""
+        opts: dict[str, Any] = {}
+        for section in sections:
+            if section in self.config:
+                for key in keys:
+                    if key in self.config[section]:
+                        opts[key] = self.config[section][key]
+        for key in keys:
+            if key in kwargs:
+                opts[key] = kwargs.pop(key)
+        return opts
+
+    def _ssh_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``engines``, ``ssh_cmd``, ``ssh_args`` of an SSH engine set (``start_engines``
+        keywords, else ``c.SSHLauncher`` / ``c.SSHEngineSetLauncher``)."""
+        opts = self._launcher_options(
+            kwargs, ("SSHLauncher", "SSHEngineSetLauncher"), ("engines", "ssh_cmd", "ssh_args")
+        )
+        return {k: dict(v) if k == "engines" else list(v) for k, v in opts.items()}
+
     def _mpi_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``mpi_cmd`` / ``mpi_args`` of an MPI engine set: keyword arguments of
         :meth:`start_engines`, else ipyparallel's config sections (``c.MPILauncher.mpi_args``,
         ``c.MPIEngineSetLauncher.mpi_args``, the latter winning)."""
-        opts: dict[str, Any] = {}
-        for section in ("MPILauncher", "MPIEngineSetLauncher"):
-            if section in self.config:
-                for key in ("mpi_cmd", "mpi_args"):
-                    if key in self.config[section]:
-                        opts[key] = list(self.config[section][key])
-        for key in ("mpi_cmd", "mpi_args"):
-            if key in kwargs:
-                opts[key] = list(kwargs.pop(key))
-        return opts
+        opts = self._launcher_options(
+            kwargs, ("MPILauncher", "MPIEngineSetLauncher"), ("mpi_cmd", "mpi_args")
+        )
+        return {k: list(v) for k, v in opts.items()}
 
     async def start_cluster(self, n: int | None = None) -> Cluster:
         """Start the controller (unless running) and ``n`` engines.
@@ -748,7 +774,9 @@ class Cluster(LoggingConfigurable):
                 d["controller"], self.profile_dir, self.cluster_id
             )
         for esid, es in (d.get("engines") or {}).items():
-            kind = MPIEngineSetLauncher if es.get("kind") == "mpi" else LocalEngineSetLauncher
+            kind = {"mpi": MPIEngineSetLauncher, "ssh": SSHEngineSetLauncher}.get(
+                es.get("kind"), LocalEngineSetLauncher
+            )
             self.engines[esid] = kind.from_dict(es, self.profile_dir, self.cluster_id, esid)
         if self.shutdown_atexit:
             _track_for_exit(self)

@@ -12,7 +12,8 @@ from ..controller.config import parse_log_level
 from ..curve import SERVERKEY_ENV_VAR, check_key
 from ..error import FerroParallelError
 from ..ssh import choose_server
-from .connection import channel_urls, load_connection_info, tunnel_urls
+from . import stdin_link
+from .connection import channel_urls, load_connection_info, tunnel_urls, validate
 from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
 from .logs import setup_logging
 from .mpi import init_mpi
@@ -35,7 +36,12 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
     p.add_argument("--profile-dir", default=None, help="profile directory (wins over --profile)")
     p.add_argument("--cluster-id", default="", help="cluster id in the connection file name")
     p.add_argument(
-        "--file", "-f", default=None, metavar="PATH", help="engine connection file to use"
+        "--file",
+        "-f",
+        default=None,
+        metavar="PATH",
+        help="engine connection file to use; '-': its JSON on the first line of stdin, then "
+        "stdin links the engine to its launcher (see ferroparallel.engine.stdin_link)",
     )
     p.add_argument(
         "--wait-for-file",
@@ -119,13 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        info, source = load_connection_info(
-            file=args.file,
-            profile=args.profile,
-            profile_dir=args.profile_dir,
-            cluster_id=args.cluster_id,
-            wait=args.wait_for_file,
-        )
+        if args.file == stdin_link.STDIN:
+            info, source = validate(stdin_link.read_info(), "stdin"), "stdin"
+        else:
+            info, source = load_connection_info(
+                file=args.file,
+                profile=args.profile,
+                profile_dir=args.profile_dir,
+                cluster_id=args.cluster_id,
+                wait=args.wait_for_file,
+            )
     except (FerroParallelError, OSError, ValueError) as e:
         log.error("%s", e)
         return EXIT_FAILED
@@ -176,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     if mpi is not None:
         kernel.namespace.ns.update(mpi.namespace())
+    if args.file == stdin_link.STDIN:
+        stdin_link.follow(kernel)
     _present_as_kernel()
     kernel.shell.watch_ipython_import()
     try:

@@ -1,0 +1,198 @@
+"""Engines on other hosts, started over SSH (``Cluster(engines="ssh")``, as ipyparallel's
+``SSHEngineSetLauncher``).
+
+``c.SSHEngineSetLauncher.engines = {"[user@]host[:port]": n}`` (or ``(n, [engine args])``):
+for each engine one local ``ssh host <engine_cmd> --file - ...`` process. The connection info
+goes over the SSH channel on the engine's stdin, never on a command line or into a file on
+the remote host, and stdin stays open as the link between launcher and engine
+(:mod:`ferroparallel.engine.stdin_link`): ``signal N`` lines deliver signals, and closing it
+(or losing the connection) stops the engine. The engines must reach the controller: start it
+on an address they can connect to (``Cluster(controller_ip=...)``) or give them
+``--ssh`` tunnels through ``engine_args``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import paths
+from ..ssh import KNOWN_HOSTS_ENV, parse_server
+from .launchers import LocalEngineSetLauncher, Process, _log_name, _proc_stat, terminate
+
+__all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS"]
+
+#: Names of the SSH engine launcher, lower case.
+SSH_LAUNCHERS = ("ssh", "sshenginesetlauncher", "sshengineset")
+
+
+def host_counts(engines: Mapping[str, Any]) -> list[tuple[str, int, list[str]]]:
+    """``[(host, n, extra engine args)]`` from ipyparallel's ``engines`` mapping.
+
+    Raises
+    ------
+    ValueError
+        A count that is not a non-negative int, or a host ``ssh`` would misread.
+    """
+    out = []
+    for host, spec in engines.items():
+        parse_server(host)  # validates (no leading '-', a port that is a number...)
+        n, extra = (spec[0], list(spec[1])) if isinstance(spec, list | tuple) else (spec, [])
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"engines[{host!r}] must be a count of engines, not {n!r}")
+        out.append((host, n, [str(a) for a in extra]))
+    return out
+
+
+class SSHEngineSetLauncher(LocalEngineSetLauncher):
+    """Engines on the hosts of ``engines``, each through its own ``ssh`` process.
+
+    Parameters are those of :class:`~.launchers.LocalEngineSetLauncher` (``n`` is ignored: the
+    counts come from ``engines``; ``cmd`` is the command run on the remote hosts), plus:
+
+    engines : Mapping
+        ``{"[user@]host[:port]": n or (n, [extra engine args])}``.
+    ssh_cmd : sequence of str, optional
+        The local ssh command (default ``["ssh"]``).
+    ssh_args : sequence of str, optional
+        Extra ``ssh`` options (``-i key``, ``-o ...``).
+    """
+
+    kind = "ssh"
+
+    def __init__(
+        self,
+        *args: Any,
+        engines: Mapping[str, Any] | None = None,
+        ssh_cmd: Sequence[str] | None = None,
+        ssh_args: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.engines = dict(engines or {})
+        self.hosts = host_counts(self.engines)
+        self.n = sum(n for _, n, _ in self.hosts)
+        self.ssh_cmd = list(ssh_cmd) if ssh_cmd else ["ssh"]
+        self.ssh_args = list(ssh_args)
+        self._stdins: list[Any] = []
+
+    def ssh_command(self, host: str, extra: Sequence[str] = ()) -> list[str]:
+        """The local command line that runs one engine on ``host``."""
+        server = parse_server(host)
+        remote = [*self.cmd, "--file", "-", *self.args, *extra]
+        cmd = [*self.ssh_cmd, "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=10"]
+        known = self.env.get(KNOWN_HOSTS_ENV)
+        if known:
+            cmd += ["-o", f"UserKnownHostsFile={known} ~/.ssh/known_hosts"]
+        if server.port:
+            cmd += ["-p", str(server.port)]
+        if server.user:
+            cmd += ["-l", server.user]
+        return [*cmd, *self.ssh_args, "--", server.host, shlex.join(remote)]
+
+    def start(self) -> list[Process]:
+        """Start one ``ssh`` per engine and send each its connection info.
+
+        Raises
+        ------
+        ValueError
+            No hosts in ``engines``.
+        FileNotFoundError
+            No ``ssh`` command.
+        """
+        if self.running:
+            raise RuntimeError(f"engine set {self.engine_set_id!r} is already running")
+        if not self.n:
+            raise ValueError(
+                "SSH engines need hosts: c.SSHEngineSetLauncher.engines = {'host': n}, or "
+                "start_engines(engines={'host': n})"
+            )
+        if shutil.which(self.ssh_cmd[0], path=self.env.get("PATH")) is None:
+            raise FileNotFoundError(f"{self.ssh_cmd[0]!r} not found: SSH engines need OpenSSH")
+        info = self.connection_info
+        if info is None:
+            info = json.loads(self.engine_file.read_text())
+        line = (json.dumps(info) + "\n").encode()
+        logs = paths.log_dir(self.profile_dir)
+        procs: list[Process] = []
+        try:
+            for host, n, extra in self.hosts:
+                for i in range(n):
+                    log_file = logs / _log_name(
+                        "ipengine", self.cluster_id, self.engine_set_id, host.replace("/", "_"), i
+                    )
+                    procs.append(self._spawn(self.ssh_command(host, extra), log_file, line))
+        except BaseException:
+            self._close_links()
+            raise
+        self.processes = procs
+        return procs
+
+    def _spawn(self, cmd: list[str], log_file: Path, line: bytes) -> Process:
+        with open(log_file, "ab") as out:
+            offset = out.tell()
+            popen = subprocess.Popen(
+                cmd,
+                env=dict(self.env),
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        assert popen.stdin is not None
+        self._stdins.append(popen.stdin)
+        popen.stdin.write(line)
+        popen.stdin.flush()
+        st = _proc_stat(popen.pid)
+        start = st[1] if st else None
+        return Process(popen.pid, popen, start, cmd, str(log_file), offset)
+
+    def _send(self, text: str) -> None:
+        for stdin in self._stdins:
+            try:
+                stdin.write(text.encode())
+                stdin.flush()
+            except (OSError, ValueError):
+                pass  # that engine's link is gone
+
+    def _close_links(self) -> None:
+        for stdin in self._stdins:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+        self._stdins = []
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to every engine, through its link."""
+        if self._stdins:
+            self._send(f"signal {int(sig)}\n")
+        else:  # loaded from a file by another process: no link, only the ssh processes
+            super().signal(sig)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close the links (each engine stops and unregisters), then end the ``ssh``
+        processes that are still running after ``timeout`` s."""
+        self._close_links()
+        for p in self.processes:
+            await p.wait(timeout)
+        await terminate(self.processes, timeout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state."""
+        return {**super().to_dict(), "kind": self.kind, "engines": self.engines,
+                "ssh_cmd": self.ssh_cmd, "ssh_args": self.ssh_args}  # fmt: skip
+
+    @classmethod
+    def _options_from_dict(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "engines": d.get("engines") or {},
+            "ssh_cmd": d.get("ssh_cmd"),
+            "ssh_args": d.get("ssh_args") or (),
+        }

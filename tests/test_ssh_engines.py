@@ -1,0 +1,89 @@
+"""Engines started over SSH (``Cluster(engines="ssh")``) on a real OpenSSH server on loopback
+(the ``sshd`` fixture of ``test_ssh``): the connection info travels on the engine's stdin, which
+then links the engine to its launcher (signals, stop, a lost connection)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from traitlets.config import Config
+
+from cluster_util import pid_running, wait_until
+from ferroparallel.cluster import Cluster
+from ferroparallel.cluster.ssh_engines import SSHEngineSetLauncher, host_counts
+from ferroparallel.error import RemoteError
+from test_ssh import Sshd, sshd  # noqa: F401 - the module-scoped sshd fixture
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fp_root")]
+
+SHORT = 30.0
+
+
+@pytest.fixture
+def ssh_cluster(sshd: Sshd, fp_root: Path) -> Iterator[tuple[Cluster, Any]]:  # noqa: F811
+    cfg = Config()
+    cfg.SSHEngineSetLauncher.engines = {sshd.server: 2}
+    cfg.SSHEngineSetLauncher.ssh_args = ["-i", str(sshd.key), "-o", "IdentitiesOnly=yes"]
+    cluster = Cluster(engines="ssh", config=cfg, shutdown_atexit=False)
+    rc = None
+    try:
+        rc = cluster.start_and_connect_sync()
+        rc.wait_for_engines(2, timeout=SHORT)
+        yield cluster, rc
+    finally:
+        if rc is not None:
+            rc.close()
+        cluster.stop_cluster_sync()
+
+
+def test_engines_over_ssh(ssh_cluster: tuple[Cluster, Any]) -> None:
+    cluster, rc = ssh_cluster
+    es = cluster.engine_set
+    assert isinstance(es, SSHEngineSetLauncher) and cluster.n == 2
+    dv = rc[:]
+    pids = dv.apply_sync(os.getpid)
+    assert len(set(pids)) == 2
+    # the engines run in the ssh server's sessions, not as children of this process
+    assert not set(pids) & {p.pid for p in es.processes}
+    assert dv.apply_sync(lambda: 6 * 7) == [42, 42]
+
+    # signals go through the link: running code is interrupted, the engines keep serving
+    ar = dv.apply_async(time.sleep, 30)
+    time.sleep(0.5)
+    cluster.signal_engines_sync(signal.SIGINT)
+    with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+        ar.get(timeout=SHORT)
+    assert dv.apply_sync(lambda: "still here") == ["still here"] * 2
+
+    # an engine whose ssh connection is gone stops (and unregisters)
+    os.kill(es.processes[0].pid, signal.SIGKILL)
+    wait_until(lambda: len(rc.ids) == 1, timeout=SHORT, what="the unlinked engine to leave")
+    wait_until(lambda: sum(not pid_running(p) for p in pids) == 1, timeout=SHORT, what="it to exit")
+
+    cluster.stop_cluster_sync()
+    for p in pids:
+        wait_until(lambda p=p: not pid_running(p), timeout=SHORT, what=f"engine {p} to exit")
+
+
+def test_host_counts_and_errors(fp_root: Path) -> None:
+    assert host_counts({"a": 2, "me@b:2222": (1, ["--log-level", "DEBUG"])}) == [
+        ("a", 2, []),
+        ("me@b:2222", 1, ["--log-level", "DEBUG"]),
+    ]
+    with pytest.raises(ValueError, match="count of engines"):
+        host_counts({"a": "two"})
+    with pytest.raises(ValueError):
+        host_counts({"-oProxyCommand=x": 1})  # ssh would read it as an option
+    cluster = Cluster(engines="ssh", shutdown_atexit=False)
+    try:
+        cluster.start_controller_sync()
+        with pytest.raises(ValueError, match="SSHEngineSetLauncher.engines"):
+            cluster.start_engines_sync()
+    finally:
+        cluster.stop_cluster_sync()
