@@ -75,8 +75,9 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         "--engines",
         default="local",
         metavar="LAUNCHER",
-        help="how to start the engines: 'local' (default) or 'mpi' (one mpiexec job whose "
-        "ranks are the engines; ipcluster's --engines=MPI)",
+        help="how to start the engines: 'local' (default), 'mpi' (one mpiexec job whose "
+        "ranks are the engines; ipcluster's --engines=MPI) or 'ssh' (hosts from the profile's "
+        "config: c.SSHEngineSetLauncher.engines)",
     )
     s.add_argument(
         "--mpi-arg",
@@ -232,7 +233,7 @@ def _start(args: argparse.Namespace) -> int:
             cluster.start_cluster_sync(args.n)
             n = cluster.n or 0
             count = _wait_registered(cluster, n, args.timeout)
-        except (RuntimeError, TimeoutError, OSError) as e:
+        except (RuntimeError, TimeoutError, OSError, ValueError) as e:
             _err(f"failed to start cluster {cluster.cluster_id!r}: {e}")
             cluster.stop_cluster_sync()
             return 1
