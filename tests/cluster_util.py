@@ -352,3 +352,18 @@ def running_cluster(profile_dir: Path, n: int, ping_ms: int = 200) -> Iterator[A
         yield cluster
     finally:
         cluster.stop_cluster_sync()
+
+
+@contextlib.contextmanager
+def connected(cluster: Any, n: int, timeout: float = 30.0) -> Iterator[tuple[Any, Any]]:
+    """Start ``cluster``, connect a client and wait for ``n`` engines; close and stop it on
+    exit."""
+    rc = None
+    try:
+        rc = cluster.start_and_connect_sync()
+        rc.wait_for_engines(n, timeout=timeout)
+        yield cluster, rc
+    finally:
+        if rc is not None:
+            rc.close()
+        cluster.stop_cluster_sync()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from cluster_util import pid_running, wait_until
+from cluster_util import connected, pid_running, wait_until
 from ferroparallel.cluster import Cluster
 from ferroparallel.cluster.ssh_engines import SSHEngineSetLauncher, host_counts
 from ferroparallel.error import RemoteError
@@ -30,16 +30,8 @@ def ssh_cluster(sshd: Sshd, fp_root: Path) -> Iterator[tuple[Cluster, Any]]:  # 
     cfg = Config()
     cfg.SSHEngineSetLauncher.engines = {sshd.server: 2}
     cfg.SSHEngineSetLauncher.ssh_args = ["-i", str(sshd.key), "-o", "IdentitiesOnly=yes"]
-    cluster = Cluster(engines="ssh", config=cfg, shutdown_atexit=False)
-    rc = None
-    try:
-        rc = cluster.start_and_connect_sync()
-        rc.wait_for_engines(2, timeout=SHORT)
-        yield cluster, rc
-    finally:
-        if rc is not None:
-            rc.close()
-        cluster.stop_cluster_sync()
+    with connected(Cluster(engines="ssh", config=cfg, shutdown_atexit=False), 2, SHORT) as both:
+        yield both
 
 
 def test_engines_over_ssh(ssh_cluster: tuple[Cluster, Any]) -> None:

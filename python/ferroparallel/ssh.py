@@ -194,6 +194,20 @@ def parse_server(server: str) -> SSHServer:
     return SSHServer(user, host, port)
 
 
+def destination_options(server: SSHServer, environ: Mapping[str, str]) -> list[str]:
+    """``ssh`` options for ``server``: its port and user, and the known-hosts file named by
+    ``$FERROPARALLEL_SSH_KNOWN_HOSTS`` in ``environ`` (before ``~/.ssh/known_hosts``)."""
+    opts: list[str] = []
+    known = environ.get(KNOWN_HOSTS_ENV)
+    if known:
+        opts += ["-o", f"UserKnownHostsFile={known} ~/.ssh/known_hosts"]
+    if server.port:
+        opts += ["-p", str(server.port)]
+    if server.user:
+        opts += ["-l", server.user]
+    return opts
+
+
 def use_paramiko(paramiko: bool | None) -> bool:
     """Resolve the ``paramiko`` argument.
 
@@ -484,13 +498,7 @@ class _OpenSSH:
             cmd += ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"]
         if keyfile:
             cmd += ["-i", keyfile, "-o", "IdentitiesOnly=yes"]
-        known = os.environ.get(KNOWN_HOSTS_ENV)
-        if known:
-            cmd += ["-o", f"UserKnownHostsFile={known} ~/.ssh/known_hosts"]
-        if server.port:
-            cmd += ["-p", str(server.port)]
-        if server.user:
-            cmd += ["-l", server.user]
+        cmd += destination_options(server, os.environ)
         for lport, rhost, rport in forwards:
             rh = f"[{rhost}]" if ":" in rhost else rhost
             cmd += ["-L", f"127.0.0.1:{lport}:{rh}:{rport}"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
-from ..ssh import KNOWN_HOSTS_ENV, parse_server
+from ..ssh import destination_options, parse_server
 from .launchers import LocalEngineSetLauncher, Process, _log_name, _proc_stat, terminate
 
 __all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS"]
@@ -86,13 +86,7 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         server = parse_server(host)
         remote = [*self.cmd, "--file", "-", *self.args, *extra]
         cmd = [*self.ssh_cmd, "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=10"]
-        known = self.env.get(KNOWN_HOSTS_ENV)
-        if known:
-            cmd += ["-o", f"UserKnownHostsFile={known} ~/.ssh/known_hosts"]
-        if server.port:
-            cmd += ["-p", str(server.port)]
-        if server.user:
-            cmd += ["-l", server.user]
+        cmd += destination_options(server, self.env)
         return [*cmd, *self.ssh_args, "--", server.host, shlex.join(remote)]
 
     def start(self) -> list[Process]:
