@@ -79,3 +79,19 @@ def test_host_counts_and_errors(fp_root: Path) -> None:
             cluster.start_engines_sync()
     finally:
         cluster.stop_cluster_sync()
+
+
+def test_ipyparallel_config_names(fp_root: Path) -> None:
+    cfg = Config()
+    cfg.SSHLauncher.ssh_args = ["-v"]
+    cfg.SSHEngineSetLauncher.engines = {"me@h1:2200": 2, "h2": (1, ["--log-level", "DEBUG"])}
+    cfg.SSHEngineSetLauncher.engine_cmd = ["/opt/py/bin/python", "-m", "ferroparallel.engine"]
+    cluster = Cluster(engines="SSHEngineSetLauncher", config=cfg, shutdown_atexit=False)
+    opts = cluster._ssh_options({})
+    assert opts["ssh_args"] == ["-v"] and opts["engine_cmd"][0] == "/opt/py/bin/python"
+    es = SSHEngineSetLauncher(fp_root, "c", "e", 0, cmd=opts.pop("engine_cmd"), **opts)
+    assert es.n == 3
+    cmd = es.ssh_command("me@h1:2200")
+    assert cmd[cmd.index("-p") + 1] == "2200" and cmd[cmd.index("-l") + 1] == "me"
+    assert cmd[-2:] == ["h1", "/opt/py/bin/python -m ferroparallel.engine --file -"]
+    assert es.ssh_command("h2", ["--log-level", "DEBUG"])[-1].endswith("--log-level DEBUG")

@@ -477,8 +477,11 @@ class Cluster(LoggingConfigurable):
                 self.profile_dir, self.cluster_id, esid, n, **common, **self._mpi_options(kwargs)
             )
         elif self.engine_launcher_class == "ssh":
+            opts = self._ssh_options(kwargs)
+            if "engine_cmd" in opts:  # ipyparallel's name for the command on the remote hosts
+                common["cmd"] = opts.pop("engine_cmd")
             launcher = SSHEngineSetLauncher(
-                self.profile_dir, self.cluster_id, esid, n, **common, **self._ssh_options(kwargs)
+                self.profile_dir, self.cluster_id, esid, n, **common, **opts
             )
             self.n = launcher.n  # the hosts' counts decide, as in ipyparallel
         else:
@@ -509,10 +512,13 @@ class Cluster(LoggingConfigurable):
         return opts
 
     def _ssh_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``engines``, ``ssh_cmd``, ``ssh_args`` of an SSH engine set (``start_engines``
-        keywords, else ``c.SSHLauncher`` / ``c.SSHEngineSetLauncher``)."""
+        """``engines``, ``ssh_cmd``, ``ssh_args`` and ``engine_cmd`` (the remote command) of an
+        SSH engine set (``start_engines`` keywords, else ``c.SSHLauncher`` /
+        ``c.SSHEngineSetLauncher``)."""
         opts = self._launcher_options(
-            kwargs, ("SSHLauncher", "SSHEngineSetLauncher"), ("engines", "ssh_cmd", "ssh_args")
+            kwargs,
+            ("SSHLauncher", "SSHEngineSetLauncher"),
+            ("engines", "ssh_cmd", "ssh_args", "engine_cmd"),
         )
         return {k: dict(v) if k == "engines" else list(v) for k, v in opts.items()}
 
