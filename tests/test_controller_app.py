@@ -398,6 +398,12 @@ def test_reuse_keeps_key_and_ports(procs: list[subprocess.Popen[bytes]], tmp_pat
             break
     second = (paths.load_connection_file(cf), paths.load_connection_file(ef))
     assert second == first
+    # the reused files' broadcast ports are the ones the new controller listens on
+    import socket
+
+    for port in (first[0]["broadcast"], *first[1]["broadcast"]):
+        with socket.socket() as s, pytest.raises(OSError):
+            s.bind(("127.0.0.1", port))
     p.terminate()
     _, err = p.communicate(timeout=20)
     assert p.returncode == 0, err.decode()

@@ -95,3 +95,18 @@ def test_ipyparallel_config_names(fp_root: Path) -> None:
     assert cmd[cmd.index("-p") + 1] == "2200" and cmd[cmd.index("-l") + 1] == "me"
     assert cmd[-2:] == ["h1", "/opt/py/bin/python -m ferroparallel.engine --file -"]
     assert es.ssh_command("h2", ["--log-level", "DEBUG"])[-1].endswith("--log-level DEBUG")
+
+
+def test_cli_ssh_without_hosts_is_a_clear_error(fp_root: Path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "ferroparallel", "cluster", "start", "--engines", "ssh"],
+        capture_output=True,
+        text=True,
+        timeout=SHORT,
+    )
+    assert run.returncode == 1
+    assert "failed to start cluster" in run.stderr
+    assert "SSHEngineSetLauncher.engines" in run.stderr

@@ -24,6 +24,16 @@ class _Terminate(BaseException):
     """Raised from the SIGTERM/SIGHUP handler of a foreground ``cluster start``."""
 
 
+def _trap_termination() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP stop the foreground command cleanly (as Ctrl-C does); returns
+    the previous handlers, to put back."""
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, _on_terminate)
+    return old
+
+
 def _on_terminate(signum: int, frame: FrameType | None) -> None:
     raise _Terminate(signum)
 
@@ -224,10 +234,7 @@ def _start(args: argparse.Namespace) -> int:
     except NotImplementedError as e:
         _err(str(e))
         return 2
-    old = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            old[sig] = signal.signal(sig, _on_terminate)
+    old = _trap_termination()
     try:
         try:
             cluster.start_cluster_sync(args.n)
@@ -312,10 +319,7 @@ def _engines(args: argparse.Namespace) -> int:
     )
     if args.daemonize:
         return 0
-    old = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            old[sig] = signal.signal(sig, _on_terminate)
+    old = _trap_termination()
     try:
         print("Press Ctrl-C to stop these engines.", flush=True)
         while cluster.engines[esid].running:
