@@ -770,3 +770,85 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
     assert len(frames) == 2 and memoryview(frames[1]).nbytes == big.nbytes
     (g, _), _ = deserialize_object(frames)
     assert g(1) == 100_000.0
+
+
+def test_plain_call_frames_are_those_of_the_general_packer(tmp_path: Path) -> None:
+    """``pack_plain_call`` (the task loop's shortcut) writes byte for byte what
+    ``pack_apply_message`` writes, and declines everything the shortcut cannot vouch for."""
+    import os.path
+
+    from ferroparallel.serialize import apply, pickling
+
+    calls = [
+        (os.path.join, (), {}),
+        (os.path.join, ("a", "b"), {}),
+        (os.path.join, ("a", [1, 2.5], {"k": None}), {"x": (True, b"y" * 10)}),
+    ]
+    for f, args, kwargs in calls:
+        plain = apply.pack_plain_call(f, args, kwargs)
+        assert plain == apply.pack_apply_message(f, args, kwargs)
+        got = apply.unpack_apply_message(received(plain), {})
+        assert got == (f, tuple(args), kwargs)
+    square = lambda x: x * x  # noqa: E731
+    runner = pickling.Prepickled(os.path.join)  # a map's chunk runner, with a by-value f
+    chunk = (runner, (pickling.Prepickled(square), range(5)), {})
+    plain = apply.pack_plain_call(*chunk)
+    assert plain is not None and plain == apply.pack_apply_message(*chunk)
+    f, (g, part), kw = apply.unpack_apply_message(received(plain), {})
+    assert f is os.path.join and g(3) == 9 and part == range(5) and kw == {}
+    assert apply.pack_plain_call(square, (), {}) is None  # by value: cloudpickle
+    assert apply.pack_plain_call(len, (), {}) is None  # a builtin, not a FunctionType
+    assert apply.pack_plain_call(os.path.join, (b"x" * 100_000,), {}) is None  # out of band
+    assert apply.pack_plain_call(os.path.join, (fs.Reference("a"),), {}) is None
+    assert apply.pack_plain_call(os.path.join, (), {1: 2}) is None  # the general error
+    with pytest.raises(TypeError, match="keyword argument names"):
+        apply.pack_apply_message(os.path.join, (), {1: 2})
+
+    # a function that is no longer what its module holds under its name goes by value
+    mod_dir = tmp_path / "mods"
+    mod_dir.mkdir()
+    (mod_dir / "fp_rebound_mod.py").write_text("def f():\n    return 1\n")
+    sys.path.insert(0, str(mod_dir))
+    try:
+        import fp_rebound_mod as mod
+
+        first = mod.f
+        assert apply.pack_plain_call(first, (), {}) is not None
+        mod.f = lambda: 2
+        assert apply.pack_plain_call(first, (), {}) is None
+        assert pickling.deserialize_object(received(pickling.serialize_object(first)))() == 1
+        mod.f = first
+        # a module registered for pickling by value never takes the cached reference
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(mod)
+        try:
+            assert apply.pack_plain_call(first, (), {}) is None
+            assert apply.pack_plain_call(os.path.join, (), {}) is not None  # others still do
+            frames = pickling.serialize_object(first)
+            del sys.modules["fp_rebound_mod"]
+            assert pickling.deserialize_object(received(frames))() == 1  # carried its code
+        finally:
+            cloudpickle.unregister_pickle_by_value(mod)
+    finally:
+        sys.path.remove(str(mod_dir))
+        sys.modules.pop("fp_rebound_mod", None)
+
+
+def test_unpacking_a_plain_call_relinks_main_functions_as_before() -> None:
+    """The receiver's shortcut for a call without arguments leaves ``__main__`` functions to
+    the general path, which gives them the engine namespace as globals."""
+    from ferroparallel.serialize import apply
+
+    ns: dict[str, Any] = {"__name__": "__main__", "seen": 41}
+    code = compile("def probe():\n    return seen + 1\n", "<cell>", "exec")
+    main_ns: dict[str, Any] = {"__name__": "__main__", "seen": 0}
+    exec(code, main_ns)
+    probe = main_ns["probe"]
+    frames = apply.pack_apply_message(probe, (), {})
+    f, args, kwargs = apply.unpack_apply_message(received(frames), ns)
+    assert f() == 42 and args == () and kwargs == {}
+    # a header of another layout (two function frames) is not taken for a plain call
+    bad = [apply._HEADER.pack(apply.APPLY_MAGIC, apply.APPLY_VERSION, 0, 2), b"x", b"y"]
+    with pytest.raises(ValueError, match="bad apply header"):
+        apply.unpack_apply_message(bad, ns)

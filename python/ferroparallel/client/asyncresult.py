@@ -23,6 +23,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
+from concurrent.futures._base import FINISHED
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..error import CompositeError, RemoteError
 from .futures import (
     _LOCK,
     SETTLED,
+    MessageFuture,
     SlimFuture,
     _notify_settled,
     wait_interruptibly,
@@ -169,8 +171,11 @@ class AsyncResult(SlimFuture):
         self._init_state()
         if not futures:
             self._resolve()
-        for i, child in enumerate(futures):
-            child.add_done_callback(functools.partial(self._child_done, i))
+        elif len(futures) == 1 and type(self) is AsyncResult and type(futures[0]) is MessageFuture:
+            futures[0].add_done_callback(self._only_child_done)
+        else:
+            for i, child in enumerate(futures):
+                child.add_done_callback(functools.partial(self._child_done, i))
 
     # -- resolution (runs on the thread that finishes the children) --------------------------
 
@@ -207,6 +212,33 @@ class AsyncResult(SlimFuture):
                     _notify_settled()
             if last:
                 self._resolve()
+        except Exception:  # pragma: no cover - never let a bug kill the dispatcher
+            log.exception("AsyncResult %s: error handling a finished message", self._fname)
+
+    def _only_child_done(self, fut: MessageFuture) -> None:
+        """:meth:`_child_done` and :meth:`_resolve` in one, for a plain AsyncResult over one
+        message (the common ``apply_async``): the message's outcome becomes this result's."""
+        try:
+            if fut.md is None:
+                self._md(0)  # capture it before the client may drop it
+            if fut._state == FINISHED:
+                exc, value = fut._exception, fut._result
+            else:
+                exc, value = concurrent.futures.CancelledError(), None
+            with _LOCK:
+                self._order = (0,)
+                if exc is not None:
+                    self._n_failed = 1
+            if exc is None:
+                self.set_result(value if self._single_result else [value])
+            elif self._return_exceptions:
+                self.set_result(exc if self._single_result else [exc])
+            elif self._single_result:
+                self.set_exception(exc)
+            else:
+                self._resolve()  # a CompositeError
+        except concurrent.futures.InvalidStateError:  # pragma: no cover - resolved twice
+            pass
         except Exception:  # pragma: no cover - never let a bug kill the dispatcher
             log.exception("AsyncResult %s: error handling a finished message", self._fname)
 

@@ -187,7 +187,10 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         if header.get("msg_type") == "apply_reply":
             lent = md_in.get(LENT_RESULT_KEY)
             try:
-                with peer.serving(msg_id):  # a lent result is read for this reply only
+                if lent:
+                    with peer.serving(msg_id):  # a lent result is read for this reply only
+                        result = deserialize_object(msg.get("buffers") or [])
+                else:  # (a descriptor of lent memory would be refused)
                     result = deserialize_object(msg.get("buffers") or [])
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
                 exc = error.RemoteError(type(e).__name__, f"cannot deserialize the result: {e}")

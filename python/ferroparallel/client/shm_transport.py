@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..serialize import peer as _peer
 from ..serialize import shm as _shm
-from ..serialize.apply import check_buffer_count, pack_apply_message
+from ..serialize.apply import check_buffer_count, pack_apply_message, pack_plain_call
 
 if TYPE_CHECKING:
     from .client import Client
@@ -129,6 +129,9 @@ class ShmTransport:
             or a loan of this process's memory) the caller sends ``buffers`` and then calls
             :meth:`hold` (or :meth:`drop` if the send failed).
         """
+        plain = pack_plain_call(f, args, kwargs)
+        if plain is not None:  # nothing large to lend or map
+            return plain, None
         if msg_id is not None and self.peer_read and getattr(self._calls, "waits", False):
             lender = _peer.LoanWriter(self.threshold, msg_id, self.peer_host)
             bufs = pack_apply_message(f, args, kwargs, shm=lender)

@@ -18,6 +18,7 @@ from ..serialize.ipp_compat import (
     unpack_ipp_apply,
 )
 from ..serialize.peer import serving
+from ..serialize.pickling import plain_frames
 from .errors import ErrorInfo
 from .results_shm import ResultSegments
 from .signals import EngineExit, InterruptGate
@@ -112,6 +113,11 @@ def run_apply(
     if not ours:
         return _ipp_result(result)
     try:
+        frames = plain_frames(result)
+        if frames is not None:  # nothing for shared memory or a loan
+            if results is not None:
+                results.expire()
+            return ApplyOutcome(buffers=frames)
         md = request_metadata or {}
         writer = results.writer_for(md, request_id) if results is not None else None
         frames = serialize_object(result, shm=writer)

@@ -22,15 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Request metadata copied into reply metadata, with the value a reply carries when the request
-#: has none (ipyparallel's engines always send all four).
-COPIED_METADATA: dict[str, Any] = {
-    "label": None,
-    "is_broadcast": False,
-    "is_coalescing": False,
-    "original_msg_id": "",
-}
-
 
 class ShellHandler:
     """Answers shell requests for one engine, one at a time, in the main thread.
@@ -69,15 +60,21 @@ class ShellHandler:
         task scheduler."""
         k = self.kernel
         req_md = request.get("metadata") or {}
-        metadata = {key: req_md.get(key, default) for key, default in COPIED_METADATA.items()}
+        get = req_md.get
         status = content.get("status", "ok")
-        metadata.update(
-            started=started,
-            dependencies_met=content.get("ename") != "UnmetDependency",
-            engine=k.uuid,
-            status=status,
-        )
-        metadata[OUTPUT_COUNT_KEY] = k.published
+        metadata = {
+            # copied from the request, with the values a request without them implies
+            # (ipyparallel's engines always send these four)
+            "label": get("label"),
+            "is_broadcast": get("is_broadcast", False),
+            "is_coalescing": get("is_coalescing", False),
+            "original_msg_id": get("original_msg_id", ""),
+            "started": started,
+            "dependencies_met": content.get("ename") != "UnmetDependency",
+            "engine": k.uuid,
+            "status": status,
+            OUTPUT_COUNT_KEY: k.published,
+        }
         if extra:
             metadata.update(extra)
         if status == "error":

@@ -13,12 +13,22 @@ many requests.
 
 from __future__ import annotations
 
+import pickle
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from types import FunctionType
 from typing import Any
 
 from .buffers import DEFAULT_THRESHOLD
-from .pickling import BufferLike, deserialize_object, serialize_object
+from .pickling import (
+    PROTOCOL,
+    BufferLike,
+    Prepickled,
+    _is_plain,
+    _reference_pickle,
+    deserialize_object,
+    serialize_object,
+)
 from .reference import Reference
 from .shm import OutOfBandSink
 
@@ -79,6 +89,54 @@ def pack_apply_message(
     return [header, *f_frames, *arg_frames]
 
 
+#: The header of a call whose function is one frame, and the frame of ``((), {})``.
+_ONE_FRAME_HEADER = _HEADER.pack(APPLY_MAGIC, APPLY_VERSION, 0, 1)
+_NO_ARGUMENTS = pickle.dumps(((), {}), protocol=PROTOCOL)
+
+
+def pack_plain_call(f: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[bytes] | None:
+    """The buffers :func:`pack_apply_message` makes for ``f(*args, **kwargs)``, made without
+    its general machinery when ``f`` is a module-level function (pickled by reference) or a
+    one-frame :class:`~.pickling.Prepickled` (a map's chunk runner) and the arguments are
+    plain data with no out-of-band buffer; None otherwise (use :func:`pack_apply_message`).
+    The common small call of a task loop costs a few dictionary lookups and one
+    ``pickle.dumps``."""
+    t = type(f)
+    if t is FunctionType:
+        f_frame = _reference_pickle(f)
+        if f_frame is None:
+            return None
+    elif t is Prepickled and len(f.frames) == 1:  # e.g. the chunk runner of a map
+        f_frame = f.frames[0]
+    else:
+        return None
+    if not args and not kwargs:
+        return [_ONE_FRAME_HEADER, f_frame, _NO_ARGUMENTS]
+    call = (tuple(args), dict(kwargs))
+    for key in call[1]:
+        if type(key) is not str:
+            return None  # pack_apply_message raises the error
+    if not _is_plain(call, DEFAULT_THRESHOLD):
+        return None
+    return [_ONE_FRAME_HEADER, f_frame, pickle.dumps(call, protocol=PROTOCOL)]
+
+
+def _unpack_plain_call(
+    frames: Sequence[BufferLike], namespace: dict[str, Any] | None
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]] | None:
+    """What :func:`unpack_apply_message` returns for the frames :func:`pack_plain_call` makes
+    for a call without arguments of a module-level function; None for anything else."""
+    args = memoryview(frames[2])
+    if args.nbytes != len(_NO_ARGUMENTS) or args != _NO_ARGUMENTS:
+        return None
+    if bytes(frames[0]) != _ONE_FRAME_HEADER:
+        return None
+    f = pickle.loads(frames[1])
+    if type(f) is not FunctionType or f.__module__ == "__main__":
+        return None  # (its globals may have to be the namespace: the general path)
+    return f, (), {}
+
+
 def check_buffer_count(buffers: Sequence[Any], what: str = "message") -> None:
     """Refuse, before anything is sent, a message with more buffers than receivers accept.
 
@@ -120,6 +178,10 @@ def unpack_apply_message(
     """
     if len(frames) < 3:
         raise ValueError(f"an apply payload has at least 3 frames, got {len(frames)}")
+    if len(frames) == 3:
+        call = _unpack_plain_call(frames, namespace)
+        if call is not None:
+            return call
     header = memoryview(frames[0])
     if header.nbytes != _HEADER.size:
         raise ValueError(f"bad apply header size {header.nbytes}")

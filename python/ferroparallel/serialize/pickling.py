@@ -12,6 +12,16 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import cloudpickle
 from cloudpickle.cloudpickle import _should_pickle_by_reference
 
+try:  # the names registered with cloudpickle.register_pickle_by_value (a set), and its test
+    from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES as _BY_VALUE_MODULES
+    from cloudpickle.cloudpickle import _is_registered_pickle_by_value
+except ImportError:  # pragma: no cover - another cloudpickle layout: never take the shortcut
+    _BY_VALUE_MODULES = {"?"}
+
+    def _is_registered_pickle_by_value(module: Any) -> bool:
+        return True
+
+
 from .buffers import (
     DEFAULT_THRESHOLD,
     LargeBytes,
@@ -121,10 +131,42 @@ def _load_frames(head: bytes, *buffers: Any) -> Any:
     return pickle.loads(head, buffers=buffers)
 
 
+#: Pickles of module-level functions by reference, by ``(module, name)`` (see
+#: :func:`_reference_pickle`); bounded, as a program has a bounded set of such functions.
+_REFERENCE_PICKLES: dict[tuple[str, str], bytes] = {}
+_REFERENCE_PICKLES_MAX = 4096
+
+
+def _reference_pickle(f: FunctionType) -> bytes | None:
+    """The pickle of ``f`` by reference when ``f`` is the module-level function its module
+    holds under its name (what cloudpickle and pickle then write: module and name, the same
+    bytes every time), else None. Checked on every call, so a function rebound in its module,
+    a module registered for pickling by value, or ``__main__`` never take the cached bytes."""
+    module, name = f.__module__, f.__qualname__
+    if module == "__main__":
+        return None
+    mod = sys.modules.get(module)
+    if mod is None or getattr(mod, "__dict__", None) is None or mod.__dict__.get(name) is not f:
+        return None
+    if _BY_VALUE_MODULES and _is_registered_pickle_by_value(mod):
+        return None
+    key = (module, name)
+    data = _REFERENCE_PICKLES.get(key)
+    if data is None:
+        if not _should_pickle_by_reference(f):
+            return None
+        data = pickle.dumps(f, protocol=PROTOCOL)
+        if len(_REFERENCE_PICKLES) < _REFERENCE_PICKLES_MAX:
+            _REFERENCE_PICKLES[key] = data
+    return data
+
+
 def _by_reference(obj: Any) -> bool:
     """Whether cloudpickle would pickle function ``obj`` by reference (module + name), which
     the standard pickler does identically and much faster."""
-    return type(obj) is FunctionType and _should_pickle_by_reference(obj)
+    return type(obj) is FunctionType and (
+        _reference_pickle(obj) is not None or _should_pickle_by_reference(obj)
+    )
 
 
 def _make_pickler_class(base: type) -> type:
@@ -220,6 +262,18 @@ def current_pickler() -> str:
     return _pickler_name
 
 
+def plain_frames(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[bytes] | None:
+    """``serialize_object(obj, threshold)`` for plain data (see :func:`_is_plain`) and
+    functions pickled by reference: one pickle, written by the standard pickler (the same
+    bytes the full pickler would write, without building a Pickler); None for anything else,
+    and always None with dill (which pickles some of these differently)."""
+    if _pickler_name == "dill":
+        return None
+    if (_pickler_name == "cloudpickle" and _by_reference(obj)) or _is_plain(obj, threshold):
+        return [pickle.dumps(obj, protocol=PROTOCOL)]
+    return None
+
+
 def serialize_object(
     obj: Any, threshold: int = DEFAULT_THRESHOLD, shm: OutOfBandSink | None = None
 ) -> list[BufferLike]:
@@ -254,13 +308,16 @@ def serialize_object(
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, not {threshold}")
-    if type(obj) is Prepickled:
+    t = type(obj)
+    if t is Prepickled:
         return list(obj.frames)
-    if _pickler_name != "dill" and (
-        (_pickler_name == "cloudpickle" and _by_reference(obj)) or _is_plain(obj, threshold)
-    ):
-        # the same bytes the full pickler would write, without building a Pickler object
-        return [pickle.dumps(obj, protocol=PROTOCOL)]
+    if t is FunctionType and _pickler_name != "dill":
+        data = _reference_pickle(obj)
+        if data is not None:
+            return [data]
+    frames = plain_frames(obj, threshold)
+    if frames is not None:
+        return frames
     frames: list[Any] = [b""]
 
     def buffer_callback(buf: pickle.PickleBuffer) -> bool:
