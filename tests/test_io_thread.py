@@ -346,3 +346,35 @@ def test_direct_sockets_round_trip_wake_and_close():
     assert direct.closed
     with pytest.raises(error.IoClosedError):
         direct.recv(timeout=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eventfd is Linux's")
+def test_libzmq_threads_signal_each_other_through_eventfds():
+    """Our libzmq is built with eventfd (as libzmq's own build is on Linux): its mailboxes are
+    eventfds, not socketpairs, which cost a trip through the Unix socket stack per wake-up.
+    Checked in a fresh process that loads only our extension (pyzmq's libzmq would open
+    eventfds of its own)."""
+    code = textwrap.dedent(
+        """
+        import os
+        from ferroparallel import _core
+        io = _core.IoThread(_core.Session(b"k" * 32))
+        io.add_socket("router", "ROUTER", bind="tcp://127.0.0.1:*")
+        kinds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                kinds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        io.close()
+        print(sum("eventfd" in k for k in kinds), sum(k.startswith("socket:") for k in kinds))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    eventfds, sockets = int(out[0]), int(out[1])
+    # mailboxes of the context's reaper and I/O thread and of the socket, at least
+    assert eventfds >= 3, (eventfds, sockets)
+    # the bound TCP listener, and no socketpair per mailbox
+    assert sockets < eventfds, (eventfds, sockets)

@@ -20,6 +20,16 @@ fn main() {
              are not set; libsodium-sys-stable must be a dependency of this crate"
         ),
     };
+    // libzmq's own (CMake) build detects eventfd on Linux and signals between its threads
+    // with one; zeromq-src compiles with a fixed set of defines that lacks it, so libzmq fell
+    // back to a socketpair: a send()/recv() through the Unix socket stack for every wake-up
+    // of an I/O thread, several per task. cc reads CXXFLAGS from this process's environment.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        let mut flags = std::env::var("CXXFLAGS").unwrap_or_default();
+        flags.push_str(" -DZMQ_HAVE_EVENTFD=1 -DZMQ_HAVE_EVENTFD_CLOEXEC=1");
+        std::env::set_var("CXXFLAGS", flags.trim());
+    }
+    println!("cargo:rerun-if-env-changed=CXXFLAGS");
     zeromq_src::Build::new()
         .with_libsodium(Some(zeromq_src::LibLocation::new(lib, inc)))
         .build();
