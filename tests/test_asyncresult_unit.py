@@ -1210,3 +1210,40 @@ def test_output_of_engines_without_a_count_completes_on_idle() -> None:
     _run(client, [("mux", _reply("b", {}))])
     assert fut.done() and fut.result().execution_count == 1
     assert client.metadata["b"]["stdout"] == "y"
+
+
+def test_one_message_resolves_as_the_general_path_does(client: FakeClient) -> None:
+    """A plain AsyncResult over one message settles in one callback (the task loop's shortcut);
+    a subclass takes the general per-child path. Both give the same outcome for every
+    combination of value or error, single or list target, and ``return_exceptions``."""
+
+    class General(AsyncResult):
+        pass
+
+    def outcome(ar: AsyncResult) -> tuple[str, Any]:
+        try:
+            return "value", ar.get(timeout=5)
+        except CompositeError as e:
+            return "composite", str(e)
+        except Exception as e:  # noqa: BLE001
+            return "raised", e
+
+    err = remote(engine=0)
+    for value, exc in ((7, None), (None, err), (None, TaskAborted("m"))):
+        for targets in (0, [0], None):
+            for return_exceptions in (False, True):
+                results = []
+                for cls in (AsyncResult, General):
+                    (f,) = client.send(1)
+                    ar = cls(client, [f], targets=targets, return_exceptions=return_exceptions)
+                    assert (cls is AsyncResult) == (type(ar) is AsyncResult)
+                    client.reply(f, value, exc=exc, engine=0)
+                    exc_out = ar.exception()
+                    shown = exc_out if not isinstance(exc_out, CompositeError) else str(exc_out)
+                    results.append((outcome(ar), ar.successful(), shown))
+                assert results[0] == results[1], (value, exc, targets, return_exceptions)
+    # a message finished before its AsyncResult exists resolves it at once, the same way
+    (f,) = client.send(1)
+    client.reply(f, exc=err, engine=0)
+    ar = AsyncResult(client, [f])
+    assert ar.done() and ar.exception() is err
