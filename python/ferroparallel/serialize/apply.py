@@ -126,10 +126,10 @@ def _unpack_plain_call(
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]] | None:
     """What :func:`unpack_apply_message` returns for the frames :func:`pack_plain_call` makes
     for a call without arguments of a module-level function; None for anything else."""
-    args = memoryview(frames[2])
-    if args.nbytes != len(_NO_ARGUMENTS) or args != _NO_ARGUMENTS:
-        return None
-    if bytes(frames[0]) != _ONE_FRAME_HEADER:
+    args, header = memoryview(frames[2]), memoryview(frames[0])
+    if args.nbytes != len(_NO_ARGUMENTS) or header.nbytes != len(_ONE_FRAME_HEADER):
+        return None  # (sizes first: nothing large is compared or copied)
+    if args != _NO_ARGUMENTS or header != _ONE_FRAME_HEADER:
         return None
     f = pickle.loads(frames[1])
     if type(f) is not FunctionType or f.__module__ == "__main__":

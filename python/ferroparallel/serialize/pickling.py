@@ -110,11 +110,12 @@ class Prepickled:
         The function; calling the Prepickled calls it.
     """
 
-    __slots__ = ("frames", "function")
+    __slots__ = ("_reduced", "frames", "function")
 
     def __init__(self, function: Any) -> None:
         self.function = function
         self.frames = serialize_object(function)
+        self._reduced: tuple[Any, ...] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
@@ -122,8 +123,13 @@ class Prepickled:
     def __reduce__(self) -> tuple[Any, ...]:
         # inside another pickle (e.g. the function argument of a map chunk): the stored
         # frames, so the function is not pickled again; it unpickles as the function itself
-        head, *buffers = self.frames
-        return _load_frames, (bytes(head), *(pickle.PickleBuffer(b) for b in buffers))
+        # (made once: a map pickles it into every chunk)
+        reduced = self._reduced
+        if reduced is None:
+            head, *buffers = self.frames
+            args = (bytes(head), *(pickle.PickleBuffer(b) for b in buffers))
+            reduced = self._reduced = (_load_frames, args)
+        return reduced
 
 
 def _load_frames(head: bytes, *buffers: Any) -> Any:
