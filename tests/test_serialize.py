@@ -835,6 +835,21 @@ def test_plain_call_frames_are_those_of_the_general_packer(tmp_path: Path) -> No
         sys.modules.pop("fp_rebound_mod", None)
 
 
+def test_plain_call_shortcut_stays_off_under_dill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dill as the pickler (``use_dill``), functions and arguments go through dill, as
+    everything else does: no shortcut writes the standard pickler's bytes instead."""
+    import os.path
+
+    from ferroparallel.serialize import apply, pickling
+
+    assert apply.pack_plain_call(os.path.join, ("a",), {}) is not None
+    monkeypatch.setattr(pickling, "_pickler_name", "dill")
+    assert pickling._reference_pickle(os.path.join) is None
+    assert pickling.plain_frames(("a", 1)) is None
+    assert apply.pack_plain_call(os.path.join, ("a",), {}) is None
+    assert apply.pack_plain_call(os.path.join, (), {}) is None
+
+
 def test_unpacking_a_plain_call_relinks_main_functions_as_before() -> None:
     """The receiver's shortcut for a call without arguments leaves ``__main__`` functions to
     the general path, which gives them the engine namespace as globals."""

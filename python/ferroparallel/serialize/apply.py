@@ -24,9 +24,9 @@ from .pickling import (
     PROTOCOL,
     BufferLike,
     Prepickled,
-    _is_plain,
     _reference_pickle,
     deserialize_object,
+    plain_frames,
     serialize_object,
 )
 from .reference import Reference
@@ -116,9 +116,10 @@ def pack_plain_call(f: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> l
     for key in call[1]:
         if type(key) is not str:
             return None  # pack_apply_message raises the error
-    if not _is_plain(call, DEFAULT_THRESHOLD):
+    frames = plain_frames(call, DEFAULT_THRESHOLD)
+    if frames is None:
         return None
-    return [_ONE_FRAME_HEADER, f_frame, pickle.dumps(call, protocol=PROTOCOL)]
+    return [_ONE_FRAME_HEADER, f_frame, *frames]
 
 
 def _unpack_plain_call(

@@ -147,9 +147,10 @@ def _reference_pickle(f: FunctionType) -> bytes | None:
     """The pickle of ``f`` by reference when ``f`` is the module-level function its module
     holds under its name (what cloudpickle and pickle then write: module and name, the same
     bytes every time), else None. Checked on every call, so a function rebound in its module,
-    a module registered for pickling by value, or ``__main__`` never take the cached bytes."""
+    a module registered for pickling by value, or ``__main__`` never take the cached bytes;
+    None while dill is the pickler."""
     module, name = f.__module__, f.__qualname__
-    if module == "__main__":
+    if module == "__main__" or _pickler_name == "dill":  # (dill writes its own bytes)
         return None
     mod = sys.modules.get(module)
     if mod is None or getattr(mod, "__dict__", None) is None or mod.__dict__.get(name) is not f:
@@ -317,7 +318,7 @@ def serialize_object(
     t = type(obj)
     if t is Prepickled:
         return list(obj.frames)
-    if t is FunctionType and _pickler_name != "dill":
+    if t is FunctionType:
         data = _reference_pickle(obj)
         if data is not None:
             return [data]
