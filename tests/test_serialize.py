@@ -740,8 +740,12 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
         ((1, "a", [1, 2.5]), {"k": (True, None)}),
         os.path.join,
         (os.path.join, range(3, 9)),
+        [None] * 100,  # a map chunk's result
+        [float(i) for i in range(1000)],
+        ([1, (2, "x")] * 200, {}),
     ]
     for obj in samples:
+        assert pickling._is_plain(obj, 1024) or callable(obj), obj
         full = io.BytesIO()
         pickling._pickler_class(full, lambda b: True).dump(obj)
         assert serialize_object(obj)[0] == full.getvalue(), obj
@@ -751,6 +755,8 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
     deep = [[[[1]]]]
     assert deserialize_object(serialize_object(deep)) == deep
     assert not pickling._is_plain(([[[1]]], {}), 1024)
+    assert not pickling._is_plain([0] * 5000, 1024)  # past the scan budget
+    assert not pickling._is_plain([0] * 500 + [square], 1024)
     assert not pickling._is_plain((square,), 1024)
     assert not pickling._is_plain(b"x" * 2000, 1024)
     # a function pickled once is sent as the same frames every time
