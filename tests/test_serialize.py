@@ -493,16 +493,16 @@ def test_main_class_and_functions_by_value() -> None:
     assert cls.__name__ == "Point" and cls(3, 4).norm() == 5.0
     assert roundtrip(main["Point"](6, 8)).norm() == 10.0
     assert roundtrip(main["fact"])(5) == 120
-    assert roundtrip(main["helper"])(2) == 6
+    assert roundtrip(main["helper"], namespace={"SCALE": 3})(2) == 6
 
 
 def test_main_function_resolves_globals_in_namespace() -> None:
     main = make_main()
-    engine: dict[str, Any] = {"OFFSET": 100}
+    engine: dict[str, Any] = {"OFFSET": 100, "SCALE": 4}
     f = roundtrip(main["uses_helper"], namespace=engine)
     assert f.__globals__ is engine
-    assert f(2) == 106  # helper and SCALE came from the client, OFFSET from the engine
-    assert "helper" in engine and engine["SCALE"] == 3
+    assert f(2) == 108  # helper came from the client, OFFSET and SCALE are the engine's
+    assert "helper" in engine and "math" not in engine
     # recursion through a captured global
     assert roundtrip(main["fact"], namespace=engine)(6) == 720
 
@@ -517,13 +517,40 @@ def test_engine_values_win_over_captured_ones() -> None:
 
 def test_redefined_client_helper_replaces_earlier_capture() -> None:
     main = make_main()
-    engine: dict[str, Any] = {"OFFSET": 0}
+    engine: dict[str, Any] = {"OFFSET": 0, "SCALE": 3}
     assert roundtrip(main["uses_helper"], namespace=engine)(2) == 6
     exec("def helper(v):\n    return v * 1000\n", main)
     assert roundtrip(main["uses_helper"], namespace=engine)(2) == 2000
     # but a helper defined on the engine itself is kept
     engine["helper"] = lambda v: -v
     assert roundtrip(main["uses_helper"], namespace=engine)(2) == -2
+
+
+def test_main_function_leaves_its_data_on_the_sender() -> None:
+    """As in ipyparallel, a __main__ function brings its helpers, classes and modules, not
+    the data it names: that is looked up where it runs (a large client array referenced by the
+    function is not re-sent with every call, and a name only the client has is a NameError)."""
+    import builtins
+
+    main = make_main()
+    exec("import math\nBIG = bytes(1 << 20)\ndef area(r):\n    return len(BIG) + math.pi * r\n", main)
+    frames = fs.serialize_object(main["area"], threshold=1024)
+    assert len(frames) == 1 and len(frames[0]) < 4096  # no 1 MiB BIG in there
+    engine: dict[str, Any] = {"__builtins__": builtins, "BIG": b"xy"}
+    assert roundtrip(main["area"], namespace=engine)(0) == 2
+    assert "math" in engine  # the module came along (by name)
+    with pytest.raises(NameError, match="BIG"):
+        roundtrip(main["area"], namespace={"__builtins__": builtins})(0)
+    # explicit use_cloudpickle(): data globals travel too, the engine's own still win
+    fs.use_cloudpickle()
+    try:
+        assert sum(len(f) for f in fs.serialize_object(main["area"], threshold=1024)) > 1 << 20
+        fresh: dict[str, Any] = {"__builtins__": builtins}
+        assert roundtrip(main["area"], namespace=fresh)(0) == 1 << 20
+        assert roundtrip(main["area"], namespace=engine)(0) == 2
+    finally:
+        fs.use_pickle()
+    assert len(fs.serialize_object(main["area"], threshold=1024)[0]) < 4096
 
 
 def test_main_function_global_statement_writes_to_namespace() -> None:

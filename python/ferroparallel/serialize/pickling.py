@@ -6,7 +6,7 @@ import io
 import pickle
 import sys
 from collections.abc import Callable, Sequence
-from types import FunctionType
+from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import cloudpickle
@@ -197,6 +197,13 @@ def _make_pickler_class(base: type) -> type:
                 rv = reduce_memoryview(obj)
             elif t is LargeBytes:
                 rv = obj.__reduce_ex__(PROTOCOL)
+            elif t is FunctionType:
+                if base_override is None:
+                    return NotImplemented
+                rv = base_override(self, obj)
+                if _capture_data or obj.__module__ != "__main__" or "." in obj.__qualname__:
+                    return rv
+                return _without_data_globals(rv)
             else:
                 rv = reduce_ndarray(obj)
                 if rv is None:
@@ -209,6 +216,39 @@ def _make_pickler_class(base: type) -> type:
 
     FerroPickler.__qualname__ = FerroPickler.__name__ = f"Ferro{base.__name__}"
     return FerroPickler
+
+
+#: Whether ``__main__`` functions carry the data they reference (``use_cloudpickle()``).
+_capture_data = False
+
+
+def _code_like(value: Any) -> bool:
+    """Functions, classes, modules (and NumPy ufuncs): what a ``__main__`` function may bring
+    along by default (see :func:`_without_data_globals`)."""
+    return isinstance(value, FunctionType | BuiltinFunctionType | type | ModuleType) or (
+        type(value).__name__ == "ufunc"
+    )
+
+
+def _without_data_globals(rv: Any) -> Any:
+    """cloudpickle's reduce value of a top-level ``__main__`` function, keeping only the
+    code-like globals it references (helpers, classes, imported modules).
+
+    As in ipyparallel, the data such a function names is looked up where it runs (on an
+    engine, its namespace: values pushed there): sending the client's values along would
+    re-send a large array with every call even when the engine has its own, and would make a
+    name that exists only on the client silently resolve there.
+    """
+    if type(rv) is not tuple or len(rv) < 3 or type(rv[2]) is not tuple or len(rv[2]) != 2:
+        return rv  # (another cloudpickle layout: as it is)
+    state, slotstate = rv[2]
+    captured = slotstate.get("__globals__") if type(slotstate) is dict else None
+    if not captured:
+        return rv
+    kept = {k: v for k, v in captured.items() if _code_like(v)}
+    if len(kept) == len(captured):
+        return rv
+    return (rv[0], rv[1], (state, {**slotstate, "__globals__": kept}), *rv[3:])
 
 
 def _to_shm(rv: tuple[Any, ...], shm: OutOfBandSink) -> tuple[Any, ...]:
@@ -226,12 +266,17 @@ _pickler_name = "cloudpickle"
 
 
 def use_cloudpickle() -> None:
-    """Pickle functions and classes with cloudpickle (the default).
+    """Pickle functions and classes with cloudpickle, data globals included.
 
     Lambdas, closures and anything defined in ``__main__`` are pickled by value; functions and
-    classes of importable modules by reference.
+    classes of importable modules by reference (as by default). Unlike the default, a
+    ``__main__`` function also carries the values of the data globals it references, as
+    ipyparallel's ``use_cloudpickle`` does: a name the engine lacks then resolves to the
+    sender's value (the engine's own value still wins where it has one). The default sends
+    only the code-like globals (helper functions, classes, modules) and looks data up on the
+    engine, as ipyparallel's default does. ``use_pickle()`` goes back to the default.
     """
-    _set_pickler(cloudpickle.Pickler, "cloudpickle")
+    _set_pickler(cloudpickle.Pickler, "cloudpickle", capture_data=True)
 
 
 def use_pickle() -> None:
@@ -262,10 +307,11 @@ def use_dill() -> None:
     _set_pickler(dill.Pickler, "dill")
 
 
-def _set_pickler(base: type, name: str) -> None:
-    global _pickler_class, _pickler_name
+def _set_pickler(base: type, name: str, capture_data: bool = False) -> None:
+    global _pickler_class, _pickler_name, _capture_data
     _pickler_class = _make_pickler_class(base)
     _pickler_name = name
+    _capture_data = capture_data
 
 
 def current_pickler() -> str:
