@@ -3,6 +3,11 @@ a real IPython InteractiveShell."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,3 +168,217 @@ def test_bare_px_runs_nothing_quietly(magics: Any, capsys) -> None:
     assert capsys.readouterr().out == ""
     with pytest.raises(UsageError, match="needs code"):
         magics.run_line_magic("px", "--targets 0")
+
+
+def _magics_of(ip: InteractiveShell, name: str = "px") -> Any:
+    """The ParallelMagics instance behind ``%name``."""
+    return ip.find_line_magic(name).__self__
+
+
+def test_px_line_is_not_expanded_locally(magics: Any, rc: Client, capsys) -> None:
+    """As ipyparallel's (``no_var_expand``): ``{x}`` and ``$x`` in a ``%px`` line reach the
+    engines as written; the options line of ``%%px`` is still expanded, as there."""
+    assert getattr(magics.find_line_magic("px"), "_ipython_magic_no_var_expand", False)
+    magics.user_ns["x"] = "local"
+    rc[:].push({"x": "remote"}, block=True)
+    res = magics.run_cell("%px print(f'{x}')")
+    assert res.success, res.error_in_exec
+    out = capsys.readouterr().out
+    assert out.count("remote") == 2 and "local" not in out
+    assert magics.run_cell("%px s = {x}").success
+    assert rc[:].pull("s", block=True) == [{"remote"}, {"remote"}]
+    assert magics.run_cell("%px d = '$x'").success
+    assert rc[:].pull("d", block=True) == ["$x", "$x"]
+    magics.user_ns["t"] = 1
+    assert magics.run_cell("%%px --targets {t}\nwhere = 'one'").success
+    assert rc[1].pull("where", block=True) == "one"
+    with pytest.raises(error.RemoteError, match="NameError"):
+        rc[0].pull("where", block=True)
+
+
+def test_short_options(magics: Any, rc: Client, capsys) -> None:
+    view = _magics_of(magics).view
+    # -a / -b: noblock / block, for one run and as %pxconfig defaults
+    ar = magics.run_cell_magic("px", "-a", "40 + 2")
+    assert isinstance(ar, ipp.AsyncResult) and ar.wait(30) and ar.successful()
+    ar = magics.run_line_magic("px", "-a -o kept 6 * 7")
+    assert magics.user_ns["kept"] is ar and ar.wait(30) and ar.successful()
+    magics.run_line_magic("pxconfig", "-a")
+    assert view.block is False
+    assert isinstance(magics.run_line_magic("px", "1"), ipp.AsyncResult)
+    assert magics.run_line_magic("px", "-b 1") is None
+    magics.run_line_magic("pxconfig", "-b")
+    assert view.block is True
+    capsys.readouterr()
+    # -e groups the outputs by engine, -r collates them in order (-e labels each engine's
+    # results, the default grouping by type does not)
+    magics.run_line_magic("px", "--no-stream -e print('hi'); 5")
+    out = capsys.readouterr().out
+    assert out.index("[stdout:0]") < out.index("[output:0]") < out.index("[stdout:1]")
+    assert out.index("[stdout:1]") < out.index("[output:1]")
+    magics.run_cell_magic("px", "--no-stream -r", "print('hi'); 5")
+    out = capsys.readouterr().out
+    assert "[output:" not in out and out.index("[stdout:1]") < out.index("Out[0:")
+    magics.run_cell_magic("px", "--no-stream -e", "print('hi'); 5")
+    assert "[output:1]" in capsys.readouterr().out
+    # %pxresult: -e / -r, and -o NAME stores the last result without showing anything
+    last = magics.run_line_magic("px", "-a print('again'); 8")
+    magics.run_line_magic("pxresult", "-o latest")
+    assert magics.user_ns["latest"] is last
+    assert capsys.readouterr().out == ""
+    magics.run_line_magic("pxresult", "--out=other")
+    assert magics.user_ns["other"] is last
+    magics.run_line_magic("pxresult", "-e")
+    out = capsys.readouterr().out
+    assert out.index("[stdout:0]") < out.index("[output:0]") < out.index("[stdout:1]")
+    magics.run_line_magic("pxresult", "-r")
+    assert "[output:" not in capsys.readouterr().out
+
+
+def test_options_end_where_the_code_starts(magics: Any, rc: Client, capsys) -> None:
+    """Only known options followed by a space are options: the code after them is kept
+    verbatim, and code that merely starts like a short option is code."""
+    magics.run_line_magic("px", "a = 3")
+    magics.run_line_magic("px", "--targets 0 -a*2")
+    assert "]: -6" in capsys.readouterr().out
+    ar = magics.run_line_magic("px", "-a -e --progress-after -1 -t [0, 1] spaced = 'a  b'")
+    ar.get(timeout=30)
+    assert rc[:].pull("spaced", block=True) == ["a  b", "a  b"]
+    with pytest.raises(UsageError, match="takes no value"):
+        magics.run_line_magic("px", "--block=1 pass")
+    with pytest.raises(UsageError, match="expected one argument"):
+        magics.run_line_magic("px", "--progress-after")
+
+
+def test_pxconfig_stream_signal_and_progress_defaults(magics: Any, capsys) -> None:
+    pm = _magics_of(magics)
+    assert (pm.stream_output, pm.progress_after, pm.signal_on_interrupt) == (True, 2.0, "SIGINT")
+    magics.run_line_magic("pxconfig", "--no-stream --signal-on-interrupt 2 --progress-after 0")
+    assert (pm.stream_output, pm.progress_after, pm.signal_on_interrupt) == (False, 0.0, "2")
+    # not streamed: the error is the CompositeError itself; --stream for one run streams it
+    with pytest.raises(error.CompositeError):
+        magics.run_line_magic("px", "1 / 0")
+    with pytest.raises(error.AlreadyDisplayedError):
+        magics.run_line_magic("px", "--stream 1 / 0")
+    capsys.readouterr()
+    # --progress-after 0: the progress bar of finished engines (tqdm, named after the magic)
+    magics.run_line_magic("px", "import time; time.sleep(0.3)")
+    out = capsys.readouterr().out
+    assert "%px" in out and "2/2" in out
+    magics.run_cell_magic("px", "--progress-after -1", "time.sleep(0.3)")
+    assert "2/2" not in capsys.readouterr().out
+    magics.run_line_magic("pxconfig", "--stream --progress-after -1")
+    assert (pm.stream_output, pm.progress_after) == (True, -1.0)
+    magics.run_line_magic("px", "time.sleep(0.3); print('quiet')")
+    out = capsys.readouterr().out
+    assert "quiet" in out and "2/2" not in out
+    # a bar appears once the run takes longer than --progress-after, with streamed output
+    magics.run_line_magic("px", "--progress-after 0.2 print('first'); time.sleep(0.8)")
+    out = capsys.readouterr().out
+    assert out.count("first") == 2 and "2/2" in out
+    magics.run_line_magic("pxconfig", "--signal-on-interrupt ''")
+    assert pm.signal_on_interrupt == ""
+    with pytest.raises(UsageError, match="SIGBOGUS"):
+        magics.run_line_magic("pxconfig", "--signal-on-interrupt SIGBOGUS")
+    with pytest.raises(UsageError, match="SIGBOGUS"):
+        magics.run_line_magic("px", "--signal-on-interrupt SIGBOGUS 1")
+    with pytest.raises(UsageError, match="progress-after"):
+        magics.run_line_magic("pxconfig", "--progress-after soon")
+    assert pm.signal_on_interrupt == "" and pm.progress_after == -1.0
+
+
+@pytest.mark.parametrize(
+    ("config", "options"),
+    [
+        ("", ""),
+        ("", "--no-stream"),
+        ("--signal-on-interrupt 2", "-e"),
+        ("", "--signal-on-interrupt ''"),
+    ],
+    ids=["stream", "no-stream", "configured-signal", "no-signal"],
+)
+def test_ctrl_c_signals_the_engines_and_ends_the_cell(
+    magics: Any, rc: Client, capsys, config: str, options: str
+) -> None:
+    """As ipyparallel: Ctrl-C during a blocking %px sends the signal to the engines, shows what
+    they printed and ends the cell without an error."""
+    pm = _magics_of(magics)
+    if config:
+        magics.run_line_magic("pxconfig", config)
+    sent = threading.Event()
+
+    def interrupt() -> None:
+        # once both engines run the code (their first line arrived): Ctrl-C, as a user would
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ar = pm.last_result
+            if ar is not None and all("started" in (md["stdout"] or "") for md in ar.metadata):
+                time.sleep(0.2)
+                sent.set()
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.02)
+
+    timer = threading.Thread(target=interrupt, daemon=True)
+    timer.start()
+    t0 = time.monotonic()
+    res = magics.run_cell(
+        f"%px {options} import time; print('started', flush=True); time.sleep(20)"
+    )
+    elapsed = time.monotonic() - t0
+    timer.join()
+    assert sent.is_set()
+    assert res.success, res.error_in_exec
+    captured = capsys.readouterr()
+    assert captured.out.count("started") == 2
+    assert "[stdout:0]" in captured.out and "[stdout:1]" in captured.out
+    if "''" in options:
+        assert "no signal sent" in captured.err
+        assert not pm.last_result.done()
+        rc.send_signal("SIGINT", block=True)  # the engines go on: stop them here
+        assert pm.last_result.wait(30)
+    else:
+        assert "sending SIGINT to the engines" in captured.err
+        assert elapsed < 15
+        assert pm.last_result.done()
+        with pytest.raises(error.CompositeError, match="KeyboardInterrupt"):
+            pm.last_result.get()
+    # the engines are usable again
+    magics.run_line_magic("px", "print('after')")
+    assert capsys.readouterr().out.count("after") == 2
+
+
+def test_targets_values_as_ipyparallel(magics: Any, rc: Client, capsys) -> None:
+    """``:`` slices the client's current ids, ``all`` stays, the rest is Python."""
+    view = _magics_of(magics).view
+    magics.run_line_magic("pxconfig", "--targets ::2 --verbose")
+    assert view.targets == [0]
+    magics.run_line_magic("px", "'even'")
+    out = capsys.readouterr().out
+    assert "Parallel execution on engine(s): [0]\n" in out and "Out[1:" not in out
+    magics.run_line_magic("pxconfig", "-t 1:")
+    assert view.targets == [1]
+    magics.run_line_magic("pxconfig", "--targets=-1:")
+    assert view.targets == [1]
+    magics.run_line_magic("pxconfig", "--targets all")
+    assert view.targets == "all"
+    for value, shown in [
+        ("range(2)", "[0, 1]"),
+        ("[0, 1]", "[0, 1]"),
+        ("(1,)", "[1]"),
+        ("1", "1"),
+        (":1", "[0]"),
+        ("all", "all"),
+    ]:
+        magics.run_line_magic("px", f"--targets {value} 'x'")
+        assert f"Parallel execution on engine(s): {shown}\n" in capsys.readouterr().out
+    magics.user_ns["evens"] = [0]
+    magics.run_cell_magic("px", "--targets evens", "print('here')")
+    out = capsys.readouterr().out
+    assert "engine(s): [0]" in out and "[stdout:1]" not in out
+    for bad in ["nope", "str(0)", "1:2:3:4", "a:b"]:
+        with pytest.raises(UsageError, match=re.escape(repr(bad))):
+            magics.run_line_magic("px", f"--targets {bad} 1")
+    with pytest.raises(UsageError, match="nope"):
+        magics.run_line_magic("pxconfig", "--targets nope")
+    assert view.targets == "all"
