@@ -199,6 +199,35 @@ def test_ipyparallel_config_names(tmp_path: Path) -> None:
     assert (s.ip, s.ping, s.scheme) == ("10.0.0.1", 750, "weighted")
 
 
+def test_ipyparallel_command_line_options(tmp_path: Path) -> None:
+    """ipcontroller's traitlets-style options work as on ipyparallel; ours win over them, and
+    options we do not implement are ignored with a warning (as traitlets does)."""
+    rest, known, ignored = config.split_trait_args(
+        [
+            "--TaskScheduler.hwm=0",
+            "--TaskScheduler.scheme_name",
+            "pure",
+            "--IPController.ip='0.0.0.0'",
+            "--HubFactory.db_class=ipyparallel.controller.dictdb.NoDB",
+            "--Session.debug=True",
+            "--ping",
+            "500",
+        ]
+    )
+    assert rest == ["--ping", "500"] and ignored == ["Session.debug"]
+    args = app.build_parser().parse_args(rest)
+    args.trait_settings = known
+    s, _ = app.resolve_settings(args, tmp_path)
+    assert (s.hwm, s.scheme, s.ip, s.db, s.ping) == (0, "lru", "0.0.0.0", "none", 500)
+    args = app.build_parser().parse_args(["--hwm", "3"])
+    args.trait_settings = {"hwm": "0"}
+    assert app.resolve_settings(args, tmp_path)[0].hwm == 3  # our option wins
+    with pytest.raises(config.ConfigError, match="needs a value"):
+        config.split_trait_args(["--TaskScheduler.hwm"])
+    with pytest.raises(config.ConfigError, match="not supported"):
+        config.ControllerSettings().update({"scheme": "none"}, "command line")
+
+
 def test_bad_config_values_name_the_source(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "c.Controller.scheme = 'fastest'\n")
     with pytest.raises(config.ConfigError, match=re.escape(str(cfg))):

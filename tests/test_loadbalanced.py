@@ -294,6 +294,20 @@ def test_apply_variants(lv: LoadBalancedView) -> None:
     assert isinstance(lv.apply_async(double, 4), ipp.AsyncResult)
 
 
+def test_engine_id_of_a_running_silent_task(lv: LoadBalancedView) -> None:
+    """As ipyparallel: while a task runs, ``ar.engine_id`` names its engine (from the hub's
+    records here), so ``rc.shutdown(targets=ar.engine_id)`` hits that engine only."""
+    ar = lv.apply_async(time.sleep, 1.0)
+    deadline = time.monotonic() + 0.8
+    eid = None
+    while eid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        eid = ar.engine_id
+    assert eid in lv.client.ids
+    ar.get(timeout=30)
+    assert ar.engine_id == eid
+
+
 def test_apply_remote_error(lv: LoadBalancedView) -> None:
     e = expect_remote(lv.apply_async(fail, "bad input"), ipp.RemoteError, "ValueError")
     assert "bad input" in e.evalue
@@ -940,22 +954,23 @@ def test_view_wait(lv: LoadBalancedView) -> None:
 
 
 def _wait_all_arrived(rc: Client, unassigned: int) -> None:
-    """Wait until both engines hold 2 tasks (the HWM) and ``unassigned`` wait in the scheduler."""
+    """Wait until both engines hold 1 task (the default HWM, before the engines proved their
+    tasks short) and ``unassigned`` wait in the scheduler."""
     wait_until(
         lambda: (
             (q := rc.queue_status())["unassigned"] == unassigned
-            and q[0]["tasks"] == 2
-            and q[1]["tasks"] == 2
+            and q[0]["tasks"] == 1
+            and q[1]["tasks"] == 1
         ),
-        what=f"2 tasks on each engine and {unassigned} in the scheduler",
+        what=f"1 task on each engine and {unassigned} in the scheduler",
     )
 
 
 def test_abort_queued_tasks(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
     blockers = [lv.apply_async(gated, "blocker", gate.path) for _ in range(2)]
     queued = [lv.apply_async(echo, i) for i in range(6)]
-    # with the default HWM (2) one queued task sits on each engine, the rest in the scheduler
-    _wait_all_arrived(rc, 4)
+    # with the default HWM (1) the queued tasks wait in the scheduler
+    _wait_all_arrived(rc, 6)
     lv.abort(queued, block=True)
     gate.open()
     for ar in queued:
@@ -1002,7 +1017,7 @@ def test_abort_right_after_submission(rc: Client, lv: LoadBalancedView, gate: Ga
 def test_abort_takes_a_single_asyncresult(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
     blockers = [lv.apply_async(gated, "blocker", gate.path) for _ in range(2)]
     queued = [lv.apply_async(echo, i) for i in range(6)]
-    _wait_all_arrived(rc, 4)
+    _wait_all_arrived(rc, 6)
     lv.abort(queued[-1], block=True)
     gate.open()
     with pytest.raises(error.TaskAborted):
@@ -1014,7 +1029,7 @@ def test_abort_takes_a_single_asyncresult(rc: Client, lv: LoadBalancedView, gate
 def test_abort_takes_a_map_result(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
     blockers = [lv.apply_async(gated, "blocker", gate.path, 3.0) for _ in range(2)]
     amr = lv.map_async(echo, range(6))
-    _wait_all_arrived(rc, 4)
+    _wait_all_arrived(rc, 6)
     t0 = time.monotonic()
     lv.abort(amr, block=True)
     assert time.monotonic() - t0 < 2.0, "abort waited for the map to finish"
@@ -1175,6 +1190,25 @@ def test_hwm_1_holds_tasks_in_the_scheduler(
     assert rc.queue_status()["unassigned"] == 0
 
 
+def test_default_hwm_keeps_short_tasks_off_a_busy_engine(lv: LoadBalancedView, gate: Gate) -> None:
+    """With the default settings a task never waits behind a long one while another engine
+    is free (as ipyparallel's HWM 1), and a task that cannot start in time fails with
+    TaskTimeout instead of being queued on a busy engine."""
+    blocker = lv.apply_async(gated, "blocker", gate.path)
+    shorts = [lv.apply_async(sleep_echo, i, 0.05) for i in range(6)]
+    try:
+        assert [ar.get(timeout=WAIT) for ar in shorts] == list(range(6))
+        assert not blocker.ready()
+        busy = blocker.engine_id
+        assert busy is not None and all(ar.engine_id != busy for ar in shorts)
+        with lv.temp_flags(timeout=0.3, targets=[busy]):
+            timed = lv.apply_async(echo, "never")
+        expect_remote(timed, error.TaskTimeout, "TaskTimeout")
+    finally:
+        gate.open()
+    assert blocker.get(timeout=WAIT) == "blocker"
+
+
 def test_hwm_0_sends_everything_to_the_engines(
     make_cluster: Callable[..., tuple[Cluster, Client]], gate: Gate
 ) -> None:
@@ -1211,7 +1245,7 @@ def _kill_busy_engine(
 
     Returns the AsyncResults and the msg_ids engine 0 held.
     """
-    pid = rc[0].apply_sync(os.getpid)
+    pid = rc[0].apply_sync(os.getpid)  # (the cluster runs with --hwm 2)
     ars = [lv.apply_async(gated, i, gate.path) for i in range(n_tasks)]
     status = wait_until(
         lambda: (
@@ -1233,7 +1267,7 @@ def _kill_busy_engine(
 def test_dead_engine_tasks_are_retried(
     make_cluster: Callable[..., tuple[Cluster, Client]], gate: Gate
 ) -> None:
-    _, rc = make_cluster(2)
+    _, rc = make_cluster(2, "--hwm", "2")  # a queued task on the engine that dies, too
     lv = rc.load_balanced_view(retries=2)
     ars, held = _kill_busy_engine(rc, lv, gate, 8)
     assert [ar.get(timeout=WAIT) for ar in ars] == list(range(8))
@@ -1244,7 +1278,7 @@ def test_dead_engine_tasks_are_retried(
 def test_dead_engine_tasks_fail_without_retries(
     make_cluster: Callable[..., tuple[Cluster, Client]], gate: Gate
 ) -> None:
-    _, rc = make_cluster(2)
+    _, rc = make_cluster(2, "--hwm", "2")
     lv = rc.load_balanced_view()
     ars, held = _kill_busy_engine(rc, lv, gate, 8)
     failed = set()
@@ -1268,16 +1302,16 @@ def test_new_engines_take_queued_tasks(
     cluster, rc = make_cluster(1)
     lv = rc.load_balanced_view()
     ars = [lv.apply_async(gated, i, gate.path) for i in range(10)]
-    wait_until(lambda: rc.queue_status()["unassigned"] == 8, what="8 tasks waiting")
+    wait_until(lambda: rc.queue_status()["unassigned"] == 9, what="9 tasks waiting")
     cluster.start_engines_sync(1)
     rc.wait_for_engines(2, timeout=60)
     new_id = max(rc.ids)
-    # the new engine gets waiting tasks as soon as it registers, before anything finished
+    # the new engine gets a waiting task as soon as it registers, before anything finished
     status = wait_until(
-        lambda: (q := rc.queue_status())[new_id]["tasks"] == 2 and q,
+        lambda: (q := rc.queue_status())[new_id]["tasks"] == 1 and q,
         what="the new engine to be given tasks",
     )
-    assert status["unassigned"] == 6
+    assert status["unassigned"] == 8
     gate.open()
     assert [ar.get(timeout=WAIT) for ar in ars] == list(range(10))
     on_new = [ar for ar in ars if ar.metadata.engine_id == new_id]

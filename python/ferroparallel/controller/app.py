@@ -22,7 +22,13 @@ from typing import Any
 
 from .. import paths
 from ..serialize.shm import sweep as sweep_segments
-from .config import CONFIG_FILENAME, ConfigError, ControllerSettings, load_config_file
+from .config import (
+    CONFIG_FILENAME,
+    ConfigError,
+    ControllerSettings,
+    load_config_file,
+    split_trait_args,
+)
 
 __all__ = ["main", "build_parser", "resolve_settings", "rust_config"]
 
@@ -183,6 +189,9 @@ def resolve_settings(
             cfg_file = None
     if cfg_file is not None:
         settings.update(load_config_file(cfg_file), f"config file {cfg_file}")
+    traits = getattr(args, "trait_settings", None)
+    if traits:  # ipyparallel's --Class.trait=value options, overridden by our own options
+        settings.update(traits, "command line")
     cli = {name: getattr(args, name) for name in _CLI_SETTINGS}
     cli["restore"] = args.restore
     cli["reuse"] = args.reuse
@@ -299,8 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         0 after a clean stop, 1 on a configuration or start-up error, 2 on bad usage.
     """
-    args = build_parser().parse_args(argv)
     _setup_logging("INFO")
+    try:
+        rest, trait_settings, ignored = split_trait_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    args = build_parser().parse_args(rest)
+    args.trait_settings = trait_settings
+    for name in ignored:
+        log.warning("ignoring --%s: not a setting of the ferroparallel controller", name)
     try:
         pdir = paths.profile_dir(args.profile, args.profile_dir, create=True)
         settings, cfg_file = resolve_settings(args, pdir)
@@ -388,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ipc_endpoints = dict(controller.ipc_endpoints())
         client = connection.client_info(settings, key, ports, serverkey, ipc_endpoints)
         engine = connection.engine_info(settings, key, ports, serverkey, ipc_endpoints)
+        # as ipyparallel's hub: registration replies carry the engine connection settings
+        # (not the key: every engine already has it, and it must not travel in the clear);
+        # set before the files exist, so that no engine can register before
+        controller.set_engine_info({k: v for k, v in engine.items() if k != "key"})
         wrote = True
         connection.write_files(client_file, engine_file, client, engine)
         log.info(

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ CLIENT_CHANNELS = (
 ALL_CHANNELS = ENGINE_CHANNELS + CLIENT_CHANNELS
 
 #: Task scheduler schemes understood by ipyparallel.
-SCHEMES = ("leastload", "lru", "twobin", "weighted", "plainrandom", "pure", "none")
+SCHEMES = ("leastload", "lru", "twobin", "weighted", "plainrandom")
 
 _DB_ALIASES = {
     "memory": "memory",
@@ -99,6 +100,10 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("TaskScheduler", "scheme_name"): "scheme",
     ("TaskScheduler", "hwm"): "hwm",
     ("TaskScheduler", "hwm_budget"): "hwm_budget",
+    ("IPController", "db_class"): "db",
+    ("HubFactory", "db_class"): "db",
+    ("IPController", "log_level"): "log_level",
+    ("Application", "log_level"): "log_level",
     ("IPController", "enable_curve"): "curve",
     ("IPController", "curve_secretkey"): "curve_secretkey",
     ("IPController", "curve_publickey"): "curve_publickey",
@@ -107,6 +112,56 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
 
 class ConfigError(ValueError):
     """A setting has an invalid value (the message names the setting and its source)."""
+
+
+_TRAIT_ARG = re.compile(r"^--([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:=(.*))?$", re.S)
+
+
+def split_trait_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], list[str]]:
+    """Take ipyparallel's traitlets-style options (``--TaskScheduler.hwm=0``,
+    ``--IPController.ip 0.0.0.0``) out of ``argv``.
+
+    Returns
+    -------
+    tuple
+        The other arguments, the settings of the options we know (``{"hwm": "0"}``; values
+        are strings, coerced by :meth:`ControllerSettings.update`), and the options we do not
+        implement (``"Class.trait"``), which the caller reports and ignores, as traitlets
+        does with configuration no class uses.
+    """
+    rest: list[str] = []
+    known: dict[str, Any] = {}
+    unknown: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        m = _TRAIT_ARG.match(arg)
+        if m is None:
+            rest.append(arg)
+            i += 1
+            continue
+        section, key, value = m.groups()
+        if value is None:  # "--Class.trait value"
+            if i + 1 >= len(items):
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            value = items[i + 1]
+            i += 1
+        i += 1
+        name = _COMPAT_KEYS.get((section, key))
+        if name is None:
+            unknown.append(f"{section}.{key}")
+        else:
+            known[name] = _unquote(value)
+    return rest, known, unknown
+
+
+def _unquote(value: str) -> str:
+    """``'x'`` / ``"x"`` as traitlets' command line accepts them: the text inside."""
+    v = value.strip()
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    return v
 
 
 def parse_ports(value: Any) -> list[int]:
@@ -155,7 +210,7 @@ def parse_ports(value: Any) -> list[int]:
 
 def parse_db(value: str) -> str:
     """Normalise a task-record backend name to ``"memory"``, ``"sqlite"`` or ``"none"``."""
-    key = str(value).strip().lower()
+    key = str(value).strip().lower().rsplit(".", 1)[-1]  # (ipyparallel's class paths)
     if key.endswith("db") and key not in _DB_ALIASES:
         key = key[:-2]
     try:
@@ -336,6 +391,13 @@ class ControllerSettings:
             return parse_ports(raw)
         if name == "scheme":
             v = str(raw).strip().lower()
+            if v == "pure":  # ipyparallel's pure-ZMQ scheduler hands tasks out in turn
+                return "lru"
+            if v == "none":
+                raise ConfigError(
+                    "scheme 'none' (no task scheduler) is not supported: ferroparallel always "
+                    f"schedules load-balanced tasks; use one of {', '.join(SCHEMES)}"
+                )
             if v not in SCHEMES:
                 raise ConfigError(f"unknown scheme {raw!r}: use one of {', '.join(SCHEMES)}")
             return v

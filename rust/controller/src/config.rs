@@ -101,7 +101,7 @@ impl Default for ControllerConfig {
             hb_max_misses: 10,
             registration_timeout_ms: 30_000,
             scheme: Scheme::LeastLoad,
-            hwm: 2,
+            hwm: 1,
             hwm_budget_ms: 2.0,
             db: "memory".into(),
             db_path: None,
