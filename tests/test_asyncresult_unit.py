@@ -488,7 +488,7 @@ def test_return_exceptions(client: FakeClient) -> None:
     assert ar[1] is err
     with pytest.raises(CompositeError):
         ar.get(return_exceptions=False)
-    assert not ar.successful()
+    assert ar.successful()  # as ipyparallel: nothing was raised
 
 
 def test_first_exception(client: FakeClient) -> None:
@@ -717,16 +717,46 @@ def test_abort(client: FakeClient) -> None:
     client.reply(futs[0], 0)
     assert ar.abort() is None  # as ipyparallel: waits for the engines, returns None
     assert client.aborted == [[futs[1].msg_id, futs[2].msg_id]]
-    assert ar.cancel() is False  # cannot un-send; aborts what is left instead
-    assert len(client.aborted) == 2
     client.reply(futs[1], exc=TaskAborted("a"))
     client.reply(futs[2], exc=TaskAborted("a"))
     with pytest.raises(RuntimeError):
         ar.abort()
-    assert ar.cancel() is False
+    assert ar.cancel() is False  # done: as concurrent.futures
     assert not ar.cancelled()
     with pytest.raises(CompositeError):
         ar.get()
+
+
+def test_cancel_is_the_futures_cancel_and_aborts_what_is_left(client: FakeClient) -> None:
+    futs = client.send(3)
+    ar = AsyncResult(client, futs, targets=[0, 1, 2])
+    client.reply(futs[0], 0)
+    assert ar.cancel() is True
+    assert ar.cancelled() and ar.done() and not ar.successful()
+    assert ar.cancel() is True  # (again: still cancelled)
+    assert client.aborted == [[futs[1].msg_id, futs[2].msg_id]]
+    with pytest.raises(concurrent.futures.CancelledError):
+        ar.get()
+    # the replies that still come are dropped without an error
+    client.reply(futs[1], exc=TaskAborted("a"))
+    client.reply(futs[2], 2)
+    assert ar.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        ar.result()
+
+
+def test_successful_with_returned_exceptions(client: FakeClient) -> None:
+    futs = client.send(2)
+    ar = AsyncResult(client, futs, targets=[0, 1], return_exceptions=True)
+    client.reply(futs[0], 0)
+    client.reply(futs[1], exc=remote(engine=1))
+    assert ar.successful()  # as ipyparallel: the result was set, nothing raised
+    assert isinstance(ar.get()[1], RemoteError)
+    futs = client.send(2)
+    plain = AsyncResult(client, futs, targets=[0, 1])
+    client.reply(futs[0], 0)
+    client.reply(futs[1], exc=remote(engine=1))
+    assert not plain.successful()
 
 
 # -- get_dict ---------------------------------------------------------------------------------
@@ -1247,3 +1277,23 @@ def test_one_message_resolves_as_the_general_path_does(client: FakeClient) -> No
     client.reply(f, exc=err, engine=0)
     ar = AsyncResult(client, [f])
     assert ar.done() and ar.exception() is err
+
+
+def test_execute_reply_shows_its_result_as_ipyparallel() -> None:
+    from ferroparallel.client.dispatch import ExecuteReply
+
+    md = Metadata(engine_id=1)
+    md["execute_result"] = {
+        "data": {"text/plain": "<b>", "text/html": "<b>hi</b>"},
+        "metadata": {"text/html": {"isolated": True}},
+        "execution_count": 4,
+        "source": "execute",
+    }
+    reply = ExecuteReply("m", {"execution_count": 4}, md)
+    assert reply.source == "execute"
+    assert reply._repr_html_() == ("<b>hi</b>", {"isolated": True})
+    assert reply._repr_png_() is None
+    data, _ = reply._repr_mimebundle_()
+    assert data["text/plain"] == "Out[1:4]: <b>"
+    empty = ExecuteReply("n", {}, Metadata())
+    assert empty.source is None and empty.data == {}

@@ -138,6 +138,37 @@ def test_map_variants(dv: DirectView) -> None:
     assert dv.map_sync(lambda x: x + 1, [1]) == [2]
 
 
+def test_map_flags_and_mappings(rc: Client, dv: DirectView) -> None:
+    """As ipyparallel: ``label`` and ``track`` are map arguments, a dict maps over its keys,
+    and execute / run take a label too (the hub records it)."""
+    ar = dv.map_async(str.upper, {"a": 1, "b": 2}, label="upper", track=True)
+    assert ar.get(timeout=SHORT) == ["A", "B"]
+    assert {md["label"] for md in ar.metadata} == {"upper"}
+    assert dv.map_sync(str.upper, {"x", "y"}) in (["X", "Y"], ["Y", "X"])
+    ex = dv.execute("z = 1", label="exec-label", block=True)
+    recs = rc.db_query({"label": "exec-label"}, ["msg_id"])
+    assert {r["msg_id"] for r in recs} == set(ex.msg_ids)
+
+
+def test_output_with_lone_surrogates_is_sent_replaced(rc: Client, dv: DirectView) -> None:
+    """Text that cannot be UTF-8 (a surrogateescape'd file name) is printed with U+FFFD, as
+    Jupyter kernels do, instead of failing the print or losing the reply."""
+    ar = dv.execute("print('x\\udcffy')", targets=0, block=True)
+    assert ar.stdout == "x\ufffdy\n"
+
+    def shout() -> None:
+        print("a\udcffb")
+        raise OSError("no such file: \udcff")
+
+    ar = rc[0].apply_async(shout)
+    with pytest.raises(error.RemoteError) as info:
+        ar.get(timeout=SHORT)
+    assert info.value.ename == "OSError" and "\ufffd" in info.value.evalue
+    assert ar.wait_for_output(SHORT) and ar.stdout == "a\ufffdb\n"
+    # the engine still watches long requests (its watcher thread survived)
+    assert rc[0].apply_sync(time.sleep, 0.3) is None
+
+
 def test_map_errors(dv: DirectView) -> None:
     with pytest.raises(error.CompositeError) as info:
         dv.map_sync(lambda x: 1 / x, [1, 0, 2, 4])

@@ -299,7 +299,6 @@ def test_resubmit_direct_and_load_balanced(rc: Client) -> None:
 @pytest.mark.parametrize(
     "query, keys, ename",
     [
-        ({"nosuch": 1}, None, "KeyError"),
         ({"msg_id": {"$regex": "x"}}, None, "KeyError"),
         ({"msg_id": {"$in": "abc"}}, None, "TypeError"),
         ({"msg_id": {"$mod": [0, 1]}}, None, "ValueError"),
@@ -318,6 +317,15 @@ def test_bad_queries_are_clear_errors(
     # the controller keeps serving
     assert isinstance(rc.hub_history(), list)
     assert rc[0].apply_sync(echo, 5) == 5
+
+
+def test_unknown_query_field_is_a_field_no_record_has(rc: Client) -> None:
+    """As ipyparallel's DictDB: a name that is no record field matches as None."""
+    rc[0].apply_sync(echo, 1)
+    assert rc.db_query({"nosuch": 1}) == []
+    assert rc.db_query({"nosuch": {"$exists": True}}) == []
+    everything = {r["msg_id"] for r in rc.db_query({}, ["msg_id"])}
+    assert {r["msg_id"] for r in rc.db_query({"nosuch": None}, ["msg_id"])} == everything
 
 
 # ----- other backends and lifetimes ---------------------------------------------------------

@@ -89,6 +89,10 @@ def test_fake_engine_and_fake_client_through_real_controller(
         eid = reg["content"]["id"]
         assert isinstance(eid, int) and eid >= 0
         assert reg["content"]["hb_period"] == 200
+        # as ipyparallel's hub: the engine connection settings, without the key
+        info = reg["content"]["connection_info"]
+        assert info["registration"] == int(ctl.engine_url("registration").rsplit(":", 1)[1])
+        assert info["signature_scheme"] == "hmac-sha256" and "key" not in info
 
         note = recv_until(
             client_s,
@@ -260,6 +264,11 @@ def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None
             lambda: _first_engine(client_s, query), timeout=30, what="the engine to register"
         )
 
+        # load_request: the requests each engine holds, by id (idle here)
+        client_s.send(query, "load_request", {"targets": [eid]})
+        load = recv_until(client_s, query, lambda m: True, timeout=10, what="load_reply")
+        assert load["msg_type"] == "load_reply" and load["content"] == {"status": "ok", str(eid): 0}
+
         def work(data: bytes, scale: int) -> tuple[int, bytes, int]:
             print("working on", len(data), "bytes")
             return len(data), data[:4] + data[-4:], scale * 7
@@ -291,6 +300,29 @@ def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None
         assert out["content"]["name"] == "stdout"
         assert out["content"]["text"].startswith(f"working on {len(payload)} bytes")
         assert out["metadata"].get("engine") == uuid
+
+        # IOPub keeps the order of what the code did: text printed before a display, a result
+        # or an error is published before it (as Jupyter kernels do)
+        code = "print('A')\nfrom IPython.display import display\ndisplay('D1')\nprint('B')\n42"
+        hdr = client_s.send(
+            mux,
+            "execute_request",
+            {"code": code, "silent": False, "store_history": True},
+            ident=uuid.encode(),
+        )
+        rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="execute_reply")
+        assert rep["content"]["status"] == "ok", rep["content"]
+        seen: list[str] = []
+
+        def ordered(m: dict[str, Any]) -> bool:
+            mine = m["parent_header"].get("msg_id") == hdr["msg_id"]
+            if mine and m["msg_type"] not in ("status", "execute_input"):
+                c = m["content"]
+                seen.append(c.get("text") or str((c.get("data") or {}).get("text/plain")))
+            return "42" in seen
+
+        recv_until(client_s, iopub, ordered, timeout=10, what="the outputs in order")
+        assert "".join(seen).replace("\n", "") == "A'D1'B42", seen
 
         # A remote exception comes back as an error reply with the exception's name.
         def boom() -> None:

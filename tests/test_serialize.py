@@ -533,7 +533,9 @@ def test_main_function_leaves_its_data_on_the_sender() -> None:
     import builtins
 
     main = make_main()
-    exec("import math\nBIG = bytes(1 << 20)\ndef area(r):\n    return len(BIG) + math.pi * r\n", main)
+    exec(
+        "import math\nBIG = bytes(1 << 20)\ndef area(r):\n    return len(BIG) + math.pi * r\n", main
+    )
     frames = fs.serialize_object(main["area"], threshold=1024)
     assert len(frames) == 1 and len(frames[0]) < 4096  # no 1 MiB BIG in there
     engine: dict[str, Any] = {"__builtins__": builtins, "BIG": b"xy"}

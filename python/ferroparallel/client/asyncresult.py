@@ -405,6 +405,8 @@ class AsyncResult(SlimFuture):
         CompositeError
             Errors of several results (unless ``return_exceptions``).
         """
+        if self.cancelled():
+            raise concurrent.futures.CancelledError()
         timeout = _timeout(timeout)
         if return_when == FIRST_COMPLETED:
             warnings.warn(
@@ -439,20 +441,31 @@ class AsyncResult(SlimFuture):
         return self.get()
 
     def successful(self) -> bool:
-        """Whether every message succeeded (RuntimeError if not finished yet)."""
+        """Whether the result came without raising: every message succeeded, or failures are
+        returned as values (``return_exceptions``). RuntimeError if not finished yet."""
         if not self.done():
             raise RuntimeError("Cannot check successful() if not done.")
-        return self._n_failed == 0
+        if self.cancelled():
+            return False
+        return self._return_exceptions or self._n_failed == 0
 
     def cancel(self) -> bool:
-        """Sent messages cannot be cancelled: aborts the unfinished ones (see :meth:`abort`)
-        and returns False."""
-        if not self.done():
-            try:
-                self.abort()
-            except Exception as e:  # noqa: BLE001 - best effort
-                log.debug("cancel of %r: abort failed: %s", self, e)
-        return False
+        """As ``concurrent.futures.Future.cancel``: an unfinished AsyncResult becomes cancelled
+        (``get()`` raises ``CancelledError``) and True is returned; False once it is done.
+
+        Its unfinished messages are also aborted: tasks that have not started never run; one
+        already running finishes on its engine and its result is dropped.
+        """
+        if self.done():
+            return self.cancelled()
+        if not SlimFuture.cancel(self):
+            return self.cancelled()
+        pending = [m for m, c in zip(self._msg_ids, self._children, strict=True) if not c.done()]
+        try:
+            self._client.abort(pending, block=False)
+        except Exception as e:  # noqa: BLE001 - best effort: the result is dropped anyway
+            log.debug("cancel of %r: abort failed: %s", self, e)
+        return True
 
     def get_dict(self, timeout: float | None = None) -> dict[Any, Any]:
         """The results as ``{engine_id: result}``.
@@ -525,6 +538,35 @@ class AsyncResult(SlimFuture):
                 eid = lookup(md["engine_uuid"])
         return eid
 
+    def _ask_hub_for_engines(self) -> None:
+        """Which engine runs each started load-balanced task that has not answered yet: the
+        hub's records know (ipyparallel's client learns it from the engine's "busy" status,
+        which ours does not subscribe to). Best effort: without records it stays None."""
+        lookup = [
+            (i, c.msg_id)
+            for i, c in enumerate(self._children)
+            if not c.done()
+            and isinstance(c, MessageFuture)
+            and self._md(i).get("engine_uuid") is None
+        ]
+        if not lookup:
+            return
+        try:
+            from .hub import db_query
+
+            ids = [m for _, m in lookup]
+            recs = db_query(self._client, {"msg_id": {"$in": ids}}, ["engine_uuid"])
+        except Exception as e:  # noqa: BLE001 - e.g. a controller without records
+            log.debug("engine of %s unknown: %s", lookup, e)
+            return
+        found = {r["msg_id"]: r.get("engine_uuid") for r in recs}
+        for i, msg_id in lookup:
+            uuid = found.get(msg_id)
+            if uuid:
+                md = self._md(i)
+                if md.get("engine_uuid") is None:  # (unless the reply came meanwhile)
+                    dict.__setitem__(md, "engine_uuid", uuid)
+
     def _md_value(self, i: int, key: str) -> Any:
         if key == "engine_id":
             return self._engine_id(i)
@@ -539,6 +581,8 @@ class AsyncResult(SlimFuture):
             raise KeyError(key)
         if key in _OUTPUT_KEYS and self.done():
             self._await_output()
+        if key == "engine_id":
+            self._ask_hub_for_engines()
         values = [self._md_value(i, key) for i in range(len(self._children))]
         return values[0] if self._single_result else values
 

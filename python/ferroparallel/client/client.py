@@ -573,11 +573,42 @@ class Client(HasTraits):
                 self._uuids.pop(uuid, None)
                 self._ids = sorted(self._engines)
                 self._engines_changed.notify_all()
+            uuid = uuid or content.get("uuid")
+            if uuid:
+                self._fail_stranded(eid, uuid)
         elif msg_type == "shutdown_notification":
             self._hub_shutdown = True
             self._fail_outstanding(
                 _engine_error("the controller shut down before this task finished")
             )
+
+    def _fail_stranded(self, eid: Any, uuid: str) -> None:
+        """As ipyparallel's client: the requests still out on an engine that went away fail
+        here with an EngineError (a controller sends no reply for them; load-balanced tasks
+        are the scheduler's, which retries or fails them itself)."""
+        done: list[dispatch.Settle] = []
+        with self._lock:
+            for msg_id in list(self._outstanding_by_engine.get(uuid, ())):
+                fut = self._futures.get(msg_id)
+                if fut is None or fut.done():
+                    continue
+                reply = {
+                    "header": {"msg_type": "apply_reply", "msg_id": f"{msg_id}_stranded"},
+                    "parent_header": {"msg_id": msg_id},
+                    "metadata": {"engine": uuid, "status": "error"},
+                    "content": {
+                        "status": "error",
+                        "ename": "EngineError",
+                        "evalue": f"Engine {eid!r} died while running task {msg_id!r}",
+                        "traceback": [],
+                        "engine_info": {"engine_uuid": uuid, "engine_id": eid},
+                    },
+                }
+                item = dispatch.handle_reply(self, reply, "mux")
+                if item is not None:
+                    done.append(item)
+        if done:
+            dispatch.settle(self, done)
 
     def _fail_outstanding(self, exc: BaseException) -> None:
         with self._lock:

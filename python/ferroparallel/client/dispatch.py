@@ -59,6 +59,45 @@ class ExecuteReply:
         """The result's mime bundle (``{}`` without a result)."""
         return (self.execute_result or {}).get("data") or {}
 
+    @property
+    def source(self) -> str | None:
+        """Where the result came from (the ``source`` of its ``execute_result``), if any."""
+        result = self.execute_result
+        return result.get("source", "") if result else None
+
+    def display(self) -> None:
+        """Publish the result's mime bundle here, as IPython displays an output."""
+        from IPython.display import publish_display_data
+
+        publish_display_data(self.data, (self.execute_result or {}).get("metadata") or {})
+
+    def _repr_mime_(self, mime: str) -> Any:
+        if mime not in self.data:
+            return None
+        md = (self.execute_result or {}).get("metadata") or {}
+        return (self.data[mime], md[mime]) if mime in md else self.data[mime]
+
+    def _repr_html_(self) -> Any:
+        return self._repr_mime_("text/html")
+
+    def _repr_latex_(self) -> Any:
+        return self._repr_mime_("text/latex")
+
+    def _repr_json_(self) -> Any:
+        return self._repr_mime_("application/json")
+
+    def _repr_javascript_(self) -> Any:
+        return self._repr_mime_("application/javascript")
+
+    def _repr_png_(self) -> Any:
+        return self._repr_mime_("image/png")
+
+    def _repr_jpeg_(self) -> Any:
+        return self._repr_mime_("image/jpeg")
+
+    def _repr_svg_(self) -> Any:
+        return self._repr_mime_("image/svg+xml")
+
     def __getitem__(self, key: str) -> Any:
         return self.metadata[key]
 

@@ -320,24 +320,35 @@ def result_status(
         When ``status_only`` is False and some fetched results are errors.
     """
     ids = list(msg_ids)
-    reply = hub_query(client, "result_request", {"msg_ids": ids, "status_only": status_only})
-    content = reply["content"]
+    # as ipyparallel: what this client sent itself it knows without asking the hub (which
+    # also answers with a controller that keeps no records)
+    futures = client._futures
+    local = {m: f for m in ids if (f := futures.get(m)) is not None}
+    asked = [m for m in ids if m not in local]
+    content: dict[str, Any] = {}
+    reply: dict[str, Any] = {}
+    if asked:
+        reply = hub_query(client, "result_request", {"msg_ids": asked, "status_only": status_only})
+        content = reply["content"]
+    mine_done = [m for m, f in local.items() if f.done()]
     out: dict[str, Any] = {
         "status": content.get("status", "ok"),
-        "pending": list(content.get("pending") or []),
-        "completed": list(content.get("completed") or []),
+        "pending": [m for m, f in local.items() if not f.done()]
+        + list(content.get("pending") or []),
+        "completed": mine_done + list(content.get("completed") or []),
     }
     if status_only:
         return out
+    mine = {m: (local[m].exception() or local[m].result()) for m in mine_done}
     hub = hub_results(client)
     buffers = list(reply.get("buffers") or [])
     at = 0
-    for msg_id in sorted(out["completed"]):
+    for msg_id in sorted(content.get("completed") or []):
         entry = content.get(msg_id) or {}
         n = int(entry.get("nbuffers") or 0)
         hub.resolve(msg_id, entry, buffers[at : at + n])
         at += n
-    results = {m: client.results.get(m) for m in out["completed"]}
+    results = {m: mine[m] if m in mine else client.results.get(m) for m in out["completed"]}
     out.update(results)
     error.collect_exceptions(results, "result_status")
     return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
@@ -272,9 +273,11 @@ class DirectView(View):
     def __init__(self, client: Any = None, targets: Any = "all", **flags: Any) -> None:
         super().__init__(client=client, targets=targets, **flags)
 
-    def _request_md(self) -> dict[str, Any]:
-        """Metadata of this view's requests (the engine copies it into the replies)."""
-        return {"label": self.label} if self.label else {}
+    def _request_md(self, label: str | None = None) -> dict[str, Any]:
+        """Metadata of this view's requests (the engine copies it into the replies); ``label``
+        overrides the view's."""
+        label = self.label if label is None else label
+        return {"label": label} if label else {}
 
     def _targets(self, targets: Any = None) -> tuple[list[str], list[int], bool]:
         t = self.targets if targets is None else targets
@@ -306,6 +309,8 @@ class DirectView(View):
         self, f: Callable[..., Any], sequences: Sequence[Any], block: bool, **kwargs: Any
     ) -> Any:
         return_exceptions = bool(kwargs.pop("return_exceptions", False))
+        track = bool(kwargs.pop("track", False))
+        md = self._request_md(kwargs.pop("label", None))
         if kwargs:
             raise TypeError(f"DirectView.map got unexpected arguments: {', '.join(kwargs)}")
         sequences = _as_sequences(sequences, mapping=True)
@@ -321,7 +326,9 @@ class DirectView(View):
                 parts = [mapper.getPartition(s, p, n) for s in sequences]
                 sizes.append(min(len(x) for x in parts))
                 futs.append(
-                    self.client.send_apply_request("mux", runner, (fp, *parts), {}, ident=uuids[p])
+                    self.client.send_apply_request(
+                        "mux", runner, (fp, *parts), {}, md, track, ident=uuids[p]
+                    )
                 )
         ar = AsyncMapResult(
             self.client,
@@ -354,12 +361,19 @@ class DirectView(View):
         return self._finish(ar, block)
 
     def execute(
-        self, code: str, silent: bool = True, targets: Any = None, block: bool | None = None
+        self,
+        code: str,
+        silent: bool = True,
+        targets: Any = None,
+        block: bool | None = None,
+        label: str | None = None,
     ) -> Any:
-        """Run code (a string) in the engines' namespaces."""
+        """Run code (a string) in the engines' namespaces (``label``: the tasks' label, default
+        the view's)."""
         block = self._block(block)
         uuids, ids, single = self._targets(targets)
-        futs = self.client.execute_on(uuids, code, silent=silent, metadata=self._request_md())
+        md = self._request_md(label)
+        futs = self.client.execute_on(uuids, code, silent=silent, metadata=md)
         ar = AsyncResult(self.client, futs, fname="execute", targets=ids[0] if single else ids)
         self._record(ar)
         if block:
@@ -369,11 +383,17 @@ class DirectView(View):
             ar._await_output()
         return ar
 
-    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> Any:
+    def run(
+        self,
+        filename: str,
+        targets: Any = None,
+        block: bool | None = None,
+        label: str | None = None,
+    ) -> Any:
         """Execute a local Python file on the engines."""
         with open(filename, encoding="utf-8") as fh:
             code = fh.read()
-        return self.execute(code, targets=targets, block=block)
+        return self.execute(code, targets=targets, block=block, label=label)
 
     def push(
         self,
@@ -563,10 +583,10 @@ class BroadcastView(DirectView):
     is_coalescing = Bool(False)
     _flag_names = ("block", "track", "targets", "label", "is_coalescing")
 
-    def _request_md(self) -> dict[str, Any]:
+    def _request_md(self, label: str | None = None) -> dict[str, Any]:
         """As ipyparallel's: the requests (and so their results' metadata) say they were
         broadcast, and whether coalescing was asked for."""
-        md = super()._request_md()
+        md = super()._request_md(label)
         md.update(is_broadcast=True, is_coalescing=bool(self.is_coalescing))
         return md
 
@@ -669,12 +689,13 @@ class LoadBalancedView(View):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> Any:
+        label = kwargs.pop("label", None)
         if kwargs:
             raise TypeError(f"LoadBalancedView.map got unexpected arguments: {', '.join(kwargs)}")
         sequences = _as_sequences(sequences, mapping=True)
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        md = self._task_metadata()
+        md = self._task_metadata() if label is None else self._task_metadata(label=label)
         n = min(len(s) for s in sequences)
         chunks = chunk_sequence(range(n), chunksize)
         futs = []
@@ -762,7 +783,9 @@ def _as_sequences(sequences: Sequence[Any], mapping: bool) -> list[Any]:
         raise ValueError("map needs at least one sequence")
     out = []
     for s in sequences:
-        if not (hasattr(s, "__len__") and hasattr(s, "__getitem__")):
+        if not (hasattr(s, "__len__") and hasattr(s, "__getitem__")) or isinstance(
+            s, Mapping | AbstractSet
+        ):  # (a dict maps over its keys, as the builtin map)
             try:
                 s = list(s)
             except TypeError:

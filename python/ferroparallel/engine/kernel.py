@@ -398,6 +398,9 @@ class EngineKernel:
         if topic == "status":
             ident = self._status_topic
         else:
+            if topic not in ("stdout", "stderr"):
+                # text printed before a display, result or error goes out before it
+                self.capture.flush()
             ident = (self._topic_prefix + topic).encode()
             self.published += 1
         self.io.send(

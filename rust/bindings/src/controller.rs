@@ -248,6 +248,23 @@ impl Controller {
         }
     }
 
+    /// The engine connection settings (a dict) that `registration_reply` carries as its
+    /// `connection_info`, as ipyparallel's hub sends them.
+    fn set_engine_info(&self, info: &Bound<'_, PyDict>) -> PyResult<()> {
+        let value = crate::convert::to_value(info.as_any())?;
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        match inner.as_ref() {
+            Some(ctl) => {
+                ctl.set_engine_info(value);
+                Ok(())
+            }
+            None => Err(PyRuntimeError::new_err("the controller is not started")),
+        }
+    }
+
     /// Registered engines: id -> uuid.
     fn engines<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);

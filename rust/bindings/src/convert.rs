@@ -77,6 +77,14 @@ pub fn to_map_value(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Value> {
     }
 }
 
+/// `s` with one U+FFFD for each lone surrogate (through UTF-16, where each is one unit).
+fn replace_surrogates(s: &Bound<'_, PyString>) -> PyResult<String> {
+    let fixed = s
+        .call_method1("encode", ("utf-16-le", "surrogatepass"))?
+        .call_method1("decode", ("utf-16-le", "replace"))?;
+    Ok(fixed.cast::<PyString>()?.to_str()?.to_owned())
+}
+
 fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
     if depth > MAX_DEPTH {
         return Err(PyValueError::new_err(format!(
@@ -87,7 +95,13 @@ fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
         return Ok(Value::Nil);
     }
     if let Ok(s) = obj.cast::<PyString>() {
-        return Ok(Value::Str(s.to_str()?.to_owned()));
+        return Ok(Value::Str(match s.to_str() {
+            Ok(text) => text.to_owned(),
+            // lone surrogates (e.g. a file name decoded with surrogateescape) cannot be UTF-8:
+            // U+FFFD in their place, as Jupyter kernels print them, rather than a message
+            // that cannot be sent at all
+            Err(_) => replace_surrogates(s)?,
+        }));
     }
     if let Ok(b) = obj.cast::<PyBool>() {
         return Ok(Value::Bool(b.is_true()));

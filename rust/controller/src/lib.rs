@@ -35,6 +35,7 @@ pub struct Controller {
     pub ipc: IpcEndpoints,
     pub stats: Arc<Stats>,
     engines: Arc<Mutex<Vec<(i64, String)>>>,
+    engine_info: Arc<Mutex<fp_wire::Value>>,
 }
 
 fn port_of(endpoint: &str) -> u16 {
@@ -172,6 +173,7 @@ impl Controller {
         let stats = Arc::new(Stats::default());
         let mut server = Server::new(cfg, socks, stop.clone(), stats.clone())?;
         let engines = server.shared_engines.clone();
+        let engine_info = server.engine_info.clone();
         let thread = std::thread::Builder::new()
             .name("ferroparallel-controller".into())
             .spawn(move || server.run())
@@ -183,7 +185,15 @@ impl Controller {
             ipc,
             stats,
             engines,
+            engine_info,
         })
+    }
+
+    /// What `registration_reply` carries as `connection_info` from now on.
+    pub fn set_engine_info(&self, info: fp_wire::Value) {
+        if let Ok(mut v) = self.engine_info.lock() {
+            *v = info;
+        }
     }
 
     /// True while the event loop runs.

@@ -78,6 +78,9 @@ pub struct Server {
     pub(crate) stats: Arc<Stats>,
     /// Engines (by id) in the shared table, for the Python side.
     pub shared_engines: Arc<std::sync::Mutex<Vec<(i64, String)>>>,
+    /// The engine connection settings sent in every `registration_reply` (set by the
+    /// controller's application once it has written the engine connection file).
+    pub engine_info: Arc<std::sync::Mutex<Value>>,
     shutdown_at: Option<Instant>,
     /// Sockets whose `ZMQ_EVENTS` must be read before the next blocking poll: those we
     /// operated on (an operation can consume the edge-triggered `ZMQ_FD` signal) and those
@@ -180,6 +183,7 @@ impl Server {
             stop,
             stats,
             shared_engines: Arc::default(),
+            engine_info: Arc::new(std::sync::Mutex::new(Value::empty_map())),
             shutdown_at: None,
             check: vec![true; n],
         })
@@ -547,6 +551,7 @@ impl Server {
                 );
             }
             "queue_request" => self.on_queue_request(zid, header, content),
+            "load_request" => self.on_load_request(zid, header, content),
             "db_request" | "history_request" | "result_request" | "purge_request"
             | "resubmit_request" => {
                 self.on_records_query(zid, header, &msg_type, content);
@@ -651,7 +656,13 @@ impl Server {
             ("status", Value::from("ok")),
             ("id", Value::Int(id)),
             ("hb_period", Value::Int(self.cfg.hb_period_ms as i64)),
-            ("connection_info", Value::empty_map()),
+            (
+                "connection_info",
+                self.engine_info
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or_else(|_| Value::empty_map()),
+            ),
         ]);
         self.send_new(
             REG,
@@ -666,8 +677,8 @@ impl Server {
         }
     }
 
-    fn on_queue_request(&mut self, zid: Vec<u8>, header: Value, content: Value) {
-        let verbose = matches!(content.get("verbose"), Some(Value::Bool(true)));
+    /// The engines a hub query names in `targets` (all when absent), or the error to answer.
+    fn query_targets(&self, content: &Value) -> Result<Vec<Vec<u8>>, (&'static str, String)> {
         let mut targets: Vec<Vec<u8>> = Vec::new();
         match content.get("targets") {
             None | Some(Value::Nil) => {
@@ -685,19 +696,59 @@ impl Server {
                     match uuid {
                         Some(u) => targets.push(u),
                         None => {
-                            let why = format!("no such engine: {t:?}");
-                            self.query_error(zid, "hub_error", header, "IndexError", &why);
-                            return;
+                            let why =
+                                format!("no such engine: {}", crate::records::query::describe(t));
+                            return Err(("IndexError", why));
                         }
                     }
                 }
             }
             Some(other) => {
-                let why = format!("bad targets: {other:?}");
-                self.query_error(zid, "hub_error", header, "TypeError", &why);
-                return;
+                let why = format!(
+                    "targets must be a list of engine ids or uuids, not {}",
+                    crate::records::query::describe(other)
+                );
+                return Err(("TypeError", why));
             }
         }
+        Ok(targets)
+    }
+
+    /// `load_request`: the requests each engine holds (direct and load-balanced), by id.
+    fn on_load_request(&mut self, zid: Vec<u8>, header: Value, content: Value) {
+        let targets = match self.query_targets(&content) {
+            Ok(t) => t,
+            Err((ename, why)) => {
+                self.query_error(zid, "hub_error", header, ename, &why);
+                return;
+            }
+        };
+        let mut reply = Value::map([("status", Value::from("ok"))]);
+        for uuid in &targets {
+            if let Some(e) = self.engines.by_uuid.get(uuid) {
+                let load = (e.mux.len() + e.tasks.len()) as i64;
+                reply.set(&e.id.to_string(), Value::Int(load));
+            }
+        }
+        self.send_new(
+            REG,
+            vec![zid],
+            "load_reply",
+            reply,
+            header,
+            Value::empty_map(),
+        );
+    }
+
+    fn on_queue_request(&mut self, zid: Vec<u8>, header: Value, content: Value) {
+        let verbose = matches!(content.get("verbose"), Some(Value::Bool(true)));
+        let targets = match self.query_targets(&content) {
+            Ok(t) => t,
+            Err((ename, why)) => {
+                self.query_error(zid, "hub_error", header, ename, &why);
+                return;
+            }
+        };
         let mut reply = Value::map([("status", Value::from("ok"))]);
         let ids = |m: &std::collections::HashMap<String, InFlight>| -> Value {
             if verbose {
@@ -793,7 +844,10 @@ impl Server {
             self.tasks.direct_pending.remove(&msg_id);
             let uuid = Some(engine.uuid.clone());
             self.tasks.outcomes.record(msg_id.clone(), false, uuid);
-            self.fail_request(MUX_C, &engine.uuid, engine.id, &msg_id, req);
+            // recorded, not sent: as ipyparallel's hub, which leaves the requests stranded on
+            // a dead engine to the clients (they fail them on the unregistration notice; a
+            // reply now would reach an ipyparallel client as a stale result it prints)
+            self.fail_request(None, &engine.uuid, engine.id, &msg_id, req);
         }
         for (msg_id, req) in engine.bcast {
             let evalue = format!("Engine {} died while running task {msg_id:?}", engine.id);
@@ -811,9 +865,11 @@ impl Server {
     }
 
     /// Answer a request stranded on a dead engine with an EngineError reply.
+    /// Record (and with `sock`, answer on that socket) the failure of a request stranded on
+    /// a dead engine.
     pub(crate) fn fail_request(
         &mut self,
-        sock: usize,
+        sock: Option<usize>,
         uuid: &[u8],
         id: i64,
         msg_id: &str,
@@ -837,14 +893,16 @@ impl Server {
             &md,
             &content,
         );
-        self.send_new(
-            sock,
-            vec![req.client, uuid.to_vec()],
-            &reply_type(&req.msg_type),
-            content,
-            req.header,
-            error_metadata(Some(&uuid_s)),
-        );
+        if let Some(sock) = sock {
+            self.send_new(
+                sock,
+                vec![req.client, uuid.to_vec()],
+                &reply_type(&req.msg_type),
+                content,
+                req.header,
+                error_metadata(Some(&uuid_s)),
+            );
+        }
     }
 
     pub(crate) fn engines_changed(&mut self) {

@@ -576,7 +576,7 @@ impl Server {
                     header: task.header,
                     msg_type: task.msg_type,
                 };
-                self.fail_request(TASK_C, uuid, id, &msg_id, req);
+                self.fail_request(Some(TASK_C), uuid, id, &msg_id, req);
             }
         }
         self.release_waiting();

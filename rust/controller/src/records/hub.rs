@@ -258,6 +258,10 @@ impl Server {
     }
 
     fn purge_request(&mut self, content: &Value) -> Result<Reply, QueryError> {
+        if !self.records.enabled() {
+            // `--db none`: there is nothing to drop (as ipyparallel's NoDB)
+            return Ok((ok(Vec::new()), Vec::new()));
+        }
         let completed_only = |extra: Vec<(Value, Value)>| {
             let mut q = vec![(Value::from("completed"), Value::map([("$ne", Value::Nil)]))];
             q.extend(extra);
