@@ -51,6 +51,7 @@ def test_top_level_names_of_ipyparallel() -> None:
         "unpack_apply_message", "use_cloudpickle", "use_pickle", "use_dill",
         "register_joblib_backend",
     ):  # fmt: skip
+        assert name in dir(ipp), name  # (before its first use too: tab completion)
         assert getattr(ipp, name) is not None, name
         assert name in ipp.__all__, name
     assert ipp.ALL_COMPLETED == concurrent.futures.ALL_COMPLETED

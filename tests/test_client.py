@@ -354,10 +354,13 @@ def test_abort_queued_tasks(rc: Client) -> None:
     e0 = rc[0]
     running = e0.apply_async(time.sleep, 1.5)
     queued = [e0.apply_async(lambda i=i: i) for i in range(3)]
+    time.sleep(0.3)  # (the engine has received them: they wait behind the running one)
     rc.abort(queued, block=True)
     for ar in queued:
         with pytest.raises(error.TaskAborted):
             ar.get(timeout=SHORT)
+    # answered at once, not when the engine would have reached them
+    assert not running.ready()
     assert running.get(timeout=SHORT) is None
     # by msg_id, and AsyncResult.abort()
     running = e0.apply_async(time.sleep, 1.0)

@@ -752,7 +752,16 @@ def test_signal_names_and_abort_set():
         parse_signal("SIGNOPE")
     aborted = AbortSet(capacity=2)
     aborted.add(["a", "b", "c"])
-    assert not aborted.pop("a") and aborted.pop("c") and not aborted.pop("c")
+    assert aborted.take("a") is None and aborted.take("c") == "abort"
+    assert aborted.take("c") is None
+    # another thread answers a queued one first: the runner skips it; once taken, no claim
+    assert aborted.claim("b") and not aborted.claim("b") and aborted.take("b") == "skip"
+    aborted.add(["d"])
+    assert aborted.take("d") == "abort" and not aborted.claim("d")
+    aborted.add(["e"])
+    aborted.claim("e")
+    aborted.add(["e"])  # marked again while claimed: still answered
+    assert aborted.take("e") == "skip"
 
 
 def test_engine_log_level_accepts_names_and_numbers() -> None:

@@ -555,6 +555,14 @@ def test_main_function_leaves_its_data_on_the_sender() -> None:
     assert len(fs.serialize_object(main["area"], threshold=1024)[0]) < 4096
 
 
+def test_main_function_keeps_its_file_name() -> None:
+    """Remote tracebacks name the file and line the user wrote (cloudpickle alone would say
+    ``<dynamic-code>``)."""
+    main = make_main()
+    f = roundtrip(main["fact"], namespace={})
+    assert f.__code__.co_filename == "<notebook>" and f(4) == 24
+
+
 def test_main_function_global_statement_writes_to_namespace() -> None:
     main = make_main()
     engine: dict[str, Any] = {"COUNT": 41}

@@ -153,6 +153,11 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    """The module's names, with those imported on first use (tab completion on ``ipp.``)."""
+    return sorted(set(globals()) | set(_LAZY) | set(_ALIASES))
+
+
 def load_ipython_extension(shell: Any) -> None:
     """``%load_ext ferroparallel``: register the parallel magics (``%px`` …), which connect a
     default Client on first use."""

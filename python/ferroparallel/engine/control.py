@@ -46,7 +46,8 @@ class AbortSet:
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        # msg_id -> False (marked) or True (already answered by another thread: skip it)
+        self._ids: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.Lock()
         self.capacity = capacity
 
@@ -54,18 +55,29 @@ class AbortSet:
         """Mark ``msg_ids``."""
         with self._lock:
             for msg_id in msg_ids:
-                self._ids[str(msg_id)] = None
-                self._ids.move_to_end(str(msg_id))
+                key = str(msg_id)
+                self._ids[key] = self._ids.get(key, False)
+                self._ids.move_to_end(key)
             while len(self._ids) > self.capacity:
                 self._ids.popitem(last=False)
 
-    def pop(self, msg_id: str) -> bool:
-        """True (and forget it) if ``msg_id`` was marked."""
+    def take(self, msg_id: str) -> str | None:
+        """What the thread about to run ``msg_id`` must do (and forget it): ``"abort"`` (answer
+        it as aborted), ``"skip"`` (another thread already did), or None (run it)."""
         if not self._ids:
-            return False
+            return None
         with self._lock:
-            if msg_id in self._ids:
-                del self._ids[msg_id]
+            answered = self._ids.pop(msg_id, None)
+        if answered is None:
+            return None
+        return "skip" if answered else "abort"
+
+    def claim(self, msg_id: str) -> bool:
+        """For a thread other than the one running requests: True if ``msg_id`` is marked and
+        not taken yet; it is then this thread's to answer (the runner will skip it)."""
+        with self._lock:
+            if self._ids.get(msg_id) is False:
+                self._ids[msg_id] = True
                 return True
             return False
 
@@ -160,8 +172,16 @@ class ControlHandler:
         if not msg_ids:
             self.kernel.inbox.pull(0)
             msg_ids = self.kernel.queued_shell_ids()
-        self.kernel.aborted.add(msg_ids)
+        k = self.kernel
+        k.aborted.add(msg_ids)
         log.info("aborting %d request(s)", len(msg_ids))
+        # requests already received wait behind the running one: answer them now, so that
+        # they come back at once (the task scheduler gives them to an idle engine)
+        wanted = set(msg_ids)
+        for queued in list(k.inbox.shell):
+            msg_id = queued["header"].get("msg_id", "")
+            if msg_id in wanted and k.aborted.claim(msg_id):
+                k.shell.answer_aborted(queued)
         self.reply(msg, {"status": "ok"})
 
     def do_clear(self, msg: dict[str, Any]) -> None:

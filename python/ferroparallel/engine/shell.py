@@ -109,7 +109,10 @@ class ShellHandler:
         if status:
             k.publish("status", {"execution_state": "busy"}, header, "status")
         try:
-            if k.aborted.pop(header.get("msg_id", "")):
+            fate = k.aborted.take(header.get("msg_id", ""))
+            if fate == "skip":
+                pass  # answered as aborted while it waited (see ControlHandler.do_abort)
+            elif fate == "abort":
                 self.reply(msg, prefix + "_reply", {"status": "aborted"}, started)
             elif msg_type == "apply_request":
                 self._apply(msg, started)
@@ -132,6 +135,18 @@ class ShellHandler:
         finally:
             if status:
                 k.publish("status", {"execution_state": "idle"}, header, "status")
+
+    def answer_aborted(self, msg: dict[str, Any]) -> None:
+        """Answer a queued request as aborted now, from whichever thread (it produced no
+        output: its reply says so)."""
+        prefix = msg["header"].get("msg_type", "").removesuffix("_request")
+        self.reply(
+            msg,
+            prefix + "_reply",
+            {"status": "aborted"},
+            _core.iso_now(),
+            extra={OUTPUT_COUNT_KEY: 0},
+        )
 
     def _begin(self, header: dict[str, Any]) -> None:
         self.parent = header

@@ -5,12 +5,18 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+from collections import ChainMap
 from collections.abc import Callable, Sequence
-from types import BuiltinFunctionType, FunctionType, ModuleType
+from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import cloudpickle
 from cloudpickle.cloudpickle import _should_pickle_by_reference
+
+try:  # cloudpickle's reducer of code objects (it replaces the file name)
+    from cloudpickle.cloudpickle import _code_reduce as _cloudpickle_code_reduce
+except ImportError:  # pragma: no cover - another cloudpickle layout: its own reduction
+    _cloudpickle_code_reduce = None
 
 try:  # the names registered with cloudpickle.register_pickle_by_value (a set), and its test
     from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES as _BY_VALUE_MODULES
@@ -185,6 +191,9 @@ def _make_pickler_class(base: type) -> type:
     base_override = getattr(base, "reducer_override", None)
 
     class FerroPickler(base):  # type: ignore[misc, valid-type]
+        if base is cloudpickle.Pickler and _cloudpickle_code_reduce is not None:
+            dispatch_table = ChainMap({CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
         def __init__(
             self, file: Any, buffer_callback: Any, shm: OutOfBandSink | None = None
         ) -> None:
@@ -216,6 +225,19 @@ def _make_pickler_class(base: type) -> type:
 
     FerroPickler.__qualname__ = FerroPickler.__name__ = f"Ferro{base.__name__}"
     return FerroPickler
+
+
+def _code_reduce(code: CodeType) -> Any:
+    """cloudpickle's reduction of a code object, keeping the file name it replaces with
+    ``<dynamic-code>``: a remote traceback then names the file and line of the function the
+    user wrote (and shows the line where the engine can read that file), as ipyparallel's."""
+    rv = _cloudpickle_code_reduce(code)
+    try:
+        ctor, args = rv[0], rv[1]
+        i = args.index("<dynamic-code>")
+    except (ValueError, IndexError, AttributeError, TypeError):
+        return rv
+    return (ctor, (*args[:i], code.co_filename, *args[i + 1 :]), *rv[2:])
 
 
 #: Whether ``__main__`` functions carry the data they reference (``use_cloudpickle()``).

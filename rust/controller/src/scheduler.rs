@@ -17,6 +17,10 @@ use crate::config::Scheme;
 
 /// Most tasks an engine may hold under the adaptive depth.
 pub const MAX_DEPTH: usize = 32;
+/// How long an engine's oldest task must have been out before an idle engine takes back the
+/// tasks queued behind it: long enough that a scheduling hiccup of a busy machine (a few ms)
+/// does not look like a long task.
+pub const STEAL_AFTER: Duration = Duration::from_millis(20);
 /// Weight of the newest sample in the service-time average.
 const EWMA_NEW: f64 = 0.2;
 
@@ -123,6 +127,29 @@ impl Balancer {
             }
             s.last_reply = Some(now);
         }
+    }
+
+    /// Tasks `uuid` holds (None for an unknown engine).
+    pub fn load_of(&self, uuid: &[u8]) -> Option<usize> {
+        self.slots.iter().find(|s| s.uuid == uuid).map(|s| s.load)
+    }
+
+    /// An engine other than `idle` holding queued tasks behind one that has been out longer
+    /// than the budget and [`STEAL_AFTER`] (the most loaded such engine), for work stealing.
+    pub fn stuck(&self, idle: &[u8]) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        let after = self.budget.max(STEAL_AFTER);
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.uuid != idle
+                    && s.load >= 2
+                    && s.assigned
+                        .front()
+                        .is_some_and(|at| now.saturating_duration_since(*at) > after)
+            })
+            .max_by_key(|s| s.load)
+            .map(|s| s.uuid.clone())
     }
 
     /// Undo the last [`pick`](Self::pick) of `uuid` (the task could not be sent).
@@ -244,6 +271,25 @@ mod tests {
             }
             assert!(b.pick(&|_| false).is_none());
         }
+    }
+
+    #[test]
+    fn an_engine_holding_tasks_behind_a_long_one_is_stuck() {
+        let mut b = Balancer::new(Scheme::LeastLoad, 2, Duration::from_millis(2));
+        b.add(b"a".to_vec());
+        b.add(b"b".to_vec());
+        let only_a = |u: &[u8]| u == b"a";
+        assert!(b.pick(&only_a).is_some() && b.pick(&only_a).is_some());
+        assert_eq!((b.load_of(b"a"), b.load_of(b"b")), (Some(2), Some(0)));
+        assert_eq!(b.load_of(b"zz"), None);
+        // young tasks: not (yet) a reason to take anything back
+        assert_eq!(b.stuck(b"b"), None);
+        std::thread::sleep(STEAL_AFTER + Duration::from_millis(5));
+        assert_eq!(b.stuck(b"b"), Some(b"a".to_vec()));
+        assert_eq!(b.stuck(b"a"), None); // never from the idle engine itself
+                                         // one task left: nothing queued behind it
+        b.unpick(b"a");
+        assert_eq!(b.stuck(b"b"), None);
     }
 
     #[test]

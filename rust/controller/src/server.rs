@@ -59,6 +59,9 @@ const DEFERRED: [usize; 5] = [IOP_C, MUX_C, CTL_C, TASK_C, BCAST_C];
 const FEATURES: [&str; 2] = ["fanout", "abort"];
 /// The routing identity a client uses for a request that the controller fans out.
 pub const FANOUT: &[u8] = b"fp:fanout";
+/// The "client" of the scheduler's own `abort_request`s (work stealing, `tasks.rs`): engines
+/// answer it on the control channel, and those answers go nowhere.
+pub const STEAL_IDENT: &[u8] = b"fp:scheduler";
 /// Time given to flush the shutdown notification before the loop exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
@@ -566,6 +569,9 @@ impl Server {
                             .collect()
                     })
                     .unwrap_or_default();
+                for id in &ids {
+                    self.tasks.stealing.remove(id); // (the user's abort wins over a steal)
+                }
                 let aborted = self.abort_queued(&ids);
                 let reply = Value::map([
                     ("status", Value::from("ok")),
@@ -1073,6 +1079,9 @@ impl Server {
         };
         let client = env.idents[0].as_ref().to_vec();
         let target = env.idents[1].as_ref().to_vec();
+        if msg_type == "abort_request" && !self.tasks.stealing.is_empty() {
+            self.user_aborts(&env);
+        }
         if target == FANOUT {
             self.fan_out(env, from, to, track, client, header, msg_type);
             return;
@@ -1270,6 +1279,9 @@ impl Server {
         }
         let engine = env.idents[0].as_ref().to_vec();
         let client = env.idents[1].as_ref().to_vec();
+        if client == STEAL_IDENT {
+            return; // the engine's answer to the scheduler's own abort_request
+        }
         if track {
             if let Some(parent) = self.unpack(&env, "parent_header") {
                 if let Some(msg_id) = str_field(&parent, "msg_id") {

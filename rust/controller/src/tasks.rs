@@ -11,7 +11,7 @@ use fp_wire::{Envelope, Value};
 use crate::engines::InFlight;
 use crate::log::{log_at, Level};
 use crate::messages::{error_content, error_metadata, reply_type, str_field};
-use crate::server::{frames_of, ident, show, Env, Server, TASK_C, TASK_E};
+use crate::server::{frames_of, ident, show, Env, Server, CTL_E, STEAL_IDENT, TASK_C, TASK_E};
 
 /// Most unassignable queued tasks looked at in one pass of the queue.
 const SCAN_LIMIT: usize = 1024;
@@ -150,6 +150,8 @@ pub struct Task {
     pub deadline: Option<Instant>,
     pub retries: i64,
     pub blacklist: HashSet<Vec<u8>>,
+    /// Order of assignment to an engine (the newest queued task is the one to steal).
+    pub seq: u64,
 }
 
 #[derive(Default)]
@@ -165,6 +167,9 @@ pub struct TaskState {
     pub direct_pending: HashSet<String>,
     /// Aborts of msg_ids not seen yet (the abort overtook its task): aborted on arrival.
     pub early_aborts: HashSet<String>,
+    /// Tasks being taken back from a busy engine's queue (see [`Server::steal_for`]).
+    pub stealing: HashSet<String>,
+    next_seq: u64,
     with_deadline: usize,
 }
 
@@ -253,6 +258,7 @@ impl Server {
                 .unwrap_or(0)
                 .max(0),
             blacklist: HashSet::new(),
+            seq: 0,
         };
         if aborted_early {
             if task.deadline.is_some() {
@@ -391,6 +397,9 @@ impl Server {
         env.idents.clear();
         match self.send(TASK_E, frames_of(idents, env)) {
             Ok(()) => {
+                let mut task = task;
+                self.tasks.next_seq += 1;
+                task.seq = self.tasks.next_seq;
                 self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
                 self.records.on_assign(&task.msg_id, &uuid);
                 if task.deadline.is_some() {
@@ -499,6 +508,12 @@ impl Server {
         let ok = str_field(&metadata, "status") == Some("ok");
         let unmet = matches!(metadata.get("dependencies_met"), Some(Value::Bool(false)));
         if let Some(msg_id) = &msg_id {
+            if self.tasks.stealing.remove(msg_id)
+                && str_field(&metadata, "status") == Some("aborted")
+                && self.took_back(msg_id, &engine)
+            {
+                return;
+            }
             if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
                 if let Some((key, _)) = e.tasks.remove_entry(msg_id) {
                     e.completed.push(key);
@@ -547,6 +562,110 @@ impl Server {
         if !self.tasks.queue.is_empty() {
             self.drain_queue();
         }
+        if self.tasks.queue.is_empty() {
+            self.steal_for(&engine);
+        }
+    }
+
+    /// **Work stealing.** `idle` just answered and nothing waits in the scheduler: if another
+    /// engine holds a task it has not started, behind one that has been running longer than
+    /// the queue budget (a long task, which the adaptive depth could not know of when it
+    /// queued short ones behind it), ask that engine to give its newest such task back (an
+    /// `abort_request` from the scheduler). Its "aborted" reply puts the task back in the
+    /// queue ([`took_back`](Self::took_back)); had it started meanwhile, its result comes as
+    /// usual. Only with the adaptive depth: an explicit `--hwm` is a strict placement.
+    fn steal_for(&mut self, idle: &[u8]) {
+        if self.balancer.budget.is_zero() || self.balancer.load_of(idle) != Some(0) {
+            return;
+        }
+        let Some(victim) = self.balancer.stuck(idle) else {
+            return;
+        };
+        let registered = self.engines.by_uuid.get(idle).is_some_and(|e| e.registered);
+        let runnable_on_idle = |t: &Task| {
+            registered
+                && t.follow.is_none()
+                && !t.blacklist.contains(idle)
+                && t.targets
+                    .as_ref()
+                    .is_none_or(|ts| ts.iter().any(|x| x.as_slice() == idle))
+        };
+        let mine: Vec<(&String, &Task)> = self
+            .tasks
+            .running
+            .iter()
+            .filter(|(_, (e, _))| *e == victim)
+            .map(|(m, (_, t))| (m, t))
+            .collect();
+        let Some(oldest) = mine.iter().map(|(_, t)| t.seq).min() else {
+            return;
+        };
+        let Some(msg_id) = mine
+            .iter()
+            .filter(|(m, t)| {
+                t.seq != oldest && runnable_on_idle(t) && !self.tasks.stealing.contains(*m)
+            })
+            .max_by_key(|(_, t)| t.seq)
+            .map(|(m, _)| (*m).clone())
+        else {
+            return;
+        };
+        log_at!(
+            Level::Debug,
+            "taking task {msg_id} back from busy engine {} for idle engine {}",
+            show(&victim),
+            show(idle)
+        );
+        self.tasks.stealing.insert(msg_id.clone());
+        let content = Value::map([("msg_ids", Value::Array(vec![Value::Str(msg_id)]))]);
+        self.send_new(
+            CTL_E,
+            vec![victim, STEAL_IDENT.to_vec()],
+            "abort_request",
+            content,
+            Value::empty_map(),
+            Value::empty_map(),
+        );
+    }
+
+    /// A user's `abort_request` to engines: its tasks are no longer taken back (their
+    /// "aborted" answers go to the user); an empty list aborts everything queued.
+    pub(crate) fn user_aborts(&mut self, env: &Env) {
+        let ids = self
+            .unpack(env, "content")
+            .and_then(|c| c.get("msg_ids").cloned());
+        match ids {
+            Some(Value::Array(items)) if !items.is_empty() => {
+                for v in items {
+                    if let Some(m) = v.as_str() {
+                        self.tasks.stealing.remove(m);
+                    }
+                }
+            }
+            _ => self.tasks.stealing.clear(),
+        }
+    }
+
+    /// A task taken back from `engine` (it answered "aborted" to the scheduler's request):
+    /// back to the front of the queue, as if never assigned. False if it is no longer ours.
+    fn took_back(&mut self, msg_id: &str, engine: &[u8]) -> bool {
+        let Some((_, mut task)) = self.tasks.running.remove(msg_id) else {
+            return false;
+        };
+        if let Some(e) = self.engines.by_uuid.get_mut(engine) {
+            e.tasks.remove(msg_id);
+        }
+        self.balancer.unpick(engine);
+        task.seq = 0;
+        // not back to that engine: it would see the very same signed message again and drop
+        // it as a replay
+        task.blacklist.insert(engine.to_vec());
+        if task.deadline.is_some() {
+            self.tasks.with_deadline += 1;
+        }
+        self.tasks.queue.push_front(task);
+        self.drain_queue();
+        true
     }
 
     /// Tasks that were running on an engine that died: retried elsewhere if they have retries
