@@ -346,6 +346,14 @@ def test_no_records_backend(fp_root: Path) -> None:
             assert "--db none" in str(ei.value)
         with pytest.raises(error.RemoteError):
             rc.resubmit(ar.msg_ids)
+        # as ipyparallel with NoDB: a client knows the status of what it sent itself, and
+        # purging records that are not kept does nothing
+        status = rc.result_status(ar.msg_ids)
+        assert status["completed"] == ar.msg_ids and status["pending"] == []
+        running = rc[0].apply_async(time.sleep, 0.5)
+        assert rc.result_status(running.msg_ids)["pending"] == running.msg_ids
+        running.get(timeout=SHORT)
+        rc.purge_results("all")
     finally:
         rc.close()
         _kill(cluster)
