@@ -67,11 +67,11 @@ def test_top_level_serialization_round_trip() -> None:
     bufs = ipp.pack_apply_message(pow, (2, 10), {})
     f, args, kwargs = ipp.unpack_apply_message(bufs)
     assert f(*args, **kwargs) == 1024
-    ipp.use_pickle()  # ipyparallel's default: lambdas still go, by value
+    ipp.use_cloudpickle()
     try:
         assert ipp.deserialize_object(ipp.serialize_object(lambda x: x * 3))(2) == 6
     finally:
-        ipp.use_cloudpickle()
+        ipp.use_pickle()  # ipyparallel's default, and ours: lambdas still go, by value
     assert ipp.deserialize_object(ipp.serialize_object(lambda x: x + 1))(1) == 2
 
 

@@ -52,7 +52,7 @@ def points_into(arr: np.ndarray, buf: Any) -> bool:
 @pytest.fixture
 def restore_pickler():
     yield
-    fs.use_cloudpickle()
+    fs.use_pickle()  # the default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,7 +739,7 @@ def test_use_dill(restore_pickler: None) -> None:
     except ImportError:
         with pytest.raises(ImportError, match="pip install dill"):
             fs.use_dill()
-        assert fs.current_pickler() == "cloudpickle"
+        assert fs.current_pickler() == "pickle"
         return
     fs.use_dill()
     assert fs.current_pickler() == "dill"

@@ -17,7 +17,6 @@ import re
 import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from ..error import AlreadyDisplayedError, CompositeError
 from ..signal_names import parse_signal
 from .asyncresult import OUTPUT_GRACE
 from .outputs import OutputPrinter
+from .streaming import stream_output
 
 if TYPE_CHECKING:
     from .asyncresult import AsyncResult
@@ -223,21 +223,8 @@ def _streaming(
     if not enabled:
         yield None
         return
-    printer = OutputPrinter(ar)
-    stop = threading.Event()
-
-    def show() -> None:
-        while not stop.wait(poll):
-            printer.print_new()
-
-    thread = threading.Thread(target=show, name="ferroparallel-px-output", daemon=True)
-    thread.start()
-    try:
+    with stream_output(ar, poll) as printer:
         yield printer
-    finally:
-        stop.set()
-        thread.join()
-        printer.print_new(final=True)
 
 
 def _wait_with_progress(ar: AsyncResult, progress_after: float) -> None:

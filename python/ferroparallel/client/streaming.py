@@ -12,9 +12,10 @@ from .outputs import OutputPrinter
 
 
 @contextlib.contextmanager
-def stream_output(ar: Any, interval: float = 0.05) -> Iterator[None]:
+def stream_output(ar: Any, interval: float = 0.05) -> Iterator[OutputPrinter]:
     """While the block runs, print ``ar``'s output as it arrives (a background thread looks
-    every ``interval`` seconds); what is left is printed when the block ends."""
+    every ``interval`` seconds); what is left is printed when the block ends. Yields the
+    :class:`OutputPrinter` (how many errors it showed)."""
     printer = OutputPrinter(ar)
     stop = threading.Event()
 
@@ -25,7 +26,7 @@ def stream_output(ar: Any, interval: float = 0.05) -> Iterator[None]:
     thread = threading.Thread(target=run, name="ferroparallel-stream-output", daemon=True)
     thread.start()
     try:
-        yield
+        yield printer
     finally:
         stop.set()
         thread.join()

@@ -284,7 +284,9 @@ def _to_shm(rv: tuple[Any, ...], shm: OutOfBandSink) -> tuple[Any, ...]:
 
 
 _pickler_class: type = _make_pickler_class(cloudpickle.Pickler)
-_pickler_name = "cloudpickle"
+#: "pickle" by default (ipyparallel's name for its default; we write with cloudpickle's
+#: machinery but, as ipyparallel, send no data globals), "cloudpickle" or "dill".
+_pickler_name = "pickle"
 
 
 def use_cloudpickle() -> None:
@@ -302,8 +304,8 @@ def use_cloudpickle() -> None:
 
 
 def use_pickle() -> None:
-    """Back to the default serialization, as ipyparallel's ``use_pickle`` (which undoes
-    ``use_dill`` / ``use_cloudpickle``).
+    """Back to the default serialization (the state a process starts in), as ipyparallel's
+    ``use_pickle`` (which undoes ``use_dill`` / ``use_cloudpickle``).
 
     Functions and classes of importable modules go by reference, as the standard pickler
     sends them; lambdas, closures and ``__main__`` definitions still go by value (ipyparallel
@@ -348,7 +350,7 @@ def plain_frames(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[bytes] | 
     and always None with dill (which pickles some of these differently)."""
     if _pickler_name == "dill":
         return None
-    if (_pickler_name == "cloudpickle" and _by_reference(obj)) or _is_plain(obj, threshold):
+    if _by_reference(obj) or _is_plain(obj, threshold):
         return [pickle.dumps(obj, protocol=PROTOCOL)]
     return None
 
