@@ -46,3 +46,14 @@ def peer_session() -> Callable[..., PeerSession]:
         return PeerSession(key, **kwargs)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _default_pickler() -> Iterator[None]:
+    """Each test starts with this process's pickler in its default mode (``use_pickle()``),
+    whatever an earlier test switched to (``use_cloudpickle``/``use_dill`` are process-wide)."""
+    from ferroparallel.serialize import pickling
+
+    if pickling.current_pickler() != "pickle" or pickling._capture_data:
+        pickling.use_pickle()
+    yield

@@ -415,20 +415,21 @@ def test_engine_process_looks_like_an_ipyparallel_engine(dv: DirectView, tmp_pat
 
 def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
     try:
-        ar = dv.use_pickle(block=False)  # the view's block by default, as ipyparallel
+        ar = dv.use_cloudpickle(block=False)  # the view's block by default, as ipyparallel
         assert isinstance(ar, ipp.AsyncResult)
         ar.get(timeout=SHORT)
         assert dv.apply_sync(abs, -3) == [3, 3]
         assert dv.apply_sync(os.getpid) == dv.apply_sync(os.getpid)
-        # as ipyparallel: code keeps working after use_pickle (lambdas, push)
-        dv.push({"pp": 5}, block=True)
-        assert dv.apply_sync(lambda: 1) == [1, 1]
-        assert dv.pull("pp", block=True) == [5, 5]
+        k = 5
+        assert dv.apply_sync(lambda: k + 1) == [6, 6]
     finally:
-        dv.use_cloudpickle(block=True)
-    # closures and lambdas work again
-    k = 5
-    assert dv.apply_sync(lambda: k + 1) == [6, 6]
+        dv.use_pickle(block=True)  # the default again, here and on the engines
+    # as ipyparallel: code keeps working after use_pickle (lambdas, closures, push)
+    dv.push({"pp": 5}, block=True)
+    assert dv.apply_sync(lambda: 1) == [1, 1]
+    assert dv.pull("pp", block=True) == [5, 5]
+    k = 6
+    assert dv.apply_sync(lambda: k + 1) == [7, 7]
 
 
 # ----- control through the view ---------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 A function whose ``__module__`` is ``"__main__"`` (defined in a notebook, a script, an
 interactive session, or marked with :func:`interactive`) is pickled by value by cloudpickle,
-together with the globals it references that exist on the sender. When it is unpacked with a
+together with the code-like globals it references that exist on the sender (helper functions,
+classes, modules; data too after ``use_cloudpickle()``, see ``pickling._without_data_globals``).
+When it is unpacked with a
 namespace (on the engine, the user namespace) it is rebuilt with that namespace *as* its
 globals, so it sees names pushed to the engine and its ``global`` statements write there.
 

@@ -682,6 +682,7 @@ impl Server {
             let Some((_, mut task)) = self.tasks.running.remove(&msg_id) else {
                 continue;
             };
+            self.tasks.stealing.remove(&msg_id); // (no answer will come from that engine)
             if task.retries > 0 {
                 task.retries -= 1;
                 task.blacklist.insert(uuid.to_vec());
