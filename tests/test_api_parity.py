@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import ferroparallel as ipp
@@ -73,6 +74,35 @@ def test_top_level_serialization_round_trip() -> None:
     finally:
         ipp.use_pickle()  # ipyparallel's default, and ours: lambdas still go, by value
     assert ipp.deserialize_object(ipp.serialize_object(lambda x: x + 1))(1) == 2
+
+
+def test_ipyparallel_parameter_names_of_the_serialization_helpers() -> None:
+    a = np.arange(1000.0)
+    frames = ipp.serialize_object({"a": a}, buffer_threshold=100, item_threshold=4)
+    assert len(frames) == 2  # the array out of band, as with threshold=100
+    ns = {"y": 3}
+    assert ipp.deserialize_object([ipp.serialize_object(ipp.Reference("y"))[0]], g=ns) == 3
+    bufs = ipp.pack_apply_message(pow, (2, 3), {}, buffer_threshold=10)
+    f, args, _ = ipp.unpack_apply_message(bufs, g={}, copy=False)
+    assert f(*args) == 8
+    assert ipp.Reference("abs").get_object() is abs
+    assert ipp.Reference("y * 2").get_object(ns) == 6
+    pre = ipp.PrePickled(obj=len)
+    assert pre.obj is len and pre("abc") == 3
+
+
+def test_parallel_functions_return_exceptions(rc: Client) -> None:
+    lv = rc.load_balanced_view()
+
+    @lv.parallel(return_exceptions=True, block=True)
+    def inv(x: float) -> float:
+        return 1 / x
+
+    out = inv.map(range(2))
+    assert isinstance(out[0], ipp.RemoteError) and out[1] == 1.0
+    dv = rc[:]
+    pinv = dv.parallel(return_exceptions=True, block=True)(inv.func)
+    assert any(isinstance(x, ipp.RemoteError) for x in pinv.map([0, 1, 2, 4]))
 
 
 def test_prepickled_object_is_sent_as_is(dv: DirectView) -> None:

@@ -1403,14 +1403,15 @@ class Client(HasTraits):
         self.history = []
 
     def get_result(
-        self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = False
+        self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = True
     ):
         """An AsyncResult for earlier requests (msg_ids, history indices or AsyncResults).
 
         Requests this client does not hold (e.g. submitted by another client) are fetched
         from the hub's task records: the result is then an AsyncHubResult. A msg_id the hub
         does not know fails it: its ``get`` raises the hub's RemoteError (as does this call
-        when it blocks).
+        when it blocks). With ``owner`` (the default, as ipyparallel's) the AsyncResult takes
+        the results out of the client's caches.
         """
         from . import hub
         from .asyncresult import AsyncResult

@@ -37,6 +37,7 @@ class ParallelFunction(RemoteFunction):
         block: bool | None = None,
         chunksize: int | None = None,
         ordered: bool = True,
+        return_exceptions: bool = False,
         **flags: Any,
     ) -> None:
         super().__init__(view, f, block=block, **flags)
@@ -45,6 +46,7 @@ class ParallelFunction(RemoteFunction):
         self.dist = dist
         self.chunksize = chunksize
         self.ordered = bool(ordered)
+        self.return_exceptions = bool(return_exceptions)
 
     def __call__(self, *sequences: Any, **kwargs: Any) -> Any:
         """Partition the sequences, call the function once per part (it receives a part and
@@ -53,14 +55,21 @@ class ParallelFunction(RemoteFunction):
         if kwargs:
             raise TypeError("parallel functions take sequences as positional arguments only")
         with self.view.temp_flags(**self.flags):
-            return self.view._parallel_call(self.func, sequences, self.dist, block, self.chunksize)
+            return self.view._parallel_call(
+                self.func,
+                sequences,
+                self.dist,
+                block,
+                self.chunksize,
+                return_exceptions=self.return_exceptions,
+            )
 
     def map(self, *sequences: Any) -> Any:
         """Call the function on each element (of the zipped sequences): a load-balanced
         view sends a task per element (``chunksize`` per task, in order unless ``ordered``
         is false), a direct view one task per engine."""
         block = self.view.block if self.block is None else self.block
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"return_exceptions": self.return_exceptions}
         if getattr(self.view, "load_balanced", False):  # order and chunks apply
             options["ordered"] = self.ordered
             if self.chunksize:

@@ -347,6 +347,7 @@ class DirectView(View):
         dist: str,
         block: bool,
         chunksize: int | None,
+        return_exceptions: bool = False,
     ) -> Any:
         sequences = _as_sequences(sequences, mapping=False)
         uuids, ids, _ = self._targets()
@@ -357,7 +358,9 @@ class DirectView(View):
             for p, u in enumerate(uuids):
                 parts = [mapper.getPartition(s, p, n) for s in sequences]
                 futs.append(self.client.send_apply_request("mux", f, parts, {}, ident=u))
-        ar = AsyncMapResult(self.client, futs, mapper, fname=_name_of(f))
+        ar = AsyncMapResult(
+            self.client, futs, mapper, fname=_name_of(f), return_exceptions=return_exceptions
+        )
         return self._finish(ar, block)
 
     def execute(
@@ -729,6 +732,7 @@ class LoadBalancedView(View):
         dist: str,
         block: bool,
         chunksize: int | None,
+        return_exceptions: bool = False,
     ) -> Any:
         # as ipyparallel: without a chunksize, one task per element (each call gets a part of
         # one element)
@@ -743,7 +747,9 @@ class LoadBalancedView(View):
                 start, stop = idx[0], idx[-1] + 1
                 parts = [s[start:stop] for s in sequences]
                 futs.append(self.client.send_apply_request("task", fp, parts, {}, metadata=md))
-        ar = AsyncMapResult(self.client, futs, dists["b"](), fname=_name_of(f))
+        ar = AsyncMapResult(
+            self.client, futs, dists["b"](), fname=_name_of(f), return_exceptions=return_exceptions
+        )
         return self._finish(ar, block)
 
     def imap(

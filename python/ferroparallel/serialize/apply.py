@@ -47,8 +47,14 @@ def pack_apply_message(
     kwargs: Mapping[str, Any] | None = None,
     threshold: int = DEFAULT_THRESHOLD,
     shm: OutOfBandSink | None = None,
+    *,
+    buffer_threshold: int | None = None,
+    item_threshold: int | None = None,
 ) -> list[BufferLike]:
     """Serialize a call ``f(*args, **kwargs)`` into the buffers of an ``apply_request``.
+
+    ``buffer_threshold`` / ``item_threshold`` are ipyparallel's names (see
+    :func:`~.pickling.serialize_object`).
 
     Parameters
     ----------
@@ -83,6 +89,8 @@ def pack_apply_message(
     for key in kwargs:
         if not isinstance(key, str):
             raise TypeError(f"keyword argument names must be str, not {type(key).__name__}")
+    if buffer_threshold is not None:
+        threshold = buffer_threshold
     f_frames = serialize_object(f, threshold)
     arg_frames = serialize_object((args, kwargs), threshold, shm)
     header = _HEADER.pack(APPLY_MAGIC, APPLY_VERSION, 0, len(f_frames))
@@ -155,9 +163,16 @@ def check_buffer_count(buffers: Sequence[Any], what: str = "message") -> None:
 
 
 def unpack_apply_message(
-    frames: Sequence[BufferLike], namespace: dict[str, Any] | None = None
+    frames: Sequence[BufferLike],
+    namespace: dict[str, Any] | None = None,
+    *,
+    g: dict[str, Any] | None = None,
+    copy: bool = True,
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(f, args, kwargs)`` from :func:`pack_apply_message` frames.
+
+    ``g`` is ipyparallel's name for ``namespace``; ``copy`` is accepted for ipyparallel's
+    signature and has no effect (received buffers are never copied here).
 
     Parameters
     ----------
@@ -177,6 +192,8 @@ def unpack_apply_message(
     ValueError
         If the frames are not an apply payload of a known version.
     """
+    if namespace is None:
+        namespace = g
     if len(frames) < 3:
         raise ValueError(f"an apply payload has at least 3 frames, got {len(frames)}")
     if len(frames) == 3:

@@ -116,16 +116,22 @@ class Prepickled:
 
     Parameters
     ----------
-    function : callable
-        The function; calling the Prepickled calls it.
+    obj : callable
+        The function (or any object; ipyparallel's parameter name); calling the Prepickled
+        calls it. Also available as ``.obj`` and ``.function``.
     """
 
     __slots__ = ("_reduced", "frames", "function")
 
-    def __init__(self, function: Any) -> None:
-        self.function = function
-        self.frames = serialize_object(function)
+    def __init__(self, obj: Any) -> None:
+        self.function = obj
+        self.frames = serialize_object(obj)
         self._reduced: tuple[Any, ...] | None = None
+
+    @property
+    def obj(self) -> Any:
+        """The wrapped object (ipyparallel's attribute name)."""
+        return self.function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
@@ -356,9 +362,18 @@ def plain_frames(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[bytes] | 
 
 
 def serialize_object(
-    obj: Any, threshold: int = DEFAULT_THRESHOLD, shm: OutOfBandSink | None = None
+    obj: Any,
+    threshold: int = DEFAULT_THRESHOLD,
+    shm: OutOfBandSink | None = None,
+    *,
+    buffer_threshold: int | None = None,
+    item_threshold: int | None = None,
 ) -> list[BufferLike]:
     """Serialize one object into a pickle frame and its out-of-band buffer frames.
+
+    ``buffer_threshold`` is ipyparallel's name for ``threshold`` (it wins when given);
+    ``item_threshold`` (ipyparallel's per-item canning limit) is accepted and has no effect:
+    every object is one pickle here, whatever its length.
 
     Parameters
     ----------
@@ -387,6 +402,8 @@ def serialize_object(
     ValueError
         If ``threshold`` is negative.
     """
+    if buffer_threshold is not None:
+        threshold = buffer_threshold
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, not {threshold}")
     t = type(obj)
@@ -416,9 +433,14 @@ def serialize_object(
 
 
 def deserialize_object(
-    frames: Sequence[BufferLike], namespace: dict[str, Any] | None = None
+    frames: Sequence[BufferLike],
+    namespace: dict[str, Any] | None = None,
+    *,
+    g: dict[str, Any] | None = None,
 ) -> Any:
     """Rebuild an object from the frames made by :func:`serialize_object`.
+
+    ``g`` is ipyparallel's name for ``namespace``.
 
     Parameters
     ----------
@@ -449,6 +471,8 @@ def deserialize_object(
     obj = pickle.loads(frames[0], buffers=buffers)
     if next(buffers, _END) is not _END:
         raise ValueError(f"{len(frames) - 1} buffer frames given, the pickle uses fewer")
+    if namespace is None:
+        namespace = g
     if namespace is not None and not _is_plain(obj, sys.maxsize, _not_main):
         # plain data holds no Reference and no __main__ function: nothing to resolve
         obj = resolve_in_namespace(obj, namespace)

@@ -30,20 +30,21 @@ class Reference:
             raise TypeError(f"Reference name must be a str, not {type(name).__name__}")
         self.name = name
 
-    def get_object(self, namespace: dict[str, Any]) -> Any:
-        """Evaluate the reference in ``namespace``.
+    def get_object(self, g: dict[str, Any] | None = None) -> Any:
+        """Evaluate the reference in the namespace ``g`` (ipyparallel's parameter name).
 
         Parameters
         ----------
-        namespace : dict
-            Globals for :func:`eval` (the engine's user namespace).
+        g : dict, optional
+            Globals for :func:`eval` (the engine's user namespace); without it, only builtins
+            are visible.
 
         Returns
         -------
         object
             The value of the expression.
         """
-        return eval(self.name, namespace)
+        return eval(self.name, {} if g is None else g)  # noqa: S307
 
     def __repr__(self) -> str:
         return f"<Reference: {self.name!r}>"
