@@ -82,6 +82,22 @@ def test_client_from_profile_and_cluster_id(shared_cluster: Cluster, fp_session_
         assert c.ids == [0, 1]
 
 
+def test_client_finds_a_connection_file_in_the_ipython_profile(
+    shared_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ipyparallel's ipcontroller writes it: ``$IPYTHONDIR/profile_<name>/security``."""
+    security = tmp_path / "ipython" / "profile_ippstyle" / "security"
+    security.mkdir(parents=True)
+    shutil.copy(shared_cluster.client_file, security / "ipcontroller-client.json")
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    with ipp.Client(profile="ippstyle", timeout=5) as c:
+        assert c.ids == [0, 1]
+    t0 = time.monotonic()
+    with pytest.raises(ipp.error.ConnectionFileError):
+        ipp.Client(profile="nowhere", timeout=0.5)
+    assert time.monotonic() - t0 < 5  # (one wait, not one per place)
+
+
 def test_client_from_cluster_object(shared_cluster: Cluster) -> None:
     with ipp.Client(cluster=shared_cluster) as c:
         assert c.ids == [0, 1]

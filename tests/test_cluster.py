@@ -497,6 +497,31 @@ def test_cli_daemonize_list_stop(fp_root: Path) -> None:
     assert cli("stop", "--cluster-id", "cli").returncode == 1
 
 
+def test_profile_config_files_are_read(tmp_path: Path) -> None:
+    """As ipyparallel: the profile's ipcluster_config.py (and ferroparallel_config.py) set
+    the Cluster's defaults; a config object and keywords win over them."""
+    from traitlets.config import Config
+
+    pdir = tmp_path / "profile_cfg"
+    pdir.mkdir()
+    (pdir / "ipcluster_config.py").write_text(
+        "c.Cluster.n = 1\nc.Cluster.engine_timeout = 7\n"
+        "c.SSHEngineSetLauncher.engines = {'localhost': 1}\n"
+    )
+    (pdir / "ferroparallel_config.py").write_text("c.Cluster.engine_timeout = 8\n")
+    c = Cluster(profile_dir=pdir)
+    assert (c.n, c.engine_timeout) == (1, 8)
+    assert c.config.SSHEngineSetLauncher.engines == {"localhost": 1}
+    assert Cluster(profile_dir=pdir, n=3).n == 3
+    cfg = Config()
+    cfg.Cluster.n = 2
+    assert Cluster(profile_dir=pdir, config=cfg).n == 2
+    assert Cluster(profile_dir=pdir, load_profile=False).n is None
+    (pdir / "ipcluster_config.py").write_text("this is not python\n")
+    with pytest.raises(ValueError, match="ipcluster_config.py"):
+        Cluster(profile_dir=pdir)
+
+
 @needs_engine
 def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     """ipcluster's spellings: ``--n=1 --daemonize=True``, and ``engines`` adding a set of
@@ -521,6 +546,13 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     assert r.returncode == 1 and "no running cluster 'x'" in r.stderr
     r = cli("start", "-n", "1", "--daemonize=maybe", "--profile=ipc")
     assert r.returncode == 2 and "expected True or False" in r.stderr
+    # ipcluster's --controller=Local is understood (and no longer abbreviates
+    # --controller-arg); other controller launchers are refused with the reason
+    from ferroparallel.cluster.app import build_parser
+
+    assert build_parser().parse_args(["start", "--controller=Local"]).controller == "Local"
+    r = cli("start", "-n", "1", "--daemonize", "--profile=ipc", "--controller=SGE")
+    assert r.returncode == 2 and "only the local controller" in r.stderr
 
 
 @needs_engine

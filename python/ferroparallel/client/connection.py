@@ -35,6 +35,7 @@ def resolve_connection_info(
             "the connection_info dict"
         )
     path = url_or_file if url_or_file is not None else url_file
+    timeout_left = timeout
     if path is not None:
         text = os.fspath(path)
         if "://" in text:
@@ -49,7 +50,14 @@ def resolve_connection_info(
     else:
         pdir = paths.profile_dir(profile, profile_dir, create=False)
         candidate = paths.connection_file(pdir, "client", cluster_id or "")
-    deadline = time.monotonic() + max(timeout, 0)
+        if profile_dir is None:
+            # also where ipyparallel's ipcontroller writes it ($IPYTHONDIR/profile_<name>),
+            # so a Client finds a controller that ipcluster started
+            ipython = _ipython_profile_dir(profile)
+            alt = paths.connection_file(ipython, "client", cluster_id or "")
+            candidate = _first_to_exist([candidate, alt], timeout)
+            timeout_left = 0.0
+    deadline = time.monotonic() + max(timeout_left, 0)
     while not candidate.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     if not candidate.exists():
@@ -91,3 +99,22 @@ def is_local(info: dict[str, Any]) -> bool:
 def url(info: dict[str, Any], channel: str) -> str:
     """The URL of one channel."""
     return f"{interface_address(info)}:{info[channel]}"
+
+
+def _ipython_profile_dir(profile: str | None) -> Path:
+    """``$IPYTHONDIR/profile_<profile>`` (IPython's default ``~/.ipython``)."""
+    root = os.environ.get("IPYTHONDIR") or "~/.ipython"
+    return Path(root).expanduser() / f"profile_{profile or 'default'}"
+
+
+def _first_to_exist(candidates: list[Path], timeout: float) -> Path:
+    """The first of ``candidates`` that exists, waiting up to ``timeout`` seconds for one to
+    appear; the first one when none does."""
+    deadline = time.monotonic() + max(timeout, 0)
+    while True:
+        for c in candidates:
+            if c.exists():
+                return c
+        if time.monotonic() >= deadline:
+            return candidates[0]
+        time.sleep(0.05)

@@ -69,7 +69,10 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     s.add_argument("--no-curve", dest="curve", action="store_false", help="do not use CurveZMQ")
     s.add_argument("--log-level", help="log level of the controller and engines")
     s.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for engines to register (default 60)",
     )
     s.add_argument(
         "--controller-arg",
@@ -82,8 +85,14 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         "--engine-arg", action="append", default=[], metavar="ARG", help="extra engine argument"
     )
     s.add_argument(
-        "--engines",
+        "--controller",
         default="local",
+        metavar="LAUNCHER",
+        help="how to start the controller: 'local' (the only one; ipcluster's --controller=Local)",
+    )
+    s.add_argument(
+        "--engines",
+        default=None,
         metavar="LAUNCHER",
         help="how to start the engines: 'local' (default), 'mpi' (one mpiexec job whose "
         "ranks are the engines; ipcluster's --engines=MPI) or 'ssh' (hosts from the profile's "
@@ -120,6 +129,9 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     s.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
     )
+    # no abbreviations: ipcluster's --controller=Local must not be taken for --controller-arg
+    for parser in (p, *sub.choices.values()):
+        parser.allow_abbrev = False
     return p
 
 
@@ -215,21 +227,34 @@ def _start(args: argparse.Namespace) -> int:
     config = Config()
     if args.mpi_arg:
         config.MPIEngineSetLauncher.mpi_args = list(args.mpi_arg)
+    if str(args.controller).lower() not in ("local", "localcontrollerlauncher"):
+        _err(
+            f"--controller {args.controller!r}: only the local controller launcher exists "
+            "(the controller runs on this host; engines can be remote: --engines ssh or mpi)"
+        )
+        return 2
     try:
+        given = {  # options left out of the command line leave the profile's config alone
+            k: v
+            for k, v in (
+                ("n", args.n),
+                ("controller_ip", args.ip),
+                ("curve", args.curve),
+                ("log_level", args.log_level),
+                ("engine_timeout", args.timeout),
+                ("engines", args.engines),
+                ("controller_args", args.controller_arg or None),
+                ("engine_args", args.engine_arg or None),
+            )
+            if v is not None
+        }
         cluster = Cluster(
-            n=args.n,
             profile=args.profile,
             profile_dir=args.profile_dir,
             cluster_id=args.cluster_id,
-            controller_ip=args.ip,
-            curve=args.curve,
-            log_level=args.log_level,
-            controller_args=args.controller_arg,
-            engine_args=args.engine_arg,
-            engine_timeout=args.timeout,
             shutdown_atexit=not args.daemonize,
-            engines=args.engines,
             config=config,
+            **given,
         )
     except NotImplementedError as e:
         _err(str(e))
@@ -239,7 +264,7 @@ def _start(args: argparse.Namespace) -> int:
         try:
             cluster.start_cluster_sync(args.n)
             n = cluster.n or 0
-            count = _wait_registered(cluster, n, args.timeout)
+            count = _wait_registered(cluster, n, cluster.engine_timeout)
         except (RuntimeError, TimeoutError, OSError, ValueError) as e:
             _err(f"failed to start cluster {cluster.cluster_id!r}: {e}")
             cluster.stop_cluster_sync()
@@ -251,7 +276,7 @@ def _start(args: argparse.Namespace) -> int:
             flush=True,
         )
         if count < n:
-            _err(f"only {count} of {n} engines registered within {args.timeout:g} s")
+            _err(f"only {count} of {n} engines registered within {cluster.engine_timeout:g} s")
         if args.daemonize:
             return 0
         print("Press Ctrl-C to stop the cluster.", flush=True)

@@ -128,6 +128,36 @@ def _launcher_name(value: Any) -> str:
     return "mpi" if short in MPI_LAUNCHERS else name
 
 
+#: Config files of a profile read by :class:`Cluster` (ipyparallel's name first).
+PROFILE_CONFIG_FILES = ("ipcluster_config.py", "ferroparallel_config.py")
+
+
+def load_profile_config(profile_dir: str | os.PathLike[str]) -> Any:
+    """The merged traitlets ``Config`` of the profile's :data:`PROFILE_CONFIG_FILES` that
+    exist (empty when none does).
+
+    Raises
+    ------
+    ValueError
+        If a file cannot be loaded, naming it.
+    """
+    from traitlets.config import Config
+    from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
+
+    merged = Config()
+    for name in PROFILE_CONFIG_FILES:
+        path = Path(profile_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            merged.merge(PyFileConfigLoader(name, path=str(path.parent), log=log).load_config())
+        except ConfigFileNotFound:
+            continue
+        except Exception as e:
+            raise ValueError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+    return merged
+
+
 class Cluster(LoggingConfigurable):
     """A controller and sets of engines on this machine, started as subprocesses.
 
@@ -182,7 +212,10 @@ class Cluster(LoggingConfigurable):
         Commands replacing ``[sys.executable, "-m", "ferroparallel.controller"]`` /
         ``[sys.executable, "-m", "ferroparallel.engine"]``.
     load_profile : bool
-        Accepted for ipyparallel compatibility (profiles hold no cluster config yet).
+        Read the profile's config files first, as ipyparallel does: ``ipcluster_config.py``
+        and ``ferroparallel_config.py`` in the profile directory (``c.Cluster.n = 4``,
+        ``c.SSHEngineSetLauncher.engines = {...}``, …). ``config`` and keywords win over
+        them. Default True.
     config : traitlets.config.Config, optional
         Configuration (section ``Cluster``); keywords win over it.
 
@@ -230,7 +263,7 @@ class Cluster(LoggingConfigurable):
     engine_launcher_class = AnyTrait("local", help="engine launcher").tag(config=True)
     controller_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
     engine_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
-    load_profile = Bool(True, help="accepted for ipyparallel compatibility").tag(config=True)
+    load_profile = Bool(True, help="read the profile's config files first").tag(config=True)
     controller = AnyTrait(None, allow_none=True, help="the controller launcher, once started")
     engines = Dict(help="engine set id -> engine set launcher")
 
@@ -265,6 +298,12 @@ class Cluster(LoggingConfigurable):
             kwargs.pop("env", None)
         if "cluster_id" in kwargs and kwargs["cluster_id"] is not None:
             kwargs["cluster_id"] = str(kwargs["cluster_id"])
+        if kwargs.get("load_profile", True):
+            pdir = paths.profile_dir(kwargs.get("profile"), kwargs.get("profile_dir"), create=False)
+            profile_config = load_profile_config(pdir)
+            if profile_config:
+                profile_config.merge(kwargs.get("config") or {})
+                kwargs["config"] = profile_config
         super().__init__(**kwargs)
         self.profile_dir = str(
             paths.profile_dir(self.profile, self.profile_dir or None, create=True)
