@@ -465,6 +465,8 @@ def test_queue_status(rc: Client, wait_until: WaitUntil) -> None:
 def test_get_result(rc: Client) -> None:
     ar = rc[0].apply_async(time.sleep, 0.5)
     again = rc.get_result(ar.msg_ids[0])
+    assert again.owner  # as ipyparallel's default
+    assert not rc.get_result(ar.msg_ids[0], owner=False).owner
     assert again.get(timeout=SHORT) is None
     assert again.metadata["engine_id"] == 0
     fut = rc.send_apply_request("mux", lambda: "low", ident=rc._engines[1])

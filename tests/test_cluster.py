@@ -551,6 +551,15 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     from ferroparallel.cluster.app import build_parser
 
     assert build_parser().parse_args(["start", "--controller=Local"]).controller == "Local"
+    # the profile's config applies to what the command line leaves out
+    (fp_root / "profile_ipccfg").mkdir(exist_ok=True)
+    (fp_root / "profile_ipccfg" / "ipcluster_config.py").write_text("c.Cluster.n = 1\n")
+    r = cli("start", "--daemonize", "--profile=ipccfg", "--cluster-id=cfg")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "1 engine(s), 1 registered" in r.stdout
+    finally:
+        assert cli("stop", "--profile=ipccfg", "--cluster-id=cfg").returncode == 0
     r = cli("start", "-n", "1", "--daemonize", "--profile=ipc", "--controller=SGE")
     assert r.returncode == 2 and "only the local controller" in r.stderr
 

@@ -199,7 +199,12 @@ def test_fake_engine_and_fake_client_through_real_controller(
         assert rep["parent_header"]["msg_id"] == tk_hdr["msg_id"]
         assert [bytes(b) for b in rep["buffers"]] == [b"done"]
 
-        # -- the engine leaves: unregistration_request -> unregistration_notification -------
+        # -- the engine leaves with a direct request unanswered: unregistration_request ->
+        # unregistration_notification, and (as ipyparallel's hub) no reply for the stranded
+        # request: the client fails it itself
+        stranded = client_s.send(mux, "apply_request", {}, ident=ident, buffers=[b"x"])
+        req = recv_until(engine_s, shell, lambda m: True, what="the stranded apply_request")
+        assert req["header"]["msg_id"] == stranded["msg_id"]
         engine_s.send(registrar, "unregistration_request", {"id": eid})
         note = recv_until(
             client_s,
@@ -208,6 +213,7 @@ def test_fake_engine_and_fake_client_through_real_controller(
             what="unregistration_notification",
         )
         assert note["content"] == {"id": eid, "uuid": engine_uuid}
+        assert not mux.poll(1000), "the controller answered a request stranded on a dead engine"
         client_s.send(query, "connection_request", {})
         reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
         assert reply["content"]["engines"] == {}

@@ -366,6 +366,8 @@ class Client(HasTraits):
         self._futures: dict[str, MessageFuture] = {}
         self._owned: set[str] = set()
         self._outstanding_by_engine: dict[str, set[str]] = collections.defaultdict(set)
+        self._history_set: set[str] = set()  # see _sent_ids
+        self._history_seen = 0
         self._query_futures: dict[str, Future] = {}
         self._engines_changed = threading.Condition()
         self._registration_callbacks: list[Callable[[int], Any]] = []
@@ -581,6 +583,16 @@ class Client(HasTraits):
             self._fail_outstanding(
                 _engine_error("the controller shut down before this task finished")
             )
+
+    def _sent_ids(self) -> set[str]:
+        """The msg_ids of :attr:`history` as a set, brought up to date as it grows."""
+        history = self._trait_values["history"]
+        if self._history_seen > len(history):  # (history replaced)
+            self._history_set, self._history_seen = set(), 0
+        if self._history_seen < len(history):
+            self._history_set.update(history[self._history_seen :])
+            self._history_seen = len(history)
+        return self._history_set
 
     def _fail_stranded(self, eid: Any, uuid: str) -> None:
         """As ipyparallel's client: the requests still out on an engine that went away fail

@@ -77,27 +77,6 @@ class ExecuteReply:
         md = (self.execute_result or {}).get("metadata") or {}
         return (self.data[mime], md[mime]) if mime in md else self.data[mime]
 
-    def _repr_html_(self) -> Any:
-        return self._repr_mime_("text/html")
-
-    def _repr_latex_(self) -> Any:
-        return self._repr_mime_("text/latex")
-
-    def _repr_json_(self) -> Any:
-        return self._repr_mime_("application/json")
-
-    def _repr_javascript_(self) -> Any:
-        return self._repr_mime_("application/javascript")
-
-    def _repr_png_(self) -> Any:
-        return self._repr_mime_("image/png")
-
-    def _repr_jpeg_(self) -> Any:
-        return self._repr_mime_("image/jpeg")
-
-    def _repr_svg_(self) -> Any:
-        return self._repr_mime_("image/svg+xml")
-
     def __getitem__(self, key: str) -> Any:
         return self.metadata[key]
 
@@ -131,6 +110,26 @@ class ExecuteReply:
         if "text/plain" in data:
             data["text/plain"] = self._plaintext()
         return data, (self.execute_result or {}).get("metadata") or {}
+
+
+def _mime_repr(mime: str) -> Any:
+    def _repr(self: ExecuteReply) -> Any:
+        return self._repr_mime_(mime)
+
+    return _repr
+
+
+# IPython's rich display hooks, one per mime type of a result, as ipyparallel's ExecuteReply
+for _name, _mime in (
+    ("_repr_html_", "text/html"),
+    ("_repr_latex_", "text/latex"),
+    ("_repr_json_", "application/json"),
+    ("_repr_javascript_", "application/javascript"),
+    ("_repr_png_", "image/png"),
+    ("_repr_jpeg_", "image/jpeg"),
+    ("_repr_svg_", "image/svg+xml"),
+):
+    setattr(ExecuteReply, _name, _mime_repr(_mime))
 
 
 def _append_stream(old: str, text: str) -> str:

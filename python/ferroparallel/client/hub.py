@@ -326,7 +326,7 @@ def result_status(
     local = {m: f for m in ids if (f := futures.get(m)) is not None}
     finished: list[str] = []  # sent by this client, finished, result no longer cached here
     if status_only and len(local) < len(ids):
-        sent, outstanding = _sent_ids(client), client._trait_values["outstanding"]
+        sent, outstanding = client._sent_ids(), client._trait_values["outstanding"]
         finished = [m for m in ids if m not in local and m in sent and m not in outstanding]
     asked = [m for m in ids if m not in local and m not in finished]
     content: dict[str, Any] = {}
@@ -356,19 +356,6 @@ def result_status(
     out.update(results)
     error.collect_exceptions(results, "result_status")
     return out
-
-
-def _sent_ids(client: Client) -> set[str]:
-    """The msg_ids in ``client.history`` as a set, kept up to date as it grows."""
-    history = client._trait_values["history"]
-    cache = client.__dict__.get("_history_set")
-    if cache is None or cache[1] > len(history):
-        cache = client.__dict__["_history_set"] = [set(), 0]
-    ids, seen = cache
-    if seen < len(history):
-        ids.update(history[seen:])
-        cache[1] = len(history)
-    return ids
 
 
 def async_hub_result(
