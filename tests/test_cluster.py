@@ -671,3 +671,14 @@ def test_start_and_connect_reports_dead_engine(clusters: Callable[..., Cluster])
     with pytest.raises(RuntimeError, match="no-such-engine-flag") as exc:
         c.start_and_connect_sync()
     assert "ipengine" in str(exc.value)  # names the engine's log file
+
+
+def test_repr_names_the_profile_as_ipyparallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FERROPARALLEL_DIR", str(tmp_path / "root"))
+    assert repr(Cluster(cluster_id="abc")) == "<Cluster(cluster_id='abc', profile='default')>"
+    other = tmp_path / "elsewhere"
+    assert repr(Cluster(cluster_id="x", profile_dir=other)) == (
+        f"<Cluster(cluster_id='x', profile_dir={str(other)!r})>"
+    )

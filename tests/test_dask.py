@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import ferroparallel as ipp
 from ferroparallel.client import Client
 from ferroparallel.dask_support import import_distributed
 
@@ -53,6 +54,13 @@ def test_become_dask_runs_dask_work_on_the_engines(dask_rc: Client) -> None:
         assert rc[:].apply_sync(os.getpid) == engine_pids
         threads = set(dc.gather(dc.map(lambda _: worker_thread_name(), range(4), pure=False)))
         assert "MainThread" not in threads
+        # as in ipyparallel, the worker is in the engine namespace under both names
+        addresses = rc[:].apply_sync(
+            ipp.interactive(lambda: (dask_worker.address, distributed_worker is dask_worker))  # noqa: F821
+        )
+        assert sorted(a for a, _ in addresses) == sorted(workers) and all(s for _, s in addresses)
+    rc.stop_dask()
+    assert rc[:].apply_sync(ipp.interactive(lambda: "dask_worker" in globals())) == [False] * 2
 
 
 def test_become_dask_on_some_engines_with_worker_args(dask_rc: Client) -> None:

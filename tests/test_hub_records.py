@@ -171,6 +171,11 @@ def test_operators_dates_and_projection(rc: Client) -> None:
         r["msg_id"] for r in rc.db_query({"msg_id": {"$nin": ids[:2]}, "submitted": {"$gte": t0}})
     }
     assert rest == set(ids[2:])
+    # a string operand tests `value in text`, as ipyparallel's DictDB (a substring test)
+    joined = " ".join(ids[:2])
+    assert {r["msg_id"] for r in rc.db_query({"msg_id": {"$in": joined}})} == set(ids[:2])
+    others = rc.db_query({"msg_id": {"$nin": joined}, "submitted": {"$gte": t0}}, ["label"])
+    assert {r["msg_id"] for r in others} == set(ids[2:])
     assert [r["msg_id"] for r in rc.db_query({"msg_id": ids[3]})] == [ids[3]]
     assert [r["msg_id"] for r in rc.db_query({"msg_id": {"$eq": ids[3]}})] == [ids[3]]
     assert ids[3] not in {r["msg_id"] for r in rc.db_query({"msg_id": {"$ne": ids[3]}})}
@@ -300,7 +305,7 @@ def test_resubmit_direct_and_load_balanced(rc: Client) -> None:
     "query, keys, ename",
     [
         ({"msg_id": {"$regex": "x"}}, None, "KeyError"),
-        ({"msg_id": {"$in": "abc"}}, None, "TypeError"),
+        ({"msg_id": {"$in": 3}}, None, "TypeError"),
         ({"msg_id": {"$mod": [0, 1]}}, None, "ValueError"),
         ({"msg_id": {"$exists": "yes"}}, None, "TypeError"),
         ({"msg_id": {"$eq": 1, "plain": 2}}, None, "ValueError"),

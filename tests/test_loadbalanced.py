@@ -489,6 +489,23 @@ def test_follow_all_across_two_engines_is_impossible(rc: Client, lv: LoadBalance
     assert either.metadata.engine_id in (0, 1)
 
 
+def test_follow_all_of_running_tasks_that_end_on_two_engines_is_impossible(
+    rc: Client, lv: LoadBalancedView
+) -> None:
+    """The dependencies are still running when the task arrives; once they have finished on
+    two different engines, no engine can run it (ipyparallel: ImpossibleDependency)."""
+    on0 = rc.load_balanced_view(targets=0).apply_async(time.sleep, 0.3)
+    on1 = rc.load_balanced_view(targets=1).apply_async(time.sleep, 0.3)
+    with lv.temp_flags(follow=[on0, on1]):
+        both = lv.apply_async(echo, "never")
+    with lv.temp_flags(follow=ipp.Dependency([on0, on1], all=True, failure=True)):
+        either_outcome = lv.apply_async(echo, "never")
+    assert not both.ready()
+    expect_remote(both, error.ImpossibleDependency, "ImpossibleDependency")
+    expect_remote(either_outcome, error.ImpossibleDependency, "ImpossibleDependency")
+    assert {on0.metadata.engine_id, on1.metadata.engine_id} == {0, 1}
+
+
 def test_after_and_follow_together(lv: LoadBalancedView) -> None:
     a = lv.apply_async(sleep_echo, "a", 0.2)
     b = lv.apply_async(sleep_echo, "b", 0.4)

@@ -138,9 +138,18 @@ _ALIASES = {
 }
 
 
+#: Submodules reachable as attributes without their own import (``ipp.util``, as in
+#: ipyparallel, whose package imports them).
+_SUBMODULES = ("util",)
+
+
 def __getattr__(name: str) -> Any:
     """Import the heavier parts (client, cluster) on first use, so engines and the controller
     start fast."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"ferroparallel.{name}")
     module, attr = _LAZY.get(name), name
     if module is None and name in _ALIASES:
         module, attr = _ALIASES[name]
@@ -155,7 +164,7 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     """The module's names, with those imported on first use (tab completion on ``ipp.``)."""
-    return sorted(set(globals()) | set(_LAZY) | set(_ALIASES))
+    return sorted(set(globals()) | set(_LAZY) | set(_ALIASES) | set(_SUBMODULES))
 
 
 def load_ipython_extension(shell: Any) -> None:

@@ -79,6 +79,8 @@ def start_worker(
             loop.stop()
             raise
         _WORKER.update(loop=loop, worker=worker)
+        if kernel is not None:  # as ipyparallel: the worker is a name in the engine namespace
+            kernel.namespace.ns["dask_worker"] = kernel.namespace.ns["distributed_worker"] = worker
         return str(worker.address)
 
 
@@ -92,6 +94,14 @@ def _stop_worker_locked() -> bool:
     worker, loop = _WORKER.pop("worker", None), _WORKER.pop("loop", None)
     if worker is None or loop is None:
         return False
+    from .engine.kernel import active_kernel
+
+    kernel = active_kernel()
+    if kernel is not None:
+        ns = kernel.namespace.ns
+        for name in ("dask_worker", "distributed_worker"):
+            if ns.get(name) is worker:
+                del ns[name]
     try:
         loop.run(worker.close(), CLOSE_TIMEOUT)
     finally:

@@ -368,14 +368,21 @@ class Cluster(LoggingConfigurable):
         return procs
 
     def __repr__(self) -> str:
-        ctl = "None"
+        # as ipyparallel's: the profile by name when it is in the profile root, the directory
+        # (with ~ for the home directory) otherwise; then what has been started
+        fields = [f"cluster_id={self.cluster_id!r}"]
+        pdir = Path(self.profile_dir)
+        if pdir.parent == paths.profile_root() and pdir.name.startswith("profile_"):
+            fields.append(f"profile={pdir.name[len('profile_') :]!r}")
+        else:
+            home = Path.home()
+            shown = f"~/{pdir.relative_to(home)}" if pdir.is_relative_to(home) else str(pdir)
+            fields.append(f"profile_dir={shown!r}")
         if self.controller is not None:
-            ctl = "running" if self.controller.running else "stopped"
-        sets = {k: f"{sum(p.running for p in v.processes)}/{v.n}" for k, v in self.engines.items()}
-        return (
-            f"<Cluster(cluster_id={self.cluster_id!r}, profile_dir={self.profile_dir!r}, "
-            f"controller={ctl}, engine_sets={sets})>"
-        )
+            fields.append(f"controller=<{'running' if self.controller.running else 'stopped'}>")
+        if self.engines:
+            fields.append(f"engine_sets={list(self.engines)}")
+        return f"<{type(self).__name__}({', '.join(fields)})>"
 
     # -- environment and arguments -----------------------------------------------------------
 

@@ -377,6 +377,11 @@ impl Server {
             }
         }
         let places = self.follow_places(&task);
+        if task.follow.as_ref().is_some_and(|f| f.all)
+            && places.as_ref().is_some_and(|p| p.len() > 1)
+        {
+            return Some(task); // no engine ran them all: `impossible` says so
+        }
         let registered = &self.engines.by_uuid;
         let allowed = |u: &[u8]| {
             registered.get(u).is_some_and(|e| e.registered)

@@ -79,6 +79,10 @@ pub enum Cond {
     Gte(Operand),
     In(Vec<Operand>),
     Nin(Vec<Operand>),
+    /// `$in` / `$nin` with a string operand: Python's `value in text`, a substring test (as
+    /// ipyparallel's DictDB); a value that is not a string is not in it.
+    InText(String),
+    NinText(String),
     Exists(bool),
     All(Vec<Operand>),
     Mod(i64, i64),
@@ -138,8 +142,14 @@ fn parse_cond(op: &str, v: &Value) -> Result<Cond, QueryError> {
         "$lte" => Cond::Lte(one()),
         "$gt" => Cond::Gt(one()),
         "$gte" => Cond::Gte(one()),
-        "$in" => Cond::In(operand_list(op, v)?),
-        "$nin" => Cond::Nin(operand_list(op, v)?),
+        "$in" => match v {
+            Value::Str(s) => Cond::InText(s.clone()),
+            _ => Cond::In(operand_list(op, v)?),
+        },
+        "$nin" => match v {
+            Value::Str(s) => Cond::NinText(s.clone()),
+            _ => Cond::Nin(operand_list(op, v)?),
+        },
         "$all" => Cond::All(operand_list(op, v)?),
         "$exists" => match v {
             Value::Bool(b) => Cond::Exists(*b),
@@ -377,6 +387,15 @@ fn order(f: &Fv, o: &Operand) -> Option<Ordering> {
     }
 }
 
+fn in_text(f: &Fv, text: &str) -> bool {
+    match f {
+        Fv::S(Some(s)) => text.contains(s),
+        Fv::V(Value::Str(s)) => text.contains(s.as_str()),
+        Fv::Date(Some(t)) => text.contains(&date::format(*t)),
+        _ => false,
+    }
+}
+
 fn present(f: &Fv) -> bool {
     match f {
         Fv::S(s) => s.is_some(),
@@ -397,6 +416,8 @@ impl Cond {
             Cond::Gte(o) => matches!(order(f, o), Some(Greater | Equal)),
             Cond::In(list) => list.iter().any(|o| eq(f, o)),
             Cond::Nin(list) => !list.iter().any(|o| eq(f, o)),
+            Cond::InText(text) => in_text(f, text),
+            Cond::NinText(text) => !in_text(f, text),
             Cond::Exists(want) => present(f) == *want,
             Cond::All(list) => match f {
                 Fv::V(Value::Array(items)) => list.iter().all(|o| {
@@ -672,6 +693,11 @@ mod tests {
             ["m2", "m3"]
         );
         assert_eq!(ids(op("msg_id", "$nin", list(&[s("m1")]))), ["m2", "m3"]);
+        // a string operand is Python's `value in text` (substring); None is in no text
+        assert_eq!(ids(op("msg_id", "$in", s("m1 m3"))), ["m1", "m3"]);
+        assert_eq!(ids(op("engine_uuid", "$in", s("e0e1"))), ["m1", "m2"]);
+        assert_eq!(ids(op("engine_uuid", "$nin", s(""))), ["m1", "m2", "m3"]);
+        assert_eq!(ids(op("msg_id", "$nin", s("m2"))), ["m1", "m3"]);
         assert_eq!(
             ids(op("engine_uuid", "$nin", list(&[s("e0"), s("e1")]))),
             ["m3"]
@@ -746,7 +772,7 @@ mod tests {
         assert_eq!(bad(op("msg_id", "$regex", s("x"))).ename, "KeyError");
         // a name that is no field is one every record lacks (ipyparallel's DictDB)
         assert!(Query::parse(&Value::map([("nosuch", s("x"))])).is_ok());
-        assert_eq!(bad(op("msg_id", "$in", s("x"))).ename, "TypeError");
+        assert_eq!(bad(op("msg_id", "$in", Value::Int(3))).ename, "TypeError");
         assert_eq!(bad(op("msg_id", "$exists", s("x"))).ename, "TypeError");
         assert_eq!(
             bad(op("msg_id", "$mod", list(&[Value::Int(0), Value::Int(1)]))).ename,
