@@ -242,6 +242,8 @@ def test_metadata_rejects_unknown_keys() -> None:
         md["nope"] = 1
     with pytest.raises(KeyError):
         md.nope = 1
+    with pytest.raises(AttributeError, match="not a metadata key"):  # ipyparallel's exception
+        md.nope = 1
     with pytest.raises(KeyError):
         md.update({"stdout": "x", "nope": 1})
     assert md.stdout == ""  # update is all-or-nothing
@@ -429,6 +431,7 @@ def test_single_error_is_raised_as_is(client: FakeClient) -> None:
     assert str(info.value) == "[0:apply] ZeroDivisionError: division by zero"
     assert ar.exception() is err
     assert not ar.successful()
+    assert repr(ar) == "<AsyncResult(unknown): failed>"  # as ipyparallel's
 
 
 def test_single_task_aborted(client: FakeClient) -> None:

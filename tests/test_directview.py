@@ -110,6 +110,18 @@ def test_apply_variants(rc: Client, dv: DirectView) -> None:
     assert dv.apply(add, 5, 5) == [10, 10]
 
 
+def test_an_engine_named_twice_runs_the_request_twice(rc: Client) -> None:
+    """As ipyparallel: each target gets its own message, also the same engine twice."""
+    rc[:].execute("runs = 0", block=True)
+    ar = rc[[0, 1, 0]].execute("runs += 1")
+    assert ar.wait(SHORT) and ar.successful() and len(set(ar.msg_ids)) == 3
+    assert rc[:].pull("runs", block=True) == [2, 1]
+    assert rc[[1, 1]].apply_sync(lambda: 7) == [7, 7]
+    ar = rc[[0, 0]].apply_async(os.getpid)
+    assert ar.get(timeout=SHORT) == [rc[0].apply_sync(os.getpid)] * 2
+    assert [md.engine_id for md in ar.metadata] == [0, 0]
+
+
 def test_apply_passes_a_keyword_named_f(rc: Client) -> None:
     assert rc[1].apply_sync(lambda f: f * 2, f=21) == 42
     assert rc[1].apply_async(lambda f: f * 2, f=1).get(timeout=SHORT) == 2

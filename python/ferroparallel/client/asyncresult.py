@@ -871,7 +871,12 @@ class AsyncResult(SlimFuture):
     # -- misc ---------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        state = "finished" if self.done() else "pending"
+        if not self.done():
+            state = "pending"
+        elif self.cancelled() or self.exception(timeout=0) is not None:
+            state = "failed"  # (as ipyparallel's)
+        else:
+            state = "finished"
         return f"<{type(self).__name__}({self._fname}): {state}>"
 
 

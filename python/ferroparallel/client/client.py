@@ -816,12 +816,19 @@ class Client(HasTraits):
         header: dict[str, Any] | None = None,
     ) -> list[MessageFuture]:
         """One request for several engines: sent once, fanned out by the controller (each
-        engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``)."""
+        engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``; an engine named again in
+        ``uuids`` runs the request again, under ``<msg_id>_<engine uuid>_<k>``)."""
         self._check_open()
         if header is None:
             header = self.session.msg_header(msg_type)
         base = header["msg_id"]
         pairs = [[u, f"{base}_{u}"] for u in uuids]
+        if len(set(uuids)) < len(uuids):
+            seen: dict[str, int] = {}
+            for pair in pairs:
+                k = seen[pair[0]] = seen.get(pair[0], -1) + 1
+                if k:
+                    pair[1] = f"{pair[1]}_{k}"
         md = dict(metadata or {})
         label = md.get("label")
         futs = self._register_all(header, [(mid, u) for u, mid in pairs], label)

@@ -26,7 +26,8 @@ def resolve_connection_info(
 ) -> tuple[dict[str, Any], str]:
     """Return the client connection info and a description of where it came from.
 
-    Waits up to ``timeout`` seconds for a connection file to appear.
+    Waits up to ``timeout`` seconds for the profile's connection file to appear; a file named
+    by the caller must exist already (as in ipyparallel).
     """
     if isinstance(url_or_file, dict):
         connection_info, url_or_file = url_or_file, None
@@ -47,6 +48,11 @@ def resolve_connection_info(
         if not candidate.is_absolute() and not candidate.exists():
             pdir = paths.profile_dir(profile, profile_dir, create=False)
             candidate = paths.security_dir(pdir) / candidate
+        if not candidate.exists():
+            raise ConnectionFileError(
+                f"connection file {candidate} not found: is a controller running? Pass the "
+                "path of its ipcontroller-client.json (in <profile_dir>/security/)"
+            )
     else:
         pdir = paths.profile_dir(profile, profile_dir, create=False)
         candidate = paths.connection_file(pdir, "client", cluster_id or "")

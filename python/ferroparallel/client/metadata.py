@@ -104,6 +104,10 @@ def parse_date(value: Any) -> Any:
     return value
 
 
+class UnknownMetadataKey(AttributeError, KeyError):
+    """An attribute of a Metadata that is none of its keys was assigned."""
+
+
 class Metadata(dict):
     """The metadata of one message: a dict with a fixed set of keys and attribute access.
 
@@ -201,7 +205,11 @@ class Metadata(dict):
             raise AttributeError(key) from None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        self[key] = value
+        try:
+            self[key] = value
+        except KeyError as e:
+            # ipyparallel raises AttributeError here; it is a KeyError too, as item assignment
+            raise UnknownMetadataKey(*e.args) from None
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(_DEFAULTS))
