@@ -438,7 +438,8 @@ def test_controller_drops_forged_requests(tmp_path: Path) -> None:
 @pytest.mark.parametrize("db", ["memory", "sqlite"])
 def test_hub_never_vouches_for_swapped_buffers(tmp_path: Path, db: str) -> None:
     """The controller relays buffers without hashing them (the receiver checks them), so a
-    genuine header with swapped buffers reaches the engine, which drops it; the hub checks
+    genuine header with swapped buffers reaches the engine, which runs nothing of it and
+    answers with a BufferMismatch error; the hub checks
     recorded buffers before it serves them under a digest of its own: refused (memory), or
     never recorded (sqlite, checked when stored)."""
     marker = tmp_path / "pwned"
@@ -453,7 +454,9 @@ def test_hub_never_vouches_for_swapped_buffers(tmp_path: Path, db: str) -> None:
         sock.linger = 0
         sock.connect(ctl.client_url("mux"))
         sock.send_multipart(head + pack_apply_message(print, (Evil(marker),), {}))
-        assert _no_reply(sock, 0.5), "the engine answered a message with swapped buffers"
+        assert sock.poll(int(WAIT * 1000)), "no answer to a message with swapped buffers"
+        rep = good.deserialize(sock.recv_multipart())
+        assert rep["content"]["ename"] == "BufferMismatch", rep["content"]
         assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
         wait_until(lambda: rc.db_query({"msg_id": msg_id}, keys=["msg_id"]), 5, "a record")
         if db == "memory":
@@ -488,16 +491,28 @@ def test_buffers_are_authenticated(fake_engine, tmp_path: Path) -> None:
     head = genuine[: len(ident) + 6]  # idents, delimiter, signature, the four signed parts
     # The signed metadata carries the digest of the genuine buffers.
     assert len(ctl.session.unpack(head[len(ident) + 4])["buffers_mac"]) == 64
-    ctl.send_raw("mux", head + pack_apply_message(print, (Evil(marker),), {}))
-    for tampered in (head, head + genuine[len(head) :] + [b"extra"], head + genuine[-1:]):
+    swapped = [
+        head + pack_apply_message(print, (Evil(marker),), {}),
+        head,
+        head + genuine[len(head) :] + [b"extra"],
+        head + genuine[-1:],
+    ]
+    for tampered in swapped:
         ctl.send_raw("mux", tampered)
-    assert _no_reply(ctl.sockets["mux"], 0.5), "the engine answered a message with swapped buffers"
+        # Nothing of it is unpickled or run; its sender gets an error instead of no answer
+        # (an array changed while it was being sent looks the same: it must not hang).
+        rep = ctl.reply()
+        assert rep["content"]["status"] == "error"
+        assert rep["content"]["ename"] == "BufferMismatch", rep["content"]
+        assert "was not run" in rep["content"]["evalue"]
     assert not marker.exists(), "a payload swapped into a genuine message was unpickled"
     # Refusing the forgeries did not burn the genuine message's signature.
     ctl.send_raw("mux", genuine)
     rep = ctl.reply()
     assert rep["content"]["status"] == "ok"
     assert rep["metadata"]["buffers_mac"], "the reply's buffers are authenticated too"
+    ctl.send_raw("mux", genuine)  # (and it runs once)
+    assert _no_reply(ctl.sockets["mux"], 0.5), "a replayed request was answered"
 
 
 def test_empty_exec_key_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 __version__: str
 DELIMITER: bytes
 PROTOCOL_VERSION: str
+#: Buffers at least this large are sent from their own memory (not copied) until libzmq is done.
+ZERO_COPY_THRESHOLD: int
 
 def new_id() -> str:
     """A jupyter-style session id: 32 hex digits split 8 + 24 by a dash."""
@@ -259,6 +261,10 @@ class DirectSockets:
     @property
     def held(self) -> int:
         """Number of messages held back by ``send(..., hold=True)``."""
+    @property
+    def sending(self) -> int:
+        """Frames sent from the memory of objects given to :meth:`send` (not copied) that
+        libzmq has not finished with; until 0, that memory must not change."""
     def send_held(self) -> None:
         """Send every held message now, in order."""
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:

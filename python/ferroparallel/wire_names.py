@@ -7,6 +7,8 @@ See ``docs/protocol.md`` ("ferroparallel extensions").
 from __future__ import annotations
 
 __all__ = [
+    "BUFFERS_CHANGED_KEY",
+    "BUFFERS_CHANGED_MESSAGE",
     "LENT_RESULT_KEY",
     "LEND_RESULTS_KEY",
     "NO_STATUS_KEY",
@@ -16,6 +18,21 @@ __all__ = [
     "SHM_SEGMENT_KEY",
     "STATUS_TOPIC_PREFIX",
 ]
+
+#: Metadata key that the receiving process's Rust core sets (locally, never sent) on a message
+#: whose signature is valid but whose buffers do not match their signed digest
+#: (``buffers_mac``): the message arrives without its buffers, so that the receiver can answer
+#: it with an error instead of dropping it (which would leave its sender waiting forever).
+BUFFERS_CHANGED_KEY = "fp_buffers_changed"
+
+#: What such a message's sender is told.
+BUFFERS_CHANGED_MESSAGE = (
+    "its buffers changed while they were being sent (an array was modified after a "
+    "non-blocking call that sends it without copying, before the call had sent it), or were "
+    "altered on the way; nothing was run with them. Send again, and do not modify arrays "
+    "until a non-blocking call has sent them (track=True and ar.wait_for_send(), or "
+    "block=True, or send a copy)"
+)
 
 #: IOPub topic of an engine's ``status`` messages: ``status.engine.<id>``. Every other IOPub
 #: message keeps ipyparallel's ``engine.<id>.<type>``.

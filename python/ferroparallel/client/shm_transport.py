@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from .. import _core
 from ..serialize import peer as _peer
 from ..serialize import shm as _shm
 from ..serialize.apply import check_buffer_count, pack_apply_message, pack_plain_call
@@ -148,10 +149,12 @@ class ShmTransport:
             return _socket_path(f, args, kwargs), None
         writer = _shm.SegmentWriter(self.threshold, self.host)
         bufs = pack_apply_message(f, args, kwargs, shm=writer)
+        targets = list(self._client._uuids) if uuids is None else list(uuids)
+        if not getattr(self._calls, "waits", False) and self.all_local(targets):
+            bufs = _snapshot(bufs)
         if not writer:
             check_buffer_count(bufs, "request")
             return bufs, None
-        targets = list(self._client._uuids) if uuids is None else list(uuids)
         if not self.all_local(targets):
             return _socket_path(f, args, kwargs), None
         check_buffer_count(bufs, "request")
@@ -307,6 +310,19 @@ class ShmTransport:
         if self.peer_read and local and not self._readers[uuid]:
             log.info("engine %s cannot read this process (%s): shared memory", uuid, read)
         self._local[uuid] = local  # last: readers of _local find the rest recorded
+
+
+def _snapshot(bufs: list[Any]) -> list[Any]:
+    """``bufs`` with copies of the frames that would be sent from the caller's memory (from
+    ``ZERO_COPY_THRESHOLD`` up to the segment threshold: larger ones are in a segment, itself a
+    snapshot). A call that does not wait returns before its frames have left, and its caller
+    may change the arrays at once; on one host a copy of less than a segment costs less than
+    the error the engine would answer when the bytes no longer match their digest."""
+    limit = _core.ZERO_COPY_THRESHOLD
+    return [
+        b if type(b) is bytes or memoryview(b).nbytes < limit else memoryview(b).tobytes()
+        for b in bufs
+    ]
 
 
 def _socket_path(

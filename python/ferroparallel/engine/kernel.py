@@ -44,6 +44,9 @@ EXIT_CONTROLLER_LOST = 3  # no heartbeat for max_missed_pings periods
 DEFAULT_HB_PERIOD_MS = 3000
 #: Most replies held back at once (see ``EngineKernel.hold_reply``).
 HOLD_CAP = 16
+#: Longest wait (s) for earlier replies sent from user memory before a request runs
+#: (:meth:`EngineKernel.wait_sent`).
+SENT_WAIT_LIMIT = 30.0
 
 
 @dataclass
@@ -299,6 +302,24 @@ class EngineKernel:
         leave when the queue runs empty, before control requests, at :data:`HOLD_CAP`, and
         from the watcher thread once a request has run for its grace period."""
         return self.hold_replies and bool(self.inbox.shell) and self.direct.held < HOLD_CAP
+
+    def wait_sent(self, limit: float = SENT_WAIT_LIMIT) -> None:
+        """Wait until libzmq has sent the buffers of earlier replies that go out from their
+        objects' own memory (large results: a pulled array is the user's namespace object), so
+        that the request about to run cannot change them mid-send. A reply normally leaves in
+        the time its bytes take to reach the socket; after ``limit`` seconds (a controller
+        that does not read) the request runs anyway, and a reply whose buffers then change
+        reaches its client as an error, not silently altered data."""
+        direct = self.direct
+        if not direct.sending:
+            return
+        deadline = time.monotonic() + limit
+        pause = 0.0002
+        while direct.sending and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        if direct.sending:
+            log.warning("replies still being sent after %g s; running the next request", limit)
 
     def send_held(self) -> None:
         """Send the replies held back by :meth:`hold_reply` (any thread)."""

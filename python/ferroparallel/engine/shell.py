@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from ..serialize.peer import LentResult
-from ..wire_names import LENT_RESULT_KEY, NO_STATUS_KEY, OUTPUT_COUNT_KEY, SHM_SEGMENT_KEY
+from ..wire_names import (
+    BUFFERS_CHANGED_KEY,
+    BUFFERS_CHANGED_MESSAGE,
+    LENT_RESULT_KEY,
+    NO_STATUS_KEY,
+    OUTPUT_COUNT_KEY,
+    SHM_SEGMENT_KEY,
+)
 from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
@@ -21,6 +28,11 @@ if TYPE_CHECKING:
     from .kernel import EngineKernel
 
 log = logging.getLogger(__name__)
+
+
+def _sent_uncopied(buffers: list[Any] | None) -> bool:
+    """Whether a reply with ``buffers`` is sent from their memory, not a copy of them."""
+    return any(memoryview(b).nbytes >= _core.ZERO_COPY_THRESHOLD for b in buffers or ())
 
 
 class ShellHandler:
@@ -103,9 +115,12 @@ class ShellHandler:
             log.debug("ignoring shell message of type %r", msg_type)
             return
         prefix = msg_type.removesuffix("_request")
+        if msg_type in ("apply_request", "execute_request"):
+            k.wait_sent()  # the last reply's buffers are the user's: unchanged until sent
         started = _core.iso_now()
         k.published = 0
-        status = not (msg.get("metadata") or {}).get(NO_STATUS_KEY)
+        md = msg.get("metadata") or {}
+        status = not md.get(NO_STATUS_KEY)
         if status:
             k.publish("status", {"execution_state": "busy"}, header, "status")
         try:
@@ -114,6 +129,11 @@ class ShellHandler:
                 pass  # answered as aborted while it waited (see ControlHandler.do_abort)
             elif fate == "abort":
                 self.reply(msg, prefix + "_reply", {"status": "aborted"}, started)
+            elif md.get(BUFFERS_CHANGED_KEY):
+                text = f"{msg_type} {header.get('msg_id')} was not run: {BUFFERS_CHANGED_MESSAGE}"
+                log.warning("%s", text)
+                error = ErrorInfo("BufferMismatch", text, [f"BufferMismatch: {text}"])
+                self.reply(msg, prefix + "_reply", error.content(k.engine_info(prefix)), started)
             elif msg_type == "apply_request":
                 self._apply(msg, started)
             elif msg_type == "execute_request":
@@ -188,7 +208,9 @@ class ShellHandler:
                 started,
                 outcome.buffers,
                 extra=extra,
-                may_hold=not isinstance(held, LentResult),  # a lender waits for its reply
+                # a lender waits for its reply; buffers sent from user memory (not copied) must
+                # leave before the next request could change them (EngineKernel.wait_sent)
+                may_hold=not isinstance(held, LentResult) and not _sent_uncopied(outcome.buffers),
             )
             if isinstance(held, LentResult):
                 held.wait()  # nothing may change the lent buffers before the client has them

@@ -108,6 +108,15 @@ impl DirectSockets {
         self.inner.held()
     }
 
+    /// Frames being sent from the memory of the Python objects given to `send` (buffers
+    /// large enough not to be copied) that libzmq has not finished with: until this is 0,
+    /// that memory must not change.
+    #[getter]
+    fn sending(&self) -> usize {
+        self.release_sent();
+        self.inner.releases.in_flight()
+    }
+
     /// Send every held message now (in order).
     fn send_held(&self, py: Python<'_>) -> PyResult<()> {
         let inner = &self.inner;

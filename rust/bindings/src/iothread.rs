@@ -282,6 +282,7 @@ impl IoThread {
         d.set_item("forwarded", s.forwarded.load(Relaxed))?;
         d.set_item("pending", self.handle.inbox.pending())?;
         d.set_item("unreleased", self.handle.releases.len())?;
+        d.set_item("sending", self.handle.releases.in_flight())?;
         Ok(d)
     }
 

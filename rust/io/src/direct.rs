@@ -298,7 +298,7 @@ impl DirectSockets {
                 });
                 continue;
             }
-            match self.session.parse(frames, true, true) {
+            match self.session.parse_answerable(frames) {
                 Ok((idents, parts, buffers)) => batch.push(Incoming {
                     socket: e.name.clone(),
                     delivery: Delivery::Message {

@@ -827,7 +827,7 @@ impl Loop {
                 });
                 continue;
             }
-            match self.session.parse(frames, true, true) {
+            match self.session.parse_answerable(frames) {
                 Ok((idents, parts, buffers)) => batch.push(Incoming {
                     socket,
                     delivery: Delivery::Message {

@@ -29,7 +29,9 @@ pub use outframe::{try_send, ExternalBuffer, OutFrame, ReadyFrames, ReleaseQueue
 pub use peer_memory::{
     read_process_memory, read_process_memory_parallel, read_threads, write_process_memory,
 };
-pub use session::{sign_buffers_default, OutgoingMessage, SessionCore, SIGN_BUFFERS_ENV};
+pub use session::{
+    sign_buffers_default, OutgoingMessage, SessionCore, BUFFERS_CHANGED_KEY, SIGN_BUFFERS_ENV,
+};
 pub use socket::{SocketKind, SocketSpec};
 
 /// Frames at least this long are sent from the caller's memory without a copy.

@@ -1,6 +1,7 @@
 //! Outgoing frames and their conversion to libzmq messages without copying.
 
 use std::os::raw::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Memory owned by someone else (a Python buffer) that a frame is sent from without a copy.
@@ -12,7 +13,11 @@ pub trait ExternalBuffer: Send {
 /// Owners whose frames libzmq has finished with. libzmq calls back on its own threads; the owner
 /// is parked here and dropped later by a thread allowed to drop it (for Python: holding the GIL).
 #[derive(Clone, Default)]
-pub struct ReleaseQueue(Arc<Mutex<Vec<Box<dyn ExternalBuffer>>>>);
+pub struct ReleaseQueue {
+    parked: Arc<Mutex<Vec<Box<dyn ExternalBuffer>>>>,
+    /// Frames libzmq sends from an owner's memory and has not released yet.
+    in_flight: Arc<AtomicUsize>,
+}
 
 impl ReleaseQueue {
     pub fn new() -> Self {
@@ -20,16 +25,25 @@ impl ReleaseQueue {
     }
 
     fn push(&self, owner: Box<dyn ExternalBuffer>) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(owner);
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(owner);
     }
 
     /// Take every parked owner (the caller drops them).
     pub fn drain(&self) -> Vec<Box<dyn ExternalBuffer>> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// How many frames are being sent from their owner's memory right now (libzmq has not
+    /// finished with them): until then that memory must not change.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,6 +101,7 @@ unsafe extern "C" fn release_external(_data: *mut c_void, hint: *mut c_void) {
     let hint = unsafe { Box::from_raw(hint as *mut Hint) };
     let Hint { queue, owner } = *hint;
     queue.push(owner);
+    queue.in_flight.fetch_sub(1, Ordering::AcqRel);
 }
 
 unsafe extern "C" fn release_boxed(data: *mut c_void, hint: *mut c_void) {
@@ -148,6 +163,7 @@ impl OutFrame {
                     let b = owner.bytes();
                     (b.as_ptr() as *mut c_void, b.len())
                 };
+                queue.in_flight.fetch_add(1, Ordering::AcqRel);
                 let hint = Box::into_raw(Box::new(Hint {
                     queue: queue.clone(),
                     owner,

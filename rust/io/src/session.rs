@@ -25,6 +25,11 @@ pub struct SessionCore {
     buffers_auth: Auth,
 }
 
+/// Metadata key that [`SessionCore::parse_answerable`] sets (locally, after verifying the
+/// signature) on a message delivered without its buffers because they did not match their
+/// signed digest.
+pub const BUFFERS_CHANGED_KEY: &str = "fp_buffers_changed";
+
 /// Environment variable that turns sending buffer digests off (`0`, `false`, `no`, `off`) in
 /// every process that inherits it: clients, engines and the controller.
 pub const SIGN_BUFFERS_ENV: &str = "FERROPARALLEL_SIGN_BUFFERS";
@@ -178,6 +183,29 @@ impl SessionCore {
         unpack_content: bool,
         record: bool,
     ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
+        self.parse_inner(frames, unpack_content, record, false)
+    }
+
+    /// [`parse`](Self::parse) for a process that answers what it receives: a message whose
+    /// signature is valid but whose buffers do not match their signed digest (their sender
+    /// changed an array while it was being sent, or they were altered on the way) is not
+    /// dropped, which would leave its sender waiting forever, but delivered without its
+    /// buffers and with [`BUFFERS_CHANGED_KEY`] set in its metadata, so that the receiver
+    /// can answer with an error. Nothing from the unverified buffers is ever delivered.
+    pub fn parse_answerable<F: AsRef<[u8]>>(
+        &self,
+        frames: Vec<F>,
+    ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
+        self.parse_inner(frames, true, true, true)
+    }
+
+    fn parse_inner<F: AsRef<[u8]>>(
+        &self,
+        frames: Vec<F>,
+        unpack_content: bool,
+        record: bool,
+        answerable: bool,
+    ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
         let env = split_envelope(frames, &self.limits)?;
         env.verify(&mut self.auth(), false)?;
         let parts = if unpack_content {
@@ -194,12 +222,30 @@ impl SessionCore {
                 content: Value::Nil,
             }
         };
-        self.buffers_auth
-            .check_buffers(&parts.metadata, env.buffers.iter().map(AsRef::as_ref))?;
+        let mut parts = parts;
+        let mut buffers = env.buffers;
+        let checked = self
+            .buffers_auth
+            .check_buffers(&parts.metadata, buffers.iter().map(AsRef::as_ref));
+        match checked {
+            Ok(()) => {}
+            Err(WireError::InvalidSignature) if answerable => {
+                buffers.clear();
+                if let Value::Map(_) = parts.metadata {
+                    parts.metadata.set(BUFFERS_CHANGED_KEY, Value::Bool(true));
+                } else {
+                    parts.metadata = Value::map([(BUFFERS_CHANGED_KEY, Value::Bool(true))]);
+                }
+                // not recorded: if these buffers were swapped on the way, the genuine message
+                // (same signature) must still be accepted when it comes
+                return Ok((env.idents, parts, buffers));
+            }
+            Err(e) => return Err(e),
+        }
         if record {
             self.auth().record(env.signature.as_ref())?;
         }
-        Ok((env.idents, parts, env.buffers))
+        Ok((env.idents, parts, buffers))
     }
 }
 
@@ -266,6 +312,35 @@ mod tests {
         // Dropped buffers too.
         frames.pop();
         assert!(core(true).parse(frames, true, true).is_err());
+    }
+
+    #[test]
+    fn answerable_delivery_flags_changed_buffers_and_keeps_none() {
+        let tx = core(true);
+        let frames = message(&tx, &[b"one", b"two"]);
+        let mut changed = frames.clone();
+        *changed.last_mut().unwrap() = b"TWO".to_vec();
+        let rx = core(true);
+        let (idents, parts, bufs) = rx.parse_answerable(changed.clone()).unwrap();
+        assert_eq!(idents, vec![b"id".to_vec()]);
+        assert!(bufs.is_empty(), "unverified buffers must not be delivered");
+        assert_eq!(
+            parts.metadata.get(BUFFERS_CHANGED_KEY),
+            Some(&Value::Bool(true))
+        );
+        // its signature is not recorded (the buffers may have been swapped on the way): the
+        // genuine message is still accepted, once, with its buffers and without the flag
+        let (_, parts, bufs) = rx.parse_answerable(frames.clone()).unwrap();
+        assert_eq!(bufs.len(), 2);
+        assert!(parts.metadata.get(BUFFERS_CHANGED_KEY).is_none());
+        assert_eq!(
+            rx.parse_answerable(frames.clone()).unwrap_err(),
+            WireError::DuplicateSignature
+        );
+        // a bad signature is still refused
+        let mut forged = frames;
+        forged[3] = b"{}".to_vec();
+        assert!(core(true).parse_answerable(forged).is_err());
     }
 
     #[test]
