@@ -83,3 +83,28 @@ def test_a_result_is_sent_before_the_next_request_changes_it(socket_rc: Client) 
         got = pulled.get(timeout=WAIT)
         assert np.all(got == i), "the pulled array was changed while it was being sent"
     v.execute("del g", block=True)
+
+
+def test_track_says_when_an_array_may_change(socket_rc: Client) -> None:
+    """ipyparallel's recipe: ``track=True``, then ``wait_for_send()`` before changing the
+    array. ``sent`` is only true once the buffers sent from the array's memory have left."""
+    v = socket_rc[0]
+    for view, name in ((v, "one"), (socket_rc[:], "all")):
+        b = np.zeros(20_000_000)  # 160 MB
+        ar = view.push({name: b}, block=False, track=True)
+        assert ar.wait_for_send(WAIT) and ar.sent
+        b += 1  # sent: the engines have the zeros, and nothing is refused
+        ar.get(timeout=WAIT)
+        sums = view.apply_sync(ipp.interactive(lambda n=name: float(globals()[n].sum())))
+        assert sums == (0.0 if view is v else [0.0, 0.0])
+        view.execute(f"del {name}", block=True)
+    lv = socket_rc.load_balanced_view()
+    a = np.ones(2_000_000)
+    with lv.temp_flags(track=True):
+        ar = lv.apply_async(lambda x: float(x.sum()), a)
+    assert ar.wait_for_send(WAIT)
+    a[:] = 0
+    assert ar.get(timeout=WAIT) == 2_000_000.0
+    small = v.push({"s": np.zeros(10)}, block=False, track=True)
+    assert small.sent  # copied at the call: nothing to wait for
+    small.get(timeout=WAIT)

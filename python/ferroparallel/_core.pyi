@@ -122,6 +122,21 @@ class Session:
         :class:`ferroparallel.error.MessageError` for every malformed input.
         """
 
+class SendTracker:
+    """When libzmq has finished sending, from the objects' own memory, the large buffers of
+    the messages it was given to (``IoThread.send(..., tracker=t)``); smaller buffers are
+    copied at once and not counted."""
+
+    def __init__(self) -> None: ...
+    @property
+    def done(self) -> bool:
+        """Whether every tracked buffer has been sent (the objects may change now)."""
+    @property
+    def pending(self) -> int:
+        """Tracked buffers not sent yet."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (interruptible) until ``done``, at most ``timeout`` seconds; returns ``done``."""
+
 class IoThread:
     """A native thread that owns ZMQ sockets for this process.
 
@@ -174,8 +189,10 @@ class IoThread:
         ident: Sequence[bytes] | bytes | None = None,
         buffers: Sequence[Buffer] | None = None,
         header: dict[str, Any] | None = None,
+        tracker: SendTracker | None = None,
     ) -> dict[str, Any]:
-        """Sign and send a message now; returns its header (``msg_id`` included)."""
+        """Sign and send a message now; returns its header (``msg_id`` included). With
+        ``tracker``, the frames sent from the buffers' own memory are counted by it."""
     def send_raw(self, socket: str, frames: Sequence[Buffer]) -> None:
         """Send frames exactly as given (no envelope, no signature)."""
     def recv(

@@ -799,11 +799,20 @@ class Client(HasTraits):
         if header is None:
             header = self.session.msg_header(msg_type)
         label = (metadata or {}).get("label")
+        # with track: when libzmq is done with the buffers sent from the caller's memory
+        tracker = _core.SendTracker() if track else None
         # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
-        fut = self._register(header, None, engine_uuid, label, record)
-        self._io.send(
-            socket, msg_type, content, None, metadata, ident=ident, buffers=buffers, header=header
-        )
+        fut = self._register(header, tracker, engine_uuid, label, record)
+        if tracker is None:
+            self._io.send(
+                socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
+                header=header,
+            )  # fmt: skip
+        else:
+            self._io.send(
+                socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
+                header=header, tracker=tracker,
+            )  # fmt: skip
         return fut
 
     def _send_fanout(
@@ -814,6 +823,7 @@ class Client(HasTraits):
         metadata: dict[str, Any] | None = None,
         buffers: Sequence[Any] | None = None,
         header: dict[str, Any] | None = None,
+        track: bool = False,
     ) -> list[MessageFuture]:
         """One request for several engines: sent once, fanned out by the controller (each
         engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``; an engine named again in
@@ -831,19 +841,22 @@ class Client(HasTraits):
                     pair[1] = f"{pair[1]}_{k}"
         md = dict(metadata or {})
         label = md.get("label")
-        futs = self._register_all(header, [(mid, u) for u, mid in pairs], label)
+        tracker = _core.SendTracker() if track else None  # (one for all the copies)
+        futs = self._register_all(header, [(mid, u) for u, mid in pairs], label, tracker)
+        extra = {} if tracker is None else {"tracker": tracker}
         if "fanout" not in self._features:
             # an ipyparallel controller: one message per engine (same msg_ids, same buffers)
             for u, mid in pairs:
                 self._io.send(
                     "mux", msg_type, content, None, md, ident=u.encode(), buffers=buffers,
-                    header={**header, "msg_id": mid},
+                    header={**header, "msg_id": mid}, **extra,
                 )  # fmt: skip
             return futs
         md["fanout"] = pairs
         self._io.send(
-            "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers, header=header
-        )
+            "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers,
+            header=header, **extra,
+        )  # fmt: skip
         return futs
 
     def _request_metadata(
@@ -873,12 +886,15 @@ class Client(HasTraits):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        track: bool = False,
     ) -> list[MessageFuture]:
         """Apply ``f`` on each engine in ``uuids`` (one message; fanned out by the controller
         when there is more than one engine)."""
         if len(uuids) == 1:
             return [
-                self.send_apply_request("mux", f, args, kwargs, metadata=metadata, ident=uuids[0])
+                self.send_apply_request(
+                    "mux", f, args, kwargs, metadata=metadata, track=track, ident=uuids[0]
+                )
             ]
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
@@ -888,9 +904,9 @@ class Client(HasTraits):
         )
         metadata = self._request_metadata(metadata, uuids)
         if seg is None:
-            return self._send_fanout("apply_request", {}, uuids, metadata, bufs, header)
+            return self._send_fanout("apply_request", {}, uuids, metadata, bufs, header, track)
         try:
-            futs = self._send_fanout("apply_request", {}, uuids, metadata, bufs, header)
+            futs = self._send_fanout("apply_request", {}, uuids, metadata, bufs, header, track)
         except BaseException:
             self._shm.drop(seg)
             raise

@@ -296,11 +296,12 @@ class DirectView(View):
         **options: Any,
     ) -> Any:
         block = self._block(block)
+        track = self.track if track is None else track
         client = self.client
         t = self.targets if targets is None else targets
         uuids, ids = client._build_targets(t)
         with client._shm.waiting(block):
-            futs = client.apply_to(uuids, f, args, kwargs, self._request_md())
+            futs = client.apply_to(uuids, f, args, kwargs, self._request_md(), bool(track))
         single = isinstance(t, int)
         ar = AsyncResult(client, futs, fname=_name_of(f), targets=ids[0] if single else ids)
         return self._finish(ar, block)
@@ -408,7 +409,7 @@ class DirectView(View):
         """Set names in the engines' namespaces from a dict."""
         if not isinstance(ns, dict):
             raise TypeError(f"push takes a dict of names, not {type(ns).__name__}")
-        return self._really_apply(_push, (ns,), {}, block=block, targets=targets)
+        return self._really_apply(_push, (ns,), {}, block=block, targets=targets, track=track)
 
     def update(self, ns: dict[str, Any]) -> Any:
         return self.push(ns)
@@ -447,6 +448,7 @@ class DirectView(View):
     ) -> Any:
         """Partition ``seq`` across the engines, binding each part to ``key``."""
         block = self._block(block)
+        track = bool(self.track if track is None else track)
         if dist not in dists:
             raise ValueError(f"dist must be one of {sorted(dists)}, not {dist!r}")
         if isinstance(seq, dict) or not hasattr(seq, "__len__") or not hasattr(seq, "__getitem__"):
@@ -467,7 +469,9 @@ class DirectView(View):
                 if flatten and len(part) == 1:
                     part = part[0]
                 futs.append(
-                    self.client.send_apply_request("mux", _push, ({key: part},), {}, ident=u)
+                    self.client.send_apply_request(
+                        "mux", _push, ({key: part},), {}, track=track, ident=u
+                    )
                 )
         ar = AsyncResult(self.client, futs, fname="scatter", targets=ids)
         if block:
@@ -674,11 +678,13 @@ class LoadBalancedView(View):
         **options: Any,
     ) -> Any:
         block = self._block(block)
+        track = options.pop("track", None)
+        track = bool(self.track if track is None else track)
         # with no engine yet, the task waits in the scheduler until one arrives
         md = self._task_metadata(**options)
         client = self.client
         with client._shm.waiting(block):
-            fut = client.send_apply_request("task", f, args, kwargs, metadata=md)
+            fut = client.send_apply_request("task", f, args, kwargs, metadata=md, track=track)
         ar = AsyncResult(client, [fut], fname=_name_of(f))
         return self._finish(ar, block)
 

@@ -93,7 +93,7 @@ impl DirectSockets {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
         let (header_obj, frames) = build_message(
-            py, session, msg_type, content, parent, metadata, ident, buffers, header,
+            py, session, msg_type, content, parent, metadata, ident, buffers, header, None,
         )?;
         let inner = &self.inner;
         let sent = py.detach(|| inner.send(socket, frames, SEND_TIMEOUT, hold));

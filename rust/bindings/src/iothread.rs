@@ -14,7 +14,8 @@ use crate::convert::to_py;
 use crate::delivery::{batch_to_py, error_tuples, socket_spec, Deadline};
 use crate::errors::{io_closed, wire_error};
 use crate::pybuffer::HeldBuffer;
-use crate::session::{ident_list, out_buffers, Session};
+use crate::session::{ident_list, out_buffers, out_buffers_tracked, Session};
+use crate::tracker::SendTracker;
 
 const ADD_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffers at least this large (in total) are digested with the GIL released.
@@ -54,6 +55,7 @@ pub(crate) fn build_message<'py>(
     ident: Option<&Bound<'py, PyAny>>,
     buffers: Option<&Bound<'py, PyAny>>,
     header: Option<&Bound<'py, PyAny>>,
+    tracker: Option<&SendTracker>,
 ) -> PyResult<(Bound<'py, PyAny>, Vec<OutFrame>)> {
     let parts = session.parts(msg_type, content, parent, metadata, header)?;
     let header_obj = match header {
@@ -63,7 +65,7 @@ pub(crate) fn build_message<'py>(
     let msg = OutgoingMessage {
         idents: ident_list(ident)?,
         parts,
-        buffers: out_buffers(buffers)?,
+        buffers: out_buffers_tracked(buffers, tracker.map(|t| &t.state))?,
     };
     // Digesting large buffers takes a while: do it without holding the GIL.
     let large = session.core.sign_buffers
@@ -155,7 +157,7 @@ impl IoThread {
 
     /// Queue one message; returns its header.
     #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
-                        ident=None, buffers=None, header=None))]
+                        ident=None, buffers=None, header=None, tracker=None))]
     #[allow(clippy::too_many_arguments)]
     fn send<'py>(
         &self,
@@ -168,11 +170,21 @@ impl IoThread {
         ident: Option<&Bound<'py, PyAny>>,
         buffers: Option<&Bound<'py, PyAny>>,
         header: Option<&Bound<'py, PyAny>>,
+        tracker: Option<PyRef<'py, SendTracker>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
         let (header_obj, frames) = build_message(
-            py, session, msg_type, content, parent, metadata, ident, buffers, header,
+            py,
+            session,
+            msg_type,
+            content,
+            parent,
+            metadata,
+            ident,
+            buffers,
+            header,
+            tracker.as_deref(),
         )?;
         self.handle
             .send(socket, frames)

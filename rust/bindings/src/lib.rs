@@ -14,6 +14,7 @@ mod iothread;
 mod peer;
 mod pybuffer;
 mod session;
+mod tracker;
 
 /// mimalloc for every Rust allocation of the extension (the I/O thread, the controller):
 /// buffers are allocated on one thread and freed on another, which glibc's malloc handles with
@@ -50,6 +51,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<frame::Frame>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;
+    m.add_class::<tracker::SendTracker>()?;
     m.add_class::<direct::DirectSockets>()?;
     m.add_class::<controller::Controller>()?;
     Ok(())

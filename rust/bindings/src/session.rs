@@ -63,6 +63,14 @@ pub fn ident_list(ident: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Vec<u8>>> {
 
 /// Buffers to send: large ones borrowed without a copy, small ones copied.
 pub fn out_buffers(buffers: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<OutFrame>> {
+    out_buffers_tracked(buffers, None)
+}
+
+/// [`out_buffers`], with the frames sent from the objects' memory counted by `tracker`.
+pub fn out_buffers_tracked(
+    buffers: Option<&Bound<'_, PyAny>>,
+    tracker: Option<&std::sync::Arc<crate::tracker::TrackerState>>,
+) -> PyResult<Vec<OutFrame>> {
     let Some(buffers) = buffers else {
         return Ok(Vec::new());
     };
@@ -73,7 +81,12 @@ pub fn out_buffers(buffers: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<OutFrame>
     for item in buffers.try_iter()? {
         let held = HeldBuffer::get(&item?)?;
         if held.as_slice().len() >= fp_io::ZERO_COPY_THRESHOLD {
-            out.push(OutFrame::External(Box::new(held)));
+            match tracker {
+                Some(t) => out.push(OutFrame::External(Box::new(crate::tracker::Tracked::new(
+                    held, t,
+                )))),
+                None => out.push(OutFrame::External(Box::new(held))),
+            }
         } else {
             out.push(OutFrame::Owned(held.as_slice().to_vec()));
         }

@@ -8,6 +8,10 @@ use std::sync::{Arc, Mutex};
 /// The bytes must stay valid and unchanged until the owner is released.
 pub trait ExternalBuffer: Send {
     fn bytes(&self) -> &[u8];
+
+    /// Called (on a libzmq thread) when libzmq has finished with the bytes, before the owner
+    /// is parked for release: from then on the memory may change.
+    fn released(&self) {}
 }
 
 /// Owners whose frames libzmq has finished with. libzmq calls back on its own threads; the owner
@@ -100,6 +104,7 @@ unsafe extern "C" fn release_external(_data: *mut c_void, hint: *mut c_void) {
     // SAFETY: `hint` is the Box<Hint> leaked in `into_raw`, and libzmq calls this exactly once.
     let hint = unsafe { Box::from_raw(hint as *mut Hint) };
     let Hint { queue, owner } = *hint;
+    owner.released();
     queue.push(owner);
     queue.in_flight.fetch_sub(1, Ordering::AcqRel);
 }
