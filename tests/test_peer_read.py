@@ -305,6 +305,18 @@ def test_blocking_pulls_gathers_and_results_are_lent(rc: Client, dv: DirectView)
     before = client_reads()
     assert [owner_kind(g) for g in dv.pull("a", block=False).get(timeout=SHORT)] == ["shm"] * 2
     assert client_reads() == before
+    # a lent result is not kept by the hub: fetched again later, a clear error (its memory
+    # is never read again)
+    before = client_reads()
+    with rc._shm.waiting():
+        fut = rc.send_apply_request("mux", lambda x: x, (Reference("a"),), ident=rc._engines[0])
+    assert np.array_equal(fut.result(timeout=SHORT), a)
+    assert client_reads()[0] == before[0] + 1  # lent
+    rc.purge_local_results("all")
+    reads = client_reads()
+    with pytest.raises(RemoteError, match="not kept by the hub") as e:
+        rc.get_result(fut.msg_id, block=False).get(timeout=SHORT)
+    assert e.value.ename == "ShmError" and client_reads() == reads
 
 
 def test_the_engine_changes_nothing_before_the_client_has_its_copy(rc: Client) -> None:

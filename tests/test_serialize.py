@@ -555,6 +555,46 @@ def test_main_function_leaves_its_data_on_the_sender() -> None:
     assert len(fs.serialize_object(main["area"], threshold=1024)[0]) < 4096
 
 
+def test_nested_main_functions_leave_their_data_on_the_sender_too() -> None:
+    """A lambda or a function defined inside a function (and the functions its closure holds)
+    looks its data up where it runs, like a top-level one; only methods, which travel inside
+    their class, keep theirs."""
+    import builtins
+
+    main = make_main()
+    exec(
+        "BIG = bytes(1 << 20)\n"
+        "def make():\n"
+        "    return lambda: len(BIG)\n"
+        "def deco(func):\n"
+        "    def wrapper():\n"
+        "        return func() + 1\n"
+        "    return wrapper\n"
+        "@deco\n"
+        "def wrapped():\n"
+        "    return len(BIG)\n"
+        "def make_recursive():\n"
+        "    def down(n):\n"
+        "        return len(BIG) if n == 0 else down(n - 1)\n"
+        "    return down\n"
+        "class Holder:\n"
+        "    def size(self):\n"
+        "        return len(BIG)\n",
+        main,
+    )
+    engine: dict[str, Any] = {"__builtins__": builtins, "BIG": b"xyz"}
+    for f, expected in ((main["make"](), 3), (main["wrapped"], 4)):
+        frames = fs.serialize_object(f, threshold=1024)
+        assert sum(len(x) for x in frames) < 8192, f  # BIG stays on the client
+        assert roundtrip(f, namespace=engine)() == expected
+    down = roundtrip(main["make_recursive"](), namespace=engine)
+    assert down(3) == 3 and down.__closure__[0].cell_contents is down
+    with pytest.raises(NameError, match="BIG"):
+        roundtrip(main["make"](), namespace={"__builtins__": builtins})()
+    # a method keeps what it names (its class is not rebound to the engine namespace)
+    assert roundtrip(main["Holder"], namespace=engine)().size() == 1 << 20
+
+
 def test_main_function_keeps_its_file_name() -> None:
     """Remote tracebacks name the file and line the user wrote (cloudpickle alone would say
     ``<dynamic-code>``)."""

@@ -9,6 +9,7 @@ segment with shared memory), with the same client memory as a push to one engine
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -187,3 +188,14 @@ def test_fan_out_to_16_engines_costs_the_client_what_1_engine_does(
     kinds = rc[:].apply_sync(owner_kind, Reference("a"))
     assert kinds == [{"socket": "frame", "shm": "shm", "lent": "ndarray"}[path]] * 16
     assert segments_of() == []
+
+
+def test_a_received_buffer_can_be_sent_on(sock_rc: Client) -> None:
+    """A raw PickleBuffer arrives as the received frame itself; that frame can be sent back
+    (as a memoryview), instead of failing to pickle."""
+    data = bytes(range(256)) * 1024  # 256 KiB: out of band
+    v = sock_rc[0]
+    v.push({"raw": pickle.PickleBuffer(bytearray(data))}, block=True)
+    back = v.pull("raw", block=True)
+    assert bytes(back) == data
+    assert v.apply_sync(lambda b: bytes(b) == data, Reference("raw")) is True

@@ -180,6 +180,11 @@ def _foreign_engine_refusal(
     )
 
 
+#: Key of a reply rebuilt from a hub task record (``get_result`` of a purged result), not
+#: received from an engine.
+FROM_RECORD = "fp_from_record"
+
+
 def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
     """A reply on the mux, task or control channel (control requests have no output).
 
@@ -237,6 +242,15 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             release_segment(md_in[SHM_SEGMENT_KEY])
         if md_in.get(LENT_RESULT_KEY):
             peer.finish_pickup(md_in[LENT_RESULT_KEY])  # nothing will be copied: go on
+    elif status == "ok" and md_in.get(LENT_RESULT_KEY) and msg.get(FROM_RECORD):
+        # the engine lent it to the client that waited for the reply and has gone on since:
+        # its memory is not to be read (nor its seal written) again
+        exc = error.RemoteError(
+            "ShmError",
+            f"the result of {msg_id} was lent from the engine's memory to the client that "
+            "waited for it and is not kept by the hub: run the request again (or, to keep "
+            "results fetchable from the hub, Client(peer_read=False))",
+        )
     elif status == "ok":
         if header.get("msg_type") == "apply_reply":
             lent = md_in.get(LENT_RESULT_KEY)

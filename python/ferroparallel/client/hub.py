@@ -211,6 +211,7 @@ class HubResults:
             "metadata": entry.get("result_metadata") or {},
             "buffers": buffers,
             "idents": [],
+            dispatch.FROM_RECORD: True,
         }
         item = dispatch.handle_reply(client, msg)
         md = client.metadata[msg_id]

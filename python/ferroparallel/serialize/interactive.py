@@ -100,9 +100,8 @@ class Relinker:
         done = self._memo.get(id(f))
         if done is not None:
             return done
-        new = types.FunctionType(
-            f.__code__, self.namespace, f.__name__, f.__defaults__, f.__closure__
-        )
+        closure, pending = self._closure(f)
+        new = types.FunctionType(f.__code__, self.namespace, f.__name__, f.__defaults__, closure)
         new.__kwdefaults__ = f.__kwdefaults__
         new.__qualname__ = f.__qualname__
         new.__doc__ = f.__doc__
@@ -110,6 +109,8 @@ class Relinker:
         new.__annotations__ = f.__annotations__
         new.__dict__.update(f.__dict__)
         self._memo[id(f)] = new
+        for cell, value in pending:  # after the memo: a function may hold itself (recursion)
+            cell.cell_contents = self.relink(value)
         for name in _global_names(f.__code__):
             if name.startswith("__") and name.endswith("__"):
                 continue
@@ -120,6 +121,32 @@ class Relinker:
                 value = self.relink(value)
             self._merge(name, value)
         return new
+
+    def _closure(
+        self, f: types.FunctionType
+    ) -> tuple[tuple[types.CellType, ...] | None, list[tuple[types.CellType, Any]]]:
+        """``f``'s closure for its rebuilt copy: the cells holding ``__main__`` functions (a
+        decorated function inside its wrapper, a helper defined in the enclosing function)
+        are replaced by new, empty cells, returned with the function each must hold once
+        rebuilt over the namespace too (the sender's cells are shared with nothing here)."""
+        cells = f.__closure__
+        pending: list[tuple[types.CellType, Any]] = []
+        if not cells:
+            return cells, pending
+        out = []
+        for cell in cells:
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned later in the outer function)
+                out.append(cell)
+                continue
+            if is_main_function(value) and value.__globals__ is not self.namespace:
+                fresh = types.CellType()
+                pending.append((fresh, value))
+                out.append(fresh)
+            else:
+                out.append(cell)
+        return (tuple(out) if pending else cells), pending
 
     def _merge(self, name: str, value: Any) -> None:
         ns = self.namespace

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - another cloudpickle layout: never take
         return True
 
 
+from .._core import Frame as _Frame
 from .buffers import (
     DEFAULT_THRESHOLD,
     LargeBytes,
@@ -42,6 +43,10 @@ if TYPE_CHECKING and sys.version_info >= (3, 12):
     from collections.abc import Buffer as BufferLike
 else:
     BufferLike: TypeAlias = Any
+
+#: Most out-of-band buffers of one serialized object: the rest are pickled in-band. A message
+#: carries at most ``apply.MAX_BUFFERS`` buffers; this leaves room for a function's frames.
+OUT_OF_BAND_LIMIT = (1 << 16) - 1024
 
 #: Pickle protocol of every frame 0 (out-of-band buffers need 5).
 PROTOCOL = 5
@@ -210,13 +215,15 @@ def _make_pickler_class(base: type) -> type:
             t = type(obj)
             if t is memoryview:
                 rv = reduce_memoryview(obj)
+            elif t is _Frame:  # a received buffer sent on (e.g. a PickleBuffer pulled back)
+                rv = reduce_memoryview(memoryview(obj))
             elif t is LargeBytes:
                 rv = obj.__reduce_ex__(PROTOCOL)
             elif t is FunctionType:
                 if base_override is None:
                     return NotImplemented
                 rv = base_override(self, obj)
-                if _capture_data or obj.__module__ != "__main__" or "." in obj.__qualname__:
+                if _capture_data or obj.__module__ != "__main__" or _is_method(obj):
                     return rv
                 return _without_data_globals(rv)
             else:
@@ -258,8 +265,16 @@ def _code_like(value: Any) -> bool:
     )
 
 
+def _is_method(f: FunctionType) -> bool:
+    """Whether ``f`` was defined in a class body (``Cls.meth``): it travels inside its class,
+    which the engine does not rebind to its namespace, so it keeps the data it names. Module
+    level functions and those defined in functions (``f.<locals>.g``, lambdas) are rebound."""
+    parts = f.__qualname__.rsplit(".", 2)
+    return len(parts) > 1 and parts[-2] != "<locals>"
+
+
 def _without_data_globals(rv: Any) -> Any:
-    """cloudpickle's reduce value of a top-level ``__main__`` function, keeping only the
+    """cloudpickle's reduce value of a ``__main__`` function (not a method), keeping only the
     code-like globals it references (helpers, classes, imported modules).
 
     As in ipyparallel, the data such a function names is looked up where it runs (on an
@@ -420,7 +435,9 @@ def serialize_object(
 
     def buffer_callback(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
-        if raw.nbytes > threshold:
+        # past the frame budget, buffers go in-band (copied into the pickle): a message may
+        # carry only so many frames, and tens of thousands of arrays must still be sendable
+        if raw.nbytes > threshold and len(frames) <= OUT_OF_BAND_LIMIT:
             frames.append(raw)
             return False
         return True
