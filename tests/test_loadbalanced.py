@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -723,6 +724,13 @@ def test_map_variants(lv: LoadBalancedView, chunksize: int) -> None:
     assert lv.map(double, data, chunksize=chunksize) == expected
 
 
+def test_map_chunksize_zero_is_one_and_negative_is_refused(lv: LoadBalancedView) -> None:
+    amr = lv.map_async(double, range(5), chunksize=0)  # accepted, as ipyparallel
+    assert amr.get(timeout=WAIT) == [0, 2, 4, 6, 8] and len(amr.msg_ids) == 5
+    with pytest.raises(ValueError, match="chunksize"):
+        lv.map_async(double, range(5), chunksize=-1)
+
+
 def test_map_unordered_yields_in_completion_order(lv: LoadBalancedView) -> None:
     delays = [0.8] + [0.0] * 9
     amr = lv.map_async(sleep_echo, range(10), delays, ordered=False)
@@ -785,21 +793,30 @@ def test_imap_is_lazy_and_bounded(lv: LoadBalancedView) -> None:
             consumed += 1
             yield i
 
+    def in_flight() -> int:
+        return sum(not ar.done() for ar in it._pending)
+
+    # as ipyparallel: it starts at once, and keeps at most max_outstanding tasks in flight
     it = lv.imap(sleep_echo, inputs(), itertools.repeat(0.05), max_outstanding=2)
-    results = [next(it)]
-    assert results == [0]
-    assert consumed <= 3, f"{consumed} inputs consumed for the first result"
+    wait_until(lambda: consumed >= 4, what="the imap to work before it is iterated")
+    results = []
     for r in it:
-        assert consumed - len(results) <= 3, "more than max_outstanding tasks in flight"
+        assert in_flight() <= 2, "more than max_outstanding tasks in flight"
+        assert consumed <= 30
         results.append(r)
     assert results == list(range(30))
     assert consumed == 30
-    # the default ('auto') is bounded too: a few tasks per engine at most
+    # the default ('auto'): one task per engine in flight
     consumed = 0
     it = lv.imap(sleep_echo, inputs(), itertools.repeat(0.05))
     assert next(it) == 0
-    assert consumed <= 2 * len(lv) + 1, f"{consumed} inputs consumed for the first result"
+    assert in_flight() <= len(lv.client.ids)
     assert list(it) == list(range(1, 30))
+    # 0: no limit, the whole input is submitted at once
+    consumed = 0
+    it = lv.imap(sleep_echo, inputs(), itertools.repeat(0.05), max_outstanding=0)
+    wait_until(lambda: consumed == 30, what="the whole input submitted")
+    assert list(it) == list(range(30))
 
 
 def test_imap_one_outstanding_runs_tasks_one_at_a_time(lv: LoadBalancedView) -> None:
@@ -832,15 +849,47 @@ def test_imap_cancel_stops_submitting_and_aborts_the_queued(lv: LoadBalancedView
 
     it = lv.imap(span, inputs(), max_outstanding=4)
     assert iter(it) is it
-    assert [ar._fname for ar in it._pending] == []  # nothing submitted before iterating
     first = next(it)
     assert {ar._fname for ar in it._pending} == {"span"}  # the function's name, not a wrapper's
     assert first[1] >= first[0]
-    before = consumed
     it.cancel()
+    before = consumed
     assert list(it) == []
-    assert consumed == before, "cancel() must not consume more inputs"
+    time.sleep(0.5)
+    assert consumed == before, "inputs consumed after cancel()"
     assert lv.client.wait(timeout=30), "the aborted or running tasks never finished"
+
+
+def test_an_abandoned_imap_stops_submitting(lv: LoadBalancedView) -> None:
+    consumed = 0
+
+    def inputs() -> Iterator[int]:
+        nonlocal consumed
+        while True:
+            consumed += 1
+            yield consumed
+
+    it = lv.imap(double, inputs(), max_outstanding=2)
+    assert next(it) == 2
+    del it
+    gc.collect()
+    time.sleep(0.3)
+    settled = consumed
+    time.sleep(0.5)
+    assert consumed == settled, "an abandoned imap kept consuming its input"
+    assert lv.client.wait(timeout=30)
+
+
+def test_imap_input_errors_reach_the_consumer(lv: LoadBalancedView) -> None:
+    def inputs() -> Iterator[int]:
+        yield 1
+        raise RuntimeError("the input broke")
+
+    it = lv.imap(double, inputs())
+    assert next(it) == 2
+    with pytest.raises(RuntimeError, match="the input broke"):
+        next(it)
+    assert list(it) == []
 
 
 def test_imap_raises_the_first_error(lv: LoadBalancedView) -> None:
@@ -1080,6 +1129,22 @@ def test_view_executor(lv: LoadBalancedView) -> None:
     assert list(ex.map(double, range(20), chunksize=4)) == [2 * x for x in range(20)]
     with pytest.raises(ipp.RemoteError):
         ex.submit(fail).result(timeout=WAIT)
+    # as concurrent.futures: a failed call raises its own error in its turn, and the timeout
+    # counts from the map call
+    got = []
+    with pytest.raises(ipp.RemoteError) as e:
+        for x in ex.map(fail_on_three, range(6)):
+            got.append(x)
+    assert got == [0, 1, 2] and not isinstance(e.value, ipp.CompositeError)
+    with pytest.raises(TimeoutError):
+        list(ex.map(sleep_echo, [1, 2], [0.0, 2.0], timeout=0.5))
+    # one executor per view; shutdown(wait=True) waits for the view's outstanding tasks
+    assert lv.executor is ex
+    slow = ex.submit(sleep_echo, "slow", 0.5)
+    other = lv.apply_async(sleep_echo, "other", 0.5)
+    ex.shutdown(wait=True)
+    assert slow.done() and other.done()
+    assert ex.submit(double, 2).result(timeout=WAIT) == 4  # (still usable, as ipyparallel's)
 
 
 def test_client_executor(rc: Client, pids: dict[int, int]) -> None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from .asyncresult import _outcome
+from .futures import wait_interruptibly
+
 
 class ViewExecutor(Executor):
-    """Submit calls through a view; every returned future is an AsyncResult."""
+    """Submit calls through a view; every returned future is an AsyncResult.
+
+    As ipyparallel's, one executor per view (``view.executor``), and :meth:`shutdown` waits
+    for the view's outstanding work but stops no engine.
+    """
 
     def __init__(self, view: Any) -> None:
         self.view = view
@@ -16,6 +24,7 @@ class ViewExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         ar = self.view.apply_async(fn, *args, **kwargs)
+        self._submitted = [f for f in self._submitted if not f.done()]
         self._submitted.append(ar)
         return ar
 
@@ -26,24 +35,39 @@ class ViewExecutor(Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[Any]:
+        """``fn`` over the iterables, submitted at once; the results in order, as
+        ``concurrent.futures`` gives them: a failed call raises its own exception when its
+        turn comes, and ``TimeoutError`` if a result is not there ``timeout`` seconds after
+        this call."""
+        end = None if timeout is None else time.monotonic() + timeout
         seqs = [list(it) for it in iterables]
         # only a load-balanced map takes a chunksize (a direct map splits by engine)
-        kwargs = {"chunksize": chunksize} if getattr(self.view, "load_balanced", False) else {}
+        kwargs: dict[str, Any] = {"return_exceptions": True}
+        if getattr(self.view, "load_balanced", False):
+            kwargs["chunksize"] = chunksize
         ar = self.view.map_async(fn, *seqs, **kwargs)
         self._submitted.append(ar)
-        if timeout is not None:
-            ar.wait(timeout)
-        return iter(ar)
+        return _results_in_order(ar, end)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Abort the queued futures of this executor (``cancel_futures``), then wait for
+        everything still outstanding on the view (``wait``). The engines keep running."""
         if cancel_futures:
             pending = [f for f in self._submitted if not f.done()]
             if pending:
                 self.view.client.abort(pending)
         if wait:
-            for f in self._submitted:
-                try:
-                    f.exception()
-                except Exception:  # noqa: BLE001
-                    pass
+            self.view.wait()
+            wait_interruptibly(self._submitted)
         self._submitted.clear()
+
+
+def _results_in_order(ar: Any, end: float | None) -> Iterator[Any]:
+    for i, child in enumerate(ar._children):
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        if not wait_interruptibly(child, left):
+            raise TimeoutError(f"map results not ready within the timeout ({len(ar)} calls)")
+        value, failed = _outcome(child)
+        if failed:
+            raise value  # (the call's own error, not a CompositeError)
+        yield from ar._chunk_items(i)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import threading
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 from traitlets import Any as AnyTrait
@@ -241,10 +243,13 @@ class View(HasTraits):
 
     @property
     def executor(self) -> Any:
-        """A ``concurrent.futures.Executor`` submitting through this view."""
-        from .executor import ViewExecutor
+        """The ``concurrent.futures.Executor`` submitting through this view (one per view)."""
+        ex = self.__dict__.get("_executor")
+        if ex is None:
+            from .executor import ViewExecutor
 
-        return ViewExecutor(self)
+            ex = self.__dict__["_executor"] = ViewExecutor(self)
+        return ex
 
     def _record(self, ar: AsyncResult) -> None:
         """``ar`` was submitted through this view: the client may drop what ``ar`` owns, and
@@ -702,8 +707,9 @@ class LoadBalancedView(View):
         if kwargs:
             raise TypeError(f"LoadBalancedView.map got unexpected arguments: {', '.join(kwargs)}")
         sequences = _as_sequences(sequences, mapping=True)
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1")
+        if chunksize < 0:
+            raise ValueError("chunksize must be >= 1 (0 is taken as 1, as ipyparallel)")
+        chunksize = max(chunksize, 1)
         md = self._task_metadata() if label is None else self._task_metadata(label=label)
         n = min(len(s) for s in sequences)
         chunks = chunk_sequence(range(n), chunksize)
@@ -766,16 +772,17 @@ class LoadBalancedView(View):
         max_outstanding: int | str = "auto",
         return_exceptions: bool = False,
     ) -> LazyMapIterator:
-        """Lazily map ``f``: submits as it goes, keeping a bounded number of tasks in flight
-        (``"auto"``: one per engine plus one), yielding results (in order unless
-        ``ordered=False``; exceptions as values with ``return_exceptions=True``). The iterator's
-        ``cancel()`` stops submitting and aborts the tasks still queued."""
+        """Lazily map ``f``: consumes the inputs as it goes, from now on, keeping at most
+        ``max_outstanding`` tasks in flight (``"auto"``: one per engine; ``0``: no limit, the
+        whole input at once), and yields the results (in order unless ``ordered=False``;
+        exceptions as values with ``return_exceptions=True``). The iterator's ``cancel()``
+        stops submitting and aborts the tasks still queued."""
         if max_outstanding == "auto":
-            limit = max(len(self.client.ids), 1) + 1
+            limit = max(len(self.client.ids), 1)
         else:
             limit = int(max_outstanding)
-            if limit < 1:
-                raise ValueError("max_outstanding must be >= 1 or 'auto'")
+            if limit < 0:
+                raise ValueError("max_outstanding must be >= 0 (0: no limit) or 'auto'")
         return LazyMapIterator(self, f, sequences, limit, ordered, return_exceptions)
 
     def register_joblib_backend(
@@ -863,9 +870,64 @@ def _pickled_once(f: Any) -> Any:
     return f if type(f) is Prepickled else Prepickled(f)
 
 
+class _ImapFeed:
+    """The state an imap shares with its feeder thread (not the iterator itself, so that an
+    abandoned iterator can be collected, which stops the feeding)."""
+
+    def __init__(self, view: LoadBalancedView, fp: Any, inputs: list[Iterator[Any]], limit: int):
+        self.view = view
+        self.fp = fp
+        self.inputs = inputs
+        self.limit = limit  # 0: no limit
+        self.cond = threading.Condition()
+        self.submitted: deque[AsyncResult] = deque()  # not yet yielded, in submission order
+        self.in_flight = 0
+        self.done = False  # no more input will be submitted
+        self.stopped = False  # cancel() or the iterator is gone
+        self.error: BaseException | None = None  # what consuming the input raised
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while self.limit and self.in_flight >= self.limit and not self.stopped:
+                        self.cond.wait(0.5)
+                    if self.stopped:
+                        return
+                try:
+                    args = [next(it) for it in self.inputs]
+                except StopIteration:
+                    return
+                ar = self.view._really_apply(self.fp, args, {}, block=False)
+                with self.cond:
+                    self.in_flight += 1
+                    self.submitted.append(ar)
+                    self.cond.notify_all()
+                ar.add_done_callback(self._finished)
+        except BaseException as e:  # noqa: BLE001 - the input raised: the consumer gets it
+            with self.cond:
+                self.error = e
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    def _finished(self, _ar: Any) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
 class LazyMapIterator:
-    """The iterator of :meth:`LoadBalancedView.imap`: consumes the inputs as results are
-    taken, with at most ``limit`` tasks in flight."""
+    """The iterator of :meth:`LoadBalancedView.imap`. As ipyparallel's, it starts at once: a
+    thread consumes the inputs and submits a task for each, keeping at most ``limit`` tasks
+    in flight (``0``: no limit) and submitting the next one as a task finishes; results wait
+    for the caller. An abandoned iterator stops submitting."""
 
     def __init__(
         self,
@@ -877,36 +939,44 @@ class LazyMapIterator:
         return_exceptions: bool,
     ) -> None:
         self._view = view
-        self._fp = _pickled_once(f)
-        self._inputs = [iter(s) for s in sequences]
-        self._limit = limit
         self._ordered = ordered
         self._return_exceptions = return_exceptions
-        self._pending: list[AsyncResult] = []
-        self._exhausted = False
+        self._feed = _ImapFeed(view, _pickled_once(f), [iter(s) for s in sequences], limit)
+        weakref.finalize(self, self._feed.stop)
+        self._thread = threading.Thread(
+            target=self._feed.run, name="ferroparallel-imap", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def _pending(self) -> list[AsyncResult]:
+        """Submitted tasks whose results have not been taken yet."""
+        with self._feed.cond:
+            return list(self._feed.submitted)
 
     def __iter__(self) -> LazyMapIterator:
         return self
 
-    def _fill(self) -> None:
-        while not self._exhausted and len(self._pending) < self._limit:
-            try:
-                args = [next(it) for it in self._inputs]
-            except StopIteration:
-                self._exhausted = True
-                return
-            self._pending.append(self._view._really_apply(self._fp, args, {}, block=False))
+    def _take(self) -> AsyncResult:
+        feed = self._feed
+        with feed.cond:
+            while True:
+                if self._ordered and feed.submitted:
+                    return feed.submitted.popleft()
+                if not self._ordered:
+                    for ar in feed.submitted:
+                        if ar.done():
+                            feed.submitted.remove(ar)
+                            return ar
+                if feed.done and not feed.submitted:
+                    error, feed.error = feed.error, None
+                    if error is not None:
+                        raise error
+                    raise StopIteration
+                feed.cond.wait(0.1)  # (short: Ctrl-C is seen)
 
     def __next__(self) -> Any:
-        self._fill()
-        if not self._pending:
-            raise StopIteration
-        if self._ordered:
-            ar = self._pending.pop(0)
-        else:
-            wait(self._pending, return_when=FIRST_COMPLETED)
-            ar = next(a for a in self._pending if a.done())
-            self._pending.remove(ar)
+        ar = self._take()
         if self._return_exceptions:
             try:
                 return ar.get()
@@ -916,8 +986,12 @@ class LazyMapIterator:
 
     def cancel(self) -> None:
         """Submit nothing more and abort the tasks not started yet; the iteration ends."""
-        self._exhausted = True
-        pending, self._pending = self._pending, []
+        feed = self._feed
+        feed.stop()
+        self._thread.join(30)
+        with feed.cond:
+            pending = list(feed.submitted)
+            feed.submitted.clear()
         waiting = [ar for ar in pending if not ar.done()]
         if waiting:
             self._view.client.abort(waiting, block=False)
