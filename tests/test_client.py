@@ -689,9 +689,17 @@ def test_shutdown(
 ) -> None:
     cluster, c = new_cluster(n=2)
     pids = c[:].apply_sync(os.getpid)
+    # as ipyparallel's engines: a busy engine stops at once, and its running task fails
+    busy = c[1].apply_async(time.sleep, 60)
+    wait_until(lambda: c.queue_status(1)["queue"] == 1, SHORT, "the task to start")
+    t0 = time.monotonic()
     c.shutdown(targets=[1], block=True)
+    with pytest.raises(error.RemoteError) as e:
+        busy.get(timeout=SHORT)
+    assert e.value.ename == "EngineError" and time.monotonic() - t0 < 8
     wait_until(lambda: c.ids == [0], SHORT, "engine 1 to unregister")
     assert c[0].apply_sync(lambda: "alive") == "alive"
+    assert c.wait(-1, timeout=1)  # a finished job, by its index in history
     c.shutdown(block=True)
     wait_until(lambda: c.ids == [], SHORT, "all engines to unregister")
     procs = [p for es in cluster.engines.values() for p in es.processes]

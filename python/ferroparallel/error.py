@@ -86,8 +86,9 @@ class WireConfigError(FerroParallelError, ValueError):
     """An unsupported packer or signature scheme was configured."""
 
 
-class IoClosedError(FerroParallelError, RuntimeError):
-    """The I/O thread has been closed; no more messages can be sent or received."""
+class IoClosedError(FerroParallelError, RuntimeError, OSError):
+    """The I/O thread has been closed; no more messages can be sent or received. An
+    ``OSError`` too, as ipyparallel's "Connections have been closed" for a closed client."""
 
 
 class ConnectionFileError(FerroParallelError, OSError):

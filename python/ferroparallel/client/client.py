@@ -138,6 +138,10 @@ def _client_curve_options(info: dict[str, Any], given: dict[str, Any]) -> dict[s
 _HOT_TRAITS = ("metadata", "outstanding", "results", "history", "debug", "status_messages")
 
 
+#: Seconds between an engine's unregistration and failing the requests still out on it.
+STRANDED_GRACE = 0.3
+
+
 class Client(HasTraits):
     """A connection to a controller.
 
@@ -577,7 +581,12 @@ class Client(HasTraits):
                 self._engines_changed.notify_all()
             uuid = uuid or content.get("uuid")
             if uuid:
-                self._fail_stranded(eid, uuid)
+                # not at once: an engine that stops right after a task sends the reply and its
+                # unregistration on different sockets, and the notification can overtake the
+                # reply by a few milliseconds (the reply then settles the task first)
+                timer = threading.Timer(STRANDED_GRACE, self._fail_stranded, (eid, uuid))
+                timer.daemon = True
+                timer.start()
         elif msg_type == "shutdown_notification":
             self._hub_shutdown = True
             self._fail_outstanding(
@@ -1069,7 +1078,9 @@ class Client(HasTraits):
             elif isinstance(job, MessageFuture):
                 out.append(job)
             elif isinstance(job, int):
-                out.append(self._futures[self.history[job]])
+                fut = self._futures.get(self.history[job])  # (gone from the cache: finished)
+                if fut is not None:
+                    out.append(fut)
             elif isinstance(job, str):
                 if job in self._futures:
                     out.append(self._futures[job])

@@ -32,8 +32,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Control requests also handled while a shell request runs.
-URGENT = frozenset({"abort_request", "signal_request", "interrupt_request", "kernel_info_request"})
+#: Control requests also handled while a shell request runs (a shutdown then stops the
+#: running request, as an ipykernel-based engine does).
+URGENT = frozenset(
+    {
+        "abort_request",
+        "signal_request",
+        "interrupt_request",
+        "kernel_info_request",
+        "shutdown_request",
+    }
+)
 
 
 class AbortSet:
@@ -197,6 +206,13 @@ class ControlHandler:
         self.kernel.publish("shutdown_reply", content, msg["header"], "shutdown")
         log.info("shutdown requested")
         self.kernel.request_exit(0)
+        if threading.current_thread() is not threading.main_thread():
+            # a request is running (control is answered by the busy watcher meanwhile): stop
+            # now, as ipyparallel's engines do, rather than after it; its reply is lost and
+            # the client reports an EngineError for it when the engine unregisters
+            import signal
+
+            signal_self(signal.SIGTERM)
 
     def do_signal(self, msg: dict[str, Any]) -> None:
         """``signal_request {sig}``: deliver ``sig`` (number or name) to this process."""
