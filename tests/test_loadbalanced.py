@@ -1004,6 +1004,14 @@ def test_parallel_decorator(lv: LoadBalancedView) -> None:
     amr = incr.map(range(5))
     assert amr.get(timeout=WAIT) == [1, 2, 3, 4, 5]
 
+    @lv.parallel(block=False)
+    def echo_part(xs: range) -> range:
+        return xs
+
+    # iterating gives what get() gives: a part that is not joined (a range) is one element
+    amr = echo_part(range(3))
+    assert list(amr) == amr.get(timeout=WAIT) == [range(0, 1), range(1, 2), range(2, 3)]
+
 
 # -- wait / abort ---------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from .futures import (
     wait_interruptibly,
     wait_until,
 )
-from .mapping import Map, RoundRobinMap, _kind
+from .mapping import _UNJOINED, Map, RoundRobinMap, _kind
 from .metadata import ALIASES as _MD_ALIASES
 from .metadata import DATE_KEYS, METADATA_KEYS, Metadata, parse_date, utcnow
 
@@ -1025,9 +1025,11 @@ class AsyncHubResult(AsyncResult):
 
 
 def _items(chunk: Any) -> list[Any]:
-    """The elements of a map chunk (a non-sequence chunk is one element)."""
+    """The elements of a map chunk, as ``get()`` joins them: a chunk that is not joined (a
+    scalar, ``str``, ``bytes``, a range: what a ``@parallel`` function may return) is one
+    element."""
     kind = _kind(chunk)
-    if kind == "scalar":
+    if kind in _UNJOINED:
         return [chunk]
     if kind == "frame":
         return [chunk.iloc[k] for k in range(len(chunk))]
