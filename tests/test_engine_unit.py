@@ -420,8 +420,8 @@ def test_iopub_topics_and_live_output(shared):
     assert first[0] == {"name": "stdout", "text": "a\n"}
     assert done - first[1] > 0.3, "stdout should be published while the code still runs"
     assert b"engine.7.stdout" in topics and b"engine.7.stderr" in topics
-    # status has its own topic (clients that count outputs do not subscribe to it)
-    assert topics[0] == b"status.engine.7" and topics[-1] == b"status.engine.7"
+    # status under ipyparallel's topic, as every other message
+    assert topics[0] == b"engine.7.status" and topics[-1] == b"engine.7.status"
     reply = ctl.reply()
     assert reply["content"]["status"] == "ok"
     # the reply counts the outputs sent before it: the two streams

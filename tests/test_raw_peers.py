@@ -356,3 +356,32 @@ def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None
         rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="apply_reply")
         assert rep["parent_header"]["msg_id"] == hdr["msg_id"]
         assert deserialize_object([bytes(b) for b in rep["buffers"]]) == 1024
+
+
+def test_a_signed_task_with_unreadable_parts_does_not_stall_the_scheduler(
+    fp_root: Path, zctx: zmq.Context
+) -> None:
+    """A validly signed task whose parent header (or content) does not unpack is dropped by
+    the scheduler, as ipyparallel's: passed on, the engine would drop it unanswered and its
+    slot would stay taken, so no later task would ever run there."""
+    with running_cluster(fp_root / "profile_badparts", 1) as cluster:
+        info = json.loads(cluster.client_file.read_text())
+        s = peer_session(info)
+        base = "tcp://127.0.0.1:"
+        query = connect(zctx, zmq.DEALER, base + str(info["registration"]))
+        task = connect(zctx, zmq.DEALER, base + str(info["task"]))
+        wait_until(lambda: _first_engine(s, query), timeout=30, what="the engine to register")
+        for bad_part in (3, 5):  # parent_header, content: [delim, sig, header, parent, md, content]
+            header = s.msg_header("execute_request")
+            parts = [s.pack(header), s.pack({}), s.pack({}), s.pack({"code": "1", "silent": True})]
+            parts[bad_part - 2] = b"\xc1"  # never valid msgpack (nor JSON)
+            task.send_multipart([DELIMITER, s.sign(parts), *parts])
+            assert not task.poll(500), "the scheduler forwarded an unreadable task, or answered it"
+            for _ in range(2):  # the engine's slot is free: well-formed tasks still run
+                good = s.send(task, "execute_request", {"code": "x = 1", "silent": True})
+                rep = recv_until(s, task, lambda m: True, timeout=15, what="a task reply")
+                assert rep["parent_header"]["msg_id"] == good["msg_id"]
+                assert rep["content"]["status"] == "ok"
+        s.send(query, "queue_request", {"targets": None, "verbose": False})
+        q = recv_until(s, query, lambda m: m["msg_type"] == "queue_reply")
+        assert q["content"]["unassigned"] == 0 and q["content"]["0"]["tasks"] == 0

@@ -178,6 +178,15 @@ def test_hub_errors_as_ipyparallel(raw: Raw) -> None:
     assert rep["content"]["ename"] == "IndexError" and rep["content"]["engine_info"] == {}
     rep = raw.query("result_request", {"msg_ids": ["no-such-id"], "status_only": False})
     assert rep["content"]["ename"] == "KeyError" and rep["content"]["engine_info"] == {}
+    # a records handler's failure is its own reply type, with the error content
+    assert rep["msg_type"] == "result_reply"
+    for msg_type, content in [
+        ("resubmit_request", {"msg_ids": ["no-such-id"]}),
+        ("db_request", {"query": {"msg_id": {"$badop": 1}}, "keys": None}),
+    ]:
+        rep = raw.query(msg_type, content)
+        assert rep["msg_type"] == msg_type.replace("_request", "_reply"), rep["msg_type"]
+        assert rep["content"]["status"] == "error" and rep["content"]["engine_info"] == {}
 
     ident = raw.engines[1].encode()
     hdr = raw.s.send(
@@ -193,7 +202,7 @@ def test_hub_errors_as_ipyparallel(raw: Raw) -> None:
         what="the sleeper's pending record",
     )
     rep = raw.query("purge_request", {"msg_ids": [hdr["msg_id"]]})
-    assert rep["content"]["status"] == "error"
+    assert rep["msg_type"] == "purge_reply" and rep["content"]["status"] == "error"
     assert rep["content"]["ename"] == "IndexError"
     assert rep["content"]["engine_info"] == {}
     raw.s.recv(raw.socks["mux"], timeout=10)  # the sleeper's reply

@@ -16,7 +16,6 @@ __all__ = [
     "OUTPUT_TOPIC_PREFIX",
     "SHM_HOST_KEY",
     "SHM_SEGMENT_KEY",
-    "STATUS_TOPIC_PREFIX",
 ]
 
 #: Metadata key that the receiving process's Rust core sets (locally, never sent) on a message
@@ -34,12 +33,8 @@ BUFFERS_CHANGED_MESSAGE = (
     "block=True, or send a copy)"
 )
 
-#: IOPub topic of an engine's ``status`` messages: ``status.engine.<id>``. Every other IOPub
-#: message keeps ipyparallel's ``engine.<id>.<type>``.
-STATUS_TOPIC_PREFIX = b"status.engine."
-
-#: What a ferroparallel client subscribes to on IOPub: every output, but not the status
-#: messages of ferroparallel engines (ipyparallel engines' ``engine.<id>.status`` still match).
+#: What a ferroparallel client subscribes to on IOPub: every engine's messages
+#: (``engine.<id>.<type>``, ``status`` included, as in ipyparallel).
 OUTPUT_TOPIC_PREFIX = b"engine."
 
 #: Reply metadata key: how many IOPub output messages (all but status) the engine published

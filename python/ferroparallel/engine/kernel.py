@@ -13,7 +13,6 @@ from .. import _core
 from .. import curve as _curve
 from ..error import IoClosedError
 from ..serialize.shm import sweep as sweep_segments
-from ..wire_names import STATUS_TOPIC_PREFIX
 from . import logs
 from .capture import StreamCapture
 from .connection import EngineUrls
@@ -130,7 +129,6 @@ class EngineKernel:
         self.exit_code: int | None = None
         self._metadata = {"engine": self.uuid}
         self._topic_prefix = "engine.?."
-        self._status_topic = STATUS_TOPIC_PREFIX + b"?"
         #: IOPub output messages (everything but status) published since the current shell
         #: request started; the reply carries the count (``OUTPUT_COUNT_KEY``)
         self.published = 0
@@ -229,7 +227,6 @@ class EngineKernel:
         period_ms = content.get("hb_period") or DEFAULT_HB_PERIOD_MS
         self.hb_period = max(float(period_ms), 1.0) / 1000
         self._topic_prefix = f"engine.{self.engine_id}."
-        self._status_topic = STATUS_TOPIC_PREFIX + str(self.engine_id).encode()
         logs.set_engine_id(self.engine_id)
         log.info("registered as engine %d (heartbeat every %g ms)", self.engine_id, period_ms)
         return True
@@ -409,21 +406,13 @@ class EngineKernel:
         topic: str,
         buffers: list[Any] | None = None,
     ) -> None:
-        """Send one IOPub message with topic ``engine.<id>.<topic>``.
-
-        Status messages go out under ``status.engine.<id>`` instead: clients that count the
-        outputs of a request (``OUTPUT_COUNT_KEY`` in the reply) subscribe to ``engine.``
-        only, so the controller's PUB socket never sends them the two status messages of
-        every request; subscribers of everything (ipyparallel's client) still get them.
-        """
-        if topic == "status":
-            ident = self._status_topic
-        else:
-            if topic not in ("stdout", "stderr"):
-                # text printed before a display, result or error goes out before it
-                self.capture.flush()
-            ident = (self._topic_prefix + topic).encode()
-            self.published += 1
+        """Send one IOPub message with topic ``engine.<id>.<topic>`` (ipyparallel's)."""
+        if topic not in ("stdout", "stderr", "status"):
+            # text printed before a display, result or error goes out before it
+            self.capture.flush()
+        ident = (self._topic_prefix + topic).encode()
+        if topic != "status":
+            self.published += 1  # (the outputs the reply counts: OUTPUT_COUNT_KEY)
         self.io.send(
             IOPUB,
             msg_type,

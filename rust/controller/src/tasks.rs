@@ -221,6 +221,9 @@ impl Server {
         let Some(metadata) = self.unpack(&env, "metadata") else {
             return;
         };
+        if self.unpack(&env, "parent_header").is_none() || self.unpack(&env, "content").is_none() {
+            return; // an engine would drop it unanswered, and its slot would stay taken
+        }
         let aborted_early = self.tasks.early_aborts.remove(&msg_id);
         let captured = self.records.capture(&env);
         self.records.on_request("task", &header, captured, None);

@@ -1,6 +1,6 @@
 //! Hub queries on task records: `db_request`, `history_request`, `result_request`,
-//! `purge_request`, `resubmit_request`. Every failure is a `hub_error` reply; the controller
-//! keeps serving.
+//! `purge_request`, `resubmit_request`. A failure is the request's own reply type with error
+//! content; the controller keeps serving.
 
 use fp_io::{OutFrame, OutgoingMessage, RecvFrame};
 use fp_wire::{Envelope, Parts, Value, DELIMITER};
@@ -112,8 +112,10 @@ impl Server {
             Ok((content, buffers)) => (reply_type, content, buffers),
             Err(e) => {
                 log_at!(Level::Info, "{msg_type} failed: {e}");
+                // the request's own reply type with error content, as ipyparallel's handlers
+                // (hub_error is for requests no handler takes)
                 (
-                    "hub_error".to_owned(),
+                    reply_type,
                     hub_error_content(e.ename, &e.evalue),
                     Vec::new(),
                 )
