@@ -43,7 +43,7 @@ class Raw:
         base = "tcp://127.0.0.1:"
         self.socks = {
             name: connect(zctx, zmq.DEALER, base + str(self.info[name]))
-            for name in ("registration", "mux", "control", "broadcast")
+            for name in ("registration", "mux", "task", "control", "broadcast")
         }
         self.iopub = connect(zctx, zmq.SUB, base + str(self.info["iopub"]), subscribe=b"")
         self.engines: dict[int, str] = {}
@@ -206,6 +206,22 @@ def test_hub_errors_as_ipyparallel(raw: Raw) -> None:
     assert rep["content"]["ename"] == "IndexError"
     assert rep["content"]["engine_info"] == {}
     raw.s.recv(raw.socks["mux"], timeout=10)  # the sleeper's reply
+
+
+def test_scheduler_failures_as_ipyparallel(raw: Raw) -> None:
+    """Reference 8.5: a failure made by the scheduler is an ``apply_reply`` (or
+    ``execute_reply``) whose parent is the request, content a wrapped exception (with an empty
+    ``engine_info``: no engine ran it) and metadata empty."""
+    content = {"code": "1", "silent": True, "user_expressions": {}}
+    for md, ename in [
+        ({"after": ["no-such-task"]}, "InvalidDependency"),
+        ({"targets": ["no-such-engine"]}, "ImpossibleDependency"),
+    ]:
+        rep = raw.request("task", "execute_request", content, metadata=md)
+        assert rep["msg_type"] == "execute_reply"
+        c = rep["content"]
+        assert (c["status"], c["ename"], c["engine_info"]) == ("error", ename, {}), c
+        assert rep["metadata"] == {}
 
 
 def test_db_reply_buffer_lens_are_counts(raw: Raw) -> None:

@@ -10,7 +10,7 @@ use fp_wire::{Envelope, Value};
 
 use crate::engines::InFlight;
 use crate::log::{log_at, Level};
-use crate::messages::{error_content, error_metadata, reply_type, str_field};
+use crate::messages::{hub_error_content, reply_type, str_field};
 use crate::server::{frames_of, ident, show, Env, Server, CTL_E, STEAL_IDENT, TASK_C, TASK_E};
 
 /// Most unassignable queued tasks looked at in one pass of the queue.
@@ -466,7 +466,9 @@ impl Server {
             self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
         }
         self.tasks.outcomes.record(task.msg_id.clone(), false, None);
-        let (content, md) = (error_content(ename, evalue), error_metadata(None));
+        // as ipyparallel's scheduler: a wrapped exception (engine_info empty: no engine ran
+        // it) and empty metadata (no engine)
+        let (content, md) = (hub_error_content(ename, evalue), Value::empty_map());
         let rtype = reply_type(&task.msg_type);
         self.records
             .on_controller_reply(&task.msg_id, None, &rtype, &md, &content);
