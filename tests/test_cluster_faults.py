@@ -248,7 +248,8 @@ def test_queued_task_for_a_dead_engine_fails(
 
 
 def test_engines_exit_when_the_controller_is_killed(clusters: Callable[..., Cluster]) -> None:
-    cluster = clusters(3)
+    # 3 checks of ping + 0.5 s (2.1 s) without a ping (ipyparallel's default: 50 checks)
+    cluster = clusters(3, engine_args=["--max-missed-pings", "3"])
     rc = cluster.start_and_connect_sync()
     rc.close()
     engines = [p for es in cluster.engines.values() for p in es.processes]
@@ -257,7 +258,7 @@ def test_engines_exit_when_the_controller_is_killed(clusters: Callable[..., Clus
     assert ctl is not None and ctl.process is not None
     t0 = time.monotonic()
     os.kill(ctl.process.pid, signal.SIGKILL)
-    # The engines give up after 10 periods (2 s) without a ping; allow for a loaded machine.
+    # The engines give up after 2.1 s without a ping; allow for a loaded machine.
     # exit codes, not just "pid gone": a leader thread is a zombie before its threads finish
     wait_until(
         lambda: (

@@ -607,7 +607,7 @@ def test_sigterm_unregisters_and_exits(fresh):
 
 def test_exits_when_pings_stop(fresh):
     ctl, start = fresh
-    eng = start("--max-missed-pings", "5", hb_period=100)
+    eng = start("--max-missed-pings", "2", hb_period=100)  # (0.1 + 0.5) * 2 = 1.2 s
     ctl.register()
     stop = threading.Event()
 
@@ -619,7 +619,7 @@ def test_exits_when_pings_stop(fresh):
     pinger = threading.Thread(target=beat, daemon=True)
     pinger.start()
     try:
-        time.sleep(1.5)  # three times the limit: pings keep it alive
+        time.sleep(3)  # more than twice the limit: pings keep it alive
         assert eng.proc.poll() is None, eng.log()
     finally:
         stop.set()

@@ -61,9 +61,10 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
     p.add_argument(
         "--max-missed-pings",
         type=int,
-        default=10,
+        default=50,
         metavar="N",
-        help="exit after N heartbeat periods without a ping (default 10; 0 never exits)",
+        help="exit after N checks (one per heartbeat period + 0.5 s) without a ping, as "
+        "ipyparallel's engines (default 50; 0 never exits)",
     )
     p.add_argument(
         "--ssh",

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 #: Exit statuses of :meth:`EngineKernel.run`.
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start or register
-EXIT_CONTROLLER_LOST = 3  # no heartbeat for max_missed_pings periods
+EXIT_CONTROLLER_LOST = 3  # no heartbeat for max_missed_pings checks
 
 #: Heartbeat period assumed when the registration reply has none (ms).
 DEFAULT_HB_PERIOD_MS = 3000
@@ -59,14 +59,15 @@ class EngineConfig:
     timeout : float
         Seconds to wait for the registration reply.
     max_missed_pings : int
-        Heartbeat periods without a ping before the engine exits (0: never).
+        Checks (one per heartbeat period + 0.5 s) without a ping before the engine exits
+        (0: never); 50 as in ipyparallel.
     use_ipython : bool
         Run ``execute_request`` with IPython when it is importable.
     """
 
     requested_id: int | None = None
     timeout: float = 10.0
-    max_missed_pings: int = 10
+    max_missed_pings: int = 50
     use_ipython: bool = True
 
 

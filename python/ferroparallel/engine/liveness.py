@@ -31,8 +31,9 @@ class Liveness:
 
     @property
     def limit(self) -> float:
-        """Seconds without pings before the controller is considered gone."""
-        return self.period * self.max_missed
+        """Seconds without pings before the controller is considered gone: ``max_missed``
+        checks of ``period`` + 0.5 s each, as ipyparallel's engine watchdog."""
+        return (self.period + 0.5) * self.max_missed
 
     def sample(self) -> None:
         """Read the counter; note the time when it moved."""
