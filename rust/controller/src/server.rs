@@ -495,16 +495,6 @@ impl Server {
         }
     }
 
-    /// Whether the parts of `env` this process does not otherwise read (the parent header,
-    /// the metadata, the content) unpack: a signed message whose parts do not is dropped here,
-    /// as ipyparallel's hub and scheduler do, rather than passed on to an engine that would
-    /// drop it without an answer (a task doing so would hold the engine's slot for ever).
-    pub(crate) fn readable(&mut self, env: &Env) -> bool {
-        self.unpack(env, "parent_header").is_some()
-            && self.unpack(env, "metadata").is_some()
-            && self.unpack(env, "content").is_some()
-    }
-
     pub(crate) fn header_of(&mut self, env: &Env) -> Option<(Value, String, String)> {
         let header = self.unpack(env, "header")?;
         let msg_id = str_field(&header, "msg_id").map(str::to_owned);
@@ -1090,9 +1080,6 @@ impl Server {
         let Some((header, msg_id, msg_type)) = self.header_of(&env) else {
             return;
         };
-        if !self.readable(&env) {
-            return;
-        }
         let client = env.idents[0].as_ref().to_vec();
         let target = env.idents[1].as_ref().to_vec();
         if msg_type == "abort_request" && !self.tasks.stealing.is_empty() {
