@@ -257,18 +257,31 @@ def _first_engine(client_s: Any, query: zmq.Socket) -> tuple[int, str] | None:
     return int(k), engines[k]
 
 
+def _raw_client(
+    cluster: Any, zctx: zmq.Context, *channels: str
+) -> tuple[Any, dict[str, zmq.Socket], tuple[int, str]]:
+    """A raw client of ``cluster``: its session, sockets (``registration`` and ``channels``;
+    ``iopub`` subscribes to everything) and the first engine, once one has registered."""
+    info = json.loads(cluster.client_file.read_text())
+    s = peer_session(info)
+    base = "tcp://127.0.0.1:"
+    socks = {
+        name: connect(zctx, zmq.SUB, base + str(info[name]), subscribe=b"")
+        if name == "iopub"
+        else connect(zctx, zmq.DEALER, base + str(info[name]))
+        for name in ("registration", *channels)
+    }
+    first = wait_until(
+        lambda: _first_engine(s, socks["registration"]), timeout=30, what="the engine to register"
+    )
+    return s, socks, first
+
+
 def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None:
     """A raw pyzmq client sends a pack_apply_message payload to a real engine process."""
     with running_cluster(fp_root / "profile_real", 1) as cluster:
-        info = json.loads(cluster.client_file.read_text())
-        client_s = peer_session(info)
-        base = "tcp://127.0.0.1:"
-        query = connect(zctx, zmq.DEALER, base + str(info["registration"]))
-        mux = connect(zctx, zmq.DEALER, base + str(info["mux"]))
-        iopub = connect(zctx, zmq.SUB, base + str(info["iopub"]), subscribe=b"")
-        eid, uuid = wait_until(
-            lambda: _first_engine(client_s, query), timeout=30, what="the engine to register"
-        )
+        client_s, socks, (eid, uuid) = _raw_client(cluster, zctx, "mux", "iopub")
+        query, mux, iopub = socks["registration"], socks["mux"], socks["iopub"]
 
         # load_request: the requests each engine holds, by id (idle here)
         client_s.send(query, "load_request", {"targets": [eid]})
@@ -365,12 +378,8 @@ def test_a_signed_task_with_unreadable_parts_does_not_stall_the_scheduler(
     the scheduler, as ipyparallel's: passed on, the engine would drop it unanswered and its
     slot would stay taken, so no later task would ever run there."""
     with running_cluster(fp_root / "profile_badparts", 1) as cluster:
-        info = json.loads(cluster.client_file.read_text())
-        s = peer_session(info)
-        base = "tcp://127.0.0.1:"
-        query = connect(zctx, zmq.DEALER, base + str(info["registration"]))
-        task = connect(zctx, zmq.DEALER, base + str(info["task"]))
-        wait_until(lambda: _first_engine(s, query), timeout=30, what="the engine to register")
+        s, socks, _ = _raw_client(cluster, zctx, "task")
+        query, task = socks["registration"], socks["task"]
         for bad_part in (3, 5):  # parent_header, content: [delim, sig, header, parent, md, content]
             header = s.msg_header("execute_request")
             parts = [s.pack(header), s.pack({}), s.pack({}), s.pack({"code": "1", "silent": True})]
