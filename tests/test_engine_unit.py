@@ -799,3 +799,13 @@ def test_stdin_link_reads_info_and_follows_the_launcher() -> None:
     t = stdin_link.follow(kernel, stream, on_eof=lambda: ended.append(True))
     t.join(5)
     assert kernel.code == 0 and ended == [True]  # signal 0 delivered harmlessly, junk ignored
+
+
+def test_controller_patience_is_ipyparallels() -> None:
+    """Reference: the engine gives up after 50 checks, each every heartbeat period + 0.5 s."""
+    from ferroparallel.engine.kernel import EngineConfig
+    from ferroparallel.engine.liveness import Liveness
+
+    assert EngineConfig().max_missed_pings == 50
+    assert Liveness(None, 3.0, 50).limit == 175.0
+    assert Liveness(None, 0.2, 3).limit == pytest.approx(2.1)

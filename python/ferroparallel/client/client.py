@@ -812,16 +812,10 @@ class Client(HasTraits):
         tracker = _core.SendTracker() if track else None
         # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
         fut = self._register(header, tracker, engine_uuid, label, record)
-        if tracker is None:
-            self._io.send(
-                socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
-                header=header,
-            )  # fmt: skip
-        else:
-            self._io.send(
-                socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
-                header=header, tracker=tracker,
-            )  # fmt: skip
+        self._io.send(
+            socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
+            header=header, tracker=tracker,
+        )  # fmt: skip
         return fut
 
     def _send_fanout(
@@ -852,19 +846,18 @@ class Client(HasTraits):
         label = md.get("label")
         tracker = _core.SendTracker() if track else None  # (one for all the copies)
         futs = self._register_all(header, [(mid, u) for u, mid in pairs], label, tracker)
-        extra = {} if tracker is None else {"tracker": tracker}
         if "fanout" not in self._features:
             # an ipyparallel controller: one message per engine (same msg_ids, same buffers)
             for u, mid in pairs:
                 self._io.send(
                     "mux", msg_type, content, None, md, ident=u.encode(), buffers=buffers,
-                    header={**header, "msg_id": mid}, **extra,
+                    header={**header, "msg_id": mid}, tracker=tracker,
                 )  # fmt: skip
             return futs
         md["fanout"] = pairs
         self._io.send(
             "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers,
-            header=header, **extra,
+            header=header, tracker=tracker,
         )  # fmt: skip
         return futs
 
