@@ -34,10 +34,15 @@ def test_local_cluster_uses_the_unix_sockets(rc: Client, shared_cluster: Cluster
     assert all(entry[k].startswith("ipc://@fp-") for k in ("registration", "mux", "iopub"))
     assert rc.transport == "ipc"
     assert rc[:].apply_sync(lambda: 6 * 7) == [42, 42]
-    # the engines too: none of them holds a TCP connection to the controller
+    # the engines too: none of them holds a TCP connection to the controller (their direct
+    # data channels, decision 0014, are TCP connections with clients)
+    ctl = psutil.Process(shared_cluster.controller.process.pid)
+    ports = {c.laddr.port for c in ctl.net_connections(kind="tcp") if c.status == "LISTEN"}
+    assert ports
     for es in shared_cluster.engines.values():
         for p in es.processes:
-            assert psutil.Process(p.pid).net_connections(kind="tcp") == []
+            for conn in psutil.Process(p.pid).net_connections(kind="tcp"):
+                assert not conn.raddr or conn.raddr.port not in ports, conn
 
 
 @pytest.mark.parametrize("why", ["disabled here", "another host"])

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import ferroparallel as ipp
+from cluster_fixtures import wait_until
 from ferroparallel import Reference
 from ferroparallel.client import Client
 from ferroparallel.cluster import Cluster
@@ -36,8 +37,9 @@ SHORT = 60.0
 
 @pytest.fixture
 def sock_rc(rc: Client, shared_cluster: Cluster) -> Iterator[Client]:
-    """A client of the shared cluster that never uses shared memory."""
-    with ipp.Client(shared_cluster.client_file, shm=False) as client:
+    """A client of the shared cluster that never uses shared memory nor the direct data path
+    (everything through the controller)."""
+    with ipp.Client(shared_cluster.client_file, shm=False, direct_data=False) as client:
         client.wait_for_engines(2, timeout=SHORT)
         yield client
 
@@ -65,7 +67,27 @@ def test_array_over_2_gib_through_shared_memory(rc: Client, path: str) -> None:
     assert segments_of() == []
 
 
-def test_array_over_2_gib_over_the_socket(sock_rc: Client) -> None:
+@pytest.fixture
+def net_rc(rc: Client, shared_cluster: Cluster) -> Iterator[Client]:
+    """A client of the shared cluster that never uses shared memory, with the direct data
+    path probed (large buffers of waiting calls fetched over TCP, decision 0014)."""
+    with ipp.Client(shared_cluster.client_file, shm=False) as client:
+        client.wait_for_engines(2, timeout=SHORT)
+        client._shm.known_local(list(client._uuids))
+        wait_until(lambda: direct_ready(client), what="the direct data probes")
+        yield client
+
+
+def direct_ready(client: Client) -> bool:
+    shm = client._shm
+    return len(client._uuids) == 2 and all(
+        shm._net_readers.get(u) and shm._net_lenders.get(u) for u in client._uuids
+    )
+
+
+@pytest.mark.parametrize("path", ["socket", "direct"])
+def test_array_over_2_gib_over_the_socket(sock_rc: Client, net_rc: Client, path: str) -> None:
+    sock_rc = sock_rc if path == "socket" else net_rc
     n = 2 * GIB + 16 * MIB
     a = big_zeros(n)
     sock_rc[0].push({"huge": a}, block=True)
@@ -119,8 +141,18 @@ PEAK_SCRIPT = """
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
         return 0
-    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] != "socket", peer_read=sys.argv[2] == "lent")
+    path = sys.argv[2]
+    rc = ipp.Client(sys.argv[1], shm=path not in ("socket", "direct"),
+                    peer_read=path == "lent", direct_data=path == "direct")
     rc.wait_for_engines(2, timeout=30)
+    if path == "direct":  # wait for the probes: then large buffers are fetched directly
+        import time
+        rc._shm.known_local(list(rc._uuids))
+        t = time.monotonic()
+        while time.monotonic() - t < 20 and not all(
+            rc._shm._net_readers.get(u) and rc._shm._net_lenders.get(u) for u in rc._uuids
+        ):
+            time.sleep(0.05)
     warm = np.ones(2 << 20, dtype=np.uint8)
     rc[:].push({"warm": warm}, block=True)  # imports, probes, first-use allocations
     def engine_mem():
@@ -141,7 +173,7 @@ PEAK_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("path", ["socket", "shm", "lent"])
+@pytest.mark.parametrize("path", ["socket", "direct", "shm", "lent"])
 def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -> None:
     if path == "lent":
         need_lending()
@@ -159,8 +191,18 @@ def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -
 INTERRUPT_SCRIPT = """
     import json, sys, time, numpy as np, ferroparallel as ipp
     from ferroparallel.serialize import shm
-    rc = ipp.Client(sys.argv[1], shm=sys.argv[2] != "socket", peer_read=sys.argv[2] == "lent")
+    path = sys.argv[2]
+    rc = ipp.Client(sys.argv[1], shm=path not in ("socket", "direct"),
+                    peer_read=path == "lent", direct_data=path == "direct")
     rc.wait_for_engines(2, timeout=30)
+    if path == "direct":  # wait for the probes: then large buffers are fetched directly
+        import time
+        rc._shm.known_local(list(rc._uuids))
+        t = time.monotonic()
+        while time.monotonic() - t < 20 and not all(
+            rc._shm._net_readers.get(u) and rc._shm._net_lenders.get(u) for u in rc._uuids
+        ):
+            time.sleep(0.05)
     rc[:].push({"warm": np.ones(2 << 20, dtype=np.uint8)}, block=True)
     a = np.ones(1 << 30, dtype=np.uint8)
     print("ready", flush=True)
@@ -180,7 +222,7 @@ INTERRUPT_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("path", ["socket", "shm", "lent"])
+@pytest.mark.parametrize("path", ["socket", "direct", "shm", "lent"])
 def test_ctrl_c_during_a_big_push_leaves_everything_usable(
     rc: Client, shared_cluster: Cluster, path: str
 ) -> None:

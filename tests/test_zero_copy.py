@@ -59,8 +59,9 @@ class RecordingIo:
 
 @pytest.fixture
 def sock_rc(rc: Client, shared_cluster: Cluster) -> Iterator[Client]:
-    """A client of the shared cluster that never uses shared memory, its sends recorded."""
-    client = ipp.Client(shared_cluster.client_file, shm=False)
+    """A client of the shared cluster that never uses shared memory nor the direct data path
+    (everything through the controller), its sends recorded."""
+    client = ipp.Client(shared_cluster.client_file, shm=False, direct_data=False)
     client.wait_for_engines(2, timeout=SHORT)
     client._io = RecordingIo(client._io)
     try:

@@ -99,6 +99,9 @@ class Session:
     def pack(self, obj: Any) -> bytes: ...
     def unpack(self, data: Buffer) -> Any: ...
     def sign(self, parts: Sequence[Buffer]) -> bytes: ...
+    def buffers_digest(self, buffers: Sequence[Buffer]) -> str | None:
+        """The keyed BLAKE3 MAC (hex) of ``buffers`` as ``metadata["buffers_mac"]`` holds it;
+        ``None`` without a key. Hashes without the GIL."""
     def serialize(
         self,
         msg_type: str,

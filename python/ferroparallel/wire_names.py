@@ -11,6 +11,8 @@ __all__ = [
     "BUFFERS_CHANGED_MESSAGE",
     "LENT_RESULT_KEY",
     "LEND_RESULTS_KEY",
+    "NET_LENT_KEY",
+    "NET_LEND_RESULTS_KEY",
     "NO_STATUS_KEY",
     "OUTPUT_COUNT_KEY",
     "OUTPUT_TOPIC_PREFIX",
@@ -66,3 +68,12 @@ LEND_RESULTS_KEY = "fp_lend_results"
 #: waits until the word at the seal address no longer holds the nonce; the client, having read
 #: the buffers, checks the word still holds it (the copy is valid) and writes 0.
 LENT_RESULT_KEY = "fp_lent_result"
+
+#: Request metadata: the client waits for the reply and can fetch from this engine's data
+#: endpoint (``True``): large result buffers may be lent over the network
+#: (``docs/decisions/0014-direct-data-path.md``).
+NET_LEND_RESULTS_KEY = "fp_net_results"
+
+#: Reply metadata of a result lent over the network: ``[data endpoint, token]``; the engine
+#: runs nothing else until the client fetched it (or released it with ``fp_fetch_release``).
+NET_LENT_KEY = "fp_net_lent"

@@ -26,8 +26,15 @@ from .. import _core, error, paths
 from .. import curve as _curve
 from .. import ipc as _ipc
 from .. import ssh as _ssh
+from ..serialize.netloan import NetData
 from ..signal_names import parse_signal
-from ..wire_names import LEND_RESULTS_KEY, NO_STATUS_KEY, OUTPUT_TOPIC_PREFIX, SHM_HOST_KEY
+from ..wire_names import (
+    LEND_RESULTS_KEY,
+    NET_LEND_RESULTS_KEY,
+    NO_STATUS_KEY,
+    OUTPUT_TOPIC_PREFIX,
+    SHM_HOST_KEY,
+)
 from . import connection, dispatch, waiting
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
@@ -204,6 +211,13 @@ class Client(HasTraits):
         segment. Default: on when ``shm`` is, unless ``$FERROPARALLEL_PEER_READ=0``; used only
         with engines that proved they can read this process. See
         ``docs/decisions/0007-reading-peer-memory.md``.
+    direct_data : bool, optional
+        For calls that wait for their results, let engines that cannot use shared memory (on
+        other hosts, or with ``shm=False``) fetch large arguments straight from this client,
+        and fetch large results straight from them, over TCP instead of through the
+        controller. Default: on, unless ``$FERROPARALLEL_DIRECT_DATA=0``, SSH tunnels or
+        CurveZMQ are used; used only with engines that proved both ways reachable. See
+        ``docs/decisions/0014-direct-data-path.md``.
 
     On the controller's host (Linux) the client talks to it over its abstract Unix sockets
     rather than its TCP ports (``transport`` is then ``"ipc"``, else ``"tcp"``;
@@ -260,6 +274,7 @@ class Client(HasTraits):
         shm: bool | None = None,
         shm_threshold: int | None = None,
         peer_read: bool | None = None,
+        direct_data: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -329,6 +344,13 @@ class Client(HasTraits):
         self._shm = ShmTransport(self, shm, shm_threshold, peer_read)
         curve_options = _client_curve_options(info, curve_keys)
         self._curve = bool(curve_options)
+        self._net = NetData(
+            self.session.key,
+            pack,
+            connection.url(info, "registration"),
+            enabled=direct_data is not False and not ssh_server and not curve_options,
+        )
+        self._shm.use_network(self._net)
         for name, value in curve_options.items():
             setattr(self, name, value.encode("ascii"))
         if ssh_server:
@@ -877,6 +899,8 @@ class Client(HasTraits):
             lend = self._shm.lend_results(lend_from)
             if lend is not None:
                 md[LEND_RESULTS_KEY] = lend
+            elif self._shm.net_results(lend_from):
+                md[NET_LEND_RESULTS_KEY] = True
         if not self._trait_values["status_messages"]:
             md[NO_STATUS_KEY] = True
         return md
@@ -1531,6 +1555,9 @@ class Client(HasTraits):
         t = getattr(self, "_dispatcher", None)
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
+        net = getattr(self, "_net", None)
+        if net is not None:
+            net.close()  # (first: wakes probes still fetching, which shm.close joins)
         if shm is not None:
             shm.close()
         self._close_tunnels()

@@ -11,12 +11,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import error
-from ..serialize import deserialize_object, peer
+from ..serialize import deserialize_object, netloan, peer
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
     BUFFERS_CHANGED_MESSAGE,
     LENT_RESULT_KEY,
+    NET_LENT_KEY,
     OUTPUT_COUNT_KEY,
     SHM_SEGMENT_KEY,
 )
@@ -185,6 +186,19 @@ def _foreign_engine_refusal(
 FROM_RECORD = "fp_from_record"
 
 
+def _release_net(lent: Any, client: Client) -> None:
+    """Tell the engine that lent ``lent`` (a reply's ``[endpoint, token]``) over the network
+    that nobody will fetch it."""
+    if not (isinstance(lent, list) and len(lent) == 2 and all(isinstance(x, str) for x in lent)):
+        return
+    if not lent[0].startswith("tcp://"):
+        return
+    try:
+        client._net.fetcher.release(lent[0], lent[1])
+    except Exception as e:  # noqa: BLE001 - the engine gives up waiting on its own
+        log.debug("could not release a lent result: %s", e)
+
+
 def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
     """A reply on the mux, task or control channel (control requests have no output).
 
@@ -199,6 +213,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         lent = (msg.get("metadata") or {}).get(LENT_RESULT_KEY)
         if lent:
             peer.finish_pickup(lent)  # nobody will copy it: let the engine go on
+        _release_net((msg.get("metadata") or {}).get(NET_LENT_KEY), client)
         return None
     header = msg["header"]
     content = msg.get("content") or {}
@@ -242,6 +257,14 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             release_segment(md_in[SHM_SEGMENT_KEY])
         if md_in.get(LENT_RESULT_KEY):
             peer.finish_pickup(md_in[LENT_RESULT_KEY])  # nothing will be copied: go on
+        _release_net(md_in.get(NET_LENT_KEY), client)
+    elif status == "ok" and md_in.get(NET_LENT_KEY) and msg.get(FROM_RECORD):
+        exc = error.RemoteError(
+            "ShmError",
+            f"the result of {msg_id} was lent over the network to the client that waited "
+            "for it and is not kept by the hub: run the request again (or, to keep results "
+            "fetchable from the hub, Client(direct_data=False))",
+        )
     elif status == "ok" and md_in.get(LENT_RESULT_KEY) and msg.get(FROM_RECORD):
         # the engine lent it to the client that waited for the reply and has gone on since:
         # its memory is not to be read (nor its seal written) again
@@ -257,6 +280,9 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             try:
                 if lent:
                     with peer.serving(msg_id):  # a lent result is read for this reply only
+                        result = deserialize_object(msg.get("buffers") or [])
+                elif md_in.get(NET_LENT_KEY):  # fetched from the engine for this reply only
+                    with peer.serving(msg_id), netloan.fetching(client._net.fetcher):
                         result = deserialize_object(msg.get("buffers") or [])
                 else:  # (a descriptor of lent memory would be refused)
                     result = deserialize_object(msg.get("buffers") or [])

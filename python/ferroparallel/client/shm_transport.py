@@ -28,6 +28,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from ..serialize import netloan as _net
 from ..serialize import peer as _peer
 from ..serialize import shm as _shm
 from ..serialize.apply import check_buffer_count, pack_apply_message, pack_plain_call
@@ -39,6 +40,9 @@ log = logging.getLogger("ferroparallel.client")
 
 #: Seconds to wait for engines to say which host they are on (then: the socket path).
 PROBE_TIMEOUT = 5.0
+#: A request to more engines than this sends its large arguments through the controller (one
+#: send here, fanned out there) rather than serving one fetch per engine (decision 0014).
+NET_MAX_TARGETS = 2
 
 
 class ShmTransport:
@@ -83,6 +87,12 @@ class ShmTransport:
             raise ValueError(f"shm_threshold must be >= 0, not {self.threshold}")
         self.host = _shm.host_token()
         self._local: dict[str, bool] = {}
+        #: the direct data path (see :meth:`use_network`); engines that fetch from us, and
+        #: engines we fetch from
+        self.net: _net.NetData | None = None
+        self._net_readers: dict[str, bool] = {}
+        self._net_lenders: dict[str, bool] = {}
+        self._net_checks: list[threading.Thread] = []
         self._live: set[_shm.Segment | _peer.Loan] = set()
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
@@ -90,6 +100,11 @@ class ShmTransport:
             removed = _shm.sweep()
             if removed:
                 log.info("removed %d shared-memory segments of dead processes", len(removed))
+
+    def use_network(self, net: _net.NetData) -> None:
+        """Lend large buffers of waiting calls over ``net`` to engines that are not on this
+        host (or when shared memory is off), once they proved they can fetch from it."""
+        self.net = net if net.enabled else None
 
     # ----- packing ------------------------------------------------------------------------
 
@@ -111,6 +126,32 @@ class ShmTransport:
                     self.known_local(list(targets))  # ask in the background
                 return None
         return [*_peer.own_identity(), self.peer_host]
+
+    def net_results(self, uuids: Sequence[str] | None) -> bool:
+        """Whether a request to ``uuids`` (``None``: any engine) may have its large results
+        lent over the network: this thread waits for the reply and this client can fetch
+        from every target (no engine that could lend through memory instead)."""
+        if self.net is None or not getattr(self._calls, "waits", False):
+            return False
+        targets = self._client._uuids if uuids is None else uuids
+        lenders = self._net_lenders
+        for u in targets:
+            if not lenders.get(u):
+                if u not in self._local:
+                    self.known_local(list(targets))  # ask in the background
+                return False
+        return True
+
+    def _net_ready(self, targets: Sequence[str], any_engine: bool) -> bool:
+        """Whether every engine in ``targets`` can fetch from this client (asks in the
+        background those not asked yet) and a direct send to each beats the fan-out."""
+        if self.net is None or not targets:
+            return False
+        if not any_engine and len(targets) > NET_MAX_TARGETS:
+            return False
+        if self.known_local(targets) and self.enabled:  # (asks engines not asked yet)
+            return False  # same host: a segment (or a loan of memory) is cheaper
+        return all(self._net_readers.get(u) for u in targets)
 
     def pack_apply(
         self,
@@ -145,6 +186,22 @@ class ShmTransport:
                 with self._lock:
                     self._live.add(lender.loan)
                 return bufs, lender.loan
+        if (
+            msg_id is not None
+            and getattr(self._calls, "waits", False)
+            and self.net is not None
+            and self._net_ready(
+                list(self._client._uuids) if uuids is None else list(uuids), uuids is None
+            )
+        ):
+            netwriter = _net.NetLoanWriter(self.threshold, msg_id, self.net.server)
+            bufs = pack_apply_message(f, args, kwargs, shm=netwriter)
+            check_buffer_count(bufs, "request")
+            if not netwriter:
+                return bufs, None
+            with self._lock:
+                self._live.add(netwriter.loan)
+            return bufs, netwriter.loan
         if not self.enabled:
             return _socket_path(f, args, kwargs), None
         writer = _shm.SegmentWriter(self.threshold, self.host)
@@ -223,8 +280,12 @@ class ShmTransport:
         and memory released here could be reused by something else."""
         with self._lock:
             live, self._live = self._live, set()
+        for checking in self._net_checks:  # (a thread must not outlive the interpreter)
+            checking.join(timeout=_net.PROBE_TIMEOUT + 1)
         for seg in live:
-            if isinstance(seg, _peer.Loan):
+            if isinstance(seg, _net.NetLoan):
+                seg.release()  # the data server stops with the client
+            elif isinstance(seg, _peer.Loan):
                 _peer.orphan(seg)
             else:
                 seg.release()
@@ -276,7 +337,9 @@ class ShmTransport:
             if not ask:
                 return
             secret, probe = _peer.make_probe()
-            content = {"ferroparallel": {"peer_probe": probe}}
+            content: dict[str, Any] = {"ferroparallel": {"peer_probe": probe}}
+            if self.net is not None:
+                content["ferroparallel"]["net_probe"] = self.net.probe().request
             futs = {}
             for u in ask:
                 futs[u] = client._send(
@@ -309,7 +372,35 @@ class ShmTransport:
         self._lenders[uuid] = local and _peer.check_lend_probe(info.get("lend_probe"))
         if self.peer_read and local and not self._readers[uuid]:
             log.info("engine %s cannot read this process (%s): shared memory", uuid, read)
+        if self.net is not None and "net_probe" in info:
+            self._net_readers[uuid] = self.net.probe().check(info.get("net_probe"))
+            if not self._net_readers[uuid]:
+                log.info("engine %s cannot fetch from this client: %s", uuid, info["net_probe"])
+            checking = threading.Thread(
+                target=self._check_net_lender,
+                args=(uuid, info.get("net_lend_probe")),
+                name="ferroparallel-net-probe",
+                daemon=True,
+            )
+            self._net_checks.append(checking)
+            checking.start()
         self._local[uuid] = local  # last: readers of _local find the rest recorded
+
+    def _check_net_lender(self, uuid: str, probe: Any) -> None:
+        """Whether this client can fetch from engine ``uuid``'s data endpoint (a thread: an
+        unreachable endpoint takes the probe's whole timeout)."""
+        net = self.net
+        try:
+            ok = net is not None and _net.check_probe(net.fetcher, probe)
+        except Exception as e:  # noqa: BLE001 - the client closed meanwhile: not reachable
+            log.debug("direct data probe of engine %s failed: %s", uuid, e)
+            ok = False
+        if not ok:
+            log.info(
+                "cannot fetch from engine %s's data endpoint: results come through the controller",
+                uuid,
+            )
+        self._net_lenders[uuid] = ok
 
 
 def _snapshot(bufs: list[Any]) -> list[Any]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _core
 from ..error import IoClosedError
 from ..serialize import shm
+from ..serialize.netloan import answer_probe as answer_net_probe
 from ..serialize.peer import answer_probe, lend_probe
 from ..serialize.peer import enabled_by_env as peer_enabled
 from ..signal_names import parse_signal
@@ -128,6 +129,8 @@ class ControlHandler:
 
     def __init__(self, kernel: EngineKernel) -> None:
         self.kernel = kernel
+        #: threads answering direct-data probes (joined when the engine stops)
+        self.net_probes: list[threading.Thread] = []
 
     def handle(self, msg: dict[str, Any]) -> None:
         """Dispatch one control message; failures become error replies.
@@ -265,4 +268,31 @@ class ControlHandler:
                 content["ferroparallel"]["lend_probe"] = lend_probe()
             else:
                 content["ferroparallel"]["peer_probe"] = "error: disabled on this engine"
+        net = self.kernel.net
+        if isinstance(probe, dict) and "net_probe" in probe and net.enabled:
+            # can this engine fetch from the client, and the client from this engine? (a
+            # thread: an unreachable client takes the fetch's whole timeout, and control
+            # requests must not wait for that)
+            answering = threading.Thread(
+                target=self._answer_net_probe,
+                args=(msg, content, probe["net_probe"]),
+                name="ferroparallel-net-probe",
+                daemon=True,
+            )
+            self.net_probes = [t for t in self.net_probes if t.is_alive()] + [answering]
+            answering.start()
+            return
         self.reply(msg, content)
+
+    def _answer_net_probe(self, msg: dict[str, Any], content: dict[str, Any], asked: Any) -> None:
+        net = self.kernel.net
+        try:
+            content["ferroparallel"]["net_probe"] = answer_net_probe(net.fetcher, asked)
+            mine = net.probe()
+            content["ferroparallel"]["net_lend_probe"] = [*mine.request, mine.secret.hex()]
+        except Exception as e:  # noqa: BLE001 - the engine is stopping: the answer says why
+            content["ferroparallel"]["net_probe"] = f"error: {e}"
+        try:
+            self.reply(msg, content)
+        except Exception:  # noqa: BLE001 - the engine is stopping
+            log.debug("could not answer a kernel_info_request", exc_info=True)

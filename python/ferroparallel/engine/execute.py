@@ -17,6 +17,7 @@ from ..serialize.ipp_compat import (
     serialize_ipp_result,
     unpack_ipp_apply,
 )
+from ..serialize.netloan import fetching
 from ..serialize.peer import serving
 from ..serialize.pickling import plain_frames
 from .errors import ErrorInfo
@@ -88,7 +89,8 @@ def run_apply(
     ours = is_ferroparallel_payload(buffers)
     try:
         if ours:
-            with serving(request_id):
+            net = results.net if results is not None else None
+            with serving(request_id), fetching(net.fetcher if net is not None else None):
                 f, args, kwargs = unpack_apply_message(buffers, ns)
         else:
             f, args, kwargs = unpack_ipp_apply(buffers, ns)

@@ -12,6 +12,7 @@ from typing import Any
 from .. import _core
 from .. import curve as _curve
 from ..error import IoClosedError
+from ..serialize.netloan import NetData
 from ..serialize.shm import sweep as sweep_segments
 from . import logs
 from .capture import StreamCapture
@@ -123,7 +124,15 @@ class EngineKernel:
         self.gate = InterruptGate()
         self.namespace = UserNamespace()
         self.capture = StreamCapture(self._publish_stream)
-        self.result_segments = ResultSegments()
+        # the direct data path: large arguments fetched from waiting clients, large results
+        # lent to them (not with CurveZMQ: the data channel is not encrypted)
+        self.net = NetData(
+            self.session.key,
+            self.session.packer,
+            urls.registration,
+            enabled=not self.curve_options,
+        )
+        self.result_segments = ResultSegments(self.net)
         self.watcher = BusyWatcher(self.inbox, self.direct, self._busy_tick)
         self.hold_replies = os.environ.get("FERROPARALLEL_HOLD_REPLIES", "1") != "0"
         self.liveness: Liveness | None = None
@@ -266,6 +275,9 @@ class EngineKernel:
             _ACTIVE = None
             self._finish()
             self.result_segments.release_all()
+            self.net.close()  # wakes probe answers still fetching
+            for answering in self.control.net_probes:
+                answering.join(timeout=5)
             if restore is not None:
                 restore()
         return code

@@ -22,9 +22,10 @@ import time
 from collections import deque
 from typing import Any
 
+from ..serialize import netloan as _net
 from ..serialize import peer as _peer
 from ..serialize import shm as _shm
-from ..wire_names import LEND_RESULTS_KEY, SHM_HOST_KEY
+from ..wire_names import LEND_RESULTS_KEY, NET_LEND_RESULTS_KEY, SHM_HOST_KEY
 
 log = logging.getLogger("ferroparallel.engine")
 
@@ -35,7 +36,9 @@ GRACE = 300.0
 class ResultSegments:
     """The engine's policy for result segments and the segments it still owns."""
 
-    def __init__(self) -> None:
+    def __init__(self, net: _net.NetData | None = None) -> None:
+        #: the direct data path (lends results to clients that fetch them over the network)
+        self.net = net if net is not None and net.enabled else None
         self.enabled = _shm.enabled_by_env() and _shm.available()
         self.lending = _peer.enabled_by_env()
         self.threshold = _shm.threshold_from_env()
@@ -46,9 +49,11 @@ class ResultSegments:
 
     def writer_for(
         self, request_metadata: dict[str, Any], request_id: str = ""
-    ) -> _shm.SegmentWriter | _peer.LoanWriter | None:
+    ) -> _shm.SegmentWriter | _peer.LoanWriter | _net.NetLoanWriter | None:
         """Where the result's large buffers go: lent to a waiting client that can read this
-        process (``LEND_RESULTS_KEY``), a segment for a client on this host, else None."""
+        process (``LEND_RESULTS_KEY``), a segment for a client on this host, lent over the
+        network to a waiting client that can fetch from this engine
+        (``NET_LEND_RESULTS_KEY``), else None."""
         self.expire()
         lend = request_metadata.get(LEND_RESULTS_KEY)
         if (
@@ -59,19 +64,23 @@ class ResultSegments:
             and lend[2] == self.peer_host
         ):
             return _peer.LoanWriter(self.threshold, request_id, self.peer_host)
-        if not self.enabled or request_metadata.get(SHM_HOST_KEY) != self.host:
-            return None
-        return _shm.SegmentWriter(self.threshold, self.host)
+        if self.enabled and request_metadata.get(SHM_HOST_KEY) == self.host:
+            return _shm.SegmentWriter(self.threshold, self.host)
+        if self.net is not None and request_id and request_metadata.get(NET_LEND_RESULTS_KEY):
+            return _net.NetLoanWriter(self.threshold, request_id, self.net.server)
+        return None
 
     def commit(
         self,
-        writer: _shm.SegmentWriter | _peer.LoanWriter,
+        writer: _shm.SegmentWriter | _peer.LoanWriter | _net.NetLoanWriter,
         request_metadata: dict[str, Any] | None = None,
-    ) -> _shm.Segment | _peer.LentResult | None:
+    ) -> _shm.Segment | _peer.LentResult | _net.NetLentResult | None:
         """Write the segment, or arm the loan for the requester named in
         ``request_metadata`` (None when nothing went into the writer)."""
         if not len(writer):
             return None
+        if isinstance(writer, _net.NetLoanWriter):
+            return _net.NetLentResult(writer.loan)
         if isinstance(writer, _peer.LoanWriter):
             client = (request_metadata or {})[LEND_RESULTS_KEY]
             return _peer.LentResult(writer.loan, self._seals, client)

@@ -8,11 +8,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from ..serialize.netloan import NetLentResult
 from ..serialize.peer import LentResult
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
     BUFFERS_CHANGED_MESSAGE,
     LENT_RESULT_KEY,
+    NET_LENT_KEY,
     NO_STATUS_KEY,
     OUTPUT_COUNT_KEY,
     SHM_SEGMENT_KEY,
@@ -197,8 +199,11 @@ class ShellHandler:
             self._end()
         if outcome.error is None:
             held = outcome.segment
+            lent = isinstance(held, (LentResult, NetLentResult))
             if isinstance(held, LentResult):
                 extra = {LENT_RESULT_KEY: held.reply_metadata()}
+            elif isinstance(held, NetLentResult):
+                extra = {NET_LENT_KEY: held.reply_metadata()}
             else:
                 extra = {SHM_SEGMENT_KEY: held.name} if held else None
             self.reply(
@@ -210,9 +215,9 @@ class ShellHandler:
                 extra=extra,
                 # a lender waits for its reply; buffers sent from user memory (not copied) must
                 # leave before the next request could change them (EngineKernel.wait_sent)
-                may_hold=not isinstance(held, LentResult) and not _sent_uncopied(outcome.buffers),
+                may_hold=not lent and not _sent_uncopied(outcome.buffers),
             )
-            if isinstance(held, LentResult):
+            if lent:
                 held.wait()  # nothing may change the lent buffers before the client has them
             return
         error = outcome.error

@@ -159,6 +159,26 @@ impl Session {
         })
     }
 
+    /// The keyed BLAKE3 MAC (hex) of ``buffers`` as ``metadata["buffers_mac"]`` holds it;
+    /// ``None`` without a key. Hashes without the GIL.
+    fn buffers_digest(
+        &self,
+        py: Python<'_>,
+        buffers: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Option<String>> {
+        let held = buffers
+            .iter()
+            .map(HeldBuffer::get)
+            .collect::<PyResult<Vec<_>>>()?;
+        let core = self.core.clone();
+        // `held` goes to the hashing closure and comes back to be released under the GIL
+        let (digest, _held) = py.detach(move || {
+            let digest = core.buffers_digest(held.iter().map(HeldBuffer::as_slice));
+            (digest, held)
+        });
+        Ok(digest)
+    }
+
     /// Whether sent messages carry a digest of their buffers in the signed metadata.
     #[getter]
     fn sign_buffers(&self) -> bool {

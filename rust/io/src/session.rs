@@ -102,6 +102,15 @@ impl SessionCore {
         }
     }
 
+    /// The keyed MAC (hex) of `buffers` that `metadata["buffers_mac"]` carries, `None`
+    /// without a key (for a data channel that sends the MAC after the buffers).
+    pub fn buffers_digest<'a, I>(&self, buffers: I) -> Option<String>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        self.buffers_auth.buffers_digest(buffers)
+    }
+
     fn auth(&self) -> std::sync::MutexGuard<'_, Auth> {
         // A panic while holding this lock cannot leave Auth inconsistent in a harmful way.
         self.auth.lock().unwrap_or_else(|e| e.into_inner())

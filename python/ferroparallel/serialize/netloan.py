@@ -1,0 +1,563 @@
+"""Large buffers fetched straight from the process that lends them, over TCP (decision 0014).
+
+On one host a waiting call's large buffers are read from the sender's memory (decision 0007).
+Across hosts, or with shared memory turned off, they used to travel with the message through
+the controller: two full transfers of an atomic ZMQ message. Here the message carries a
+:class:`NetSlice` per large buffer instead (the lender's data endpoint, a random token, the
+buffer's index and size, and the msg_id of the request it was lent for), and the receiver
+fetches the bytes from the lender's :class:`DataServer` while it unpacks the message: one
+transfer, receiver-driven.
+
+The data channel is a ROUTER socket in the lender (bound on the interface that reaches the
+controller) and a DEALER per lender in the receiver, with messages signed by the cluster key.
+Its replies carry the buffers first and their MAC in a second message (``fp_fetch_mac``),
+computed while libzmq sends the first: the receiver checks it before anything is unpickled.
+
+Lent request arguments stay with the client until every reply has arrived (as a peer-memory
+loan does); a lent result stays with the engine, which runs nothing else until the client has
+fetched it (or released it, or :data:`~ferroparallel.serialize.peer.PICKUP_TIMEOUT` passed).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from .. import _core
+from .peer import Loan, ThreadSetting, _request
+from .shm import ShmError
+
+#: ``FERROPARALLEL_DIRECT_DATA=0`` (or ``off``/``false``/``no``) turns the direct data path off.
+ENV_ENABLE = "FERROPARALLEL_DIRECT_DATA"
+#: Seconds a fetch may take, plus one second per :data:`FETCH_RATE` bytes.
+FETCH_TIMEOUT = 30.0
+FETCH_RATE = 50e6
+#: Seconds an engine waits for a client's data endpoint to answer its probe.
+PROBE_TIMEOUT = 2.0
+
+FETCH_REQUEST, FETCH_REPLY, FETCH_MAC, FETCH_RELEASE = (
+    "fp_fetch_request",
+    "fp_fetch_reply",
+    "fp_fetch_mac",
+    "fp_fetch_release",
+)
+
+log = logging.getLogger("ferroparallel.netloan")
+
+#: Fetches this process made: ``[count, bytes]`` (tests and diagnostics).
+fetched = [0, 0]
+
+#: Data servers running in this process: stopped at interpreter exit (a thread waiting in
+#: native code while the interpreter finalizes would abort the process).
+_running: weakref.WeakSet[DataServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_servers() -> None:
+    for server in list(_running):
+        server.close()
+
+
+_fetching = threading.local()
+
+
+def enabled_by_env() -> bool:
+    """False when ``$FERROPARALLEL_DIRECT_DATA`` says off; True otherwise."""
+    value = os.environ.get(ENV_ENABLE, "").strip().lower()
+    return value not in ("0", "off", "false", "no")
+
+
+def bind_host(controller_url: str) -> str:
+    """The address to serve data on: the local interface that reaches the controller
+    (``127.0.0.1`` for a controller on this host or behind Unix sockets)."""
+    parts = urlsplit(controller_url)
+    host = parts.hostname or ""
+    if parts.scheme != "tcp" or host in ("", "localhost", "*"):
+        return "127.0.0.1"
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        pass  # a host name: resolved by the route lookup below
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, parts.port or 9))  # no packet is sent: a route lookup
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+# ----- lender -------------------------------------------------------------------------------
+
+
+class _Lent:
+    __slots__ = ("buffers", "done", "msg_id", "served")
+
+    def __init__(self, buffers: list[Any], msg_id: str) -> None:
+        self.buffers = buffers
+        self.msg_id = msg_id
+        self.served = 0
+        self.done = threading.Event()
+
+
+class DataServer:
+    """Serves this process's lent buffers to the peers that fetch them (a ROUTER socket on a
+    daemon thread).
+
+    Parameters
+    ----------
+    key : bytes
+        The cluster key: fetch requests must be signed with it.
+    packer : str
+        The cluster's packer.
+    host : str
+        The interface to bind (see :func:`bind_host`).
+    """
+
+    def __init__(self, key: bytes, packer: str, host: str) -> None:
+        self.session = _core.Session(key, packer=packer, sign_buffers=False)
+        self.sockets = _core.DirectSockets(self.session)
+        self.endpoint = self.sockets.add_socket("data", "ROUTER", bind=f"tcp://{host}:*")[0]
+        self._lent: dict[str, _Lent] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name="ferroparallel-data", daemon=True)
+        _running.add(self)
+        self._thread.start()
+
+    def lend(self, buffers: list[Any], msg_id: str, token: str | None = None) -> str:
+        """Serve ``buffers`` (the list itself: buffers appended later are served too) under a
+        new token (or ``token``) to fetches made for request ``msg_id``; returns the token."""
+        token = token or os.urandom(16).hex()
+        with self._lock:
+            self._lent[token] = _Lent(buffers, msg_id)
+        return token
+
+    def withdraw(self, token: str) -> None:
+        """Stop serving ``token`` (later fetches get ``missing``)."""
+        with self._lock:
+            lent = self._lent.pop(token, None)
+        if lent is not None:
+            lent.done.set()
+
+    def wait_fetched(self, token: str, timeout: float) -> bool:
+        """Wait until ``token`` was fetched (and its frames left) or released by the borrower,
+        at most ``timeout`` seconds; then withdraw it. True if it was picked up in time."""
+        with self._lock:
+            lent = self._lent.get(token)
+        if lent is None:
+            return False
+        deadline = time.monotonic() + timeout
+        picked = lent.done.wait(timeout)
+        pause = 0.0002
+        while picked and self.sockets.sending and time.monotonic() < deadline:
+            time.sleep(pause)  # libzmq still reads the buffers
+            pause = min(pause * 2, 0.005)
+        self.withdraw(token)
+        return picked
+
+    @property
+    def lent(self) -> int:
+        """Number of tokens served now."""
+        with self._lock:
+            return len(self._lent)
+
+    def close(self) -> None:
+        """Stop serving and wait for the serving thread to end (idempotent)."""
+        self.sockets.close()  # wakes the thread out of its wait
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        with self._lock:
+            lent, self._lent = self._lent, {}
+        for item in lent.values():
+            item.done.set()
+
+    def _serve(self) -> None:
+        sockets = self.sockets
+        while not sockets.closed:
+            try:
+                got = sockets.recv(0.5)
+            except Exception:  # noqa: BLE001 - closed under us, or interrupted
+                if sockets.closed:
+                    return
+                log.debug("data channel receive failed", exc_info=True)
+                continue
+            for _name, msg in got:
+                try:
+                    self._answer(msg)
+                except Exception:  # noqa: BLE001 - one bad peer must not stop the server
+                    log.warning("could not answer a fetch", exc_info=True)
+            for name, kind, text in sockets.take_errors():
+                log.warning("dropped a message on %s (%s): %s", name, kind, text)
+
+    def _answer(self, msg: dict[str, Any]) -> None:
+        header = msg.get("header") or {}
+        content = msg.get("content") or {}
+        token = content.get("token")
+        kind = header.get("msg_type")
+        with self._lock:
+            lent = self._lent.get(token) if isinstance(token, str) else None
+        if kind == FETCH_RELEASE:
+            if lent is not None:
+                lent.done.set()
+            return
+        if kind != FETCH_REQUEST:
+            log.debug("ignoring %r on the data channel", kind)
+            return
+        ident = msg.get("idents")
+        if lent is None:
+            self.sockets.send("data", FETCH_REPLY, {"status": "missing"}, header, ident=ident)
+            return
+        buffers = list(lent.buffers)
+        self.sockets.send(
+            "data", FETCH_REPLY, {"status": "ok", "count": len(buffers)}, header,
+            ident=ident, buffers=buffers,
+        )  # fmt: skip
+        # the MAC follows the bytes: computed while libzmq sends them
+        mac = self.session.buffers_digest(buffers) or ""
+        self.sockets.send("data", FETCH_MAC, {"mac": mac}, header, ident=ident)
+        lent.served += 1
+        lent.done.set()
+
+
+class NetSlice:
+    """Descriptor of one buffer lent through a :class:`DataServer`; unpickles to the fetched
+    bytes (read-only)."""
+
+    __slots__ = ("endpoint", "index", "loan", "nbytes", "token")
+
+    def __init__(self, endpoint: str, token: str, index: int, nbytes: int, loan: str) -> None:
+        self.endpoint = endpoint
+        self.token = token
+        self.index = index
+        self.nbytes = nbytes
+        self.loan = loan
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return fetch_slice, (self.endpoint, self.token, self.index, self.nbytes, self.loan)
+
+    def __repr__(self) -> str:
+        return f"<NetSlice {self.endpoint} {self.token[:8]}[{self.index}] for {self.loan}>"
+
+
+class NetLoan(Loan):
+    """The buffers one message lends through ``server``; :meth:`release` withdraws them."""
+
+    __slots__ = ("server", "token")
+
+    def __init__(self, msg_id: str, server: DataServer) -> None:
+        super().__init__(msg_id)
+        self.server = server
+        self.token = os.urandom(16).hex()
+
+    def release(self) -> None:
+        self.server.withdraw(self.token)
+        super().release()
+
+
+class NetLoanWriter:
+    """Out-of-band sink for the pickler (the interface of ``shm.SegmentWriter``): buffers above
+    ``threshold`` are served by ``server`` to the receivers of message ``msg_id``."""
+
+    def __init__(self, threshold: int, msg_id: str, server: DataServer) -> None:
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, not {threshold}")
+        self.threshold = threshold
+        self.loan = NetLoan(msg_id, server)
+
+    def __len__(self) -> int:
+        return len(self.loan.buffers)
+
+    def wants(self, nbytes: int) -> bool:
+        """Whether a buffer of ``nbytes`` is lent."""
+        return nbytes > self.threshold
+
+    def add(self, raw: memoryview) -> NetSlice:
+        """Lend ``raw`` (a flat contiguous view; kept alive by the loan)."""
+        loan = self.loan
+        if not loan.buffers:
+            loan.server.lend(loan.buffers, loan.msg_id, loan.token)
+        index = len(loan.buffers)
+        loan.buffers.append(raw)
+        loan.nbytes += raw.nbytes
+        return NetSlice(loan.server.endpoint, loan.token, index, raw.nbytes, loan.msg_id)
+
+
+class NetLentResult:
+    """A result lent by an engine: its buffers stay alive until :meth:`wait` returns."""
+
+    def __init__(self, loan: NetLoan) -> None:
+        self.loan = loan
+
+    def reply_metadata(self) -> list[str]:
+        """``[endpoint, token]`` for the reply (``NET_LENT_KEY``)."""
+        return [self.loan.server.endpoint, self.loan.token]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the client fetched the result (or released it), at most ``timeout``
+        (default: the peer-memory pickup timeout plus a second per 100 MB); then withdraw it.
+        A fetch after that is answered ``missing``."""
+        from .peer import PICKUP_RATE, PICKUP_TIMEOUT
+
+        if timeout is None:
+            timeout = PICKUP_TIMEOUT + self.loan.nbytes / PICKUP_RATE
+        picked = self.loan.server.wait_fetched(self.loan.token, timeout)
+        if not picked:
+            log.warning("a client did not fetch a lent result in %.0f s: moving on", timeout)
+        self.loan.release()
+        return picked
+
+
+# ----- borrower -----------------------------------------------------------------------------
+
+
+class Fetcher:
+    """Fetches lent buffers from other processes' :class:`DataServer` (one DEALER socket per
+    endpoint; one fetch at a time per endpoint)."""
+
+    def __init__(self, key: bytes, packer: str) -> None:
+        self.session = _core.Session(key, packer=packer, sign_buffers=False)
+        self._channels: dict[str, tuple[Any, threading.Lock]] = {}
+        self._lock = threading.Lock()
+        self._kept: dict[tuple[str, str], tuple[list[Any], set[int]]] = {}
+
+    def _channel(self, endpoint: str) -> tuple[Any, threading.Lock]:
+        with self._lock:
+            chan = self._channels.get(endpoint)
+            if chan is None:
+                sockets = _core.DirectSockets(self.session)
+                sockets.add_socket("data", "DEALER", connect=endpoint, linger_ms=0)
+                chan = self._channels[endpoint] = (sockets, threading.Lock())
+            return chan
+
+    def fetch(self, endpoint: str, token: str, timeout: float) -> list[Any]:
+        """All buffers lent under ``token`` at ``endpoint`` (checked against their MAC).
+
+        Raises
+        ------
+        ShmError
+            The lender does not serve the token (any more), did not answer in ``timeout``
+            seconds, or the bytes do not match their MAC.
+        """
+        sockets, lock = self._channel(endpoint)
+        with lock:
+            sent = sockets.send("data", FETCH_REQUEST, {"token": token})
+            deadline = time.monotonic() + timeout
+            reply: dict[str, Any] | None = None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ShmError(
+                        f"the process that lent these buffers ({endpoint}) did not send them "
+                        f"within {timeout:.0f} s: check that this host can reach it, or turn "
+                        f"the direct data path off ({ENV_ENABLE}=0)"
+                    )
+                for _name, msg in sockets.recv(min(left, 0.5)):
+                    parent = msg.get("parent_header") or {}
+                    if parent.get("msg_id") != sent.get("msg_id"):
+                        continue  # the late answer to a fetch that gave up
+                    kind = (msg.get("header") or {}).get("msg_type")
+                    content = msg.get("content") or {}
+                    if kind == FETCH_REPLY:
+                        if content.get("status") != "ok":
+                            raise ShmError(
+                                f"the buffers lent for this message are no longer served by "
+                                f"{endpoint} (the lender stopped waiting, or this is a "
+                                f"resubmitted request): run the request again"
+                            )
+                        reply = msg
+                    elif kind == FETCH_MAC and reply is not None:
+                        return self._checked(reply.get("buffers") or [], content.get("mac"))
+
+    def _checked(self, frames: list[Any], mac: Any) -> list[Any]:
+        expected = self.session.buffers_digest(frames) or ""
+        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), expected.encode()):
+            raise ShmError("fetched buffers do not match their MAC: dropped")
+        fetched[0] += 1
+        fetched[1] += sum(memoryview(f).nbytes for f in frames)
+        return frames
+
+    def take(self, endpoint: str, token: str, index: int, nbytes: int) -> Any:
+        """Buffer ``index`` of the loan ``token`` (fetched once for all its buffers, kept
+        until each was taken)."""
+        key = (endpoint, token)
+        kept = self._kept.get(key)
+        if kept is None:
+            frames = self.fetch(endpoint, token, FETCH_TIMEOUT + nbytes / FETCH_RATE)
+            kept = self._kept[key] = (frames, set(range(len(frames))))
+        frames, left = kept
+        if not 0 <= index < len(frames) or memoryview(frames[index]).nbytes != nbytes:
+            self._kept.pop(key, None)
+            raise ShmError(f"fetched buffers do not match their descriptor ({index}, {nbytes})")
+        left.discard(index)
+        if not left:
+            del self._kept[key]
+        return frames[index]
+
+    def forget(self) -> None:
+        """Drop buffers fetched and not taken (a message that failed to unpack)."""
+        self._kept.clear()
+
+    def release(self, endpoint: str, token: str) -> None:
+        """Tell a lender its buffers will not be fetched."""
+        sockets, lock = self._channel(endpoint)
+        with lock:
+            sockets.send("data", FETCH_RELEASE, {"token": token})
+
+    def close(self) -> None:
+        with self._lock:
+            chans, self._channels = self._channels, {}
+        for sockets, _lock in chans.values():
+            sockets.close()
+
+
+class _Fetching:
+    """``with fetching(fetcher):`` lets descriptors unpickled in the block use ``fetcher``
+    (then forgets what it fetched and nobody took)."""
+
+    __slots__ = ("_fetcher", "_setting")
+
+    def __init__(self, fetcher: Fetcher | None) -> None:
+        self._fetcher = fetcher
+        self._setting = ThreadSetting(_fetching, "fetcher", fetcher)
+
+    def __enter__(self) -> None:
+        self._setting.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._setting.__exit__(*exc)
+        if self._fetcher is not None and self._fetcher._kept:
+            self._fetcher.forget()
+
+
+def fetching(fetcher: Fetcher | None) -> _Fetching:
+    """Unpickle inside this block to fetch lent buffers with ``fetcher``."""
+    return _Fetching(fetcher)
+
+
+def fetch_slice(endpoint: str, token: str, index: int, nbytes: int, loan: str) -> memoryview:
+    """Receiver side of a :class:`NetSlice`: the fetched bytes (read-only).
+
+    Raises
+    ------
+    ShmError
+        The descriptor was not made for the message being unpacked, no fetcher is set up
+        here, or the fetch failed.
+    """
+    current = getattr(_request, "msg_id", None)
+    if current is None or not (current == loan or current.startswith(loan + "_")):
+        raise ShmError(
+            f"these buffers were lent over the network for request {loan!r} and can only be "
+            f"fetched while that request's message is delivered (a resubmitted request or a "
+            f"result fetched later from the hub cannot reuse them: run the request again)"
+        )
+    fetcher: Fetcher | None = getattr(_fetching, "fetcher", None)
+    if fetcher is None:
+        raise ShmError(f"buffers lent over the network by {endpoint} cannot be fetched here")
+    return memoryview(fetcher.take(endpoint, token, index, nbytes)).toreadonly()
+
+
+# ----- reachability probe -------------------------------------------------------------------
+
+
+class Probe:
+    """A secret served by a :class:`DataServer`: a peer that can fetch it proves it reaches
+    the server."""
+
+    def __init__(self, server: DataServer) -> None:
+        self.secret = os.urandom(16)
+        self.token = server.lend([self.secret], "probe")
+        self.request = [server.endpoint, self.token]
+
+    def check(self, answer: Any) -> bool:
+        """Whether ``answer`` (a peer's :func:`answer_probe`) is the secret."""
+        return isinstance(answer, str) and hmac.compare_digest(
+            answer.encode(), self.secret.hex().encode()
+        )
+
+
+def answer_probe(fetcher: Fetcher, request: Any, timeout: float = PROBE_TIMEOUT) -> str:
+    """The hex of the secret behind ``request`` (``[endpoint, token]``), or why not."""
+    try:
+        endpoint, token = request
+        if not (isinstance(endpoint, str) and endpoint.startswith("tcp://")):
+            raise ValueError(endpoint)
+        str(token)
+    except (TypeError, ValueError):
+        return "error: malformed probe"
+    try:
+        frames = fetcher.fetch(endpoint, str(token), timeout)
+    except ShmError as e:
+        return f"error: {e}"
+    return bytes(frames[0]).hex() if len(frames) == 1 else "error: malformed answer"
+
+
+def check_probe(fetcher: Fetcher, request: Any, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether this process can fetch the secret of a peer's probe ``[endpoint, token, hex]``."""
+    if not isinstance(request, Sequence) or len(request) != 3:
+        return False
+    expected = request[2]
+    answer = answer_probe(fetcher, list(request[:2]), timeout)
+    return isinstance(expected, str) and hmac.compare_digest(answer.encode(), expected.encode())
+
+
+class NetData:
+    """A process's direct data path: its :class:`DataServer` (started on first use), its
+    :class:`Fetcher` and its reachability :class:`Probe`.
+
+    Parameters
+    ----------
+    key, packer : the cluster's key and packer.
+    controller_url : str
+        Where the controller is: the server binds the interface that reaches it.
+    enabled : bool
+        False turns the path off (as ``$FERROPARALLEL_DIRECT_DATA=0`` does).
+    """
+
+    def __init__(self, key: bytes, packer: str, controller_url: str, enabled: bool = True) -> None:
+        self.enabled = bool(enabled) and enabled_by_env()
+        self._key = key
+        self._packer = packer
+        self._url = controller_url
+        self._server: DataServer | None = None
+        self._probe: Probe | None = None
+        self._lock = threading.Lock()
+        self.fetcher = Fetcher(key, packer)
+
+    @property
+    def server(self) -> DataServer:
+        """This process's data server (started now if it is not running)."""
+        with self._lock:
+            if self._server is None:
+                self._server = DataServer(self._key, self._packer, bind_host(self._url))
+            return self._server
+
+    @property
+    def started(self) -> bool:
+        """Whether the data server runs."""
+        return self._server is not None
+
+    def probe(self) -> Probe:
+        """The secret peers fetch to prove they reach this process's server."""
+        server = self.server
+        with self._lock:
+            if self._probe is None:
+                self._probe = Probe(server)
+            return self._probe
+
+    def close(self) -> None:
+        """Stop the server and close the fetch channels (idempotent)."""
+        with self._lock:
+            server, self._server, self._probe = self._server, None, None
+        if server is not None:
+            server.close()
+        self.fetcher.close()

@@ -1,0 +1,284 @@
+"""The direct data path (docs/decisions/0014): large buffers of waiting calls fetched over TCP
+straight from the process that lends them, not carried through the controller.
+
+A client with ``shm=False`` stands for one on another host: its engines cannot use shared
+memory or its process memory, so blocking pushes, applies and pulls of large arrays go
+direct once the engines proved they can reach the client's data endpoint and the client
+theirs. Checked: exact round trips, that the bytes really were fetched (counters on both
+sides) and received without a copy, the fallbacks (non-blocking calls, ``direct_data=False``,
+an unreachable endpoint, more than two targets), the loans' lifetime, and refusals
+(resubmitted requests, results fetched later from the hub, wrong keys, altered bytes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import ferroparallel as ipp
+from cluster_fixtures import wait_until
+from ferroparallel import Client, Cluster, Reference
+from ferroparallel.error import RemoteError
+from ferroparallel.serialize import netloan
+from ferroparallel.serialize.shm import ShmError
+from transfer_util import owner_kind
+
+pytest_plugins = ("cluster_fixtures",)
+pytestmark = pytest.mark.timeout(300)
+
+MIB = 1 << 20
+SHORT = 60.0
+KEY = b"direct-data-test-key"
+
+
+def engine_fetches() -> list[int]:
+    """``[count, bytes]`` fetched by this engine so far."""
+    from ferroparallel.serialize import netloan
+
+    return list(netloan.fetched)
+
+
+def probed(client: Client) -> bool:
+    shm = client._shm
+    return (
+        all(shm._net_readers.get(u) and shm._net_lenders.get(u) for u in client._uuids)
+        and len(client._uuids) == 2
+    )
+
+
+@pytest.fixture
+def net_rc(rc: Client, shared_cluster: Cluster) -> Iterator[Client]:
+    """A client of the shared cluster that cannot use shared memory (as if remote), with
+    both engines probed for the direct data path."""
+    with ipp.Client(shared_cluster.client_file, shm=False) as client:
+        client.wait_for_engines(2, timeout=SHORT)
+        client[:].apply_sync(int)  # starts the probes
+        client._shm.known_local(list(client._uuids))
+        wait_until(lambda: probed(client), what="the direct data probes")
+        yield client
+
+
+def test_blocking_push_apply_pull_go_direct(net_rc: Client) -> None:
+    dv = net_rc[:]
+    a = np.random.default_rng(1).random(2 * MIB)  # 16 MiB
+    fortran = np.asfortranarray(np.arange(3 * MIB, dtype=np.int32).reshape(1024, -1))
+    rec = np.zeros(MIB, dtype=[("x", "f8"), ("y", "i2")])
+    rec["x"] = np.arange(MIB)
+    before = dv.apply_sync(engine_fetches)
+    dv.push({"a": a, "nested": {"f": [fortran], "r": (rec,)}}, block=True)
+    after = dv.apply_sync(engine_fetches)
+    # one fetch per engine, of the three arrays' bytes
+    nbytes = a.nbytes + fortran.nbytes + rec.nbytes
+    assert [
+        [x - b for x, b in zip(e, eb, strict=True)] for e, eb in zip(after, before, strict=True)
+    ] == [[1, nbytes]] * 2
+    # received over the fetched frames (no copy), read-only
+    assert dv.apply_sync(lambda: owner_kind(a)) == ["frame", "frame"]
+
+    @ipp.interactive
+    def check() -> bool:
+        f = nested["f"][0]  # noqa: F821 - engine namespace
+        return (
+            f.flags.f_contiguous
+            and not a.flags.writeable  # noqa: F821
+            and nested["r"][0].dtype.names == ("x", "y")  # noqa: F821
+        )
+
+    assert dv.apply_sync(check) == [True, True]
+    client_before = list(netloan.fetched)
+    got = dv.pull("a", block=True)
+    assert all(np.array_equal(g, a) and not g.flags.writeable for g in got)
+    assert [owner_kind(g) for g in got] == ["frame", "frame"]  # over the fetched frames
+    pulled = net_rc[0].pull("nested", block=True)
+    assert np.array_equal(pulled["f"][0], fortran) and pulled["f"][0].flags.f_contiguous
+    assert np.array_equal(pulled["r"][0], rec)
+    total = net_rc[1].apply_sync(lambda x: float(x.sum()), a)
+    assert total == float(a.sum())
+    doubled = net_rc[1].apply_sync(lambda x: x * 2, Reference("a"))
+    assert np.array_equal(doubled, a * 2)
+    assert netloan.fetched[0] - client_before[0] == 2 + 1 + 1
+    assert net_rc._shm.live_loans() == []  # every loan ended with its replies
+    assert net_rc._net.server.lent == 1  # only the probe's secret is still served
+
+
+def test_scatter_gather_and_load_balanced_apply_go_direct(net_rc: Client) -> None:
+    a = np.arange(4 * MIB, dtype=np.float64)
+    before = sum(x[0] for x in net_rc[:].apply_sync(engine_fetches))
+    net_rc[:].scatter("part", a, block=True)
+    assert np.array_equal(net_rc[:].gather("part", block=True), a)
+    lview = net_rc.load_balanced_view()
+    assert lview.apply_sync(lambda x: float(x[-1]), a) == float(a[-1])
+    after = sum(x[0] for x in net_rc[:].apply_sync(engine_fetches))
+    assert after - before == 2 + 1
+
+
+def test_small_and_non_blocking_calls_keep_the_controller_path(net_rc: Client) -> None:
+    dv = net_rc[:]
+    before = dv.apply_sync(engine_fetches)
+    dv.push({"small": np.arange(1000)}, block=True)  # under the threshold
+    a = np.ones(2 * MIB)
+    dv.push({"a": a}, block=False).get(timeout=SHORT)  # the caller may change `a` at once
+    assert dv.apply_sync(engine_fetches) == before
+    client_before = list(netloan.fetched)
+    assert all(np.array_equal(g, a) for g in dv.pull("a", block=False).get(timeout=SHORT))
+    assert netloan.fetched == client_before
+
+
+def test_more_than_two_targets_use_the_fan_out(net_rc: Client) -> None:
+    uuids = list(net_rc._uuids)
+    assert net_rc._shm._net_ready(uuids, False)
+    assert not net_rc._shm._net_ready([*uuids, uuids[0]], False)  # one send, fanned out
+    assert net_rc._shm._net_ready(uuids, True)  # load-balanced: one engine fetches
+
+
+def test_direct_data_false_and_unreachable_endpoints_fall_back(
+    rc: Client, shared_cluster: Cluster
+) -> None:
+    a = np.ones(2 * MIB)
+    with ipp.Client(shared_cluster.client_file, shm=False, direct_data=False) as off:
+        assert off._shm.net is None
+        before = off[:].apply_sync(engine_fetches)
+        off[:].push({"a": a}, block=True)
+        assert off[:].apply_sync(engine_fetches) == before
+        assert all(np.array_equal(g, a) for g in off[:].pull("a", block=True))
+    with ipp.Client(shared_cluster.client_file, shm=False) as lost:
+        lost.wait_for_engines(2, timeout=SHORT)
+
+        class Nowhere:  # a data endpoint no engine can reach
+            request = ["tcp://127.0.0.1:9", "0" * 32]
+
+            @staticmethod
+            def check(answer: object) -> bool:
+                return False
+
+        lost._net._probe = Nowhere()  # type: ignore[assignment]
+        lost._shm.known_local(list(lost._uuids))
+        wait_until(lambda: len(lost._shm._net_readers) == 2, what="probe answers")
+        assert not any(lost._shm._net_readers.values())
+        before = lost[:].apply_sync(engine_fetches)
+        lost[:].push({"a": a}, block=True)
+        assert lost[:].apply_sync(engine_fetches) == before
+        assert all(np.array_equal(g, a) for g in lost[:].pull("a", block=True))
+
+
+def test_lent_arguments_and_results_are_for_their_request_only(net_rc: Client) -> None:
+    a = np.arange(2 * MIB, dtype=np.float64)
+    with net_rc._shm.waiting():
+        fut = net_rc.send_apply_request("mux", lambda x: x[::-1], (a,), ident=net_rc._engines[0])
+    assert np.array_equal(fut.result(timeout=SHORT), a[::-1])
+    # the hub kept descriptors, not the bytes: fetched later, a clear error
+    net_rc.purge_local_results("all")
+    with pytest.raises(RemoteError, match="lent over the network") as e:
+        net_rc.get_result(fut.msg_id, block=False).get(timeout=SHORT)
+    assert e.value.ename == "ShmError"
+    # resubmitted under a new msg_id: the engine refuses the old loan's descriptors
+    ar = net_rc.resubmit(fut.msg_id)
+    with pytest.raises(RemoteError, match="run the request again"):
+        ar.get(timeout=SHORT)
+
+
+def test_an_engine_waits_for_its_result_to_be_fetched(net_rc: Client) -> None:
+    uuid = net_rc._build_targets(0)[0][0]
+    net_rc[0].execute("import numpy as np; big = np.zeros(8 << 20, dtype=np.uint8)", block=True)
+    for i in range(3):
+        with net_rc._shm.waiting():  # as a blocking pull: the result is lent
+            fut = net_rc.send_apply_request("mux", lambda x: x, (Reference("big"),), ident=uuid)
+        # queued right behind it: changes the very array in place
+        net_rc[0].execute(f"big[:] = {i + 1}", block=False)
+        got = fut.result(timeout=SHORT)
+        assert not got.any(), f"round {i}: the lent result changed before it was fetched"
+        net_rc[0].execute("big[:] = 0", block=True)
+
+
+# ----- the data channel on its own --------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[netloan.DataServer]:
+    s = netloan.DataServer(KEY, "msgpack", "127.0.0.1")
+    yield s
+    s.close()
+
+
+def test_fetch_checks_token_key_and_mac(server: netloan.DataServer) -> None:
+    data = [np.arange(1000, dtype=np.int64), b"x" * 100]
+    token = server.lend([memoryview(d).cast("B") for d in data], "m")
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        frames = fetcher.fetch(server.endpoint, token, 10)
+        assert bytes(frames[1]) == b"x" * 100
+        assert np.array_equal(np.frombuffer(frames[0], dtype=np.int64), data[0])
+        with pytest.raises(ShmError, match="no longer served"):
+            fetcher.fetch(server.endpoint, "0" * 32, 10)
+        server.withdraw(token)
+        with pytest.raises(ShmError, match="no longer served"):
+            fetcher.fetch(server.endpoint, token, 10)
+    finally:
+        fetcher.close()
+    stranger = netloan.Fetcher(b"another key", "msgpack")
+    token = server.lend([b"secret"], "m")
+    try:  # a request signed with another key is dropped: no answer
+        with pytest.raises(ShmError, match="did not send them within"):
+            stranger.fetch(server.endpoint, token, 1.0)
+    finally:
+        stranger.close()
+    with pytest.raises(ShmError, match="do not match their MAC"):
+        netloan.Fetcher(KEY, "msgpack")._checked([b"altered"], "00" * 32)
+
+
+def test_descriptors_are_fetched_only_inside_their_request(server: netloan.DataServer) -> None:
+    writer = netloan.NetLoanWriter(100, "req-1", server)
+    assert not writer.wants(100) and writer.wants(101)
+    desc = writer.add(memoryview(b"y" * 500))
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    from ferroparallel.serialize import peer
+
+    try:
+        with netloan.fetching(fetcher), pytest.raises(ShmError, match="'req-1'"):
+            netloan.fetch_slice(*desc.__reduce__()[1])
+        with peer.serving("req-2"), netloan.fetching(fetcher), pytest.raises(ShmError):
+            netloan.fetch_slice(*desc.__reduce__()[1])
+        with peer.serving("req-1_3"), netloan.fetching(fetcher):  # a fanned-out id
+            assert bytes(netloan.fetch_slice(*desc.__reduce__()[1])) == b"y" * 500
+        writer.loan.release()
+        with peer.serving("req-1"), netloan.fetching(fetcher), pytest.raises(ShmError):
+            netloan.fetch_slice(*desc.__reduce__()[1])
+    finally:
+        fetcher.close()
+
+
+def test_a_lent_result_waits_for_its_fetch_or_release(server: netloan.DataServer) -> None:
+    writer = netloan.NetLoanWriter(0, "req", server)
+    writer.add(memoryview(b"z" * 1000))
+    lent = netloan.NetLentResult(writer.loan)
+    endpoint, token = lent.reply_metadata()
+    results: list[bool] = []
+    t = threading.Thread(target=lambda: results.append(lent.wait(timeout=30)))
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()  # waiting for the client
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        fetcher.release(endpoint, token)  # the client will not fetch it
+        t.join(10)
+        assert results == [True] and server.lent == 0
+        # nobody fetches: the engine moves on after its timeout, and later fetches fail
+        writer = netloan.NetLoanWriter(0, "req2", server)
+        writer.add(memoryview(b"z" * 1000))
+        lent = netloan.NetLentResult(writer.loan)
+        assert lent.wait(timeout=0.2) is False
+        with pytest.raises(ShmError, match="no longer served"):
+            fetcher.fetch(*lent.reply_metadata(), 10)
+    finally:
+        fetcher.close()
+
+
+def test_bind_host_follows_the_controller() -> None:
+    assert netloan.bind_host("ipc://@fp-123/registration") == "127.0.0.1"
+    assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"
+    assert netloan.bind_host("tcp://localhost:5555") == "127.0.0.1"
+    assert netloan.bind_host("tcp://127.0.0.2:5555") == "127.0.0.1"
