@@ -134,13 +134,8 @@ def test_more_buffers_than_a_message_carries_go_in_band(sock_rc: Client) -> None
     sock_rc[0].execute("del many", block=True)
 
 
-PEAK_SCRIPT = """
-    import json, sys, numpy as np, ferroparallel as ipp
-    def kib(field, pid="self"):
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
+#: How the scripts below connect: ``argv[2]`` names the path (socket, direct, shm, lent).
+CONNECT = """
     path = sys.argv[2]
     rc = ipp.Client(sys.argv[1], shm=path not in ("socket", "direct"),
                     peer_read=path == "lent", direct_data=path == "direct")
@@ -153,7 +148,17 @@ PEAK_SCRIPT = """
             rc._shm._net_readers.get(u) and rc._shm._net_lenders.get(u) for u in rc._uuids
         ):
             time.sleep(0.05)
-    warm = np.ones(2 << 20, dtype=np.uint8)
+"""
+
+
+PEAK_SCRIPT = """
+    import json, sys, numpy as np, ferroparallel as ipp
+    def kib(field, pid="self"):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+{connect}    warm = np.ones(2 << 20, dtype=np.uint8)
     rc[:].push({"warm": warm}, block=True)  # imports, probes, first-use allocations
     def engine_mem():
         import numpy as np
@@ -171,6 +176,7 @@ PEAK_SCRIPT = """
                       "touched": touched}))
     rc.close()
 """
+PEAK_SCRIPT = PEAK_SCRIPT.replace("{connect}", CONNECT.lstrip("\n"))
 
 
 @pytest.mark.parametrize("path", ["socket", "direct", "shm", "lent"])
@@ -191,19 +197,7 @@ def test_client_peak_rss_and_engine_copies(shared_cluster: Cluster, path: str) -
 INTERRUPT_SCRIPT = """
     import json, sys, time, numpy as np, ferroparallel as ipp
     from ferroparallel.serialize import shm
-    path = sys.argv[2]
-    rc = ipp.Client(sys.argv[1], shm=path not in ("socket", "direct"),
-                    peer_read=path == "lent", direct_data=path == "direct")
-    rc.wait_for_engines(2, timeout=30)
-    if path == "direct":  # wait for the probes: then large buffers are fetched directly
-        import time
-        rc._shm.known_local(list(rc._uuids))
-        t = time.monotonic()
-        while time.monotonic() - t < 20 and not all(
-            rc._shm._net_readers.get(u) and rc._shm._net_lenders.get(u) for u in rc._uuids
-        ):
-            time.sleep(0.05)
-    rc[:].push({"warm": np.ones(2 << 20, dtype=np.uint8)}, block=True)
+{connect}    rc[:].push({"warm": np.ones(2 << 20, dtype=np.uint8)}, block=True)
     a = np.ones(1 << 30, dtype=np.uint8)
     print("ready", flush=True)
     outcome = "completed"
@@ -220,6 +214,7 @@ INTERRUPT_SCRIPT = """
     print(json.dumps({"outcome": outcome, "same": same, "pulled": pulled, "live": live,
                       "left": shm.our_segments()}), flush=True)
 """
+INTERRUPT_SCRIPT = INTERRUPT_SCRIPT.replace("{connect}", CONNECT.lstrip("\n"))
 
 
 @pytest.mark.parametrize("path", ["socket", "direct", "shm", "lent"])

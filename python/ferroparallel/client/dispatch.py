@@ -186,6 +186,15 @@ def _foreign_engine_refusal(
 FROM_RECORD = "fp_from_record"
 
 
+def _lent_how(md: dict[str, Any]) -> tuple[str, str] | None:
+    """How a reply's result was lent (words for an error, the Client option that stops it)."""
+    if md.get(LENT_RESULT_KEY):
+        return "from the engine's memory", "peer_read"
+    if md.get(NET_LENT_KEY):
+        return "over the network", "direct_data"
+    return None
+
+
 def _release_net(lent: Any, client: Client) -> None:
     """Tell the engine that lent ``lent`` (a reply's ``[endpoint, token]``) over the network
     that nobody will fetch it."""
@@ -258,21 +267,15 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         if md_in.get(LENT_RESULT_KEY):
             peer.finish_pickup(md_in[LENT_RESULT_KEY])  # nothing will be copied: go on
         _release_net(md_in.get(NET_LENT_KEY), client)
-    elif status == "ok" and md_in.get(NET_LENT_KEY) and msg.get(FROM_RECORD):
-        exc = error.RemoteError(
-            "ShmError",
-            f"the result of {msg_id} was lent over the network to the client that waited "
-            "for it and is not kept by the hub: run the request again (or, to keep results "
-            "fetchable from the hub, Client(direct_data=False))",
-        )
-    elif status == "ok" and md_in.get(LENT_RESULT_KEY) and msg.get(FROM_RECORD):
+    elif status == "ok" and msg.get(FROM_RECORD) and (lent_how := _lent_how(md_in)):
         # the engine lent it to the client that waited for the reply and has gone on since:
-        # its memory is not to be read (nor its seal written) again
+        # its memory is not to be read (nor its seal written) again, nor fetched
+        how, option = lent_how
         exc = error.RemoteError(
             "ShmError",
-            f"the result of {msg_id} was lent from the engine's memory to the client that "
-            "waited for it and is not kept by the hub: run the request again (or, to keep "
-            "results fetchable from the hub, Client(peer_read=False))",
+            f"the result of {msg_id} was lent {how} to the client that waited for it and is "
+            "not kept by the hub: run the request again (or, to keep results fetchable from "
+            f"the hub, Client({option}=False))",
         )
     elif status == "ok":
         if header.get("msg_type") == "apply_reply":
