@@ -151,13 +151,10 @@ def test_direct_data_false_and_unreachable_endpoints_fall_back(
         class Nowhere:  # a data endpoint no engine can reach
             request = ["tcp://127.0.0.1:9", "0" * 32]
 
-            @staticmethod
-            def check(answer: object) -> bool:
-                return False
-
         lost._net._probe = Nowhere()  # type: ignore[assignment]
         lost._shm.known_local(list(lost._uuids))
-        wait_until(lambda: len(lost._shm._net_readers) == 2, what="probe answers")
+        wait_until(lambda: len(lost._shm._net_lenders) == 2, what="probe answers")
+        time.sleep(netloan.PROBE_TIMEOUT + 0.5)  # the engines' fetches gave up
         assert not any(lost._shm._net_readers.values())
         before = lost[:].apply_sync(engine_fetches)
         lost[:].push({"a": a}, block=True)
@@ -255,7 +252,8 @@ def test_a_lent_result_waits_for_its_fetch_or_release(server: netloan.DataServer
     writer = netloan.NetLoanWriter(0, "req", server)
     writer.add(memoryview(b"z" * 1000))
     lent = netloan.NetLentResult(writer.loan)
-    endpoint, token = lent.reply_metadata()
+    endpoint, token, nbytes = lent.reply_metadata()
+    assert nbytes == 1000
     results: list[bool] = []
     t = threading.Thread(target=lambda: results.append(lent.wait(timeout=30)))
     t.start()
@@ -272,7 +270,7 @@ def test_a_lent_result_waits_for_its_fetch_or_release(server: netloan.DataServer
         lent = netloan.NetLentResult(writer.loan)
         assert lent.wait(timeout=0.2) is False
         with pytest.raises(ShmError, match="no longer served"):
-            fetcher.fetch(*lent.reply_metadata(), 10)
+            fetcher.fetch(*lent.reply_metadata()[:2], 10)
     finally:
         fetcher.close()
 
@@ -282,3 +280,80 @@ def test_bind_host_follows_the_controller() -> None:
     assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"
     assert netloan.bind_host("tcp://localhost:5555") == "127.0.0.1"
     assert netloan.bind_host("tcp://127.0.0.2:5555") == "127.0.0.1"
+
+
+def test_a_fetcher_keeps_a_bounded_number_of_channels() -> None:
+    servers = [netloan.DataServer(KEY, "msgpack", "127.0.0.1") for _ in range(20)]
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        for i, s in enumerate(servers):
+            token = s.lend([f"data {i}".encode()], "m")
+            assert bytes(fetcher.fetch(s.endpoint, token, 10)[0]) == f"data {i}".encode()
+            assert fetcher.channels <= netloan.MAX_CHANNELS
+        # an evicted channel is opened again when needed
+        token = servers[0].lend([b"again"], "m")
+        assert bytes(fetcher.fetch(servers[0].endpoint, token, 10)[0]) == b"again"
+    finally:
+        fetcher.close()
+        for s in servers:
+            s.close()
+
+
+def test_a_resubmitted_request_is_not_lent(net_rc: Client) -> None:
+    """The hub drops the lending keys from a resubmitted request: nobody waits for it the way
+    the original's client did, so its result comes through the hub, and the engine does not
+    wait for a pickup that never comes."""
+    net_rc[0].execute("import numpy as np; big = np.arange(4 << 20, dtype=np.int64)", block=True)
+    first = net_rc[0].apply_sync(lambda x: x, Reference("big"))
+    msg_id = net_rc.history[-1]
+    (again,) = net_rc.resubmit(msg_id).get(timeout=SHORT)  # (a list, as in ipyparallel)
+    assert np.array_equal(again, first)
+    started = time.monotonic()
+    assert net_rc[0].apply_sync(lambda: 1) == 1
+    assert time.monotonic() - started < 10  # not held for the pickup timeout
+
+
+def test_an_engine_stopped_before_its_result_is_fetched_fails_the_request_only(
+    new_cluster: object,
+) -> None:
+    """The fetch of a lent result runs on a thread of its own: while it waits for a stalled
+    engine the client goes on with its other engines, and the request fails as soon as the
+    controller declares that engine dead (not after the fetch timeout)."""
+    import os
+    import signal
+
+    cluster, rc = new_cluster(n=2, shm=False)  # type: ignore[operator]
+    rc[:].apply_sync(int)
+    rc._shm.known_local(list(rc._uuids))
+    wait_until(lambda: probed(rc), what="the direct data probes")
+    pid = rc[0].apply_sync(os.getpid)
+
+    def stalls() -> object:
+        import os
+        import signal
+        import threading
+
+        import numpy as np
+
+        big = np.ones(256 << 20, dtype=np.uint8)
+        # stop this engine right after its reply left, while the client fetches the result
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGSTOP)).start()
+        return big
+
+    started = time.monotonic()
+    ar = rc[0].apply_async(stalls)
+    try:
+        with rc._shm.waiting():  # meanwhile the other engine answers at once
+            for _ in range(5):
+                t = time.monotonic()
+                assert rc[1].apply_sync(lambda: 2) == 2
+                assert time.monotonic() - t < 2
+                time.sleep(0.2)
+        try:
+            got = ar.get(timeout=SHORT)
+            assert got.nbytes == 256 << 20  # (the fetch won the race)
+        except RemoteError as e:
+            assert e.ename == "EngineError", e
+        assert time.monotonic() - started < 20  # the fetch timeout would be 35 s
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -30,6 +30,12 @@ reset through ``/proc/<pid>/clear_refs`` (see ``_rss``); the largest over the re
 ferroparallel, ipyparallel, the raw pyzmq servers and the copy floor take turns within each
 repetition; Dask runs afterwards, alone (an idle Dask cluster keeps about 13% of a core busy).
 
+Without shared memory (``FERROPARALLEL_SHM=0``: the rows without ``shm``, standing for engines
+on other hosts) the blocking calls timed here use ferroparallel's direct data path
+(decision 0014): the engines and the client fetch large buffers over TCP from each other
+rather than through the controller; ``FERROPARALLEL_DIRECT_DATA=0`` measures the controller's
+path instead.
+
 Shared memory: when ferroparallel has a same-host shared-memory path (``Client(shm=...)``,
 ``ferroparallel.SHM_AVAILABLE`` or a ``shm`` module: see :func:`shm_unavailable`), a second
 ferroparallel cluster runs with ``FERROPARALLEL_SHM=1`` (the first with ``FERROPARALLEL_SHM=0``)

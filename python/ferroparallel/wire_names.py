@@ -74,6 +74,6 @@ LENT_RESULT_KEY = "fp_lent_result"
 #: (``docs/decisions/0014-direct-data-path.md``).
 NET_LEND_RESULTS_KEY = "fp_net_results"
 
-#: Reply metadata of a result lent over the network: ``[data endpoint, token]``; the engine
+#: Reply metadata of a result lent over the network: ``[data endpoint, token, nbytes]``; the engine
 #: runs nothing else until the client fetched it (or released it with ``fp_fetch_release``).
 NET_LENT_KEY = "fp_net_lent"

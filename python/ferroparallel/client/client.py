@@ -351,6 +351,8 @@ class Client(HasTraits):
             enabled=direct_data is not False and not ssh_server and not curve_options,
         )
         self._shm.use_network(self._net)
+        #: threads fetching results lent over the network (joined by close)
+        self._net_fetches: set[threading.Thread] = set()
         for name, value in curve_options.items():
             setattr(self, name, value.encode("ascii"))
         if ssh_server:
@@ -1558,6 +1560,9 @@ class Client(HasTraits):
         net = getattr(self, "_net", None)
         if net is not None:
             net.close()  # (first: wakes probes still fetching, which shm.close joins)
+            for fetching in list(getattr(self, "_net_fetches", ())):
+                if fetching is not threading.current_thread():
+                    fetching.join(timeout=5)
         if shm is not None:
             shm.close()
         self._close_tunnels()

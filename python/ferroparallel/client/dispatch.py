@@ -6,6 +6,7 @@ Runs on the client's dispatcher thread, one batch of messages at a time.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import InvalidStateError
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -195,13 +196,68 @@ def _lent_how(md: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+#: Key set on a reply whose lent result was fetched ahead (see :func:`_fetch_first`).
+PREFETCHED = "fp_prefetched"
+
+
+def _net_lent(lent: Any) -> tuple[str, str, int] | None:
+    """A reply's ``NET_LENT_KEY`` value ``[endpoint, token, nbytes]``, checked."""
+    if not (isinstance(lent, list) and len(lent) == 3):
+        return None
+    endpoint, token, nbytes = lent
+    if not (isinstance(endpoint, str) and endpoint.startswith("tcp://")):
+        return None
+    if not isinstance(token, str) or type(nbytes) is not int or nbytes < 0:
+        return None
+    return endpoint, token, nbytes
+
+
+def _fetch_first(client: Client, msg: dict[str, Any], sock: str, fut: Any) -> bool:
+    """A reply whose result an engine lent over the network: fetch it on a thread of its own,
+    then handle the reply again (True). The fetch must not hold up other replies, nor
+    Ctrl-C in a waiting thread, and it gives up as soon as the request failed otherwise (its
+    engine died: the client fails requests stranded on it)."""
+    md_in = msg.get("metadata") or {}
+    lent = _net_lent(md_in.get(NET_LENT_KEY))
+    if lent is None or msg.get(PREFETCHED) or msg.get(FROM_RECORD):
+        return False
+    if md_in.get(BUFFERS_CHANGED_KEY) or (msg.get("header") or {}).get("msg_type") != (
+        "apply_reply"
+    ):
+        return False
+    if (msg.get("content") or {}).get("status", md_in.get("status")) != "ok":
+        return False
+    endpoint, token, nbytes = lent
+
+    def fetch() -> None:
+        fetcher = client._net.fetcher
+        try:
+            if not fetcher.prefetch(endpoint, token, nbytes, abandon=fut.done):
+                return  # the request failed meanwhile
+            if fut.done() or client._closed:
+                fetcher.forget([(endpoint, token)])
+                return
+            msg[PREFETCHED] = True
+            client._dispatch_batch([(sock, msg)])
+            client._io.wake()  # threads waiting in wait_here look at their results again
+        except Exception:  # noqa: BLE001 - the client closed under us
+            log.debug("fetching a lent result failed", exc_info=True)
+        finally:
+            client._net_fetches.discard(threading.current_thread())
+
+    fetching = threading.Thread(target=fetch, name="ferroparallel-fetch", daemon=True)
+    client._net_fetches.add(fetching)
+    fetching.start()
+    return True
+
+
 def _release_net(lent: Any, client: Client) -> None:
-    """Tell the engine that lent ``lent`` (a reply's ``[endpoint, token]``) over the network
-    that nobody will fetch it."""
-    if not (isinstance(lent, list) and len(lent) == 2 and all(isinstance(x, str) for x in lent)):
+    """Tell the engine that lent ``lent`` (a reply's ``[endpoint, token, nbytes]``) over the
+    network that nobody will fetch it."""
+    checked = _net_lent(lent)
+    if checked is None:
         return
-    if not lent[0].startswith("tcp://"):
-        return
+    lent = list(checked)
     try:
         client._net.fetcher.release(lent[0], lent[1])
     except Exception as e:  # noqa: BLE001 - the engine gives up waiting on its own
@@ -227,6 +283,8 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     header = msg["header"]
     content = msg.get("content") or {}
     md_in = msg.get("metadata") or {}
+    if _fetch_first(client, msg, sock, fut):
+        return None  # handled again once its result is fetched
     md = client._trait_values["metadata"][msg_id]
     status = content.get("status", md_in.get("status"))
     engine_uuid = md_in.get("engine")

@@ -105,6 +105,12 @@ class ShmTransport:
         """Lend large buffers of waiting calls over ``net`` to engines that are not on this
         host (or when shared memory is off), once they proved they can fetch from it."""
         self.net = net if net.enabled else None
+        if self.net is not None:
+            net.on_probe = self._engine_fetched
+
+    def _engine_fetched(self, uuid: str) -> None:
+        """Engine ``uuid`` fetched this client's probe secret: it can fetch from here."""
+        self._net_readers[uuid] = True
 
     # ----- packing ------------------------------------------------------------------------
 
@@ -372,10 +378,8 @@ class ShmTransport:
         self._lenders[uuid] = local and _peer.check_lend_probe(info.get("lend_probe"))
         if self.peer_read and local and not self._readers[uuid]:
             log.info("engine %s cannot read this process (%s): shared memory", uuid, read)
-        if self.net is not None and "net_probe" in info:
-            self._net_readers[uuid] = self.net.probe().check(info.get("net_probe"))
-            if not self._net_readers[uuid]:
-                log.info("engine %s cannot fetch from this client: %s", uuid, info["net_probe"])
+        if self.net is not None and "net_lend_probe" in info:
+            # (whether the engine can fetch from us, it tells by fetching: _engine_fetched)
             checking = threading.Thread(
                 target=self._check_net_lender,
                 args=(uuid, info.get("net_lend_probe")),

@@ -270,29 +270,19 @@ class ControlHandler:
                 content["ferroparallel"]["peer_probe"] = "error: disabled on this engine"
         net = self.kernel.net
         if isinstance(probe, dict) and "net_probe" in probe and net.enabled:
-            # can this engine fetch from the client, and the client from this engine? (a
-            # thread: an unreachable client takes the fetch's whole timeout, and control
-            # requests must not wait for that)
+            # the client fetches this engine's secret to learn it can fetch from here; this
+            # engine fetches the client's, naming itself, which tells the client it can be
+            # fetched from (a thread: an unreachable client takes the fetch's whole timeout,
+            # and neither this reply nor control requests may wait for that)
+            mine = net.probe()
+            content["ferroparallel"]["net_lend_probe"] = [*mine.request, mine.secret.hex()]
             answering = threading.Thread(
-                target=self._answer_net_probe,
-                args=(msg, content, probe["net_probe"]),
+                target=answer_net_probe,
+                args=(net.fetcher, probe["net_probe"]),
+                kwargs={"peer": self.kernel.uuid},
                 name="ferroparallel-net-probe",
                 daemon=True,
             )
             self.net_probes = [t for t in self.net_probes if t.is_alive()] + [answering]
             answering.start()
-            return
         self.reply(msg, content)
-
-    def _answer_net_probe(self, msg: dict[str, Any], content: dict[str, Any], asked: Any) -> None:
-        net = self.kernel.net
-        try:
-            content["ferroparallel"]["net_probe"] = answer_net_probe(net.fetcher, asked)
-            mine = net.probe()
-            content["ferroparallel"]["net_lend_probe"] = [*mine.request, mine.secret.hex()]
-        except Exception as e:  # noqa: BLE001 - the engine is stopping: the answer says why
-            content["ferroparallel"]["net_probe"] = f"error: {e}"
-        try:
-            self.reply(msg, content)
-        except Exception:  # noqa: BLE001 - the engine is stopping
-            log.debug("could not answer a kernel_info_request", exc_info=True)

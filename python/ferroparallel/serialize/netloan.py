@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +44,9 @@ FETCH_TIMEOUT = 30.0
 FETCH_RATE = 50e6
 #: Seconds an engine waits for a client's data endpoint to answer its probe.
 PROBE_TIMEOUT = 2.0
+#: Channels a fetcher keeps open (one per lender it fetched from; the least recently used
+#: idle ones are closed beyond this).
+MAX_CHANNELS = 16
 
 FETCH_REQUEST, FETCH_REPLY, FETCH_MAC, FETCH_RELEASE = (
     "fp_fetch_request",
@@ -130,6 +133,10 @@ class DataServer:
         self.endpoint = self.sockets.add_socket("data", "ROUTER", bind=f"tcp://{host}:*")[0]
         self._lent: dict[str, _Lent] = {}
         self._lock = threading.Lock()
+        #: the token of this process's probe secret, and who to tell when a peer fetched it
+        #: (the fetch request names the peer: ``content["peer"]``)
+        self.probe_token: str | None = None
+        self.on_probe: Callable[[str], None] | None = None
         self._thread = threading.Thread(target=self._serve, name="ferroparallel-data", daemon=True)
         _running.add(self)
         self._thread.start()
@@ -227,6 +234,12 @@ class DataServer:
         self.sockets.send("data", FETCH_MAC, {"mac": mac}, header, ident=ident)
         lent.served += 1
         lent.done.set()
+        peer, told = content.get("peer"), self.on_probe
+        if token == self.probe_token and isinstance(peer, str) and told is not None:
+            try:
+                told(peer)  # that peer can fetch from this process
+            except Exception:  # noqa: BLE001 - a probe must not stop the server
+                log.warning("probe callback failed", exc_info=True)
 
 
 class NetSlice:
@@ -298,9 +311,9 @@ class NetLentResult:
     def __init__(self, loan: NetLoan) -> None:
         self.loan = loan
 
-    def reply_metadata(self) -> list[str]:
-        """``[endpoint, token]`` for the reply (``NET_LENT_KEY``)."""
-        return [self.loan.server.endpoint, self.loan.token]
+    def reply_metadata(self) -> list[Any]:
+        """``[endpoint, token, nbytes]`` for the reply (``NET_LENT_KEY``)."""
+        return [self.loan.server.endpoint, self.loan.token, self.loan.nbytes]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the client fetched the result (or released it), at most ``timeout``
@@ -328,19 +341,47 @@ class Fetcher:
         self.session = _core.Session(key, packer=packer, sign_buffers=False)
         self._channels: dict[str, tuple[Any, threading.Lock]] = {}
         self._lock = threading.Lock()
-        self._kept: dict[tuple[str, str], tuple[list[Any], set[int]]] = {}
+        self._kept: dict[tuple[str, str], Any] = {}
 
     def _channel(self, endpoint: str) -> tuple[Any, threading.Lock]:
         with self._lock:
-            chan = self._channels.get(endpoint)
+            chan = self._channels.pop(endpoint, None)
             if chan is None:
                 sockets = _core.DirectSockets(self.session)
                 sockets.add_socket("data", "DEALER", connect=endpoint, linger_ms=0)
-                chan = self._channels[endpoint] = (sockets, threading.Lock())
+                chan = (sockets, threading.Lock())
+                self._evict()
+            self._channels[endpoint] = chan  # (last: the most recently used)
             return chan
 
-    def fetch(self, endpoint: str, token: str, timeout: float) -> list[Any]:
-        """All buffers lent under ``token`` at ``endpoint`` (checked against their MAC).
+    def _evict(self) -> None:
+        """Close the least recently used idle channels beyond :data:`MAX_CHANNELS` (an engine
+        meets many clients over its life; each channel holds a socket)."""
+        for endpoint in list(self._channels)[: max(len(self._channels) - MAX_CHANNELS + 1, 0)]:
+            sockets, lock = self._channels[endpoint]
+            if lock.acquire(blocking=False):
+                try:
+                    del self._channels[endpoint]
+                    sockets.close()
+                finally:
+                    lock.release()
+
+    @property
+    def channels(self) -> int:
+        """Number of open channels."""
+        return len(self._channels)
+
+    def fetch(
+        self,
+        endpoint: str,
+        token: str,
+        timeout: float,
+        peer: str | None = None,
+        abandon: Callable[[], bool] | None = None,
+    ) -> list[Any]:
+        """All buffers lent under ``token`` at ``endpoint`` (checked against their MAC);
+        ``peer`` names this process to the lender (a probe's fetch); ``abandon()`` (asked
+        every half second) true gives up (ShmError).
 
         Raises
         ------
@@ -350,11 +391,14 @@ class Fetcher:
         """
         sockets, lock = self._channel(endpoint)
         with lock:
-            sent = sockets.send("data", FETCH_REQUEST, {"token": token})
+            asked = {"token": token} if peer is None else {"token": token, "peer": peer}
+            sent = sockets.send("data", FETCH_REQUEST, asked)
             deadline = time.monotonic() + timeout
             reply: dict[str, Any] | None = None
             while True:
                 left = deadline - time.monotonic()
+                if abandon is not None and abandon():
+                    raise ShmError(f"fetch from {endpoint} abandoned")
                 if left <= 0:
                     raise ShmError(
                         f"the process that lent these buffers ({endpoint}) did not send them "
@@ -387,25 +431,55 @@ class Fetcher:
         return frames
 
     def take(self, endpoint: str, token: str, index: int, nbytes: int) -> Any:
-        """Buffer ``index`` of the loan ``token`` (fetched once for all its buffers, kept
-        until each was taken)."""
+        """Buffer ``index`` of the loan ``token`` (fetched once for all its buffers, or
+        fetched ahead with :meth:`prefetch`; kept until each was taken)."""
         key = (endpoint, token)
-        kept = self._kept.get(key)
+        with self._lock:
+            kept = self._kept.get(key)
         if kept is None:
             frames = self.fetch(endpoint, token, FETCH_TIMEOUT + nbytes / FETCH_RATE)
-            kept = self._kept[key] = (frames, set(range(len(frames))))
+            kept = (frames, set(range(len(frames))))
+            with self._lock:
+                self._kept[key] = kept
+        if isinstance(kept, BaseException):
+            self.forget([key])
+            raise ShmError(str(kept)) from kept
         frames, left = kept
         if not 0 <= index < len(frames) or memoryview(frames[index]).nbytes != nbytes:
-            self._kept.pop(key, None)
+            self.forget([key])
             raise ShmError(f"fetched buffers do not match their descriptor ({index}, {nbytes})")
         left.discard(index)
         if not left:
-            del self._kept[key]
+            self.forget([key])
         return frames[index]
 
-    def forget(self) -> None:
-        """Drop buffers fetched and not taken (a message that failed to unpack)."""
-        self._kept.clear()
+    def prefetch(
+        self, endpoint: str, token: str, nbytes: int, abandon: Callable[[], bool] | None = None
+    ) -> bool:
+        """Fetch the loan ``token`` now for a later :meth:`take` (its failure, too, is kept
+        for :meth:`take` to raise); False if ``abandon()`` said to give up."""
+        key = (endpoint, token)
+        try:
+            frames = self.fetch(
+                endpoint, token, FETCH_TIMEOUT + nbytes / FETCH_RATE, abandon=abandon
+            )
+            kept: Any = (frames, set(range(len(frames))))
+        except ShmError as e:
+            if abandon is not None and abandon():
+                return False
+            kept = e
+        with self._lock:
+            self._kept[key] = kept
+        return True
+
+    def forget(self, keys: Any = None) -> None:
+        """Drop what was fetched and not taken for ``keys`` (``(endpoint, token)`` pairs;
+        default all): a message that failed to unpack, or that nobody waits for."""
+        with self._lock:
+            if keys is None:
+                self._kept.clear()
+            for key in keys or ():
+                self._kept.pop(key, None)
 
     def release(self, endpoint: str, token: str) -> None:
         """Tell a lender its buffers will not be fetched."""
@@ -422,21 +496,22 @@ class Fetcher:
 
 class _Fetching:
     """``with fetching(fetcher):`` lets descriptors unpickled in the block use ``fetcher``
-    (then forgets what it fetched and nobody took)."""
+    (then forgets what the block's loans left untaken)."""
 
-    __slots__ = ("_fetcher", "_setting")
+    __slots__ = ("_setting", "fetcher", "used")
 
     def __init__(self, fetcher: Fetcher | None) -> None:
-        self._fetcher = fetcher
-        self._setting = ThreadSetting(_fetching, "fetcher", fetcher)
+        self.fetcher = fetcher
+        self.used: set[tuple[str, str]] = set()
+        self._setting = ThreadSetting(_fetching, "context", self)
 
     def __enter__(self) -> None:
         self._setting.__enter__()
 
     def __exit__(self, *exc: object) -> None:
         self._setting.__exit__(*exc)
-        if self._fetcher is not None and self._fetcher._kept:
-            self._fetcher.forget()
+        if self.fetcher is not None and self.used:
+            self.fetcher.forget(self.used)
 
 
 def fetching(fetcher: Fetcher | None) -> _Fetching:
@@ -460,10 +535,11 @@ def fetch_slice(endpoint: str, token: str, index: int, nbytes: int, loan: str) -
             f"fetched while that request's message is delivered (a resubmitted request or a "
             f"result fetched later from the hub cannot reuse them: run the request again)"
         )
-    fetcher: Fetcher | None = getattr(_fetching, "fetcher", None)
-    if fetcher is None:
+    context: _Fetching | None = getattr(_fetching, "context", None)
+    if context is None or context.fetcher is None:
         raise ShmError(f"buffers lent over the network by {endpoint} cannot be fetched here")
-    return memoryview(fetcher.take(endpoint, token, index, nbytes)).toreadonly()
+    context.used.add((endpoint, token))
+    return memoryview(context.fetcher.take(endpoint, token, index, nbytes)).toreadonly()
 
 
 # ----- reachability probe -------------------------------------------------------------------
@@ -476,17 +552,15 @@ class Probe:
     def __init__(self, server: DataServer) -> None:
         self.secret = os.urandom(16)
         self.token = server.lend([self.secret], "probe")
+        server.probe_token = self.token
         self.request = [server.endpoint, self.token]
 
-    def check(self, answer: Any) -> bool:
-        """Whether ``answer`` (a peer's :func:`answer_probe`) is the secret."""
-        return isinstance(answer, str) and hmac.compare_digest(
-            answer.encode(), self.secret.hex().encode()
-        )
 
-
-def answer_probe(fetcher: Fetcher, request: Any, timeout: float = PROBE_TIMEOUT) -> str:
-    """The hex of the secret behind ``request`` (``[endpoint, token]``), or why not."""
+def answer_probe(
+    fetcher: Fetcher, request: Any, timeout: float = PROBE_TIMEOUT, peer: str | None = None
+) -> str:
+    """Fetch the secret behind ``request`` (``[endpoint, token]``) naming this process as
+    ``peer`` (which tells the lender that ``peer`` reaches it); its hex, or why not."""
     try:
         endpoint, token = request
         if not (isinstance(endpoint, str) and endpoint.startswith("tcp://")):
@@ -495,7 +569,7 @@ def answer_probe(fetcher: Fetcher, request: Any, timeout: float = PROBE_TIMEOUT)
     except (TypeError, ValueError):
         return "error: malformed probe"
     try:
-        frames = fetcher.fetch(endpoint, str(token), timeout)
+        frames = fetcher.fetch(endpoint, str(token), timeout, peer=peer)
     except ShmError as e:
         return f"error: {e}"
     return bytes(frames[0]).hex() if len(frames) == 1 else "error: malformed answer"
@@ -532,6 +606,8 @@ class NetData:
         self._probe: Probe | None = None
         self._lock = threading.Lock()
         self.fetcher = Fetcher(key, packer)
+        #: called with a peer's name when it fetched this process's probe secret
+        self.on_probe: Callable[[str], None] | None = None
 
     @property
     def server(self) -> DataServer:
@@ -539,6 +615,7 @@ class NetData:
         with self._lock:
             if self._server is None:
                 self._server = DataServer(self._key, self._packer, bind_host(self._url))
+                self._server.on_probe = self.on_probe
             return self._server
 
     @property

@@ -57,6 +57,16 @@ impl Value {
         }
     }
 
+    /// Remove a string key from a map; true if it was there. Does nothing on non-maps.
+    pub fn remove(&mut self, key: &str) -> bool {
+        if let Value::Map(items) = self {
+            let before = items.len();
+            items.retain(|(k, _)| !matches!(k, Value::Str(s) if s == key));
+            return items.len() != before;
+        }
+        false
+    }
+
     /// The string inside, if this is a string.
     pub fn as_str(&self) -> Option<&str> {
         match self {
@@ -133,5 +143,20 @@ impl From<i64> for Value {
 impl From<bool> for Value {
     fn from(b: bool) -> Self {
         Value::Bool(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Value;
+
+    #[test]
+    fn remove_drops_only_the_key() {
+        let mut m = Value::map([("a", Value::Int(1)), ("b", Value::Int(2))]);
+        assert!(m.remove("a"));
+        assert!(!m.remove("a"));
+        assert!(m.get("a").is_none());
+        assert_eq!(m.get("b"), Some(&Value::Int(2)));
+        assert!(!Value::Int(3).remove("a"));
     }
 }

@@ -14,6 +14,10 @@ use crate::log::{log_at, Level};
 use crate::messages::hub_error_content;
 use crate::server::{Server, MUX_E, REG};
 
+/// Request metadata by which a waiting ferroparallel client asks engines to lend it the
+/// result (decisions 0007 and 0014); dropped from resubmitted requests.
+const LENDING_KEYS: [&str; 2] = ["fp_lend_results", "fp_net_results"];
+
 /// Routing identity of requests the hub re-submits: their replies are dropped by the relays
 /// (nobody has that identity) and reach clients through the records.
 pub const HUB_IDENT: &[u8] = b"fp:hub";
@@ -392,10 +396,14 @@ impl Server {
         };
         let packed_header = pack(&header)?;
         let packed_parent = pack(&old)?;
-        let metadata = r
-            .metadata
-            .clone()
-            .unwrap_or_else(|| pack(&Value::empty_map()).unwrap_or_default());
+        // Nobody waits for a resubmitted request the way the original's client did: its
+        // result must not be lent (the engine would wait for a pickup that never comes).
+        let mut md = r.field("metadata", packer).unwrap_or_else(Value::empty_map);
+        let lent = LENDING_KEYS.iter().fold(false, |any, k| md.remove(k) | any);
+        let metadata = match &r.metadata {
+            Some(m) if !lent => m.clone(),
+            _ => pack(&md)?,
+        };
         let content = r
             .content
             .clone()
