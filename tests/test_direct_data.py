@@ -357,3 +357,39 @@ def test_an_engine_stopped_before_its_result_is_fetched_fails_the_request_only(
         assert time.monotonic() - started < 20  # the fetch timeout would be 35 s
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_garbage_on_the_data_endpoint_is_dropped(server: netloan.DataServer) -> None:
+    """Unsigned, malformed or oversized input to a data endpoint is dropped (and logged), and
+    the server goes on serving."""
+    import os
+
+    import zmq
+
+    token = server.lend([b"still served"], "m")
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(server.endpoint)
+    try:
+        junk = [
+            [b"hello"],
+            [b"<IDS|MSG>", b"", b"{}", b"{}", b"{}", b"{}"],  # unsigned
+            [b"<IDS|MSG>", b"0" * 64, b"\xff\xfe", b"", b"", b""],
+            [os.urandom(1 << 16) for _ in range(3)],
+            [b""] * 200,
+        ]
+        for frames in junk:
+            raw.send_multipart(frames)
+        fetcher = netloan.Fetcher(KEY, "msgpack")
+        try:
+            assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
+            # a signed request of an unknown kind, and one without a token
+            sockets, _lock = fetcher._channel(server.endpoint)
+            sockets.send("data", "fp_something_else", {"token": token})
+            sockets.send("data", netloan.FETCH_REQUEST, {"token": 12345})
+            assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
+        finally:
+            fetcher.close()
+    finally:
+        raw.close()
