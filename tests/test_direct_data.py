@@ -219,7 +219,7 @@ def test_fetch_checks_token_key_and_mac(server: netloan.DataServer) -> None:
     stranger = netloan.Fetcher(b"another key", "msgpack")
     token = server.lend([b"secret"], "m")
     try:  # a request signed with another key is dropped: no answer
-        with pytest.raises(ShmError, match="did not send them within"):
+        with pytest.raises(ShmError, match="did not answer within"):
             stranger.fetch(server.endpoint, token, 1.0)
     finally:
         stranger.close()
@@ -385,11 +385,98 @@ def test_garbage_on_the_data_endpoint_is_dropped(server: netloan.DataServer) -> 
         try:
             assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
             # a signed request of an unknown kind, and one without a token
-            sockets, _lock = fetcher._channel(server.endpoint)
-            sockets.send("data", "fp_something_else", {"token": token})
-            sockets.send("data", netloan.FETCH_REQUEST, {"token": 12345})
+            with fetcher._channel(server.endpoint) as sockets:
+                sockets.send("data", "fp_something_else", {"token": token})
+                sockets.send("data", netloan.FETCH_REQUEST, {"token": 12345})
             assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
         finally:
             fetcher.close()
     finally:
         raw.close()
+
+
+def test_a_lender_that_is_gone_fails_the_fetch_soon(server: netloan.DataServer) -> None:
+    """No acknowledgement within ACK_TIMEOUT: the fetch fails then, whatever its size-based
+    timeout (an engine must not wait minutes for a client that died)."""
+    token = server.lend([b"x"], "m")
+    endpoint = server.endpoint
+    server.close()
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ShmError, match="it is gone or this host cannot reach it"):
+            fetcher.fetch(endpoint, token, 300)
+        assert time.monotonic() - started < netloan.ACK_TIMEOUT + 2
+        # a prefetch keeps the failure for the reply's unpacking to raise
+        assert fetcher.prefetch(endpoint, token, 10, abandon=lambda: False)
+        with pytest.raises(ShmError, match="gone"):
+            fetcher.take(endpoint, token, 0, 1)
+        assert not fetcher._kept
+    finally:
+        fetcher.close()
+
+
+def test_oversized_input_on_a_data_endpoint_is_refused(server: netloan.DataServer) -> None:
+    """The data endpoint only takes small requests: a peer announcing a big message is cut
+    off before its bytes are buffered, and the server goes on serving."""
+    import zmq
+
+    token = server.lend([b"fine"], "m")
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(server.endpoint)
+    try:
+        raw.send(b"\0" * (netloan.MAX_REQUEST_BYTES + 1))
+        time.sleep(0.2)
+        fetcher = netloan.Fetcher(KEY, "msgpack")
+        try:
+            assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"fine"
+        finally:
+            fetcher.close()
+    finally:
+        raw.close()
+
+
+def test_failed_pickling_lends_nothing(net_rc: Client) -> None:
+    """A call whose arguments (or result) fail to pickle after a large buffer was lent leaves
+    nothing served, on either side."""
+    a = np.ones(2 * MIB)
+    for _ in range(2):
+        with pytest.raises(TypeError):
+            net_rc[0].apply_sync(lambda x, y: None, a, threading.Lock())
+    assert net_rc._net.server.lent == 1  # the probe's secret only
+
+    def served() -> int:
+        from ferroparallel.engine.kernel import _ACTIVE
+
+        net = _ACTIVE.net  # type: ignore[union-attr]
+        return net.server.lent if net.started else 0
+
+    before = net_rc[0].apply_sync(served)
+    for _ in range(2):
+        with pytest.raises(RemoteError):
+            net_rc[0].apply_sync(
+                lambda: (__import__("numpy").ones(2 << 20), __import__("threading").Lock())
+            )
+    assert net_rc[0].apply_sync(served) == before
+    assert not net_rc._net.fetcher._kept
+
+
+def test_a_result_that_fails_to_unpack_keeps_nothing(net_rc: Client) -> None:
+    """What was fetched ahead for a reply whose unpacking fails is dropped."""
+
+    def unpicklable_here() -> object:
+        import types
+
+        import numpy as np
+
+        mod = types.ModuleType("only_on_engines")
+        exec("class Thing:\n    pass", mod.__dict__)
+        mod.Thing.__module__ = "only_on_engines"
+        __import__("sys").modules["only_on_engines"] = mod
+        return (mod.Thing(), np.ones(2 << 20))  # fails before the array is unpacked
+
+    with pytest.raises(RemoteError):
+        net_rc[0].apply_sync(unpicklable_here)
+    assert not net_rc._net.fetcher._kept
+    assert net_rc[0].apply_sync(lambda: 3) == 3

@@ -258,9 +258,11 @@ class DirectSockets:
         curve_serverkey: Buffer | None = None,
         curve_publickey: Buffer | None = None,
         curve_secretkey: Buffer | None = None,
+        max_message_size: int | None = None,
     ) -> list[str]:
         """Create a socket (as :meth:`IoThread.add_socket`, without forwarding or handshake
-        monitoring); returns the bound endpoints."""
+        monitoring); returns the bound endpoints. ``max_message_size``: a peer announcing a
+        larger inbound message is disconnected before its bytes are buffered."""
     def send(
         self,
         socket: str,

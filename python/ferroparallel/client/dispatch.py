@@ -251,17 +251,33 @@ def _fetch_first(client: Client, msg: dict[str, Any], sock: str, fut: Any) -> bo
     return True
 
 
+def _forget_prefetched(client: Client, msg: dict[str, Any]) -> None:
+    """Drop what was fetched ahead for a reply that will not be unpacked."""
+    lent = _net_lent((msg.get("metadata") or {}).get(NET_LENT_KEY))
+    if lent is not None:
+        client._net.fetcher.forget([lent[:2]])
+
+
 def _release_net(lent: Any, client: Client) -> None:
     """Tell the engine that lent ``lent`` (a reply's ``[endpoint, token, nbytes]``) over the
-    network that nobody will fetch it."""
+    network that nobody will fetch it (from a thread: the caller may hold the client's lock,
+    and the channel may be busy with a fetch)."""
     checked = _net_lent(lent)
     if checked is None:
         return
-    lent = list(checked)
-    try:
-        client._net.fetcher.release(lent[0], lent[1])
-    except Exception as e:  # noqa: BLE001 - the engine gives up waiting on its own
-        log.debug("could not release a lent result: %s", e)
+    endpoint, token, _ = checked
+
+    def release() -> None:
+        try:
+            client._net.fetcher.release(endpoint, token)
+        except Exception as e:  # noqa: BLE001 - the engine gives up waiting on its own
+            log.debug("could not release a lent result: %s", e)
+        finally:
+            client._net_fetches.discard(threading.current_thread())
+
+    releasing = threading.Thread(target=release, name="ferroparallel-release", daemon=True)
+    client._net_fetches.add(releasing)
+    releasing.start()
 
 
 def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
@@ -273,12 +289,15 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     parent = msg.get("parent_header") or {}
     msg_id = parent.get("msg_id")
     fut = client._futures.get(msg_id)
-    if fut is None:
-        log.debug("reply for unknown message %s dropped", msg_id)
+    if fut is None or (msg.get(PREFETCHED) and fut.done()):
+        log.debug("reply for unknown (or settled) message %s dropped", msg_id)
         lent = (msg.get("metadata") or {}).get(LENT_RESULT_KEY)
         if lent:
             peer.finish_pickup(lent)  # nobody will copy it: let the engine go on
-        _release_net((msg.get("metadata") or {}).get(NET_LENT_KEY), client)
+        if msg.get(PREFETCHED):
+            _forget_prefetched(client, msg)
+        else:
+            _release_net((msg.get("metadata") or {}).get(NET_LENT_KEY), client)
         return None
     header = msg["header"]
     content = msg.get("content") or {}
@@ -324,7 +343,10 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             release_segment(md_in[SHM_SEGMENT_KEY])
         if md_in.get(LENT_RESULT_KEY):
             peer.finish_pickup(md_in[LENT_RESULT_KEY])  # nothing will be copied: go on
-        _release_net(md_in.get(NET_LENT_KEY), client)
+        if msg.get(PREFETCHED):
+            _forget_prefetched(client, msg)
+        else:
+            _release_net(md_in.get(NET_LENT_KEY), client)
     elif status == "ok" and msg.get(FROM_RECORD) and (lent_how := _lent_how(md_in)):
         # the engine lent it to the client that waited for the reply and has gone on since:
         # its memory is not to be read (nor its seal written) again, nor fetched
@@ -343,7 +365,9 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                     with peer.serving(msg_id):  # a lent result is read for this reply only
                         result = deserialize_object(msg.get("buffers") or [])
                 elif md_in.get(NET_LENT_KEY):  # fetched from the engine for this reply only
-                    with peer.serving(msg_id), netloan.fetching(client._net.fetcher):
+                    lent_net = _net_lent(md_in[NET_LENT_KEY])
+                    keys = [lent_net[:2]] if lent_net else []
+                    with peer.serving(msg_id), netloan.fetching(client._net.fetcher, keys):
                         result = deserialize_object(msg.get("buffers") or [])
                 else:  # (a descriptor of lent memory would be refused)
                     result = deserialize_object(msg.get("buffers") or [])

@@ -201,8 +201,12 @@ class ShmTransport:
             )
         ):
             netwriter = _net.NetLoanWriter(self.threshold, msg_id, self.net.server)
-            bufs = pack_apply_message(f, args, kwargs, shm=netwriter)
-            check_buffer_count(bufs, "request")
+            try:
+                bufs = pack_apply_message(f, args, kwargs, shm=netwriter)
+                check_buffer_count(bufs, "request")
+            except BaseException:
+                netwriter.loan.release()  # (lent as the pickler went: served no longer)
+                raise
             if not netwriter:
                 return bufs, None
             with self._lock:

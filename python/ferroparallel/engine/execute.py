@@ -17,7 +17,7 @@ from ..serialize.ipp_compat import (
     serialize_ipp_result,
     unpack_ipp_apply,
 )
-from ..serialize.netloan import fetching
+from ..serialize.netloan import NetLoanWriter, fetching
 from ..serialize.peer import serving
 from ..serialize.pickling import plain_frames
 from .errors import ErrorInfo
@@ -122,15 +122,20 @@ def run_apply(
             return ApplyOutcome(buffers=frames)
         md = request_metadata or {}
         writer = results.writer_for(md, request_id) if results is not None else None
-        frames = serialize_object(result, shm=writer)
-        segment = None
-        if writer is not None and results is not None and len(writer):
-            try:
-                segment = results.commit(writer, md)
-            except OSError as e:
-                log.warning("shared memory unavailable (%s): result sent over the socket", e)
-                frames = serialize_object(result)
-        check_buffer_count(frames, "result")
+        try:
+            frames = serialize_object(result, shm=writer)
+            segment = None
+            if writer is not None and results is not None and len(writer):
+                try:
+                    segment = results.commit(writer, md)
+                except OSError as e:
+                    log.warning("shared memory unavailable (%s): result sent over the socket", e)
+                    frames = serialize_object(result)
+            check_buffer_count(frames, "result")
+        except BaseException:
+            if isinstance(writer, NetLoanWriter):
+                writer.loan.release()  # lent as the pickler went: served no longer
+            raise
         return ApplyOutcome(buffers=frames, segment=segment)
     except EngineExit:
         raise

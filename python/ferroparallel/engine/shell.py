@@ -206,17 +206,23 @@ class ShellHandler:
                 extra = {NET_LENT_KEY: held.reply_metadata()}
             else:
                 extra = {SHM_SEGMENT_KEY: held.name} if held else None
-            self.reply(
-                msg,
-                "apply_reply",
-                {"status": "ok"},
-                started,
-                outcome.buffers,
-                extra=extra,
-                # a lender waits for its reply; buffers sent from user memory (not copied) must
-                # leave before the next request could change them (EngineKernel.wait_sent)
-                may_hold=not lent and not _sent_uncopied(outcome.buffers),
-            )
+            try:
+                self.reply(
+                    msg,
+                    "apply_reply",
+                    {"status": "ok"},
+                    started,
+                    outcome.buffers,
+                    extra=extra,
+                    # a lender waits for its reply; buffers sent from user memory (not
+                    # copied) must leave before the next request could change them
+                    # (EngineKernel.wait_sent)
+                    may_hold=not lent and not _sent_uncopied(outcome.buffers),
+                )
+            except BaseException:
+                if lent:
+                    held.loan.release()  # nobody will pick it up
+                raise
             if lent:
                 held.wait()  # nothing may change the lent buffers before the client has them
             return

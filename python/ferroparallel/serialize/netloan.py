@@ -21,6 +21,7 @@ fetched it (or released it, or :data:`~ferroparallel.serialize.peer.PICKUP_TIMEO
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,12 +49,19 @@ PROBE_TIMEOUT = 2.0
 #: idle ones are closed beyond this).
 MAX_CHANNELS = 16
 
-FETCH_REQUEST, FETCH_REPLY, FETCH_MAC, FETCH_RELEASE = (
+FETCH_REQUEST, FETCH_ACK, FETCH_REPLY, FETCH_MAC, FETCH_RELEASE = (
     "fp_fetch_request",
+    "fp_fetch_ack",
     "fp_fetch_reply",
     "fp_fetch_mac",
     "fp_fetch_release",
 )
+#: Seconds a fetch waits for the lender to acknowledge it (a lender that is gone, or not
+#: reachable, fails the fetch this soon; the bytes themselves then get the size-based time).
+ACK_TIMEOUT = 5.0
+#: Largest message a data server accepts: it only ever receives fetch requests and releases
+#: (a peer announcing more is disconnected before anything is buffered).
+MAX_REQUEST_BYTES = 64 * 1024
 
 log = logging.getLogger("ferroparallel.netloan")
 
@@ -130,7 +138,9 @@ class DataServer:
     def __init__(self, key: bytes, packer: str, host: str) -> None:
         self.session = _core.Session(key, packer=packer, sign_buffers=False)
         self.sockets = _core.DirectSockets(self.session)
-        self.endpoint = self.sockets.add_socket("data", "ROUTER", bind=f"tcp://{host}:*")[0]
+        self.endpoint = self.sockets.add_socket(
+            "data", "ROUTER", bind=f"tcp://{host}:*", max_message_size=MAX_REQUEST_BYTES
+        )[0]
         self._lent: dict[str, _Lent] = {}
         self._lock = threading.Lock()
         #: the token of this process's probe secret, and who to tell when a peer fetched it
@@ -225,6 +235,10 @@ class DataServer:
             self.sockets.send("data", FETCH_REPLY, {"status": "missing"}, header, ident=ident)
             return
         buffers = list(lent.buffers)
+        nbytes = sum(memoryview(b).nbytes for b in buffers)
+        self.sockets.send(
+            "data", FETCH_ACK, {"count": len(buffers), "nbytes": nbytes}, header, ident=ident
+        )
         self.sockets.send(
             "data", FETCH_REPLY, {"status": "ok", "count": len(buffers)}, header,
             ident=ident, buffers=buffers,
@@ -339,32 +353,42 @@ class Fetcher:
 
     def __init__(self, key: bytes, packer: str) -> None:
         self.session = _core.Session(key, packer=packer, sign_buffers=False)
-        self._channels: dict[str, tuple[Any, threading.Lock]] = {}
+        self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
         self._kept: dict[tuple[str, str], Any] = {}
 
-    def _channel(self, endpoint: str) -> tuple[Any, threading.Lock]:
+    @contextlib.contextmanager
+    def _channel(self, endpoint: str) -> Iterator[Any]:
+        """``with self._channel(endpoint) as sockets:`` exclusive use of the channel to
+        ``endpoint`` (opened if needed; not evicted while in use)."""
         with self._lock:
             chan = self._channels.pop(endpoint, None)
             if chan is None:
                 sockets = _core.DirectSockets(self.session)
                 sockets.add_socket("data", "DEALER", connect=endpoint, linger_ms=0)
-                chan = (sockets, threading.Lock())
+                chan = _Channel(sockets)
                 self._evict()
             self._channels[endpoint] = chan  # (last: the most recently used)
-            return chan
+            chan.users += 1
+        try:
+            with chan.lock:
+                yield chan.sockets
+        finally:
+            with self._lock:
+                chan.users -= 1
 
     def _evict(self) -> None:
         """Close the least recently used idle channels beyond :data:`MAX_CHANNELS` (an engine
-        meets many clients over its life; each channel holds a socket)."""
-        for endpoint in list(self._channels)[: max(len(self._channels) - MAX_CHANNELS + 1, 0)]:
-            sockets, lock = self._channels[endpoint]
-            if lock.acquire(blocking=False):
-                try:
-                    del self._channels[endpoint]
-                    sockets.close()
-                finally:
-                    lock.release()
+        meets many clients over its life; each channel holds a socket). Call with the lock."""
+        excess = len(self._channels) - MAX_CHANNELS + 1
+        for endpoint in list(self._channels):
+            if excess <= 0:
+                break
+            chan = self._channels[endpoint]
+            if chan.users == 0:
+                del self._channels[endpoint]
+                chan.sockets.close()
+                excess -= 1
 
     @property
     def channels(self) -> int:
@@ -389,21 +413,25 @@ class Fetcher:
             The lender does not serve the token (any more), did not answer in ``timeout``
             seconds, or the bytes do not match their MAC.
         """
-        sockets, lock = self._channel(endpoint)
-        with lock:
+        with self._channel(endpoint) as sockets:
             asked = {"token": token} if peer is None else {"token": token, "peer": peer}
             sent = sockets.send("data", FETCH_REQUEST, asked)
-            deadline = time.monotonic() + timeout
+            started = time.monotonic()
+            # until acknowledged: a lender that is gone fails the fetch soon
+            deadline = started + min(timeout, ACK_TIMEOUT)
+            acked = False
             reply: dict[str, Any] | None = None
             while True:
                 left = deadline - time.monotonic()
                 if abandon is not None and abandon():
                     raise ShmError(f"fetch from {endpoint} abandoned")
                 if left <= 0:
+                    what = "send them" if acked else "answer"
                     raise ShmError(
-                        f"the process that lent these buffers ({endpoint}) did not send them "
-                        f"within {timeout:.0f} s: check that this host can reach it, or turn "
-                        f"the direct data path off ({ENV_ENABLE}=0)"
+                        f"the process that lent these buffers ({endpoint}) did not {what} "
+                        f"within {time.monotonic() - started:.0f} s: it is gone or this host "
+                        f"cannot reach it (the direct data path is turned off with "
+                        f"{ENV_ENABLE}=0)"
                     )
                 for _name, msg in sockets.recv(min(left, 0.5)):
                     parent = msg.get("parent_header") or {}
@@ -411,7 +439,12 @@ class Fetcher:
                         continue  # the late answer to a fetch that gave up
                     kind = (msg.get("header") or {}).get("msg_type")
                     content = msg.get("content") or {}
-                    if kind == FETCH_REPLY:
+                    if kind == FETCH_ACK and not acked:
+                        acked = True
+                        size = content.get("nbytes")
+                        size = size if type(size) is int and size > 0 else 0
+                        deadline = max(deadline, started + timeout + size / FETCH_RATE)
+                    elif kind == FETCH_REPLY:
                         if content.get("status") != "ok":
                             raise ShmError(
                                 f"the buffers lent for this message are no longer served by "
@@ -464,10 +497,10 @@ class Fetcher:
                 endpoint, token, FETCH_TIMEOUT + nbytes / FETCH_RATE, abandon=abandon
             )
             kept: Any = (frames, set(range(len(frames))))
-        except ShmError as e:
+        except Exception as e:  # noqa: BLE001 - any failure is the request's, raised by take
             if abandon is not None and abandon():
                 return False
-            kept = e
+            kept = e if isinstance(e, ShmError) else ShmError(f"fetch from {endpoint}: {e}")
         with self._lock:
             self._kept[key] = kept
         return True
@@ -483,15 +516,24 @@ class Fetcher:
 
     def release(self, endpoint: str, token: str) -> None:
         """Tell a lender its buffers will not be fetched."""
-        sockets, lock = self._channel(endpoint)
-        with lock:
+        with self._channel(endpoint) as sockets:
             sockets.send("data", FETCH_RELEASE, {"token": token})
 
     def close(self) -> None:
+        """Close every channel (fetches in progress fail)."""
         with self._lock:
             chans, self._channels = self._channels, {}
-        for sockets, _lock in chans.values():
-            sockets.close()
+        for chan in chans.values():
+            chan.sockets.close()
+
+
+class _Channel:
+    __slots__ = ("lock", "sockets", "users")
+
+    def __init__(self, sockets: Any) -> None:
+        self.sockets = sockets
+        self.lock = threading.Lock()
+        self.users = 0
 
 
 class _Fetching:
@@ -500,9 +542,9 @@ class _Fetching:
 
     __slots__ = ("_setting", "fetcher", "used")
 
-    def __init__(self, fetcher: Fetcher | None) -> None:
+    def __init__(self, fetcher: Fetcher | None, keys: Any = ()) -> None:
         self.fetcher = fetcher
-        self.used: set[tuple[str, str]] = set()
+        self.used: set[tuple[str, str]] = set(keys)
         self._setting = ThreadSetting(_fetching, "context", self)
 
     def __enter__(self) -> None:
@@ -514,9 +556,11 @@ class _Fetching:
             self.fetcher.forget(self.used)
 
 
-def fetching(fetcher: Fetcher | None) -> _Fetching:
-    """Unpickle inside this block to fetch lent buffers with ``fetcher``."""
-    return _Fetching(fetcher)
+def fetching(fetcher: Fetcher | None, keys: Any = ()) -> _Fetching:
+    """Unpickle inside this block to fetch lent buffers with ``fetcher``; what was fetched
+    for ``keys`` (``(endpoint, token)`` pairs, e.g. fetched ahead) and the loans the block
+    used is forgotten at its end, taken or not."""
+    return _Fetching(fetcher, keys)
 
 
 def fetch_slice(endpoint: str, token: str, index: int, nbytes: int, loan: str) -> memoryview:

@@ -49,7 +49,7 @@ impl DirectSockets {
 
     #[pyo3(signature = (name, kind, *, connect=None, bind=None, identity=None, raw=false,
                         linger_ms=1000, curve_serverkey=None, curve_publickey=None,
-                        curve_secretkey=None))]
+                        curve_secretkey=None, max_message_size=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_socket(
         &self,
@@ -64,10 +64,12 @@ impl DirectSockets {
         curve_serverkey: Option<&Bound<'_, PyAny>>,
         curve_publickey: Option<&Bound<'_, PyAny>>,
         curve_secretkey: Option<&Bound<'_, PyAny>>,
+        max_message_size: Option<i64>,
     ) -> PyResult<Vec<String>> {
         self.check_open(py)?;
         let curve = curve_role(false, curve_serverkey, curve_publickey, curve_secretkey)?;
-        let spec = socket_spec(name, kind, connect, bind, identity, raw, linger_ms, curve)?;
+        let mut spec = socket_spec(name, kind, connect, bind, identity, raw, linger_ms, curve)?;
+        spec.max_msg_size = max_message_size;
         let inner = &self.inner;
         py.detach(|| inner.add_socket(spec))
             .map_err(PyValueError::new_err)

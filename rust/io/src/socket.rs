@@ -80,6 +80,9 @@ pub struct SocketSpec {
     pub forward_to: Option<String>,
     /// CurveZMQ role and keys; `None` is the NULL mechanism (no encryption).
     pub curve: Option<Curve>,
+    /// Largest inbound message in bytes (`ZMQ_MAXMSGSIZE`): a peer announcing a larger one is
+    /// disconnected before its bytes are buffered. `None`: no limit.
+    pub max_msg_size: Option<i64>,
 }
 
 impl SocketSpec {
@@ -95,6 +98,7 @@ impl SocketSpec {
             linger_ms: 1000,
             forward_to: None,
             curve: None,
+            max_msg_size: None,
         }
     }
 
@@ -123,6 +127,10 @@ impl SocketSpec {
             .map_err(|e| err("linger", e))?;
         sock.set_sndhwm(0).map_err(|e| err("sndhwm", e))?;
         sock.set_rcvhwm(0).map_err(|e| err("rcvhwm", e))?;
+        if let Some(limit) = self.max_msg_size {
+            sock.set_maxmsgsize(limit)
+                .map_err(|e| err("maxmsgsize", e))?;
+        }
         if let Some(id) = &self.identity {
             sock.set_identity(id).map_err(|e| err("identity", e))?;
         }
