@@ -480,3 +480,17 @@ def test_a_result_that_fails_to_unpack_keeps_nothing(net_rc: Client) -> None:
         net_rc[0].apply_sync(unpicklable_here)
     assert not net_rc._net.fetcher._kept
     assert net_rc[0].apply_sync(lambda: 3) == 3
+
+
+def test_a_fetch_that_gives_up_drops_its_channel(server: netloan.DataServer) -> None:
+    """A late answer to an abandoned fetch must not wait in the socket: the channel goes."""
+    token = server.lend([b"x" * 1000], "m")
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        with pytest.raises(ShmError, match="abandoned"):
+            fetcher.fetch(server.endpoint, token, 10, abandon=lambda: True)
+        assert fetcher.channels == 0
+        assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"x" * 1000
+        assert fetcher.channels == 1
+    finally:
+        fetcher.close()

@@ -373,9 +373,20 @@ class Fetcher:
         try:
             with chan.lock:
                 yield chan.sockets
+        except ShmError:
+            # a fetch that gave up: its late answer (possibly large) would wait in the socket
+            # until the next use; a new channel next time drops it now
+            with self._lock:
+                if self._channels.get(endpoint) is chan:
+                    del self._channels[endpoint]
+                chan.closing = True
+            raise
         finally:
             with self._lock:
                 chan.users -= 1
+                last = chan.users == 0 and chan.closing
+            if last:
+                chan.sockets.close()
 
     def _evict(self) -> None:
         """Close the least recently used idle channels beyond :data:`MAX_CHANNELS` (an engine
@@ -528,12 +539,13 @@ class Fetcher:
 
 
 class _Channel:
-    __slots__ = ("lock", "sockets", "users")
+    __slots__ = ("closing", "lock", "sockets", "users")
 
     def __init__(self, sockets: Any) -> None:
         self.sockets = sockets
         self.lock = threading.Lock()
         self.users = 0
+        self.closing = False
 
 
 class _Fetching:
