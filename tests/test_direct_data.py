@@ -420,14 +420,22 @@ def test_oversized_input_on_a_data_endpoint_is_refused(server: netloan.DataServe
     """The data endpoint only takes small requests: a peer announcing a big message is cut
     off before its bytes are buffered, and the server goes on serving."""
     import zmq
+    from zmq.utils.monitor import recv_monitor_message
 
     token = server.lend([b"fine"], "m")
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.linger = 0
+    events = raw.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
     raw.connect(server.endpoint)
     try:
+        assert events.poll(5000) and recv_monitor_message(events)["event"] == (
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         raw.send(b"\0" * (netloan.MAX_REQUEST_BYTES + 1))
-        time.sleep(0.2)
+        # the server cuts the peer off (without the limit it would take the bytes)
+        assert events.poll(5000), "the oversized message was accepted"
+        assert recv_monitor_message(events)["event"] == zmq.EVENT_DISCONNECTED
+        raw.disable_monitor()
         fetcher = netloan.Fetcher(KEY, "msgpack")
         try:
             assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"fine"

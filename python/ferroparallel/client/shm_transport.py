@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _core
 from ..serialize import netloan as _net
@@ -40,6 +40,8 @@ log = logging.getLogger("ferroparallel.client")
 
 #: Seconds to wait for engines to say which host they are on (then: the socket path).
 PROBE_TIMEOUT = 5.0
+_HeldT = TypeVar("_HeldT", _shm.Segment, _peer.Loan)
+
 #: A request to more engines than this sends its large arguments through the controller (one
 #: send here, fanned out there) rather than serving one fetch per engine (decision 0014).
 NET_MAX_TARGETS = 2
@@ -180,43 +182,23 @@ class ShmTransport:
         plain = pack_plain_call(f, args, kwargs)
         if plain is not None:  # nothing large to lend or map
             return plain, None
-        if msg_id is not None and self.peer_read and getattr(self._calls, "waits", False):
+        waits = msg_id is not None and getattr(self._calls, "waits", False)
+        targets = list(self._client._uuids) if uuids is None else list(uuids)
+        if waits and self.peer_read:
             lender = _peer.LoanWriter(self.threshold, msg_id, self.peer_host)
-            bufs = pack_apply_message(f, args, kwargs, shm=lender)
+            bufs = self._pack_lending(lender, f, args, kwargs)
             if not lender:
-                check_buffer_count(bufs, "request")
                 return bufs, None
-            targets = list(self._client._uuids) if uuids is None else list(uuids)
             if self.all_local(targets) and all(self._readers.get(u) for u in targets):
-                check_buffer_count(bufs, "request")
-                with self._lock:
-                    self._live.add(lender.loan)
-                return bufs, lender.loan
-        if (
-            msg_id is not None
-            and getattr(self._calls, "waits", False)
-            and self.net is not None
-            and self._net_ready(
-                list(self._client._uuids) if uuids is None else list(uuids), uuids is None
-            )
-        ):
+                return bufs, self._keep(lender.loan)
+        if waits and self.net is not None and self._net_ready(targets, uuids is None):
             netwriter = _net.NetLoanWriter(self.threshold, msg_id, self.net.server)
-            try:
-                bufs = pack_apply_message(f, args, kwargs, shm=netwriter)
-                check_buffer_count(bufs, "request")
-            except BaseException:
-                netwriter.loan.release()  # (lent as the pickler went: served no longer)
-                raise
-            if not netwriter:
-                return bufs, None
-            with self._lock:
-                self._live.add(netwriter.loan)
-            return bufs, netwriter.loan
+            bufs = self._pack_lending(netwriter, f, args, kwargs)
+            return bufs, (self._keep(netwriter.loan) if netwriter else None)
         if not self.enabled:
             return _socket_path(f, args, kwargs), None
         writer = _shm.SegmentWriter(self.threshold, self.host)
         bufs = pack_apply_message(f, args, kwargs, shm=writer)
-        targets = list(self._client._uuids) if uuids is None else list(uuids)
         if not getattr(self._calls, "waits", False) and self.all_local(targets):
             bufs = _snapshot(bufs)
         if not writer:
@@ -234,9 +216,31 @@ class ShmTransport:
                 writer.nbytes,
             )
             return _socket_path(f, args, kwargs), None
+        return bufs, self._keep(seg)
+
+    @staticmethod
+    def _pack_lending(
+        writer: _peer.LoanWriter | _net.NetLoanWriter,
+        f: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+    ) -> list[Any]:
+        """Pack the call, lending its large buffers through ``writer``; on failure nothing
+        stays lent."""
+        try:
+            bufs = pack_apply_message(f, args, kwargs, shm=writer)
+            check_buffer_count(bufs, "request")
+        except BaseException:
+            writer.loan.release()  # (lent as the pickler went)
+            raise
+        return bufs
+
+    def _keep(self, held: _HeldT) -> _HeldT:
+        """Count ``held`` (a segment or a loan) as live until :meth:`drop` (see
+        :meth:`hold`)."""
         with self._lock:
-            self._live.add(seg)
-        return bufs, seg
+            self._live.add(held)
+        return held
 
     def hold(self, seg: _shm.Segment | _peer.Loan, futures: Sequence[Future]) -> None:
         """Release ``seg`` (a segment or a loan) once every future is done (every target

@@ -17,7 +17,7 @@ from ..serialize.ipp_compat import (
     serialize_ipp_result,
     unpack_ipp_apply,
 )
-from ..serialize.netloan import NetLoanWriter, fetching
+from ..serialize.netloan import Fetcher, NetLoanWriter, fetching
 from ..serialize.peer import serving
 from ..serialize.pickling import plain_frames
 from .errors import ErrorInfo
@@ -49,6 +49,7 @@ def run_apply(
     request_metadata: dict[str, Any] | None = None,
     request_id: str = "",
     before_call: Callable[[], None] | None = None,
+    fetcher: Fetcher | None = None,
 ) -> ApplyOutcome:
     """Unpack and call ``f(*args, **kwargs)`` in the user namespace.
 
@@ -73,6 +74,9 @@ def run_apply(
     before_call : callable, optional
         Called once the request is unpacked, right before the function (the engine creates
         its IPython shell there when unpacking imported IPython); its errors are logged.
+    fetcher : Fetcher, optional
+        Fetches arguments lent over the network (decision 0014); without it such arguments
+        fail to unpack with a ``ShmError``.
 
     Returns
     -------
@@ -89,8 +93,7 @@ def run_apply(
     ours = is_ferroparallel_payload(buffers)
     try:
         if ours:
-            net = results.net if results is not None else None
-            with serving(request_id), fetching(net.fetcher if net is not None else None):
+            with serving(request_id), fetching(fetcher):
                 f, args, kwargs = unpack_apply_message(buffers, ns)
         else:
             f, args, kwargs = unpack_ipp_apply(buffers, ns)

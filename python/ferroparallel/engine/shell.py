@@ -194,6 +194,7 @@ class ShellHandler:
                 msg.get("metadata"),
                 msg["header"].get("msg_id", ""),
                 before_call=self.ensure_ipython_shell,
+                fetcher=k.net.fetcher if k.net.enabled else None,
             )
         finally:
             self._end()
