@@ -592,10 +592,14 @@ def test_require_missing_module_is_impossible(lv: LoadBalancedView) -> None:
     def needs_it() -> int:
         return 1
 
-    expect_remote(lv.apply_async(needs_it), error.ImpossibleDependency, "ImpossibleDependency")
+    e = expect_remote(lv.apply_async(needs_it), error.ImpossibleDependency, "ImpossibleDependency")
+    # the scheduler's error repeats what the last engine said
+    assert "ferroparallel_no_such_module_xyz" in e.evalue, e.evalue
     with lv.temp_flags(targets=[1]):
         ar = lv.apply_async(needs_it)
-    expect_remote(ar, error.ImpossibleDependency, "ImpossibleDependency")
+    e = expect_remote(ar, error.ImpossibleDependency, "ImpossibleDependency")
+    assert "none of the task's target engines" in e.evalue, e.evalue
+    assert "ferroparallel_no_such_module_xyz" in e.evalue, e.evalue
 
 
 def test_require_present_module_runs(lv: LoadBalancedView) -> None:

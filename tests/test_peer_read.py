@@ -490,3 +490,38 @@ def test_closing_a_client_keeps_its_outstanding_loans(shared_cluster: Cluster) -
     (loan,) = rc2._shm.live_loans()
     rc2.close(linger=0)
     assert loan in peer._orphans and loan.buffers  # the engine may still read them
+
+
+def test_a_task_lent_before_an_engine_that_cannot_read_it_joined_runs_elsewhere(
+    new_cluster: Callable[..., tuple[Cluster, Client]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocking load-balanced call lends its argument to the engines known when it was sent;
+    an engine that joins later on "another host" (a different host token: it cannot read this
+    process's memory) and gets the task answers it as an unmet dependency, and the scheduler
+    runs it on the engine that can."""
+    cluster, rc2 = new_cluster(n=1)
+    lview = rc2.load_balanced_view()
+    uuid0 = rc2._build_targets(0)[0][0]
+    assert rc2._shm.all_local([uuid0]) and rc2._shm._readers[uuid0]
+    pid0 = rc2[0].apply_sync(os.getpid)
+    busy = lview.apply_async(time.sleep, 4)  # engine 0 (HWM 1): the next task waits
+    a = np.ones(4 * MIB, dtype=np.uint8)
+    md = lview._build_task_metadata()
+    with rc2._shm.waiting():  # as a blocking call does: the argument is lent
+        fut = rc2.send_apply_request(
+            "task", lambda x: (int(x.sum()), os.getpid()), (a,), metadata=md
+        )
+    assert len(rc2._shm.live_loans()) == 1
+    monkeypatch.setenv(shm.ENV_HOST, "elsewhere")  # inherited by the new engine
+    cluster.start_engines_sync(n=1)
+    rc2.wait_for_engines(2, timeout=SHORT)
+    ar = ipp.AsyncResult(rc2, [fut])
+    assert ar.get(timeout=SHORT) == (a.size, pid0)
+    busy.get(timeout=SHORT)
+    assert rc2._shm.live_loans() == []
+    md = rc2.metadata[fut.msg_id]
+    assert md["engine_id"] == 0 and md["status"] == "ok"
+    # the newcomer, idle while engine 0 slept, got the task first and said why it passed
+    tried = md["error"]
+    assert tried.ename == "UnmetDependency" and tried.engine_info["engine_id"] == 1, tried
+    assert "another host" in tried.evalue

@@ -20,6 +20,7 @@ from ..serialize.ipp_compat import (
 from ..serialize.netloan import Fetcher, NetLoanWriter, fetching
 from ..serialize.peer import serving
 from ..serialize.pickling import plain_frames
+from ..serialize.shm import DataUnreachable
 from .errors import ErrorInfo
 from .results_shm import ResultSegments
 from .signals import EngineExit, InterruptGate
@@ -99,6 +100,8 @@ def run_apply(
             f, args, kwargs = unpack_ipp_apply(buffers, ns)
     except EngineExit:
         raise
+    except DataUnreachable as exc:
+        return ApplyOutcome(error=_unreachable(exc, request_metadata))
     except BaseException as exc:
         return ApplyOutcome(error=ErrorInfo.from_exception(exc))
     if before_call is not None:
@@ -144,6 +147,23 @@ def run_apply(
         raise
     except BaseException as exc:
         return ApplyOutcome(error=ErrorInfo.from_exception(exc))
+
+
+#: A key only load-balanced requests carry (the task scheduler's, as ipyparallel's clients
+#: send them): such a task may run on another engine.
+_SCHEDULER_KEY = "retries"
+
+
+def _unreachable(exc: DataUnreachable, request_metadata: dict[str, Any] | None) -> ErrorInfo:
+    """The error for a request whose lent or shared arguments this engine cannot reach: for
+    a load-balanced task an unmet dependency (the scheduler tries another engine and fails
+    the task with ImpossibleDependency, naming this, once none is left); otherwise the
+    error itself."""
+    error = ErrorInfo.from_exception(exc)
+    if _SCHEDULER_KEY not in (request_metadata or {}):
+        return error
+    text = f"this engine cannot reach the task's arguments: {exc}"
+    return ErrorInfo("UnmetDependency", text, [*error.traceback[:-1], f"UnmetDependency: {text}"])
 
 
 def _ipp_result(result: Any) -> ApplyOutcome:

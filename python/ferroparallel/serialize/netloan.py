@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from .. import _core
 from .peer import Loan, ThreadSetting, _request
-from .shm import ShmError
+from .shm import DataUnreachable, ShmError
 
 #: ``FERROPARALLEL_DIRECT_DATA=0`` (or ``off``/``false``/``no``) turns the direct data path off.
 ENV_ENABLE = "FERROPARALLEL_DIRECT_DATA"
@@ -438,7 +438,8 @@ class Fetcher:
                     raise ShmError(f"fetch from {endpoint} abandoned")
                 if left <= 0:
                     what = "send them" if acked else "answer"
-                    raise ShmError(
+                    # not even acknowledged: unreachable from here (or gone)
+                    raise (ShmError if acked else DataUnreachable)(
                         f"the process that lent these buffers ({endpoint}) did not {what} "
                         f"within {time.monotonic() - started:.0f} s: it is gone or this host "
                         f"cannot reach it (the direct data path is turned off with "
@@ -487,7 +488,8 @@ class Fetcher:
                 self._kept[key] = kept
         if isinstance(kept, BaseException):
             self.forget([key])
-            raise ShmError(str(kept)) from kept
+            kind = DataUnreachable if isinstance(kept, DataUnreachable) else ShmError
+            raise kind(str(kept)) from kept
         frames, left = kept
         if not 0 <= index < len(frames) or memoryview(frames[index]).nbytes != nbytes:
             self.forget([key])
@@ -593,7 +595,7 @@ def fetch_slice(endpoint: str, token: str, index: int, nbytes: int, loan: str) -
         )
     context: _Fetching | None = getattr(_fetching, "context", None)
     if context is None or context.fetcher is None:
-        raise ShmError(f"buffers lent over the network by {endpoint} cannot be fetched here")
+        raise DataUnreachable(f"buffers lent over the network by {endpoint} cannot be fetched here")
     context.used.add((endpoint, token))
     return memoryview(context.fetcher.take(endpoint, token, index, nbytes)).toreadonly()
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _core
-from .shm import ShmError, _pid_namespace, _start_time, host_token
+from .shm import DataUnreachable, ShmError, _pid_namespace, _start_time, host_token
 
 #: ``FERROPARALLEL_PEER_READ=0`` (or ``off``/``false``/``no``) disables lending.
 ENV_ENABLE = "FERROPARALLEL_PEER_READ"
@@ -213,7 +213,7 @@ def read_slice(pid: int, start: int, addr: int, nbytes: int, host: str, loan: st
         )
     here = peer_token()
     if host != here:
-        raise ShmError(
+        raise DataUnreachable(
             f"buffers lent by a process on another host or pid namespace ({host!r}, this "
             f"is {here!r}): disable lending for clusters spanning hosts ({ENV_ENABLE}=0)"
         )

@@ -50,6 +50,13 @@ class ShmError(RuntimeError):
     """A shared-memory segment cannot be created, found or mapped."""
 
 
+class DataUnreachable(ShmError):
+    """Buffers described in a message cannot be reached from this process at all (another
+    host, or a lender this process cannot connect to), as opposed to buffers that are gone.
+    Another engine may still reach them: an engine that meets this while unpacking a
+    load-balanced task answers it as an unmet dependency, so the scheduler tries elsewhere."""
+
+
 # ----- identity -----------------------------------------------------------------------------
 
 
@@ -357,6 +364,10 @@ def open_slice(name: str, offset: int, nbytes: int, host: str) -> memoryview:
                 else "its sender already released it (resubmitted requests cannot reuse "
                 "shared-memory arguments) or crashed"
             )
+            if host != here:
+                raise DataUnreachable(
+                    f"shared-memory segment {path} does not exist: {why}"
+                ) from None
             raise ShmError(f"shared-memory segment {path} does not exist: {why}") from None
         try:
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

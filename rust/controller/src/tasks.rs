@@ -150,6 +150,9 @@ pub struct Task {
     pub deadline: Option<Instant>,
     pub retries: i64,
     pub blacklist: HashSet<Vec<u8>>,
+    /// What the last engine that did not meet the task's dependencies said (its `evalue`):
+    /// named when no engine is left.
+    pub last_unmet: Option<String>,
     /// Order of assignment to an engine (the newest queued task is the one to steal).
     pub seq: u64,
 }
@@ -261,6 +264,7 @@ impl Server {
                 .unwrap_or(0)
                 .max(0),
             blacklist: HashSet::new(),
+            last_unmet: None,
             seq: 0,
         };
         if aborted_early {
@@ -342,7 +346,11 @@ impl Server {
                     && self.engines.by_uuid.get(t).is_some_and(|e| e.registered)
             });
             if !alive {
-                return Some("none of the task's target engines can run it".into());
+                let why = "none of the task's target engines can run it";
+                return Some(match &task.last_unmet {
+                    Some(last) => format!("{why} (the last one to try: {last})"),
+                    None => why.into(),
+                });
             }
         } else if !task.blacklist.is_empty() {
             let registered: Vec<&Vec<u8>> = self
@@ -353,7 +361,11 @@ impl Server {
                 .map(|e| &e.uuid)
                 .collect();
             if !registered.is_empty() && registered.iter().all(|u| task.blacklist.contains(*u)) {
-                return Some("every engine failed to meet the task's dependencies".into());
+                let why = "every engine failed to meet the task's dependencies";
+                return Some(match &task.last_unmet {
+                    Some(last) => format!("{why} (the last one: {last})"),
+                    None => why.into(),
+                });
             }
         }
         None
@@ -547,6 +559,9 @@ impl Server {
                         },
                         show(&engine)
                     );
+                    if unmet {
+                        task.last_unmet = self.unmet_reason(&env);
+                    }
                     task.blacklist.insert(engine);
                     if task.deadline.is_some() {
                         self.tasks.with_deadline += 1;
@@ -575,6 +590,22 @@ impl Server {
         if self.tasks.queue.is_empty() {
             self.steal_for(&engine);
         }
+    }
+
+    /// The `evalue` of an engine's UnmetDependency reply, shortened (it is repeated in the
+    /// scheduler's error when no engine is left).
+    fn unmet_reason(&mut self, env: &Env) -> Option<String> {
+        const MAX_CHARS: usize = 500;
+        let content = self.unpack(env, "content")?;
+        let evalue = str_field(&content, "evalue")?.trim();
+        if evalue.is_empty() {
+            return None;
+        }
+        let mut short: String = evalue.chars().take(MAX_CHARS).collect();
+        if short.len() < evalue.len() {
+            short.push('…');
+        }
+        Some(short)
     }
 
     /// **Work stealing.** `idle` just answered and nothing waits in the scheduler: if another
