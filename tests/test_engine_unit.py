@@ -25,6 +25,8 @@ import zmq
 from ferroparallel import _core
 from ferroparallel.engine.capture import StreamCapture
 from ferroparallel.engine.connection import (
+    PORT_KEYS,
+    EngineUrls,
     channel_urls,
     disambiguate_interface,
     load_connection_info,
@@ -744,6 +746,25 @@ def test_connection_info_sources(tmp_path):
     assert disambiguate_interface("tcp://10.1.2.3", "x") == "tcp://10.1.2.3"
     urls = channel_urls({**data, "hb_pong": 9, "broadcast": [5, 6]})
     assert urls.hb_pong == "tcp://127.0.0.1:9" and urls.broadcast[1] == "tcp://127.0.0.1:6"
+
+
+def test_the_data_server_binds_the_controllers_tcp_route_even_over_unix_sockets() -> None:
+    """An engine beside the controller talks to it over Unix sockets, but its data server
+    must be reachable by clients on other hosts: it binds the route of the TCP address."""
+    from ferroparallel.engine.connection import data_url
+    from ferroparallel.serialize.netloan import bind_host
+
+    info = {k: i + 1000 for i, k in enumerate(PORT_KEYS)}
+    info |= {"interface": "tcp://10.1.2.3", "location": "10.1.2.3"}
+    assert data_url(info, channel_urls(info)) == "tcp://10.1.2.3:1000"
+    local = {k: f"ipc://@fp-test-{k}" for k in PORT_KEYS}
+    over_ipc = EngineUrls(**local)
+    assert data_url(info, over_ipc) == "tcp://10.1.2.3:1000"
+    assert bind_host(over_ipc.registration) == "127.0.0.1"  # what it bound before
+    loopback = info | {"interface": "tcp://127.0.0.1"}
+    assert bind_host(data_url(loopback, over_ipc)) == "127.0.0.1"
+    tunnel = EngineUrls(**{k: f"tcp://127.0.0.1:{2000 + i}" for i, k in enumerate(PORT_KEYS)})
+    assert data_url(info, tunnel) == "tcp://127.0.0.1:2000"  # an SSH tunnel's end
 
 
 def test_signal_names_and_abort_set():

@@ -242,6 +242,16 @@ def channel_urls(info: dict[str, Any], same_host: bool = True) -> EngineUrls:
     return EngineUrls(**(local if local is not None else urls), broadcast=broadcast)
 
 
+def data_url(info: dict[str, Any], urls: EngineUrls) -> str:
+    """The controller URL whose route the engine's data server binds (decision 0014): the
+    TCP registration address even when the engine reaches the controller through same-host
+    Unix sockets, so that clients on other hosts can fetch from an engine that runs beside
+    the controller; the URL in use otherwise (an SSH tunnel's is loopback)."""
+    if urls.registration.startswith("ipc://"):
+        return channel_urls(info, same_host=False).registration
+    return urls.registration
+
+
 def tunnel_urls(
     urls: EngineUrls,
     server: str,

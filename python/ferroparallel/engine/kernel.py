@@ -16,7 +16,7 @@ from ..serialize.netloan import NetData
 from ..serialize.shm import sweep as sweep_segments
 from . import logs
 from .capture import StreamCapture
-from .connection import EngineUrls
+from .connection import EngineUrls, data_url
 from .control import URGENT, AbortSet, ControlHandler
 from .inbox import (
     BROADCAST,
@@ -129,7 +129,7 @@ class EngineKernel:
         self.net = NetData(
             self.session.key,
             self.session.packer,
-            urls.registration,
+            data_url(info, urls),
             enabled=not self.curve_options,
         )
         self.result_segments = ResultSegments(self.net)
