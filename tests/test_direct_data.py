@@ -191,6 +191,30 @@ def test_an_engine_waits_for_its_result_to_be_fetched(net_rc: Client) -> None:
         net_rc[0].execute("big[:] = 0", block=True)
 
 
+def test_a_lent_result_nobody_expects_is_released_at_once(net_rc: Client) -> None:
+    """A reply lending a result for a message the client no longer tracks: the client tells
+    the engine (on a thread of its own), which goes on at once instead of after the pickup
+    timeout."""
+    uuid = net_rc._build_targets(0)[0][0]
+    net_rc[0].execute("import numpy as np; big = np.ones(8 << 20, dtype=np.uint8)", block=True)
+
+    def slow_big(x: object) -> object:
+        import time
+
+        time.sleep(1)
+        return x
+
+    with net_rc._shm.waiting():  # as a blocking pull: the result is lent
+        fut = net_rc.send_apply_request("mux", slow_big, (Reference("big"),), ident=uuid)
+    net_rc._futures.pop(fut.msg_id)  # as if the client had forgotten it
+    t0 = time.monotonic()
+    assert net_rc[0].apply_sync(int, 7) == 7  # queued behind it: not held for 30 s
+    assert time.monotonic() - t0 < 15
+    assert net_rc[0].apply_sync(lambda: __import__("gc").collect() >= 0)
+    fut.cancel()
+    net_rc.outstanding.discard(fut.msg_id)
+
+
 # ----- the data channel on its own --------------------------------------------------------
 
 
