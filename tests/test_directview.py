@@ -636,3 +636,28 @@ def test_apply_display_publishes_display_data_on_a_fresh_engine(
     assert len(again.outputs[0]) == 2 and again.stdout == ["after\n"]
     rc[:].execute("x = get_ipython() is not None", block=True)
     assert rc[:]["x"] == [True]
+
+
+def _setter(a: Any) -> Any:
+    a[0] = 1
+    return a
+
+
+def _copying_setter(a: Any) -> Any:
+    if not a.flags.writeable:  # the ipyparallel docs' recipe
+        a = a.copy()
+    a[0] = 1
+    return a
+
+
+@pytest.mark.parametrize("n", [2, 1 << 18], ids=["small", "2MiB"])
+def test_received_arrays_are_read_only_as_documented(rc: Client, n: int) -> None:
+    """ipyparallel's "non-copying sends" example: writing into a received array fails with a
+    read-only ValueError on the engine, and on the client; copying when read-only works."""
+    with pytest.raises(error.RemoteError) as info:
+        rc[0].apply_sync(_setter, np.zeros(n))
+    assert info.value.ename == "ValueError" and "read-only" in info.value.evalue
+    out = rc[0].apply_sync(_copying_setter, np.zeros(n))
+    assert out[0] == 1 and not out[1:].any() and not out.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        out[0] = 2

@@ -332,3 +332,31 @@ def test_broadcast_view_push_pull_and_errors(rc: Any) -> None:
         bview.apply_sync(ipp.interactive(lambda: 1 / 0))
     assert {e[0] for e in info.value.elist} == {"ZeroDivisionError"}
     _forget_broadcast_ids(rc, before)
+
+
+def test_a_task_on_an_engine_that_dies_fails_and_completes_for_a_stock_client(
+    new_cluster: Any,
+) -> None:
+    """The controller's EngineError for a task stranded on a dead engine is a wrapped
+    exception (``engine_info`` empty), as ipyparallel's scheduler sends it: an ipyparallel
+    client raises it and expects no more output for the task (with an ``engine_info`` it would
+    wait for output forever)."""
+    import signal
+    import time
+
+    cluster, ours = new_cluster(n=2)
+    pid = ours[1].apply_sync(os.getpid)
+    stock = connect_ipp(cluster)
+    try:
+        lview = stock.load_balanced_view(targets=[1])
+        ar = lview.apply_async(time.sleep, 60)
+        deadline = time.monotonic() + SHORT
+        while not ours.queue_status(1)["tasks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ipp.RemoteError) as info:
+            ar.get(timeout=SHORT)
+        assert info.value.ename == "EngineError"
+        assert ar.wait_for_output(SHORT)
+    finally:
+        stock.close()

@@ -391,6 +391,8 @@ class Client(HasTraits):
         self._lock = threading.RLock()
         self._engines: dict[int, str] = {}
         self._uuids: dict[str, int] = {}
+        #: ids of engines that unregistered, by uuid (a dead engine's failures name it)
+        self._departed: dict[str, int] = {}
         self._futures: dict[str, MessageFuture] = {}
         self._owned: set[str] = set()
         self._outstanding_by_engine: dict[str, set[str]] = collections.defaultdict(set)
@@ -601,6 +603,8 @@ class Client(HasTraits):
                 eid = content.get("id")
                 uuid = self._engines.pop(eid, None)
                 self._uuids.pop(uuid, None)
+                if uuid is not None and isinstance(eid, int):
+                    self._departed[uuid] = eid
                 self._ids = sorted(self._engines)
                 self._engines_changed.notify_all()
             uuid = uuid or content.get("uuid")

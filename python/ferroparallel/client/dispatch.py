@@ -280,6 +280,18 @@ def _release_net(lent: Any, client: Client) -> None:
     releasing.start()
 
 
+def _name_dead_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> None:
+    """Give the RemoteError of a controller's EngineError reply the ``engine_info`` of the
+    engine its metadata names (our users see which engine died)."""
+    if not isinstance(uuid, str) or not hasattr(exc, "engine_info"):
+        return
+    exc.engine_info = {
+        "engine_uuid": uuid,
+        "engine_id": client._uuids.get(uuid, client._departed.get(uuid)),
+        "method": msg_type.removesuffix("_reply"),
+    }
+
+
 def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
     """A reply on the mux, task or control channel (control requests have no output).
 
@@ -399,6 +411,11 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
         exc = error.unwrap_exception(content)
         if not content.get("engine_info") or content.get("ename") == "EngineError":
             expect_output = False
+        if content.get("ename") == "EngineError" and not content.get("engine_info"):
+            # the controller's news of a dead engine: a wrapped exception, as ipyparallel's
+            # (no engine_info, which tells stock clients to expect no output), that names the
+            # engine in its metadata
+            _name_dead_engine(exc, client, engine_uuid, header.get("msg_type", ""))
     client._trait_values["results"][msg_id] = exc if exc is not None else result
     client._trait_values["outstanding"].discard(msg_id)
     if engine_uuid:

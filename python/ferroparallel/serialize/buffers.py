@@ -120,12 +120,22 @@ def _numpy() -> Any:
 
 
 def rebuild_ndarray(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
-    """Receiver side of an array: a view over ``buf`` (no copy; read-only if ``buf`` is)."""
+    """Receiver side of an array: a read-only view over ``buf`` (no copy).
+
+    Read-only whatever ``buf`` is, as ipyparallel documents received arrays (there, small
+    arrays come out of the pickle read-only too): a received frame or segment may be shared,
+    and code must not come to depend on writing into a small array and then fail on a large
+    one. ``np.array(a)`` (or ``a.copy()``) is the writable copy. Empty arrays, as NumPy
+    pickles them, stay writable.
+    """
     import numpy as np
 
     if memoryview(buf).nbytes == 0:
         return np.empty(shape, dtype=dtype, order=order)
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+    if arr.flags.writeable:  # (a small array pickled in-band: its bytes are ours alone)
+        arr.flags.writeable = False
+    return arr
 
 
 def reduce_ndarray(obj: Any) -> tuple[Any, ...] | None:

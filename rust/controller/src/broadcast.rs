@@ -18,7 +18,7 @@ use fp_io::{OutFrame, OutgoingMessage, RecvFrame};
 use fp_wire::{Parts, Value, BUFFERS_DIGEST_KEY};
 
 use crate::log::{log_at, Level};
-use crate::messages::{engine_error_content, error_metadata, method_of, reply_type, str_field};
+use crate::messages::{error_metadata, hub_error_content, reply_type, str_field};
 use crate::server::{ident, show, Env, Server, BCAST_C, BCAST_E};
 
 /// The routing identity of the leaf socket, as ipyparallel names its depth-0 scheduler.
@@ -174,8 +174,7 @@ impl Server {
             } else {
                 let evalue = format!("engine {uuid} is not connected to the controller");
                 log_at!(Level::Warning, "cannot broadcast {msg_type}: {evalue}");
-                let content =
-                    engine_error_content("EngineError", &evalue, uuid, None, method_of(&msg_type));
+                let content = hub_error_content("EngineError", &evalue);
                 self.fail_broadcast(uuid.as_bytes(), req, content);
             }
         }
@@ -235,12 +234,9 @@ impl Server {
             Ok(()) => Slot::Done(env.buffers.iter().map(RecvFrame::share).collect()),
             Err(e) => {
                 log_at!(Level::Warning, "broadcast reply from {uuid}: {e}");
-                Slot::Failed(engine_error_content(
+                Slot::Failed(hub_error_content(
                     "EngineError",
                     &format!("the reply of engine {uuid} failed verification: {e}"),
-                    &uuid,
-                    None,
-                    method_of(&req.msg_type),
                 ))
             }
         };

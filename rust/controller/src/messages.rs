@@ -31,26 +31,6 @@ pub fn hub_error_content(ename: &str, evalue: &str) -> Value {
     content
 }
 
-/// Error content with `engine_info`, for failures attributed to an engine.
-pub fn engine_error_content(
-    ename: &str,
-    evalue: &str,
-    engine_uuid: &str,
-    engine_id: Option<i64>,
-    method: &str,
-) -> Value {
-    let mut content = error_content(ename, evalue);
-    content.set(
-        "engine_info",
-        Value::map([
-            ("engine_uuid", Value::from(engine_uuid)),
-            ("engine_id", engine_id.map(Value::Int).unwrap_or(Value::Nil)),
-            ("method", Value::from(method)),
-        ]),
-    );
-    content
-}
-
 /// Reply metadata for a controller-generated failure.
 pub fn error_metadata(engine_uuid: Option<&str>) -> Value {
     let mut md = Value::map([
@@ -62,11 +42,6 @@ pub fn error_metadata(engine_uuid: Option<&str>) -> Value {
         md.set("engine", Value::from(u));
     }
     md
-}
-
-/// `apply` for apply requests, `execute` for execute requests.
-pub fn method_of(msg_type: &str) -> &str {
-    msg_type.strip_suffix("_request").unwrap_or(msg_type)
 }
 
 pub fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {

@@ -15,9 +15,7 @@ use crate::config::ControllerConfig;
 use crate::engines::{Engine, EngineTable, InFlight};
 use crate::heart::{Heart, Probe, FAST_PING, PROBE_GRACE, PROBE_PING};
 use crate::log::{log_at, Level};
-use crate::messages::{
-    engine_error_content, error_metadata, hub_error_content, method_of, reply_type, str_field,
-};
+use crate::messages::{error_metadata, hub_error_content, reply_type, str_field};
 use crate::scheduler::Balancer;
 
 pub const REG: usize = 0;
@@ -388,6 +386,45 @@ impl Server {
         }) {
             Ok(frames) => {
                 let _ = self.send(i, frames);
+            }
+            Err(e) => log_at!(Level::Error, "cannot build {msg_type}: {e}"),
+        }
+    }
+
+    /// Answer `msg_id` with a reply the controller makes up (no engine sent it): recorded by
+    /// the hub under the very header it is sent with, and sent on `sock` (when given) to
+    /// `idents`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn answer_made_up(
+        &mut self,
+        sock: Option<usize>,
+        idents: Vec<Vec<u8>>,
+        msg_id: &str,
+        engine: Option<&[u8]>,
+        msg_type: &str,
+        content: Value,
+        parent: Value,
+        metadata: Value,
+    ) {
+        let header = self.session.headers.header(msg_type);
+        self.records
+            .on_controller_reply(msg_id, engine, &header, &metadata, &content);
+        let Some(sock) = sock else {
+            return;
+        };
+        let parts = Parts {
+            header,
+            parent_header: parent,
+            metadata,
+            content,
+        };
+        match self.session.build_frames(OutgoingMessage {
+            idents,
+            parts,
+            buffers: Vec::new(),
+        }) {
+            Ok(frames) => {
+                let _ = self.send(sock, frames);
             }
             Err(e) => log_at!(Level::Error, "cannot build {msg_type}: {e}"),
         }
@@ -860,13 +897,7 @@ impl Server {
         }
         for (msg_id, req) in engine.bcast {
             let evalue = format!("Engine {} died while running task {msg_id:?}", engine.id);
-            let content = engine_error_content(
-                "EngineError",
-                &evalue,
-                &uuid_s,
-                Some(engine.id),
-                method_of(&req.msg_type),
-            );
+            let content = hub_error_content("EngineError", &evalue);
             self.fail_broadcast(&engine.uuid, req, content);
         }
         self.tasks_stranded(&engine.uuid, engine.id);
@@ -887,31 +918,20 @@ impl Server {
         self.stats.engine_errors.fetch_add(1, Ordering::Relaxed);
         let uuid_s = show(uuid);
         let evalue = format!("Engine {id} died while running task {msg_id:?}");
-        let content = engine_error_content(
-            "EngineError",
-            &evalue,
-            &uuid_s,
-            Some(id),
-            method_of(&req.msg_type),
-        );
-        let md = error_metadata(Some(&uuid_s));
-        self.records.on_controller_reply(
+        // as ipyparallel's scheduler and client: a wrapped exception (`engine_info` empty:
+        // stock clients then expect no more output for it) naming the engine in its text
+        // and in the metadata
+        let content = hub_error_content("EngineError", &evalue);
+        self.answer_made_up(
+            sock,
+            vec![req.client, uuid.to_vec()],
             msg_id,
             Some(uuid),
             &reply_type(&req.msg_type),
-            &md,
-            &content,
+            content,
+            req.header,
+            error_metadata(Some(&uuid_s)),
         );
-        if let Some(sock) = sock {
-            self.send_new(
-                sock,
-                vec![req.client, uuid.to_vec()],
-                &reply_type(&req.msg_type),
-                content,
-                req.header,
-                error_metadata(Some(&uuid_s)),
-            );
-        }
     }
 
     pub(crate) fn engines_changed(&mut self) {
@@ -1121,13 +1141,7 @@ impl Server {
                 let uuid_s = show(&target);
                 let evalue = format!("engine {uuid_s} is not connected to the controller");
                 log_at!(Level::Warning, "cannot route {msg_type}: {evalue}");
-                let content = engine_error_content(
-                    "EngineError",
-                    &evalue,
-                    &uuid_s,
-                    None,
-                    method_of(&msg_type),
-                );
+                let content = hub_error_content("EngineError", &evalue);
                 self.send_new(
                     from,
                     vec![client, target],
@@ -1212,13 +1226,7 @@ impl Server {
                 Err(_) => {
                     let uuid_s = show(&uuid);
                     let evalue = format!("engine {uuid_s} is not connected to the controller");
-                    let content = engine_error_content(
-                        "EngineError",
-                        &evalue,
-                        &uuid_s,
-                        None,
-                        method_of(&msg_type),
-                    );
+                    let content = hub_error_content("EngineError", &evalue);
                     self.send_new(
                         from,
                         vec![client.clone(), uuid.clone()],

@@ -482,9 +482,18 @@ impl Server {
         // it) and empty metadata (no engine)
         let (content, md) = (hub_error_content(ename, evalue), Value::empty_map());
         let rtype = reply_type(&task.msg_type);
-        self.records
-            .on_controller_reply(&task.msg_id, None, &rtype, &md, &content);
-        self.send_new(TASK_C, vec![task.client], &rtype, content, task.header, md);
+        let msg_id = task.msg_id;
+        let idents = vec![task.client];
+        self.answer_made_up(
+            Some(TASK_C),
+            idents,
+            &msg_id,
+            None,
+            &rtype,
+            content,
+            task.header,
+            md,
+        );
         self.release_waiting();
     }
 
@@ -795,13 +804,15 @@ impl Server {
         self.tasks.outcomes.record(t.msg_id.clone(), false, None);
         let md = Value::map([("status", Value::from("aborted"))]);
         let aborted = Value::map([("status", Value::from("aborted"))]);
-        self.records
-            .on_controller_reply(&t.msg_id, None, &reply_type(&t.msg_type), &md, &aborted);
-        self.send_new(
-            TASK_C,
-            vec![t.client],
-            &reply_type(&t.msg_type),
-            Value::map([("status", Value::from("aborted"))]),
+        let rtype = reply_type(&t.msg_type);
+        let idents = vec![t.client];
+        self.answer_made_up(
+            Some(TASK_C),
+            idents,
+            &t.msg_id,
+            None,
+            &rtype,
+            aborted,
             t.header,
             md,
         );

@@ -281,12 +281,13 @@ impl Records {
         self.backend.update(msg_id, u);
     }
 
-    /// The controller answered `msg_id` itself (scheduler error, dead engine, abort).
+    /// The controller answered `msg_id` itself (scheduler error, dead engine, abort) with a
+    /// message under `header`: recorded as that reply, as a peer's would be.
     pub fn on_controller_reply(
         &mut self,
         msg_id: &str,
         engine: Option<&[u8]>,
-        msg_type: &str,
+        header: &Value,
         metadata: &Value,
         content: &Value,
     ) {
@@ -295,16 +296,10 @@ impl Records {
         }
         let pack = |v: &Value| self.packer.pack(v).unwrap_or_default();
         let now = date::now();
-        let header = &Value::map([
-            ("msg_id", Value::Str(format!("{msg_id}_reply"))),
-            ("msg_type", Value::from(msg_type)),
-            ("session", Value::from("controller")),
-            ("date", Value::Str(date::format(now))),
-        ]);
         let u = Update::Reply {
             engine_uuid: engine.map(|e| String::from_utf8_lossy(e).into_owned()),
             started: None,
-            completed: now,
+            completed: date_of(header.get("date")).unwrap_or(now),
             received: now,
             header: pack(header),
             metadata: pack(metadata),
