@@ -530,6 +530,13 @@ def test_unknown_msg_id_is_an_invalid_dependency(lv: LoadBalancedView, kind: str
     assert isinstance(e, error.ImpossibleDependency)
     assert isinstance(e, ipp.RemoteError)
     assert ar.metadata.engine_id is None  # no engine ever saw it
+    # the hub records the scheduler's reply under the header it was sent with (another
+    # client's get_result takes its completion time from there)
+    (rec,) = lv.client.db_query({"msg_id": ar.msg_ids[0]}, keys=["result_header", "completed"])
+    header = rec["result_header"]
+    assert header["msg_type"] == "apply_reply" and header["msg_id"] != f"{ar.msg_ids[0]}_reply"
+    assert {"date", "session", "username", "version"} <= set(header)
+    assert rec["completed"] is not None
 
 
 # -- timeouts -------------------------------------------------------------------------------------
