@@ -887,9 +887,6 @@ impl Server {
             );
         }
         for (msg_id, req) in engine.mux {
-            self.tasks.direct_pending.remove(&msg_id);
-            let uuid = Some(engine.uuid.clone());
-            self.tasks.outcomes.record(msg_id.clone(), false, uuid);
             // recorded, not sent: as ipyparallel's hub, which leaves the requests stranded on
             // a dead engine to the clients (they fail them on the unregistration notice; a
             // reply now would reach an ipyparallel client as a stale result it prints)
@@ -1124,7 +1121,6 @@ impl Server {
                 if track {
                     self.records
                         .on_request("mux", &header, captured, Some(&target));
-                    self.tasks.direct_pending.insert(msg_id.clone());
                     if let Some(e) = self.engines.by_uuid.get_mut(&target) {
                         e.mux.insert(
                             msg_id,
@@ -1218,7 +1214,6 @@ impl Server {
                                 header: h,
                                 msg_type: msg_type.clone(),
                             };
-                            self.tasks.direct_pending.insert(msg_id.clone());
                             e.mux.insert(msg_id, req);
                         }
                     }
@@ -1301,15 +1296,6 @@ impl Server {
                         if let Some((key, _)) = e.mux.remove_entry(msg_id) {
                             e.completed.push(key);
                         }
-                    }
-                    if self.tasks.direct_pending.remove(msg_id) {
-                        let ok = self
-                            .unpack(&env, "metadata")
-                            .is_some_and(|m| str_field(&m, "status") == Some("ok"));
-                        self.tasks
-                            .outcomes
-                            .record(msg_id.to_owned(), ok, Some(engine.clone()));
-                        self.release_waiting();
                     }
                 }
             }

@@ -166,8 +166,6 @@ pub struct TaskState {
     /// Running on an engine: msg_id -> (engine uuid, task with shared copies of its frames).
     pub running: HashMap<String, (Vec<u8>, Task)>,
     pub outcomes: Outcomes,
-    /// msg_ids seen on the MUX channel and not finished (valid dependency targets).
-    pub direct_pending: HashSet<String>,
     /// Aborts of msg_ids not seen yet (the abort overtook its task): aborted on arrival.
     pub early_aborts: HashSet<String>,
     /// Tasks being taken back from a busy engine's queue (see [`Server::steal_for`]).
@@ -184,7 +182,6 @@ impl TaskState {
     fn known(&self, msg_id: &str) -> bool {
         self.outcomes.knows(msg_id)
             || self.running.contains_key(msg_id)
-            || self.direct_pending.contains(msg_id)
             || self.queue.iter().any(|t| t.msg_id == msg_id)
             || self.waiting.iter().any(|t| t.msg_id == msg_id)
     }

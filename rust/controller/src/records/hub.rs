@@ -434,7 +434,6 @@ impl Server {
                     evalue: format!("cannot reach engine {}", String::from_utf8_lossy(&engine)),
                 });
             }
-            self.tasks.direct_pending.insert(new_id.clone());
             if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
                 e.mux.insert(
                     new_id.clone(),
