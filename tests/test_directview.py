@@ -425,6 +425,36 @@ def test_engine_process_looks_like_an_ipyparallel_engine(dv: DirectView, tmp_pat
     dv.execute("import sys; sys.modules.pop('fp_cwd_module_xyz', None)", block=True)
 
 
+CLIENT_VALUE = "client-value"
+
+
+@ipp.interactive
+def _read_client_value() -> str:
+    return CLIENT_VALUE
+
+
+def test_cloudpickled_functions_run_over_the_senders_globals(dv: DirectView) -> None:
+    """As ipyparallel's use_cloudpickle: a function carries its globals' values and runs over
+    them, not over the engine's namespace, which it neither reads nor fills."""
+    dv.execute("CLIENT_VALUE = 'engine-value'", block=True)
+    try:
+        dv.use_cloudpickle(block=True)
+        assert dv.apply_sync(_read_client_value) == [CLIENT_VALUE] * 2
+        assert dv.pull("CLIENT_VALUE", block=True) == ["engine-value"] * 2
+        # the views' own helpers still reach the namespace (as ipyparallel's push and pull)
+        dv.push({"cp_x": 3}, block=True)
+        dv.execute("cp_y = cp_x + 1", block=True)
+        assert dv.pull("cp_y", block=True) == [4, 4]
+        dv.scatter("cp_s", list(range(4)), block=True)
+        assert dv.gather("cp_s", block=True) == [0, 1, 2, 3]
+        assert dv.apply_sync(lambda v: v, ipp.Reference("cp_y")) == [4, 4]
+    finally:
+        dv.use_pickle(block=True)
+    # the default: __main__ functions look their data up on the engine (as ipyparallel's)
+    assert dv.apply_sync(_read_client_value) == ["engine-value"] * 2
+    dv.execute("del CLIENT_VALUE, cp_x, cp_y, cp_s", block=True)
+
+
 def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
     try:
         ar = dv.use_cloudpickle(block=False)  # the view's block by default, as ipyparallel

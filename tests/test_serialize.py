@@ -547,13 +547,26 @@ def test_main_function_leaves_its_data_on_the_sender() -> None:
     assert "math" in engine  # the module came along (by name)
     with pytest.raises(NameError, match="BIG"):
         roundtrip(main["area"], namespace={"__builtins__": builtins})(0)
-    # explicit use_cloudpickle(): data globals travel too, the engine's own still win
+    # explicit use_cloudpickle(), as ipyparallel's: the function is cloudpickle's entirely,
+    # data globals included; it runs over the sender's values and leaves the engine's
+    # namespace alone (neither reads nor fills it)
     fs.use_cloudpickle()
     try:
         assert sum(len(f) for f in fs.serialize_object(main["area"], threshold=1024)) > 1 << 20
         fresh: dict[str, Any] = {"__builtins__": builtins}
         assert roundtrip(main["area"], namespace=fresh)(0) == 1 << 20
-        assert roundtrip(main["area"], namespace=engine)(0) == 2
+        assert set(fresh) == {"__builtins__"}
+        engine = {"__builtins__": builtins, "BIG": b"xy"}
+        assert roundtrip(main["area"], namespace=engine)(0) == 1 << 20
+        assert engine["BIG"] == b"xy" and "math" not in engine
+        exec("def engine_only():\n    return ONLY_THERE\n", main)
+        with pytest.raises(NameError, match="ONLY_THERE"):
+            roundtrip(main["engine_only"], namespace={**engine, "ONLY_THERE": 1})()
+        # Reference is how such a function takes an engine value
+        from ferroparallel import Reference
+
+        got = fs.deserialize_object(fs.serialize_object([Reference("BIG")]), engine)
+        assert got == [b"xy"]
     finally:
         fs.use_pickle()
     assert len(fs.serialize_object(main["area"], threshold=1024)[0]) < 4096

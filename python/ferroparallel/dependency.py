@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .error import UnmetDependency
-from .serialize import interactive
+from .serialize.interactive import engine_helper
 
 
 class Dependency(set):
@@ -188,7 +188,7 @@ class depend:  # noqa: N801 - ipyparallel's name
         return dependent(f, self.f, *self.args, **self.kwargs)
 
 
-@interactive
+@engine_helper
 def _require(*modules: str, **mapping: Any) -> bool:
     g = globals()
     for name in modules:

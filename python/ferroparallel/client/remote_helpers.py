@@ -1,16 +1,17 @@
 """Small functions the views run on engines (push, pull, map chunks, imports).
 
-Those marked ``@interactive`` have the engine's user namespace as their globals.
+Those marked ``@engine_helper`` have the engine's user namespace as their globals, whatever
+the pickler.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..serialize import interactive
+from ..serialize.interactive import engine_helper
 
 
-@interactive
+@engine_helper
 def _push(__fp_ns__: dict[str, Any]) -> None:
     g = globals()
     for __fp_key__, __fp_value__ in __fp_ns__.items():
@@ -22,7 +23,7 @@ def _push(__fp_ns__: dict[str, Any]) -> None:
             g.pop("__fp_value__", None)
 
 
-@interactive
+@engine_helper
 def _pull(__fp_keys__: Any) -> Any:
     g = globals()
     if isinstance(__fp_keys__, str):
@@ -36,7 +37,7 @@ def _map_chunk(__fp_f__: Any, *__fp_seqs__: Any) -> list[Any]:
     return list(map(__fp_f__, *__fp_seqs__))
 
 
-@interactive
+@engine_helper
 def _execute(__fp_code__: str) -> None:
     exec(__fp_code__, globals())  # noqa: S102
 

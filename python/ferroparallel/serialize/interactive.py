@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -50,6 +51,33 @@ def interactive(f: T) -> T:
         ``f`` itself, with ``__module__`` set to ``"__main__"``.
     """
     f.__module__ = "__main__"
+    return f
+
+
+#: Code of ferroparallel's own engine-side helpers (see :func:`engine_helper`).
+HELPER_CODES: set[types.CodeType] = set()
+
+
+def engine_helper(f: T) -> T:
+    """Mark one of ferroparallel's own functions that run over the engine's namespace (push,
+    pull, execute, ``@require``): :func:`interactive`, and rebound to the namespace even when
+    the sender pickles with cloudpickle or dill, where user functions keep their own globals
+    (ipyparallel's push and pull reach the namespace without ``@interactive`` for the same
+    reason)."""
+    HELPER_CODES.add(f.__code__)  # type: ignore[attr-defined]
+    return interactive(f)
+
+
+#: Functions received from a sender in ``use_cloudpickle``/``use_dill`` mode: they keep the
+#: globals their pickler gave them (ipyparallel does not "can" functions in those modes).
+_KEEP_GLOBALS: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
+
+
+def keep_globals(f: types.FunctionType) -> types.FunctionType:
+    """Receiver side of a function pickled whole by cloudpickle or dill: never relinked to a
+    namespace (see :class:`Relinker`). Returns ``f``."""
+    if type(f) is types.FunctionType:
+        _KEEP_GLOBALS.add(f)
     return f
 
 
@@ -95,7 +123,7 @@ class Relinker:
             globals are the namespace; ``f`` itself if its globals already are.
         """
         old_globals = f.__globals__
-        if old_globals is self.namespace:
+        if old_globals is self.namespace or f in _KEEP_GLOBALS:
             return f
         done = self._memo.get(id(f))
         if done is not None:

@@ -36,6 +36,7 @@ from .buffers import (
     reduce_ndarray,
     wrap_large_buffers,
 )
+from .interactive import HELPER_CODES, keep_globals
 from .namespace import resolve_in_namespace
 from .shm import OutOfBandSink
 
@@ -197,8 +198,10 @@ def _by_reference(obj: Any) -> bool:
     )
 
 
-def _make_pickler_class(base: type) -> type:
-    """A subclass of ``base`` that sends large buffers out-of-band."""
+def _make_pickler_class(base: type, isolate: bool = False) -> type:
+    """A subclass of ``base`` that sends large buffers out-of-band; with ``isolate``,
+    ``__main__`` functions keep the globals the pickler gives them on the receiver (see
+    :func:`~.interactive.keep_globals`) instead of being rebound to its namespace."""
     base_override = getattr(base, "reducer_override", None)
 
     class FerroPickler(base):  # type: ignore[misc, valid-type]
@@ -210,6 +213,7 @@ def _make_pickler_class(base: type) -> type:
         ) -> None:
             super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
             self.shm = shm
+            self._isolating: set[int] = set()
 
         def reducer_override(self, obj: Any) -> Any:
             t = type(obj)
@@ -220,6 +224,15 @@ def _make_pickler_class(base: type) -> type:
             elif t is LargeBytes:
                 rv = obj.__reduce_ex__(PROTOCOL)
             elif t is FunctionType:
+                if (
+                    isolate
+                    and obj.__module__ == "__main__"
+                    and obj.__code__ not in HELPER_CODES
+                    and id(obj) not in self._isolating
+                ):
+                    # keep_globals(f): f itself is pickled (by this pickler) as the argument
+                    self._isolating.add(id(obj))
+                    return keep_globals, (obj,)
                 if base_override is None:
                     return NotImplemented
                 rv = base_override(self, obj)
@@ -314,12 +327,13 @@ def use_cloudpickle() -> None:
     """Pickle functions and classes with cloudpickle, data globals included.
 
     Lambdas, closures and anything defined in ``__main__`` are pickled by value; functions and
-    classes of importable modules by reference (as by default). Unlike the default, a
-    ``__main__`` function also carries the values of the data globals it references, as
-    ipyparallel's ``use_cloudpickle`` does: a name the engine lacks then resolves to the
-    sender's value (the engine's own value still wins where it has one). The default sends
-    only the code-like globals (helper functions, classes, modules) and looks data up on the
-    engine, as ipyparallel's default does. ``use_pickle()`` goes back to the default.
+    classes of importable modules by reference (as by default). As with ipyparallel's
+    ``use_cloudpickle``, a ``__main__`` function is then cloudpickle's entirely: it carries the
+    values of the globals it references and runs over those (the sender's values), not over
+    the engine's namespace, which it neither sees nor changes (``@interactive`` has no effect;
+    pass engine values with ``Reference``). The default sends only the code-like globals
+    (helper functions, classes, modules) and looks data up in the engine's namespace, as
+    ipyparallel's default does. ``use_pickle()`` goes back to the default.
     """
     _set_pickler(cloudpickle.Pickler, "cloudpickle", capture_data=True)
 
@@ -354,7 +368,9 @@ def use_dill() -> None:
 
 def _set_pickler(base: type, name: str, capture_data: bool = False) -> None:
     global _pickler_class, _pickler_name, _capture_data
-    _pickler_class = _make_pickler_class(base)
+    # cloudpickle and dill, as ipyparallel's use_cloudpickle/use_dill: functions are theirs
+    # entirely (globals captured by value, or as dill resolves them), not relinked
+    _pickler_class = _make_pickler_class(base, isolate=name in ("cloudpickle", "dill"))
     _pickler_name = name
     _capture_data = capture_data
 
