@@ -196,6 +196,23 @@ def test_px_line_is_not_expanded_locally(magics: Any, rc: Client, capsys) -> Non
         rc[0].pull("where", block=True)
 
 
+def test_a_line_that_is_python_is_all_code(magics: Any, rc: Client, capsys) -> None:
+    """ipyparallel's line %px takes no options: a line that parses as Python runs as it is,
+    even when it starts like an option (``-a`` is also the short --noblock)."""
+    view = _magics_of(magics).view
+    assert view.block is True
+    magics.run_line_magic("px", "a = 3")
+    capsys.readouterr()
+    assert magics.run_line_magic("px", "-a") is None  # blocking: shown, not returned
+    assert "Out[0:" in capsys.readouterr().out
+    assert magics.run_line_magic("px", "-a + 1; marker = --a") is None
+    assert rc[:].pull("marker", block=True) == [3, 3]
+    # not Python as a whole: options, then code
+    ar = magics.run_line_magic("px", "-a marker = 4")
+    assert isinstance(ar, ipp.AsyncResult) and ar.wait(30) and ar.successful()
+    assert rc[:].pull("marker", block=True) == [4, 4]
+
+
 def test_short_options(magics: Any, rc: Client, capsys) -> None:
     view = _magics_of(magics).view
     # -a / -b: noblock / block, for one run and as %pxconfig defaults
@@ -247,7 +264,8 @@ def test_options_end_where_the_code_starts(magics: Any, rc: Client, capsys) -> N
     with pytest.raises(UsageError, match="takes no value"):
         magics.run_line_magic("px", "--block=1 pass")
     with pytest.raises(UsageError, match="expected one argument"):
-        magics.run_line_magic("px", "--progress-after")
+        magics.run_cell_magic("px", "--progress-after", "pass")
+    # (a bare "%px --progress-after" is Python, -(-progress) - after, and runs as code)
 
 
 def test_pxconfig_stream_signal_and_progress_defaults(magics: Any, capsys) -> None:

@@ -10,6 +10,7 @@ registers them with a client connected on first use.
 
 from __future__ import annotations
 
+import ast
 import argparse
 import contextlib
 import operator
@@ -136,6 +137,15 @@ def _take_value(text: str, pos: int) -> tuple[str, int]:
             break
         end += 1
     return text[pos:end], end
+
+
+def _is_python(line: str) -> bool:
+    """Whether ``line`` parses as Python code."""
+    try:
+        ast.parse(line)
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def _split_options(line: str) -> tuple[list[str], str]:
@@ -450,8 +460,11 @@ class ParallelMagics(Magics):
         ``--signal-on-interrupt SIG``: sent to the engines on Ctrl-C, default SIGINT, empty
         for none); ``--group-outputs {type,engine,order}`` (``-e``: by engine, ``-r``: in
         order) and ``--out NAME`` / ``-o NAME`` (store the AsyncResult in NAME).
+
+        A line that is valid Python as a whole is all code, as ipyparallel's ``%px`` (which
+        takes no options) runs it: ``%px -a`` negates ``a``, ``%px --x`` is ``-(-x)``.
         """
-        opts, code = _split_options(line)
+        opts, code = ([], line) if _is_python(line) else _split_options(line)
         args = _exec_parser("%px", cell=False).parse_args(opts)
         if not code.strip() and opts:
             raise UsageError("%px needs code to run, e.g. %px import numpy")
