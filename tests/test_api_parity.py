@@ -62,6 +62,29 @@ def test_top_level_names_of_ipyparallel() -> None:
         ipp.no_such_name  # noqa: B018
 
 
+def test_more_of_ipyparallels_top_level_and_modules() -> None:
+    """Submodules as attributes right after the import, the canning API, and the names
+    ipyparallel exports that code catches or calls."""
+    import traitlets.config.configurable as configurable
+
+    for name in ("client", "cluster", "controller", "serialize", "util"):
+        assert name in dir(ipp) and getattr(ipp, name).__name__ == f"ferroparallel.{name}"
+    assert ipp.client.view.DirectView is ipp.DirectView
+    assert ipp.MultipleInstanceError is configurable.MultipleInstanceError
+    assert ipp.can(rounder := (1, [2])) is rounder
+    ns = {"x": 41}
+    assert ipp.uncan([ipp.Reference("x")], ns) == [41]
+    f = ipp.uncan(ipp.interactive(lambda: x + 1), ns)  # noqa: F821 - resolved in ns
+    assert f() == 42
+    with pytest.raises(NotImplementedError, match="%px"):
+        ipp.bind_kernel()
+    from ferroparallel.cluster.launcher import MPIEngineSetLauncher, SSHEngineSetLauncher
+    from ferroparallel.serialize.canning import can, uncan
+
+    assert can is ipp.can and uncan is ipp.uncan
+    assert MPIEngineSetLauncher.__name__ == "MPIEngineSetLauncher" and SSHEngineSetLauncher
+
+
 def test_top_level_serialization_round_trip() -> None:
     frames = ipp.serialize_object({"a": [1, 2.5, "x"], "b": b"y" * 5000})
     assert ipp.deserialize_object(frames) == {"a": [1, 2.5, "x"], "b": b"y" * 5000}

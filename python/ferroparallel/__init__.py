@@ -72,6 +72,7 @@ __all__ = [
     "Reference",
     "RemoteError",
     "RemoteFunction",
+    "MultipleInstanceError",
     "Session",
     "TaskAborted",
     "TaskRejectError",
@@ -80,6 +81,8 @@ __all__ = [
     "UnmetDependency",
     "ViewExecutor",
     "__version__",
+    "bind_kernel",
+    "can",
     "collect_exceptions",
     "depend",
     "dependent",
@@ -92,6 +95,7 @@ __all__ = [
     "remote",
     "require",
     "serialize_object",
+    "uncan",
     "unpack_apply_message",
     "unwrap_exception",
     "use_cloudpickle",
@@ -129,6 +133,9 @@ _LAZY = {
     "remote": "ferroparallel.client.remotefunction",
     "parallel": "ferroparallel.client.remotefunction",
     "ViewExecutor": "ferroparallel.client.executor",
+    "can": "ferroparallel.serialize.canning",
+    "uncan": "ferroparallel.serialize.canning",
+    "MultipleInstanceError": "traitlets.config.configurable",
 }
 
 #: ipyparallel's names for objects that are called differently here.
@@ -140,7 +147,24 @@ _ALIASES = {
 
 #: Submodules reachable as attributes without their own import (``ipp.util``, as in
 #: ipyparallel, whose package imports them).
-_SUBMODULES = ("util",)
+_SUBMODULES = ("client", "cluster", "controller", "serialize", "util")
+
+
+def bind_kernel(**kwargs: Any) -> None:
+    """ipyparallel's way to open an engine to Jupyter frontends as a full IPython kernel.
+
+    ferroparallel engines are not ipykernel kernels, so there is no kernel to bind: use
+    ``%px`` / ``%%px`` (or ``view.execute``) to run code on them interactively.
+
+    Raises
+    ------
+    NotImplementedError
+        Always, with that advice.
+    """
+    raise NotImplementedError(
+        "bind_kernel: ferroparallel engines are not IPython kernels and cannot be attached to "
+        "a Jupyter frontend; run code on them with %px / %%px or view.execute()"
+    )
 
 
 def __getattr__(name: str) -> Any:

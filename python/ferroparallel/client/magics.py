@@ -10,8 +10,8 @@ registers them with a client connected on first use.
 
 from __future__ import annotations
 
-import ast
 import argparse
+import ast
 import contextlib
 import operator
 import re
