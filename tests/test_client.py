@@ -424,6 +424,13 @@ def test_send_signal_interrupts_a_running_task(rc: Client, wait_until: WaitUntil
     assert time.monotonic() - t0 < 10
     assert info.value.ename == "KeyboardInterrupt"
     assert info.value.engine_info.get("engine_id") == 1
+    # the traceback ends in the user's code, not in the engine's signal handler
+    tb = (
+        info.value.traceback
+        if isinstance(info.value.traceback, str)
+        else "".join(info.value.traceback)
+    )
+    assert "KeyboardInterrupt" in tb and "signals.py" not in tb and "sleep" in tb, tb
     # the engine keeps serving
     assert rc[1].apply_async(lambda: 42).get(timeout=SHORT) == 42
     assert rc.ids == [0, 1]

@@ -376,6 +376,8 @@ class ParallelMagics(Magics):
                     ar.wait_for_output(timeout=OUTPUT_GRACE)
             except KeyboardInterrupt:
                 interrupted = True
+                if printer is not None:
+                    printer.interrupted = True
                 self._interrupt(ar, run)
         if printer is None:
             ar.wait_for_output(timeout=1)

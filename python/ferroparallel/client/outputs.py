@@ -183,6 +183,9 @@ class OutputPrinter:
         self._shown: dict[tuple[int, str], int] = {}
         self._done: set[tuple[int, str]] = set()
         self.errors_shown = 0
+        #: set once the user interrupted the run: the engines' KeyboardInterrupt errors that
+        #: follow are its expected outcome, not shown (as ipyparallel's %px)
+        self.interrupted = False
 
     def print_new(self, final: bool = False) -> None:
         """Show what arrived since the last call (with ``final``, also an unfinished last
@@ -208,6 +211,8 @@ class OutputPrinter:
                 show_display_data(content, eid)
             self._shown[(i, "outputs")] = len(outputs)
             err = md.get("error")
+            if self.interrupted and getattr(err, "ename", None) == "KeyboardInterrupt":
+                err = None
             if err is not None and (i, "error") not in self._done:
                 self._done.add((i, "error"))
                 self.errors_shown += 1
