@@ -379,6 +379,11 @@ impl Server {
             metadata,
             content,
         };
+        self.send_parts(i, idents, msg_type, parts);
+    }
+
+    /// Sign and send `parts` (no buffers) to `idents` on socket `i`.
+    fn send_parts(&mut self, i: usize, idents: Vec<Vec<u8>>, msg_type: &str, parts: Parts) {
         match self.session.build_frames(OutgoingMessage {
             idents,
             parts,
@@ -418,16 +423,7 @@ impl Server {
             metadata,
             content,
         };
-        match self.session.build_frames(OutgoingMessage {
-            idents,
-            parts,
-            buffers: Vec::new(),
-        }) {
-            Ok(frames) => {
-                let _ = self.send(sock, frames);
-            }
-            Err(e) => log_at!(Level::Error, "cannot build {msg_type}: {e}"),
-        }
+        self.send_parts(sock, idents, msg_type, parts);
     }
 
     fn notify(&mut self, msg_type: &str, content: Value) {
