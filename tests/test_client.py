@@ -431,6 +431,18 @@ def test_send_signal_interrupts_a_running_task(rc: Client, wait_until: WaitUntil
         else "".join(info.value.traceback)
     )
     assert "KeyboardInterrupt" in tb and "signals.py" not in tb and "sleep" in tb, tb
+    # the same for a cell (execute: IPython formats its traceback)
+    ar = rc[1].execute("import time\nprint('started', flush=True)\ntime.sleep(30)", block=False)
+    wait_until(lambda: "started" in ar.stdout, SHORT, "the cell to start")
+    rc.send_signal(signal.SIGINT, targets=1, block=True)
+    with pytest.raises(error.RemoteError) as info:
+        ar.get(timeout=10)
+    tb = (
+        info.value.traceback
+        if isinstance(info.value.traceback, str)
+        else "".join(info.value.traceback)
+    )
+    assert "KeyboardInterrupt" in tb and "signals.py" not in tb and "sleep" in tb, tb
     # the engine keeps serving
     assert rc[1].apply_async(lambda: 42).get(timeout=SHORT) == 42
     assert rc.ids == [0, 1]

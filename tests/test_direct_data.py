@@ -304,6 +304,17 @@ def test_bind_host_follows_the_controller() -> None:
     assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"
     assert netloan.bind_host("tcp://localhost:5555") == "127.0.0.1"
     assert netloan.bind_host("tcp://127.0.0.2:5555") == "127.0.0.1"
+    # a client beside a controller on every interface binds this host's routable address
+    import socket
+
+    from ferroparallel.client import connection
+
+    info = {"interface": "tcp://*", "location": socket.gethostname(), "registration": 5555}
+    assert connection.data_url(info) == "tcp://*:5555"
+    assert netloan.bind_host(connection.data_url(info)) == netloan.routable_address()
+    assert connection.data_url(info | {"interface": "tcp://127.0.0.1"}) == "tcp://127.0.0.1:5555"
+    remote = info | {"location": "10.9.8.7"}
+    assert connection.data_url(remote) == "tcp://10.9.8.7:5555"
 
 
 def test_a_fetcher_keeps_a_bounded_number_of_channels() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -752,6 +753,7 @@ def test_the_data_server_binds_the_controllers_tcp_route_even_over_unix_sockets(
     """An engine beside the controller talks to it over Unix sockets, but its data server
     must be reachable by clients on other hosts: it binds the route of the TCP address."""
     from ferroparallel.engine.connection import data_url
+    from ferroparallel.serialize import netloan
     from ferroparallel.serialize.netloan import bind_host
 
     info = {k: i + 1000 for i, k in enumerate(PORT_KEYS)}
@@ -765,6 +767,30 @@ def test_the_data_server_binds_the_controllers_tcp_route_even_over_unix_sockets(
     assert bind_host(data_url(loopback, over_ipc)) == "127.0.0.1"
     tunnel = EngineUrls(**{k: f"tcp://127.0.0.1:{2000 + i}" for i, k in enumerate(PORT_KEYS)})
     assert data_url(info, tunnel) == "tcp://127.0.0.1:2000"  # an SSH tunnel's end
+    # a controller on every interface (--ip='*'), beside this engine: the routable address
+    for wildcard in ("tcp://*", "tcp://0.0.0.0"):
+        everywhere = info | {"interface": wildcard, "location": socket.gethostname()}
+        for urls in (over_ipc, channel_urls(everywhere)):
+            assert data_url(everywhere, urls) == "tcp://*:1000"
+        assert bind_host("tcp://*:1000") == netloan.routable_address()
+    # ... and on another host: the route to it
+    remote = info | {"interface": "tcp://*", "location": "10.9.8.7"}
+    assert data_url(remote, channel_urls(remote)) == "tcp://10.9.8.7:1000"
+
+
+def test_routable_address_is_not_loopback_when_there_is_a_route() -> None:
+    from ferroparallel.serialize import netloan
+
+    address = netloan.routable_address()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            expected = s.getsockname()[0]
+    except OSError:
+        expected = "127.0.0.1"
+    assert address == (expected if not expected.startswith("127.") else "127.0.0.1")
+    with socket.socket() as s:  # and it can be bound
+        s.bind((address, 0))
 
 
 def test_signal_names_and_abort_set():

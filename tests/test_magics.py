@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -211,6 +212,16 @@ def test_a_line_that_is_python_is_all_code(magics: Any, rc: Client, capsys) -> N
     ar = magics.run_line_magic("px", "-a marker = 4")
     assert isinstance(ar, ipp.AsyncResult) and ar.wait(30) and ar.successful()
     assert rc[:].pull("marker", block=True) == [4, 4]
+    # a long option first: options, even if the line would parse, -(-noblock(a))
+    ar = magics.run_line_magic("px", "--noblock (a)")
+    assert isinstance(ar, ipp.AsyncResult) and ar.wait(30) and ar.successful()
+    ar = magics.run_line_magic("px", "--noblock neg = -a")
+    assert isinstance(ar, ipp.AsyncResult) and ar.wait(30) and ar.successful()
+    assert rc[:].pull("neg", block=True) == [-3, -3]
+    capsys.readouterr()
+    with warnings.catch_warnings():  # nothing is compiled here beyond a quiet parse
+        warnings.simplefilter("error")
+        magics.run_line_magic("px", r"sw = '\d' if 1 is 1 else 0")
 
 
 def test_short_options(magics: Any, rc: Client, capsys) -> None:

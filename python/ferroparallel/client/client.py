@@ -347,7 +347,7 @@ class Client(HasTraits):
         self._net = NetData(
             self.session.key,
             pack,
-            connection.url(info, "registration"),
+            connection.data_url(info),
             enabled=direct_data is not False and not ssh_server and not curve_options,
         )
         self._shm.use_network(self._net)

@@ -96,6 +96,17 @@ def interface_address(info: dict[str, Any]) -> str:
     return f"{transport}://{ip}"
 
 
+def data_url(info: dict[str, Any]) -> str:
+    """The controller URL whose route this client's data server binds (decision 0014): the
+    registration URL, or ``tcp://*:<port>`` for a controller on this host listening on every
+    interface (the server then binds this host's routable address, which engines on other
+    hosts reach)."""
+    transport, _, ip = info["interface"].partition("://")
+    if transport == "tcp" and ip in ("*", "0.0.0.0") and is_local(info):
+        return f"tcp://*:{info['registration']}"
+    return url(info, "registration")
+
+
 def is_local(info: dict[str, Any]) -> bool:
     """True when the controller runs on this host."""
     _, _, ip = interface_address(info).partition("://")

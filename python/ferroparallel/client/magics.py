@@ -19,6 +19,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -140,12 +141,27 @@ def _take_value(text: str, pos: int) -> tuple[str, int]:
 
 
 def _is_python(line: str) -> bool:
-    """Whether ``line`` parses as Python code."""
+    """Whether ``line`` parses as Python code (quietly: no SyntaxWarning here)."""
     try:
-        ast.parse(line)
-    except (SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(line)
+    except Exception:  # noqa: BLE001 - SyntaxError, and anything a pathological line raises
         return False
     return True
+
+
+def _line_options(line: str) -> tuple[list[str], str]:
+    """The options and the code of a line ``%px``: a line that starts with a long option
+    (``--noblock``) has options; otherwise a line that parses as Python is all code, as
+    ipyparallel's line magic (which takes no options) runs it, so ``%px -a`` negates ``a``;
+    short options are taken only from a line that is not Python as a whole."""
+    first = _OPTION.match(line)
+    if first and first.group(1).startswith("--") and first.group(1) in _FLAGS | _WITH_VALUE.keys():
+        return _split_options(line)
+    if _is_python(line):
+        return [], line
+    return _split_options(line)
 
 
 def _split_options(line: str) -> tuple[list[str], str]:
@@ -463,10 +479,11 @@ class ParallelMagics(Magics):
         for none); ``--group-outputs {type,engine,order}`` (``-e``: by engine, ``-r``: in
         order) and ``--out NAME`` / ``-o NAME`` (store the AsyncResult in NAME).
 
-        A line that is valid Python as a whole is all code, as ipyparallel's ``%px`` (which
-        takes no options) runs it: ``%px -a`` negates ``a``, ``%px --x`` is ``-(-x)``.
+        A line that starts with a long option has options. Otherwise a line that is valid
+        Python as a whole is all code, as ipyparallel's ``%px`` (which takes no options) runs
+        it: ``%px -a`` negates ``a``, while ``%px --noblock (a)`` shows ``a`` without blocking.
         """
-        opts, code = ([], line) if _is_python(line) else _split_options(line)
+        opts, code = _line_options(line)
         args = _exec_parser("%px", cell=False).parse_args(opts)
         if not code.strip() and opts:
             raise UsageError("%px needs code to run, e.g. %px import numpy")

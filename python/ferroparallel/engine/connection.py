@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import ipc
 from ..error import ConnectionFileError
+from ..serialize.netloan import WILDCARD_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +247,17 @@ def data_url(info: dict[str, Any], urls: EngineUrls) -> str:
     """The controller URL whose route the engine's data server binds (decision 0014): the
     TCP registration address even when the engine reaches the controller through same-host
     Unix sockets, so that clients on other hosts can fetch from an engine that runs beside
-    the controller; the URL in use otherwise (an SSH tunnel's is loopback)."""
-    if urls.registration.startswith("ipc://"):
+    the controller (``tcp://*:<port>`` for a controller on every interface: the data server
+    then binds this host's routable address); the URL in use otherwise (an SSH tunnel's is
+    loopback)."""
+    url = urls.registration
+    over_ipc = url.startswith("ipc://")
+    transport, _, ip = str(info.get("interface", "")).partition("://")
+    if transport == "tcp" and ip in WILDCARD_HOSTS and (over_ipc or "://127." in url):
+        return f"tcp://*:{info['registration']}"  # (a controller on this host)
+    if over_ipc:
         return channel_urls(info, same_host=False).registration
-    return urls.registration
+    return url
 
 
 def tunnel_urls(

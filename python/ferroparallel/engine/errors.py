@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-#: The engine's own signal handlers (SIGINT raises KeyboardInterrupt in the user's code).
-_HANDLERS_FILE = str(Path(__file__).with_name("signals.py"))
-
-
-def _frames_before_handler(tb: TracebackType | None) -> int | None:
-    """How many frames of ``tb`` precede the engine's signal handler, which a KeyboardInterrupt
-    raised by ``send_signal`` passes through last: the traceback ends in the user's code, as
-    ipyparallel's does (None: no such frame, keep all)."""
-    n = 0
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == _HANDLERS_FILE:
-            return n
-        n += 1
-        tb = tb.tb_next
-    return None
+from .signals import hide_handler
 
 
 @dataclass
@@ -63,9 +48,10 @@ class ErrorInfo:
             evalue = str(exc)
         except Exception as e:  # a broken __str__ must not break the reply
             evalue = f"<unprintable {type(exc).__name__}: {type(e).__name__}>"
+        if isinstance(exc, KeyboardInterrupt):
+            hide_handler(exc)
         try:
-            limit = _frames_before_handler(tb)
-            text = "".join(traceback.format_exception(type(exc), exc, tb, limit=limit))
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
         except Exception:
             text = f"{type(exc).__name__}: {evalue}\n"
         return cls(type(exc).__name__, evalue, text.rstrip("\n").split("\n"))

@@ -19,7 +19,7 @@ from traitlets.config import Config
 
 from .errors import ErrorInfo
 from .execute import CellOutcome, IOPubPublisher
-from .signals import EngineExit, InterruptGate
+from .signals import EngineExit, InterruptGate, hide_handler
 
 
 class _EngineDisplayHook(DisplayHook):
@@ -74,6 +74,13 @@ class _EngineInteractiveShell(InteractiveShell):
     def fp_publish(self, msg_type: str, content: dict[str, Any], topic: str) -> None:
         if self.fp_publisher is not None:
             self.fp_publisher(msg_type, content, topic)
+
+    def _get_exc_info(self, exc_tuple: Any = None) -> Any:
+        etype, value, tb = super()._get_exc_info(exc_tuple)
+        if isinstance(value, KeyboardInterrupt):  # raised by the engine's SIGINT handler
+            hide_handler(value)
+            tb = value.__traceback__
+        return etype, value, tb
 
     def _showtraceback(self, etype: type, evalue: BaseException, stb: Any) -> None:
         if isinstance(evalue, EngineExit):

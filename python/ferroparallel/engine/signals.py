@@ -42,6 +42,23 @@ class InterruptGate:
         self.open = False
 
 
+#: Name of the engine's SIGINT handler, whose frame ends the traceback of a KeyboardInterrupt
+#: it raised (see :func:`hide_handler`).
+_HANDLER = "on_sigint"
+
+
+def hide_handler(exc: BaseException | None) -> None:
+    """Cut the engine's SIGINT handler from the end of ``exc``'s traceback: the user sees the
+    interrupt in their own code, as ipyparallel (whose handler is C code) shows it."""
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None and tb.tb_next is not None:
+        code = tb.tb_next.tb_frame.f_code
+        if code.co_name == _HANDLER and code.co_filename == __file__:
+            tb.tb_next = None
+            return
+        tb = tb.tb_next
+
+
 def install_handlers(gate: InterruptGate) -> Callable[[], None] | None:
     """Install the engine's SIGINT and SIGTERM handlers.
 

@@ -88,12 +88,32 @@ def enabled_by_env() -> bool:
     return value not in ("0", "off", "false", "no")
 
 
+#: Host parts of a URL that mean "every interface" (a controller started with ``--ip='*'``).
+WILDCARD_HOSTS = frozenset({"*", "0.0.0.0"})
+
+
+def routable_address() -> str:
+    """This host's address on its default route (what other hosts reach it by), found with a
+    route lookup that sends nothing; ``127.0.0.1`` without such a route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a route lookup, no packet
+            address = str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+    return "127.0.0.1" if ipaddress.ip_address(address).is_loopback else address
+
+
 def bind_host(controller_url: str) -> str:
     """The address to serve data on: the local interface that reaches the controller
-    (``127.0.0.1`` for a controller on this host or behind Unix sockets)."""
+    (``127.0.0.1`` for a controller on this host or behind Unix sockets); for a controller
+    on every interface (``tcp://*``), this host's routable address."""
     parts = urlsplit(controller_url)
+    host = parts.netloc.rsplit(":", 1)[0] if parts.scheme == "tcp" else ""
+    if host in WILDCARD_HOSTS:
+        return routable_address()
     host = parts.hostname or ""
-    if parts.scheme != "tcp" or host in ("", "localhost", "*"):
+    if parts.scheme != "tcp" or host in ("", "localhost"):
         return "127.0.0.1"
     try:
         if ipaddress.ip_address(host).is_loopback:
