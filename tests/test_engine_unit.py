@@ -856,3 +856,20 @@ def test_controller_patience_is_ipyparallels() -> None:
     assert EngineConfig().max_missed_pings == 50
     assert Liveness(None, 3.0, 50).limit == 175.0
     assert Liveness(None, 0.2, 3).limit == pytest.approx(2.1)
+
+
+def test_unreachable_arguments_are_an_unmet_dependency_only_for_engines_that_joined_later() -> None:
+    """A load-balanced task lists the engines the client knew could reach its lent arguments;
+    one of those failing means the lender is gone (the task fails), another engine answers
+    it as an unmet dependency (the scheduler tries elsewhere)."""
+    from ferroparallel.engine.execute import _unreachable
+    from ferroparallel.serialize.shm import DataUnreachable
+    from ferroparallel.wire_names import LENT_TO_KEY
+
+    exc = DataUnreachable("buffers lent by a process on another host")
+    md = {"retries": 0, LENT_TO_KEY: ["e0", "e1"]}
+    assert _unreachable(exc, md, "e2").ename == "UnmetDependency"
+    assert "another host" in _unreachable(exc, md, "e2").evalue
+    assert _unreachable(exc, md, "e1").ename == "DataUnreachable"
+    assert _unreachable(exc, {"retries": 0}, "e2").ename == "DataUnreachable"
+    assert _unreachable(exc, None, "e2").ename == "DataUnreachable"

@@ -11,6 +11,7 @@ __all__ = [
     "BUFFERS_CHANGED_MESSAGE",
     "LENT_RESULT_KEY",
     "LEND_RESULTS_KEY",
+    "LENT_TO_KEY",
     "NET_LENT_KEY",
     "NET_LEND_RESULTS_KEY",
     "NO_STATUS_KEY",
@@ -68,6 +69,12 @@ LEND_RESULTS_KEY = "fp_lend_results"
 #: waits until the word at the seal address no longer holds the nonce; the client, having read
 #: the buffers, checks the word still holds it (the copy is valid) and writes 0.
 LENT_RESULT_KEY = "fp_lent_result"
+
+#: Request metadata key of a load-balanced task whose large arguments were put in a segment or
+#: lent: the engines (uuids) the client knew could reach them. Any of those that cannot reach
+#: them any more reports the failure; another engine (one that joined later) answers the task
+#: as an unmet dependency so that the scheduler tries elsewhere.
+LENT_TO_KEY = "fp_lent_to"
 
 #: Request metadata: the client waits for the reply and can fetch from this engine's data
 #: endpoint (``True``): large result buffers may be lent over the network

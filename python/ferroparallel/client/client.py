@@ -30,6 +30,7 @@ from ..serialize.netloan import NetData
 from ..signal_names import parse_signal
 from ..wire_names import (
     LEND_RESULTS_KEY,
+    LENT_TO_KEY,
     NET_LEND_RESULTS_KEY,
     NO_STATUS_KEY,
     OUTPUT_TOPIC_PREFIX,
@@ -979,10 +980,14 @@ class Client(HasTraits):
         uuid = ident.decode() if isinstance(ident, bytes) else ident
         targets = [uuid] if uuid else (metadata or {}).get("targets") or None
         header = self.session.msg_header("apply_request")
+        engines = None if targets else list(self._uuids)  # (a task for any engine)
         bufs, seg = self._shm.pack_apply(
-            f, tuple(args or ()), dict(kwargs or {}), targets, header["msg_id"]
+            f, tuple(args or ()), dict(kwargs or {}), targets, header["msg_id"], engines
         )
         metadata = self._request_metadata(metadata, targets)
+        if seg is not None and engines is not None:
+            # engines that join later may not reach the arguments (LENT_TO_KEY)
+            metadata = {**(metadata or {}), LENT_TO_KEY: engines}
         try:
             fut = self._send(
                 socket,

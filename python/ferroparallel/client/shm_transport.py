@@ -168,9 +168,11 @@ class ShmTransport:
         kwargs: Mapping[str, Any],
         uuids: Sequence[str] | None,
         msg_id: str | None = None,
+        engines: Sequence[str] | None = None,
     ) -> tuple[list[Any], _shm.Segment | _peer.Loan | None]:
         """Serialize ``f(*args, **kwargs)`` for ``uuids`` (``None``: any registered engine);
-        ``msg_id`` is the request's (needed to lend arguments).
+        ``msg_id`` is the request's (needed to lend arguments); ``engines`` the registered
+        engines to decide for when ``uuids`` is None (default: those registered now).
 
         Returns
         -------
@@ -183,7 +185,10 @@ class ShmTransport:
         if plain is not None:  # nothing large to lend or map
             return plain, None
         waits = msg_id is not None and getattr(self._calls, "waits", False)
-        targets = list(self._client._uuids) if uuids is None else list(uuids)
+        if uuids is not None:
+            targets = list(uuids)
+        else:
+            targets = list(self._client._uuids if engines is None else engines)
         if waits and self.peer_read:
             lender = _peer.LoanWriter(self.threshold, msg_id, self.peer_host)
             bufs = self._pack_lending(lender, f, args, kwargs)

@@ -21,6 +21,7 @@ from ..serialize.netloan import Fetcher, NetLoanWriter, fetching
 from ..serialize.peer import serving
 from ..serialize.pickling import plain_frames
 from ..serialize.shm import DataUnreachable
+from ..wire_names import LENT_TO_KEY
 from .errors import ErrorInfo
 from .results_shm import ResultSegments
 from .signals import EngineExit, InterruptGate
@@ -51,6 +52,7 @@ def run_apply(
     request_id: str = "",
     before_call: Callable[[], None] | None = None,
     fetcher: Fetcher | None = None,
+    engine_uuid: str = "",
 ) -> ApplyOutcome:
     """Unpack and call ``f(*args, **kwargs)`` in the user namespace.
 
@@ -78,6 +80,10 @@ def run_apply(
     fetcher : Fetcher, optional
         Fetches arguments lent over the network (decision 0014); without it such arguments
         fail to unpack with a ``ShmError``.
+    engine_uuid : str
+        This engine's uuid: a load-balanced task whose arguments it cannot reach is answered
+        as an unmet dependency unless the client listed it among those that could
+        (``LENT_TO_KEY``).
 
     Returns
     -------
@@ -101,7 +107,7 @@ def run_apply(
     except EngineExit:
         raise
     except DataUnreachable as exc:
-        return ApplyOutcome(error=_unreachable(exc, request_metadata))
+        return ApplyOutcome(error=_unreachable(exc, request_metadata, engine_uuid))
     except BaseException as exc:
         return ApplyOutcome(error=ErrorInfo.from_exception(exc))
     if before_call is not None:
@@ -149,21 +155,21 @@ def run_apply(
         return ApplyOutcome(error=ErrorInfo.from_exception(exc))
 
 
-#: A key only load-balanced requests carry (the task scheduler's, as ipyparallel's clients
-#: send them): such a task may run on another engine.
-_SCHEDULER_KEY = "retries"
-
-
-def _unreachable(exc: DataUnreachable, request_metadata: dict[str, Any] | None) -> ErrorInfo:
-    """The error for a request whose lent or shared arguments this engine cannot reach: for
-    a load-balanced task an unmet dependency (the scheduler tries another engine and fails
-    the task with ImpossibleDependency, naming this, once none is left); otherwise the
-    error itself."""
+def _unreachable(
+    exc: DataUnreachable, request_metadata: dict[str, Any] | None, engine_uuid: str
+) -> ErrorInfo:
+    """The error for a request whose lent or shared arguments this engine cannot reach. For a
+    load-balanced task sent while this engine was not registered yet (it is not among the
+    engines the client knew could reach them, ``LENT_TO_KEY``): an unmet dependency, so that
+    the scheduler tries another engine (and fails the task with ImpossibleDependency, naming
+    this, once none is left). Otherwise the error itself: the lender is gone, or broken, and
+    no other engine would do better."""
     error = ErrorInfo.from_exception(exc)
-    if _SCHEDULER_KEY not in (request_metadata or {}):
+    lent_to = (request_metadata or {}).get(LENT_TO_KEY)
+    if not isinstance(lent_to, list) or engine_uuid in lent_to:
         return error
     text = f"this engine cannot reach the task's arguments: {exc}"
-    return ErrorInfo("UnmetDependency", text, [*error.traceback[:-1], f"UnmetDependency: {text}"])
+    return ErrorInfo("UnmetDependency", text, [f"UnmetDependency: {text}"])
 
 
 def _ipp_result(result: Any) -> ApplyOutcome:

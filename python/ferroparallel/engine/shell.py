@@ -195,6 +195,7 @@ class ShellHandler:
                 msg["header"].get("msg_id", ""),
                 before_call=self.ensure_ipython_shell,
                 fetcher=k.net.fetcher if k.net.enabled else None,
+                engine_uuid=k.uuid,
             )
         finally:
             self._end()

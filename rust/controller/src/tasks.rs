@@ -566,7 +566,10 @@ impl Server {
                         show(&engine)
                     );
                     if unmet {
-                        task.last_unmet = self.unmet_reason(&env);
+                        // (an engine that gives no reason keeps an earlier one's)
+                        if let Some(reason) = self.unmet_reason(&env) {
+                            task.last_unmet = Some(reason);
+                        }
                     }
                     task.blacklist.insert(engine);
                     if task.deadline.is_some() {

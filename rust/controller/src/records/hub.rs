@@ -16,7 +16,7 @@ use crate::server::{Server, MUX_E, REG};
 
 /// Request metadata by which a waiting ferroparallel client asks engines to lend it the
 /// result (decisions 0007 and 0014); dropped from resubmitted requests.
-const LENDING_KEYS: [&str; 2] = ["fp_lend_results", "fp_net_results"];
+const LENDING_KEYS: [&str; 3] = ["fp_lend_results", "fp_net_results", "fp_lent_to"];
 
 /// Routing identity of requests the hub re-submits: their replies are dropped by the relays
 /// (nobody has that identity) and reach clients through the records.
