@@ -26,6 +26,7 @@ import pytest
 import zmq
 
 import ferroparallel
+import ferroparallel as ipp
 from cluster_util import (
     CLIENT_PORTS,
     ENGINE_PORTS,
@@ -206,6 +207,17 @@ def test_sigkilled_engine_is_unregistered_and_its_requests_fail(
         with pytest.raises(EngineError) as lb_e:
             lb_ar.get(timeout=10)
         assert isinstance(lb_e.value, RemoteError) and lb_e.value.ename == "EngineError"
+        # the scheduler's reply is a wrapped exception (engine_info empty on the wire, as
+        # ipyparallel's); our client names the engine from the reply's metadata
+        assert lb_e.value.engine_info.get("engine_id") == victim, lb_e.value.engine_info
+        assert f"Engine {victim} died" in lb_e.value.evalue
+        # another client, from the hub's record: the same error, with a completion time
+        with ipp.Client(cluster.client_file) as rc2:
+            (msg_id,) = lb_ar.msg_ids
+            with pytest.raises(RemoteError, match="EngineError"):
+                rc2.get_result(msg_id).get(timeout=10)
+            (rec,) = rc2.db_query({"msg_id": msg_id}, keys=["completed", "result_header"])
+            assert rec["completed"] is not None and "date" in rec["result_header"]
 
         assert rc[:].apply_sync(lambda: 7) == [7, 7]
     finally:

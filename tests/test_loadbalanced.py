@@ -543,12 +543,16 @@ def test_unknown_msg_id_is_an_invalid_dependency(lv: LoadBalancedView, kind: str
 def test_a_direct_request_is_no_dependency(rc: Client, lv: LoadBalancedView, kind: str) -> None:
     """As ipyparallel's scheduler (reference 8.3): it knows only the tasks submitted to it, so
     a direct request's msg_id, finished or not, is an unknown (invalid) dependency."""
-    direct = rc[0].apply_async(echo, 1)
+    pending = rc[0].apply_async(time.sleep, 1)
+    direct = rc[1].apply_async(echo, 1)
     direct.get(timeout=WAIT)
-    with lv.temp_flags(**{kind: direct}):
-        ar = lv.apply_async(echo, "never")
-    e = expect_remote(ar, error.InvalidDependency, "InvalidDependency")
-    assert direct.msg_ids[0] in e.evalue
+    for dep in (direct, pending):
+        with lv.temp_flags(**{kind: dep}):
+            ar = lv.apply_async(echo, "never")
+        e = expect_remote(ar, error.InvalidDependency, "InvalidDependency")
+        assert dep.msg_ids[0] in e.evalue
+    assert not pending.ready()  # (it was still running when named)
+    pending.get(timeout=WAIT)
 
 
 # -- timeouts -------------------------------------------------------------------------------------
