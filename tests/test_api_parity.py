@@ -72,6 +72,13 @@ def test_more_of_ipyparallels_top_level_and_modules() -> None:
     assert ipp.client.view.DirectView is ipp.DirectView
     assert ipp.MultipleInstanceError is configurable.MultipleInstanceError
     assert ipp.can(rounder := (1, [2])) is rounder
+    import pickle
+
+    offset = 10
+    canned = pickle.loads(pickle.dumps(ipp.can(lambda v: v + offset)))  # stdlib pickle
+    assert ipp.uncan(canned)(1) == 11
+    main_f = ipp.interactive(lambda: x * 2)  # noqa: F821 - resolved in the namespace
+    assert ipp.uncan(pickle.loads(pickle.dumps(ipp.can(main_f))), {"x": 41})() == 82
     ns = {"x": 41}
     assert ipp.uncan([ipp.Reference("x")], ns) == [41]
     f = ipp.uncan(ipp.interactive(lambda: x + 1), ns)  # noqa: F821 - resolved in ns

@@ -9,29 +9,53 @@ uncanning is the receiver's namespace step: ``Reference`` objects are evaluated 
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from .interactive import interactive
 from .namespace import resolve_in_namespace
+from .pickling import deserialize_object, serialize_object
 from .reference import Reference
 
-__all__ = ["Reference", "can", "interactive", "uncan"]
+__all__ = ["CannedFunction", "Reference", "can", "interactive", "uncan"]
+
+
+class CannedFunction:
+    """A function made picklable by the standard :mod:`pickle`, as ipyparallel's canned
+    functions are: it holds the function serialized by ferroparallel (cloudpickle, by value
+    for lambdas, closures and ``__main__`` functions). :func:`uncan` rebuilds it.
+
+    Parameters
+    ----------
+    f : function
+        The function.
+    """
+
+    def __init__(self, f: types.FunctionType) -> None:
+        self.frames = [bytes(memoryview(frame)) for frame in serialize_object(f)]
+
+    def get_object(self, g: dict[str, Any] | None = None) -> Any:
+        """The function, rebuilt over namespace ``g`` when it is a ``__main__`` function."""
+        return deserialize_object(self.frames, g)
 
 
 def can(obj: Any) -> Any:
-    """Prepare ``obj`` for pickling, as ipyparallel's ``can``: ferroparallel's pickler needs no
-    preparation, so this returns ``obj`` itself.
+    """Prepare ``obj`` for the standard :mod:`pickle`, as ipyparallel's ``can``: a function
+    becomes a :class:`CannedFunction`; anything else is returned as it is (ferroparallel's own
+    serialization needs no canning at all).
 
     Parameters
     ----------
     obj : object
-        Anything :func:`~ferroparallel.serialize.serialize_object` accepts.
+        Any object.
 
     Returns
     -------
     object
-        ``obj``.
+        ``obj``, or its :class:`CannedFunction`.
     """
+    if type(obj) is types.FunctionType:
+        return CannedFunction(obj)
     return obj
 
 
@@ -41,7 +65,7 @@ def uncan(obj: Any, g: dict[str, Any] | None = None) -> Any:
     Parameters
     ----------
     obj : object
-        A deserialized object.
+        A deserialized object, or a :class:`CannedFunction`.
     g : dict, optional
         The namespace (an engine's user namespace): ``Reference`` objects are evaluated in it
         and functions from ``__main__`` rebuilt with it as their globals, in ``obj`` and in
@@ -52,6 +76,8 @@ def uncan(obj: Any, g: dict[str, Any] | None = None) -> Any:
     object
         The bound object.
     """
+    if isinstance(obj, CannedFunction):
+        return obj.get_object(g)
     if g is None:
         return obj
     return resolve_in_namespace(obj, g)
