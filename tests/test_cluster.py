@@ -395,8 +395,11 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
             f"""
             import json, sys
             from ferroparallel.cluster import Cluster
-            c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=sys.argv[1] == "1")
+            mode = sys.argv[1]
+            c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=mode in ("1", "late-off"))
             c.start_cluster_sync()
+            if mode.startswith("late"):  # changed after the start: what counts is the end
+                c.shutdown_atexit = mode == "late-on"
             print(json.dumps([p.pid for p in c._processes()]), flush=True)
             """
         )
@@ -419,6 +422,23 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
     (f,) = fp_root.glob("profile_default/security/cluster-*.json")
     Cluster.from_file(f).stop_cluster_sync()
     assert_gone(pids)
+    # the flag as it is at exit counts, as in ipyparallel: turned off after the start ...
+    r = subprocess.run(
+        [sys.executable, str(script), "late-off"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    pids = json.loads(r.stdout)
+    assert all(pid_alive(p) for p in pids)
+    (f,) = fp_root.glob("profile_default/security/cluster-*.json")
+    Cluster.from_file(f).stop_cluster_sync()
+    assert_gone(pids)
+    # ... or on
+    r = subprocess.run(
+        [sys.executable, str(script), "late-on"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert_gone(json.loads(r.stdout))
+    assert not list(fp_root.glob("profile_default/security/cluster-*.json"))
 
 
 @needs_engine

@@ -608,6 +608,25 @@ def test_sigterm_unregisters_and_exits(fresh):
     assert eng.wait() == 0
 
 
+def test_sigterm_while_registering_still_unregisters(fresh):
+    """Stopped between its registration request and the reply (the controller may already
+    have announced it): the engine waits briefly for its id and unregisters."""
+    ctl, start = fresh
+    eng = start()
+    req = ctl.recv("registration")
+    assert req["msg_type"] == "registration_request"
+    eng.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # the engine is stopping now, without its id
+    content = {"status": "ok", "id": 5, "hb_period": ctl.hb_period}
+    frames = ctl.session.serialize(
+        "registration_reply", content, req["header"], {}, ident=req["idents"]
+    )
+    ctl.sockets["registration"].send_multipart(frames)
+    unreg = ctl.recv("registration")
+    assert unreg["msg_type"] == "unregistration_request" and unreg["content"] == {"id": 5}
+    assert eng.wait() == 0
+
+
 def test_exits_when_pings_stop(fresh):
     ctl, start = fresh
     eng = start("--max-missed-pings", "2", hb_period=100)  # (0.1 + 0.5) * 2 = 1.2 s

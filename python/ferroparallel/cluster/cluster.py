@@ -77,6 +77,8 @@ _atexit_registered = False
 
 def _stop_at_exit() -> None:
     for cluster in list(_atexit_clusters):
+        if not cluster.shutdown_atexit:  # (the flag may have changed since it started)
+            continue
         try:
             cluster._stop_now()
         except Exception as e:  # pragma: no cover - best effort at exit
@@ -456,8 +458,7 @@ class Cluster(LoggingConfigurable):
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         self.controller = launcher
         launcher.start()
-        if self.shutdown_atexit:
-            _track_for_exit(self)
+        _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
         try:
             self._engine_info = await launcher.wait_ready(self.controller_timeout)
         except BaseException:
@@ -536,8 +537,7 @@ class Cluster(LoggingConfigurable):
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         self.engines[esid] = launcher
         launcher.start()
-        if self.shutdown_atexit:
-            _track_for_exit(self)
+        _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
         self.write_cluster_file()
         return esid
 
@@ -830,8 +830,7 @@ class Cluster(LoggingConfigurable):
                 es.get("kind"), LocalEngineSetLauncher
             )
             self.engines[esid] = kind.from_dict(es, self.profile_dir, self.cluster_id, esid)
-        if self.shutdown_atexit:
-            _track_for_exit(self)
+        _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
         return self
 
     @classmethod

@@ -47,6 +47,8 @@ HOLD_CAP = 16
 #: Longest wait (s) for earlier replies sent from user memory before a request runs
 #: (:meth:`EngineKernel.wait_sent`).
 SENT_WAIT_LIMIT = 30.0
+#: Seconds an engine stopped while registering waits for the reply (to unregister).
+REGISTRATION_GRACE = 1.0
 
 
 @dataclass
@@ -113,6 +115,7 @@ class EngineKernel:
         )
         self.uuid: str = self.session.session
         self.engine_id: int | None = None
+        self._registration_sent = False
         self.hb_period = DEFAULT_HB_PERIOD_MS / 1000
         self.io = _core.IoThread(self.session, name="ferroparallel-engine-io")
         # shell, control, broadcast: polled and answered by the main thread itself
@@ -205,6 +208,7 @@ class EngineKernel:
         if self.config.requested_id is not None:
             content["id"] = self.config.requested_id
         self.io.send(REGISTRATION, "registration_request", content, metadata=self._metadata)
+        self._registration_sent = True
         log.info("registering %s at %s", self.uuid, self.urls.registration)
         while True:
             while self.inbox.other:
@@ -365,12 +369,18 @@ class EngineKernel:
     def _finish(self) -> None:
         if self.watcher.is_alive():
             self.watcher.stop()
-        if self.engine_id is not None and not self.io.closed:
+        engine_id = self.engine_id
+        if engine_id is None and self._registration_sent and not self.io.closed:
+            # stopped while registering: the controller may have registered us already (and
+            # told its clients), so learn our id and unregister rather than leave a dead
+            # engine listed until the heartbeat notices
+            engine_id = self._late_registration_id(REGISTRATION_GRACE)
+        if engine_id is not None and not self.io.closed:
             try:
                 self.io.send(
                     REGISTRATION,
                     "unregistration_request",
-                    {"id": self.engine_id},
+                    {"id": engine_id},
                     metadata=self._metadata,
                 )
             except Exception:
@@ -379,6 +389,29 @@ class EngineKernel:
         self.io.close()
         if self.watcher.is_alive():
             self.watcher.join(timeout=1.0)
+
+    def _late_registration_id(self, timeout: float) -> int | None:
+        """The id of a registration reply that arrives within ``timeout`` seconds (or came
+        already), for an engine stopping before it had read it; None if none does."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                while self.inbox.other:
+                    name, msg = self.inbox.other.popleft()
+                    if (
+                        name == REGISTRATION
+                        and (msg.get("header") or {}).get("msg_type") == "registration_reply"
+                    ):
+                        content = msg.get("content") or {}
+                        engine_id = content.get("id")
+                        ok = content.get("status") == "ok" and isinstance(engine_id, int)
+                        return engine_id if ok else None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.inbox.pull_other(min(left, 0.1))
+        except (EngineExit, IoClosedError):  # SIGTERM again, or the sockets are gone
+            return None
 
     def _busy_tick(self) -> None:
         """Watcher thread, while a long request runs: live output, liveness, urgent control."""
