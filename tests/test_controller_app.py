@@ -199,6 +199,27 @@ def test_ipyparallel_config_names(tmp_path: Path) -> None:
     assert (s.ip, s.ping, s.scheme) == ("10.0.0.1", 750, "weighted")
 
 
+def test_ipyparallels_config_file_of_the_profile_is_read_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A profile moved over from ipyparallel keeps its controller settings: its
+    ipcontroller_config.py is read (ours wins), and settings we do not use are named."""
+    (tmp_path / config.IPP_CONFIG_FILENAME).write_text(
+        "c.IPController.ip = '10.0.0.2'\n"
+        "c.HeartMonitor.period = 700\n"
+        "c.IPController.engine_ssh_server = 'gateway'\n"
+    )
+    with caplog.at_level("WARNING", logger="ferroparallel.controller"):
+        s, loaded = app.resolve_settings(app.build_parser().parse_args([]), tmp_path)
+    assert loaded == tmp_path / config.IPP_CONFIG_FILENAME
+    assert (s.ip, s.ping) == ("10.0.0.2", 700)
+    assert "IPController.engine_ssh_server" in caplog.text
+    write_config(tmp_path, "c.Controller.ping = 900\n")
+    s, loaded = app.resolve_settings(app.build_parser().parse_args([]), tmp_path)
+    assert loaded == tmp_path / config.CONFIG_FILENAME
+    assert (s.ip, s.ping) == ("10.0.0.2", 900)
+
+
 def test_ipyparallel_command_line_options(tmp_path: Path) -> None:
     """ipcontroller's traitlets-style options work as on ipyparallel; ours win over them, and
     options we do not implement are ignored with a warning (as traitlets does)."""

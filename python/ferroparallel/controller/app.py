@@ -24,6 +24,7 @@ from .. import paths
 from ..serialize.shm import sweep as sweep_segments
 from .config import (
     CONFIG_FILENAME,
+    IPP_CONFIG_FILENAME,
     ConfigError,
     ControllerSettings,
     load_config_file,
@@ -70,7 +71,10 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
     g.add_argument("--cluster-id", default="", help="cluster id used in connection file names")
     g.add_argument(
         "--config",
-        help=f"config file (default: <profile_dir>/{CONFIG_FILENAME} when it exists)",
+        help=(
+            f"config file (default: <profile_dir>/{IPP_CONFIG_FILENAME}, then "
+            f"<profile_dir>/{CONFIG_FILENAME}, those that exist)"
+        ),
     )
     g = p.add_argument_group("network")
     g.add_argument("--ip", help="interface to bind (default 127.0.0.1)")
@@ -164,7 +168,7 @@ def resolve_settings(
     Returns
     -------
     tuple
-        The settings and the config file that was loaded (``None`` if none).
+        The settings and the config file that was loaded last (``None`` if none).
     """
     settings = ControllerSettings()
     from ..curve import SECRETKEY_ENV_VAR, enabled_by_env
@@ -178,16 +182,16 @@ def resolve_settings(
     env_secret = os.environ.get(SECRETKEY_ENV_VAR, "").strip()
     if env_secret:
         settings.update({"curve_secretkey": env_secret}, f"${SECRETKEY_ENV_VAR}")
-    cfg_file: Path | None
+    cfg_files: list[Path]
     if args.config:
         cfg_file = Path(args.config).expanduser()
         if not cfg_file.is_file():
             raise ConfigError(f"config file {cfg_file} not found")
-    else:
-        cfg_file = profile_dir / CONFIG_FILENAME
-        if not cfg_file.is_file():
-            cfg_file = None
-    if cfg_file is not None:
+        cfg_files = [cfg_file]
+    else:  # ipyparallel's file of the profile, then ours (which wins)
+        names = (IPP_CONFIG_FILENAME, CONFIG_FILENAME)
+        cfg_files = [profile_dir / name for name in names if (profile_dir / name).is_file()]
+    for cfg_file in cfg_files:
         settings.update(load_config_file(cfg_file), f"config file {cfg_file}")
     traits = getattr(args, "trait_settings", None)
     if traits:  # ipyparallel's --Class.trait=value options, overridden by our own options
@@ -198,7 +202,7 @@ def resolve_settings(
     cli["curve"] = args.curve
     cli["ipc"] = args.ipc
     settings.update(cli, "command line")
-    return settings, cfg_file
+    return settings, (cfg_files[-1] if cfg_files else None)
 
 
 def curve_keys(settings: ControllerSettings) -> tuple[str, str] | None:

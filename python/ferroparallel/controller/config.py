@@ -28,6 +28,7 @@ from typing import Any
 __all__ = [
     "CONFIG_FILENAME",
     "ENGINE_CHANNELS",
+    "IPP_CONFIG_FILENAME",
     "CLIENT_CHANNELS",
     "SCHEMES",
     "ControllerSettings",
@@ -40,6 +41,10 @@ __all__ = [
 log = logging.getLogger("ferroparallel.controller")
 
 CONFIG_FILENAME = "ferroparallel_controller_config.py"
+#: ipyparallel's controller config file, also read from the profile (before ours, which wins):
+#: its settings that ferroparallel knows (``_COMPAT_KEYS``) apply; the others are named in a
+#: warning.
+IPP_CONFIG_FILENAME = "ipcontroller_config.py"
 
 #: Rust controller channel names, in port-pool allocation order (reference §1.6).
 ENGINE_CHANNELS = (
@@ -484,6 +489,17 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for (section, key), name in _COMPAT_KEYS.items():
         if section in cfg and key in cfg[section]:
             out[name] = cfg[section][key]
+    ignored = sorted(
+        f"{section}.{key}"
+        for section, values in cfg.items()
+        if section != "Controller" and hasattr(values, "items")
+        for key in values
+        if (section, key) not in _COMPAT_KEYS
+    )
+    if ignored:
+        log.warning(
+            "config file %s: settings ferroparallel does not use: %s", p, ", ".join(ignored)
+        )
     if "Controller" in cfg:
         names = set(ControllerSettings.field_names())
         for key, value in cfg["Controller"].items():
