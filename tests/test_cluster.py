@@ -260,11 +260,15 @@ def test_api_start_stop_two_engines(clusters: Callable[..., Cluster], fp_root: P
     assert state["cluster"]["cluster_id"] == c.cluster_id
     assert state["controller"]["process"]["pid"] == c.controller.process.pid  # type: ignore[union-attr]
     assert c.client_file.exists() and c.engine_file.exists()
+    logs = [Path(p.log_file or "") for p in c._processes()]
+    assert len(logs) == 3 and all(f.is_file() for f in logs)
     c.stop_cluster_sync()
     assert_gone(pids)
     assert not Path(c.cluster_file).exists()
     assert not c.client_file.exists() and not c.engine_file.exists()
     assert not c.running
+    # stopped cleanly: their logs go too, as ipyparallel's (a profile's log/ does not grow)
+    assert not [f for f in logs if f.exists()]
 
 
 @needs_engine

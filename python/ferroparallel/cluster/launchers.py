@@ -199,6 +199,18 @@ class Process:
             delay = min(delay * 1.5, 0.05)
         return True
 
+    def remove_log(self) -> None:
+        """Delete the log file of a process that stopped cleanly (exit status 0, or our
+        SIGTERM; unknown for one another process started), as ipyparallel removes its
+        launchers' output on stop, so a profile's ``log/`` does not grow with every cluster.
+        A process that failed keeps its log for diagnosis."""
+        if not self.log_file or self.running:
+            return
+        if self.exit_code not in (None, -1, 0, -signal.SIGTERM):
+            return
+        with contextlib.suppress(OSError):
+            Path(self.log_file).unlink()
+
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines this process wrote to its log file."""
         if not self.log_file:
@@ -398,7 +410,8 @@ class LocalControllerLauncher:
             return paths.load_connection_file(self.engine_file, "engine")
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the controller (SIGKILL after ``timeout`` s)."""
+        """SIGTERM the controller (SIGKILL after ``timeout`` s); its log goes if it stopped
+        cleanly (:meth:`Process.remove_log`)."""
         if self.process is not None:
             await terminate([self.process], timeout)
             if self.process.exit_code not in (0, None) and "--reuse" not in self.args:
@@ -406,6 +419,7 @@ class LocalControllerLauncher:
                 for f in (self.client_file, self.engine_file):
                     with contextlib.suppress(OSError):
                         f.unlink()
+            self.process.remove_log()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
@@ -529,8 +543,11 @@ class LocalEngineSetLauncher:
             p.send_signal(sig)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the engines (SIGKILL after ``timeout`` s)."""
+        """SIGTERM the engines (SIGKILL after ``timeout`` s); the logs of those that stopped
+        cleanly go (:meth:`Process.remove_log`)."""
         await terminate(self.processes, timeout)
+        for p in self.processes:
+            p.remove_log()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
