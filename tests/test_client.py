@@ -728,6 +728,10 @@ def test_shutdown(
         c[:].apply_sync(lambda: 1)
     c.shutdown(hub=True)
     wait_until(lambda: not cluster.running, SHORT, "the controller to exit")
+    # no engines now because the controller is gone: the error says so
+    wait_until(lambda: c._hub_shutdown, SHORT, "the shutdown notification")
+    with pytest.raises(error.IoClosedError, match="has shut down"):
+        c[:].apply_sync(lambda: 1)
 
 
 def _statuses_seen(shared_cluster: Cluster, run: Callable[[], str]) -> list[str]:

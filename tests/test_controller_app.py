@@ -249,6 +249,12 @@ def test_ipyparallel_command_line_options(tmp_path: Path) -> None:
         config.ControllerSettings().update({"scheme": "none"}, "command line")
 
 
+def test_a_port_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    args = app.build_parser().parse_args(["--port", "99999"])
+    with pytest.raises(config.ConfigError, match="at most 65535"):
+        app.resolve_settings(args, tmp_path)
+
+
 def test_bad_config_values_name_the_source(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "c.Controller.scheme = 'fastest'\n")
     with pytest.raises(config.ConfigError, match=re.escape(str(cfg))):

@@ -479,6 +479,7 @@ class Client(HasTraits):
         else:
             chosen = list(targets)
         if not chosen:
+            self._check_open()  # (no engines because the controller is gone: say that)
             raise error.NoEnginesRegistered(
                 "No engines registered (or none selected); start engines or wait for them "
                 "with client.wait_for_engines(n)"

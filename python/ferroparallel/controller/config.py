@@ -368,6 +368,8 @@ class ControllerSettings:
             v = int(raw)
             if v < 0 or (name == "ping" and v == 0):
                 raise ConfigError(f"must be positive, not {raw!r}")
+            if name == "port" and v > 65535:
+                raise ConfigError(f"a TCP port is at most 65535, not {raw!r}")
             return v
         if name in ("db_record_limit", "db_size_limit"):
             v = int(raw)
