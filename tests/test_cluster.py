@@ -586,6 +586,24 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
         assert cli("stop", "--profile=ipccfg", "--cluster-id=cfg").returncode == 0
     r = cli("start", "-n", "1", "--daemonize", "--profile=ipc", "--controller=SGE")
     assert r.returncode == 2 and "only the local controller" in r.stderr
+    # ipcluster's --Class.trait=value, --config FILE, --debug, --location and --delay
+    extra = fp_root / "extra_config.py"
+    extra.write_text("c.Cluster.engine_timeout = 50.0\n")
+    r = cli(
+        "start", "--daemonize", "--profile=ipccfg", "--cluster-id=tr", "--Cluster.n=2",
+        f"--config={extra}", "--debug", "--location=127.0.0.1", "--delay=0.1",
+    )  # fmt: skip
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "2 engine(s), 2 registered" in r.stdout  # the option wins over the profile
+        c = Cluster.from_file(profile_dir=fp_root / "profile_ipccfg", cluster_id="tr")
+        assert "DEBUG" in c.controller.args and "127.0.0.1" in c.controller.args
+    finally:
+        assert cli("stop", "--profile=ipccfg", "--cluster-id=tr").returncode == 0
+    r = cli("list", "--Cluster.n=2")
+    assert r.returncode == 2 and "for 'start'" in r.stderr
+    r = cli("start", "--daemonize", "--profile=ipccfg", "--config=/no/such/file.py")
+    assert r.returncode == 2 and "no such file" in r.stderr
 
 
 @needs_engine

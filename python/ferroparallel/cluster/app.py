@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import socket
 import sys
@@ -68,6 +69,22 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     )
     s.add_argument("--no-curve", dest="curve", action="store_false", help="do not use CurveZMQ")
     s.add_argument("--log-level", help="log level of the controller and engines")
+    s.add_argument(
+        "--debug", action="store_true", help="the same as --log-level DEBUG (ipcluster's)"
+    )
+    s.add_argument("--location", help="host name written to the connection files")
+    s.add_argument(
+        "--delay",
+        type=float,
+        default=None,
+        help="seconds to pause between starting the controller and the engines",
+    )
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a config file (ipcluster_config.py style: c.Cluster.n = 4) read after the "
+        "profile's; --Class.trait=value options (ipcluster's) go after both",
+    )
     s.add_argument(
         "--timeout",
         type=float,
@@ -225,6 +242,20 @@ def _start(args: argparse.Namespace) -> int:
         _err("-n must not be negative")
         return 2
     config = Config()
+    if args.config:
+        from traitlets.config.loader import PyFileConfigLoader
+
+        path = Path(args.config).expanduser()
+        if not path.is_file():
+            _err(f"--config {args.config}: no such file")
+            return 2
+        try:
+            config.merge(PyFileConfigLoader(path.name, path=str(path.parent)).load_config())
+        except Exception as e:  # noqa: BLE001 - any error of the user's file
+            _err(f"cannot load config file {path}: {type(e).__name__}: {e}")
+            return 2
+    if getattr(args, "trait_config", None):
+        config.merge(args.trait_config)
     if args.mpi_arg:
         config.MPIEngineSetLauncher.mpi_args = list(args.mpi_arg)
     if str(args.controller).lower() not in ("local", "localcontrollerlauncher"):
@@ -240,7 +271,9 @@ def _start(args: argparse.Namespace) -> int:
                 ("n", args.n),
                 ("controller_ip", args.ip),
                 ("curve", args.curve),
-                ("log_level", args.log_level),
+                ("log_level", "DEBUG" if args.debug else args.log_level),
+                ("controller_location", args.location),
+                ("delay", args.delay),
                 ("engine_timeout", args.timeout),
                 ("engines", args.engines),
                 ("controller_args", args.controller_arg or None),
@@ -519,6 +552,10 @@ def _clean(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ipcluster's traitlets options, ``--Class.trait=value`` (the value in the same argument).
+_TRAIT_OPTION = re.compile(r"^--[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ferroparallel cluster``.
 
@@ -532,7 +569,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status.
     """
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trait_args = [a for a in argv if _TRAIT_OPTION.match(a)]  # ipcluster's --Cluster.n=4
+    args = build_parser().parse_args([a for a in argv if a not in trait_args])
+    args.trait_config = None
+    if trait_args:
+        if args.action != "start":
+            _err(f"{' '.join(trait_args)}: configuration options are for 'start'")
+            return 2
+        from traitlets.config.loader import KVArgParseConfigLoader
+
+        args.trait_config = KVArgParseConfigLoader(argv=trait_args).load_config()
     handlers = {
         "start": _start,
         "stop": _stop,
