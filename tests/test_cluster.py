@@ -607,6 +607,40 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
 
 
 @needs_engine
+def test_cli_engines_for_a_controller_started_on_its_own(fp_root: Path) -> None:
+    """As ``ipcluster engines`` with a controller from ``ipcontroller``: ``cluster engines``
+    starts engines for a controller that no cluster started (its connection files are all
+    there is); ``cluster stop`` stops those engines and leaves the controller alone."""
+    pdir = fp_root / "profile_alone"
+    ctl = subprocess.Popen(
+        [sys.executable, "-m", "ferroparallel", "controller", "--profile-dir", str(pdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        client_file = pdir / "security" / "ipcontroller-client.json"
+        wait_until(client_file.is_file, 30, "the controller's connection file")
+        r = cli("engines", "-n", "1", "--daemonize", f"--profile-dir={pdir}")
+        assert r.returncode == 0, r.stderr
+        assert "1 registered" in r.stdout
+        c = Cluster.from_file(profile_dir=pdir, cluster_id="")
+        assert c.controller is None and len(all_pids(c)) == 1
+        pids = all_pids(c)
+        r = cli("list", f"--profile-dir={pdir}")
+        assert r.returncode == 0, r.stderr
+        r = cli("stop", f"--profile-dir={pdir}")
+        assert r.returncode == 0, r.stderr
+        assert_gone(pids)
+        assert ctl.poll() is None  # the controller is not the cluster's to stop
+    finally:
+        ctl.terminate()
+        ctl.wait(30)
+    r = cli("engines", "-n", "1", "--daemonize", f"--profile-dir={pdir}")
+    assert r.returncode == 1 and "no running cluster or controller" in r.stderr
+
+
+@needs_engine
 def test_cli_foreground_ctrl_c(fp_root: Path) -> None:
     p = subprocess.Popen(
         [sys.executable, "-m", "ferroparallel", "cluster", "start", "-n", "1", "--profile", "fg"],

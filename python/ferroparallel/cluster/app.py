@@ -222,7 +222,7 @@ def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
                 f"engine (pid {p.pid}) exited with status {p.exit_code}; "
                 f"log {p.log_file}:\n{p.log_tail()}"
             )
-        if not cluster.running:
+        if cluster.controller is not None and not cluster.running:
             proc = cluster.controller.process
             raise RuntimeError(
                 f"the controller (pid {proc.pid}) exited with status {proc.exit_code}; "
@@ -350,14 +350,32 @@ def _engines(args: argparse.Namespace) -> int:
             cluster_id=args.cluster_id,
             shutdown_atexit=False,
         )
+        standalone = False
     except (FileNotFoundError, ValueError) as e:
-        _err(f"no running cluster {args.cluster_id!r} to add engines to ({e})")
-        return 1
-    if not cluster.running:
+        # a controller started on its own (``ferroparallel controller``), as ipcluster engines
+        # serves one started by ipcontroller: its connection files are all there is
+        cluster = Cluster(
+            profile=args.profile,
+            profile_dir=args.profile_dir,
+            cluster_id=args.cluster_id,
+            shutdown_atexit=False,
+        )
+        if not (cluster.engine_file.is_file() and cluster.client_file.is_file()):
+            _err(
+                f"no running cluster or controller {args.cluster_id!r} to add engines to ({e}; "
+                f"no {cluster.engine_file.name} either)"
+            )
+            return 1
+        standalone = True
+    if not standalone and not cluster.running:
         _err(f"the controller of cluster {cluster.cluster_id!r} is not running")
         return 1
     info = paths.load_connection_file(cluster.client_file, "client")
-    before = len(registered_engines(info, timeout=5.0) or [])
+    registered = registered_engines(info, timeout=5.0)
+    if registered is None and standalone:
+        _err(f"the controller of {cluster.client_file} does not answer")
+        return 1
+    before = len(registered or [])
     try:
         esid = cluster.start_engines_sync(args.n)
     except (RuntimeError, OSError) as e:
