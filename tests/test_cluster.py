@@ -567,7 +567,7 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert_gone(pids)
     r = cli("engines", "-n", "1", "--daemonize", "--profile=ipc", "--cluster-id=x")
-    assert r.returncode == 1 and "no running cluster 'x'" in r.stderr
+    assert r.returncode == 1 and "no running cluster or controller 'x'" in r.stderr
     r = cli("start", "-n", "1", "--daemonize=maybe", "--profile=ipc")
     assert r.returncode == 2 and "expected True or False" in r.stderr
     # ipcluster's --controller=Local is understood (and no longer abbreviates
