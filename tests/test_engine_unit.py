@@ -608,6 +608,40 @@ def test_sigterm_unregisters_and_exits(fresh):
     assert eng.wait() == 0
 
 
+def test_startup_script_and_command_of_the_profiles_config(fresh, tmp_path):
+    """ipyparallel's c.IPEngine.startup_script / startup_command (ipengine_config.py; ours,
+    ferroparallel_engine_config.py, wins) run in the user namespace once registered; a
+    failing one is logged and the engine serves anyway."""
+    from ferroparallel import Reference
+
+    ctl, start = fresh
+    pdir = tmp_path / "profile_startup"
+    pdir.mkdir()
+    script = tmp_path / "setup_engine.py"
+    script.write_text("import math\nfrom_script = math.isqrt(49)\n")
+    (pdir / "ipengine_config.py").write_text(
+        f"c.IPEngine.startup_script = {str(script)!r}\n"
+        "c.IPEngine.startup_command = 'from_command = 1'\n"
+        "c.IPEngine.enable_nanny = False\n"
+    )
+    (pdir / "ferroparallel_engine_config.py").write_text(
+        "c.IPEngine.startup_command = 'from_command = from_script * 6'\n"
+    )
+    eng = start("--profile-dir", str(pdir))
+    ctl.register()
+    assert call_ok(ctl, divmod, Reference("from_command"), Reference("from_script")) == (6, 0)
+    eng.proc.send_signal(signal.SIGTERM)
+    assert eng.wait() == 0
+    assert "IPEngine.enable_nanny" in eng.log()
+    assert ctl.recv("registration")["msg_type"] == "unregistration_request"
+    (pdir / "ferroparallel_engine_config.py").write_text("c.IPEngine.startup_command = '1/0'\n")
+    eng = start("--profile-dir", str(pdir))
+    ctl.register()
+    assert call_ok(ctl, abs, -3) == 3  # serving all the same
+    log_text = eng.log()
+    assert "the startup command failed" in log_text and "ZeroDivisionError" in log_text
+
+
 def test_sigterm_while_registering_still_unregisters(fresh):
     """Stopped between its registration request and the reply (the controller may already
     have announced it): the engine waits briefly for its id and unregisters."""

@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from .. import paths
 from ..controller.config import parse_log_level
 from ..curve import SERVERKEY_ENV_VAR, check_key
 from ..error import FerroParallelError
@@ -17,6 +19,7 @@ from .connection import channel_urls, load_connection_info, tunnel_urls, validat
 from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
 from .logs import setup_logging
 from .mpi import init_mpi
+from .startup import load_startup
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,14 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
         help="logging level: DEBUG, INFO (default), WARNING, ERROR, or a number (e.g. 40)",
     )
     return p
+
+
+def _profile_dir(args: argparse.Namespace) -> Path | None:
+    """The engine's profile directory (where its config files are), None if there is none."""
+    try:
+        return paths.profile_dir(args.profile, args.profile_dir, create=False)
+    except (OSError, ValueError):
+        return None
 
 
 def _present_as_kernel() -> None:
@@ -177,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=args.timeout,
                 max_missed_pings=args.max_missed_pings,
                 use_ipython=args.use_ipython,
+                startup=load_startup(_profile_dir(args)),
             ),
         )
     except (FerroParallelError, OSError, ValueError, RuntimeError) as e:

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _core
@@ -32,6 +32,7 @@ from .namespace import UserNamespace
 from .results_shm import ResultSegments
 from .shell import ShellHandler
 from .signals import EngineExit, InterruptGate, install_handlers
+from .startup import Startup
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,16 @@ class EngineConfig:
         (0: never); 50 as in ipyparallel.
     use_ipython : bool
         Run ``execute_request`` with IPython when it is importable.
+    startup : Startup
+        Code to run in the user namespace once registered (``IPEngine.startup_script`` /
+        ``startup_command`` of the profile's config files).
     """
 
     requested_id: int | None = None
     timeout: float = 10.0
     max_missed_pings: int = 50
     use_ipython: bool = True
+    startup: Startup = field(default_factory=Startup)
 
 
 #: The engine this process runs (None outside an engine), for code that runs on it
@@ -265,6 +270,7 @@ class EngineKernel:
             self.connect()
             if not self.register():
                 return EXIT_FAILED
+            self.config.startup.run(self.namespace.ns)
             self.liveness = Liveness(self.io, self.hb_period, self.config.max_missed_pings)
             self.liveness.sample()
             self.watcher.start()
