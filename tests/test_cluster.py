@@ -408,41 +408,32 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
             """
         )
     )
-    r = subprocess.run(
-        [sys.executable, str(script), "1"], capture_output=True, text=True, timeout=60
-    )
-    assert r.returncode == 0, r.stderr
-    pids = json.loads(r.stdout)
-    assert len(pids) == 3
-    assert_gone(pids)
-    assert not list(fp_root.glob("profile_default/security/cluster-*.json"))
-    # Without shutdown_atexit the cluster outlives its starter and can be stopped later.
-    r = subprocess.run(
-        [sys.executable, str(script), "0"], capture_output=True, text=True, timeout=60
-    )
-    assert r.returncode == 0, r.stderr
-    pids = json.loads(r.stdout)
-    assert all(pid_alive(p) for p in pids)
-    (f,) = fp_root.glob("profile_default/security/cluster-*.json")
-    Cluster.from_file(f).stop_cluster_sync()
-    assert_gone(pids)
-    # the flag as it is at exit counts, as in ipyparallel: turned off after the start ...
-    r = subprocess.run(
-        [sys.executable, str(script), "late-off"], capture_output=True, text=True, timeout=60
-    )
-    assert r.returncode == 0, r.stderr
-    pids = json.loads(r.stdout)
-    assert all(pid_alive(p) for p in pids)
-    (f,) = fp_root.glob("profile_default/security/cluster-*.json")
-    Cluster.from_file(f).stop_cluster_sync()
-    assert_gone(pids)
-    # ... or on
-    r = subprocess.run(
-        [sys.executable, str(script), "late-on"], capture_output=True, text=True, timeout=60
-    )
-    assert r.returncode == 0, r.stderr
-    assert_gone(json.loads(r.stdout))
-    assert not list(fp_root.glob("profile_default/security/cluster-*.json"))
+
+    def starter(mode: str) -> list[int]:
+        r = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        pids = json.loads(r.stdout)
+        assert len(pids) == 3
+        return pids
+
+    def stopped_at_exit(mode: str) -> None:
+        assert_gone(starter(mode))
+        assert not list(fp_root.glob("profile_default/security/cluster-*.json"))
+
+    def outlives_its_starter(mode: str) -> None:
+        pids = starter(mode)
+        assert all(pid_alive(p) for p in pids)
+        (f,) = fp_root.glob("profile_default/security/cluster-*.json")
+        Cluster.from_file(f).stop_cluster_sync()  # (and it can be stopped later)
+        assert_gone(pids)
+
+    stopped_at_exit("1")
+    outlives_its_starter("0")
+    # the flag as it is at exit counts, as in ipyparallel: turned off after the start, or on
+    outlives_its_starter("late-off")
+    stopped_at_exit("late-on")
 
 
 @needs_engine
