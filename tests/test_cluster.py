@@ -594,7 +594,12 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     r = cli("list", "--Cluster.n=2")
     assert r.returncode == 2 and "for 'start'" in r.stderr
     r = cli("start", "--daemonize", "--profile=ipccfg", "--config=/no/such/file.py")
-    assert r.returncode == 2 and "no such file" in r.stderr
+    assert r.returncode == 2 and "/no/such/file.py not found" in r.stderr
+    r = cli("start", "--daemonize", "--profile=ipccfg", "--Cluster.n=many")
+    assert r.returncode == 2 and "expected an int" in r.stderr and "Traceback" not in r.stderr
+    extra.write_text("c.Cluster.n = (\n")
+    r = cli("start", "--daemonize", "--profile=ipccfg", f"--config={extra}")
+    assert r.returncode == 2 and "cannot load config file" in r.stderr
 
 
 @needs_engine

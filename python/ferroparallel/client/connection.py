@@ -101,8 +101,10 @@ def data_url(info: dict[str, Any]) -> str:
     registration URL, or ``tcp://*:<port>`` for a controller on this host listening on every
     interface (the server then binds this host's routable address, which engines on other
     hosts reach)."""
+    from ..serialize.netloan import WILDCARD_HOSTS
+
     transport, _, ip = info["interface"].partition("://")
-    if transport == "tcp" and ip in ("*", "0.0.0.0") and is_local(info):
+    if transport == "tcp" and ip in WILDCARD_HOSTS and is_local(info):
         return f"tcp://*:{info['registration']}"
     return url(info, "registration")
 

@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from .. import paths
+from ..config_files import load_py_config
 from ..error import ConnectionFileError
 
 __all__ = ["main", "build_parser"]
@@ -234,6 +235,7 @@ def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from traitlets import TraitError
     from traitlets.config import Config
 
     from .cluster import Cluster
@@ -243,16 +245,10 @@ def _start(args: argparse.Namespace) -> int:
         return 2
     config = Config()
     if args.config:
-        from traitlets.config.loader import PyFileConfigLoader
-
-        path = Path(args.config).expanduser()
-        if not path.is_file():
-            _err(f"--config {args.config}: no such file")
-            return 2
         try:
-            config.merge(PyFileConfigLoader(path.name, path=str(path.parent)).load_config())
-        except Exception as e:  # noqa: BLE001 - any error of the user's file
-            _err(f"cannot load config file {path}: {type(e).__name__}: {e}")
+            config.merge(load_py_config(args.config))
+        except ValueError as e:
+            _err(f"--config: {e}")
             return 2
     if getattr(args, "trait_config", None):
         config.merge(args.trait_config)
@@ -289,7 +285,7 @@ def _start(args: argparse.Namespace) -> int:
             config=config,
             **given,
         )
-    except NotImplementedError as e:
+    except (NotImplementedError, TraitError) as e:  # (a bad --Class.trait=value among them)
         _err(str(e))
         return 2
     old = _trap_termination()

@@ -42,6 +42,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default,
 from traitlets.config import LoggingConfigurable
 
 from .. import paths
+from ..config_files import load_py_config
 from ..error import ConnectionFileError
 from ._sync import run_sync
 from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process, terminate_sync
@@ -144,19 +145,12 @@ def load_profile_config(profile_dir: str | os.PathLike[str]) -> Any:
         If a file cannot be loaded, naming it.
     """
     from traitlets.config import Config
-    from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
     merged = Config()
     for name in PROFILE_CONFIG_FILES:
         path = Path(profile_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            merged.merge(PyFileConfigLoader(name, path=str(path.parent), log=log).load_config())
-        except ConfigFileNotFound:
-            continue
-        except Exception as e:
-            raise ValueError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+        if path.is_file():
+            merged.merge(load_py_config(path))
     return merged
 
 

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config_files import load_py_config, unused_settings
+
 __all__ = [
     "CONFIG_FILENAME",
     "ENGINE_CHANNELS",
@@ -478,26 +480,15 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         The file cannot be loaded (the message names it).
     """
     p = Path(path)
-    from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
-
-    loader = PyFileConfigLoader(p.name, path=str(p.parent), log=log)
     try:
-        cfg = loader.load_config()
-    except ConfigFileNotFound:
-        raise ConfigError(f"config file {p} not found") from None
-    except Exception as e:
-        raise ConfigError(f"cannot load config file {p}: {type(e).__name__}: {e}") from e
+        cfg = load_py_config(p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e.__cause__
     out: dict[str, Any] = {}
     for (section, key), name in _COMPAT_KEYS.items():
         if section in cfg and key in cfg[section]:
             out[name] = cfg[section][key]
-    ignored = sorted(
-        f"{section}.{key}"
-        for section, values in cfg.items()
-        if section != "Controller" and hasattr(values, "items")
-        for key in values
-        if (section, key) not in _COMPAT_KEYS
-    )
+    ignored = unused_settings(cfg, set(_COMPAT_KEYS), skip={"Controller"})
     if ignored:
         log.warning(
             "config file %s: settings ferroparallel does not use: %s", p, ", ".join(ignored)

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import ipc
 from ..error import ConnectionFileError
-from ..serialize.netloan import WILDCARD_HOSTS
+from ..serialize.netloan import WILDCARD_HOSTS, bind_host
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +251,10 @@ def data_url(info: dict[str, Any], urls: EngineUrls) -> str:
     then binds this host's routable address); the URL in use otherwise (an SSH tunnel's is
     loopback)."""
     url = urls.registration
-    over_ipc = url.startswith("ipc://")
     transport, _, ip = str(info.get("interface", "")).partition("://")
-    if transport == "tcp" and ip in WILDCARD_HOSTS and (over_ipc or "://127." in url):
+    if transport == "tcp" and ip in WILDCARD_HOSTS and bind_host(url) == "127.0.0.1":
         return f"tcp://*:{info['registration']}"  # (a controller on this host)
-    if over_ipc:
+    if url.startswith("ipc://"):
         return channel_urls(info, same_host=False).registration
     return url
 

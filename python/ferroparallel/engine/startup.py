@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_files import load_py_config, unused_settings
+
 log = logging.getLogger(__name__)
 
 #: Config files read from the profile directory, in order (later ones win).
@@ -57,23 +59,21 @@ def load_startup(profile_dir: str | Path | None) -> Startup:
     startup = Startup()
     if profile_dir is None:
         return startup
-    from traitlets.config.loader import PyFileConfigLoader
-
     for name in CONFIG_FILES:
         path = Path(profile_dir) / name
         if not path.is_file():
             continue
         try:
-            cfg = PyFileConfigLoader(name, path=str(path.parent)).load_config()
-        except Exception as e:  # noqa: BLE001 - the user's file: report, serve anyway
-            log.error("cannot load engine config file %s: %s: %s", path, type(e).__name__, e)
+            cfg = load_py_config(path)
+        except ValueError as e:  # the user's file: report, serve anyway
+            log.error("%s", e)
             continue
         section = cfg.get("IPEngine", {})
         for key in _KEYS:
             if key in section:
                 value = section[key]
                 setattr(startup, key.removeprefix("startup_"), str(value) if value else None)
-        unused = sorted(f"IPEngine.{k}" for k in section if k not in _KEYS)
+        unused = unused_settings({"IPEngine": section}, {("IPEngine", k) for k in _KEYS})
         if unused:
             log.warning("config file %s: settings ferroparallel does not use: %s", path, unused)
     return startup
