@@ -157,8 +157,9 @@ def test_defaults_and_ids(fp_root: Path) -> None:
     sec = fp_root / "profile_default" / "security"
     assert c.cluster_file == str(sec / f"cluster-{c.cluster_id}.json")  # a str, as ipyparallel
     assert not c.running and c.engine_set is None
+    assert Cluster(engines="pbs").engine_launcher_class == "pbs"  # (tests in test_batch.py)
     with pytest.raises(NotImplementedError):
-        Cluster(engines="pbs")
+        Cluster(engines="winhpc")
     with pytest.raises(NotImplementedError):
         Cluster(controller="mpi")  # MPI engines only
     with pytest.raises(TypeError):
@@ -189,8 +190,8 @@ def test_cluster_is_configurable(fp_root: Path) -> None:
     assert (c2.engine_launcher_class, c2.controller_launcher_class) == ("local", "local")
     with pytest.raises(TypeError, match="only one of"):
         Cluster(engines="local", engine_launcher_class="local")
-    with pytest.raises(NotImplementedError, match="'slurm' is not available"):
-        Cluster(engine_launcher_class="slurm")
+    with pytest.raises(NotImplementedError, match="'winhpc' is not available.*'slurm'"):
+        Cluster(engine_launcher_class="winhpc")
     # the same check for an attribute set later and for a config file
     with pytest.raises(NotImplementedError, match="'ssh' is not available"):
         c2.controller_launcher_class = "ssh"
@@ -199,7 +200,9 @@ def test_cluster_is_configurable(fp_root: Path) -> None:
     assert Cluster(config=mpi).engine_launcher_class == "mpi"
     pbs = Config()
     pbs.Cluster.engine_launcher_class = "ipyparallel.cluster.launcher.PBSEngineSetLauncher"
-    with pytest.raises(NotImplementedError, match="PBSEngineSetLauncher"):
+    assert Cluster(config=pbs).engine_launcher_class == "pbs"
+    pbs.Cluster.engine_launcher_class = "ipyparallel.cluster.launcher.WindowsHPCEngineSetLauncher"
+    with pytest.raises(NotImplementedError, match="WindowsHPCEngineSetLauncher"):
         Cluster(config=pbs)
 
     class LocalEngineSetLauncher:  # a class is taken by its name, as ipyparallel takes classes
@@ -562,7 +565,7 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     r = cli("start", "-n", "1", "--daemonize=maybe", "--profile=ipc")
     assert r.returncode == 2 and "expected True or False" in r.stderr
     # ipcluster's --controller=Local is understood (and no longer abbreviates
-    # --controller-arg); other controller launchers are refused with the reason
+    # --controller-arg); launchers that do not exist are refused with the reason
     from ferroparallel.cluster.app import build_parser
 
     assert build_parser().parse_args(["start", "--controller=Local"]).controller == "Local"
@@ -575,8 +578,8 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
         assert "1 engine(s), 1 registered" in r.stdout
     finally:
         assert cli("stop", "--profile=ipccfg", "--cluster-id=cfg").returncode == 0
-    r = cli("start", "-n", "1", "--daemonize", "--profile=ipc", "--controller=SGE")
-    assert r.returncode == 2 and "only the local controller" in r.stderr
+    r = cli("start", "-n", "1", "--daemonize", "--profile=ipc", "--controller=WinHPC")
+    assert r.returncode == 2 and "'WinHPC' is not available" in r.stderr
     # ipcluster's --Class.trait=value, --config FILE, --debug, --location and --delay
     extra = fp_root / "extra_config.py"
     extra.write_text("c.Cluster.engine_timeout = 50.0\n")

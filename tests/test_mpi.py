@@ -137,6 +137,10 @@ def test_cli_starts_mpi_engines(fp_root: Path) -> None:
         )
     assert stopped.returncode == 0
     bad = subprocess.run(
-        [*cli, "start", "--engines", "pbs"], env=env, capture_output=True, text=True, timeout=SHORT
+        [*cli, "start", "--engines", "winhpc"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SHORT,
     )
-    assert bad.returncode == 2 and "'pbs' is not available" in bad.stderr
+    assert bad.returncode == 2 and "'winhpc' is not available" in bad.stderr

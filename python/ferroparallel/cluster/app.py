@@ -104,17 +104,21 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     )
     s.add_argument(
         "--controller",
-        default="local",
+        default=None,
         metavar="LAUNCHER",
-        help="how to start the controller: 'local' (the only one; ipcluster's --controller=Local)",
+        help="how to start the controller: 'local' (default) or a batch system: 'slurm', "
+        "'pbs', 'sge', 'lsf', 'htcondor' (ipcluster's --controller=Slurm; settings in the "
+        "profile's config, e.g. c.SlurmControllerLauncher.queue)",
     )
     s.add_argument(
         "--engines",
         default=None,
         metavar="LAUNCHER",
         help="how to start the engines: 'local' (default), 'mpi' (one mpiexec job whose "
-        "ranks are the engines; ipcluster's --engines=MPI) or 'ssh' (hosts from the profile's "
-        "config: c.SSHEngineSetLauncher.engines)",
+        "ranks are the engines; ipcluster's --engines=MPI), 'ssh' (hosts from the profile's "
+        "config: c.SSHEngineSetLauncher.engines) or a batch system: 'slurm', 'pbs', 'sge', "
+        "'lsf', 'htcondor' (one job whose tasks are the engines; c.SlurmEngineSetLauncher.queue, "
+        "...)",
     )
     s.add_argument(
         "--mpi-arg",
@@ -216,19 +220,11 @@ def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
             count = len(engines)
             if count >= n:
                 return count
-        dead = [p for es in cluster.engines.values() for p in es.processes if not p.running]
-        if dead:
-            p = dead[0]
-            raise RuntimeError(
-                f"engine (pid {p.pid}) exited with status {p.exit_code}; "
-                f"log {p.log_file}:\n{p.log_tail()}"
-            )
+        failure = next(filter(None, (es.failure() for es in cluster.engines.values())), None)
+        if failure:
+            raise RuntimeError(failure)
         if cluster.controller is not None and not cluster.running:
-            proc = cluster.controller.process
-            raise RuntimeError(
-                f"the controller (pid {proc.pid}) exited with status {proc.exit_code}; "
-                f"log {proc.log_file}:\n{proc.log_tail()}"
-            )
+            raise RuntimeError(cluster.controller.failure() or "the controller stopped")
         if time.monotonic() >= deadline:
             return count
         time.sleep(0.05)
@@ -254,12 +250,6 @@ def _start(args: argparse.Namespace) -> int:
         config.merge(args.trait_config)
     if args.mpi_arg:
         config.MPIEngineSetLauncher.mpi_args = list(args.mpi_arg)
-    if str(args.controller).lower() not in ("local", "localcontrollerlauncher"):
-        _err(
-            f"--controller {args.controller!r}: only the local controller launcher exists "
-            "(the controller runs on this host; engines can be remote: --engines ssh or mpi)"
-        )
-        return 2
     try:
         given = {  # options left out of the command line leave the profile's config alone
             k: v
@@ -272,6 +262,7 @@ def _start(args: argparse.Namespace) -> int:
                 ("delay", args.delay),
                 ("engine_timeout", args.timeout),
                 ("engines", args.engines),
+                ("controller", args.controller),
                 ("controller_args", args.controller_arg or None),
                 ("engine_args", args.engine_arg or None),
             )
@@ -449,9 +440,7 @@ def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             except (FileNotFoundError, ValueError) as e:
                 _err(f"skipping {f}: {e}")
                 continue
-            running_engines = sum(
-                p.running for es in cluster.engines.values() for p in es.processes
-            )
+            running_engines = sum(es.running_count for es in cluster.engines.values())
             rows.append(
                 {
                     "profile": _profile_name(pdir),
@@ -537,7 +526,7 @@ def _clean(args: argparse.Namespace) -> int:
             except (FileNotFoundError, ValueError):
                 rm(f)
                 continue
-            if any(p.running for p in cluster._processes()):
+            if cluster._anything_running():
                 live_ids.add(cluster.cluster_id)
                 continue
             rm(f)

@@ -44,8 +44,9 @@ from traitlets.config import LoggingConfigurable
 from .. import paths
 from ..config_files import load_py_config
 from ..error import ConnectionFileError
+from . import batch
 from ._sync import run_sync
-from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process, terminate_sync
+from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process
 from .mpi import MPI_LAUNCHERS, MPIEngineSetLauncher
 from .ssh_engines import SSH_LAUNCHERS, SSHEngineSetLauncher
 
@@ -120,15 +121,17 @@ _LOCAL_LAUNCHERS = (
 
 
 def _launcher_name(value: Any) -> str:
-    """``"local"`` or ``"mpi"`` for any spelling of those launchers (a name, a dotted path, a
-    class)."""
+    """``"local"``, ``"mpi"``, ``"ssh"`` or a batch system (``"slurm"``, ...) for any spelling
+    of those launchers (a name, a dotted path, a class)."""
     name = value if isinstance(value, str) else getattr(value, "__name__", str(value))
     short = name.rsplit(".", 1)[-1].lower()
     if short in _LOCAL_LAUNCHERS:
         return "local"
     if short in SSH_LAUNCHERS:
         return "ssh"
-    return "mpi" if short in MPI_LAUNCHERS else name
+    if short in MPI_LAUNCHERS:
+        return "mpi"
+    return batch.batch_system_of(name) or name
 
 
 #: Config files of a profile read by :class:`Cluster` (ipyparallel's name first).
@@ -202,8 +205,11 @@ class Cluster(LoggingConfigurable):
         Extra environment variables for the controller and engines (on top of ``os.environ``).
     controller, engines : str
         Launchers (aliases of ``controller_launcher_class`` / ``engine_launcher_class``, as in
-        ipyparallel): ``"local"`` (subprocesses), and for engines ``"mpi"`` (one ``mpiexec``
-        job whose ranks are the engines; see :mod:`ferroparallel.cluster.mpi`).
+        ipyparallel): ``"local"`` (subprocesses); a batch system, ``"slurm"``, ``"pbs"``,
+        ``"sge"``, ``"lsf"``, ``"htcondor"`` or ``"batch"`` (a job; see
+        :mod:`ferroparallel.cluster.batch`, settings as ``c.SlurmEngineSetLauncher.queue``);
+        and for engines ``"mpi"`` (one ``mpiexec`` job whose ranks are the engines; see
+        :mod:`ferroparallel.cluster.mpi`) and ``"ssh"``.
     controller_cmd, engine_cmd : sequence of str, optional
         Commands replacing ``[sys.executable, "-m", "ferroparallel.controller"]`` /
         ``[sys.executable, "-m", "ferroparallel.engine"]``.
@@ -315,15 +321,19 @@ class Cluster(LoggingConfigurable):
 
     @validate("controller_launcher_class", "engine_launcher_class")
     def _check_launcher(self, proposal: Any) -> str:
-        """Only the local launchers exist: any spelling of them becomes ``"local"`` (from a
-        keyword, an attribute or a config file alike)."""
+        """Any spelling of an available launcher becomes its short name (``"local"``,
+        ``"slurm"``, ...), from a keyword, an attribute or a config file alike."""
         launcher = _launcher_name(proposal["value"])
         what = proposal["trait"].name.split("_", 1)[0]
-        if launcher == "local" or (launcher in ("mpi", "ssh") and what == "engine"):
+        systems = list(batch.BATCH_SYSTEMS)
+        if launcher == "local" or launcher in systems:
             return launcher
-        available = "'local', 'mpi' and 'ssh' are" if what == "engine" else "'local' is"
+        if launcher in ("mpi", "ssh") and what == "engine":
+            return launcher
+        available = ["local", *(["mpi", "ssh"] if what == "engine" else []), *systems]
         raise NotImplementedError(
-            f"{what} launcher {launcher!r} is not available; only {available} implemented"
+            f"{what} launcher {launcher!r} is not available; the available ones are "
+            + ", ".join(repr(a) for a in available)
         )
 
     # -- properties --------------------------------------------------------------------------
@@ -362,6 +372,19 @@ class Cluster(LoggingConfigurable):
         if self.controller is not None and self.controller.process is not None:
             procs.append(self.controller.process)
         return procs
+
+    def _batch_jobs(self) -> list[str]:
+        """``"<system> job <id>"`` of the batch jobs of this cluster that may still run."""
+        launchers = [*self.engines.values(), self.controller]
+        return [
+            f"{x.system} job {x.job_id}"
+            for x in launchers
+            if getattr(x, "job_id", None) is not None and x.running
+        ]
+
+    def _anything_running(self) -> bool:
+        """Whether a process or batch job of this cluster may still run."""
+        return any(p.running for p in self._processes()) or bool(self._batch_jobs())
 
     def __repr__(self) -> str:
         # as ipyparallel's: the profile by name when it is in the profile root, the directory
@@ -417,10 +440,12 @@ class Cluster(LoggingConfigurable):
             return  # unreadable state: a new start overwrites it
         mine = {p.pid for p in self._processes()}
         alive = [p.pid for p in other._processes() if p.pid not in mine and p.running]
-        if alive:
+        jobs = [j for j in other._batch_jobs() if j not in self._batch_jobs()]
+        if alive or jobs:
+            what = ", ".join([f"pids {alive}"] * bool(alive) + jobs)
             raise RuntimeError(
                 f"cluster {self.cluster_id!r} is already running in {self.profile_dir} "
-                f"(pids {alive}, state file {f}); stop it first"
+                f"({what}, state file {f}); stop it first"
             )
 
     async def start_controller(self, **kwargs: Any) -> None:
@@ -441,13 +466,20 @@ class Cluster(LoggingConfigurable):
         if self.running:
             raise RuntimeError(f"the controller of cluster {self.cluster_id!r} is already running")
         self._check_not_running_elsewhere()
-        launcher = LocalControllerLauncher(
-            self.profile_dir,
-            self.cluster_id,
-            args=kwargs.pop("args", self._controller_argv()),
-            env=kwargs.pop("env", self._child_env()),
-            cmd=kwargs.pop("cmd", self.controller_cmd),
-        )
+        common: dict[str, Any] = {
+            "args": kwargs.pop("args", self._controller_argv()),
+            "env": kwargs.pop("env", self._child_env()),
+            "cmd": kwargs.pop("cmd", self.controller_cmd),
+        }
+        launcher: LocalControllerLauncher
+        system = self.controller_launcher_class
+        if system in batch.BATCH_SYSTEMS:
+            opts = self._batch_options(system, "Controller", kwargs)
+            launcher = batch.controller_launcher(
+                system, self.profile_dir, self.cluster_id, **common, **opts
+            )
+        else:
+            launcher = LocalControllerLauncher(self.profile_dir, self.cluster_id, **common)
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         self.controller = launcher
@@ -459,7 +491,7 @@ class Cluster(LoggingConfigurable):
             await launcher.stop(self.stop_timeout)
             raise
         self.write_cluster_file()
-        log.debug("controller of %r ready (pid %d)", self.cluster_id, launcher.process.pid)  # type: ignore[union-attr]
+        log.debug("controller of %r ready", self.cluster_id)
 
     def _load_engine_info(self) -> dict[str, Any]:
         if self.controller is not None and not self.controller.running:
@@ -525,12 +557,22 @@ class Cluster(LoggingConfigurable):
                 self.profile_dir, self.cluster_id, esid, n, **common, **opts
             )
             self.n = launcher.n  # the hosts' counts decide, as in ipyparallel
+        elif self.engine_launcher_class in batch.BATCH_SYSTEMS:
+            system = self.engine_launcher_class
+            opts = self._batch_options(system, "Engine", kwargs)
+            launcher = batch.engine_launcher(
+                system, self.profile_dir, self.cluster_id, esid, n, **common, **opts
+            )
         else:
             launcher = LocalEngineSetLauncher(self.profile_dir, self.cluster_id, esid, n, **common)
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         self.engines[esid] = launcher
-        launcher.start()
+        try:
+            launcher.start()
+        except BaseException:
+            del self.engines[esid]
+            raise
         _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
         self.write_cluster_file()
         return esid
@@ -561,6 +603,14 @@ class Cluster(LoggingConfigurable):
             ("engines", "ssh_cmd", "ssh_args", "engine_cmd"),
         )
         return {k: dict(v) if k == "engines" else list(v) for k, v in opts.items()}
+
+    def _batch_options(self, system: str, role: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Settings of a batch launcher (``queue``, ``batch_template``, ``account``, ...):
+        keyword arguments, else ipyparallel's config sections (``c.BatchSystemLauncher``,
+        ``c.SlurmLauncher``, ``c.SlurmEngineSetLauncher``, the last winning)."""
+        return self._launcher_options(
+            kwargs, batch.config_sections(system, role), batch.option_names(system)
+        )
 
     def _mpi_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``mpi_cmd`` / ``mpi_args`` of an MPI engine set: keyword arguments of
@@ -609,6 +659,10 @@ class Cluster(LoggingConfigurable):
                 f"connection file {f} is stale: the controller that wrote it "
                 f"(pid {ctl.process.pid}) is no longer running"
             )
+        if ctl is not None and ctl.process is None and not ctl.running:
+            raise ConnectionFileError(
+                f"connection file {f} is stale: the controller's job that wrote it has ended"
+            )
         client_cls = _client_class()
         import inspect
 
@@ -630,19 +684,11 @@ class Cluster(LoggingConfigurable):
             return
         deadline = time.monotonic() + timeout
         while len(client.ids) < n:
-            dead = [p for es in self.engines.values() for p in es.processes if not p.running]
-            if dead:
-                p = dead[0]
-                raise RuntimeError(
-                    f"engine (pid {p.pid}) exited with status {p.exit_code} before "
-                    f"registering; log {p.log_file}:\n{p.log_tail()}"
-                )
+            failure = next(filter(None, (es.failure() for es in self.engines.values())), None)
+            if failure:
+                raise RuntimeError(f"{failure}\n(before {n} engines registered)")
             if time.monotonic() >= deadline:
-                tails = "\n".join(
-                    f"--- {p.log_file}:\n{p.log_tail(10)}"
-                    for es in self.engines.values()
-                    for p in es.processes
-                )
+                tails = "\n".join(es.log_tails() for es in self.engines.values())
                 raise TimeoutError(
                     f"only {len(client.ids)} of {n} engines registered within {timeout:g} s\n"
                     + tails
@@ -746,10 +792,10 @@ class Cluster(LoggingConfigurable):
 
     def _stop_now(self) -> None:
         """Blocking, loop-free stop of everything (interpreter exit)."""
-        procs = [p for es in self.engines.values() for p in es.processes]
-        terminate_sync(procs, self.stop_timeout)
-        if self.controller is not None and self.controller.process is not None:
-            terminate_sync([self.controller.process], self.stop_timeout)
+        for es in self.engines.values():
+            es.stop_now(self.stop_timeout)
+        if self.controller is not None:
+            self.controller.stop_now(self.stop_timeout)
         self.engines.clear()
         self.controller = None
         self.remove_cluster_file()
@@ -815,14 +861,14 @@ class Cluster(LoggingConfigurable):
             "delay",
         }
         self = cls(**{k: v for k, v in opts.items() if k in known})
-        if d.get("controller"):
-            self.controller = LocalControllerLauncher.from_dict(
-                d["controller"], self.profile_dir, self.cluster_id
-            )
+        ctl = d.get("controller")
+        if ctl:
+            cls_ = batch.CONTROLLER_LAUNCHERS.get(ctl.get("kind"), LocalControllerLauncher)
+            self.controller = cls_.from_dict(ctl, self.profile_dir, self.cluster_id)
+        kinds: dict[str, Any] = {"mpi": MPIEngineSetLauncher, "ssh": SSHEngineSetLauncher}
+        kinds.update(batch.ENGINE_LAUNCHERS)
         for esid, es in (d.get("engines") or {}).items():
-            kind = {"mpi": MPIEngineSetLauncher, "ssh": SSHEngineSetLauncher}.get(
-                es.get("kind"), LocalEngineSetLauncher
-            )
+            kind = kinds.get(es.get("kind"), LocalEngineSetLauncher)
             self.engines[esid] = kind.from_dict(es, self.profile_dir, self.cluster_id, esid)
         _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
         return self

@@ -26,6 +26,7 @@ from .. import paths
 from ..error import ConnectionFileError
 
 __all__ = [
+    "LauncherError",
     "Process",
     "LocalControllerLauncher",
     "LocalEngineSetLauncher",
@@ -34,6 +35,11 @@ __all__ = [
 ]
 
 _POLL = 0.005  # seconds between checks while waiting for files or processes
+
+
+class LauncherError(RuntimeError):
+    """A launcher could not start or stop what it launches (ipyparallel's name): a batch
+    system's submit command failed, its output had no job id, a template was invalid."""
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -421,6 +427,21 @@ class LocalControllerLauncher:
                         f.unlink()
             self.process.remove_log()
 
+    def failure(self) -> str | None:
+        """Why the controller is gone before being stopped (its log's tail), or None."""
+        proc = self.process
+        if proc is None or proc.running:
+            return None
+        return (
+            f"the controller (pid {proc.pid}) exited with status {proc.exit_code}; "
+            f"log {proc.log_file}:\n{proc.log_tail()}"
+        )
+
+    def stop_now(self, timeout: float = 5.0) -> None:
+        """Blocking stop (interpreter exit)."""
+        if self.process is not None:
+            terminate_sync([self.process], timeout)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
         return {
@@ -499,6 +520,11 @@ class LocalEngineSetLauncher:
         return any(p.running for p in self.processes)
 
     @property
+    def running_count(self) -> int:
+        """How many engines of the set are alive (as far as this machine can tell)."""
+        return sum(p.running for p in self.processes)
+
+    @property
     def pids(self) -> list[int]:
         """Pids of the engines."""
         return [p.pid for p in self.processes]
@@ -541,6 +567,24 @@ class LocalEngineSetLauncher:
         """Send ``sig`` to every running engine of the set."""
         for p in self.processes:
             p.send_signal(sig)
+
+    def failure(self) -> str | None:
+        """Why the set lost an engine before being stopped (its log's tail), or None."""
+        for p in self.processes:
+            if not p.running:
+                return (
+                    f"engine (pid {p.pid}) exited with status {p.exit_code}; "
+                    f"log {p.log_file}:\n{p.log_tail()}"
+                )
+        return None
+
+    def log_tails(self, lines: int = 10) -> str:
+        """The last lines of every engine's log."""
+        return "\n".join(f"--- {p.log_file}:\n{p.log_tail(lines)}" for p in self.processes)
+
+    def stop_now(self, timeout: float = 5.0) -> None:
+        """Blocking :meth:`stop` (interpreter exit)."""
+        terminate_sync(self.processes, timeout)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the engines (SIGKILL after ``timeout`` s); the logs of those that stopped
