@@ -178,6 +178,20 @@ def test_publish_data_reaches_metadata(rc: Client, dv: DirectView) -> None:
     assert single.data == {"step": 1, "square": 1, "done": True}
 
 
+def publish_the_ipyparallel_way() -> str:
+    from ipyparallel.datapub import publish_data  # (as ipyparallel's documentation writes it)
+
+    publish_data({"via": "ipyparallel.datapub"})
+    return "pub"
+
+
+def test_ipyparallel_datapub_publishes_on_our_engines(rc: Client) -> None:
+    ar = rc[0].apply_async(publish_the_ipyparallel_way)
+    assert ar.get(timeout=SHORT) == "pub"
+    assert ar.wait_for_output(SHORT)
+    assert ar.data == {"via": "ipyparallel.datapub"}
+
+
 def test_publish_data_is_seen_while_the_task_runs(
     rc: Client, tmp_path: Path, wait_until: Callable[..., Any]
 ) -> None:

@@ -200,6 +200,30 @@ def test_len_index_iteration(rc: Client) -> None:
         rc[5].apply_sync(lambda: 1)
 
 
+def test_bad_arguments_say_what_is_expected(rc: Client) -> None:
+    """Wrong types are refused on the client with the expected form in the message, before
+    anything is sent (not a comparison error from inside, nor an error from the engines)."""
+    with pytest.raises(TypeError, match="targets must be an engine id"):
+        rc[1.5]
+    with pytest.raises(TypeError, match="n must be an int"):
+        rc.wait_for_engines("x", timeout=1)
+    with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+        rc.wait_for_engines(1, timeout="x")
+    ar = rc[0].apply_async(lambda: 1)
+    for call in (ar.get, ar.wait):
+        with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+            call(timeout="x")
+    assert ar.get(timeout=30) == 1
+    with pytest.raises(TypeError, match="names .str keys."):
+        rc[:].push({1: 2})
+    with pytest.raises(TypeError, match="keys must be a list of record field names"):
+        rc.db_query({}, keys=5)
+    lview = rc.load_balanced_view()
+    with pytest.raises(ValueError, match="Invalid retries"):
+        lview.set_flags(retries=-1)
+    assert lview.retries == 0 and lview.apply_sync(lambda: 2) == 2
+
+
 def test_ids_is_a_copy(rc: Client) -> None:
     ids = rc.ids
     ids.append(99)

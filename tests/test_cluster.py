@@ -158,6 +158,8 @@ def test_defaults_and_ids(fp_root: Path) -> None:
     assert c.cluster_file == str(sec / f"cluster-{c.cluster_id}.json")  # a str, as ipyparallel
     assert not c.running and c.engine_set is None
     assert Cluster(engines="pbs").engine_launcher_class == "pbs"  # (tests in test_batch.py)
+    with pytest.raises(ValueError, match="negative"):
+        Cluster(n=-1)
     with pytest.raises(NotImplementedError):
         Cluster(engines="winhpc")
     with pytest.raises(NotImplementedError):
@@ -403,11 +405,16 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
             import json, sys
             from ferroparallel.cluster import Cluster
             mode = sys.argv[1]
-            c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=mode in ("1", "late-off"))
+            on = mode in ("1", "gc", "late-off")
+            c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=on)
             c.start_cluster_sync()
             if mode.startswith("late"):  # changed after the start: what counts is the end
                 c.shutdown_atexit = mode == "late-on"
             print(json.dumps([p.pid for p in c._processes()]), flush=True)
+            if mode == "gc":  # the object dropped: its processes are still stopped at exit
+                import gc
+                del c
+                gc.collect()
             """
         )
     )
@@ -433,6 +440,7 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
         assert_gone(pids)
 
     stopped_at_exit("1")
+    stopped_at_exit("gc")
     outlives_its_starter("0")
     # the flag as it is at exit counts, as in ipyparallel: turned off after the start, or on
     outlives_its_starter("late-off")

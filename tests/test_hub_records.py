@@ -86,6 +86,13 @@ def echo(x: Any) -> Any:
     return x
 
 
+def sleep_echo(t: float, x: Any) -> Any:
+    import time
+
+    time.sleep(t)
+    return x
+
+
 @ipp.interactive
 def fail(msg: str) -> None:
     raise ValueError(msg)
@@ -302,6 +309,11 @@ def test_resubmit_direct_and_load_balanced(rc: Client) -> None:
     with pytest.raises(error.RemoteError) as ei:
         rc.resubmit(["no-such-id"])
     assert ei.value.ename == "KeyError"
+    # a task still running is resubmitted too, as by ipyparallel's hub; both complete
+    running = lb.apply_async(sleep_echo, 0.5, "late")
+    again = rc.resubmit(running.msg_ids)
+    assert again.get(timeout=SHORT) == ["late"] and running.get(timeout=SHORT) == "late"
+    assert one(rc, running.msg_ids[0], ["resubmitted"])["resubmitted"] == again.msg_ids[0]
 
 
 @pytest.mark.parametrize(

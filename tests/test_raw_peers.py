@@ -241,6 +241,12 @@ def test_fake_engine_that_never_beats_is_not_registered(
     again = recv_until(engine_s, registrar, lambda m: m["msg_type"] == "registration_reply")
     assert again["content"]["status"] == "error"
     assert again["content"]["ename"] == "KeyError"
+    # a uuid no ZMQ identity can hold (1..255 bytes) is refused, and not logged in full
+    engine_s.send(registrar, "registration_request", {"uuid": "u" * 100_000})
+    huge = recv_until(engine_s, registrar, lambda m: m["msg_type"] == "registration_reply")
+    assert huge["content"]["ename"] == "ValueError"
+    assert "100000 bytes" in huge["content"]["evalue"]
+    assert "u" * 300 not in ctl.log()
     assert drain(notif, quiet=0.6) == []
     client_s.send(query, "connection_request", {})
     reply = recv_until(client_s, query, lambda m: m["msg_type"] == "connection_reply")
@@ -391,6 +397,34 @@ def test_a_signed_task_with_unreadable_parts_does_not_stall_the_scheduler(
                 rep = recv_until(s, task, lambda m: True, timeout=15, what="a task reply")
                 assert rep["parent_header"]["msg_id"] == good["msg_id"]
                 assert rep["content"]["status"] == "ok"
+        s.send(query, "queue_request", {"targets": None, "verbose": False})
+        q = recv_until(s, query, lambda m: m["msg_type"] == "queue_reply")
+        assert q["content"]["unassigned"] == 0 and q["content"]["0"]["tasks"] == 0
+
+
+def test_signed_messages_that_are_no_requests_are_not_relayed(
+    fp_root: Path, zctx: zmq.Context
+) -> None:
+    """A validly signed task or MUX message whose type is no ``*_request`` is dropped by the
+    controller: an engine ignores it, so as a task it would hold the engine's slot for ever
+    (no later task would run there) and the hub would list it as pending."""
+    with running_cluster(fp_root / "profile_bogus", 1) as cluster:
+        s, socks, (_, uuid_s) = _raw_client(cluster, zctx, "task", "mux")
+        query, task, mux = socks["registration"], socks["task"], socks["mux"]
+        uuid = uuid_s.encode()
+        bogus = []
+        for _ in range(3):  # more than the engine's slots
+            bogus.append(s.send(task, "bogus_type_xyz", {}))
+        bogus.append(s.send(mux, "stream", {"name": "stdout", "text": "x"}, ident=uuid))
+        assert not task.poll(300) and not mux.poll(300)  # dropped, not answered
+        for _ in range(2):
+            good = s.send(task, "execute_request", {"code": "x = 1", "silent": True})
+            rep = recv_until(s, task, lambda m: True, timeout=15, what="a task reply")
+            assert rep["parent_header"]["msg_id"] == good["msg_id"]
+        s.send(query, "db_request", {"query": {"completed": None}, "keys": ["msg_id"]})
+        db = recv_until(s, query, lambda m: m["msg_type"] == "db_reply")
+        pending = {r["msg_id"] for r in db["content"]["records"]}
+        assert not pending & {h["msg_id"] for h in bogus}
         s.send(query, "queue_request", {"targets": None, "verbose": False})
         q = recv_until(s, query, lambda m: m["msg_type"] == "queue_reply")
         assert q["content"]["unassigned"] == 0 and q["content"]["0"]["tasks"] == 0

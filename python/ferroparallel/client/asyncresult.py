@@ -78,6 +78,11 @@ def _outcome(fut: concurrent.futures.Future) -> tuple[Any, bool]:
 
 def _timeout(timeout: float | None) -> float | None:
     """None for "forever" (None or negative), else the number of seconds."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+        raise TypeError(
+            f"timeout must be a number of seconds (or None / -1 for no limit), "
+            f"not {type(timeout).__name__} {timeout!r}"
+        )
     if timeout is None or timeout < 0:
         return None
     return float(timeout)

@@ -477,7 +477,13 @@ class Client(HasTraits):
         elif isinstance(targets, range):
             chosen = list(targets)
         else:
-            chosen = list(targets)
+            try:
+                chosen = list(targets)
+            except TypeError:
+                raise TypeError(
+                    f"targets must be an engine id (int), a slice, a list of ids or 'all', "
+                    f"not {type(targets).__name__} {targets!r}"
+                ) from None
         if not chosen:
             self._check_open()  # (no engines because the controller is gone: say that)
             raise error.NoEnginesRegistered(
@@ -1133,6 +1139,15 @@ class Client(HasTraits):
         """
         if n is None:
             n = 1
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int (engines to wait for), not {type(n).__name__} {n!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        ):
+            raise TypeError(
+                f"timeout must be a number of seconds (or None / -1 for no limit), "
+                f"not {type(timeout).__name__} {timeout!r}"
+            )
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
 
         def _wait() -> None:
@@ -1432,8 +1447,9 @@ class Client(HasTraits):
         metadata: dict[str, Any] | None = None,
         block: bool | None = None,
     ):
-        """Run finished tasks again (direct tasks on the same engine, load-balanced ones
-        through the scheduler) under new msg_ids.
+        """Run tasks again under new msg_ids, finished or still pending (as ipyparallel's
+        hub: the original completes too); direct tasks on the same engine, load-balanced ones
+        through the scheduler.
 
         Returns
         -------

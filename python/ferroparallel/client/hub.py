@@ -127,6 +127,10 @@ def db_query(client: Client, query: Mapping[str, Any], keys: Sequence[str] | Non
         raise TypeError(f"query must be a dict, not {type(query).__name__}")
     if isinstance(keys, str):
         keys = [keys]
+    if keys is not None and (
+        not isinstance(keys, (list, tuple, set)) or not all(isinstance(k, str) for k in keys)
+    ):
+        raise TypeError(f"keys must be a list of record field names (str), not {keys!r}")
     content = {"query": to_wire(query), "keys": list(keys) if keys is not None else None}
     reply = hub_query(client, "db_request", content)
     rc = reply["content"]

@@ -412,6 +412,12 @@ class DirectView(View):
         """Set names in the engines' namespaces from a dict."""
         if not isinstance(ns, dict):
             raise TypeError(f"push takes a dict of names, not {type(ns).__name__}")
+        for key in ns:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"push takes names (str keys) to set on the engines, not "
+                    f"{type(key).__name__} {key!r}"
+                )
         return self._really_apply(_push, (ns,), {}, block=block, targets=targets, track=track)
 
     def update(self, ns: dict[str, Any]) -> Any:
@@ -633,6 +639,13 @@ class LoadBalancedView(View):
                 "or an ipp.Dependency"
             )
         return dep
+
+    @validate("retries")
+    def _check_retries(self, proposal: Any) -> int:
+        n = proposal["value"]
+        if n < 0:
+            raise ValueError(f"Invalid retries: {n} (the times a failed task is rerun, >= 0)")
+        return n
 
     @validate("timeout")
     def _check_timeout(self, proposal: Any) -> Any:

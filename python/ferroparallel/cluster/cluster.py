@@ -72,13 +72,19 @@ _cluster_file = cluster_file  # for methods whose parameter shadows the name
 
 # -- clean-up at exit ----------------------------------------------------------------------------
 
+#: Clusters to stop at exit when their shutdown_atexit is true then: those that started
+#: something are held here (a Cluster object nobody keeps still has processes to stop), those
+#: loaded from a file only weakly.
 _atexit_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
+_started_clusters: set[Cluster] = set()
 _atexit_lock = threading.Lock()
 _atexit_registered = False
 
 
 def _stop_at_exit() -> None:
-    for cluster in list(_atexit_clusters):
+    for cluster in list(_started_clusters) + [
+        c for c in list(_atexit_clusters) if c not in _started_clusters
+    ]:
         if not cluster.shutdown_atexit:  # (the flag may have changed since it started)
             continue
         try:
@@ -87,13 +93,15 @@ def _stop_at_exit() -> None:
             log.warning("could not stop cluster %r at exit: %s", cluster.cluster_id, e)
 
 
-def _track_for_exit(cluster: Cluster) -> None:
+def _track_for_exit(cluster: Cluster, started: bool = True) -> None:
     global _atexit_registered
     with _atexit_lock:
         if not _atexit_registered:
             atexit.register(_stop_at_exit)
             _atexit_registered = True
         _atexit_clusters.add(cluster)
+        if started:
+            _started_clusters.add(cluster)
 
 
 # -- the Cluster ---------------------------------------------------------------------------------
@@ -319,6 +327,13 @@ class Cluster(LoggingConfigurable):
     def _default_log(self) -> logging.Logger:
         return log
 
+    @validate("n")
+    def _check_n(self, proposal: Any) -> int | None:
+        n = proposal["value"]
+        if n is not None and n < 0:
+            raise ValueError(f"n={n}: the number of engines cannot be negative")
+        return n
+
     @validate("controller_launcher_class", "engine_launcher_class")
     def _check_launcher(self, proposal: Any) -> str:
         """Any spelling of an available launcher becomes its short name (``"local"``,
@@ -530,6 +545,8 @@ class Cluster(LoggingConfigurable):
         str
             The engine set id.
         """
+        if n is not None and n < 0:
+            raise ValueError(f"n={n}: the number of engines cannot be negative")
         info = self._load_engine_info()
         if n is None:
             n = self.n if self.n is not None else (os.cpu_count() or 1)
@@ -760,6 +777,7 @@ class Cluster(LoggingConfigurable):
         if tracked:  # never remove the file of a cluster this object does not know
             self.remove_cluster_file()
         _atexit_clusters.discard(self)
+        _started_clusters.discard(self)
 
     async def signal_engines(self, signum: int | str, engine_set_id: str | None = None) -> None:
         """Send a signal (number or name such as ``"SIGINT"``) to one engine set (default: all)."""
@@ -870,7 +888,7 @@ class Cluster(LoggingConfigurable):
         for esid, es in (d.get("engines") or {}).items():
             kind = kinds.get(es.get("kind"), LocalEngineSetLauncher)
             self.engines[esid] = kind.from_dict(es, self.profile_dir, self.cluster_id, esid)
-        _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
+        _track_for_exit(self, started=False)  # stopped at exit if shutdown_atexit is true then
         return self
 
     @classmethod

@@ -117,6 +117,12 @@ def _present_as_kernel() -> None:
     del sys.argv[1:]
     if "" not in sys.path:
         sys.path.insert(0, "")
+    # ipyparallel's documented engine-side call, ``from ipyparallel.datapub import
+    # publish_data``, reaches an ipykernel shell this engine does not have: the name means
+    # ours here (the same function and signature), whether or not ipyparallel is installed.
+    from .. import datapub
+
+    sys.modules.setdefault("ipyparallel.datapub", datapub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,9 @@ pub(crate) fn ident(bytes: &[u8]) -> OutFrame {
     OutFrame::Owned(bytes.to_vec())
 }
 
+/// The longest routing identity ZMQ allows (a uuid engines route by must fit).
+const MAX_IDENTITY: usize = 255;
+
 pub(crate) fn show(id: &[u8]) -> String {
     String::from_utf8(id.to_vec()).unwrap_or_else(|_| format!("{id:02x?}"))
 }
@@ -528,6 +531,22 @@ impl Server {
         }
     }
 
+    /// Whether `msg_type` names a request (`*_request`), which engines answer; anything else
+    /// is dropped and logged: an engine ignores it, so it would stay pending in the hub and,
+    /// as a task, hold its engine's slot for ever.
+    pub(crate) fn is_request(&mut self, msg_type: &str, channel: &str) -> bool {
+        if msg_type.ends_with("_request") {
+            return true;
+        }
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        let shown: String = msg_type.chars().take(64).collect();
+        log_at!(
+            Level::Warning,
+            "dropped a {channel} message of type {shown:?}: only *_request messages are relayed"
+        );
+        false
+    }
+
     pub(crate) fn header_of(&mut self, env: &Env) -> Option<(Value, String, String)> {
         let header = self.unpack(env, "header")?;
         let msg_id = str_field(&header, "msg_id").map(str::to_owned);
@@ -666,6 +685,16 @@ impl Server {
             self.query_error(zid, "registration_reply", header, "KeyError", why);
             return;
         };
+        if uuid.is_empty() || uuid.len() > MAX_IDENTITY {
+            // the engine's sockets are routed by this uuid, and a ZMQ identity has 1..=255 bytes
+            let evalue = format!(
+                "engine uuid of {} bytes cannot be a ZMQ routing identity (1 to {MAX_IDENTITY} bytes)",
+                uuid.len()
+            );
+            log_at!(Level::Warning, "refused registration: {evalue}");
+            self.query_error(zid, "registration_reply", header, "ValueError", &evalue);
+            return;
+        }
         if self.engines.by_uuid.contains_key(&uuid) {
             let evalue = format!(
                 "engine uuid {} is already registered or pending",
@@ -1093,6 +1122,9 @@ impl Server {
         let Some((header, msg_id, msg_type)) = self.header_of(&env) else {
             return;
         };
+        if !self.is_request(&msg_type, if track { "MUX" } else { "control" }) {
+            return;
+        }
         let client = env.idents[0].as_ref().to_vec();
         let target = env.idents[1].as_ref().to_vec();
         if msg_type == "abort_request" && !self.tasks.stealing.is_empty() {

@@ -218,6 +218,9 @@ impl Server {
         let Some((header, msg_id, msg_type)) = self.header_of(&env) else {
             return;
         };
+        if !self.is_request(&msg_type, "task") {
+            return;
+        }
         let Some(metadata) = self.unpack(&env, "metadata") else {
             return;
         };

@@ -336,12 +336,9 @@ impl Server {
         let mut recs = Vec::with_capacity(ids.len());
         let found = self.records.backend().get_many(&ids);
         for (id, r) in ids.iter().zip(found) {
+            // A pending task is resubmitted too, as ipyparallel's hub does: the copy runs
+            // under a new msg_id, and the original still completes.
             let r = r?;
-            if r.pending() {
-                return Err(QueryError::runtime(format!(
-                    "task {id:?} is still pending; only finished tasks can be resubmitted"
-                )));
-            }
             if r.header.is_none() {
                 return Err(QueryError::key(format!(
                     "task {id:?} has no stored request to resubmit"
