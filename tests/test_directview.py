@@ -425,6 +425,21 @@ def test_engine_process_looks_like_an_ipyparallel_engine(dv: DirectView, tmp_pat
     dv.execute("import sys; sys.modules.pop('fp_cwd_module_xyz', None)", block=True)
 
 
+def test_user_code_closing_stdin_leaves_the_engine_serving(dv: DirectView) -> None:
+    # exit() and quit() close sys.stdin before raising SystemExit; the engine's next
+    # request gets a fresh (empty) stdin, and prints as before
+    with pytest.raises(error.CompositeError, match="SystemExit"):
+        dv.apply_sync(lambda: exit())  # noqa: PLR1722
+    dv.apply_sync(lambda: __import__("sys").stdin.close())
+    assert dv.apply_sync(lambda: (print("still here"), __import__("sys").stdin.read())[1]) == [
+        "",
+        "",
+    ]
+    ar = dv.apply_async(print, "out")
+    ar.get(timeout=30)
+    assert ar.wait_for_output(30) and ar.stdout == ["out\n", "out\n"]
+
+
 CLIENT_VALUE = "client-value"
 
 

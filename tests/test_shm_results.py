@@ -58,6 +58,39 @@ def test_pull_and_apply_results_come_through_shm(rc: Client, dv: DirectView) -> 
     assert _engine_segments(rc) == [[], []]
 
 
+def _shm_descriptors() -> int:
+    """Open descriptors of this process on shared-memory files."""
+    import os
+
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/")
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.usefixtures("no_lending")
+def test_kept_shm_arrays_hold_no_descriptors(rc: Client, dv: DirectView) -> None:
+    """Each received segment is mapped without a file descriptor: a process can keep many
+    more arrays than its descriptor limit (mmap.mmap held one per mapping)."""
+    before = _shm_descriptors()
+    kept = [rc[0].apply_async(lambda i: np.full(2 * MIB // 8, i), i).get(30) for i in range(40)]
+    for i, a in enumerate(kept):
+        assert_over_shm(a)
+        assert a[0] == i and a[-1] == i
+    assert _shm_descriptors() == before
+    # and on the engines: arrays pushed under many names
+    arrays = {f"a{i}": np.full(2 * MIB // 8, i) for i in range(20)}
+    dv.push(arrays, block=True)
+    fds = dv.apply_sync(_shm_descriptors)
+    assert fds == [0, 0]
+    dv.execute("s = sum(int(globals()[f'a{i}'][0]) for i in range(20))", block=True)
+    assert dv.pull("s", block=True) == [190, 190]
+    dv.execute("for i in range(20): del globals()[f'a{i}']", block=True)
+
+
 def test_results_use_the_socket_without_shm(shared_cluster: Cluster) -> None:
     a = np.arange(MIB, dtype=np.float64)
     with ipp.Client(shared_cluster.client_file, shm=False) as rc2:

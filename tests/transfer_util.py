@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 import sys
@@ -52,7 +51,7 @@ def assert_over_frame(a: np.ndarray) -> None:
 def assert_over_shm(a: np.ndarray) -> None:
     """``a``'s memory is a read-only mapping of a shared-memory segment."""
     owner = memory_owner(a)
-    assert type(owner) is mmap.mmap, f"array memory is owned by {type(owner).__name__}"
+    assert type(owner) is _core.SharedMapping, f"array memory is owned by {type(owner).__name__}"
     assert not a.flags.writeable
 
 
@@ -61,7 +60,7 @@ def owner_kind(a: Any) -> str:
     owner = memory_owner(a)
     if type(owner) is _core.Frame:
         return "frame"
-    if type(owner) is mmap.mmap:
+    if type(owner) is _core.SharedMapping:
         return "shm"
     return type(owner).__name__
 

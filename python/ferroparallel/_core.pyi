@@ -50,6 +50,17 @@ class Frame:
     def address(self) -> int:
         """Address of the first byte (to prove zero-copy in tests)."""
 
+class SharedMapping:
+    """A read-only mapping of a whole shared-memory file that keeps no file descriptor open
+    (``mmap.mmap`` keeps one per mapping); unmapped when it and every view of it are gone.
+
+    Raises the matching ``OSError`` (``FileNotFoundError``, ...) when the file cannot be opened
+    or mapped. Supports the buffer protocol, read-only.
+    """
+
+    def __init__(self, path: str) -> None: ...
+    def __len__(self) -> int: ...
+
 class Session:
     """Message signing, packing and header creation for one session.
 

@@ -131,7 +131,8 @@ def db_query(client: Client, query: Mapping[str, Any], keys: Sequence[str] | Non
         not isinstance(keys, (list, tuple, set)) or not all(isinstance(k, str) for k in keys)
     ):
         raise TypeError(f"keys must be a list of record field names (str), not {keys!r}")
-    content = {"query": to_wire(query), "keys": list(keys) if keys is not None else None}
+    # (no keys, or an empty list: whole records, as ipyparallel's hub reads it)
+    content = {"query": to_wire(query), "keys": list(keys) if keys else None}
     reply = hub_query(client, "db_request", content)
     rc = reply["content"]
     records: list[dict[str, Any]] = rc.get("records") or []
@@ -143,6 +144,10 @@ def db_query(client: Client, query: Mapping[str, Any], keys: Sequence[str] | Non
         for f in DATE_FIELDS:
             if f in rec:
                 rec[f] = parse_date(rec[f])
+        for f in ("header", "result_header"):  # their dates too, as ipyparallel's records
+            h = rec.get(f)
+            if isinstance(h, dict) and isinstance(h.get("date"), str):
+                h["date"] = parse_date(h["date"])
         if blens is not None:
             rec["buffers"], at = _split(buffers, blens[i], at)
         if rblens is not None:

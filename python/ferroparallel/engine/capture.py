@@ -122,6 +122,8 @@ class StreamCapture:
             self._last_flush = time.monotonic()
         self._saved = (sys.stdout, sys.stderr, sys.stdin)
         sys.stdout, sys.stderr = self.stdout, self.stderr
+        if self._stdin.closed:  # closed by user code (``exit()`` closes stdin): a new one
+            self._stdin = io.StringIO("")
         self._stdin.seek(0)
         sys.stdin = self._stdin
 

@@ -232,6 +232,8 @@ class DataServer:
                 try:
                     self._answer(msg)
                 except Exception:  # noqa: BLE001 - one bad peer must not stop the server
+                    if sockets.closed:  # closed while answering: the fetcher sees the loss
+                        return
                     log.warning("could not answer a fetch", exc_info=True)
             for name, kind, text in sockets.take_errors():
                 log.warning("dropped a message on %s (%s): %s", name, kind, text)

@@ -18,7 +18,6 @@ starts) removes segments whose creator is gone.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import secrets
@@ -26,6 +25,8 @@ import socket
 import weakref
 from pathlib import Path
 from typing import Any, Protocol
+
+from .._core import SharedMapping
 
 #: Where segments live (a tmpfs on Linux).
 SHM_DIR = Path("/dev/shm")
@@ -333,7 +334,7 @@ def _write_all(fd: int, raw: memoryview, offset: int) -> None:
 
 # ----- receiver -----------------------------------------------------------------------------
 
-_mapped: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
+_mapped: weakref.WeakValueDictionary[str, SharedMapping] = weakref.WeakValueDictionary()
 
 
 def open_slice(name: str, offset: int, nbytes: int, host: str) -> memoryview:
@@ -354,7 +355,9 @@ def open_slice(name: str, offset: int, nbytes: int, host: str) -> memoryview:
     if mm is None:
         path = SHM_DIR / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # mapped without keeping a descriptor (mmap.mmap keeps one per mapping, and a
+            # process holding many received arrays would run out of them)
+            mm = SharedMapping(str(path))
         except FileNotFoundError:
             here = host_token()
             why = (
@@ -369,12 +372,8 @@ def open_slice(name: str, offset: int, nbytes: int, host: str) -> memoryview:
                     f"shared-memory segment {path} does not exist: {why}"
                 ) from None
             raise ShmError(f"shared-memory segment {path} does not exist: {why}") from None
-        try:
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise ShmError(f"cannot map shared-memory segment {path}: {e}") from None
-        finally:
-            os.close(fd)
         _mapped[name] = mm
     if offset < 0 or nbytes < 0 or offset + nbytes > len(mm):
         raise ShmError(

@@ -25,6 +25,46 @@ impl Frame {
 
 static FORMAT_B: &std::ffi::CStr = c"B";
 
+/// Fill `view` as a read-only, one-dimensional buffer of `len` bytes at `ptr`, owned by `obj`.
+///
+/// # Safety
+/// `view` must be a valid, writable `Py_buffer` given by CPython, and `ptr..ptr + len` must
+/// stay valid and unchanged while `obj` lives (the view holds a strong reference to it).
+pub(crate) unsafe fn fill_readonly_view(
+    view: *mut ffi::Py_buffer,
+    obj: Bound<'_, PyAny>,
+    ptr: *const u8,
+    len: usize,
+    flags: c_int,
+) {
+    // SAFETY: as the caller guarantees (see above).
+    unsafe {
+        (*view).obj = obj.into_ptr();
+        (*view).buf = ptr as *mut c_void;
+        (*view).len = len as isize;
+        (*view).readonly = 1;
+        (*view).itemsize = 1;
+        (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
+            FORMAT_B.as_ptr() as *mut _
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).ndim = 1;
+        (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
+            &mut (*view).len
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
+            &mut (*view).itemsize
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).suboffsets = std::ptr::null_mut();
+        (*view).internal = std::ptr::null_mut();
+    }
+}
+
 #[pymethods]
 impl Frame {
     fn __len__(&self) -> usize {
@@ -72,31 +112,7 @@ impl Frame {
         // SAFETY: `view` is valid (checked non-null, provided by CPython). The memory belongs to
         // the frame, which `view.obj` keeps alive (a strong reference) until the view is
         // released; a frozen pyclass never moves or mutates its frame.
-        unsafe {
-            (*view).obj = slf.into_any().into_ptr();
-            (*view).buf = ptr as *mut c_void;
-            (*view).len = len as isize;
-            (*view).readonly = 1;
-            (*view).itemsize = 1;
-            (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
-                FORMAT_B.as_ptr() as *mut _
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).ndim = 1;
-            (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
-                &mut (*view).len
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
-                &mut (*view).itemsize
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).suboffsets = std::ptr::null_mut();
-            (*view).internal = std::ptr::null_mut();
-        }
+        unsafe { fill_readonly_view(view, slf.into_any(), ptr, len, flags) };
         Ok(())
     }
 

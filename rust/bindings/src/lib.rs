@@ -14,6 +14,7 @@ mod iothread;
 mod peer;
 mod pybuffer;
 mod session;
+mod shm_map;
 mod tracker;
 
 /// mimalloc for every Rust allocation of the extension (the I/O thread, the controller):
@@ -49,6 +50,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(peer::read_process_memory, m)?)?;
     m.add_function(wrap_pyfunction!(peer::write_process_memory, m)?)?;
     m.add_class::<frame::Frame>()?;
+    m.add_class::<shm_map::SharedMapping>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;
     m.add_class::<tracker::SendTracker>()?;

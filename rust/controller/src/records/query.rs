@@ -522,11 +522,13 @@ fn class(p: &[char], at: usize, c: char) -> Option<usize> {
 /// Which fields to return: `None` = every field but the two buffer lists.
 pub fn projection(keys: &Value) -> Result<Vec<&'static str>, QueryError> {
     match keys {
+        // no keys, or an empty list (as ipyparallel's hub reads it): the whole record
         Value::Nil => Ok(FIELDS
             .iter()
             .copied()
             .filter(|f| *f != "buffers" && *f != "result_buffers")
             .collect()),
+        Value::Array(items) if items.is_empty() => projection(&Value::Nil),
         Value::Array(items) => {
             let mut out = vec!["msg_id"];
             for k in items {
@@ -794,6 +796,7 @@ mod tests {
         let all = projection(&Value::Nil).unwrap();
         assert!(!all.contains(&"buffers") && !all.contains(&"result_buffers"));
         assert_eq!(all.len(), FIELDS.len() - 2);
+        assert_eq!(projection(&list(&[])).unwrap(), all);
         let p = projection(&list(&[s("completed"), s("buffers")])).unwrap();
         assert_eq!(p, ["msg_id", "completed", "buffers"]);
         assert_eq!(
