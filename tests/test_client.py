@@ -71,6 +71,42 @@ def test_with_client_closes_it(shared_cluster: Cluster) -> None:
         c[0].apply_async(int, 1)
 
 
+def test_dropped_clients_are_collected_and_many_fit_in_one_process(
+    shared_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import threading
+    import weakref
+
+    # (when an earlier test made an IPython shell, the %px magics would keep the newest
+    # client, as ipyparallel's do: not what this test is about)
+    monkeypatch.setattr(Client, "_activate_magics", lambda self: None)
+    threads = threading.active_count()
+    refs = []
+    for i in range(10):
+        c = ipp.Client()
+        if i % 2:
+            assert c[:].apply_sync(lambda: 1) == [1, 1]
+            assert c.load_balanced_view().apply_sync(lambda: 2) == 2
+        refs.append(weakref.ref(c))
+        del c  # no close(): collected, and closed by __del__
+    deadline = time.monotonic() + 10
+    while gc.collect() is not None and any(r() for r in refs) and time.monotonic() < deadline:
+        time.sleep(0.05)  # (a dispatcher may hold its client for the batch it handles)
+    assert [r for r in refs if r() is not None] == []
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= threads  # their dispatcher threads ended
+    # more clients at once than libzmq's default 1,023 sockets per context would allow
+    many = [ipp.Client() for _ in range(70)]
+    try:
+        assert {len(c.ids) for c in many} == {2}
+        assert many[-1][:].apply_sync(lambda: 3) == [3, 3]
+    finally:
+        for c in many:
+            c.close()
+
+
 def test_client_from_profile_and_cluster_id(shared_cluster: Cluster, fp_session_root: Path) -> None:
     other = fp_session_root / "profile_elsewhere" / "security"
     other.mkdir(parents=True, exist_ok=True)

@@ -314,7 +314,9 @@ def test_resubmit_direct_and_load_balanced(rc: Client) -> None:
         rc.resubmit(["no-such-id"])
     assert ei.value.ename == "KeyError"
     # a task still running is resubmitted too, as by ipyparallel's hub; both complete
-    running = lb.apply_async(sleep_echo, 0.5, "late")
+    running = lb.apply_async(sleep_echo, 1.0, "late")
+    # (once the hub has it: the request and the query travel on different sockets)
+    wait_until(lambda: rc.db_query({"msg_id": running.msg_ids[0]}, ["msg_id"]), what="a record")
     again = rc.resubmit(running.msg_ids)
     assert again.get(timeout=SHORT) == ["late"] and running.get(timeout=SHORT) == "late"
     assert one(rc, running.msg_ids[0], ["resubmitted"])["resubmitted"] == again.msg_ids[0]

@@ -75,6 +75,31 @@ FANOUT_IDENT = b"fp:fanout"
 FEATURES_KEY = "fp_features"
 
 
+def _dispatch_loop(ref: weakref.ref[Client], io: Any) -> None:
+    """The dispatcher thread: receives replies and notifications and hands them to the client.
+
+    It holds the client only while handling what it received, so a client dropped without
+    ``close()`` is collected (its ``__del__`` closes it, which ends this thread); it ends
+    itself when it finds the client gone.
+    """
+    while True:
+        try:
+            batch = io.recv(timeout=0.1, max_messages=waiting.BATCH)
+        except error.IoClosedError:
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("dispatcher: receive failed")
+            continue
+        client = ref()
+        if client is None:
+            io.close()
+            return
+        if client._closed:
+            return
+        client._dispatch_round(batch)
+        del client
+
+
 def _execute_content(code: str, silent: bool) -> dict[str, Any]:
     return {
         "code": code,
@@ -406,7 +431,10 @@ class Client(HasTraits):
         self._last_traffic = time.monotonic()
         self._probe: tuple[str, float] | None = None
         self._dispatcher = threading.Thread(
-            target=self._dispatch_loop, name="ferroparallel-dispatcher", daemon=True
+            target=_dispatch_loop,
+            args=(weakref.ref(self), self._io),
+            name="ferroparallel-dispatcher",
+            daemon=True,
         )
         self._dispatcher.start()
         try:
@@ -525,23 +553,16 @@ class Client(HasTraits):
 
     # ----- dispatcher -----------------------------------------------------------------------
 
-    def _dispatch_loop(self) -> None:
+    def _dispatch_round(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """One turn of the dispatcher thread (see :func:`_dispatch_loop`)."""
         io = self._io
-        while not self._closed:
-            try:
-                batch = io.recv(timeout=0.1, max_messages=waiting.BATCH)
-            except error.IoClosedError:
-                break
-            except Exception:  # noqa: BLE001
-                log.exception("dispatcher: receive failed")
-                continue
-            if batch:
-                self._last_traffic = time.monotonic()
-                self._dispatch_batch(batch)
-                io.wake()  # threads waiting in wait_here look at their results again
-            for sock, kind, text in io.take_errors():
-                log.warning("dropped a message on %s: %s: %s", sock, kind, text)
-            self._check_controller()
+        if batch:
+            self._last_traffic = time.monotonic()
+            self._dispatch_batch(batch)
+            io.wake()  # threads waiting in wait_here look at their results again
+        for sock, kind, text in io.take_errors():
+            log.warning("dropped a message on %s: %s: %s", sock, kind, text)
+        self._check_controller()
 
     def _wait_here(self, done: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until ``done()``, handling replies in this thread (see ``waiting.wait_here``)."""

@@ -255,11 +255,12 @@ class HubResults:
 
     def _start(self) -> None:
         self._wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._poll_loop, name="ferroparallel-hub-results", daemon=True
-            )
-            self._thread.start()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._poll_loop, name="ferroparallel-hub-results", daemon=True
+                )
+                self._thread.start()
 
     def _poll_loop(self) -> None:
         interval = POLL_MIN
@@ -271,9 +272,10 @@ class HubResults:
                 self._wake.clear()
                 with self._lock:
                     if not self._pending:
-                        if self._client._closed:
-                            return
-                        continue
+                        # idle: the thread ends (and holds the client no more); _start
+                        # begins another when results are wanted again
+                        self._thread = None
+                        return
                 interval = POLL_MIN
                 continue
             try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -108,7 +109,16 @@ class ShmTransport:
         host (or when shared memory is off), once they proved they can fetch from it."""
         self.net = net if net.enabled else None
         if self.net is not None:
-            net.on_probe = self._engine_fetched
+            # weakly: the data server's thread must not keep this transport, and through it
+            # the client, alive (a client dropped without close() is collected)
+            fetched = weakref.WeakMethod(self._engine_fetched)
+
+            def on_probe(uuid: str) -> None:
+                method = fetched()
+                if method is not None:
+                    method(uuid)
+
+            net.on_probe = on_probe
 
     def _engine_fetched(self, uuid: str) -> None:
         """Engine ``uuid`` fetched this client's probe secret: it can fetch from here."""

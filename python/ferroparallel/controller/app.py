@@ -100,7 +100,7 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
     g.add_argument(
         "--db-record-limit",
         type=int,
-        help="most task records kept in memory (--db memory); the oldest are culled",
+        help="most task records kept in memory (--db memory, default 20000); the oldest are culled",
     )
     g.add_argument(
         "--db-size-limit",

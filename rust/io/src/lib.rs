@@ -8,6 +8,7 @@
 //! owner can release them on a thread of its choosing.
 
 mod batching;
+mod context;
 pub mod curve;
 mod direct;
 mod handshake;
@@ -19,6 +20,7 @@ mod session;
 mod socket;
 mod wakeup;
 
+pub use context::{context, Context};
 pub use curve::{Curve, CurveKey};
 pub use direct::DirectSockets;
 pub use handshake::{HandshakeState, Handshakes};
@@ -36,9 +38,3 @@ pub use socket::{SocketKind, SocketSpec};
 
 /// Frames at least this long are sent from the caller's memory without a copy.
 pub const ZERO_COPY_THRESHOLD: usize = 64 * 1024;
-
-/// The process-wide ZMQ context.
-pub fn context() -> &'static zmq::Context {
-    static CTX: std::sync::OnceLock<zmq::Context> = std::sync::OnceLock::new();
-    CTX.get_or_init(zmq::Context::new)
-}

@@ -107,7 +107,7 @@ impl SocketSpec {
     /// events (set up before any connection is made, so no event is missed).
     pub(crate) fn create(
         &self,
-        ctx: &zmq::Context,
+        ctx: &crate::Context,
         monitor: Option<&str>,
     ) -> Result<(zmq::Socket, Vec<String>, Option<zmq::Socket>), String> {
         let err = |what: &str, e: zmq::Error| format!("socket {:?}: {what}: {e}", self.name);
@@ -187,7 +187,7 @@ pub(crate) const HANDSHAKE_EVENTS: i32 = (zmq_sys::ZMQ_EVENT_HANDSHAKE_SUCCEEDED
     | zmq_sys::ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) as i32;
 
 fn open_monitor(
-    ctx: &zmq::Context,
+    ctx: &crate::Context,
     sock: &zmq::Socket,
     endpoint: &str,
 ) -> Result<zmq::Socket, zmq::Error> {

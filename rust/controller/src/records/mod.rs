@@ -21,7 +21,7 @@ pub use query::{Query, QueryError};
 pub use record::{Blob, TaskRecord, Update};
 
 /// Default limits of the in-memory backend.
-pub const DEFAULT_RECORD_LIMIT: usize = 200_000;
+pub const DEFAULT_RECORD_LIMIT: usize = 20_000;
 pub const DEFAULT_SIZE_LIMIT: usize = 1 << 30;
 
 /// Where records are kept.
