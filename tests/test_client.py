@@ -511,6 +511,7 @@ def test_send_signal_interrupts_a_running_task(rc: Client, wait_until: WaitUntil
 def test_queue_status(rc: Client, wait_until: WaitUntil) -> None:
     qs = rc.queue_status()
     assert {0, 1, "unassigned"} <= set(qs)
+    assert next(iter(qs)) == "unassigned"  # first, as in ipyparallel
     for eid in (0, 1):
         assert {"queue", "completed", "tasks"} <= set(qs[eid])
     before = qs[0]["completed"]

@@ -1410,6 +1410,8 @@ class Client(HasTraits):
         content = self._query("queue_request", {"targets": tlist, "verbose": verbose})
         content.pop("status", None)
         out: dict[Any, Any] = {}
+        if "unassigned" in content:  # first, as in ipyparallel's dict
+            out["unassigned"] = content.pop("unassigned")
         for k, v in content.items():
             try:
                 out[int(k)] = v
