@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from traitlets.config import Config
@@ -72,9 +73,27 @@ def test_default_scripts_carry_the_count_queue_output_and_command(
 
 
 def test_htcondor_queues_n_at_the_end(tmp_path: Path) -> None:
-    script = _launcher(HTCondorEngineSetLauncher, tmp_path, n=4).render(tmp_path, "cid", {})
+    es = _launcher(HTCondorEngineSetLauncher, tmp_path, n=4, args=["--x", "a b", "it's"])
+    script = es.render(tmp_path, "cid", {})
     assert script.rstrip().splitlines()[-1] == "queue 4"
-    assert "executable = python3" in script and "getenv = True" in script
+    assert "executable = python3\n" in script and "getenv = True" in script
+    # HTCondor's own quoting: spaces in single quotes, a quote written twice
+    assert script.rstrip().splitlines()[-2].endswith(" --x 'a b' 'it''s'\"")
+
+
+def test_a_template_file_is_read_once_and_the_cluster_file_keeps_the_launchers(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "tpl.sh"
+    f.write_text("#!/bin/sh\n#SBATCH -n {n}\nsrun {program_and_args}\n")
+    es = _launcher(SlurmEngineSetLauncher, tmp_path, batch_template_file=str(f))
+    f.unlink()  # (a restart from elsewhere needs neither the file nor its directory)
+    again = SlurmEngineSetLauncher.from_dict(es.to_dict(), tmp_path, "cid", "esid")
+    assert again.render(tmp_path, "cid", {}).startswith("#!/bin/sh\n#SBATCH -n 3\nsrun ")
+    c = Cluster(engines="slurm", controller="pbs", n=2)
+    loaded = Cluster.from_dict(c.to_dict())
+    assert (loaded.engine_launcher_class, loaded.controller_launcher_class) == ("slurm", "pbs")
+    assert Cluster.from_dict(c.to_dict(), engines="local").engine_launcher_class == "local"
 
 
 def test_slurm_options_become_directives_unless_the_template_has_them(tmp_path: Path) -> None:
@@ -98,13 +117,13 @@ def test_templates_take_expressions_and_the_namespace(tmp_path: Path) -> None:
     )
     script = es.render(tmp_path, "cid", {"A": "1"})
     assert "# nodes=2 cores=8 env=" + json.dumps({"A": "1"}) in script
-    assert script.rstrip().endswith("python3")
+    assert script.rstrip().endswith("python3 -m x")  # {program}: the command, as ipyparallel
     es = _launcher(SlurmEngineSetLauncher, tmp_path, batch_template="{wall_time}\n")
     with pytest.raises(LauncherError, match=r"\{wall_time\}.*namespace"):
         es.render(tmp_path, "cid", {})
 
 
-def test_names_and_bad_settings(tmp_path: Path) -> None:
+def test_names_and_bad_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for name in (
         "slurm",
         "Slurm",
@@ -119,6 +138,16 @@ def test_names_and_bad_settings(tmp_path: Path) -> None:
     assert Cluster(controller=SlurmControllerLauncher).controller_launcher_class == "slurm"
     with pytest.raises(NotImplementedError, match="'slurm'"):  # the message lists them
         Cluster(engines="torque-ish")
+    # ipcluster's older names, still read by ipyparallel 9, and a misspelt setting is named
+    old = Config()
+    old.IPClusterEngines.engine_launcher_class = "Slurm"
+    old.IPClusterEngines.n = 3
+    old.SlurmEngineSetLauncher.partition = "debug"  # (ipyparallel's name is queue)
+    legacy = Cluster(config=old)
+    assert (legacy.engine_launcher_class, legacy.n) == ("slurm", 3)
+    with caplog.at_level("WARNING", logger="ferroparallel.cluster"):
+        assert legacy._batch_options("slurm", "Engine", {}) == {}
+    assert "c.SlurmEngineSetLauncher: partition not used by the slurm launcher" in caplog.text
     with pytest.raises(TypeError, match="walltime.*known: queue"):
         SlurmEngineSetLauncher(tmp_path, "cid", "esid", 1, walltime="1:00")
 
@@ -188,6 +217,37 @@ print(f"Job <{job}> is submitted to default queue <normal>.")
 """
 
 
+FAKE_SBATCH = r"""#!/usr/bin/env python3
+# sbatch stand-in: records the job (state RUNNING); runs nothing
+import os, sys
+jobs = os.environ["FAKE_BATCH_DIR"]
+open(os.path.join(jobs, "77.state"), "w").write("RUNNING")
+print("Submitted batch job 77")
+"""
+
+FAKE_SQUEUE = r"""#!/usr/bin/env python3
+# squeue -h -o %T -j ID stand-in: "down" when the controller is unreachable; the job is only
+# known to callers whose environment has FAKE_SLURM_TOKEN (as a SLURM_CONF would select it)
+import os, sys
+jobs = os.environ["FAKE_BATCH_DIR"]
+if os.path.exists(os.path.join(jobs, "squeue-down")):
+    sys.exit("slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+state = os.path.join(jobs, sys.argv[-1] + ".state")
+if not os.environ.get("FAKE_SLURM_TOKEN") or not os.path.exists(state):
+    sys.exit("slurm_load_jobs error: Invalid job id specified")
+print(open(state).read())
+"""
+
+FAKE_SCANCEL = r"""#!/usr/bin/env python3
+import os, sys
+jobs = os.environ["FAKE_BATCH_DIR"]
+token = " token" if os.environ.get("FAKE_SLURM_TOKEN") else ""
+with open(os.path.join(jobs, "scancel.log"), "a") as f:
+    f.write(" ".join(["scancel", *sys.argv[1:]]) + token + "\n")
+open(os.path.join(jobs, sys.argv[-1] + ".state"), "w").write("CANCELLED")
+"""
+
+
 @pytest.fixture
 def fake_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A bin directory with the stand-in commands first on PATH; job records in a sibling."""
@@ -199,6 +259,9 @@ def fake_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("qsig", FAKE_DEL),
         ("bsub", FAKE_BSUB),
         ("bkill", FAKE_DEL),
+        ("sbatch", FAKE_SBATCH),
+        ("squeue", FAKE_SQUEUE),
+        ("scancel", FAKE_SCANCEL),
     ):
         f = bin_dir / name
         f.write_text(text.replace("/usr/bin/env python3", sys.executable))
@@ -214,7 +277,24 @@ def _job_pids(jobs: Path, job_id: str) -> list[int]:
     return [int(p) for p in (jobs / job_id).read_text().split()]
 
 
-def test_pbs_engines_through_qsub_and_qdel(fake_batch: Path) -> None:
+def _sleep_after_flag(path: str) -> None:
+    import os
+    import time
+
+    with open(f"{path}.{os.getpid()}", "w"):  # started
+        pass
+    time.sleep(30)
+
+
+def _running_sleeps(rc: Any, tmp_path: Path, n: int) -> Any:
+    """A 30 s sleep on every engine, once each has started it (then a signal interrupts it)."""
+    flag = tmp_path / "started"
+    ar = rc[:].apply_async(_sleep_after_flag, str(flag))
+    wait_until(lambda: len(list(tmp_path.glob("started.*"))) >= n, timeout=SHORT, what="the sleeps")
+    return ar
+
+
+def test_pbs_engines_through_qsub_and_qdel(fake_batch: Path, tmp_path: Path) -> None:
     cluster = Cluster(n=2, engines="pbs", shutdown_atexit=False)
     rc = cluster.start_and_connect_sync()
     try:
@@ -224,8 +304,7 @@ def test_pbs_engines_through_qsub_and_qdel(fake_batch: Path) -> None:
         assert sorted(ids) == ["1", "2"]  # one engine per array index
         pids = _job_pids(fake_batch, "100")
         # SIGINT through qsig reaches the engines: the running task is interrupted
-        ar = rc[:].apply_async(time.sleep, 30)
-        time.sleep(0.5)
+        ar = _running_sleeps(rc, tmp_path, 2)
         cluster.signal_engines_sync(signal.SIGINT)
         with pytest.raises(RemoteError, match="KeyboardInterrupt"):
             ar.get(timeout=SHORT)
@@ -252,6 +331,32 @@ def test_lsf_script_goes_on_stdin(fake_batch: Path, tmp_path: Path) -> None:
         es.stop_now(5.0)
     for pid in pids:
         wait_until(lambda p=pid: not pid_running(p), timeout=SHORT, what=f"job process {pid}")
+
+
+def test_job_states_commands_environment_and_output(fake_batch: Path, tmp_path: Path) -> None:
+    """(stand-in Slurm commands) Every batch command runs with the launcher's environment; a
+    state command that fails (the batch system unreachable) leaves the job running, so stop
+    still cancels it; an output file the user chose is theirs to keep."""
+    out = tmp_path / "mine.log"
+    es = _launcher(SlurmEngineSetLauncher, tmp_path, output_file=str(out))
+    es.env = {**os.environ, "FAKE_SLURM_TOKEN": "yes"}  # (only the launcher's env has it)
+    es.start()
+    out.write_text("the job's output\n")
+    assert es.job_id == "77" and es.job_state() == "RUNNING"
+    assert es.running and es.failure() is None
+    (fake_batch / "squeue-down").touch()
+    es._state = (es._state[0] - 10, es._state[1])  # (expired: asked again)
+    assert es.job_state() == "RUNNING"  # the last known state, not "ended"
+    assert es.running and es.failure() is None
+    es.signal(signal.SIGINT)
+    es.stop_now(0.5)
+    calls = (fake_batch / "scancel.log").read_text().splitlines()
+    assert calls == ["scancel -s INT 77 token", "scancel 77 token"]
+    assert not es.running
+    assert out.read_text() == "the job's output\n"  # (a default output file would go)
+    (fake_batch / "squeue-down").unlink()
+    es._stopped, es._state = False, None
+    assert es.failure() is not None and "ended" in es.failure()  # CANCELLED: ended
 
 
 def test_submit_failure_and_unparsable_output_are_launcher_errors(
@@ -291,7 +396,7 @@ def _no_jobs(slurm: LocalSlurm) -> bool:
     return not [j for j in slurm.jobs() if "RUNNING" in j or "PENDING" in j or "COMPLET" in j]
 
 
-def test_slurm_engines_are_the_tasks_of_one_job(slurm: LocalSlurm) -> None:
+def test_slurm_engines_are_the_tasks_of_one_job(slurm: LocalSlurm, tmp_path: Path) -> None:
     cluster = Cluster(n=3, engines="slurm", shutdown_atexit=False)
     rc = cluster.start_and_connect_sync()
     try:
@@ -303,8 +408,7 @@ def test_slurm_engines_are_the_tasks_of_one_job(slurm: LocalSlurm) -> None:
         assert "#SBATCH --ntasks=3" in es.batch_file.read_text()
         assert any(j.startswith(f"{es.job_id} RUNNING") for j in slurm.jobs())
         # Ctrl-C for the engines goes through scancel -s INT
-        ar = rc[:].apply_async(time.sleep, 30)
-        time.sleep(0.5)
+        ar = _running_sleeps(rc, tmp_path, 3)
         cluster.signal_engines_sync(signal.SIGINT)
         with pytest.raises(RemoteError, match="KeyboardInterrupt"):
             ar.get(timeout=SHORT)
@@ -366,6 +470,30 @@ def test_slurm_controller_and_engines_stopped_by_another_process(slurm: LocalSlu
     wait_until(lambda: _no_jobs(slurm), timeout=SHORT, what="both jobs to end")
     assert not cluster.client_file.exists()
     assert not Path(cluster.cluster_file).exists()
+
+
+def test_cli_with_slurm_controller_engines_and_more_engines(slurm: LocalSlurm) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ferroparallel", "cluster", *args, "--cluster-id", "cli"],
+            capture_output=True,
+            text=True,
+            timeout=SHORT * 2,
+        )
+
+    r = cli("start", "-n", "1", "--engines", "slurm", "--controller", "slurm", "--daemonize")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "controller slurm job" in r.stdout and "1 registered" in r.stdout
+        # more engines: as the cluster's were started (recorded in its file), i.e. a job
+        r = cli("engines", "-n", "1", "--daemonize")
+        assert r.returncode == 0, r.stderr
+        names = [j.split()[2] for j in slurm.jobs() if " RUNNING " in j]
+        assert sorted(n.split("-")[0] for n in names) == ["ipcontroller", "ipengine", "ipengine"]
+    finally:
+        r = cli("stop")
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: _no_jobs(slurm), timeout=SHORT, what="the jobs to end")
 
 
 def test_slurm_rejection_and_failing_engines_are_clear(slurm: LocalSlurm) -> None:

@@ -20,6 +20,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import traitlets
 import zmq
@@ -249,7 +250,8 @@ def test_bad_arguments_say_what_is_expected(rc: Client) -> None:
     for call in (ar.get, ar.wait):
         with pytest.raises(TypeError, match="timeout must be a number of seconds"):
             call(timeout="x")
-    assert ar.get(timeout=30) == 1
+    assert ar.get(timeout=np.int64(30)) == 1  # (numbers of any numeric type are fine)
+    rc.wait_for_engines(np.int64(2), timeout=np.float32(5))
     with pytest.raises(TypeError, match="names .str keys."):
         rc[:].push({1: 2})
     with pytest.raises(TypeError, match="keys must be a list of record field names"):

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from concurrent.futures._base import FINISHED
 from datetime import datetime
+from numbers import Real
 from typing import Any
 
 from ..error import CompositeError, RemoteError
@@ -78,7 +79,7 @@ def _outcome(fut: concurrent.futures.Future) -> tuple[Any, bool]:
 
 def _timeout(timeout: float | None) -> float | None:
     """None for "forever" (None or negative), else the number of seconds."""
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, Real)):
         raise TypeError(
             f"timeout must be a number of seconds (or None / -1 for no limit), "
             f"not {type(timeout).__name__} {timeout!r}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import operator
 import os
 import sys
 import threading
@@ -1160,16 +1161,16 @@ class Client(HasTraits):
         """
         if n is None:
             n = 1
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n must be an int (engines to wait for), not {type(n).__name__} {n!r}")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-        ):
+        try:
+            n = operator.index(n)
+        except TypeError:
             raise TypeError(
-                f"timeout must be a number of seconds (or None / -1 for no limit), "
-                f"not {type(timeout).__name__} {timeout!r}"
-            )
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+                f"n must be an int (engines to wait for), not {type(n).__name__} {n!r}"
+            ) from None
+        from .asyncresult import _timeout
+
+        seconds = _timeout(timeout)  # (None for no limit; TypeError for a non-number)
+        deadline = None if seconds is None else time.monotonic() + seconds
 
         def _wait() -> None:
             with self._engines_changed:

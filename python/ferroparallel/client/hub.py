@@ -263,6 +263,14 @@ class HubResults:
                 self._thread.start()
 
     def _poll_loop(self) -> None:
+        try:
+            self._poll()
+        finally:  # however it ends, _start may begin another
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _poll(self) -> None:
         interval = POLL_MIN
         while not self._client._closed:
             with self._lock:

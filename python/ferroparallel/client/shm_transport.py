@@ -310,7 +310,8 @@ class ShmTransport:
         with self._lock:
             live, self._live = self._live, set()
         for checking in self._net_checks:  # (a thread must not outlive the interpreter)
-            checking.join(timeout=_net.PROBE_TIMEOUT + 1)
+            if checking is not threading.current_thread():  # (close() may run on it)
+                checking.join(timeout=_net.PROBE_TIMEOUT + 1)
         for seg in live:
             if isinstance(seg, _net.NetLoan):
                 seg.release()  # the data server stops with the client

@@ -151,6 +151,13 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     s.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
     )
+    s.add_argument(
+        "--engines",
+        default=None,
+        metavar="LAUNCHER",
+        help="how to start them (default: as the cluster's engines were started): 'local', "
+        "'mpi', 'ssh', 'slurm', 'pbs', 'sge', 'lsf', 'htcondor'",
+    )
     # no abbreviations: ipcluster's --controller=Local must not be taken for --controller-arg
     for parser in (p, *sub.choices.values()):
         parser.allow_abbrev = False
@@ -289,10 +296,11 @@ def _start(args: argparse.Namespace) -> int:
             _err(f"failed to start cluster {cluster.cluster_id!r}: {e}")
             cluster.stop_cluster_sync()
             return 1
-        ctl = cluster.controller.process  # type: ignore[union-attr]
+        ctl = cluster.controller
+        assert ctl is not None  # (started above)
         print(
-            f"Cluster {cluster.cluster_id!r} started in {cluster.profile_dir}: controller pid "
-            f"{ctl.pid}, {n} engine(s), {count} registered",
+            f"Cluster {cluster.cluster_id!r} started in {cluster.profile_dir}: "
+            f"{ctl.describe()}, {n} engine(s), {count} registered",
             flush=True,
         )
         if count < n:
@@ -302,12 +310,13 @@ def _start(args: argparse.Namespace) -> int:
         print("Press Ctrl-C to stop the cluster.", flush=True)
         while cluster.running:
             time.sleep(0.2)
-        code = ctl.exit_code
+        clean = ctl.stopped_cleanly()  # 'cluster stop' or a hub shutdown request
+        failure = None if clean else ctl.failure()
         cluster.stop_cluster_sync()
-        if code == 0:  # a clean stop: 'cluster stop' or a hub shutdown request
+        if clean:
             print("The cluster was stopped.", flush=True)
             return 0
-        _err(f"the controller exited with status {code}; log {ctl.log_file}:\n{ctl.log_tail()}")
+        _err(failure or "the controller stopped")
         return 1
     except (KeyboardInterrupt, _Terminate):
         print("Stopping the cluster...", flush=True)
@@ -364,8 +373,10 @@ def _engines(args: argparse.Namespace) -> int:
         return 1
     before = len(registered or [])
     try:
+        if args.engines is not None:
+            cluster.engine_launcher_class = args.engines
         esid = cluster.start_engines_sync(args.n)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, NotImplementedError) as e:
         _err(f"failed to start engines: {e}")
         return 1
     n = cluster.engines[esid].n

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -43,6 +44,8 @@ from .. import paths
 from ..error import ConnectionFileError
 from .launchers import LauncherError, LocalControllerLauncher, LocalEngineSetLauncher, _log_name
 
+log = logging.getLogger("ferroparallel.cluster")
+
 __all__ = [
     "BATCH_SYSTEMS",
     "BatchControllerLauncher",
@@ -55,8 +58,27 @@ __all__ = [
 
 #: Seconds a job state read with the state command stays valid.
 _STATE_TTL = 1.0
-#: Job states (Slurm's names) in which the job's processes may still run.
-_LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING")
+#: Job states (Slurm's names) of a job that has ended; any other state may still run.
+_ENDED_STATES = frozenset(
+    (
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    )
+)
+
+
+def _ended(state: str | None) -> bool:
+    """Whether a :meth:`_BatchJob.job_state` answer means the job has ended."""
+    return state is not None and (state == "" or state in _ENDED_STATES)
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,8 @@ class BatchSystem:
     signal_command: tuple[str, ...] = ()
     #: Reads a job's state (job id appended), one word out; empty: states are not polled.
     state_command: tuple[str, ...] = ()
+    #: what the state command says of a job the system no longer knows (it ended long ago)
+    unknown_job: str = ""
     job_id_regexp: str = r"\d+"
     job_id_regexp_group: int = 0
     engine_template: str = ""
@@ -88,6 +112,8 @@ class BatchSystem:
     script_on_stdin: bool = False
     #: extra environment of the submit command
     submit_env: Mapping[str, str] = field(default_factory=dict)
+    #: the program and its arguments are written for HTCondor's submit file, not a shell
+    condor_syntax: bool = False
     #: what to install (or set) when the submit command is missing
     install_hint: str = ""
 
@@ -104,6 +130,7 @@ BATCH_SYSTEMS: dict[str, BatchSystem] = {
         delete_command=("scancel",),
         signal_command=("scancel", "-s"),
         state_command=("squeue", "-h", "-o", "%T", "-j"),
+        unknown_job="Invalid job id",
         engine_template=(
             "#!/bin/sh\n#SBATCH --export=ALL\n#SBATCH --job-name=ipengine-{cluster_id}\n"
             "srun {program_and_args}\n"
@@ -181,18 +208,19 @@ BATCH_SYSTEMS: dict[str, BatchSystem] = {
         job_id_regexp=r"(\d+)\.$",
         job_id_regexp_group=1,
         engine_template=(
-            "universe = vanilla\nexecutable = {program}\ntransfer_executable = False\n"
-            'getenv = True\narguments = "{program_args}"\n'
+            "universe = vanilla\nexecutable = {executable}\ntransfer_executable = False\n"
+            'getenv = True\narguments = "{executable_args}"\n'
         ),
         controller_template=(
-            "universe = vanilla\nexecutable = {program}\ntransfer_executable = False\n"
-            'getenv = True\narguments = "{program_args}"\n'
+            "universe = vanilla\nexecutable = {executable}\ntransfer_executable = False\n"
+            'getenv = True\narguments = "{executable_args}"\n'
         ),
         engine_file_name="htcondor_engines",
         controller_file_name="htcondor_controller",
         job_array=(r"^queue\b", "queue {n}"),
         output=(r"^output\s*=", "output = {output_file}\nerror = {output_file}"),
         array_at_end=True,
+        condor_syntax=True,
         install_hint="HTCondor's client commands (condor_submit, condor_rm)",
     ),
     # any other system: every command and the template come from the settings
@@ -249,7 +277,15 @@ def config_sections(system: str, role: str) -> tuple[str, ...]:
     if system == "batch":
         return ("BatchSystemLauncher", f"Batch{middle}Launcher")
     prefix = cls[system]
-    return ("BatchSystemLauncher", f"{prefix}Launcher", f"{prefix}{middle}Launcher")
+    # (ipyparallel's SGE launchers are PBS launchers: c.PBSLauncher applies to them too)
+    parents = ("PBSLauncher",) if system == "sge" else ()
+    return (
+        "BatchSystemLauncher",
+        f"Batch{middle}Launcher",
+        *parents,
+        f"{prefix}Launcher",
+        f"{prefix}{middle}Launcher",
+    )
 
 
 class _Formatter(string.Formatter):
@@ -291,6 +327,13 @@ class _BatchJob:
         self.queue = str(o.pop("queue", "") or "")
         self.batch_template = str(o.pop("batch_template", "") or "")
         self.batch_template_file = str(o.pop("batch_template_file", "") or "")
+        if self.batch_template_file and not self.batch_template:
+            # read once (as ipyparallel): a restart or another process needs neither the
+            # file nor the working directory it was named from
+            try:
+                self.batch_template = Path(self.batch_template_file).read_text()
+            except OSError as e:
+                raise LauncherError(f"cannot read batch_template_file: {e}") from e
         default_name = (
             spec.engine_file_name if self.role == "engines" else spec.controller_file_name
         )
@@ -303,6 +346,8 @@ class _BatchJob:
         group = o.pop("job_id_regexp_group", None)
         self.job_id_regexp_group = spec.job_id_regexp_group if group is None else int(group)
         self.output_file = str(o.pop("output_file", "") or "")
+        #: the output file is ours (made up here), not one the user chose: removed on stop
+        self.own_output = False
         self.extra = {k: o.pop(k) for k in list(o) if k in spec.extra}
         self.job_id: str | None = None
         self.batch_file: Path | None = None
@@ -311,7 +356,8 @@ class _BatchJob:
 
     # -- the script -----------------------------------------------------------------------------
 
-    def _program(self) -> list[str]:
+    def _program(self) -> tuple[list[str], list[str]]:
+        """The command (``python -m ferroparallel.engine``) and its arguments."""
         raise NotImplementedError
 
     def _n(self) -> int:
@@ -331,12 +377,6 @@ class _BatchJob:
         spec = self.spec
         if self.batch_template:
             template, add = self.batch_template, False
-        elif self.batch_template_file:
-            try:
-                template = Path(self.batch_template_file).read_text()
-            except OSError as e:
-                raise LauncherError(f"cannot read batch_template_file: {e}") from e
-            add = False
         else:
             template = spec.engine_template if self.role == "engines" else spec.controller_template
             add = True
@@ -347,16 +387,22 @@ class _BatchJob:
             )
         if add:  # the directives of the settings given (a user's own template is left as is)
             template = self._with_directives(template)
-        program = self._program()
+        command, arguments = self._program()
+        program = [*command, *arguments]
+        executable_args = _condor_args if spec.condor_syntax else shlex.join
         context: dict[str, Any] = {
             "n": self._n(),
             "queue": self.queue,
             "profile_dir": str(profile_dir),
             "cluster_id": cluster_id,
             "output_file": self.output_file,
-            "program": shlex.quote(program[0]),
-            "program_args": shlex.join(program[1:]),
+            # as ipyparallel's: the command, its arguments, both (shell-quoted)
+            "program": shlex.join(command),
+            "program_args": shlex.join(arguments),
             "program_and_args": shlex.join(program),
+            # one executable and the rest (HTCondor's submit files quote arguments their way)
+            "executable": program[0],
+            "executable_args": executable_args(program[1:]),
             "environment_json": json.dumps(dict(env)),
             **{k: "" for k in spec.extra},
             **self.extra,
@@ -419,21 +465,32 @@ class _BatchJob:
         """Write the script (``<profile_dir>/batch/``) and submit it; returns the job id."""
         if self.job_id is not None and self.running:
             raise RuntimeError(f"{self.system} job {self.job_id} is already running")
-        if not self.output_file:
+        if not self.output_file or self.own_output:
             self.output_file = self._default_output(profile_dir, cluster_id)
+            self.own_output = True
+        Path(self.output_file).parent.mkdir(parents=True, exist_ok=True)
         script = self.render(profile_dir, cluster_id, env)
         work_dir = Path(profile_dir) / "batch"
         work_dir.mkdir(parents=True, exist_ok=True)
         name = "-".join([cluster_id or "default", *self._job_name_parts(), self.batch_file_name])
         self.batch_file = work_dir / name
-        self.batch_file.write_text(script)
-        self.batch_file.chmod(0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.batch_file.unlink()  # (created anew: private from the start)
+        # the script may carry the connection info (environment_json): private from the start
+        fd = os.open(self.batch_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(script)
         submit_env = {**env, **self.spec.submit_env}
-        if self.spec.script_on_stdin:
-            with open(self.batch_file, "rb") as f:
-                out = self._run(self.submit_command, submit_env, stdin=f)
-        else:
-            out = self._run([*self.submit_command, str(self.batch_file)], submit_env)
+        try:
+            if self.spec.script_on_stdin:
+                with open(self.batch_file, "rb") as f:
+                    out = self._run(self.submit_command, submit_env, stdin=f)
+            else:
+                out = self._run([*self.submit_command, str(self.batch_file)], submit_env)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.batch_file.unlink()
+            raise
         m = re.search(self.job_id_regexp, out, re.M)
         if m is None:
             raise LauncherError(
@@ -445,32 +502,49 @@ class _BatchJob:
         self._state = None
         return self.job_id
 
+    def _env(self) -> dict[str, str]:
+        """The environment of the batch system's commands: the launcher's (e.g. a
+        ``SLURM_CONF`` given in ``Cluster(env=...)``), the same for submit, poll and cancel."""
+        return dict(getattr(self, "env", None) or os.environ)
+
     def job_state(self) -> str | None:
         """The job's state word from the state command (e.g. ``RUNNING``; ``""`` once the
-        system has forgotten the job), or None when this system's states are not polled."""
+        system has forgotten the job), or None when it is not known: this system's states
+        are not polled, or the state command failed (the batch system's controller is
+        unreachable for a moment: the last known state is kept)."""
         if not self.spec.state_command or self.job_id is None:
             return None
         now = time.monotonic()
         if self._state is not None and now - self._state[0] < _STATE_TTL:
             return self._state[1]
+        last = self._state[1] if self._state else None
         cmd = [*self.spec.state_command, self.job_id]
         try:
-            done = subprocess.run(cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-            word = done.stdout.decode("utf-8", "replace").strip().split("\n")[0].strip()
-            state = word if done.returncode == 0 else ""
+            done = subprocess.run(
+                cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL, env=self._env()
+            )
         except (OSError, subprocess.TimeoutExpired):
-            return self._state[1] if self._state else None  # unknown now: keep the last
+            return last
+        if done.returncode == 0:
+            state: str | None = done.stdout.decode("utf-8", "replace").strip().split("\n")[0]
+            state = state.strip()
+        elif self.spec.unknown_job and self.spec.unknown_job in done.stderr.decode(
+            errors="replace"
+        ):
+            state = ""
+        else:
+            log.debug("%s failed: %s", cmd[0], done.stderr.decode(errors="replace").strip())
+            return last
         self._state = (now, state)
         return state
 
     @property
     def job_running(self) -> bool:
-        """True from submission until the job ends (or, where states are not polled, until
-        it is stopped)."""
+        """True from submission until the job is known to have ended (where states are not
+        polled: until it is stopped)."""
         if self.job_id is None or self._stopped:
             return False
-        state = self.job_state()
-        return state is None or state in _LIVE_STATES
+        return not _ended(self.job_state())
 
     def output_tail(self, lines: int = 30) -> str:
         """The last lines of the job's output file."""
@@ -496,7 +570,7 @@ class _BatchJob:
         if not self.signal_command:
             raise NotImplementedError(f"the {self.system} launcher cannot signal jobs")
         name = signal.Signals(sig).name.removeprefix("SIG")
-        self._run([*self.signal_command, name, self.job_id])
+        self._run([*self.signal_command, name, self.job_id], self._env())
 
     async def stop_job(self, timeout: float) -> None:
         """Delete the job and wait (up to ``timeout`` s, where states are polled) for it to
@@ -507,21 +581,27 @@ class _BatchJob:
         """Blocking :meth:`stop_job`."""
         if self.job_id is None or self._stopped:
             return
-        ours = self.job_running
+        self._state = None  # a fresh read
+        ours = not _ended(self.job_state())  # (unknown counts as running: cancel it)
         if ours:
-            with contextlib.suppress(LauncherError, FileNotFoundError):
-                self._run([*self.delete_command, self.job_id])
+            try:
+                self._run([*self.delete_command, self.job_id], self._env())
+            except (LauncherError, FileNotFoundError) as e:
+                log.warning("could not cancel %s job %s: %s", self.system, self.job_id, e)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                self._state = None  # a fresh read each time
-                if self.job_state() not in _LIVE_STATES:
+                self._state = None
+                state = self.job_state()
+                if state is None and not self.spec.state_command:
+                    break  # (states are not polled here)
+                if _ended(state):
                     break
                 time.sleep(0.1)
         self._stopped = True
         if self.batch_file is not None:
             with contextlib.suppress(OSError):
                 self.batch_file.unlink()
-        if ours and self.output_file:
+        if ours and self.own_output:  # ended by us: its output goes, as local engines' logs
             with contextlib.suppress(OSError):
                 Path(self.output_file).unlink()
 
@@ -546,12 +626,26 @@ class _BatchJob:
                 "output_file": self.output_file,
                 **self.extra,
             },
+            "own_output": self.own_output,
         }
 
     def _load_job(self, d: Mapping[str, Any]) -> None:
         self.job_id = d.get("job_id")
         self._stopped = bool(d.get("stopped"))
+        self.own_output = bool(d.get("own_output"))
         self.batch_file = Path(d["batch_file"]) if d.get("batch_file") else None
+
+
+def _condor_args(args: Sequence[str]) -> str:
+    """``args`` in HTCondor's quoted ``arguments = "..."`` syntax (inside the double quotes):
+    an argument with spaces or quotes in single quotes, a quote written twice."""
+    out = []
+    for a in args:
+        a = a.replace('"', '""')
+        if not a or "'" in a or any(c.isspace() for c in a):
+            a = "'" + a.replace("'", "''") + "'"
+        out.append(a)
+    return " ".join(out)
 
 
 def _command(value: Any, default: Sequence[str]) -> list[str]:
@@ -583,8 +677,9 @@ class BatchEngineSetLauncher(_BatchJob, LocalEngineSetLauncher):
         """The batch system's name (recorded in the cluster file)."""
         return self.system
 
-    def _program(self) -> list[str]:
-        return self.full_cmd()
+    def _program(self) -> tuple[list[str], list[str]]:
+        full = self.full_cmd()
+        return full[: len(self.cmd)], full[len(self.cmd) :]
 
     def _n(self) -> int:
         return self.n
@@ -688,13 +783,24 @@ class BatchControllerLauncher(_BatchJob, LocalControllerLauncher):
         """The batch system's name (recorded in the cluster file)."""
         return self.system
 
-    def _program(self) -> list[str]:
-        return self.full_cmd()
+    def _program(self) -> tuple[list[str], list[str]]:
+        full = self.full_cmd()
+        return full[: len(self.cmd)], full[len(self.cmd) :]
 
     @property
     def running(self) -> bool:
         """True while the controller's job may run."""
         return self.job_running
+
+    def describe(self) -> str:
+        """How the controller runs, for messages (``controller slurm job 12``)."""
+        return f"controller {self.system} job {self.job_id}"
+
+    def stopped_cleanly(self) -> bool:
+        """Whether the controller's job completed or was cancelled (stopped)."""
+        self._state = None
+        state = self.job_state()
+        return state is None or state in ("", "COMPLETED", "CANCELLED")
 
     def failure(self) -> str | None:
         """Why the controller is gone before being stopped, or None."""
@@ -707,6 +813,18 @@ class BatchControllerLauncher(_BatchJob, LocalControllerLauncher):
             raise RuntimeError(f"controller job {self.job_id} already running")
         self.started_at = time.time()
         self.submit(self.profile_dir, self.cluster_id, self.env)
+
+    def _fresh(self, path: Path) -> bool:
+        # written after this job's script: both stamped by the (shared) file system's clock,
+        # not this machine's and the job's, which may differ
+        try:
+            written = path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        try:
+            return self.batch_file is None or written >= self.batch_file.stat().st_mtime
+        except OSError:
+            return super()._fresh(path)
 
     async def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until the controller has written both connection files (the job may wait in

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -163,6 +164,28 @@ def load_profile_config(profile_dir: str | os.PathLike[str]) -> Any:
         if path.is_file():
             merged.merge(load_py_config(path))
     return merged
+
+
+#: ipcluster's older config names that ipyparallel 9 still reads (with a deprecation
+#: warning): ``c.IPClusterEngines.engine_launcher_class`` means ``c.Cluster.engine_launcher_class``.
+_LEGACY_SETTINGS = (
+    ("IPClusterEngines", "engine_launcher_class", "engine_launcher_class"),
+    ("IPClusterStart", "engine_launcher_class", "engine_launcher_class"),
+    ("IPClusterStart", "controller_launcher_class", "controller_launcher_class"),
+    ("IPClusterEngines", "n", "n"),
+    ("IPClusterStart", "n", "n"),
+    ("IPClusterStart", "delay", "delay"),
+)
+
+
+def _adopt_legacy_settings(config: Any) -> None:
+    """Move ipcluster's older settings (:data:`_LEGACY_SETTINGS`) into ``config.Cluster``
+    where it does not set them itself, with a warning naming the new spelling."""
+    for section, key, name in _LEGACY_SETTINGS:
+        if section in config and key in config[section]:
+            if name not in config.Cluster:
+                config.Cluster[name] = config[section][key]
+            log.warning("c.%s.%s is deprecated: use c.Cluster.%s", section, key, name)
 
 
 class Cluster(LoggingConfigurable):
@@ -314,6 +337,9 @@ class Cluster(LoggingConfigurable):
             if profile_config:
                 profile_config.merge(kwargs.get("config") or {})
                 kwargs["config"] = profile_config
+        if kwargs.get("config"):
+            kwargs["config"] = copy.deepcopy(kwargs["config"])  # (not the caller's to change)
+            _adopt_legacy_settings(kwargs["config"])
         super().__init__(**kwargs)
         self.profile_dir = str(
             paths.profile_dir(self.profile, self.profile_dir or None, create=True)
@@ -625,9 +651,21 @@ class Cluster(LoggingConfigurable):
         """Settings of a batch launcher (``queue``, ``batch_template``, ``account``, ...):
         keyword arguments, else ipyparallel's config sections (``c.BatchSystemLauncher``,
         ``c.SlurmLauncher``, ``c.SlurmEngineSetLauncher``, the last winning)."""
-        return self._launcher_options(
-            kwargs, batch.config_sections(system, role), batch.option_names(system)
-        )
+        sections = batch.config_sections(system, role)
+        names = batch.option_names(system)
+        for section in sections:  # a misspelt setting must not go unnoticed
+            unknown = (
+                sorted(set(self.config[section]) - set(names)) if section in self.config else []
+            )
+            if unknown:
+                log.warning(
+                    "c.%s: %s not used by the %s launcher (its settings: %s)",
+                    section,
+                    ", ".join(unknown),
+                    system,
+                    ", ".join(names),
+                )
+        return self._launcher_options(kwargs, sections, names)
 
     def _mpi_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``mpi_cmd`` / ``mpi_args`` of an MPI engine set: keyword arguments of
@@ -840,6 +878,9 @@ class Cluster(LoggingConfigurable):
                 "send_engines_connection_env": self.send_engines_connection_env,
                 "controller_cmd": self.controller_cmd,
                 "engine_cmd": self.engine_cmd,
+                "engine_launcher_class": self.engine_launcher_class,
+                "controller_launcher_class": self.controller_launcher_class,
+                "env": dict(self.env),
             },
             "controller": self.controller.to_dict() if self.controller else None,
             "engines": {k: v.to_dict() for k, v in self.engines.items()},
@@ -855,6 +896,12 @@ class Cluster(LoggingConfigurable):
         stop them at exit unless ``shutdown_atexit=True`` is passed.
         """
         opts = dict(d.get("cluster") or {})
+        for alias, name in (
+            ("engines", "engine_launcher_class"),
+            ("controller", "controller_launcher_class"),
+        ):
+            if alias in kwargs:  # (the caller's choice, under either name, wins over the file's)
+                opts.pop(name, None)
         opts.update(kwargs)
         opts.setdefault("shutdown_atexit", False)
         known = {
@@ -877,6 +924,10 @@ class Cluster(LoggingConfigurable):
             "engine_cmd",
             "env",
             "delay",
+            "engine_launcher_class",
+            "controller_launcher_class",
+            "engines",
+            "controller",
         }
         self = cls(**{k: v for k, v in opts.items() if k in known})
         ctl = d.get("controller")
@@ -888,6 +939,10 @@ class Cluster(LoggingConfigurable):
         for esid, es in (d.get("engines") or {}).items():
             kind = kinds.get(es.get("kind"), LocalEngineSetLauncher)
             self.engines[esid] = kind.from_dict(es, self.profile_dir, self.cluster_id, esid)
+        # what they run again (restart) and their batch commands see the cluster's env
+        for launcher in [*self.engines.values(), self.controller]:
+            if launcher is not None:
+                launcher.env = self._child_env()
         _track_for_exit(self, started=False)  # stopped at exit if shutdown_atexit is true then
         return self
 

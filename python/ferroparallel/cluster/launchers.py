@@ -427,6 +427,14 @@ class LocalControllerLauncher:
                         f.unlink()
             self.process.remove_log()
 
+    def describe(self) -> str:
+        """How the controller runs, for messages (``controller pid 123``)."""
+        return f"controller pid {self.process.pid}" if self.process else "controller"
+
+    def stopped_cleanly(self) -> bool:
+        """Whether the controller exited with status 0 (a shutdown request or SIGTERM)."""
+        return self.process is not None and self.process.exit_code == 0
+
     def failure(self) -> str | None:
         """Why the controller is gone before being stopped (its log's tail), or None."""
         proc = self.process
