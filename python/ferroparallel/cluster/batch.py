@@ -36,7 +36,7 @@ import string
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,21 @@ _PBS_CONTROLLER = "#!/bin/sh\n#PBS -V\n#PBS -N ipcontroller-{cluster_id}\n{progr
 _SGE_ENGINES = "#$ -V\n#$ -S /bin/sh\n#$ -N ipengine-{cluster_id}\n{program_and_args}\n"
 _SGE_CONTROLLER = "#$ -V\n#$ -S /bin/sh\n#$ -N ipcontroller-{cluster_id}\n{program_and_args}\n"
 
+_PBS = BatchSystem(
+    "pbs",
+    submit_command=("qsub",),
+    delete_command=("qdel",),
+    signal_command=("qsig", "-s"),
+    engine_template=_PBS_ENGINES,
+    controller_template=_PBS_CONTROLLER,
+    engine_file_name="pbs_engines",
+    controller_file_name="pbs_controller",
+    job_array=(r"#PBS\s+-t\b", "#PBS -t 1-{n}"),
+    queue=(r"#PBS\s+-q\b", "#PBS -q {queue}"),
+    output=(r"#PBS\s+-o\b", "#PBS -j oe\n#PBS -o {output_file}"),
+    install_hint="PBS/Torque's client commands (qsub, qdel, qsig)",
+)
+
 BATCH_SYSTEMS: dict[str, BatchSystem] = {
     "slurm": BatchSystem(
         "slurm",
@@ -152,25 +167,11 @@ BATCH_SYSTEMS: dict[str, BatchSystem] = {
         },
         install_hint="Slurm's client commands (sbatch, scancel, squeue)",
     ),
-    "pbs": BatchSystem(
-        "pbs",
-        submit_command=("qsub",),
-        delete_command=("qdel",),
-        signal_command=("qsig", "-s"),
-        engine_template=_PBS_ENGINES,
-        controller_template=_PBS_CONTROLLER,
-        engine_file_name="pbs_engines",
-        controller_file_name="pbs_controller",
-        job_array=(r"#PBS\s+-t\b", "#PBS -t 1-{n}"),
-        queue=(r"#PBS\s+-q\b", "#PBS -q {queue}"),
-        output=(r"#PBS\s+-o\b", "#PBS -j oe\n#PBS -o {output_file}"),
-        install_hint="PBS/Torque's client commands (qsub, qdel, qsig)",
-    ),
-    "sge": BatchSystem(
-        "sge",
-        submit_command=("qsub",),
-        delete_command=("qdel",),
-        signal_command=("qsig", "-s"),
+    "pbs": _PBS,
+    # Grid Engine: PBS's commands, its own directives
+    "sge": replace(
+        _PBS,
+        name="sge",
         engine_template=_SGE_ENGINES,
         controller_template=_SGE_CONTROLLER,
         engine_file_name="sge_engines",

@@ -25,6 +25,21 @@ impl Frame {
 
 static FORMAT_B: &std::ffi::CStr = c"B";
 
+/// Refuse a null `view` or a writable request (`why` says what to do instead).
+pub(crate) fn check_readonly_request(
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+    why: &'static str,
+) -> PyResult<()> {
+    if view.is_null() {
+        return Err(PyBufferError::new_err("null Py_buffer"));
+    }
+    if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
+        return Err(PyBufferError::new_err(why));
+    }
+    Ok(())
+}
+
 /// Fill `view` as a read-only, one-dimensional buffer of `len` bytes at `ptr`, owned by `obj`.
 ///
 /// # Safety
@@ -99,14 +114,11 @@ impl Frame {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        if view.is_null() {
-            return Err(PyBufferError::new_err("null Py_buffer"));
-        }
-        if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
-            return Err(PyBufferError::new_err(
-                "received frames are read-only; copy the data (e.g. bytearray(frame)) to modify it",
-            ));
-        }
+        check_readonly_request(
+            view,
+            flags,
+            "received frames are read-only; copy the data (e.g. bytearray(frame)) to modify it",
+        )?;
         let data = slf.get().data();
         let (ptr, len) = (data.as_ptr(), data.len());
         // SAFETY: `view` is valid (checked non-null, provided by CPython). The memory belongs to

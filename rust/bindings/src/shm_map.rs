@@ -6,7 +6,6 @@
 //! needs no descriptor once the segment is mapped: this maps it, closes the descriptor at
 //! once, and unmaps when the last view of the memory is released.
 
-use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::fs::File;
@@ -14,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::raw::c_int;
 use std::ptr::NonNull;
 
-use crate::frame::fill_readonly_view;
+use crate::frame::{check_readonly_request, fill_readonly_view};
 
 /// A read-only mapping of a whole file (a `/dev/shm` segment), exposed through the buffer
 /// protocol; unmapped when the object and every view of it are gone.
@@ -79,14 +78,11 @@ impl SharedMapping {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        if view.is_null() {
-            return Err(PyBufferError::new_err("null Py_buffer"));
-        }
-        if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
-            return Err(PyBufferError::new_err(
-                "shared-memory data is read-only; copy it (e.g. numpy.array(a)) to modify it",
-            ));
-        }
+        check_readonly_request(
+            view,
+            flags,
+            "shared-memory data is read-only; copy it (e.g. numpy.array(a)) to modify it",
+        )?;
         let me = slf.get();
         let ptr = me
             .addr
