@@ -513,6 +513,18 @@ def test_slurm_rejection_and_failing_engines_are_clear(slurm: LocalSlurm) -> Non
     wait_until(lambda: _no_jobs(slurm), timeout=SHORT, what="the jobs to end")
 
 
+def test_a_job_left_pending_times_out_with_its_reason(slurm: LocalSlurm) -> None:
+    cfg = Config()
+    cfg.SlurmEngineSetLauncher.options = "--begin=now+3600"  # (held in the queue)
+    cluster = Cluster(n=1, engines="slurm", engine_timeout=3, config=cfg, shutdown_atexit=False)
+    try:
+        with pytest.raises(TimeoutError, match=r"state PENDING \(reason: BeginTime\)"):
+            cluster.start_and_connect_sync()
+    finally:
+        cluster.stop_cluster_sync()
+    wait_until(lambda: _no_jobs(slurm), timeout=SHORT, what="the job to be cancelled")
+
+
 def test_interpreter_exit_cancels_the_job(slurm: LocalSlurm, tmp_path: Path) -> None:
     code = textwrap.dedent(
         """

@@ -94,6 +94,8 @@ class BatchSystem:
     state_command: tuple[str, ...] = ()
     #: what the state command says of a job the system no longer knows (it ended long ago)
     unknown_job: str = ""
+    #: why a job waits (job id appended), e.g. ``Resources``; empty: not asked
+    reason_command: tuple[str, ...] = ()
     job_id_regexp: str = r"\d+"
     job_id_regexp_group: int = 0
     engine_template: str = ""
@@ -146,6 +148,7 @@ BATCH_SYSTEMS: dict[str, BatchSystem] = {
         signal_command=("scancel", "-s"),
         state_command=("squeue", "-h", "-o", "%T", "-j"),
         unknown_job="Invalid job id",
+        reason_command=("squeue", "-h", "-o", "%r", "-j"),
         engine_template=(
             "#!/bin/sh\n#SBATCH --export=ALL\n#SBATCH --job-name=ipengine-{cluster_id}\n"
             "srun {program_and_args}\n"
@@ -539,6 +542,28 @@ class _BatchJob:
         self._state = (now, state)
         return state
 
+    def shown_state(self) -> str:
+        """The job's state for messages: ``state PENDING (reason: Resources)``."""
+        state = self.job_state()
+        if state is None:
+            return "state unknown" if self.spec.state_command else "state not polled"
+        if state == "":
+            return "ended"
+        reason = ""
+        if state == "PENDING" and self.spec.reason_command and self.job_id is not None:
+            try:
+                done = subprocess.run(
+                    [*self.spec.reason_command, self.job_id],
+                    capture_output=True,
+                    timeout=30,
+                    stdin=subprocess.DEVNULL,
+                    env=self._env(),
+                )
+                reason = done.stdout.decode(errors="replace").strip() if not done.returncode else ""
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        return f"state {state}" + (f" (reason: {reason})" if reason else "")
+
     @property
     def job_running(self) -> bool:
         """True from submission until the job is known to have ended (where states are not
@@ -717,8 +742,7 @@ class BatchEngineSetLauncher(_BatchJob, LocalEngineSetLauncher):
 
     def log_tails(self, lines: int = 10) -> str:
         """The last lines of the job's output."""
-        state = self.job_state()
-        shown = f"state {state}" if state else "state not polled" if state is None else "ended"
+        shown = self.shown_state()
         return f"--- {self.system} job {self.job_id} ({shown}), {self.output_file}:\n" + (
             self.output_tail(lines)
         )
@@ -845,10 +869,9 @@ class BatchControllerLauncher(_BatchJob, LocalControllerLauncher):
             if ended:
                 raise RuntimeError(ended)
             if time.monotonic() >= deadline:
-                state = self.job_state()
                 raise TimeoutError(
                     f"the controller's {self.system} job {self.job_id} "
-                    f"({'state ' + state if state else 'state unknown'}) did not write "
+                    f"({self.shown_state()}) did not write "
                     f"{self.client_file} within {timeout:g} s; output {self.output_file}:\n"
                     f"{self.output_tail()}"
                 )
