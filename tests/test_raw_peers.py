@@ -416,6 +416,8 @@ def test_signed_messages_that_are_no_requests_are_not_relayed(
         for _ in range(3):  # more than the engine's slots
             bogus.append(s.send(task, "bogus_type_xyz", {}))
         bogus.append(s.send(mux, "stream", {"name": "stdout", "text": "x"}, ident=uuid))
+        for _ in range(300):  # a flood is counted, not logged line by line
+            s.send(task, "bogus_type_xyz", {})
         assert not task.poll(300) and not mux.poll(300)  # dropped, not answered
         for _ in range(2):
             good = s.send(task, "execute_request", {"code": "x = 1", "silent": True})
@@ -428,3 +430,5 @@ def test_signed_messages_that_are_no_requests_are_not_relayed(
         s.send(query, "queue_request", {"targets": None, "verbose": False})
         q = recv_until(s, query, lambda m: m["msg_type"] == "queue_reply")
         assert q["content"]["unassigned"] == 0 and q["content"]["0"]["tasks"] == 0
+        log = Path(cluster.controller.process.log_file).read_text()
+        assert 4 <= log.count("only *_request messages are relayed") <= 21, log[-2000:]

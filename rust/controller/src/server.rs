@@ -500,9 +500,7 @@ impl Server {
         match result {
             Ok(env) => Some(env),
             Err(e) => {
-                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                // A flood of junk must not become a flood of log lines.
-                if n <= 20 || n % 1000 == 0 {
+                if let Some(n) = self.count_drop() {
                     let ch = crate::config::CHANNELS[i];
                     log_at!(
                         Level::Warning,
@@ -512,6 +510,13 @@ impl Server {
                 None
             }
         }
+    }
+
+    /// Count a dropped message; `Some(total)` when it should be logged: a flood of junk must
+    /// not become a flood of log lines (the first 20, then one in 1,000).
+    pub(crate) fn count_drop(&self) -> Option<u64> {
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        (n <= 20 || n % 1000 == 0).then_some(n)
     }
 
     pub(crate) fn unpack(&mut self, env: &Env, part: &'static str) -> Option<Value> {
@@ -524,8 +529,9 @@ impl Server {
         match self.session.packer.unpack(data, part) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                log_at!(Level::Warning, "dropped message: {e}");
+                if let Some(n) = self.count_drop() {
+                    log_at!(Level::Warning, "dropped message: {e} ({n} dropped so far)");
+                }
                 None
             }
         }
@@ -538,12 +544,14 @@ impl Server {
         if msg_type.ends_with("_request") {
             return true;
         }
-        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        let shown: String = msg_type.chars().take(64).collect();
-        log_at!(
-            Level::Warning,
-            "dropped a {channel} message of type {shown:?}: only *_request messages are relayed"
-        );
+        if let Some(n) = self.count_drop() {
+            let shown: String = msg_type.chars().take(64).collect();
+            log_at!(
+                Level::Warning,
+                "dropped a {channel} message of type {shown:?}: only *_request messages are \
+                 relayed ({n} dropped so far)"
+            );
+        }
         false
     }
 
