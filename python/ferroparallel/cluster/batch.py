@@ -771,19 +771,20 @@ class BatchEngineSetLauncher(_BatchJob, LocalEngineSetLauncher):
         cluster_id: str,
         engine_set_id: str,
     ) -> BatchEngineSetLauncher:
-        """Rebuild a launcher (for a job submitted by another process)."""
-        cls = ENGINE_LAUNCHERS.get(d.get("kind", ""), cls)  # type: ignore[assignment]
-        self = cls(
-            profile_dir,
-            cluster_id,
-            engine_set_id,
-            d.get("n", 0),
-            args=d.get("args") or (),
-            cmd=d.get("cmd"),
-            **_known_options(d),
+        """Rebuild a launcher (for a job submitted by another process): the base class's
+        rebuild, for the launcher class of the recorded system, then the job."""
+        kind = ENGINE_LAUNCHERS.get(d.get("kind", ""), cls)
+        self = super(BatchEngineSetLauncher, kind).from_dict(
+            d, profile_dir, cluster_id, engine_set_id
         )
+        assert isinstance(self, BatchEngineSetLauncher)
         self._load_job(d)
         return self
+
+    @classmethod
+    def _options_from_dict(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """The batch settings recorded by :meth:`to_dict`."""
+        return _known_options(d)
 
 
 class BatchControllerLauncher(_BatchJob, LocalControllerLauncher):
