@@ -302,8 +302,10 @@ class HeartEcho(threading.Thread):
             while not self.stop_event.is_set():
                 if ping.poll(20):
                     frames = ping.recv_multipart()
-                    pong.send_multipart(frames)
+                    # counted before the send: the controller may act on the echo (and the
+                    # test thread read the count) before this thread runs again
                     self.echoed += 1
+                    pong.send_multipart(frames)
         finally:
             ping.close(0)
             pong.close(0)
