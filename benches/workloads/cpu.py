@@ -1,9 +1,10 @@
 """Where the CPU time of a no-op task goes, process by process and thread by thread.
 
-Runs ``N`` = 20,000 (4,000 with ``--quick``) no-op tasks on a 2-engine ferroparallel cluster,
-submitted then collected as in the ``throughput`` workload, for ``rc[0].apply_async`` and
-``lview.apply_async``, and reads every thread's CPU time and context switches from ``/proc``
-before and after (Linux only). One row per thread that used at least 0.5 µs per task, plus a
+Runs ``N`` = 20,000 (4,000 with ``--quick``) no-op calls on a 2-engine ferroparallel cluster,
+submitted then collected as in the ``throughput`` workload, for ``rc[0].apply_async``,
+``lview.apply_async`` and load-balanced maps (chunksize 1, blocking or not, and 100: per
+item), and reads every thread's CPU time and context switches from ``/proc`` before and after
+(Linux only). One row per thread that used at least 0.5 µs per task, plus a
 ``total`` row per pattern: on a machine whose cores are all busy during the run, the total CPU
 per task bounds the throughput (2 cores / total), so this table says where a microsecond saved
 counts.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,22 +95,41 @@ def _labels(role: str, threads: dict[int, tuple[str, float, int, int]], client: 
     return names
 
 
-def _measure(rc: Any, roles: dict[str, int], pattern: str, n: int) -> list[dict[str, Any]]:
-    view = rc[0] if pattern == "rc[0].apply_async(noop)" else rc.load_balanced_view()
+def _apply_each(view: Any, n: int) -> None:
     apply = view.apply_async
-    for ar in [apply(noop) for _ in range(min(n, 2000))]:  # warm up
+    for ar in [apply(noop) for _ in range(n)]:
         ar.get()
+
+
+#: The measured patterns: ``{name: run(rc, n)}``, each submitting ``n`` no-op calls and
+#: collecting every result (a map: ``n`` items; the chunked one sends ``n / 100`` tasks).
+PATTERNS: dict[str, Callable[[Any, int], None]] = {
+    "rc[0].apply_async(noop)": lambda rc, n: _apply_each(rc[0], n),
+    "lview.apply_async(noop)": lambda rc, n: _apply_each(rc.load_balanced_view(), n),
+    "lview.map(noop, range(N))": lambda rc, n: (
+        rc.load_balanced_view().map_async(noop, range(n), chunksize=1).get()
+    ),
+    "lview.map_sync(noop, range(N))": lambda rc, n: rc.load_balanced_view().map_sync(
+        noop, range(n), chunksize=1
+    ),
+    "lview.map(noop, range(N), chunksize=100)": lambda rc, n: (
+        rc.load_balanced_view().map_async(noop, range(n), chunksize=100).get()
+    ),
+}
+
+
+def _measure(rc: Any, roles: dict[str, int], pattern: str, n: int) -> list[dict[str, Any]]:
+    """Per-thread CPU of ``pattern`` run with ``n`` items (per item, for the maps)."""
+    run_pattern = PATTERNS[pattern]
+    run_pattern(rc, min(n, 2000))  # warm up
     rc.purge_local_results("all")
     time.sleep(0.5)
     before = {role: _threads(pid) for role, pid in roles.items()}
     with gc_paused():
         t0 = time.perf_counter()
-        ars = [apply(noop) for _ in range(n)]
-        for ar in ars:
-            ar.get()
+        run_pattern(rc, n)
         wall = time.perf_counter() - t0
     after = {role: _threads(pid) for role, pid in roles.items()}
-    del ars
     rc.purge_local_results("all")
     rows = []
     total = [0.0, 0.0, 0.0]
@@ -133,7 +154,7 @@ def _measure(rc: Any, roles: dict[str, int], pattern: str, n: int) -> list[dict[
         {
             "pattern": pattern,
             "process": "total",
-            "thread": f"{n / wall:,.0f} tasks/s",
+            "thread": f"{n / wall:,.0f} items/s",
             "cpu_us": round(total[0], 1),
             "vcsw": round(total[1], 2),
             "ivcsw": round(total[2], 2),
@@ -159,7 +180,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             rc = cluster.start_and_connect_sync()
             rc.wait_for_engines(2, timeout=60)
             roles = _processes(cluster)
-            for pattern in ("rc[0].apply_async(noop)", "lview.apply_async(noop)"):
+            for pattern in PATTERNS:
                 rows += _measure(rc, roles, pattern, n)
         finally:
             cluster.stop_cluster_sync()
