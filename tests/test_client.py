@@ -476,6 +476,32 @@ def test_clear(rc: Client) -> None:
     assert rc[:].apply_sync(present) == [False, False]
 
 
+def test_a_result_the_client_cannot_unpickle_names_the_engine_and_the_cause(rc: Client) -> None:
+    # a class that exists only on engine 1 (a module made there at run time)
+    rc[1].execute(
+        "import sys, types\n"
+        "_m = types.ModuleType('fp_engine_only_mod')\n"
+        "class Thing:\n    pass\n"
+        "Thing.__module__ = 'fp_engine_only_mod'\n"
+        "_m.Thing = Thing\n"
+        "sys.modules['fp_engine_only_mod'] = _m\n",
+        block=True,
+    )
+    try:
+        with pytest.raises(error.RemoteError) as info:
+            rc[1].apply_sync(lambda: __import__("fp_engine_only_mod").Thing())
+        assert info.value.ename == "ModuleNotFoundError"
+        assert "cannot deserialize the result on the client" in info.value.evalue
+        assert "fp_engine_only_mod" in info.value.evalue
+        assert info.value.engine_info["engine_id"] == 1
+        assert str(info.value).startswith("[1:apply] ModuleNotFoundError")
+        assert "ModuleNotFoundError" in info.value.traceback  # the client's own traceback
+        # the client and the engine go on
+        assert rc[1].apply_sync(lambda: 7) == 7
+    finally:
+        rc[1].execute("import sys; sys.modules.pop('fp_engine_only_mod', None)", block=True)
+
+
 def test_send_signal_interrupts_a_running_task(rc: Client, wait_until: WaitUntil) -> None:
     ar = rc[1].apply_async(_started_sleeper(30))
     wait_until(lambda: "started" in ar.stdout, SHORT, "the task to start")

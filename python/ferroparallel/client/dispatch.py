@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from concurrent.futures import InvalidStateError
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -280,9 +281,10 @@ def _release_net(lent: Any, client: Client) -> None:
     releasing.start()
 
 
-def _name_dead_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> None:
-    """Give the RemoteError of a controller's EngineError reply the ``engine_info`` of the
-    engine its metadata names (our users see which engine died)."""
+def _label_with_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> None:
+    """Give ``exc`` (the RemoteError of a controller's EngineError reply, or of a result the
+    client could not unpickle) the ``engine_info`` of engine ``uuid``: users see which
+    engine died, or sent it."""
     if not isinstance(uuid, str) or not hasattr(exc, "engine_info"):
         return
     exc.engine_info = {
@@ -384,7 +386,13 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                 else:  # (a descriptor of lent memory would be refused)
                     result = deserialize_object(msg.get("buffers") or [])
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
-                exc = error.RemoteError(type(e).__name__, f"cannot deserialize the result: {e}")
+                # raised here, in the client, but labelled with the engine that sent it
+                exc = error.RemoteError(
+                    type(e).__name__,
+                    f"cannot deserialize the result on the client: {e}",
+                    "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(),
+                )
+                _label_with_engine(exc, client, engine_uuid, "apply_reply")
             finally:
                 segment = md_in.get(SHM_SEGMENT_KEY)
                 if segment:  # mapped (or failed): the name is no longer needed
@@ -415,7 +423,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             # the controller's news of a dead engine: a wrapped exception, as ipyparallel's
             # (no engine_info, which tells stock clients to expect no output), that names the
             # engine in its metadata
-            _name_dead_engine(exc, client, engine_uuid, header.get("msg_type", ""))
+            _label_with_engine(exc, client, engine_uuid, header.get("msg_type", ""))
     client._trait_values["results"][msg_id] = exc if exc is not None else result
     client._trait_values["outstanding"].discard(msg_id)
     if engine_uuid:
