@@ -440,6 +440,24 @@ def test_user_code_closing_stdin_leaves_the_engine_serving(dv: DirectView) -> No
     assert ar.wait_for_output(30) and ar.stdout == ["out\n", "out\n"]
 
 
+def test_exit_in_a_cell_or_interactive_function_returns_none_and_the_engine_serves(
+    dv: DirectView,
+) -> None:
+    # as on ipyparallel's engines, exit() / quit() of the engine's namespace (IPython's
+    # exiter) ask a frontend to exit: nothing happens, the call returns None
+    ar = dv.execute("exit()\nquit()\nafter_exit = 1", block=True)
+    assert ar.successful()
+    assert dv.pull("after_exit", block=True) == [1, 1]
+
+    @ipp.interactive
+    def leave() -> Any:
+        return exit()  # noqa: PLR1722 - the engine namespace's exit
+
+    assert dv.apply_sync(leave) == [None, None]
+    assert dv.apply_sync(lambda: 5) == [5, 5]
+    dv.execute("del after_exit", block=True)
+
+
 CLIENT_VALUE = "client-value"
 
 

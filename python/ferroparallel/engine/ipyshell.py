@@ -7,6 +7,7 @@ rich display work. Its display hook publishes ``execute_result``, ``display()`` 
 
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any
 
@@ -20,6 +21,8 @@ from traitlets.config import Config
 from .errors import ErrorInfo
 from .execute import CellOutcome, IOPubPublisher
 from .signals import EngineExit, InterruptGate, hide_handler
+
+log = logging.getLogger(__name__)
 
 
 class _EngineDisplayHook(DisplayHook):
@@ -74,6 +77,13 @@ class _EngineInteractiveShell(InteractiveShell):
     def fp_publish(self, msg_type: str, content: dict[str, Any], topic: str) -> None:
         if self.fp_publisher is not None:
             self.fp_publisher(msg_type, content, topic)
+
+    def ask_exit(self) -> None:
+        """``exit()`` / ``quit()`` in user code: as on ipyparallel's (ipykernel) engines, a
+        request to a frontend that an engine has not; the call returns None and the engine
+        keeps serving (``rc.shutdown(targets)`` stops engines)."""
+        self.exit_now = True
+        log.info("exit() called by user code: ignored (stop engines with Client.shutdown)")
 
     def _get_exc_info(self, exc_tuple: Any = None) -> Any:
         etype, value, tb = super()._get_exc_info(exc_tuple)
