@@ -426,6 +426,8 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
         assert r.returncode == 0, r.stderr
         pids = json.loads(r.stdout)
         assert len(pids) == 3
+        # as ipyparallel, a cluster stopped at exit says so on stderr
+        assert ("Stopping cluster <Cluster(" in r.stderr) == (mode in ("1", "gc", "late-on"))
         return pids
 
     def stopped_at_exit(mode: str) -> None:

@@ -31,6 +31,7 @@ import os
 import secrets
 import signal
 import string
+import sys
 import threading
 import time
 import weakref
@@ -88,6 +89,9 @@ def _stop_at_exit() -> None:
     ]:
         if not cluster.shutdown_atexit:  # (the flag may have changed since it started)
             continue
+        if cluster.controller is None and not cluster.engines:
+            continue  # stopped already
+        print(f"Stopping cluster {cluster}", file=sys.stderr)  # as ipyparallel
         try:
             cluster._stop_now()
         except Exception as e:  # pragma: no cover - best effort at exit
