@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cluster_util import stop_popen, wait_until
@@ -124,3 +125,53 @@ def test_our_client_executes_on_ipyparallel_engines(setup: Setup) -> None:
         # apply cannot work there: the error says why
         with pytest.raises(RemoteError, match="is an ipyparallel engine"):
             rc[0].apply_sync(os.getpid)
+
+
+def test_our_client_reads_what_ipyparallel_peers_serialized(setup: Setup) -> None:
+    """Values ipyparallel serialized reach our Client readable: another (ipyparallel)
+    client's results fetched from the hub, and data an ipyparallel engine publishes."""
+    irc = _ipp_client(setup)
+    try:
+        values = [b"abc", [b"x", 1], np.arange(5), np.arange(100_000.0), {"k": (1, "v")}]
+        ids = []
+        for value in values:
+            ar = irc[0].apply_async(lambda v: v, value)
+            ar.get(timeout=SHORT)
+            ids.append(ar.msg_ids[0])
+        with Client(setup.cluster.client_file, timeout=SHORT) as rc:
+            rc.wait_for_engines(2, timeout=60)
+            for msg_id, value in zip(ids, values, strict=True):
+                got = rc.get_result(msg_id).get(timeout=SHORT)
+                if isinstance(value, np.ndarray):
+                    assert isinstance(got, np.ndarray) and np.array_equal(got, value)
+                else:
+                    assert got == value and type(got) is type(value)
+            status = rc.result_status(ids[:1], status_only=False)
+            assert status["completed"] == ids[:1] and status[ids[0]] == b"abc"
+            # publish_data on an ipyparallel engine (topic "datapub", its serialization)
+            ar = rc[0].execute(
+                "from ipyparallel.datapub import publish_data\n"
+                "import numpy\n"
+                "publish_data({'small': 5, 'arr': numpy.arange(3000)})",
+                block=True,
+            )
+            assert ar.successful()
+            wait_until(lambda: "arr" in ar.data, timeout=SHORT, what="the published data")
+            assert ar.data["small"] == 5 and np.array_equal(ar.data["arr"], np.arange(3000))
+    finally:
+        irc.close()
+
+
+def test_become_dask_from_an_ipyparallel_client_says_how(setup: Setup) -> None:
+    """ipyparallel's hub runs a dask scheduler in its Python process; our controller answers
+    the request with an error that names the way that works, and stopping is a no-op."""
+    rc = _ipp_client(setup)
+    try:
+        with pytest.raises(ipp.error.RemoteError) as info:
+            rc.become_dask()
+        assert info.value.ename == "NotImplementedError"
+        assert "ferroparallel.Client" in info.value.evalue
+        rc.stop_distributed()  # nothing to stop: no error
+        assert rc[:].apply_sync(lambda: 1) == [1, 1]  # the controller goes on
+    finally:
+        rc.close()

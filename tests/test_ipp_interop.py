@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,46 @@ def test_ferroparallel_client_still_works(ipp_cluster: Cluster, rc: Any) -> None
         fp.close()
 
 
+def _publish_array() -> int:
+    from ipyparallel.datapub import publish_data  # (ours, on a ferroparallel engine)
+
+    publish_data({"arr": np.arange(3000), "n": 3})
+    return 1
+
+
+def test_published_data_reaches_an_ipyparallel_client(rc: Any) -> None:
+    ar = rc[0].apply_async(_publish_array)
+    assert ar.get(timeout=SHORT) == 1
+    deadline = time.monotonic() + SHORT
+    while "arr" not in ar.data and time.monotonic() < deadline:
+        rc.spin()
+        time.sleep(0.05)
+    assert ar.data["n"] == 3 and np.array_equal(ar.data["arr"], np.arange(3000))
+
+
+def test_our_client_reads_an_ipyparallel_clients_results_from_the_hub(
+    ipp_cluster: Cluster, rc: Any
+) -> None:
+    import ferroparallel
+
+    values = [b"abc", np.arange(5), np.arange(100_000.0), [b"x", 1]]
+    ids = []
+    for value in values:
+        ar = rc[0].apply_async(lambda v: v, value)
+        ar.get(timeout=SHORT)
+        ids.append(ar.msg_ids[0])
+    fp = ferroparallel.Client(ipp_cluster.client_file, timeout=SHORT)
+    try:
+        for msg_id, value in zip(ids, values, strict=True):
+            got = fp.get_result(msg_id).get(timeout=SHORT)
+            if isinstance(value, np.ndarray):
+                assert isinstance(got, np.ndarray) and np.array_equal(got, value)
+            else:
+                assert got == value and type(got) is type(value)
+    finally:
+        fp.close()
+
+
 # -- unit: which path a payload takes -------------------------------------------------------
 
 
@@ -360,3 +401,24 @@ def test_a_task_on_an_engine_that_dies_fails_and_completes_for_a_stock_client(
         assert ar.wait_for_output(SHORT)
     finally:
         stock.close()
+
+
+def test_frames_ipyparallel_serialized_are_told_apart_from_ours() -> None:
+    from ferroparallel.serialize import serialize_object
+
+    for value in [5, None, b"abc", np.arange(3), np.arange(10_000), {"a": [1, b"x"]}]:
+        theirs = list(ipp_serialize.serialize_object(value))
+        ours = serialize_object(value)
+        assert ipp_compat.is_ipp_serialized(theirs), value
+        assert not ipp_compat.is_ipp_serialized(ours), value
+        back = ipp_compat.deserialize_ipp_object(theirs)
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(back, value)
+        else:
+            assert back == value
+    assert not ipp_compat.is_ipp_serialized([])
+    assert not ipp_compat.is_ipp_serialized([b"", b"x"])
+    # a pickle of our protocol that names ipyparallel's canning module is theirs (Python
+    # 3.14 writes protocol 5 by default)
+    canned = ipp_serialize.serialize_object(b"abc")[0]
+    assert ipp_compat.is_ipp_serialized([b"\x80\x05" + bytes(canned)[2:]])

@@ -42,4 +42,11 @@ def publish_data(data: dict[str, Any]) -> None:
             "publish_data() works only in code running on a ferroparallel engine (inside "
             "view.apply/execute); on the client, keep the values in a local variable"
         )
-    kernel.publish("data_message", {}, parent, "datapub", buffers=serialize_object(data))
+    if getattr(kernel.shell, "ipp_request", False):  # for an ipyparallel client
+        from .serialize.ipp_compat import serialize_ipp_result
+
+        buffers = serialize_ipp_result(data)
+    else:
+        buffers = serialize_object(data)
+    # on ipyparallel's topic (no engine prefix), so that any ipyparallel peer sees it
+    kernel.publish("data_message", {}, parent, "datapub", buffers=buffers, prefixed=False)

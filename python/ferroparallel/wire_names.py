@@ -17,6 +17,7 @@ __all__ = [
     "NO_STATUS_KEY",
     "OUTPUT_COUNT_KEY",
     "OUTPUT_TOPIC_PREFIX",
+    "DATAPUB_TOPIC",
     "SHM_HOST_KEY",
     "SHM_SEGMENT_KEY",
 ]
@@ -39,6 +40,10 @@ BUFFERS_CHANGED_MESSAGE = (
 #: What a ferroparallel client subscribes to on IOPub: every engine's messages
 #: (``engine.<id>.<type>``, ``status`` included, as in ipyparallel).
 OUTPUT_TOPIC_PREFIX = b"engine."
+
+#: The IOPub topic of ``data_message`` (``publish_data``), without an engine prefix: that of
+#: ipyparallel's engines (its ``ZMQDataPublisher.topic``), which ours use too.
+DATAPUB_TOPIC = b"datapub"
 
 #: Reply metadata key: how many IOPub output messages (all but status) the engine published
 #: for the request before replying. A client that has received that many knows the request's

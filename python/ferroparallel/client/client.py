@@ -30,6 +30,7 @@ from .. import ssh as _ssh
 from ..serialize.netloan import NetData
 from ..signal_names import parse_signal
 from ..wire_names import (
+    DATAPUB_TOPIC,
     LEND_RESULTS_KEY,
     LENT_TO_KEY,
     NET_LEND_RESULTS_KEY,
@@ -398,7 +399,7 @@ class Client(HasTraits):
             for name, kind, channel in _SOCKETS:
                 # IOPub: outputs only; ferroparallel engines' status messages have their own
                 # topic, and replies say how many outputs to wait for (see wire_names)
-                topics = [OUTPUT_TOPIC_PREFIX] if name == "iopub" else None
+                topics = [OUTPUT_TOPIC_PREFIX, DATAPUB_TOPIC] if name == "iopub" else None
                 self._io.add_socket(
                     name,
                     kind,

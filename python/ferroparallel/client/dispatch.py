@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import error
 from ..serialize import deserialize_object, netloan, peer
+from ..serialize.ipp_compat import deserialize_ipp_object, is_ipp_serialized
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
@@ -281,6 +282,15 @@ def _release_net(lent: Any, client: Client) -> None:
     releasing.start()
 
 
+def _decode(buffers: list[Any], maybe_ipp: bool) -> Any:
+    """``deserialize_object(buffers)``; with ``maybe_ipp`` (a hub record of another client's
+    request, an engine's ``data_message``), frames ipyparallel serialized are read with
+    ipyparallel's deserializer."""
+    if maybe_ipp and is_ipp_serialized(buffers):
+        return deserialize_ipp_object(buffers)
+    return deserialize_object(buffers)
+
+
 def _label_with_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> None:
     """Give ``exc`` (the RemoteError of a controller's EngineError reply, or of a result the
     client could not unpickle) the ``engine_info`` of engine ``uuid``: users see which
@@ -384,7 +394,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                     with peer.serving(msg_id), netloan.fetching(client._net.fetcher, keys):
                         result = deserialize_object(msg.get("buffers") or [])
                 else:  # (a descriptor of lent memory would be refused)
-                    result = deserialize_object(msg.get("buffers") or [])
+                    result = _decode(msg.get("buffers") or [], bool(msg.get(FROM_RECORD)))
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
                 # raised here, in the client, but labelled with the engine that sent it
                 exc = error.RemoteError(
@@ -501,7 +511,7 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
         md["error"] = error.unwrap_exception(content)
     elif msg_type == "data_message":
         try:
-            data = deserialize_object(msg.get("buffers") or [])
+            data = _decode(msg.get("buffers") or [], True)
             if isinstance(data, dict):
                 md["data"].update(data)
         except Exception:  # noqa: BLE001

@@ -457,12 +457,14 @@ class EngineKernel:
         parent: dict[str, Any] | None,
         topic: str,
         buffers: list[Any] | None = None,
+        prefixed: bool = True,
     ) -> None:
-        """Send one IOPub message with topic ``engine.<id>.<topic>`` (ipyparallel's)."""
+        """Send one IOPub message with topic ``engine.<id>.<topic>`` (ipyparallel's), or
+        ``topic`` as it is when not ``prefixed``."""
         if topic not in ("stdout", "stderr", "status"):
             # text printed before a display, result or error goes out before it
             self.capture.flush()
-        ident = (self._topic_prefix + topic).encode()
+        ident = (self._topic_prefix + topic if prefixed else topic).encode()
         if topic != "status":
             self.published += 1  # (the outputs the reply counts: OUTPUT_COUNT_KEY)
         self.io.send(

@@ -8,6 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from ..serialize.ipp_compat import is_ferroparallel_payload
 from ..serialize.netloan import NetLentResult
 from ..serialize.peer import LentResult
 from ..wire_names import (
@@ -49,6 +50,9 @@ class ShellHandler:
     def __init__(self, kernel: EngineKernel) -> None:
         self.kernel = kernel
         self.parent: dict[str, Any] | None = None  # header of the request being run
+        #: Whether that request is an ipyparallel client's apply (its published data is then
+        #: serialized as ipyparallel's client reads it)
+        self.ipp_request = False
         self._shell: PlainShell | Any = None
         self._making_shell = False
 
@@ -185,6 +189,7 @@ class ShellHandler:
     def _apply(self, msg: dict[str, Any], started: str) -> None:
         k = self.kernel
         self._begin(msg["header"])
+        self.ipp_request = not is_ferroparallel_payload(msg["buffers"])
         try:
             outcome = run_apply(
                 msg["buffers"],
@@ -198,6 +203,7 @@ class ShellHandler:
                 engine_uuid=k.uuid,
             )
         finally:
+            self.ipp_request = False
             self._end()
         if outcome.error is None:
             held = outcome.segment

@@ -665,6 +665,36 @@ impl Server {
                 );
                 self.begin_shutdown();
             }
+            "become_dask_request" => {
+                // ipyparallel's hub runs a dask scheduler in its own (Python) process; this
+                // one has no Python to run it in
+                let evalue = "the ferroparallel controller does not run a dask scheduler: \
+                    connect with ferroparallel.Client, whose become_dask() runs the scheduler \
+                    in the client process and makes the engines its workers";
+                log_at!(
+                    Level::Info,
+                    "become_dask_request refused: no dask scheduler here"
+                );
+                self.query_error(
+                    zid,
+                    "become_dask_reply",
+                    header,
+                    "NotImplementedError",
+                    evalue,
+                );
+            }
+            "stop_distributed_request" => {
+                // as ipyparallel's hub when no scheduler runs: nothing to stop
+                let ok = Value::map([("status", Value::from("ok"))]);
+                self.send_new(
+                    REG,
+                    vec![zid],
+                    "stop_distributed_reply",
+                    ok,
+                    header,
+                    Value::empty_map(),
+                );
+            }
             other => {
                 // KeyError with this text, as ipyparallel's hub
                 let evalue = format!("Bad Message Type: '{other}'");
