@@ -122,6 +122,24 @@ def test_pxconfig_sets_defaults(magics: Any, capsys) -> None:
         magics.run_line_magic("pxconfig", "--bogus")
 
 
+def test_ipp_noninteractive_turns_streaming_off(
+    ip: InteractiveShell, rc: Client, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # $IPP_NONINTERACTIVE (read at import, as ipyparallel's ipp._NONINTERACTIVE): %px waits
+    # and shows each engine's output whole, in engine order
+    monkeypatch.setattr(ipp, "_NONINTERACTIVE", True)
+    rc.activate(suffix="_ni")
+    assert _magics_of(ip, "px_ni").stream_output is False
+    ip.run_cell_magic("px_ni", "", "import time\nprint('a')\ntime.sleep(0.1)\nprint('b')")
+    out = capsys.readouterr().out
+    assert out.index("[stdout:0]") < out.index("[stdout:1]")
+    # (as ipyparallel prints several lines: the prefix on a line of its own)
+    assert "[stdout:0] \na\nb\n" in out and "[stdout:1] \na\nb\n" in out, out
+    monkeypatch.setattr(ipp, "_NONINTERACTIVE", False)
+    rc.activate(suffix="_int")
+    assert _magics_of(ip, "px_int").stream_output is True
+
+
 def test_autopx_sends_every_cell_to_the_engines(magics: Any, rc: Client, capsys) -> None:
     magics.run_cell("%autopx")
     magics.run_cell("z = 3 * 4")

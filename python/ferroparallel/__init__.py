@@ -5,6 +5,7 @@ Code written for IPython.parallel / ipyparallel runs after ``import ferroparalle
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from typing import Any
 
@@ -104,6 +105,10 @@ __all__ = [
     "version_info",
     "wrap_exception",
 ]
+
+#: ``$IPP_NONINTERACTIVE`` set (not empty, not "0"): output for scripts and logs, as in
+#: ipyparallel: ``%px`` waits and shows each engine's output whole instead of streaming it.
+_NONINTERACTIVE = os.getenv("IPP_NONINTERACTIVE", "") not in {"", "0"}
 
 _LAZY = {
     "Client": "ferroparallel.client.client",

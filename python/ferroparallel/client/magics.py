@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, magics_class, no_var_expand
 
+import ferroparallel
+
 from ..error import AlreadyDisplayedError, CompositeError
 from ..signal_names import parse_signal
 from .asyncresult import OUTPUT_GRACE
@@ -281,7 +283,7 @@ class ParallelMagics(Magics):
         self.suffix = suffix
         self.verbose = False
         # defaults of %px / %%px, set by %pxconfig (as ipyparallel's)
-        self.stream_output = True
+        self.stream_output = not ferroparallel._NONINTERACTIVE  # ($IPP_NONINTERACTIVE)
         self.progress_after = PROGRESS_AFTER
         self.signal_on_interrupt = "SIGINT"
         self.last_result: AsyncResult | None = None
