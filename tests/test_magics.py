@@ -153,6 +153,32 @@ def test_autopx_sends_every_cell_to_the_engines(magics: Any, rc: Client, capsys)
     assert magics.user_ns["local_only"] == 1
 
 
+def test_autopx_keeps_the_shell_s_history_and_syntax_checks(
+    magics: Any, rc: Client, capsys
+) -> None:
+    """As ipyparallel's %autopx: the shell still takes each cell in (raw cell in history, a
+    syntax error reported locally, nothing sent), a failing cell shows its error and the
+    cell counts as run; %autopx again turns it off."""
+    magics.run_cell("%autopx", store_history=True)
+    assert capsys.readouterr().out.strip() == "%autopx enabled"
+    sent = len(rc.history)
+    res = magics.run_cell("w = (1,", store_history=True)  # a SyntaxError: nothing sent
+    assert not res.success and isinstance(res.error_before_exec, SyntaxError)
+    assert len(rc.history) == sent
+    magics.run_cell("w = 6 * 7", store_history=True)
+    assert len(rc.history) == sent + len(rc.ids)  # (one message per engine)
+    assert "w = 6 * 7" in magics.history_manager.input_hist_raw[-1]
+    res = magics.run_cell("1 / 0", store_history=True)
+    out = capsys.readouterr()
+    assert "ZeroDivisionError" in out.out + out.err
+    magics.run_cell("%autopx", store_history=True)
+    assert "%autopx disabled" in capsys.readouterr().out
+    assert rc[:].pull("w", block=True) == [42, 42]
+    assert "w" not in magics.user_ns
+    magics.run_cell("w_local = 1")
+    assert magics.user_ns["w_local"] == 1
+
+
 def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluster, capsys) -> None:
     # a Client created inside IPython activates a blocking view of all engines
     with Client() as rc2:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import inspect
 import operator
 import re
 import shlex
@@ -288,7 +289,7 @@ class ParallelMagics(Magics):
         self.signal_on_interrupt = "SIGINT"
         self.last_result: AsyncResult | None = None
         self._autopx = False
-        self._transformer: Any = None
+        self._px_cell = ""
         # magic names carry the suffix: build the table before Magics.__init__ reads it (it
         # binds each method name; IPython reads no_var_expand off the bound method)
         self.magics = {
@@ -537,28 +538,52 @@ class ParallelMagics(Magics):
             self._enable_autopx()
 
     def _enable_autopx(self) -> None:
-        name = f"autopx{self.suffix}"
-        magic = f"px{self.suffix}"
+        # as ipyparallel: the shell still takes each cell in (history keeps the raw cell, a
+        # syntax error is reported here and sends nothing), but runs it on the engines instead
+        # of its parsed statements
+        shell = self.shell
+        self._original_run_cell = shell.run_cell
+        self._original_run_nodes = shell.run_ast_nodes
+        pattern = re.compile(rf"^\s*%autopx{re.escape(self.suffix)}\b")
 
-        def to_engines(lines: list[str]) -> list[str]:
-            text = "".join(lines)
-            first = text.lstrip().split("\n", 1)[0].strip()
-            if not text.strip() or first in (f"%{name}", f"%%{name}"):
-                return lines
-            return [f"get_ipython().run_cell_magic({magic!r}, '', {text!r})\n"]
+        def pxrun_cell(raw_cell: str, *args: Any, **kwargs: Any) -> Any:
+            self._px_cell = raw_cell
+            return self._original_run_cell(raw_cell, *args, **kwargs)
 
-        self._transformer = to_engines
-        self.shell.input_transformers_cleanup.append(to_engines)
+        def run_on_engines() -> bool:
+            """True when the cell failed (its error shown), as ``run_ast_nodes``."""
+            cell = self._px_cell
+            if pattern.search(cell):
+                self._disable_autopx()
+                return False
+            try:
+                self._run(cell, _exec_parser("%%px", cell=True).parse_args([]))
+            except Exception:
+                shell.showtraceback()
+                return True
+            return False
+
+        if inspect.iscoroutinefunction(self._original_run_nodes):
+
+            async def pxrun_nodes(*args: Any, **kwargs: Any) -> bool:
+                return run_on_engines()
+
+        else:
+
+            def pxrun_nodes(*args: Any, **kwargs: Any) -> bool:  # type: ignore[misc]
+                return run_on_engines()
+
+        shell.run_cell = pxrun_cell
+        shell.run_ast_nodes = pxrun_nodes
         self._autopx = True
-        print(f"%autopx enabled: cells run on the engines until %{name}")
+        print("%autopx enabled")
 
     def _disable_autopx(self) -> None:
-        try:
-            self.shell.input_transformers_cleanup.remove(self._transformer)
-        except ValueError:
-            pass
-        self._autopx = False
-        print("%autopx disabled")
+        if self._autopx:
+            self.shell.run_cell = self._original_run_cell
+            self.shell.run_ast_nodes = self._original_run_nodes
+            self._autopx = False
+            print("%autopx disabled")
 
 
 def activate(view: DirectView, suffix: str = "") -> ParallelMagics | None:
