@@ -329,6 +329,43 @@ def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+class EngineGate:
+    """A file that :meth:`task` waits for: the task keeps its engine busy until :meth:`open`
+    (or a minute), however long the test takes to get there. Use it instead of a
+    ``time.sleep`` task that a loaded machine may outlast before the test acts on it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def task(self) -> Callable[[], None]:
+        path = str(self.path)
+
+        def held() -> None:
+            import os
+            import time
+
+            deadline = time.monotonic() + 60
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        return held
+
+    def open(self) -> None:
+        self.path.touch()
+
+    def close(self) -> None:
+        """Make it hold again (once no task waits on it)."""
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def engine_gate(tmp_path: Path) -> Iterator[EngineGate]:
+    """An :class:`EngineGate`, opened after the test (a failed test leaves no engine held)."""
+    gate = EngineGate(tmp_path / "engine-gate")
+    yield gate
+    gate.open()
+
+
 @pytest.fixture
 def zctx() -> Iterator[zmq.Context]:
     """A private pyzmq context, destroyed (linger 0) after the test."""

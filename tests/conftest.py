@@ -10,12 +10,21 @@ from typing import Any
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, settings
 
 # The pure-Python peer lives in tests/peer; make it importable as ``peer`` however pytest
 # was started.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer.session import Session as PeerSession  # noqa: E402
+
+# No per-example deadline and no "too slow" health check for the property tests that do not set
+# their own (test_mapping_unit.py): on a loaded CI machine a 200 ms stall fails them (as
+# Hypothesis's own "ci" profile does, which is only loaded when $CI is set).
+settings.register_profile(
+    "ferroparallel", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ferroparallel")
 
 #: Shared fixtures (fp_root, zctx) of the cluster tests.
 pytest_plugins = ["cluster_util"]

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,7 +101,7 @@ def test_add_done_callback(rc: Client) -> None:
     assert late == ["cb"]
 
 
-def test_concurrent_futures_wait_and_as_completed(rc: Client) -> None:
+def test_concurrent_futures_wait_and_as_completed(rc: Client, tmp_path: Path) -> None:
     ars = [rc[i % 2].apply_async(time.sleep, 0.3 * (3 - i)) for i in range(3)]
     fast = rc[1].apply_async(lambda: "fast")
     done, not_done = cf.wait([*ars, fast], timeout=SHORT, return_when=cf.FIRST_COMPLETED)
@@ -108,13 +109,32 @@ def test_concurrent_futures_wait_and_as_completed(rc: Client) -> None:
     done, not_done = cf.wait([*ars, fast], timeout=SHORT)
     assert not not_done
     assert done == {*ars, fast}
+    # the "slow" task waits for a gate, not for a time: which one completes first must not
+    # depend on how promptly each engine is scheduled (a loaded machine reordered 0.6/0.3 s)
+    gate = tmp_path / "as-completed-gate"
+
+    def gated(d: float, path: str | None) -> float:
+        import os as _os
+        import time as _time
+
+        deadline = _time.monotonic() + 60
+        while path and not _os.path.exists(path) and _time.monotonic() < deadline:
+            _time.sleep(0.01)
+        return d
+
     ars = [
-        rc[i % 2].apply_async(lambda d: __import__("time").sleep(d) or d, d)
-        for i, d in enumerate([0.6, 0.3, 0.0])
+        rc[0].apply_async(gated, 0.6, str(gate)),  # the slow one: held until the gate opens
+        rc[1].apply_async(gated, 0.3, None),
+        rc[0].apply_async(gated, 0.0, None),  # queued behind the slow one
     ]
-    order = [ar.result() for ar in cf.as_completed(ars, timeout=SHORT)]
+    it = cf.as_completed(ars, timeout=SHORT)
+    try:
+        first = next(it).result()
+    finally:
+        gate.touch()  # only now can the slow one (and the one queued behind it) finish
+    order = [first, *(ar.result() for ar in it)]
     assert sorted(order) == [0.0, 0.3, 0.6]
-    assert order[0] != 0.6  # the slow one does not come first
+    assert first == 0.3  # the slow one does not come first (nor the one queued behind it)
 
 
 # ----- results and metadata -------------------------------------------------------------------

@@ -666,12 +666,13 @@ def test_iteration_in_order_while_running(client: FakeClient) -> None:
     futs = client.send(4)
     ar = AsyncResult(client, futs, targets=[0, 1, 2, 3])
     seen: list[Any] = []
-    first = threading.Event()
+    two = threading.Event()
 
     def consume() -> None:
         for x in ar:
             seen.append(x)
-            first.set()
+            if len(seen) == 2:
+                two.set()
 
     t = threading.Thread(target=consume, daemon=True)
     t.start()
@@ -679,8 +680,9 @@ def test_iteration_in_order_while_running(client: FakeClient) -> None:
     time.sleep(0.05)
     assert seen == []
     client.reply(futs[0], 0)
-    assert first.wait(5)
-    time.sleep(0.05)
+    # waits for both (not the first and then a guessed 50 ms for the second to follow)
+    assert two.wait(5)
+    time.sleep(0.05)  # and nothing more comes while 2 and 3 still run
     assert seen == [0, 1]  # consumed while the rest is still running
     assert not ar.ready()
     client.reply(futs[3], 3)
@@ -1040,17 +1042,18 @@ def test_map_result_unordered_iteration(client: FakeClient) -> None:
     futs = client.send(3)
     amr = AsyncMapResult(client, futs, Map(), ordered=False)
     seen: list[int] = []
-    first = threading.Event()
+    two = threading.Event()
 
     def consume() -> None:
         for x in amr:
             seen.append(x)
-            first.set()
+            if len(seen) == 2:
+                two.set()
 
     t = threading.Thread(target=consume, daemon=True)
     t.start()
     client.reply(futs[2], [4, 5])
-    assert first.wait(5)
+    assert two.wait(5)  # both elements of that part, however slowly the consumer runs
     time.sleep(0.05)
     assert seen == [4, 5]
     client.reply(futs[0], [0, 1])

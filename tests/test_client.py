@@ -26,6 +26,7 @@ import traitlets
 import zmq
 
 import ferroparallel as ipp
+from cluster_util import EngineGate
 from ferroparallel import _core, error
 from ferroparallel.client import Client, DirectView
 from ferroparallel.client.metadata import Metadata
@@ -428,9 +429,11 @@ def test_wait_for_engines(rc: Client) -> None:
 # ----- control: abort, clear, signals, queue status, shutdown ----------------------------------
 
 
-def test_abort_queued_tasks(rc: Client) -> None:
+def test_abort_queued_tasks(rc: Client, engine_gate: EngineGate) -> None:
+    # the running task holds the engine until the gate opens: a timed sleep could end (on a
+    # loaded machine) before the aborts arrive, and the "queued" tasks would run
     e0 = rc[0]
-    running = e0.apply_async(time.sleep, 1.5)
+    running = e0.apply_async(engine_gate.task())
     queued = [e0.apply_async(lambda i=i: i) for i in range(3)]
     time.sleep(0.3)  # (the engine has received them: they wait behind the running one)
     rc.abort(queued, block=True)
@@ -439,9 +442,11 @@ def test_abort_queued_tasks(rc: Client) -> None:
             ar.get(timeout=SHORT)
     # answered at once, not when the engine would have reached them
     assert not running.ready()
+    engine_gate.open()
     assert running.get(timeout=SHORT) is None
+    engine_gate.close()
     # by msg_id, and AsyncResult.abort()
-    running = e0.apply_async(time.sleep, 1.0)
+    running = e0.apply_async(engine_gate.task())
     by_id = e0.apply_async(lambda: "not run")
     by_ar = e0.apply_async(lambda: "not run either")
     rc.abort(by_id.msg_ids, block=True)
@@ -449,18 +454,20 @@ def test_abort_queued_tasks(rc: Client) -> None:
     for ar in (by_id, by_ar):
         with pytest.raises(error.TaskAborted):
             ar.get(timeout=SHORT)
+    engine_gate.open()
     running.get(timeout=SHORT)
     assert e0.apply_sync(lambda: "still serving") == "still serving"
 
 
-def test_abort_accepts_a_single_asyncresult(rc: Client) -> None:
-    running = rc[0].apply_async(time.sleep, 1.0)
+def test_abort_accepts_a_single_asyncresult(rc: Client, engine_gate: EngineGate) -> None:
+    running = rc[0].apply_async(engine_gate.task())
     queued = rc[0].apply_async(lambda: 1)
     try:
         rc.abort(queued, block=True)
         with pytest.raises(error.TaskAborted):
             queued.get(timeout=SHORT)
     finally:
+        engine_gate.open()
         running.get(timeout=SHORT)
         queued.wait(SHORT)
 
@@ -536,7 +543,7 @@ def test_send_signal_interrupts_a_running_task(rc: Client, wait_until: WaitUntil
     assert rc.ids == [0, 1]
 
 
-def test_queue_status(rc: Client, wait_until: WaitUntil) -> None:
+def test_queue_status(rc: Client, wait_until: WaitUntil, engine_gate: EngineGate) -> None:
     qs = rc.queue_status()
     assert {0, 1, "unassigned"} <= set(qs)
     assert next(iter(qs)) == "unassigned"  # first, as in ipyparallel
@@ -547,13 +554,15 @@ def test_queue_status(rc: Client, wait_until: WaitUntil) -> None:
     one = rc.queue_status(0)
     assert set(one) >= {"queue", "completed", "tasks"}
     assert one["completed"] >= before + 1
-    busy = rc[0].apply_async(time.sleep, 2.0)
+    busy = rc[0].apply_async(engine_gate.task())
     more = rc[0].apply_async(lambda: None)
-    # the hub learns of requests asynchronously; both are queued for two seconds
-    wait_until(lambda: rc.queue_status(0)["queue"] == 2, 1.5, "the hub to see 2 queued tasks")
+    # the hub learns of requests asynchronously; both stay queued until the gate opens (not
+    # for a fixed time, which a loaded machine may use up before the hub is asked)
+    wait_until(lambda: rc.queue_status(0)["queue"] == 2, SHORT, "the hub to see 2 queued tasks")
     assert rc.queue_status()[1]["queue"] == 0
     verbose = rc.queue_status(verbose=True)
     assert isinstance(verbose[0]["queue"], list)
+    engine_gate.open()
     busy.get(timeout=SHORT)
     more.get(timeout=SHORT)
     # verbose: msg_ids, the completed ones too (as ipyparallel's hub)

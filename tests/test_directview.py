@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ferroparallel as ipp
+from cluster_util import EngineGate
 from ferroparallel import error
 from ferroparallel.client import AsyncResult, Client, DirectView
 from ferroparallel.cluster import Cluster
@@ -524,18 +525,19 @@ def test_view_wait_accepts_an_asyncresult(dv: DirectView) -> None:
     assert dv.wait(ar, timeout=SHORT) is True
 
 
-def test_view_abort(rc: Client) -> None:
+def test_view_abort(rc: Client, engine_gate: EngineGate) -> None:
     view = rc[0]
-    running = view.apply_async(time.sleep, 1.0)
+    running = view.apply_async(engine_gate.task())  # busy until the aborts are answered
     queued = [view.apply_async(lambda: "never") for _ in range(2)]
     view.abort(queued, block=True)
     for ar in queued:
         with pytest.raises(error.TaskAborted):
             ar.get(timeout=SHORT)
+    engine_gate.open()
     assert running.get(timeout=SHORT) is None
 
 
-def test_each_view_keeps_its_own_history(rc: Client) -> None:
+def test_each_view_keeps_its_own_history(rc: Client, engine_gate: EngineGate) -> None:
     """As ipyparallel: ``view.history`` / ``outstanding`` hold what was submitted through
     that view; ``wait()``, ``abort()`` and ``get_result()`` default to them."""
     # the load-balanced sleep goes to engine 1, so that nothing of it queues on engine 0
@@ -559,12 +561,13 @@ def test_each_view_keeps_its_own_history(rc: Client) -> None:
     with pytest.raises(IndexError, match="0 requests"):
         rc[1].get_result()
     # abort() aborts this view's queued tasks, not another view's
-    busy = other.apply_async(time.sleep, 1.0)
+    busy = other.apply_async(engine_gate.task())  # until the abort is answered
     queued_here = mine.apply_async(lambda: "aborted")
     queued_there = other.apply_async(lambda: "runs")
     mine.abort(block=True)
     with pytest.raises(error.TaskAborted):
         queued_here.get(timeout=SHORT)
+    engine_gate.open()
     assert queued_there.get(timeout=SHORT) == "runs"
     assert busy.get(timeout=SHORT) is None
     assert lb.wait(timeout=SHORT) and slow.get(timeout=SHORT) is None

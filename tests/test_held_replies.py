@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from cluster_util import EngineGate
 from ferroparallel import Client
 
 pytest_plugins = ("cluster_fixtures",)
@@ -35,11 +36,15 @@ def test_bursts_to_one_engine_come_back_complete_and_in_order(rc: Client) -> Non
     assert done == sorted(done), "one engine completes its requests in the order sent"
 
 
-def test_a_request_then_an_abort_of_it_arrive_in_that_order(rc: Client) -> None:
+def test_a_request_then_an_abort_of_it_arrive_in_that_order(
+    rc: Client, engine_gate: EngineGate
+) -> None:
     view = rc[rc.ids[0]]
-    blocker = view.apply_async(time.sleep, 1)
+    blocker = view.apply_async(engine_gate.task())  # busy until the engine has the abort
     queued = [view.apply_async(_quick, i) for i in range(20)]
-    rc.abort(queued)  # sent within the burst: must not overtake the requests it names
+    aborted = rc.abort(queued)  # sent within the burst: must not overtake the requests it names
+    aborted.get(timeout=30)
+    engine_gate.open()
     blocker.get(timeout=30)
     outcomes = []
     for ar in queued:

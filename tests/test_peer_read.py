@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import ferroparallel as ipp
+from cluster_util import EngineGate
 from ferroparallel import Reference
 from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
@@ -220,10 +221,13 @@ def test_a_resubmitted_loan_fails_with_a_clear_error(rc: Client) -> None:
 
 
 def test_a_killed_lender_gives_its_queued_requests_an_error(
-    rc: Client, shared_cluster: Cluster
+    rc: Client, shared_cluster: Cluster, engine_gate: EngineGate
 ) -> None:
     target = rc.ids[0]
-    rc[target].apply_async(time.sleep, 2.0)  # keeps the engine busy while the lender dies
+    # keeps the engine busy until the lender is dead (a timed sleep may end first: the lender
+    # script alone takes seconds to start on a loaded machine, and the engine would then read
+    # the loan while the lender still lives)
+    busy = rc[target].apply_async(engine_gate.task())
     script = run_script(
         """
         import sys, numpy as np, ferroparallel as ipp
@@ -245,6 +249,8 @@ def test_a_killed_lender_gives_its_queued_requests_an_error(
     finally:
         script.send_signal(signal.SIGKILL)
         script.wait(timeout=SHORT)
+        engine_gate.open()
+    busy.get(timeout=SHORT)
     late = rc.get_result(msg_id, block=False)
     with pytest.raises(RemoteError, match="is gone|cannot read the buffers"):
         late.get(timeout=SHORT)
