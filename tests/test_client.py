@@ -832,9 +832,12 @@ def test_shutdown(
         c[:].apply_sync(lambda: 1)
 
 
-def _statuses_seen(shared_cluster: Cluster, run: Callable[[], str]) -> list[str]:
+def _statuses_seen(
+    shared_cluster: Cluster, run: Callable[[], str], probe: Callable[[], Any]
+) -> list[str]:
     """Execution states an outside IOPub subscriber (of everything) sees for the request
-    that ``run()`` makes (and returns the msg_id of)."""
+    that ``run()`` makes (and returns the msg_id of); ``probe()`` makes some IOPub output,
+    made until the subscriber sees it (its subscription has then reached the controller)."""
     cinfo = json.loads(shared_cluster.client_file.read_text())
     session = _core.Session(cinfo["key"].encode(), packer=cinfo.get("pack", "msgpack"))
     ctx = zmq.Context.instance()
@@ -843,7 +846,12 @@ def _statuses_seen(shared_cluster: Cluster, run: Callable[[], str]) -> list[str]
     sub.subscribe(b"")
     sub.connect(f"tcp://127.0.0.1:{cinfo['iopub']}")
     try:
-        time.sleep(0.3)  # the subscription reaches the controller
+        deadline = time.monotonic() + 30
+        while not sub.poll(100):  # until the subscription has reached the controller
+            assert time.monotonic() < deadline, "the IOPub subscription never took effect"
+            probe()
+        while sub.poll(200):  # what the probes sent
+            sub.recv_multipart()
         msg_id = run()
         states: list[str] = []
         deadline = time.monotonic() + 10
@@ -872,11 +880,14 @@ def test_requests_ask_engines_for_no_status_unless_wanted(
         assert ar.wait_for_output(10) and ar.stdout == "hello\n"
         return ar.msg_ids[0]
 
-    assert _statuses_seen(shared_cluster, run) == []
+    def probe() -> None:
+        rc[0].execute("print('probe')", block=True)
+
+    assert _statuses_seen(shared_cluster, run, probe) == []
     rc.status_messages = True
     try:
         assert NO_STATUS_KEY not in rc._request_metadata(None)
-        assert _statuses_seen(shared_cluster, run) == ["busy", "idle"]
+        assert _statuses_seen(shared_cluster, run, probe) == ["busy", "idle"]
     finally:
         rc.status_messages = False
 

@@ -295,16 +295,18 @@ def test_apply_variants(lv: LoadBalancedView) -> None:
     assert isinstance(lv.apply_async(double, 4), ipp.AsyncResult)
 
 
-def test_engine_id_of_a_running_silent_task(lv: LoadBalancedView) -> None:
+def test_engine_id_of_a_running_silent_task(lv: LoadBalancedView, gate: Gate) -> None:
     """As ipyparallel: while a task runs, ``ar.engine_id`` names its engine (from the hub's
     records here), so ``rc.shutdown(targets=ar.engine_id)`` hits that engine only."""
-    ar = lv.apply_async(time.sleep, 1.0)
-    deadline = time.monotonic() + 0.8
+    ar = lv.apply_async(gated, None, gate.path)  # runs until the gate opens
+    deadline = time.monotonic() + WAIT
     eid = None
     while eid is None and time.monotonic() < deadline:
         time.sleep(0.05)
         eid = ar.engine_id
+    assert not ar.ready()
     assert eid in lv.client.ids
+    gate.open()
     ar.get(timeout=30)
     assert ar.engine_id == eid
 
@@ -540,10 +542,12 @@ def test_unknown_msg_id_is_an_invalid_dependency(lv: LoadBalancedView, kind: str
 
 
 @pytest.mark.parametrize("kind", ["after", "follow"])
-def test_a_direct_request_is_no_dependency(rc: Client, lv: LoadBalancedView, kind: str) -> None:
+def test_a_direct_request_is_no_dependency(
+    rc: Client, lv: LoadBalancedView, kind: str, gate: Gate
+) -> None:
     """As ipyparallel's scheduler (reference 8.3): it knows only the tasks submitted to it, so
     a direct request's msg_id, finished or not, is an unknown (invalid) dependency."""
-    pending = rc[0].apply_async(time.sleep, 1)
+    pending = rc[0].apply_async(gated, None, gate.path)  # running until the gate opens
     direct = rc[1].apply_async(echo, 1)
     direct.get(timeout=WAIT)
     for dep in (direct, pending):
@@ -552,6 +556,7 @@ def test_a_direct_request_is_no_dependency(rc: Client, lv: LoadBalancedView, kin
         e = expect_remote(ar, error.InvalidDependency, "InvalidDependency")
         assert dep.msg_ids[0] in e.evalue
     assert not pending.ready()  # (it was still running when named)
+    gate.open()
     pending.get(timeout=WAIT)
 
 
@@ -1128,12 +1133,11 @@ def test_abort_takes_a_single_asyncresult(rc: Client, lv: LoadBalancedView, gate
 
 
 def test_abort_takes_a_map_result(rc: Client, lv: LoadBalancedView, gate: Gate) -> None:
-    blockers = [lv.apply_async(gated, "blocker", gate.path, 3.0) for _ in range(2)]
+    blockers = [lv.apply_async(gated, "blocker", gate.path) for _ in range(2)]
     amr = lv.map_async(echo, range(6))
     _wait_all_arrived(rc, 6)
-    t0 = time.monotonic()
-    lv.abort(amr, block=True)
-    assert time.monotonic() - t0 < 2.0, "abort waited for the map to finish"
+    lv.abort(amr, block=True)  # answered while the blockers still hold both engines
+    assert not any(b.ready() for b in blockers), "abort waited for the engines"
     gate.open()
     out = amr.get(timeout=WAIT, return_exceptions=True)
     assert all(isinstance(x, error.TaskAborted) for x in out), out
