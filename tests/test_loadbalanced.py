@@ -612,6 +612,26 @@ def test_more_retries_than_engines_relay_the_error(lv: LoadBalancedView) -> None
     assert "every time" in e.evalue
 
 
+def test_retries_on_targets_all_failed_is_impossible(lv: LoadBalancedView) -> None:
+    # as ipyparallel: a retry needs an allowed engine that has not failed the task; with
+    # explicit targets, none left makes it an ImpossibleDependency (naming the last failure)
+    with lv.temp_flags(retries=2, targets=[0]):
+        ar = lv.apply_async(fail, "every time")
+    e = expect_remote(ar, error.ImpossibleDependency, "ImpossibleDependency")
+    assert "ValueError" in e.evalue and "every time" in e.evalue, e.evalue
+
+
+def test_retries_beyond_the_engines_with_a_timeout_time_out(rc: Client) -> None:
+    # ipyparallel's own test: retries for every engine (and more), and a timeout: once each
+    # engine has failed it, the task waits for another until its timeout
+    lv = rc.load_balanced_view()
+    for r in range(len(rc.ids) - 1):
+        with lv.temp_flags(retries=r):
+            expect_remote(lv.apply_async(fail, "x"), ipp.RemoteError, "ValueError")
+    with lv.temp_flags(retries=len(rc.ids), timeout=0.1):
+        expect_remote(lv.apply_async(fail, "x"), error.TaskTimeout, "TaskTimeout")
+
+
 # -- functional dependencies ----------------------------------------------------------------------
 
 

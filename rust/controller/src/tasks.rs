@@ -352,7 +352,9 @@ impl Server {
                     None => why.into(),
                 });
             }
-        } else if !task.blacklist.is_empty() {
+        } else if !task.blacklist.is_empty() && task.deadline.is_none() {
+            // (with a timeout, it waits for an engine that can run it until then, as in
+            // ipyparallel)
             let registered: Vec<&Vec<u8>> = self
                 .engines
                 .by_uuid
@@ -552,8 +554,22 @@ impl Server {
                 }
             }
             if let Some((_, mut task)) = self.tasks.running.remove(msg_id) {
-                let retry =
-                    !ok && !unmet && task.retries > 0 && self.another_engine(&task, &engine);
+                // as ipyparallel: a failed task with retries left goes back to the queue,
+                // blacklisted on this engine, when another engine may run it, or when it
+                // has targets (none left: ImpossibleDependency) or a timeout (it waits for an
+                // engine until then: TaskTimeout); otherwise its error is relayed now
+                // (ipyparallel would keep it waiting for an engine that may never come)
+                let retry = !ok
+                    && !unmet
+                    && task.retries > 0
+                    && (self.another_engine(&task, &engine)
+                        || task.targets.is_some()
+                        || task.deadline.is_some());
+                if retry {
+                    if let Some(reason) = self.failure_reason(&env) {
+                        task.last_unmet = Some(reason);
+                    }
+                }
                 if unmet || retry {
                     if !unmet {
                         task.retries -= 1;
@@ -606,6 +622,14 @@ impl Server {
 
     /// The `evalue` of an engine's UnmetDependency reply, shortened (it is repeated in the
     /// scheduler's error when no engine is left).
+    /// "failed with <ename>: <evalue>" of a failure reply (for a later ImpossibleDependency).
+    fn failure_reason(&mut self, env: &Env) -> Option<String> {
+        let content = self.unpack(env, "content")?;
+        let ename = str_field(&content, "ename").unwrap_or("an error");
+        let evalue = self.unmet_reason(env).unwrap_or_default();
+        Some(format!("failed with {ename}: {evalue}"))
+    }
+
     fn unmet_reason(&mut self, env: &Env) -> Option<String> {
         const MAX_CHARS: usize = 500;
         let content = self.unpack(env, "content")?;
@@ -739,6 +763,9 @@ impl Server {
             if task.retries > 0 {
                 task.retries -= 1;
                 task.blacklist.insert(uuid.to_vec());
+                if task.deadline.is_some() {
+                    self.tasks.with_deadline += 1; // (its timeout counts again in the queue)
+                }
                 self.tasks.queue.push_front(task);
             } else {
                 self.tasks
