@@ -621,6 +621,17 @@ def test_retries_on_targets_all_failed_is_impossible(lv: LoadBalancedView) -> No
     assert "ValueError" in e.evalue and "every time" in e.evalue, e.evalue
 
 
+def test_a_dependency_unmet_everywhere_with_a_timeout_times_out(lv: LoadBalancedView) -> None:
+    # as ipyparallel: with a timeout, the task waits for an engine that meets it until then
+    @ipp.require("ferroparallel_no_such_module_xyz")
+    def needs_it() -> int:
+        return 1
+
+    with lv.temp_flags(timeout=0.5):
+        ar = lv.apply_async(needs_it)
+    expect_remote(ar, error.TaskTimeout, "TaskTimeout")
+
+
 def test_retries_beyond_the_engines_with_a_timeout_time_out(rc: Client) -> None:
     # ipyparallel's own test: retries for every engine (and more), and a timeout: once each
     # engine has failed it, the task waits for another until its timeout
