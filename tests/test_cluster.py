@@ -397,6 +397,23 @@ def test_stale_connection_file_named(clusters: Callable[..., Cluster]) -> None:
 
 
 @needs_controller
+def test_an_engine_killed_from_outside_is_reaped(
+    clusters: Callable[..., Cluster], sleeper: list[str]
+) -> None:
+    # as ipyparallel's launchers: a child that dies is reaped at once, not left a zombie
+    # (a pid that still "exists") until the cluster stops
+    c = clusters(n=2, engine_cmd=sleeper)
+    c.start_cluster_sync()
+    victim, other = c._processes()[1:]  # (the controller first)
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{victim.pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{victim.pid}").exists(), "the killed engine is still a zombie"
+    assert victim.exit_code == -signal.SIGKILL and other.running
+
+
+@needs_controller
 def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Path) -> None:
     script = tmp_path / "starter.py"
     script.write_text(

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -86,6 +87,41 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
     return start_time is None or started == start_time
 
 
+class _Reaper:
+    """Collects the exit status of children that end while nobody waits for them (an engine
+    killed from outside), so they do not linger as zombies until the cluster stops: one
+    daemon thread, polling every 0.2 s while there are children to watch."""
+
+    INTERVAL = 0.2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._thread: threading.Thread | None = None
+
+    def watch(self, popen: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._children.append(popen)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ferroparallel-reaper", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.INTERVAL)
+            with self._lock:
+                # poll() reaps an ended child and keeps its exit code on the Popen
+                self._children = [p for p in self._children if p.poll() is None]
+                if not self._children:
+                    self._thread = None
+                    return
+
+
+_REAPER = _Reaper()
+
+
 class Process:
     """One launched process: a child of this process, or a pid recorded by another one.
 
@@ -145,6 +181,7 @@ class Process:
                 close_fds=True,
             )
         st = _proc_stat(popen.pid)
+        _REAPER.watch(popen)
         return cls(
             popen.pid,
             popen=popen,
