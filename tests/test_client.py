@@ -426,6 +426,19 @@ def test_wait_for_engines(rc: Client) -> None:
     assert fut.result(timeout=SHORT) is None
 
 
+def test_wait_for_engines_shows_a_progress_bar_when_interactive(rc: Client, capsys) -> None:
+    # as ipyparallel: a bar of the engines registered (by default only inside IPython)
+    with pytest.raises(TimeoutError):
+        rc.wait_for_engines(3, timeout=0.2, interactive=True, widget=False)
+    out = capsys.readouterr().out
+    assert "2/3" in out and "engine" in out, out
+    with pytest.raises(TimeoutError):
+        rc.wait_for_engines(3, timeout=0.2)  # not in IPython: no bar
+    assert "2/3" not in capsys.readouterr().out
+    rc.wait_for_engines(2, timeout=5, interactive=True)  # already there: no bar
+    assert capsys.readouterr().out == ""
+
+
 # ----- control: abort, clear, signals, queue status, shutdown ----------------------------------
 
 

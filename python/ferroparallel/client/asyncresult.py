@@ -1045,9 +1045,10 @@ def _items(chunk: Any) -> list[Any]:
 class _TextBar:
     """Fallback progress display without tqdm."""
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int, desc: str, unit: str = "tasks") -> None:
         self.total = total
         self.desc = desc
+        self.unit = unit
         self.start = time.monotonic()
         self.n = -1
 
@@ -1057,7 +1058,7 @@ class _TextBar:
         self.n = n
         elapsed = time.monotonic() - self.start
         print(
-            f"\r{self.desc}: {n:4}/{self.total} tasks finished after {elapsed:4.0f} s",
+            f"\r{self.desc}: {n:4}/{self.total} {self.unit} after {elapsed:4.0f} s",
             end="",
             file=sys.stdout,
             flush=True,
@@ -1079,7 +1080,11 @@ class _TqdmBar:
         self.bar.close()
 
 
-def _progress_bar(total: int, widget: bool | None, desc: str) -> Any:
+def _progress_bar(
+    total: int, widget: bool | None, desc: str, unit: str = "tasks", initial: int = 0
+) -> Any:
+    """A progress bar (``update_to(n)``, ``close()``): tqdm's (a notebook widget with
+    ``widget=True``, text with False, whichever fits with None), else a line of text."""
     try:
         if widget is True:
             from tqdm.notebook import tqdm
@@ -1088,14 +1093,15 @@ def _progress_bar(total: int, widget: bool | None, desc: str) -> Any:
         else:
             from tqdm.auto import tqdm
     except ImportError:
-        return _TextBar(total, desc)
+        return _TextBar(total, desc, unit)
     # a text bar goes to stdout, as ipyparallel's
+    opts = {"total": total, "unit": unit, "desc": desc, "file": sys.stdout, "initial": initial}
     try:
-        return _TqdmBar(tqdm(total=total, unit="tasks", desc=desc, file=sys.stdout))
+        return _TqdmBar(tqdm(**opts))
     except Exception:  # noqa: BLE001 - e.g. a notebook bar without ipywidgets
         try:
             from tqdm import tqdm as text_tqdm
 
-            return _TqdmBar(text_tqdm(total=total, unit="tasks", desc=desc, file=sys.stdout))
+            return _TqdmBar(text_tqdm(**opts))
         except Exception:  # noqa: BLE001
-            return _TextBar(total, desc)
+            return _TextBar(total, desc, unit)

@@ -102,6 +102,12 @@ def _dispatch_loop(ref: weakref.ref[Client], io: Any) -> None:
         del client
 
 
+def _in_ipython() -> bool:
+    """Whether this runs in an IPython session (without importing IPython)."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
 def _execute_content(code: str, silent: bool) -> dict[str, Any]:
     return {
         "code": code,
@@ -1158,7 +1164,9 @@ class Client(HasTraits):
     ) -> Any:
         """Wait until at least ``n`` engines are registered.
 
-        Raises ``TimeoutError`` naming the count when the timeout passes.
+        ``interactive`` (default: in IPython, unless ``$IPP_NONINTERACTIVE``) shows a progress
+        bar of the engines (``widget``: as in :meth:`AsyncResult.wait_interactive`). Raises
+        ``TimeoutError`` naming the count when the timeout passes.
         """
         if n is None:
             n = 1
@@ -1168,21 +1176,37 @@ class Client(HasTraits):
             raise TypeError(
                 f"n must be an int (engines to wait for), not {type(n).__name__} {n!r}"
             ) from None
-        from .asyncresult import _timeout
+        from .asyncresult import _progress_bar, _timeout
 
         seconds = _timeout(timeout)  # (None for no limit; TypeError for a non-number)
         deadline = None if seconds is None else time.monotonic() + seconds
+        if interactive is None:  # as ipyparallel
+            import ferroparallel
+
+            interactive = not ferroparallel._NONINTERACTIVE and _in_ipython()
 
         def _wait() -> None:
-            with self._engines_changed:
-                while len(self._ids) < n:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(
-                            f"{len(self._ids)} engine(s) registered after {timeout:g} s; "
-                            f"expected {n}"
-                        )
-                    self._engines_changed.wait(0.05 if remaining is None else min(0.05, remaining))
+            bar = None
+            if interactive and len(self._ids) < n:
+                bar = _progress_bar(n, widget, "", unit="engine", initial=len(self._ids))
+            try:
+                with self._engines_changed:
+                    while len(self._ids) < n:
+                        if bar is not None:
+                            bar.update_to(len(self._ids))
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise TimeoutError(
+                                f"{len(self._ids)} engine(s) registered after {timeout:g} s; "
+                                f"expected {n}"
+                            )
+                        wait = 0.05 if remaining is None else min(0.05, remaining)
+                        self._engines_changed.wait(wait)
+                    if bar is not None:
+                        bar.update_to(len(self._ids))
+            finally:
+                if bar is not None:
+                    bar.close()
 
         if block:
             _wait()
