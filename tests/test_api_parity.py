@@ -178,6 +178,28 @@ def test_publish_data_reaches_metadata(rc: Client, dv: DirectView) -> None:
     assert single.data == {"step": 1, "square": 1, "done": True}
 
 
+def publish_text_about_ipyparallel_and_an_array() -> int:
+    publish_data({"note": "see ipyparallel.serialize", "arr": np.arange(3000)})
+    return 1
+
+
+def test_data_and_results_are_told_apart_by_metadata_not_by_their_bytes(
+    rc: Client, shared_cluster: Any
+) -> None:
+    """Our own data and hub results that merely mention ipyparallel's serializer (user text)
+    are read as ours: the format is told by the message's metadata."""
+    ar = rc[0].apply_async(publish_text_about_ipyparallel_and_an_array)
+    assert ar.get(timeout=SHORT) == 1
+    assert ar.wait_for_output(SHORT)
+    assert ar.data["note"] == "see ipyparallel.serialize"
+    assert np.array_equal(ar.data["arr"], np.arange(3000))
+    ar = rc[0].apply_async(lambda: {"note": "ipyparallel.serialize", "arr": np.arange(3000)})
+    ar.get(timeout=SHORT)
+    with ipp.Client(shared_cluster.client_file, timeout=SHORT) as other:
+        got = other.get_result(ar.msg_ids[0]).get(timeout=SHORT)
+    assert got["note"] == "ipyparallel.serialize" and np.array_equal(got["arr"], np.arange(3000))
+
+
 def publish_the_ipyparallel_way() -> str:
     from ipyparallel.datapub import publish_data  # (as ipyparallel's documentation writes it)
 

@@ -403,22 +403,32 @@ def test_a_task_on_an_engine_that_dies_fails_and_completes_for_a_stock_client(
         stock.close()
 
 
-def test_frames_ipyparallel_serialized_are_told_apart_from_ours() -> None:
+def test_frames_ipyparallel_serialized_are_read_by_its_deserializer() -> None:
     from ferroparallel.serialize import serialize_object
 
     for value in [5, None, b"abc", np.arange(3), np.arange(10_000), {"a": [1, b"x"]}]:
         theirs = list(ipp_serialize.serialize_object(value))
         ours = serialize_object(value)
-        assert ipp_compat.is_ipp_serialized(theirs), value
-        assert not ipp_compat.is_ipp_serialized(ours), value
+        assert not ipp_compat.is_our_protocol(theirs), value  # (protocol 4 before 3.14)
+        assert ipp_compat.is_our_protocol(ours), value
         back = ipp_compat.deserialize_ipp_object(theirs)
         if isinstance(value, np.ndarray):
             assert np.array_equal(back, value)
         else:
             assert back == value
-    assert not ipp_compat.is_ipp_serialized([])
-    assert not ipp_compat.is_ipp_serialized([b"", b"x"])
-    # a pickle of our protocol that names ipyparallel's canning module is theirs (Python
-    # 3.14 writes protocol 5 by default)
-    canned = ipp_serialize.serialize_object(b"abc")[0]
-    assert ipp_compat.is_ipp_serialized([b"\x80\x05" + bytes(canned)[2:]])
+
+
+def test_published_data_of_an_execute_reaches_an_ipyparallel_client(rc: Any) -> None:
+    # an execute says nothing of its client: the data goes as one pickle both clients read
+    ar = rc[0].execute(
+        "from ipyparallel.datapub import publish_data\n"
+        "import numpy\n"
+        "publish_data({'arr': numpy.arange(3000), 'n': 3})",
+        block=False,
+    )
+    ar.get(timeout=SHORT)
+    deadline = time.monotonic() + SHORT
+    while "arr" not in ar.data and time.monotonic() < deadline:
+        rc.spin()
+        time.sleep(0.05)
+    assert ar.data.get("n") == 3 and np.array_equal(ar.data["arr"], np.arange(3000)), ar.data

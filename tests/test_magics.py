@@ -3,6 +3,7 @@ a real IPython InteractiveShell."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -177,6 +178,29 @@ def test_autopx_keeps_the_shell_s_history_and_syntax_checks(
     assert "w" not in magics.user_ns
     magics.run_cell("w_local = 1")
     assert magics.user_ns["w_local"] == 1
+
+
+def test_autopx_runs_a_cell_with_top_level_await_as_ipykernel_submits_it(
+    magics: Any, rc: Client
+) -> None:
+    # ipykernel calls run_cell_async itself for a cell with top-level await
+    magics.run_cell("%autopx")
+    try:
+        magics.run_cell("await_counter = globals().get('await_counter', 0) + 1")
+        cell = "import asyncio\nawait asyncio.sleep(0)\nb_marker = 2"
+        done = magics.transform_cell(cell)  # (as ipykernel does, before both calls)
+        assert magics.should_run_async(cell, transformed_cell=done, preprocessing_exc_tuple=None)
+        asyncio.run(
+            magics.run_cell_async(
+                cell, store_history=True, transformed_cell=done, preprocessing_exc_tuple=None
+            )
+        )
+    finally:
+        magics.run_cell("%autopx")
+    # that cell ran on the engines, and the one before it only once
+    assert rc[:].pull("b_marker", block=True) == [2, 2]
+    assert rc[:].pull("await_counter", block=True) == [1, 1]
+    rc[:].execute("del b_marker, await_counter", block=True)
 
 
 def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluster, capsys) -> None:

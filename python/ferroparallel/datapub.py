@@ -8,7 +8,10 @@ ipyparallel (``ipyparallel.datapub.publish_data``).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from .wire_names import IPP_FORMAT_KEY
 
 __all__ = ["publish_data"]
 
@@ -42,11 +45,19 @@ def publish_data(data: dict[str, Any]) -> None:
             "publish_data() works only in code running on a ferroparallel engine (inside "
             "view.apply/execute); on the client, keep the values in a local variable"
         )
-    if getattr(kernel.shell, "ipp_request", False):  # for an ipyparallel client
+    extra = {IPP_FORMAT_KEY: False}  # (always said: ipyparallel's engines send no such key)
+    if getattr(kernel.shell, "ipp_request", False):  # for an ipyparallel client's apply
         from .serialize.ipp_compat import serialize_ipp_result
 
         buffers = serialize_ipp_result(data)
-    else:
+        extra = {IPP_FORMAT_KEY: True}
+    elif parent.get("msg_type") == "apply_request":  # our client's (its payload says so)
         buffers = serialize_object(data)
+    else:
+        # an execute_request says nothing of its client, which may be ipyparallel's: one
+        # pickle without out-of-band buffers, which its deserialize_object reads too
+        buffers = serialize_object(data, threshold=sys.maxsize)
     # on ipyparallel's topic (no engine prefix), so that any ipyparallel peer sees it
-    kernel.publish("data_message", {}, parent, "datapub", buffers=buffers, prefixed=False)
+    kernel.publish(
+        "data_message", {}, parent, "datapub", buffers=buffers, prefixed=False, metadata=extra
+    )

@@ -17,6 +17,7 @@ __all__ = [
     "NO_STATUS_KEY",
     "OUTPUT_COUNT_KEY",
     "OUTPUT_TOPIC_PREFIX",
+    "IPP_FORMAT_KEY",
     "DATAPUB_TOPIC",
     "SHM_HOST_KEY",
     "SHM_SEGMENT_KEY",
@@ -40,6 +41,12 @@ BUFFERS_CHANGED_MESSAGE = (
 #: What a ferroparallel client subscribes to on IOPub: every engine's messages
 #: (``engine.<id>.<type>``, ``status`` included, as in ipyparallel).
 OUTPUT_TOPIC_PREFIX = b"engine."
+
+#: Reply and ``data_message`` metadata key: whether the buffers are in ipyparallel's
+#: serialization (a ferroparallel engine answering an ipyparallel client's apply). Our engines'
+#: ``data_message`` always has it; their replies only when true (a reply without it is ours if
+#: it carries ``OUTPUT_COUNT_KEY``, else an ipyparallel engine's).
+IPP_FORMAT_KEY = "fp_ipp_format"
 
 #: The IOPub topic of ``data_message`` (``publish_data``), without an engine prefix: that of
 #: ipyparallel's engines (its ``ZMQDataPublisher.topic``), which ours use too.

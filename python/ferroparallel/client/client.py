@@ -1190,20 +1190,21 @@ class Client(HasTraits):
             if interactive and len(self._ids) < n:
                 bar = _progress_bar(n, widget, "", unit="engine", initial=len(self._ids))
             try:
-                with self._engines_changed:
-                    while len(self._ids) < n:
-                        if bar is not None:
-                            bar.update_to(len(self._ids))
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise TimeoutError(
-                                f"{len(self._ids)} engine(s) registered after {timeout:g} s; "
-                                f"expected {n}"
-                            )
-                        wait = 0.05 if remaining is None else min(0.05, remaining)
-                        self._engines_changed.wait(wait)
-                    if bar is not None:
+                while len(self._ids) < n:
+                    if bar is not None:  # (drawn without the lock the dispatcher needs)
                         bar.update_to(len(self._ids))
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(
+                            f"{len(self._ids)} engine(s) registered after {timeout:g} s; "
+                            f"expected {n}"
+                        )
+                    with self._engines_changed:
+                        if len(self._ids) < n:
+                            wait = 0.05 if remaining is None else min(0.05, remaining)
+                            self._engines_changed.wait(wait)
+                if bar is not None:
+                    bar.update_to(len(self._ids))
             finally:
                 if bar is not None:
                     bar.close()

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import error
 from ..serialize import deserialize_object, netloan, peer
-from ..serialize.ipp_compat import deserialize_ipp_object, is_ipp_serialized
+from ..serialize.ipp_compat import deserialize_ipp_object, is_our_protocol
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
     BUFFERS_CHANGED_MESSAGE,
+    IPP_FORMAT_KEY,
     LENT_RESULT_KEY,
     NET_LENT_KEY,
     OUTPUT_COUNT_KEY,
@@ -282,13 +283,31 @@ def _release_net(lent: Any, client: Client) -> None:
     releasing.start()
 
 
-def _decode(buffers: list[Any], maybe_ipp: bool) -> Any:
-    """``deserialize_object(buffers)``; with ``maybe_ipp`` (a hub record of another client's
-    request, an engine's ``data_message``), frames ipyparallel serialized are read with
-    ipyparallel's deserializer."""
-    if maybe_ipp and is_ipp_serialized(buffers):
+def _decode(buffers: list[Any], ipp_format: bool) -> Any:
+    """``deserialize_object(buffers)``, or ipyparallel's deserializer for frames in its
+    format (``ipp_format``: what the message's metadata says, see ``IPP_FORMAT_KEY``); a
+    pickle of our protocol that ipyparallel's cannot read is tried as ours (a hub record whose
+    metadata was lost)."""
+    if not ipp_format:
+        return deserialize_object(buffers)
+    try:
         return deserialize_ipp_object(buffers)
-    return deserialize_object(buffers)
+    except ImportError:
+        raise
+    except Exception:
+        if not is_our_protocol(buffers):
+            raise
+        return deserialize_object(buffers)
+
+
+def _ipp_format(md: dict[str, Any], ours: str) -> bool:
+    """Whether a message with metadata ``md`` carries ipyparallel-serialized buffers: as its
+    ``IPP_FORMAT_KEY`` says (a ferroparallel engine's), else when it lacks the key ``ours``
+    that every such message of a ferroparallel engine has (an ipyparallel engine sent it)."""
+    flag = md.get(IPP_FORMAT_KEY)
+    if flag is not None:
+        return bool(flag)
+    return ours not in md
 
 
 def _label_with_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> None:
@@ -393,8 +412,11 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                     keys = [lent_net[:2]] if lent_net else []
                     with peer.serving(msg_id), netloan.fetching(client._net.fetcher, keys):
                         result = deserialize_object(msg.get("buffers") or [])
+                elif msg.get(FROM_RECORD):  # (maybe another, ipyparallel, client's request)
+                    ipp_format = _ipp_format(md_in, OUTPUT_COUNT_KEY)
+                    result = _decode(msg.get("buffers") or [], ipp_format)
                 else:  # (a descriptor of lent memory would be refused)
-                    result = _decode(msg.get("buffers") or [], bool(msg.get(FROM_RECORD)))
+                    result = deserialize_object(msg.get("buffers") or [])
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
                 # raised here, in the client, but labelled with the engine that sent it
                 exc = error.RemoteError(
@@ -511,7 +533,9 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
         md["error"] = error.unwrap_exception(content)
     elif msg_type == "data_message":
         try:
-            data = _decode(msg.get("buffers") or [], True)
+            # (our engines always say which format their data is in)
+            ipp_format = _ipp_format(msg.get("metadata") or {}, IPP_FORMAT_KEY)
+            data = _decode(msg.get("buffers") or [], ipp_format)
             if isinstance(data, dict):
                 md["data"].update(data)
         except Exception:  # noqa: BLE001

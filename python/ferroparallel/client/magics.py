@@ -543,12 +543,20 @@ class ParallelMagics(Magics):
         # of its parsed statements
         shell = self.shell
         self._original_run_cell = shell.run_cell
+        self._original_run_cell_async = shell.run_cell_async
         self._original_run_nodes = shell.run_ast_nodes
         pattern = re.compile(rf"^\s*%autopx{re.escape(self.suffix)}\b")
 
         def pxrun_cell(raw_cell: str, *args: Any, **kwargs: Any) -> Any:
             self._px_cell = raw_cell
             return self._original_run_cell(raw_cell, *args, **kwargs)
+
+        async def pxrun_cell_async(raw_cell: str, *args: Any, **kwargs: Any) -> Any:
+            # ipykernel calls run_cell_async itself for a cell with top-level await (and
+            # run_cell goes through it too): without this, such a cell would send the
+            # previous cell to the engines again
+            self._px_cell = raw_cell
+            return await self._original_run_cell_async(raw_cell, *args, **kwargs)
 
         def run_on_engines() -> bool:
             """True when the cell failed (its error shown), as ``run_ast_nodes``."""
@@ -574,6 +582,7 @@ class ParallelMagics(Magics):
                 return run_on_engines()
 
         shell.run_cell = pxrun_cell
+        shell.run_cell_async = pxrun_cell_async
         shell.run_ast_nodes = pxrun_nodes
         self._autopx = True
         print("%autopx enabled")
@@ -581,6 +590,7 @@ class ParallelMagics(Magics):
     def _disable_autopx(self) -> None:
         if self._autopx:
             self.shell.run_cell = self._original_run_cell
+            self.shell.run_cell_async = self._original_run_cell_async
             self.shell.run_ast_nodes = self._original_run_nodes
             self._autopx = False
             print("%autopx disabled")

@@ -91,8 +91,10 @@ def _stop_at_exit() -> None:
             continue
         if cluster.controller is None and not cluster.engines:
             continue  # stopped already
-        print(f"Stopping cluster {cluster}", file=sys.stderr)  # as ipyparallel
         try:
+            # as ipyparallel (but a closed or broken stderr must not leave it running)
+            with contextlib.suppress(Exception):
+                print(f"Stopping cluster {cluster}", file=sys.stderr)
             cluster._stop_now()
         except Exception as e:  # pragma: no cover - best effort at exit
             log.warning("could not stop cluster %r at exit: %s", cluster.cluster_id, e)

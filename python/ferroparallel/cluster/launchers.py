@@ -122,6 +122,17 @@ class _Reaper:
 _REAPER = _Reaper()
 
 
+def _reaper_after_fork() -> None:
+    # the parent's thread does not exist here, its lock may have been held at the fork, and
+    # its children are not this process's children
+    _REAPER._lock = threading.Lock()
+    _REAPER._children = []
+    _REAPER._thread = None
+
+
+os.register_at_fork(after_in_child=_reaper_after_fork)
+
+
 class Process:
     """One launched process: a child of this process, or a pid recorded by another one.
 

@@ -41,6 +41,9 @@ class ApplyOutcome:
     #: The shared-memory segment holding the result's large buffers, or the ``LentResult``
     #: the client copies them from (None: all in frames).
     segment: Any = None
+    #: The buffers are in ipyparallel's serialization (the request was an ipyparallel
+    #: client's)
+    ipp_format: bool = False
 
 
 def run_apply(
@@ -177,7 +180,7 @@ def _ipp_result(result: Any) -> ApplyOutcome:
     try:
         frames = serialize_ipp_result(result)
         check_buffer_count(frames, "result")
-        return ApplyOutcome(buffers=frames)
+        return ApplyOutcome(buffers=frames, ipp_format=True)
     except EngineExit:
         raise
     except BaseException as exc:

@@ -458,9 +458,10 @@ class EngineKernel:
         topic: str,
         buffers: list[Any] | None = None,
         prefixed: bool = True,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         """Send one IOPub message with topic ``engine.<id>.<topic>`` (ipyparallel's), or
-        ``topic`` as it is when not ``prefixed``."""
+        ``topic`` as it is when not ``prefixed``; ``metadata`` adds to the engine's."""
         if topic not in ("stdout", "stderr", "status"):
             # text printed before a display, result or error goes out before it
             self.capture.flush()
@@ -472,7 +473,7 @@ class EngineKernel:
             msg_type,
             content,
             parent,
-            self._metadata,
+            self._metadata if metadata is None else {**self._metadata, **metadata},
             ident=[ident],
             buffers=buffers,
         )

@@ -14,6 +14,7 @@ from ..serialize.peer import LentResult
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
     BUFFERS_CHANGED_MESSAGE,
+    IPP_FORMAT_KEY,
     LENT_RESULT_KEY,
     NET_LENT_KEY,
     NO_STATUS_KEY,
@@ -50,9 +51,8 @@ class ShellHandler:
     def __init__(self, kernel: EngineKernel) -> None:
         self.kernel = kernel
         self.parent: dict[str, Any] | None = None  # header of the request being run
-        #: Whether that request is an ipyparallel client's apply (its published data is then
-        #: serialized as ipyparallel's client reads it)
-        self.ipp_request = False
+        #: The buffers of the apply being run (None otherwise): see :attr:`ipp_request`
+        self._apply_buffers: list[Any] | None = None
         self._shell: PlainShell | Any = None
         self._making_shell = False
 
@@ -174,6 +174,14 @@ class ShellHandler:
             extra={OUTPUT_COUNT_KEY: 0},
         )
 
+    @property
+    def ipp_request(self) -> bool:
+        """Whether the request being run is an ipyparallel client's apply (data it publishes
+        is then serialized as ipyparallel's client reads it). Computed on demand: the apply
+        path already tells the two formats apart once."""
+        buffers = self._apply_buffers
+        return buffers is not None and not is_ferroparallel_payload(buffers)
+
     def _begin(self, header: dict[str, Any]) -> None:
         self.parent = header
         self.kernel.capture.start(header)
@@ -189,7 +197,7 @@ class ShellHandler:
     def _apply(self, msg: dict[str, Any], started: str) -> None:
         k = self.kernel
         self._begin(msg["header"])
-        self.ipp_request = not is_ferroparallel_payload(msg["buffers"])
+        self._apply_buffers = msg["buffers"]  # (looked at only if the call publishes data)
         try:
             outcome = run_apply(
                 msg["buffers"],
@@ -203,7 +211,7 @@ class ShellHandler:
                 engine_uuid=k.uuid,
             )
         finally:
-            self.ipp_request = False
+            self._apply_buffers = None
             self._end()
         if outcome.error is None:
             held = outcome.segment
@@ -214,6 +222,8 @@ class ShellHandler:
                 extra = {NET_LENT_KEY: held.reply_metadata()}
             else:
                 extra = {SHM_SEGMENT_KEY: held.name} if held else None
+            if outcome.ipp_format:
+                extra = {**(extra or {}), IPP_FORMAT_KEY: True}
             try:
                 self.reply(
                     msg,

@@ -136,45 +136,20 @@ def serialize_ipp_result(result: Any) -> list[Any]:
 
 
 #: Our pickles are always of protocol 5; ipyparallel writes ``pickle.DEFAULT_PROTOCOL`` (4
-#: before Python 3.14) and names its canning module when it wrapped anything.
+#: before Python 3.14).
 _OUR_PROTOCOL = 5
-_IPP_CANNING = b"ipyparallel.serialize"
-#: Pickle frames larger than this are not searched for that name.
-_SEARCHED_BYTES = 1 << 20
 
 
-def is_ipp_serialized(frames: Sequence[Any]) -> bool:
-    """Whether ``serialize_object`` frames were written by ipyparallel rather than by us.
-
-    Used for what reaches a ferroparallel client from ipyparallel peers: results another
-    (ipyparallel) client's request produced, fetched from the hub, and ``data_message``
-    outputs of ipyparallel engines. A pickle frame of our protocol (up to 1 MiB) is searched
-    for ipyparallel's canning module name, so call this only where such frames may come.
-
-    Parameters
-    ----------
-    frames : sequence of buffer-like
-        Frame 0 is a pickle; the rest its buffers.
-
-    Returns
-    -------
-    bool
-        True for a pickle of another protocol than ours, or one that refers to
-        ``ipyparallel.serialize`` (canned objects).
-    """
+def is_our_protocol(frames: Sequence[Any]) -> bool:
+    """Whether frame 0 is a pickle of our protocol (5): ipyparallel's frames of Python 3.14
+    are too, so this only says that reading it as ours is worth trying."""
     if not frames:
         return False
-    head = memoryview(frames[0])
     try:
-        head = head.cast("B")
-    except TypeError:  # not C-contiguous: not a pickle either of us wrote
+        head = memoryview(frames[0]).cast("B")
+    except TypeError:
         return False
-    if head.nbytes < 2 or head[0] != _PICKLE_PROTO:
-        return False
-    if head[1] != _OUR_PROTOCOL:
-        return True
-    # (ipyparallel's data travels in buffer frames: its pickle frame stays small)
-    return head.nbytes <= _SEARCHED_BYTES and _IPP_CANNING in head.tobytes()
+    return head.nbytes >= 2 and head[0] == _PICKLE_PROTO and head[1] == _OUR_PROTOCOL
 
 
 def deserialize_ipp_object(frames: Sequence[Any]) -> Any:

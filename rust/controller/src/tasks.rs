@@ -620,8 +620,6 @@ impl Server {
         }
     }
 
-    /// The `evalue` of an engine's UnmetDependency reply, shortened (it is repeated in the
-    /// scheduler's error when no engine is left).
     /// "failed with <ename>: <evalue>" of a failure reply (for a later ImpossibleDependency).
     fn failure_reason(&mut self, env: &Env) -> Option<String> {
         let content = self.unpack(env, "content")?;
@@ -630,6 +628,8 @@ impl Server {
         Some(format!("failed with {ename}: {evalue}"))
     }
 
+    /// The `evalue` of an engine's UnmetDependency reply, shortened (it is repeated in the
+    /// scheduler's error when no engine is left).
     fn unmet_reason(&mut self, env: &Env) -> Option<String> {
         const MAX_CHARS: usize = 500;
         let content = self.unpack(env, "content")?;
@@ -662,6 +662,10 @@ impl Server {
         let runnable_on_idle = |t: &Task| {
             registered
                 && t.follow.is_none()
+                // taking it back blacklists the victim (a replay there would be dropped):
+                // a task with retries left would lose that engine for its retries, and with a
+                // timeout it would wait for one until then, its own error hidden
+                && t.retries == 0
                 && !t.blacklist.contains(idle)
                 && t.targets
                     .as_ref()
@@ -818,11 +822,12 @@ impl Server {
             }
         }
         for t in timed_out {
-            self.fail_task(
-                t,
-                "TaskTimeout",
-                "the task did not start before its timeout",
-            );
+            let why = match &t.last_unmet {
+                // (a failed, retried task: its last failure is not lost)
+                Some(last) => format!("the task did not start before its timeout (last: {last})"),
+                None => "the task did not start before its timeout".to_owned(),
+            };
+            self.fail_task(t, "TaskTimeout", &why);
         }
     }
 
