@@ -304,7 +304,9 @@ class ShmTransport:
             return [s for s in self._live if isinstance(s, _peer.Loan)]
 
     def close(self) -> None:
-        """Release every segment (requests still queued on engines then fail to map them).
+        """Let go of every segment and loan. Segments of requests still queued on engines
+        are detached (:meth:`~ferroparallel.serialize.shm.Segment.detach`), not unlinked: the
+        engines still run what was sent, as with ipyparallel, and a later sweep removes them.
         Outstanding loans are kept until the process exits: an engine may still read them,
         and memory released here could be reused by something else."""
         with self._lock:
@@ -312,13 +314,21 @@ class ShmTransport:
         for checking in self._net_checks:  # (a thread must not outlive the interpreter)
             if checking is not threading.current_thread():  # (close() may run on it)
                 checking.join(timeout=_net.PROBE_TIMEOUT + 1)
+        detached = []
         for seg in live:
             if isinstance(seg, _net.NetLoan):
                 seg.release()  # the data server stops with the client
             elif isinstance(seg, _peer.Loan):
                 _peer.orphan(seg)
             else:
-                seg.release()
+                seg.detach()  # (its requests have not all been answered)
+                detached.append(seg)
+        if detached:
+            # unlinked by this process after the grace if it lives that long (a sweep
+            # cannot: its creator is alive), else by the sweep of a later process
+            timer = threading.Timer(_shm.detach_grace(), lambda: [s.release() for s in detached])
+            timer.daemon = True
+            timer.start()
 
     # ----- locality -----------------------------------------------------------------------
 

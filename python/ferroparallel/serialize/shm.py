@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,10 @@ ENV_ENABLE = "FERROPARALLEL_SHM"
 ENV_THRESHOLD = "FERROPARALLEL_SHM_THRESHOLD"
 #: ``FERROPARALLEL_HOST_TOKEN=<text>`` overrides the host token (tests, unusual setups).
 ENV_HOST = "FERROPARALLEL_HOST_TOKEN"
+#: Seconds a segment left behind by a closed client stays for requests still queued on engines
+#: (see :meth:`Segment.detach`); overridden by ``$FERROPARALLEL_SHM_DETACH_GRACE``.
+DETACH_GRACE = 300.0
+ENV_DETACH_GRACE = "FERROPARALLEL_SHM_DETACH_GRACE"
 
 #: Alignment of each buffer inside a segment (enough for any dtype and SIMD loads).
 ALIGN = 64
@@ -141,6 +146,15 @@ def new_segment_name() -> str:
     return _prefix[1] + secrets.token_hex(8)
 
 
+def detach_grace() -> float:
+    """Seconds a detached segment is kept (:data:`DETACH_GRACE`, or the environment's)."""
+    raw = os.environ.get(ENV_DETACH_GRACE)
+    try:
+        return DETACH_GRACE if raw is None else max(0.0, float(raw))
+    except ValueError:
+        return DETACH_GRACE
+
+
 def creator_alive(name: str) -> bool | None:
     """Whether the creator of segment ``name`` still runs; ``None`` if we cannot tell (not
     one of ours, or made in another pid namespace)."""
@@ -162,10 +176,13 @@ def sweep(directory: Path | None = None) -> list[str]:
         names = os.listdir(d)
     except OSError:
         return removed
+    now = time.time()
     for name in names:
         if not name.startswith("fp-") or creator_alive(name) is not False:
             continue
         try:
+            if os.stat(d / name).st_mtime > now:
+                continue  # detached by a closed client, for requests still queued
             os.unlink(d / name)
             removed.append(name)
         except OSError:
@@ -242,6 +259,19 @@ class Segment:
         """Unlink the name; existing mappings stay valid."""
         try:
             os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def detach(self, grace: float | None = None) -> None:
+        """Leave the name for requests still queued on engines, which map it when they reach
+        them: its modification time is set ``grace`` seconds (default :data:`DETACH_GRACE`)
+        into the future, and :func:`sweep` keeps a segment whose time has not come even
+        when its creator is gone; after that it is swept like a crashed client's."""
+        if grace is None:
+            grace = detach_grace()
+        until = time.time() + grace
+        try:
+            os.utime(self.path, (until, until))
         except FileNotFoundError:
             pass
 
