@@ -108,11 +108,24 @@ def test_foreign_host_gone_lender_and_bad_ranges_fail_clearly() -> None:
     with peer.serving("x"):
         with pytest.raises(shm.ShmError, match="another host"):
             peer.read_slice(pid, start, addr, n, "elsewhere/boot/1/pid:2", "x")
-        with pytest.raises(shm.ShmError, match="is gone"):
+        with pytest.raises(shm.LenderGone, match="is gone"):
             peer.read_slice(pid, start + 1, addr, n, token, "x")
         with pytest.raises(shm.ShmError, match="cannot read the buffers"):
             peer.read_slice(pid, start, 8, n, token, "x")
         assert bytes(peer.read_slice(pid, start, addr, n, token, "x")) == bytes(buf)
+
+
+def test_a_result_whose_engine_died_before_it_was_read_is_an_engine_error() -> None:
+    from ferroparallel.client.dispatch import _engine_died
+
+    class FakeClient:
+        _uuids = {"engine-uuid-1": 1}
+        _departed: dict[str, int] = {}
+
+    exc = _engine_died(shm.LenderGone("the process ... is gone"), FakeClient(), "engine-uuid-1")
+    assert isinstance(exc, ipp.error.EngineError) and isinstance(exc, ipp.RemoteError)
+    assert exc.ename == "EngineError" and "died before this client read" in exc.evalue
+    assert exc.engine_info["engine_id"] == 1
 
 
 def test_read_process_memory_checks_its_arguments() -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .. import error
 from ..serialize import deserialize_object, netloan, peer
 from ..serialize.ipp_compat import deserialize_ipp_object, is_our_protocol
+from ..serialize.shm import LenderGone
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
@@ -310,6 +311,21 @@ def _ipp_format(md: dict[str, Any], ours: str) -> bool:
     return ours not in md
 
 
+def _engine_died(e: BaseException, client: Client, uuid: Any) -> BaseException:
+    """The EngineError (as the controller's: a RemoteError that is also an EngineError) of a
+    result the engine lent and died before this client read it."""
+    exc = error.unwrap_exception(
+        {
+            "status": "error",
+            "ename": "EngineError",
+            "evalue": f"the engine died before this client read its result ({e})",
+            "traceback": [],
+        }
+    )
+    _label_with_engine(exc, client, uuid, "apply_reply")
+    return exc
+
+
 def _label_with_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> None:
     """Give ``exc`` (the RemoteError of a controller's EngineError reply, or of a result the
     client could not unpickle) the ``engine_info`` of engine ``uuid``: users see which
@@ -417,6 +433,8 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                     result = _decode(msg.get("buffers") or [], ipp_format)
                 else:  # (a descriptor of lent memory would be refused)
                     result = deserialize_object(msg.get("buffers") or [])
+            except LenderGone as e:  # the engine died before its lent result was read
+                exc = _engine_died(e, client, engine_uuid)
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
                 # raised here, in the client, but labelled with the engine that sent it
                 exc = error.RemoteError(

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _core
-from .shm import DataUnreachable, ShmError, _pid_namespace, _start_time, host_token
+from .shm import DataUnreachable, LenderGone, ShmError, _pid_namespace, _start_time, host_token
 
 #: ``FERROPARALLEL_PEER_READ=0`` (or ``off``/``false``/``no``) disables lending.
 ENV_ENABLE = "FERROPARALLEL_PEER_READ"
@@ -218,7 +218,7 @@ def read_slice(pid: int, start: int, addr: int, nbytes: int, host: str, loan: st
             f"is {here!r}): disable lending for clusters spanning hosts ({ENV_ENABLE}=0)"
         )
     if _start_time(pid) != start:
-        raise ShmError(f"the process that lent these buffers (pid {pid}) is gone")
+        raise LenderGone(f"the process that lent these buffers (pid {pid}) is gone")
     dest = _allocate(nbytes)
     try:
         _core.read_process_memory(pid, addr, dest)

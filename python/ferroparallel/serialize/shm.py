@@ -56,6 +56,11 @@ class ShmError(RuntimeError):
     """A shared-memory segment cannot be created, found or mapped."""
 
 
+class LenderGone(ShmError):
+    """The process that lent buffers (an engine's result, a client's arguments) ended before
+    they were read."""
+
+
 class DataUnreachable(ShmError):
     """Buffers described in a message cannot be reached from this process at all (another
     host, or a lender this process cannot connect to), as opposed to buffers that are gone.
