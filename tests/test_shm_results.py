@@ -58,6 +58,22 @@ def test_pull_and_apply_results_come_through_shm(rc: Client, dv: DirectView) -> 
     assert _engine_segments(rc) == [[], []]
 
 
+@pytest.mark.usefixtures("no_lending")
+def test_a_shm_result_fetched_again_from_the_hub_says_why_it_is_gone(rc: Client) -> None:
+    # the hub keeps only the descriptor of a result that came through shared memory; once the
+    # client has read it (and dropped it), asking the hub again fails with the reason
+    ar = rc[0].apply_async(lambda: __import__("numpy").ones(MIB))
+    assert_over_shm(ar.get(timeout=30))
+    msg_id = ar.msg_ids[0]
+    del ar
+    rc.purge_local_results([msg_id])
+    with pytest.raises(ipp.RemoteError) as info:
+        rc.get_result(msg_id).get(timeout=30)
+    assert info.value.ename == "ShmError"
+    assert "came through shared memory" in info.value.evalue
+    assert "shm=False" in info.value.evalue
+
+
 def _shm_descriptors() -> int:
     """Open descriptors of this process on shared-memory files."""
     import os

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .. import error
 from ..serialize import deserialize_object, netloan, peer
 from ..serialize.ipp_compat import deserialize_ipp_object, is_our_protocol
-from ..serialize.shm import LenderGone
+from ..serialize.shm import LenderGone, ShmError
 from ..serialize.shm import release_name as release_segment
 from ..wire_names import (
     BUFFERS_CHANGED_KEY,
@@ -436,13 +436,25 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             except LenderGone as e:  # the engine died before its lent result was read
                 exc = _engine_died(e, client, engine_uuid)
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
-                # raised here, in the client, but labelled with the engine that sent it
-                exc = error.RemoteError(
-                    type(e).__name__,
-                    f"cannot deserialize the result on the client: {e}",
-                    "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(),
-                )
-                _label_with_engine(exc, client, engine_uuid, "apply_reply")
+                if isinstance(e, ShmError) and msg.get(FROM_RECORD) and md_in.get(SHM_SEGMENT_KEY):
+                    # a hub record of a result that came through shared memory: the client
+                    # it went to released the segment once it had read it
+                    exc = error.RemoteError(
+                        "ShmError",
+                        f"the result of {msg_id} came through shared memory to the client "
+                        "that asked for it, which released the segment once it had read it; "
+                        "the hub keeps only its descriptor: keep the AsyncResult (or the "
+                        f"value) to use it again, or run the request again ({e}; "
+                        "Client(shm=False) keeps results fetchable from the hub)",
+                    )
+                else:
+                    # raised here, in the client, but labelled with the engine that sent it
+                    exc = error.RemoteError(
+                        type(e).__name__,
+                        f"cannot deserialize the result on the client: {e}",
+                        "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(),
+                    )
+                    _label_with_engine(exc, client, engine_uuid, "apply_reply")
             finally:
                 segment = md_in.get(SHM_SEGMENT_KEY)
                 if segment:  # mapped (or failed): the name is no longer needed
