@@ -1045,10 +1045,10 @@ def _items(chunk: Any) -> list[Any]:
 class _TextBar:
     """Fallback progress display without tqdm."""
 
-    def __init__(self, total: int, desc: str, unit: str = "tasks") -> None:
+    def __init__(self, total: int, desc: str, counted: str = "tasks finished") -> None:
         self.total = total
         self.desc = desc
-        self.unit = unit
+        self.counted = counted
         self.start = time.monotonic()
         self.n = -1
 
@@ -1058,7 +1058,7 @@ class _TextBar:
         self.n = n
         elapsed = time.monotonic() - self.start
         print(
-            f"\r{self.desc}: {n:4}/{self.total} {self.unit} after {elapsed:4.0f} s",
+            f"\r{self.desc}: {n:4}/{self.total} {self.counted} after {elapsed:4.0f} s",
             end="",
             file=sys.stdout,
             flush=True,
@@ -1081,10 +1081,16 @@ class _TqdmBar:
 
 
 def _progress_bar(
-    total: int, widget: bool | None, desc: str, unit: str = "tasks", initial: int = 0
+    total: int,
+    widget: bool | None,
+    desc: str,
+    unit: str = "tasks",
+    initial: int = 0,
+    counted: str = "tasks finished",
 ) -> Any:
     """A progress bar (``update_to(n)``, ``close()``): tqdm's (a notebook widget with
-    ``widget=True``, text with False, whichever fits with None), else a line of text."""
+    ``widget=True``, text with False, whichever fits with None), else a line of text
+    (``n/total <counted>``)."""
     try:
         if widget is True:
             from tqdm.notebook import tqdm
@@ -1093,7 +1099,7 @@ def _progress_bar(
         else:
             from tqdm.auto import tqdm
     except ImportError:
-        return _TextBar(total, desc, unit)
+        return _TextBar(total, desc, counted)
     # a text bar goes to stdout, as ipyparallel's
     opts = {"total": total, "unit": unit, "desc": desc, "file": sys.stdout, "initial": initial}
     try:
@@ -1104,4 +1110,4 @@ def _progress_bar(
 
             return _TqdmBar(text_tqdm(**opts))
         except Exception:  # noqa: BLE001
-            return _TextBar(total, desc, unit)
+            return _TextBar(total, desc, counted)

@@ -1188,7 +1188,14 @@ class Client(HasTraits):
         def _wait() -> None:
             bar = None
             if interactive and len(self._ids) < n:
-                bar = _progress_bar(n, widget, "", unit="engine", initial=len(self._ids))
+                bar = _progress_bar(
+                    n,
+                    widget,
+                    "",
+                    unit="engine",
+                    initial=len(self._ids),
+                    counted="engines registered",
+                )
             try:
                 while len(self._ids) < n:
                     if bar is not None:  # (drawn without the lock the dispatcher needs)
