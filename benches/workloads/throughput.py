@@ -90,18 +90,24 @@ class Pattern:
     collect: Callable[[Any, Any], int]
 
 
+#: Seconds a run's results may take in all: a framework that loses a task (ipyparallel 9.2
+#: once hung here for good) gives a FAILED row instead of stopping the whole benchmark.
+COLLECT_TIMEOUT = 600.0
+
+
 def _get_each(rc: Any, ars: list[Any]) -> int:
     """``ar.get()`` of every AsyncResult; the number of engine results."""
+    deadline = time.monotonic() + COLLECT_TIMEOUT
     count = 0
     for ar in ars:
-        value = ar.get()
+        value = ar.get(timeout=max(deadline - time.monotonic(), 0.001))
         count += len(value) if isinstance(value, list) else 1
     return count
 
 
 def _get_map(rc: Any, amr: Any) -> int:
     """The whole map result; its length."""
-    return len(amr.get())
+    return len(amr.get(timeout=COLLECT_TIMEOUT))
 
 
 def _ipp_patterns(n_engines: int) -> list[Pattern]:
