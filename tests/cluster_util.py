@@ -406,3 +406,16 @@ def connected(cluster: Any, n: int, timeout: float = 30.0) -> Iterator[tuple[Any
         if rc is not None:
             rc.close()
         cluster.stop_cluster_sync()
+
+
+def assert_results_from_the_hub(client: Any, msg_ids: list[str], values: list[Any]) -> None:
+    """``client.get_result(msg_id)`` of each request equals its value (arrays by content;
+    other values by value and type), fetched with a 30 s timeout."""
+    import numpy as np
+
+    for msg_id, value in zip(msg_ids, values, strict=True):
+        got = client.get_result(msg_id).get(timeout=30)
+        if isinstance(value, np.ndarray):
+            assert isinstance(got, np.ndarray) and np.array_equal(got, value)
+        else:
+            assert got == value and type(got) is type(value)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster_util import stop_popen, wait_until
+from cluster_util import assert_results_from_the_hub, stop_popen, wait_until
 from ferroparallel.client import Client
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import RemoteError
@@ -140,12 +140,7 @@ def test_our_client_reads_what_ipyparallel_peers_serialized(setup: Setup) -> Non
             ids.append(ar.msg_ids[0])
         with Client(setup.cluster.client_file, timeout=SHORT) as rc:
             rc.wait_for_engines(2, timeout=60)
-            for msg_id, value in zip(ids, values, strict=True):
-                got = rc.get_result(msg_id).get(timeout=SHORT)
-                if isinstance(value, np.ndarray):
-                    assert isinstance(got, np.ndarray) and np.array_equal(got, value)
-                else:
-                    assert got == value and type(got) is type(value)
+            assert_results_from_the_hub(rc, ids, values)
             status = rc.result_status(ids[:1], status_only=False)
             assert status["completed"] == ids[:1] and status[ids[0]] == b"abc"
             # publish_data on an ipyparallel engine (topic "datapub", its serialization)

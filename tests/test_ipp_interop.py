@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cluster_util import assert_results_from_the_hub
 from ferroparallel.cluster import Cluster
 from ferroparallel.engine.execute import run_apply
 from ferroparallel.engine.signals import InterruptGate
@@ -237,12 +238,7 @@ def test_our_client_reads_an_ipyparallel_clients_results_from_the_hub(
         ids.append(ar.msg_ids[0])
     fp = ferroparallel.Client(ipp_cluster.client_file, timeout=SHORT)
     try:
-        for msg_id, value in zip(ids, values, strict=True):
-            got = fp.get_result(msg_id).get(timeout=SHORT)
-            if isinstance(value, np.ndarray):
-                assert isinstance(got, np.ndarray) and np.array_equal(got, value)
-            else:
-                assert got == value and type(got) is type(value)
+        assert_results_from_the_hub(fp, ids, values)
     finally:
         fp.close()
 
