@@ -413,6 +413,22 @@ def test_an_engine_killed_from_outside_is_reaped(
     assert victim.exit_code == -signal.SIGKILL and other.running
 
 
+def test_the_reaper_starts_afresh_in_a_forked_child() -> None:
+    from ferroparallel.cluster import launchers
+
+    child = launchers.Process.spawn([sys.executable, "-c", "pass"], os.environ, os.devnull)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: none of the parent's children, no thread, a free lock
+            r = launchers._REAPER
+            ok = r._children == [] and r._thread is None and r._lock.acquire(timeout=1)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        child.wait_sync(10)
+
+
 @needs_controller
 def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Path) -> None:
     script = tmp_path / "starter.py"
@@ -422,12 +438,14 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
             import json, sys
             from ferroparallel.cluster import Cluster
             mode = sys.argv[1]
-            on = mode in ("1", "gc", "late-off")
+            on = mode in ("1", "gc", "late-off", "closed-stderr")
             c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=on)
             c.start_cluster_sync()
             if mode.startswith("late"):  # changed after the start: what counts is the end
                 c.shutdown_atexit = mode == "late-on"
             print(json.dumps([p.pid for p in c._processes()]), flush=True)
+            if mode == "closed-stderr":  # printing the exit message fails: still stopped
+                sys.stderr.close()
             if mode == "gc":  # the object dropped: its processes are still stopped at exit
                 import gc
                 del c
@@ -464,6 +482,7 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
     # the flag as it is at exit counts, as in ipyparallel: turned off after the start, or on
     outlives_its_starter("late-off")
     stopped_at_exit("late-on")
+    stopped_at_exit("closed-stderr")
 
 
 @needs_engine

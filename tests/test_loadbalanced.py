@@ -640,7 +640,8 @@ def test_retries_beyond_the_engines_with_a_timeout_time_out(rc: Client) -> None:
         with lv.temp_flags(retries=r):
             expect_remote(lv.apply_async(fail, "x"), ipp.RemoteError, "ValueError")
     with lv.temp_flags(retries=len(rc.ids), timeout=0.1):
-        expect_remote(lv.apply_async(fail, "x"), error.TaskTimeout, "TaskTimeout")
+        e = expect_remote(lv.apply_async(fail, "x"), error.TaskTimeout, "TaskTimeout")
+    assert "ValueError" in e.evalue, e.evalue  # (its last failure is not lost)
 
 
 # -- functional dependencies ----------------------------------------------------------------------

@@ -223,6 +223,20 @@ def test_a_detached_segment_outlives_its_creator_until_its_grace_ends() -> None:
             os.unlink(shm.SHM_DIR / name)
 
 
+def test_detach_grace_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv(shm.ENV_DETACH_GRACE, raising=False)
+    assert shm.detach_grace() == shm.DETACH_GRACE
+    monkeypatch.setenv(shm.ENV_DETACH_GRACE, "2.5")
+    assert shm.detach_grace() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(shm.ENV_DETACH_GRACE, bad)
+        caplog.clear()
+        assert shm.detach_grace() == shm.DETACH_GRACE  # (read while a client closes)
+        assert shm.ENV_DETACH_GRACE in caplog.text and repr(bad) in caplog.text
+
+
 def test_env_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(shm.ENV_THRESHOLD, "4096")
     assert shm.threshold_from_env() == 4096

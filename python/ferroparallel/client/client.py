@@ -11,7 +11,6 @@ import collections
 import logging
 import operator
 import os
-import sys
 import threading
 import time
 import warnings
@@ -41,6 +40,7 @@ from ..wire_names import (
 from . import connection, dispatch, waiting
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
+from .outputs import ipython_shell
 from .shm_transport import ShmTransport
 
 log = logging.getLogger("ferroparallel.client")
@@ -100,12 +100,6 @@ def _dispatch_loop(ref: weakref.ref[Client], io: Any) -> None:
             return
         client._dispatch_round(batch)
         del client
-
-
-def _in_ipython() -> bool:
-    """Whether this runs in an IPython session (without importing IPython)."""
-    ipython = sys.modules.get("IPython")
-    return ipython is not None and ipython.get_ipython() is not None
 
 
 def _execute_content(code: str, silent: bool) -> dict[str, Any]:
@@ -460,7 +454,7 @@ class Client(HasTraits):
     def _activate_magics(self) -> None:
         """Inside IPython, a blocking view of all engines becomes the magics' active view (as
         creating an ipyparallel Client does)."""
-        shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+        shell = ipython_shell()
         if shell is None or not hasattr(shell, "register_magics"):
             return
         try:
@@ -1183,7 +1177,7 @@ class Client(HasTraits):
         if interactive is None:  # as ipyparallel
             import ferroparallel
 
-            interactive = not ferroparallel._NONINTERACTIVE and _in_ipython()
+            interactive = not ferroparallel._NONINTERACTIVE and ipython_shell() is not None
 
         def _wait() -> None:
             bar = None

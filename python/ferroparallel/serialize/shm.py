@@ -18,6 +18,7 @@ starts) removes segments whose creator is gone.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,8 @@ from typing import Any, Protocol
 from .._core import SharedMapping
 
 #: Where segments live (a tmpfs on Linux).
+log = logging.getLogger("ferroparallel.shm")
+
 SHM_DIR = Path("/dev/shm")
 #: Default size (bytes) above which a buffer goes through shared memory.
 DEFAULT_SHM_THRESHOLD = 1 << 20
@@ -152,12 +155,25 @@ def new_segment_name() -> str:
 
 
 def detach_grace() -> float:
-    """Seconds a detached segment is kept (:data:`DETACH_GRACE`, or the environment's)."""
-    raw = os.environ.get(ENV_DETACH_GRACE)
-    try:
-        return DETACH_GRACE if raw is None else max(0.0, float(raw))
-    except ValueError:
+    """Seconds a detached segment is kept (:data:`DETACH_GRACE`, or the environment's: a value
+    that is no number of seconds >= 0 is named in a warning and the default used, since this
+    is read while a client closes)."""
+    raw = os.environ.get(ENV_DETACH_GRACE, "").strip()
+    if not raw:
         return DETACH_GRACE
+    try:
+        grace = float(raw)
+    except ValueError:
+        grace = -1.0
+    if not grace >= 0:  # (NaN too)
+        log.warning(
+            "%s must be a number of seconds >= 0, not %r: using %g",
+            ENV_DETACH_GRACE,
+            raw,
+            DETACH_GRACE,
+        )
+        return DETACH_GRACE
+    return grace
 
 
 def creator_alive(name: str) -> bool | None:
