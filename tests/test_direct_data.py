@@ -12,16 +12,21 @@ an unreachable endpoint, more than two targets), the loans' lifetime, and refusa
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 import ferroparallel as ipp
 from cluster_fixtures import wait_until
-from ferroparallel import Client, Cluster, Reference
+from ferroparallel import Client, Cluster, Reference, _core
 from ferroparallel.error import RemoteError
 from ferroparallel.serialize import netloan
 from ferroparallel.serialize.shm import ShmError
@@ -242,13 +247,12 @@ def test_fetch_checks_token_key_and_mac(server: netloan.DataServer) -> None:
         fetcher.close()
     stranger = netloan.Fetcher(b"another key", "msgpack")
     token = server.lend([b"secret"], "m")
-    try:  # a request signed with another key is dropped: no answer
+    try:  # a request signed with another key is dropped, with its connection: no answer
         with pytest.raises(ShmError, match="did not answer within"):
             stranger.fetch(server.endpoint, token, 1.0)
     finally:
         stranger.close()
-    with pytest.raises(ShmError, match="do not match their MAC"):
-        netloan.Fetcher(KEY, "msgpack")._checked([b"altered"], "00" * 32)
+    # (altered bytes: test_a_fetched_reply_with_altered_bytes_is_refused)
 
 
 def test_descriptors_are_fetched_only_inside_their_request(server: netloan.DataServer) -> None:
@@ -394,40 +398,56 @@ def test_an_engine_stopped_before_its_result_is_fetched_fails_the_request_only(
         os.kill(pid, signal.SIGCONT)
 
 
-def test_garbage_on_the_data_endpoint_is_dropped(server: netloan.DataServer) -> None:
-    """Unsigned, malformed or oversized input to a data endpoint is dropped (and logged), and
-    the server goes on serving."""
-    import os
+def _raw_peer(endpoint: str) -> socket.socket:
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
 
-    import zmq
 
-    token = server.lend([b"still served"], "m")
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.linger = 0
-    raw.connect(server.endpoint)
+def _stream_message(frames: list[bytes]) -> bytes:
+    """One message of the data stream format, written by hand (see ``fp_io::stream``)."""
+    head = b"FPds" + struct.pack(">II", len(frames), 0)
+    return head + b"".join(struct.pack(">Q", len(f)) for f in frames) + b"".join(frames)
+
+
+def _closed_by_server(peer: socket.socket) -> bool:
     try:
-        junk = [
-            [b"hello"],
-            [b"<IDS|MSG>", b"", b"{}", b"{}", b"{}", b"{}"],  # unsigned
-            [b"<IDS|MSG>", b"0" * 64, b"\xff\xfe", b"", b"", b""],
-            [os.urandom(1 << 16) for _ in range(3)],
-            [b""] * 200,
-        ]
-        for frames in junk:
-            raw.send_multipart(frames)
-        fetcher = netloan.Fetcher(KEY, "msgpack")
-        try:
-            assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
-            # a signed request of an unknown kind, and one without a token
-            with fetcher._channel(server.endpoint) as sockets:
-                sockets.send("data", "fp_something_else", {"token": token})
-                sockets.send("data", netloan.FETCH_REQUEST, {"token": 12345})
-            assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
-        finally:
-            fetcher.close()
+        return peer.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_garbage_on_the_data_endpoint_is_dropped(server: netloan.DataServer) -> None:
+    """Unsigned, malformed or oversized input to a data endpoint costs its sender the
+    connection (and is logged), and the server goes on serving everyone else."""
+    token = server.lend([b"still served"], "m")
+    junk = [
+        b"hello",
+        b"GET / HTTP/1.0\r\n\r\n" + b"x" * 100,
+        _stream_message([b"<IDS|MSG>", b"", b"{}", b"{}", b"{}", b"{}"]),  # unsigned
+        _stream_message([b"<IDS|MSG>", b"0" * 64, b"\xff\xfe", b"", b"", b""]),
+        _stream_message([os.urandom(1 << 10) for _ in range(3)]),
+        _stream_message([b""] * 200),  # too many frames
+        b"FPds" + struct.pack(">II", 1, 8),  # unknown flags
+    ]
+    for data in junk:
+        with _raw_peer(server.endpoint) as peer:
+            peer.sendall(data)
+            assert _closed_by_server(peer), data[:40]
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
+        # a signed request of an unknown kind, and one without a token: ignored
+        with fetcher._channel(server.endpoint) as chan:
+            fetcher._request(chan, "fp_something_else", {"token": token}, 5)
+            fetcher._request(chan, netloan.FETCH_RELEASE, {"token": 12345}, 5)
+        assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
+        assert fetcher.channels == 1  # the same connection all along
+        # a fetch request without a token is answered "missing"
+        with pytest.raises(ShmError, match="no longer served"):
+            fetcher.fetch(server.endpoint, 12345, 10)  # type: ignore[arg-type]
     finally:
-        raw.close()
+        fetcher.close()
+    wait_until(lambda: server.connections == 0, what="the server to drop its connections")
 
 
 def test_a_lender_that_is_gone_fails_the_fetch_soon(server: netloan.DataServer) -> None:
@@ -453,31 +473,49 @@ def test_a_lender_that_is_gone_fails_the_fetch_soon(server: netloan.DataServer) 
 
 def test_oversized_input_on_a_data_endpoint_is_refused(server: netloan.DataServer) -> None:
     """The data endpoint only takes small requests: a peer announcing a big message is cut
-    off before its bytes are buffered, and the server goes on serving."""
-    import zmq
-    from zmq.utils.monitor import recv_monitor_message
-
+    off before its bytes are read, and the server goes on serving."""
     token = server.lend([b"fine"], "m")
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.linger = 0
-    events = raw.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-    raw.connect(server.endpoint)
+    with _raw_peer(server.endpoint) as peer:
+        head = b"FPds" + struct.pack(">IIQ", 1, 0, netloan.MAX_REQUEST_BYTES + 1)
+        peer.sendall(head)  # only the announcement: the server must not wait for the bytes
+        assert _closed_by_server(peer), "the oversized message was accepted"
+    fetcher = netloan.Fetcher(KEY, "msgpack")
     try:
-        assert events.poll(5000) and recv_monitor_message(events)["event"] == (
-            zmq.EVENT_HANDSHAKE_SUCCEEDED
-        )
-        raw.send(b"\0" * (netloan.MAX_REQUEST_BYTES + 1))
-        # the server cuts the peer off (without the limit it would take the bytes)
-        assert events.poll(5000), "the oversized message was accepted"
-        assert recv_monitor_message(events)["event"] == zmq.EVENT_DISCONNECTED
-        raw.disable_monitor()
-        fetcher = netloan.Fetcher(KEY, "msgpack")
-        try:
-            assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"fine"
-        finally:
-            fetcher.close()
+        assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"fine"
     finally:
-        raw.close()
+        fetcher.close()
+
+
+def test_a_fetched_reply_with_altered_bytes_is_refused() -> None:
+    """The bytes of a fetch are checked against their MAC, which is bound to the request:
+    a lender without the key, or a reply recorded for another request, is refused."""
+    listener = _core.DataListener("127.0.0.1")
+    stranger = _core.Session(b"another key", packer="msgpack", sign_buffers=False)
+    ours = _core.Session(KEY, packer="msgpack", sign_buffers=False)
+
+    def lender(session: Any, context: str | None) -> None:
+        stream = listener.accept(10)
+        request = ours.deserialize(stream.recv(max_bytes=65536))
+        stream.send(ours.serialize(netloan.FETCH_ACK, {"count": 1, "nbytes": 4}, request["header"]))
+        ctx = context if context is not None else request["msg_id"]
+        stream.send([b"data"], session=session, mac_context=ctx)
+        with contextlib.suppress(EOFError, OSError):
+            stream.recv(max_bytes=0, timeout=10)  # until the fetcher hangs up
+
+    try:
+        for session, context in [(stranger, None), (ours, "another request")]:
+            t = threading.Thread(target=lender, args=(session, context), daemon=True)
+            t.start()
+            fetcher = netloan.Fetcher(KEY, "msgpack")
+            try:
+                with pytest.raises(ShmError, match="do not match their MAC"):
+                    fetcher.fetch(listener.endpoint, "token", 10)
+                assert fetcher.channels == 0
+            finally:
+                fetcher.close()
+            t.join(10)
+    finally:
+        listener.close()
 
 
 def test_failed_pickling_lends_nothing(net_rc: Client) -> None:
@@ -530,6 +568,14 @@ def test_a_fetch_that_gives_up_drops_its_channel(server: netloan.DataServer) -> 
     token = server.lend([b"x" * 1000], "m")
     fetcher = netloan.Fetcher(KEY, "msgpack")
     try:
+        with pytest.raises(ShmError, match="abandoned"):
+            fetcher.fetch(server.endpoint, token, 10, abandon=lambda: True)
+        asked: list[int] = []  # gives up after the acknowledgement
+        with pytest.raises(ShmError, match="abandoned"):
+            fetcher.fetch(
+                server.endpoint, token, 10, abandon=lambda: bool(asked.append(1)) or len(asked) > 1
+            )
+        assert fetcher.channels == 0
         with pytest.raises(ShmError, match="abandoned"):
             fetcher.fetch(server.endpoint, token, 10, abandon=lambda: True)
         assert fetcher.channels == 0

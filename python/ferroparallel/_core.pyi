@@ -1,6 +1,6 @@
 """Type stubs for the compiled ``ferroparallel._core`` extension (Rust, PyO3)."""
 
-from collections.abc import Buffer, Iterable, Sequence
+from collections.abc import Buffer, Callable, Iterable, Sequence
 from typing import Any
 
 __version__: str
@@ -49,6 +49,74 @@ class Frame:
     @property
     def address(self) -> int:
         """Address of the first byte (to prove zero-copy in tests)."""
+
+class DataListener:
+    """A listening TCP socket of a data server (decision 0016).
+
+    Parameters
+    ----------
+    host : str
+        The interface to listen on (any free port).
+    """
+
+    endpoint: str
+    closed: bool
+    def __init__(self, host: str) -> None: ...
+    def accept(self, timeout: float) -> DataStream | None:
+        """The next connection, or None after ``timeout`` seconds or once closed."""
+    def close(self) -> None:
+        """Stop accepting (a waiting ``accept`` returns None)."""
+
+class DataStream:
+    """One connection of the direct data stream: length-prefixed messages of frames over
+    plain TCP (format in ``docs/protocol.md``). Blocking calls run without the GIL and wake
+    every quarter of a second for signals, ``abandon()`` and ``close()``."""
+
+    closed: bool
+    peer: str
+    @staticmethod
+    def connect(endpoint: str, timeout: float) -> DataStream:
+        """Connect to ``tcp://host:port``; ConnectionError if it cannot."""
+    def send(
+        self,
+        frames: Sequence[Buffer],
+        *,
+        session: Session | None = None,
+        mac_context: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send one message of ``frames`` (not copied); with a keyed ``session`` their MAC
+        for ``mac_context`` follows them, computed on another thread while they are written."""
+    def recv(
+        self,
+        *,
+        max_bytes: int,
+        max_frames: int = 65536,
+        timeout: float | None = None,
+        message_timeout: float | None = None,
+        session: Session | None = None,
+        mac_context: str | None = None,
+        abandon: Callable[[], bool] | None = None,
+    ) -> list[Frame]:
+        """Receive one message (frames read straight into their own memory).
+
+        Raises
+        ------
+        EOFError
+            The peer closed the connection between messages.
+        ConnectionError
+            It closed it in the middle of one.
+        TimeoutError
+            ``timeout`` (the whole message) or ``message_timeout`` (from its first byte)
+            passed.
+        InterruptedError
+            ``close()`` from another thread, or ``abandon()`` returned true.
+        ValueError
+            Not a message of this protocol, more than ``max_bytes``/``max_frames``, or (with a
+            keyed ``session``) frames that do not match their MAC.
+        """
+    def close(self) -> None:
+        """Close the connection (a transfer in progress on another thread fails)."""
 
 class SharedMapping:
     """A read-only mapping of a whole shared-memory file that keeps no file descriptor open

@@ -8,10 +8,13 @@ buffer's index and size, and the msg_id of the request it was lent for), and the
 fetches the bytes from the lender's :class:`DataServer` while it unpacks the message: one
 transfer, receiver-driven.
 
-The data channel is a ROUTER socket in the lender (bound on the interface that reaches the
-controller) and a DEALER per lender in the receiver, with messages signed by the cluster key.
-Its replies carry the buffers first and their MAC in a second message (``fp_fetch_mac``),
-computed while libzmq sends the first: the receiver checks it before anything is unpickled.
+The data channel is a plain TCP connection from the receiver to the lender's listener (bound
+on the interface that reaches the controller), carrying the length-prefixed messages of
+``_core.DataStream`` (decision 0016): no libzmq I/O thread between the socket and the memory
+on either side. Requests and acknowledgements are messages signed by the cluster key; the
+buffers follow an acknowledgement as they are, then their MAC (bound to the request), computed
+by the lender while it sends them and by the receiver piece by piece as they arrive: it is
+checked before anything is unpickled.
 
 Lent request arguments stay with the client until every reply has arrived (as a peer-memory
 loan does); a lent result stays with the engine, which runs nothing else until the client has
@@ -62,6 +65,10 @@ ACK_TIMEOUT = 5.0
 #: Largest message a data server accepts: it only ever receives fetch requests and releases
 #: (a peer announcing more is disconnected before anything is buffered).
 MAX_REQUEST_BYTES = 64 * 1024
+#: Most frames in such a message, and in an acknowledgement (a signed message has 6).
+MAX_REQUEST_FRAMES = 16
+#: Peers a data server serves at once (a thread each); more connections are refused.
+MAX_PEERS = 256
 
 log = logging.getLogger("ferroparallel.netloan")
 
@@ -71,12 +78,16 @@ fetched = [0, 0]
 #: Data servers running in this process: stopped at interpreter exit (a thread waiting in
 #: native code while the interpreter finalizes would abort the process).
 _running: weakref.WeakSet[DataServer] = weakref.WeakSet()
+#: Fetchers of this process: their connections are closed at exit too.
+_fetchers: weakref.WeakSet[Fetcher] = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_servers() -> None:
     for server in list(_running):
         server.close()
+    for fetcher in list(_fetchers):
+        fetcher.close()
 
 
 _fetching = threading.local()
@@ -142,8 +153,8 @@ class _Lent:
 
 
 class DataServer:
-    """Serves this process's lent buffers to the peers that fetch them (a ROUTER socket on a
-    daemon thread).
+    """Serves this process's lent buffers to the peers that fetch them: a TCP listener and one
+    daemon thread per connected peer (see :mod:`ferroparallel._core` ``DataStream``).
 
     Parameters
     ----------
@@ -157,17 +168,17 @@ class DataServer:
 
     def __init__(self, key: bytes, packer: str, host: str) -> None:
         self.session = _core.Session(key, packer=packer, sign_buffers=False)
-        self.sockets = _core.DirectSockets(self.session)
-        self.endpoint = self.sockets.add_socket(
-            "data", "ROUTER", bind=f"tcp://{host}:*", max_message_size=MAX_REQUEST_BYTES
-        )[0]
+        self.listener = _core.DataListener(host)
+        self.endpoint: str = self.listener.endpoint
         self._lent: dict[str, _Lent] = {}
         self._lock = threading.Lock()
+        self._streams: set[Any] = set()
+        self._serving: set[threading.Thread] = set()
         #: the token of this process's probe secret, and who to tell when a peer fetched it
         #: (the fetch request names the peer: ``content["peer"]``)
         self.probe_token: str | None = None
         self.on_probe: Callable[[str], None] | None = None
-        self._thread = threading.Thread(target=self._serve, name="ferroparallel-data", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name="ferroparallel-data", daemon=True)
         _running.add(self)
         self._thread.start()
 
@@ -187,18 +198,14 @@ class DataServer:
             lent.done.set()
 
     def wait_fetched(self, token: str, timeout: float) -> bool:
-        """Wait until ``token`` was fetched (and its frames left) or released by the borrower,
-        at most ``timeout`` seconds; then withdraw it. True if it was picked up in time."""
+        """Wait until ``token`` was fetched (its bytes handed to the kernel) or released by the
+        borrower, at most ``timeout`` seconds; then withdraw it. True if it was picked up in
+        time."""
         with self._lock:
             lent = self._lent.get(token)
         if lent is None:
             return False
-        deadline = time.monotonic() + timeout
         picked = lent.done.wait(timeout)
-        pause = 0.0002
-        while picked and self.sockets.sending and time.monotonic() < deadline:
-            time.sleep(pause)  # libzmq still reads the buffers
-            pause = min(pause * 2, 0.005)
         self.withdraw(token)
         return picked
 
@@ -208,37 +215,100 @@ class DataServer:
         with self._lock:
             return len(self._lent)
 
+    @property
+    def connections(self) -> int:
+        """Number of peers connected now."""
+        with self._lock:
+            return len(self._streams)
+
     def close(self) -> None:
-        """Stop serving and wait for the serving thread to end (idempotent)."""
-        self.sockets.close()  # wakes the thread out of its wait
+        """Stop serving and wait for its threads to end (idempotent); transfers in progress
+        fail. (Called at exit too: a thread still in native code when the interpreter
+        finalizes would abort the process.)"""
+        self.listener.close()  # wakes the thread out of its wait
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        with self._lock:
+            streams, self._streams = set(self._streams), set()
+            serving = set(self._serving)
+        for stream in streams:
+            stream.close()  # wakes its thread at once
+        for thread in serving:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
         with self._lock:
             lent, self._lent = self._lent, {}
         for item in lent.values():
             item.done.set()
 
-    def _serve(self) -> None:
-        sockets = self.sockets
-        while not sockets.closed:
+    def _accept(self) -> None:
+        listener = self.listener
+        while not listener.closed:
             try:
-                got = sockets.recv(0.5)
-            except Exception:  # noqa: BLE001 - closed under us, or interrupted
-                if sockets.closed:
+                stream = listener.accept(0.5)
+            except Exception:  # noqa: BLE001 - out of descriptors, or closed under us
+                if listener.closed:
                     return
-                log.debug("data channel receive failed", exc_info=True)
+                log.warning("data channel accept failed", exc_info=True)
+                time.sleep(0.5)
                 continue
-            for _name, msg in got:
-                try:
-                    self._answer(msg)
-                except Exception:  # noqa: BLE001 - one bad peer must not stop the server
-                    if sockets.closed:  # closed while answering: the fetcher sees the loss
-                        return
-                    log.warning("could not answer a fetch", exc_info=True)
-            for name, kind, text in sockets.take_errors():
-                log.warning("dropped a message on %s (%s): %s", name, kind, text)
+            if stream is None:
+                continue
+            with self._lock:
+                full = len(self._streams) >= MAX_PEERS
+                if not full and not listener.closed:
+                    self._streams.add(stream)
+            if full or listener.closed:
+                log.warning("refused a data connection from %s: too many peers", stream.peer)
+                stream.close()
+                continue
+            thread = threading.Thread(
+                target=self._serve, args=(stream,), name="ferroparallel-data-peer", daemon=True
+            )
+            with self._lock:
+                self._serving.add(thread)
+            thread.start()
 
-    def _answer(self, msg: dict[str, Any]) -> None:
+    def _serve(self, stream: Any) -> None:
+        try:
+            while not stream.closed:
+                try:
+                    frames = stream.recv(
+                        max_bytes=MAX_REQUEST_BYTES,
+                        max_frames=MAX_REQUEST_FRAMES,
+                        message_timeout=ACK_TIMEOUT,  # idle is fine, half a request is not
+                    )
+                except EOFError:
+                    return  # the peer closed the connection
+                except InterruptedError:
+                    return  # closed by this process
+                except (OSError, ValueError) as e:
+                    log.warning("dropped the data connection of %s: %s", stream.peer, e)
+                    return
+                try:
+                    msg = self.session.deserialize(frames)
+                except Exception as e:  # noqa: BLE001 - unsigned or malformed: the peer goes
+                    log.warning("dropped the data connection of %s: %s", stream.peer, e)
+                    return
+                try:
+                    self._answer(stream, msg)
+                except (ConnectionError, InterruptedError) as e:
+                    log.debug("%s left during a fetch: %s", stream.peer, e)  # (it gave up)
+                    return
+                except Exception as e:  # noqa: BLE001 - one bad peer must not stop the server
+                    if not stream.closed:
+                        log.warning("could not answer a fetch from %s: %s", stream.peer, e)
+                    return
+        finally:
+            stream.close()
+            with self._lock:
+                self._streams.discard(stream)
+                self._serving.discard(threading.current_thread())
+
+    def _send(self, stream: Any, kind: str, content: dict[str, Any], parent: Any) -> None:
+        stream.send(self.session.serialize(kind, content, parent), timeout=ACK_TIMEOUT)
+
+    def _answer(self, stream: Any, msg: dict[str, Any]) -> None:
         header = msg.get("header") or {}
         content = msg.get("content") or {}
         token = content.get("token")
@@ -252,22 +322,19 @@ class DataServer:
         if kind != FETCH_REQUEST:
             log.debug("ignoring %r on the data channel", kind)
             return
-        ident = msg.get("idents")
         if lent is None:
-            self.sockets.send("data", FETCH_REPLY, {"status": "missing"}, header, ident=ident)
+            self._send(stream, FETCH_REPLY, {"status": "missing"}, header)
             return
         buffers = list(lent.buffers)
         nbytes = sum(memoryview(b).nbytes for b in buffers)
-        self.sockets.send(
-            "data", FETCH_ACK, {"count": len(buffers), "nbytes": nbytes}, header, ident=ident
+        self._send(stream, FETCH_ACK, {"count": len(buffers), "nbytes": nbytes}, header)
+        # the bytes go from the buffers' memory to the socket, their MAC computed meanwhile
+        stream.send(
+            buffers,
+            session=self.session,
+            mac_context=str(header.get("msg_id")),
+            timeout=FETCH_TIMEOUT + nbytes / FETCH_RATE,
         )
-        self.sockets.send(
-            "data", FETCH_REPLY, {"status": "ok", "count": len(buffers)}, header,
-            ident=ident, buffers=buffers,
-        )  # fmt: skip
-        # the MAC follows the bytes: computed while libzmq sends them
-        mac = self.session.buffers_digest(buffers) or ""
-        self.sockets.send("data", FETCH_MAC, {"mac": mac}, header, ident=ident)
         lent.served += 1
         lent.done.set()
         peer, told = content.get("peer"), self.on_probe
@@ -370,49 +437,45 @@ class NetLentResult:
 
 
 class Fetcher:
-    """Fetches lent buffers from other processes' :class:`DataServer` (one DEALER socket per
-    endpoint; one fetch at a time per endpoint)."""
+    """Fetches lent buffers from other processes' :class:`DataServer` (one connection per
+    endpoint, opened on first use; one fetch at a time per endpoint)."""
 
     def __init__(self, key: bytes, packer: str) -> None:
         self.session = _core.Session(key, packer=packer, sign_buffers=False)
         self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
         self._kept: dict[tuple[str, str], Any] = {}
+        _fetchers.add(self)
 
     @contextlib.contextmanager
-    def _channel(self, endpoint: str) -> Iterator[Any]:
-        """``with self._channel(endpoint) as sockets:`` exclusive use of the channel to
-        ``endpoint`` (opened if needed; not evicted while in use)."""
+    def _channel(self, endpoint: str) -> Iterator[_Channel]:
+        """``with self._channel(endpoint) as chan:`` exclusive use of the channel to
+        ``endpoint`` (connected by the caller if needed; not evicted while in use). A failure
+        in the block closes it: the stream is out of step."""
         with self._lock:
             chan = self._channels.pop(endpoint, None)
             if chan is None:
-                sockets = _core.DirectSockets(self.session)
-                sockets.add_socket("data", "DEALER", connect=endpoint, linger_ms=0)
-                chan = _Channel(sockets)
+                chan = _Channel(endpoint)
                 self._evict()
             self._channels[endpoint] = chan  # (last: the most recently used)
             chan.users += 1
         try:
             with chan.lock:
-                yield chan.sockets
-        except ShmError:
-            # a fetch that gave up: its late answer (possibly large) would wait in the socket
-            # until the next use; a new channel next time drops it now
+                yield chan
+        except BaseException:
             with self._lock:
                 if self._channels.get(endpoint) is chan:
                     del self._channels[endpoint]
-                chan.closing = True
+            chan.close()
             raise
         finally:
             with self._lock:
                 chan.users -= 1
-                last = chan.users == 0 and chan.closing
-            if last:
-                chan.sockets.close()
 
     def _evict(self) -> None:
         """Close the least recently used idle channels beyond :data:`MAX_CHANNELS` (an engine
-        meets many clients over its life; each channel holds a socket). Call with the lock."""
+        meets many clients over its life; each channel holds a connection). Call with the
+        lock."""
         excess = len(self._channels) - MAX_CHANNELS + 1
         for endpoint in list(self._channels):
             if excess <= 0:
@@ -420,13 +483,22 @@ class Fetcher:
             chan = self._channels[endpoint]
             if chan.users == 0:
                 del self._channels[endpoint]
-                chan.sockets.close()
+                chan.close()
                 excess -= 1
 
     @property
     def channels(self) -> int:
         """Number of open channels."""
         return len(self._channels)
+
+    def _request(self, chan: _Channel, kind: str, content: dict[str, Any], timeout: float) -> str:
+        """Send a signed request on ``chan`` (connecting first); its msg_id."""
+        header = self.session.msg_header(kind)
+        frames = self.session.serialize(kind, content, header=header)
+        if chan.stream is None:
+            chan.stream = _core.DataStream.connect(chan.endpoint, timeout)
+        chan.stream.send(frames, timeout=timeout)
+        return str(header["msg_id"])
 
     def fetch(
         self,
@@ -438,63 +510,86 @@ class Fetcher:
     ) -> list[Any]:
         """All buffers lent under ``token`` at ``endpoint`` (checked against their MAC);
         ``peer`` names this process to the lender (a probe's fetch); ``abandon()`` (asked
-        every half second) true gives up (ShmError).
+        every quarter of a second) true gives up (ShmError).
 
         Raises
         ------
+        DataUnreachable
+            The lender did not answer within :data:`ACK_TIMEOUT` (gone, or not reachable).
         ShmError
-            The lender does not serve the token (any more), did not answer in ``timeout``
-            seconds, or the bytes do not match their MAC.
+            The lender does not serve the token (any more), did not send the bytes in
+            ``timeout`` seconds, or the bytes do not match their MAC.
         """
-        with self._channel(endpoint) as sockets:
-            asked = {"token": token} if peer is None else {"token": token, "peer": peer}
-            sent = sockets.send("data", FETCH_REQUEST, asked)
-            started = time.monotonic()
-            # until acknowledged: a lender that is gone fails the fetch soon
-            deadline = started + min(timeout, ACK_TIMEOUT)
-            acked = False
-            reply: dict[str, Any] | None = None
-            while True:
-                left = deadline - time.monotonic()
-                if abandon is not None and abandon():
-                    raise ShmError(f"fetch from {endpoint} abandoned")
-                if left <= 0:
-                    what = "send them" if acked else "answer"
-                    # not even acknowledged: unreachable from here (or gone)
-                    raise (ShmError if acked else DataUnreachable)(
-                        f"the process that lent these buffers ({endpoint}) did not {what} "
-                        f"within {time.monotonic() - started:.0f} s: it is gone or this host "
-                        f"cannot reach it (the direct data path is turned off with "
-                        f"{ENV_ENABLE}=0)"
-                    )
-                for _name, msg in sockets.recv(min(left, 0.5)):
-                    parent = msg.get("parent_header") or {}
-                    if parent.get("msg_id") != sent.get("msg_id"):
-                        continue  # the late answer to a fetch that gave up
-                    kind = (msg.get("header") or {}).get("msg_type")
-                    content = msg.get("content") or {}
-                    if kind == FETCH_ACK and not acked:
-                        acked = True
-                        size = content.get("nbytes")
-                        size = size if type(size) is int and size > 0 else 0
-                        deadline = max(deadline, started + timeout + size / FETCH_RATE)
-                    elif kind == FETCH_REPLY:
-                        if content.get("status") != "ok":
-                            raise ShmError(
-                                f"the buffers lent for this message are no longer served by "
-                                f"{endpoint} (the lender stopped waiting, or this is a "
-                                f"resubmitted request): run the request again"
-                            )
-                        reply = msg
-                    elif kind == FETCH_MAC and reply is not None:
-                        return self._checked(reply.get("buffers") or [], content.get("mac"))
+        started = time.monotonic()
+        acked = False
 
-    def _checked(self, frames: list[Any], mac: Any) -> list[Any]:
-        expected = self.session.buffers_digest(frames) or ""
-        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), expected.encode()):
-            raise ShmError("fetched buffers do not match their MAC: dropped")
+        def failed(e: BaseException) -> ShmError:
+            if isinstance(e, InterruptedError) and abandon is not None and abandon():
+                return ShmError(f"fetch from {endpoint} abandoned")
+            what = "send them" if acked else "answer"
+            # not even acknowledged: unreachable from here (or gone)
+            return (ShmError if acked else DataUnreachable)(
+                f"the process that lent these buffers ({endpoint}) did not {what} within "
+                f"{time.monotonic() - started:.0f} s: it is gone or this host cannot reach it "
+                f"({e}; the direct data path is turned off with {ENV_ENABLE}=0)"
+            )
+
+        asked = {"token": token} if peer is None else {"token": token, "peer": peer}
+        if abandon is not None and abandon():
+            raise ShmError(f"fetch from {endpoint} abandoned")
+        with self._channel(endpoint) as chan:
+            first = min(timeout, ACK_TIMEOUT)
+            try:
+                msg_id = self._request(chan, FETCH_REQUEST, asked, first)
+                answer = chan.stream.recv(
+                    max_bytes=MAX_REQUEST_BYTES,
+                    max_frames=MAX_REQUEST_FRAMES,
+                    timeout=max(0.0, started + first - time.monotonic()),
+                    abandon=abandon,
+                )
+                msg = self.session.deserialize(answer)
+            except (OSError, EOFError, ValueError) as e:
+                raise failed(e) from e
+            except Exception as e:  # noqa: BLE001 - a bad signature: not our lender
+                raise ShmError(f"the data endpoint {endpoint} answered garbage: {e}") from e
+            kind = (msg.get("header") or {}).get("msg_type")
+            content = msg.get("content") or {}
+            if (msg.get("parent_header") or {}).get("msg_id") != msg_id or kind not in (
+                FETCH_ACK,
+                FETCH_REPLY,
+            ):
+                raise ShmError(f"the data endpoint {endpoint} answered out of turn ({kind})")
+            if kind == FETCH_REPLY:
+                raise ShmError(
+                    f"the buffers lent for this message are no longer served by {endpoint} "
+                    f"(the lender stopped waiting, or this is a resubmitted request): run the "
+                    f"request again"
+                )
+            acked = True
+            if abandon is not None and abandon():
+                raise ShmError(f"fetch from {endpoint} abandoned")  # (the channel closes)
+            count, size = content.get("count"), content.get("nbytes")
+            if type(count) is not int or type(size) is not int or count < 0 or size < 0:
+                raise ShmError(f"the data endpoint {endpoint} sent a malformed acknowledgement")
+            try:
+                frames = chan.stream.recv(
+                    max_bytes=size,
+                    max_frames=count,
+                    timeout=max(0.0, started + timeout + size / FETCH_RATE - time.monotonic()),
+                    session=self.session,
+                    mac_context=msg_id,
+                    abandon=abandon,
+                )
+            except ValueError as e:
+                raise ShmError(f"fetched buffers from {endpoint} were refused: {e}") from e
+            except (OSError, EOFError) as e:
+                raise failed(e) from e
+            if len(frames) != count:
+                raise ShmError(
+                    f"the data endpoint {endpoint} sent {len(frames)} of {count} buffers"
+                )
         fetched[0] += 1
-        fetched[1] += sum(memoryview(f).nbytes for f in frames)
+        fetched[1] += size
         return frames
 
     def take(self, endpoint: str, token: str, index: int, nbytes: int) -> Any:
@@ -551,25 +646,31 @@ class Fetcher:
 
     def release(self, endpoint: str, token: str) -> None:
         """Tell a lender its buffers will not be fetched."""
-        with self._channel(endpoint) as sockets:
-            sockets.send("data", FETCH_RELEASE, {"token": token})
+        with self._channel(endpoint) as chan:
+            self._request(chan, FETCH_RELEASE, {"token": token}, ACK_TIMEOUT)
 
     def close(self) -> None:
         """Close every channel (fetches in progress fail)."""
         with self._lock:
             chans, self._channels = self._channels, {}
         for chan in chans.values():
-            chan.sockets.close()
+            chan.close()
 
 
 class _Channel:
-    __slots__ = ("closing", "lock", "sockets", "users")
+    """The connection to one lender (``stream``: None until the first request)."""
 
-    def __init__(self, sockets: Any) -> None:
-        self.sockets = sockets
+    __slots__ = ("endpoint", "lock", "stream", "users")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.stream: Any = None
         self.lock = threading.Lock()
         self.users = 0
-        self.closing = False
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
 
 class _Fetching:

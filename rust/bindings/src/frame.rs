@@ -1,4 +1,4 @@
-//! `Frame`: a read-only Python buffer over a received ZMQ frame.
+//! `Frame`: a read-only Python buffer over a received ZMQ frame or data stream frame.
 
 use fp_io::RecvFrame;
 use pyo3::exceptions::PyBufferError;
@@ -7,19 +7,37 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::os::raw::{c_int, c_void};
 
+/// The memory of a received frame.
+enum Received {
+    Zmq(RecvFrame),
+    /// Read from a data stream (`fp_io::stream`) straight into this allocation.
+    Owned(Vec<u8>),
+}
+
 /// A received message frame, exposed through the buffer protocol without a copy.
 #[pyclass(frozen, module = "ferroparallel._core")]
 pub struct Frame {
-    frame: RecvFrame,
+    frame: Received,
 }
 
 impl Frame {
     pub fn new(frame: RecvFrame) -> Frame {
-        Frame { frame }
+        Frame {
+            frame: Received::Zmq(frame),
+        }
+    }
+
+    pub fn owned(bytes: Vec<u8>) -> Frame {
+        Frame {
+            frame: Received::Owned(bytes),
+        }
     }
 
     fn data(&self) -> &[u8] {
-        self.frame.as_ref()
+        match &self.frame {
+            Received::Zmq(f) => f.as_ref(),
+            Received::Owned(v) => v,
+        }
     }
 }
 

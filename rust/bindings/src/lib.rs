@@ -6,6 +6,7 @@ use pyo3::types::PyBytes;
 mod controller;
 mod convert;
 mod curve;
+mod datastream;
 mod delivery;
 mod direct;
 mod errors;
@@ -50,6 +51,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(peer::read_process_memory, m)?)?;
     m.add_function(wrap_pyfunction!(peer::write_process_memory, m)?)?;
     m.add_class::<frame::Frame>()?;
+    m.add_class::<datastream::DataListener>()?;
+    m.add_class::<datastream::DataStream>()?;
     m.add_class::<shm_map::SharedMapping>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;

@@ -18,6 +18,7 @@ mod outframe;
 mod peer_memory;
 mod session;
 mod socket;
+pub mod stream;
 mod wakeup;
 
 pub use context::{context, Context};

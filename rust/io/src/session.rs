@@ -111,6 +111,12 @@ impl SessionCore {
         self.buffers_auth.buffers_digest(buffers)
     }
 
+    /// The MAC of one data stream message answering `context` (see
+    /// [`fp_wire::Auth::stream_mac`]); `None` without a key.
+    pub fn stream_mac(&self, context: &[u8]) -> Option<fp_wire::StreamMac> {
+        self.buffers_auth.stream_mac(context)
+    }
+
     fn auth(&self) -> std::sync::MutexGuard<'_, Auth> {
         // A panic while holding this lock cannot leave Auth inconsistent in a harmful way.
         self.auth.lock().unwrap_or_else(|e| e.into_inner())

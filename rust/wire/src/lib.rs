@@ -25,7 +25,7 @@ pub use envelope::{
 pub use error::WireError;
 pub use header::{iso_from_unix, iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
 pub use packer::Packer;
-pub use sign::{Auth, DigestHistory, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE};
+pub use sign::{Auth, DigestHistory, StreamMac, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE};
 pub use value::Value;
 
 /// The four packed dict parts of a message, in signing order.

@@ -20,6 +20,42 @@ const PARALLEL_HASH_MIN: usize = 4 << 20;
 /// the buffers MAC and the message signature never share a key.
 const BUFFERS_CONTEXT: &str = "ferroparallel 2026-11 buffers MAC v1";
 
+/// Domain tag of [`Auth::stream_mac`]: a stream MAC is never a buffers digest.
+const STREAM_DOMAIN: &[u8] = b"ferroparallel data stream v1\0";
+
+/// Incremental MAC of a data stream message: for each frame its length (u64 big-endian), then
+/// its bytes, fed in any number of pieces.
+#[derive(Debug, Clone)]
+pub struct StreamMac {
+    hasher: blake3::Hasher,
+}
+
+impl StreamMac {
+    /// Start a frame of `len` bytes.
+    pub fn frame(&mut self, len: u64) {
+        self.hasher.update(&len.to_be_bytes());
+    }
+
+    /// Feed bytes of the current frame (on every core when the piece is large).
+    pub fn update(&mut self, bytes: &[u8]) {
+        if bytes.len() >= PARALLEL_HASH_MIN {
+            self.hasher.update_rayon(bytes);
+        } else {
+            self.hasher.update(bytes);
+        }
+    }
+
+    /// The 32-byte MAC.
+    pub fn finish(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// Whether `given` is the MAC (constant-time comparison).
+    pub fn matches(&self, given: &[u8; 32]) -> bool {
+        self.hasher.finalize() == blake3::Hash::from(*given)
+    }
+}
+
 /// A bounded set of seen signatures. When full, the oldest 10% are forgotten.
 #[derive(Debug, Clone)]
 pub struct DigestHistory {
@@ -198,6 +234,18 @@ impl Auth {
         } else {
             Err(WireError::DuplicateSignature)
         }
+    }
+
+    /// A MAC over the frames of one message of the direct data stream (`fp_io::stream`),
+    /// bound to `context` (the msg_id of the request it answers, so a recorded reply cannot
+    /// answer another request); `None` without a key. Its key is the buffers MAC key, under a
+    /// separate domain tag.
+    pub fn stream_mac(&self, context: &[u8]) -> Option<StreamMac> {
+        let mut hasher = blake3::Hasher::new_keyed(self.buffers_key.as_ref()?);
+        hasher.update(STREAM_DOMAIN);
+        hasher.update(&(context.len() as u64).to_be_bytes());
+        hasher.update(context);
+        Some(StreamMac { hasher })
     }
 
     fn buffers_mac<'a, I>(&self, buffers: I) -> Option<blake3::Hash>

@@ -1,0 +1,577 @@
+//! The direct data stream: length-prefixed messages over a plain TCP connection between two
+//! ferroparallel processes (decisions 0014 and 0016).
+//!
+//! Large buffers go from the lender's memory into the kernel and from the kernel into the
+//! receiver's frames, with no broker thread in between (libzmq hands every message to its own
+//! I/O thread), and their MAC is computed while they move: by a second thread on the sending
+//! side, piece by piece as they arrive on the receiving side.
+//!
+//! One message on the wire:
+//!
+//! ```text
+//! "FPds"  count: u32 BE  flags: u32 BE  count × length: u64 BE  the frames' bytes  [MAC: 32 bytes]
+//! ```
+//!
+//! `flags & 1` says a MAC follows ([`fp_wire::StreamMac`], bound to the request the message
+//! answers). Both ends are ours: no other peer speaks this.
+
+use fp_wire::StreamMac;
+use std::io::{self, ErrorKind, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// First bytes of every message.
+pub const MAGIC: [u8; 4] = *b"FPds";
+const FLAG_MAC: u32 = 1;
+/// Longest a blocking read or write waits before the caller's tick is asked whether to go on.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Frames up to this size are gathered into one write with the header.
+const SMALL_FRAME: usize = 64 * 1024;
+/// Received bytes are hashed in pieces of this size, each as soon as it has arrived.
+const HASH_PIECE: usize = 1 << 20;
+
+/// What a receiver accepts in one message; anything larger is refused before it is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_frames: u32,
+    /// Once its first byte has arrived, the whole message must arrive within this time (a
+    /// server waits for requests without a deadline, but not for the rest of a started one).
+    pub message_time: Option<Duration>,
+}
+
+/// Why a message could not be sent or received. After any error the stream is out of step and
+/// must be closed.
+#[derive(Debug)]
+pub enum StreamError {
+    /// The peer closed the connection (`at_start`: before the first byte of a message).
+    Closed {
+        at_start: bool,
+    },
+    /// The deadline passed.
+    Timeout,
+    /// The caller's tick asked to stop (a signal, an abandoned fetch).
+    Stopped(String),
+    /// Not a message of this protocol, or larger than the receiver's limits.
+    Malformed(String),
+    /// The frames do not match their MAC, or the MAC is missing.
+    BadMac(&'static str),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::Closed { .. } => write!(f, "the peer closed the data connection"),
+            StreamError::Timeout => write!(f, "timed out"),
+            StreamError::Stopped(why) => write!(f, "{why}"),
+            StreamError::Malformed(why) => write!(f, "malformed data stream message: {why}"),
+            StreamError::BadMac(why) => write!(f, "{why}"),
+            StreamError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+/// Called whenever a read or write has waited [`TICK`]: an error stops the transfer.
+pub type Tick<'a> = &'a mut dyn FnMut() -> Result<(), StreamError>;
+
+fn waited(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+fn check_deadline(deadline: Option<Instant>) -> Result<(), StreamError> {
+    match deadline {
+        Some(d) if Instant::now() >= d => Err(StreamError::Timeout),
+        _ => Ok(()),
+    }
+}
+
+/// Prepare a connected stream: no Nagle delay, reads and writes that wake up every [`TICK`].
+pub fn configure(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(TICK))?;
+    stream.set_write_timeout(Some(TICK))?;
+    Ok(())
+}
+
+/// Connect to `tcp://host:port` within `timeout`.
+pub fn connect(endpoint: &str, timeout: Duration) -> Result<TcpStream, StreamError> {
+    let addr = endpoint.strip_prefix("tcp://").ok_or_else(|| {
+        StreamError::Malformed(format!("{endpoint:?} is not a tcp://host:port endpoint"))
+    })?;
+    let mut last = io::Error::new(ErrorKind::NotFound, format!("{addr} resolves to nothing"));
+    let addrs = addr.to_socket_addrs().map_err(StreamError::Io)?;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                configure(&s).map_err(StreamError::Io)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(StreamError::Io(last))
+}
+
+/// A listening socket bound on `host` (any free port); returns it and its `tcp://` endpoint.
+pub fn listen(host: &str) -> io::Result<(TcpListener, String)> {
+    let listener = TcpListener::bind((host, 0))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let endpoint = if local.is_ipv6() {
+        format!("tcp://[{}]:{}", local.ip(), local.port())
+    } else {
+        format!("tcp://{local}")
+    };
+    Ok((listener, endpoint))
+}
+
+/// The next connection, waiting at most `timeout` (`Ok(None)` when none came).
+pub fn accept(listener: &TcpListener, timeout: Duration) -> io::Result<Option<TcpStream>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                configure(&stream)?;
+                return Ok(Some(stream));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            // a connection that failed before we took it is not the listener's failure
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, 1000) as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call; the listener outlives it.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+}
+
+fn write_all(
+    mut stream: &TcpStream,
+    mut data: &[u8],
+    deadline: Option<Instant>,
+    tick: Tick<'_>,
+) -> Result<(), StreamError> {
+    while !data.is_empty() {
+        match stream.write(data) {
+            Ok(0) => return Err(StreamError::Closed { at_start: false }),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if waited(&e) => {
+                check_deadline(deadline)?;
+                tick()?;
+            }
+            Err(e) if e.kind() == ErrorKind::BrokenPipe => {
+                return Err(StreamError::Closed { at_start: false })
+            }
+            Err(e) => return Err(StreamError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Fill `buf`; `first` says no byte of the message was read before it (EOF there is a clean
+/// close, not a truncated message).
+fn read_exact(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    first: bool,
+    deadline: Option<Instant>,
+    tick: Tick<'_>,
+) -> Result<(), StreamError> {
+    let len = buf.len();
+    // SAFETY: `buf` is initialized memory of `len` bytes, exclusively ours for the call.
+    unsafe { read_into(stream, buf.as_mut_ptr(), len, first, deadline, tick) }
+}
+
+/// Fill `len` bytes at `dest` from the stream.
+///
+/// # Safety
+/// `dest..dest + len` must be writable memory (initialized or not) that nothing else reads
+/// or writes during the call.
+unsafe fn read_into(
+    stream: &TcpStream,
+    dest: *mut u8,
+    len: usize,
+    first: bool,
+    deadline: Option<Instant>,
+    tick: Tick<'_>,
+) -> Result<(), StreamError> {
+    let mut got = 0;
+    while got < len {
+        // SAFETY: `dest + got .. dest + len` is writable memory reserved for us (see above);
+        // read(2) only writes into it.
+        let n = unsafe {
+            libc::read(
+                stream.as_raw_fd(),
+                dest.add(got).cast::<libc::c_void>(),
+                len - got,
+            )
+        };
+        if n > 0 {
+            got += n as usize;
+            continue;
+        }
+        if n == 0 {
+            return Err(StreamError::Closed {
+                at_start: first && got == 0,
+            });
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::Interrupted => {}
+            _ if waited(&e) => {
+                check_deadline(deadline)?;
+                tick()?;
+            }
+            ErrorKind::ConnectionReset => return Err(StreamError::Closed { at_start: false }),
+            _ => return Err(StreamError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// A frame of `len` bytes read from the stream into a fresh allocation that is never zeroed
+/// first (the kernel writes every byte), hashed piece by piece when `mac` is given.
+fn read_frame(
+    stream: &TcpStream,
+    len: usize,
+    mac: Option<&mut StreamMac>,
+    deadline: Option<Instant>,
+    tick: Tick<'_>,
+) -> Result<Vec<u8>, StreamError> {
+    let mut frame: Vec<u8> = Vec::new();
+    frame
+        .try_reserve_exact(len)
+        .map_err(|_| StreamError::Malformed(format!("cannot allocate a frame of {len} bytes")))?;
+    let piece = if mac.is_some() {
+        HASH_PIECE
+    } else {
+        len.max(1)
+    };
+    let base = frame.as_mut_ptr();
+    let mut mac = mac;
+    let mut pos = 0;
+    while pos < len {
+        let end = (pos + piece).min(len);
+        // SAFETY: `base + pos .. base + end` lies in the reserved capacity, which only this
+        // function touches; the bytes below `pos` were written by earlier reads.
+        unsafe { read_into(stream, base.add(pos), end - pos, false, deadline, tick)? };
+        if let Some(m) = mac.as_deref_mut() {
+            // SAFETY: these bytes were just written by read(2), so they are initialized.
+            m.update(unsafe { std::slice::from_raw_parts(base.add(pos), end - pos) });
+        }
+        pos = end;
+    }
+    // SAFETY: all `len` bytes of the capacity were written above.
+    unsafe { frame.set_len(len) };
+    Ok(frame)
+}
+
+/// Send one message made of `frames`; with `mac`, the frames' MAC (computed on another thread
+/// while they are written) follows them.
+pub fn send_message(
+    stream: &TcpStream,
+    frames: &[&[u8]],
+    mac: Option<StreamMac>,
+    deadline: Option<Instant>,
+    tick: Tick<'_>,
+) -> Result<(), StreamError> {
+    let count = u32::try_from(frames.len())
+        .map_err(|_| StreamError::Malformed(format!("{} frames are too many", frames.len())))?;
+    let flags = if mac.is_some() { FLAG_MAC } else { 0 };
+    let mut head = Vec::with_capacity(12 + 8 * frames.len());
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&count.to_be_bytes());
+    head.extend_from_slice(&flags.to_be_bytes());
+    for f in frames {
+        head.extend_from_slice(&(f.len() as u64).to_be_bytes());
+    }
+    std::thread::scope(|scope| {
+        let hashing = mac.map(|mut mac| {
+            scope.spawn(move || {
+                for f in frames {
+                    mac.frame(f.len() as u64);
+                    mac.update(f);
+                }
+                mac.finish()
+            })
+        });
+        // small frames go out with the header in one write, large ones from their own memory
+        let mut staged = head;
+        let mut written = Ok(());
+        for f in frames {
+            if f.len() <= SMALL_FRAME {
+                staged.extend_from_slice(f);
+                continue;
+            }
+            written = write_all(stream, &staged, deadline, tick)
+                .and_then(|()| write_all(stream, f, deadline, tick));
+            staged.clear();
+            if written.is_err() {
+                break;
+            }
+        }
+        // the MAC is appended even after a failed write: the hashing thread must be joined
+        let digest = hashing.map(|h| h.join());
+        written?;
+        match digest {
+            Some(Ok(d)) => staged.extend_from_slice(&d),
+            Some(Err(_)) => return Err(StreamError::Malformed("hashing failed".into())),
+            None => {}
+        }
+        write_all(stream, &staged, deadline, tick)
+    })
+}
+
+/// Receive one message within `limits`; with `mac`, it must carry a matching MAC (it is
+/// checked before the frames are returned). `deadline` bounds the whole message.
+pub fn recv_message(
+    stream: &TcpStream,
+    limits: Limits,
+    mac: Option<StreamMac>,
+    deadline: Option<Instant>,
+    tick: Tick<'_>,
+) -> Result<Vec<Vec<u8>>, StreamError> {
+    let mut head = [0u8; 12];
+    read_exact(stream, &mut head[..1], true, deadline, tick)?;
+    let deadline = match (deadline, limits.message_time) {
+        (Some(d), Some(t)) => Some(d.min(Instant::now() + t)),
+        (None, Some(t)) => Some(Instant::now() + t),
+        (d, None) => d,
+    };
+    read_exact(stream, &mut head[1..], false, deadline, tick)?;
+    if head[..4] != MAGIC {
+        return Err(StreamError::Malformed("bad magic".into()));
+    }
+    let count = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    let flags = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+    if count > limits.max_frames {
+        return Err(StreamError::Malformed(format!(
+            "{count} frames, at most {} accepted",
+            limits.max_frames
+        )));
+    }
+    if flags & !FLAG_MAC != 0 {
+        return Err(StreamError::Malformed(format!("unknown flags {flags:#x}")));
+    }
+    let mut lens = vec![0u8; 8 * count as usize];
+    read_exact(stream, &mut lens, false, deadline, tick)?;
+    let lens: Vec<u64> = lens
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    let total = lens.iter().try_fold(0u64, |a, &l| a.checked_add(l));
+    match total {
+        Some(t) if t <= limits.max_bytes => {}
+        _ => {
+            return Err(StreamError::Malformed(format!(
+                "frames announced beyond the {} bytes accepted",
+                limits.max_bytes
+            )))
+        }
+    }
+    let mut mac = mac;
+    if mac.is_some() && flags & FLAG_MAC == 0 {
+        return Err(StreamError::BadMac("the message carries no MAC"));
+    }
+    let mut frames = Vec::with_capacity(lens.len());
+    for &len in &lens {
+        let len = usize::try_from(len)
+            .map_err(|_| StreamError::Malformed("frame larger than memory".into()))?;
+        if let Some(m) = mac.as_mut() {
+            m.frame(len as u64);
+        }
+        frames.push(read_frame(stream, len, mac.as_mut(), deadline, tick)?);
+    }
+    if flags & FLAG_MAC != 0 {
+        let mut given = [0u8; 32];
+        read_exact(stream, &mut given, false, deadline, tick)?;
+        if let Some(m) = mac {
+            if !m.matches(&given) {
+                return Err(StreamError::BadMac("the frames do not match their MAC"));
+            }
+        }
+    }
+    Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp_wire::Auth;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let (listener, endpoint) = listen("127.0.0.1").unwrap();
+        let client = connect(&endpoint, Duration::from_secs(5)).unwrap();
+        let server = accept(&listener, Duration::from_secs(5)).unwrap().unwrap();
+        (client, server)
+    }
+
+    fn go() -> impl FnMut() -> Result<(), StreamError> {
+        || Ok(())
+    }
+
+    const ANY: Limits = Limits {
+        max_bytes: 1 << 30,
+        max_frames: 1 << 16,
+        message_time: None,
+    };
+
+    #[test]
+    fn frames_arrive_as_sent_with_their_mac() {
+        let auth = Auth::new(b"key", "hmac-sha256").unwrap();
+        let (a, b) = pair();
+        let big: Vec<u8> = (0..(9 << 20)).map(|i| (i % 251) as u8).collect();
+        let frames: Vec<&[u8]> = vec![b"", b"small", &big, b"tail"];
+        let sender = std::thread::spawn({
+            let frames: Vec<Vec<u8>> = frames.iter().map(|f| f.to_vec()).collect();
+            let mac = auth.stream_mac(b"req-1");
+            move || {
+                let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+                send_message(&a, &refs, mac, None, &mut go()).unwrap();
+                a
+            }
+        });
+        let got = recv_message(&b, ANY, auth.stream_mac(b"req-1"), None, &mut go()).unwrap();
+        let _a = sender.join().unwrap();
+        assert_eq!(got.len(), 4);
+        for (g, f) in got.iter().zip(&frames) {
+            assert_eq!(g.as_slice(), *f);
+        }
+    }
+
+    #[test]
+    fn a_mac_for_another_request_or_key_is_refused() {
+        let auth = Auth::new(b"key", "hmac-sha256").unwrap();
+        let other = Auth::new(b"other", "hmac-sha256").unwrap();
+        for (sent, expected) in [
+            (auth.stream_mac(b"req-1"), auth.stream_mac(b"req-2")),
+            (other.stream_mac(b"req-1"), auth.stream_mac(b"req-1")),
+            (None, auth.stream_mac(b"req-1")),
+        ] {
+            let (a, b) = pair();
+            send_message(&a, &[b"payload"], sent, None, &mut go()).unwrap();
+            let err = recv_message(&b, ANY, expected, None, &mut go()).unwrap_err();
+            assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_garbage_messages_are_refused_before_reading_them() {
+        let (a, b) = pair();
+        let small = Limits {
+            max_bytes: 100,
+            max_frames: 4,
+            message_time: None,
+        };
+        send_message(&a, &[&[0u8; 101]], None, None, &mut go()).unwrap();
+        let err = recv_message(&b, small, None, None, &mut go()).unwrap_err();
+        assert!(matches!(err, StreamError::Malformed(_)), "{err:?}");
+        let (_a2, b2) = pair();
+        send_message(&_a2, &[&b"x"[..]; 5], None, None, &mut go()).unwrap();
+        assert!(matches!(
+            recv_message(&b2, small, None, None, &mut go()),
+            Err(StreamError::Malformed(_))
+        ));
+        // lengths that overflow when added
+        let (mut a3, b3) = pair();
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&2u32.to_be_bytes());
+        head.extend_from_slice(&0u32.to_be_bytes());
+        head.extend_from_slice(&u64::MAX.to_be_bytes());
+        head.extend_from_slice(&2u64.to_be_bytes());
+        a3.write_all(&head).unwrap();
+        assert!(matches!(
+            recv_message(&b3, ANY, None, None, &mut go()),
+            Err(StreamError::Malformed(_))
+        ));
+        let (mut a4, b4) = pair();
+        a4.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(matches!(
+            recv_message(&b4, ANY, None, None, &mut go()),
+            Err(StreamError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_truncated_message_and_a_clean_close_are_told_apart() {
+        let (a, b) = pair();
+        drop(a);
+        assert!(matches!(
+            recv_message(&b, ANY, None, None, &mut go()),
+            Err(StreamError::Closed { at_start: true })
+        ));
+        let (mut a, b) = pair();
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&1u32.to_be_bytes());
+        head.extend_from_slice(&0u32.to_be_bytes());
+        head.extend_from_slice(&10u64.to_be_bytes());
+        head.extend_from_slice(b"12345");
+        a.write_all(&head).unwrap();
+        drop(a);
+        assert!(matches!(
+            recv_message(&b, ANY, None, None, &mut go()),
+            Err(StreamError::Closed { at_start: false })
+        ));
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_and_the_tick_can_stop_a_wait() {
+        let (_a, b) = pair();
+        let started = Instant::now();
+        let deadline = Some(started + Duration::from_millis(300));
+        assert!(matches!(
+            recv_message(&b, ANY, None, deadline, &mut go()),
+            Err(StreamError::Timeout)
+        ));
+        let mut ticks = 0;
+        let mut stop = || {
+            ticks += 1;
+            Err(StreamError::Stopped("asked to stop".into()))
+        };
+        assert!(matches!(
+            recv_message(&b, ANY, None, None, &mut stop),
+            Err(StreamError::Stopped(_))
+        ));
+        assert_eq!(ticks, 1);
+    }
+
+    #[test]
+    fn a_started_message_must_arrive_in_time_but_waiting_for_one_has_no_limit() {
+        let (mut a, b) = pair();
+        let limits = Limits {
+            message_time: Some(Duration::from_millis(300)),
+            ..ANY
+        };
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(600)); // longer than message_time
+            send_message(&a, &[b"late but whole"], None, None, &mut || Ok(())).unwrap();
+            a.write_all(b"FPd").unwrap(); // and then a message that never completes
+            a
+        });
+        let got = recv_message(&b, limits, None, None, &mut go()).unwrap();
+        assert_eq!(got, vec![b"late but whole".to_vec()]);
+        let started = Instant::now();
+        assert!(matches!(
+            recv_message(&b, limits, None, None, &mut go()),
+            Err(StreamError::Timeout)
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(sender.join().unwrap());
+    }
+}
