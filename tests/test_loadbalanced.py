@@ -788,6 +788,26 @@ def test_map_variants(lv: LoadBalancedView, chunksize: int) -> None:
     assert lv.map(double, data, chunksize=chunksize) == expected
 
 
+def test_map_chunks_carry_reference_functions_and_short_ranges_plainly() -> None:
+    """A map chunk sends a function pickled by reference as itself (the engine loads it by
+    name) and anything else pickled once; short range parts go as lists of the same items,
+    long ones stay ranges (no cluster needed)."""
+    import os.path
+
+    from ferroparallel.client import view
+    from ferroparallel.serialize import pickling
+
+    assert view._chunk_function(os.path.join) is os.path.join
+    square = lambda x: x * x  # noqa: E731
+    once = view._chunk_function(square)
+    assert type(once) is pickling.Prepickled and once.function is square
+    assert view._chunk_function(once) is once
+    assert type(view._chunk_function(len)) is pickling.Prepickled  # not a FunctionType
+    assert view._chunk_part(range(3, 5)) == [3, 4]
+    assert view._chunk_part(range(0, 10**6)) == range(0, 10**6)
+    assert view._chunk_part("abc") == "abc"
+
+
 def test_map_chunksize_zero_is_one_and_negative_is_refused(lv: LoadBalancedView) -> None:
     amr = lv.map_async(double, range(5), chunksize=0)  # accepted, as ipyparallel
     assert amr.get(timeout=WAIT) == [0, 2, 4, 6, 8] and len(amr.msg_ids) == 5

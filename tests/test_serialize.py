@@ -950,6 +950,60 @@ def test_plain_call_shortcut_stays_off_under_dill(monkeypatch: pytest.MonkeyPatc
     assert apply.pack_plain_call(os.path.join, (), {}) is None
 
 
+def test_unpacking_a_call_with_arguments_takes_the_shortcut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call of a one-frame function with arguments (a task, a map chunk) is unpacked by
+    the receiver's shortcut, with what the general path gives: plain arguments as they are,
+    ``Reference`` values and ``__main__`` functions resolved in the namespace."""
+    import os.path
+
+    from ferroparallel.client.remote_helpers import _map_chunk
+    from ferroparallel.serialize import apply, pickling
+
+    def general_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("took the general path")
+
+    ns: dict[str, Any] = {"__name__": "__main__", "a": 5, "seen": 41}
+    code = compile("def probe(x):\n    return seen + x\n", "<cell>", "exec")
+    main_ns: dict[str, Any] = {"__name__": "__main__", "seen": 0}
+    exec(code, main_ns)
+    probe = main_ns["probe"]
+    runner = pickling.Prepickled(_map_chunk)
+    chunk = apply.pack_plain_call(runner, (os.path.join, ["x", "y"], ["z", "w"]), {})
+    with_ref = apply.pack_apply_message(os.path.join, ("p", fs.Reference("str(a)")), {})
+    by_value = apply.pack_apply_message(runner, (pickling.Prepickled(probe), [1, 2]), {})
+    assert chunk is not None and len(with_ref) == len(by_value) == 3
+    monkeypatch.setattr(apply, "deserialize_object", general_path)
+    f, args, kwargs = apply.unpack_apply_message(received(chunk), ns)
+    assert f is _map_chunk and args == (os.path.join, ["x", "y"], ["z", "w"]) and kwargs == {}
+    assert f(*args) == ["x/z", "y/w"]
+    assert apply.unpack_apply_message(received(with_ref), ns) == (os.path.join, ("p", "5"), {})
+    f, (g, part), kwargs = apply.unpack_apply_message(received(by_value), ns)
+    assert f(g, part) == [42, 43]  # the __main__ function got the namespace as globals
+    plain = apply.pack_plain_call(os.path.join, ("a",), {"k": 1})
+    assert apply.unpack_apply_message(received(plain), None) == (os.path.join, ("a",), {"k": 1})
+    # a malformed argument frame fails as it does on the general path
+    bad = [plain[0], plain[1], pickle.dumps([1, 2], protocol=5)]
+    with pytest.raises(ValueError, match="malformed apply payload"):
+        apply.unpack_apply_message(bad, ns)
+
+
+def test_flat_runs_of_atoms_are_plain_and_anything_else_is_checked() -> None:
+    """``_is_plain`` passes a long flat list or tuple of atoms in one step (a map chunk's
+    results) and still looks into one that holds anything else."""
+    from ferroparallel.serialize import pickling
+
+    square = lambda x: x * x  # noqa: E731
+    assert pickling._is_plain([None] * 100, 1024)
+    assert pickling._is_plain(tuple(range(50)) + ("x", 1.5, None, True), 1024)
+    assert pickling._is_plain([0] * 20 + [b"x" * 10], 1024)
+    assert not pickling._is_plain([0] * 20 + [b"x" * 2000], 1024)
+    assert not pickling._is_plain([0] * 20 + [square], 1024)
+    assert not pickling._is_plain([0] * 20 + [[[[1]]]], 1024)
+    assert not pickling._is_plain([0] * 1100, 1024)  # past the scan budget
+
+
 def test_unpacking_a_plain_call_relinks_main_functions_as_before() -> None:
     """The receiver's shortcut for a call without arguments leaves ``__main__`` functions to
     the general path, which gives them the engine namespace as globals."""

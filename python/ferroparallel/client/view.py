@@ -6,6 +6,7 @@ import builtins
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from types import FunctionType
 from typing import Any
 
 from traitlets import Any as AnyTrait
@@ -13,7 +14,7 @@ from traitlets import Bool, HasTraits, Instance, Integer, Unicode, observe, vali
 
 from .. import error
 from ..dependency import Dependency
-from ..serialize.pickling import Prepickled
+from ..serialize.pickling import Prepickled, _reference_pickle
 from .asyncresult import AsyncMapResult, AsyncResult
 from .imap import LazyMapIterator
 from .mapping import chunk_sequence, dists
@@ -728,11 +729,11 @@ class LoadBalancedView(View):
         sizes = []
         mapper = dists["b"]()
         runner = Prepickled(_map_chunk)  # pickled once for every chunk
-        fp = _pickled_once(f)
+        fp = _chunk_function(f)
         with self.client._shm.waiting(block):
             for idx in chunks:
                 start, stop = idx[0], idx[-1] + 1
-                parts = [s[start:stop] for s in sequences]
+                parts = [_chunk_part(s[start:stop]) for s in sequences]
                 sizes.append(stop - start)
                 futs.append(
                     self.client.send_apply_request("task", runner, (fp, *parts), {}, metadata=md)
@@ -879,3 +880,26 @@ def _pickled_once(f: Any) -> Any:
     """``f`` serialized once for all the chunks of a map (a lambda or closure goes through
     cloudpickle, which costs far more than the chunk itself)."""
     return f if type(f) is Prepickled else Prepickled(f)
+
+
+def _chunk_function(f: Any) -> Any:
+    """The function argument of every chunk of a load-balanced map: ``f`` itself when it
+    pickles by reference (module and name, from a cache: see ``pack_plain_call``), which the
+    engine loads with one lookup; otherwise ``f`` serialized once (a lambda or closure)."""
+    if type(f) is FunctionType and _reference_pickle(f) is not None:
+        return f
+    return _pickled_once(f)
+
+
+#: Longest ``range`` part of a map chunk sent as a list (a list of ints pickles and unpickles
+#: without the global lookup of ``range``, ~2 us on each end; a longer one stays a range,
+#: which is a few bytes whatever its length).
+_RANGE_AS_LIST = 16
+
+
+def _chunk_part(part: Any) -> Any:
+    """A chunk's slice of one sequence as sent: short ranges as lists (the function sees the
+    same items)."""
+    if type(part) is range and len(part) <= _RANGE_AS_LIST:
+        return list(part)
+    return part

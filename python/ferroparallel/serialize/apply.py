@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import FunctionType
 from typing import Any
 
 from .buffers import DEFAULT_THRESHOLD
+from .namespace import resolve_in_namespace
 from .pickling import (
     PROTOCOL,
     BufferLike,
     Prepickled,
+    _is_plain,
+    _not_main,
     _reference_pickle,
     deserialize_object,
     plain_frames,
@@ -133,17 +137,32 @@ def pack_plain_call(f: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> l
 def _unpack_plain_call(
     frames: Sequence[BufferLike], namespace: dict[str, Any] | None
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]] | None:
-    """What :func:`unpack_apply_message` returns for the frames :func:`pack_plain_call` makes
-    for a call without arguments of a module-level function; None for anything else."""
-    args, header = memoryview(frames[2]), memoryview(frames[0])
-    if args.nbytes != len(_NO_ARGUMENTS) or header.nbytes != len(_ONE_FRAME_HEADER):
-        return None  # (sizes first: nothing large is compared or copied)
-    if args != _NO_ARGUMENTS or header != _ONE_FRAME_HEADER:
-        return None
-    f = pickle.loads(frames[1])
-    if type(f) is not FunctionType or f.__module__ == "__main__":
-        return None  # (its globals may have to be the namespace: the general path)
-    return f, (), {}
+    """What :func:`unpack_apply_message` returns for three frames whose header says the
+    function is one frame (what :func:`pack_plain_call` makes: a task, a map chunk), made
+    without its general machinery: two ``pickle.loads``, and the namespace pass only for what
+    is not plain (``Reference`` values, ``__main__`` functions), as :func:`deserialize_object`
+    does; None for any other header (the general path)."""
+    header = memoryview(frames[0])
+    if header.nbytes != len(_ONE_FRAME_HEADER) or header != _ONE_FRAME_HEADER:
+        return None  # (size first: nothing large is compared)
+    f = pickle.loads(frames[1])  # (a one-frame function has no out-of-band buffer)
+    if namespace is not None and not (type(f) is FunctionType and f.__module__ != "__main__"):
+        if not _is_plain(f, sys.maxsize, _not_main):
+            f = resolve_in_namespace(f, namespace)
+    args = memoryview(frames[2])
+    if args.nbytes == len(_NO_ARGUMENTS) and args == _NO_ARGUMENTS:
+        return f, (), {}
+    payload = pickle.loads(args, buffers=())
+    if not (
+        type(payload) is tuple
+        and len(payload) == 2
+        and type(payload[0]) is tuple
+        and type(payload[1]) is dict
+    ):
+        raise ValueError("malformed apply payload: expected (args tuple, kwargs dict)")
+    if namespace is not None and not _is_plain(payload, sys.maxsize, _not_main):
+        payload = resolve_in_namespace(payload, namespace)
+    return f, payload[0], payload[1]
 
 
 def check_buffer_count(buffers: Sequence[Any], what: str = "message") -> None:

@@ -105,6 +105,8 @@ def _is_plain(
         if budget < 0:
             return False
         if t is tuple or t is list:
+            if len(x) > 8 and _ATOMS.issuperset(map(type, x)):
+                continue  # (a flat run of atoms, e.g. a map chunk's results: one C loop)
             for v in x:
                 if type(v) not in _ATOMS:
                     stack.append((v, depth - 1))
