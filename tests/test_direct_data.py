@@ -303,6 +303,25 @@ def test_a_lent_result_waits_for_its_fetch_or_release(server: netloan.DataServer
         fetcher.close()
 
 
+def test_a_fetcher_that_leaves_half_way_frees_the_lender(server: netloan.DataServer) -> None:
+    """A lent result whose fetcher hung up in the middle of the bytes no longer holds its
+    engine: the fetcher never asks for a token twice, so waiting for the pickup is over."""
+    writer = netloan.NetLoanWriter(0, "req", server)
+    writer.add(memoryview(np.ones(64 * MIB, dtype=np.uint8)))
+    lent = netloan.NetLentResult(writer.loan)
+    endpoint, token, _ = lent.reply_metadata()
+    session = _core.Session(KEY, packer="msgpack", sign_buffers=False)
+    stream = _core.DataStream.connect(endpoint, 10)
+    stream.send(session.serialize(netloan.FETCH_REQUEST, {"token": token}))
+    ack = session.deserialize(stream.recv(max_bytes=65536, timeout=10))
+    assert ack["msg_type"] == netloan.FETCH_ACK
+    del stream  # (closed with unread bytes: the lender's send fails at once)
+    started = time.monotonic()
+    assert lent.wait(timeout=60) is True
+    assert time.monotonic() - started < 10
+    assert server.lent == 0
+
+
 def test_bind_host_follows_the_controller() -> None:
     assert netloan.bind_host("ipc://@fp-123/registration") == "127.0.0.1"
     assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"

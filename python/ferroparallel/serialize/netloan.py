@@ -329,14 +329,18 @@ class DataServer:
         nbytes = sum(memoryview(b).nbytes for b in buffers)
         self._send(stream, FETCH_ACK, {"count": len(buffers), "nbytes": nbytes}, header)
         # the bytes go from the buffers' memory to the socket, their MAC computed meanwhile
-        stream.send(
-            buffers,
-            session=self.session,
-            mac_context=str(header.get("msg_id")),
-            timeout=FETCH_TIMEOUT + nbytes / FETCH_RATE,
-        )
+        try:
+            stream.send(
+                buffers,
+                session=self.session,
+                mac_context=str(header.get("msg_id")),
+                timeout=FETCH_TIMEOUT + nbytes / FETCH_RATE,
+            )
+        finally:
+            # fetched, or the fetcher left half-way (it does not fetch a token twice): either
+            # way a lender waiting for the pickup can go on
+            lent.done.set()
         lent.served += 1
-        lent.done.set()
         peer, told = content.get("peer"), self.on_probe
         if token == self.probe_token and isinstance(peer, str) and told is not None:
             try:
@@ -491,14 +495,17 @@ class Fetcher:
         """Number of open channels."""
         return len(self._channels)
 
-    def _request(self, chan: _Channel, kind: str, content: dict[str, Any], timeout: float) -> str:
-        """Send a signed request on ``chan`` (connecting first); its msg_id."""
+    def _request(
+        self, chan: _Channel, kind: str, content: dict[str, Any], timeout: float
+    ) -> tuple[str, Any]:
+        """Send a signed request on ``chan`` (connecting first); its msg_id and the stream."""
         header = self.session.msg_header(kind)
         frames = self.session.serialize(kind, content, header=header)
-        if chan.stream is None:
-            chan.stream = _core.DataStream.connect(chan.endpoint, timeout)
-        chan.stream.send(frames, timeout=timeout)
-        return str(header["msg_id"])
+        stream = chan.stream
+        if stream is None:
+            stream = chan.stream = _core.DataStream.connect(chan.endpoint, timeout)
+        stream.send(frames, timeout=timeout)
+        return str(header["msg_id"]), stream
 
     def fetch(
         self,
@@ -540,8 +547,8 @@ class Fetcher:
         with self._channel(endpoint) as chan:
             first = min(timeout, ACK_TIMEOUT)
             try:
-                msg_id = self._request(chan, FETCH_REQUEST, asked, first)
-                answer = chan.stream.recv(
+                msg_id, stream = self._request(chan, FETCH_REQUEST, asked, first)
+                answer = stream.recv(
                     max_bytes=MAX_REQUEST_BYTES,
                     max_frames=MAX_REQUEST_FRAMES,
                     timeout=max(0.0, started + first - time.monotonic()),
@@ -572,7 +579,7 @@ class Fetcher:
             if type(count) is not int or type(size) is not int or count < 0 or size < 0:
                 raise ShmError(f"the data endpoint {endpoint} sent a malformed acknowledgement")
             try:
-                frames = chan.stream.recv(
+                frames = stream.recv(
                     max_bytes=size,
                     max_frames=count,
                     timeout=max(0.0, started + timeout + size / FETCH_RATE - time.monotonic()),
@@ -669,8 +676,10 @@ class _Channel:
         self.users = 0
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close()  # (its descriptor goes with the last reference: unread bytes
+            # then reset the connection, so a lender still sending fails at once)
 
 
 class _Fetching:

@@ -245,41 +245,92 @@ unsafe fn read_into(
     Ok(())
 }
 
-/// A frame of `len` bytes read from the stream into a fresh allocation that is never zeroed
-/// first (the kernel writes every byte), hashed piece by piece when `mac` is given.
-fn read_frame(
+/// Fresh allocations for frames of `lens` bytes, never zeroed (the kernel writes every byte).
+fn allocate(lens: &[u64]) -> Result<Vec<Vec<u8>>, StreamError> {
+    let mut frames = Vec::with_capacity(lens.len());
+    for &len in lens {
+        let len = usize::try_from(len)
+            .map_err(|_| StreamError::Malformed("frame larger than memory".into()))?;
+        let mut frame: Vec<u8> = Vec::new();
+        frame.try_reserve_exact(len).map_err(|_| {
+            StreamError::Malformed(format!("cannot allocate a frame of {len} bytes"))
+        })?;
+        frames.push(frame);
+    }
+    Ok(frames)
+}
+
+/// Received bytes for the hashing thread: a frame's start, or bytes of it.
+enum Piece {
+    Frame(u64),
+    Bytes(*const u8, usize),
+}
+
+// SAFETY: a piece points into a frame allocation that outlives the hashing thread (see
+// `read_frames`), holding bytes that the reader has written and never writes again.
+unsafe impl Send for Piece {}
+
+/// Read every frame into `frames` (allocated, empty: `len` 0, capacity the frame's length).
+/// With `mac`, a second thread hashes each piece as soon as it has arrived, while the next
+/// one is read; the MAC is returned once every byte was read and hashed.
+fn read_frames(
     stream: &TcpStream,
-    len: usize,
-    mac: Option<&mut StreamMac>,
+    frames: &mut [Vec<u8>],
+    mac: Option<StreamMac>,
     deadline: Option<Instant>,
     tick: Tick<'_>,
-) -> Result<Vec<u8>, StreamError> {
-    let mut frame: Vec<u8> = Vec::new();
-    frame
-        .try_reserve_exact(len)
-        .map_err(|_| StreamError::Malformed(format!("cannot allocate a frame of {len} bytes")))?;
-    let piece = if mac.is_some() {
-        HASH_PIECE
-    } else {
-        len.max(1)
-    };
-    let base = frame.as_mut_ptr();
-    let mut mac = mac;
-    let mut pos = 0;
-    while pos < len {
-        let end = (pos + piece).min(len);
-        // SAFETY: `base + pos .. base + end` lies in the reserved capacity, which only this
-        // function touches; the bytes below `pos` were written by earlier reads.
-        unsafe { read_into(stream, base.add(pos), end - pos, false, deadline, tick)? };
-        if let Some(m) = mac.as_deref_mut() {
-            // SAFETY: these bytes were just written by read(2), so they are initialized.
-            m.update(unsafe { std::slice::from_raw_parts(base.add(pos), end - pos) });
+) -> Result<Option<StreamMac>, StreamError> {
+    let Some(mut mac) = mac else {
+        for frame in frames.iter_mut() {
+            let len = frame.capacity();
+            // SAFETY: the capacity is reserved and untouched; read_into writes all of it.
+            unsafe {
+                read_into(stream, frame.as_mut_ptr(), len, false, deadline, tick)?;
+                frame.set_len(len);
+            }
         }
-        pos = end;
-    }
-    // SAFETY: all `len` bytes of the capacity were written above.
-    unsafe { frame.set_len(len) };
-    Ok(frame)
+        return Ok(None);
+    };
+    let (pieces, hashed) = std::sync::mpsc::sync_channel::<Piece>(256);
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            for piece in hashed {
+                match piece {
+                    Piece::Frame(len) => mac.frame(len),
+                    // SAFETY: see `Piece`: written before it was sent, alive until the scope
+                    // ends (the frames belong to the caller), never written again.
+                    Piece::Bytes(p, n) => mac.update(unsafe { std::slice::from_raw_parts(p, n) }),
+                }
+            }
+            mac
+        });
+        let mut read = || -> Result<(), StreamError> {
+            for frame in frames.iter_mut() {
+                let len = frame.capacity();
+                let base = frame.as_mut_ptr();
+                let _ = pieces.send(Piece::Frame(len as u64));
+                let mut pos = 0;
+                while pos < len {
+                    let end = (pos + HASH_PIECE).min(len);
+                    // SAFETY: `base + pos .. base + end` lies in the reserved capacity; the
+                    // hashing thread only reads the bytes below `pos`.
+                    unsafe { read_into(stream, base.add(pos), end - pos, false, deadline, tick)? };
+                    // SAFETY: (pointer arithmetic within the allocation)
+                    let _ = pieces.send(Piece::Bytes(unsafe { base.add(pos) }, end - pos));
+                    pos = end;
+                }
+                // SAFETY: all `len` bytes of the capacity were written above.
+                unsafe { frame.set_len(len) };
+            }
+            Ok(())
+        };
+        let outcome = read();
+        drop(pieces); // the hashing thread ends after what it was given
+        let mac = hasher
+            .join()
+            .map_err(|_| StreamError::Malformed("hashing failed".into()))?;
+        outcome.map(|()| Some(mac))
+    })
 }
 
 /// Send one message made of `frames`; with `mac`, the frames' MAC (computed on another thread
@@ -385,19 +436,11 @@ pub fn recv_message(
             )))
         }
     }
-    let mut mac = mac;
     if mac.is_some() && flags & FLAG_MAC == 0 {
         return Err(StreamError::BadMac("the message carries no MAC"));
     }
-    let mut frames = Vec::with_capacity(lens.len());
-    for &len in &lens {
-        let len = usize::try_from(len)
-            .map_err(|_| StreamError::Malformed("frame larger than memory".into()))?;
-        if let Some(m) = mac.as_mut() {
-            m.frame(len as u64);
-        }
-        frames.push(read_frame(stream, len, mac.as_mut(), deadline, tick)?);
-    }
+    let mut frames = allocate(&lens)?;
+    let mac = read_frames(stream, &mut frames, mac, deadline, tick)?;
     if flags & FLAG_MAC != 0 {
         let mut given = [0u8; 32];
         read_exact(stream, &mut given, false, deadline, tick)?;
