@@ -2,7 +2,8 @@
 
 Runs ``N`` = 20,000 (4,000 with ``--quick``) no-op calls on a 2-engine ferroparallel cluster,
 submitted then collected as in the ``throughput`` workload, for ``rc[0].apply_async``,
-``lview.apply_async`` and load-balanced maps (chunksize 1, blocking or not, and 100: per
+``rc[:].apply_async`` (one call runs on both engines: its rows are per call, i.e. per two
+tasks), ``lview.apply_async`` and load-balanced maps (chunksize 1, blocking or not, and 100: per
 item), and reads every thread's CPU time and context switches from ``/proc`` before and after
 (Linux only). One row per thread that used at least 0.5 µs per task, plus a
 ``total`` row per pattern: on a machine whose cores are all busy during the run, the total CPU
@@ -106,6 +107,7 @@ def _apply_each(view: Any, n: int) -> None:
 #: runs with ``ITEMS_PER_CHUNKED_TASK`` times more items: CPU times are counted in 10 ms ticks).
 PATTERNS: dict[str, Callable[[Any, int], None]] = {
     "rc[0].apply_async(noop)": lambda rc, n: _apply_each(rc[0], n),
+    "rc[:].apply_async(noop)": lambda rc, n: _apply_each(rc[:], n),
     "lview.apply_async(noop)": lambda rc, n: _apply_each(rc.load_balanced_view(), n),
     "lview.map(noop, range(N))": lambda rc, n: (
         rc.load_balanced_view().map_async(noop, range(n), chunksize=1).get()
