@@ -303,25 +303,6 @@ def test_a_lent_result_waits_for_its_fetch_or_release(server: netloan.DataServer
         fetcher.close()
 
 
-def test_a_fetcher_that_leaves_half_way_frees_the_lender(server: netloan.DataServer) -> None:
-    """A lent result whose fetcher hung up in the middle of the bytes no longer holds its
-    engine: the fetcher never asks for a token twice, so waiting for the pickup is over."""
-    writer = netloan.NetLoanWriter(0, "req", server)
-    writer.add(memoryview(np.ones(64 * MIB, dtype=np.uint8)))
-    lent = netloan.NetLentResult(writer.loan)
-    endpoint, token, _ = lent.reply_metadata()
-    session = _core.Session(KEY, packer="msgpack", sign_buffers=False)
-    stream = _core.DataStream.connect(endpoint, 10)
-    stream.send(session.serialize(netloan.FETCH_REQUEST, {"token": token}))
-    ack = session.deserialize(stream.recv(max_bytes=65536, timeout=10))
-    assert ack["msg_type"] == netloan.FETCH_ACK
-    del stream  # (closed with unread bytes: the lender's send fails at once)
-    started = time.monotonic()
-    assert lent.wait(timeout=60) is True
-    assert time.monotonic() - started < 10
-    assert server.lent == 0
-
-
 def test_bind_host_follows_the_controller() -> None:
     assert netloan.bind_host("ipc://@fp-123/registration") == "127.0.0.1"
     assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"
@@ -602,3 +583,71 @@ def test_a_fetch_that_gives_up_drops_its_channel(server: netloan.DataServer) -> 
         assert fetcher.channels == 1
     finally:
         fetcher.close()
+
+
+def test_a_borrower_that_leaves_mid_transfer_lets_the_lender_go_on(
+    server: netloan.DataServer,
+) -> None:
+    """An engine waits for its lent result to be fetched; a client that hangs up during the
+    transfer (closed, interrupted, exited) will not fetch it again: the engine goes on at
+    once, not after the pickup timeout."""
+    writer = netloan.NetLoanWriter(0, "req", server)
+    writer.add(memoryview(np.ones(64 * MIB, dtype=np.uint8)))  # more than the socket buffers
+    lent = netloan.NetLentResult(writer.loan)
+    endpoint, token, _ = lent.reply_metadata()
+    results: list[bool] = []
+    waiting = threading.Thread(target=lambda: results.append(lent.wait(timeout=60)))
+    waiting.start()
+    session = _core.Session(KEY, packer="msgpack", sign_buffers=False)
+    borrower = _core.DataStream.connect(endpoint, 10)
+    borrower.send(session.serialize(netloan.FETCH_REQUEST, {"token": token}))
+    ack = session.deserialize(borrower.recv(max_bytes=65536, timeout=10))
+    assert ack["header"]["msg_type"] == netloan.FETCH_ACK
+    borrower.close()  # before the bytes (and its descriptor: the unread bytes reset it)
+    del borrower
+    waiting.join(10)
+    assert not waiting.is_alive(), "the lender waits for a borrower that left"
+    assert server.lent == 0
+    wait_until(lambda: server.connections == 0, what="the server to drop the connection")
+
+
+def test_a_silent_peer_loses_its_connection(
+    server: netloan.DataServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that sends no request holds a thread and a place among MAX_PEERS: it
+    must send its first request within ACK_TIMEOUT. A peer that proved it has the key may
+    stay connected between its requests."""
+    monkeypatch.setattr(netloan, "ACK_TIMEOUT", 0.5)
+    token = server.lend([b"data"], "m")
+    fetcher = netloan.Fetcher(KEY, "msgpack")
+    try:
+        assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"data"
+        stream = fetcher._channels[server.endpoint].stream
+        with _raw_peer(server.endpoint) as peer:
+            started = time.monotonic()
+            assert _closed_by_server(peer)  # (the socket times out after 10 s)
+            assert time.monotonic() - started < 5
+        # (the signed peer was idle longer than ACK_TIMEOUT meanwhile)
+        assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"data"
+        assert fetcher._channels[server.endpoint].stream is stream  # the same connection
+    finally:
+        fetcher.close()
+
+
+def test_a_full_server_makes_room_by_closing_an_idle_peer(
+    server: netloan.DataServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every engine that fetched from a client keeps its connection: with more than
+    MAX_PEERS of them, the one idle longest is closed for a new peer (not the new peer
+    refused), and its fetcher reconnects on its next fetch."""
+    monkeypatch.setattr(netloan, "MAX_PEERS", 3)
+    token = server.lend([b"shared"], "m")
+    fetchers = [netloan.Fetcher(KEY, "msgpack") for _ in range(5)]
+    try:
+        for _ in range(2):
+            for f in fetchers:
+                assert bytes(f.fetch(server.endpoint, token, 10)[0]) == b"shared"
+                assert server.connections <= 3
+    finally:
+        for f in fetchers:
+            f.close()

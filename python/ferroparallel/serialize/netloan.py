@@ -174,6 +174,10 @@ class DataServer:
         self._lock = threading.Lock()
         self._streams: set[Any] = set()
         self._serving: set[threading.Thread] = set()
+        #: connected peers waiting for their next request (or their first), and since when:
+        #: with MAX_PEERS connected, the one idle longest is closed to make room for a new one
+        self._idle: dict[Any, float] = {}
+        self._refusing = False
         #: the token of this process's probe secret, and who to tell when a peer fetched it
         #: (the fetch request names the peer: ``content["peer"]``)
         self.probe_token: str | None = None
@@ -254,14 +258,30 @@ class DataServer:
                 continue
             if stream is None:
                 continue
+            idle: tuple[Any, float] | None = None
             with self._lock:
                 full = len(self._streams) >= MAX_PEERS
+                if full:  # make room: the peer waiting longest for its next request goes
+                    idle = min(self._idle.items(), key=lambda kv: kv[1], default=None)
+                    if idle is not None:
+                        self._idle.pop(idle[0])
+                        self._streams.discard(idle[0])
+                        full = False
                 if not full and not listener.closed:
                     self._streams.add(stream)
+            if idle is not None and not listener.closed:
+                idle[0].close()  # (its fetcher reconnects when it needs this server again)
             if full or listener.closed:
-                log.warning("refused a data connection from %s: too many peers", stream.peer)
+                if not self._refusing:  # once per burst: a flood must not flood the log
+                    log.warning(
+                        "refused a data connection from %s: %d peers are being served",
+                        stream.peer,
+                        MAX_PEERS,
+                    )
+                self._refusing = True
                 stream.close()
                 continue
+            self._refusing = False
             thread = threading.Thread(
                 target=self._serve, args=(stream,), name="ferroparallel-data-peer", daemon=True
             )
@@ -270,26 +290,40 @@ class DataServer:
             thread.start()
 
     def _serve(self, stream: Any) -> None:
+        signed = False  # whether the peer sent a request signed with the key
         try:
             while not stream.closed:
+                with self._lock:
+                    if stream in self._streams:
+                        self._idle[stream] = time.monotonic()
                 try:
                     frames = stream.recv(
                         max_bytes=MAX_REQUEST_BYTES,
                         max_frames=MAX_REQUEST_FRAMES,
-                        message_timeout=ACK_TIMEOUT,  # idle is fine, half a request is not
+                        # a peer that proved it has the key may stay connected between its
+                        # requests; one that did not must send its first request at once (a
+                        # silent connection holds a thread, and a place among MAX_PEERS)
+                        timeout=None if signed else ACK_TIMEOUT,
+                        message_timeout=ACK_TIMEOUT,  # half a request is not fine
                     )
                 except EOFError:
                     return  # the peer closed the connection
                 except InterruptedError:
                     return  # closed by this process
                 except (OSError, ValueError) as e:
-                    log.warning("dropped the data connection of %s: %s", stream.peer, e)
+                    if not stream.closed:  # (else: closed to make room, or by close())
+                        log.warning("dropped the data connection of %s: %s", stream.peer, e)
                     return
+                with self._lock:
+                    self._idle.pop(stream, None)
+                    if stream not in self._streams:
+                        return  # closed to make room meanwhile: its fetcher asks again
                 try:
                     msg = self.session.deserialize(frames)
                 except Exception as e:  # noqa: BLE001 - unsigned or malformed: the peer goes
                     log.warning("dropped the data connection of %s: %s", stream.peer, e)
                     return
+                signed = True
                 try:
                     self._answer(stream, msg)
                 except (ConnectionError, InterruptedError) as e:
@@ -303,6 +337,7 @@ class DataServer:
             stream.close()
             with self._lock:
                 self._streams.discard(stream)
+                self._idle.pop(stream, None)
                 self._serving.discard(threading.current_thread())
 
     def _send(self, stream: Any, kind: str, content: dict[str, Any], parent: Any) -> None:
@@ -337,8 +372,8 @@ class DataServer:
                 timeout=FETCH_TIMEOUT + nbytes / FETCH_RATE,
             )
         finally:
-            # fetched, or the fetcher left half-way (it does not fetch a token twice): either
-            # way a lender waiting for the pickup can go on
+            # sent, or the borrower gave up (or left) during the transfer: either way it will
+            # not fetch these bytes again, so a lender waiting for the pickup goes on now
             lent.done.set()
         lent.served += 1
         peer, told = content.get("peer"), self.on_probe
@@ -546,19 +581,31 @@ class Fetcher:
             raise ShmError(f"fetch from {endpoint} abandoned")
         with self._channel(endpoint) as chan:
             first = min(timeout, ACK_TIMEOUT)
-            try:
-                msg_id, stream = self._request(chan, FETCH_REQUEST, asked, first)
-                answer = stream.recv(
-                    max_bytes=MAX_REQUEST_BYTES,
-                    max_frames=MAX_REQUEST_FRAMES,
-                    timeout=max(0.0, started + first - time.monotonic()),
-                    abandon=abandon,
-                )
-                msg = self.session.deserialize(answer)
-            except (OSError, EOFError, ValueError) as e:
-                raise failed(e) from e
-            except Exception as e:  # noqa: BLE001 - a bad signature: not our lender
-                raise ShmError(f"the data endpoint {endpoint} answered garbage: {e}") from e
+            while True:
+                reused = chan.stream
+                try:
+                    msg_id, stream = self._request(chan, FETCH_REQUEST, asked, first)
+                    answer = stream.recv(
+                        max_bytes=MAX_REQUEST_BYTES,
+                        max_frames=MAX_REQUEST_FRAMES,
+                        timeout=max(0.0, started + first - time.monotonic()),
+                        abandon=abandon,
+                    )
+                    msg = self.session.deserialize(answer)
+                    break
+                except (EOFError, ConnectionError) as e:
+                    if reused is not None and not reused.closed:
+                        # the lender closed this idle connection (to make room for other
+                        # peers) before it read the request: ask again on a new one
+                        reused.close()
+                        if chan.stream is reused:
+                            chan.stream = None
+                        continue
+                    raise failed(e) from e
+                except (OSError, ValueError) as e:
+                    raise failed(e) from e
+                except Exception as e:  # noqa: BLE001 - a bad signature: not our lender
+                    raise ShmError(f"the data endpoint {endpoint} answered garbage: {e}") from e
             kind = (msg.get("header") or {}).get("msg_type")
             content = msg.get("content") or {}
             if (msg.get("parent_header") or {}).get("msg_id") != msg_id or kind not in (
