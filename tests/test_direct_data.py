@@ -303,6 +303,40 @@ def test_a_lent_result_waits_for_its_fetch_or_release(server: netloan.DataServer
         fetcher.close()
 
 
+def test_a_lender_started_without_buffer_macs_says_so_in_its_signed_ack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FERROPARALLEL_SIGN_BUFFERS=0 turns the data channel's MAC off too (a trusted network
+    that wants every byte of bandwidth); the signed acknowledgement tells the fetcher, so a
+    MAC cannot be stripped from a lender that sends one."""
+    session = _core.Session(KEY, packer="msgpack", sign_buffers=False)
+    for env, mac in [("0", False), ("1", True)]:
+        monkeypatch.setenv("FERROPARALLEL_SIGN_BUFFERS", env)
+        server = netloan.DataServer(KEY, "msgpack", "127.0.0.1")
+        try:
+            token = server.lend([b"payload"], "m")
+            stream = _core.DataStream.connect(server.endpoint, 10)
+            header = session.msg_header(netloan.FETCH_REQUEST)
+            stream.send(session.serialize(netloan.FETCH_REQUEST, {"token": token}, header=header))
+            ack = session.deserialize(stream.recv(max_bytes=65536, timeout=10))
+            assert ack["content"]["mac"] is mac
+            if mac:  # the bytes come with their MAC
+                got = stream.recv(
+                    max_bytes=7, timeout=10, session=session, mac_context=header["msg_id"]
+                )
+                assert [bytes(g) for g in got] == [b"payload"]
+            else:  # the bytes come without: a fetcher reads the ack and does not ask for one
+                with pytest.raises(ValueError, match="carries no MAC"):
+                    stream.recv(max_bytes=7, timeout=10, session=session, mac_context="x")
+            fetcher = netloan.Fetcher(KEY, "msgpack")
+            try:
+                assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"payload"
+            finally:
+                fetcher.close()
+        finally:
+            server.close()
+
+
 def test_bind_host_follows_the_controller() -> None:
     assert netloan.bind_host("ipc://@fp-123/registration") == "127.0.0.1"
     assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"

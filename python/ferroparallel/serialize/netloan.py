@@ -168,6 +168,10 @@ class DataServer:
 
     def __init__(self, key: bytes, packer: str, host: str) -> None:
         self.session = _core.Session(key, packer=packer, sign_buffers=False)
+        #: whether served buffers are followed by their MAC: yes unless this process was
+        #: started with FERROPARALLEL_SIGN_BUFFERS=0 (as for the buffers of every message);
+        #: the signed acknowledgement tells the fetcher
+        self.mac = _core.Session(key, packer=packer).sign_buffers and bool(key)
         self.listener = _core.DataListener(host)
         self.endpoint: str = self.listener.endpoint
         self._lent: dict[str, _Lent] = {}
@@ -362,12 +366,13 @@ class DataServer:
             return
         buffers = list(lent.buffers)
         nbytes = sum(memoryview(b).nbytes for b in buffers)
-        self._send(stream, FETCH_ACK, {"count": len(buffers), "nbytes": nbytes}, header)
+        announced = {"count": len(buffers), "nbytes": nbytes, "mac": self.mac}
+        self._send(stream, FETCH_ACK, announced, header)
         # the bytes go from the buffers' memory to the socket, their MAC computed meanwhile
         try:
             stream.send(
                 buffers,
-                session=self.session,
+                session=self.session if self.mac else None,
                 mac_context=str(header.get("msg_id")),
                 timeout=FETCH_TIMEOUT + nbytes / FETCH_RATE,
             )
@@ -630,7 +635,8 @@ class Fetcher:
                     max_bytes=size,
                     max_frames=count,
                     timeout=max(0.0, started + timeout + size / FETCH_RATE - time.monotonic()),
-                    session=self.session,
+                    # checked unless the (signed) acknowledgement says the lender sends none
+                    session=None if content.get("mac") is False else self.session,
                     mac_context=msg_id,
                     abandon=abandon,
                 )
