@@ -134,6 +134,17 @@ def pack_plain_call(f: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> l
     return [_ONE_FRAME_HEADER, f_frame, *frames]
 
 
+def _check_payload(payload: Any) -> None:
+    """Refuse anything but the ``(args tuple, kwargs dict)`` of an apply payload."""
+    if not (
+        type(payload) is tuple
+        and len(payload) == 2
+        and type(payload[0]) is tuple
+        and type(payload[1]) is dict
+    ):
+        raise ValueError("malformed apply payload: expected (args tuple, kwargs dict)")
+
+
 def _unpack_plain_call(
     frames: Sequence[BufferLike], namespace: dict[str, Any] | None
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]] | None:
@@ -153,13 +164,7 @@ def _unpack_plain_call(
     if args.nbytes == len(_NO_ARGUMENTS) and args == _NO_ARGUMENTS:
         return f, (), {}
     payload = pickle.loads(args, buffers=())
-    if not (
-        type(payload) is tuple
-        and len(payload) == 2
-        and type(payload[0]) is tuple
-        and type(payload[1]) is dict
-    ):
-        raise ValueError("malformed apply payload: expected (args tuple, kwargs dict)")
+    _check_payload(payload)
     if namespace is not None and not _is_plain(payload, sys.maxsize, _not_main):
         payload = resolve_in_namespace(payload, namespace)
     return f, payload[0], payload[1]
@@ -231,11 +236,5 @@ def unpack_apply_message(
         raise ValueError(f"bad apply header: {n_f} function frames of {len(frames) - 1}")
     f = deserialize_object(frames[1 : 1 + n_f], namespace)
     payload = deserialize_object(frames[1 + n_f :], namespace)
-    if not (
-        type(payload) is tuple
-        and len(payload) == 2
-        and type(payload[0]) is tuple
-        and type(payload[1]) is dict
-    ):
-        raise ValueError("malformed apply payload: expected (args tuple, kwargs dict)")
+    _check_payload(payload)
     return f, payload[0], payload[1]
