@@ -337,6 +337,34 @@ def test_a_lender_started_without_buffer_macs_says_so_in_its_signed_ack(
             server.close()
 
 
+def test_ctrl_c_interrupts_a_wait_on_the_data_stream() -> None:
+    """A fetch waits without the GIL; Ctrl-C on the main thread still ends it promptly (the
+    wait wakes every quarter of a second to take signals), not at its timeout."""
+    import signal
+
+    listener = _core.DataListener("127.0.0.1")
+    stream = _core.DataStream.connect(listener.endpoint, 10)
+    silent = listener.accept(10)  # connected, and never sends anything
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            stream.recv(max_bytes=100, timeout=20)
+        assert time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        stream.close()
+        silent.close()
+        listener.close()
+    assert listener.accept(0.1) is None  # closed: no more connections
+
+
 def test_bind_host_follows_the_controller() -> None:
     assert netloan.bind_host("ipc://@fp-123/registration") == "127.0.0.1"
     assert netloan.bind_host("tcp://127.0.0.1:5555") == "127.0.0.1"
