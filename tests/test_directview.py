@@ -666,6 +666,79 @@ def test_slice_view_is_frozen_at_creation(growing_cluster: tuple[Cluster, Client
     assert frozen.apply_sync(lambda: 1) == [1] * before
 
 
+# ----- output written to file descriptors 1 and 2 ----------------------------------------------
+
+
+def test_subprocess_output_is_captured_in_order(dv: DirectView) -> None:
+    """As on ipyparallel's engines (ipykernel's ``watchfd``): what subprocesses write to the
+    engine's stdout/stderr descriptors is part of the request's output, between the prints
+    made before and after it."""
+    code = "import os\nprint('a', flush=True)\nos.system('echo b; echo e 1>&2')\nprint('c')"
+    ar = dv.execute(code, block=True)
+    assert ar.wait_for_output(SHORT)
+    assert ar.stdout == ["a\nb\nc\n", "a\nb\nc\n"]
+    assert ar.stderr == ["e\n", "e\n"]
+
+
+C_PRINTF_THEN_FORK = """
+import ctypes, multiprocessing
+ctypes.CDLL(None).printf(b"from C, no newline")  # left in the C library's buffer
+child = multiprocessing.get_context("fork").Process(target=print, args=(" child",))
+child.start()
+child.join()
+"""
+
+
+def test_c_and_forked_child_output_is_captured(rc: Client) -> None:
+    """``printf`` of C code (flushed when the request ends) and the prints of a forked child
+    reach ``ar.stdout``."""
+    ar = rc[0].execute(C_PRINTF_THEN_FORK, block=True)
+    assert rc[0]["child.exitcode"] == 0
+    assert ar.wait_for_output(SHORT)
+    assert ar.stdout == "from C, no newline child\n"
+
+
+def _engine_log_file(rc: Client, cluster: Cluster, engine_id: int) -> Path:
+    pid = rc[engine_id].apply_sync(os.getpid)
+    for es in cluster.engines.values():
+        for p in es.processes:
+            if p.pid == pid and p.log_file:
+                return Path(p.log_file)
+    pytest.skip("the engine's output does not go to a log file")
+
+
+def test_descriptor_output_between_requests_goes_to_the_engine_log(
+    rc: Client, shared_cluster: Cluster, wait_until: WaitUntil
+) -> None:
+    """Engine log lines written during a request, and descriptor output written while no
+    request runs, go to the engine's log, never into a request's output."""
+    log_file = _engine_log_file(rc, shared_cluster, 0)
+    code = (
+        "import logging, subprocess\n"
+        "logging.getLogger('ferroparallel.engine').warning('engine-log-%s' % 'marker')\n"
+        "late = subprocess.Popen('sleep 0.3; echo late-%s' % 'marker', shell=True)"
+    )
+    ar = rc[0].execute(code, block=True)
+    assert ar.wait_for_output(SHORT)
+    assert ar.stdout == "" and ar.stderr == ""
+    text = wait_until(
+        lambda: (t := log_file.read_text(errors="replace")) and "late-marker" in t and t,
+        what="the background output in the engine log",
+    )
+    assert "engine-log-marker" in text
+    after = rc[0].execute("late.wait()", block=True)
+    assert after.wait_for_output(SHORT) and after.stdout == ""
+
+
+def test_descriptor_capture_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferroparallel.engine import fdcapture
+
+    monkeypatch.delenv(fdcapture.ENV_VAR, raising=False)
+    assert fdcapture.enabled() == (os.name == "posix")
+    monkeypatch.setenv(fdcapture.ENV_VAR, "0")
+    assert not fdcapture.enabled()
+
+
 # ----- rich output from apply ------------------------------------------------------------------
 
 

@@ -22,8 +22,9 @@ inbox
     Received-message queues and the thread that watches long-running requests.
 execute, ipyshell
     Running ``apply_request`` and ``execute_request`` (plain Python / IPython).
-capture
-    stdout/stderr redirection to IOPub ``stream`` messages.
+capture, fdcapture
+    stdout/stderr redirection to IOPub ``stream`` messages (Python writes; file descriptors
+    1 and 2).
 namespace
     The user namespace (``__main__``).
 signals, liveness, errors, logs

@@ -74,7 +74,10 @@ class StreamWriter(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if not self._capture.write(self._name, text) and self._fallback is not None:
+        capture = self._capture
+        if capture.sync is not None and capture.active:
+            capture.sync()  # what was written to the descriptors before this comes first
+        if not capture.write(self._name, text) and self._fallback is not None:
             self._fallback.write(text)
         return len(text)
 
@@ -109,6 +112,11 @@ class StreamCapture:
         self.stdout = StreamWriter(self, "stdout", sys.__stdout__)
         self.stderr = StreamWriter(self, "stderr", sys.__stderr__)
         self._stdin = io.StringIO("")
+        #: Called first by :meth:`stop`: text written elsewhere (the engine's file
+        #: descriptors, see :mod:`.fdcapture`) joins the request's output before its last flush.
+        self.before_stop: Callable[[], None] | None = None
+        #: Called before Python-level text is buffered, for the same reason (keeps the order).
+        self.sync: Callable[[], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -129,6 +137,8 @@ class StreamCapture:
 
     def stop(self) -> None:
         """Publish what is left and restore the previous streams."""
+        if self.before_stop is not None:
+            self.before_stop()
         self.flush()
         if self._saved is not None:
             sys.stdout, sys.stderr, sys.stdin = self._saved

@@ -18,6 +18,7 @@ from . import logs
 from .capture import StreamCapture
 from .connection import EngineUrls, data_url
 from .control import URGENT, AbortSet, ControlHandler
+from .fdcapture import FdCapture
 from .inbox import (
     BROADCAST,
     CONTROL,
@@ -132,6 +133,10 @@ class EngineKernel:
         self.gate = InterruptGate()
         self.namespace = UserNamespace()
         self.capture = StreamCapture(self._publish_stream)
+        #: output of subprocesses and C code (descriptors 1 and 2), redirected while serving
+        self.fd_capture = FdCapture(self.capture)
+        self.capture.before_stop = self.fd_capture.drain
+        self.capture.sync = self.fd_capture.sync
         # the direct data path: large arguments fetched from waiting clients, large results
         # lent to them (not with CurveZMQ: the data channel is not encrypted)
         self.net = NetData(
@@ -274,6 +279,7 @@ class EngineKernel:
             self.liveness = Liveness(self.io, self.hb_period, self.config.max_missed_pings)
             self.liveness.sample()
             self.watcher.start()
+            self.fd_capture.start()
             code = self.serve()
         except EngineExit:
             log.info("SIGTERM received: stopping")
@@ -283,6 +289,7 @@ class EngineKernel:
             code = EXIT_FAILED
         finally:
             _ACTIVE = None
+            self.fd_capture.stop()
             self._finish()
             self.result_segments.release_all()
             self.net.close()  # wakes probe answers still fetching

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 #: Logger of every engine module (children: ``ferroparallel.engine.kernel`` …).
 LOGGER_NAME = "ferroparallel.engine"
@@ -67,3 +68,11 @@ def setup_logging(level: str | int = "INFO") -> logging.Logger:
 def set_engine_id(engine_id: int | str) -> None:
     """Use ``engine_id`` as the prefix of every following log line."""
     _id_filter.engine_id = str(engine_id)
+
+
+def set_log_stream(stream: Any) -> None:
+    """Write engine log lines to ``stream`` from now on (the engine's old stderr while its
+    descriptor 2 is captured, see :mod:`.fdcapture`)."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if getattr(handler, "_ferroparallel_engine", False) and stream is not None:
+            handler.setStream(stream)  # type: ignore[attr-defined]
