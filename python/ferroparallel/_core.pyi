@@ -376,6 +376,17 @@ class DirectSockets:
     def wait_connected(self, timeout: float) -> bool:
         """Wait (without the GIL) until every connecting socket has completed a handshake with
         each of its endpoints; False after ``timeout`` seconds."""
+    def add_link(self, socket: str, endpoint: str, uuid: str, timeout: float) -> None:
+        """Open an engine link (decision 0017) to the controller's ``endpoint``
+        (``ipc://@<name>``) for the ROUTER ``socket``: say a signed hello as engine ``uuid``
+        and wait up to ``timeout`` seconds for the welcome. From then on the link's messages
+        arrive on ``socket`` under the identity ``b"fp-link/mux"`` or ``b"fp-link/task"``,
+        and replies sent to those identities go back over it. ValueError says why it could
+        not be opened."""
+    @property
+    def link(self) -> str:
+        """``"none"`` (no link), ``"up"``, or ``"lost"``: it closed or broke, and the
+        controller considers this engine gone."""
     def handshake_failures(self) -> list[tuple[str, str, str]]:
         """As :meth:`IoThread.handshake_failures`, for these sockets."""
     def wake(self) -> None:
@@ -416,6 +427,12 @@ class Controller:
     def __init__(self, config: dict[str, Any]) -> None: ...
     def start(self) -> dict[str, int]:
         """Bind every socket and start the threads; returns the bound port of each channel."""
+    def ipc_endpoints(self) -> dict[str, str]:
+        """The ``ipc://`` endpoint of each channel (empty without ``ipc_prefix``, or before
+        :meth:`start`)."""
+    def link_endpoint(self) -> str | None:
+        """The engine link endpoint (``ipc://@...``, decision 0017), or None: no IPC, CurveZMQ
+        on, ``FERROPARALLEL_ENGINE_LINK=0``, or not started."""
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the controller stops (True) or the timeout passes (False). Releases the
         GIL and checks for signals every 50 ms."""

@@ -29,10 +29,13 @@ from typing import Any
 __all__ = [
     "ENV_ENABLE",
     "INFO_KEY",
+    "LINK_ENV",
+    "LINK_KEY",
     "available",
     "connection_entry",
     "enabled_by_env",
     "host_token",
+    "links_enabled",
     "local_urls",
     "new_prefix",
 ]
@@ -41,12 +44,23 @@ __all__ = [
 ENV_ENABLE = "FERROPARALLEL_IPC"
 #: Connection-file key of the IPC endpoints: ``{"host": token, <file key>: url, ...}``.
 INFO_KEY = "fp_ipc"
+#: Key of the controller's engine link (``docs/decisions/0017-engine-links.md``) in the IPC
+#: entry of an engine connection file.
+LINK_KEY = "fp_link"
+#: ``FERROPARALLEL_ENGINE_LINK=0`` (or ``off``/``false``/``no``) turns engine links off: in a
+#: controller's environment none is served, in an engine's none is opened.
+LINK_ENV = "FERROPARALLEL_ENGINE_LINK"
 
 
 def enabled_by_env() -> bool:
     """False when ``$FERROPARALLEL_IPC`` says off; True otherwise."""
     value = os.environ.get(ENV_ENABLE, "").strip().lower()
     return value not in ("0", "off", "false", "no")
+
+
+def links_enabled() -> bool:
+    """False when ``$FERROPARALLEL_ENGINE_LINK`` says off; True otherwise."""
+    return os.environ.get(LINK_ENV, "").strip().lower() not in ("0", "off", "false", "no")
 
 
 def available() -> bool:

@@ -103,6 +103,16 @@ def engine_info(
     return info
 
 
+def add_engine_link(info: dict[str, Any], endpoint: str | None) -> None:
+    """List the engine link ``endpoint`` (decision 0017) with the IPC endpoints of the engine
+    connection ``info``: only engines that can use those can use it."""
+    from ..ipc import INFO_KEY, LINK_KEY
+
+    entry = info.get(INFO_KEY)
+    if endpoint and isinstance(entry, dict):
+        entry[LINK_KEY] = endpoint
+
+
 def _add_ipc(
     info: dict[str, Any], endpoints: Mapping[str, str] | None, keys: Mapping[str, str]
 ) -> None:

@@ -41,6 +41,8 @@ class EngineUrls:
     hb_ping: str
     hb_pong: str
     broadcast: tuple[str, ...] = ()
+    #: The controller's engine link (decision 0017), when this engine can open one.
+    link: str | None = None
 
 
 def load_connection_info(
@@ -226,7 +228,8 @@ def channel_urls(info: dict[str, Any], same_host: bool = True) -> EngineUrls:
         ``<interface>:<port>`` per channel (``<interface>-<port>`` for ``ipc://``), or the
         controller's same-host Unix sockets when the info lists them for this host (see
         :mod:`ferroparallel.ipc`); ``broadcast`` lists the broadcast-scheduler leaves when the
-        info has them.
+        info has them; ``link`` is the controller's engine link with those same-host sockets
+        (when it serves one and ``$FERROPARALLEL_ENGINE_LINK`` does not turn links off).
     """
     base = disambiguate_interface(info["interface"], info.get("location", ""))
     sep = "-" if base.startswith("ipc://") else ":"
@@ -240,7 +243,10 @@ def channel_urls(info: dict[str, Any], same_host: bool = True) -> EngineUrls:
         # ferroparallel's controller has one leaf, listed with the other IPC endpoints
         leaf = ipc.local_urls(info, ("broadcast",))
         broadcast = (leaf["broadcast"],) if leaf is not None else broadcast
-    return EngineUrls(**(local if local is not None else urls), broadcast=broadcast)
+    link = None
+    if local is not None and ipc.links_enabled():
+        link = (ipc.local_urls(info, (ipc.LINK_KEY,)) or {}).get(ipc.LINK_KEY)
+    return EngineUrls(**(local if local is not None else urls), broadcast=broadcast, link=link)
 
 
 def data_url(info: dict[str, Any], urls: EngineUrls) -> str:

@@ -51,6 +51,8 @@ HOLD_CAP = 16
 SENT_WAIT_LIMIT = 30.0
 #: Seconds an engine stopped while registering waits for the reply (to unregister).
 REGISTRATION_GRACE = 1.0
+#: How long an engine waits for the controller's welcome on its engine link.
+LINK_TIMEOUT = 5.0
 
 
 @dataclass
@@ -182,6 +184,14 @@ class EngineKernel:
         direct = self.direct
         direct.add_socket(SHELL, "ROUTER", connect=[urls.mux, urls.task], identity=ident, **cv)
         direct.add_socket(CONTROL, "ROUTER", connect=[urls.control], identity=ident, **cv)
+        if urls.link and not cv:
+            # before registering: from its registration on, the controller sends this
+            # engine's MUX and task traffic over the link (decision 0017)
+            try:
+                direct.add_link(SHELL, urls.link, self.uuid, LINK_TIMEOUT)
+                log.debug("engine link to %s open", urls.link)
+            except ValueError as e:
+                log.info("no engine link (%s): the shell traffic goes through ZMQ", e)
         if urls.broadcast:
             # Every leaf, now: the one that serves this engine (id mod leaves, ipyparallel's
             # rule) is only known after registration, and the controller may broadcast to us
@@ -369,6 +379,10 @@ class EngineKernel:
                 self.liveness.max_missed,
                 self.hb_period * 1000,
             )
+            self.request_exit(EXIT_CONTROLLER_LOST)
+            return
+        if self.direct.link == "lost":
+            log.error("the engine link to the controller closed: exiting")
             self.request_exit(EXIT_CONTROLLER_LOST)
             return
         while self.inbox.other:

@@ -221,6 +221,16 @@ impl Controller {
         Ok(out)
     }
 
+    /// The engine link endpoint (`ipc://@...`), or None (no IPC, CurveZMQ on, links turned
+    /// off by `FERROPARALLEL_ENGINE_LINK=0`, or not started).
+    fn link_endpoint(&self) -> PyResult<Option<String>> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        Ok(inner.as_ref().and_then(|ctl| ctl.link.clone()))
+    }
+
     /// Wait until the controller stops (True) or the timeout passes (False).
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {

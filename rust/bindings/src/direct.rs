@@ -75,6 +75,36 @@ impl DirectSockets {
             .map_err(PyValueError::new_err)
     }
 
+    /// Open an engine link to `endpoint` for socket `socket` (see `fp_io::DirectSockets::
+    /// add_link`); ValueError says why it could not be opened.
+    fn add_link(
+        &self,
+        py: Python<'_>,
+        socket: &str,
+        endpoint: &str,
+        uuid: &str,
+        timeout: f64,
+    ) -> PyResult<()> {
+        self.check_open(py)?;
+        if !timeout.is_finite() || timeout < 0.0 {
+            return Err(PyValueError::new_err("timeout must be a number >= 0"));
+        }
+        let inner = &self.inner;
+        py.detach(|| inner.add_link(socket, endpoint, uuid, Duration::from_secs_f64(timeout)))
+            .map_err(PyValueError::new_err)
+    }
+
+    /// `"none"` (no engine link), `"up"`, or `"lost"` (it closed: the controller considers
+    /// this engine gone).
+    #[getter]
+    fn link(&self) -> &'static str {
+        match self.inner.link_state() {
+            fp_io::LINK_UP => "up",
+            fp_io::LINK_LOST => "lost",
+            _ => "none",
+        }
+    }
+
     /// Sign and send one message now (see the type stub); returns its header.
     #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
                         ident=None, buffers=None, header=None, hold=false))]

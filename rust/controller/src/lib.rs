@@ -8,6 +8,7 @@ mod engines;
 #[doc(hidden)]
 pub mod fuzzing;
 mod heart;
+pub mod links;
 pub mod log;
 mod messages;
 pub mod records;
@@ -33,6 +34,8 @@ pub struct Controller {
     thread: Mutex<Option<JoinHandle<()>>>,
     pub ports: Ports,
     pub ipc: IpcEndpoints,
+    /// The engine link endpoint (`ipc://@...`), when engines on this host can open links.
+    pub link: Option<String>,
     pub stats: Arc<Stats>,
     engines: Arc<Mutex<Vec<(i64, String)>>>,
     engine_info: Arc<Mutex<fp_wire::Value>>,
@@ -165,13 +168,32 @@ fn heartbeat_monitor(hb_pong: &zmq::Socket) -> Result<zmq::Socket, String> {
     Ok(pair)
 }
 
+/// Where engine links are served: next to the IPC endpoints (engines on this host), on an
+/// abstract socket, unless CurveZMQ is on (a link is not encrypted) or the environment says
+/// off (see `links`).
+fn link_endpoint(cfg: &ControllerConfig) -> Option<String> {
+    if cfg.curve_secretkey.is_some() || !links::enabled_by_env() {
+        return None;
+    }
+    let url = cfg.ipc_endpoint("engine_link")?;
+    url.starts_with("ipc://@").then_some(url)
+}
+
 impl Controller {
     /// Bind every socket and start the event loop.
     pub fn start(cfg: ControllerConfig) -> Result<Controller, String> {
         let (socks, ports, ipc) = bind_all(&cfg)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
+        let link = match link_endpoint(&cfg) {
+            Some(url) => Some((links::listen(&url)?, url)),
+            None => None,
+        };
         let mut server = Server::new(cfg, socks, stop.clone(), stats.clone())?;
+        let link = link.map(|(listener, url)| {
+            server.set_link_listener(listener);
+            url
+        });
         let engines = server.shared_engines.clone();
         let engine_info = server.engine_info.clone();
         let thread = std::thread::Builder::new()
@@ -183,6 +205,7 @@ impl Controller {
             thread: Mutex::new(Some(thread)),
             ports,
             ipc,
+            link,
             stats,
             engines,
             engine_info,

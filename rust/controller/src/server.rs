@@ -48,7 +48,7 @@ pub struct Stats {
 
 pub(crate) type Env = Envelope<RecvFrame>;
 
-const BURST: usize = 256;
+pub(crate) const BURST: usize = 256;
 /// Sockets towards clients: what the loop sends on them during a pass leaves together at the
 /// end of the pass, output before replies (see [`Server::send`]).
 const DEFERRED: [usize; 5] = [IOP_C, MUX_C, CTL_C, TASK_C, BCAST_C];
@@ -68,7 +68,9 @@ pub struct Server {
     socks: Vec<zmq::Socket>,
     pending: Vec<VecDeque<ReadyFrames>>,
     pub(crate) session: SessionCore,
-    releases: ReleaseQueue,
+    pub(crate) releases: ReleaseQueue,
+    /// Engine links (see `links`).
+    pub(crate) links: crate::links::Links,
     pub(crate) engines: EngineTable,
     pub(crate) heart: Heart,
     pub(crate) balancer: Balancer,
@@ -178,6 +180,7 @@ impl Server {
             pending: (0..n).map(|_| VecDeque::new()).collect(),
             session,
             releases: ReleaseQueue::new(),
+            links: crate::links::Links::default(),
             engines,
             heart,
             balancer,
@@ -191,6 +194,11 @@ impl Server {
             shutdown_at: None,
             check: vec![true; n],
         })
+    }
+
+    /// Serve engine links on `listener` (see `links`).
+    pub(crate) fn set_link_listener(&mut self, listener: std::os::unix::net::UnixListener) {
+        self.links = crate::links::Links::new(Some(listener));
     }
 
     /// Take the sockets back (for the fuzzing harness, which reuses them); the server cannot
@@ -227,12 +235,14 @@ impl Server {
                     self.receive(i);
                 }
             }
+            self.service_links();
             self.timers();
             for i in DEFERRED {
                 if !self.pending[i].is_empty() {
                     self.flush(i);
                 }
             }
+            self.flush_links();
         }
         for i in 0..self.socks.len() {
             self.flush(i);
@@ -269,22 +279,34 @@ impl Server {
         let mut readable = vec![false; n];
         let mut writable = vec![false; n];
         self.check.resize(n, true);
-        if self.ready_now(&mut readable, &mut writable) {
+        let early = self.ready_now(&mut readable, &mut writable);
+        if early && self.links.is_empty() {
             return (readable, writable);
         }
-        let mut fds: Vec<libc::pollfd> = self
-            .socks
-            .iter()
-            .map(|s| libc::pollfd {
+        // the sockets' descriptors only when nothing is ready on them (then a wait), the
+        // links' always (without waiting when a socket or a link is ready already)
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        if !early {
+            fds.extend(self.socks.iter().map(|s| libc::pollfd {
                 fd: s.get_fd().unwrap_or(-1),
                 events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
-        let ms = timeout_ms.clamp(0, i32::MAX as i64) as i32;
+            }));
+        }
+        let k = fds.len();
+        fds.extend(self.links.pollfds());
+        let ms = if early || self.links.has_more() {
+            0
+        } else {
+            timeout_ms.clamp(0, i32::MAX as i64) as i32
+        };
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        for (c, fd) in self.check.iter_mut().zip(&fds) {
+        self.links.set_revents(&fds[k..]);
+        if early {
+            return (readable, writable);
+        }
+        for (c, fd) in self.check.iter_mut().zip(&fds[..k]) {
             // timeout, EINTR or an error: look at every socket (cheap, at most every 100 ms)
             *c |= rc <= 0 || fd.revents != 0;
         }
@@ -325,6 +347,9 @@ impl Server {
     /// (a client that left is not an error); sends to engines stay immediate, their
     /// failures reroute or fail the task.
     pub(crate) fn send(&mut self, i: usize, frames: Vec<OutFrame>) -> Result<(), i32> {
+        let Some(frames) = self.send_over_link(i, frames) else {
+            return Ok(());
+        };
         let ready = ReadyFrames::new(frames, &self.releases);
         if let Some(c) = self.check.get_mut(i) {
             *c = true; // the send may consume this socket's ZMQ_FD signal
@@ -927,7 +952,8 @@ impl Server {
         self.drain_queue();
     }
 
-    fn unregister(&mut self, uuid: &[u8], why: &str) {
+    pub(crate) fn unregister(&mut self, uuid: &[u8], why: &str) {
+        self.links.close_ident(uuid);
         let Some(engine) = self.engines.remove(uuid) else {
             return;
         };
@@ -1099,6 +1125,7 @@ impl Server {
     pub(crate) fn timers(&mut self) {
         self.task_timeouts();
         let now = Instant::now();
+        self.expire_links();
         self.probe_timer(now);
         if let Some(t) = self.heart.next_fast_ping {
             if now >= t {

@@ -12,22 +12,70 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Incoming};
 use crate::ioloop::recv_multipart;
-use crate::outframe::{try_send, OutFrame, ReadyFrames, ReleaseQueue, Sent};
-use crate::session::SessionCore;
+use crate::link::{LinkLimits, LinkMessage, LinkReader, LinkWriter, CH_LINK, CH_MUX, CH_TASK};
+use crate::outframe::{try_send, OutFrame, ReadyFrames, RecvFrame, ReleaseQueue, Sent};
+use crate::session::{OutgoingMessage, SessionCore};
 use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
 use crate::wakeup::{drain, pollfd, wake_pair};
 
 /// Most messages taken from one socket by one `recv` call (the others wait for the next).
 const RECV_BURST: usize = 512;
 const MAX_DROP_REPORTS: usize = 1000;
+
+/// The routing identity under which a socket with a link delivers the link's messages of each
+/// channel, and by which a reply given that identity goes back over the link (a ROUTER's
+/// generated identities start with a zero byte: these cannot collide with them).
+const LINK_IDENTS: [(&[u8], u8); 2] = [(b"fp-link/mux", CH_MUX), (b"fp-link/task", CH_TASK)];
+
+/// [`DirectSockets::link_state`] values.
+pub const LINK_NONE: u8 = 0;
+pub const LINK_UP: u8 = 1;
+pub const LINK_LOST: u8 = 2;
+
+/// An engine link (see `link`), standing in for the ZMQ connections of one socket.
+struct Link {
+    /// Index of the socket whose messages it carries.
+    entry: usize,
+    stream: UnixStream,
+    reader: LinkReader,
+    writer: LinkWriter,
+    /// The last read stopped at its burst limit: read again before waiting.
+    more: bool,
+}
+
+fn link_channel(ident: &[u8]) -> Option<u8> {
+    LINK_IDENTS
+        .iter()
+        .find(|(id, _)| *id == ident)
+        .map(|(_, ch)| *ch)
+}
+
+fn link_ident(channel: u8) -> Option<&'static [u8]> {
+    LINK_IDENTS
+        .iter()
+        .find(|(_, ch)| *ch == channel)
+        .map(|(id, _)| *id)
+}
+
+/// Wait up to `ms` for `events` on `fd`.
+fn poll_fd(fd: i32, events: i16, ms: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
 
 struct Entry {
     name: Arc<str>,
@@ -73,8 +121,10 @@ impl Entry {
 
 struct State {
     entries: Vec<Entry>,
-    /// Replies held back by `send(.., hold=true)`, oldest first: (socket index, frames).
-    held: Vec<(usize, ReadyFrames)>,
+    /// Replies held back by `send(.., hold=true)`, oldest first: (socket index, the link
+    /// channel when it goes over the link, frames).
+    held: Vec<(usize, Option<u8>, ReadyFrames)>,
+    link: Option<Link>,
     wake_rx: UnixStream,
     /// When the handshake monitors were last read by [`DirectSockets::recv`].
     monitors_read: Instant,
@@ -100,6 +150,8 @@ pub struct DirectSockets {
     pub sent: AtomicU64,
     /// Messages held back (see [`DirectSockets::send`]), readable without the lock.
     held: AtomicUsize,
+    /// [`LINK_NONE`], [`LINK_UP`] or [`LINK_LOST`].
+    link_state: AtomicU8,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +166,7 @@ impl DirectSockets {
             state: Mutex::new(State {
                 entries: Vec::new(),
                 held: Vec::new(),
+                link: None,
                 wake_rx,
                 // due at the first receive
                 monitors_read: Instant::now()
@@ -129,6 +182,7 @@ impl DirectSockets {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             held: AtomicUsize::new(0),
+            link_state: AtomicU8::new(LINK_NONE),
         })
     }
 
@@ -186,6 +240,188 @@ impl DirectSockets {
         Ok(bound)
     }
 
+    /// Open an engine link (see `link`) to the controller's `endpoint` (`ipc://@<name>`, an
+    /// abstract Unix socket) for socket `socket` (the shell ROUTER): say hello as engine
+    /// `uuid` (a message signed with the session key) and wait up to `timeout` for the
+    /// controller's welcome. From then on the controller sends this engine's MUX and task
+    /// requests over the link, which this socket delivers under the identities of
+    /// [`LINK_IDENTS`]; replies to those identities go back over it.
+    pub fn add_link(
+        &self,
+        socket: &str,
+        endpoint: &str,
+        uuid: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        self.check_open()?;
+        let name = endpoint
+            .strip_prefix("ipc://@")
+            .ok_or_else(|| format!("{endpoint:?} is not an abstract ipc:// endpoint"))?;
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| format!("bad link endpoint {endpoint:?}: {e}"))?;
+        let stream = UnixStream::connect_addr(&addr)
+            .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("link: {e}"))?;
+        let parts = fp_wire::Parts {
+            header: self.session.headers.header(crate::link::HELLO),
+            parent_header: fp_wire::Value::empty_map(),
+            metadata: fp_wire::Value::empty_map(),
+            content: fp_wire::Value::map([("uuid", fp_wire::Value::Str(uuid.into()))]),
+        };
+        let hello = self
+            .session
+            .build_frames(OutgoingMessage {
+                idents: Vec::new(),
+                parts,
+                buffers: Vec::new(),
+            })
+            .map_err(|e| format!("cannot build the link hello: {e}"))?;
+        let mut writer = LinkWriter::new();
+        writer.push_ready(CH_LINK, ReadyFrames::new(hello, &self.releases))?;
+        let mut reader = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+        let deadline = Instant::now() + timeout;
+        let fd = stream.as_raw_fd();
+        let mut got: Vec<LinkMessage> = Vec::new();
+        loop {
+            let flushed = writer.flush(fd).map_err(|e| format!("link hello: {e}"))?;
+            reader
+                .read(fd, &mut got, 1)
+                .map_err(|e| format!("no welcome on the link: {e}"))?;
+            if let Some((ch, frames)) = got.first() {
+                if *ch != CH_LINK || frames.len() != 1 || frames[0].as_ref() != crate::link::WELCOME
+                {
+                    return Err("the controller answered the link hello with something else".into());
+                }
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no welcome on the link within {timeout:?}"));
+            }
+            let events = if flushed {
+                libc::POLLIN
+            } else {
+                libc::POLLIN | libc::POLLOUT
+            };
+            poll_fd(fd, events, left.as_millis().clamp(1, 100) as i32);
+        }
+        reader.set_limits(LinkLimits {
+            max_frames: self.session.limits.max_frames,
+            max_bytes: u64::MAX,
+        });
+        let mut state = self.take();
+        let entry = state
+            .entries
+            .iter()
+            .position(|e| *e.name == *socket && e.kind == SocketKind::Router)
+            .ok_or_else(|| format!("no ROUTER socket named {socket:?}"))?;
+        state.link = Some(Link {
+            entry,
+            stream,
+            reader,
+            writer: LinkWriter::new(),
+            more: false,
+        });
+        self.link_state.store(LINK_UP, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// [`LINK_NONE`] (no link), [`LINK_UP`] or [`LINK_LOST`] (it was closed or broke: the
+    /// controller considers this engine gone).
+    pub fn link_state(&self) -> u8 {
+        self.link_state.load(Ordering::SeqCst)
+    }
+
+    /// The link broke: drop it and say why.
+    fn lose_link(&self, state: &mut State, why: String, drops: &mut Vec<DropReport>) {
+        if let Some(link) = state.link.take() {
+            drops.push(DropReport {
+                socket: state.entries[link.entry].name.clone(),
+                kind: "LinkClosed",
+                text: why,
+            });
+            self.link_state.store(LINK_LOST, Ordering::SeqCst);
+        }
+    }
+
+    /// Read the link's messages into `batch` (at most [`RECV_BURST`]).
+    fn service_link(
+        &self,
+        state: &mut State,
+        batch: &mut Vec<Incoming>,
+        drops: &mut Vec<DropReport>,
+    ) {
+        let Some(link) = state.link.as_mut() else {
+            return;
+        };
+        let mut got = Vec::new();
+        let read = link
+            .reader
+            .read(link.stream.as_raw_fd(), &mut got, RECV_BURST);
+        let name = state.entries[link.entry].name.clone();
+        for (channel, mut frames) in got {
+            self.received.fetch_add(1, Ordering::Relaxed);
+            let Some(ident) = link_ident(channel) else {
+                drops.push(DropReport {
+                    socket: name.clone(),
+                    kind: "LinkChannel",
+                    text: format!("a message on unknown link channel {channel}"),
+                });
+                continue;
+            };
+            frames.insert(0, RecvFrame::from_bytes(ident));
+            match self.session.parse_answerable(frames) {
+                Ok((idents, parts, buffers)) => batch.push(Incoming {
+                    socket: name.clone(),
+                    delivery: Delivery::Message {
+                        idents,
+                        parts,
+                        buffers,
+                    },
+                }),
+                Err(err) => drops.push(DropReport {
+                    socket: name.clone(),
+                    kind: err.kind(),
+                    text: err.to_string(),
+                }),
+            }
+        }
+        match read {
+            Ok(more) => link.more = more,
+            Err(e) => self.lose_link(state, e.to_string(), drops),
+        }
+    }
+
+    /// Write what the link has queued, waiting until `deadline` while the controller does not
+    /// read; a failure (or the deadline) loses the link (a message may be cut short).
+    fn flush_link(&self, state: &mut State, deadline: Instant) -> Result<(), String> {
+        let Some(link) = state.link.as_mut() else {
+            return Err("the engine link to the controller is closed".into());
+        };
+        let fd = link.stream.as_raw_fd();
+        let why = loop {
+            match link.writer.flush(fd) {
+                Ok(true) => {
+                    return Ok(());
+                }
+                Ok(false) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break "the controller is not reading the engine link".to_string();
+                    }
+                    poll_fd(fd, libc::POLLOUT, left.as_millis().clamp(1, 100) as i32);
+                }
+                Err(e) => break format!("cannot write to the engine link: {e}"),
+            }
+        };
+        let mut drops = Vec::new();
+        self.lose_link(state, why.clone(), &mut drops);
+        self.report(drops);
+        Err(why)
+    }
+
     /// Wait up to `timeout` for messages on any socket and return those that arrived (at most
     /// [`RECV_BURST`] per socket), and whether the wait was cut short by [`Self::wake`].
     ///
@@ -195,20 +431,25 @@ impl DirectSockets {
     pub fn recv(&self, timeout: Duration) -> Result<(Vec<Incoming>, bool), String> {
         self.check_open()?;
         let mut state = lock(&self.state);
+        let mut batch = Vec::new();
+        let mut drops = Vec::new();
+        for e in state.entries.iter_mut() {
+            self.service(e, &mut batch, &mut drops);
+        }
+        let link_fd = state.link.as_ref().map(|l| l.stream.as_raw_fd());
+        if state.link.as_ref().is_some_and(|l| l.more) {
+            self.service_link(&mut state, &mut batch, &mut drops);
+        }
         let State {
             entries,
             wake_rx,
             monitors_read,
             ..
         } = &mut *state;
-        let mut batch = Vec::new();
-        let mut drops = Vec::new();
-        for e in entries.iter_mut() {
-            self.service(e, &mut batch, &mut drops);
-        }
         let mut woken = false;
+        let mut link_fired = false;
         if batch.is_empty() {
-            let mut fds = Vec::with_capacity(1 + 2 * entries.len());
+            let mut fds = Vec::with_capacity(2 + 2 * entries.len());
             fds.push(pollfd(wake_rx.as_raw_fd()));
             for e in entries.iter() {
                 fds.push(pollfd(e.sock.get_fd().unwrap_or(-1)));
@@ -217,6 +458,9 @@ impl DirectSockets {
                 if let Some(m) = &e.monitor {
                     fds.push(pollfd(m.get_fd().unwrap_or(-1)));
                 }
+            }
+            if let Some(fd) = link_fd {
+                fds.push(pollfd(fd));
             }
             let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
             // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
@@ -227,7 +471,11 @@ impl DirectSockets {
                 woken = true;
                 drain(wake_rx);
             }
-            let monitors_fired = fds[1 + entries.len()..].iter().any(|f| f.revents != 0);
+            let monitors_end = fds.len() - usize::from(link_fd.is_some());
+            let monitors_fired = fds[1 + entries.len()..monitors_end]
+                .iter()
+                .any(|f| f.revents != 0);
+            link_fired = link_fd.is_some() && (rc <= 0 || fds[monitors_end].revents != 0);
             for (k, e) in entries.iter_mut().enumerate() {
                 e.check |= fired(1 + k);
             }
@@ -240,6 +488,9 @@ impl DirectSockets {
             for e in entries.iter_mut() {
                 self.service(e, &mut batch, &mut drops);
             }
+        }
+        if link_fired {
+            self.service_link(&mut state, &mut batch, &mut drops);
         }
         drop(state);
         self.report(drops);
@@ -365,6 +616,13 @@ impl DirectSockets {
     ) -> Result<(), String> {
         self.check_open()?;
         let deadline = Instant::now() + timeout;
+        let mut frames = frames;
+        // a reply to a request that came over the link goes back over it, without the
+        // link's identity
+        let channel = frames.first().and_then(|f| link_channel(f.bytes()));
+        if channel.is_some() {
+            frames.remove(0);
+        }
         let ready = ReadyFrames::new(frames, &self.releases);
         let mut state = self.take();
         let index = state
@@ -382,14 +640,29 @@ impl DirectSockets {
                 entry.kind
             ));
         }
+        if channel.is_some() && state.link.as_ref().map(|l| l.entry) != Some(index) {
+            return Err("the engine link to the controller is closed".into());
+        }
         if hold {
-            state.held.push((index, ready));
+            state.held.push((index, channel, ready));
             self.held.store(state.held.len(), Ordering::SeqCst);
             return Ok(());
         }
         let sent_held = self.send_held_locked(&mut state, deadline);
-        let sent = self.send_ready(&mut state.entries[index], ready, deadline, timeout);
+        let sent = match (channel, state.link.as_mut()) {
+            (Some(ch), Some(link)) => {
+                link.writer.push_ready(ch, ready)?;
+                self.flush_link(&mut state, deadline)
+                    .map(|_| self.count_sent(1))
+            }
+            (Some(_), None) => Err("the engine link to the controller is closed".into()),
+            (None, _) => self.send_ready(&mut state.entries[index], ready, deadline, timeout),
+        };
         sent_held.and(sent)
+    }
+
+    fn count_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Number of messages held back.
@@ -412,10 +685,26 @@ impl DirectSockets {
         let held = std::mem::take(&mut state.held);
         self.held.store(0, Ordering::SeqCst);
         let mut result = Ok(());
-        for (index, ready) in held {
+        let mut over_link = 0;
+        for (index, channel, ready) in held {
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Err(e) = self.send_ready(&mut state.entries[index], ready, deadline, left) {
+            let sent = match (channel, state.link.as_mut()) {
+                (Some(ch), Some(link)) => {
+                    over_link += 1;
+                    link.writer.push_ready(ch, ready)
+                }
+                (Some(_), None) => Err("the engine link to the controller is closed".into()),
+                (None, _) => self.send_ready(&mut state.entries[index], ready, deadline, left),
+            };
+            if let Err(e) = sent {
                 result = result.and(Err(e));
+            }
+        }
+        if over_link > 0 {
+            // the held replies leave in one write
+            match self.flush_link(state, deadline) {
+                Ok(()) => self.count_sent(over_link),
+                Err(e) => result = result.and(Err(e)),
             }
         }
         result
@@ -467,6 +756,7 @@ impl DirectSockets {
         }
         let mut state = self.take();
         let _ = self.send_held_locked(&mut state, Instant::now() + Duration::from_secs(1));
+        state.link = None;
         state.entries.clear();
     }
 }
@@ -546,6 +836,109 @@ mod tests {
         assert_eq!(peer.recv_bytes(0).expect("recv"), b"h3");
         d.close();
         assert!(d.recv(Duration::from_millis(1)).is_err());
+    }
+
+    /// A signed message built by `core` (no routing identity).
+    fn signed(core: &SessionCore, msg_type: &str) -> ReadyFrames {
+        let parts = fp_wire::Parts {
+            header: core.headers.header(msg_type),
+            parent_header: fp_wire::Value::empty_map(),
+            metadata: fp_wire::Value::empty_map(),
+            content: fp_wire::Value::empty_map(),
+        };
+        let frames = core
+            .build_frames(OutgoingMessage {
+                idents: Vec::new(),
+                parts,
+                buffers: Vec::new(),
+            })
+            .expect("build");
+        ReadyFrames::new(frames, &ReleaseQueue::new())
+    }
+
+    /// Read one link message from a blocking-ish non-blocking stream, waiting up to 5 s.
+    fn read_one(r: &mut LinkReader, s: &UnixStream) -> Result<LinkMessage, crate::link::LinkError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < deadline {
+            r.read(s.as_raw_fd(), &mut got, 1)?;
+            poll_fd(s.as_raw_fd(), libc::POLLIN, 50);
+        }
+        Ok(got.remove(0))
+    }
+
+    #[test]
+    fn a_link_carries_requests_and_replies_and_reports_its_loss() {
+        let name = format!("fp-direct-link-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("listen");
+        let core = session();
+        let d = Arc::new(DirectSockets::new(core.clone()).expect("direct"));
+        d.add_socket(SocketSpec::new("shell", SocketKind::Router))
+            .expect("socket");
+        // the controller's side, in a thread: read the hello, welcome, then send a task
+        let fake = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            stream.set_nonblocking(true).expect("nb");
+            let mut r = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+            let (ch, hello) = read_one(&mut r, &stream).expect("hello");
+            assert_eq!(ch, CH_LINK);
+            let mut w = LinkWriter::new();
+            w.push_control(crate::link::WELCOME);
+            w.push_ready(CH_TASK, signed(&core, "apply_request"))
+                .expect("push");
+            while !w.flush(stream.as_raw_fd()).expect("flush") {}
+            let reply = read_one(&mut r, &stream).expect("reply");
+            (hello.len(), reply.0, stream)
+        });
+        assert_eq!(d.link_state(), LINK_NONE);
+        d.add_link(
+            "shell",
+            &format!("ipc://@{name}"),
+            "engine-1",
+            Duration::from_secs(5),
+        )
+        .expect("link");
+        assert_eq!(d.link_state(), LINK_UP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < deadline {
+            got = d.recv(Duration::from_millis(100)).expect("recv").0;
+        }
+        let Delivery::Message { idents, parts, .. } = &got[0].delivery else {
+            panic!("not a message");
+        };
+        assert_eq!(&*got[0].socket, "shell");
+        assert_eq!(idents[0].as_ref(), b"fp-link/task");
+        assert_eq!(
+            parts.header.get("msg_type").and_then(|v| v.as_str()),
+            Some("apply_request")
+        );
+        // the reply, to that identity, goes back over the link without it
+        let reply = signed(&session(), "apply_reply").into_raw();
+        let mut frames = vec![OutFrame::Owned(b"fp-link/task".to_vec())];
+        frames.extend(reply.iter().map(|m| OutFrame::Owned(m.bytes().to_vec())));
+        d.send("shell", frames, Duration::from_secs(5), false)
+            .expect("send");
+        let (hello_frames, reply_channel, stream) = fake.join().expect("fake");
+        assert!(hello_frames >= 6, "a signed message: {hello_frames} frames");
+        assert_eq!(reply_channel, CH_TASK);
+        // the controller closes the link: the engine learns it, and replies fail
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while d.link_state() != LINK_LOST && Instant::now() < deadline {
+            d.recv(Duration::from_millis(100)).expect("recv");
+        }
+        assert_eq!(d.link_state(), LINK_LOST);
+        assert!(d.take_drops().iter().any(|r| r.kind == "LinkClosed"));
+        let frames = vec![
+            OutFrame::Owned(b"fp-link/mux".to_vec()),
+            OutFrame::Owned(b"x".to_vec()),
+        ];
+        let err = d
+            .send("shell", frames, Duration::from_secs(1), false)
+            .expect_err("closed");
+        assert!(err.contains("link"), "{err}");
     }
 
     #[test]

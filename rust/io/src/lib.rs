@@ -14,6 +14,7 @@ mod direct;
 mod handshake;
 mod inbox;
 mod ioloop;
+pub mod link;
 mod outframe;
 mod peer_memory;
 mod session;
@@ -23,7 +24,7 @@ mod wakeup;
 
 pub use context::{context, Context};
 pub use curve::{Curve, CurveKey};
-pub use direct::DirectSockets;
+pub use direct::{DirectSockets, LINK_LOST, LINK_NONE, LINK_UP};
 pub use handshake::{HandshakeState, Handshakes};
 pub use inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 pub use ioloop::{recv_multipart, IoHandle, IoStats};

@@ -132,32 +132,47 @@ fn copy_into_msg(bytes: &[u8]) -> RawMsg {
     RawMsg(msg)
 }
 
+/// A libzmq message over `v` itself (no copy, unless it is small enough to be inlined).
+fn owned_into_raw(v: Vec<u8>) -> RawMsg {
+    if v.len() <= INLINE_MAX {
+        return copy_into_msg(&v);
+    }
+    let boxed = v.into_boxed_slice();
+    let len = boxed.len();
+    let data = Box::into_raw(boxed) as *mut u8 as *mut c_void;
+    let mut msg = zmq_sys::zmq_msg_t::default();
+    // SAFETY: data/len describe a leaked Box<[u8]> that release_boxed frees once.
+    let rc = unsafe {
+        zmq_sys::zmq_msg_init_data(&mut msg, data, len, Some(release_boxed), len as *mut c_void)
+    };
+    if rc != 0 {
+        // SAFETY: libzmq did not take the buffer; free it ourselves.
+        unsafe { release_boxed(data, len as *mut c_void) };
+        return RawMsg(zmq_sys::zmq_msg_t::default());
+    }
+    RawMsg(msg)
+}
+
+impl RawMsg {
+    /// The message's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let msg = &self.0 as *const zmq_sys::zmq_msg_t as *mut zmq_sys::zmq_msg_t;
+        // SAFETY: zmq_msg_data/zmq_msg_size only read the message; the data stays valid and
+        // unchanged for as long as the message lives (nothing writes to it once built).
+        unsafe {
+            let len = zmq_sys::zmq_msg_size(msg);
+            if len == 0 {
+                return &[];
+            }
+            std::slice::from_raw_parts(zmq_sys::zmq_msg_data(msg) as *const u8, len)
+        }
+    }
+}
+
 impl OutFrame {
     pub(crate) fn into_raw(self, queue: &ReleaseQueue) -> RawMsg {
         match self {
-            OutFrame::Owned(v) if v.len() <= INLINE_MAX => copy_into_msg(&v),
-            OutFrame::Owned(v) => {
-                let boxed = v.into_boxed_slice();
-                let len = boxed.len();
-                let data = Box::into_raw(boxed) as *mut u8 as *mut c_void;
-                let mut msg = zmq_sys::zmq_msg_t::default();
-                // SAFETY: data/len describe a leaked Box<[u8]> that release_boxed frees once.
-                let rc = unsafe {
-                    zmq_sys::zmq_msg_init_data(
-                        &mut msg,
-                        data,
-                        len,
-                        Some(release_boxed),
-                        len as *mut c_void,
-                    )
-                };
-                if rc != 0 {
-                    // SAFETY: libzmq did not take the buffer; free it ourselves.
-                    unsafe { release_boxed(data, len as *mut c_void) };
-                    return RawMsg(zmq_sys::zmq_msg_t::default());
-                }
-                RawMsg(msg)
-            }
+            OutFrame::Owned(v) => owned_into_raw(v),
             OutFrame::External(owner) if owner.bytes().len() <= INLINE_MAX => {
                 let msg = copy_into_msg(owner.bytes());
                 queue.push(owner);
@@ -234,16 +249,7 @@ impl RecvFrame {
 
 impl AsRef<[u8]> for RecvFrame {
     fn as_ref(&self) -> &[u8] {
-        let msg = &self.0 .0 as *const zmq_sys::zmq_msg_t as *mut zmq_sys::zmq_msg_t;
-        // SAFETY: zmq_msg_data/zmq_msg_size only read the message; the data stays valid and
-        // unchanged for as long as the message lives (we never write to a received message).
-        unsafe {
-            let len = zmq_sys::zmq_msg_size(msg);
-            if len == 0 {
-                return &[];
-            }
-            std::slice::from_raw_parts(zmq_sys::zmq_msg_data(msg) as *const u8, len)
-        }
+        self.0.bytes()
     }
 }
 
@@ -331,5 +337,17 @@ impl RecvFrame {
     /// received ones (e.g. a controller re-submitting a stored request).
     pub fn from_bytes(bytes: &[u8]) -> RecvFrame {
         RecvFrame(copy_into_msg(bytes))
+    }
+
+    /// A frame over `bytes` itself (received from somewhere else than libzmq): no copy.
+    pub fn from_vec(bytes: Vec<u8>) -> RecvFrame {
+        RecvFrame(owned_into_raw(bytes))
+    }
+}
+
+impl ReadyFrames {
+    /// The frames, to be written somewhere else than a libzmq socket (see `link`).
+    pub(crate) fn into_raw(self) -> Vec<RawMsg> {
+        self.0
     }
 }

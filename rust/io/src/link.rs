@@ -1,0 +1,595 @@
+//! Engine links: the shell traffic between a controller and an engine on the same host over
+//! one Unix stream, read and written by the threads that use it (decision 0017).
+//!
+//! Through libzmq every message crosses two extra threads (the sender's and the receiver's
+//! libzmq I/O threads), each a wake-up; on a link the sending thread writes to the stream and
+//! the kernel wakes the receiving thread directly. A link carries the same signed Jupyter
+//! messages as the ZMQ shell channels (everything after the routing identity), each framed as
+//!
+//! ```text
+//! u8 channel   (CH_MUX, CH_TASK, or CH_LINK for the link's own hello and welcome)
+//! 3 bytes      zero
+//! u32 LE       frame count n (1 ..= limit)
+//! n × u64 LE   frame lengths
+//! the frames' bytes, in order
+//! ```
+//!
+//! This module holds the framing only: [`LinkReader`] parses what a non-blocking descriptor
+//! gives into whole messages (large frames are read straight into their own allocation, which
+//! becomes the received frame: no copy), [`LinkWriter`] queues messages and writes them with
+//! `writev(2)` from the frames' own memory.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::outframe::{RawMsg, ReadyFrames, RecvFrame};
+
+/// Channel of direct (MUX) requests and replies.
+pub const CH_MUX: u8 = 0;
+/// Channel of load-balanced task requests and replies.
+pub const CH_TASK: u8 = 1;
+/// Channel of the link's own messages (the engine's hello, the controller's welcome).
+pub const CH_LINK: u8 = 0xFF;
+/// `msg_type` of the signed message an engine opens its link with (content `{"uuid": ...}`).
+pub const HELLO: &str = "fp_link_hello";
+/// The one frame of the controller's answer to a valid hello.
+pub const WELCOME: &[u8] = b"fp-link-welcome";
+
+const HEAD: usize = 8;
+/// Bytes read from the descriptor at a time into the staging buffer.
+const STAGE: usize = 256 * 1024;
+/// A frame at least this long whose bytes are not staged yet is read straight into place.
+const DIRECT_MIN: usize = 64 * 1024;
+/// Most iovecs given to one `writev(2)` (Linux's IOV_MAX is 1024).
+const MAX_IOV: usize = 512;
+
+/// What a reader accepts in one message.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkLimits {
+    pub max_frames: usize,
+    pub max_bytes: u64,
+}
+
+impl LinkLimits {
+    /// For a peer that has not proved it holds the key: a hello fits, nothing large does.
+    pub const UNAUTHENTICATED: LinkLimits = LinkLimits {
+        max_frames: 16,
+        max_bytes: 64 * 1024,
+    };
+}
+
+/// Why a link cannot be read any more.
+#[derive(Debug)]
+pub enum LinkError {
+    /// The peer closed it; `clean` when no message was cut short.
+    Closed {
+        clean: bool,
+    },
+    Io(io::Error),
+    /// The peer broke the framing or a limit.
+    Protocol(String),
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Closed { clean: true } => write!(f, "the peer closed the link"),
+            LinkError::Closed { clean: false } => {
+                write!(f, "the peer closed the link in the middle of a message")
+            }
+            LinkError::Io(e) => write!(f, "link I/O error: {e}"),
+            LinkError::Protocol(why) => write!(f, "bad data on the link: {why}"),
+        }
+    }
+}
+
+/// One received message: its channel and frames.
+pub type LinkMessage = (u8, Vec<RecvFrame>);
+
+struct Body {
+    channel: u8,
+    lens: Vec<usize>,
+    frames: Vec<RecvFrame>,
+    /// The frame being filled: its bytes so far (its capacity is its length).
+    cur: Vec<u8>,
+}
+
+enum ReadState {
+    Head,
+    Lens { channel: u8, n: usize },
+    Body(Body),
+}
+
+/// Parses the messages of a non-blocking stream.
+pub struct LinkReader {
+    staged: Vec<u8>,
+    pos: usize,
+    end: usize,
+    state: ReadState,
+    limits: LinkLimits,
+}
+
+/// Room for `len` bytes, or a protocol error (never an abort) when it cannot be had.
+fn allocate(len: usize) -> Result<Vec<u8>, LinkError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| LinkError::Protocol(format!("cannot allocate a frame of {len} bytes")))?;
+    Ok(v)
+}
+
+/// Outcome of one `read(2)`.
+enum Got {
+    Bytes(usize),
+    Eof,
+    WouldBlock,
+}
+
+/// `read(2)` into `len` bytes at `dest`, retrying on EINTR.
+///
+/// # Safety
+/// `dest..dest + len` must be writable memory (initialized or not) that nothing else uses
+/// during the call.
+unsafe fn read_raw(fd: RawFd, dest: *mut u8, len: usize) -> Result<Got, LinkError> {
+    loop {
+        // SAFETY: the caller guarantees `dest..dest + len` is ours to write; read(2) writes
+        // at most `len` bytes there.
+        let n = unsafe { libc::read(fd, dest.cast::<libc::c_void>(), len) };
+        if n > 0 {
+            return Ok(Got::Bytes(n as usize));
+        }
+        if n == 0 {
+            return Ok(Got::Eof);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(Got::WouldBlock),
+            _ => return Err(LinkError::Io(e)),
+        }
+    }
+}
+
+impl LinkReader {
+    pub fn new(limits: LinkLimits) -> LinkReader {
+        LinkReader {
+            staged: vec![0; STAGE],
+            pos: 0,
+            end: 0,
+            state: ReadState::Head,
+            limits,
+        }
+    }
+
+    pub fn set_limits(&mut self, limits: LinkLimits) {
+        self.limits = limits;
+    }
+
+    /// Whether no message is partly read (nothing is lost if the stream ends here).
+    pub fn at_boundary(&self) -> bool {
+        matches!(self.state, ReadState::Head) && self.pos == self.end
+    }
+
+    /// Read what `fd` (non-blocking) has and append up to `max` whole messages to `out`.
+    ///
+    /// Returns true when it stopped at `max` (more may be ready without the descriptor
+    /// becoming readable again), false when the descriptor had nothing more.
+    pub fn read(
+        &mut self,
+        fd: RawFd,
+        out: &mut Vec<LinkMessage>,
+        max: usize,
+    ) -> Result<bool, LinkError> {
+        let start = out.len();
+        loop {
+            self.parse(out, start + max)?;
+            if out.len() >= start + max {
+                return Ok(true);
+            }
+            let got = match &mut self.state {
+                ReadState::Body(body)
+                    if self.pos == self.end
+                        && body.cur.capacity() - body.cur.len() >= DIRECT_MIN =>
+                {
+                    let cur = &mut body.cur;
+                    let room = cur.capacity() - cur.len();
+                    // SAFETY: the spare capacity of `cur` is memory it owns and nothing reads;
+                    // only the bytes read(2) reports written are counted in by `set_len`.
+                    let got = unsafe { read_raw(fd, cur.as_mut_ptr().add(cur.len()), room)? };
+                    if let Got::Bytes(n) = got {
+                        // SAFETY: read(2) initialized these `n` bytes (n <= room).
+                        unsafe { cur.set_len(cur.len() + n) };
+                    }
+                    got
+                }
+                _ => {
+                    if self.pos == self.end {
+                        self.pos = 0;
+                        self.end = 0;
+                    } else if self.end == self.staged.len() {
+                        self.staged.copy_within(self.pos..self.end, 0);
+                        self.end -= self.pos;
+                        self.pos = 0;
+                    }
+                    let room = self.staged.len() - self.end;
+                    // SAFETY: `staged[end..]` is initialized memory of `room` bytes owned by
+                    // this reader and not otherwise borrowed during the call.
+                    let got =
+                        unsafe { read_raw(fd, self.staged.as_mut_ptr().add(self.end), room)? };
+                    if let Got::Bytes(n) = got {
+                        self.end += n;
+                    }
+                    got
+                }
+            };
+            match got {
+                Got::Bytes(_) => {}
+                Got::WouldBlock => return Ok(false),
+                Got::Eof => {
+                    return Err(LinkError::Closed {
+                        clean: self.at_boundary(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Take the staged bytes into messages, up to `max` messages in `out`.
+    fn parse(&mut self, out: &mut Vec<LinkMessage>, max: usize) -> Result<(), LinkError> {
+        while out.len() < max {
+            let avail = self.end - self.pos;
+            match &mut self.state {
+                ReadState::Head => {
+                    if avail < HEAD {
+                        return Ok(());
+                    }
+                    let h = &self.staged[self.pos..self.pos + HEAD];
+                    let channel = h[0];
+                    if h[1..4] != [0, 0, 0] {
+                        return Err(LinkError::Protocol(
+                            "reserved header bytes are not zero".into(),
+                        ));
+                    }
+                    let n = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                    if n == 0 || n > self.limits.max_frames {
+                        return Err(LinkError::Protocol(format!(
+                            "a message of {n} frames (at most {} accepted)",
+                            self.limits.max_frames
+                        )));
+                    }
+                    self.pos += HEAD;
+                    self.state = ReadState::Lens { channel, n };
+                }
+                ReadState::Lens { channel, n } => {
+                    let need = *n * 8;
+                    if avail < need {
+                        if need > self.staged.len() {
+                            self.staged.resize(need, 0);
+                        }
+                        return Ok(());
+                    }
+                    let mut lens = Vec::with_capacity(*n);
+                    let mut total: u64 = 0;
+                    for chunk in self.staged[self.pos..self.pos + need].chunks_exact(8) {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(chunk);
+                        let len = u64::from_le_bytes(b);
+                        total = total.saturating_add(len);
+                        if total > self.limits.max_bytes {
+                            return Err(LinkError::Protocol(format!(
+                                "a message of more than {} bytes",
+                                self.limits.max_bytes
+                            )));
+                        }
+                        lens.push(
+                            usize::try_from(len).map_err(|_| {
+                                LinkError::Protocol(format!("a frame of {len} bytes"))
+                            })?,
+                        );
+                    }
+                    self.pos += need;
+                    let cur = allocate(lens[0])?;
+                    let frames = Vec::with_capacity(lens.len());
+                    self.state = ReadState::Body(Body {
+                        channel: *channel,
+                        lens,
+                        frames,
+                        cur,
+                    });
+                }
+                ReadState::Body(body) => {
+                    let want = body.cur.capacity() - body.cur.len();
+                    let take = want.min(avail);
+                    body.cur
+                        .extend_from_slice(&self.staged[self.pos..self.pos + take]);
+                    self.pos += take;
+                    if take < want {
+                        return Ok(());
+                    }
+                    let done = std::mem::take(&mut body.cur);
+                    body.frames.push(RecvFrame::from_vec(done));
+                    let next = body.frames.len();
+                    if next < body.lens.len() {
+                        body.cur = allocate(body.lens[next])?;
+                        continue;
+                    }
+                    let channel = body.channel;
+                    let frames = std::mem::take(&mut body.frames);
+                    self.state = ReadState::Head;
+                    out.push((channel, frames));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The header and length table of a message of `frames` on `channel`.
+fn encode_head(channel: u8, lens: impl ExactSizeIterator<Item = usize>) -> Vec<u8> {
+    let n = lens.len();
+    let mut head = Vec::with_capacity(HEAD + 8 * n);
+    head.extend_from_slice(&[channel, 0, 0, 0]);
+    head.extend_from_slice(&(n as u32).to_le_bytes());
+    for len in lens {
+        head.extend_from_slice(&(len as u64).to_le_bytes());
+    }
+    head
+}
+
+struct Queued {
+    head: Vec<u8>,
+    frames: Vec<RawMsg>,
+    /// Bytes of this message (head included) already written.
+    done: usize,
+}
+
+/// Messages waiting to be written to a stream, written from the frames' own memory.
+#[derive(Default)]
+pub struct LinkWriter {
+    queue: VecDeque<Queued>,
+    /// Bytes queued and not written yet.
+    pub pending: usize,
+}
+
+impl LinkWriter {
+    pub fn new() -> LinkWriter {
+        LinkWriter::default()
+    }
+
+    /// Queue a message (frames without any routing identity). Fails when it has no frame or
+    /// more than `u32::MAX`.
+    pub(crate) fn push(&mut self, channel: u8, frames: Vec<RawMsg>) -> Result<(), String> {
+        if frames.is_empty() || frames.len() > u32::MAX as usize {
+            return Err(format!("cannot send a message of {} frames", frames.len()));
+        }
+        let head = encode_head(channel, frames.iter().map(|f| f.bytes().len()));
+        self.pending += head.len() + frames.iter().map(|f| f.bytes().len()).sum::<usize>();
+        self.queue.push_back(Queued {
+            head,
+            frames,
+            done: 0,
+        });
+        Ok(())
+    }
+
+    /// Queue a message of frames converted for sending (see [`Self::push`]).
+    pub fn push_ready(&mut self, channel: u8, frames: ReadyFrames) -> Result<(), String> {
+        self.push(channel, frames.into_raw())
+    }
+
+    /// Queue the link's own message of one frame.
+    pub fn push_control(&mut self, body: &[u8]) {
+        let head = encode_head(CH_LINK, std::iter::once(body.len()));
+        self.pending += head.len() + body.len();
+        let frame = RecvFrame::from_bytes(body).0;
+        self.queue.push_back(Queued {
+            head,
+            frames: vec![frame],
+            done: 0,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Write what `fd` (non-blocking) takes; true when everything queued is written.
+    pub fn flush(&mut self, fd: RawFd) -> io::Result<bool> {
+        while !self.queue.is_empty() {
+            let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_IOV.min(4 * self.queue.len()));
+            'fill: for q in &self.queue {
+                let mut skip = q.done;
+                let parts =
+                    std::iter::once(q.head.as_slice()).chain(q.frames.iter().map(|f| f.bytes()));
+                for part in parts {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    let rest = &part[skip..];
+                    skip = 0;
+                    iov.push(libc::iovec {
+                        iov_base: rest.as_ptr() as *mut libc::c_void,
+                        iov_len: rest.len(),
+                    });
+                    if iov.len() == MAX_IOV {
+                        break 'fill;
+                    }
+                }
+            }
+            // SAFETY: every iovec points into a head or frame owned by `self.queue`, which is
+            // not changed until writev returns; writev only reads them.
+            let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(false),
+                    _ => return Err(e),
+                }
+            }
+            self.advance(n as usize);
+        }
+        Ok(true)
+    }
+
+    /// Count `n` more bytes written: drop the messages written whole.
+    fn advance(&mut self, mut n: usize) {
+        self.pending = self.pending.saturating_sub(n);
+        while n > 0 {
+            let Some(q) = self.queue.front_mut() else {
+                return;
+            };
+            let total = q.head.len() + q.frames.iter().map(|f| f.bytes().len()).sum::<usize>();
+            let left = total - q.done;
+            if n >= left {
+                n -= left;
+                self.queue.pop_front();
+            } else {
+                q.done += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn raw(bytes: &[u8]) -> RawMsg {
+        RecvFrame::from_bytes(bytes).0
+    }
+
+    fn pair() -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nb");
+        b.set_nonblocking(true).expect("nb");
+        (a, b)
+    }
+
+    /// Write everything queued, reading on the other side meanwhile (so big messages fit).
+    fn pump(
+        w: &mut LinkWriter,
+        a: &UnixStream,
+        r: &mut LinkReader,
+        b: &UnixStream,
+    ) -> Vec<LinkMessage> {
+        let mut out = Vec::new();
+        loop {
+            let drained = w.flush(a.as_raw_fd()).expect("flush");
+            r.read(b.as_raw_fd(), &mut out, 1000).expect("read");
+            if drained {
+                while r.read(b.as_raw_fd(), &mut out, 1000).expect("read") {}
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn messages_of_every_size_arrive_whole_and_in_order() {
+        let (a, b) = pair();
+        let mut w = LinkWriter::new();
+        let mut r = LinkReader::new(LinkLimits {
+            max_frames: 1 << 16,
+            max_bytes: u64::MAX,
+        });
+        let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
+        let sizes = [0usize, 1, 64, 65, 4096, DIRECT_MIN, STAGE + 3];
+        for (k, &size) in sizes.iter().enumerate() {
+            let frames = vec![raw(b"<IDS|MSG>"), raw(&big[..size]), raw(&big[k..k + 10])];
+            w.push(CH_TASK, frames).expect("push");
+        }
+        w.push(CH_MUX, vec![raw(&big)]).expect("push");
+        w.push_control(WELCOME);
+        let got = pump(&mut w, &a, &mut r, &b);
+        assert_eq!(got.len(), sizes.len() + 2);
+        for (k, &size) in sizes.iter().enumerate() {
+            let (ch, frames) = &got[k];
+            assert_eq!(*ch, CH_TASK);
+            assert_eq!(frames.len(), 3);
+            assert_eq!(frames[0].as_ref(), b"<IDS|MSG>");
+            assert_eq!(frames[1].as_ref(), &big[..size]);
+            assert_eq!(frames[2].as_ref(), &big[k..k + 10]);
+        }
+        assert_eq!(got[sizes.len()].1[0].as_ref(), &big[..]);
+        assert_eq!(got[sizes.len() + 1].0, CH_LINK);
+        assert_eq!(got[sizes.len() + 1].1[0].as_ref(), WELCOME);
+        assert!(r.at_boundary());
+        assert_eq!(w.pending, 0);
+    }
+
+    #[test]
+    fn bytes_arriving_one_at_a_time_still_make_messages() {
+        let (c, d) = pair();
+        let mut w = LinkWriter::new();
+        w.push(CH_MUX, vec![raw(b"one"), raw(&[7u8; 300])])
+            .expect("push");
+        w.push(CH_TASK, vec![raw(b"two")]).expect("push");
+        let mut whole = Vec::new();
+        for q in &w.queue {
+            whole.extend_from_slice(&q.head);
+            for f in &q.frames {
+                whole.extend_from_slice(f.bytes());
+            }
+        }
+        let mut r = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+        let mut out = Vec::new();
+        for byte in whole {
+            (&c).write_all(&[byte]).expect("write");
+            r.read(d.as_raw_fd(), &mut out, 10).expect("read");
+        }
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, CH_MUX);
+        assert_eq!(out[0].1[0].as_ref(), b"one");
+        assert_eq!(out[0].1[1].as_ref(), &[7u8; 300][..]);
+        assert_eq!(out[1].1[0].as_ref(), b"two");
+        assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn limits_and_bad_framing_are_errors_not_allocations() {
+        let cases: [(&[u8], &str); 3] = [
+            (&[0, 0, 0, 0, 0, 0, 0, 0], "0 frames"),
+            (&[0, 0, 0, 0, 17, 0, 0, 0], "17 frames"),
+            (&[0, 1, 0, 0, 1, 0, 0, 0], "reserved"),
+        ];
+        for (bytes, what) in cases {
+            let (a, b) = pair();
+            (&a).write_all(bytes).expect("write");
+            let mut r = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+            let err = r.read(b.as_raw_fd(), &mut Vec::new(), 10).expect_err(what);
+            assert!(matches!(err, LinkError::Protocol(_)), "{what}: {err}");
+        }
+        // a declared frame of 1 TiB from an unauthenticated peer: refused before allocating
+        let (a, b) = pair();
+        let mut bytes = vec![0u8, 0, 0, 0, 1, 0, 0, 0];
+        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        (&a).write_all(&bytes).expect("write");
+        let mut r = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+        assert!(matches!(
+            r.read(b.as_raw_fd(), &mut Vec::new(), 10),
+            Err(LinkError::Protocol(_))
+        ));
+        // a stream that ends mid-message is not a clean close
+        let (a, b) = pair();
+        (&a).write_all(&[0, 0, 0, 0, 1, 0, 0, 0, 5, 0])
+            .expect("write");
+        drop(a);
+        let mut r = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+        assert!(matches!(
+            r.read(b.as_raw_fd(), &mut Vec::new(), 10),
+            Err(LinkError::Closed { clean: false })
+        ));
+        let (a, b) = pair();
+        drop(a);
+        assert!(matches!(
+            LinkReader::new(LinkLimits::UNAUTHENTICATED).read(b.as_raw_fd(), &mut Vec::new(), 10),
+            Err(LinkError::Closed { clean: true })
+        ));
+    }
+}
