@@ -92,10 +92,12 @@ def _start(cluster: Cluster, n: int) -> Client:
 
 @pytest.fixture(scope="session")
 def fp_session_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private ``FERROPARALLEL_DIR`` for the whole session."""
+    """A private ``FERROPARALLEL_DIR`` (and ``IPYTHONDIR``, whose profiles' config files
+    apply too) for the whole session."""
     root = tmp_path_factory.mktemp("fproot")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FERROPARALLEL_DIR", str(root))
+        mp.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
         yield root
 
 

@@ -64,6 +64,7 @@ def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private profile root; every process recorded in it is killed after the test."""
     root = tmp_path / "fproot"
     monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # (its profiles' configs apply)
     yield root
     for f in root.glob("profile_*/security/cluster-*.json"):
         with pytest.MonkeyPatch.context():
@@ -241,8 +242,9 @@ def test_from_file_errors(tmp_path: Path) -> None:
 
 def test_start_engines_without_controller_names_file() -> None:
     c = Cluster(n=1, cluster_id="noctl")
-    with pytest.raises(ConnectionFileError, match="ipcontroller-noctl-engine.json"):
+    with pytest.raises(ConnectionFileError, match="ipcontroller-noctl-engine.json") as e:
         c.start_engines_sync()
+    assert "start_cluster() or start_controller()" in str(e.value)
 
 
 # -- the API -------------------------------------------------------------------------------------
@@ -294,6 +296,33 @@ def test_async_api_and_sync_inside_a_loop(clusters: Callable[..., Cluster]) -> N
 
     pids = asyncio.run(run())
     assert_gone(pids)
+
+
+@needs_engine
+def test_launcher_args_of_the_config(clusters: Callable[..., Cluster]) -> None:
+    """ipyparallel's ``c.LocalControllerLauncher.controller_args`` and
+    ``c.EngineLauncher.engine_args`` (the most specific class wins) come before the
+    cluster's own arguments."""
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.LocalControllerLauncher.controller_args = ["--ping=2000"]
+    cfg.EngineLauncher.engine_args = ["--log-level=DEBUG"]
+    cfg.LocalEngineSetLauncher.engine_args = ["--log-level=INFO"]
+    c = clusters(n=1, config=cfg, controller_args=["--hwm=2"])
+    c.start_cluster_sync()
+    assert c.controller is not None and c.engine_set is not None
+    assert c.controller.args == ["--ping=2000", "--hwm=2"]
+    assert c.engine_set.args == ["--log-level=INFO"]
+    wait_registered(c, 1)
+    slurm = Config()
+    slurm.EngineLauncher.engine_args = ["--log-level=DEBUG"]
+    slurm.SlurmEngineSetLauncher.engine_args = ["--log-level=WARNING"]
+    assert Cluster(engines="slurm", config=slurm)._engine_argv() == ["--log-level=WARNING"]
+    bad = Config()
+    bad.ControllerLauncher.controller_args = "--ping=2000"
+    with pytest.raises(TypeError, match="ControllerLauncher.controller_args must be a list"):
+        clusters(n=0, config=bad).start_controller_sync()
 
 
 @needs_engine
@@ -649,6 +678,29 @@ def test_cli_ipcluster_forms_and_engines_subcommand(fp_root: Path) -> None:
     extra.write_text("c.Cluster.n = (\n")
     r = cli("start", "--daemonize", "--profile=ipccfg", f"--config={extra}")
     assert r.returncode == 2 and "cannot load config file" in r.stderr
+
+
+@needs_engine
+def test_cli_controller_args_after_dashes_and_stop_by_ids(fp_root: Path) -> None:
+    """ipcluster's ``start -- ARGS`` (ARGS go to the controller) and ``stop ID ...``."""
+    pids: list[int] = []
+    try:
+        for cid in ("a", "b"):
+            r = cli("start", "-n", "0", "--daemonize", f"--cluster-id={cid}", "--", "--ping=2000")
+            assert r.returncode == 0, r.stderr
+            c = Cluster.from_file(profile_dir=fp_root / "profile_default", cluster_id=cid)
+            assert c.controller is not None and "--ping=2000" in c.controller.args
+            pids += all_pids(c)
+        r = cli("stop", "a", "b")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("Stopped cluster") == 2
+    finally:
+        cli("stop", "a", "b")
+    assert_gone(pids)
+    r = cli("stop", "a")
+    assert r.returncode == 1 and "no cluster 'a'" in r.stderr
+    r = cli("list", "--", "--ping=2000")
+    assert r.returncode == 2 and "are for 'start'" in r.stderr
 
 
 @needs_engine

@@ -226,3 +226,37 @@ def test_exec_key_alias(tmp_path: Path) -> None:
 def test_validate_connection_info_source_named() -> None:
     with pytest.raises(ConnectionFileError, match="IPP_CONNECTION_INFO"):
         paths.validate_connection_info({"interface": "tcp://x"}, "IPP_CONNECTION_INFO")
+
+
+def test_config_files_of_ipythons_profile_of_the_same_name(
+    fp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ipython profile create --parallel --profile=x`` writes the config files into
+    ``$IPYTHONDIR/profile_x``: the cluster, the controller and the engines of profile ``x``
+    read them (before the profile directory's own, which win)."""
+    from ferroparallel.cluster.cluster import Cluster
+    from ferroparallel.controller import app
+    from ferroparallel.engine.startup import load_startup
+
+    ipy = tmp_path / "ipython" / "profile_x"
+    ipy.mkdir(parents=True)
+    monkeypatch.setenv("IPYTHONDIR", str(ipy.parent))
+    (ipy / "ipcluster_config.py").write_text("c.Cluster.n = 3\nc.Cluster.engine_timeout = 7\n")
+    (ipy / "ipcontroller_config.py").write_text("c.IPController.ip = '0.0.0.0'\n")
+    (ipy / "ipengine_config.py").write_text("c.IPEngine.startup_command = 'a = 1'\n")
+    pdir = paths.profile_dir("x")
+    (pdir / "ferroparallel_config.py").write_text("c.Cluster.engine_timeout = 8\n")
+
+    assert paths.config_files(pdir, ("ipcluster_config.py", "ferroparallel_config.py")) == [
+        ipy / "ipcluster_config.py",
+        pdir / "ferroparallel_config.py",
+    ]
+    c = Cluster(profile="x")
+    assert (c.n, c.engine_timeout) == (3, 8)
+    s, loaded = app.resolve_settings(app.build_parser().parse_args([]), pdir)
+    assert (s.ip, loaded) == ("0.0.0.0", ipy / "ipcontroller_config.py")
+    assert load_startup(pdir).command == "a = 1"
+    # a profile directory given by path is only itself
+    other = tmp_path / "elsewhere" / "profile_x"
+    other.mkdir(parents=True)
+    assert paths.config_files(other, ("ipcluster_config.py",)) == []

@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ __all__ = [
     "ROLES",
     "profile_root",
     "profile_dir",
+    "ipython_profile_dir",
+    "config_files",
     "security_dir",
     "log_dir",
     "connection_file",
@@ -101,6 +103,44 @@ def profile_dir(
             os.chmod(sec, 0o700)
         (path / "log").mkdir(exist_ok=True)
     return path
+
+
+def ipython_profile_dir(profile: str | None) -> Path:
+    """IPython's directory of profile ``profile``: ``$IPYTHONDIR/profile_<profile>``
+    (``~/.ipython`` when ``$IPYTHONDIR`` is not set), where ipyparallel keeps its profiles and
+    ``ipython profile create --parallel`` writes their config files; not created."""
+    root = os.environ.get("IPYTHONDIR") or "~/.ipython"
+    return Path(root).expanduser().absolute() / f"profile_{profile or _DEFAULT_PROFILE}"
+
+
+def config_files(profile_dir: str | os.PathLike[str], names: Sequence[str]) -> list[Path]:
+    """The config files ``names`` of a profile that exist, in the order to load them (later
+    ones win).
+
+    For a profile of the profile root (``profile_dir("NAME")``), those of IPython's profile of
+    the same name come first (:func:`ipython_profile_dir`: what ``ipython profile create
+    --parallel --profile=NAME`` wrote), then the profile directory's own.
+
+    Parameters
+    ----------
+    profile_dir : str or os.PathLike
+        The profile directory.
+    names : sequence of str
+        File names, the ones that win last (``("ipcluster_config.py",
+        "ferroparallel_config.py")``).
+
+    Returns
+    -------
+    list of Path
+        The existing files.
+    """
+    pdir = Path(profile_dir).expanduser().absolute()
+    dirs = [pdir]
+    if pdir.parent == profile_root() and pdir.name.startswith("profile_"):
+        ipython = ipython_profile_dir(pdir.name[len("profile_") :])
+        if ipython != pdir:
+            dirs.insert(0, ipython)
+    return [d / name for d in dirs for name in names if (d / name).is_file()]
 
 
 def security_dir(profile_dir: str | os.PathLike[str]) -> Path:

@@ -59,7 +59,7 @@ def resolve_connection_info(
         if profile_dir is None:
             # also where ipyparallel's ipcontroller writes it ($IPYTHONDIR/profile_<name>),
             # so a Client finds a controller that ipcluster started
-            ipython = _ipython_profile_dir(profile)
+            ipython = paths.ipython_profile_dir(profile)
             alt = paths.connection_file(ipython, "client", cluster_id or "")
             candidate = _first_to_exist([candidate, alt], timeout)
             timeout_left = 0.0
@@ -118,12 +118,6 @@ def is_local(info: dict[str, Any]) -> bool:
 def url(info: dict[str, Any], channel: str) -> str:
     """The URL of one channel."""
     return f"{interface_address(info)}:{info[channel]}"
-
-
-def _ipython_profile_dir(profile: str | None) -> Path:
-    """``$IPYTHONDIR/profile_<profile>`` (IPython's default ``~/.ipython``)."""
-    root = os.environ.get("IPYTHONDIR") or "~/.ipython"
-    return Path(root).expanduser() / f"profile_{profile or 'default'}"
 
 
 def _first_to_exist(candidates: list[Path], timeout: float) -> Path:

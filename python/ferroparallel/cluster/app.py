@@ -55,7 +55,12 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     sub = p.add_subparsers(dest="action", metavar="{start,stop,list,clean,engines}")
     sub.required = True
 
-    s = sub.add_parser("start", help="start a controller and engines")
+    s = sub.add_parser(
+        "start",
+        help="start a controller and engines",
+        epilog="Arguments after '--' go to the controller, as ipcluster's "
+        "(e.g. 'start -n 4 -- --sqlitedb').",
+    )
     _add_profile_args(s)
     s.add_argument("-n", "--n", type=int, default=None, help="number of engines (default: CPUs)")
     _add_daemonize(s, "return once the cluster is up and leave it running in the background")
@@ -130,6 +135,12 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
 
     s = sub.add_parser("stop", help="stop a cluster started by 'cluster start' or the API")
     _add_profile_args(s)
+    s.add_argument(
+        "cluster_ids",
+        nargs="*",
+        metavar="CLUSTER_ID",
+        help="ids of the clusters to stop (ipcluster's 'stop ID ...'; default: --cluster-id)",
+    )
     s.add_argument("--all", action="store_true", help="stop every cluster of the profile")
 
     s = sub.add_parser("list", help="list clusters")
@@ -270,7 +281,7 @@ def _start(args: argparse.Namespace) -> int:
                 ("engine_timeout", args.timeout),
                 ("engines", args.engines),
                 ("controller", args.controller),
-                ("controller_args", args.controller_arg or None),
+                ("controller_args", args.controller_arg + args.passthrough or None),
                 ("engine_args", args.engine_arg or None),
             )
             if v is not None
@@ -423,13 +434,14 @@ def _stop(args: argparse.Namespace) -> int:
     else:
         from .cluster import cluster_file
 
-        files = [cluster_file(pdir, args.cluster_id)]
+        files = [cluster_file(pdir, cid) for cid in args.cluster_ids or [args.cluster_id]]
     status = 0
     for f in files:
         try:
             cluster = Cluster.from_file(f)
         except (FileNotFoundError, ValueError) as e:
-            _err(f"{e}" if args.all else f"no cluster {args.cluster_id!r} in {pdir} ({e})")
+            cid = f.name[len("cluster-") : -len(".json")]
+            _err(f"{e}" if args.all else f"no cluster {cid!r} in {pdir} ({e})")
             status = 1
             continue
         cluster.stop_cluster_sync()
@@ -570,6 +582,15 @@ def _clean(args: argparse.Namespace) -> int:
 _TRAIT_OPTION = re.compile(r"^--[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 
 
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` before the first ``--`` and the arguments after it (ipcluster's
+    ``start -- --sqlitedb``: extra controller arguments)."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ferroparallel cluster``.
 
@@ -584,8 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, passthrough = _split_passthrough(argv)
     trait_args = [a for a in argv if _TRAIT_OPTION.match(a)]  # ipcluster's --Cluster.n=4
     args = build_parser().parse_args([a for a in argv if a not in trait_args])
+    args.passthrough = passthrough
+    if passthrough and args.action != "start":
+        _err(f"arguments after '--' ({' '.join(passthrough)}) are for 'start' (the controller's)")
+        return 2
     args.trait_config = None
     if trait_args:
         if args.action != "start":

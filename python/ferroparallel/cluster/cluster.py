@@ -155,7 +155,8 @@ PROFILE_CONFIG_FILES = ("ipcluster_config.py", "ferroparallel_config.py")
 
 def load_profile_config(profile_dir: str | os.PathLike[str]) -> Any:
     """The merged traitlets ``Config`` of the profile's :data:`PROFILE_CONFIG_FILES` that
-    exist (empty when none does).
+    exist (empty when none does), IPython's profile of the same name first
+    (:func:`ferroparallel.paths.config_files`).
 
     Raises
     ------
@@ -165,10 +166,8 @@ def load_profile_config(profile_dir: str | os.PathLike[str]) -> Any:
     from traitlets.config import Config
 
     merged = Config()
-    for name in PROFILE_CONFIG_FILES:
-        path = Path(profile_dir) / name
-        if path.is_file():
-            merged.merge(load_py_config(path))
+    for path in paths.config_files(profile_dir, PROFILE_CONFIG_FILES):
+        merged.merge(load_py_config(path))
     return merged
 
 
@@ -194,6 +193,18 @@ def _adopt_legacy_settings(config: Any) -> None:
             log.warning("c.%s.%s is deprecated: use c.Cluster.%s", section, key, name)
 
 
+#: role -> launcher -> ipyparallel's config sections whose ``<role>_args`` its launcher takes
+#: (general first; batch systems: :meth:`Cluster._launcher_arg_sections`)
+_LAUNCHER_ARG_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "controller": {"local": ("ControllerLauncher", "LocalControllerLauncher")},
+    "engine": {
+        "local": ("EngineLauncher", "LocalEngineLauncher", "LocalEngineSetLauncher"),
+        "mpi": ("EngineLauncher", "MPILauncher", "MPIEngineSetLauncher"),
+        "ssh": ("EngineLauncher", "SSHLauncher", "SSHEngineLauncher", "SSHEngineSetLauncher"),
+    },
+}
+
+
 class Cluster(LoggingConfigurable):
     """A controller and sets of engines on this machine, started as subprocesses.
 
@@ -213,7 +224,9 @@ class Cluster(LoggingConfigurable):
         Cluster id; a fresh ``<unix time>-<4 chars>`` id when not given. ``""`` is the profile's
         unnamed cluster (connection files ``ipcontroller-client.json`` etc.).
     controller_args, engine_args : sequence of str
-        Extra command-line arguments of the controller / each engine.
+        Extra command-line arguments of the controller / each engine; they follow those of
+        ipyparallel's launcher config (``c.LocalControllerLauncher.controller_args``,
+        ``c.EngineLauncher.engine_args``, ``c.SlurmEngineSetLauncher.engine_args``, ...).
     controller_ip : str, optional
         ``--ip`` of the controller.
     controller_location : str, optional
@@ -457,8 +470,32 @@ class Cluster(LoggingConfigurable):
         env.update(self.env)
         return env
 
-    def _controller_argv(self) -> list[str]:
+    def _launcher_arg_sections(self, role: str) -> tuple[str, ...]:
+        """ipyparallel's config sections whose ``<role>_args`` apply to this cluster's
+        ``role`` ("controller" or "engine") launcher, general first (as traitlets' class
+        hierarchy: ``c.EngineLauncher`` < ``c.LocalEngineSetLauncher``)."""
+        launcher = getattr(self, f"{role}_launcher_class")
+        if launcher in batch.BATCH_SYSTEMS:
+            kind = "Controller" if role == "controller" else "Engine"
+            return (f"{kind}Launcher", *batch.config_sections(launcher, kind))
+        return _LAUNCHER_ARG_SECTIONS[role].get(launcher, ())
+
+    def _configured_args(self, role: str) -> list[str]:
+        """``c.LocalControllerLauncher.controller_args`` / ``c.LocalEngineSetLauncher.
+        engine_args`` (or a parent class's) of the config: what ipyparallel's launchers put
+        before the cluster's own arguments."""
+        key = f"{role}_args"
         args: list[str] = []
+        for section in self._launcher_arg_sections(role):
+            if section in self.config and key in self.config[section]:
+                value = self.config[section][key]
+                if isinstance(value, str | bytes):
+                    raise TypeError(f"c.{section}.{key} must be a list of strings, not a string")
+                args = [str(a) for a in value]
+        return args
+
+    def _controller_argv(self) -> list[str]:
+        args: list[str] = self._configured_args("controller")
         if self.controller_ip is not None:
             args += ["--ip", self.controller_ip]
         if self.controller_location is not None:
@@ -470,7 +507,7 @@ class Cluster(LoggingConfigurable):
         return args + self.controller_args
 
     def _engine_argv(self) -> list[str]:
-        args: list[str] = []
+        args: list[str] = self._configured_args("engine")
         if self.log_level is not None:
             args += ["--log-level", str(self.log_level)]
         return args + self.engine_args
@@ -548,7 +585,15 @@ class Cluster(LoggingConfigurable):
             )
         if self._engine_info is None:
             # A controller started by someone else: read its engine file.
-            self._engine_info = paths.load_connection_file(self.engine_file, "engine")
+            try:
+                self._engine_info = paths.load_connection_file(self.engine_file, "engine")
+            except ConnectionFileError as e:
+                if self.controller is not None or self.engine_file.exists():
+                    raise
+                raise ConnectionFileError(
+                    f"{e}: no controller to connect engines to; start one first with "
+                    "start_cluster() or start_controller()"
+                ) from e
         return self._engine_info
 
     def _new_engine_set_id(self) -> str:
@@ -659,10 +704,9 @@ class Cluster(LoggingConfigurable):
         ``c.SlurmLauncher``, ``c.SlurmEngineSetLauncher``, the last winning)."""
         sections = batch.config_sections(system, role)
         names = batch.option_names(system)
+        used = {*names, "controller_args", "engine_args"}  # (the latter: _configured_args)
         for section in sections:  # a misspelt setting must not go unnoticed
-            unknown = (
-                sorted(set(self.config[section]) - set(names)) if section in self.config else []
-            )
+            unknown = sorted(set(self.config[section]) - used) if section in self.config else []
             if unknown:
                 log.warning(
                     "c.%s: %s not used by the %s launcher (its settings: %s)",

@@ -73,7 +73,8 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
         "--config",
         help=(
             f"config file (default: <profile_dir>/{IPP_CONFIG_FILENAME}, then "
-            f"<profile_dir>/{CONFIG_FILENAME}, those that exist)"
+            f"<profile_dir>/{CONFIG_FILENAME}, those that exist; for --profile NAME, "
+            "$IPYTHONDIR/profile_NAME's first)"
         ),
     )
     g = p.add_argument_group("network")
@@ -189,8 +190,7 @@ def resolve_settings(
             raise ConfigError(f"config file {cfg_file} not found")
         cfg_files = [cfg_file]
     else:  # ipyparallel's file of the profile, then ours (which wins)
-        names = (IPP_CONFIG_FILENAME, CONFIG_FILENAME)
-        cfg_files = [profile_dir / name for name in names if (profile_dir / name).is_file()]
+        cfg_files = paths.config_files(profile_dir, (IPP_CONFIG_FILENAME, CONFIG_FILENAME))
     for cfg_file in cfg_files:
         settings.update(load_config_file(cfg_file), f"config file {cfg_file}")
     traits = getattr(args, "trait_settings", None)

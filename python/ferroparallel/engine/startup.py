@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import paths
 from ..config_files import load_py_config, unused_settings
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,7 @@ def load_startup(profile_dir: str | Path | None) -> Startup:
     startup = Startup()
     if profile_dir is None:
         return startup
-    for name in CONFIG_FILES:
-        path = Path(profile_dir) / name
-        if not path.is_file():
-            continue
+    for path in paths.config_files(profile_dir, CONFIG_FILES):
         try:
             cfg = load_py_config(path)
         except ValueError as e:  # the user's file: report, serve anyway
