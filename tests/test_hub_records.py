@@ -228,7 +228,12 @@ def test_second_client_reads_results(rc: Client, other: Client) -> None:
     md = ar.metadata
     assert md["engine_uuid"] in other._engines.values()
     assert isinstance(md["completed"], datetime)
-    assert wait_until(lambda: other.get_result(ok.msg_ids[0]).metadata["stdout"]) == "echo shared\n"
+
+    def hub_stdout() -> str:
+        again = other.get_result(ok.msg_ids[0])  # a fresh look at the hub's record
+        return again.wait(SHORT) and again.metadata["stdout"]
+
+    assert wait_until(hub_stdout) == "echo shared\n"
     with pytest.raises(error.RemoteError) as ei:
         other.get_result(bad.msg_ids[0]).get(timeout=SHORT)
     assert ei.value.ename == "ValueError" and "boom" in str(ei.value)
@@ -244,6 +249,64 @@ def test_second_client_reads_results(rc: Client, other: Client) -> None:
     with pytest.raises(error.RemoteError) as ei:
         unknown.get(timeout=SHORT)
     assert ei.value.ename == "KeyError"
+
+
+def test_get_result_owner_lets_the_client_forget_hub_results(rc: Client, other: Client) -> None:
+    lb = rc.load_balanced_view()
+    ar = lb.map_async(echo, range(3))
+    assert ar.get(timeout=SHORT) == [0, 1, 2]
+    ids = ar.msg_ids
+    kept = other.get_result(ids, owner=False)
+    assert isinstance(kept, ipp.AsyncHubResult)
+    assert kept.get(timeout=SHORT) == [[0], [1], [2]]
+    assert all(other.results[m] == [i] for i, m in enumerate(ids))  # not owned: kept
+    owned = other.get_result(ids)  # owner=True, ipyparallel's default
+    assert owned.get(timeout=SHORT) == [[0], [1], [2]]
+    # the owner holds the results (and metadata); the client's caches let them go
+    wait_until(lambda: not any(m in other._futures for m in ids), what="the client to forget")
+    assert not any(m in other.results or m in other.metadata for m in ids)
+    assert owned.get(timeout=SHORT) == [[0], [1], [2]]
+    assert owned.metadata[0]["engine_uuid"] in other._engines.values()
+    # asked again, they come from the hub's records again
+    again = other.get_result(ids[0])
+    assert isinstance(again, ipp.AsyncHubResult)
+    assert again.get(timeout=SHORT) == [0]
+
+
+def test_get_result_of_finished_tasks_is_ready_at_once(rc: Client, other: Client) -> None:
+    # as ipyparallel: what the hub already has is there when get_result returns
+    lb = rc.load_balanced_view()
+    ok, bad = lb.apply_async(echo, 7), lb.apply_async(fail, "late")
+    assert ok.get(timeout=SHORT) == 7
+    assert bad.wait(SHORT)
+    ar = other.get_result(ok.msg_ids[0])
+    assert ar.ready() and ar.successful() and ar.get(0) == 7
+    assert ar.progress == 1 and ar.metadata["status"] == "ok"
+    both = other.get_result(ok.msg_ids + bad.msg_ids)
+    assert both.ready() and not both.successful()
+    with pytest.raises(error.CompositeError):
+        both.get(0)
+    # a task still running is waited for as before
+    slow = lb.apply_async(nap, 2.0)
+    wait_until(lambda: rc.db_query({"msg_id": slow.msg_ids[0]}, ["queue"]), what="a record")
+    pending = other.get_result(slow.msg_ids[0])
+    assert not pending.ready()
+    assert pending.get(timeout=SHORT) is None
+
+
+def test_record_buffers_are_memoryviews(rc: Client) -> None:
+    # as ipyparallel's records: buffers are memoryviews (tobytes, nbytes, slicing)
+    ar = rc.load_balanced_view().apply_async(divmod, 17, 5)
+    assert ar.get(timeout=SHORT) == (3, 2)
+    rec = wait_until(lambda: one(rc, ar.msg_ids[0], ["buffers", "result_buffers"]))
+    bufs = rec["buffers"] + rec["result_buffers"]
+    assert bufs and all(type(b) is memoryview for b in bufs)
+    assert all(b.nbytes == len(b.tobytes()) for b in bufs)
+    from ferroparallel.serialize import deserialize_object, unpack_apply_message
+
+    f, args, kwargs = unpack_apply_message(rec["buffers"])
+    assert (f, args, kwargs) == (divmod, (17, 5), {})
+    assert deserialize_object(rec["result_buffers"]) == (3, 2)
 
 
 def test_pending_result_and_purge(rc: Client, other: Client) -> None:

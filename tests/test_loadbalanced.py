@@ -1097,6 +1097,36 @@ def test_parallel_decorator(lv: LoadBalancedView) -> None:
     assert list(amr) == amr.get(timeout=WAIT) == [range(0, 1), range(1, 2), range(2, 3)]
 
 
+def test_decorators_keep_the_block_flag_the_view_had(lv: LoadBalancedView) -> None:
+    # as ipyparallel: without block=..., @remote/@parallel read the view's flag when they
+    # decorate; changing the view's flag later does not change the decorated function
+    lv.block = False
+
+    @lv.remote()
+    def later(x: int) -> int:
+        return x + 1
+
+    @lv.parallel()
+    def part(xs: list[int]) -> list[int]:
+        return xs
+
+    assert later.block is False and part.block is False
+    lv.block = True
+    try:
+        ar = later(1)
+        assert isinstance(ar, ipp.AsyncResult) and ar.get(timeout=WAIT) == 2
+        amr = part([0, 1, 2])
+        assert isinstance(amr, ipp.AsyncMapResult) and amr.get(timeout=WAIT) == [0, 1, 2]
+
+        @lv.remote()
+        def now(x: int) -> int:
+            return x + 1
+
+        assert now.block is True and now(1) == 2
+    finally:
+        lv.block = False
+
+
 # -- wait / abort ---------------------------------------------------------------------------------
 
 

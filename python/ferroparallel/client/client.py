@@ -1567,8 +1567,8 @@ class Client(HasTraits):
         msg_ids = self._msg_ids_of(indices_or_msg_ids)
         foreign = [m for m in msg_ids if m not in self._futures]
         if foreign:
-            try:
-                hub.result_status(self, foreign)
+            try:  # as ipyparallel: finished results are ready at once (ready(), get(0))
+                hub.fetch_finished(self, foreign)
             except error.RemoteError as exc:
                 if self.block if block is None else block:
                     raise  # as ipyparallel: waiting for the result raises the hub's error
@@ -1579,6 +1579,8 @@ class Client(HasTraits):
         else:
             futs = [self._futures[m] for m in msg_ids]
             ar = AsyncResult(self, futs, fname="get_result", owner=owner, single_result=single)
+        if owner:  # the client's copies go once the results are in (as ipyparallel)
+            self._own(ar.msg_ids)
         if self.block if block is None else block:
             ar.wait()
         return ar

@@ -136,7 +136,8 @@ def db_query(client: Client, query: Mapping[str, Any], keys: Sequence[str] | Non
     reply = hub_query(client, "db_request", content)
     rc = reply["content"]
     records: list[dict[str, Any]] = rc.get("records") or []
-    buffers = list(reply.get("buffers") or [])
+    # memoryviews, as ipyparallel's records (``.tobytes()``, ``.nbytes``)
+    buffers = [memoryview(b) for b in reply.get("buffers") or []]
     blens = rc.get("buffer_lens")
     rblens = rc.get("result_buffer_lens")
     at = 0
@@ -314,6 +315,18 @@ def _fetch(client: Client, msg_ids: list[str], hub: HubResults) -> int:
         hub.resolve(msg_id, entry, buffers[at : at + n])
         at += n
     return len(completed)
+
+
+def fetch_finished(client: Client, msg_ids: list[str]) -> int:
+    """Ask the hub once for ``msg_ids``: the finished ones are resolved now (their futures
+    created if need be), the others are left to the polling thread. Returns how many finished.
+
+    Raises
+    ------
+    RemoteError
+        The hub's error, e.g. a KeyError naming a msg_id it has no record of.
+    """
+    return _fetch(client, msg_ids, hub_results(client))
 
 
 def hub_results(client: Client) -> HubResults:

@@ -132,8 +132,14 @@ class View(HasTraits):
         raise NotImplementedError
 
     def remote(self, block: bool | None = None, **flags: Any) -> Callable[[Callable], Any]:
-        """Decorator: calling the function runs it through this view's ``apply``."""
+        """Decorator: calling the function runs it through this view's ``apply``.
+
+        Without ``block``, the function blocks as the view does now (its ``block`` flag is
+        read here, at decoration, as ipyparallel's views do).
+        """
         from .remotefunction import RemoteFunction
+
+        block = self.block if block is None else block
 
         def deco(f: Callable[..., Any]) -> Any:
             return RemoteFunction(self, f, block=block, **flags)
@@ -143,8 +149,14 @@ class View(HasTraits):
     def parallel(
         self, dist: str = "b", block: bool | None = None, **flags: Any
     ) -> Callable[[Callable], Any]:
-        """Decorator: calling the function maps it over its (sequence) arguments."""
+        """Decorator: calling the function maps it over its (sequence) arguments.
+
+        Without ``block``, the function blocks as the view does now (read at decoration, as
+        ipyparallel's views do).
+        """
         from .remotefunction import ParallelFunction
+
+        block = self.block if block is None else block
 
         def deco(f: Callable[..., Any]) -> Any:
             return ParallelFunction(self, f, dist=dist, block=block, **flags)
