@@ -344,7 +344,9 @@ def test_files_written_and_removed(
     # ferroparallel's same-host Unix sockets (ferroparallel.ipc) come on top of the TCP ports
     assert set(client) == CLIENT_KEYS | {"fp_ipc"}
     assert set(engine) == ENGINE_KEYS | {"fp_ipc"}
-    assert set(client["fp_ipc"]) == {"host", *(CLIENT_KEYS & set(client["fp_ipc"]))}
+    # (and the link endpoint of decision 0017, the same in both files)
+    assert set(client["fp_ipc"]) == {"host", "fp_link", *(CLIENT_KEYS & set(client["fp_ipc"]))}
+    assert client["fp_ipc"]["fp_link"] == engine["fp_ipc"]["fp_link"]
     assert all(u.startswith("ipc://@fp-") for k, u in engine["fp_ipc"].items() if k != "host")
     assert re.fullmatch("[0-9a-f]{64}", client["key"])
     assert client["key"] == engine["key"]

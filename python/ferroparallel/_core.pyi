@@ -300,6 +300,17 @@ class IoThread:
         together: when 64 wait on a socket, when a thread starts waiting in
         ``recv(since=...)``, or at the latest 500 µs after the first (decision 0010).
         ``batch_sends(False)`` sends what is held."""
+    def add_link(self, endpoint: str, ident: str, timeout: float) -> None:
+        """Open a link to the controller's ``endpoint`` (``ipc://@<name>``, decision 0017): say
+        a signed hello as the client with routing identity ``ident`` and wait up to
+        ``timeout`` seconds for the welcome. From then on the ``mux`` and ``task`` sockets'
+        messages go over the link (sent from the calling thread, batched as by
+        :meth:`batch_sends`), and what the controller sends over it arrives as theirs. When
+        the controller closes it, :meth:`take_errors` reports ``LinkClosed`` and the sockets
+        carry the traffic again. ValueError says why it could not be opened."""
+    @property
+    def link_up(self) -> bool:
+        """Whether the ``mux`` and ``task`` traffic goes over a link to the controller."""
     def handshake_failures(self) -> list[tuple[str, str, str]]:
         """Connecting sockets whose last ZMTP handshake failed: ``(socket_name, endpoint,
         reason)``, e.g. a CURVE mechanism mismatch or a server that refused our key."""
@@ -431,8 +442,8 @@ class Controller:
         """The ``ipc://`` endpoint of each channel (empty without ``ipc_prefix``, or before
         :meth:`start`)."""
     def link_endpoint(self) -> str | None:
-        """The engine link endpoint (``ipc://@...``, decision 0017), or None: no IPC, CurveZMQ
-        on, ``FERROPARALLEL_ENGINE_LINK=0``, or not started."""
+        """The link endpoint (``ipc://@...``, decision 0017), or None: no IPC, CurveZMQ
+        on, ``FERROPARALLEL_LINKS=0``, or not started."""
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the controller stops (True) or the timeout passes (False). Releases the
         GIL and checks for signals every 50 ms."""

@@ -44,12 +44,12 @@ __all__ = [
 ENV_ENABLE = "FERROPARALLEL_IPC"
 #: Connection-file key of the IPC endpoints: ``{"host": token, <file key>: url, ...}``.
 INFO_KEY = "fp_ipc"
-#: Key of the controller's engine link (``docs/decisions/0017-engine-links.md``) in the IPC
-#: entry of an engine connection file.
+#: Key of the controller's link endpoint (``docs/decisions/0017-links.md``) in the IPC
+#: entry of a client or engine connection file.
 LINK_KEY = "fp_link"
-#: ``FERROPARALLEL_ENGINE_LINK=0`` (or ``off``/``false``/``no``) turns engine links off: in a
-#: controller's environment none is served, in an engine's none is opened.
-LINK_ENV = "FERROPARALLEL_ENGINE_LINK"
+#: ``FERROPARALLEL_LINKS=0`` (or ``off``/``false``/``no``) turns links off: in a
+#: controller's environment none is served, in a client's or engine's none is opened.
+LINK_ENV = "FERROPARALLEL_LINKS"
 
 
 def enabled_by_env() -> bool:
@@ -59,7 +59,7 @@ def enabled_by_env() -> bool:
 
 
 def links_enabled() -> bool:
-    """False when ``$FERROPARALLEL_ENGINE_LINK`` says off; True otherwise."""
+    """False when ``$FERROPARALLEL_LINKS`` says off; True otherwise."""
     return os.environ.get(LINK_ENV, "").strip().lower() not in ("0", "off", "false", "no")
 
 

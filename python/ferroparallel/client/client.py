@@ -56,6 +56,8 @@ _SOCKETS = (
 _PACKERS = {"msgpack", "json", "orjson", "msgpack.packb", "msgpack.unpackb", "json.dumps"}
 #: Seconds without any traffic, while requests are outstanding, before probing the controller.
 PROBE_IDLE = 5.0
+#: Longest wait for the controller's welcome on a link (decision 0017).
+LINK_TIMEOUT = 5.0
 
 
 #: Clients not yet closed; closed at interpreter exit, before threads are torn down.
@@ -408,6 +410,8 @@ class Client(HasTraits):
                     subscribe=topics,
                     **curve_options,
                 )
+            if local is not None and not curve_options:
+                self._open_link(info, timeout)
         except BaseException:
             self._close_tunnels()
             raise
@@ -553,6 +557,20 @@ class Client(HasTraits):
         except Exception:  # noqa: BLE001
             pass
 
+    def _open_link(self, info: dict[str, Any], timeout: float) -> None:
+        """Send the MUX and task traffic over the controller's link for same-host peers
+        (decision 0017) when it serves one; before any request, so that none of them can
+        overtake another on the way."""
+        if not _ipc.links_enabled():
+            return
+        url = (_ipc.local_urls(info, (_ipc.LINK_KEY,)) or {}).get(_ipc.LINK_KEY)
+        if url is None:
+            return
+        try:
+            self._io.add_link(url, self._session_id, min(timeout, LINK_TIMEOUT))
+        except ValueError as e:
+            log.info("no link to the controller (%s): using its ZMQ sockets", e)
+
     # ----- dispatcher -----------------------------------------------------------------------
 
     def _dispatch_round(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
@@ -563,6 +581,12 @@ class Client(HasTraits):
             self._dispatch_batch(batch)
             io.wake()  # threads waiting in wait_here look at their results again
         for sock, kind, text in io.take_errors():
+            if kind == "LinkClosed":
+                # the controller closed our link: it is gone (or shutting down), or it
+                # refused us; its ZMQ sockets carry our traffic from now on. Ask it now.
+                log.info("the link to the controller closed (%s)", text)
+                self._last_traffic = 0.0
+                continue
             log.warning("dropped a message on %s: %s: %s", sock, kind, text)
         self._check_controller()
 
@@ -715,7 +739,8 @@ class Client(HasTraits):
 
     def _check_controller(self) -> None:
         """Probe a silent controller while requests are outstanding; fail them if it is gone."""
-        if not self._trait_values["outstanding"] or self._hub_shutdown or self._closed:
+        waiting = self._trait_values["outstanding"] or self._shm.probing()
+        if not waiting or self._hub_shutdown or self._closed:
             return
         now = time.monotonic()
         # Probe after a quiet spell; any message from the controller since the probe counts as

@@ -81,6 +81,8 @@ class ShmTransport:
         self._readers: dict[str, bool] = {}
         self._lenders: dict[str, bool] = {}
         self._probes: dict[str, tuple[Future, bytes]] = {}
+        #: engines asked for their host that have not answered yet
+        self._unanswered: set[str] = set()
         self._calls = threading.local()
         self.enabled = (_shm.enabled_by_env() if enabled is None else bool(enabled)) and (
             _shm.available()
@@ -343,6 +345,7 @@ class ShmTransport:
                 return False  # replies are handled by this very thread: cannot wait for them
             # Ask every engine not asked yet at once: later requests to them need no round trip.
             self._start_probe(list(dict.fromkeys([*uuids, *self._client._uuids])))
+            # (a controller that died meanwhile fails the probes within the client's timeout)
             deadline = time.monotonic() + PROBE_TIMEOUT
             for u in uuids:
                 asked = self._probes.get(u)
@@ -358,6 +361,10 @@ class ShmTransport:
                 if u not in self._local:  # answered; its callback may not have run yet
                     self._answered(u, fut, secret)
         return all(self._local.get(u, False) for u in uuids)
+
+    def probing(self) -> bool:
+        """Whether an engine was asked for its host and has not answered yet."""
+        return bool(self._unanswered)
 
     def known_local(self, uuids: Sequence[str]) -> bool:
         """Like :meth:`all_local` but never waits: engines not asked yet are asked in the
@@ -391,11 +398,13 @@ class ShmTransport:
                     record=False,
                 )
                 self._probes[u] = (futs[u], secret)
+                self._unanswered.add(u)
         client._own([f.msg_id for f in futs.values()])
         for u, fut in futs.items():
             fut.add_done_callback(lambda f, u=u: self._answered(u, f, secret))
 
     def _answered(self, uuid: str, fut: Future, secret: bytes) -> None:
+        self._unanswered.discard(uuid)
         try:
             reply = fut.result(timeout=0)
         except Exception as e:  # noqa: BLE001 - any failure means "not known to be local"

@@ -409,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ipc_endpoints = dict(controller.ipc_endpoints())
         client = connection.client_info(settings, key, ports, serverkey, ipc_endpoints)
         engine = connection.engine_info(settings, key, ports, serverkey, ipc_endpoints)
-        connection.add_engine_link(engine, controller.link_endpoint())
+        for info in (client, engine):
+            connection.add_link(info, controller.link_endpoint())
         # as ipyparallel's hub: registration replies carry the engine connection settings
         # (not the key: every engine already has it, and it must not travel in the clear);
         # set before the files exist, so that no engine can register before

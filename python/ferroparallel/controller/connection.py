@@ -103,9 +103,9 @@ def engine_info(
     return info
 
 
-def add_engine_link(info: dict[str, Any], endpoint: str | None) -> None:
-    """List the engine link ``endpoint`` (decision 0017) with the IPC endpoints of the engine
-    connection ``info``: only engines that can use those can use it."""
+def add_link(info: dict[str, Any], endpoint: str | None) -> None:
+    """List the link ``endpoint`` (decision 0017) with the IPC endpoints of the connection
+    ``info`` (a client's or an engine's): only peers that can use those can use it."""
     from ..ipc import INFO_KEY, LINK_KEY
 
     entry = info.get(INFO_KEY)

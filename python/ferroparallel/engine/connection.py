@@ -229,7 +229,7 @@ def channel_urls(info: dict[str, Any], same_host: bool = True) -> EngineUrls:
         controller's same-host Unix sockets when the info lists them for this host (see
         :mod:`ferroparallel.ipc`); ``broadcast`` lists the broadcast-scheduler leaves when the
         info has them; ``link`` is the controller's engine link with those same-host sockets
-        (when it serves one and ``$FERROPARALLEL_ENGINE_LINK`` does not turn links off).
+        (when it serves one and ``$FERROPARALLEL_LINKS`` does not turn links off).
     """
     base = disambiguate_interface(info["interface"], info.get("location", ""))
     sep = "-" if base.startswith("ipc://") else ":"

@@ -221,8 +221,8 @@ impl Controller {
         Ok(out)
     }
 
-    /// The engine link endpoint (`ipc://@...`), or None (no IPC, CurveZMQ on, links turned
-    /// off by `FERROPARALLEL_ENGINE_LINK=0`, or not started).
+    /// The link endpoint (`ipc://@...`, decision 0017), or None (no IPC, CurveZMQ on, links turned
+    /// off by `FERROPARALLEL_LINKS=0`, or not started).
     fn link_endpoint(&self) -> PyResult<Option<String>> {
         let inner = self
             .inner

@@ -273,6 +273,22 @@ impl IoThread {
         self.handle.set_batching(on);
     }
 
+    /// Open a link to the controller (see the type stub); ValueError says why it could not.
+    fn add_link(&self, py: Python<'_>, endpoint: &str, ident: &str, timeout: f64) -> PyResult<()> {
+        if !timeout.is_finite() || timeout < 0.0 {
+            return Err(PyValueError::new_err("timeout must be a number >= 0"));
+        }
+        let handle = &self.handle;
+        py.detach(|| handle.add_link(endpoint, ident, Duration::from_secs_f64(timeout)))
+            .map_err(PyValueError::new_err)
+    }
+
+    /// Whether the `mux` and `task` traffic goes over a link to the controller.
+    #[getter]
+    fn link_up(&self) -> bool {
+        self.handle.link_up()
+    }
+
     /// Sockets whose last handshake failed: `(socket, endpoint, reason)`.
     fn handshake_failures(&self) -> Vec<(String, String, String)> {
         self.handle.handshakes.failures()

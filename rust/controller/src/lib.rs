@@ -34,7 +34,7 @@ pub struct Controller {
     thread: Mutex<Option<JoinHandle<()>>>,
     pub ports: Ports,
     pub ipc: IpcEndpoints,
-    /// The engine link endpoint (`ipc://@...`), when engines on this host can open links.
+    /// The link endpoint (`ipc://@...`), when clients and engines on this host can open links.
     pub link: Option<String>,
     pub stats: Arc<Stats>,
     engines: Arc<Mutex<Vec<(i64, String)>>>,
@@ -168,8 +168,8 @@ fn heartbeat_monitor(hb_pong: &zmq::Socket) -> Result<zmq::Socket, String> {
     Ok(pair)
 }
 
-/// Where engine links are served: next to the IPC endpoints (engines on this host), on an
-/// abstract socket, unless CurveZMQ is on (a link is not encrypted) or the environment says
+/// Where links are served: next to the IPC endpoints (clients and engines on this host), on
+/// an abstract socket, unless CurveZMQ is on (a link is not encrypted) or the environment says
 /// off (see `links`).
 fn link_endpoint(cfg: &ControllerConfig) -> Option<String> {
     if cfg.curve_secretkey.is_some() || !links::enabled_by_env() {

@@ -1,13 +1,14 @@
-//! The controller's end of engine links (decision 0017, framing in `fp_io::link`): a listener
-//! on an abstract Unix socket, and one stream per same-host engine carrying its MUX and task
-//! traffic, read and written by the event loop itself.
+//! The controller's end of links (decision 0017, framing in `fp_io::link`): a listener
+//! on an abstract Unix socket, and one stream per same-host engine or client carrying its MUX
+//! and task traffic, read and written by the event loop itself.
 //!
-//! A connection proves itself with a hello signed with the cluster key, naming the engine's
-//! uuid (its routing identity); until then it may send one small message and must do so
-//! within [`HELLO_TIME`]. Once bound, everything the loop would send that engine on the
-//! engine-facing MUX or task socket goes over the link instead, and what arrives on the link
-//! is handled as if it had come from those sockets under that identity. A link that closes
-//! (the engine process died) unregisters its engine at once.
+//! A connection proves itself with a hello signed with the cluster key, naming its routing
+//! identity (an engine's uuid, a client's session) and role; until then it may send one small
+//! message and must do so within [`HELLO_TIME`]. Once bound, everything the loop would send
+//! that peer on its MUX or task socket (the engine-facing ones for an engine, the
+//! client-facing ones for a client) goes over the link instead, and what arrives on the link
+//! is handled as if it had come from those sockets under that identity. An engine's link that
+//! closes (the engine process died) unregisters the engine at once.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -22,8 +23,8 @@ use fp_io::ReadyFrames;
 pub(crate) const HELLO_TIME: Duration = Duration::from_secs(5);
 /// Connections that have not said hello yet, at most (more are closed at once).
 const MAX_UNBOUND: usize = 64;
-/// `FERROPARALLEL_ENGINE_LINK=0` (or off/false/no) turns engine links off.
-pub const ENV_ENABLE: &str = "FERROPARALLEL_ENGINE_LINK";
+/// `FERROPARALLEL_LINKS=0` (or off/false/no) turns links off.
+pub const ENV_ENABLE: &str = "FERROPARALLEL_LINKS";
 
 /// Whether the environment allows engine links.
 pub fn enabled_by_env() -> bool {
@@ -53,8 +54,10 @@ pub(crate) struct Conn {
     stream: UnixStream,
     reader: LinkReader,
     pub(crate) writer: LinkWriter,
-    /// The engine uuid it proved, once it has.
+    /// The routing identity it proved, once it has.
     pub(crate) ident: Option<Vec<u8>>,
+    /// A client's link (else an engine's).
+    client: bool,
     opened: Instant,
     /// The last read stopped at its burst limit.
     more: bool,
@@ -69,6 +72,8 @@ pub(crate) struct Links {
     conns: HashMap<u64, Conn>,
     next_id: u64,
     by_ident: HashMap<Vec<u8>, u64>,
+    /// Client links by identity.
+    by_client: HashMap<Vec<u8>, u64>,
     /// Connections with output queued during this pass.
     dirty: Vec<u64>,
     /// The order of the descriptors given to the last poll (after the listener's).
@@ -162,6 +167,7 @@ impl Links {
                     reader: LinkReader::new(LinkLimits::UNAUTHENTICATED),
                     writer: LinkWriter::new(),
                     ident: None,
+                    client: false,
                     opened: Instant::now(),
                     more: false,
                     revents: 0,
@@ -207,29 +213,45 @@ impl Links {
         }
     }
 
-    pub(crate) fn ident(&self, id: u64) -> Option<&[u8]> {
-        self.conns.get(&id).and_then(|c| c.ident.as_deref())
+    /// The identity connection `id` proved, and whether it is a client's.
+    pub(crate) fn ident(&self, id: u64) -> Option<(&[u8], bool)> {
+        let c = self.conns.get(&id)?;
+        Some((c.ident.as_deref()?, c.client))
     }
 
-    /// The connection of engine `ident`, if it has a link.
-    pub(crate) fn conn_of(&self, ident: &[u8]) -> Option<u64> {
-        if self.by_ident.is_empty() {
+    fn map(&self, client: bool) -> &HashMap<Vec<u8>, u64> {
+        if client {
+            &self.by_client
+        } else {
+            &self.by_ident
+        }
+    }
+
+    /// The connection of the engine (or client) `ident`, if it has a link.
+    pub(crate) fn conn_of(&self, ident: &[u8], client: bool) -> Option<u64> {
+        let map = self.map(client);
+        if map.is_empty() {
             return None;
         }
-        self.by_ident.get(ident).copied()
+        map.get(ident).copied()
     }
 
-    pub(crate) fn is_bound(&self, ident: &[u8]) -> bool {
-        self.by_ident.contains_key(ident)
+    pub(crate) fn is_bound(&self, ident: &[u8], client: bool) -> bool {
+        self.map(client).contains_key(ident)
     }
 
-    /// Bind connection `id` to engine `ident` and welcome it.
-    pub(crate) fn bind(&mut self, id: u64, ident: Vec<u8>, limits: LinkLimits) {
+    /// Bind connection `id` to `ident` (a client's with `client`) and welcome it.
+    pub(crate) fn bind(&mut self, id: u64, ident: Vec<u8>, client: bool, limits: LinkLimits) {
         if let Some(c) = self.conns.get_mut(&id) {
             c.reader.set_limits(limits);
             c.writer.push_control(fp_io::link::WELCOME);
             c.ident = Some(ident.clone());
-            self.by_ident.insert(ident, id);
+            c.client = client;
+            if client {
+                self.by_client.insert(ident, id);
+            } else {
+                self.by_ident.insert(ident, id);
+            }
             self.dirty.push(id);
         }
     }
@@ -265,10 +287,14 @@ impl Links {
         failed
     }
 
-    /// Close connection `id`; returns the engine it was bound to.
+    /// Close connection `id`; returns the engine it was bound to (None for a client's).
     pub(crate) fn close(&mut self, id: u64) -> Option<Vec<u8>> {
         let c = self.conns.remove(&id)?;
         let ident = c.ident?;
+        if c.client {
+            self.by_client.remove(&ident);
+            return None;
+        }
         self.by_ident.remove(&ident);
         Some(ident)
     }
@@ -297,7 +323,7 @@ use fp_wire::split_envelope;
 
 use crate::log::{log_at, Level};
 use crate::messages::str_field;
-use crate::server::{Server, BURST, MUX_E, TASK_E};
+use crate::server::{Server, BURST, MUX_C, MUX_E, TASK_C, TASK_E};
 
 impl Server {
     /// Accept, read and flush the engine links the last poll found ready.
@@ -341,12 +367,17 @@ impl Server {
         i: usize,
         frames: Vec<OutFrame>,
     ) -> Option<Vec<OutFrame>> {
-        let channel = match i {
-            MUX_E => CH_MUX,
-            TASK_E => CH_TASK,
+        let (channel, client) = match i {
+            MUX_E => (CH_MUX, false),
+            TASK_E => (CH_TASK, false),
+            MUX_C => (CH_MUX, true),
+            TASK_C => (CH_TASK, true),
             _ => return Some(frames),
         };
-        let Some(id) = frames.first().and_then(|f| self.links.conn_of(f.bytes())) else {
+        let Some(id) = frames
+            .first()
+            .and_then(|f| self.links.conn_of(f.bytes(), client))
+        else {
             return Some(frames);
         };
         let mut frames = frames;
@@ -360,12 +391,14 @@ impl Server {
 
     /// Handle one message of connection `id`; false when the connection was closed.
     fn on_link_message(&mut self, id: u64, channel: u8, frames: Vec<RecvFrame>) -> bool {
-        let Some(ident) = self.links.ident(id).map(<[u8]>::to_vec) else {
+        let Some((ident, client)) = self.links.ident(id).map(|(i, c)| (i.to_vec(), c)) else {
             return self.on_link_hello(id, channel, frames);
         };
-        let i = match channel {
-            CH_MUX => MUX_E,
-            CH_TASK => TASK_E,
+        let i = match (channel, client) {
+            (CH_MUX, false) => MUX_E,
+            (CH_TASK, false) => TASK_E,
+            (CH_MUX, true) => MUX_C,
+            (CH_TASK, true) => TASK_C,
             _ => {
                 self.close_link(id, &format!("a message on link channel {channel}"));
                 return false;
@@ -381,17 +414,14 @@ impl Server {
     /// The first message of a connection: a hello signed with the cluster key.
     fn on_link_hello(&mut self, id: u64, channel: u8, frames: Vec<RecvFrame>) -> bool {
         match self.hello_uuid(channel, frames) {
-            Ok(uuid) => {
-                log_at!(
-                    Level::Debug,
-                    "engine link of {}",
-                    crate::server::show(&uuid)
-                );
+            Ok((uuid, client)) => {
+                let who = if client { "client" } else { "engine" };
+                log_at!(Level::Debug, "link of {who} {}", crate::server::show(&uuid));
                 let limits = LinkLimits {
                     max_frames: self.session.limits.max_frames,
                     max_bytes: u64::MAX,
                 };
-                self.links.bind(id, uuid, limits);
+                self.links.bind(id, uuid, client, limits);
                 true
             }
             Err(why) => {
@@ -407,7 +437,12 @@ impl Server {
         }
     }
 
-    fn hello_uuid(&mut self, channel: u8, frames: Vec<RecvFrame>) -> Result<Vec<u8>, String> {
+    /// The identity a hello names, and whether it is a client's.
+    fn hello_uuid(
+        &mut self,
+        channel: u8,
+        frames: Vec<RecvFrame>,
+    ) -> Result<(Vec<u8>, bool), String> {
         if channel != CH_LINK {
             return Err("its first message is not a hello".into());
         }
@@ -433,15 +468,17 @@ impl Server {
             .as_bytes()
             .to_vec();
         if uuid.is_empty() || uuid.len() > 255 {
-            return Err("its hello names no valid engine uuid".into());
+            return Err("its hello names no valid routing identity".into());
         }
-        if self.links.is_bound(&uuid) {
-            return Err(format!(
-                "engine {} already has a link",
-                crate::server::show(&uuid)
-            ));
+        let client = match str_field(&content, "role") {
+            None | Some("engine") => false,
+            Some("client") => true,
+            Some(_) => return Err("its hello names an unknown role".into()),
+        };
+        if self.links.is_bound(&uuid, client) {
+            return Err(format!("{} already has a link", crate::server::show(&uuid)));
         }
-        Ok(uuid)
+        Ok((uuid, client))
     }
 
     /// Close connection `id`; its engine, if it was bound to one, is gone.

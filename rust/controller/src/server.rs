@@ -227,6 +227,9 @@ impl Server {
             }
             let timeout = self.poll_timeout();
             let (readable, writable) = self.poll(timeout);
+            // links first: a peer's requests come over its link, what it sends about them
+            // (aborts, queries) over ZMQ sockets, and usually in that order
+            self.service_links();
             for i in 0..self.socks.len() {
                 if writable.get(i).copied().unwrap_or(false) {
                     self.flush(i);
@@ -235,7 +238,6 @@ impl Server {
                     self.receive(i);
                 }
             }
-            self.service_links();
             self.timers();
             for i in DEFERRED {
                 if !self.pending[i].is_empty() {

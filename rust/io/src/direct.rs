@@ -12,8 +12,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -21,9 +20,9 @@ use std::time::{Duration, Instant};
 use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Incoming};
 use crate::ioloop::recv_multipart;
-use crate::link::{LinkLimits, LinkMessage, LinkReader, LinkWriter, CH_LINK, CH_MUX, CH_TASK};
+use crate::link::{poll_fd, LinkReader, LinkWriter, CH_MUX, CH_TASK};
 use crate::outframe::{try_send, OutFrame, ReadyFrames, RecvFrame, ReleaseQueue, Sent};
-use crate::session::{OutgoingMessage, SessionCore};
+use crate::session::SessionCore;
 use crate::socket::{monitor_endpoint, SocketKind, SocketSpec};
 use crate::wakeup::{drain, pollfd, wake_pair};
 
@@ -64,17 +63,6 @@ fn link_ident(channel: u8) -> Option<&'static [u8]> {
         .iter()
         .find(|(_, ch)| *ch == channel)
         .map(|(id, _)| *id)
-}
-
-/// Wait up to `ms` for `events` on `fd`.
-fn poll_fd(fd: i32, events: i16, ms: i32) {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, ms) };
 }
 
 struct Entry {
@@ -254,63 +242,7 @@ impl DirectSockets {
         timeout: Duration,
     ) -> Result<(), String> {
         self.check_open()?;
-        let name = endpoint
-            .strip_prefix("ipc://@")
-            .ok_or_else(|| format!("{endpoint:?} is not an abstract ipc:// endpoint"))?;
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())
-            .map_err(|e| format!("bad link endpoint {endpoint:?}: {e}"))?;
-        let stream = UnixStream::connect_addr(&addr)
-            .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| format!("link: {e}"))?;
-        let parts = fp_wire::Parts {
-            header: self.session.headers.header(crate::link::HELLO),
-            parent_header: fp_wire::Value::empty_map(),
-            metadata: fp_wire::Value::empty_map(),
-            content: fp_wire::Value::map([("uuid", fp_wire::Value::Str(uuid.into()))]),
-        };
-        let hello = self
-            .session
-            .build_frames(OutgoingMessage {
-                idents: Vec::new(),
-                parts,
-                buffers: Vec::new(),
-            })
-            .map_err(|e| format!("cannot build the link hello: {e}"))?;
-        let mut writer = LinkWriter::new();
-        writer.push_ready(CH_LINK, ReadyFrames::new(hello, &self.releases))?;
-        let mut reader = LinkReader::new(LinkLimits::UNAUTHENTICATED);
-        let deadline = Instant::now() + timeout;
-        let fd = stream.as_raw_fd();
-        let mut got: Vec<LinkMessage> = Vec::new();
-        loop {
-            let flushed = writer.flush(fd).map_err(|e| format!("link hello: {e}"))?;
-            reader
-                .read(fd, &mut got, 1)
-                .map_err(|e| format!("no welcome on the link: {e}"))?;
-            if let Some((ch, frames)) = got.first() {
-                if *ch != CH_LINK || frames.len() != 1 || frames[0].as_ref() != crate::link::WELCOME
-                {
-                    return Err("the controller answered the link hello with something else".into());
-                }
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!("no welcome on the link within {timeout:?}"));
-            }
-            let events = if flushed {
-                libc::POLLIN
-            } else {
-                libc::POLLIN | libc::POLLOUT
-            };
-            poll_fd(fd, events, left.as_millis().clamp(1, 100) as i32);
-        }
-        reader.set_limits(LinkLimits {
-            max_frames: self.session.limits.max_frames,
-            max_bytes: u64::MAX,
-        });
+        let (stream, reader) = crate::link::open(&self.session, endpoint, uuid, "engine", timeout)?;
         let mut state = self.take();
         let entry = state
             .entries
@@ -764,6 +696,10 @@ impl DirectSockets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::{LinkLimits, LinkMessage, CH_LINK};
+    use crate::session::OutgoingMessage;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
 
     /// Send one owned frame on socket "a" (held or not), waiting up to 1 s.
     fn send_on_a(d: &DirectSockets, body: &[u8], hold: bool) -> Result<(), String> {

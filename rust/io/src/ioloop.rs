@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batching::{Batching, Before, CAP};
+use crate::client_link::{channel_of, socket_of, ClientLink, LinkSent, LoopLink};
 use crate::handshake::{parse_event, Handshakes};
 use crate::inbox::{Delivery, DropReport, Inbox, Incoming, Taken, Waiter};
 use crate::outframe::{send_frames, OutFrame, RawMsg, RecvFrame, ReleaseQueue, SendOutcome};
@@ -47,6 +48,7 @@ type AddReply = Sender<Result<(Vec<String>, Arc<Shared>), String>>;
 
 enum Command {
     AddSocket(Box<SocketSpec>, AddReply),
+    AddLink(Box<LoopLink>, Sender<()>),
     Close,
 }
 
@@ -177,6 +179,8 @@ pub struct IoHandle {
     thread: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
     batching: Arc<Batching>,
+    /// The link to the controller, once opened (see [`crate::client_link`]).
+    link: std::sync::OnceLock<Arc<ClientLink>>,
 }
 
 /// Wakes the I/O thread out of `poll` (one byte on a socket pair; wake-ups coalesce).
@@ -213,6 +217,8 @@ impl IoHandle {
             batching: batching.clone(),
             entries: Vec::new(),
             by_name: HashMap::new(),
+            link: None,
+            link_ready: false,
             all: true,
             ready: Vec::new(),
             monitors_ready: Vec::new(),
@@ -249,7 +255,41 @@ impl IoHandle {
             thread: Mutex::new(Some(thread)),
             closed: AtomicBool::new(false),
             batching,
+            link: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Open a link to the controller (decision 0017) at `endpoint` (`ipc://@<name>`) as the
+    /// client whose routing identity is `ident`, waiting up to `timeout` for its welcome; from
+    /// then on the `mux` and `task` sockets' traffic goes over it.
+    pub fn add_link(&self, endpoint: &str, ident: &str, timeout: Duration) -> Result<(), String> {
+        if self.link.get().is_some() {
+            return Err("this client has a link already".into());
+        }
+        let (stream, reader) =
+            crate::link::open(&self.session, endpoint, ident, "client", timeout)?;
+        let link = Arc::new(ClientLink::new(stream));
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::AddLink(
+            Box::new(LoopLink::new(link.clone(), reader)),
+            tx,
+        ))?;
+        rx.recv_timeout(timeout.max(Duration::from_secs(1)))
+            .map_err(|_| "the I/O thread did not take the link".to_string())?;
+        let _ = self.link.set(link);
+        Ok(())
+    }
+
+    /// Whether this client's traffic goes over a link that is up.
+    pub fn link_up(&self) -> bool {
+        self.link.get().is_some_and(|l| l.is_up())
+    }
+
+    /// The link, when it carries `socket`'s messages and is up.
+    fn link_for(&self, socket: &str) -> Option<(&ClientLink, u8)> {
+        let link = self.link.get()?;
+        let channel = channel_of(socket)?;
+        link.is_up().then_some((link.as_ref(), channel))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -319,6 +359,20 @@ impl IoHandle {
         if self.batching.enabled() && self.batching.before_send(socket, hold) == Before::SendHeld {
             self.send_sockets_held();
         }
+        if let Some((link, channel)) = self.link_for(socket) {
+            let sent = link.send(channel, raw, hold)?;
+            self.stats.sent.fetch_add(1, Ordering::Relaxed); // (handed over, as to libzmq)
+            match sent {
+                LinkSent::Done if hold => {
+                    if self.batching.arm(now) {
+                        self.wake.wake();
+                    }
+                }
+                LinkSent::Done => {}
+                LinkSent::Backlog => self.wake.wake(),
+            }
+            return Ok(());
+        }
         match shared.send(raw, &self.stats, &self.inbox, hold)? {
             AfterSend::Nothing => {}
             AfterSend::Wake => self.wake.wake(),
@@ -348,6 +402,11 @@ impl IoHandle {
 
     fn send_sockets_held(&self) {
         self.batching.disarm();
+        if let Some(link) = self.link.get() {
+            if let Ok(LinkSent::Backlog) = link.flush() {
+                self.wake.wake();
+            }
+        }
         let sockets: Vec<Arc<Shared>> = lock(&self.sockets).values().cloned().collect();
         for shared in sockets {
             let mut st = lock(&shared.state);
@@ -439,6 +498,9 @@ impl IoHandle {
         if let Some(h) = handle {
             let _ = h.join();
         }
+        if let Some(link) = self.link.get() {
+            link.lose(); // (flushed by the loop's shut-down) the controller sees it close now
+        }
         lock(&self.sockets).clear();
         self.inbox.close();
     }
@@ -494,6 +556,10 @@ struct Loop {
     batching: Arc<Batching>,
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
+    /// The client's link to the controller, if it has one.
+    link: Option<LoopLink>,
+    /// The last poll saw the link's descriptor ready.
+    link_ready: bool,
     /// Look at every socket on the next pass (first pass, wake-up, timeout, busy socket).
     all: bool,
     ready: Vec<bool>,
@@ -593,10 +659,50 @@ impl Loop {
                 self.read_monitor(i);
             }
         }
+        if self.link.is_some() && (all || std::mem::take(&mut self.link_ready)) {
+            busy |= self.service_link(&mut batch, &mut drops);
+        }
         self.inbox.push_batch(batch, drops);
         self.all = busy;
         self.timed_out = false; // counts for the pass right after the timed-out poll only
         busy
+    }
+
+    /// Write what the link holds and read its messages (up to [`RECV_BURST`]); true when
+    /// messages were left unread.
+    fn service_link(&mut self, batch: &mut Vec<Incoming>, drops: &mut Vec<DropReport>) -> bool {
+        let Some(lk) = self.link.as_mut() else {
+            return false;
+        };
+        let mut problem = lk.link.flush().err();
+        let mut got = Vec::new();
+        if let Err(e) = lk.read(&mut got, RECV_BURST) {
+            problem = Some(e.to_string());
+        }
+        let more = lk.more;
+        for (channel, frames) in got {
+            let index = socket_of(channel).and_then(|name| self.by_name.get(name).copied());
+            match index {
+                Some(i) => {
+                    self.deliver(i, vec![frames], batch, drops);
+                }
+                None => drops.push(DropReport {
+                    socket: Arc::from("link"),
+                    kind: "LinkChannel",
+                    text: format!("a message on unknown link channel {channel}"),
+                }),
+            }
+        }
+        if let Some(why) = problem {
+            // the sockets carry the traffic from now on
+            drops.push(DropReport {
+                socket: Arc::from("link"),
+                kind: "LinkClosed",
+                text: why,
+            });
+            self.link = None;
+        }
+        more
     }
 
     /// Wait up to `timeout_ms` for something to do (see [`Loop::poll`]).
@@ -627,7 +733,7 @@ impl Loop {
 
     /// Wait until a socket's `ZMQ_FD`, a monitor or the wake-up pipe is readable, or
     /// `timeout_ms`. Fills `ready` / `monitors_ready` when some descriptors are readable.
-    fn poll(&self, timeout_ms: i32, ready: &mut [bool], monitors_ready: &mut [bool]) -> Polled {
+    fn poll(&mut self, timeout_ms: i32, ready: &mut [bool], monitors_ready: &mut [bool]) -> Polled {
         let mut fds = Vec::with_capacity(1 + 2 * self.entries.len());
         fds.push(pollfd(self.wake_rx.as_raw_fd()));
         for e in &self.entries {
@@ -639,6 +745,13 @@ impl Loop {
                 fds.push(pollfd(fd));
                 monitor_of.push(i);
             }
+        }
+        if let Some(lk) = &self.link {
+            let mut p = pollfd(lk.link.fd());
+            if lk.link.has_backlog() {
+                p.events |= libc::POLLOUT;
+            }
+            fds.push(p);
         }
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
@@ -656,6 +769,9 @@ impl Loop {
         monitors_ready.iter_mut().for_each(|m| *m = false);
         for (k, &i) in monitor_of.iter().enumerate() {
             monitors_ready[i] = fds[1 + n + k].revents != 0;
+        }
+        if self.link.is_some() {
+            self.link_ready = fds[1 + n + monitor_of.len()].revents != 0;
         }
         if fds[0].revents != 0 {
             Polled::All
@@ -686,6 +802,11 @@ impl Loop {
                 Ok(Command::AddSocket(spec, reply)) => {
                     let result = self.add_socket(*spec);
                     let _ = reply.send(result);
+                }
+                Ok(Command::AddLink(link, reply)) => {
+                    self.link = Some(*link);
+                    self.link_ready = true;
+                    let _ = reply.send(());
                 }
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,
@@ -852,7 +973,10 @@ impl Loop {
     /// Send what is queued on every socket, for at most until `deadline`.
     fn flush_all_until(&mut self, deadline: Instant) {
         loop {
-            let mut left = false;
+            let mut left = self
+                .link
+                .as_ref()
+                .is_some_and(|lk| matches!(lk.link.flush(), Ok(LinkSent::Backlog)));
             for e in &self.entries {
                 let mut st = lock(&e.shared.state);
                 let SockState { sock, pending } = &mut *st;
@@ -936,6 +1060,97 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A client's link: its `mux`/`task` messages go over it (batched ones in order), what
+    /// the controller sends arrives as those sockets' messages, and when the controller
+    /// closes it, that is reported and the sockets carry the traffic again.
+    #[test]
+    fn a_client_link_carries_mux_and_task_traffic_until_it_closes() {
+        use crate::link::{LinkLimits, LinkReader, LinkWriter, CH_LINK, CH_MUX, CH_TASK};
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixListener};
+        const BURST: usize = 300;
+        let name = format!("fp-ioloop-link-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let listener = UnixListener::bind_addr(&addr).expect("listen");
+        // the controller's side: welcome, then echo every message back on the task channel
+        let fake = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            stream.set_nonblocking(true).expect("nb");
+            let fd = stream.as_raw_fd();
+            let mut r = LinkReader::new(LinkLimits {
+                max_frames: 64,
+                max_bytes: 1 << 20,
+            });
+            let mut w = LinkWriter::new();
+            let mut seen = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while seen.len() < 1 + 1 + BURST && Instant::now() < deadline {
+                let mut got = Vec::new();
+                r.read(fd, &mut got, 1000).expect("read");
+                for (ch, frames) in got {
+                    if ch == CH_LINK {
+                        w.push_control(crate::link::WELCOME);
+                    } else {
+                        let body = frames[0].as_ref().to_vec();
+                        let echo = vec![RecvFrame::from_bytes(&body).0];
+                        w.push(CH_TASK, echo).expect("push");
+                    }
+                    seen.push((ch, frames[0].as_ref().to_vec()));
+                }
+                while !w.flush(fd).expect("flush") {}
+                crate::link::poll_fd(fd, libc::POLLIN, 20);
+            }
+            seen // (the stream closes here)
+        });
+        let io = io();
+        let t = Duration::from_secs(5);
+        for (sock, ep) in [
+            ("mux", "inproc://fp-link-mux"),
+            ("task", "inproc://fp-link-task"),
+        ] {
+            let mut spec = raw(sock, SocketKind::Dealer);
+            spec.bind = vec![ep.into()];
+            io.add_socket(spec, t).expect("socket");
+        }
+        io.add_link(&format!("ipc://@{name}"), "client-1", t)
+            .expect("link");
+        assert!(io.link_up());
+        let one = |body: &[u8]| vec![OutFrame::Owned(body.to_vec())];
+        io.send("mux", one(b"first")).expect("send");
+        let mut echoes = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while echoes.is_empty() && Instant::now() < deadline {
+            echoes = received(&io, Duration::from_millis(100));
+        }
+        assert_eq!(echoes, vec![vec![b"first".to_vec()]]);
+        io.set_batching(true);
+        for k in 0..BURST {
+            io.send("task", one(format!("m{k}").as_bytes()))
+                .expect("send");
+        }
+        io.send_held();
+        let seen = fake.join().expect("fake");
+        assert_eq!(seen[0].0, CH_LINK);
+        assert_eq!(seen[1], (CH_MUX, b"first".to_vec()));
+        let burst: Vec<Vec<u8>> = seen[2..].iter().map(|(_, b)| b.clone()).collect();
+        let want: Vec<Vec<u8>> = (0..BURST).map(|k| format!("m{k}").into_bytes()).collect();
+        assert_eq!(burst, want, "every message, in order");
+        assert!(seen[2..].iter().all(|(ch, _)| *ch == CH_TASK));
+        // the controller closed the link: reported, and the sockets take over
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut drops = Vec::new();
+        while !drops.iter().any(|d: &DropReport| d.kind == "LinkClosed")
+            && Instant::now() < deadline
+        {
+            received(&io, Duration::from_millis(50));
+            drops.extend(io.inbox.take_drops());
+        }
+        assert!(drops.iter().any(|d| d.kind == "LinkClosed"), "{drops:?}");
+        assert!(!io.link_up());
+        io.send("mux", one(b"after")).expect("the socket takes it");
+        io.close();
     }
 
     /// Threads sending on one socket while the I/O thread receives the echoes on it: every

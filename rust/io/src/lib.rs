@@ -8,6 +8,7 @@
 //! owner can release them on a thread of its choosing.
 
 mod batching;
+mod client_link;
 mod context;
 pub mod curve;
 mod direct;

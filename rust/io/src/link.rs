@@ -22,9 +22,15 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::time::{Duration, Instant};
 
-use crate::outframe::{RawMsg, ReadyFrames, RecvFrame};
+use fp_wire::Value;
+
+use crate::outframe::{RawMsg, ReadyFrames, RecvFrame, ReleaseQueue};
+use crate::session::{OutgoingMessage, SessionCore};
 
 /// Channel of direct (MUX) requests and replies.
 pub const CH_MUX: u8 = 0;
@@ -88,12 +94,75 @@ impl fmt::Display for LinkError {
 /// One received message: its channel and frames.
 pub type LinkMessage = (u8, Vec<RecvFrame>);
 
+/// The memory of one frame being received, from `libc::malloc`: freed memory goes back to
+/// the system as libzmq's received frames do (glibc unmaps large blocks at once), where the
+/// extension's allocator would keep a freed 1 GiB array resident in an idle engine.
+struct FrameBuf {
+    ptr: *mut u8,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value alone.
+unsafe impl Send for FrameBuf {}
+
+impl FrameBuf {
+    /// Room for exactly `cap` bytes, or a protocol error (never an abort).
+    fn new(cap: usize) -> Result<FrameBuf, LinkError> {
+        // SAFETY: malloc of at least one byte; a null result is handled.
+        let ptr = unsafe { libc::malloc(cap.max(1)) }.cast::<u8>();
+        if ptr.is_null() {
+            return Err(LinkError::Protocol(format!(
+                "cannot allocate a frame of {cap} bytes"
+            )));
+        }
+        Ok(FrameBuf { ptr, cap, len: 0 })
+    }
+
+    fn room(&self) -> usize {
+        self.cap - self.len
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.room());
+        // SAFETY: `n` bytes fit after `len` in the block; the source does not overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(self.len), n) };
+        self.len += n;
+    }
+
+    /// Read from `fd` into the rest of the block.
+    fn read_from(&mut self, fd: RawFd) -> Result<Got, LinkError> {
+        // SAFETY: `ptr + len .. ptr + cap` is memory of this block that nothing else uses.
+        let got = unsafe { read_raw(fd, self.ptr.add(self.len), self.room())? };
+        if let Got::Bytes(n) = got {
+            self.len += n;
+        }
+        Ok(got)
+    }
+
+    /// The frame over this block (which it then owns).
+    fn into_frame(self) -> RecvFrame {
+        let (ptr, len) = (self.ptr, self.len);
+        std::mem::forget(self);
+        // SAFETY: the block comes from libc::malloc, holds `len` initialized bytes, and is
+        // handed over (forgotten here).
+        unsafe { RecvFrame::from_malloc(ptr, len) }
+    }
+}
+
+impl Drop for FrameBuf {
+    fn drop(&mut self) {
+        // SAFETY: the block came from libc::malloc and is freed once.
+        unsafe { libc::free(self.ptr.cast()) };
+    }
+}
+
 struct Body {
     channel: u8,
     lens: Vec<usize>,
     frames: Vec<RecvFrame>,
-    /// The frame being filled: its bytes so far (its capacity is its length).
-    cur: Vec<u8>,
+    /// The frame being filled (its capacity is its length).
+    cur: FrameBuf,
 }
 
 enum ReadState {
@@ -109,14 +178,6 @@ pub struct LinkReader {
     end: usize,
     state: ReadState,
     limits: LinkLimits,
-}
-
-/// Room for `len` bytes, or a protocol error (never an abort) when it cannot be had.
-fn allocate(len: usize) -> Result<Vec<u8>, LinkError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| LinkError::Protocol(format!("cannot allocate a frame of {len} bytes")))?;
-    Ok(v)
 }
 
 /// Outcome of one `read(2)`.
@@ -188,20 +249,8 @@ impl LinkReader {
                 return Ok(true);
             }
             let got = match &mut self.state {
-                ReadState::Body(body)
-                    if self.pos == self.end
-                        && body.cur.capacity() - body.cur.len() >= DIRECT_MIN =>
-                {
-                    let cur = &mut body.cur;
-                    let room = cur.capacity() - cur.len();
-                    // SAFETY: the spare capacity of `cur` is memory it owns and nothing reads;
-                    // only the bytes read(2) reports written are counted in by `set_len`.
-                    let got = unsafe { read_raw(fd, cur.as_mut_ptr().add(cur.len()), room)? };
-                    if let Got::Bytes(n) = got {
-                        // SAFETY: read(2) initialized these `n` bytes (n <= room).
-                        unsafe { cur.set_len(cur.len() + n) };
-                    }
-                    got
+                ReadState::Body(body) if self.pos == self.end && body.cur.room() >= DIRECT_MIN => {
+                    body.cur.read_from(fd)?
                 }
                 _ => {
                     if self.pos == self.end {
@@ -289,7 +338,7 @@ impl LinkReader {
                         );
                     }
                     self.pos += need;
-                    let cur = allocate(lens[0])?;
+                    let cur = FrameBuf::new(lens[0])?;
                     let frames = Vec::with_capacity(lens.len());
                     self.state = ReadState::Body(Body {
                         channel: *channel,
@@ -299,7 +348,7 @@ impl LinkReader {
                     });
                 }
                 ReadState::Body(body) => {
-                    let want = body.cur.capacity() - body.cur.len();
+                    let want = body.cur.room();
                     let take = want.min(avail);
                     body.cur
                         .extend_from_slice(&self.staged[self.pos..self.pos + take]);
@@ -307,11 +356,14 @@ impl LinkReader {
                     if take < want {
                         return Ok(());
                     }
-                    let done = std::mem::take(&mut body.cur);
-                    body.frames.push(RecvFrame::from_vec(done));
-                    let next = body.frames.len();
+                    let next = body.frames.len() + 1;
+                    let fresh = match body.lens.get(next) {
+                        Some(&len) => FrameBuf::new(len)?,
+                        None => FrameBuf::new(0)?,
+                    };
+                    let done = std::mem::replace(&mut body.cur, fresh);
+                    body.frames.push(done.into_frame());
                     if next < body.lens.len() {
-                        body.cur = allocate(body.lens[next])?;
                         continue;
                     }
                     let channel = body.channel;
@@ -323,6 +375,89 @@ impl LinkReader {
         }
         Ok(())
     }
+}
+
+/// Wait up to `ms` for `events` on `fd`.
+pub(crate) fn poll_fd(fd: RawFd, events: i16, ms: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
+
+/// Open a link to the controller's `endpoint` (`ipc://@<name>`, an abstract Unix socket): say
+/// hello as `uuid` in `role` (`"engine"` or `"client"`; a message signed by `session`) and
+/// wait up to `timeout` for the welcome. Returns the (non-blocking) stream and its reader,
+/// ready for messages of any size.
+pub(crate) fn open(
+    session: &SessionCore,
+    endpoint: &str,
+    uuid: &str,
+    role: &str,
+    timeout: Duration,
+) -> Result<(UnixStream, LinkReader), String> {
+    let name = endpoint
+        .strip_prefix("ipc://@")
+        .ok_or_else(|| format!("{endpoint:?} is not an abstract ipc:// endpoint"))?;
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| format!("bad link endpoint {endpoint:?}: {e}"))?;
+    let stream = UnixStream::connect_addr(&addr)
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| format!("link: {e}"))?;
+    let parts = fp_wire::Parts {
+        header: session.headers.header(HELLO),
+        parent_header: Value::empty_map(),
+        metadata: Value::empty_map(),
+        content: Value::map([
+            ("uuid", Value::Str(uuid.into())),
+            ("role", Value::Str(role.into())),
+        ]),
+    };
+    let hello = session
+        .build_frames(OutgoingMessage {
+            idents: Vec::new(),
+            parts,
+            buffers: Vec::new(),
+        })
+        .map_err(|e| format!("cannot build the link hello: {e}"))?;
+    let mut writer = LinkWriter::new();
+    writer.push_ready(CH_LINK, ReadyFrames::new(hello, &ReleaseQueue::new()))?;
+    let mut reader = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+    let deadline = Instant::now() + timeout;
+    let fd = stream.as_raw_fd();
+    let mut got: Vec<LinkMessage> = Vec::new();
+    loop {
+        let flushed = writer.flush(fd).map_err(|e| format!("link hello: {e}"))?;
+        reader
+            .read(fd, &mut got, 1)
+            .map_err(|e| format!("no welcome on the link: {e}"))?;
+        if let Some((ch, frames)) = got.first() {
+            if *ch != CH_LINK || frames.len() != 1 || frames[0].as_ref() != WELCOME {
+                return Err("the controller answered the link hello with something else".into());
+            }
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no welcome on the link within {timeout:?}"));
+        }
+        let events = if flushed {
+            libc::POLLIN
+        } else {
+            libc::POLLIN | libc::POLLOUT
+        };
+        poll_fd(fd, events, left.as_millis().clamp(1, 100) as i32);
+    }
+    reader.set_limits(LinkLimits {
+        max_frames: session.limits.max_frames,
+        max_bytes: u64::MAX,
+    });
+    Ok((stream, reader))
 }
 
 /// The header and length table of a message of `frames` on `channel`.
@@ -458,8 +593,6 @@ impl LinkWriter {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
 
     fn raw(bytes: &[u8]) -> RawMsg {
         RecvFrame::from_bytes(bytes).0

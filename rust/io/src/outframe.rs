@@ -339,10 +339,48 @@ impl RecvFrame {
         RecvFrame(copy_into_msg(bytes))
     }
 
-    /// A frame over `bytes` itself (received from somewhere else than libzmq): no copy.
-    pub fn from_vec(bytes: Vec<u8>) -> RecvFrame {
-        RecvFrame(owned_into_raw(bytes))
+    /// A frame over `len` bytes at `ptr`, allocated with `libc::malloc`, which the frame
+    /// owns from now on (freed with `libc::free` when the last handle on it goes): no copy.
+    ///
+    /// # Safety
+    /// `ptr` must come from `libc::malloc` (or be null with `len` 0), hold `len` initialized
+    /// bytes, and not be used or freed by the caller afterwards.
+    pub unsafe fn from_malloc(ptr: *mut u8, len: usize) -> RecvFrame {
+        if len <= INLINE_MAX {
+            // SAFETY: `ptr` holds `len` initialized bytes (caller's contract).
+            let bytes = if len == 0 {
+                &[][..]
+            } else {
+                unsafe { std::slice::from_raw_parts(ptr, len) }
+            };
+            let msg = copy_into_msg(bytes);
+            // SAFETY: the caller handed the malloc'd block over to us; it is copied.
+            unsafe { libc::free(ptr.cast()) };
+            return RecvFrame(msg);
+        }
+        let mut msg = zmq_sys::zmq_msg_t::default();
+        // SAFETY: ptr/len describe a malloc'd block that release_malloc frees once.
+        let rc = unsafe {
+            zmq_sys::zmq_msg_init_data(
+                &mut msg,
+                ptr.cast(),
+                len,
+                Some(release_malloc),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            // SAFETY: libzmq did not take the block; free it ourselves.
+            unsafe { libc::free(ptr.cast()) };
+            return RecvFrame(RawMsg(zmq_sys::zmq_msg_t::default()));
+        }
+        RecvFrame(RawMsg(msg))
     }
+}
+
+unsafe extern "C" fn release_malloc(data: *mut c_void, _hint: *mut c_void) {
+    // SAFETY: `data` is the malloc'd block given to `RecvFrame::from_malloc`, freed once.
+    unsafe { libc::free(data) };
 }
 
 impl ReadyFrames {

@@ -1,9 +1,10 @@
-"""Engine links (docs/decisions/0017-engine-links.md): engines on the controller's host send and
-receive their MUX and task traffic over one Unix stream, not through libzmq's threads.
+"""Links (docs/decisions/0017-links.md): engines and clients on the controller's host
+send and receive their MUX and task traffic over one Unix stream each, not through libzmq's
+threads.
 
-Every other cluster test runs over links too (they are on by default for local engines); these
-check that they are in use, that turning them off works, that the controller's listener
-refuses peers that do not hold the key, and that a killed engine's link unregisters it.
+Every other cluster test runs over links too (they are on by default on one host); these check
+that they are in use, that turning them off works, that the controller's listener refuses peers
+that do not hold the key, and that a killed engine's link unregisters it.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _closed_by_peer(s: socket.socket) -> bool:
         return True
 
 
-def test_engines_on_this_host_talk_over_links(rc: ipp.Client) -> None:
+def test_engines_and_clients_on_this_host_talk_over_links(rc: ipp.Client) -> None:
     assert rc[:].apply_sync(_link_state) == ["up", "up"]
+    assert rc._io.link_up
     # direct, fanned-out and load-balanced requests, small and with large buffers
     a = np.arange(1 << 18, dtype="f8")
     rc[:].push({"a": a}, block=True)
@@ -81,8 +83,21 @@ def test_links_can_be_turned_off(
     info = json.loads(cluster.engine_file.read_text())
     assert ipc.LINK_KEY not in info.get(ipc.INFO_KEY, {})
     assert c[:].apply_sync(_link_state) == ["none"]
+    assert not c._io.link_up
     assert c.load_balanced_view().apply_sync(pow, 2, 5) == 32
     assert c[0].apply_sync(pow, 3, 2) == 9
+
+
+def test_a_client_without_a_link_works_beside_linked_ones(
+    rc: ipp.Client, shared_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ipc.LINK_ENV, "0")
+    with ipp.Client(shared_cluster.client_file) as other:
+        assert not other._io.link_up
+        other.wait_for_engines(2)
+        assert other[:].apply_sync(pow, 2, 3) == [8, 8]
+        assert other.load_balanced_view().map_sync(abs, [-1, -2]) == [1, 2]
+    assert rc[:].apply_sync(pow, 3, 2) == [9, 9]
 
 
 def test_the_link_listener_refuses_peers_without_the_key(
@@ -107,6 +122,15 @@ def test_the_link_listener_refuses_peers_without_the_key(
     with _connect(url) as s:
         s.sendall(_frame(1, hello))
         assert _closed_by_peer(s)
+    bogus = PeerSession(key).serialize("fp_link_hello", {"uuid": "x", "role": "hub"})
+    with _connect(url) as s:
+        s.sendall(_frame(0xFF, bogus))
+        assert _closed_by_peer(s)
+    # the identity of a client that has a link
+    taken = PeerSession(key).serialize("fp_link_hello", {"uuid": rc._session_id, "role": "client"})
+    with _connect(url) as s:
+        s.sendall(_frame(0xFF, taken))
+        assert _closed_by_peer(s)
     # a valid hello for an engine that has a link already: refused, the engine keeps its link
     engine_uuid = rc._engines[0]
     hello = PeerSession(key).serialize("fp_link_hello", {"uuid": engine_uuid})
@@ -114,6 +138,7 @@ def test_the_link_listener_refuses_peers_without_the_key(
         s.sendall(_frame(0xFF, hello))
         assert _closed_by_peer(s)
     assert rc[:].apply_sync(_link_state) == ["up", "up"]
+    assert rc._io.link_up
     assert rc[0].apply_sync(pow, 2, 3) == 8
 
 
