@@ -48,6 +48,10 @@ const HEAD: usize = 8;
 const STAGE: usize = 256 * 1024;
 /// A frame at least this long whose bytes are not staged yet is read straight into place.
 const DIRECT_MIN: usize = 64 * 1024;
+/// Bytes one [`LinkReader::read`] takes at most: a 1 GiB message arrives over several calls,
+/// so that the thread reading it (the controller's event loop) serves its other peers and
+/// its heartbeat meanwhile.
+const READ_BUDGET: usize = 16 << 20;
 /// Most iovecs given to one `writev(2)` (Linux's IOV_MAX is 1024).
 const MAX_IOV: usize = 512;
 
@@ -234,8 +238,9 @@ impl LinkReader {
 
     /// Read what `fd` (non-blocking) has and append up to `max` whole messages to `out`.
     ///
-    /// Returns true when it stopped at `max` (more may be ready without the descriptor
-    /// becoming readable again), false when the descriptor had nothing more.
+    /// Returns true when it stopped at `max` messages or [`READ_BUDGET`] bytes (more may be
+    /// ready without the descriptor becoming readable again), false when the descriptor had
+    /// nothing more.
     pub fn read(
         &mut self,
         fd: RawFd,
@@ -243,9 +248,10 @@ impl LinkReader {
         max: usize,
     ) -> Result<bool, LinkError> {
         let start = out.len();
+        let mut taken = 0;
         loop {
             self.parse(out, start + max)?;
-            if out.len() >= start + max {
+            if out.len() >= start + max || taken >= READ_BUDGET {
                 return Ok(true);
             }
             let got = match &mut self.state {
@@ -273,7 +279,7 @@ impl LinkReader {
                 }
             };
             match got {
-                Got::Bytes(_) => {}
+                Got::Bytes(n) => taken += n,
                 Got::WouldBlock => return Ok(false),
                 Got::Eof => {
                     return Err(LinkError::Closed {
