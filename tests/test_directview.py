@@ -426,6 +426,16 @@ def test_engine_process_looks_like_an_ipyparallel_engine(dv: DirectView, tmp_pat
     dv.execute("import sys; sys.modules.pop('fp_cwd_module_xyz', None)", block=True)
 
 
+def test_input_on_an_engine_raises_as_on_ipyparallel(dv: DirectView) -> None:
+    with pytest.raises(error.CompositeError) as info:
+        dv.execute("input('x')", block=True)
+    assert [e[0] for e in info.value.elist] == ["StdinNotImplementedError"] * 2
+    with pytest.raises(error.RemoteError) as one:
+        dv.client[0].apply_sync(input, "y")
+    assert one.value.ename == "StdinNotImplementedError"
+    assert dv.apply_sync(lambda: callable(input)) == [True, True]
+
+
 def test_user_code_closing_stdin_leaves_the_engine_serving(dv: DirectView) -> None:
     # exit() and quit() close sys.stdin before raising SystemExit; the engine's next
     # request gets a fresh (empty) stdin, and prints as before

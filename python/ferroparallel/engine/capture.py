@@ -5,11 +5,13 @@ writers that buffer text. Buffered text is published when the request ends, when
 calls ``flush()``, when a newline is written at least :attr:`StreamCapture.interval` seconds
 after the previous publication, and by :meth:`StreamCapture.flush_due` (the engine's watcher
 thread calls it periodically while long requests run), so output is live.
-``sys.stdin`` reads as empty (``input()`` raises ``EOFError``) instead of blocking.
+``sys.stdin`` reads as empty instead of blocking, and ``input()`` raises IPython's
+``StdinNotImplementedError``, as on ipyparallel's engines (no client answers input requests).
 """
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import sys
@@ -31,6 +33,23 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _StdinNotImplementedError(NotImplementedError):
+    """Stands for IPython's ``StdinNotImplementedError`` where IPython is not installed."""
+
+
+def _no_input(prompt: object = "") -> str:
+    """``input()`` during a request: nothing can answer it (as ipykernel with
+    ``allow_stdin=False``, which ipyparallel's engines are)."""
+    try:
+        from IPython.core.error import StdinNotImplementedError
+    except ImportError:
+        StdinNotImplementedError = _StdinNotImplementedError  # noqa: N806
+    raise StdinNotImplementedError(
+        "input() was called on an engine, which cannot ask anyone for input: "
+        "pass the value as an argument"
+    )
 
 
 class StreamWriter(io.TextIOBase):
@@ -108,7 +127,7 @@ class StreamCapture:
         self._parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self._parent: dict[str, Any] | None = None
         self._last_flush = 0.0
-        self._saved: tuple[Any, Any, Any] | None = None
+        self._saved: tuple[Any, Any, Any, Any] | None = None
         self.stdout = StreamWriter(self, "stdout", sys.__stdout__)
         self.stderr = StreamWriter(self, "stderr", sys.__stderr__)
         self._stdin = io.StringIO("")
@@ -128,8 +147,9 @@ class StreamCapture:
         with self._lock:
             self._parent = parent
             self._last_flush = time.monotonic()
-        self._saved = (sys.stdout, sys.stderr, sys.stdin)
+        self._saved = (sys.stdout, sys.stderr, sys.stdin, builtins.input)
         sys.stdout, sys.stderr = self.stdout, self.stderr
+        builtins.input = _no_input
         if self._stdin.closed:  # closed by user code (``exit()`` closes stdin): a new one
             self._stdin = io.StringIO("")
         self._stdin.seek(0)
@@ -141,7 +161,7 @@ class StreamCapture:
             self.before_stop()
         self.flush()
         if self._saved is not None:
-            sys.stdout, sys.stderr, sys.stdin = self._saved
+            sys.stdout, sys.stderr, sys.stdin, builtins.input = self._saved
             self._saved = None
         with self._lock:
             self._parent = None
