@@ -142,6 +142,20 @@ def test_the_link_listener_refuses_peers_without_the_key(
     assert rc[0].apply_sync(pow, 2, 3) == 8
 
 
+def test_connections_that_have_not_said_hello_are_capped(shared_cluster: Any) -> None:
+    url = _link_url(shared_cluster)
+    silent = [_connect(url) for _ in range(64)]
+    try:
+        with _connect(url) as extra:  # the 65th waiting connection is closed at once
+            assert _closed_by_peer(extra)
+        silent[0].setblocking(False)
+        with pytest.raises(BlockingIOError):  # the first ones still wait for their hello
+            silent[0].recv(1)
+    finally:
+        for s in silent:
+            s.close()
+
+
 def test_a_silent_connection_is_closed(shared_cluster: Any) -> None:
     with _connect(_link_url(shared_cluster)) as s:
         t0 = time.monotonic()

@@ -151,7 +151,7 @@ impl Links {
             let unbound = self.conns.values().filter(|c| c.ident.is_none()).count();
             if unbound >= MAX_UNBOUND {
                 refused.push(format!(
-                    "refused an engine link: {unbound} connections have not said hello yet"
+                    "refused a link: {unbound} connections have not said hello yet"
                 ));
                 continue; // dropped: closed
             }
@@ -332,7 +332,10 @@ impl Server {
             return;
         }
         for why in self.links.accept() {
-            log_at!(Level::Warning, "{why}");
+            // (a flood of connections must not become a flood of log lines)
+            if let Some(n) = self.count_drop() {
+                log_at!(Level::Warning, "{why} ({n} dropped so far)");
+            }
         }
         let (read, write) = self.links.ready();
         let mut failed = self.links.flush(Some(write));
