@@ -34,6 +34,26 @@ CLIENT_PORTS = ("registration", "control", "mux", "task", "iopub", "notification
 ENGINE_PORTS = ("registration", "control", "mux", "task", "iopub", "hb_ping", "hb_pong")
 
 
+@contextlib.contextmanager
+def raised_by_alarm(exc: type[BaseException], after: float, within: float) -> Iterator[None]:
+    """Expect the body to be ended by ``exc``, raised from a SIGALRM handler ``after`` seconds
+    in (as Ctrl-C raises KeyboardInterrupt), and within ``within`` seconds of the start."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise exc
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, after)
+        started = time.monotonic()
+        with pytest.raises(exc):
+            yield
+        assert time.monotonic() - started < within
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def wait_until(
     cond: Callable[[], T], timeout: float = 10.0, what: str = "a condition", interval: float = 0.01
 ) -> T:

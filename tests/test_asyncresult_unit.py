@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cluster_util import raised_by_alarm
 from ferroparallel.client.asyncresult import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -400,19 +401,8 @@ def test_get_is_interruptible(client: FakeClient) -> None:
     class Interrupted(Exception):
         pass
 
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    old = signal.signal(signal.SIGALRM, handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        t0 = time.monotonic()
-        with pytest.raises(Interrupted):
-            ar.get()
-        assert time.monotonic() - t0 < 2
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    with raised_by_alarm(Interrupted, after=0.2, within=2):
+        ar.get()
     client.reply(f, 1)
     assert ar.get() == 1
 

@@ -663,6 +663,30 @@ mod tests {
     }
 
     #[test]
+    fn a_message_larger_than_the_read_budget_arrives_whole() {
+        let (a, b) = pair();
+        let mut w = LinkWriter::new();
+        let big = vec![3u8; 3 * READ_BUDGET];
+        w.push(CH_MUX, vec![raw(&big)]).expect("push");
+        let mut r = LinkReader::new(LinkLimits {
+            max_frames: 4,
+            max_bytes: u64::MAX,
+        });
+        let (mut out, mut calls) = (Vec::new(), 0);
+        while out.is_empty() {
+            let drained = w.flush(a.as_raw_fd()).expect("flush");
+            let more = r.read(b.as_raw_fd(), &mut out, 10).expect("read");
+            calls += 1;
+            if drained && !more && out.is_empty() {
+                poll_fd(b.as_raw_fd(), libc::POLLIN, 10);
+            }
+        }
+        // (over many calls: the socket buffer holds far less than the read budget)
+        assert!(calls >= 3, "{calls} calls");
+        assert_eq!(out[0].1[0].as_ref(), &big[..]);
+    }
+
+    #[test]
     fn bytes_arriving_one_at_a_time_still_make_messages() {
         let (c, d) = pair();
         let mut w = LinkWriter::new();
