@@ -1293,3 +1293,24 @@ def test_execute_reply_shows_its_result_as_ipyparallel() -> None:
     assert data["text/plain"] == "Out[1:4]: <b>"
     empty = ExecuteReply("n", {}, Metadata())
     assert empty.source is None and empty.data == {}
+
+
+def test_outcome_of_settled_futures_without_their_locks() -> None:
+    """``_outcome`` reads a finished future's value or exception directly;
+    cancelled futures take the general path (every kind of future)."""
+    from ferroparallel.client.asyncresult import _outcome
+    from ferroparallel.client.futures import SlimFuture
+
+    kinds = (lambda: MessageFuture("m", {}), SlimFuture, concurrent.futures.Future)
+    for make in kinds:
+        ok, bad = make(), make()
+        ok.set_result([1, 2])
+        err = ValueError("x")
+        bad.set_exception(err)
+        assert _outcome(ok) == ([1, 2], False)
+        assert _outcome(bad) == (err, True)
+    for make in kinds[1:]:  # (a sent message cannot be cancelled)
+        cancelled = make()
+        assert cancelled.cancel()
+        value, failed = _outcome(cancelled)
+        assert failed and isinstance(value, concurrent.futures.CancelledError)

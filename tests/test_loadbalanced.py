@@ -852,6 +852,35 @@ def test_map_return_exceptions(lv: LoadBalancedView, chunksize: int) -> None:
     assert [entry[0] for entry in info.value.elist] == ["ValueError"]
 
 
+def fail_on_137(x: int) -> int:
+    if x == 137:
+        raise ValueError("137")
+    return -x
+
+
+def test_map_chunks_of_100_keep_order_errors_and_return_exceptions(lv: LoadBalancedView) -> None:
+    """Chunks of 100 (what the throughput benchmark maps): results joined in order, iterated
+    unordered, a failed chunk's exception once per element with return_exceptions, and
+    otherwise one CompositeError naming it."""
+    n = 250  # chunks of 100, 100 and 50
+    amr = lv.map_async(double, range(n), chunksize=100)
+    assert len(amr.msg_ids) == 3
+    assert amr.get(timeout=WAIT) == [2 * x for x in range(n)]
+    unordered = lv.map_async(double, range(n), chunksize=100, ordered=False)
+    assert sorted(unordered) == [2 * x for x in range(n)]
+    out = lv.map_async(fail_on_137, range(n), chunksize=100, return_exceptions=True).get(
+        timeout=WAIT
+    )
+    assert len(out) == n
+    assert out[:100] == [-x for x in range(100)] and out[200:] == [-x for x in range(200, n)]
+    failed = out[100:200]
+    assert all(e is failed[0] for e in failed)
+    assert isinstance(failed[0], ipp.RemoteError) and failed[0].evalue == "137"
+    with pytest.raises(ipp.CompositeError) as info:
+        lv.map_sync(fail_on_137, range(n), chunksize=100)
+    assert [(e[0], e[1]) for e in info.value.elist] == [("ValueError", "137")]
+
+
 def test_map_results_are_consumed_while_it_runs(lv: LoadBalancedView) -> None:
     amr = lv.map_async(sleep_echo, range(8), [0.25] * 8)
     got: list[int] = []

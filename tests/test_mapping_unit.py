@@ -167,6 +167,23 @@ def test_join_scalars_and_empty() -> None:
     assert Map().joinPartitions([[1, 2], (3,), np.array([4])]) == [1, 2, 3, 4]
 
 
+def test_join_of_plain_lists_matches_the_general_join() -> None:
+    # all parts exactly lists (a map's chunk results): one list, copied, parts untouched
+    parts = [[1, 2], [], [3]]
+    for m in (Map(), RoundRobinMap()):
+        out = m.joinPartitions(parts)
+        assert type(out) is list and out is not parts[0]
+    assert Map().joinPartitions(parts) == [1, 2, 3] and parts == [[1, 2], [], [3]]
+
+    # a list subclass, or lists with a non-list part, take the general path as before
+    class Items(list):  # noqa: N801 - a local test type
+        pass
+
+    assert Map().joinPartitions([Items([1]), [2]]) == [1, 2]
+    assert Map().joinPartitions([[1], "ab"]) == [[1], "ab"]
+    assert Map().joinPartitions([[1], np.array([2, 3])]) == [1, 2, 3]
+
+
 def test_ranges_are_split_but_not_joined() -> None:
     # as ipyparallel: only arrays, lists and tuples are joined; a range's parts stay ranges
     parts = split("b", range(7), 3)

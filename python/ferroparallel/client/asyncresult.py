@@ -69,6 +69,11 @@ OUTPUT_GRACE = 5.0
 
 def _outcome(fut: concurrent.futures.Future) -> tuple[Any, bool]:
     """``(value, False)`` or ``(exception, True)`` of a finished future."""
+    if getattr(fut, "_state", None) == FINISHED:
+        # settled for good: read without the future's lock (three lock round trips a
+        # chunk, on the path from a map's last reply to its result)
+        exc = fut._exception
+        return (exc, True) if exc is not None else (fut._result, False)
     if fut.cancelled():
         return concurrent.futures.CancelledError(), True
     exc = fut.exception(timeout=0)

@@ -140,6 +140,8 @@ class Map:
         parts = list(listOfPartitions)
         if not parts:
             return []
+        if all(type(p) is list for p in parts):  # (a map's chunks: no per-part kind checks)
+            return list(itertools.chain.from_iterable(parts))
         kind = _common_kind(parts)
         if kind in _UNJOINED:
             return parts
