@@ -9,7 +9,8 @@ ipyparallel API (``get``, ``wait``, ``ready``, ``metadata``, ``stdout``, ``elaps
 
 The AsyncResult uses only these members of the client: ``client.metadata`` (msg_id →
 Metadata), ``client._futures`` (msg_id → MessageFuture), ``client.abort(msg_ids)`` and
-``client._engine_id_of(uuid)``.
+``client._engine_id_of(uuid)``; over a fanned-out request (a :class:`~.fanout.FanoutGroup`),
+also ``client._materialize``, which makes its children when first needed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from numbers import Real
 from typing import Any
 
 from ..error import CompositeError, RemoteError
+from .fanout import FanoutGroup
 from .futures import (
     _LOCK,
     SETTLED,
@@ -113,8 +115,9 @@ class AsyncResult(SlimFuture):
     ----------
     client : Client
         The client that sent the messages.
-    children : list of MessageFuture or str
-        One future per message; msg_id strings are looked up in ``client._futures``.
+    children : list of MessageFuture or str, or FanoutGroup
+        One future per message; msg_id strings are looked up in ``client._futures``; a
+        fanned-out request's group gives its futures when they are made.
     fname : str
         Name of the called function (for reprs and error messages).
     targets : int, list of int or None
@@ -142,7 +145,7 @@ class AsyncResult(SlimFuture):
     def __init__(
         self,
         client: Any,
-        children: Iterable[concurrent.futures.Future | str],
+        children: Iterable[concurrent.futures.Future | str] | FanoutGroup,
         fname: str = "unknown",
         targets: Any = None,
         owner: bool = False,
@@ -151,24 +154,37 @@ class AsyncResult(SlimFuture):
     ) -> None:
         super().__init__()
         self._client = client
-        futures: list[concurrent.futures.Future] = []
-        for child in children:
-            if isinstance(child, str):
-                try:
-                    child = client._futures[child]
-                except (KeyError, AttributeError):
-                    raise KeyError(f"no future for msg_id {child!r} in this client") from None
-            futures.append(child)
-        self._children = futures
-        # a tuple of strings, which the garbage collector stops tracking (fewer, cheaper
-        # collections while thousands of results are held)
-        self._msg_ids: tuple[str, ...] = tuple(getattr(c, "msg_id", None) for c in futures)
+        group = children if isinstance(children, FanoutGroup) else None
+        #: the children (None until a fanned-out request's futures are made: see _children)
+        self._kids: list[concurrent.futures.Future] | None = None
+        self._group = group
+        if group is not None:
+            n = len(group)
+            self._msg_ids: tuple[str, ...] = tuple(group.msg_ids)
+        else:
+            futures: list[concurrent.futures.Future] = []
+            for child in children:
+                if isinstance(child, str):
+                    future_of = getattr(client, "_future_of", None)
+                    if future_of is not None:
+                        found = future_of(child)
+                    else:
+                        found = getattr(client, "_futures", {}).get(child)
+                    if found is None:
+                        raise KeyError(f"no future for msg_id {child!r} in this client")
+                    child = found
+                futures.append(child)
+            self._kids = futures
+            n = len(futures)
+            # a tuple of strings, which the garbage collector stops tracking (fewer, cheaper
+            # collections while thousands of results are held)
+            self._msg_ids = tuple(getattr(c, "msg_id", None) for c in futures)
         self._fname = fname
         self._targets = targets
         self.owner = owner
         self._return_exceptions = bool(return_exceptions)
         if single_result is None:
-            single_result = len(futures) == 1 and not isinstance(targets, (list, tuple, range))
+            single_result = n == 1 and not isinstance(targets, (list, tuple, range))
         self._single_result = bool(single_result)
         # references to the client's Metadata objects, kept after the client drops them (a
         # MessageFuture holds its own: ``md``; other futures get an entry when first looked up)
@@ -177,16 +193,34 @@ class AsyncResult(SlimFuture):
         self._cond = SETTLED
         # indices of finished children, in completion order (a tuple while there is one child:
         # the garbage collector stops tracking it, which matters with thousands of results)
-        self._order: list[int] | tuple[int, ...] = [] if len(futures) > 1 else ()
+        self._order: list[int] | tuple[int, ...] = [] if n > 1 else ()
         self._n_failed = 0
         self._init_state()
-        if not futures:
+        if group is not None:
+            group.listen(self._adopt)
+        elif not n:
             self._resolve()
-        elif len(futures) == 1 and type(self) is AsyncResult and type(futures[0]) is MessageFuture:
+        elif n == 1 and type(self) is AsyncResult and type(futures[0]) is MessageFuture:
             futures[0].add_done_callback(self._only_child_done)
         else:
-            for i, child in enumerate(futures):
-                child.add_done_callback(functools.partial(self._child_done, i))
+            self._adopt(futures)
+
+    def _adopt(self, futures: list[concurrent.futures.Future]) -> None:
+        """Take ``futures`` as the children and listen to each one."""
+        self._kids = futures
+        for i, child in enumerate(futures):
+            child.add_done_callback(functools.partial(self._child_done, i))
+
+    @property
+    def _children(self) -> list[concurrent.futures.Future]:
+        """One future per message (a fanned-out request's are made on first use, under the
+        client's lock: never read it with ``futures._LOCK`` held before the children exist)."""
+        kids = self._kids
+        if kids is None:
+            self._client._materialize(self._group)
+            kids = self._kids
+            assert kids is not None  # the group's listeners have run
+        return kids
 
     # -- resolution (runs on the thread that finishes the children) --------------------------
 
@@ -373,7 +407,7 @@ class AsyncResult(SlimFuture):
         if return_when == ALL_COMPLETED:
             self._wait_until(self.done, timeout)
         elif return_when == FIRST_COMPLETED:
-            self._wait_until(lambda: bool(self._order) or not self._children, timeout)
+            self._wait_until(lambda: bool(self._order) or not self._msg_ids, timeout)
         elif return_when == FIRST_EXCEPTION:
             self._wait_until(lambda: self.done() or self._n_failed > 0, timeout)
         else:
@@ -917,7 +951,7 @@ class AsyncMapResult(AsyncResult):
     def __init__(
         self,
         client: Any,
-        children: Iterable[concurrent.futures.Future | str],
+        children: Iterable[concurrent.futures.Future | str] | FanoutGroup,
         mapObject: Map,  # noqa: N803 - ipyparallel's name
         fname: str = "",
         ordered: bool = True,

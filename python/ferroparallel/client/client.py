@@ -38,6 +38,7 @@ from ..wire_names import (
     SHM_HOST_KEY,
 )
 from . import connection, dispatch, waiting
+from .fanout import FanoutGroup, FlushingInstance
 from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
 from .outputs import ipython_shell
@@ -275,7 +276,7 @@ class Client(HasTraits):
     results = Instance(
         dict, help="results by msg_id, until their AsyncResult owns them (a missing one reads {})"
     )
-    metadata = Instance(collections.defaultdict)
+    metadata = FlushingInstance(collections.defaultdict)
     history = List(help="msg_ids of every request sent, in order")
     _ids = List()
 
@@ -426,6 +427,9 @@ class Client(HasTraits):
         #: ids of engines that unregistered, by uuid (a dead engine's failures name it)
         self._departed: dict[str, int] = {}
         self._futures: dict[str, MessageFuture] = {}
+        #: fanned-out requests whose futures are not made yet: by msg_id, and by base msg_id
+        self._pending: dict[str, FanoutGroup] = {}
+        self._pending_groups: dict[str, FanoutGroup] = {}
         self._owned: set[str] = set()
         self._outstanding_by_engine: dict[str, set[str]] = collections.defaultdict(set)
         self._history_set: set[str] = set()  # see _sent_ids
@@ -524,6 +528,12 @@ class Client(HasTraits):
                 "No engines registered (or none selected); start engines or wait for them "
                 "with client.wait_for_engines(n)"
             )
+        if set(map(type, chosen)) == {int}:  # (the usual case, at C speed)
+            engines = self._engines
+            try:
+                return [engines[t] for t in chosen], list(chosen)
+            except KeyError:
+                pass  # raised below, naming the engine
         uuids = []
         for t in chosen:
             if not isinstance(t, int):
@@ -691,6 +701,7 @@ class Client(HasTraits):
         here with an EngineError (a controller sends no reply for them; load-balanced tasks
         are the scheduler's, which retries or fails them itself)."""
         done: list[dispatch.Settle] = []
+        self._flush_pending()
         with self._lock:
             for msg_id in list(self._outstanding_by_engine.get(uuid, ())):
                 fut = self._futures.get(msg_id)
@@ -715,6 +726,7 @@ class Client(HasTraits):
             dispatch.settle(self, done)
 
     def _fail_outstanding(self, exc: BaseException) -> None:
+        self._flush_pending()
         with self._lock:
             pending = [f for f in self._futures.values() if not f.done()]
             for fut in pending:
@@ -773,15 +785,75 @@ class Client(HasTraits):
             self._trait_values["metadata"].pop(msg_id, None)
             self._owned.discard(msg_id)
 
-    def _own(self, msg_ids: Iterable[str]) -> None:
+    def _own(self, msg_ids: Sequence[str]) -> None:
         """An AsyncResult took references to these messages; the caches may drop them.
 
         No lock: ownership is recorded before the state is checked, and the dispatcher settles
-        before it checks ownership, so one of the two always releases a finished message.
+        before it checks ownership, so one of the two always releases a finished message. (A
+        message whose future is not made yet cannot be finished.)
         """
+        self._owned.update(msg_ids)
+        futures = self._futures
         for m in msg_ids:
-            self._owned.add(m)
-            self._maybe_release(m)
+            if m in futures:
+                self._maybe_release(m)
+
+    # ----- fanned-out requests (see fanout.py) ----------------------------------------------
+
+    def _register_group(
+        self, header: dict[str, Any], pairs: list[list[str]], label: str | None, tracker: Any
+    ) -> FanoutGroup:
+        """Record a request for several engines without making its per-engine futures: its
+        msg_ids join ``history`` and ``outstanding`` now, the rest waits for
+        :meth:`_materialize`. Costs a few C-level updates, whatever the number of engines."""
+        group = FanoutGroup(header, pairs, label, tracker)
+        ids = group.msg_ids
+        self._pending_groups[header["msg_id"]] = group
+        self._pending.update(dict.fromkeys(ids, group))
+        self._trait_values["outstanding"].update(ids)
+        self._trait_values["history"].extend(ids)
+        return group
+
+    def _materialize(self, group: FanoutGroup) -> list[MessageFuture]:
+        """The per-engine futures of ``group``, made (with their Metadata) if need be. The
+        group's listeners get them before they are published, so no reply can settle one of
+        them before its AsyncResult listens (and no callback runs here, under our lock)."""
+        futs = group.futures
+        if futs is not None:
+            return futs
+        with self._lock:
+            futs = group.futures
+            if futs is not None:
+                return futs
+            entries = [(m, u) for u, m in group.pairs]
+            futs = self._register_all(
+                group.header, entries, group.label, group.tracker, record=False, publish=False
+            )
+            group.hand_out(futs)
+            self._futures.update(zip(group.msg_ids, futs, strict=True))
+            group.futures = futs
+            pending = self._pending
+            for m in group.msg_ids:
+                pending.pop(m, None)
+            self._pending_groups.pop(group.header["msg_id"], None)
+        return futs
+
+    def _future_of(self, msg_id: Any) -> MessageFuture | None:
+        """The future of one of this client's messages (made now if it was pending)."""
+        fut = self._futures.get(msg_id)
+        if fut is None and self._pending:
+            group = self._pending.get(msg_id)
+            if group is not None:
+                self._materialize(group)
+                fut = self._futures.get(msg_id)
+        return fut
+
+    def _flush_pending(self) -> None:
+        """Make the futures of every pending fanned-out request (before the caches are
+        scanned or shown)."""
+        while self._pending_groups:
+            for group in list(self._pending_groups.values()):
+                self._materialize(group)
 
     # ----- sending --------------------------------------------------------------------------
 
@@ -843,13 +915,15 @@ class Client(HasTraits):
         label: str | None = None,
         track: Any = None,
         record: bool = True,
+        publish: bool = True,
     ) -> list[MessageFuture]:
         """Create the futures and cache entries of messages sent with ``header`` (one per
         ``(msg_id, engine_uuid)``; several for a fanned-out request). Each trait is read once
         and each Metadata filled with one ``dict.update`` (the keys are known to be valid).
 
         ``record=False`` (control requests: abort, clear, signals, probes): not in
-        ``history`` nor ``outstanding``, as in ipyparallel, where those list tasks only."""
+        ``history`` nor ``outstanding``, as in ipyparallel, where those list tasks only.
+        ``publish=False``: not in the future cache either (the caller puts them there)."""
         metadata, futures = self._trait_values["metadata"], self._futures
         outstanding, history = self._trait_values["outstanding"], self._trait_values["history"]
         by_engine = self._outstanding_by_engine
@@ -863,11 +937,13 @@ class Client(HasTraits):
                 values["label"] = label
             if engine_uuid is not None:
                 values["engine_uuid"] = engine_uuid
-                values["engine_id"] = self._uuids.get(engine_uuid)
+                eid = self._uuids.get(engine_uuid)
+                values["engine_id"] = self._departed.get(engine_uuid) if eid is None else eid
                 by_engine[engine_uuid].add(msg_id)
             md = fut.md = metadata[msg_id]
             dict.update(md, values)
-            futures[msg_id] = fut
+            if publish:
+                futures[msg_id] = fut
             if record:
                 outstanding.add(msg_id)
                 history.append(msg_id)
@@ -911,10 +987,11 @@ class Client(HasTraits):
         buffers: Sequence[Any] | None = None,
         header: dict[str, Any] | None = None,
         track: bool = False,
-    ) -> list[MessageFuture]:
+    ) -> FanoutGroup:
         """One request for several engines: sent once, fanned out by the controller (each
         engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``; an engine named again in
-        ``uuids`` runs the request again, under ``<msg_id>_<engine uuid>_<k>``)."""
+        ``uuids`` runs the request again, under ``<msg_id>_<engine uuid>_<k>``). Returns the
+        request's :class:`FanoutGroup` (its futures are made when first needed)."""
         self._check_open()
         if header is None:
             header = self.session.msg_header(msg_type)
@@ -929,7 +1006,7 @@ class Client(HasTraits):
         md = dict(metadata or {})
         label = md.get("label")
         tracker = _core.SendTracker() if track else None  # (one for all the copies)
-        futs = self._register_all(header, [(mid, u) for u, mid in pairs], label, tracker)
+        group = self._register_group(header, pairs, label, tracker)
         if "fanout" not in self._features:
             # an ipyparallel controller: one message per engine (same msg_ids, same buffers)
             for u, mid in pairs:
@@ -937,13 +1014,13 @@ class Client(HasTraits):
                     "mux", msg_type, content, None, md, ident=u.encode(), buffers=buffers,
                     header={**header, "msg_id": mid}, tracker=tracker,
                 )  # fmt: skip
-            return futs
+            return group
         md["fanout"] = pairs
         self._io.send(
             "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers,
             header=header, tracker=tracker,
         )  # fmt: skip
-        return futs
+        return group
 
     def _request_metadata(
         self, metadata: dict[str, Any] | None, lend_from: Sequence[str] | None | bool = False
@@ -975,9 +1052,9 @@ class Client(HasTraits):
         kwargs: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         track: bool = False,
-    ) -> list[MessageFuture]:
+    ) -> list[MessageFuture] | FanoutGroup:
         """Apply ``f`` on each engine in ``uuids`` (one message; fanned out by the controller
-        when there is more than one engine)."""
+        when there is more than one engine: then a :class:`FanoutGroup`)."""
         if len(uuids) == 1:
             return [
                 self.send_apply_request(
@@ -994,12 +1071,12 @@ class Client(HasTraits):
         if seg is None:
             return self._send_fanout("apply_request", {}, uuids, metadata, bufs, header, track)
         try:
-            futs = self._send_fanout("apply_request", {}, uuids, metadata, bufs, header, track)
+            group = self._send_fanout("apply_request", {}, uuids, metadata, bufs, header, track)
         except BaseException:
             self._shm.drop(seg)
             raise
-        self._shm.hold(seg, futs)
-        return futs
+        self._shm.hold(seg, self._materialize(group))
+        return group
 
     def execute_on(
         self,
@@ -1007,8 +1084,9 @@ class Client(HasTraits):
         code: str,
         silent: bool = True,
         metadata: dict[str, Any] | None = None,
-    ) -> list[MessageFuture]:
-        """Execute ``code`` on each engine in ``uuids`` (one message, fanned out)."""
+    ) -> list[MessageFuture] | FanoutGroup:
+        """Execute ``code`` on each engine in ``uuids`` (one message, fanned out: then a
+        :class:`FanoutGroup`)."""
         if len(uuids) == 1:
             return [self.send_execute_request("mux", code, silent, metadata, ident=uuids[0])]
         if not isinstance(code, str):
@@ -1147,6 +1225,7 @@ class Client(HasTraits):
         )
 
     def _futures_for(self, jobs: Any) -> list[Future]:
+        self._flush_pending()
         if jobs is None:
             # outstanding ones, and replies being handled (no longer outstanding, not settled)
             return [f for f in list(self._futures.values()) if not f.settled()]
@@ -1590,6 +1669,7 @@ class Client(HasTraits):
             getattr(indices_or_msg_ids, "_single_result", False)
         )
         msg_ids = self._msg_ids_of(indices_or_msg_ids)
+        self._flush_pending()
         foreign = [m for m in msg_ids if m not in self._futures]
         if foreign:
             try:  # as ipyparallel: finished results are ready at once (ready(), get(0))
@@ -1625,6 +1705,7 @@ class Client(HasTraits):
             targets is None or (not isinstance(targets, int) and not targets)
         ):
             raise ValueError("Must specify at least one of `targets` and `jobs` ('all': every one)")
+        self._flush_pending()
         with self._lock:  # the dispatcher thread changes the caches under this lock
             if isinstance(jobs, str) and jobs == "all":
                 ids = [m for m, f in self._futures.items() if f.done()]

@@ -181,7 +181,7 @@ class HubResults:
         """The future of ``msg_id`` (created, and polled for, if this client has none)."""
         client = self._client
         with client._lock:
-            fut = client._futures.get(msg_id)
+            fut = client._future_of(msg_id)
             if fut is None:
                 fut = MessageFuture(msg_id, {"msg_id": msg_id})
                 client._futures[msg_id] = fut
@@ -194,7 +194,7 @@ class HubResults:
         """Resolve ``msg_id``'s future from a completed ``result_reply`` entry."""
         client = self._client
         with client._lock:
-            fut = client._futures.get(msg_id)
+            fut = client._future_of(msg_id)
             if fut is None:
                 fut = MessageFuture(msg_id, {"msg_id": msg_id})
                 client._futures[msg_id] = fut
@@ -355,6 +355,7 @@ def result_status(
     ids = list(msg_ids)
     # as ipyparallel: what this client sent itself it knows without asking the hub (which
     # also answers with a controller that keeps no records)
+    client._flush_pending()
     futures = client._futures
     local = {m: f for m in ids if (f := futures.get(m)) is not None}
     finished: list[str] = []  # sent by this client, finished, result no longer cached here
@@ -420,7 +421,7 @@ def failed_hub_result(
 
     futs = []
     for msg_id in msg_ids:
-        fut = client._futures.get(msg_id)
+        fut = client._future_of(msg_id)
         if fut is None:
             fut = MessageFuture(msg_id, {"msg_id": msg_id})
             fut.set_exception(exc)
