@@ -94,16 +94,16 @@ def test_more_of_ipyparallels_top_level_and_modules() -> None:
 
 def test_top_level_serialization_round_trip() -> None:
     frames = ipp.serialize_object({"a": [1, 2.5, "x"], "b": b"y" * 5000})
-    assert ipp.deserialize_object(frames) == {"a": [1, 2.5, "x"], "b": b"y" * 5000}
+    assert ipp.deserialize_object(frames) == ({"a": [1, 2.5, "x"], "b": b"y" * 5000}, [])
     bufs = ipp.pack_apply_message(pow, (2, 10), {})
     f, args, kwargs = ipp.unpack_apply_message(bufs)
     assert f(*args, **kwargs) == 1024
     ipp.use_cloudpickle()
     try:
-        assert ipp.deserialize_object(ipp.serialize_object(lambda x: x * 3))(2) == 6
+        assert ipp.deserialize_object(ipp.serialize_object(lambda x: x * 3))[0](2) == 6
     finally:
         ipp.use_pickle()  # ipyparallel's default, and ours: lambdas still go, by value
-    assert ipp.deserialize_object(ipp.serialize_object(lambda x: x + 1))(1) == 2
+    assert ipp.deserialize_object(ipp.serialize_object(lambda x: x + 1))[0](1) == 2
 
 
 def test_ipyparallel_parameter_names_of_the_serialization_helpers() -> None:
@@ -111,7 +111,7 @@ def test_ipyparallel_parameter_names_of_the_serialization_helpers() -> None:
     frames = ipp.serialize_object({"a": a}, buffer_threshold=100, item_threshold=4)
     assert len(frames) == 2  # the array out of band, as with threshold=100
     ns = {"y": 3}
-    assert ipp.deserialize_object([ipp.serialize_object(ipp.Reference("y"))[0]], g=ns) == 3
+    assert ipp.deserialize_object([ipp.serialize_object(ipp.Reference("y"))[0]], g=ns) == (3, [])
     bufs = ipp.pack_apply_message(pow, (2, 3), {}, buffer_threshold=10)
     f, args, _ = ipp.unpack_apply_message(bufs, g={}, copy=False)
     assert f(*args) == 8
@@ -119,6 +119,38 @@ def test_ipyparallel_parameter_names_of_the_serialization_helpers() -> None:
     assert ipp.Reference("y * 2").get_object(ns) == 6
     pre = ipp.PrePickled(obj=len)
     assert pre.obj is len and pre("abc") == 3
+
+
+def test_serialization_helpers_take_and_return_what_ipyparallels_do() -> None:
+    """``deserialize_object(buffers, g=None)`` returns ``(obj, unused buffers)`` and the
+    positional parameters of the four helpers are ipyparallel's."""
+    import inspect
+
+    from ipyparallel import serialize as theirs
+
+    for name in ("serialize_object", "deserialize_object", "pack_apply_message"):
+        ipp_params = list(inspect.signature(getattr(theirs, name)).parameters)
+        ours = inspect.signature(getattr(ipp, name)).parameters
+        positional = [p for p, v in ours.items() if v.kind is v.POSITIONAL_OR_KEYWORD]
+        assert len(positional) == len(ipp_params), name
+    assert list(inspect.signature(ipp.deserialize_object).parameters) == ["buffers", "g"]
+    unpack = inspect.signature(ipp.unpack_apply_message).parameters
+    assert [p for p, v in unpack.items() if v.kind is v.POSITIONAL_OR_KEYWORD][2] == "copy"
+    a = np.arange(1000.0)
+    for lib in (ipp, theirs):  # two objects' frames back to back, read one after the other
+        frames = lib.serialize_object({"a": a}, 100) + lib.serialize_object([b"z" * 2000], 100)
+        first, rest = lib.deserialize_object(frames)
+        assert isinstance(rest, list) and len(rest) == 2, lib
+        second, rest = lib.deserialize_object(rest)
+        np.testing.assert_array_equal(first["a"], a)
+        assert second == [b"z" * 2000] and rest == []
+        ns = {"y": 3}
+        got = lib.deserialize_object(lib.serialize_object(lib.Reference("y")), ns)
+        assert got == (3, []), lib
+        bufs = lib.pack_apply_message(pow, (2, 5), {}, 10, 64)  # (thresholds positionally)
+        f, args, kwargs = lib.unpack_apply_message(bufs, {}, False)
+        assert f(*args, **kwargs) == 32 and type(args) is tuple and kwargs == {}
+        assert len(lib.serialize_object(a, 100, 64)) == 2
 
 
 def test_parallel_functions_return_exceptions(rc: Client) -> None:

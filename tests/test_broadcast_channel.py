@@ -26,7 +26,7 @@ from cluster_util import (
     wait_until,
 )
 from ferroparallel.cluster import Cluster
-from ferroparallel.serialize import deserialize_object, pack_apply_message
+from ferroparallel.serialize import load_object, pack_apply_message
 from peer.session import DELIMITER, new_id
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("fp_root")]
@@ -97,7 +97,7 @@ def test_each_engine_answers_under_its_own_msg_id(cluster: Cluster, zctx: zmq.Co
         assert rep["metadata"]["engine"] == uuid
         assert rep["metadata"]["original_msg_id"] == original
         assert rep["metadata"]["is_coalescing"] is False
-        pid, tag = deserialize_object([bytes(b) for b in rep["buffers"]])
+        pid, tag = load_object([bytes(b) for b in rep["buffers"]])
         assert tag == "plain"
         pids.add(pid)
     assert len(pids) == 2
@@ -116,7 +116,7 @@ def test_coalescing_reply_lists_targets_and_concatenates_results(
     assert rep["metadata"]["broadcast_targets"] == order
     assert rep["content"]["status"] == "ok"
     assert len(rep["buffers"]) == 2  # one small result frame per engine, in request order
-    results = [deserialize_object([bytes(b)]) for b in rep["buffers"]]
+    results = [load_object([bytes(b)]) for b in rep["buffers"]]
     assert [tag for _, tag in results] == ["coalesced", "coalesced"]
     assert len({pid for pid, _ in results}) == 2
     assert not peer.bcast.poll(300)  # one message, not one per engine
@@ -154,7 +154,7 @@ def test_forged_and_malformed_requests_are_dropped(cluster: Cluster, zctx: zmq.C
     hdr = peer.send(targets[:1], False, _pid_and_tag, "after junk")
     rep = recv_until(peer.session, peer.bcast, lambda m: True, what="a reply after junk")
     assert rep["parent_header"]["msg_id"] == f"{hdr['msg_id']}_{targets[0][0]}"
-    assert deserialize_object([bytes(b) for b in rep["buffers"]])[1] == "after junk"
+    assert load_object([bytes(b) for b in rep["buffers"]])[1] == "after junk"
 
 
 def test_engine_dying_mid_request_gives_engine_error(cluster: Cluster, zctx: zmq.Context) -> None:
@@ -162,7 +162,7 @@ def test_engine_dying_mid_request_gives_engine_error(cluster: Cluster, zctx: zmq
     targets = peer.wait_engines(2)
     hdr = peer.send(targets[:1], False, _pid_and_tag, "pid")
     rep = recv_until(peer.session, peer.bcast, lambda m: True, what="the engine's pid")
-    pid = deserialize_object([bytes(b) for b in rep["buffers"]])[0]
+    pid = load_object([bytes(b) for b in rep["buffers"]])[0]
 
     import time
 

@@ -646,6 +646,31 @@ def test_get_result_accepts_an_asyncresult(rc: Client) -> None:
     assert rc.get_result(ar).get(timeout=SHORT) is None
 
 
+def test_get_result_of_own_work_is_a_plain_asyncresult(rc: Client) -> None:
+    """As ipyparallel's: a pending msg_id of this client, and an AsyncResult it made (even
+    finished, its results gone from the caches), give a plain AsyncResult over the same
+    futures without asking the hub; a purged msg_id and an AsyncHubResult go to the hub."""
+    pending = rc[0].apply_async(time.sleep, 0.3)
+    mine = rc.get_result(pending.msg_ids[0], block=False)
+    assert type(mine) is ipp.AsyncResult and mine._children == pending._children
+    assert mine.get(timeout=SHORT) is None
+    ar = rc[1].apply_async(lambda: "mine")
+    amr = rc.load_balanced_view().map_async(lambda x: x * 2, range(3), chunksize=1)
+    assert ar.get(timeout=SHORT) == "mine" and amr.get(timeout=SHORT) == [0, 2, 4]
+    rc.purge_hub_results([ar, amr])  # (the hub could not answer for them now)
+    again = rc.get_result(ar, block=False)
+    assert type(again) is ipp.AsyncResult and again._children == ar._children
+    assert again.get(timeout=SHORT) == "mine"
+    chunks = rc.get_result(amr, block=False)
+    assert type(chunks) is ipp.AsyncResult and chunks.get(timeout=SHORT) == [[0], [2], [4]]
+    done = rc[0].apply_async(lambda: "from the hub")
+    done.get(timeout=SHORT)
+    rc.purge_local_results(done)
+    hub = rc.get_result(done.msg_ids[0], block=False)
+    assert isinstance(hub, ipp.AsyncHubResult) and hub.get(timeout=SHORT) == "from the hub"
+    assert isinstance(rc.get_result(hub, block=False), ipp.AsyncHubResult)
+
+
 def test_get_result_of_finished_work(rc: Client) -> None:
     """The seed reference: get_result 'can also be a convenient way to retrieve the metadata
     associated with blocking execution'."""

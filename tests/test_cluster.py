@@ -169,6 +169,22 @@ def test_defaults_and_ids(fp_root: Path) -> None:
         Cluster(controller_args="--ping 100")  # type: ignore[arg-type]
 
 
+def test_string_trait_defaults_are_ipyparallels(fp_root: Path) -> None:
+    """``profile``, ``controller_ip`` and ``controller_location`` default to ``""`` as in
+    ipyparallel's Cluster (``""``: not given), never ``None``."""
+    theirs = pytest.importorskip("ipyparallel").Cluster()
+    ours = Cluster()
+    for name in ("profile", "controller_ip", "controller_location", "n"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+        assert type(getattr(ours, name)) is type(getattr(theirs, name)), name
+    argv = ours._controller_argv()
+    assert "--ip" not in argv and "--location" not in argv
+    old = Cluster(profile=None, controller_ip=None, controller_location=None)  # (older files)
+    assert (old.profile, old.controller_ip, old.controller_location) == ("", "", "")
+    assert old.profile_dir == str(fp_root / "profile_default")
+    assert Cluster(controller_ip="127.0.0.1")._controller_argv()[-2:] == ["--ip", "127.0.0.1"]
+
+
 def test_cluster_is_configurable(fp_root: Path) -> None:
     """As ipyparallel's Cluster: a traitlets Configurable (config, traits, observers)."""
     from traitlets.config import Config
@@ -276,6 +292,20 @@ def test_api_start_stop_two_engines(clusters: Callable[..., Cluster], fp_root: P
     assert not c.running
     # stopped cleanly: their logs go too, as ipyparallel's (a profile's log/ does not grow)
     assert not [f for f in logs if f.exists()]
+
+
+@needs_engine
+def test_empty_controller_ip_is_the_default(clusters: Callable[..., Cluster]) -> None:
+    """``controller_ip=""`` / ``controller_location=""`` (ipyparallel's defaults) start the
+    controller on its own address, as when they are not given."""
+    c = clusters(n=1, profile="", controller_ip="", controller_location="")
+    c.start_cluster_sync()
+    assert sorted(wait_registered(c, 1)) == [0]
+    again = Cluster.from_file(c.cluster_file)
+    assert (again.profile, again.controller_ip, again.profile_dir) == ("", "", c.profile_dir)
+    pids = all_pids(c)
+    c.stop_cluster_sync()
+    assert_gone(pids)
 
 
 @needs_engine
@@ -580,14 +610,45 @@ def test_cli_daemonize_list_stop(fp_root: Path) -> None:
     )
     r = cli("list")
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["PROFILE", "CLUSTER", "ID", "RUNNING", "ENGINES"]
-    assert lines[1].split() == ["default", "'cli'", "True", "2"]
+    assert lines[0].split() == ["PROFILE", "CLUSTER", "ID", "RUNNING", "ENGINES", "LAUNCHER"]
+    assert lines[1].split() == ["default", "cli", "True", "2", "Local"]
+    # ipcluster list's own format: fixed columns, the same text
+    assert lines[0] == f"{'PROFILE':16} {'CLUSTER ID':32} {'RUNNING':7} {'ENGINES':7} LAUNCHER"
+    assert lines[1] == f"{'default':16} {'cli':32} {'True':7} {2:7} Local"
+    assert row["launcher"] == "Local"
 
     r = cli("stop", "--cluster-id", "cli")
     assert r.returncode == 0, r.stderr
     assert_gone(pids)
     assert json.loads(cli("list", "-o", "json").stdout) == []
     assert cli("stop", "--cluster-id", "cli").returncode == 1
+
+
+@needs_engine
+def test_cli_list_columns_are_ipclusters(
+    clusters: Callable[..., Cluster], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The console script's ``cluster list`` prints ipcluster list's table: the unnamed
+    cluster as ``''``, the engine launcher's class name without ``EngineSetLauncher``, a
+    profile outside the profile root as its directory."""
+    from ferroparallel.__main__ import main
+
+    c = clusters(cluster_id="", profile="other", engines="mpi")
+    c.start_controller_sync()
+    away = clusters(cluster_id="b", profile_dir=tmp_path / "elsewhere" / "profile_x")
+    away.start_controller_sync()
+    assert main(["cluster", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{'PROFILE':16} {'CLUSTER ID':32} {'RUNNING':7} {'ENGINES':7} LAUNCHER",
+        f"{'other':16} {repr(''):32} {'True':7} {0:7} MPI",
+    ]
+    assert main(["cluster", "list", f"--profile-dir={away.profile_dir}"]) == 0
+    (_, line) = capsys.readouterr().out.splitlines()
+    assert line == f"{away.profile_dir:16} {'b':32} {'True':7} {0:7} Local"
+    assert main(["cluster", "list", "-o", "json", "--profile=other"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["cluster_id"], row["launcher"]) == ("", "MPI")
 
 
 def test_profile_config_files_are_read(tmp_path: Path) -> None:

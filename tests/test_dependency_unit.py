@@ -304,16 +304,16 @@ def test_condition_is_checked_on_the_engine_not_by_a_local_call() -> None:
 
 
 def test_condition_checked_when_unpacked_into_a_namespace() -> None:
-    from ferroparallel.serialize import deserialize_object, serialize_object
+    from ferroparallel.serialize import load_object, serialize_object
 
     @depend(bool, False)
     def f() -> int:
         return 1
 
     frames = serialize_object([f])
-    assert deserialize_object(frames)[0]() == 1  # no namespace: not on an engine
+    assert load_object(frames)[0]() == 1  # no namespace: not on an engine
     with pytest.raises(UnmetDependency):
-        deserialize_object(frames, {})
+        load_object(frames, {})
 
 
 def test_depend_is_a_decorator_class() -> None:

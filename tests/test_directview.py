@@ -331,6 +331,21 @@ def test_sync_imports(dv: DirectView, capsys: pytest.CaptureFixture[str]) -> Non
     assert Fraction(1, 2) == 0.5
 
 
+def test_sync_imports_failing_import_raises_before_it_is_announced(
+    dv: DirectView, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As ipyparallel's: each import runs here first, so a module missing here raises out of
+    the block without being announced or sent, and the imports before it were already sent
+    to the engines."""
+    with pytest.raises(ImportError, match="fp_no_such_module"), dv.sync_imports():
+        import calendar  # noqa: F401
+
+        import fp_no_such_module  # type: ignore[import-not-found]  # noqa: F401
+    assert capsys.readouterr().out == "importing calendar on engine(s)\n"
+    names = dv.apply_sync(lambda m: m.__name__, ipp.Reference("calendar"))
+    assert names == ["calendar", "calendar"]
+
+
 def test_remote_decorator(rc: Client, dv: DirectView) -> None:
     @dv.remote(block=True)
     def getpid() -> int:

@@ -37,7 +37,7 @@ from ferroparallel.engine.control import AbortSet
 from ferroparallel.engine.execute import PlainShell, run_apply
 from ferroparallel.engine.signals import InterruptGate
 from ferroparallel.error import ConnectionFileError
-from ferroparallel.serialize import deserialize_object, interactive, pack_apply_message
+from ferroparallel.serialize import interactive, load_object, pack_apply_message
 from ferroparallel.signal_names import parse_signal
 from ferroparallel.wire_names import NO_STATUS_KEY
 
@@ -276,7 +276,7 @@ def call_ok(ctl: FakeController, f: Any, *args: Any, **kwargs: Any) -> Any:
     rep = ctl.reply()
     assert rep["parent_header"]["msg_id"] == msg_id
     assert rep["content"]["status"] == "ok", rep["content"]
-    return deserialize_object(rep["buffers"])
+    return load_object(rep["buffers"])
 
 
 # -- registration, heartbeat ------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_apply_round_trip_with_large_array(shared):
     md = rep["metadata"]
     assert md["engine"] == ctl.uuid.decode() and md["status"] == "ok"
     assert md["dependencies_met"] is True and md["started"].endswith("Z")
-    np.testing.assert_array_equal(deserialize_object(rep["buffers"]), arr * 6)
+    np.testing.assert_array_equal(load_object(rep["buffers"]), arr * 6)
 
 
 def test_apply_namespace_persists_and_metadata_copied(shared):
@@ -494,7 +494,7 @@ def test_abort_queued_request(shared):
     assert replies[queued]["msg_type"] == "apply_reply"
     assert replies[queued]["content"] == {"status": "aborted"}
     assert replies[queued]["metadata"]["status"] == "aborted"
-    assert deserialize_object(replies[later]["buffers"]) == 2
+    assert load_object(replies[later]["buffers"]) == 2
     # an empty list aborts everything queued
     running = ctl.apply(time.sleep, 0.5)
     queued = {ctl.apply(abs, -1), ctl.send("mux", "execute_request", {"code": "1"})}
@@ -755,7 +755,7 @@ def test_run_apply_errors_never_raise():
     unpicklable = run_apply(pack_apply_message(lambda: (x for x in ())), ns, gate).error
     assert unpicklable is not None and not gate.open
     ok = run_apply(pack_apply_message(divmod, (7, 2)), ns, gate)
-    assert ok.error is None and deserialize_object(ok.buffers) == (3, 1)
+    assert ok.error is None and load_object(ok.buffers) == (3, 1)
 
 
 def test_capture_batches_and_restores_streams():

@@ -33,7 +33,7 @@ from ferroparallel.engine.connection import load_connection_info
 from ferroparallel.error import ConnectionFileError, InvalidSignature, MessageError
 from ferroparallel.paths import load_connection_file
 from ferroparallel.serialize import (
-    deserialize_object,
+    load_object,
     pack_apply_message,
     serialize_object,
     unpack_apply_message,
@@ -135,14 +135,14 @@ SAMPLES: list[Any] = [
 @FUZZ
 @given(frames=st.lists(st.binary(max_size=200), min_size=1, max_size=6))
 def test_random_frames_never_crash_deserialize(frames: list[bytes]) -> None:
-    outcome(deserialize_object, frames)
+    outcome(load_object, frames)
 
 
 @FUZZ
 @given(sample=st.sampled_from(range(len(SAMPLES))), data=st.data())
 def test_mutated_pickles_raise_cleanly(sample: int, data: st.DataObject) -> None:
     frames = [bytes(memoryview(f)) for f in serialize_object(SAMPLES[sample], threshold=1024)]
-    outcome(deserialize_object, mutate(frames, data))
+    outcome(load_object, mutate(frames, data))
 
 
 @FUZZ
@@ -159,9 +159,9 @@ def test_mutated_apply_payloads_raise_cleanly(data: st.DataObject) -> None:
 
 def test_malformed_pickles_name_the_problem() -> None:
     with pytest.raises(ValueError, match="no frames"):
-        deserialize_object([])
+        load_object([])
     with pytest.raises((pickle.UnpicklingError, EOFError, ValueError)):
-        deserialize_object([b"\x80\x05garbage"])
+        load_object([b"\x80\x05garbage"])
     with pytest.raises(ValueError, match="apply header"):
         unpack_apply_message([b"x", b"y", b"z"])
 

@@ -205,9 +205,9 @@ def test_operators_dates_and_projection(rc: Client) -> None:
     rec = one(rc, ids[0], ["buffers", "result_buffers"])
     assert set(rec) == {"msg_id", "buffers", "result_buffers"}
     assert len(rec["buffers"]) >= 1 and len(rec["result_buffers"]) >= 1
-    from ferroparallel.serialize import deserialize_object
+    from ferroparallel.serialize import load_object
 
-    assert deserialize_object([bytes(b) for b in rec["result_buffers"]]) == 0
+    assert load_object([bytes(b) for b in rec["result_buffers"]]) == 0
     # history is ordered by submission
     hist = rc.hub_history()
     pos = [hist.index(m) for m in ids]
@@ -302,11 +302,11 @@ def test_record_buffers_are_memoryviews(rc: Client) -> None:
     bufs = rec["buffers"] + rec["result_buffers"]
     assert bufs and all(type(b) is memoryview for b in bufs)
     assert all(b.nbytes == len(b.tobytes()) for b in bufs)
-    from ferroparallel.serialize import deserialize_object, unpack_apply_message
+    from ferroparallel.serialize import load_object, unpack_apply_message
 
     f, args, kwargs = unpack_apply_message(rec["buffers"])
     assert (f, args, kwargs) == (divmod, (17, 5), {})
-    assert deserialize_object(rec["result_buffers"]) == (3, 2)
+    assert load_object(rec["result_buffers"]) == (3, 2)
 
 
 def test_pending_result_and_purge(rc: Client, other: Client) -> None:

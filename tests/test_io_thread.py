@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from ferroparallel import _core, error
-from ferroparallel.serialize import deserialize_object, serialize_object
+from ferroparallel.serialize import load_object, serialize_object
 from peer.session import DELIMITER
 from peer.session import Session as PeerSession
 
@@ -50,7 +50,7 @@ def test_received_array_lies_inside_the_received_frame(pair):
     assert name == "router"
     received = msg["buffers"]
     assert all(isinstance(f, _core.Frame) for f in received)
-    out = deserialize_object(received)
+    out = load_object(received)
     np.testing.assert_array_equal(out, arr)
     data = out.__array_interface__["data"][0]
     big = max(received, key=len)
@@ -307,7 +307,7 @@ def test_direct_sockets_round_trip_wake_and_close():
             got = direct.recv(timeout=1.0)
         ((name, msg),) = got
         assert name == "shell" and msg["content"] == {"n": 1} and msg["idents"] == [b"peer"]
-        np.testing.assert_array_equal(deserialize_object(msg["buffers"]), arr)
+        np.testing.assert_array_equal(load_object(msg["buffers"]), arr)
         # the reply leaves from this thread, zero-copy buffers included
         direct.send(
             "shell",
@@ -319,7 +319,7 @@ def test_direct_sockets_round_trip_wake_and_close():
         )
         _, reply = recv_one(io)
         assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
-        np.testing.assert_array_equal(deserialize_object(reply["buffers"]), arr * 2)
+        np.testing.assert_array_equal(load_object(reply["buffers"]), arr * 2)
         # a forged message is dropped and reported, never delivered
         forged = _core.Session(b"x" * 32)
         io.send_raw("peer", forged.serialize("apply_request", {}))

@@ -20,7 +20,7 @@ from cluster_util import assert_results_from_the_hub
 from ferroparallel.cluster import Cluster
 from ferroparallel.engine.execute import run_apply
 from ferroparallel.engine.signals import InterruptGate
-from ferroparallel.serialize import deserialize_object, ipp_compat, pack_apply_message
+from ferroparallel.serialize import ipp_compat, load_object, pack_apply_message
 
 ipp = pytest.importorskip("ipyparallel")
 from ipyparallel import serialize as ipp_serialize  # noqa: E402
@@ -261,7 +261,7 @@ def test_fpap_payload_takes_our_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ipp_compat, "ipp_serialize", forbidden)
     out = run_apply(ours, {"__name__": "__main__"}, _gate())
-    assert out.error is None and deserialize_object(out.buffers) == (3, 1)
+    assert out.error is None and load_object(out.buffers) == (3, 1)
 
 
 def test_bad_fpap_header_keeps_value_error() -> None:
@@ -316,10 +316,10 @@ def test_engine_modules_do_not_import_ipyparallel() -> None:
         "from ferroparallel.engine.execute import run_apply\n"
         "from ferroparallel.engine.kernel import EngineKernel\n"
         "from ferroparallel.engine.signals import InterruptGate\n"
-        "from ferroparallel.serialize import pack_apply_message, deserialize_object\n"
+        "from ferroparallel.serialize import pack_apply_message, load_object\n"
         "out = run_apply(pack_apply_message(divmod, (7, 2)), {'__name__': '__main__'},"
         " InterruptGate())\n"
-        "assert deserialize_object(out.buffers) == (3, 1)\n"
+        "assert load_object(out.buffers) == (3, 1)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ipyparallel', 'IPython')))\n"
     )
     out = subprocess.run(

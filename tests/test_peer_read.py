@@ -26,7 +26,7 @@ from ferroparallel import Reference
 from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import EngineError, RemoteError
-from ferroparallel.serialize import deserialize_object, peer, serialize_object, shm
+from ferroparallel.serialize import load_object, peer, serialize_object, shm
 from transfer_util import assert_no_segments_left, need_lending, owner_kind, run_script, segments_of
 
 pytest_plugins = ("cluster_fixtures",)
@@ -74,7 +74,7 @@ def test_lent_buffers_round_trip_exactly_for_their_request() -> None:
     assert len(frames) == 1 and len(loan.buffers) == 6 and loan.nbytes > a.nbytes
     before = list(peer.reads)
     with peer.serving("req-7"):
-        back = deserialize_object(frames)
+        back = load_object(frames)
     assert peer.reads[0] - before[0] == 6
     assert np.array_equal(back["a"], a) and not back["a"].flags.writeable
     assert np.array_equal(back["strided"], a[::3])
@@ -86,7 +86,7 @@ def test_lent_buffers_round_trip_exactly_for_their_request() -> None:
     assert back["a"].__array_interface__["data"][0] != a.__array_interface__["data"][0]
     # the per-engine ids of a fanned-out request may read it too
     with peer.serving("req-7_engine-uuid"):
-        assert np.array_equal(deserialize_object(frames)["a"], a)
+        assert np.array_equal(load_object(frames)["a"], a)
 
 
 @pytest.mark.parametrize("current", [None, "req-8", "req-70"])
@@ -94,10 +94,10 @@ def test_a_loan_cannot_be_read_for_another_request(current: str | None) -> None:
     frames, _loan = lent(np.ones(10_000), "req-7")
     if current is None:
         with pytest.raises(shm.ShmError, match="cannot reuse them: run the request again"):
-            deserialize_object(frames)
+            load_object(frames)
     else:
         with peer.serving(current), pytest.raises(shm.ShmError, match="'req-7'"):
-            deserialize_object(frames)
+            load_object(frames)
 
 
 def test_foreign_host_gone_lender_and_bad_ranges_fail_clearly() -> None:

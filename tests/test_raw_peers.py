@@ -28,7 +28,7 @@ from cluster_util import (
     start_controller,
     wait_until,
 )
-from ferroparallel.serialize import deserialize_object, pack_apply_message
+from ferroparallel.serialize import load_object, pack_apply_message
 from peer.session import DELIMITER, new_id
 
 pytestmark = pytest.mark.timeout(60)
@@ -309,7 +309,7 @@ def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None
         assert rep["content"]["status"] == "ok", rep["content"]
         assert rep["metadata"]["engine"] == uuid
         assert rep["metadata"]["status"] == "ok"
-        result = deserialize_object([bytes(b) for b in rep["buffers"]])
+        result = load_object([bytes(b) for b in rep["buffers"]])
         assert result == (len(payload), b"\x01\x02\x03\x04\xfa\xfb\xfc\xfd", 42)
 
         out = recv_until(
@@ -374,7 +374,7 @@ def test_raw_client_drives_real_engine(fp_root: Path, zctx: zmq.Context) -> None
         )
         rep = recv_until(client_s, mux, lambda m: True, timeout=30, what="apply_reply")
         assert rep["parent_header"]["msg_id"] == hdr["msg_id"]
-        assert deserialize_object([bytes(b) for b in rep["buffers"]]) == 1024
+        assert load_object([bytes(b) for b in rep["buffers"]]) == 1024
 
 
 def test_a_signed_task_with_unreadable_parts_does_not_stall_the_scheduler(

@@ -36,7 +36,7 @@ def received(frames: list[Any]) -> list[memoryview]:
 
 
 def roundtrip(obj: Any, threshold: int = 1024, namespace: dict | None = None) -> Any:
-    return fs.deserialize_object(received(fs.serialize_object(obj, threshold)), namespace)
+    return fs.load_object(received(fs.serialize_object(obj, threshold)), namespace)
 
 
 def address(buf: Any) -> int:
@@ -96,7 +96,7 @@ def relayout(a: np.ndarray, layout: str) -> np.ndarray:
 def test_array_roundtrip(base: np.ndarray, layout: str, threshold: int) -> None:
     a = relayout(base, layout)
     frames = fs.serialize_object(a, threshold)
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert type(b) is np.ndarray
     assert b.dtype == a.dtype
     assert b.shape == a.shape
@@ -119,7 +119,7 @@ def test_fortran_array_keeps_order_and_is_not_copied() -> None:
     frames = fs.serialize_object(a)
     assert len(frames) == 2
     assert address(frames[1]) == a.__array_interface__["data"][0]  # sender: no copy
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert b.flags["F_CONTIGUOUS"] and not b.flags["C_CONTIGUOUS"]
     assert np.array_equal(a, b)
 
@@ -129,7 +129,7 @@ def test_non_contiguous_fortran_slice_stays_fortran() -> None:
     assert not (a.flags["C_CONTIGUOUS"] or a.flags["F_CONTIGUOUS"])
     frames = fs.serialize_object(a)
     assert len(frames) == 2  # copied once, then out-of-band
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert b.flags["F_CONTIGUOUS"]
     assert np.array_equal(a, b)
 
@@ -157,7 +157,7 @@ def test_structured_array_out_of_band() -> None:
     a["name"] = b"abc"
     frames = fs.serialize_object(a)
     assert len(frames) == 2
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert b.dtype == dt and b.tobytes() == a.tobytes()
 
 
@@ -170,20 +170,20 @@ def test_zero_d_and_empty_arrays() -> None:
     ]:
         frames = fs.serialize_object(a, threshold=0)
         assert len(frames) == (2 if a.nbytes else 1)
-        assert_same(a, fs.deserialize_object(received(frames)))
+        assert_same(a, fs.load_object(received(frames)))
 
 
 def test_received_array_is_zero_copy_and_read_only() -> None:
     a = np.random.default_rng(0).random((256, 512))
     frames = received(fs.serialize_object(a))
     assert len(frames) == 2
-    b = fs.deserialize_object(frames)
+    b = fs.load_object(frames)
     assert points_into(b, frames[1])
     assert not b.flags["WRITEABLE"]
     assert np.array_equal(a, b)
     # bytes frames work the same way
     frames = [bytes(f) for f in fs.serialize_object(a)]
-    b = fs.deserialize_object(frames)
+    b = fs.load_object(frames)
     assert points_into(b, frames[1])
     assert not b.flags["WRITEABLE"]
 
@@ -192,13 +192,13 @@ def test_received_arrays_are_read_only_even_from_writable_or_in_band_bytes() -> 
     """As ipyparallel documents it: small arrays (in the pickle) too; empty ones excepted."""
     a = np.arange(1000.0)
     frames = [bytearray(f) for f in fs.serialize_object(a)]
-    b = fs.deserialize_object(frames)
+    b = fs.load_object(frames)
     assert points_into(b, frames[1]) and not b.flags.writeable
     for small in (np.zeros(2), np.arange(6).reshape(2, 3).T, np.array(3.5)):
-        got = fs.deserialize_object(fs.serialize_object({"x": small}))["x"]
+        got = fs.load_object(fs.serialize_object({"x": small}))["x"]
         assert np.array_equal(got, small) and not got.flags.writeable
         assert np.array(got).flags.writeable  # the documented way to a writable copy
-    assert fs.deserialize_object(fs.serialize_object(np.zeros((0, 3)))).flags.writeable
+    assert fs.load_object(fs.serialize_object(np.zeros((0, 3)))).flags.writeable
 
 
 def test_read_only_array_comes_back_read_only() -> None:
@@ -215,7 +215,7 @@ def test_memmap_is_sent_as_ndarray(tmp_path: Path) -> None:
     mm[:] = np.arange(5000).reshape(100, 50)
     frames = fs.serialize_object(mm)
     assert len(frames) == 2
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert type(b) is np.ndarray
     assert np.array_equal(b, np.asarray(mm))
 
@@ -228,7 +228,7 @@ def test_arrays_nested_in_containers() -> None:
     # a and f out-of-band; a[::3] (1336 bytes, non-contiguous) copied then out-of-band;
     # the small array stays in the pickle. ``a`` is sent once although it appears twice.
     assert len(frames) == 4
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert_same(obj, b)
     assert b["list"][0].flags["F_CONTIGUOUS"]
 
@@ -237,7 +237,7 @@ def test_same_array_twice_is_sent_once_and_stays_shared() -> None:
     a = np.arange(5000.0)
     frames = fs.serialize_object([a, a])
     assert len(frames) == 2
-    b = fs.deserialize_object(received(frames))
+    b = fs.load_object(received(frames))
     assert b[0] is b[1]
 
 
@@ -251,9 +251,9 @@ def test_large_bytes_out_of_band_without_copy() -> None:
     assert len(frames) == 2
     assert address(frames[1]) == address(data)  # the frame is the object's own memory
     as_bytes = [bytes(f) for f in frames]
-    result = fs.deserialize_object(as_bytes)
+    result = fs.load_object(as_bytes)
     assert result is as_bytes[1]  # a bytes frame is returned as-is
-    result = fs.deserialize_object(received(frames))
+    result = fs.load_object(received(frames))
     assert type(result) is bytes and result == data
 
 
@@ -271,7 +271,7 @@ def test_large_bytearray() -> None:
     frames = fs.serialize_object(data)
     assert len(frames) == 2
     assert address(frames[1]) == address(data)
-    result = fs.deserialize_object(received(frames))
+    result = fs.load_object(received(frames))
     assert type(result) is bytearray and result == data
 
 
@@ -282,7 +282,7 @@ def test_large_memoryview_zero_copy_both_ways() -> None:
     assert len(frames) == 2
     assert address(frames[1]) == address(source)
     got = received(frames)
-    result = fs.deserialize_object(got)
+    result = fs.load_object(got)
     assert type(result) is memoryview
     assert (result.format, result.shape) == (view.format, view.shape)
     assert result.tolist() == view.tolist()
@@ -304,10 +304,10 @@ def test_small_memoryview_in_band() -> None:
     view = memoryview(bytearray(b"abcdef"))
     frames = fs.serialize_object(view)
     assert len(frames) == 1
-    result = fs.deserialize_object(frames)
+    result = fs.load_object(frames)
     assert result.tobytes() == b"abcdef"
     assert not result.readonly  # the original was writable
-    assert fs.deserialize_object(fs.serialize_object(memoryview(b"abc"))).readonly
+    assert fs.load_object(fs.serialize_object(memoryview(b"abc"))).readonly
 
 
 def test_memoryview_with_zero_in_shape() -> None:
@@ -326,7 +326,7 @@ def test_buffer_types_roundtrip(blob: bytes, kind: type, threshold: int) -> None
     value = kind(blob) if kind is not memoryview else memoryview(bytearray(blob))
     frames = fs.serialize_object(value, threshold)
     assert len(frames) == (2 if len(blob) > threshold else 1)
-    result = fs.deserialize_object(received(frames))
+    result = fs.load_object(received(frames))
     assert type(result) is kind
     assert bytes(result) == blob
 
@@ -336,7 +336,7 @@ def test_bytes_inside_containers_are_out_of_band_and_shared() -> None:
     obj = {"a": [big, (big, b"small")], "b": bytearray(3000), "c": "text"}
     frames = fs.serialize_object(obj)
     assert len(frames) == 3  # big once, the bytearray once
-    result = fs.deserialize_object(received(frames))
+    result = fs.load_object(received(frames))
     assert_same(obj, result)
     assert result["a"][0] is result["a"][1][0]
     assert obj["a"][0] is big  # the input was not modified
@@ -347,7 +347,7 @@ def test_self_containing_list_falls_back_in_band() -> None:
     obj.append(obj)
     frames = fs.serialize_object(obj)
     assert len(frames) == 1
-    result = fs.deserialize_object(frames)
+    result = fs.load_object(frames)
     assert result[1] is result and result[0] == obj[0]
 
 
@@ -355,7 +355,7 @@ def test_huge_containers_are_not_scanned() -> None:
     obj = [os.urandom(2000)] + [0] * 70_000
     frames = fs.serialize_object(obj)
     assert len(frames) == 1  # correct, but the bytes were copied into the pickle
-    assert fs.deserialize_object(frames) == obj
+    assert fs.load_object(frames) == obj
 
 
 def test_small_values_stay_in_band() -> None:
@@ -363,7 +363,7 @@ def test_small_values_stay_in_band() -> None:
     frames = fs.serialize_object(obj)
     assert len(frames) == 1
     assert isinstance(frames[0], bytes)
-    assert_same(obj, fs.deserialize_object(frames))
+    assert_same(obj, fs.load_object(frames))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def test_nested_containers_roundtrip(obj: Any, threshold: int) -> None:
     large: dict[int, Any] = {}
     _large_leaves(obj, threshold, large)
     assert len(frames) - 1 == len(large)
-    assert_same(obj, fs.deserialize_object(received(frames)))
+    assert_same(obj, fs.load_object(received(frames)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +493,7 @@ def test_main_class_and_functions_by_value() -> None:
     main = make_main()
     frames = fs.serialize_object(main["Point"])
     assert b"hypot" in frames[0]  # by value: the code travels
-    cls = fs.deserialize_object(received(frames))
+    cls = fs.load_object(received(frames))
     assert cls.__name__ == "Point" and cls(3, 4).norm() == 5.0
     assert roundtrip(main["Point"](6, 8)).norm() == 10.0
     assert roundtrip(main["fact"])(5) == 120
@@ -565,7 +565,7 @@ def test_main_function_leaves_its_data_on_the_sender() -> None:
         # Reference is how such a function takes an engine value
         from ferroparallel import Reference
 
-        got = fs.deserialize_object(fs.serialize_object([Reference("BIG")]), engine)
+        got = fs.load_object(fs.serialize_object([Reference("BIG")]), engine)
         assert got == [b"xy"]
     finally:
         fs.use_pickle()
@@ -757,16 +757,16 @@ def test_apply_errors() -> None:
 def test_deserialize_checks_frame_count() -> None:
     frames = fs.serialize_object(np.arange(1000.0))
     with pytest.raises(pickle.UnpicklingError):
-        fs.deserialize_object(frames[:1])
+        fs.load_object(frames[:1])
     with pytest.raises(ValueError):
-        fs.deserialize_object([*frames, b"extra"])
+        fs.load_object([*frames, b"extra"])
     with pytest.raises(ValueError):
-        fs.deserialize_object([])
+        fs.load_object([])
 
 
 def test_result_aliases() -> None:
     assert fs.serialize_result is fs.serialize_object
-    assert fs.deserialize_result is fs.deserialize_object
+    assert fs.deserialize_result is fs.load_object
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,7 +812,7 @@ def test_imports_and_works_without_numpy() -> None:
         "import ferroparallel.serialize as fs\n"
         "frames = fs.serialize_object([b'x' * 5000, memoryview(b'y' * 10)])\n"
         "assert len(frames) == 2, frames\n"
-        "assert fs.deserialize_object(frames)[0] == b'x' * 5000\n"
+        "assert fs.load_object(frames)[0] == b'x' * 5000\n"
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
@@ -824,7 +824,7 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
     import io
     import os.path
 
-    from ferroparallel.serialize import deserialize_object, pickling, serialize_object
+    from ferroparallel.serialize import load_object, pickling, serialize_object
 
     samples = [
         None,
@@ -845,9 +845,9 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
         assert serialize_object(obj)[0] == full.getvalue(), obj
     # lambdas, closures and deep or large containers still go through cloudpickle
     square = lambda x: x * x  # noqa: E731
-    assert deserialize_object(serialize_object(square))(3) == 9
+    assert load_object(serialize_object(square))(3) == 9
     deep = [[[[1]]]]
-    assert deserialize_object(serialize_object(deep)) == deep
+    assert load_object(serialize_object(deep)) == deep
     assert not pickling._is_plain(([[[1]]], {}), 1024)
     assert not pickling._is_plain([0] * 5000, 1024)  # past the scan budget
     assert not pickling._is_plain([0] * 500 + [square], 1024)
@@ -856,19 +856,19 @@ def test_fast_path_writes_what_the_full_pickler_writes() -> None:
     # a function pickled once is sent as the same frames every time
     runner = pickling.Prepickled(square)
     assert serialize_object(runner) == runner.frames and runner(4) == 16
-    assert deserialize_object(serialize_object(runner))(5) == 25
+    assert load_object(serialize_object(runner))(5) == 25
     # inside another object (a map chunk's arguments) it goes as its stored bytes, pickled no
     # further, and comes back as the function; large closure buffers stay out of band
     args = ((runner, range(3)), {})
     assert pickling._is_plain(args, 1024)
-    (f, part), kw = deserialize_object(serialize_object(args))
+    (f, part), kw = load_object(serialize_object(args))
     assert f(6) == 36 and part == range(3) and kw == {}
     big = np.arange(100_000, dtype="f8")
     heavy = pickling.Prepickled(lambda x: x + big[-1])
     frames = serialize_object(((heavy, [1]), {}))
     assert not pickling._is_plain(((heavy, [1]), {}), 1024)
     assert len(frames) == 2 and memoryview(frames[1]).nbytes == big.nbytes
-    (g, _), _ = deserialize_object(frames)
+    (g, _), _ = load_object(frames)
     assert g(1) == 100_000.0
 
 
@@ -916,7 +916,7 @@ def test_plain_call_frames_are_those_of_the_general_packer(tmp_path: Path) -> No
         assert apply.pack_plain_call(first, (), {}) is not None
         mod.f = lambda: 2
         assert apply.pack_plain_call(first, (), {}) is None
-        assert pickling.deserialize_object(received(pickling.serialize_object(first)))() == 1
+        assert pickling.load_object(received(pickling.serialize_object(first)))() == 1
         mod.f = first
         # a module registered for pickling by value never takes the cached reference
         import cloudpickle
@@ -927,7 +927,7 @@ def test_plain_call_frames_are_those_of_the_general_packer(tmp_path: Path) -> No
             assert apply.pack_plain_call(os.path.join, (), {}) is not None  # others still do
             frames = pickling.serialize_object(first)
             del sys.modules["fp_rebound_mod"]
-            assert pickling.deserialize_object(received(frames))() == 1  # carried its code
+            assert pickling.load_object(received(frames))() == 1  # carried its code
         finally:
             cloudpickle.unregister_pickle_by_value(mod)
     finally:
@@ -974,7 +974,7 @@ def test_unpacking_a_call_with_arguments_takes_the_shortcut(
     with_ref = apply.pack_apply_message(os.path.join, ("p", fs.Reference("str(a)")), {})
     by_value = apply.pack_apply_message(runner, (pickling.Prepickled(probe), [1, 2]), {})
     assert chunk is not None and len(with_ref) == len(by_value) == 3
-    monkeypatch.setattr(apply, "deserialize_object", general_path)
+    monkeypatch.setattr(apply, "load_object", general_path)
     f, args, kwargs = apply.unpack_apply_message(received(chunk), ns)
     assert f is _map_chunk and args == (os.path.join, ["x", "y"], ["z", "w"]) and kwargs == {}
     assert f(*args) == ["x/z", "y/w"]

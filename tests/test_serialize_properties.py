@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from array_strategies import arrays, assert_same, assert_same_array, nested
-from ferroparallel.serialize import deserialize_object, serialize_object, shm
+from ferroparallel.serialize import load_object, serialize_object, shm
 from transfer_util import data_address
 
 PROPERTY_SETTINGS = settings(
@@ -27,17 +27,17 @@ PROPERTY_SETTINGS = settings(
 def via_frames(obj: Any, threshold: int) -> Any:
     """Round trip with every out-of-band buffer received as read-only bytes."""
     frames = serialize_object(obj, threshold)
-    return deserialize_object([frames[0], *(bytes(f) for f in frames[1:])])
+    return load_object([frames[0], *(bytes(f) for f in frames[1:])])
 
 
 def via_shm(obj: Any) -> Any:
     writer = shm.SegmentWriter(threshold=0)
     frames = serialize_object(obj, threshold=0, shm=writer)
     if not writer:
-        return deserialize_object(frames)
+        return load_object(frames)
     seg = writer.commit()
     try:
-        return deserialize_object(frames)
+        return load_object(frames)
     finally:
         seg.release()
 

@@ -26,7 +26,7 @@ from ferroparallel import Reference
 from ferroparallel.client import Client, DirectView
 from ferroparallel.cluster import Cluster
 from ferroparallel.error import EngineError, RemoteError
-from ferroparallel.serialize import deserialize_object, serialize_object, shm
+from ferroparallel.serialize import load_object, serialize_object, shm
 from ferroparallel.serialize.apply import pack_apply_message, unpack_apply_message
 from transfer_util import (
     assert_no_segments_left,
@@ -77,7 +77,7 @@ def test_one_segment_for_thousands_of_buffers() -> None:
     seg = writer.commit()
     try:
         assert segments_of() == [seg.name]
-        back = deserialize_object(frames)
+        back = load_object(frames)
     finally:
         seg.release()
     assert segments_of() == []  # unlinked; the mapping lives on
@@ -94,7 +94,7 @@ def test_only_buffers_above_the_threshold_go_to_shm() -> None:
     assert len(writer) == 2 and len(frames) == 2  # mid is an ordinary out-of-band frame
     seg = writer.commit()
     try:
-        back = deserialize_object(frames)
+        back = load_object(frames)
     finally:
         seg.release()
     assert_over_shm(back["big"])
@@ -149,11 +149,11 @@ def test_missing_segment_errors_name_the_cause() -> None:
     frames = serialize_object(np.zeros(1000), shm=writer)
     writer.commit().release()
     with pytest.raises(shm.ShmError, match="already released"):
-        deserialize_object(frames)
+        load_object(frames)
     writer = shm.SegmentWriter(threshold=0, host="elsewhere")
     frames = serialize_object(np.zeros(1000), shm=writer)
     with pytest.raises(shm.ShmError, match="another host"):
-        deserialize_object(frames)
+        load_object(frames)
     with pytest.raises(shm.ShmError, match="not a ferroparallel"):
         shm.open_slice("../etc/passwd", 0, 1, "h")
 

@@ -1653,11 +1653,15 @@ class Client(HasTraits):
     ):
         """An AsyncResult for earlier requests (msg_ids, history indices or AsyncResults).
 
-        Requests this client does not hold (e.g. submitted by another client) are fetched
-        from the hub's task records: the result is then an AsyncHubResult. A msg_id the hub
-        does not know fails it: its ``get`` raises the hub's RemoteError (as does this call
-        when it blocks). With ``owner`` (the default, as ipyparallel's) the AsyncResult takes
-        the results out of the client's caches.
+        As ipyparallel's: what this client holds gives a plain AsyncResult over its futures,
+        with no request to the hub: a msg_id (or history index) still in its caches (pending,
+        or finished and not yet taken by an owning AsyncResult), and an AsyncResult this
+        client made (not an AsyncHubResult), even once its results left the caches. Anything
+        else (submitted by another client, or purged with :meth:`purge_local_results`) is
+        fetched from the hub's task records: the result is then an AsyncHubResult. A msg_id
+        the hub does not know fails it: its ``get`` raises the hub's RemoteError (as does
+        this call when it blocks). With ``owner`` (the default, as ipyparallel's) the
+        AsyncResult takes the results out of the client's caches.
         """
         from . import hub
         from .asyncresult import AsyncResult
@@ -1670,8 +1674,9 @@ class Client(HasTraits):
         )
         msg_ids = self._msg_ids_of(indices_or_msg_ids)
         self._flush_pending()
-        foreign = [m for m in msg_ids if m not in self._futures]
-        if foreign:
+        futs = self._held_futures(indices_or_msg_ids)
+        if futs is None:
+            foreign = [m for m in msg_ids if m not in self._futures]
             try:  # as ipyparallel: finished results are ready at once (ready(), get(0))
                 hub.fetch_finished(self, foreign)
             except error.RemoteError as exc:
@@ -1682,13 +1687,33 @@ class Client(HasTraits):
             else:
                 ar = hub.async_hub_result(self, msg_ids, "get_result", owner, single)
         else:
-            futs = [self._futures[m] for m in msg_ids]
             ar = AsyncResult(self, futs, fname="get_result", owner=owner, single_result=single)
         if owner:  # the client's copies go once the results are in (as ipyparallel)
             self._own(ar.msg_ids)
         if self.block if block is None else block:
             ar.wait()
         return ar
+
+    def _held_futures(self, jobs: Any) -> list[Any] | None:
+        """The futures :meth:`get_result` answers ``jobs`` with without the hub, or None when
+        one job is not held here: a msg_id or history index must be in ``_futures``; an
+        AsyncResult of this client gives its own futures (an AsyncHubResult never does: its
+        results are asked of the hub again, as ipyparallel's)."""
+        from .asyncresult import AsyncHubResult
+
+        futs: list[Any] = []
+        for job in _as_list(jobs):
+            if isinstance(job, AsyncHubResult):
+                return None
+            if hasattr(job, "msg_ids") and getattr(job, "_client", None) is self:
+                futs.extend(job._children)
+                continue
+            ids = self._msg_ids_of(job)
+            held = [self._futures.get(m) for m in ids]
+            if any(f is None for f in held):
+                return None
+            futs.extend(held)
+        return futs
 
     def purge_local_results(self, jobs: Any = (), targets: Any = ()) -> None:
         """Forget finished results held by this client: ``jobs`` (msg_ids, history indices,

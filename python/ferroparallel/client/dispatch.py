@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import error
-from ..serialize import deserialize_object, netloan, peer
+from ..serialize import load_object, netloan, peer
 from ..serialize.ipp_compat import deserialize_ipp_object, is_our_protocol
 from ..serialize.shm import LenderGone, ShmError
 from ..serialize.shm import release_name as release_segment
@@ -285,12 +285,12 @@ def _release_net(lent: Any, client: Client) -> None:
 
 
 def _decode(buffers: list[Any], ipp_format: bool) -> Any:
-    """``deserialize_object(buffers)``, or ipyparallel's deserializer for frames in its
+    """``load_object(buffers)``, or ipyparallel's deserializer for frames in its
     format (``ipp_format``: what the message's metadata says, see ``IPP_FORMAT_KEY``); a
     pickle of our protocol that ipyparallel's cannot read is tried as ours (a hub record whose
     metadata was lost)."""
     if not ipp_format:
-        return deserialize_object(buffers)
+        return load_object(buffers)
     try:
         return deserialize_ipp_object(buffers)
     except ImportError:
@@ -298,7 +298,7 @@ def _decode(buffers: list[Any], ipp_format: bool) -> Any:
     except Exception:
         if not is_our_protocol(buffers):
             raise
-        return deserialize_object(buffers)
+        return load_object(buffers)
 
 
 def _ipp_format(md: dict[str, Any], ours: str) -> bool:
@@ -424,17 +424,17 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
             try:
                 if lent:
                     with peer.serving(msg_id):  # a lent result is read for this reply only
-                        result = deserialize_object(msg.get("buffers") or [])
+                        result = load_object(msg.get("buffers") or [])
                 elif md_in.get(NET_LENT_KEY):  # fetched from the engine for this reply only
                     lent_net = _net_lent(md_in[NET_LENT_KEY])
                     keys = [lent_net[:2]] if lent_net else []
                     with peer.serving(msg_id), netloan.fetching(client._net.fetcher, keys):
-                        result = deserialize_object(msg.get("buffers") or [])
+                        result = load_object(msg.get("buffers") or [])
                 elif msg.get(FROM_RECORD):  # (maybe another, ipyparallel, client's request)
                     ipp_format = _ipp_format(md_in, OUTPUT_COUNT_KEY)
                     result = _decode(msg.get("buffers") or [], ipp_format)
                 else:  # (a descriptor of lent memory would be refused)
-                    result = deserialize_object(msg.get("buffers") or [])
+                    result = load_object(msg.get("buffers") or [])
             except LenderGone as e:  # the engine died before its lent result was read
                 exc = _engine_died(e, client, engine_uuid)
             except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher

@@ -521,9 +521,18 @@ class DirectView(View):
 
     @contextlib.contextmanager
     def sync_imports(self, local: bool = True, quiet: bool = False) -> Iterator[None]:
-        """Imports inside this ``with`` block also run on the engines."""
+        """Imports inside this ``with`` block also run on the engines.
+
+        As ipyparallel's: each import runs locally first (with ``local=True``), so a module
+        that cannot be imported here raises ``ImportError`` out of the block before anything
+        is said or sent for it; each one that worked is announced (``importing x on
+        engine(s)``, unless ``quiet``) and sent to the engines at once. When the block ends
+        normally, the engines' imports are waited for (their ``ImportError`` raised as a
+        ``RemoteError``/``CompositeError``); when it raises, what was sent still runs.
+        """
         real_import = builtins.__import__
         imports: list[str] = []
+        sent: list[Any] = []
 
         def recording_import(name: str, *args: Any, **kwargs: Any) -> Any:
             fromlist = kwargs.get("fromlist", args[2] if len(args) > 2 else ()) or ()
@@ -531,6 +540,7 @@ class DirectView(View):
             if level == 0 and not imports_in_progress:
                 imports_in_progress.append(name)
                 try:
+                    mod = real_import(name, *args, **kwargs) if local else None
                     if fromlist:
                         stmt = f"from {name} import {', '.join(fromlist)}"
                         said = f"importing {','.join(fromlist)} from {name} on engine(s)"
@@ -538,11 +548,10 @@ class DirectView(View):
                         stmt, said = f"import {name}", f"importing {name} on engine(s)"
                     if stmt not in imports:
                         imports.append(stmt)
-                        if not quiet:  # ipyparallel's words, as the import happens
+                        if not quiet:  # ipyparallel's words, once the local import worked
                             print(said)
-                    if local:
-                        return real_import(name, *args, **kwargs)
-                    return None
+                        sent.append(self._really_apply(_execute, (stmt,), {}, block=False))
+                    return mod
                 finally:
                     imports_in_progress.pop()
             return real_import(name, *args, **kwargs)
@@ -553,8 +562,8 @@ class DirectView(View):
             yield
         finally:
             builtins.__import__ = real_import
-        for stmt in imports:
-            self._really_apply(_execute, (stmt,), {}, block=True)
+        for ar in sent:
+            ar.get()
 
     def use_cloudpickle(self, block: bool | None = None) -> Any:
         from .. import serialize

@@ -215,7 +215,10 @@ def _cluster_files(pdir: Path) -> Iterator[Path]:
 
 
 def _profile_name(pdir: Path) -> str:
-    return pdir.name[len("profile_") :] if pdir.name.startswith("profile_") else str(pdir)
+    """The profile's name when it is in the profile root, else its directory (as
+    ``ipcluster list`` shows it)."""
+    in_root = pdir.parent == paths.profile_root() and pdir.name.startswith("profile_")
+    return pdir.name[len("profile_") :] if in_root else str(pdir)
 
 
 def _err(msg: str) -> None:
@@ -452,6 +455,25 @@ def _stop(args: argparse.Namespace) -> int:
 # -- list ----------------------------------------------------------------------------------------
 
 
+def _launcher_label(kind: str) -> str:
+    """The LAUNCHER column of ``ipcluster list`` for an engine launcher ``kind`` (``"local"``,
+    ``"mpi"``, ``"slurm"``…): its class name without ``EngineSetLauncher`` (``"Local"``,
+    ``"MPI"``, ``"Slurm"``…), as ipyparallel prints it."""
+    from . import batch
+    from .launchers import LocalEngineSetLauncher
+    from .mpi import MPIEngineSetLauncher
+    from .ssh_engines import SSHEngineSetLauncher
+
+    classes: dict[str, type] = {
+        "local": LocalEngineSetLauncher,
+        "mpi": MPIEngineSetLauncher,
+        "ssh": SSHEngineSetLauncher,
+        **batch.ENGINE_LAUNCHERS,
+    }
+    cls = classes.get(kind)
+    return cls.__name__.removesuffix("EngineSetLauncher") if cls is not None else kind
+
+
 def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .cluster import Cluster
 
@@ -472,6 +494,7 @@ def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "running": cluster.running,
                     "n": sum(es.n for es in cluster.engines.values()),
                     "engines_running": running_engines,
+                    "launcher": _launcher_label(str(cluster.engine_launcher_class)),
                     "controller_pid": (
                         cluster.controller.process.pid
                         if cluster.controller is not None and cluster.controller.process
@@ -480,7 +503,7 @@ def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "cluster_file": str(f),
                 }
             )
-    return rows
+    return sorted(rows, key=lambda r: (r["profile_dir"], r["cluster_id"]))
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -488,13 +511,11 @@ def _list(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("PROFILE", "CLUSTER ID", "RUNNING", "ENGINES")
-    table = [header] + [
-        (r["profile"], repr(r["cluster_id"]), str(r["running"]), str(r["n"])) for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    # ipcluster list's table: the same columns, widths and order (the unnamed cluster as '')
+    print(f"{'PROFILE':16} {'CLUSTER ID':32} {'RUNNING':7} {'ENGINES':7} LAUNCHER")
+    for r in rows:
+        cid = r["cluster_id"] or repr("")
+        print(f"{r['profile']:16} {cid:32} {r['running']!s:7} {r['n']:7} {r['launcher']}")
     return 0
 
 

@@ -217,7 +217,7 @@ class Cluster(LoggingConfigurable):
     n : int, optional
         Number of engines :meth:`start_engines` starts by default (else ``os.cpu_count()``).
     profile : str, optional
-        Profile name (default ``"default"``).
+        Profile name; ``""`` (the default, as ipyparallel's) is the profile ``"default"``.
     profile_dir : str or os.PathLike, optional
         Profile directory (wins over ``profile``).
     cluster_id : str, optional
@@ -228,9 +228,9 @@ class Cluster(LoggingConfigurable):
         ipyparallel's launcher config (``c.LocalControllerLauncher.controller_args``,
         ``c.EngineLauncher.engine_args``, ``c.SlurmEngineSetLauncher.engine_args``, ...).
     controller_ip : str, optional
-        ``--ip`` of the controller.
+        ``--ip`` of the controller; ``""`` (the default, as ipyparallel's): the controller's own.
     controller_location : str, optional
-        ``--location`` of the controller.
+        ``--location`` of the controller; ``""`` (the default): the controller's own.
     curve : bool, optional
         ``True``: the controller encrypts and authenticates every connection with CurveZMQ
         (``--curve``); clients and engines take its public key from the connection files.
@@ -284,15 +284,15 @@ class Cluster(LoggingConfigurable):
     """
 
     n = Integer(None, allow_none=True, help="engines to start by default").tag(config=True)
-    profile = Unicode(None, allow_none=True, help="profile name").tag(config=True)
+    profile = Unicode("", help="profile name ('': the default profile)").tag(config=True)
     profile_dir = Unicode("", help="profile directory (wins over profile)").tag(config=True)
     cluster_id = Unicode(None, allow_none=True, help="cluster id (default: a fresh one)").tag(
         config=True
     )
     controller_args = List(Unicode(), help="extra controller arguments").tag(config=True)
     engine_args = List(Unicode(), help="extra arguments of each engine").tag(config=True)
-    controller_ip = Unicode(None, allow_none=True, help="--ip of the controller").tag(config=True)
-    controller_location = Unicode(None, allow_none=True, help="--location of the controller").tag(
+    controller_ip = Unicode("", help="--ip of the controller ('': its own)").tag(config=True)
+    controller_location = Unicode("", help="--location of the controller ('': its own)").tag(
         config=True
     )
     curve = Bool(None, allow_none=True, help="CurveZMQ (None: the controller's choice)").tag(
@@ -344,6 +344,9 @@ class Cluster(LoggingConfigurable):
             kwargs["profile_dir"] = os.fspath(kwargs["profile_dir"])
         else:
             kwargs.pop("profile_dir", None)
+        for name in ("profile", "controller_ip", "controller_location"):
+            if name in kwargs and kwargs[name] is None:  # ('' is "not given", as ipyparallel's)
+                kwargs[name] = ""
         if kwargs.get("env") is not None:
             kwargs["env"] = dict(kwargs["env"])
         else:
@@ -496,9 +499,9 @@ class Cluster(LoggingConfigurable):
 
     def _controller_argv(self) -> list[str]:
         args: list[str] = self._configured_args("controller")
-        if self.controller_ip is not None:
+        if self.controller_ip:
             args += ["--ip", self.controller_ip]
-        if self.controller_location is not None:
+        if self.controller_location:
             args += ["--location", self.controller_location]
         if self.curve is not None:
             args.append("--curve" if self.curve else "--no-curve")

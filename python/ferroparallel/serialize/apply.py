@@ -29,7 +29,7 @@ from .pickling import (
     _is_plain,
     _not_main,
     _reference_pickle,
-    deserialize_object,
+    load_object,
     plain_frames,
     serialize_object,
 )
@@ -50,14 +50,15 @@ def pack_apply_message(
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     threshold: int = DEFAULT_THRESHOLD,
-    shm: OutOfBandSink | None = None,
-    *,
-    buffer_threshold: int | None = None,
     item_threshold: int | None = None,
+    *,
+    shm: OutOfBandSink | None = None,
+    buffer_threshold: int | None = None,
 ) -> list[BufferLike]:
     """Serialize a call ``f(*args, **kwargs)`` into the buffers of an ``apply_request``.
 
-    ``buffer_threshold`` / ``item_threshold`` are ipyparallel's names (see
+    The positional parameters are ipyparallel's (``f, args, kwargs, buffer_threshold,
+    item_threshold``); ``buffer_threshold`` / ``item_threshold`` are ipyparallel's names (see
     :func:`~.pickling.serialize_object`).
 
     Parameters
@@ -96,7 +97,7 @@ def pack_apply_message(
     if buffer_threshold is not None:
         threshold = buffer_threshold
     f_frames = serialize_object(f, threshold)
-    arg_frames = serialize_object((args, kwargs), threshold, shm)
+    arg_frames = serialize_object((args, kwargs), threshold, shm=shm)
     header = _HEADER.pack(APPLY_MAGIC, APPLY_VERSION, 0, len(f_frames))
     return [header, *f_frames, *arg_frames]
 
@@ -151,7 +152,7 @@ def _unpack_plain_call(
     """What :func:`unpack_apply_message` returns for three frames whose header says the
     function is one frame (what :func:`pack_plain_call` makes: a task, a map chunk), made
     without its general machinery: two ``pickle.loads``, and the namespace pass only for what
-    is not plain (``Reference`` values, ``__main__`` functions), as :func:`deserialize_object`
+    is not plain (``Reference`` values, ``__main__`` functions), as :func:`~.pickling.load_object`
     does; None for any other header (the general path)."""
     header = memoryview(frames[0])
     if header.nbytes != len(_ONE_FRAME_HEADER) or header != _ONE_FRAME_HEADER:
@@ -189,14 +190,15 @@ def check_buffer_count(buffers: Sequence[Any], what: str = "message") -> None:
 def unpack_apply_message(
     frames: Sequence[BufferLike],
     namespace: dict[str, Any] | None = None,
+    copy: bool = True,
     *,
     g: dict[str, Any] | None = None,
-    copy: bool = True,
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(f, args, kwargs)`` from :func:`pack_apply_message` frames.
 
-    ``g`` is ipyparallel's name for ``namespace``; ``copy`` is accepted for ipyparallel's
-    signature and has no effect (received buffers are never copied here).
+    The positional parameters are ipyparallel's (``bufs, g, copy``). ``g`` is ipyparallel's
+    name for ``namespace``; ``copy`` is accepted for ipyparallel's signature and has no effect
+    (received buffers are never copied here).
 
     Parameters
     ----------
@@ -234,7 +236,7 @@ def unpack_apply_message(
         raise ValueError(f"unsupported apply payload version {version}")
     if n_f < 1 or 1 + n_f >= len(frames):
         raise ValueError(f"bad apply header: {n_f} function frames of {len(frames) - 1}")
-    f = deserialize_object(frames[1 : 1 + n_f], namespace)
-    payload = deserialize_object(frames[1 + n_f :], namespace)
+    f = load_object(frames[1 : 1 + n_f], namespace)
+    payload = load_object(frames[1 + n_f :], namespace)
     _check_payload(payload)
     return f, payload[0], payload[1]

@@ -14,7 +14,7 @@ from typing import Any
 
 from .interactive import interactive
 from .namespace import resolve_in_namespace
-from .pickling import deserialize_object, serialize_object
+from .pickling import load_object, serialize_object
 from .reference import Reference
 
 __all__ = ["CannedFunction", "Reference", "can", "interactive", "uncan"]
@@ -36,7 +36,7 @@ class CannedFunction:
 
     def get_object(self, g: dict[str, Any] | None = None) -> Any:
         """The function, rebuilt over namespace ``g`` when it is a ``__main__`` function."""
-        return deserialize_object(self.frames, g)
+        return load_object(self.frames, g)
 
 
 def can(obj: Any) -> Any:

@@ -397,13 +397,14 @@ def plain_frames(obj: Any, threshold: int = DEFAULT_THRESHOLD) -> list[bytes] | 
 def serialize_object(
     obj: Any,
     threshold: int = DEFAULT_THRESHOLD,
-    shm: OutOfBandSink | None = None,
-    *,
-    buffer_threshold: int | None = None,
     item_threshold: int | None = None,
+    *,
+    shm: OutOfBandSink | None = None,
+    buffer_threshold: int | None = None,
 ) -> list[BufferLike]:
     """Serialize one object into a pickle frame and its out-of-band buffer frames.
 
+    The positional parameters are ipyparallel's (``obj, buffer_threshold, item_threshold``).
     ``buffer_threshold`` is ipyparallel's name for ``threshold`` (it wins when given);
     ``item_threshold`` (ipyparallel's per-item canning limit) is accepted and has no effect:
     every object is one pickle here, whatever its length.
@@ -467,15 +468,11 @@ def serialize_object(
     return frames
 
 
-def deserialize_object(
-    frames: Sequence[BufferLike],
-    namespace: dict[str, Any] | None = None,
-    *,
-    g: dict[str, Any] | None = None,
-) -> Any:
-    """Rebuild an object from the frames made by :func:`serialize_object`.
+def load_object(frames: Sequence[BufferLike], namespace: dict[str, Any] | None = None) -> Any:
+    """Rebuild one object from exactly the frames made by :func:`serialize_object`.
 
-    ``g`` is ipyparallel's name for ``namespace``.
+    The strict form of :func:`deserialize_object`: every frame must be used, and only the
+    object is returned.
 
     Parameters
     ----------
@@ -506,13 +503,52 @@ def deserialize_object(
     obj = pickle.loads(frames[0], buffers=buffers)
     if next(buffers, _END) is not _END:
         raise ValueError(f"{len(frames) - 1} buffer frames given, the pickle uses fewer")
-    if namespace is None:
-        namespace = g
     if namespace is not None and not _is_plain(obj, sys.maxsize, _not_main):
         # plain data holds no Reference and no __main__ function: nothing to resolve
         obj = resolve_in_namespace(obj, namespace)
     return obj
 
 
+def deserialize_object(
+    buffers: Sequence[BufferLike], g: dict[str, Any] | None = None
+) -> tuple[Any, list[BufferLike]]:
+    """Rebuild an object from the leading frames of ``buffers``, as ipyparallel's
+    ``deserialize_object``: the object and the frames it did not use.
+
+    Parameters
+    ----------
+    buffers : sequence of buffer-like
+        Frame 0 is the pickle, then its out-of-band buffers (``bytes``, ``memoryview``,
+        received ``ferroparallel._core.Frame`` objects…), then possibly more frames (e.g. the
+        next object's), which are returned untouched.
+    g : dict, optional
+        The engine's user namespace. When given, ``Reference`` objects are evaluated in it and
+        functions from ``__main__`` (or ``@interactive``) get it as their globals, for the
+        object itself and inside plain lists, tuples and dicts.
+
+    Returns
+    -------
+    tuple
+        ``(obj, remaining)``: the object (NumPy arrays and memoryviews are views over the
+        given frames, no copy; read-only when the frame is read-only) and the list of frames
+        after those it used. :func:`load_object` returns just the object and requires every
+        frame to be used.
+
+    Raises
+    ------
+    ValueError
+        If there are no frames.
+    pickle.UnpicklingError
+        If the pickle is malformed or refers to more buffers than given.
+    """
+    if len(buffers) == 0:
+        raise ValueError("no frames to deserialize")
+    rest = iter(list(buffers)[1:])  # the unpickler takes its buffers from it, one at a time
+    obj = pickle.loads(buffers[0], buffers=rest)
+    if g is not None and not _is_plain(obj, sys.maxsize, _not_main):
+        obj = resolve_in_namespace(obj, g)
+    return obj, list(rest)
+
+
 serialize_result = serialize_object
-deserialize_result = deserialize_object
+deserialize_result = load_object
