@@ -412,3 +412,15 @@ def test_bad_curve_serverkey_in_connection_info_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConnectionFileError, match="curve_serverkey"):
         Client({**info, "curve_serverkey": "x" * 39 + "\u00e9"}, timeout=1)
     assert validate({**info, "curve_serverkey": None}, "ok")["curve_serverkey"] is None
+
+
+def test_a_hang_up_during_the_handshake_is_described_by_which_side_uses_curve() -> None:
+    """libzmq reports a plain peer refused by a CURVE server as a mechanism mismatch or as a
+    bare hang-up, whichever it sees first: without CURVE the hang-up names the missing key."""
+    hang_up = [("query", "tcp://127.0.0.1:1", fpcurve._PEER_CLOSED + "; with CurveZMQ ...")]
+    plain = fpcurve.describe_handshake_failures(hang_up, curve=False)
+    assert "mechanism mismatch" in plain and "curve_serverkey is missing" not in plain
+    assert "curve_serverkey missing from the connection info" in plain
+    with_curve = fpcurve.describe_handshake_failures(hang_up, curve=True)
+    assert "mechanism mismatch" not in with_curve and "with CurveZMQ" in with_curve
+    assert fpcurve.describe_handshake_failures([], curve=False) == ""

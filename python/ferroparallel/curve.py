@@ -161,12 +161,28 @@ def client_socket_options(
     return {"curve_serverkey": serverkey, "curve_publickey": public, "curve_secretkey": secret}
 
 
-def describe_handshake_failures(failures: list[tuple[str, str, str]]) -> str:
-    """One sentence about failed handshakes (``IoThread.handshake_failures()``), or ``""``."""
+#: What libzmq's monitor tells when the server hung up during the handshake (handshake.rs).
+_PEER_CLOSED = "the peer closed the connection during the handshake"
+
+
+def describe_handshake_failures(
+    failures: list[tuple[str, str, str]], curve: bool | None = None
+) -> str:
+    """One sentence about failed handshakes (``IoThread.handshake_failures()``), or ``""``.
+
+    ``curve``: whether this side uses CurveZMQ (None: unknown). A server that hangs up on a
+    peer without CURVE is one that requires it (libzmq reports either a mechanism mismatch or
+    just the hang-up, whichever it sees first), so the hang-up is then described as that.
+    """
     if not failures:
         return ""
     reasons: dict[str, list[str]] = {}
     for sock, endpoint, reason in failures:
+        if curve is False and reason.startswith(_PEER_CLOSED):
+            reason = (
+                f"{_PEER_CLOSED}: a security mechanism mismatch, the controller probably "
+                "requires CurveZMQ (is curve_serverkey missing from the connection info?)"
+            )
         reasons.setdefault(reason, []).append(f"{sock} ({endpoint})")
     parts = [f"{reason} [{', '.join(where)}]" for reason, where in reasons.items()]
     return "; the ZMQ handshake with the controller failed: " + "; ".join(parts)

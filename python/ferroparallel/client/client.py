@@ -890,7 +890,9 @@ class Client(HasTraits):
                 f"Hub {what or msg_type} timed out: no reply from the controller at "
                 f"{self._controller_url} (connection info from {self._connection_source}) "
                 f"within {wait:g} s"
-                + _curve.describe_handshake_failures(self._io.handshake_failures())
+                + _curve.describe_handshake_failures(
+                    self._io.handshake_failures(), curve=getattr(self, "_curve", None)
+                )
             ) from None
         content = reply.get("content") or {}
         if content.get("status") == "error":

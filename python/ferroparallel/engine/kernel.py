@@ -220,7 +220,8 @@ class EngineKernel:
                 self.urls.control,
                 self.config.timeout,
                 _curve.describe_handshake_failures(
-                    self.io.handshake_failures() + self.direct.handshake_failures()
+                    self.io.handshake_failures() + self.direct.handshake_failures(),
+                    curve=bool(self.curve_options),
                 ),
             )
             return False
@@ -243,7 +244,8 @@ class EngineKernel:
                     self.urls.registration,
                     self.config.timeout,
                     _curve.describe_handshake_failures(
-                        self.io.handshake_failures() + self.direct.handshake_failures()
+                        self.io.handshake_failures() + self.direct.handshake_failures(),
+                        curve=bool(self.curve_options),
                     ),
                 )
                 return False
