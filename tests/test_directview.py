@@ -764,6 +764,91 @@ def test_descriptor_capture_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -
     assert not fdcapture.enabled()
 
 
+def _descriptor_writer(i: int) -> str:
+    """Code for request ``i`` of a burst: descriptor output (a raw write, ``printf`` left in
+    the C library's buffer, stderr), a print, or nothing."""
+    return [
+        f"import os\nos.write(1, b'fd-{i}')",
+        f"import ctypes\nctypes.CDLL(None).printf(b'c-%d', {i})",
+        f"import os\nos.write(2, b'err-{i}')",
+        f"print('py-{i}')",
+        "x = 1",
+    ][i % 5]
+
+
+def test_descriptor_output_stays_with_its_request(rc: Client) -> None:
+    """Requests run back to back (queued on the engine): what each writes to descriptors 1
+    and 2, newline or not, is in its own output, never in the next request's (the engine
+    skips reading the pipes when nothing was written to them)."""
+    n = 40
+    ars = [rc[0].execute(_descriptor_writer(i), block=False) for i in range(n)]
+    for i, ar in enumerate(ars):
+        ar.get(timeout=SHORT)
+        assert ar.wait_for_output(SHORT)
+        out = {0: f"fd-{i}", 1: f"c-{i}", 3: f"py-{i}\n"}.get(i % 5, "")
+        assert (ar.stdout, ar.stderr) == (out, f"err-{i}" if i % 5 == 2 else ""), i
+
+
+THREADS_WRITING = """
+import os, sys, threading
+def write(k):
+    for j in range(150):
+        sys.stdout.write(f"p{k}-{j}\\n")  # (one write: print makes two, which threads split)
+        os.write(1, f"d{k}-{j};".encode())
+threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+for t in threads:
+    t.start()
+write(4)
+for t in threads:
+    t.join()
+"""
+
+
+def test_concurrent_prints_and_descriptor_writes_are_all_captured(rc: Client) -> None:
+    """Threads printing while others write to descriptor 1 (their reads of the pipes race):
+    every piece of text arrives once, in each thread's order."""
+    ar = rc[0].execute(THREADS_WRITING, block=True)
+    assert ar.wait_for_output(SHORT)
+    text = ar.stdout
+    for k in range(5):
+        for kind, sep in (("p", "\n"), ("d", ";")):
+            pieces = [f"{kind}{k}-{j}{sep}" for j in range(150)]
+            assert all(text.count(p) == 1 for p in pieces), (k, kind)
+            positions = [text.index(p) for p in pieces]
+            assert positions == sorted(positions), (k, kind)
+
+
+def _save_garbage() -> None:
+    import gc
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+
+
+def _saved_garbage() -> list[str]:
+    import gc
+
+    try:
+        gc.collect()
+        return [type(o).__qualname__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def test_requests_leave_no_reference_cycles(rc: Client) -> None:
+    """A request's own bookkeeping is freed by reference counting, not left to the garbage
+    collector (whose passes cost every request CPU time)."""
+    rc[0].apply_sync(_save_garbage)
+    try:
+        # functions pickled by reference and by value (as those of a notebook)
+        ars = [rc[0].apply_async(f) for f in [int, lambda: None] * 50]
+        rc.wait(ars, timeout=SHORT)
+    finally:
+        garbage = rc[0].apply_sync(_saved_garbage)
+    assert len(garbage) < 50, sorted(set(garbage))
+
+
 # ----- rich output from apply ------------------------------------------------------------------
 
 

@@ -159,12 +159,14 @@ class StreamCapture:
         """Publish what is left and restore the previous streams."""
         if self.before_stop is not None:
             self.before_stop()
-        self.flush()
+        with self._lock:  # (one acquisition: this runs for every request)
+            parent = self._parent
+            if parent is not None and not _forked:
+                self._publish_buffered(parent)
+            self._parent = None
         if self._saved is not None:
             sys.stdout, sys.stderr, sys.stdin, builtins.input = self._saved
             self._saved = None
-        with self._lock:
-            self._parent = None
 
     def write(self, name: str, text: str) -> bool:
         """Buffer ``text``; returns False when no request is captured (or in a forked child,
@@ -189,12 +191,16 @@ class StreamCapture:
             if parent is None:
                 return False
             self._last_flush = time.monotonic()
-            for name, parts in self._parts.items():
-                if parts:
-                    text = "".join(parts)
-                    parts.clear()
-                    self._publish(name, text, parent)
+            self._publish_buffered(parent)
         return True
+
+    def _publish_buffered(self, parent: dict[str, Any]) -> None:
+        """Publish the buffered text for ``parent`` (caller holds the lock)."""
+        for name, parts in self._parts.items():
+            if parts:
+                text = "".join(parts)
+                parts.clear()
+                self._publish(name, text, parent)
 
     def flush_due(self) -> None:
         """Publish buffered text if the last publication is older than :attr:`interval`."""

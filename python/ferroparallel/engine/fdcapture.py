@@ -53,12 +53,28 @@ def _c_fflush() -> Any:
 
 _FFLUSH = _c_fflush()
 
+#: Forks since this module was imported: a capture made before a fork does nothing in the
+#: child, whose descriptors still point at the parent's pipes (counted rather than
+#: ``os.getpid()`` compared on every request).
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _flush_c_stdio() -> None:
     """Flush the C library's stdio buffers (``printf`` output of extension modules)."""
     if _FFLUSH is not None:
-        with contextlib.suppress(Exception):
+        try:
             _FFLUSH(None)
+        except Exception:  # noqa: BLE001, S110 - nothing to flush into is no error here
+            pass
 
 
 def _faulthandler_to(fd: int) -> None:
@@ -96,7 +112,9 @@ class FdCapture:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._log_stream: Any = None
-        self._pid = os.getpid()
+        self._generation = _fork_generation
+        #: The pipes' read ends, polled by :meth:`sync` (built once: it runs per write)
+        self._poll: Any = None
 
     def start(self) -> None:
         """Redirect the descriptors and start the reader thread (no-op when disabled or if a
@@ -119,6 +137,9 @@ class FdCapture:
         )
         set_log_stream(self._log_stream)
         _faulthandler_to(self._pipes[1].original)
+        self._poll = select.poll()
+        for pipe in self._pipes:
+            self._poll.register(pipe.read_end, select.POLLIN)
         self._thread = threading.Thread(
             target=self._read_loop, name="ferroparallel-fd-capture", daemon=True
         )
@@ -137,7 +158,7 @@ class FdCapture:
     def drain(self) -> None:
         """Dispatch everything written so far (the C library's buffers included); called
         before the running request's output is flushed for the last time."""
-        if self._pipes and os.getpid() == self._pid:
+        if self._pipes and self._generation == _fork_generation:
             _flush_c_stdio()
             self.sync()
 
@@ -145,13 +166,15 @@ class FdCapture:
         """Dispatch what the pipes hold now (called before each Python-level write of a
         request, so that output keeps the order it was written in). A forked child never
         reads: the pipes are its parent's."""
-        pipes = self._pipes
-        if not pipes or os.getpid() != self._pid:
+        if not self._pipes or self._generation != _fork_generation:
             return
-        with contextlib.suppress(OSError, ValueError):
-            ready, _, _ = select.select([p.read_end for p in pipes if p.open], [], [], 0)
-            if not ready:
-                return
+        poll = self._poll
+        if poll is not None:
+            try:
+                if not poll.poll(0):
+                    return  # nothing written: the usual case, one system call
+            except (OSError, ValueError, RuntimeError):
+                pass  # closed under us, or polled by another thread now: just read
         with self._lock:
             for pipe in self._pipes:
                 self._read_available(pipe)
@@ -168,6 +191,7 @@ class FdCapture:
 
     def _restore(self) -> None:
         with self._lock:
+            self._poll = None
             if self._log_stream is not None:
                 set_log_stream(sys.__stderr__)
                 _faulthandler_to(2)
@@ -203,12 +227,19 @@ class FdCapture:
             except BlockingIOError:
                 return
             except OSError:
-                pipe.open = False
+                self._close(pipe)
                 return
             if not data:  # every writer is gone
-                pipe.open = False
+                self._close(pipe)
                 return
             self._dispatch(pipe, data)
+
+    def _close(self, pipe: _Pipe) -> None:
+        """Stop reading ``pipe`` (caller holds the lock)."""
+        pipe.open = False
+        if self._poll is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poll.unregister(pipe.read_end)
 
     def _dispatch(self, pipe: _Pipe, data: bytes) -> None:
         text = pipe.decoder.decode(data)

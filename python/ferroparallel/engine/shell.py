@@ -36,7 +36,13 @@ log = logging.getLogger(__name__)
 
 def _sent_uncopied(buffers: list[Any] | None) -> bool:
     """Whether a reply with ``buffers`` is sent from their memory, not a copy of them."""
-    return any(memoryview(b).nbytes >= _core.ZERO_COPY_THRESHOLD for b in buffers or ())
+    if buffers:
+        threshold = _core.ZERO_COPY_THRESHOLD
+        for b in buffers:
+            # (bytes, what most results are: their length, without a memoryview per reply)
+            if (len(b) if type(b) is bytes else memoryview(b).nbytes) >= threshold:
+                return True
+    return False
 
 
 class ShellHandler:

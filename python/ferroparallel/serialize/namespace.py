@@ -48,19 +48,28 @@ def resolve_in_namespace(obj: Any, namespace: dict[str, Any]) -> Any:
     object
         ``obj``, or a copy of its containers with the resolved values.
     """
-    relinker = Relinker(namespace)
+    return _Resolver(namespace).resolve(obj)
 
-    leaf_types = _all_leaf_types()
 
-    def leaf(value: Any) -> Any:
+class _Resolver:
+    """What :func:`resolve_in_namespace` does for one object (a class rather than two nested
+    functions calling each other, whose closures would make a reference cycle, left to the
+    garbage collector, per resolved request)."""
+
+    __slots__ = ("leaf_types", "namespace", "relinker")
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self.relinker = Relinker(namespace)
+        self.leaf_types = _all_leaf_types()
+
+    def leaf(self, value: Any) -> Any:
         t = type(value)
         if t is Reference:
-            return value.get_object(namespace)
+            return value.get_object(self.namespace)
         if t is types.FunctionType:
-            return relinker.relink(value) if value.__module__ == "__main__" else value
-        return value._resolve_in(resolve)  # a dependent
+            return self.relinker.relink(value) if value.__module__ == "__main__" else value
+        return value._resolve_in(self.resolve)  # a dependent
 
-    def resolve(value: Any) -> Any:
-        return transform_leaves(value, leaf_types, leaf, SCAN_BUDGET)
-
-    return resolve(obj)
+    def resolve(self, value: Any) -> Any:
+        return transform_leaves(value, self.leaf_types, self.leaf, SCAN_BUDGET)

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .. import _core
-from .peer import Loan, ThreadSetting, _request
+from .peer import Loan, _request
 from .shm import DataUnreachable, ShmError
 
 #: ``FERROPARALLEL_DIRECT_DATA=0`` (or ``off``/``false``/``no``) turns the direct data path off.
@@ -739,18 +739,21 @@ class _Fetching:
     """``with fetching(fetcher):`` lets descriptors unpickled in the block use ``fetcher``
     (then forgets what the block's loans left untaken)."""
 
-    __slots__ = ("_setting", "fetcher", "used")
+    __slots__ = ("_prev", "fetcher", "used")
 
     def __init__(self, fetcher: Fetcher | None, keys: Any = ()) -> None:
         self.fetcher = fetcher
         self.used: set[tuple[str, str]] = set(keys)
-        self._setting = ThreadSetting(_fetching, "context", self)
+        self._prev: _Fetching | None = None
 
+    # (sets the thread-local itself: a ThreadSetting holding this object would make a
+    # reference cycle per request, left to the garbage collector)
     def __enter__(self) -> None:
-        self._setting.__enter__()
+        self._prev = getattr(_fetching, "context", None)
+        _fetching.context = self
 
     def __exit__(self, *exc: object) -> None:
-        self._setting.__exit__(*exc)
+        _fetching.context, self._prev = self._prev, None
         if self.fetcher is not None and self.used:
             self.fetcher.forget(self.used)
 
