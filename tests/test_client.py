@@ -722,6 +722,27 @@ def test_purge_local_results(rc: Client) -> None:
     assert on1.msg_id not in rc.results and on0.msg_id in rc.results
 
 
+def test_purge_results_by_target_includes_engine_0(rc: Client, wait_until: WaitUntil) -> None:
+    """``purge_results(targets=...)`` is ``purge_local_results`` plus ``purge_hub_results`` with
+    the same arguments (ipyparallel's docstring): the engine's results go here and in the
+    hub; engine id 0 is a target like any other (not "nothing named")."""
+    on0 = [rc.send_apply_request("mux", lambda: 0, ident=rc._engines[0]) for _ in range(2)]
+    on1 = rc.send_apply_request("mux", lambda: 1, ident=rc._engines[1])
+    assert [f.result(timeout=SHORT) for f in [*on0, on1]] == [0, 0, 1]
+    ids0 = [f.msg_id for f in on0]
+    done = {"msg_id": {"$in": [*ids0, on1.msg_id]}, "completed": {"$ne": None}}
+    wait_until(lambda: len(rc.db_query(done, ["msg_id"])) == 3, SHORT, "the hub's records")
+    rc.purge_results(targets=0)
+    assert not any(m in rc.results or m in rc.metadata for m in ids0)
+    assert on1.msg_id in rc.results
+    assert [r["msg_id"] for r in rc.db_query(done, ["msg_id"])] == [on1.msg_id]
+    rc.purge_results(targets=[1])
+    assert on1.msg_id not in rc.results and on1.msg_id not in rc.metadata
+    assert rc.db_query(done, ["msg_id"]) == []
+    with pytest.raises(ValueError, match="at least one of|needs jobs"):
+        rc.purge_results()
+
+
 _UNCLOSED_CLIENT_SCRIPT = (
     "import sys, ferroparallel as ipp\n"
     "rc = ipp.Client(sys.argv[1])\n"

@@ -518,13 +518,17 @@ def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
     try:
         ar = dv.use_cloudpickle(block=False)  # the view's block by default, as ipyparallel
         assert isinstance(ar, ipp.AsyncResult)
-        ar.get(timeout=SHORT)
+        # as ipyparallel's: the engines run use_cloudpickle too, and the result is named so
+        assert repr(ar).startswith("<AsyncResult(use_cloudpickle): ")
+        assert ar.get(timeout=SHORT) == [None, None]
         assert dv.apply_sync(abs, -3) == [3, 3]
         assert dv.apply_sync(os.getpid) == dv.apply_sync(os.getpid)
         k = 5
         assert dv.apply_sync(lambda: k + 1) == [6, 6]
     finally:
-        dv.use_pickle(block=True)  # the default again, here and on the engines
+        back = dv.use_pickle(block=False)  # the default again, here and on the engines
+        assert repr(back).startswith("<AsyncResult(use_pickle): ")
+        back.get(timeout=SHORT)
     # as ipyparallel: code keeps working after use_pickle (lambdas, closures, push)
     dv.push({"pp": 5}, block=True)
     assert dv.apply_sync(lambda: 1) == [1, 1]

@@ -214,6 +214,31 @@ def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluste
         assert "[stdout:0] \nonly zero" in out and "[stdout:1]" not in out
 
 
+def test_suffix_applies_to_every_magic_and_legacy_result_has_none(
+    ip: InteractiveShell, rc: Client, capsys
+) -> None:
+    """The docs' "Multiple Active Views": ``view.activate('_even')`` adds %px_even, %%px_even,
+    %pxresult_even, %pxconfig_even and %autopx_even next to the unsuffixed magics; the legacy
+    ``%result`` alias of %pxresult exists only unsuffixed (as ipyparallel's)."""
+    rc.activate()
+    even = rc[::2]
+    even.block = True  # (a new view does not block; the magics follow its flags)
+    assert even.activate("_even") is None
+    for name in ("px_even", "pxresult_even", "pxconfig_even", "autopx_even", "result"):
+        assert ip.find_line_magic(name) is not None, name
+    assert ip.find_cell_magic("px_even") is not None
+    assert ip.find_line_magic("result_even") is None
+    ip.run_line_magic("px", "print('hi all')")
+    ip.run_line_magic("px_even", "print('not odd')")
+    out = capsys.readouterr().out
+    assert out.count("hi all") == 2 and out.count("not odd") == 1
+    assert "[stdout:0] \nnot odd" in out
+    ip.run_line_magic("pxresult_even", "")
+    assert capsys.readouterr().out.count("not odd") == 1
+    ip.run_line_magic("result", "")
+    assert capsys.readouterr().out.count("hi all") == 2
+
+
 def test_view_activate_returns_none_inside_ipython(ip: InteractiveShell, rc: Client) -> None:
     """As ipyparallel: a notebook cell ending in ``rc[:].activate()`` shows nothing, and the
     magics then follow that view's (non-blocking) flags."""

@@ -123,6 +123,11 @@ def _engine_error(evalue: str) -> BaseException:
     )
 
 
+def _named(x: Any) -> bool:
+    """Whether a ``jobs`` / ``targets`` argument names something (engine id 0 does)."""
+    return isinstance(x, int) or bool(x)
+
+
 def _as_list(x: Any) -> list[Any]:
     if x is None:
         return []
@@ -1628,21 +1633,21 @@ class Client(HasTraits):
         refused with an error naming them."""
         from . import hub
 
-        if not jobs and not targets:
+        if not _named(jobs) and not _named(targets):
             raise ValueError("purge_hub_results needs jobs (or 'all') and/or targets")
-        msg_ids: Any = "all" if jobs == "all" else (self._msg_ids_of(jobs) if jobs else [])
+        msg_ids: Any = "all" if jobs == "all" else (self._msg_ids_of(jobs) if _named(jobs) else [])
         engines: list[Any] = []
-        if targets:
+        if _named(targets):  # (engine 0 too)
             tlist = self.ids if targets == "all" else _as_list(targets)
             engines = [self._engines.get(t, t) if isinstance(t, int) else t for t in tlist]
         hub.purge_hub(self, msg_ids, engines)
 
     def purge_results(self, jobs: Any = (), targets: Any = ()) -> None:
-        """:meth:`purge_local_results` and :meth:`purge_hub_results`."""
-        if not jobs and not targets:
+        """:meth:`purge_local_results` and :meth:`purge_hub_results`, with the same arguments
+        (as ipyparallel's): ``targets`` forgets those engines' results here and in the hub."""
+        if not _named(jobs) and not _named(targets):
             raise ValueError("purge_results needs jobs (or 'all') and/or targets")
-        if jobs:
-            self.purge_local_results(jobs)
+        self.purge_local_results(jobs, targets)
         self.purge_hub_results(jobs, targets)
 
     def purge_everything(self) -> None:
@@ -1728,17 +1733,15 @@ class Client(HasTraits):
         RuntimeError
             One of them is still pending.
         """
-        if (jobs is None or (not isinstance(jobs, int) and not jobs)) and (
-            targets is None or (not isinstance(targets, int) and not targets)
-        ):
+        if not _named(jobs) and not _named(targets):
             raise ValueError("Must specify at least one of `targets` and `jobs` ('all': every one)")
         self._flush_pending()
         with self._lock:  # the dispatcher thread changes the caches under this lock
             if isinstance(jobs, str) and jobs == "all":
                 ids = [m for m, f in self._futures.items() if f.done()]
             else:
-                ids = self._msg_ids_of(jobs) if jobs is not None and jobs != () else []
-                if targets is not None and targets != ():
+                ids = self._msg_ids_of(jobs) if _named(jobs) else []
+                if _named(targets):
                     engines = set(self._build_targets(targets)[1])
                     mds = self._trait_values["metadata"]
                     ids += [m for m in self._futures if mds.get(m, {}).get("engine_id") in engines]

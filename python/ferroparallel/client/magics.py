@@ -298,10 +298,11 @@ class ParallelMagics(Magics):
                 f"pxresult{suffix}": "pxresult",
                 f"pxconfig{suffix}": "pxconfig",
                 f"autopx{suffix}": "autopx",
-                f"result{suffix}": "pxresult",
             },
             "cell": {f"px{suffix}": "cell_px"},
         }
+        if not suffix:  # as ipyparallel: the legacy %result, only without a suffix
+            self.magics["line"]["result"] = "pxresult"
         super().__init__(shell)
 
     # -- helpers ----------------------------------------------------------------------------

@@ -40,13 +40,3 @@ def _map_chunk(__fp_f__: Any, *__fp_seqs__: Any) -> list[Any]:
 @engine_helper
 def _execute(__fp_code__: str) -> None:
     exec(__fp_code__, globals())  # noqa: S102
-
-
-def _set_pickler(name: str) -> None:
-    from ferroparallel import serialize
-
-    {
-        "cloudpickle": serialize.use_cloudpickle,
-        "pickle": serialize.use_pickle,
-        "dill": serialize.use_dill,
-    }[name]()

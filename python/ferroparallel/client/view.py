@@ -18,7 +18,7 @@ from ..serialize.pickling import Prepickled, _reference_pickle
 from .asyncresult import AsyncMapResult, AsyncResult
 from .imap import LazyMapIterator
 from .mapping import chunk_sequence, dists
-from .remote_helpers import _execute, _map_chunk, _pull, _push, _set_pickler
+from .remote_helpers import _execute, _map_chunk, _pull, _push
 
 
 class View(HasTraits):
@@ -569,19 +569,21 @@ class DirectView(View):
         from .. import serialize
 
         serialize.use_cloudpickle()
-        return self._really_apply(_set_pickler, ("cloudpickle",), {}, block=block)
+        # as ipyparallel's: the engines run the same function (so the AsyncResult is named
+        # after it)
+        return self._really_apply(serialize.use_cloudpickle, (), {}, block=block)
 
     def use_pickle(self, block: bool | None = None) -> Any:
         from .. import serialize
 
         serialize.use_pickle()
-        return self._really_apply(_set_pickler, ("pickle",), {}, block=block)
+        return self._really_apply(serialize.use_pickle, (), {}, block=block)
 
     def use_dill(self, block: bool | None = None) -> Any:
         from .. import serialize
 
         serialize.use_dill()
-        return self._really_apply(_set_pickler, ("dill",), {}, block=block)
+        return self._really_apply(serialize.use_dill, (), {}, block=block)
 
     def clear(self, targets: Any = None, block: bool | None = None) -> Any:
         """Clear the engines' namespaces (``block`` defaults to the view's)."""
