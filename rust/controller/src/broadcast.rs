@@ -11,7 +11,7 @@
 //! of broadcast requests. Unlike ipyparallel, a target that is not connected, or that dies
 //! before it answers, gets an `EngineError` reply instead of leaving the client waiting.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 
 use fp_io::{OutFrame, OutgoingMessage, RecvFrame};

@@ -1,6 +1,9 @@
 //! The engine table: registration state, in-flight work, and the persisted engine state file.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// (foldhash: keys are msg_ids and uuids of signed messages; see "fast_maps" in lib.rs)
+use foldhash::{HashMap, HashSet};
 use std::time::Instant;
 
 use fp_wire::Value;

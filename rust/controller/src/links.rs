@@ -10,7 +10,7 @@
 //! is handled as if it had come from those sockets under that identity. An engine's link that
 //! closes (the engine process died) unregisters the engine at once.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
@@ -33,6 +33,21 @@ pub fn enabled_by_env() -> bool {
         v.trim().to_ascii_lowercase().as_str(),
         "0" | "off" | "false" | "no"
     )
+}
+
+/// Whether the peer of `stream` (non-blocking) has closed it with nothing left to read.
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: one writable byte for a non-blocking peek; the descriptor is the stream's own.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
 }
 
 /// Bind the link listener on the abstract socket named by `url` (`ipc://@<name>`).
@@ -148,7 +163,13 @@ impl Links {
             return refused;
         };
         while let Ok((stream, _)) = listener.accept() {
-            let unbound = self.conns.values().filter(|c| c.ident.is_none()).count();
+            let mut unbound = self.conns.values().filter(|c| c.ident.is_none()).count();
+            if unbound >= MAX_UNBOUND {
+                // those whose peer has left already (not read yet) do not count
+                self.conns
+                    .retain(|_, c| c.ident.is_some() || !peer_closed(&c.stream));
+                unbound = self.conns.values().filter(|c| c.ident.is_none()).count();
+            }
             if unbound >= MAX_UNBOUND {
                 refused.push(format!(
                     "refused a link: {unbound} connections have not said hello yet"
@@ -331,12 +352,6 @@ impl Server {
         if self.links.is_empty() {
             return;
         }
-        for why in self.links.accept() {
-            // (a flood of connections must not become a flood of log lines)
-            if let Some(n) = self.count_drop() {
-                log_at!(Level::Warning, "{why} ({n} dropped so far)");
-            }
-        }
         let (read, write) = self.links.ready();
         let mut failed = self.links.flush(Some(write));
         for id in read {
@@ -353,6 +368,15 @@ impl Server {
         }
         for (id, why) in failed {
             self.close_link(id, &why);
+        }
+        // after the reads: connections whose peer left before this poll are gone by now and
+        // do not count against the cap on connections waiting for their hello (a client that
+        // closes its connections and opens a new one is not refused)
+        for why in self.links.accept() {
+            // (a flood of connections must not become a flood of log lines)
+            if let Some(n) = self.count_drop() {
+                log_at!(Level::Warning, "{why} ({n} dropped so far)");
+            }
         }
     }
 
@@ -394,7 +418,11 @@ impl Server {
 
     /// Handle one message of connection `id`; false when the connection was closed.
     fn on_link_message(&mut self, id: u64, channel: u8, frames: Vec<RecvFrame>) -> bool {
-        let Some((ident, client)) = self.links.ident(id).map(|(i, c)| (i.to_vec(), c)) else {
+        let Some((ident, client)) = self
+            .links
+            .ident(id)
+            .map(|(i, c)| (RecvFrame::from_bytes(i), c))
+        else {
             return self.on_link_hello(id, channel, frames);
         };
         let i = match (channel, client) {
@@ -408,7 +436,7 @@ impl Server {
             }
         };
         let mut all = Vec::with_capacity(frames.len() + 1);
-        all.push(RecvFrame::from_bytes(&ident));
+        all.push(ident);
         all.extend(frames);
         self.handle(i, all);
         true

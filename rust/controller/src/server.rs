@@ -9,7 +9,7 @@ use fp_io::{
     recv_multipart, try_send, OutFrame, OutgoingMessage, ReadyFrames, RecvFrame, ReleaseQueue,
     Sent, SessionCore,
 };
-use fp_wire::{split_envelope, Envelope, Parts, Value, DELIMITER};
+use fp_wire::{split_envelope, Envelope, Field, Parts, Value, DELIMITER};
 
 use crate::config::ControllerConfig;
 use crate::engines::{Engine, EngineTable, InFlight};
@@ -47,6 +47,11 @@ pub struct Stats {
 }
 
 pub(crate) type Env = Envelope<RecvFrame>;
+
+/// A set of sockets by index (bit `i`: socket `i`), as [`Server::poll`] finds them: no
+/// allocation per pass of the loop (there are at most [`MAX_SOCKETS`]).
+type Ready = u64;
+const MAX_SOCKETS: usize = Ready::BITS as usize;
 
 pub(crate) const BURST: usize = 256;
 /// Sockets towards clients: what the loop sends on them during a pass leaves together at the
@@ -102,6 +107,16 @@ pub(crate) fn frames_of(idents: Vec<OutFrame>, env: Env) -> Vec<OutFrame> {
     out.push(OutFrame::Received(env.content));
     out.extend(env.buffers.into_iter().map(OutFrame::Received));
     out
+}
+
+/// The packed bytes of one of the four dict parts of `env`, by name.
+fn part_of<'a>(env: &'a Env, part: &str) -> &'a [u8] {
+    match part {
+        "header" => env.header.as_ref(),
+        "parent_header" => env.parent_header.as_ref(),
+        "metadata" => env.metadata.as_ref(),
+        _ => env.content.as_ref(),
+    }
 }
 
 pub(crate) fn ident(bytes: &[u8]) -> OutFrame {
@@ -174,6 +189,11 @@ impl Server {
             .map_err(|e| e.to_string())?,
         );
         let n = socks.len();
+        if n > MAX_SOCKETS {
+            return Err(format!(
+                "{n} sockets: the controller polls at most {MAX_SOCKETS}"
+            ));
+        }
         Ok(Server {
             cfg,
             socks,
@@ -227,14 +247,15 @@ impl Server {
             }
             let timeout = self.poll_timeout();
             let (readable, writable) = self.poll(timeout);
+            let has = |set: Ready, i: usize| set & (1 << i) != 0;
             // links first: a peer's requests come over its link, what it sends about them
             // (aborts, queries) over ZMQ sockets, and usually in that order
             self.service_links();
             for i in 0..self.socks.len() {
-                if writable.get(i).copied().unwrap_or(false) {
+                if has(writable, i) {
                     self.flush(i);
                 }
-                if readable.get(i).copied().unwrap_or(false) {
+                if has(readable, i) {
                     self.receive(i);
                 }
             }
@@ -276,10 +297,9 @@ impl Server {
     /// socket, twice per wake-up), which on a dozen sockets is most of the syscalls the
     /// controller makes per message. Here `poll(2)` watches each socket's `ZMQ_FD`, and
     /// `ZMQ_EVENTS` is read only for sockets that were touched or whose descriptor fired.
-    fn poll(&mut self, timeout_ms: i64) -> (Vec<bool>, Vec<bool>) {
+    fn poll(&mut self, timeout_ms: i64) -> (Ready, Ready) {
         let n = self.socks.len();
-        let mut readable = vec![false; n];
-        let mut writable = vec![false; n];
+        let (mut readable, mut writable) = (0, 0);
         self.check.resize(n, true);
         let early = self.ready_now(&mut readable, &mut writable);
         if early && self.links.is_empty() {
@@ -317,7 +337,7 @@ impl Server {
     }
 
     /// Read `ZMQ_EVENTS` of the sockets marked in `check`; true if any can be served now.
-    fn ready_now(&mut self, readable: &mut [bool], writable: &mut [bool]) -> bool {
+    fn ready_now(&mut self, readable: &mut Ready, writable: &mut Ready) -> bool {
         let mut any = false;
         for i in 0..self.socks.len() {
             if !std::mem::take(&mut self.check[i]) {
@@ -327,11 +347,11 @@ impl Server {
                 .get_events()
                 .unwrap_or(zmq::POLLIN | zmq::POLLOUT);
             if !matches!(i, NOTIF | IOP_C | HB_PING) && ev.contains(zmq::POLLIN) {
-                readable[i] = true;
+                *readable |= 1 << i;
                 any = true;
             }
             if !self.pending[i].is_empty() && ev.contains(zmq::POLLOUT) {
-                writable[i] = true;
+                *writable |= 1 << i;
                 any = true;
             }
         }
@@ -547,20 +567,47 @@ impl Server {
     }
 
     pub(crate) fn unpack(&mut self, env: &Env, part: &'static str) -> Option<Value> {
-        let data = match part {
-            "header" => env.header.as_ref(),
-            "parent_header" => env.parent_header.as_ref(),
-            "metadata" => env.metadata.as_ref(),
-            _ => env.content.as_ref(),
-        };
-        match self.session.packer.unpack(data, part) {
+        match self.session.packer.unpack(part_of(env, part), part) {
             Ok(v) => Some(v),
             Err(e) => {
-                if let Some(n) = self.count_drop() {
-                    log_at!(Level::Warning, "dropped message: {e} ({n} dropped so far)");
-                }
+                self.log_drop(&e);
                 None
             }
+        }
+    }
+
+    /// Check that one part of `env` unpacks, without building it (see `unpack` for drops).
+    pub(crate) fn check_part(&mut self, env: &Env, part: &'static str) -> bool {
+        match self.session.packer.validate(part_of(env, part), part) {
+            Ok(()) => true,
+            Err(e) => {
+                self.log_drop(&e);
+                false
+            }
+        }
+    }
+
+    /// The fields `keys` of one part of `env`, read in place (see `Packer::fields`): no
+    /// allocation per field as unpacking the whole part would cost. None (counted as a drop,
+    /// like `unpack`) when the part does not unpack.
+    pub(crate) fn fields<'a, const N: usize>(
+        &mut self,
+        env: &'a Env,
+        part: &'static str,
+        keys: [&str; N],
+    ) -> Option<[Option<Field<'a>>; N]> {
+        match self.session.packer.fields(part_of(env, part), part, keys) {
+            Ok(found) => Some(found),
+            Err(e) => {
+                self.log_drop(&e);
+                None
+            }
+        }
+    }
+
+    fn log_drop(&self, e: &dyn std::fmt::Display) {
+        if let Some(n) = self.count_drop() {
+            log_at!(Level::Warning, "dropped message: {e} ({n} dropped so far)");
         }
     }
 
@@ -650,7 +697,7 @@ impl Server {
                 self.on_records_query(zid, header, &msg_type, content);
             }
             "abort_request" => {
-                let ids: std::collections::HashSet<String> = content
+                let ids: foldhash::HashSet<String> = content
                     .get("msg_ids")
                     .and_then(Value::as_array)
                     .map(|a| {
@@ -886,7 +933,7 @@ impl Server {
             }
         };
         let mut reply = Value::map([("status", Value::from("ok"))]);
-        let ids = |m: &std::collections::HashMap<String, InFlight>| -> Value {
+        let ids = |m: &foldhash::HashMap<String, InFlight>| -> Value {
             if verbose {
                 Value::Array(m.keys().map(|k| Value::Str(k.clone())).collect())
             } else {
@@ -1384,9 +1431,9 @@ impl Server {
             return; // the engine's answer to the scheduler's own abort_request
         }
         if track {
-            if let Some(parent) = self.unpack(&env, "parent_header") {
-                if let Some(msg_id) = str_field(&parent, "msg_id") {
-                    self.records.on_reply(msg_id, &engine, &env, None);
+            if let Some([Some(id)]) = self.fields(&env, "parent_header", ["msg_id"]) {
+                if let Some(msg_id) = id.as_str() {
+                    self.records.on_reply(msg_id, &engine, &env);
                     if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
                         if let Some((key, _)) = e.mux.remove_entry(msg_id) {
                             e.completed.push(key);

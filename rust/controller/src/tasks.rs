@@ -1,12 +1,14 @@
 //! The load-balanced task scheduler: dependencies (`after`, `follow`), target restrictions,
 //! timeouts, retries, blacklists after unmet functional dependencies, and aborts.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashSet, HashSetExt};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fp_io::OutFrame;
-use fp_wire::{Envelope, Value};
+use fp_wire::{Envelope, Field, Value};
 
 use crate::engines::InFlight;
 use crate::log::{log_at, Level};
@@ -221,17 +223,23 @@ impl Server {
         if !self.is_request(&msg_type, "task") {
             return;
         }
-        let Some(metadata) = self.unpack(&env, "metadata") else {
+        // the scheduling fields only, read in place (no allocation for the rest of the dict)
+        let Some(fields) = self.fields(
+            &env,
+            "metadata",
+            ["targets", "after", "follow", "timeout", "retries"],
+        ) else {
             return;
         };
-        if self.unpack(&env, "parent_header").is_none() || self.unpack(&env, "content").is_none() {
+        let [targets, after, follow, timeout, retries] = fields.map(|f| f.map(Field::into_value));
+        if !self.check_part(&env, "parent_header") || !self.check_part(&env, "content") {
             return; // an engine would drop it unanswered, and its slot would stay taken
         }
         let aborted_early = self.tasks.early_aborts.remove(&msg_id);
         let captured = self.records.capture(&env);
         self.records.on_request("task", &header, captured, None);
         self.stats.tasks_queued.fetch_add(1, Ordering::Relaxed);
-        let targets = match metadata.get("targets") {
+        let targets = match targets {
             Some(Value::Array(items)) if !items.is_empty() => Some(
                 items
                     .iter()
@@ -245,8 +253,8 @@ impl Server {
             ),
             _ => None,
         };
-        let parsed = Dep::parse(metadata.get("after"))
-            .and_then(|a| Dep::parse(metadata.get("follow")).map(|f| (a, f)));
+        let parsed =
+            Dep::parse(after.as_ref()).and_then(|a| Dep::parse(follow.as_ref()).map(|f| (a, f)));
         let mut task = Task {
             client,
             msg_id,
@@ -257,12 +265,8 @@ impl Server {
             after: None,
             follow: None,
             // A deadline past what an Instant can hold is no deadline.
-            deadline: seconds(metadata.get("timeout")).and_then(|d| Instant::now().checked_add(d)),
-            retries: metadata
-                .get("retries")
-                .and_then(Value::as_i64)
-                .unwrap_or(0)
-                .max(0),
+            deadline: seconds(timeout.as_ref()).and_then(|d| Instant::now().checked_add(d)),
+            retries: retries.as_ref().and_then(Value::as_i64).unwrap_or(0).max(0),
             blacklist: HashSet::new(),
             last_unmet: None,
             seq: 0,
@@ -534,17 +538,21 @@ impl Server {
         }
         let engine = env.idents[0].as_ref().to_vec();
         let client = env.idents[1].as_ref().to_vec();
-        let msg_id = self
-            .unpack(&env, "parent_header")
-            .and_then(|p| str_field(&p, "msg_id").map(str::to_owned));
-        let metadata = self.unpack(&env, "metadata").unwrap_or(Value::Nil);
-        let ok = str_field(&metadata, "status") == Some("ok");
-        let unmet = matches!(metadata.get("dependencies_met"), Some(Value::Bool(false)));
+        // (read in place: unpacking a reply's metadata, a dozen strings, cost more than the
+        // rest of relaying it)
+        let msg_id = match self.fields(&env, "parent_header", ["msg_id"]) {
+            Some([id]) => id.as_ref().and_then(Field::as_str).map(str::to_owned),
+            None => None,
+        };
+        let [status, met] = self
+            .fields(&env, "metadata", ["status", "dependencies_met"])
+            .unwrap_or_default();
+        let status = status.as_ref().and_then(Field::as_str);
+        let ok = status == Some("ok");
+        let aborted = status == Some("aborted");
+        let unmet = met.as_ref().and_then(Field::as_bool) == Some(false);
         if let Some(msg_id) = &msg_id {
-            if self.tasks.stealing.remove(msg_id)
-                && str_field(&metadata, "status") == Some("aborted")
-                && self.took_back(msg_id, &engine)
-            {
+            if self.tasks.stealing.remove(msg_id) && aborted && self.took_back(msg_id, &engine) {
                 return;
             }
             if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
@@ -602,8 +610,7 @@ impl Server {
             self.tasks
                 .outcomes
                 .record(msg_id.clone(), ok, Some(engine.clone()));
-            self.records
-                .on_reply(msg_id, &engine, &env, Some(&metadata));
+            self.records.on_reply(msg_id, &engine, &env);
         }
         let mut env = env;
         let rest: Vec<_> = env.idents.drain(2..).collect();

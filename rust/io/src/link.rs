@@ -165,8 +165,9 @@ struct Body {
     channel: u8,
     lens: Vec<usize>,
     frames: Vec<RecvFrame>,
-    /// The frame being filled (its capacity is its length).
-    cur: FrameBuf,
+    /// The frame being filled (its capacity is its length), unless the next frame is not
+    /// started yet (a frame whose bytes are all staged is copied from there in one go).
+    cur: Option<FrameBuf>,
 }
 
 enum ReadState {
@@ -255,8 +256,10 @@ impl LinkReader {
                 return Ok(true);
             }
             let got = match &mut self.state {
-                ReadState::Body(body) if self.pos == self.end && body.cur.room() >= DIRECT_MIN => {
-                    body.cur.read_from(fd)?
+                ReadState::Body(Body { cur: Some(cur), .. })
+                    if self.pos == self.end && cur.room() >= DIRECT_MIN =>
+                {
+                    cur.read_from(fd)?
                 }
                 _ => {
                     if self.pos == self.end {
@@ -344,32 +347,42 @@ impl LinkReader {
                         );
                     }
                     self.pos += need;
-                    let cur = FrameBuf::new(lens[0])?;
                     let frames = Vec::with_capacity(lens.len());
                     self.state = ReadState::Body(Body {
                         channel: *channel,
                         lens,
                         frames,
-                        cur,
+                        cur: None,
                     });
                 }
                 ReadState::Body(body) => {
-                    let want = body.cur.room();
-                    let take = want.min(avail);
-                    body.cur
-                        .extend_from_slice(&self.staged[self.pos..self.pos + take]);
-                    self.pos += take;
-                    if take < want {
-                        return Ok(());
-                    }
-                    let next = body.frames.len() + 1;
-                    let fresh = match body.lens.get(next) {
-                        Some(&len) => FrameBuf::new(len)?,
-                        None => FrameBuf::new(0)?,
+                    let Some(&len) = body.lens.get(body.frames.len()) else {
+                        return Err(LinkError::Protocol("a message without frames".into()));
                     };
-                    let done = std::mem::replace(&mut body.cur, fresh);
-                    body.frames.push(done.into_frame());
-                    if next < body.lens.len() {
+                    if body.cur.is_none() {
+                        if len <= avail && len < DIRECT_MIN {
+                            // all staged: one copy into the frame's own message (a small one
+                            // inline in it), no block of ours to allocate and hand over
+                            let bytes = &self.staged[self.pos..self.pos + len];
+                            body.frames.push(RecvFrame::from_bytes(bytes));
+                            self.pos += len;
+                        } else {
+                            body.cur = Some(FrameBuf::new(len)?);
+                        }
+                    }
+                    if let Some(cur) = &mut body.cur {
+                        let want = cur.room();
+                        let take = want.min(avail);
+                        cur.extend_from_slice(&self.staged[self.pos..self.pos + take]);
+                        self.pos += take;
+                        if take < want {
+                            return Ok(());
+                        }
+                        if let Some(done) = body.cur.take() {
+                            body.frames.push(done.into_frame());
+                        }
+                    }
+                    if body.frames.len() < body.lens.len() {
                         continue;
                     }
                     let channel = body.channel;

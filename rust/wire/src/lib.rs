@@ -24,7 +24,7 @@ pub use envelope::{
 };
 pub use error::WireError;
 pub use header::{iso_from_unix, iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
-pub use packer::Packer;
+pub use packer::{Field, Packer};
 pub use sign::{Auth, DigestHistory, StreamMac, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE};
 pub use value::Value;
 

@@ -118,13 +118,76 @@ fn write(out: &mut Vec<u8>, value: &Value) {
 pub fn decode(data: &[u8]) -> Result<Value, String> {
     let mut reader = Reader { data, pos: 0 };
     let value = reader.value(0)?;
-    if reader.pos != data.len() {
-        return Err(format!(
-            "{} trailing bytes after the msgpack value",
-            data.len() - reader.pos
-        ));
-    }
+    reader.finish()?;
     Ok(value)
+}
+
+/// Check that `data` is exactly one msgpack value that [`decode`] accepts, without building
+/// it (no allocation).
+pub fn validate(data: &[u8]) -> Result<(), String> {
+    let mut reader = Reader { data, pos: 0 };
+    reader.skip(0)?;
+    reader.finish()
+}
+
+/// The encoded value of each of `keys` in the map `data` holds (the first entry with that
+/// string key, as [`Value::get`] finds it), borrowed from `data`; every key is `None` when
+/// `data` is not a map. All of `data` is checked as [`decode`] would check it, but nothing is
+/// built: looking up a few fields of a packed dict costs no allocation.
+pub fn lookup<'a, const N: usize>(
+    data: &'a [u8],
+    keys: [&str; N],
+) -> Result<[Option<&'a [u8]>; N], String> {
+    let mut found = [None; N];
+    let mut reader = Reader { data, pos: 0 };
+    let len = match data.first() {
+        Some(&m @ 0x80..=0x8f) => {
+            reader.pos = 1;
+            (m & 0x0f) as usize
+        }
+        Some(0xde) => {
+            reader.pos = 1;
+            reader.len(2)?
+        }
+        Some(0xdf) => {
+            reader.pos = 1;
+            reader.len(4)?
+        }
+        _ => {
+            reader.skip(0)?;
+            reader.finish()?;
+            return Ok(found);
+        }
+    };
+    for _ in 0..len {
+        let key_start = reader.pos;
+        reader.skip(1)?;
+        let key = str_at(&data[key_start..reader.pos]);
+        let start = reader.pos;
+        reader.skip(1)?;
+        if let Some(k) = key {
+            for (slot, want) in found.iter_mut().zip(keys) {
+                if slot.is_none() && k == want {
+                    *slot = Some(&data[start..reader.pos]);
+                }
+            }
+        }
+    }
+    reader.finish()?;
+    Ok(found)
+}
+
+/// The string one whole, valid msgpack value `raw` holds, if it is a string.
+pub fn str_at(raw: &[u8]) -> Option<&str> {
+    let (&marker, rest) = raw.split_first()?;
+    let body = match marker {
+        0xa0..=0xbf => rest,
+        0xd9 => rest.get(1..)?,
+        0xda => rest.get(2..)?,
+        0xdb => rest.get(4..)?,
+        _ => return None,
+    };
+    std::str::from_utf8(body).ok()
 }
 
 struct Reader<'a> {
@@ -165,6 +228,61 @@ impl<'a> Reader<'a> {
             2 => u16::from_be_bytes(self.be()?) as usize,
             _ => u32::from_be_bytes(self.be()?) as usize,
         })
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        if self.pos != self.data.len() {
+            return Err(format!(
+                "{} trailing bytes after the msgpack value",
+                self.data.len() - self.pos
+            ));
+        }
+        Ok(())
+    }
+
+    /// Step over one value, checking it as [`Reader::value`] would.
+    fn skip(&mut self, depth: usize) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("msgpack nesting deeper than {MAX_DEPTH}"));
+        }
+        let marker = self.byte()?;
+        let (items, body) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, 0),
+            0x80..=0x8f => (2 * (marker & 0x0f) as usize, 0),
+            0x90..=0x9f => ((marker & 0x0f) as usize, 0),
+            0xa0..=0xbf => return self.skip_str((marker & 0x1f) as usize),
+            0xc4..=0xc6 => (0, self.len(1 << (marker - 0xc4))?),
+            0xca => (0, 4),
+            0xcb => (0, 8),
+            0xcc..=0xcf => (0, 1 << (marker - 0xcc)),
+            0xd0..=0xd3 => (0, 1 << (marker - 0xd0)),
+            0xd9..=0xdb => {
+                let n = self.len(1 << (marker - 0xd9))?;
+                return self.skip_str(n);
+            }
+            0xdc => (self.len(2)?, 0),
+            0xdd => (self.len(4)?, 0),
+            0xde => (2 * self.len(2)?, 0),
+            0xdf => (2 * self.len(4)?, 0),
+            0xc1 => return Err("reserved msgpack marker 0xc1".into()),
+            0xc7..=0xc9 | 0xd4..=0xd8 => {
+                return Err(format!(
+                    "msgpack extension type (marker {marker:#04x}) is not supported"
+                ))
+            }
+        };
+        self.take(body)?;
+        for _ in 0..items {
+            self.skip(depth + 1)?;
+        }
+        Ok(())
+    }
+
+    fn skip_str(&mut self, len: usize) -> Result<(), String> {
+        let raw = self.take(len)?;
+        std::str::from_utf8(raw)
+            .map(drop)
+            .map_err(|e| format!("invalid utf-8 in msgpack string: {e}"))
     }
 
     fn string(&mut self, len: usize) -> Result<Value, String> {
@@ -278,5 +396,58 @@ mod tests {
         assert!(decode(&[0xa2, 0xff, 0xfe]).is_err());
         assert!(decode(&[0xd4, 0x01, 0x02]).is_err());
         assert!(decode(&[]).is_err());
+    }
+
+    /// `validate` and `lookup` accept exactly what `decode` accepts, and `lookup` finds what
+    /// `Value::get` finds.
+    #[test]
+    fn validate_and_lookup_agree_with_decode() {
+        let deep = vec![0x91u8; MAX_DEPTH + 10];
+        let v = Value::map([
+            ("msg_id", Value::from("abc")),
+            ("n", Value::Int(-70000)),
+            ("f", Value::Float(1.5)),
+            ("b", Value::Bin(vec![1, 2, 3])),
+            (
+                "l",
+                Value::Array(vec![Value::Nil, Value::Bool(true), Value::UInt(u64::MAX)]),
+            ),
+            ("msg_id", Value::from("second")),
+            ("s", Value::from("x".repeat(300).as_str())),
+        ]);
+        let good = encode(&v);
+        let cases: Vec<Vec<u8>> = vec![
+            good.clone(),
+            good[..good.len() - 1].to_vec(),
+            [good.as_slice(), &[0]].concat(),
+            vec![0x92, 0x01],
+            vec![0x01, 0x02],
+            vec![0xdd, 0xff, 0xff, 0xff, 0xff],
+            vec![0xdf, 0xff, 0xff, 0xff, 0xff],
+            deep,
+            vec![0xa2, 0xff, 0xfe],
+            vec![0x81, 0xa2, 0xff, 0xfe, 0x01],
+            vec![0xd4, 0x01, 0x02],
+            vec![0xc1],
+            vec![],
+            vec![0x81, 0x01, 0xa1, b'x'],
+            encode(&Value::from("not a map")),
+        ];
+        for data in &cases {
+            let decoded = decode(data);
+            assert_eq!(validate(data).is_ok(), decoded.is_ok(), "{data:02x?}");
+            let found = lookup(data, ["msg_id", "n", "zz"]);
+            assert_eq!(found.is_ok(), decoded.is_ok(), "{data:02x?}");
+            if let (Ok(value), Ok(found)) = (decoded, found) {
+                for (raw, key) in found.iter().zip(["msg_id", "n", "zz"]) {
+                    let got = raw.map(|r| decode(r).expect("a whole value"));
+                    assert_eq!(got.as_ref(), value.get(key), "{key}");
+                }
+            }
+        }
+        let found = lookup(&good, ["msg_id", "s", "b"]).expect("valid");
+        assert_eq!(found[0].and_then(str_at), Some("abc"));
+        assert_eq!(found[1].and_then(str_at), Some("x".repeat(300).as_str()));
+        assert_eq!(found[2].and_then(str_at), None);
     }
 }

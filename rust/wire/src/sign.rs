@@ -60,7 +60,9 @@ impl StreamMac {
 #[derive(Debug, Clone)]
 pub struct DigestHistory {
     capacity: usize,
-    seen: HashSet<[u8; 32]>,
+    /// (foldhash, not SipHash: a digest enters only once its HMAC is verified, and HMAC
+    /// outputs are uniform: nobody without the key can aim at a bucket)
+    seen: HashSet<[u8; 32], foldhash::fast::RandomState>,
     order: VecDeque<[u8; 32]>,
 }
 
@@ -68,7 +70,7 @@ impl DigestHistory {
     pub fn new(capacity: usize) -> Self {
         DigestHistory {
             capacity: capacity.max(1),
-            seen: HashSet::new(),
+            seen: HashSet::default(),
             order: VecDeque::new(),
         }
     }

@@ -1,7 +1,9 @@
 //! The in-memory backend (default): bounded by a record count and a byte size, culling the
 //! oldest records first. Reading a culled record is a clear KeyError.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::query::{Query, QueryError};
 use super::record::{size_of, TaskRecord, Update};
