@@ -798,6 +798,23 @@ def test_executor(rc: Client) -> None:
     assert list(dex.map(lambda x: x * x, range(4))) == [0, 1, 4, 9]
 
 
+def test_executor_as_a_dask_pool(rc: Client) -> None:
+    """Executors are how dask runs on ipyparallel without become_dask: its threaded scheduler
+    takes any ``concurrent.futures`` executor as ``pool`` and sizes itself by the executor's
+    ``_max_workers``, which ipyparallel's executors set to the view's engine count."""
+    dask = pytest.importorskip("dask")
+    import operator
+
+    import dask.bag as db
+
+    ex = rc.executor()
+    assert ex._max_workers == len(rc.ids) == 2
+    assert rc.executor(targets=[1])._max_workers == 1
+    total = db.from_sequence(range(10), npartitions=4).map(operator.neg).sum()
+    with dask.config.set(pool=ex):
+        assert dask.compute(total, scheduler="threads") == (-45,)
+
+
 # ----- traits ---------------------------------------------------------------------------------
 
 

@@ -122,3 +122,38 @@ def test_scheduler_in_the_client_does_not_print_info_logs(dask_rc: Client) -> No
         assert " - INFO - " not in buf.getvalue() and "INFO" not in buf.getvalue()
     finally:
         dlog.removeHandler(handler)
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_scheduler_warnings_stay_out_of_the_users_terminal(dask_rc: Client) -> None:
+    """The dask notebook of ipyparallel's docs: ``stop_distributed()`` while the dask client
+    still holds computed futures, then ``become_dask`` again. The scheduler warns that removing
+    the workers loses computed tasks (naming every key); ipyparallel's scheduler logs that in
+    its controller, so nothing reaches the user's stream, while the client's own records do."""
+    import io
+    import logging
+
+    rc = dask_rc
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    dlog = logging.getLogger("distributed")
+    dlog.addHandler(handler)
+    try:
+        dc = rc.become_dask()
+        squares = dc.map(_square, range(20))
+        assert dc.submit(sum, squares).result(timeout=SHORT) == sum(i * i for i in range(20))
+        rc.stop_distributed()
+        dc.close()
+        assert "lose already computed" not in buf.getvalue()
+        assert "square" not in buf.getvalue()
+        with rc.become_dask() as dc:
+            assert dc.submit(_square, 4).result(timeout=SHORT) == 16
+            logging.getLogger("distributed.client").warning("from the client")
+        assert "from the client" in buf.getvalue()
+        rc.stop_dask()
+        assert handler.filters == [] and handler.level == logging.NOTSET
+    finally:
+        dlog.removeHandler(handler)

@@ -125,19 +125,40 @@ def _loopback_host(url: str | None) -> str | None:
         return None
 
 
+#: The name of the thread the client-side scheduler runs on (see :class:`DaskBridge`).
+SCHEDULER_THREAD = "ferroparallel-dask-scheduler"
+
+
+class _SchedulerRecords(logging.Filter):
+    """Drop the records the scheduler thread logs below ERROR.
+
+    ipyparallel's scheduler runs in its controller, so what it logs (a worker leaving with
+    computed results, the set of every key it held) lands in the controller's log, never in
+    the user's terminal or notebook.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != SCHEDULER_THREAD or record.levelno >= logging.ERROR
+
+
 def _quiet_distributed_logs(level: int = logging.WARNING) -> contextlib.ExitStack:
-    """Raise the stream handlers of the ``distributed`` logger to ``level`` until the
-    returned stack is closed.
+    """Raise the stream handlers of the ``distributed`` logger to ``level``, and hide the
+    scheduler thread's records below ERROR from them, until the returned stack is closed.
 
     The scheduler runs in this (the user's) process, where dask's default logging would print
     every worker connection at INFO; ipyparallel's scheduler logs in its controller instead.
-    Handlers set to ``level`` or above by the user are left alone.
+    Handler levels set to ``level`` or above by the user are left alone.
     """
     stack = contextlib.ExitStack()
     for handler in logging.getLogger("distributed").handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.level < level:
+        if not isinstance(handler, logging.StreamHandler):
+            continue
+        if handler.level < level:
             stack.callback(handler.setLevel, handler.level)
             handler.setLevel(level)
+        records = _SchedulerRecords()
+        handler.addFilter(records)
+        stack.callback(handler.removeFilter, records)
     return stack
 
 
@@ -174,7 +195,7 @@ class DaskBridge:
             if self._host is not None:
                 args.setdefault("host", self._host)
                 args.setdefault("dashboard_address", f"{self._host}:0")
-            loop = LoopThread("ferroparallel-dask-scheduler")
+            loop = LoopThread(SCHEDULER_THREAD)
 
             async def start() -> Any:
                 return await distributed.Scheduler(**args)

@@ -22,6 +22,12 @@ class ViewExecutor(Executor):
         self.view = view
         self._submitted: list[Future] = []
 
+    @property
+    def _max_workers(self) -> int:
+        """How many engines the view runs on (the stdlib executors' attribute, which dask's
+        ``scheduler="threads"`` with ``pool=executor`` reads, as ipyparallel sets it)."""
+        return len(self.view)
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         ar = self.view.apply_async(fn, *args, **kwargs)
         self._submitted = [f for f in self._submitted if not f.done()]
