@@ -327,7 +327,7 @@ impl Server {
             let q = completed_only(vec![(Value::from("engine_uuid"), Value::Str(uuid))])?;
             doomed.extend(collect(self, &q)?);
         }
-        self.records.backend().remove(&doomed);
+        self.records.remove(&doomed);
         Ok((ok(Vec::new()), Vec::new()))
     }
 

@@ -3,8 +3,9 @@
 
 use std::collections::VecDeque;
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt};
 
+use super::bounded::BoundedSet;
 use super::query::{Query, QueryError};
 use super::record::{size_of, TaskRecord, Update};
 use super::Backend;
@@ -20,8 +21,7 @@ pub struct Memory {
     bytes: usize,
     record_limit: usize,
     size_limit: usize,
-    culled: HashSet<String>,
-    culled_order: VecDeque<String>,
+    culled: BoundedSet,
     packer: Packer,
 }
 
@@ -33,8 +33,7 @@ impl Memory {
             bytes: 0,
             record_limit: record_limit.max(1),
             size_limit: size_limit.max(1),
-            culled: HashSet::new(),
-            culled_order: VecDeque::new(),
+            culled: BoundedSet::new(CULLED_MEMORY),
             packer,
         }
     }
@@ -49,14 +48,7 @@ impl Memory {
     }
 
     fn remember_culled(&mut self, id: String) {
-        if self.culled.insert(id.clone()) {
-            self.culled_order.push_back(id);
-            while self.culled_order.len() > CULLED_MEMORY {
-                if let Some(old) = self.culled_order.pop_front() {
-                    self.culled.remove(&old);
-                }
-            }
-        }
+        self.culled.insert(&id);
     }
 
     /// Over the record limit: drop the oldest tenth of the limit. Over the size limit: drop

@@ -5,6 +5,7 @@
 //! On the message path the relays only copy the small packed dict parts and take shared
 //! handles on large buffers; unpacking happens when a query needs a field.
 
+mod bounded;
 pub mod date;
 mod hub;
 mod memory;
@@ -17,6 +18,7 @@ use fp_wire::{Field, Packer, Value};
 
 use crate::log::{log_at, Level};
 use crate::server::Env;
+use bounded::BoundedSet;
 pub use query::{Query, QueryError};
 pub use record::{Blob, TaskRecord, Update};
 
@@ -98,7 +100,14 @@ pub struct Records {
     /// (records outlive this run's key, so they could not be checked when served later).
     /// Without it (memory), the hub checks buffers when it serves them (`records::hub`).
     store_checks: Option<fp_io::SessionCore>,
+    /// msg_ids purged lately: what still arrives for them (a late output, an assignment
+    /// recorded after the reply) does not bring a bare record back, as in ipyparallel, whose
+    /// hub updates only records that exist.
+    purged: BoundedSet,
 }
+
+/// How many purged msg_ids are remembered.
+const PURGED_MEMORY: usize = 1 << 16;
 
 fn date_of(v: Option<&Value>) -> Option<i64> {
     v.and_then(Value::as_str).and_then(date::parse)
@@ -150,6 +159,7 @@ impl Records {
             backend,
             packer,
             store_checks: None,
+            purged: BoundedSet::new(PURGED_MEMORY),
         })
     }
 
@@ -160,6 +170,21 @@ impl Records {
             self.store_checks = Some(core);
         }
         self
+    }
+
+    /// Drop the records of `ids`; later updates of them are ignored.
+    pub fn remove(&mut self, ids: &[String]) {
+        self.backend.remove(ids);
+        for id in ids {
+            self.purged.insert(id);
+        }
+    }
+
+    /// Apply `u` to the record of `msg_id` (made if need be), unless it was purged.
+    fn update(&mut self, msg_id: &str, u: Update) {
+        if self.purged.is_empty() || !self.purged.contains(msg_id) {
+            self.backend.update(msg_id, u);
+        }
     }
 
     /// Whether stored buffers were checked against their digest when stored (otherwise the
@@ -236,6 +261,9 @@ impl Records {
             buffers: cap.buffers,
             ..TaskRecord::default()
         };
+        if !self.purged.is_empty() {
+            self.purged.remove(msg_id); // (a new request under that id: recorded again)
+        }
         self.backend.add(rec);
     }
 
@@ -243,7 +271,7 @@ impl Records {
     pub fn on_assign(&mut self, msg_id: &str, engine: &[u8]) {
         if self.enabled {
             let e = String::from_utf8_lossy(engine).into_owned();
-            self.backend.update(msg_id, Update::Engine(e));
+            self.update(msg_id, Update::Engine(e));
         }
     }
 
@@ -278,7 +306,7 @@ impl Records {
             content: env.content.as_ref().to_vec(),
             buffers: self.storable(env.metadata.as_ref(), &env.buffers),
         };
-        self.backend.update(msg_id, u);
+        self.update(msg_id, u);
     }
 
     /// The controller answered `msg_id` itself (scheduler error, dead engine, abort) with a
@@ -306,7 +334,7 @@ impl Records {
             content: pack(content),
             buffers: Vec::new(),
         };
-        self.backend.update(msg_id, u);
+        self.update(msg_id, u);
     }
 
     /// An IOPub message: output of the request named by its parent header.
@@ -357,7 +385,7 @@ impl Records {
             "execute_result" => Update::ExecuteResult(env.content.as_ref().to_vec()),
             _ => Update::Error(env.content.as_ref().to_vec()),
         };
-        self.backend.update(msg_id, u);
+        self.update(msg_id, u);
     }
 }
 
@@ -405,6 +433,42 @@ mod tests {
             fp_wire::Limits::default(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_purged_record_does_not_come_back_with_a_late_update() {
+        let p = Packer::Msgpack;
+        let path = std::env::temp_dir().join(format!("fp-purged-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        for db in ["memory", "sqlite"] {
+            let mut r = open_records(db, &path, p);
+            let h = Value::map([("msg_id", Value::from("t")), ("msg_type", Value::from("x"))]);
+            let e = env(p, &h, &Value::empty_map(), &[]);
+            let cap = r.capture(&e);
+            r.on_request("task", &h, cap, None);
+            r.on_assign("t", b"engine-1");
+            assert!(r.backend().get("t").is_ok(), "{db}");
+            r.remove(&["t".to_owned()]);
+            // what still arrives for it: an assignment, output
+            r.on_assign("t", b"engine-2");
+            let out = Value::map([("name", Value::from("stdout")), ("text", Value::from("x"))]);
+            let mut late = env(p, &h, &Value::empty_map(), &[]);
+            late.content = RecvFrame::from_bytes(&p.pack(&out).unwrap());
+            r.on_iopub("stream", &late);
+            assert!(
+                r.backend().get("t").is_err(),
+                "{db}: the purged record came back"
+            );
+            // a new request under that id is recorded again
+            let cap = r.capture(&e);
+            r.on_request("task", &h, cap, None);
+            r.on_assign("t", b"engine-3");
+            assert_eq!(
+                r.backend().get("t").unwrap().engine_uuid.as_deref(),
+                Some("engine-3")
+            );
+        }
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
