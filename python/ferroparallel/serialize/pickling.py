@@ -518,13 +518,10 @@ def deserialize_object(
     Parameters
     ----------
     buffers : sequence of buffer-like
-        Frame 0 is the pickle, then its out-of-band buffers (``bytes``, ``memoryview``,
-        received ``ferroparallel._core.Frame`` objects…), then possibly more frames (e.g. the
-        next object's), which are returned untouched.
+        The frames of :func:`load_object`, then possibly more (e.g. the next object's), which
+        are returned untouched.
     g : dict, optional
-        The engine's user namespace. When given, ``Reference`` objects are evaluated in it and
-        functions from ``__main__`` (or ``@interactive``) get it as their globals, for the
-        object itself and inside plain lists, tuples and dicts.
+        The engine's user namespace (``namespace`` of :func:`load_object`).
 
     Returns
     -------

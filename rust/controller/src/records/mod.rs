@@ -435,13 +435,20 @@ mod tests {
         .unwrap()
     }
 
+    /// `check(backend name, records)` with both storing backends (on a fresh database file).
+    fn with_each_backend(tag: &str, check: impl Fn(&str, Records)) {
+        let path = std::env::temp_dir().join(format!("fp-{tag}-{}.db", std::process::id()));
+        for db in ["memory", "sqlite"] {
+            let _ = std::fs::remove_file(&path);
+            check(db, open_records(db, &path, Packer::Msgpack));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn a_purged_record_does_not_come_back_with_a_late_update() {
         let p = Packer::Msgpack;
-        let path = std::env::temp_dir().join(format!("fp-purged-{}.db", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        for db in ["memory", "sqlite"] {
-            let mut r = open_records(db, &path, p);
+        with_each_backend("purged", |db, mut r| {
             let h = Value::map([("msg_id", Value::from("t")), ("msg_type", Value::from("x"))]);
             let e = env(p, &h, &Value::empty_map(), &[]);
             let cap = r.capture(&e);
@@ -467,8 +474,7 @@ mod tests {
                 r.backend().get("t").unwrap().engine_uuid.as_deref(),
                 Some("engine-3")
             );
-        }
-        let _ = std::fs::remove_file(&path);
+        });
     }
 
     #[test]
