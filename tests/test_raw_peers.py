@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from cluster_util import (
     start_controller,
     wait_until,
 )
+from ferroparallel.cluster import Cluster
 from ferroparallel.serialize import load_object, pack_apply_message
-from peer.session import DELIMITER, new_id
+from peer.session import DELIMITER, new_id, recv_frames
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -432,3 +434,178 @@ def test_signed_messages_that_are_no_requests_are_not_relayed(
         assert q["content"]["unassigned"] == 0 and q["content"]["0"]["tasks"] == 0
         log = Path(cluster.controller.process.log_file).read_text()
         assert 4 <= log.count("only *_request messages are relayed") <= 21, log[-2000:]
+
+
+def _utc(text: str) -> datetime:
+    """An ISO-8601 date as an aware datetime (naive means UTC, as ipyparallel's hub)."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def test_json_packer_cluster_for_a_raw_json_peer(fp_root: Path, zctx: zmq.Context) -> None:
+    """Reference 2.4: with ``pack = json`` every packed part is JSON text, dates are ISO UTC
+    with ``Z``; request header dates with an offset or none (naive = UTC) are recorded as the
+    same instant, and ISO date strings in a ``db_request`` query compare as dates."""
+    cluster = Cluster(
+        n=1,
+        profile_dir=fp_root / "profile_json",
+        controller_args=["--ping", "200", "--pack", "json"],
+        shutdown_atexit=False,
+    )
+    try:
+        cluster.start_cluster_sync()
+        info = json.loads(cluster.client_file.read_text())
+        assert info["pack"] == info["unpack"] == "json"
+        s, socks, (eid, uuid) = _raw_client(cluster, zctx, "mux", "iopub")
+        query, mux, iopub = socks["registration"], socks["mux"], socks["iopub"]
+
+        hdr = s.send(query, "connection_request", {})
+        frames = recv_frames(query, timeout=10)
+        parts = frames[frames.index(DELIMITER) + 2 :]
+        assert len(parts) == 4
+        header, parent, metadata, content = (json.loads(bytes(p).decode("utf-8")) for p in parts)
+        assert header["msg_type"] == "connection_reply" and header["date"].endswith("Z")
+        assert parent == hdr and metadata == {}
+        assert content["engines"] == {str(eid): uuid}
+
+        sent = {
+            "2031-02-03T04:05:06.250000Z": "2031-02-03T04:05:06.250000+00:00",
+            "2031-02-03T04:05:07.5+00:00": "2031-02-03T04:05:07.500000+00:00",
+            "2031-02-03T04:05:08.125": "2031-02-03T04:05:08.125000+00:00",
+            "2031-02-03T06:05:09+02:00": "2031-02-03T04:05:09+00:00",
+        }
+        msg_ids = []
+        for date, instant in sent.items():
+            header = s.msg_header("execute_request")
+            header["date"] = date
+            s.send(
+                mux,
+                "execute_request",
+                {"code": "print('j')", "silent": False, "user_expressions": {}},
+                ident=uuid.encode(),
+                header=header,
+            )
+            rep = recv_until(s, mux, lambda m: True, timeout=20, what="execute_reply")
+            assert rep["parent_header"] == header and rep["content"]["status"] == "ok"
+            assert rep["header"]["date"].endswith("Z")
+            assert rep["metadata"]["started"].endswith("Z")
+            out = recv_until(s, iopub, lambda m: m["msg_type"] == "stream", timeout=10)
+            assert out["idents"] == [f"engine.{eid}.stdout".encode()]
+            assert out["parent_header"] == header
+            msg_ids.append(header["msg_id"])
+            s.send(query, "db_request", {"query": {"msg_id": header["msg_id"]}, "keys": None})
+            db = recv_until(s, query, lambda m: m["msg_type"] == "db_reply")
+            (record,) = db["content"]["records"]
+            assert record["submitted"].endswith("Z"), record["submitted"]
+            assert _utc(record["submitted"]) == _utc(instant), (date, record["submitted"])
+            assert record["header"] == header  # the request as sent, date text included
+            for key in ("started", "completed", "received"):
+                assert record[key].endswith("Z"), (key, record[key])
+
+        def ids(query_: dict[str, Any]) -> list[str]:
+            s.send(query, "db_request", {"query": query_, "keys": ["msg_id"]})
+            db = recv_until(s, query, lambda m: m["msg_type"] == "db_reply")
+            assert db["content"]["status"] == "ok", db["content"]
+            return sorted(r["msg_id"] for r in db["content"]["records"])
+
+        assert ids({"submitted": {"$gte": "2031-02-03T04:05:07Z"}}) == sorted(msg_ids[1:])
+        assert ids({"submitted": {"$lt": "2031-02-03T06:05:07.000+02:00"}}) == msg_ids[:1]
+    finally:
+        cluster.stop_cluster_sync()
+
+
+def test_engine_and_hub_shutdown_as_a_raw_peer_sees_them(fp_root: Path, zctx: zmq.Context) -> None:
+    """Reference 5.4, 3.2 and 5.2: ``shutdown_request`` on control is answered with
+    ``shutdown_reply {status, restart}``, also published on ``engine.<id>.shutdown``, and the
+    engine is unregistered; the hub's ``shutdown_request`` is answered, then
+    ``shutdown_notification {status: ok}`` goes out with that request as parent."""
+    with running_cluster(fp_root / "profile_shutdown", 1) as cluster:
+        s, socks, (eid, uuid) = _raw_client(cluster, zctx, "control", "iopub")
+        query, control, iopub = socks["registration"], socks["control"], socks["iopub"]
+        info = json.loads(cluster.client_file.read_text())
+        notif = connect(zctx, zmq.SUB, f"tcp://127.0.0.1:{info['notification']}", subscribe=b"")
+
+        hdr = s.send(control, "shutdown_request", {"restart": False}, ident=uuid.encode())
+        rep = recv_until(s, control, lambda m: True, timeout=20, what="shutdown_reply")
+        assert rep["msg_type"] == "shutdown_reply" and rep["idents"] == [uuid.encode()]
+        assert rep["parent_header"] == hdr and rep["header"]["session"] == uuid
+        assert rep["content"] == {"status": "ok", "restart": False}
+        pub = recv_until(
+            s, iopub, lambda m: m["msg_type"] == "shutdown_reply", timeout=10, what="iopub copy"
+        )
+        assert pub["idents"] == [f"engine.{eid}.shutdown".encode()]
+        assert pub["parent_header"] == hdr and pub["content"] == rep["content"]
+        note = recv_until(
+            s,
+            notif,
+            lambda m: m["msg_type"] == "unregistration_notification",
+            timeout=20,
+            what="unregistration_notification",
+        )
+        assert note["content"] == {"id": eid, "uuid": uuid}
+
+        hdr = s.send(query, "shutdown_request", {})
+        rep = recv_until(s, query, lambda m: m["msg_type"] == "shutdown_reply", timeout=10)
+        assert rep["parent_header"] == hdr and rep["content"] == {"status": "ok"}
+        note = recv_until(
+            s,
+            notif,
+            lambda m: m["msg_type"] == "shutdown_notification",
+            timeout=10,
+            what="shutdown_notification",
+        )
+        assert note["content"] == {"status": "ok"}
+        assert note["parent_header"] == hdr  # as ipyparallel's hub
+
+
+def test_requested_engine_ids_and_heartbeat_frames(
+    controller: ControllerProcess, zctx: zmq.Context
+) -> None:
+    """Reference 3.1-3.3: a requested id is granted when free (and the counter moves past
+    it), else the counter's next id; the reply echoes the request and carries ``id``,
+    ``hb_period`` and ``connection_info``; a ping is one frame, the ASCII text of a float;
+    ``unregistration_request`` is never answered, and a freed id can be requested again."""
+    ctl = controller
+    client_s = peer_session(ctl.client)
+    notif = connect(zctx, zmq.SUB, ctl.client_url("notification"), subscribe=b"")
+    ping = connect(zctx, zmq.SUB, ctl.engine_url("hb_ping"), subscribe=b"")
+    frames = recv_frames(ping, timeout=5)
+    assert len(frames) == 1 and float(frames[0].decode("ascii")) >= 0, frames
+
+    def register(uuid: str, wanted: int) -> tuple[Any, zmq.Socket, dict[str, Any]]:
+        s = peer_session(ctl.engine, session=uuid)
+        registrar = connect(
+            zctx, zmq.DEALER, ctl.engine_url("registration"), identity=uuid.encode()
+        )
+        hdr = s.send(registrar, "registration_request", {"uuid": uuid, "id": wanted})
+        reg = recv_until(s, registrar, lambda m: m["msg_type"] == "registration_reply")
+        assert reg["parent_header"] == hdr and reg["idents"] == []
+        c = reg["content"]
+        assert c["status"] == "ok" and c["hb_period"] == 200, c
+        assert isinstance(c["connection_info"], dict) and "key" not in c["connection_info"]
+        return s, registrar, reg
+
+    uuid_a, uuid_b, uuid_c = new_id(), new_id(), new_id()
+    heart = HeartEcho(zctx, ctl.engine_url("hb_ping"), ctl.engine_url("hb_pong"), uuid_a.encode())
+    heart.start()
+    try:
+        assert heart.ready.wait(10) and heart.error is None, heart.error
+        s_a, reg_a, rep = register(uuid_a, 5)
+        assert rep["content"]["id"] == 5
+        note = recv_until(
+            client_s, notif, lambda m: m["msg_type"] == "registration_notification", timeout=10
+        )
+        assert note["content"] == {"id": 5, "uuid": uuid_a}
+        _, _, rep = register(uuid_b, 5)  # taken: the counter, which moved past 5
+        assert rep["content"]["id"] == 6
+        s_a.send(reg_a, "unregistration_request", {"id": 5})
+        note = recv_until(
+            client_s, notif, lambda m: m["msg_type"] == "unregistration_notification", timeout=10
+        )
+        assert note["content"] == {"id": 5, "uuid": uuid_a}
+        assert not reg_a.poll(500), "unregistration_request was answered"
+    finally:
+        heart.stop()
+    _, _, rep = register(uuid_c, 5)  # free again
+    assert rep["content"]["id"] == 5
+    assert ctl.alive, ctl.log()

@@ -9,6 +9,7 @@ controller with two real ferroparallel engines.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,25 @@ IPP_REPLY_METADATA = {
 }
 
 
+#: A jupyter_client session id (``new_id()``): 8 + 24 hex digits.
+SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{24}")
+#: ISO-8601 UTC with the ``Z`` suffix (reference 2.2).
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
+
+
+def check_header(header: dict[str, Any], msg_type: str, session: str | None = None) -> None:
+    """Reference 2.2: every header field, ``msg_id`` = ``<session>_<pid>_<counter>``, a UTC
+    ``Z`` date and a protocol 5 ``version`` (else jupyter_client adapts it from v4)."""
+    assert header["msg_type"] == msg_type, header
+    assert SESSION_ID.fullmatch(header["session"]), header
+    if session is not None:
+        assert header["session"] == session, header
+    assert re.fullmatch(re.escape(header["session"]) + r"_\d+_\d+", header["msg_id"]), header
+    assert isinstance(header["username"], str) and header["username"], header
+    assert ISO_UTC.fullmatch(header["date"]), header
+    assert re.fullmatch(r"5\.\d+", header["version"]), header
+
+
 class Raw:
     """A raw client: query, mux, control and broadcast DEALERs and an IOPub SUB."""
 
@@ -57,6 +77,7 @@ class Raw:
         while time.monotonic() < deadline:
             msg = self.s.recv(self.socks[channel], timeout=max(0.01, deadline - time.monotonic()))
             if msg["parent_header"].get("msg_id") == hdr["msg_id"]:
+                assert msg["parent_header"] == hdr  # the whole request header (reference 2.2)
                 return msg
         pytest.fail(f"no reply to {msg_type}")
 
@@ -75,6 +96,21 @@ class Raw:
         return self.request(
             "mux", "execute_request", content, ident=self.engines[eid].encode(), **kw
         )
+
+    def outputs_until_idle(self, msg_id: str, timeout: float = 20) -> list[dict[str, Any]]:
+        """IOPub messages whose parent is ``msg_id``, up to its ``status: idle``."""
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.iopub.poll(int(max(0.01, deadline - time.monotonic()) * 1000)):
+                break
+            msg = self.s.deserialize(self.iopub.recv_multipart(), record=False)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            out.append(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+        pytest.fail(f"no idle status for {msg_id} (saw {[m['msg_type'] for m in out]})")
 
     def iopub_for(self, msg_id: str, quiet: float = 0.5) -> list[dict[str, Any]]:
         """IOPub messages whose parent is ``msg_id`` (until ``quiet`` s without any)."""
@@ -281,3 +317,154 @@ def test_history_lists_submitted_requests_only(raw: Raw) -> None:
     assert hdr["msg_id"] not in history  # broadcasts are not recorded (reference §14.5)
     mid = raw.execute(0, "z = 3")["parent_header"]["msg_id"]
     assert mid in raw.query("history_request", {})["content"]["history"]
+
+
+def test_iopub_topics_headers_and_contents(raw: Raw) -> None:
+    """Reference 1.5 and 5.5: each output of an execute goes out on ``engine.<id>.<kind>``
+    (``stdout``, ``stderr``, ``displaypub``, ``execute_input``, ``execute_result``, ``error``,
+    ``status``) with the content keys of its type, the engine's session in the header, the
+    request header as parent, and the engine uuid in metadata; busy first, idle last."""
+    raw.iopub_for("", quiet=0.3)  # drain
+    eid, uuid = 1, raw.engines[1]
+    code = (
+        "import sys\nfrom IPython.display import display\n"
+        "print('out')\nprint('err', file=sys.stderr)\ndisplay('D')\n6 * 7"
+    )
+    rep = raw.request(
+        "mux",
+        "execute_request",
+        {"code": code, "silent": False, "store_history": True, "user_expressions": {}},
+        ident=uuid.encode(),
+    )
+    check_header(rep["header"], "execute_reply", session=uuid)
+    assert rep["idents"] == [uuid.encode()]
+    request = rep["parent_header"]
+    outputs = raw.outputs_until_idle(request["msg_id"])
+    kinds = {
+        "status": ("status", {"execution_state"}),
+        "execute_input": ("execute_input", {"code", "execution_count"}),
+        "stream": (None, {"name", "text"}),
+        "display_data": ("displaypub", {"data", "metadata", "transient"}),
+        "execute_result": ("execute_result", {"data", "metadata", "execution_count"}),
+        "error": ("error", {"ename", "evalue", "traceback"}),
+    }
+    for m in outputs:
+        topic, keys = kinds[m["msg_type"]]
+        if topic is None:
+            topic = m["content"]["name"]
+        assert m["idents"] == [f"engine.{eid}.{topic}".encode()], m["idents"]
+        assert keys <= set(m["content"]), (m["msg_type"], m["content"])
+        check_header(m["header"], m["msg_type"], session=uuid)
+        assert m["parent_header"] == request
+        assert m["metadata"].get("engine") == uuid
+    seen = [m["msg_type"] for m in outputs]
+    assert seen[0] == "status" and outputs[0]["content"]["execution_state"] == "busy"
+    assert {"execute_input", "stream", "display_data", "execute_result"} <= set(seen), seen
+    texts = {
+        m["content"]["name"]: m["content"]["text"] for m in outputs if m["msg_type"] == "stream"
+    }
+    assert texts == {"stdout": "out\n", "stderr": "err\n"}
+    result = next(m for m in outputs if m["msg_type"] == "execute_result")["content"]
+    assert result["data"]["text/plain"] == "42"
+    assert result["execution_count"] == rep["content"]["execution_count"]
+
+    rep = raw.request(
+        "mux",
+        "execute_request",
+        {"code": "1/0", "silent": False, "user_expressions": {}},
+        ident=uuid.encode(),
+    )
+    c = rep["content"]
+    assert (c["status"], c["ename"], c["evalue"]) == (
+        "error",
+        "ZeroDivisionError",
+        "division by zero",
+    )
+    assert isinstance(c["traceback"], list) and all(isinstance(t, str) for t in c["traceback"])
+    assert c["engine_info"] == {"engine_uuid": uuid, "engine_id": eid, "method": "execute"}
+    outputs = raw.outputs_until_idle(rep["parent_header"]["msg_id"])
+    err = [m for m in outputs if m["msg_type"] == "error"]
+    assert len(err) == 1 and err[0]["idents"] == [f"engine.{eid}.error".encode()]
+    assert err[0]["content"]["ename"] == "ZeroDivisionError"
+
+
+def test_data_message_names_its_keys(raw: Raw) -> None:
+    """Reference 5.5 (``engine/datapub.py``): ``publish_data`` sends ``data_message`` on topic
+    ``datapub`` with content ``{keys: [...]}`` (the published names) and the data as buffers."""
+    raw.iopub_for("", quiet=0.3)  # drain
+    code = "from ferroparallel.datapub import publish_data\npublish_data({'step': 3, 'loss': 0.5})"
+    rep = raw.execute(0, code)
+    assert rep["content"]["status"] == "ok", rep["content"]
+    outputs = raw.outputs_until_idle(rep["parent_header"]["msg_id"])
+    data = [m for m in outputs if m["msg_type"] == "data_message"]
+    assert len(data) == 1, [m["msg_type"] for m in outputs]
+    assert data[0]["idents"] == [b"datapub"]
+    assert sorted(data[0]["content"]["keys"]) == ["loss", "step"]
+    assert data[0]["buffers"] and data[0]["metadata"]["engine"] == raw.engines[0]
+    check_header(data[0]["header"], "data_message", session=raw.engines[0])
+
+
+def test_hub_replies_echo_the_request(raw: Raw) -> None:
+    """Reference 5.1: every hub query is answered with its ``*_reply`` type, the hub's one
+    session in the header, the whole request header as parent, and the content keys the
+    reference lists (types included)."""
+    uuid0 = raw.engines[0]
+    content = {"code": "print('for the record')", "silent": False, "user_expressions": {}}
+    rep = raw.request("mux", "execute_request", content, ident=uuid0.encode())
+    done = rep["parent_header"]["msg_id"]
+    raw.outputs_until_idle(done)
+    time.sleep(0.3)  # the hub has the output too
+    sessions = set()
+    queries: list[tuple[str, dict[str, Any]]] = [
+        ("connection_request", {}),
+        ("queue_request", {"targets": None, "verbose": False}),
+        ("queue_request", {"targets": [uuid0], "verbose": True}),
+        ("result_request", {"msg_ids": [done], "status_only": False}),
+        ("history_request", {}),
+        ("db_request", {"query": {"msg_id": done}, "keys": None}),
+        ("resubmit_request", {"msg_ids": [done]}),
+        ("purge_request", {"msg_ids": [], "engine_ids": [1]}),
+    ]
+    replies = {}
+    for msg_type, content in queries:
+        rep = raw.query(msg_type, content)
+        reply_type = msg_type.replace("_request", "_reply")
+        check_header(rep["header"], reply_type)
+        sessions.add(rep["header"]["session"])
+        assert rep["idents"] == [] and rep["metadata"] == {}
+        assert rep["content"]["status"] == "ok", (msg_type, rep["content"])
+        assert rep["parent_header"]["msg_type"] == msg_type
+        replies.setdefault(msg_type, []).append(rep["content"])
+    assert len(sessions) == 1, sessions
+
+    conn = replies["connection_request"][0]
+    assert conn["engines"] == {str(k): v for k, v in raw.engines.items()}
+    brief, verbose = replies["queue_request"]
+    for k in ("0", "1"):
+        assert {type(brief[k][f]) for f in ("queue", "completed", "tasks")} == {int}
+    assert isinstance(brief["unassigned"], int)
+    assert set(verbose) == {"status", "0", "unassigned"}  # a uuid target names engine 0
+    assert done in verbose["0"]["completed"] and verbose["0"]["queue"] == []
+    assert isinstance(verbose["unassigned"], list)
+
+    res = replies["result_request"][0]
+    assert res["pending"] == [] and res["completed"] == [done]
+    rec = res[done]
+    wanted = {"header", "metadata", "result_header", "result_metadata", "result_content"}
+    assert wanted | {"received", "io"} <= set(rec), sorted(rec)
+    assert rec["header"]["msg_id"] == done and rec["result_header"]["msg_type"] == "execute_reply"
+    assert ISO_UTC.fullmatch(rec["received"])
+    io = rec["io"]
+    assert {"execute_input", "execute_result", "error", "stdout", "stderr"} <= set(io), io
+    assert io["stdout"] == "for the record\n" and io["execute_input"] == "print('for the record')"
+
+    assert done in replies["history_request"][0]["history"]
+    (record,) = replies["db_request"][0]["records"]
+    assert record["msg_id"] == done
+    assert not {"buffers", "result_buffers"} & set(record)  # keys=None leaves them out
+    for key in ("submitted", "started", "completed", "received"):
+        assert ISO_UTC.fullmatch(record[key]), (key, record[key])
+    assert record["client_uuid"] == raw.s.session and record["engine_uuid"] == uuid0
+    assert record["queue"] == "mux" and record["stdout"] == "for the record\n"
+    new = replies["resubmit_request"][0]["resubmitted"]
+    assert list(new) == [done] and isinstance(new[done], str) and new[done] != done

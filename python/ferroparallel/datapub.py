@@ -57,7 +57,15 @@ def publish_data(data: dict[str, Any]) -> None:
         # an execute_request says nothing of its client, which may be ipyparallel's: one
         # pickle without out-of-band buffers, which its deserialize_object reads too
         buffers = serialize_object(data, threshold=sys.maxsize)
-    # on ipyparallel's topic (no engine prefix), so that any ipyparallel peer sees it
+    # content ``{keys: [...]}`` and ipyparallel's topic (no engine prefix), so that any
+    # ipyparallel peer sees it; keys no packer can write are named by their repr
+    keys = [k if k is None or isinstance(k, (str, int, float)) else repr(k) for k in data]
     kernel.publish(
-        "data_message", {}, parent, "datapub", buffers=buffers, prefixed=False, metadata=extra
+        "data_message",
+        {"keys": keys},
+        parent,
+        "datapub",
+        buffers=buffers,
+        prefixed=False,
+        metadata=extra,
     )

@@ -238,7 +238,7 @@ impl Server {
         );
         loop {
             if self.stop.load(Ordering::SeqCst) && self.shutdown_at.is_none() {
-                self.begin_shutdown();
+                self.begin_shutdown(Value::empty_map());
             }
             if let Some(t) = self.shutdown_at {
                 if Instant::now() >= t {
@@ -734,10 +734,10 @@ impl Server {
                     vec![zid],
                     "shutdown_reply",
                     ok,
-                    header,
+                    header.clone(),
                     Value::empty_map(),
                 );
-                self.begin_shutdown();
+                self.begin_shutdown(header);
             }
             "become_dask_request" => {
                 // ipyparallel's hub runs a dask scheduler in its own (Python) process; this
@@ -1212,11 +1212,17 @@ impl Server {
         self.heart.next_beat = now + self.heart.period;
     }
 
-    fn begin_shutdown(&mut self) {
+    /// Publish `shutdown_notification` (its parent is the client's `shutdown_request`, or
+    /// empty when the controller stops on its own, as ipyparallel's hub) and stop soon.
+    fn begin_shutdown(&mut self, parent: Value) {
         if self.shutdown_at.is_none() {
-            self.notify(
+            self.send_new(
+                NOTIF,
+                Vec::new(),
                 "shutdown_notification",
                 Value::map([("status", Value::from("ok"))]),
+                parent,
+                Value::empty_map(),
             );
             self.shutdown_at = Some(Instant::now() + SHUTDOWN_GRACE);
         }
