@@ -207,13 +207,13 @@ def test_ipyparallels_config_file_of_the_profile_is_read_too(
     (tmp_path / config.IPP_CONFIG_FILENAME).write_text(
         "c.IPController.ip = '10.0.0.2'\n"
         "c.HeartMonitor.period = 700\n"
-        "c.IPController.engine_ssh_server = 'gateway'\n"
+        "c.IPController.use_threads = True\n"
     )
     with caplog.at_level("WARNING", logger="ferroparallel.controller"):
         s, loaded = app.resolve_settings(app.build_parser().parse_args([]), tmp_path)
     assert loaded == tmp_path / config.IPP_CONFIG_FILENAME
     assert (s.ip, s.ping) == ("10.0.0.2", 700)
-    assert "IPController.engine_ssh_server" in caplog.text
+    assert "IPController.use_threads" in caplog.text
     write_config(tmp_path, "c.Controller.ping = 900\n")
     s, loaded = app.resolve_settings(app.build_parser().parse_args([]), tmp_path)
     assert loaded == tmp_path / config.CONFIG_FILENAME
@@ -405,6 +405,41 @@ def test_config_file_honoured_and_cli_overrides(
     p.terminate()
     p.communicate(timeout=20)
     assert p.returncode == 0
+
+
+@needs_controller
+@pytest.mark.parametrize("how", ["cli", "ipp-config"])
+def test_ssh_servers_for_clients_and_engines(
+    procs: list[subprocess.Popen[bytes]], tmp_path: Path, how: str
+) -> None:
+    """As ipcontroller's: ``--ssh`` (``IPController.ssh_server``) goes into the client file
+    only and ``--enginessh`` (``IPController.engine_ssh_server``) into the engine file only, so
+    that engines on a private network do not tunnel through the clients' login node."""
+    pdir = tmp_path / "prof"
+    pdir.mkdir()
+    args = ["--profile-dir", str(pdir), "--cluster-id", "s"]
+    if how == "cli":
+        args += ["--ssh", "me@login.example", "--enginessh", "node1"]
+    else:
+        (pdir / config.IPP_CONFIG_FILENAME).write_text(
+            "c.IPController.ssh_server = 'me@login.example'\n"
+            "c.IPController.engine_ssh_server = 'node1'\n"
+        )
+    cf, ef = files(pdir, "s")
+    p = start_controller(procs, *args)
+    wait_files(p, cf, ef)
+    assert paths.load_connection_file(cf, "client")["ssh"] == "me@login.example"
+    assert paths.load_connection_file(ef, "engine")["ssh"] == "node1"
+    p.terminate()
+    p.communicate(timeout=20)
+    if how == "cli":  # only --ssh: the engines connect directly
+        p = start_controller(procs, "--profile-dir", str(pdir), "--ssh", "me@login.example")
+        cf, ef = files(pdir)
+        wait_files(p, cf, ef)
+        assert paths.load_connection_file(cf, "client")["ssh"] == "me@login.example"
+        assert paths.load_connection_file(ef, "engine")["ssh"] == ""
+        p.terminate()
+        p.communicate(timeout=20)
 
 
 @needs_controller

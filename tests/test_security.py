@@ -528,3 +528,45 @@ def test_empty_exec_key_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         hub.close()
         ctx.destroy(linger=0)
     assert any("empty key" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("ipc", [True, False], ids=["ipc", "tcp"])
+def test_a_wrong_key_is_named_in_the_timeout(tmp_path: Path, ipc: bool) -> None:
+    """A controller drops requests signed with another key unread, so the client only sees a
+    timeout: it says that the controller is there but ignores us, and why that usually is
+    (a connection file of an earlier run, a wrong ``exec_key``), unlike a missing one."""
+    ctl = start_controller(tmp_path / "prof", *([] if ipc else ["--no-ipc"]))
+    try:
+        wrong = dict(ctl.client, key=new_key())
+        with pytest.raises(TimeoutError, match="not its key") as info:
+            Client(wrong, timeout=1)
+        assert ("ipc://" in str(info.value)) == ipc
+        with pytest.raises(TimeoutError, match="wrong exec_key"):
+            Client(ctl.client_file, exec_key=new_key(), timeout=1)
+        with Client(ctl.client_file, timeout=WAIT) as rc:  # the right key still works
+            assert rc.ids == []
+    finally:
+        ctl.stop()
+    with pytest.raises(TimeoutError) as info:  # nothing listens there any more
+        Client(wrong, timeout=1)
+    assert "key" not in str(info.value)
+
+
+def test_an_engine_with_a_wrong_key_says_so(tmp_path: Path) -> None:
+    """The engine's registration times out the same way, and its log says why."""
+    ctl = start_controller(tmp_path / "prof")
+    try:
+        wrong = tmp_path / "engine.json"
+        wrong.write_text(json.dumps(dict(ctl.engine, key=new_key())))
+        wrong.chmod(0o600)
+        out = subprocess.run(
+            [sys.executable, "-m", "ferroparallel.engine", "--file", str(wrong), "--timeout", "1"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=WAIT + 20,
+        )
+    finally:
+        ctl.stop()
+    assert out.returncode != 0
+    assert "no registration reply" in out.stderr and "not its key" in out.stderr, out.stderr

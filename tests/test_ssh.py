@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,19 @@ def test_connection_file_ssh_used_for_remote_controller(sshd: Sshd, cluster, tmp
         assert rc[:].apply_sync(lambda: 6 * 7) == [42] * len(rc.ids)
 
 
+def test_remote_loopback_controller_without_ssh_is_warned(cluster, tmp_path) -> None:
+    """As ipyparallel's Client: a controller on loopback of another host (``location``) with no
+    SSH server to reach it is warned about (connecting would time out), naming the host."""
+    ctl, _ = cluster
+    info = json.loads(ctl.client_file.read_text())
+    with pytest.warns(RuntimeWarning, match=r"sshserver='you@controller-host.invalid'"):
+        rc = Client(dict(info, location="controller-host.invalid", ssh=""), timeout=TIMEOUT)
+    rc.close()  # (the controller is on this machine after all)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Client(info, timeout=TIMEOUT).close()  # the controller's own location: no warning
+
+
 def test_engine_through_tunnel(sshd: Sshd, cluster) -> None:
     ctl, engines = cluster
     with Client(ctl.client_file, timeout=TIMEOUT) as rc:
@@ -275,6 +289,35 @@ def test_engine_through_tunnel(sshd: Sshd, cluster) -> None:
         eng.send_signal(signal.SIGTERM)
         assert eng.wait(15) == 0
         wait_until(lambda: eid not in rc.ids, 15, "the engine to unregister")
+
+
+def test_engine_uses_the_engine_files_ssh_entry(sshd: Sshd, tmp_path_factory) -> None:
+    """ipcontroller's documented ``--enginessh``: the engine file names the SSH server, and an
+    engine on another host than the controller tunnels through it with no ``--ssh`` of its own,
+    while clients (whose file has no ``ssh``) connect directly."""
+    ctl = start_controller(
+        tmp_path_factory.mktemp("enginessh"),
+        "--enginessh",
+        sshd.server,
+        "--location",
+        "controller-host.invalid",
+    )
+    eng = None
+    try:
+        assert ctl.engine["ssh"] == sshd.server and ctl.client["ssh"] == ""
+        with pytest.warns(RuntimeWarning, match="controller-host.invalid"):
+            rc = Client(ctl.client_file, timeout=TIMEOUT)  # (it is on this machine after all)
+        with rc:
+            assert rc._tunnels is None
+            eng = _engine(ctl, "--sshkey", str(sshd.key), "--log-level", "DEBUG")
+            rc.wait_for_engines(1, timeout=30)
+            assert rc[:].apply_sync(os.getpid) == [eng.pid]
+        text = (ctl.profile_dir / "log" / f"engine-{eng.pid}.log").read_text(errors="replace")
+        assert f"SSH tunnels via {sshd.server} (openssh)" in text
+    finally:
+        if eng is not None:
+            stop_popen(eng)
+        ctl.stop()
 
 
 # ----- passwords ----------------------------------------------------------------------------

@@ -185,6 +185,25 @@ _HOT_TRAITS = ("metadata", "outstanding", "results", "history", "debug", "status
 STRANDED_GRACE = 0.3
 
 
+def _warn_if_remote_loopback(info: dict[str, Any]) -> None:
+    """Warn (as ipyparallel does) when the controller listens on loopback on another machine
+    (its ``location``) and no SSH server is known to reach it: connecting will time out."""
+    _, _, ip = str(info.get("interface", "")).partition("://")
+    if not (ip.startswith("127.") or ip in ("::1", "[::1]", "localhost")):
+        return
+    if _ssh.controller_is_local(info):
+        return
+    location = info.get("location")
+    warnings.warn(
+        f"the controller listens on loopback ({ip}) of {location!r}, which is not this machine, "
+        "and the connection info names no SSH server: if it really is on another machine, pass "
+        f"Client(..., sshserver='you@{location}') or have the controller listen on an address "
+        "reachable from here (--ip)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 class Client(HasTraits):
     """A connection to a controller.
 
@@ -352,6 +371,8 @@ class Client(HasTraits):
         self._tunnel_error: BaseException | None = None
         urls = {channel: connection.url(info, channel) for _, _, channel in _SOCKETS}
         ssh_server = _ssh.choose_server(info, sshserver, sshkey, password)
+        if not ssh_server:
+            _warn_if_remote_loopback(info)
         pack = packer or info.get("pack", "msgpack")
         unpack = unpacker or info.get("unpack", pack)
         for name in (pack, unpack):
@@ -402,6 +423,8 @@ class Client(HasTraits):
                 on_death=self._tunnel_died,
             )
             urls = dict(self._tunnels.urls)
+        # where the connection request goes (None through SSH: the forward always accepts)
+        self._registration_endpoint = None if ssh_server else urls["registration"]
         try:
             self._io = _core.IoThread(self.session, name="ferroparallel-client")
             for name, kind, channel in _SOCKETS:
@@ -891,18 +914,30 @@ class Client(HasTraits):
             reply = fut.result(timeout=wait)
         except TimeoutError:
             self._query_futures.pop(header["msg_id"], None)
+            failures = self._io.handshake_failures()
             raise TimeoutError(
                 f"Hub {what or msg_type} timed out: no reply from the controller at "
                 f"{self._controller_url} (connection info from {self._connection_source}) "
                 f"within {wait:g} s"
-                + _curve.describe_handshake_failures(
-                    self._io.handshake_failures(), curve=getattr(self, "_curve", None)
-                )
+                + _curve.describe_handshake_failures(failures, curve=getattr(self, "_curve", None))
+                + ("" if failures or msg_type != "connection_request" else self._silent_hint())
             ) from None
         content = reply.get("content") or {}
         if content.get("status") == "error":
             raise error.unwrap_exception(content)
         return content
+
+    def _silent_hint(self) -> str:
+        """Why a controller may not answer the connection request, when one listens there."""
+        endpoint = getattr(self, "_registration_endpoint", None)
+        if not endpoint or not connection.accepts_connections(endpoint):
+            return ""
+        return (
+            f"; something accepts connections at {endpoint} but did not answer: if it is the "
+            "controller, the key in this connection info is not its key (a controller drops "
+            "messages signed with another key unread), e.g. a connection file of an earlier "
+            "controller run, or a wrong exec_key"
+        )
 
     def _register(
         self,

@@ -120,6 +120,29 @@ def url(info: dict[str, Any], channel: str) -> str:
     return f"{interface_address(info)}:{info[channel]}"
 
 
+def accepts_connections(url: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts stream connections at ``url`` (``tcp://host:port`` or
+    ``ipc://`` path, ``@`` for Linux's abstract namespace); ``False`` for other transports.
+
+    Used to tell "no controller there" from "a controller that ignores us" after a timeout.
+    """
+    proto, _, addr = url.partition("://")
+    try:
+        if proto == "tcp":
+            host, _, port = addr.rpartition(":")
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return True
+        if proto == "ipc" and hasattr(socket, "AF_UNIX"):
+            path = "\0" + addr[1:] if addr.startswith("@") else addr
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(path)
+                return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def _first_to_exist(candidates: list[Path], timeout: float) -> Path:
     """The first of ``candidates`` that exists, waiting up to ``timeout`` seconds for one to
     appear; the first one when none does."""

@@ -40,6 +40,7 @@ _CLI_SETTINGS = (
     "ip",
     "location",
     "ssh",
+    "engine_ssh",
     "ping",
     "scheme",
     "hwm",
@@ -80,7 +81,13 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
     g = p.add_argument_group("network")
     g.add_argument("--ip", help="interface to bind (default 127.0.0.1)")
     g.add_argument("--location", help="hostname written to the connection files")
-    g.add_argument("--ssh", help="SSH server written to the connection files")
+    g.add_argument("--ssh", help="SSH server for clients, written to the client connection file")
+    g.add_argument(
+        "--enginessh",
+        dest="engine_ssh",
+        metavar="SSH",
+        help="SSH server for engines, written to the engine connection file",
+    )
     g.add_argument("--ports", help="port pool, e.g. 10101-10120 or 10101,10102")
     g.add_argument("--port", type=int, help="registration port")
     g = p.add_argument_group("behaviour")

@@ -98,6 +98,7 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("IPController", "ip"): "ip",
     ("IPController", "location"): "location",
     ("IPController", "ssh_server"): "ssh",
+    ("IPController", "engine_ssh_server"): "engine_ssh",
     ("IPController", "reuse_files"): "reuse",
     ("IPController", "restore_engines"): "restore",
     ("IPController", "ports"): "ports",
@@ -254,7 +255,11 @@ class ControllerSettings:
     location : str
         Hostname written to the connection files (default: this host's name).
     ssh : str
-        SSH server written to the connection files (``""``: none).
+        SSH server for clients, written to the client connection file (``--ssh``; ``""``:
+        none).
+    engine_ssh : str
+        SSH server for engines, written to the engine connection file (``--enginessh``;
+        ``""``: none).
     ping : int
         Heartbeat period in ms (``--ping``).
     hb_max_misses : int
@@ -312,6 +317,7 @@ class ControllerSettings:
     ip: str = "127.0.0.1"
     location: str = ""
     ssh: str = ""
+    engine_ssh: str = ""
     ping: int = 3000
     hb_max_misses: int = 10
     registration_timeout: int | None = None

@@ -51,7 +51,9 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
-def _common(settings: ControllerSettings, key: str, serverkey: str | None = None) -> dict[str, Any]:
+def _common(
+    settings: ControllerSettings, key: str, ssh: str, serverkey: str | None = None
+) -> dict[str, Any]:
     return {
         "interface": f"tcp://{settings.ip}",
         "key": key,
@@ -59,7 +61,7 @@ def _common(settings: ControllerSettings, key: str, serverkey: str | None = None
         "pack": settings.pack,
         "unpack": settings.pack,
         "location": settings.resolved_location(),
-        "ssh": settings.ssh,
+        "ssh": ssh,
         # The controller's public CURVE key (Z85), or None without CURVE; never the secret.
         "curve_serverkey": serverkey,
     }
@@ -74,7 +76,7 @@ def client_info(
 ) -> dict[str, Any]:
     """The client connection dict for the bound ``ports`` (Rust channel name -> port) and
     ``ipc_endpoints`` (Rust channel name -> ``ipc://`` URL, see :mod:`ferroparallel.ipc`)."""
-    info = _common(settings, key, serverkey)
+    info = _common(settings, key, settings.ssh, serverkey)
     for k, ch in _CLIENT_KEYS.items():
         info[k] = int(ports[ch])
     _add_ipc(info, ipc_endpoints, {**_CLIENT_KEYS, "broadcast": "broadcast_client"})
@@ -93,7 +95,7 @@ def engine_info(
 ) -> dict[str, Any]:
     """The engine connection dict for the bound ``ports`` (Rust channel name -> port) and
     ``ipc_endpoints`` (as :func:`client_info`)."""
-    info = _common(settings, key, serverkey)
+    info = _common(settings, key, settings.engine_ssh, serverkey)
     for k, ch in _ENGINE_KEYS.items():
         info[k] = int(ports[ch])
     _add_ipc(info, ipc_endpoints, {**_ENGINE_KEYS, "broadcast": "broadcast_engine"})
@@ -159,7 +161,7 @@ def reusable_files(
                 k,
             )
             return None
-    wanted = _common(settings, client["key"], serverkey)
+    wanted = _common(settings, client["key"], settings.ssh, serverkey)
     if client.get("curve_serverkey") != serverkey:
         log.warning(
             "--reuse: %s was written for another CurveZMQ server key (or without CURVE); "

@@ -37,6 +37,13 @@ from .startup import Startup
 
 log = logging.getLogger(__name__)
 
+# Why a controller whose sockets we are connected to does not answer the registration request.
+_SILENT_CONTROLLER = (
+    "; the controller's sockets are connected but it did not answer: the key in the connection "
+    "file is probably not its key (a controller drops messages signed with another key unread), "
+    "e.g. a connection file of an earlier controller run"
+)
+
 #: Exit statuses of :meth:`EngineKernel.run`.
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start or register
@@ -239,14 +246,13 @@ class EngineKernel:
                 log.debug("ignoring %s message before registration", name)
             left = deadline - time.monotonic()
             if left <= 0:
+                failures = self.io.handshake_failures() + self.direct.handshake_failures()
                 log.error(
                     "no registration reply from %s within %.1f s%s",
                     self.urls.registration,
                     self.config.timeout,
-                    _curve.describe_handshake_failures(
-                        self.io.handshake_failures() + self.direct.handshake_failures(),
-                        curve=bool(self.curve_options),
-                    ),
+                    _curve.describe_handshake_failures(failures, curve=bool(self.curve_options))
+                    or _SILENT_CONTROLLER,
                 )
                 return False
             self.inbox.pull_other(min(left, 0.1))
