@@ -211,6 +211,20 @@ def test_message_future_tracking() -> None:
     assert f2.sent and f2.wait_for_send(None)
 
 
+def test_wait_for_send_raises_when_still_sending(client: FakeClient) -> None:
+    """As ipyparallel's: ``AsyncResult.wait_for_send`` raises TimeoutError("Still waiting to
+    be sent") when the tracked send has not completed in time (it returned False)."""
+    tracker: concurrent.futures.Future = concurrent.futures.Future()
+    f = MessageFuture("m4", {"msg_id": "m4", "msg_type": "apply_request"}, track=tracker)
+    ar = AsyncResult(client, [f])
+    with pytest.raises(TimeoutError, match="Still waiting to be sent"):
+        ar.wait_for_send(0.01)
+    with pytest.raises(TimeoutError):
+        ar.wait_for_send(0)
+    later(lambda: tracker.set_result(None))
+    assert ar.wait_for_send() is True
+
+
 # -- Metadata ---------------------------------------------------------------------------------
 
 

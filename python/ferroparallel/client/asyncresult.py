@@ -544,8 +544,25 @@ class AsyncResult(SlimFuture):
         """Whether every message has left the client (tracked zero-copy sends)."""
         return all(getattr(c, "sent", True) for c in self._children)
 
-    def wait_for_send(self, timeout: float | None = None) -> bool:
-        """Wait until every message has been sent (tracked sends); True when they have."""
+    def wait_for_send(self, timeout: float | None = -1) -> bool:
+        """Wait until every message has been sent (tracked sends: needed before changing in
+        place an array sent with ``track=True``).
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds; negative or None waits as long as it takes.
+
+        Returns
+        -------
+        bool
+            True (everything has left).
+
+        Raises
+        ------
+        TimeoutError
+            Still waiting to be sent after ``timeout`` seconds (as ipyparallel's).
+        """
         timeout = _timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for c in self._children:
@@ -554,7 +571,7 @@ class AsyncResult(SlimFuture):
                 continue
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not waiter(left):
-                return False
+                raise TimeoutError("Still waiting to be sent")
         return True
 
     # -- metadata -----------------------------------------------------------------------------
