@@ -497,7 +497,7 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
             import json, sys
             from ferroparallel.cluster import Cluster
             mode = sys.argv[1]
-            on = mode in ("1", "gc", "late-off", "closed-stderr")
+            on = mode in ("1", "gc", "late-off", "closed-stderr", "stopped-elsewhere")
             c = Cluster(n=2, engine_cmd={sleeper!r}, shutdown_atexit=on)
             c.start_cluster_sync()
             if mode.startswith("late"):  # changed after the start: what counts is the end
@@ -505,6 +505,8 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
             print(json.dumps([p.pid for p in c._processes()]), flush=True)
             if mode == "closed-stderr":  # printing the exit message fails: still stopped
                 sys.stderr.close()
+            if mode == "stopped-elsewhere":  # through another Cluster object: nothing to say
+                Cluster.from_file(c.cluster_file).stop_cluster_sync()
             if mode == "gc":  # the object dropped: its processes are still stopped at exit
                 import gc
                 del c
@@ -542,6 +544,7 @@ def test_atexit_stops_processes(tmp_path: Path, sleeper: list[str], fp_root: Pat
     outlives_its_starter("late-off")
     stopped_at_exit("late-on")
     stopped_at_exit("closed-stderr")
+    stopped_at_exit("stopped-elsewhere")  # (no "Stopping cluster" for it: see starter)
 
 
 @needs_engine

@@ -92,9 +92,13 @@ def _stop_at_exit() -> None:
         if cluster.controller is None and not cluster.engines:
             continue  # stopped already
         try:
-            # as ipyparallel (but a closed or broken stderr must not leave it running)
-            with contextlib.suppress(Exception):
-                print(f"Stopping cluster {cluster}", file=sys.stderr)
+            # as ipyparallel (but a closed or broken stderr must not leave it running); not for
+            # a cluster stopped meanwhile through another Cluster object (what is left of it
+            # is its files, removed quietly)
+            alive = any(p.running for p in cluster._processes()) or cluster._batch_jobs()
+            if alive:
+                with contextlib.suppress(Exception):
+                    print(f"Stopping cluster {cluster}", file=sys.stderr)
             cluster._stop_now()
         except Exception as e:  # pragma: no cover - best effort at exit
             log.warning("could not stop cluster %r at exit: %s", cluster.cluster_id, e)
