@@ -140,6 +140,15 @@ class ControllerProcess:
         stop_popen(self.popen, timeout)
 
 
+def closed_by_peer(s: socket.socket, nbytes: int = 64) -> bool:
+    """Whether the other end closed ``s`` (EOF or a reset) without sending anything: how a
+    server of ours cuts off a peer that sent something it refuses."""
+    try:
+        return s.recv(nbytes) == b""
+    except ConnectionResetError:
+        return True
+
+
 def stop_popen(p: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     """SIGTERM a child, SIGKILL it if it is still alive after ``timeout`` s, and reap it."""
     if p.poll() is None:

@@ -26,7 +26,7 @@ import pytest
 
 import ferroparallel as ipp
 from cluster_fixtures import wait_until
-from cluster_util import raised_by_alarm
+from cluster_util import closed_by_peer, raised_by_alarm
 from ferroparallel import Client, Cluster, Reference, _core
 from ferroparallel.error import RemoteError
 from ferroparallel.serialize import netloan
@@ -460,13 +460,6 @@ def _stream_message(frames: list[bytes]) -> bytes:
     return head + b"".join(struct.pack(">Q", len(f)) for f in frames) + b"".join(frames)
 
 
-def _closed_by_server(peer: socket.socket) -> bool:
-    try:
-        return peer.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
 def test_garbage_on_the_data_endpoint_is_dropped(server: netloan.DataServer) -> None:
     """Unsigned, malformed or oversized input to a data endpoint costs its sender the
     connection (and is logged), and the server goes on serving everyone else."""
@@ -483,7 +476,7 @@ def test_garbage_on_the_data_endpoint_is_dropped(server: netloan.DataServer) -> 
     for data in junk:
         with _raw_peer(server.endpoint) as peer:
             peer.sendall(data)
-            assert _closed_by_server(peer), data[:40]
+            assert closed_by_peer(peer), data[:40]
     fetcher = netloan.Fetcher(KEY, "msgpack")
     try:
         assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"still served"
@@ -529,7 +522,7 @@ def test_oversized_input_on_a_data_endpoint_is_refused(server: netloan.DataServe
     with _raw_peer(server.endpoint) as peer:
         head = b"FPds" + struct.pack(">IIQ", 1, 0, netloan.MAX_REQUEST_BYTES + 1)
         peer.sendall(head)  # only the announcement: the server must not wait for the bytes
-        assert _closed_by_server(peer), "the oversized message was accepted"
+        assert closed_by_peer(peer), "the oversized message was accepted"
     fetcher = netloan.Fetcher(KEY, "msgpack")
     try:
         assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"fine"
@@ -676,7 +669,7 @@ def test_a_silent_peer_loses_its_connection(
         stream = fetcher._channels[server.endpoint].stream
         with _raw_peer(server.endpoint) as peer:
             started = time.monotonic()
-            assert _closed_by_server(peer)  # (the socket times out after 10 s)
+            assert closed_by_peer(peer)  # (the socket times out after 10 s)
             assert time.monotonic() - started < 5
         # (the signed peer was idle longer than ACK_TIMEOUT meanwhile)
         assert bytes(fetcher.fetch(server.endpoint, token, 10)[0]) == b"data"

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import ferroparallel as ipp
+from cluster_util import closed_by_peer
 from ferroparallel import error, ipc
 from peer.session import Session as PeerSession
 
@@ -51,14 +52,6 @@ def _connect(url: str) -> socket.socket:
     s.settimeout(20)
     s.connect("\0" + url.removeprefix("ipc://@"))
     return s
-
-
-def _closed_by_peer(s: socket.socket) -> bool:
-    """Whether the controller closed ``s`` (EOF) without sending anything."""
-    try:
-        return s.recv(64) == b""
-    except ConnectionResetError:
-        return True
 
 
 def test_engines_and_clients_on_this_host_talk_over_links(rc: ipp.Client) -> None:
@@ -108,35 +101,35 @@ def test_the_link_listener_refuses_peers_without_the_key(
     # bytes that are no message
     with _connect(url) as s:
         s.sendall(b"\xff" * 64)
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     # a message too large for a peer that has not said hello
     with _connect(url) as s:
         s.sendall(struct.pack("<B3xIQ", 0xFF, 1, 1 << 40))
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     # a hello signed with another key, and one on the wrong channel
     forged = PeerSession(b"not the key").serialize("fp_link_hello", {"uuid": "intruder"})
     with _connect(url) as s:
         s.sendall(_frame(0xFF, forged))
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     hello = PeerSession(key).serialize("fp_link_hello", {"uuid": "intruder"})
     with _connect(url) as s:
         s.sendall(_frame(1, hello))
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     bogus = PeerSession(key).serialize("fp_link_hello", {"uuid": "x", "role": "hub"})
     with _connect(url) as s:
         s.sendall(_frame(0xFF, bogus))
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     # the identity of a client that has a link
     taken = PeerSession(key).serialize("fp_link_hello", {"uuid": rc._session_id, "role": "client"})
     with _connect(url) as s:
         s.sendall(_frame(0xFF, taken))
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     # a valid hello for an engine that has a link already: refused, the engine keeps its link
     engine_uuid = rc._engines[0]
     hello = PeerSession(key).serialize("fp_link_hello", {"uuid": engine_uuid})
     with _connect(url) as s:
         s.sendall(_frame(0xFF, hello))
-        assert _closed_by_peer(s)
+        assert closed_by_peer(s)
     assert rc[:].apply_sync(_link_state) == ["up", "up"]
     assert rc._io.link_up
     assert rc[0].apply_sync(pow, 2, 3) == 8
@@ -147,7 +140,7 @@ def test_connections_that_have_not_said_hello_are_capped(shared_cluster: Any) ->
     silent = [_connect(url) for _ in range(64)]
     try:
         with _connect(url) as extra:  # the 65th waiting connection is closed at once
-            assert _closed_by_peer(extra)
+            assert closed_by_peer(extra)
         silent[0].setblocking(False)
         with pytest.raises(BlockingIOError):  # the first ones still wait for their hello
             silent[0].recv(1)
@@ -161,7 +154,7 @@ def test_connections_whose_peer_left_do_not_count_against_the_cap(shared_cluster
     for _ in range(3):
         silent = [_connect(url) for _ in range(64)]
         with _connect(url) as extra:
-            assert _closed_by_peer(extra)
+            assert closed_by_peer(extra)
         for s in silent:
             s.close()
         # at once, before the controller may have read the closed ones: not refused
@@ -174,7 +167,7 @@ def test_connections_whose_peer_left_do_not_count_against_the_cap(shared_cluster
 def test_a_silent_connection_is_closed(shared_cluster: Any) -> None:
     with _connect(_link_url(shared_cluster)) as s:
         t0 = time.monotonic()
-        assert _closed_by_peer(s)  # after the controller's hello time (5 s)
+        assert closed_by_peer(s)  # after the controller's hello time (5 s)
         assert time.monotonic() - t0 >= 1.0
 
 
