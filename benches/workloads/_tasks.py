@@ -15,6 +15,16 @@ def noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def noop_main(*args: Any, **kwargs: Any) -> None:
+    """``noop`` as if typed at the prompt or in a notebook cell (``__module__`` is
+    ``"__main__"``, set below): every framework sends it by value, the common case of
+    interactive use."""
+    return None
+
+
+noop_main.__module__ = "__main__"
+
+
 def noop_chunk(items: Any) -> list[None]:
     """``noop`` over a chunk of items (Dask's counterpart of a ``map`` with ``chunksize``)."""
     return [noop(x) for x in items]

@@ -5,11 +5,13 @@
 - direct ``rc[0].apply_async(noop)``, and ``rc[:].apply_async(noop)`` (a DirectView of both
   engines: each call is one task per engine, so N/2 calls make the N tasks), ferroparallel and
   ipyparallel;
-- load-balanced ``lview.apply_async(noop)``, and ``lview.map(noop, range(N), chunksize=c)``
-  (non-blocking) with ``c`` = 1 and 100, ferroparallel and ipyparallel; and for Dask, as the
-  same load-balanced patterns, ``client.submit(noop, pure=False)``,
-  ``client.map(noop, range(N), pure=False)``, and ``client.map`` of a chunk runner over chunks
-  of 100 (Dask's map has no chunksize); rates count items, not chunks.
+- load-balanced ``lview.apply_async(noop)``, the same with ``noop_main`` (a function whose
+  module is ``__main__``, as one typed at the prompt: sent by value), and
+  ``lview.map(noop, range(N), chunksize=c)`` (non-blocking) with ``c`` = 1 and 100,
+  ferroparallel and ipyparallel; and for Dask, as the same load-balanced patterns,
+  ``client.submit(noop, pure=False)`` (and of ``noop_main``), ``client.map(noop, range(N),
+  pure=False)``, and ``client.map`` of a chunk runner over chunks of 100 (Dask's map has no
+  chunksize); rates count items, not chunks.
 
 Four more rows give the floor of the load-balanced patterns: a raw pyzmq DEALER sending the same
 number of apply-request-sized messages, pipelined (up to 1,000 in flight), to an echo process,
@@ -55,7 +57,7 @@ from _frameworks import (  # noqa: E402
     ratio,
     running,
 )
-from _tasks import noop, noop_chunk  # noqa: E402
+from _tasks import noop, noop_chunk, noop_main  # noqa: E402
 
 NAME = "throughput"
 
@@ -125,6 +127,10 @@ def _ipp_patterns(n_engines: int) -> list[Pattern]:
         apply = rc.load_balanced_view().apply_async
         return [apply(noop) for _ in range(n)]
 
+    def lb_apply_main(rc: Any, n: int) -> list[Any]:
+        apply = rc.load_balanced_view().apply_async
+        return [apply(noop_main) for _ in range(n)]
+
     def lb_map(rc: Any, n: int) -> Any:
         return rc.load_balanced_view().map(noop, range(n), chunksize=1, block=False)
 
@@ -135,6 +141,7 @@ def _ipp_patterns(n_engines: int) -> list[Pattern]:
         Pattern("direct rc[0]", "rc[0].apply_async(noop)", 1, direct_one, _get_each),
         Pattern("direct rc[:]", "rc[:].apply_async(noop)", n_engines, direct_all, _get_each),
         Pattern("lb submit", "lview.apply_async(noop)", 1, lb_apply, _get_each),
+        Pattern("lb main", "lview.apply_async(noop_main)", 1, lb_apply_main, _get_each),
         Pattern("lb map", "lview.map(noop, range(N), chunksize=1)", 1, lb_map, _get_map),
         Pattern(
             "lb map c100", f"lview.map(noop, range(N), chunksize={CHUNK})", 1, lb_map_100, _get_map
@@ -148,6 +155,10 @@ def _dask_patterns() -> list[Pattern]:
     def submit(client: Any, n: int) -> list[Any]:
         sub = client.submit
         return [sub(noop, pure=False) for _ in range(n)]
+
+    def submit_main(client: Any, n: int) -> list[Any]:
+        sub = client.submit
+        return [sub(noop_main, pure=False) for _ in range(n)]
 
     def map_(client: Any, n: int) -> list[Any]:
         return client.map(noop, range(n), pure=False)
@@ -164,6 +175,7 @@ def _dask_patterns() -> list[Pattern]:
 
     return [
         Pattern("lb submit", "client.submit(noop, pure=False)", 1, submit, gather),
+        Pattern("lb main", "client.submit(noop_main, pure=False)", 1, submit_main, gather),
         Pattern("lb map", "client.map(noop, range(N), pure=False)", 1, map_, gather),
         Pattern(
             "lb map c100",

@@ -26,9 +26,9 @@ from .pickling import (
     PROTOCOL,
     BufferLike,
     Prepickled,
+    _function_pickle,
     _is_plain,
     _not_main,
-    _reference_pickle,
     load_object,
     plain_frames,
     serialize_object,
@@ -109,14 +109,15 @@ _NO_ARGUMENTS = pickle.dumps(((), {}), protocol=PROTOCOL)
 
 def pack_plain_call(f: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[bytes] | None:
     """The buffers :func:`pack_apply_message` makes for ``f(*args, **kwargs)``, made without
-    its general machinery when ``f`` is a module-level function (pickled by reference) or a
-    one-frame :class:`~.pickling.Prepickled` (a map's chunk runner) and the arguments are
+    its general machinery when ``f`` is a module-level function (pickled by reference), a
+    ``__main__`` function whose pickle is cached (see :mod:`.funcache`) or a one-frame
+    :class:`~.pickling.Prepickled` (a map's chunk runner) and the arguments are
     plain data with no out-of-band buffer; None otherwise (use :func:`pack_apply_message`).
     The common small call of a task loop costs a few dictionary lookups and one
     ``pickle.dumps``."""
     t = type(f)
     if t is FunctionType:
-        f_frame = _reference_pickle(f)
+        f_frame = _function_pickle(f)
         if f_frame is None:
             return None
     elif t is Prepickled and len(f.frames) == 1:  # e.g. the chunk runner of a map

@@ -7,7 +7,7 @@ import pickle
 import sys
 from collections import ChainMap
 from collections.abc import Callable, Sequence
-from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
+from types import CodeType, FunctionType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import cloudpickle
@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - another cloudpickle layout: never take
 
 
 from .._core import Frame as _Frame
+from . import funcache
 from .buffers import (
     DEFAULT_THRESHOLD,
     LargeBytes,
@@ -36,6 +37,7 @@ from .buffers import (
     reduce_ndarray,
     wrap_large_buffers,
 )
+from .funcache import code_like, is_method
 from .interactive import HELPER_CODES, keep_globals
 from .namespace import resolve_in_namespace
 from .shm import OutOfBandSink
@@ -192,6 +194,27 @@ def _reference_pickle(f: FunctionType) -> bytes | None:
     return data
 
 
+def _full_frames(f: Any) -> list[Any]:
+    """``serialize_object(f)`` by the full pickler (no shortcut, no cache)."""
+    frames: list[Any] = []
+    file = io.BytesIO()
+    _pickler_class(file, frames.append, None).dump(f)
+    return [file.getvalue(), *frames]
+
+
+def _function_pickle(f: FunctionType) -> bytes | None:
+    """The one-frame pickle of function ``f`` when it can be had without pickling it again:
+    by reference (see :func:`_reference_pickle`), or a ``__main__`` function's pickle by
+    value in the default mode, made once and reused while nothing it is made from changed
+    (see :mod:`.funcache`); None otherwise."""
+    data = _reference_pickle(f)
+    if data is not None:
+        return data
+    if f.__module__ != "__main__" or _pickler_name != "pickle" or _capture_data:
+        return None
+    return funcache.cached_value_pickle(f, _full_frames)
+
+
 def _by_reference(obj: Any) -> bool:
     """Whether cloudpickle would pickle function ``obj`` by reference (module + name), which
     the standard pickler does identically and much faster."""
@@ -238,7 +261,7 @@ def _make_pickler_class(base: type, isolate: bool = False) -> type:
                 if base_override is None:
                     return NotImplemented
                 rv = base_override(self, obj)
-                if _capture_data or obj.__module__ != "__main__" or _is_method(obj):
+                if _capture_data or obj.__module__ != "__main__" or is_method(obj):
                     return rv
                 return _without_data_globals(rv)
             else:
@@ -272,22 +295,6 @@ def _code_reduce(code: CodeType) -> Any:
 _capture_data = False
 
 
-def _code_like(value: Any) -> bool:
-    """Functions, classes, modules (and NumPy ufuncs): what a ``__main__`` function may bring
-    along by default (see :func:`_without_data_globals`)."""
-    return isinstance(value, FunctionType | BuiltinFunctionType | type | ModuleType) or (
-        type(value).__name__ == "ufunc"
-    )
-
-
-def _is_method(f: FunctionType) -> bool:
-    """Whether ``f`` was defined in a class body (``Cls.meth``): it travels inside its class,
-    which the engine does not rebind to its namespace, so it keeps the data it names. Module
-    level functions and those defined in functions (``f.<locals>.g``, lambdas) are rebound."""
-    parts = f.__qualname__.rsplit(".", 2)
-    return len(parts) > 1 and parts[-2] != "<locals>"
-
-
 def _without_data_globals(rv: Any) -> Any:
     """cloudpickle's reduce value of a ``__main__`` function (not a method), keeping only the
     code-like globals it references (helpers, classes, imported modules).
@@ -303,7 +310,7 @@ def _without_data_globals(rv: Any) -> Any:
     captured = slotstate.get("__globals__") if type(slotstate) is dict else None
     if not captured:
         return rv
-    kept = {k: v for k, v in captured.items() if _code_like(v)}
+    kept = {k: v for k, v in captured.items() if code_like(v)}
     if len(kept) == len(captured):
         return rv
     return (rv[0], rv[1], (state, {**slotstate, "__globals__": kept}), *rv[3:])
@@ -375,6 +382,7 @@ def _set_pickler(base: type, name: str, capture_data: bool = False) -> None:
     _pickler_class = _make_pickler_class(base, isolate=name in ("cloudpickle", "dill"))
     _pickler_name = name
     _capture_data = capture_data
+    funcache.clear()
 
 
 def current_pickler() -> str:
@@ -444,7 +452,7 @@ def serialize_object(
     if t is Prepickled:
         return list(obj.frames)
     if t is FunctionType:
-        data = _reference_pickle(obj)
+        data = _function_pickle(obj)
         if data is not None:
             return [data]
     frames = plain_frames(obj, threshold)
