@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import ferroparallel as ipp
-from ferroparallel.serialize import funcache, pickling
+from ferroparallel.serialize import funcache, funcload, pickling
 from ferroparallel.serialize.apply import (
     pack_apply_message,
     pack_plain_call,
@@ -268,3 +268,50 @@ def test_engines_run_what_the_client_holds_now(dv: ipp.DirectView) -> None:
     finally:
         helper = old
         uses_helper.__defaults__ = (2,)
+
+
+def _received(f: Any, ns: dict[str, Any]) -> Any:
+    """``f`` as an engine with namespace ``ns`` gets it from a plain call."""
+    frames = pack_plain_call(f, (), {}) or pack_apply_message(f)
+    return unpack_apply_message(frames, ns)[0]
+
+
+def test_an_engine_unpickles_a_repeated_function_once_and_relinks_it_per_call() -> None:
+    funcload._TEMPLATES.clear()
+    ns: dict[str, Any] = {"SCALE": 1}
+    first = _received(uses_helper, ns)
+    assert len(funcload._TEMPLATES) == 1
+    template = next(iter(funcload._TEMPLATES.values()))
+    second = _received(uses_helper, ns)
+    assert next(iter(funcload._TEMPLATES.values())) is template
+    assert first is not second and first.__globals__ is second.__globals__ is ns
+    first.tag = 1  # what a call does to its function stays with that call
+    assert not hasattr(second, "tag") and not template.__dict__
+    assert second(1) == 2 and ns["helper"](1) == 2  # (the helper it brought is in ns)
+
+
+def test_an_engine_never_reuses_what_a_call_could_change() -> None:
+    def outer() -> Callable[[], int]:
+        n = 0
+
+        def count() -> int:
+            nonlocal n
+            n += 1
+            return n
+
+        return _main(count)
+
+    @_main
+    def collect(x: int, acc: Any = []) -> Any:  # noqa: B006 - the point of the test
+        acc.append(x)
+        return acc
+
+    funcload._TEMPLATES.clear()
+    ns: dict[str, Any] = {}
+    count = outer()
+    assert [_received(count, ns)() for _ in range(2)] == [1, 1]  # fresh cells per call
+    call = pack_apply_message(collect, (5,))
+    assert [unpack_apply_message(call, ns)[0](5) for _ in range(2)] == [[5], [5]]
+    ipp.use_cloudpickle()  # (keeps its own globals: never a template)
+    _received(uses_helper, ns)
+    assert not funcload._TEMPLATES

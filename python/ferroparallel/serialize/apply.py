@@ -21,6 +21,7 @@ from types import FunctionType
 from typing import Any
 
 from .buffers import DEFAULT_THRESHOLD
+from .funcload import load_main_function
 from .namespace import resolve_in_namespace
 from .pickling import (
     PROTOCOL,
@@ -152,15 +153,19 @@ def _unpack_plain_call(
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]] | None:
     """What :func:`unpack_apply_message` returns for three frames whose header says the
     function is one frame (what :func:`pack_plain_call` makes: a task, a map chunk), made
-    without its general machinery: two ``pickle.loads``, and the namespace pass only for what
-    is not plain (``Reference`` values, ``__main__`` functions), as :func:`~.pickling.load_object`
-    does; None for any other header (the general path)."""
+    without its general machinery: two ``pickle.loads`` (a ``__main__`` function's from a
+    template when the same bytes arrived before: see :mod:`.funcload`), and the namespace pass
+    only for what is not plain (``Reference`` values, ``__main__`` functions), as
+    :func:`~.pickling.load_object` does; None for any other header (the general path)."""
     header = memoryview(frames[0])
     if header.nbytes != len(_ONE_FRAME_HEADER) or header != _ONE_FRAME_HEADER:
         return None  # (size first: nothing large is compared)
-    f = pickle.loads(frames[1])  # (a one-frame function has no out-of-band buffer)
-    if namespace is not None and not (type(f) is FunctionType and f.__module__ != "__main__"):
-        if not _is_plain(f, sys.maxsize, _not_main):
+    # (a one-frame function has no out-of-band buffer)
+    if namespace is None:
+        f = pickle.loads(frames[1])
+    else:  # a __main__ function comes relinked, from a template when it arrived before
+        f = load_main_function(frames[1], namespace)
+        if type(f) is not FunctionType and not _is_plain(f, sys.maxsize, _not_main):
             f = resolve_in_namespace(f, namespace)
     args = memoryview(frames[2])
     if args.nbytes == len(_NO_ARGUMENTS) and args == _NO_ARGUMENTS:

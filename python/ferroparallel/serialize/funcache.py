@@ -52,13 +52,13 @@ _CACHE: weakref.WeakKeyDictionary[FunctionType, tuple[list[Any], int, bytes]] = 
 )
 
 
-def _stable(value: Any, depth: int = 3) -> bool:
+def stable(value: Any, depth: int = 3) -> bool:
     """Whether ``value`` pickles to the same bytes for as long as it is the same object."""
     t = type(value)
     if t in _ATOMS or t is ModuleType or t is BuiltinFunctionType:
         return True
     if t is tuple or t is frozenset:
-        return depth > 0 and all(_stable(v, depth - 1) for v in value)
+        return depth > 0 and all(stable(v, depth - 1) for v in value)
     if t is FunctionType or isinstance(value, type):
         return _should_pickle_by_reference(value)
     return t.__name__ == "ufunc"  # NumPy ufuncs pickle by module and name
@@ -93,12 +93,12 @@ def _fingerprint(f: FunctionType, out: list[Any], seen: set[int]) -> None:
         raise _Uncacheable
     defaults, kwdefaults, closure = f.__defaults__, f.__kwdefaults__, f.__closure__
     out += (f.__code__, f.__globals__, defaults, f.__name__, f.__qualname__, f.__doc__)
-    if defaults is not None and not _stable(defaults):
+    if defaults is not None and not stable(defaults):
         raise _Uncacheable
     for mapping in (kwdefaults, f.__annotations__):
         if mapping:  # (dicts: their items, which the pickle holds, may change in place)
             for key, value in mapping.items():
-                if not _stable(value):
+                if not stable(value):
                     raise _Uncacheable
                 out += (key, value)
         out.append(len(mapping) if mapping else 0)
@@ -108,7 +108,7 @@ def _fingerprint(f: FunctionType, out: list[Any], seen: set[int]) -> None:
                 value = cell.cell_contents
             except ValueError:  # (an empty cell)
                 value = _UNBOUND
-            if value is not _UNBOUND and not _stable(value):
+            if value is not _UNBOUND and not stable(value):
                 raise _Uncacheable
             out.append(value)
     g = f.__globals__
@@ -124,7 +124,7 @@ def _fingerprint(f: FunctionType, out: list[Any], seen: set[int]) -> None:
                 raise _Uncacheable
             if id(value) not in seen:
                 _fingerprint(value, out, seen)
-        elif not _stable(value):
+        elif not stable(value):
             raise _Uncacheable  # e.g. a class defined in __main__
 
 
