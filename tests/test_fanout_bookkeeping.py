@@ -7,6 +7,7 @@ client's cost of a DirectView call must not grow with the number of engines)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -128,3 +129,92 @@ def test_callbacks_see_every_child_when_many_threads_submit(rc: Client) -> None:
     assert done.is_set()
     got = sorted(v for batch in results for pair in batch for v in pair)
     assert got == sorted(3 * (k * 100 + i) for k in range(4) for i in range(50) for _ in (0, 1))
+
+
+class _SentMetadata:
+    """Stands for a client's I/O handle and keeps the metadata of what is sent on ``mux``."""
+
+    def __init__(self, io: Any) -> None:
+        self.io = io
+        self.mux: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.io, name)
+
+    def send(self, socket: str, msg_type: str, content: Any, parent: Any, metadata: Any, **kw):
+        if socket == "mux":
+            self.mux.append(dict(metadata or {}))
+        return self.io.send(socket, msg_type, content, parent, metadata, **kw)
+
+
+def test_the_request_names_the_engines_only(rc: Client, held: EngineGate) -> None:
+    """The one message lists the engines' uuids (not a msg_id per engine: what the client
+    writes and signs must not grow by a msg_id per engine); the controller derives each
+    copy's msg_id as the client does, repeats included, so every copy's reply is matched."""
+    io = rc._io
+    rc._io = spy = _SentMetadata(io)
+    try:
+        ar = rc[[0, 1, 0, 0]].apply_async(_triple, 3)
+    finally:
+        rc._io = io
+    uuids = [rc._uuid_of(i) for i in (0, 1, 0, 0)]
+    assert [md["fanout"] for md in spy.mux] == [uuids]
+    base = ar._group.header["msg_id"]
+    assert ar.msg_ids == [f"{base}_{uuids[0]}", f"{base}_{uuids[1]}"] + [
+        f"{base}_{uuids[0]}_{k}" for k in (1, 2)
+    ]
+    held.open()
+    assert ar.get(timeout=SHORT) == [9] * 4
+    assert [md["engine_id"] for md in ar.metadata] == [0, 1, 0, 0]
+
+
+def test_a_controller_without_uuid_fanout_gets_one_request_per_engine(rc: Client) -> None:
+    """Before ``fanout-uuids``, our controllers announced ``fanout`` and read only
+    ``[uuid, msg_id]`` pairs: a client that does not see ``fanout-uuids`` sends each engine its
+    own request (as to an ipyparallel hub), which any controller routes."""
+    assert "fanout-uuids" in rc._features
+    io, features = rc._io, rc._features
+    rc._io = spy = _SentMetadata(io)
+    rc._features = frozenset({"fanout", "abort"})
+    try:
+        ar = rc[[0, 1, 0]].apply_async(_triple, 2)
+    finally:
+        rc._io, rc._features = io, features
+    assert len(spy.mux) == 3 and not any("fanout" in md for md in spy.mux)
+    assert ar.get(timeout=SHORT) == [6, 6, 6]
+    assert [md["engine_id"] for md in ar.metadata] == [0, 1, 0]
+
+
+def test_view_outstanding_while_requests_finish(rc: Client, held: EngineGate) -> None:
+    """A view's ``outstanding`` lists exactly its unfinished msg_ids, also after its record of
+    them was pruned (which keeps a request while any of its engines has not answered)."""
+    view = rc[:]
+    first = view.apply_async(_triple, 1)
+    assert view.outstanding == set(first.msg_ids)
+    view._prune_at = 0  # prune at every request from now on
+    second = [view.apply_async(_triple, k) for k in range(3)]
+    every = {m for ar in [first, *second] for m in ar.msg_ids}
+    assert view.outstanding == every
+    assert every <= rc.outstanding
+    held.open()
+    assert [ar.get(timeout=SHORT) for ar in second] == [[0, 0], [3, 3], [6, 6]]
+    last = view.apply_async(_triple, 5)  # (prunes the finished ones)
+    assert view.outstanding <= set(last.msg_ids)
+    assert last.get(timeout=SHORT) == [15, 15]
+    assert view.outstanding == set()
+    assert view.history[-len(last.msg_ids) :] == last.msg_ids
+
+
+def test_results_leave_the_client_when_owned_before_any_reply(rc: Client, held: EngineGate) -> None:
+    """A view's AsyncResult owns its results: once they are in, the client's caches drop
+    them, also when the AsyncResult took them before their futures were made."""
+    ar = rc[:].apply_async(_triple, 6)
+    assert ar._kids is None  # owned while pending
+    held.open()
+    assert ar.get(timeout=SHORT) == [18, 18]
+    assert ar.wait_for_output(timeout=SHORT)
+    deadline = time.monotonic() + SHORT
+    while any(m in rc._futures for m in ar.msg_ids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(m in rc._futures or m in rc.results for m in ar.msg_ids)
+    assert ar.get(timeout=0) == [18, 18]

@@ -455,9 +455,10 @@ class Client(HasTraits):
         #: ids of engines that unregistered, by uuid (a dead engine's failures name it)
         self._departed: dict[str, int] = {}
         self._futures: dict[str, MessageFuture] = {}
-        #: fanned-out requests whose futures are not made yet: by msg_id, and by base msg_id
-        self._pending: dict[str, FanoutGroup] = {}
+        #: fanned-out requests whose futures are not made yet, by their request's msg_id
         self._pending_groups: dict[str, FanoutGroup] = {}
+        #: the last target list of a fan-out found to name no engine twice (see _fanout_ids)
+        self._distinct_targets: list[str] = []
         self._owned: set[str] = set()
         self._outstanding_by_engine: dict[str, set[str]] = collections.defaultdict(set)
         self._history_set: set[str] = set()  # see _sent_ids
@@ -559,7 +560,7 @@ class Client(HasTraits):
         if set(map(type, chosen)) == {int}:  # (the usual case, at C speed)
             engines = self._engines
             try:
-                return [engines[t] for t in chosen], list(chosen)
+                return list(map(engines.__getitem__, chosen)), list(chosen)
             except KeyError:
                 pass  # raised below, naming the engine
         uuids = []
@@ -813,13 +814,21 @@ class Client(HasTraits):
             self._trait_values["metadata"].pop(msg_id, None)
             self._owned.discard(msg_id)
 
-    def _own(self, msg_ids: Sequence[str]) -> None:
+    def _own(self, msg_ids: Sequence[str], group: FanoutGroup | None = None) -> None:
         """An AsyncResult took references to these messages; the caches may drop them.
 
         No lock: ownership is recorded before the state is checked, and the dispatcher settles
         before it checks ownership, so one of the two always releases a finished message. (A
-        message whose future is not made yet cannot be finished.)
+        message whose future is not made yet cannot be finished.) ``group``: the messages are
+        those of this fanned-out request; while its futures are not made, the group records
+        the ownership and :meth:`_materialize` passes it on (one of the two sees the other's
+        write: the group is marked before ``made`` is read here, and ``made`` is set before
+        ``owned`` is read there).
         """
+        if group is not None:
+            group.owned = True
+            if group.made is None:
+                return
         self._owned.update(msg_ids)
         futures = self._futures
         for m in msg_ids:
@@ -828,16 +837,38 @@ class Client(HasTraits):
 
     # ----- fanned-out requests (see fanout.py) ----------------------------------------------
 
+    def _fanout_ids(self, base: str, uuids: list[str]) -> list[str]:
+        """The msg_ids of the engines' copies of the request ``base`` sent to ``uuids``:
+        ``<base>_<uuid>``, and ``<base>_<uuid>_<k>`` for the k-th repeat (k >= 1) of an engine
+        named again (the controller derives the same, see docs/protocol.md)."""
+        prefix = base + "_"
+        ids = [prefix + u for u in uuids]
+        if uuids == self._distinct_targets:  # (the usual case: the same targets again)
+            return ids
+        if len(set(uuids)) == len(uuids):
+            self._distinct_targets = list(uuids)
+            return ids
+        seen: dict[str, int] = {}
+        for i, u in enumerate(uuids):
+            k = seen[u] = seen.get(u, -1) + 1
+            if k:
+                ids[i] = f"{ids[i]}_{k}"
+        return ids
+
     def _register_group(
-        self, header: dict[str, Any], pairs: list[list[str]], label: str | None, tracker: Any
+        self,
+        header: dict[str, Any],
+        uuids: list[str],
+        msg_ids: list[str],
+        label: str | None,
+        tracker: Any,
     ) -> FanoutGroup:
         """Record a request for several engines without making its per-engine futures: its
         msg_ids join ``history`` and ``outstanding`` now, the rest waits for
         :meth:`_materialize`. Costs a few C-level updates, whatever the number of engines."""
-        group = FanoutGroup(header, pairs, label, tracker)
-        ids = group.msg_ids
+        group = FanoutGroup(header, uuids, msg_ids, label, tracker)
+        ids = msg_ids
         self._pending_groups[header["msg_id"]] = group
-        self._pending.update(dict.fromkeys(ids, group))
         self._trait_values["outstanding"].update(ids)
         self._trait_values["history"].extend(ids)
         return group
@@ -853,24 +884,37 @@ class Client(HasTraits):
             futs = group.futures
             if futs is not None:
                 return futs
-            entries = [(m, u) for u, m in group.pairs]
+            entries = list(zip(group.msg_ids, group.uuids, strict=True))
             futs = self._register_all(
                 group.header, entries, group.label, group.tracker, record=False, publish=False
             )
-            group.hand_out(futs)
+            group.hand_out(futs)  # (sets group.made: see _own)
+            if group.owned:
+                self._owned.update(group.msg_ids)
             self._futures.update(zip(group.msg_ids, futs, strict=True))
             group.futures = futs
-            pending = self._pending
-            for m in group.msg_ids:
-                pending.pop(m, None)
             self._pending_groups.pop(group.header["msg_id"], None)
         return futs
+
+    def _group_of(self, msg_id: Any) -> FanoutGroup | None:
+        """The pending fanned-out request that ``msg_id`` is one engine's copy of, if any.
+        A copy's msg_id is its request's followed by ``_`` and more (see :meth:`_fanout_ids`),
+        so the request's is one of its prefixes that end before an underscore."""
+        groups = self._pending_groups
+        if not groups or type(msg_id) is not str:
+            return None
+        end = len(msg_id)
+        while (end := msg_id.rfind("_", 0, end)) > 0:
+            group = groups.get(msg_id[:end])
+            if group is not None and msg_id in group.msg_ids:
+                return group
+        return None
 
     def _future_of(self, msg_id: Any) -> MessageFuture | None:
         """The future of one of this client's messages (made now if it was pending)."""
         fut = self._futures.get(msg_id)
-        if fut is None and self._pending:
-            group = self._pending.get(msg_id)
+        if fut is None and self._pending_groups:
+            group = self._group_of(msg_id)
             if group is not None:
                 self._materialize(group)
                 fut = self._futures.get(msg_id)
@@ -1033,31 +1077,30 @@ class Client(HasTraits):
         """One request for several engines: sent once, fanned out by the controller (each
         engine's copy gets its own msg_id ``<msg_id>_<engine uuid>``; an engine named again in
         ``uuids`` runs the request again, under ``<msg_id>_<engine uuid>_<k>``). Returns the
-        request's :class:`FanoutGroup` (its futures are made when first needed)."""
+        request's :class:`FanoutGroup` (its futures are made when first needed).
+
+        The message names the engines only (``metadata.fanout``: their uuids): the controller
+        derives each copy's msg_id as :meth:`_fanout_ids` does."""
         self._check_open()
         if header is None:
             header = self.session.msg_header(msg_type)
-        base = header["msg_id"]
-        pairs = [[u, f"{base}_{u}"] for u in uuids]
-        if len(set(uuids)) < len(uuids):
-            seen: dict[str, int] = {}
-            for pair in pairs:
-                k = seen[pair[0]] = seen.get(pair[0], -1) + 1
-                if k:
-                    pair[1] = f"{pair[1]}_{k}"
+        uuids = list(uuids)
+        msg_ids = self._fanout_ids(header["msg_id"], uuids)
         md = dict(metadata or {})
         label = md.get("label")
         tracker = _core.SendTracker() if track else None  # (one for all the copies)
-        group = self._register_group(header, pairs, label, tracker)
-        if "fanout" not in self._features:
-            # an ipyparallel controller: one message per engine (same msg_ids, same buffers)
-            for u, mid in pairs:
+        group = self._register_group(header, uuids, msg_ids, label, tracker)
+        if "fanout-uuids" not in self._features:
+            # an ipyparallel controller (or an earlier ferroparallel one, whose fan-out took
+            # [uuid, msg_id] pairs and was announced as "fanout"): one message per engine
+            # (same msg_ids, same buffers)
+            for u, mid in zip(uuids, msg_ids, strict=True):
                 self._io.send(
                     "mux", msg_type, content, None, md, ident=u.encode(), buffers=buffers,
                     header={**header, "msg_id": mid}, tracker=tracker,
                 )  # fmt: skip
             return group
-        md["fanout"] = pairs
+        md["fanout"] = uuids
         self._io.send(
             "mux", msg_type, content, None, md, ident=FANOUT_IDENT, buffers=buffers,
             header=header, tracker=tracker,

@@ -348,7 +348,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     parent = msg.get("parent_header") or {}
     msg_id = parent.get("msg_id")
     fut = client._futures.get(msg_id)
-    if fut is None and client._pending:
+    if fut is None and client._pending_groups:
         fut = client._future_of(msg_id)  # the first reply of a fanned-out request
     if fut is None or (msg.get(PREFETCHED) and fut.done()):
         log.debug("reply for unknown (or settled) message %s dropped", msg_id)
@@ -534,7 +534,7 @@ def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:
         return None
     msg_id = parent.get("msg_id")
     fut = client._futures.get(msg_id)
-    if fut is None and client._pending:
+    if fut is None and client._pending_groups:
         fut = client._future_of(msg_id)  # output before any reply of a fanned-out request
     if fut is None:
         return None

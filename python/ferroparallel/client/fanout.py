@@ -28,8 +28,10 @@ class FanoutGroup:
     ----------
     header : dict
         The request's header (``msg_id`` is the base of the engines' msg_ids).
-    pairs : list of [engine_uuid, msg_id]
-        The engines reached and the msg_id of each one's copy, in target order.
+    uuids : sequence of str
+        The engines reached, in target order (an engine may be named more than once).
+    msg_ids : list of str
+        The msg_id of each engine's copy, in the same order.
     label : str or None
         The request's label (goes into each Metadata).
     tracker : object or None
@@ -44,26 +46,31 @@ class FanoutGroup:
         "lock",
         "made",
         "msg_ids",
-        "pairs",
+        "owned",
         "tracker",
+        "uuids",
     )
 
     def __init__(
         self,
         header: dict[str, Any],
-        pairs: Sequence[Sequence[str]],
+        uuids: Sequence[str],
+        msg_ids: list[str],
         label: str | None,
         tracker: Any,
     ) -> None:
         self.header = header
-        self.pairs = pairs
-        self.msg_ids: list[str] = [p[1] for p in pairs]
+        self.uuids = uuids
+        self.msg_ids = msg_ids
         self.label = label
         self.tracker = tracker
         #: the per-engine futures (in the order of ``pairs``), once made and in the client's
         #: caches; ``made``: once made (the listeners then have them)
         self.futures: list[Any] | None = None
         self.made: list[Any] | None = None
+        #: an AsyncResult owns the msg_ids (see ``Client._own``): they join the client's
+        #: ``_owned`` when the futures are made
+        self.owned = False
         #: called with the futures when they are made, before the client publishes them; None
         #: once they are made. Guarded by ``lock`` (not the client's: the dispatcher holds that
         #: while it handles replies, and submitting must not wait for it)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from types import FunctionType
@@ -40,8 +41,11 @@ class View(HasTraits):
         self.set_flags(**flags)
         # what was submitted through this view (ipyparallel's view.history / outstanding)
         self._history: list[str] = []
-        self._outstanding: set[str] = set()
-        self._prune_at = 1024  # size at which finished msg_ids leave _outstanding
+        # the msg_ids of each request that may not have finished (one tuple per request: a
+        # request to N engines adds one entry, not N), read by ``outstanding``
+        self._unfinished: list[tuple[str, ...]] = []
+        self._prune_at = 1024  # number of entries at which finished requests leave it
+        self._unfinished_lock = threading.Lock()  # (readers and pruners; appends need none)
 
     def __repr__(self) -> str:
         t = self.targets
@@ -244,9 +248,23 @@ class View(HasTraits):
     def outstanding(self) -> set[str]:
         """msg_ids submitted through this view that have not finished."""
         pending = self.client.outstanding
-        # iterate over our own set only: the dispatcher thread changes the client's
-        self._outstanding = {m for m in self._outstanding if m in pending}
-        return self._outstanding
+        with self._unfinished_lock:
+            entries = self._unfinished
+            n = len(entries)  # (requests submitted meanwhile are appended after these)
+            # iterate over our own entries only: the dispatcher thread changes the client's set
+            left = {m for ids in entries[:n] for m in ids if m in pending}
+            entries[:n] = [tuple(left)] if left else []
+        return left
+
+    def _prune(self) -> None:
+        """Drop the entries of requests that have finished on every engine. Costs little per
+        entry: a request still outstanding is recognised by its first msg_id that is."""
+        pending = self.client._trait_values["outstanding"]
+        with self._unfinished_lock:
+            entries = self._unfinished
+            n = len(entries)
+            entries[:n] = [ids for ids in entries[:n] if not pending.isdisjoint(ids)]
+            self._prune_at = 2 * len(entries) + 1024
 
     @property
     def results(self) -> dict[str, Any]:
@@ -265,13 +283,14 @@ class View(HasTraits):
     def _record(self, ar: AsyncResult) -> None:
         """``ar`` was submitted through this view: the client may drop what ``ar`` owns, and
         the view remembers its msg_ids."""
-        ids = ar.msg_ids
-        ar._client._own(ids)
+        ids = ar._msg_ids  # (the tuple: ``msg_ids`` makes a list)
+        ar._client._own(ids, getattr(ar, "_group", None))
         ar.owner = True  # as ipyparallel's views: the result leaves the client's caches
         self._history.extend(ids)
-        self._outstanding.update(ids)
-        if len(self._outstanding) > self._prune_at:  # amortized: never read, still bounded
-            self._prune_at = 2 * len(self.outstanding) + 1024
+        unfinished = self._unfinished
+        unfinished.append(ids)
+        if len(unfinished) > self._prune_at:  # amortized: never read, still bounded
+            self._prune()
 
     def _finish(self, ar: AsyncResult, block: bool) -> Any:
         self._record(ar)

@@ -1,6 +1,6 @@
 //! The controller's event loop: one native thread polling every socket.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,9 +57,11 @@ pub(crate) const BURST: usize = 256;
 /// Sockets towards clients: what the loop sends on them during a pass leaves together at the
 /// end of the pass, output before replies (see [`Server::send`]).
 const DEFERRED: [usize; 5] = [IOP_C, MUX_C, CTL_C, TASK_C, BCAST_C];
-/// Protocol extensions listed in `connection_reply.fp_features`: the MUX fan-out (see
-/// [`FANOUT`]) and `abort_request` on the hub.
-const FEATURES: [&str; 2] = ["fanout", "abort"];
+/// Protocol extensions listed in `connection_reply.fp_features`: `fanout-uuids`, the MUX
+/// fan-out naming its engines by uuid (see [`FANOUT`] and `fan_out`; earlier controllers
+/// announced `fanout` and read `[uuid, msg_id]` pairs only), and `abort`, `abort_request` on
+/// the hub.
+const FEATURES: [&str; 2] = ["fanout-uuids", "abort"];
 /// The routing identity a client uses for a request that the controller fans out.
 pub const FANOUT: &[u8] = b"fp:fanout";
 /// The "client" of the scheduler's own `abort_request`s (work stealing, `tasks.rs`): engines
@@ -1298,7 +1300,9 @@ impl Server {
         }
     }
 
-    /// One request for many engines: `metadata.fanout` lists `[engine_uuid, msg_id]` pairs.
+    /// One request for many engines: `metadata.fanout` lists the engines, each as its uuid
+    /// (the engine's copy then gets the msg_id `<msg_id>_<uuid>`, and the k-th repeat of a
+    /// uuid in the list, k >= 1, `<msg_id>_<uuid>_<k>`) or as an `[engine_uuid, msg_id]` pair.
     /// Each engine gets the same frames (bodies shared, not copied) under its own msg_id, with
     /// the header re-signed by the controller.
     #[allow(clippy::too_many_arguments)]
@@ -1315,17 +1319,9 @@ impl Server {
         let Some(metadata) = self.unpack(&env, "metadata") else {
             return;
         };
-        let pairs: Vec<(Vec<u8>, String)> = match metadata.get("fanout").and_then(Value::as_array) {
-            Some(items) => items
-                .iter()
-                .filter_map(|p| {
-                    let p = p.as_array()?;
-                    Some((
-                        p.first()?.as_str()?.as_bytes().to_vec(),
-                        p.get(1)?.as_str()?.to_owned(),
-                    ))
-                })
-                .collect(),
+        let base = str_field(&header, "msg_id").unwrap_or_default().to_owned();
+        let pairs = match metadata.get("fanout").and_then(Value::as_array) {
+            Some(items) => fanout_targets(&base, items),
             None => Vec::new(),
         };
         if pairs.is_empty() {
@@ -1473,5 +1469,67 @@ impl Server {
         let idents: Vec<OutFrame> = env.idents.drain(..).map(OutFrame::Received).collect();
         let frames = frames_of(idents, env);
         let _ = self.send(IOP_C, frames);
+    }
+}
+
+/// The `(engine uuid, msg_id)` of each item of a fan-out request's `metadata.fanout` (see
+/// `Server::fan_out`); malformed items are left out.
+fn fanout_targets(base: &str, items: &[Value]) -> Vec<(Vec<u8>, String)> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    items
+        .iter()
+        .filter_map(|item| {
+            if let Some(uuid) = item.as_str() {
+                let k = seen.entry(uuid).or_insert(0);
+                let msg_id = match *k {
+                    0 => format!("{base}_{uuid}"),
+                    k => format!("{base}_{uuid}_{k}"),
+                };
+                *k += 1;
+                return Some((uuid.as_bytes().to_vec(), msg_id));
+            }
+            let p = item.as_array()?;
+            Some((
+                p.first()?.as_str()?.as_bytes().to_vec(),
+                p.get(1)?.as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod fanout_tests {
+    use super::*;
+
+    fn s(x: &str) -> Value {
+        Value::Str(x.to_owned())
+    }
+
+    #[test]
+    fn targets_from_uuids_pairs_and_repeats() {
+        let items = [
+            s("e1"),
+            s("e2"),
+            s("e1"),
+            Value::Array(vec![s("e3"), s("given")]),
+            Value::Int(7),
+            s("e1"),
+        ];
+        let got: Vec<(String, String)> = fanout_targets("m", &items)
+            .into_iter()
+            .map(|(u, m)| (String::from_utf8(u).unwrap(), m))
+            .collect();
+        let want = [
+            ("e1", "m_e1"),
+            ("e2", "m_e2"),
+            ("e1", "m_e1_1"),
+            ("e3", "given"),
+            ("e1", "m_e1_2"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(u, m)| (u.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(got, want);
     }
 }
