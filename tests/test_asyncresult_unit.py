@@ -1328,3 +1328,40 @@ def test_outcome_of_settled_futures_without_their_locks() -> None:
         assert cancelled.cancel()
         value, failed = _outcome(cancelled)
         assert failed and isinstance(value, concurrent.futures.CancelledError)
+
+
+def test_parse_date_forms() -> None:
+    """Received ISO strings take a fast path; every other form is parsed as before."""
+
+    class Text(str):
+        pass
+
+    z = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    assert parse_date("2024-05-01T12:00:00.123456Z") == z
+    assert parse_date("2024-05-01T12:00:00.123456") == z  # no offset: UTC
+    assert parse_date(" 2024-05-01T12:00:00.123456Z\n") == z  # blanks around it
+    assert parse_date(Text("2024-05-01T12:00:00.123456Z")) == z
+    assert parse_date("2024-05-01T14:00:00+02:00").utcoffset() == timedelta(hours=2)
+    assert parse_date(datetime(2024, 5, 1, 12)).tzinfo is UTC
+    for unchanged in ("garbage", "", 12, None):
+        assert parse_date(unchanged) is unchanged
+
+
+def test_settled_after_callbacks_or_at_once_without_them() -> None:
+    """``settled()`` turns True once the callbacks the future had when it finished have run
+    (at once when it had none), for results and exceptions."""
+    from ferroparallel.client.futures import SlimFuture
+
+    seen: list[tuple[bool, bool]] = []
+    for settle in ("set_result", "set_exception"):
+        plain = MessageFuture("a")
+        getattr(plain, settle)(ValueError("x") if settle == "set_exception" else 1)
+        assert plain.done() and plain.settled() and plain.wait_settled(0)
+        with pytest.raises(concurrent.futures.InvalidStateError):
+            plain.set_result(2)
+        watched = SlimFuture()
+        watched.add_done_callback(lambda f: seen.append((f.done(), f.settled())))
+        assert not watched.settled()
+        getattr(watched, settle)(ValueError("x") if settle == "set_exception" else 1)
+        assert watched.settled()
+    assert seen == [(True, False), (True, False)]

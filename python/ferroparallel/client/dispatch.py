@@ -339,6 +339,26 @@ def _label_with_engine(exc: Any, client: Client, uuid: Any, msg_type: str) -> No
     }
 
 
+def _undecodable(e: Exception, client: Client, uuid: Any) -> BaseException:
+    """The RemoteError of a result this client cannot unpickle: raised here, in the client,
+    but labelled with the engine that sent it."""
+    exc = error.RemoteError(
+        type(e).__name__,
+        f"cannot deserialize the result on the client: {e}",
+        "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(),
+    )
+    _label_with_engine(exc, client, uuid, "apply_reply")
+    return exc
+
+
+#: Reply metadata keys that take :func:`handle_reply` off its fast path (lent, shared-memory
+#: or damaged results), and message keys that do (refetched or rebuilt replies).
+_SPECIAL_MD = frozenset((BUFFERS_CHANGED_KEY, LENT_RESULT_KEY, NET_LENT_KEY, SHM_SEGMENT_KEY))
+_SPECIAL_MSG = frozenset((PREFETCHED, FROM_RECORD))
+
+_now = datetime.now
+
+
 def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Settle | None:
     """A reply on the mux, task or control channel (control requests have no output).
 
@@ -363,10 +383,12 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     header = msg["header"]
     content = msg.get("content") or {}
     md_in = msg.get("metadata") or {}
-    if _fetch_first(client, msg, sock, fut):
+    # the common reply: none of the keys of lent, shared-memory, refetched or rebuilt results
+    plain = _SPECIAL_MD.isdisjoint(md_in) and _SPECIAL_MSG.isdisjoint(msg)
+    if not plain and _fetch_first(client, msg, sock, fut):
         return None  # handled again once its result is fetched
     md = client._trait_values["metadata"][msg_id]
-    status = content.get("status", md_in.get("status"))
+    status = content["status"] if "status" in content else md_in.get("status")
     engine_uuid = md_in.get("engine")
     if not engine_uuid and msg.get("idents"):
         ident = msg["idents"][0]
@@ -375,9 +397,9 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     values: dict[str, Any] = {
         "msg_id": msg_id,
         "submitted": md.get("submitted") or parse_date(parent.get("date")),
-        "started": parse_date(md_in.get("started", md.get("started"))),
+        "started": parse_date(md_in["started"] if "started" in md_in else md.get("started")),
         "completed": parse_date(header.get("date")),
-        "received": utcnow(),
+        "received": _now(UTC),
         "status": status,
         "follow": md_in["follow"] if "follow" in md_in else NO_DEPENDENCIES,
         "after": md_in["after"] if "after" in md_in else NO_DEPENDENCIES,
@@ -394,7 +416,15 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
     result: Any = None
     exc: BaseException | None = None
     expect_output = sock != "control"
-    if status == "ok" and md_in.get(BUFFERS_CHANGED_KEY):
+    if status == "ok" and plain and header.get("msg_type") == "apply_reply":
+        # (the last "ok" branch below, without what only special replies need)
+        try:
+            result = load_object(msg.get("buffers") or [])
+        except LenderGone as e:
+            exc = _engine_died(e, client, engine_uuid)
+        except Exception as e:  # noqa: BLE001 - a bad result must not kill the dispatcher
+            exc = _undecodable(e, client, engine_uuid)
+    elif status == "ok" and md_in.get(BUFFERS_CHANGED_KEY):
         # (the Rust core delivered it without the buffers that did not match their digest)
         exc = error.RemoteError(
             "BufferMismatch", f"the result of {msg_id} is lost: {BUFFERS_CHANGED_MESSAGE}"
@@ -450,13 +480,7 @@ def handle_reply(client: Client, msg: dict[str, Any], sock: str = "mux") -> Sett
                         "Client(shm=False) keeps results fetchable from the hub)",
                     )
                 else:
-                    # raised here, in the client, but labelled with the engine that sent it
-                    exc = error.RemoteError(
-                        type(e).__name__,
-                        f"cannot deserialize the result on the client: {e}",
-                        "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(),
-                    )
-                    _label_with_engine(exc, client, engine_uuid, "apply_reply")
+                    exc = _undecodable(e, client, engine_uuid)
             finally:
                 segment = md_in.get(SHM_SEGMENT_KEY)
                 if segment:  # mapped (or failed): the name is no longer needed
@@ -519,9 +543,15 @@ def settle(client: Client, done: list[Settle]) -> None:
                     fut.finish_output()
             except InvalidStateError:  # settled meanwhile by another thread (e.g. a failure)
                 pass
+    owned = client._owned
+    if not owned:  # (read without the lock: see Client._own)
+        return
     with client._lock:
-        for fut, _, _, _ in done:
-            client._maybe_release(fut.msg_id)
+        release = client._maybe_release
+        for item in done:
+            msg_id = item[0].msg_id
+            if msg_id in owned:  # (what _maybe_release checks first)
+                release(msg_id)
 
 
 def handle_iopub(client: Client, msg: dict[str, Any]) -> Settle | None:

@@ -173,10 +173,14 @@ class SlimFuture(concurrent.futures.Future):
             self._exception = exception
             self._state = FINISHED
             callbacks = self._take_callbacks_locked()
+            if callbacks is None:  # nothing to run: settled at once (one lock round, not two)
+                self._callbacks_ran = True
             _notify_settled()
-        self._notify_external()
-        self._run_callbacks(callbacks)
-        self._mark_callbacks_ran()
+        if self._cond_ is not None:
+            self._notify_external()
+        if callbacks is not None:
+            self._run_callbacks(callbacks)
+            self._mark_callbacks_ran()
 
     def _mark_callbacks_ran(self) -> None:
         with _LOCK:

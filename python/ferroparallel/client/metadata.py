@@ -72,6 +72,9 @@ NO_DEPENDENCIES: list[Any] = _ReadOnlyEmptyList()
 ALIASES = {"pyin": "execute_input", "pyout": "execute_result", "pyerr": "error"}
 
 
+_fromisoformat = datetime.fromisoformat
+
+
 def utcnow() -> datetime:
     """The current time as a timezone-aware UTC datetime."""
     return datetime.now(UTC)
@@ -90,6 +93,13 @@ def parse_date(value: Any) -> Any:
     datetime or object
         The aware datetime; None and anything unparsable are returned unchanged.
     """
+    if type(value) is str:  # the common case (a received date), tried first
+        try:
+            dt = _fromisoformat(value)
+        except ValueError:
+            pass  # maybe surrounding blanks: see below
+        else:
+            return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
     if isinstance(value, datetime):
         return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     if isinstance(value, bytes):
