@@ -35,10 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ferroparallel.client")
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class ExecuteReply:
     """The result of ``view.execute(...)`` on one engine.
 
