@@ -197,6 +197,36 @@ def test_an_engine_waits_for_its_result_to_be_fetched(net_rc: Client) -> None:
         net_rc[0].execute("big[:] = 0", block=True)
 
 
+def test_lent_results_are_fetched_on_reused_threads(
+    net_rc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each lent result is fetched off the dispatcher, but not on a thread started for it:
+    successive pulls reuse the same worker (starting one per pull cost every pull a thread
+    start-up and a hand-over of the GIL)."""
+    fetcher = net_rc._net.fetcher
+    used: list[threading.Thread] = []
+    prefetch = fetcher.prefetch
+
+    def recording(*args: Any, **kwargs: Any) -> bool:
+        used.append(threading.current_thread())
+        return prefetch(*args, **kwargs)
+
+    monkeypatch.setattr(fetcher, "prefetch", recording)
+    a = np.arange(MIB, dtype=np.float64)  # 8 MiB: lent, fetched
+    net_rc[:].push({"a": a}, block=True)
+    before = list(netloan.fetched)
+    workers = net_rc._net_fetches
+    for _ in range(4):
+        np.testing.assert_array_equal(net_rc[0].pull("a", block=True), a)
+        # (the worker goes back to waiting just after it handed the result over)
+        wait_until(lambda: workers._idle >= 1, what="the fetch worker to be idle")
+    assert netloan.fetched[0] - before[0] == 4
+    assert len(used) == 4 and all(t is used[0] for t in used), used
+    assert used[0] is not threading.current_thread() and used[0].is_alive()
+    for got in net_rc[:].pull("a", block=True):  # two engines
+        np.testing.assert_array_equal(got, a)
+
+
 def test_a_lent_result_nobody_expects_is_released_at_once(net_rc: Client) -> None:
     """A reply lending a result for a message the client no longer tracks: the client tells
     the engine (on a thread of its own), which goes on at once instead of after the pickup

@@ -43,6 +43,7 @@ from .futures import MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
 from .outputs import ipython_shell
 from .shm_transport import ShmTransport
+from .workers import Workers
 
 log = logging.getLogger("ferroparallel.client")
 
@@ -408,8 +409,8 @@ class Client(HasTraits):
             enabled=direct_data is not False and not ssh_server and not curve_options,
         )
         self._shm.use_network(self._net)
-        #: threads fetching results lent over the network (joined by close)
-        self._net_fetches: set[threading.Thread] = set()
+        #: threads fetching results lent over the network (stopped and joined by close)
+        self._net_fetches = Workers("ferroparallel-fetch")
         for name, value in curve_options.items():
             setattr(self, name, value.encode("ascii"))
         if ssh_server:
@@ -1853,9 +1854,9 @@ class Client(HasTraits):
         net = getattr(self, "_net", None)
         if net is not None:
             net.close()  # (first: wakes probes still fetching, which shm.close joins)
-            for fetching in list(getattr(self, "_net_fetches", ())):
-                if fetching is not threading.current_thread():
-                    fetching.join(timeout=5)
+            fetches = getattr(self, "_net_fetches", None)
+            if fetches is not None:
+                fetches.close(timeout=5)
         if shm is not None:
             shm.close()
         self._close_tunnels()

@@ -6,7 +6,6 @@ Runs on the client's dispatcher thread, one batch of messages at a time.
 from __future__ import annotations
 
 import logging
-import threading
 import traceback
 from concurrent.futures import InvalidStateError
 from datetime import UTC, datetime
@@ -242,12 +241,11 @@ def _fetch_first(client: Client, msg: dict[str, Any], sock: str, fut: Any) -> bo
             client._io.wake()  # threads waiting in wait_here look at their results again
         except Exception:  # noqa: BLE001 - the client closed under us
             log.debug("fetching a lent result failed", exc_info=True)
-        finally:
-            client._net_fetches.discard(threading.current_thread())
 
-    fetching = threading.Thread(target=fetch, name="ferroparallel-fetch", daemon=True)
-    client._net_fetches.add(fetching)
-    fetching.start()
+    try:
+        client._net_fetches.submit(fetch)
+    except RuntimeError:  # the client closed: the fetch would drop the result, as here
+        pass
     return True
 
 
@@ -272,12 +270,11 @@ def _release_net(lent: Any, client: Client) -> None:
             client._net.fetcher.release(endpoint, token)
         except Exception as e:  # noqa: BLE001 - the engine gives up waiting on its own
             log.debug("could not release a lent result: %s", e)
-        finally:
-            client._net_fetches.discard(threading.current_thread())
 
-    releasing = threading.Thread(target=release, name="ferroparallel-release", daemon=True)
-    client._net_fetches.add(releasing)
-    releasing.start()
+    try:
+        client._net_fetches.submit(release)
+    except RuntimeError:
+        pass  # the client is closing (the engine gives up waiting on its own)
 
 
 def _decode(buffers: list[Any], ipp_format: bool) -> Any:
