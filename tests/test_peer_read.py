@@ -484,7 +484,7 @@ def test_a_reply_nobody_expects_lets_the_engine_go_on() -> None:
 
     class NoFutures:
         _futures: dict[str, Any] = {}
-        _pending: dict[str, Any] = {}  # (no fanned-out request waits for its futures)
+        _pending_groups: dict[str, Any] = {}  # (no fanned-out request waits for its futures)
 
     lent = peer.LentResult(peer.Loan("r-5"), peer.Seals(), list(peer.own_identity()))
     msg = {
