@@ -217,7 +217,8 @@ def test_a_detached_segment_outlives_its_creator_until_its_grace_ends() -> None:
         assert shm.creator_alive(name) is False
         assert name not in shm.sweep() and (shm.SHM_DIR / name).exists()  # still in its grace
         time.sleep(1.2)
-        assert name in shm.sweep() and not (shm.SHM_DIR / name).exists()
+        shm.sweep()  # (another process's sweep may have removed it first: either is right)
+        assert not (shm.SHM_DIR / name).exists()
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shm.SHM_DIR / name)
