@@ -111,6 +111,39 @@ def test_blocking_push_apply_pull_go_direct(net_rc: Client) -> None:
     assert net_rc._net.server.lent == 1  # only the probe's secret is still served
 
 
+def test_a_push_to_two_engines_hashes_the_array_once(
+    net_rc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both engines fetch the pushed arrays from the client, which hashes them once for both
+    fetches (decision 0016, 2026-12 amendment); each engine gets them exactly."""
+    loans: list[Any] = []
+    made = netloan._Lent.__init__
+
+    def recorded(self: Any, buffers: list[Any], msg_id: str) -> None:
+        made(self, buffers, msg_id)
+        loans.append(self)
+
+    monkeypatch.setattr(netloan._Lent, "__init__", recorded)
+    rng = np.random.default_rng(7)
+    a, b = rng.random(3 * MIB), rng.integers(0, 255, 5 * MIB, dtype=np.uint8)
+    before = net_rc[:].apply_sync(engine_fetches)
+    net_rc[:].push({"a": a, "b": b}, block=True)
+    after = net_rc[:].apply_sync(engine_fetches)
+    assert [x[0] - y[0] for x, y in zip(after, before, strict=True)] == [1, 1]
+    assert [(lent.served, lent.digest.times_hashed) for lent in loans] == [(2, 1)]
+
+    @ipp.interactive
+    def digest() -> tuple[bytes, bytes]:
+        import hashlib
+
+        return (hashlib.sha256(a).digest(), hashlib.sha256(b).digest())  # noqa: F821
+
+    import hashlib
+
+    want = (hashlib.sha256(a).digest(), hashlib.sha256(b).digest())
+    assert net_rc[:].apply_sync(digest) == [want, want]
+
+
 def test_scatter_gather_and_load_balanced_apply_go_direct(net_rc: Client) -> None:
     a = np.arange(4 * MIB, dtype=np.float64)
     before = sum(x[0] for x in net_rc[:].apply_sync(engine_fetches))
@@ -567,29 +600,78 @@ def test_a_fetched_reply_with_altered_bytes_is_refused() -> None:
     stranger = _core.Session(b"another key", packer="msgpack", sign_buffers=False)
     ours = _core.Session(KEY, packer="msgpack", sign_buffers=False)
 
-    def lender(session: Any, context: str | None) -> None:
+    digest = _core.LoanDigest()  # shared by the cases below: its digest is of b"data"
+
+    def lender(session: Any, context: str | None, shared: Any) -> None:
         stream = listener.accept(10)
         request = ours.deserialize(stream.recv(max_bytes=65536))
         stream.send(ours.serialize(netloan.FETCH_ACK, {"count": 1, "nbytes": 4}, request["header"]))
         ctx = context if context is not None else request["msg_id"]
-        stream.send([b"data"], session=session, mac_context=ctx)
+        stream.send([payload], session=session, mac_context=ctx, digest=shared)
         with contextlib.suppress(EOFError, OSError):
             stream.recv(max_bytes=0, timeout=10)  # until the fetcher hangs up
 
     try:
-        for session, context in [(stranger, None), (ours, "another request")]:
-            t = threading.Thread(target=lender, args=(session, context), daemon=True)
+        payload = bytearray(b"data")
+        for session, context, shared, alter, ok in [
+            (stranger, None, None, False, False),
+            (ours, "another request", None, False, False),
+            (ours, None, digest, False, True),  # (the digest is taken here)
+            (ours, "another request", digest, False, False),  # bound to the request
+            (ours, None, digest, True, False),  # the bytes changed since: altered on the way
+            (stranger, None, digest, False, False),  # (another key: hashed again)
+        ]:
+            if alter:
+                payload[0] ^= 1
+            t = threading.Thread(target=lender, args=(session, context, shared), daemon=True)
             t.start()
             fetcher = netloan.Fetcher(KEY, "msgpack")
             try:
-                with pytest.raises(ShmError, match="do not match their MAC"):
-                    fetcher.fetch(listener.endpoint, "token", 10)
-                assert fetcher.channels == 0
+                if ok:
+                    assert bytes(fetcher.fetch(listener.endpoint, "token", 10)[0]) == b"data"
+                else:
+                    with pytest.raises(ShmError, match="do not match their MAC"):
+                        fetcher.fetch(listener.endpoint, "token", 10)
+                    assert fetcher.channels == 0
             finally:
                 fetcher.close()
             t.join(10)
+        assert digest.times_hashed == 2
     finally:
         listener.close()
+
+
+def test_a_loan_is_hashed_once_and_changed_bytes_are_refused(
+    server: netloan.DataServer,
+) -> None:
+    """The lender hashes a loan's buffers once for all its fetches (concurrent or later), and
+    each fetch's MAC binds that digest to its request: bytes changed after the digest was
+    taken (as if altered on the way) are refused by the fetcher, which hashes what it got."""
+    data = bytearray(np.random.default_rng(3).bytes(6 * MIB))
+    token = server.lend([memoryview(data), b"small"], "m")
+    lent = server._lent[token]
+    fetchers = [netloan.Fetcher(KEY, "msgpack") for _ in range(3)]
+    try:
+        got: list[Any] = [None, None]
+
+        def fetch(i: int) -> None:
+            got[i] = fetchers[i].fetch(server.endpoint, token, 30)
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for frames in got:
+            assert bytes(frames[0]) == bytes(data) and bytes(frames[1]) == b"small"
+        assert (lent.served, lent.digest.times_hashed) == (2, 1)
+        data[12345] ^= 0xFF  # the digest the lender keeps is of the bytes as they were
+        with pytest.raises(ShmError, match="do not match their MAC"):
+            fetchers[2].fetch(server.endpoint, token, 30)
+        assert lent.digest.times_hashed == 1
+    finally:
+        for f in fetchers:
+            f.close()
 
 
 def test_failed_pickling_lends_nothing(net_rc: Client) -> None:

@@ -67,6 +67,13 @@ class DataListener:
     def close(self) -> None:
         """Stop accepting (a waiting ``accept`` returns None)."""
 
+class LoanDigest:
+    """The digest of one loan's buffers, shared by the ``DataStream.send`` calls serving
+    them: the first send hashes the buffers (while it writes them), the others reuse it."""
+
+    times_hashed: int
+    def __init__(self) -> None: ...
+
 class DataStream:
     """One connection of the direct data stream: length-prefixed messages of frames over
     plain TCP (format in ``docs/protocol.md``). Blocking calls run without the GIL and wake
@@ -84,9 +91,12 @@ class DataStream:
         session: Session | None = None,
         mac_context: str | None = None,
         timeout: float | None = None,
+        digest: LoanDigest | None = None,
     ) -> None:
         """Send one message of ``frames`` (not copied); with a keyed ``session`` their MAC
-        for ``mac_context`` follows them, computed on another thread while they are written."""
+        for ``mac_context`` follows them: a keyed hash of the request and of the frames'
+        digest, computed on another thread while they are written or taken from ``digest``
+        (shared by the sends of the same buffers)."""
     def recv(
         self,
         *,

@@ -12,9 +12,10 @@ The data channel is a plain TCP connection from the receiver to the lender's lis
 on the interface that reaches the controller), carrying the length-prefixed messages of
 ``_core.DataStream`` (decision 0016): no libzmq I/O thread between the socket and the memory
 on either side. Requests and acknowledgements are messages signed by the cluster key; the
-buffers follow an acknowledgement as they are, then their MAC (bound to the request), computed
-by the lender while it sends them and by the receiver piece by piece as they arrive: it is
-checked before anything is unpickled.
+buffers follow an acknowledgement as they are, then their MAC: a keyed hash of the request and
+of the buffers' keyed digest, which the lender computes once per loan (while its first fetch
+sends them) and the receiver piece by piece as they arrive; it is checked before anything is
+unpickled.
 
 Lent request arguments stay with the client until every reply has arrived (as a peer-memory
 loan does); a lent result stays with the engine, which runs nothing else until the client has
@@ -143,13 +144,16 @@ def bind_host(controller_url: str) -> str:
 
 
 class _Lent:
-    __slots__ = ("buffers", "done", "msg_id", "served")
+    __slots__ = ("buffers", "digest", "done", "msg_id", "served")
 
     def __init__(self, buffers: list[Any], msg_id: str) -> None:
         self.buffers = buffers
         self.msg_id = msg_id
         self.served = 0
         self.done = threading.Event()
+        #: the buffers' keyed digest, computed by the first fetch's send and reused by the
+        #: others (a push to 2 engines hashes the array once, not once per engine)
+        self.digest = _core.LoanDigest()
 
 
 class DataServer:
@@ -368,13 +372,16 @@ class DataServer:
         nbytes = sum(memoryview(b).nbytes for b in buffers)
         announced = {"count": len(buffers), "nbytes": nbytes, "mac": self.mac}
         self._send(stream, FETCH_ACK, announced, header)
-        # the bytes go from the buffers' memory to the socket, their MAC computed meanwhile
+        # the bytes go from the buffers' memory to the socket, their digest computed meanwhile
+        # by the loan's first fetch (later and concurrent ones reuse it); the MAC binds that
+        # digest to this request
         try:
             stream.send(
                 buffers,
                 session=self.session if self.mac else None,
                 mac_context=str(header.get("msg_id")),
                 timeout=FETCH_TIMEOUT + nbytes / FETCH_RATE,
+                digest=lent.digest,
             )
         finally:
             # sent, or the borrower gave up (or left) during the transfer: either way it will

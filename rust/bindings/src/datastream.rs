@@ -5,7 +5,7 @@
 use crate::frame::Frame;
 use crate::pybuffer::HeldBuffer;
 use crate::session::Session;
-use fp_io::stream::{self, Limits, StreamError};
+use fp_io::stream::{self, Limits, LoanDigest as LoanDigestCore, MacFor, StreamError};
 use pyo3::exceptions::{
     PyConnectionError, PyEOFError, PyInterruptedError, PyOSError, PyTimeoutError, PyValueError,
 };
@@ -171,15 +171,30 @@ impl DataStream {
     }
 }
 
-fn mac_for(
-    session: Option<&Bound<'_, Session>>,
-    context: Option<&str>,
-) -> Option<fp_wire::StreamMac> {
-    let session = session?;
-    session
-        .get()
-        .core
-        .stream_mac(context.unwrap_or("").as_bytes())
+fn stream_key(session: Option<&Bound<'_, Session>>) -> Option<fp_wire::StreamKey> {
+    session?.get().core.stream_key()
+}
+
+/// The digest of one loan's buffers, shared by every `DataStream.send` of them (decision
+/// 0016, 2026-12 amendment): the buffers are hashed once, however many peers fetch them.
+#[pyclass(frozen, module = "ferroparallel._core")]
+#[derive(Default)]
+pub struct LoanDigest {
+    inner: LoanDigestCore,
+}
+
+#[pymethods]
+impl LoanDigest {
+    #[new]
+    fn new() -> LoanDigest {
+        LoanDigest::default()
+    }
+
+    /// How many times the buffers were hashed for the sends that shared this object.
+    #[getter]
+    fn times_hashed(&self) -> u32 {
+        self.inner.times_hashed()
+    }
 }
 
 #[pymethods]
@@ -201,8 +216,10 @@ impl DataStream {
     }
 
     /// Send one message of `frames` (not copied). With a keyed `session`, the frames' MAC for
-    /// `mac_context` follows them, computed on another thread while they are written.
-    #[pyo3(signature = (frames, *, session=None, mac_context=None, timeout=None))]
+    /// `mac_context` follows them; their digest is computed on another thread while they are
+    /// written, or taken from `digest` (a `LoanDigest` shared by the sends of the same
+    /// buffers: computed by the first of them).
+    #[pyo3(signature = (frames, *, session=None, mac_context=None, timeout=None, digest=None))]
     fn send(
         &self,
         py: Python<'_>,
@@ -210,6 +227,7 @@ impl DataStream {
         session: Option<&Bound<'_, Session>>,
         mac_context: Option<&str>,
         timeout: Option<f64>,
+        digest: Option<&Bound<'_, LoanDigest>>,
     ) -> PyResult<()> {
         let deadline = seconds(timeout, "timeout")?.map(|t| Instant::now() + t);
         let held: Vec<HeldBuffer> = frames
@@ -217,9 +235,12 @@ impl DataStream {
             .map(|f| HeldBuffer::get(&f?))
             .collect::<PyResult<_>>()?;
         let slices: Vec<&[u8]> = held.iter().map(HeldBuffer::as_slice).collect();
-        let mac = mac_for(session, mac_context);
+        let key = stream_key(session);
+        let context = mac_context.unwrap_or("").as_bytes();
+        let mac = key.as_ref().map(|key| MacFor { key, context });
+        let loan = digest.map(|d| &d.get().inner);
         let sent = self.blocking(py, None, |tick| {
-            stream::send_message(&self.stream, &slices, mac, deadline, tick)
+            stream::send_message(&self.stream, &slices, mac, loan, deadline, tick)
         });
         drop(slices);
         drop(held); // released under the GIL
@@ -251,7 +272,9 @@ impl DataStream {
             max_frames,
             message_time: seconds(message_timeout, "message_timeout")?,
         };
-        let mac = mac_for(session, mac_context);
+        let key = stream_key(session);
+        let context = mac_context.unwrap_or("").as_bytes();
+        let mac = key.as_ref().map(|key| MacFor { key, context });
         let frames = self.blocking(py, abandon, |tick| {
             stream::recv_message(&self.stream, limits, mac, deadline, tick)
         })?;

@@ -53,6 +53,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<frame::Frame>()?;
     m.add_class::<datastream::DataListener>()?;
     m.add_class::<datastream::DataStream>()?;
+    m.add_class::<datastream::LoanDigest>()?;
     m.add_class::<shm_map::SharedMapping>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<iothread::IoThread>()?;

@@ -111,10 +111,10 @@ impl SessionCore {
         self.buffers_auth.buffers_digest(buffers)
     }
 
-    /// The MAC of one data stream message answering `context` (see
-    /// [`fp_wire::Auth::stream_mac`]); `None` without a key.
-    pub fn stream_mac(&self, context: &[u8]) -> Option<fp_wire::StreamMac> {
-        self.buffers_auth.stream_mac(context)
+    /// The key of the data stream's MAC (see [`fp_wire::Auth::stream_key`]); `None` without
+    /// a key.
+    pub fn stream_key(&self) -> Option<fp_wire::StreamKey> {
+        self.buffers_auth.stream_key()
     }
 
     fn auth(&self) -> std::sync::MutexGuard<'_, Auth> {

@@ -12,26 +12,32 @@
 //! "FPds"  count: u32 BE  flags: u32 BE  count × length: u64 BE  the frames' bytes  [MAC: 32 bytes]
 //! ```
 //!
-//! `flags & 1` says a MAC follows ([`fp_wire::StreamMac`], bound to the request the message
-//! answers). Both ends are ours: no other peer speaks this.
+//! `flags & 2` says a MAC follows: keyed BLAKE3 over the msg_id of the request the message
+//! answers and a keyed digest of its frames ([`fp_wire::StreamKey::mac`],
+//! [`fp_wire::StreamDigest`]). The sender computes that digest once per loan ([`LoanDigest`]),
+//! however many peers fetch it; each receiver computes it over the bytes it received. (Flag
+//! 1 was version 1's MAC over the request and the frames, hashed again for every fetch: refused.)
+//! Both ends are ours: no other peer speaks this.
 
-use fp_wire::StreamMac;
+use fp_wire::{StreamDigest, StreamKey};
 use std::io::{self, ErrorKind, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// First bytes of every message.
 pub const MAGIC: [u8; 4] = *b"FPds";
-const FLAG_MAC: u32 = 1;
+const FLAG_MAC: u32 = 2;
+/// Version 1's MAC flag (a peer of another ferroparallel version).
+const FLAG_MAC_V1: u32 = 1;
 /// Longest a blocking read or write waits before the caller's tick is asked whether to go on.
 pub const TICK: Duration = Duration::from_millis(250);
 /// Frames up to this size are gathered into one write with the header.
 const SMALL_FRAME: usize = 64 * 1024;
 /// Received bytes are hashed in pieces of this size, each as soon as it has arrived.
 const HASH_PIECE: usize = 1 << 20;
-/// Sent bytes are hashed in pieces of this size (each on every core), so that a failed send
-/// stops the hashing soon.
+/// Sent bytes are hashed in pieces of this size, so that a failed send stops the hashing soon.
 const SEND_HASH_PIECE: usize = 16 << 20;
 
 /// What a receiver accepts in one message; anything larger is refused before it is read.
@@ -42,6 +48,175 @@ pub struct Limits {
     /// Once its first byte has arrived, the whole message must arrive within this time (a
     /// server waits for requests without a deadline, but not for the rest of a started one).
     pub message_time: Option<Duration>,
+}
+
+/// What authenticates one message: the stream key and the request it answers (its msg_id).
+#[derive(Debug, Clone, Copy)]
+pub struct MacFor<'a> {
+    pub key: &'a StreamKey,
+    pub context: &'a [u8],
+}
+
+/// Which frames a digest is of: the key, and each frame's address and length. (A loan holds
+/// its buffers for as long as its `LoanDigest` lives: the same addresses are the same memory.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DigestOf {
+    key: StreamKey,
+    frames: Vec<(usize, usize)>,
+}
+
+impl DigestOf {
+    fn new(key: &StreamKey, frames: &[&[u8]]) -> DigestOf {
+        DigestOf {
+            key: key.clone(),
+            frames: frames
+                .iter()
+                .map(|f| (f.as_ptr() as usize, f.len()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+enum DigestState {
+    #[default]
+    Empty,
+    /// A send of these frames is hashing them.
+    Computing(DigestOf),
+    Done(DigestOf, [u8; 32]),
+}
+
+/// The digest of one loan's frames, shared by every send of it: the first send hashes the
+/// frames (while it writes them), the others, before or meanwhile, only write and then take
+/// its digest. (The sender's bytes are its own: whether it hashed them once or once per
+/// fetch, each receiver still hashes every byte it receives under the key.)
+#[derive(Debug, Default)]
+pub struct LoanDigest {
+    state: Mutex<DigestState>,
+    ready: Condvar,
+    /// how many times a digest was stored (computed for the sends sharing it)
+    stored: std::sync::atomic::AtomicU32,
+}
+
+/// What a send does about the digest of its frames.
+enum Role<'a> {
+    /// Known already.
+    Known([u8; 32]),
+    /// Hash them (and, with a claim, store the digest for the other sends).
+    Hash(Option<Claim<'a>>),
+    /// Another send is hashing them: wait for its digest once the bytes are written.
+    Wait,
+}
+
+/// The right to compute a loan's digest; dropped without [`Claim::store`] (a failed send), it
+/// lets the next waiting send compute it.
+struct Claim<'a> {
+    cache: &'a LoanDigest,
+    stored: bool,
+}
+
+impl Claim<'_> {
+    fn store(mut self, of: DigestOf, digest: [u8; 32]) {
+        *self.cache.lock() = DigestState::Done(of, digest);
+        self.cache
+            .stored
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stored = true;
+        self.cache.ready.notify_all();
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.stored {
+            *self.cache.lock() = DigestState::Empty;
+            self.cache.ready.notify_all();
+        }
+    }
+}
+
+impl LoanDigest {
+    pub fn new() -> LoanDigest {
+        LoanDigest::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DigestState> {
+        // the state is replaced whole: a panic cannot leave it half written
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the digest of some frames is known (tests and diagnostics).
+    pub fn is_known(&self) -> bool {
+        matches!(*self.lock(), DigestState::Done(..))
+    }
+
+    /// How many times the frames were hashed for this loan's sends (tests and diagnostics).
+    pub fn times_hashed(&self) -> u32 {
+        self.stored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn begin(&self, of: &DigestOf) -> Role<'_> {
+        let mut state = self.lock();
+        match &*state {
+            DigestState::Done(known, d) if known == of => return Role::Known(*d),
+            DigestState::Computing(known) if known == of => return Role::Wait,
+            // other frames (the loan grew) are being hashed: hash these without sharing
+            DigestState::Computing(_) => return Role::Hash(None),
+            _ => {}
+        }
+        *state = DigestState::Computing(of.clone());
+        Role::Hash(Some(Claim {
+            cache: self,
+            stored: false,
+        }))
+    }
+
+    /// Wait for the send hashing `of` to store its digest; `None` when it failed (or other
+    /// frames took its place): the caller hashes them itself.
+    fn wait(
+        &self,
+        of: &DigestOf,
+        deadline: Option<Instant>,
+        tick: Tick<'_>,
+    ) -> Result<Option<[u8; 32]>, StreamError> {
+        let mut state = self.lock();
+        loop {
+            match &*state {
+                DigestState::Done(known, d) if known == of => return Ok(Some(*d)),
+                DigestState::Computing(known) if known == of => {}
+                _ => return Ok(None),
+            }
+            let (next, waited) = self
+                .ready
+                .wait_timeout(state, TICK)
+                .unwrap_or_else(|e| e.into_inner());
+            state = next;
+            if waited.timed_out() {
+                drop(state);
+                check_deadline(deadline)?;
+                tick()?;
+                state = self.lock();
+            }
+        }
+    }
+}
+
+fn hash_frames(
+    key: &StreamKey,
+    frames: &[&[u8]],
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Option<[u8; 32]> {
+    let mut digest = key.digest(frames.len() as u64);
+    for f in frames {
+        digest.frame(f.len() as u64);
+        for piece in f.chunks(SEND_HASH_PIECE) {
+            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+                return None;
+            }
+            digest.update(piece);
+        }
+    }
+    Some(digest.finish())
 }
 
 /// Why a message could not be sent or received. After any error the stream is out of step and
@@ -274,16 +449,16 @@ enum Piece {
 unsafe impl Send for Piece {}
 
 /// Read every frame into `frames` (allocated, empty: `len` 0, capacity the frame's length).
-/// With `mac`, a second thread hashes each piece as soon as it has arrived, while the next
-/// one is read; the MAC is returned once every byte was read and hashed.
+/// With `digest`, a second thread hashes each piece as soon as it has arrived, while the next
+/// one is read; the digest is returned once every byte was read and hashed.
 fn read_frames(
     stream: &TcpStream,
     frames: &mut [Vec<u8>],
-    mac: Option<StreamMac>,
+    digest: Option<StreamDigest>,
     deadline: Option<Instant>,
     tick: Tick<'_>,
-) -> Result<Option<StreamMac>, StreamError> {
-    let Some(mut mac) = mac else {
+) -> Result<Option<[u8; 32]>, StreamError> {
+    let Some(mut mac) = digest else {
         for frame in frames.iter_mut() {
             let len = frame.capacity();
             // SAFETY: the capacity is reserved and untouched; read_into writes all of it.
@@ -305,7 +480,7 @@ fn read_frames(
                     Piece::Bytes(p, n) => mac.update(unsafe { std::slice::from_raw_parts(p, n) }),
                 }
             }
-            mac
+            mac.finish()
         });
         let mut read = || -> Result<(), StreamError> {
             for frame in frames.iter_mut() {
@@ -336,12 +511,15 @@ fn read_frames(
     })
 }
 
-/// Send one message made of `frames`; with `mac`, the frames' MAC (computed on another thread
-/// while they are written) follows them.
+/// Send one message made of `frames`; with `mac`, their MAC follows them. The frames' digest
+/// is computed on another thread while they are written, unless `loan` knows it already (or
+/// another send of the same loan is computing it: this one then writes its bytes and takes
+/// that digest).
 pub fn send_message(
     stream: &TcpStream,
     frames: &[&[u8]],
-    mac: Option<StreamMac>,
+    mac: Option<MacFor<'_>>,
+    loan: Option<&LoanDigest>,
     deadline: Option<Instant>,
     tick: Tick<'_>,
 ) -> Result<(), StreamError> {
@@ -355,24 +533,24 @@ pub fn send_message(
     for f in frames {
         head.extend_from_slice(&(f.len() as u64).to_be_bytes());
     }
+    let of = mac.map(|m| DigestOf::new(m.key, frames));
+    let role = match (&of, loan) {
+        (None, _) => None,
+        (Some(_), None) => Some(Role::Hash(None)),
+        (Some(of), Some(loan)) => Some(loan.begin(of)),
+    };
     // set when a write failed: the hashing thread stops at its next piece
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let stop = &stop;
-        let hashing = mac.map(|mut mac| {
-            scope.spawn(move || {
-                for f in frames {
-                    mac.frame(f.len() as u64);
-                    for piece in f.chunks(SEND_HASH_PIECE) {
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            break;
-                        }
-                        mac.update(piece);
-                    }
-                }
-                mac.finish()
-            })
-        });
+        let (role, hashing) = match role {
+            Some(Role::Hash(claim)) => {
+                let key = mac.map(|m| m.key).expect("a MAC was asked for");
+                let thread = scope.spawn(move || hash_frames(key, frames, Some(stop)));
+                (Some(Role::Hash(claim)), Some(thread))
+            }
+            other => (other, None),
+        };
         // small frames go out with the header in one write, large ones from their own memory
         let mut staged = head;
         let mut written = Ok(());
@@ -390,23 +568,57 @@ pub fn send_message(
             }
         }
         // joined whatever happened (it reads the frames)
-        let digest = hashing.map(|h| h.join());
-        written?;
-        match digest {
-            Some(Ok(d)) => staged.extend_from_slice(&d),
+        let hashed = match hashing.map(|h| h.join()) {
+            Some(Ok(d)) => d,
             Some(Err(_)) => return Err(StreamError::Malformed("hashing failed".into())),
-            None => {}
-        }
+            None => None,
+        };
+        written?; // (a claim dropped here lets a waiting send hash the frames itself)
+        let (Some(m), Some(of), Some(role)) = (mac, of, role) else {
+            return write_all(stream, &staged, deadline, tick);
+        };
+        let digest = match role {
+            Role::Known(d) => d,
+            Role::Hash(claim) => {
+                let d = hashed.ok_or_else(|| StreamError::Malformed("hashing stopped".into()))?;
+                if let Some(claim) = claim {
+                    claim.store(of, d);
+                }
+                d
+            }
+            Role::Wait => {
+                let loan = loan.expect("only a loan's send waits");
+                loop {
+                    if let Some(d) = loan.wait(&of, deadline, tick)? {
+                        break d;
+                    }
+                    // the send hashing them failed: this one does it
+                    match loan.begin(&of) {
+                        Role::Known(d) => break d,
+                        Role::Wait => continue,
+                        Role::Hash(claim) => {
+                            let d = hash_frames(m.key, frames, None).expect("not stopped");
+                            if let Some(claim) = claim {
+                                claim.store(of.clone(), d);
+                            }
+                            break d;
+                        }
+                    }
+                }
+            }
+        };
+        staged.extend_from_slice(&m.key.mac(m.context, &digest));
         write_all(stream, &staged, deadline, tick)
     })
 }
 
 /// Receive one message within `limits`; with `mac`, it must carry a matching MAC (it is
-/// checked before the frames are returned). `deadline` bounds the whole message.
+/// checked before the frames are returned: the digest of every received byte, under the key,
+/// bound to the request). `deadline` bounds the whole message.
 pub fn recv_message(
     stream: &TcpStream,
     limits: Limits,
-    mac: Option<StreamMac>,
+    mac: Option<MacFor<'_>>,
     deadline: Option<Instant>,
     tick: Tick<'_>,
 ) -> Result<Vec<Vec<u8>>, StreamError> {
@@ -428,6 +640,11 @@ pub fn recv_message(
             "{count} frames, at most {} accepted",
             limits.max_frames
         )));
+    }
+    if flags == FLAG_MAC_V1 {
+        return Err(StreamError::Malformed(
+            "a version 1 MAC (the peer runs another ferroparallel version)".into(),
+        ));
     }
     if flags & !FLAG_MAC != 0 {
         return Err(StreamError::Malformed(format!("unknown flags {flags:#x}")));
@@ -452,12 +669,13 @@ pub fn recv_message(
         return Err(StreamError::BadMac("the message carries no MAC"));
     }
     let mut frames = allocate(&lens)?;
-    let mac = read_frames(stream, &mut frames, mac, deadline, tick)?;
+    let digest = mac.map(|m| m.key.digest(u64::from(count)));
+    let digest = read_frames(stream, &mut frames, digest, deadline, tick)?;
     if flags & FLAG_MAC != 0 {
         let mut given = [0u8; 32];
         read_exact(stream, &mut given, false, deadline, tick)?;
-        if let Some(m) = mac {
-            if !m.matches(&given) {
+        if let (Some(m), Some(d)) = (mac, digest) {
+            if !m.key.matches(m.context, &d, &given) {
                 return Err(StreamError::BadMac("the frames do not match their MAC"));
             }
         }
@@ -487,23 +705,65 @@ mod tests {
         message_time: None,
     };
 
+    fn key(secret: &[u8]) -> StreamKey {
+        Auth::new(secret, "hmac-sha256")
+            .unwrap()
+            .stream_key()
+            .unwrap()
+    }
+
+    fn for_req<'a>(key: &'a StreamKey, req: &'a [u8]) -> Option<MacFor<'a>> {
+        Some(MacFor { key, context: req })
+    }
+
+    fn big(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    /// Send `frames` on a new connection from another thread; what the receiver got.
+    fn round_trip(
+        frames: &[&[u8]],
+        sent: Option<MacFor<'_>>,
+        loan: Option<&LoanDigest>,
+        expected: Option<MacFor<'_>>,
+    ) -> Result<Vec<Vec<u8>>, StreamError> {
+        let (a, b) = pair();
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(move || send_message(&a, frames, sent, loan, None, &mut go()));
+            let got = recv_message(&b, ANY, expected, None, &mut go());
+            drop(b); // (a refused message may be left half read)
+            let _ = sender.join().unwrap();
+            got
+        })
+    }
+
+    /// A message as the sender writes it, with `mac` after the frames (flag `flags`).
+    fn raw_message(frames: &[&[u8]], flags: u32, mac: Option<[u8; 32]>) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&(frames.len() as u32).to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        for f in frames {
+            out.extend_from_slice(&(f.len() as u64).to_be_bytes());
+        }
+        for f in frames {
+            out.extend_from_slice(f);
+        }
+        out.extend_from_slice(&mac.unwrap_or_default()[..mac.map_or(0, |_| 32)]);
+        out
+    }
+
+    fn recv_raw(bytes: &[u8], expected: Option<MacFor<'_>>) -> Result<Vec<Vec<u8>>, StreamError> {
+        let (mut a, b) = pair();
+        a.write_all(bytes).unwrap();
+        recv_message(&b, ANY, expected, None, &mut go())
+    }
+
     #[test]
     fn frames_arrive_as_sent_with_their_mac() {
-        let auth = Auth::new(b"key", "hmac-sha256").unwrap();
-        let (a, b) = pair();
-        let big: Vec<u8> = (0..(40 << 20)).map(|i| (i % 251) as u8).collect();
+        let k = key(b"key");
+        let big = big(40 << 20, 0);
         let frames: Vec<&[u8]> = vec![b"", b"small", &big, b"tail"];
-        let sender = std::thread::spawn({
-            let frames: Vec<Vec<u8>> = frames.iter().map(|f| f.to_vec()).collect();
-            let mac = auth.stream_mac(b"req-1");
-            move || {
-                let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
-                send_message(&a, &refs, mac, None, &mut go()).unwrap();
-                a
-            }
-        });
-        let got = recv_message(&b, ANY, auth.stream_mac(b"req-1"), None, &mut go()).unwrap();
-        let _a = sender.join().unwrap();
+        let got = round_trip(&frames, for_req(&k, b"req-1"), None, for_req(&k, b"req-1")).unwrap();
         assert_eq!(got.len(), 4);
         for (g, f) in got.iter().zip(&frames) {
             assert_eq!(g.as_slice(), *f);
@@ -512,18 +772,132 @@ mod tests {
 
     #[test]
     fn a_mac_for_another_request_or_key_is_refused() {
-        let auth = Auth::new(b"key", "hmac-sha256").unwrap();
-        let other = Auth::new(b"other", "hmac-sha256").unwrap();
+        let (k, other) = (key(b"key"), key(b"other"));
         for (sent, expected) in [
-            (auth.stream_mac(b"req-1"), auth.stream_mac(b"req-2")),
-            (other.stream_mac(b"req-1"), auth.stream_mac(b"req-1")),
-            (None, auth.stream_mac(b"req-1")),
+            (for_req(&k, b"req-1"), for_req(&k, b"req-2")),
+            (for_req(&other, b"req-1"), for_req(&k, b"req-1")),
+            (None, for_req(&k, b"req-1")),
         ] {
-            let (a, b) = pair();
-            send_message(&a, &[b"payload"], sent, None, &mut go()).unwrap();
-            let err = recv_message(&b, ANY, expected, None, &mut go()).unwrap_err();
-            assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+            // through a loan whose digest is known too: the MAC still binds request and key
+            let loan = LoanDigest::new();
+            for loan in [None, Some(&loan), Some(&loan)] {
+                let err = round_trip(&[b"payload"], sent, loan, expected).unwrap_err();
+                assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+            }
         }
+    }
+
+    #[test]
+    fn tampered_bytes_a_replayed_mac_and_a_version_1_mac_are_refused() {
+        let k = key(b"key");
+        let frames: [&[u8]; 2] = [b"head", b"the payload"];
+        let mut digest = k.digest(2);
+        for f in frames {
+            digest.frame(f.len() as u64);
+            digest.update(f);
+        }
+        let mac = k.mac(b"req-1", &digest.finish());
+        let good = raw_message(&frames, FLAG_MAC, Some(mac));
+        assert_eq!(
+            recv_raw(&good, for_req(&k, b"req-1")).unwrap()[1],
+            frames[1]
+        );
+        // one flipped bit in the frames' bytes
+        let mut tampered = good.clone();
+        let at = tampered.len() - 32 - 3;
+        tampered[at] ^= 1;
+        let err = recv_raw(&tampered, for_req(&k, b"req-1")).unwrap_err();
+        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        // the same bytes split otherwise (the lengths are in the digest)
+        let resplit = raw_message(&[b"headthe", b" payload"], FLAG_MAC, Some(mac));
+        let err = recv_raw(&resplit, for_req(&k, b"req-1")).unwrap_err();
+        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        // a recorded reply (bytes and MAC) answering another request
+        let err = recv_raw(&good, for_req(&k, b"req-2")).unwrap_err();
+        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        // the digest itself in place of the MAC
+        let bare = raw_message(&frames, FLAG_MAC, Some(digest.finish()));
+        let err = recv_raw(&bare, for_req(&k, b"req-1")).unwrap_err();
+        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        // version 1's flag: refused as such
+        let v1 = raw_message(&frames, FLAG_MAC_V1, Some(mac));
+        let err = recv_raw(&v1, for_req(&k, b"req-1")).unwrap_err();
+        assert!(
+            matches!(err, StreamError::Malformed(ref m) if m.contains("version 1")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_loan_is_hashed_once_for_every_send() {
+        let k = key(b"key");
+        let data = big(24 << 20, 3);
+        let frames: [&[u8]; 3] = [b"meta", &data, b""];
+        let loan = LoanDigest::new();
+        // two sends at once (the second waits for the first one's digest, or uses it), then
+        // a third with the digest known
+        std::thread::scope(|scope| {
+            let sends: Vec<_> = [b"req-1", b"req-2"]
+                .into_iter()
+                .map(|req| {
+                    let (frames, loan, k) = (&frames, &loan, &k);
+                    scope.spawn(move || {
+                        round_trip(frames, for_req(k, req), Some(loan), for_req(k, req))
+                    })
+                })
+                .collect();
+            for s in sends {
+                assert_eq!(s.join().unwrap().unwrap(), frames.map(<[u8]>::to_vec));
+            }
+        });
+        assert!(loan.is_known());
+        let got = round_trip(
+            &frames,
+            for_req(&k, b"req-3"),
+            Some(&loan),
+            for_req(&k, b"req-3"),
+        );
+        assert_eq!(got.unwrap(), frames.map(<[u8]>::to_vec));
+        assert_eq!(loan.times_hashed(), 1);
+        // other frames (a loan that grew) are hashed, not given the known digest
+        let more: [&[u8]; 4] = [b"meta", &data, b"", b"more"];
+        let got = round_trip(
+            &more,
+            for_req(&k, b"req-4"),
+            Some(&loan),
+            for_req(&k, b"req-4"),
+        );
+        assert_eq!(got.unwrap().len(), 4);
+        assert_eq!(loan.times_hashed(), 2);
+    }
+
+    #[test]
+    fn a_send_waiting_for_a_failed_hashing_hashes_itself() {
+        let k = key(b"key");
+        let frames: [&[u8]; 1] = [b"payload"];
+        let loan = LoanDigest::new();
+        let of = DigestOf::new(&k, &frames);
+        let Role::Hash(Some(claim)) = loan.begin(&of) else {
+            panic!("the first send hashes")
+        };
+        assert!(matches!(loan.begin(&of), Role::Wait));
+        std::thread::scope(|scope| {
+            let waiting = scope
+                .spawn(|| round_trip(&frames, for_req(&k, b"r"), Some(&loan), for_req(&k, b"r")));
+            std::thread::sleep(Duration::from_millis(100));
+            drop(claim); // the hashing send failed
+            assert_eq!(waiting.join().unwrap().unwrap(), vec![b"payload".to_vec()]);
+        });
+        assert!(loan.is_known());
+        // a wrong digest stored for the loan is caught by the receiver
+        let loan = LoanDigest::new();
+        let Role::Hash(Some(claim)) = loan.begin(&of) else {
+            panic!("the first send hashes")
+        };
+        claim.store(of, [0; 32]);
+        let err =
+            round_trip(&frames, for_req(&k, b"r"), Some(&loan), for_req(&k, b"r")).unwrap_err();
+        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
     }
 
     #[test]
@@ -534,11 +908,11 @@ mod tests {
             max_frames: 4,
             message_time: None,
         };
-        send_message(&a, &[&[0u8; 101]], None, None, &mut go()).unwrap();
+        send_message(&a, &[&[0u8; 101]], None, None, None, &mut go()).unwrap();
         let err = recv_message(&b, small, None, None, &mut go()).unwrap_err();
         assert!(matches!(err, StreamError::Malformed(_)), "{err:?}");
         let (_a2, b2) = pair();
-        send_message(&_a2, &[&b"x"[..]; 5], None, None, &mut go()).unwrap();
+        send_message(&_a2, &[&b"x"[..]; 5], None, None, None, &mut go()).unwrap();
         assert!(matches!(
             recv_message(&b2, small, None, None, &mut go()),
             Err(StreamError::Malformed(_))
@@ -615,7 +989,7 @@ mod tests {
         };
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(600)); // longer than message_time
-            send_message(&a, &[b"late but whole"], None, None, &mut || Ok(())).unwrap();
+            send_message(&a, &[b"late but whole"], None, None, None, &mut || Ok(())).unwrap();
             a.write_all(b"FPd").unwrap(); // and then a message that never completes
             a
         });

@@ -25,7 +25,9 @@ pub use envelope::{
 pub use error::WireError;
 pub use header::{iso_from_unix, iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
 pub use packer::{Field, Packer};
-pub use sign::{Auth, DigestHistory, StreamMac, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE};
+pub use sign::{
+    Auth, DigestHistory, StreamDigest, StreamKey, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE,
+};
 pub use value::Value;
 
 /// The four packed dict parts of a message, in signing order.

@@ -20,39 +20,80 @@ const PARALLEL_HASH_MIN: usize = 4 << 20;
 /// the buffers MAC and the message signature never share a key.
 const BUFFERS_CONTEXT: &str = "ferroparallel 2026-11 buffers MAC v1";
 
-/// Domain tag of [`Auth::stream_mac`]: a stream MAC is never a buffers digest.
-const STREAM_DOMAIN: &[u8] = b"ferroparallel data stream v1\0";
+/// Domain tag of [`StreamDigest`]: the digest of a data stream message's frames is never a
+/// buffers digest nor a stream MAC (all three are keyed by the buffers MAC key).
+const STREAM_DIGEST_DOMAIN: &[u8] = b"ferroparallel data stream frames v2\0";
 
-/// Incremental MAC of a data stream message: for each frame its length (u64 big-endian), then
-/// its bytes, fed in any number of pieces.
+/// Domain tag of [`StreamKey::mac`] (v1 hashed the frames themselves after the request's
+/// msg_id: each fetch of a loan hashed its bytes again).
+const STREAM_MAC_DOMAIN: &[u8] = b"ferroparallel data stream v2\0";
+
+/// Incremental keyed digest of the frames of one data stream message, independent of the
+/// request it answers: the frame count (u64 big-endian), then for each frame its length (u64
+/// big-endian) and its bytes, fed in any number of pieces. A lender computes it once per loan
+/// however many peers fetch it; each receiver computes it over the bytes it received.
 #[derive(Debug, Clone)]
-pub struct StreamMac {
+pub struct StreamDigest {
     hasher: blake3::Hasher,
 }
 
-impl StreamMac {
+impl StreamDigest {
     /// Start a frame of `len` bytes.
     pub fn frame(&mut self, len: u64) {
         self.hasher.update(&len.to_be_bytes());
     }
 
-    /// Feed bytes of the current frame (on every core when the piece is large).
+    /// Feed bytes of the current frame. On one thread: the sender hashes while another thread
+    /// writes, the receiver while it reads and its peer sends, so a second hashing thread
+    /// only competes for the same cores (on 2 busy cores `update_rayon` was slower for the
+    /// same CPU time).
     pub fn update(&mut self, bytes: &[u8]) {
-        if bytes.len() >= PARALLEL_HASH_MIN {
-            self.hasher.update_rayon(bytes);
-        } else {
-            self.hasher.update(bytes);
-        }
+        self.hasher.update(bytes);
     }
 
-    /// The 32-byte MAC.
+    /// The 32-byte digest (secret: it never travels, only [`StreamKey::mac`] of it does).
     pub fn finish(&self) -> [u8; 32] {
         *self.hasher.finalize().as_bytes()
     }
+}
 
-    /// Whether `given` is the MAC (constant-time comparison).
-    pub fn matches(&self, given: &[u8; 32]) -> bool {
-        self.hasher.finalize() == blake3::Hash::from(*given)
+/// The key of the data stream's MAC (the buffers MAC key; see [`Auth::stream_key`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StreamKey {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for StreamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamKey(..)")
+    }
+}
+
+impl StreamKey {
+    /// A digest of a message of `count` frames.
+    pub fn digest(&self, count: u64) -> StreamDigest {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(STREAM_DIGEST_DOMAIN);
+        hasher.update(&count.to_be_bytes());
+        StreamDigest { hasher }
+    }
+
+    /// The MAC of a message whose frames have `digest`, answering `context` (the msg_id of
+    /// the fetch request, so a recorded reply cannot answer another request): keyed BLAKE3
+    /// over a domain tag, the context's length and bytes, and the digest. 32 bytes hashed
+    /// per fetch instead of the frames.
+    pub fn mac(&self, context: &[u8], digest: &[u8; 32]) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(STREAM_MAC_DOMAIN);
+        hasher.update(&(context.len() as u64).to_be_bytes());
+        hasher.update(context);
+        hasher.update(digest);
+        *hasher.finalize().as_bytes()
+    }
+
+    /// Whether `given` is the MAC of `digest` for `context` (constant-time comparison).
+    pub fn matches(&self, context: &[u8], digest: &[u8; 32], given: &[u8; 32]) -> bool {
+        blake3::Hash::from(self.mac(context, digest)) == blake3::Hash::from(*given)
     }
 }
 
@@ -238,16 +279,12 @@ impl Auth {
         }
     }
 
-    /// A MAC over the frames of one message of the direct data stream (`fp_io::stream`),
-    /// bound to `context` (the msg_id of the request it answers, so a recorded reply cannot
-    /// answer another request); `None` without a key. Its key is the buffers MAC key, under a
-    /// separate domain tag.
-    pub fn stream_mac(&self, context: &[u8]) -> Option<StreamMac> {
-        let mut hasher = blake3::Hasher::new_keyed(self.buffers_key.as_ref()?);
-        hasher.update(STREAM_DOMAIN);
-        hasher.update(&(context.len() as u64).to_be_bytes());
-        hasher.update(context);
-        Some(StreamMac { hasher })
+    /// The key of the direct data stream's MAC (`fp_io::stream`), `None` without a key: the
+    /// buffers MAC key, under its own domain tags ([`StreamDigest`], [`StreamKey::mac`]).
+    pub fn stream_key(&self) -> Option<StreamKey> {
+        Some(StreamKey {
+            key: self.buffers_key?,
+        })
     }
 
     fn buffers_mac<'a, I>(&self, buffers: I) -> Option<blake3::Hash>
@@ -427,6 +464,54 @@ mod tests {
         assert_eq!(auth.record(&sig), Ok(()));
         assert_eq!(auth.record(&sig), Err(WireError::DuplicateSignature));
         assert_eq!(auth.record(b"zz"), Err(WireError::InvalidSignature));
+    }
+
+    #[test]
+    fn stream_macs_bind_frames_request_and_key_and_stand_apart() {
+        let auth = Auth::new(b"secret", "hmac-sha256").unwrap();
+        let k = auth.stream_key().unwrap();
+        let digest_of = |frames: &[&[u8]]| {
+            let mut d = k.digest(frames.len() as u64);
+            for f in frames {
+                d.frame(f.len() as u64);
+                d.update(f);
+            }
+            d.finish()
+        };
+        let d = digest_of(&[b"abc", b"def"]);
+        // pieces fed separately hash as one
+        let mut split = k.digest(2);
+        split.frame(3);
+        split.update(b"a");
+        split.update(b"bc");
+        split.frame(3);
+        split.update(b"def");
+        assert_eq!(split.finish(), d);
+        for other in [
+            &[&b"abc"[..], &b"deF"[..]][..],
+            &[&b"ab"[..], &b"cdef"[..]],
+            &[&b"abcdef"[..]],
+            &[&b"abc"[..], &b"def"[..], &b""[..]],
+        ] {
+            assert_ne!(digest_of(other), d);
+        }
+        let mac = k.mac(b"req-1", &d);
+        assert!(k.matches(b"req-1", &d, &mac));
+        assert!(!k.matches(b"req-2", &d, &mac));
+        assert!(!k.matches(b"req-1", &digest_of(&[b"abc", b"deF"]), &mac));
+        let other = Auth::new(b"other", "hmac-sha256")
+            .unwrap()
+            .stream_key()
+            .unwrap();
+        assert!(!other.matches(b"req-1", &d, &mac));
+        assert_ne!(mac, d);
+        // a digest is neither the buffers digest of the same buffers nor a MAC
+        let buffers = auth.buffers_digest([&b"abc"[..], &b"def"[..]]).unwrap();
+        assert_ne!(buffers, blake3::Hash::from(d).to_hex().to_string());
+        assert!(Auth::new(b"", "hmac-sha256")
+            .unwrap()
+            .stream_key()
+            .is_none());
     }
 
     #[test]
