@@ -251,6 +251,21 @@ def test_metadata_defaults_and_access() -> None:
         _ = md.nope
 
 
+def test_metadata_of_a_request_is_the_plain_constructors() -> None:
+    """``Metadata._of_request`` (the client's per-task shortcut) makes what the constructor
+    makes: same type, keys in the same order, same values, mutable defaults not shared."""
+    when = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    for known in ({}, {"label": "L"}, {"engine_uuid": "u", "engine_id": 3}):
+        values = {"msg_id": "m1", "submitted": when, **known}
+        fast = Metadata._of_request(values)
+        plain = Metadata(values)
+        assert type(fast) is Metadata
+        assert list(fast.items()) == list(plain.items())
+        assert fast.outputs is not plain.outputs and fast.data is not plain.data
+    values = {"msg_id": "a", "submitted": when}
+    assert Metadata._of_request(values).outputs is not Metadata._of_request(values).outputs
+
+
 def test_metadata_rejects_unknown_keys() -> None:
     md = Metadata(msg_id="a")
     with pytest.raises(KeyError):
@@ -358,6 +373,41 @@ def test_single_result_rules(client: FakeClient) -> None:
     client.reply(futs[0], "x")
     assert explicit.get() == "x"
     assert AsyncResult(client, [futs[0]], targets=[0]).get() == ["x"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"fname": "f", "targets": 0},
+        {"targets": [0]},
+        {"targets": range(1), "return_exceptions": True},
+        {"targets": 0, "single_result": False, "owner": True},
+    ],
+)
+def test_one_message_shortcut_matches_the_general_path(
+    client: FakeClient, kwargs: dict[str, Any]
+) -> None:
+    """An AsyncResult over a list of one MessageFuture (what every ``apply_async`` makes) is
+    built by a shortcut; it must end up as the general path makes it (children given as a
+    tuple take that path), attribute for attribute, and resolve the same way."""
+    fast_fut, general_fut = client.send(2)
+    fast = AsyncResult(client, [fast_fut], **kwargs)
+    general = AsyncResult(client, (general_fut,), **kwargs)
+    fast_vars, general_vars = vars(fast), vars(general)
+    assert fast_vars.keys() == general_vars.keys()
+    for name, value in fast_vars.items():
+        if name in ("_kids", "_msg_ids"):
+            assert len(value) == 1 and type(value) is type(general_vars[name])
+        else:
+            assert value == general_vars[name], name
+    assert fast._kids == [fast_fut] and fast.msg_ids == [fast_fut.msg_id]
+    assert fast_fut._callbacks is not None and len(fast_fut._callbacks) == 1
+    client.reply(fast_fut, 7, engine=0)
+    client.reply(general_fut, 7, engine=0)
+    assert fast.get(1) == general.get(1)
+    assert vars(fast).keys() == vars(general).keys()
+    assert (fast._order, fast._n_failed) == (general._order, general._n_failed)
 
 
 def test_children_by_msg_id(client: FakeClient) -> None:

@@ -351,6 +351,44 @@ def test_results_and_metadata_of_low_level_requests(rc: Client) -> None:
     assert isinstance(md.after, list) and isinstance(md.follow, list)
 
 
+def test_bookkeeping_of_a_request_just_sent(rc: Client) -> None:
+    """What a client records for one request as it leaves (the per-task shortcut of
+    ``Client._register``): its future, its ``history`` and ``outstanding`` entries, and a
+    Metadata with the keys in their order, ``submitted`` (the header's date), the label, and
+    for a direct request the engine (``_outstanding_by_engine`` too)."""
+    lview = rc.load_balanced_view()
+    uuid = rc._engines[1]
+    sent = [
+        (lview.apply_async(time.sleep, 0.5), None, {}),
+        (
+            rc.load_balanced_view().set_flags(label="lb").apply_async(time.sleep, 0.5),
+            None,
+            {"label": "lb"},
+        ),
+        (rc[1].apply_async(time.sleep, 0.5), uuid, {"engine_uuid": uuid, "engine_id": 1}),
+        (
+            rc.direct_view(1).set_flags(label="dv").apply_async(time.sleep, 0.5),
+            uuid,
+            {"label": "dv", "engine_uuid": uuid, "engine_id": 1},
+        ),
+    ]
+    for ar, engine, known in sent:
+        (msg_id,) = ar.msg_ids
+        fut = rc._futures[msg_id]
+        assert fut.header["msg_id"] == msg_id and fut.header["msg_type"] == "apply_request"
+        expected = Metadata(msg_id=msg_id, submitted=fut.header["date"], **known)
+        md = rc.metadata[msg_id]
+        assert type(md) is Metadata and fut.md is md
+        assert list(md.items()) == list(expected.items())
+        assert md.submitted.tzinfo is not None
+        assert msg_id in rc.outstanding and msg_id in rc.history
+        if engine is not None:
+            assert msg_id in rc._outstanding_by_engine[engine]
+    assert [m for ar, _, _ in sent for m in ar.msg_ids] == rc.history[-4:]
+    for ar, _, _ in sent:
+        assert ar.get(timeout=SHORT) is None
+
+
 def test_metadata_is_strict(rc: Client) -> None:
     ar = rc[0].apply_async(lambda: print("out"))
     ar.get(timeout=SHORT)

@@ -154,6 +154,31 @@ class AsyncResult(SlimFuture):
     ) -> None:
         super().__init__()
         self._client = client
+        if (
+            type(children) is list
+            and len(children) == 1
+            and type(children[0]) is MessageFuture
+            and type(self) is AsyncResult
+        ):
+            # the common ``apply_async``: one message. What the general path below does for
+            # it, with less work (once per task; test_asyncresult_unit compares the two)
+            fut = children[0]
+            self._kids = [fut]
+            self._group = None
+            self._msg_ids = (fut.msg_id,)
+            self._fname = fname
+            self._targets = targets
+            self.owner = owner
+            self._return_exceptions = bool(return_exceptions)
+            if single_result is None:
+                single_result = not isinstance(targets, (list, tuple, range))
+            self._single_result = bool(single_result)
+            self._mds = None
+            self._cond = SETTLED
+            self._order = ()
+            self._n_failed = 0
+            fut.add_done_callback(self._only_child_done)
+            return
         group = children if isinstance(children, FanoutGroup) else None
         #: the children (None until a fanned-out request's futures are made: see _children)
         self._kids: list[concurrent.futures.Future] | None = None

@@ -39,7 +39,7 @@ from ..wire_names import (
 )
 from . import connection, dispatch, waiting
 from .fanout import FanoutGroup, FlushingInstance
-from .futures import MessageFuture, SlimFuture
+from .futures import _DONE_STATES, MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
 from .outputs import ipython_shell
 from .shm_transport import ShmTransport
@@ -535,6 +535,10 @@ class Client(HasTraits):
 
     def _build_targets(self, targets: Any) -> tuple[list[str], list[int]]:
         """Uuids and ids for ``targets`` (None/'all', an int, a slice, or a list)."""
+        if type(targets) is int and targets >= 0:  # (the usual rc[i]: what the rest gives)
+            uuid = self._engines.get(targets)
+            if uuid is not None:
+                return [uuid], [targets]
         ids = self.ids
         if targets is None or targets == "all":
             chosen = ids
@@ -833,7 +837,9 @@ class Client(HasTraits):
         self._owned.update(msg_ids)
         futures = self._futures
         for m in msg_ids:
-            if m in futures:
+            fut = futures.get(m)
+            # (only a finished message can be released; most are still in flight)
+            if fut is not None and fut._state in _DONE_STATES:
                 self._maybe_release(m)
 
     # ----- fanned-out requests (see fanout.py) ----------------------------------------------
@@ -992,8 +998,31 @@ class Client(HasTraits):
         label: str | None = None,
         record: bool = True,
     ) -> MessageFuture:
-        entries = [(header["msg_id"], engine_uuid)]
-        return self._register_all(header, entries, label, track, record)[0]
+        """:meth:`_register_all` for one message (its msg_id is the header's): the same
+        caches and the same Metadata, with a fraction of the work (once per task)."""
+        msg_id = header["msg_id"]
+        tv = self._trait_values
+        fut = MessageFuture(msg_id, header, track)
+        values: dict[str, Any] = {"msg_id": msg_id, "submitted": parse_date(header.get("date"))}
+        if label is not None:
+            values["label"] = label
+        if engine_uuid is not None:
+            eid = self._uuids.get(engine_uuid)
+            values["engine_uuid"] = engine_uuid
+            values["engine_id"] = self._departed.get(engine_uuid) if eid is None else eid
+            self._outstanding_by_engine[engine_uuid].add(msg_id)
+        metadata = tv["metadata"]
+        md = metadata.get(msg_id)
+        if md is None:
+            md = metadata[msg_id] = Metadata._of_request(values)
+        else:  # (an entry made by a lookup before the request: kept, as _register_all does)
+            dict.update(md, values)
+        fut.md = md
+        self._futures[msg_id] = fut
+        if record:
+            tv["outstanding"].add(msg_id)
+            tv["history"].append(msg_id)
+        return fut
 
     def _register_all(
         self,
@@ -1118,13 +1147,15 @@ class Client(HasTraits):
         is wanted (unless ``status_messages``: this client counts outputs with the reply's
         ``fp_outputs``)."""
         md = dict(metadata) if metadata else {}
-        if self._shm.enabled:
-            md[SHM_HOST_KEY] = self._shm.host
-        if lend_from is not False:
-            lend = self._shm.lend_results(lend_from)
+        shm = self._shm
+        if shm.enabled:
+            md[SHM_HOST_KEY] = shm.host
+        # (neither kind of lending applies to a request this thread does not wait for)
+        if lend_from is not False and getattr(shm._calls, "waits", False):
+            lend = shm.lend_results(lend_from)
             if lend is not None:
                 md[LEND_RESULTS_KEY] = lend
-            elif self._shm.net_results(lend_from):
+            elif shm.net_results(lend_from):
                 md[NET_LEND_RESULTS_KEY] = True
         if not self._trait_values["status_messages"]:
             md[NO_STATUS_KEY] = True
@@ -1208,17 +1239,16 @@ class Client(HasTraits):
             # engines that join later may not reach the arguments (LENT_TO_KEY)
             metadata = {**(metadata or {}), LENT_TO_KEY: engines}
         try:
-            fut = self._send(
-                socket,
-                "apply_request",
-                {},
-                metadata=metadata or {},
-                ident=ident.encode() if isinstance(ident, str) else ident,
-                buffers=bufs,
-                track=track,
-                engine_uuid=uuid,
-                header=header,
-            )
+            # what ``_send`` does, without one more call with keywords (once per task)
+            self._check_open()
+            # with track: when libzmq is done with the buffers sent from the caller's memory
+            tracker = _core.SendTracker() if track else None
+            fut = self._register(header, tracker, uuid, metadata.get("label"))
+            self._io.send(
+                socket, "apply_request", {}, None, metadata,
+                ident=ident.encode() if isinstance(ident, str) else ident, buffers=bufs,
+                header=header, tracker=tracker,
+            )  # fmt: skip
         except BaseException:
             if seg is not None:
                 self._shm.drop(seg)

@@ -114,6 +114,10 @@ def parse_date(value: Any) -> Any:
     return value
 
 
+_new_dict = dict.__new__
+_init_dict = dict.__init__
+
+
 class UnknownMetadataKey(AttributeError, KeyError):
     """An attribute of a Metadata that is none of its keys was assigned."""
 
@@ -155,6 +159,15 @@ class Metadata(dict):
             self.update(*args, **kwargs)
 
     # -- item access ----------------------------------------------------------------------
+
+    @classmethod
+    def _of_request(cls, values: dict[str, Any]) -> Metadata:
+        """The Metadata of a request just sent: what ``Metadata(values)`` makes, in one
+        C-level call (a client makes one per task). ``values`` must hold metadata keys only
+        and no ISO-string date (neither is checked)."""
+        md = _new_dict(cls)
+        _init_dict(md, _DEFAULTS, outputs=[], data={}, **values)
+        return md
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key not in _DEFAULTS:

@@ -330,13 +330,18 @@ class DirectView(View):
         track: bool | None = None,
         **options: Any,
     ) -> Any:
-        block = self._block(block)
+        block = self.block if block is None else bool(block)
         track = self.track if track is None else track
         client = self.client
         t = self.targets if targets is None else targets
         uuids, ids = client._build_targets(t)
-        with client._shm.waiting(block):
-            futs = client.apply_to(uuids, f, args, kwargs, self._request_md(), bool(track))
+        md = self._request_md()
+        shm = client._shm
+        if block or getattr(shm._calls, "waits", False):
+            with shm.waiting(block):
+                futs = client.apply_to(uuids, f, args, kwargs, md, bool(track))
+        else:  # (this thread does not wait already: shm.waiting(False) would change nothing)
+            futs = client.apply_to(uuids, f, args, kwargs, md, bool(track))
         single = isinstance(t, int)
         ar = AsyncResult(client, futs, fname=_name_of(f), targets=ids[0] if single else ids)
         return self._finish(ar, block)
@@ -736,14 +741,21 @@ class LoadBalancedView(View):
         block: bool | None = None,
         **options: Any,
     ) -> Any:
-        block = self._block(block)
+        block = self.block if block is None else bool(block)
         track = options.pop("track", None)
         track = bool(self.track if track is None else track)
         # with no engine yet, the task waits in the scheduler until one arrives
-        md = self._task_metadata(**options)
+        md = None if options else self._md_cache
+        if md is None:
+            md = self._task_metadata(**options)
+        # (else the cached dict itself: send_apply_request copies the metadata it is given)
         client = self.client
-        with client._shm.waiting(block):
-            fut = client.send_apply_request("task", f, args, kwargs, metadata=md, track=track)
+        shm = client._shm
+        if block or getattr(shm._calls, "waits", False):
+            with shm.waiting(block):
+                fut = client.send_apply_request("task", f, args, kwargs, md, track)
+        else:  # (this thread does not wait already: shm.waiting(False) would change nothing)
+            fut = client.send_apply_request("task", f, args, kwargs, md, track)
         ar = AsyncResult(client, [fut], fname=_name_of(f))
         return self._finish(ar, block)
 

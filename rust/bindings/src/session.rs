@@ -5,6 +5,7 @@ use std::sync::Arc;
 use fp_io::{OutFrame, SessionCore};
 use fp_wire::{Limits, Packer, Parts, Value, DELIMITER};
 use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
@@ -16,6 +17,9 @@ use crate::pybuffer::HeldBuffer;
 #[pyclass(frozen, module = "ferroparallel._core")]
 pub struct Session {
     pub core: Arc<SessionCore>,
+    /// The header values that never change, as Python strings made once (`msg_header`).
+    username_py: Py<PyString>,
+    session_py: Py<PyString>,
 }
 
 /// Key given as bytes or str.
@@ -154,8 +158,12 @@ impl Session {
         )
         .map_err(|e| wire_error(py, e))?
         .with_sign_buffers(sign_buffers.unwrap_or_else(fp_io::sign_buffers_default));
+        let username_py = PyString::new(py, &core.headers.username).unbind();
+        let session_py = PyString::new(py, &core.headers.session).unbind();
         Ok(Session {
             core: Arc::new(core),
+            username_py,
+            session_py,
         })
     }
 
@@ -215,9 +223,33 @@ impl Session {
         self.core.headers.next_msg_id()
     }
 
-    /// A new header dict.
-    fn msg_header<'py>(&self, py: Python<'py>, msg_type: &str) -> PyResult<Bound<'py, PyAny>> {
-        to_py(py, &self.core.headers.header(msg_type))
+    /// A new header dict: what `HeaderFactory::header` holds, made as a Python dict directly
+    /// (a client makes one per request), with the keys in the same order.
+    fn msg_header<'py>(
+        &self,
+        py: Python<'py>,
+        msg_type: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let headers = &self.core.headers;
+        let msg_type = if msg_type.is_exact_instance_of::<PyString>() {
+            msg_type.clone()
+        } else {
+            PyString::new(py, msg_type.to_str()?) // (a subclass: a plain str, as on the wire)
+        };
+        let d = PyDict::new(py);
+        d.set_item(
+            intern!(py, "msg_id"),
+            PyString::new(py, &headers.next_msg_id()),
+        )?;
+        d.set_item(intern!(py, "msg_type"), msg_type)?;
+        d.set_item(intern!(py, "username"), self.username_py.bind(py))?;
+        d.set_item(intern!(py, "session"), self.session_py.bind(py))?;
+        d.set_item(intern!(py, "date"), PyString::new(py, &fp_wire::iso_now()))?;
+        d.set_item(
+            intern!(py, "version"),
+            intern!(py, fp_wire::PROTOCOL_VERSION),
+        )?;
+        Ok(d)
     }
 
     /// Pack one object with this session's packer.
