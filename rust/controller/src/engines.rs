@@ -29,8 +29,8 @@ pub struct Engine {
     pub mux: HashMap<String, InFlight>,
     /// Broadcast requests in flight, by the msg_id the engine got.
     pub bcast: HashMap<String, crate::broadcast::BcastInFlight>,
-    /// Load-balanced tasks in flight, by msg_id.
-    pub tasks: HashMap<String, InFlight>,
+    /// msg_ids of the load-balanced tasks in flight (the scheduler holds the tasks).
+    pub tasks: HashSet<String>,
     /// msg_ids of the requests this engine finished, direct and load-balanced, in order (what
     /// a verbose `queue_request` lists, as ipyparallel's hub keeps them).
     pub completed: Vec<String>,

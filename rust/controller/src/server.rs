@@ -638,14 +638,19 @@ impl Server {
         match (msg_id, msg_type) {
             (Some(id), Some(ty)) => Some((header, id, ty)),
             _ => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                log_at!(
-                    Level::Warning,
-                    "dropped message whose header lacks msg_id/msg_type"
-                );
+                self.header_lacks_ids();
                 None
             }
         }
+    }
+
+    /// Count and log a dropped message whose header has no msg_id or msg_type string.
+    pub(crate) fn header_lacks_ids(&self) {
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        log_at!(
+            Level::Warning,
+            "dropped message whose header lacks msg_id/msg_type"
+        );
     }
 
     // ----- hub queries and registration -----------------------------------------------------
@@ -935,17 +940,17 @@ impl Server {
             }
         };
         let mut reply = Value::map([("status", Value::from("ok"))]);
-        let ids = |m: &foldhash::HashMap<String, InFlight>| -> Value {
+        let ids = |len: usize, keys: &mut dyn Iterator<Item = &String>| -> Value {
             if verbose {
-                Value::Array(m.keys().map(|k| Value::Str(k.clone())).collect())
+                Value::Array(keys.map(|k| Value::Str(k.clone())).collect())
             } else {
-                Value::Int(m.len() as i64)
+                Value::Int(len as i64)
             }
         };
         for uuid in &targets {
             if let Some(e) = self.engines.by_uuid.get(uuid) {
                 let entry = Value::map([
-                    ("queue", ids(&e.mux)),
+                    ("queue", ids(e.mux.len(), &mut e.mux.keys())),
                     (
                         "completed",
                         if verbose {
@@ -956,7 +961,7 @@ impl Server {
                             Value::Int(e.completed.len() as i64)
                         },
                     ),
-                    ("tasks", ids(&e.tasks)),
+                    ("tasks", ids(e.tasks.len(), &mut e.tasks.iter())),
                 ]);
                 reply.set(&e.id.to_string(), entry);
             }

@@ -1,6 +1,7 @@
 //! The load-balanced task scheduler: dependencies (`after`, `follow`), target restrictions,
 //! timeouts, retries, blacklists after unmet functional dependencies, and aborts.
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashSet, HashSetExt};
@@ -85,8 +86,8 @@ impl Dep {
     fn counts(&self, o: &Outcomes, id: &str) -> Option<bool> {
         // Some(true): finished in a way that counts; Some(false): finished but does not count.
         match o.outcome.get(id) {
-            Some(true) => Some(self.success),
-            Some(false) => Some(self.failure),
+            Some((true, _)) => Some(self.success),
+            Some((false, _)) => Some(self.failure),
             None => None,
         }
     }
@@ -110,32 +111,43 @@ impl Dep {
     }
 }
 
-/// Finished msg_ids: success or failure, and the engine they ran on.
+/// Finished msg_ids: success or failure, and the engine they ran on (one map: one lookup
+/// per finished task).
 #[derive(Debug, Default)]
 pub struct Outcomes {
-    outcome: HashMap<String, bool>,
-    location: HashMap<String, Vec<u8>>,
+    outcome: HashMap<String, (bool, Option<Vec<u8>>)>,
     order: VecDeque<String>,
 }
 
 impl Outcomes {
     pub fn record(&mut self, msg_id: String, success: bool, engine: Option<Vec<u8>>) {
-        if self.outcome.insert(msg_id.clone(), success).is_none() {
-            self.order.push_back(msg_id.clone());
-        }
-        if let Some(e) = engine {
-            self.location.insert(msg_id, e);
+        match self.outcome.entry(msg_id) {
+            Entry::Occupied(mut known) => {
+                let (ok, place) = known.get_mut();
+                *ok = success;
+                if engine.is_some() {
+                    *place = engine; // (an outcome without an engine keeps the earlier one)
+                }
+            }
+            Entry::Vacant(new) => {
+                self.order.push_back(new.key().clone());
+                new.insert((success, engine));
+            }
         }
         while self.order.len() > OUTCOME_MEMORY {
             if let Some(old) = self.order.pop_front() {
                 self.outcome.remove(&old);
-                self.location.remove(&old);
             }
         }
     }
 
     pub fn knows(&self, msg_id: &str) -> bool {
         self.outcome.contains_key(msg_id)
+    }
+
+    /// The engine `msg_id` ran on, if it finished on one.
+    pub fn location(&self, msg_id: &str) -> Option<&Vec<u8>> {
+        self.outcome.get(msg_id).and_then(|(_, e)| e.as_ref())
     }
 }
 
@@ -144,7 +156,8 @@ pub struct Task {
     pub client: Vec<u8>,
     pub msg_id: String,
     pub msg_type: String,
-    pub header: Value,
+    /// (its header is `env.header`, unpacked only when the scheduler answers it itself:
+    /// [`Server::task_header`])
     pub env: Env,
     pub targets: Option<Vec<Vec<u8>>>,
     pub after: Option<Dep>,
@@ -213,16 +226,40 @@ fn seconds(v: Option<&Value>) -> Option<Duration> {
 }
 
 impl Server {
+    /// The header of a task's request, unpacked (it was checked when the task arrived).
+    fn task_header(&self, task: &Task) -> Value {
+        self.session
+            .packer
+            .unpack(task.env.header.as_ref(), "header")
+            .unwrap_or_else(|_| Value::empty_map())
+    }
+
     pub(crate) fn on_task_submit(&mut self, env: Env) {
         let Some(client) = env.idents.first().map(|f| f.as_ref().to_vec()) else {
             return;
         };
-        let Some((header, msg_id, msg_type)) = self.header_of(&env) else {
+        // the header fields the scheduler and the records use, read in place
+        let Some([msg_id, msg_type, session, date]) =
+            self.fields(&env, "header", ["msg_id", "msg_type", "session", "date"])
+        else {
             return;
         };
-        if !self.is_request(&msg_type, "task") {
+        let (Some(msg_id), Some(msg_type)) = (
+            msg_id.as_ref().and_then(Field::as_str),
+            msg_type.as_ref().and_then(Field::as_str),
+        ) else {
+            self.header_lacks_ids();
+            return;
+        };
+        if !self.is_request(msg_type, "task") {
             return;
         }
+        let (msg_id, msg_type) = (msg_id.to_owned(), msg_type.to_owned());
+        let submitted = date
+            .as_ref()
+            .and_then(Field::as_str)
+            .and_then(crate::records::date::parse);
+        let session = session.as_ref().and_then(Field::as_str).map(str::to_owned);
         // the scheduling fields only, read in place (no allocation for the rest of the dict)
         let Some(fields) = self.fields(
             &env,
@@ -235,9 +272,11 @@ impl Server {
         if !self.check_part(&env, "parent_header") || !self.check_part(&env, "content") {
             return; // an engine would drop it unanswered, and its slot would stay taken
         }
-        let aborted_early = self.tasks.early_aborts.remove(&msg_id);
+        let aborted_early =
+            !self.tasks.early_aborts.is_empty() && self.tasks.early_aborts.remove(&msg_id);
         let captured = self.records.capture(&env);
-        self.records.on_request("task", &header, captured, None);
+        self.records
+            .on_request_parts("task", &msg_id, submitted, session, captured, None);
         self.stats.tasks_queued.fetch_add(1, Ordering::Relaxed);
         let targets = match targets {
             Some(Value::Array(items)) if !items.is_empty() => Some(
@@ -259,7 +298,6 @@ impl Server {
             client,
             msg_id,
             msg_type,
-            header,
             env,
             targets,
             after: None,
@@ -326,8 +364,7 @@ impl Server {
             if f.unreachable(o) {
                 return Some("the 'follow' dependencies can no longer be met".into());
             }
-            let places: HashSet<&Vec<u8>> =
-                f.ids.iter().filter_map(|id| o.location.get(id)).collect();
+            let places: HashSet<&Vec<u8>> = f.ids.iter().filter_map(|id| o.location(id)).collect();
             if f.all && places.len() > 1 {
                 return Some("'follow' names tasks that ran on different engines".into());
             }
@@ -385,7 +422,7 @@ impl Server {
             .ids
             .iter()
             .filter(|id| f.counts(o, id) == Some(true))
-            .filter_map(|id| o.location.get(id).cloned())
+            .filter_map(|id| o.location(id).cloned())
             .collect();
         Some(places)
     }
@@ -432,12 +469,7 @@ impl Server {
                     self.tasks.with_deadline = self.tasks.with_deadline.saturating_sub(1);
                 }
                 if let Some(e) = self.engines.by_uuid.get_mut(&uuid) {
-                    let info = InFlight {
-                        client: task.client.clone(),
-                        header: task.header.clone(),
-                        msg_type: task.msg_type.clone(),
-                    };
-                    e.tasks.insert(task.msg_id.clone(), info);
+                    e.tasks.insert(task.msg_id.clone());
                 }
                 self.tasks.running.insert(task.msg_id.clone(), (uuid, task));
                 None
@@ -488,6 +520,7 @@ impl Server {
         // it) and empty metadata (no engine)
         let (content, md) = (hub_error_content(ename, evalue), Value::empty_map());
         let rtype = reply_type(&task.msg_type);
+        let header = self.task_header(&task);
         let msg_id = task.msg_id;
         let idents = vec![task.client];
         self.answer_made_up(
@@ -497,7 +530,7 @@ impl Server {
             None,
             &rtype,
             content,
-            task.header,
+            header,
             md,
         );
         self.release_waiting();
@@ -552,11 +585,15 @@ impl Server {
         let aborted = status == Some("aborted");
         let unmet = met.as_ref().and_then(Field::as_bool) == Some(false);
         if let Some(msg_id) = &msg_id {
-            if self.tasks.stealing.remove(msg_id) && aborted && self.took_back(msg_id, &engine) {
+            if !self.tasks.stealing.is_empty()
+                && self.tasks.stealing.remove(msg_id)
+                && aborted
+                && self.took_back(msg_id, &engine)
+            {
                 return;
             }
             if let Some(e) = self.engines.by_uuid.get_mut(&engine) {
-                if let Some((key, _)) = e.tasks.remove_entry(msg_id) {
+                if let Some(key) = e.tasks.take(msg_id) {
                     e.completed.push(key);
                     self.balancer.finished(&engine);
                 }
@@ -783,8 +820,8 @@ impl Server {
                     .outcomes
                     .record(msg_id.clone(), false, Some(uuid.to_vec()));
                 let req = InFlight {
+                    header: self.task_header(&task),
                     client: task.client,
-                    header: task.header,
                     msg_type: task.msg_type,
                 };
                 self.fail_request(Some(TASK_C), uuid, id, &msg_id, req);
@@ -847,6 +884,7 @@ impl Server {
         let md = Value::map([("status", Value::from("aborted"))]);
         let aborted = Value::map([("status", Value::from("aborted"))]);
         let rtype = reply_type(&t.msg_type);
+        let header = self.task_header(&t);
         let idents = vec![t.client];
         self.answer_made_up(
             Some(TASK_C),
@@ -855,7 +893,7 @@ impl Server {
             None,
             &rtype,
             aborted,
-            t.header,
+            header,
             md,
         );
     }

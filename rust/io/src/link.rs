@@ -250,16 +250,25 @@ impl LinkReader {
     ) -> Result<bool, LinkError> {
         let start = out.len();
         let mut taken = 0;
+        // A read that filled less than it asked for emptied the stream's receive queue (a
+        // stream socket's read(2) takes everything queued up to the length asked): what it
+        // brought is parsed, then the reader stops without another read(2) that would only
+        // say EAGAIN (poll(2) reports the descriptor again when more arrives).
+        let mut drained = false;
         loop {
             self.parse(out, start + max)?;
             if out.len() >= start + max || taken >= READ_BUDGET {
                 return Ok(true);
             }
-            let got = match &mut self.state {
+            if drained {
+                return Ok(false);
+            }
+            let (got, asked) = match &mut self.state {
                 ReadState::Body(Body { cur: Some(cur), .. })
                     if self.pos == self.end && cur.room() >= DIRECT_MIN =>
                 {
-                    cur.read_from(fd)?
+                    let asked = cur.room();
+                    (cur.read_from(fd)?, asked)
                 }
                 _ => {
                     if self.pos == self.end {
@@ -278,11 +287,14 @@ impl LinkReader {
                     if let Got::Bytes(n) = got {
                         self.end += n;
                     }
-                    got
+                    (got, room)
                 }
             };
             match got {
-                Got::Bytes(n) => taken += n,
+                Got::Bytes(n) => {
+                    taken += n;
+                    drained = n < asked;
+                }
                 Got::WouldBlock => return Ok(false),
                 Got::Eof => {
                     return Err(LinkError::Closed {
@@ -728,6 +740,42 @@ mod tests {
     }
 
     #[test]
+    fn a_short_read_ends_the_call_without_another_read() {
+        // On a blocking stream a second read(2) would wait for more: the reader must stop
+        // after a read that came back short (it emptied the receive queue), which saves the
+        // EAGAIN read per poll pass on the non-blocking links.
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut w = LinkWriter::new();
+        w.push(CH_TASK, vec![raw(b"one")]).expect("push");
+        w.push(CH_MUX, vec![raw(b"two"), raw(&[9u8; 70_000])])
+            .expect("push");
+        while !w.flush(a.as_raw_fd()).expect("flush") {}
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut r = LinkReader::new(LinkLimits {
+                max_frames: 4,
+                max_bytes: 1 << 20,
+            });
+            let mut out = Vec::new();
+            let mut calls = 0;
+            while out.len() < 2 {
+                assert!(!r.read(b.as_raw_fd(), &mut out, 10).expect("read"));
+                calls += 1;
+            }
+            tx.send((out, calls)).expect("send");
+            b // (kept open until the check is done)
+        });
+        let (out, calls) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the reader blocked in a read(2) after a short one");
+        assert!(calls <= 2, "{calls} calls");
+        assert_eq!(out[0].1[0].as_ref(), b"one");
+        assert_eq!(out[1].1[1].as_ref(), &[9u8; 70_000][..]);
+        drop(a);
+        reader.join().expect("join");
+    }
+
+    #[test]
     fn limits_and_bad_framing_are_errors_not_allocations() {
         let cases: [(&[u8], &str); 3] = [
             (&[0, 0, 0, 0, 0, 0, 0, 0], "0 frames"),
@@ -757,6 +805,11 @@ mod tests {
             .expect("write");
         drop(a);
         let mut r = LinkReader::new(LinkLimits::UNAUTHENTICATED);
+        // (the first read(2) comes back short: the end of the stream is the next one's)
+        assert!(matches!(
+            r.read(b.as_raw_fd(), &mut Vec::new(), 10),
+            Ok(false)
+        ));
         assert!(matches!(
             r.read(b.as_raw_fd(), &mut Vec::new(), 10),
             Err(LinkError::Closed { clean: false })

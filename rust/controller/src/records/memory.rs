@@ -76,14 +76,6 @@ impl Memory {
         }
     }
 
-    fn resize(&mut self, id: &str) {
-        if let Some((rec, size)) = self.records.get_mut(id) {
-            let new = size_of(rec);
-            self.bytes = self.bytes + new - *size;
-            *size = new;
-        }
-    }
-
     fn missing(&self, msg_id: &str) -> QueryError {
         if self.culled.contains(msg_id) {
             QueryError::key(format!(
@@ -109,10 +101,11 @@ impl Backend for Memory {
     }
 
     fn add(&mut self, rec: TaskRecord) {
-        if let Some((old, _)) = self.records.get_mut(&rec.msg_id) {
-            let id = rec.msg_id.clone();
+        if let Some((old, size)) = self.records.get_mut(&rec.msg_id) {
             old.merge_from(rec);
-            self.resize(&id);
+            let new = size_of(old);
+            self.bytes = self.bytes + new - *size;
+            *size = new;
             self.cull();
             return;
         }
@@ -121,9 +114,12 @@ impl Backend for Memory {
     }
 
     fn update(&mut self, msg_id: &str, u: Update) {
-        if let Some((rec, _)) = self.records.get_mut(msg_id) {
+        if let Some((rec, size)) = self.records.get_mut(msg_id) {
+            // (one lookup: the size is brought up to date under the same borrow)
             u.apply(rec);
-            self.resize(msg_id);
+            let new = size_of(rec);
+            self.bytes = self.bytes + new - *size;
+            *size = new;
             if self.bytes > self.size_limit {
                 self.cull();
             }

@@ -19,6 +19,7 @@ use fp_wire::{Field, Packer, Value};
 use crate::log::{log_at, Level};
 use crate::server::Env;
 use bounded::BoundedSet;
+use date::Micros;
 pub use query::{Query, QueryError};
 pub use record::{Blob, TaskRecord, Update};
 
@@ -240,19 +241,44 @@ impl Records {
         cap: Option<Captured>,
         engine: Option<&[u8]>,
     ) {
-        let Some(cap) = cap else {
+        if cap.is_none() {
+            return;
+        }
+        let Some(msg_id) = header.get("msg_id").and_then(Value::as_str) else {
             return;
         };
-        let Some(msg_id) = header.get("msg_id").and_then(Value::as_str) else {
+        let session = header
+            .get("session")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        self.on_request_parts(
+            queue,
+            msg_id,
+            date_of(header.get("date")),
+            session,
+            cap,
+            engine,
+        );
+    }
+
+    /// [`Records::on_request`] with the header fields it records read already: its
+    /// `msg_id`, `date` (`submitted`) and `session` (`client_uuid`).
+    pub fn on_request_parts(
+        &mut self,
+        queue: &str,
+        msg_id: &str,
+        submitted: Option<Micros>,
+        client_uuid: Option<String>,
+        cap: Option<Captured>,
+        engine: Option<&[u8]>,
+    ) {
+        let Some(cap) = cap else {
             return;
         };
         let rec = TaskRecord {
             msg_id: msg_id.to_owned(),
-            submitted: date_of(header.get("date")),
-            client_uuid: header
-                .get("session")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            submitted,
+            client_uuid,
             engine_uuid: engine.map(|e| String::from_utf8_lossy(e).into_owned()),
             queue: Some(queue.to_owned()),
             header: Some(cap.header),
