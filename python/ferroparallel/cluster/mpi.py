@@ -149,6 +149,11 @@ class MPIEngineSetLauncher(LocalEngineSetLauncher):
             st = _proc_stat(pid)
             engines.append(Process(pid, start_time=st[1] if st else None))
         await terminate(engines, timeout)
+        if engines and len(engines) >= self.n:
+            # every rank ran here and has ended: mpiexec exits by itself once its proxy has
+            # seen them go; a SIGTERM meanwhile would end the job as failed (exit 255)
+            for p in self.processes:
+                await p.wait(timeout)
         await terminate(self.processes, timeout)
 
     def to_dict(self) -> dict[str, Any]:
