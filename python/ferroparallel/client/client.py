@@ -998,31 +998,13 @@ class Client(HasTraits):
         label: str | None = None,
         record: bool = True,
     ) -> MessageFuture:
-        """:meth:`_register_all` for one message (its msg_id is the header's): the same
-        caches and the same Metadata, with a fraction of the work (once per task)."""
+        """:meth:`_register_all` for one message, whose msg_id is the header's (once per
+        task: no list, no loop)."""
+        submitted = parse_date(header.get("date"))
         msg_id = header["msg_id"]
-        tv = self._trait_values
-        fut = MessageFuture(msg_id, header, track)
-        values: dict[str, Any] = {"msg_id": msg_id, "submitted": parse_date(header.get("date"))}
-        if label is not None:
-            values["label"] = label
-        if engine_uuid is not None:
-            eid = self._uuids.get(engine_uuid)
-            values["engine_uuid"] = engine_uuid
-            values["engine_id"] = self._departed.get(engine_uuid) if eid is None else eid
-            self._outstanding_by_engine[engine_uuid].add(msg_id)
-        metadata = tv["metadata"]
-        md = metadata.get(msg_id)
-        if md is None:
-            md = metadata[msg_id] = Metadata._of_request(values)
-        else:  # (an entry made by a lookup before the request: kept, as _register_all does)
-            dict.update(md, values)
-        fut.md = md
-        self._futures[msg_id] = fut
-        if record:
-            tv["outstanding"].add(msg_id)
-            tv["history"].append(msg_id)
-        return fut
+        return self._register_one(
+            header, msg_id, engine_uuid, label, track, submitted, record, publish=True
+        )
 
     def _register_all(
         self,
@@ -1034,37 +1016,64 @@ class Client(HasTraits):
         publish: bool = True,
     ) -> list[MessageFuture]:
         """Create the futures and cache entries of messages sent with ``header`` (one per
-        ``(msg_id, engine_uuid)``; several for a fanned-out request). Each trait is read once
-        and each Metadata filled with one ``dict.update`` (the keys are known to be valid).
+        ``(msg_id, engine_uuid)``; several for a fanned-out request).
 
         ``record=False`` (control requests: abort, clear, signals, probes): not in
         ``history`` nor ``outstanding``, as in ipyparallel, where those list tasks only.
         ``publish=False``: not in the future cache either (the caller puts them there)."""
-        metadata, futures = self._trait_values["metadata"], self._futures
-        outstanding, history = self._trait_values["outstanding"], self._trait_values["history"]
-        by_engine = self._outstanding_by_engine
         submitted = parse_date(header.get("date"))
-        out = []
-        for msg_id, engine_uuid in entries:
-            h = header if msg_id == header["msg_id"] else {**header, "msg_id": msg_id}
-            fut = MessageFuture(msg_id, h, track)
-            values: dict[str, Any] = {"msg_id": msg_id, "submitted": submitted}
-            if label is not None:
-                values["label"] = label
-            if engine_uuid is not None:
-                values["engine_uuid"] = engine_uuid
-                eid = self._uuids.get(engine_uuid)
-                values["engine_id"] = self._departed.get(engine_uuid) if eid is None else eid
-                by_engine[engine_uuid].add(msg_id)
-            md = fut.md = metadata[msg_id]
+        base = header["msg_id"]
+        return [
+            self._register_one(
+                header if msg_id == base else {**header, "msg_id": msg_id},
+                msg_id,
+                engine_uuid,
+                label,
+                track,
+                submitted,
+                record,
+                publish,
+            )  # fmt: skip
+            for msg_id, engine_uuid in entries
+        ]
+
+    def _register_one(
+        self,
+        header: dict[str, Any],
+        msg_id: str,
+        engine_uuid: str | None,
+        label: str | None,
+        track: Any,
+        submitted: Any,
+        record: bool,
+        publish: bool,
+    ) -> MessageFuture:
+        """The future and cache entries of one message (see :meth:`_register_all`); its
+        Metadata is made in one step (the keys are known to be valid), or an entry made by an
+        earlier lookup of ``msg_id`` is filled in."""
+        tv = self._trait_values
+        fut = MessageFuture(msg_id, header, track)
+        values: dict[str, Any] = {"msg_id": msg_id, "submitted": submitted}
+        if label is not None:
+            values["label"] = label
+        if engine_uuid is not None:
+            eid = self._uuids.get(engine_uuid)
+            values["engine_uuid"] = engine_uuid
+            values["engine_id"] = self._departed.get(engine_uuid) if eid is None else eid
+            self._outstanding_by_engine[engine_uuid].add(msg_id)
+        metadata = tv["metadata"]
+        md = metadata.get(msg_id)
+        if md is None:
+            md = metadata[msg_id] = Metadata._of_request(values)
+        else:
             dict.update(md, values)
-            if publish:
-                futures[msg_id] = fut
-            if record:
-                outstanding.add(msg_id)
-                history.append(msg_id)
-            out.append(fut)
-        return out
+        fut.md = md
+        if publish:
+            self._futures[msg_id] = fut
+        if record:
+            tv["outstanding"].add(msg_id)
+            tv["history"].append(msg_id)
+        return fut
 
     def _send(
         self,
