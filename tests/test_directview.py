@@ -393,6 +393,29 @@ def test_parallel_decorator(dv: DirectView) -> None:
     assert pairs[0][1] != pairs[1][1]
 
 
+def test_parallel_call_skips_engines_without_a_part(dv: DirectView) -> None:
+    """As ipyparallel: a parallel function called with fewer elements than engines is not
+    called with an empty part (``max`` of an empty part would raise), nor at all with empty
+    sequences."""
+
+    @dv.parallel(block=True)
+    def largest(part: list[int]) -> list[int]:
+        return [max(part)]
+
+    assert largest([7]) == [7]
+    assert largest([]) == []
+    assert largest(list(range(4))) == [1, 3]
+
+    @dv.parallel(dist="r", block=False)
+    def parts(part: Any) -> list[int]:
+        return [len(part)]
+
+    ar = parts(range(1))
+    assert ar.get(timeout=SHORT) == [1]
+    assert len(ar.msg_ids) == 1 and ar.engine_id == [0]
+    assert parts([]).get(timeout=SHORT) == []
+
+
 def test_reference_argument(rc: Client, dv: DirectView) -> None:
     dv.push({"a": 10}, block=True)
     rc[1].push({"a": 20}, block=True)
@@ -669,6 +692,18 @@ def test_view_clear(rc: Client, dv: DirectView) -> None:
 def test_no_engines_selected(rc: Client) -> None:
     with pytest.raises(error.NoEnginesRegistered):
         rc.direct_view([]).apply_sync(lambda: 1)
+
+
+def test_a_view_may_select_no_engine(rc: Client) -> None:
+    """As ipyparallel: a slice or list selecting none of the engines makes an empty view
+    (``rc[2:]`` of 2 engines, e.g. "the workers beside engine 0"); only using it fails."""
+    for empty in (rc[2:], rc[[]], rc.direct_view([])):
+        assert isinstance(empty, DirectView) and empty.targets == [] and len(empty) == 0
+        assert repr(empty) == "<DirectView []>"
+        with pytest.raises(error.NoEnginesRegistered):
+            empty.apply_sync(lambda: 1)
+    with pytest.raises(IndexError):
+        rc[5]
 
 
 # ----- targets='all' follows the cluster ------------------------------------------------------

@@ -1460,7 +1460,10 @@ class Client(HasTraits):
 
         if targets is not None and not (isinstance(targets, str) and targets == "all"):
             # resolved now, as ipyparallel does: rc[-1] is the engine that is last today
-            ids = self._build_targets(targets)[1]
+            if self.ids and _selects_none(targets, self.ids):
+                ids = []  # as ipyparallel: an empty view (rc[4:] of 4 engines); using it raises
+            else:
+                ids = self._build_targets(targets)[1]
             targets = ids[0] if isinstance(targets, int) else ids
         return DirectView(client=self, targets=targets, **kwargs)
 
@@ -1907,3 +1910,10 @@ class Client(HasTraits):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._ids)} engines"
         return f"<Client {self._controller_url} ({state})>"
+
+
+def _selects_none(targets: Any, ids: list[int]) -> bool:
+    """Whether ``targets`` (a slice, or an empty list/tuple/range) selects none of ``ids``."""
+    if isinstance(targets, slice):
+        return not ids[targets]
+    return isinstance(targets, list | tuple | range) and len(targets) == 0

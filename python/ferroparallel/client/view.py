@@ -58,6 +58,8 @@ class View(HasTraits):
             return len(self.client.ids)
         if isinstance(targets, int):
             return 1
+        if isinstance(targets, list | tuple | range) and not len(targets):
+            return 0  # an empty view (rc[4:] of 4 engines), as in ipyparallel
         return len(self.client._build_targets(targets)[1])
 
     # ----- flags ----------------------------------------------------------------------------
@@ -398,6 +400,8 @@ class DirectView(View):
         with self.client._shm.waiting(block):
             for p, u in enumerate(uuids):
                 parts = [mapper.getPartition(s, p, n) for s in sequences]
+                if not len(parts[0]):  # as ipyparallel: no call on an empty part (the
+                    continue  # sequences are shorter than the engines, or empty)
                 futs.append(self.client.send_apply_request("mux", f, parts, {}, ident=u))
         ar = AsyncMapResult(
             self.client, futs, mapper, fname=_name_of(f), return_exceptions=return_exceptions
