@@ -397,8 +397,12 @@ impl DirectSockets {
             let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
             // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-            // EINTR (a signal) or a timeout: look at every socket; the caller checks signals
-            let fired = |k: usize| rc <= 0 || fds[k].revents != 0;
+            // EINTR (a signal) or a wait that timed out: look at every socket (the caller
+            // checks signals). Not after a mere check (timeout 0: the engine looks for control
+            // requests between two queued ones): nothing fired, and reading each socket's
+            // ZMQ_EVENTS and monitor would cost a syscall apiece, on every request.
+            let look_everywhere = rc < 0 || (rc == 0 && !timeout.is_zero());
+            let fired = |k: usize| look_everywhere || fds[k].revents != 0;
             if rc > 0 && fds[0].revents != 0 {
                 woken = true;
                 drain(wake_rx);
@@ -407,11 +411,11 @@ impl DirectSockets {
             let monitors_fired = fds[1 + entries.len()..monitors_end]
                 .iter()
                 .any(|f| f.revents != 0);
-            link_fired = link_fd.is_some() && (rc <= 0 || fds[monitors_end].revents != 0);
+            link_fired = link_fd.is_some() && (look_everywhere || fds[monitors_end].revents != 0);
             for (k, e) in entries.iter_mut().enumerate() {
                 e.check |= fired(1 + k);
             }
-            if monitors_fired || rc <= 0 || monitors_read.elapsed() >= MONITOR_INTERVAL {
+            if monitors_fired || look_everywhere || monitors_read.elapsed() >= MONITOR_INTERVAL {
                 for e in entries.iter() {
                     e.read_monitor(&self.handshakes);
                 }
@@ -772,6 +776,43 @@ mod tests {
         assert_eq!(peer.recv_bytes(0).expect("recv"), b"h3");
         d.close();
         assert!(d.recv(Duration::from_millis(1)).is_err());
+    }
+
+    #[test]
+    fn a_zero_timeout_check_reads_only_what_fired() {
+        let d = DirectSockets::new(session()).expect("direct");
+        let mut spec = SocketSpec::new("a", SocketKind::Pair);
+        spec.bind = vec!["inproc://fp-direct-test-check".into()];
+        spec.raw = true;
+        d.add_socket(spec).expect("bind");
+        let peer = crate::context().socket(zmq::PAIR).expect("peer");
+        peer.connect("inproc://fp-direct-test-check")
+            .expect("connect");
+        let (got, _) = d.recv(Duration::ZERO).expect("recv");
+        assert!(got.is_empty());
+        let read_at = lock(&d.state).monitors_read;
+        // nothing fired: no socket's events nor monitor is read (a syscall each, which the
+        // engine would pay before every queued request)
+        for _ in 0..3 {
+            let (got, woken) = d.recv(Duration::ZERO).expect("recv");
+            assert!(got.is_empty() && !woken);
+        }
+        assert_eq!(lock(&d.state).monitors_read, read_at);
+        assert!(lock(&d.state).entries.iter().all(|e| !e.check));
+        // what arrives is still seen by such checks
+        peer.send(&b"m"[..], 0).expect("send");
+        let t0 = Instant::now();
+        let got = loop {
+            let (got, _) = d.recv(Duration::ZERO).expect("recv");
+            if !got.is_empty() || t0.elapsed() > Duration::from_secs(5) {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(
+            matches!(&got[..], [m] if matches!(&m.delivery, Delivery::Raw(f) if f[0].as_ref() == b"m"))
+        );
+        d.close();
     }
 
     /// A signed message built by `core` (no routing identity).
