@@ -560,6 +560,32 @@ def test_use_pickle_and_cloudpickle(dv: DirectView) -> None:
     assert dv.apply_sync(lambda: k + 1) == [7, 7]
 
 
+def _closure_over(f: Any) -> Callable[[], str]:
+    def read_first_line() -> str:
+        return f.readline()
+
+    return read_first_line
+
+
+def test_default_pickler_refuses_open_files_as_ipyparallel(dv: DirectView, tmp_path: Path) -> None:
+    """ipyparallel's default refuses a closure over an open file with the standard pickler's
+    ``TypeError`` (its "Using Dill" example shows it); only ``use_cloudpickle`` sends a read
+    file as a copy of its contents."""
+    path = tmp_path / "lines.txt"
+    path.write_text("first\nsecond\n")
+    with open(path) as f:
+        fn = _closure_over(f)
+        with pytest.raises(TypeError, match="cannot pickle '_io.TextIOWrapper' object"):
+            dv.apply_sync(fn)
+        try:
+            dv.use_cloudpickle(block=True)
+            assert dv.apply_sync(fn) == ["first\n", "first\n"]
+        finally:
+            dv.use_pickle(block=True)
+        with pytest.raises(TypeError, match="_io.TextIOWrapper"):
+            dv.apply_sync(fn)
+
+
 # ----- control through the view ---------------------------------------------------------------
 
 

@@ -223,10 +223,12 @@ def _by_reference(obj: Any) -> bool:
     )
 
 
-def _make_pickler_class(base: type, isolate: bool = False) -> type:
+def _make_pickler_class(base: type, isolate: bool = False, stdlib_files: bool = False) -> type:
     """A subclass of ``base`` that sends large buffers out-of-band; with ``isolate``,
     ``__main__`` functions keep the globals the pickler gives them on the receiver (see
-    :func:`~.interactive.keep_globals`) instead of being rebound to its namespace."""
+    :func:`~.interactive.keep_globals`) instead of being rebound to its namespace; with
+    ``stdlib_files``, open text files are refused as the standard pickler refuses them
+    (``TypeError``), not sent as a copy of their contents as cloudpickle sends them."""
     base_override = getattr(base, "reducer_override", None)
 
     class FerroPickler(base):  # type: ignore[misc, valid-type]
@@ -264,6 +266,8 @@ def _make_pickler_class(base: type, isolate: bool = False) -> type:
                 if _capture_data or obj.__module__ != "__main__" or is_method(obj):
                     return rv
                 return _without_data_globals(rv)
+            elif t is io.TextIOWrapper and stdlib_files:
+                raise TypeError(f"cannot pickle '{t.__module__}.{t.__qualname__}' object")
             else:
                 rv = reduce_ndarray(obj)
                 if rv is None:
@@ -326,7 +330,7 @@ def _to_shm(rv: tuple[Any, ...], shm: OutOfBandSink) -> tuple[Any, ...]:
     return rv
 
 
-_pickler_class: type = _make_pickler_class(cloudpickle.Pickler)
+_pickler_class: type = _make_pickler_class(cloudpickle.Pickler, stdlib_files=True)
 #: "pickle" by default (ipyparallel's name for its default; we write with cloudpickle's
 #: machinery but, as ipyparallel, send no data globals), "cloudpickle" or "dill".
 _pickler_name = "pickle"
@@ -379,7 +383,9 @@ def _set_pickler(base: type, name: str, capture_data: bool = False) -> None:
     global _pickler_class, _pickler_name, _capture_data
     # cloudpickle and dill, as ipyparallel's use_cloudpickle/use_dill: functions are theirs
     # entirely (globals captured by value, or as dill resolves them), not relinked
-    _pickler_class = _make_pickler_class(base, isolate=name in ("cloudpickle", "dill"))
+    _pickler_class = _make_pickler_class(
+        base, isolate=name in ("cloudpickle", "dill"), stdlib_files=name == "pickle"
+    )
     _pickler_name = name
     _capture_data = capture_data
     funcache.clear()
