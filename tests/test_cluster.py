@@ -356,6 +356,41 @@ def test_launcher_args_of_the_config(clusters: Callable[..., Cluster]) -> None:
 
 
 @needs_engine
+def test_start_engines_takes_ipyparallels_launcher_keywords(
+    clusters: Callable[..., Cluster], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``start_engines(engine_args=..., environment=..., engine_cmd=...)`` and
+    ``start_controller(controller_args=..., environment=...)`` set ipyparallel's launcher
+    attributes; an unknown keyword is ignored (logged), as ipyparallel's launchers do, instead
+    of failing the call."""
+    c = clusters(n=0, engine_args=["--log-level=DEBUG"], controller_args=["--hwm=2"])
+    with caplog.at_level("WARNING", logger="ferroparallel.cluster"):
+        c.start_controller_sync(
+            controller_args=["--ping=2000"], environment={"FP_TEST_MARK": "ctl"}, unknown_one=1
+        )
+    assert "ignoring unknown keyword arguments ['unknown_one']" in caplog.text
+    assert c.controller is not None and c.controller.args == ["--ping=2000", "--hwm=2"]
+    assert c.controller.env["FP_TEST_MARK"] == "ctl"
+    with caplog.at_level("WARNING", logger="ferroparallel.cluster"):
+        esid = c.start_engines_sync(
+            1,
+            engine_args=["--log-level=INFO"],
+            environment={"FP_TEST_MARK": "yes"},
+            engine_cmd=[sys.executable, "-m", "ferroparallel.engine"],
+            not_a_launcher_setting=1,
+        )
+    assert "ignoring unknown keyword arguments ['not_a_launcher_setting']" in caplog.text
+    launcher = c.engines[esid]
+    assert launcher.args == ["--log-level=INFO"]
+    assert launcher.env["FP_TEST_MARK"] == "yes" and "PATH" in launcher.env
+    assert launcher.cmd == [sys.executable, "-m", "ferroparallel.engine"]
+    assert sorted(wait_registered(c, 1)) == [0]
+    with pytest.raises(TypeError, match="engine_args must be a list"):
+        c.start_engines_sync(1, engine_args="--log-level=INFO")
+    c.stop_cluster_sync()
+
+
+@needs_engine
 def test_from_file_signal_and_restart(clusters: Callable[..., Cluster]) -> None:
     c = clusters(n=2, cluster_id="sig")
     c.start_cluster_sync()
@@ -677,6 +712,38 @@ def test_profile_config_files_are_read(tmp_path: Path) -> None:
     (pdir / "ipcluster_config.py").write_text("this is not python\n")
     with pytest.raises(ValueError, match="ipcluster_config.py"):
         Cluster(profile_dir=pdir)
+
+
+@needs_engine
+def test_cli_work_dir_and_stop_signal(fp_root: Path, tmp_path: Path) -> None:
+    """ipcluster's ``--work-dir`` starts the engines in that directory (a relative
+    ``--profile-dir`` still names the directory it named from where the command was run), and
+    ipcluster's ``stop --signal=N`` is accepted."""
+    work = tmp_path / "work"
+    work.mkdir()
+    rel_profile = os.path.relpath(fp_root / "profile_wd")
+    r = cli(
+        "start", "-n", "1", "--daemonize", f"--profile-dir={rel_profile}", "--cluster-id=wd",
+        f"--work-dir={work}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    c = Cluster.from_file(profile_dir=fp_root / "profile_wd", cluster_id="wd")
+    try:
+        wait_registered(c, 1)
+        pids = all_pids(c)
+        assert all(os.readlink(f"/proc/{p}/cwd") == str(work) for p in pids)
+        r = cli("engines", "-n", "1", "--daemonize", f"--profile-dir={rel_profile}",
+                "--cluster-id=wd", f"--work-dir={work}")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        c = Cluster.from_file(profile_dir=fp_root / "profile_wd", cluster_id="wd")
+        pids = all_pids(c)
+        assert len(pids) == 3 and all(os.readlink(f"/proc/{p}/cwd") == str(work) for p in pids)
+    finally:
+        r = cli("stop", f"--profile-dir={rel_profile}", "--cluster-id=wd", "--signal=2")
+    assert r.returncode == 0, r.stderr
+    assert_gone(pids)
+    r = cli("start", "-n", "1", "--daemonize", f"--work-dir={work / 'missing'}")
+    assert r.returncode == 2 and "not a directory" in r.stderr
 
 
 @needs_engine

@@ -643,6 +643,24 @@ def test_startup_script_and_command_of_the_profiles_config(fresh, tmp_path):
     assert "the startup command failed" in log_text and "ZeroDivisionError" in log_text
 
 
+def test_startup_options_of_the_command_line(fresh, tmp_path):
+    """ipengine's ``-s FILE`` / ``-c CODE`` (startup script, then command) win over the
+    profile's config."""
+    from ferroparallel import Reference
+
+    ctl, start = fresh
+    pdir = tmp_path / "profile_startup_cli"
+    pdir.mkdir()
+    (pdir / "ipengine_config.py").write_text("c.IPEngine.startup_command = 'from_command = 0'\n")
+    script = tmp_path / "setup_cli.py"
+    script.write_text("from_script = 7\n")
+    eng = start("--profile-dir", str(pdir), "-s", str(script), "-c=from_command = from_script*2")
+    ctl.register()
+    assert call_ok(ctl, divmod, Reference("from_command"), Reference("from_script")) == (2, 0)
+    eng.proc.send_signal(signal.SIGTERM)
+    assert eng.wait() == 0
+
+
 def test_sigterm_while_registering_still_unregisters(fresh):
     """Stopped between its registration request and the reply (the controller may already
     have announced it): the engine waits briefly for its id and unregisters."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -125,6 +126,7 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         "'lsf', 'htcondor' (one job whose tasks are the engines; c.SlurmEngineSetLauncher.queue, "
         "...)",
     )
+    _add_work_dir(s)
     s.add_argument(
         "--mpi-arg",
         action="append",
@@ -142,6 +144,12 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         help="ids of the clusters to stop (ipcluster's 'stop ID ...'; default: --cluster-id)",
     )
     s.add_argument("--all", action="store_true", help="stop every cluster of the profile")
+    s.add_argument(
+        "--signal",
+        metavar="SIG",
+        help="accepted for ipcluster's 'stop --signal=N' (which does not use it either): "
+        "the cluster is stopped as by Cluster.stop_cluster",
+    )
 
     s = sub.add_parser("list", help="list clusters")
     _add_profile_args(s, cluster_id=False)
@@ -162,6 +170,7 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     s.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for engines to register"
     )
+    _add_work_dir(s)
     s.add_argument(
         "--engines",
         default=None,
@@ -183,6 +192,33 @@ def _bool_word(value: str) -> bool:
     if v in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, not {value!r}")
+
+
+def _add_work_dir(p: argparse.ArgumentParser) -> None:
+    """ipcluster's ``--work-dir``: the working directory the processes are started in."""
+    p.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="working directory of the started processes (ipcluster's; default: the current one)",
+    )
+
+
+def _to_work_dir(args: argparse.Namespace) -> str | None:
+    """Change to ``args.work_dir`` (after making the path options absolute, so that they keep
+    naming what they named), as ipcluster does before starting anything. Returns an error
+    message, or None."""
+    work_dir = getattr(args, "work_dir", None)
+    if not work_dir:
+        return None
+    target = os.path.abspath(os.path.expanduser(work_dir))
+    if not os.path.isdir(target):
+        return f"--work-dir {work_dir}: not a directory"
+    for name in ("profile_dir", "config"):
+        value = getattr(args, name, None)
+        if value:
+            setattr(args, name, os.path.abspath(os.path.expanduser(value)))
+    os.chdir(target)
+    return None
 
 
 def _add_daemonize(p: argparse.ArgumentParser, text: str) -> None:
@@ -641,6 +677,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from traitlets.config.loader import KVArgParseConfigLoader
 
         args.trait_config = KVArgParseConfigLoader(argv=trait_args).load_config()
+    problem = _to_work_dir(args)
+    if problem:
+        _err(problem)
+        return 2
     handlers = {
         "start": _start,
         "stop": _stop,

@@ -501,8 +501,15 @@ class Cluster(LoggingConfigurable):
                 args = [str(a) for a in value]
         return args
 
-    def _controller_argv(self) -> list[str]:
-        args: list[str] = self._configured_args("controller")
+    def _controller_argv(self, launcher_args: Sequence[str] | None = None) -> list[str]:
+        """The controller's arguments: the launcher's (``launcher_args``, else the config's),
+        then the cluster's."""
+        if launcher_args is None:
+            args: list[str] = self._configured_args("controller")
+        elif isinstance(launcher_args, str | bytes):
+            raise TypeError("controller_args must be a list of strings, not a string")
+        else:
+            args = [str(a) for a in launcher_args]
         if self.controller_ip:
             args += ["--ip", self.controller_ip]
         if self.controller_location:
@@ -513,10 +520,12 @@ class Cluster(LoggingConfigurable):
             args += ["--log-level", str(self.log_level)]
         return args + self.controller_args
 
+    def _cluster_engine_argv(self) -> list[str]:
+        """The engine arguments the cluster itself adds (ipyparallel's ``cluster_args``)."""
+        return [] if self.log_level is None else ["--log-level", str(self.log_level)]
+
     def _engine_argv(self) -> list[str]:
-        args: list[str] = self._configured_args("engine")
-        if self.log_level is not None:
-            args += ["--log-level", str(self.log_level)]
+        args = self._configured_args("engine") + self._cluster_engine_argv()
         return args + self.engine_args
 
     # -- starting ----------------------------------------------------------------------------
@@ -545,7 +554,10 @@ class Cluster(LoggingConfigurable):
         Parameters
         ----------
         **kwargs
-            Attributes of the launcher to override (``args``, ``env``, ``cmd``).
+            Attributes of the launcher to override (``args``, ``env``, ``cmd``, or
+            ipyparallel's ``controller_args`` (in place of the config's), ``environment``
+            (added to the environment) and ``controller_cmd``). Unknown ones are ignored with a
+            logged warning, as ipyparallel's launchers do.
 
         Raises
         ------
@@ -557,10 +569,15 @@ class Cluster(LoggingConfigurable):
         if self.running:
             raise RuntimeError(f"the controller of cluster {self.cluster_id!r} is already running")
         self._check_not_running_elsewhere()
+        env = kwargs.pop("env", self._child_env())
+        if "environment" in kwargs:  # ipyparallel's launcher name: on top of the cluster's
+            env = {**env, **{str(k): str(v) for k, v in kwargs.pop("environment").items()}}
+        args = self._controller_argv(kwargs.pop("controller_args", None))
+        cmd = kwargs.pop("controller_cmd", self.controller_cmd)
         common: dict[str, Any] = {
-            "args": kwargs.pop("args", self._controller_argv()),
-            "env": kwargs.pop("env", self._child_env()),
-            "cmd": kwargs.pop("cmd", self.controller_cmd),
+            "args": kwargs.pop("args", args),
+            "env": env,
+            "cmd": kwargs.pop("cmd", cmd),
         }
         launcher: LocalControllerLauncher
         system = self.controller_launcher_class
@@ -571,8 +588,8 @@ class Cluster(LoggingConfigurable):
             )
         else:
             launcher = LocalControllerLauncher(self.profile_dir, self.cluster_id, **common)
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+        if kwargs:  # ipyparallel's launchers ignore unknown keywords (traitlets warns)
+            log.warning("start_controller: ignoring unknown keyword arguments %s", sorted(kwargs))
         self.controller = launcher
         launcher.start()
         _track_for_exit(self)  # stopped at exit if shutdown_atexit is true then
@@ -621,8 +638,10 @@ class Cluster(LoggingConfigurable):
         engine_set_id : str, optional
             Id of the new set (default: a fresh one).
         **kwargs
-            Launcher attributes to override (``args``, ``env``, ``cmd``; for MPI engines
-            ``mpi_cmd`` and ``mpi_args``).
+            Launcher attributes to override (``args``, ``env``, ``cmd``, or ipyparallel's
+            ``engine_args``, ``environment`` (added to the environment) and ``engine_cmd``;
+            for MPI engines ``mpi_cmd`` and ``mpi_args``). Unknown ones are ignored with a
+            logged warning, as ipyparallel's launchers do.
 
         Returns
         -------
@@ -639,12 +658,23 @@ class Cluster(LoggingConfigurable):
         esid = engine_set_id or self._new_engine_set_id()
         if esid in self.engines and self.engines[esid].running:
             raise RuntimeError(f"engine set {esid!r} is already running")
+        env = kwargs.pop("env", self._child_env())
+        if "environment" in kwargs:  # ipyparallel's launcher name: on top of the cluster's
+            env = {**env, **{str(k): str(v) for k, v in kwargs.pop("environment").items()}}
+        default_args = self._engine_argv()
+        if "engine_args" in kwargs:  # ipyparallel's launcher name: replaces the configured ones
+            extra = kwargs.pop("engine_args")
+            if isinstance(extra, str | bytes):
+                raise TypeError("engine_args must be a list of strings, not a string")
+            default_args = self._cluster_engine_argv() + [str(a) for a in extra]
         common: dict[str, Any] = {
-            "args": kwargs.pop("args", self._engine_argv()),
-            "env": kwargs.pop("env", self._child_env()),
+            "args": kwargs.pop("args", default_args),
+            "env": env,
             "connection_info": info if self.send_engines_connection_env else None,
             "cmd": kwargs.pop("cmd", self.engine_cmd),
         }
+        if "engine_cmd" in kwargs and self.engine_launcher_class != "ssh":
+            common["cmd"] = [str(a) for a in kwargs.pop("engine_cmd")]  # ipyparallel's name
         launcher: LocalEngineSetLauncher
         if self.engine_launcher_class == "mpi":
             launcher = MPIEngineSetLauncher(
@@ -666,8 +696,8 @@ class Cluster(LoggingConfigurable):
             )
         else:
             launcher = LocalEngineSetLauncher(self.profile_dir, self.cluster_id, esid, n, **common)
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+        if kwargs:  # ipyparallel's launchers ignore unknown keywords (traitlets warns)
+            log.warning("start_engines: ignoring unknown keyword arguments %s", sorted(kwargs))
         self.engines[esid] = launcher
         try:
             launcher.start()

@@ -19,7 +19,7 @@ from .connection import channel_urls, load_connection_info, tunnel_urls, validat
 from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
 from .logs import setup_logging
 from .mpi import init_mpi
-from .startup import load_startup
+from .startup import Startup, load_startup
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,22 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
         "and give user code MPI, mpi_rank and mpi_size",
     )
     p.add_argument(
+        "-c",
+        dest="startup_command",
+        default=None,
+        metavar="CODE",
+        help="code to run once registered (ipengine's -c, c.IPEngine.startup_command; "
+        "wins over the profile's config)",
+    )
+    p.add_argument(
+        "-s",
+        dest="startup_script",
+        default=None,
+        metavar="FILE",
+        help="script to run once registered, before -c (ipengine's -s, "
+        "c.IPEngine.startup_script; wins over the profile's config)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         type=parse_log_level,
@@ -123,6 +139,16 @@ def _present_as_kernel() -> None:
     from .. import datapub
 
     sys.modules.setdefault("ipyparallel.datapub", datapub)
+
+
+def _startup(args: argparse.Namespace) -> Startup:
+    """The profile's startup settings, with ``-s`` / ``-c`` in place of theirs."""
+    startup = load_startup(_profile_dir(args))
+    if args.startup_script is not None:
+        startup.script = args.startup_script or None
+    if args.startup_command is not None:
+        startup.command = args.startup_command or None
+    return startup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=args.timeout,
                 max_missed_pings=args.max_missed_pings,
                 use_ipython=args.use_ipython,
-                startup=load_startup(_profile_dir(args)),
+                startup=_startup(args),
             ),
         )
     except (FerroParallelError, OSError, ValueError, RuntimeError) as e:
