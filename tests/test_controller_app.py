@@ -471,6 +471,100 @@ def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> Non
     p.communicate(timeout=20)
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` ports free on 127.0.0.1 right now (the OS picks them)."""
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    out = sorted(s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    return out
+
+
+@needs_controller
+def test_engine_and_client_port_pools(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """ipcontroller's ``IPController.engine_ports`` / ``client_ports``: what engines connect to
+    (registration included) comes from the first pool, what only clients use from the second;
+    ``HubFactory.*`` (ipyparallel's old section) applies where ``IPController`` is silent."""
+    free = _free_ports(14)
+    engine_pool, client_pool = free[:8], free[8:]
+    pdir = tmp_path / "prof"
+    pdir.mkdir()
+    (pdir / config.IPP_CONFIG_FILENAME).write_text(
+        f"c.IPController.engine_ports = {engine_pool!r}\n"
+        f"c.IPController.client_ports = {client_pool!r}\n"
+        "c.HubFactory.location = 'oldname.example'\n"
+        "c.HubFactory.ip = '10.255.255.1'\n"
+        "c.IPController.ip = '127.0.0.1'\n"
+    )
+    cf, ef = files(pdir)
+    p = start_controller(procs, "--profile-dir", str(pdir))
+    wait_files(p, cf, ef)
+    client = paths.load_connection_file(cf, "client")
+    engine = paths.load_connection_file(ef, "engine")
+    engine_used = {engine[k] for k in ("registration", "control", "mux", "task", "iopub")}
+    engine_used |= {engine["hb_ping"], engine["hb_pong"], *engine["broadcast"]}
+    client_used = {client[k] for k in ("control", "mux", "task", "iopub", "notification")}
+    client_used.add(client["broadcast"])
+    assert engine_used == set(engine_pool)
+    assert client_used == set(client_pool)
+    assert client["registration"] == engine_pool[0]
+    assert client["location"] == engine["location"] == "oldname.example"
+    assert client["interface"] == "tcp://127.0.0.1"  # IPController wins over HubFactory
+    p.terminate()
+    p.communicate(timeout=20)
+
+
+@needs_controller
+@pytest.mark.parametrize("how", ["config", "cli", "keyfile"])
+def test_session_key_of_ipyparallel_config(
+    procs: list[subprocess.Popen[bytes]], tmp_path: Path, how: str
+) -> None:
+    """ipyparallel's ``Session.key`` (bytes in a config file, or ``--Session.key=...``) and
+    ``Session.keyfile`` set the HMAC key written to both connection files."""
+    pdir = tmp_path / "prof"
+    pdir.mkdir()
+    secret = "a-configured-key-of-forty-characters-long"
+    args = ["--profile-dir", str(pdir)]
+    if how == "config":
+        (pdir / config.IPP_CONFIG_FILENAME).write_text(f"c.Session.key = {secret.encode()!r}\n")
+    elif how == "cli":
+        args.append(f"--Session.key={secret}")
+    else:
+        (tmp_path / "keyfile").write_text(secret + "\n")
+        (pdir / config.IPP_CONFIG_FILENAME).write_text(
+            f"c.Session.keyfile = {str(tmp_path / 'keyfile')!r}\n"
+        )
+    cf, ef = files(pdir)
+    p = start_controller(procs, *args)
+    wait_files(p, cf, ef)
+    assert paths.load_connection_file(cf)["key"] == secret
+    assert paths.load_connection_file(ef)["key"] == secret
+    p.terminate()
+    p.communicate(timeout=20)
+
+
+def test_port_pools_fall_back_to_the_common_pool() -> None:
+    s = config.ControllerSettings(
+        engine_ports=[20000, 20001], client_ports=[21000], ports=list(range(22000, 22020))
+    )
+    req = s.requested_ports()
+    assert req["registration"] == 20000 and req["control_engine"] == 20001
+    assert req["mux_engine"] == 22000  # engine pool exhausted: the common one
+    assert req["control_client"] == 21000
+    assert len(set(req.values())) == len(req)
+    rest, known, ignored = config.split_trait_args(
+        ["--IPController.engine_ports=15000-15007", "--HubFactory.ip=0.0.0.0"]
+    )
+    assert (rest, ignored) == ([], [])
+    assert known == {"engine_ports": "15000-15007", "ip": "0.0.0.0"}
+
+
 @needs_controller
 def test_reuse_keeps_key_and_ports(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
     pdir = tmp_path / "prof"

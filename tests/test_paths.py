@@ -260,3 +260,62 @@ def test_config_files_of_ipythons_profile_of_the_same_name(
     other = tmp_path / "elsewhere" / "profile_x"
     other.mkdir(parents=True)
     assert paths.config_files(other, ("ipcluster_config.py",)) == []
+
+
+@pytest.mark.timeout(90)
+def test_engine_reads_url_file_and_work_dir_of_ipengine_config(
+    fp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ipyparallel's documented way to run engines elsewhere: copy
+    ``ipcontroller-engine.json`` to any place and name it with ``c.IPEngine.url_file`` in the
+    engine profile's ``ipengine_config.py`` (``ipython profile create --parallel``'s file); the
+    engine also changes to ``c.IPEngine.work_dir``, and ``EngineFactory`` (the old section
+    name) still sets what ``IPEngine`` does not."""
+    import shutil
+    import subprocess
+    import sys
+
+    import ferroparallel as ipp
+    from cluster_util import start_controller, stop_popen
+
+    ctl = start_controller(tmp_path / "ctl_profile")
+    engine = None
+    try:
+        copied = tmp_path / "copied" / "my-engine.json"
+        copied.parent.mkdir()
+        shutil.copy(ctl.engine_file, copied)
+        work = tmp_path / "work dir"
+        work.mkdir()
+        ipy = tmp_path / "ipython" / "profile_eng"
+        ipy.mkdir(parents=True)
+        monkeypatch.setenv("IPYTHONDIR", str(ipy.parent))
+        (ipy / "ipengine_config.py").write_text(
+            "c = get_config()\n"
+            f"c.IPEngine.url_file = {str(copied)!r}\n"
+            f"c.EngineFactory.work_dir = {str(work)!r}\n"
+            "c.EngineFactory.timeout = 'not a number'\n"
+            "c.IPEngine.timeout = 20.0\n"
+        )
+        log = tmp_path / "engine.log"
+        with open(log, "wb") as out:
+            engine = subprocess.Popen(
+                [sys.executable, "-m", "ferroparallel", "engine", "--profile", "eng"],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        rc = ipp.Client(ctl.client_file)
+        try:
+            try:
+                rc.wait_for_engines(1, timeout=30)
+            except TimeoutError:
+                pytest.fail(f"the engine did not register:\n{log.read_text()}")
+            assert rc[:].apply_sync(os.getcwd) == [str(work)]
+        finally:
+            rc.close()
+        assert "settings ferroparallel does not use" not in log.read_text()
+    finally:
+        if engine is not None:
+            stop_popen(engine)
+        ctl.stop()

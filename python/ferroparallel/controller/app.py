@@ -344,6 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     serverkey = curve_pair[0] if curve_pair else None
+    file_key = None
+    if settings.keyfile and not settings.key:
+        try:
+            file_key = Path(settings.keyfile).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            log.error("cannot read the key file (Session.keyfile) %s: %s", settings.keyfile, e)
+            return 1
 
     from .. import _core
 
@@ -369,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("--reuse: the existing files have no key; using a fresh random key")
             key = connection.new_key()
     else:
-        key = settings.key or os.environ.get("IPP_SESSION_KEY") or connection.new_key()
+        key = settings.key or file_key or os.environ.get("IPP_SESSION_KEY") or connection.new_key()
         requested = settings.requested_ports()
     if args.no_key:
         key = ""

@@ -102,6 +102,8 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("IPController", "reuse_files"): "reuse",
     ("IPController", "restore_engines"): "restore",
     ("IPController", "ports"): "ports",
+    ("IPController", "engine_ports"): "engine_ports",
+    ("IPController", "client_ports"): "client_ports",
     ("IPController", "regport"): "port",
     ("HeartMonitor", "period"): "ping",
     ("HeartMonitor", "max_heartmonitor_misses"): "hb_max_misses",
@@ -109,13 +111,19 @@ _COMPAT_KEYS: dict[tuple[str, str], str] = {
     ("TaskScheduler", "hwm"): "hwm",
     ("TaskScheduler", "hwm_budget"): "hwm_budget",
     ("IPController", "db_class"): "db",
-    ("HubFactory", "db_class"): "db",
     ("IPController", "log_level"): "log_level",
     ("Application", "log_level"): "log_level",
     ("IPController", "enable_curve"): "curve",
     ("IPController", "curve_secretkey"): "curve_secretkey",
     ("IPController", "curve_publickey"): "curve_publickey",
+    ("Session", "key"): "key",
+    ("Session", "keyfile"): "keyfile",
 }
+
+
+#: ipyparallel's old names of the ``IPController`` section: their settings apply unless
+#: ``IPController`` sets the same one (ipyparallel 7+ moves them over the same way).
+_DEPRECATED_SECTIONS = ("HubFactory", "IPControllerApp")
 
 
 class ConfigError(ValueError):
@@ -157,6 +165,8 @@ def split_trait_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], li
             i += 1
         i += 1
         name = _COMPAT_KEYS.get((section, key))
+        if name is None and section in _DEPRECATED_SECTIONS:
+            name = _COMPAT_KEYS.get(("IPController", key))
         if name is None:
             unknown.append(f"{section}.{key}")
         else:
@@ -288,7 +298,11 @@ class ControllerSettings:
     reuse : bool
         Reuse existing, consistent connection files and keep them on exit (``--reuse``).
     key : str or None
-        HMAC key (default: a fresh random 256-bit hex string per run).
+        HMAC key (default: a fresh random 256-bit hex string per run; ipyparallel's
+        ``Session.key``).
+    keyfile : str or None
+        File holding the HMAC key, surrounding whitespace aside (ipyparallel's
+        ``Session.keyfile``); ``key`` wins.
     curve : bool
         Encrypt and authenticate every connection with CurveZMQ (``--curve``; default from
         ``$FERROPARALLEL_CURVE`` / ``$IPP_ENABLE_CURVE``).
@@ -303,6 +317,12 @@ class ControllerSettings:
         Only ``hmac-sha256``.
     ports : list of int
         Port pool, consumed in the order of reference §1.6; the rest are random.
+    engine_ports : list of int
+        Port pool of the sockets engines connect to (registration included), consumed before
+        ``ports`` (ipyparallel's ``IPController.engine_ports``).
+    client_ports : list of int
+        Port pool of the sockets only clients connect to, consumed before ``ports``
+        (ipyparallel's ``IPController.client_ports``).
     port : int
         Registration port (0: from the pool or random).
     port_map : dict
@@ -331,12 +351,15 @@ class ControllerSettings:
     restore: bool = False
     reuse: bool = False
     key: str | None = None
+    keyfile: str | None = None
     curve: bool = False
     curve_secretkey: str | None = None
     curve_publickey: str | None = None
     pack: str = "msgpack"
     signature_scheme: str = "hmac-sha256"
     ports: list[int] = dataclasses.field(default_factory=list)
+    engine_ports: list[int] = dataclasses.field(default_factory=list)
+    client_ports: list[int] = dataclasses.field(default_factory=list)
     port: int = 0
     port_map: dict[str, int] = dataclasses.field(default_factory=dict)
     log_level: str = "INFO"
@@ -402,7 +425,7 @@ class ControllerSettings:
             return parse_db(raw)
         if name == "log_level":
             return parse_log_level(raw)
-        if name == "ports":
+        if name in ("ports", "engine_ports", "client_ports"):
             return parse_ports(raw)
         if name == "scheme":
             v = str(raw).strip().lower()
@@ -438,7 +461,9 @@ class ControllerSettings:
                 out[k] = parse_ports(p)[0] if p else 0
             return out
         if name == "key":
-            return str(raw)
+            return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        if name == "keyfile":
+            return str(Path(os.fspath(raw)).expanduser())
         if name in ("curve_secretkey", "curve_publickey"):
             from ..curve import check_key
 
@@ -455,15 +480,28 @@ class ControllerSettings:
         return self.location or socket.gethostname()
 
     def requested_ports(self) -> dict[str, int]:
-        """Port per Rust channel: ``port_map``, then ``port``, then the pool, then 0 (random)."""
+        """Port per Rust channel: ``port_map``, then ``port``, then the engine or client pool
+        of the channel, then the common pool, then 0 (random)."""
         req = dict.fromkeys(ALL_CHANNELS, 0)
         req.update(self.port_map)
         if self.port and not self.port_map.get("registration"):
             req["registration"] = self.port
-        pool = [p for p in self.ports if p not in req.values()]
+        taken = set(req.values())
+        pools = {
+            "engine": [p for p in self.engine_ports if p not in taken],
+            "client": [p for p in self.client_ports if p not in taken],
+            "common": [p for p in self.ports if p not in taken],
+        }
         for ch in ALL_CHANNELS:
-            if req[ch] == 0 and pool:
-                req[ch] = pool.pop(0)
+            if req[ch]:
+                continue
+            for pool in (pools["engine" if ch in ENGINE_CHANNELS else "client"], pools["common"]):
+                while pool and pool[0] in taken:
+                    pool.pop(0)
+                if pool:
+                    req[ch] = pool.pop(0)
+                    taken.add(req[ch])
+                    break
         return req
 
 
@@ -491,10 +529,14 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(str(e)) from e.__cause__
     out: dict[str, Any] = {}
+    for old in _DEPRECATED_SECTIONS:
+        for key, value in cfg.get(old, {}).items():
+            if key not in cfg["IPController"]:
+                cfg["IPController"][key] = value
     for (section, key), name in _COMPAT_KEYS.items():
-        if section in cfg and key in cfg[section]:
+        if section in cfg and key in cfg[section] and section not in _DEPRECATED_SECTIONS:
             out[name] = cfg[section][key]
-    ignored = unused_settings(cfg, set(_COMPAT_KEYS), skip={"Controller"})
+    ignored = unused_settings(cfg, set(_COMPAT_KEYS), skip={"Controller", *_DEPRECATED_SECTIONS})
     if ignored:
         log.warning(
             "config file %s: settings ferroparallel does not use: %s", p, ", ".join(ignored)

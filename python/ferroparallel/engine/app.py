@@ -15,11 +15,11 @@ from ..curve import SERVERKEY_ENV_VAR, check_key
 from ..error import FerroParallelError
 from ..ssh import choose_server
 from . import stdin_link
-from .connection import channel_urls, load_connection_info, tunnel_urls, validate
+from .connection import ENV_VARS, channel_urls, load_connection_info, tunnel_urls, validate
 from .kernel import EXIT_FAILED, EngineConfig, EngineKernel
 from .logs import setup_logging
 from .mpi import init_mpi
-from .startup import Startup, load_startup
+from .startup import EngineFileConfig, Startup, load_engine_config
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +43,34 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
         "-f",
         default=None,
         metavar="PATH",
-        help="engine connection file to use; '-': its JSON on the first line of stdin, then "
+        help="engine connection file to use (default: c.IPEngine.url_file of the profile's "
+        "config); '-': its JSON on the first line of stdin, then "
         "stdin links the engine to its launcher (see ferroparallel.engine.stdin_link)",
     )
     p.add_argument(
         "--wait-for-file",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
-        help="how long to wait for the connection file to appear (default 10)",
+        help="how long to wait for the connection file to appear (default 10, or "
+        "c.IPEngine.wait_for_url_file)",
     )
     p.add_argument("--id", type=int, default=None, help="engine id to request")
     p.add_argument(
         "--timeout",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
-        help="how long to wait for the registration reply (default 10)",
+        help="how long to wait for the registration reply (default 10, or c.IPEngine.timeout)",
     )
     p.add_argument(
         "--max-missed-pings",
         type=int,
-        default=50,
+        default=None,
         metavar="N",
         help="exit after N checks (one per heartbeat period + 0.5 s) without a ping, as "
-        "ipyparallel's engines (default 50; 0 never exits)",
+        "ipyparallel's engines (default 50, or c.IPEngine.max_heartbeat_misses; 0 never "
+        "exits)",
     )
     p.add_argument(
         "--ssh",
@@ -141,9 +144,30 @@ def _present_as_kernel() -> None:
     sys.modules.setdefault("ipyparallel.datapub", datapub)
 
 
-def _startup(args: argparse.Namespace) -> Startup:
+def _apply_config(args: argparse.Namespace) -> EngineFileConfig:
+    """Read the profile's engine config files and fill in the options the command line left
+    unset (``--file`` only when no connection info is in the environment, which wins as on
+    ipyparallel); change to ``c.IPEngine.work_dir`` when it is set."""
+    cfg = load_engine_config(_profile_dir(args))
+    if args.file is None and cfg.url_file and not any(os.environ.get(v) for v in ENV_VARS):
+        args.file = cfg.url_file
+    if args.wait_for_file is None:
+        args.wait_for_file = 10.0 if cfg.wait_for_url_file is None else cfg.wait_for_url_file
+    if args.timeout is None:
+        args.timeout = 10.0 if cfg.timeout is None else cfg.timeout
+    if args.max_missed_pings is None:
+        args.max_missed_pings = 50 if cfg.max_missed_pings is None else cfg.max_missed_pings
+    if args.ssh is None and cfg.sshserver:
+        args.ssh = cfg.sshserver
+    if args.sshkey is None and cfg.sshkey:
+        args.sshkey = cfg.sshkey
+    if cfg.work_dir:
+        os.chdir(cfg.work_dir)
+    return cfg
+
+
+def _startup(args: argparse.Namespace, startup: Startup) -> Startup:
     """The profile's startup settings, with ``-s`` / ``-c`` in place of theirs."""
-    startup = load_startup(_profile_dir(args))
     if args.startup_script is not None:
         startup.script = args.startup_script or None
     if args.startup_command is not None:
@@ -168,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    try:
+        file_config = _apply_config(args)
+    except OSError as e:  # c.IPEngine.work_dir missing
+        log.error("cannot change to c.IPEngine.work_dir: %s", e)
+        return EXIT_FAILED
     try:
         if args.file == stdin_link.STDIN:
             info, source = validate(stdin_link.read_info(), "stdin"), "stdin"
@@ -220,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=args.timeout,
                 max_missed_pings=args.max_missed_pings,
                 use_ipython=args.use_ipython,
-                startup=_startup(args),
+                startup=_startup(args, file_config.startup),
             ),
         )
     except (FerroParallelError, OSError, ValueError, RuntimeError) as e:

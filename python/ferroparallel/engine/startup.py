@@ -1,20 +1,24 @@
-"""Code an engine runs once registered: ipyparallel's ``IPEngine.startup_script`` and
-``IPEngine.startup_command``, read from the profile's ``ipengine_config.py`` (ipyparallel's
-file) and then ``ferroparallel_engine_config.py`` (ours, which wins).
+"""An engine's settings from the profile's config files: ``ipengine_config.py``
+(ipyparallel's file) and then ``ferroparallel_engine_config.py`` (ours, which wins).
 
 ::
 
     c.IPEngine.startup_script = "~/setup_engine.py"   # a file, run first
     c.IPEngine.startup_command = "import numpy as np"  # then this code
+    c.IPEngine.url_file = "~/ipcontroller-engine.json" # the connection file (ipengine --file)
+    c.IPEngine.work_dir = "~/scratch"                  # the engine's working directory
 
-Both run in the engine's user namespace, as if pushed there before any request; an error is
-logged and the engine serves anyway. Other ``IPEngine`` settings are named in a warning.
+The startup script and command run in the engine's user namespace, as if pushed there before
+any request; an error is logged and the engine serves anyway. Also read: ``wait_for_url_file``,
+``timeout``, ``max_heartbeat_misses``, ``sshserver`` and ``sshkey`` (the command line wins over
+all of them). ipyparallel's old section names ``EngineFactory`` and ``IPEngineApp`` apply where
+``IPEngine`` does not set the same name. Other settings are named in a warning.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,18 @@ log = logging.getLogger(__name__)
 CONFIG_FILES = ("ipengine_config.py", "ferroparallel_engine_config.py")
 #: The settings used, by name in the ``IPEngine`` section.
 _KEYS = ("startup_script", "startup_command")
+#: The other settings used: ``IPEngine`` name -> :class:`EngineFileConfig` attribute.
+_OPTION_KEYS = {
+    "url_file": "url_file",
+    "wait_for_url_file": "wait_for_url_file",
+    "work_dir": "work_dir",
+    "timeout": "timeout",
+    "max_heartbeat_misses": "max_missed_pings",
+    "sshserver": "sshserver",
+    "sshkey": "sshkey",
+}
+#: ipyparallel's old names of the ``IPEngine`` section (read where ``IPEngine`` is silent).
+_DEPRECATED_SECTIONS = ("EngineFactory", "IPEngineApp")
 
 
 @dataclass
@@ -54,24 +70,71 @@ class Startup:
                 log.exception("the startup command failed: %r", self.command)
 
 
-def load_startup(profile_dir: str | Path | None) -> Startup:
-    """The startup settings of the config files in ``profile_dir`` (none when it is None or
-    has none). A file that cannot be loaded is reported and skipped."""
-    startup = Startup()
+@dataclass
+class EngineFileConfig:
+    """The engine settings of a profile's config files (None: not set there)."""
+
+    startup: Startup = field(default_factory=Startup)
+    url_file: str | None = None
+    wait_for_url_file: float | None = None
+    work_dir: str | None = None
+    timeout: float | None = None
+    max_missed_pings: int | None = None
+    sshserver: str | None = None
+    sshkey: str | None = None
+
+
+def _engine_section(cfg: Any) -> dict[str, Any]:
+    """``IPEngine``'s settings, with those of its old section names it does not set."""
+    section = dict(cfg.get("IPEngine", {}))
+    for old in _DEPRECATED_SECTIONS:
+        for key, value in cfg.get(old, {}).items():
+            section.setdefault(key, value)
+    return section
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in ("wait_for_url_file", "timeout"):
+        return float(value)
+    if key == "max_heartbeat_misses":
+        return int(value)
+    if key in ("url_file", "work_dir", "sshkey"):
+        return str(Path(str(value)).expanduser()) if value else None
+    return str(value) if value else None
+
+
+def load_engine_config(profile_dir: str | Path | None) -> EngineFileConfig:
+    """The engine settings of the config files in ``profile_dir`` (none when it is None or
+    has none). A file that cannot be loaded, or a value of the wrong type, is reported and
+    skipped."""
+    out = EngineFileConfig()
     if profile_dir is None:
-        return startup
+        return out
     for path in paths.config_files(profile_dir, CONFIG_FILES):
         try:
             cfg = load_py_config(path)
         except ValueError as e:  # the user's file: report, serve anyway
             log.error("%s", e)
             continue
-        section = cfg.get("IPEngine", {})
+        section = _engine_section(cfg)
         for key in _KEYS:
             if key in section:
                 value = section[key]
-                setattr(startup, key.removeprefix("startup_"), str(value) if value else None)
-        unused = unused_settings({"IPEngine": section}, {("IPEngine", k) for k in _KEYS})
+                setattr(out.startup, key.removeprefix("startup_"), str(value) if value else None)
+        for key, attr in _OPTION_KEYS.items():
+            if key in section:
+                try:
+                    setattr(out, attr, _coerce(key, section[key]))
+                except (TypeError, ValueError):
+                    log.error("config file %s: invalid IPEngine.%s %r", path, key, section[key])
+        used = {("IPEngine", k) for k in (*_KEYS, *_OPTION_KEYS)}
+        unused = unused_settings({"IPEngine": section}, used)
         if unused:
             log.warning("config file %s: settings ferroparallel does not use: %s", path, unused)
-    return startup
+    return out
+
+
+def load_startup(profile_dir: str | Path | None) -> Startup:
+    """The startup settings of the config files in ``profile_dir`` (none when it is None or
+    has none). A file that cannot be loaded is reported and skipped."""
+    return load_engine_config(profile_dir).startup
