@@ -410,13 +410,21 @@ def test_engine_killed_mid_task_gives_engine_error(
     cluster, c = new_cluster(n=2)
     pids = c[:].apply_sync(os.getpid)
     ar = c[1].apply_async(time.sleep, 60)
-    wait_until(lambda: c.queue_status(1)["queue"] == 1, SHORT, "the task to reach engine 1")
+    queued = c[1].execute("x = 1", block=False)
+    wait_until(lambda: c.queue_status(1)["queue"] == 2, SHORT, "the tasks to reach engine 1")
     t0 = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(error.EngineError) as info:
         ar.get(timeout=SHORT)
     assert time.monotonic() - t0 < 15
     assert isinstance(info.value, error.RemoteError)
+    # labelled like an engine's own error, with the method of the request it was running
+    assert info.value.engine_info["method"] == "apply"
+    assert str(info.value).startswith("[1:apply] EngineError: Engine 1 died while running task")
+    assert info.value.render_traceback()[0] == "[1:apply]"
+    with pytest.raises(error.EngineError) as info_x:
+        queued.get(timeout=SHORT)
+    assert str(info_x.value).startswith("[1:execute] EngineError: Engine 1 died")
     wait_until(lambda: c.ids == [0], SHORT, "engine 1 to be unregistered")
     assert c[0].apply_sync(lambda: "survivor") == "survivor"
     assert c[:].apply_sync(lambda: 1) == [1]

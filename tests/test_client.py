@@ -238,6 +238,34 @@ def test_len_index_iteration(rc: Client) -> None:
         rc[5].apply_sync(lambda: 1)
 
 
+def test_unknown_engine_in_a_list_of_targets_is_a_key_error_too(rc: Client) -> None:
+    """ipyparallel raises KeyError for an unknown id in a list of targets (IndexError for a
+    single one): code catching either keeps working, and the message names the engine."""
+    for call in (
+        lambda: rc[[0, 5]],
+        lambda: rc.queue_status(targets=[5]),
+        lambda: rc.direct_view([5]).apply_sync(lambda: 1),
+    ):
+        with pytest.raises(KeyError) as info:
+            call()
+        assert isinstance(info.value, IndexError)
+        assert str(info.value) == "No such engine: 5 (registered: [0, 1])"
+    with pytest.raises(IndexError) as single:
+        rc.queue_status(targets=5)
+    assert not isinstance(single.value, KeyError)
+
+
+def test_indexing_engines_before_any_registered_is_no_engines_registered(
+    new_cluster: Callable[..., tuple[Cluster, Client]],
+) -> None:
+    """As ipyparallel: with no engine registered yet, ``rc[0]`` (or any id) raises
+    NoEnginesRegistered, which tells the user to wait for engines, not IndexError."""
+    _cluster, c = new_cluster(n=0)
+    for call in (lambda: c[0], lambda: c[-1], lambda: c[[0]], lambda: c.queue_status(targets=0)):
+        with pytest.raises(error.NoEnginesRegistered, match="wait_for_engines"):
+            call()
+
+
 def test_bad_arguments_say_what_is_expected(rc: Client) -> None:
     """Wrong types are refused on the client with the expected form in the message, before
     anything is sent (not a comparison error from inside, nor an error from the engines)."""

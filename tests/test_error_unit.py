@@ -76,6 +76,9 @@ def test_remote_error_print_traceback(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert out.startswith("[0:apply]\nTraceback (most recent call last):")
     assert "ZeroDivisionError: x" in out
+    # as ipyparallel's, it takes (and ignores) an index, like CompositeError.print_traceback
+    zde().print_traceback(1)
+    assert capsys.readouterr().out == out
 
 
 def test_remote_error_pickles() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "KernelError",
     "TimeoutError",
     "NoEnginesRegistered",
+    "NoSuchEngine",
     "EngineError",
     "TaskAborted",
     "TaskTimeout",
@@ -106,6 +107,16 @@ class KernelError(FerroParallelError):
 
 class NoEnginesRegistered(KernelError):
     """No engines are connected to the controller."""
+
+
+class NoSuchEngine(IndexError, KeyError):
+    """A list of targets names an engine id that is not registered.
+
+    Both an IndexError (as an unknown ``rc[i]``) and a KeyError (what ipyparallel raises for
+    an unknown id in a list of targets), so either ``except`` clause catches it.
+    """
+
+    __str__ = BaseException.__str__  # the message, not KeyError's repr of it
 
 
 class EngineError(KernelError):
@@ -220,8 +231,12 @@ class RemoteError(KernelError):
         """IPython's hook: show the remote traceback instead of the local one."""
         return self.render_traceback()
 
-    def print_traceback(self, file: Any = None) -> None:
-        """Print the remote traceback (to ``sys.stdout`` by default)."""
+    def print_traceback(self, excid: int | None = None, file: Any = None) -> None:
+        """Print the remote traceback (to ``sys.stdout`` by default).
+
+        ``excid`` is ignored: it is accepted, as ipyparallel's, so that code printing one
+        error of a CompositeError works for a single RemoteError too.
+        """
         print("\n".join(self.render_traceback()), file=file or sys.stdout)
 
 

@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NoReturn
 
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Bytes, Float, HasTraits, Instance, List, Set, Unicode
@@ -527,11 +527,26 @@ class Client(HasTraits):
     def _engine_id_of(self, uuid: str) -> int | None:
         return self._uuids.get(uuid)
 
-    def _uuid_of(self, engine_id: int) -> str:
+    def _uuid_of(self, engine_id: int, in_list: bool = False) -> str:
+        """The uuid of engine ``engine_id``.
+
+        Raises NoEnginesRegistered when no engine is registered at all, else IndexError for an
+        unknown id; one in a list of targets is also a KeyError (as ipyparallel raises then).
+        """
         try:
             return self._engines[engine_id]
         except KeyError:
-            raise IndexError(f"No such engine: {engine_id!r} (registered: {self.ids})") from None
+            if not self._engines:
+                self._no_engines()
+            msg = f"No such engine: {engine_id!r} (registered: {self.ids})"
+            raise (error.NoSuchEngine if in_list else IndexError)(msg) from None
+
+    def _no_engines(self) -> NoReturn:
+        self._check_open()  # (no engines because the controller is gone: say that)
+        raise error.NoEnginesRegistered(
+            "No engines registered (or none selected); start engines or wait for them "
+            "with client.wait_for_engines(n)"
+        )
 
     def _build_targets(self, targets: Any) -> tuple[list[str], list[int]]:
         """Uuids and ids for ``targets`` (None/'all', an int, a slice, or a list)."""
@@ -543,6 +558,8 @@ class Client(HasTraits):
         if targets is None or targets == "all":
             chosen = ids
         elif isinstance(targets, int):
+            if not ids:
+                self._no_engines()
             chosen = [ids[targets] if targets < 0 else targets]
         elif isinstance(targets, slice):
             chosen = ids[targets]
@@ -557,11 +574,7 @@ class Client(HasTraits):
                     f"not {type(targets).__name__} {targets!r}"
                 ) from None
         if not chosen:
-            self._check_open()  # (no engines because the controller is gone: say that)
-            raise error.NoEnginesRegistered(
-                "No engines registered (or none selected); start engines or wait for them "
-                "with client.wait_for_engines(n)"
-            )
+            self._no_engines()
         if set(map(type, chosen)) == {int}:  # (the usual case, at C speed)
             engines = self._engines
             try:
@@ -572,7 +585,7 @@ class Client(HasTraits):
         for t in chosen:
             if not isinstance(t, int):
                 raise TypeError(f"targets must be ints, not {type(t).__name__} ({t!r})")
-            uuids.append(self._uuid_of(t))
+            uuids.append(self._uuid_of(t, in_list=not isinstance(targets, int)))
         return uuids, list(chosen)
 
     def __len__(self) -> int:
@@ -741,8 +754,10 @@ class Client(HasTraits):
                 fut = self._futures.get(msg_id)
                 if fut is None or fut.done():
                     continue
+                request_type = (fut.header or {}).get("msg_type") or "apply_request"
+                method = request_type.removesuffix("_request")
                 reply = {
-                    "header": {"msg_type": "apply_reply", "msg_id": f"{msg_id}_stranded"},
+                    "header": {"msg_type": f"{method}_reply", "msg_id": f"{msg_id}_stranded"},
                     "parent_header": {"msg_id": msg_id},
                     "metadata": {"engine": uuid, "status": "error"},
                     "content": {
@@ -750,7 +765,7 @@ class Client(HasTraits):
                         "ename": "EngineError",
                         "evalue": f"Engine {eid!r} died while running task {msg_id!r}",
                         "traceback": [],
-                        "engine_info": {"engine_uuid": uuid, "engine_id": eid},
+                        "engine_info": {"engine_uuid": uuid, "engine_id": eid, "method": method},
                     },
                 }
                 item = dispatch.handle_reply(self, reply, "mux")
