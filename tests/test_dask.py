@@ -157,3 +157,34 @@ def test_scheduler_warnings_stay_out_of_the_users_terminal(dask_rc: Client) -> N
         assert handler.filters == [] and handler.level == logging.NOTSET
     finally:
         dlog.removeHandler(handler)
+
+
+def test_stopping_the_scheduler_after_progress_logs_no_cancelled_error(
+    dask_rc: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dask notebook of ipyparallel's docs shows ``distributed.progress(total)`` and then
+    calls ``stop_distributed()``: the scheduler's feed to the (finished) progress bar is
+    cancelled as the scheduler closes, which dask logs at ERROR with a CancelledError
+    traceback. ipyparallel's scheduler logs that in its controller; a cancellation on closing
+    is no error for the user, so it stays out of their terminal."""
+    import io
+    import logging
+
+    rc = dask_rc
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    dlog = logging.getLogger("distributed")
+    dlog.addHandler(handler)
+    try:
+        dc = rc.become_dask()
+        total = dc.submit(sum, dc.map(_square, range(20)))
+        distributed.progress(total)  # a text bar: returns once the result is computed
+        assert total.result(timeout=SHORT) == sum(i * i for i in range(20))
+        dc.close()  # (else it retries the stopped scheduler and logs that, as in ipyparallel)
+        rc.stop_distributed()
+        logging.getLogger("distributed.scheduler").error("a real error, elsewhere")
+    finally:
+        dlog.removeHandler(handler)
+    assert "CancelledError" not in buf.getvalue()
+    assert "a real error, elsewhere" in buf.getvalue()
+    capsys.readouterr()

@@ -214,6 +214,24 @@ def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluste
         assert "[stdout:0] \nonly zero" in out and "[stdout:1]" not in out
 
 
+def test_a_new_client_keeps_the_view_the_user_activated(magics: Any, rc: Client, capsys) -> None:
+    """As ipyparallel's (only the first Client in IPython activates): creating another Client
+    leaves %px on the view the user activated; a closed client's view gives way to the next."""
+    rc.activate(targets=[0])
+    with Client():
+        magics.run_line_magic("px", "print('who')")
+        out = capsys.readouterr().out
+        assert "[stdout:0] \nwho" in out and "[stdout:1]" not in out
+    other = Client()
+    other.activate(targets=[1])
+    other.close()
+    with Client() as rc3:
+        magics.run_line_magic("px", "print('all')")
+        out = capsys.readouterr().out
+        assert "[stdout:0] \nall" in out and "[stdout:1] \nall" in out
+        assert _magics_of(magics).view.client is rc3
+
+
 def test_suffix_applies_to_every_magic_and_legacy_result_has_none(
     ip: InteractiveShell, rc: Client, capsys
 ) -> None:
@@ -370,6 +388,24 @@ def test_options_end_where_the_code_starts(magics: Any, rc: Client, capsys) -> N
     with pytest.raises(UsageError, match="expected one argument"):
         magics.run_cell_magic("px", "--progress-after", "pass")
     # (a bare "%px --progress-after" is Python, -(-progress) - after, and runs as code)
+
+
+def test_long_options_may_be_abbreviated(magics: Any, rc: Client, capsys) -> None:
+    """ipyparallel's %%px / %pxconfig options are argparse options, so an unambiguous prefix
+    of a long option works: "Monitoring an MPI Simulation - 1" runs ``%%px --target 0 --block``."""
+    magics.run_cell_magic("px", "--target 0 --block", "print('only', 'zero')")
+    out = capsys.readouterr().out
+    assert "[stdout:0] \nonly zero\n" in out and "[stdout:1]" not in out
+    magics.run_cell_magic("px", "--targ=1 --group-out engine", "z = 4")
+    assert rc[1].pull("z", block=True) == 4
+    magics.run_line_magic("pxconfig", "--tar 1 --noblo")
+    try:
+        view = _magics_of(magics).view
+        assert view.targets == 1 and view.block is False
+    finally:
+        magics.run_line_magic("pxconfig", "--targets all --block")
+    with pytest.raises(UsageError, match="ambiguous option: --no could match"):
+        magics.run_cell_magic("px", "--no", "pass")
 
 
 def test_pxconfig_stream_signal_and_progress_defaults(magics: Any, capsys) -> None:

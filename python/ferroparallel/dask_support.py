@@ -10,6 +10,7 @@ they are pickled by reference.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -130,15 +131,23 @@ SCHEDULER_THREAD = "ferroparallel-dask-scheduler"
 
 
 class _SchedulerRecords(logging.Filter):
-    """Drop the records the scheduler thread logs below ERROR.
+    """Drop the records the scheduler thread logs below ERROR, and its tracebacks of a
+    cancelled handler.
 
     ipyparallel's scheduler runs in its controller, so what it logs (a worker leaving with
     computed results, the set of every key it held) lands in the controller's log, never in
-    the user's terminal or notebook.
+    the user's terminal or notebook. A handler cancelled as the scheduler closes (the feed of
+    a ``distributed.progress`` bar) is logged by dask at ERROR with a CancelledError
+    traceback: that is the scheduler stopping as asked, not an error to show the user.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != SCHEDULER_THREAD or record.levelno >= logging.ERROR
+        if record.threadName != SCHEDULER_THREAD:
+            return True
+        if record.levelno < logging.ERROR:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
 
 
 def _quiet_distributed_logs(level: int = logging.WARNING) -> contextlib.ExitStack:

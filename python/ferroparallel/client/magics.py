@@ -111,6 +111,23 @@ def _option_names() -> tuple[frozenset[str], dict[str, str]]:
 
 
 _FLAGS, _WITH_VALUE = _option_names()
+_LONG = sorted(o for o in _FLAGS | _WITH_VALUE.keys() if o.startswith("--"))
+
+
+def _resolve_option(name: str) -> str | None:
+    """The option ``name`` stands for: itself when it is one, else the long option it is an
+    unambiguous prefix of (``--target`` for ``--targets``, as argparse allows); None when it
+    is no option. An ambiguous prefix (``--no``) is a UsageError, as in argparse."""
+    if name in _FLAGS or name in _WITH_VALUE:
+        return name
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    matches = [o for o in _LONG if o.startswith(name)]
+    if len(matches) > 1:
+        raise UsageError(f"ambiguous option: {name} could match {', '.join(matches)}")
+    return matches[0] if matches else None
+
+
 # an option name ends at whitespace, the end of the line or "=" (then its value follows)
 _OPTION = re.compile(r"\s*(--?[A-Za-z][\w-]*)(=|(?=\s|$))")
 
@@ -172,15 +189,17 @@ def _split_options(line: str) -> tuple[list[str], str]:
 
     Only known options are taken, each followed by whitespace, ``=`` or the end of the line
     (so ``%px -a*2`` is code); a value may be quoted or a bracketed expression with spaces:
-    ``--targets [0, 2]``, ``--signal-on-interrupt ''``.
+    ``--targets [0, 2]``, ``--signal-on-interrupt ''``. A long option may be abbreviated to
+    an unambiguous prefix (``%%px --target 0``), as ipyparallel's argparse options can.
     """
     opts: list[str] = []
     pos = 0
     while True:
         m = _OPTION.match(line, pos)
-        if not m or (m.group(1) not in _FLAGS and m.group(1) not in _WITH_VALUE):
+        name = _resolve_option(m.group(1)) if m else None
+        if m is None or name is None:
             break
-        name, pos = m.group(1), m.end()
+        pos = m.end()
         opts.append(name)
         if name in _FLAGS:
             if m.group(2) == "=":
