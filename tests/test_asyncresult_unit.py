@@ -60,8 +60,11 @@ class FakeClient:
     def _engine_id_of(self, uuid: str) -> int | None:
         return self.uuids.get(uuid)
 
-    def send(self, n: int, *, engines: list[int] | None = None) -> list[MessageFuture]:
-        """Register n messages like Client._register does."""
+    def send(
+        self, n: int, *, engines: list[int] | None = None, with_md: bool = False
+    ) -> list[MessageFuture]:
+        """Register n messages like Client._register does (``with_md``: each future holds its
+        Metadata, as the client's do)."""
         futs = []
         for i in range(n):
             msg_id = f"msg-{len(self._futures)}"
@@ -72,6 +75,8 @@ class FakeClient:
             if engines is not None:
                 md["engine_uuid"] = f"uuid-{engines[i]}"
                 md["engine_id"] = engines[i]
+            if with_md:
+                fut.md = md
             self._futures[msg_id] = fut
             futs.append(fut)
         return futs
@@ -1190,6 +1195,115 @@ def test_map_result_concurrent_futures(client: FakeClient) -> None:
     later(lambda: [client.reply(f, [i]) for i, f in enumerate(futs)])
     (done,) = list(concurrent.futures.as_completed([amr], timeout=5))
     assert done.result() == [0, 1]
+
+
+def _settle_as(client: FakeClient, fut: concurrent.futures.Future, i: int) -> None:
+    """Settle child ``i`` (every 7th fails)."""
+    if isinstance(fut, MessageFuture):
+        if i % 7 == 3:
+            client.reply(fut, exc=remote(engine=0))
+        else:
+            client.reply(fut, [i] * (i % 3 + 1))
+    elif i % 7 == 3:
+        fut.set_exception(remote(engine=0))
+    else:
+        fut.set_result([i] * (i % 3 + 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_map_result_adopts_settled_and_pending_children_as_callbacks_do(
+    client: FakeClient, seed: int
+) -> None:
+    """A map's result counts its children that finished before it was made in blocks, and
+    adds callbacks to the others (the client's MessageFutures, which hold their Metadata);
+    it must see the same as with one callback per child (what it does for other futures,
+    and for MessageFutures without their Metadata): the same completion order, progress,
+    failures, and results, ordered or not, over several blocks and a foreign future."""
+    import random
+
+    rng = random.Random(seed)
+    n = 1300  # several blocks of _adopt
+    sizes = [i % 3 + 1 for i in range(n)]
+    early = set(rng.sample(range(n), n // 2)) | {0, 511, 512, 1299}
+    late = [i for i in range(n) if i not in early]
+    rng.shuffle(late)
+    foreign = {700, 701, 1024}  # plain futures among them, one finished before
+
+    def children(with_md: bool) -> list[concurrent.futures.Future]:
+        futs: list[concurrent.futures.Future] = list(client.send(n, with_md=with_md))
+        for i in foreign:
+            futs[i] = concurrent.futures.Future()
+        return futs
+
+    fast_kids, ref_kids = children(True), children(False)
+    assert all(f.md is not None for i, f in enumerate(fast_kids) if i not in foreign)
+    for i in sorted(early, key=lambda _: rng.random()):
+        _settle_as(client, fast_kids[i], i)
+        _settle_as(client, ref_kids[i], i)
+    results = []
+    for kids in (fast_kids, ref_kids):
+        results.append(
+            [
+                AsyncMapResult(client, kids, Map(), return_exceptions=rex, chunk_sizes=sizes)
+                for rex in (False, True)
+            ]
+        )
+    fast, ref = results[0][0], results[1][0]
+    unordered = [
+        AsyncMapResult(client, kids, Map(), ordered=False, return_exceptions=True)
+        for kids in (fast_kids, ref_kids)
+    ]
+
+    def same() -> None:
+        assert fast._order == ref._order
+        assert fast.progress == ref.progress
+        assert fast._n_failed == ref._n_failed
+        assert fast.done() == ref.done()
+        assert unordered[0]._order == unordered[1]._order
+
+    same()
+    assert fast.progress == sum(sizes[i] for i in early) and not fast.done()
+    for k, i in enumerate(late):
+        _settle_as(client, fast_kids[i], i)
+        _settle_as(client, ref_kids[i], i)
+        if k % 97 == 0:
+            same()
+    same()
+    assert fast.done() and fast.progress == len(fast) == sum(sizes)
+    assert fast._order == [*sorted(early), *late]
+    for a, b in zip(results[0], results[1], strict=True):
+        assert type(a.exception()) is type(b.exception())
+        if a._return_exceptions:
+            assert [str(x) for x in a.get(0)] == [str(x) for x in b.get(0)]
+            assert [str(x) for x in a] == [str(x) for x in b]
+    assert [str(x) for x in unordered[0]] == [str(x) for x in unordered[1]]
+
+
+def test_map_result_adoption_races_with_replies(client: FakeClient) -> None:
+    """Children finishing on another thread while the map's result adopts them are each
+    counted once, and the result resolves once (no "resolved twice"), whichever side counts
+    the last one."""
+    for round_ in range(20):
+        n = 1200
+        futs = client.send(n, with_md=True)
+        go = threading.Event()
+
+        def replies(futs: list[MessageFuture] = futs, go: threading.Event = go) -> None:
+            go.wait(5)
+            for i, f in enumerate(futs):
+                if not f.done():
+                    client.reply(f, [i])
+
+        t = threading.Thread(target=replies, daemon=True)
+        t.start()
+        for i in range(0, n, 5):  # a few finished before
+            if i < round_ * 50:
+                futs[i].set_result([i])
+        go.set()
+        amr = AsyncMapResult(client, futs, Map(), chunk_sizes=[1] * n)
+        t.join(10)
+        assert amr.get(10) == list(range(n))
+        assert sorted(amr._order) == list(range(n)) and amr.progress == n
 
 
 # -- AsyncHubResult ---------------------------------------------------------------------------

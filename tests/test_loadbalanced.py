@@ -881,6 +881,49 @@ def test_map_chunks_of_100_keep_order_errors_and_return_exceptions(lv: LoadBalan
     assert [(e[0], e[1]) for e in info.value.elist] == [("ValueError", "137")]
 
 
+@pytest.mark.parametrize("chunksize", [1, 7])
+def test_map_chunks_packed_or_not_give_the_same_results_and_bookkeeping(
+    rc: Client, lv: LoadBalancedView, chunksize: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Maps over plain data (ranges, lists of atoms: each chunk packed without scanning it)
+    and over other data (bytes, containers: each chunk scanned as any call) give the builtin
+    map's results, and the client keeps the same books for both: every chunk in ``history``
+    in order, nothing ``outstanding`` once done, the results (owned by the AsyncMapResult)
+    gone from ``rc.results`` and ``rc.metadata``, the map's metadata and progress whole."""
+    n = 400
+    cases: list[tuple[Callable[..., Any], list[Any]]] = [
+        (echo, [range(n)]),
+        (pow, [list(range(n)), [2] * n]),
+        (sleep_echo, [tuple(f"s{i}" for i in range(n)), [0.0] * n]),
+        (echo, [[b"x%d" % i for i in range(n)]]),
+        (echo, [[{"k": i, "v": [i, None]} for i in range(n)]]),
+    ]
+    packed: list[int] = []
+    send_packed = rc._send_packed_task
+
+    def counted(*args: Any) -> Any:
+        packed.append(1)
+        return send_packed(*args)
+
+    monkeypatch.setattr(rc, "_send_packed_task", counted)
+    for k, (f, seqs) in enumerate(cases):
+        local = (lambda x, d: x) if f is sleep_echo else (lambda *a: a[0]) if f is echo else f
+        packed.clear()
+        amr = lv.map_async(f, *seqs, chunksize=chunksize)
+        chunks = -(-n // chunksize)
+        assert len(packed) == (chunks if k < 3 else 0), (k, len(packed))
+        assert len(amr.msg_ids) == chunks and rc.history[-chunks:] == amr.msg_ids
+        assert amr.get(timeout=WAIT) == list(map(local, *seqs))
+        assert amr.progress == len(amr) == n
+        ids = set(amr.msg_ids)
+        assert _wait_until(lambda ids=ids: not ids & set(rc.results), WAIT)
+        assert not ids & rc.outstanding and not ids & set(rc.metadata)
+        mds = amr.metadata
+        assert len(mds) == chunks
+        assert all(md["status"] == "ok" and md["engine_id"] in rc.ids for md in mds)
+        assert [md["msg_id"] for md in mds] == amr.msg_ids
+
+
 def test_map_results_are_consumed_while_it_runs(lv: LoadBalancedView) -> None:
     amr = lv.map_async(sleep_echo, range(8), [0.25] * 8)
     got: list[int] = []

@@ -935,6 +935,71 @@ def test_plain_call_frames_are_those_of_the_general_packer(tmp_path: Path) -> No
         sys.modules.pop("fp_rebound_mod", None)
 
 
+def test_map_chunk_packer_writes_what_each_chunk_call_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``plain_chunk_packer`` (a load-balanced map's chunks, its data vouched for once) packs
+    each chunk as ``pack_plain_call`` does (byte for byte; for chunks longer than that scans,
+    the general packer's call, which unpacks the same), and declines every map whose chunks
+    could need more than the standard pickler."""
+    import os.path
+
+    from ferroparallel.client import view
+    from ferroparallel.client.remote_helpers import _map_chunk
+    from ferroparallel.serialize import apply, pickling
+
+    runner = pickling.Prepickled(_map_chunk)
+    square = pickling.Prepickled(lambda x: x * x)
+    seqs = [
+        [range(5000)],
+        [list(range(40)), tuple(f"s{i}" for i in range(40)), [None, True, 1.5, 2j, range(3)] * 8],
+        [[1, 2, 3] * 700],  # chunks longer than pack_plain_call scans
+    ]
+    for f in (os.path.join, square):
+        for sequences in seqs:
+            pack = apply.plain_chunk_packer(runner, f, sequences)
+            assert pack is not None
+            n = min(len(s) for s in sequences)
+            for start, stop in [(0, 1), (3, 19), (0, min(n, 2000)), (n - 1, n)]:
+                parts = [view._chunk_part(s[start:stop]) for s in sequences]
+                call = (runner, (f, *parts), {})
+                packed = pack(parts)
+                plain = apply.pack_plain_call(*call)
+                if plain is not None:
+                    assert packed == plain
+                else:
+                    assert stop - start > pickling._PLAIN_BUDGET
+                g, args, kw = apply.unpack_apply_message(received(packed), {})
+                ref_g, ref_args, ref_kw = apply.unpack_apply_message(
+                    received(apply.pack_apply_message(*call)), {}
+                )
+                assert g is ref_g is _map_chunk and kw == ref_kw == {}
+                assert args[1:] == ref_args[1:] == tuple(parts)
+                if f is square:  # the function itself, loaded once per chunk
+                    assert args[0](7) == ref_args[0](7) == 49
+                else:
+                    assert args[0] is ref_args[0] is f
+
+    def declined(*args: Any) -> bool:
+        return apply.plain_chunk_packer(*args) is None
+
+    atoms = [[1, 2]]
+    assert declined(runner, os.path.join, [[1, b"x"]])  # bytes: maybe out of band
+    assert declined(runner, os.path.join, [[1, [2]]])  # a container: scanned per chunk
+    assert declined(runner, os.path.join, [np.arange(3)])
+    assert declined(runner, os.path.join, [range(3), ["a", object()]])
+    big = np.zeros(100_000)
+    two_frames = pickling.Prepickled(lambda: big)  # the array out of band
+    assert len(two_frames.frames) == 2
+    assert declined(runner, two_frames, atoms)
+    assert declined(runner, len, atoms)  # not a FunctionType: pickled by value, once
+    assert declined(pickling.Prepickled(os.path.join), lambda x: x, atoms)
+    assert declined(os.path.join, os.path.join, atoms)  # the runner is always Prepickled
+    assert not declined(runner, os.path.join, atoms)
+    monkeypatch.setattr(pickling, "_pickler_name", "dill")
+    assert declined(runner, os.path.join, atoms) and declined(runner, square, atoms)
+
+
 def test_plain_call_shortcut_stays_off_under_dill(monkeypatch: pytest.MonkeyPatch) -> None:
     """With dill as the pickler (``use_dill``), functions and arguments go through dill, as
     everything else does: no shortcut writes the standard pickler's bytes instead."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import operator
 import sys
 import time
 import traceback
@@ -32,6 +33,7 @@ from typing import Any
 from ..error import CompositeError, RemoteError
 from .fanout import FanoutGroup
 from .futures import (
+    _DONE_STATES,
     _LOCK,
     SETTLED,
     MessageFuture,
@@ -56,6 +58,13 @@ __all__ = [
 log = logging.getLogger("ferroparallel.client")
 
 _NOT_READY = "Result not ready."
+
+_MESSAGE_FUTURE = frozenset((MessageFuture,))
+_msg_id_of = operator.attrgetter("msg_id")
+
+#: Children :meth:`AsyncResult._adopt` looks at per round of the lock (the dispatcher waits
+#: that long to settle a reply).
+_ADOPT_BLOCK = 512
 
 
 #: Metadata keys that IOPub output fills in.
@@ -186,8 +195,14 @@ class AsyncResult(SlimFuture):
         if group is not None:
             n = len(group)
             self._msg_ids: tuple[str, ...] = tuple(group.msg_ids)
+        elif type(children) is list and _MESSAGE_FUTURE.issuperset(map(type, children)):
+            # the client's futures (e.g. a map's chunks): nothing to look up, one C loop each
+            futures: list[concurrent.futures.Future] = list(children)
+            self._kids = futures
+            n = len(futures)
+            self._msg_ids = tuple(map(_msg_id_of, futures))
         else:
-            futures: list[concurrent.futures.Future] = []
+            futures = []
             for child in children:
                 if isinstance(child, str):
                     future_of = getattr(client, "_future_of", None)
@@ -231,10 +246,61 @@ class AsyncResult(SlimFuture):
             self._adopt(futures)
 
     def _adopt(self, futures: list[concurrent.futures.Future]) -> None:
-        """Take ``futures`` as the children and listen to each one."""
+        """Take ``futures`` as the children and listen to each one.
+
+        What ``child.add_done_callback(partial(self._child_done, i))`` does for each child,
+        with less work per child for the client's MessageFutures (once per task of a map):
+        those finished already (the replies to a long map's first tasks arrive while it is
+        still sending) are counted here, a block of them per lock round, as ``_child_done``
+        would count them; the others get the callback. Children are taken in order, so the
+        completion order (``_order``) is the one the callbacks would give."""
         self._kids = futures
-        for i, child in enumerate(futures):
-            child.add_done_callback(functools.partial(self._child_done, i))
+        n = len(futures)
+        i = 0
+        while i < n:
+            end = min(i + _ADOPT_BLOCK, n)
+            done: list[int] = []
+            other = False
+            with _LOCK:  # (a child settles under it: none finishes while a block is looked at)
+                for k in range(i, end):
+                    child = futures[k]
+                    if type(child) is not MessageFuture or child.md is None:
+                        end, other = k, True  # another kind: add_done_callback, in its turn
+                        break
+                    if child._state in _DONE_STATES:
+                        done.append(k)
+                        continue
+                    cb = functools.partial(self._child_done, k)
+                    if child._callbacks is None:
+                        child._callbacks = [cb]
+                    else:
+                        child._callbacks.append(cb)
+                last = bool(done) and self._count_done_locked(done)
+            if last:
+                self._resolve()
+            if other:
+                futures[end].add_done_callback(functools.partial(self._child_done, end))
+                end += 1
+            i = end
+
+    def _count_done_locked(self, done: list[int]) -> bool:
+        """Count the finished children ``done`` (call with the lock held); whether they were
+        the last ones (then the caller resolves this future, which notifies)."""
+        order = self._order
+        if type(order) is tuple:
+            self._order = order = (*order, *done)
+        else:
+            order.extend(done)
+        kids = self._kids
+        for k in done:
+            child = kids[k]  # type: ignore[index]
+            if child._state != FINISHED or child._exception is not None:
+                self._n_failed += 1
+        self._on_children_done_locked(done)
+        if len(order) == len(kids):  # type: ignore[arg-type]
+            return True
+        _notify_settled()
+        return False
 
     @property
     def _children(self) -> list[concurrent.futures.Future]:
@@ -255,6 +321,11 @@ class AsyncResult(SlimFuture):
     def _on_child_done_locked(self, i: int) -> None:
         """Subclass hook, called with the lock held when child ``i`` finishes."""
 
+    def _on_children_done_locked(self, done: list[int]) -> None:
+        """:meth:`_on_child_done_locked` for each of ``done`` (a subclass may do it at once)."""
+        for i in done:
+            self._on_child_done_locked(i)
+
     def _client_md(self, msg_id: str | None) -> Any:
         mds = getattr(self._client, "metadata", None)
         if mds is None or msg_id is None:
@@ -268,16 +339,21 @@ class AsyncResult(SlimFuture):
         try:
             if getattr(fut, "md", None) is None:
                 self._md(i)  # capture it before the client may drop it
-            failed = fut.cancelled() or fut.exception(timeout=0) is not None
+            if type(fut) is MessageFuture:  # (settled: read without the methods' checks)
+                failed = fut._state != FINISHED or fut._exception is not None
+            else:
+                failed = fut.cancelled() or fut.exception(timeout=0) is not None
             with _LOCK:
-                if type(self._order) is tuple:
-                    self._order = (*self._order, i)
+                order = self._order
+                if type(order) is tuple:
+                    self._order = order = (*order, i)
                 else:
-                    self._order.append(i)
+                    order.append(i)
                 if failed:
                     self._n_failed += 1
                 self._on_child_done_locked(i)
-                last = len(self._order) == len(self._children)
+                # (the children are known: a callback is added once they are)
+                last = len(order) == len(self._kids)  # type: ignore[arg-type]
                 if not last:  # the last one settles this future, which notifies
                     _notify_settled()
             if last:
@@ -1025,6 +1101,12 @@ class AsyncMapResult(AsyncResult):
     def _on_child_done_locked(self, i: int) -> None:
         if self._chunk_sizes is not None and i < len(self._chunk_sizes):
             self._done_elems += self._chunk_sizes[i]
+
+    def _on_children_done_locked(self, done: list[int]) -> None:
+        sizes = self._chunk_sizes
+        if sizes is not None:
+            n = len(sizes)
+            self._done_elems += sum([sizes[i] for i in done if i < n])
 
     def _chunk_size(self, i: int) -> int:
         return 1 if self._chunk_sizes is None else self._chunk_sizes[i]

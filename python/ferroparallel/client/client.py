@@ -856,13 +856,20 @@ class Client(HasTraits):
             group.owned = True
             if group.made is None:
                 return
-        self._owned.update(msg_ids)
+        owned = self._owned
+        owned.update(msg_ids)
         futures = self._futures
+        results = self._trait_values["results"]
+        metadata = self._trait_values["metadata"]
         for m in msg_ids:
             fut = futures.get(m)
-            # (only a finished message can be released; most are still in flight)
-            if fut is not None and fut._state in _DONE_STATES:
-                self._maybe_release(m)
+            # (only a finished message can be released; most are still in flight.) What
+            # _maybe_release does, inline: a long map's replies are mostly in by now
+            if fut is not None and fut._state in _DONE_STATES and m in owned and fut.output_done():
+                futures.pop(m, None)
+                results.pop(m, None)
+                metadata.pop(m, None)
+                owned.discard(m)
 
     # ----- fanned-out requests (see fanout.py) ----------------------------------------------
 
@@ -1286,6 +1293,20 @@ class Client(HasTraits):
             raise
         if seg is not None:
             self._shm.hold(seg, [fut])
+        return fut
+
+    def _send_packed_task(self, buffers: list[bytes], metadata: dict[str, Any]) -> MessageFuture:
+        """``send_apply_request("task", ...)`` for a call packed already as plain buffers
+        (what ``pack_plain_call`` makes: nothing lent, nothing in shared memory), untracked:
+        the chunks of a load-balanced map (see ``apply.plain_chunk_packer``)."""
+        header = self.session.msg_header("apply_request")
+        md = self._request_metadata(metadata, metadata.get("targets") or None)
+        self._check_open()
+        fut = self._register(header, None, None, md.get("label"))
+        self._io.send(
+            "task", "apply_request", {}, None, md, ident=None, buffers=buffers, header=header,
+            tracker=None,
+        )  # fmt: skip
         return fut
 
     def send_execute_request(

@@ -15,6 +15,7 @@ from traitlets import Bool, HasTraits, Instance, Integer, Unicode, observe, vali
 
 from .. import error
 from ..dependency import Dependency
+from ..serialize.apply import plain_chunk_packer
 from ..serialize.pickling import Prepickled, _reference_pickle
 from .asyncresult import AsyncMapResult, AsyncResult
 from .imap import LazyMapIterator
@@ -782,20 +783,24 @@ class LoadBalancedView(View):
         chunksize = max(chunksize, 1)
         md = self._task_metadata() if label is None else self._task_metadata(label=label)
         n = min(len(s) for s in sequences)
-        chunks = chunk_sequence(range(n), chunksize)
-        futs = []
-        sizes = []
+        futs: list[Any] = []
+        sizes: list[int] = []
         mapper = dists["b"]()
         runner = Prepickled(_map_chunk)  # pickled once for every chunk
         fp = _chunk_function(f)
-        with self.client._shm.waiting(block):
-            for idx in chunks:
-                start, stop = idx[0], idx[-1] + 1
+        client = self.client
+        # plain data throughout (checked once): each chunk packed without scanning it again
+        pack = plain_chunk_packer(runner, fp, sequences)
+        with client._shm.waiting(block):
+            for start in range(0, n, chunksize):
+                stop = min(start + chunksize, n)
                 parts = [_chunk_part(s[start:stop]) for s in sequences]
                 sizes.append(stop - start)
-                futs.append(
-                    self.client.send_apply_request("task", runner, (fp, *parts), {}, metadata=md)
-                )
+                if pack is not None:
+                    fut = client._send_packed_task(pack(parts), md)
+                else:
+                    fut = client.send_apply_request("task", runner, (fp, *parts), {}, metadata=md)
+                futs.append(fut)
         ar = AsyncMapResult(
             self.client,
             futs,

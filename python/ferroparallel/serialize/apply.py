@@ -20,10 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FunctionType
 from typing import Any
 
+from . import pickling as _pickling
 from .buffers import DEFAULT_THRESHOLD
 from .funcload import load_main_function
 from .namespace import resolve_in_namespace
 from .pickling import (
+    _ATOMS,
     PROTOCOL,
     BufferLike,
     Prepickled,
@@ -135,6 +137,46 @@ def pack_plain_call(f: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> l
     if frames is None:
         return None
     return [_ONE_FRAME_HEADER, f_frame, *frames]
+
+
+def plain_chunk_packer(
+    runner: Any, f: Any, sequences: Sequence[Any]
+) -> Callable[[Sequence[Any]], list[bytes]] | None:
+    """For a map whose every chunk is the call ``runner(f, *parts)``, ``parts`` being slices
+    of ``sequences`` (short ranges as lists): a function of a chunk's parts that returns the
+    buffers :func:`pack_plain_call` makes for its call, without scanning each chunk's
+    arguments again; None when a chunk's call might not be plain data (then each chunk goes
+    through :func:`pack_plain_call` or the general packer, as any call).
+
+    The arguments are vouched for once, for the whole map: ``runner`` a one-frame
+    :class:`~.pickling.Prepickled`, ``f`` a function pickled by reference or a one-frame
+    Prepickled, every sequence a ``range`` or a list or tuple of atoms (None, bool, numbers,
+    str, range), and the pickler not dill (see :func:`~.pickling.plain_frames`). A chunk
+    longer than :func:`pack_plain_call` scans (which then leaves it to the general packer)
+    is packed the same way: the same call, unpacked alike."""
+    if _pickling._pickler_name == "dill":
+        return None
+    if type(runner) is not Prepickled or len(runner.frames) != 1:
+        return None
+    if type(f) is Prepickled:
+        if len(f.frames) != 1:
+            return None
+    elif not _pickling._by_reference(f):
+        return None
+    for s in sequences:
+        t = type(s)
+        if t is range:
+            continue
+        if (t is list or t is tuple) and _ATOMS.issuperset(map(type, s)):
+            continue
+        return None
+    f_frame = runner.frames[0]
+    dumps = pickle.dumps
+
+    def pack(parts: Sequence[Any]) -> list[bytes]:
+        return [_ONE_FRAME_HEADER, f_frame, dumps(((f, *parts), {}), protocol=PROTOCOL)]
+
+    return pack
 
 
 def _check_payload(payload: Any) -> None:
