@@ -18,7 +18,7 @@ import zmq
 
 from ferroparallel import _core, error
 from ferroparallel.serialize import load_object, serialize_object
-from peer.session import DELIMITER
+from peer.session import DELIMITER, recv_frames
 from peer.session import Session as PeerSession
 
 LOOPBACK = "tcp://127.0.0.1:*"
@@ -290,6 +290,59 @@ def test_ctrl_c_interrupts_a_blocking_recv_promptly(tmp_path):
 
 
 # -- DirectSockets: sockets driven by the calling thread -------------------------------------
+
+
+@pytest.mark.parametrize("packer", ["msgpack", "json"])
+def test_direct_reply_names_the_request_header_frame_as_received(packer):
+    """A received message keeps its header frame; a reply given it as its parent carries those
+    very bytes (the reply need not pack the header dict again): with msgpack the same bytes
+    the dict gives, with JSON the peer's own text; the peer reads the same header either way.
+    ``send`` returns nothing."""
+    key = b"k" * 32
+    direct = _core.DirectSockets(_core.Session(key, packer=packer))
+    peer = PeerSession(key, packer=packer)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        (endpoint,) = direct.add_socket("shell", "ROUTER", bind=LOOPBACK)
+        sock.connect(endpoint)
+        header = peer.msg_header("apply_request")
+        header["extra"] = {"n": -3, "big": 2**40, "f": 0.5, "s": "é\u2603", "l": [1, None, True]}
+        frames = peer.serialize("apply_request", {"n": 1}, header=header)
+        sock.send_multipart(frames)
+        got = []
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            got = direct.recv(timeout=1.0)
+        ((_, msg),) = got
+        packed = msg[_core.PACKED_HEADER_KEY]
+        assert packed == frames[2] and msg["header"] == header
+        for parent in (packed, msg["header"]):
+            sent = direct.send(
+                "shell", "apply_reply", {"status": "ok"}, parent, {"m": 1}, ident=msg["idents"]
+            )
+            assert sent is None
+        as_received, repacked = recv_frames(sock), recv_frames(sock)
+        assert as_received[3] == frames[2]
+        for reply in (as_received, repacked):
+            assert peer.deserialize(reply)["parent_header"] == header  # (signature checked)
+        if packer == "msgpack":
+            assert repacked[3] == as_received[3]
+    finally:
+        sock.close()
+        direct.close()
+
+
+def test_io_thread_send_takes_a_packed_parent(pair):
+    """``IoThread.send`` (IOPub) also takes a header as received for its parent."""
+    io, _ = pair
+    session = _core.Session(b"k" * 32)
+    parent = {"msg_id": "abc", "msg_type": "apply_request", "session": "s", "date": "d"}
+    packed = session.serialize("x", header=parent)[2]
+    header = io.send("dealer", "status", {"execution_state": "busy"}, bytes(packed))
+    _, msg = recv_one(io)
+    assert msg["parent_header"] == parent and msg["header"] == header
+    assert _core.PACKED_HEADER_KEY not in msg  # (kept by DirectSockets only)
 
 
 def test_direct_sockets_round_trip_wake_and_close():

@@ -8,6 +8,9 @@ DELIMITER: bytes
 PROTOCOL_VERSION: str
 #: Buffers at least this large are sent from their own memory (not copied) until libzmq is done.
 ZERO_COPY_THRESHOLD: int
+#: Key of a message received by :class:`DirectSockets` holding its header frame as received
+#: (``bytes``), for replies to name as their parent without packing the header again.
+PACKED_HEADER_KEY: str
 
 def new_id() -> str:
     """A jupyter-style session id: 32 hex digits split 8 + 24 by a dash."""
@@ -275,7 +278,7 @@ class IoThread:
         socket: str,
         msg_type: str,
         content: dict[str, Any] | None = None,
-        parent: dict[str, Any] | None = None,
+        parent: dict[str, Any] | bytes | None = None,
         metadata: dict[str, Any] | None = None,
         *,
         ident: Sequence[bytes] | bytes | None = None,
@@ -283,7 +286,8 @@ class IoThread:
         header: dict[str, Any] | None = None,
         tracker: SendTracker | None = None,
     ) -> dict[str, Any]:
-        """Sign and send a message now; returns its header (``msg_id`` included). With
+        """Sign and send a message now; returns its header (``msg_id`` included). ``parent``
+        may be a header packed with the session's packer (``bytes``), sent as it is. With
         ``tracker``, the frames sent from the buffers' own memory are counted by it."""
     def send_raw(self, socket: str, frames: Sequence[Buffer]) -> None:
         """Send frames exactly as given (no envelope, no signature)."""
@@ -368,16 +372,18 @@ class DirectSockets:
         socket: str,
         msg_type: str,
         content: dict[str, Any] | None = None,
-        parent: dict[str, Any] | None = None,
+        parent: dict[str, Any] | bytes | None = None,
         metadata: dict[str, Any] | None = None,
         *,
         ident: Sequence[bytes] | bytes | None = None,
         buffers: Sequence[Buffer] | None = None,
         header: dict[str, Any] | None = None,
         hold: bool = False,
-    ) -> dict[str, Any]:
+    ) -> None:
         """Sign and send one message now (waiting, without the GIL, up to 30 s for a peer
-        that is not taking messages: ValueError then); returns its header. ``hold=True``:
+        that is not taking messages: ValueError then). ``parent`` is a header dict or a header
+        packed with the session's packer (``bytes``: a received message's
+        :data:`PACKED_HEADER_KEY`), sent as it is. ``hold=True``:
         keep it back until :meth:`send_held` or the next send that is not held (messages
         leave in the order given)."""
     @property
@@ -391,7 +397,8 @@ class DirectSockets:
         """Send every held message now, in order."""
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Wait up to ``timeout`` seconds (``None``: until something arrives) for messages on
-        any socket, as :meth:`IoThread.recv`; returns early, possibly with nothing, when
+        any socket, as :meth:`IoThread.recv` (each message dict also holds its header frame as
+        received under :data:`PACKED_HEADER_KEY`); returns early, possibly with nothing, when
         :meth:`wake` is called. Releases the GIL while waiting; Ctrl-C raises
         KeyboardInterrupt within 50 ms."""
     def wait_connected(self, timeout: float) -> bool:

@@ -26,6 +26,7 @@ from ..serialize.peer import enabled_by_env as peer_enabled
 from ..signal_names import parse_signal
 from ..wire_names import NO_STATUS_KEY
 from .errors import ErrorInfo
+from .inbox import parent_of
 from .signals import signal_self
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class ControlHandler:
 
     def _status(self, msg: dict[str, Any], state: str) -> None:
         try:
-            self.kernel.publish("status", {"execution_state": state}, msg["header"], "status")
+            self.kernel.publish("status", {"execution_state": state}, parent_of(msg), "status")
         except IoClosedError:  # shutting down
             pass
 
@@ -206,7 +207,7 @@ class ControlHandler:
         restart = bool(msg["content"].get("restart", False))
         content = {"status": "ok", "restart": restart}
         self.reply(msg, content)
-        self.kernel.publish("shutdown_reply", content, msg["header"], "shutdown")
+        self.kernel.publish("shutdown_reply", content, parent_of(msg), "shutdown")
         log.info("shutdown requested")
         self.kernel.request_exit(0)
         if threading.current_thread() is not threading.main_thread():

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import _core
 from ..error import IoClosedError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,17 @@ SHELL, BROADCAST, CONTROL, IOPUB, REGISTRATION = (
 
 #: Key added to received shell messages: the socket to reply on.
 SOCKET_KEY = "_socket"
+
+#: Key of a received message holding its header as received (packed ``bytes``): replies and
+#: IOPub messages name it as their parent as it is, rather than the header dict packed again
+#: (the same header either way). Code that changes a message's ``header`` dict must drop it.
+PACKED_HEADER_KEY: str = _core.PACKED_HEADER_KEY
+
+
+def parent_of(msg: dict[str, Any]) -> dict[str, Any] | bytes:
+    """The parent to give messages that answer ``msg``: its header as received (packed) when
+    the sockets kept it, else its header dict."""
+    return msg.get(PACKED_HEADER_KEY) or msg["header"]
 
 
 class Inbox:

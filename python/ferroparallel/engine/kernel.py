@@ -27,6 +27,7 @@ from .inbox import (
     SHELL,
     BusyWatcher,
     Inbox,
+    parent_of,
 )
 from .liveness import Liveness
 from .namespace import UserNamespace
@@ -483,14 +484,15 @@ class EngineKernel:
         self,
         msg_type: str,
         content: dict[str, Any],
-        parent: dict[str, Any] | None,
+        parent: dict[str, Any] | bytes | None,
         topic: str,
         buffers: list[Any] | None = None,
         prefixed: bool = True,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         """Send one IOPub message with topic ``engine.<id>.<topic>`` (ipyparallel's), or
-        ``topic`` as it is when not ``prefixed``; ``metadata`` adds to the engine's."""
+        ``topic`` as it is when not ``prefixed``; ``metadata`` adds to the engine's. ``parent``
+        is a header dict, or a header as received (see :func:`.inbox.parent_of`)."""
         if topic not in ("stdout", "stderr", "status"):
             # text printed before a display, result or error goes out before it
             self.capture.flush()
@@ -518,7 +520,7 @@ class EngineKernel:
         metadata = dict(self._metadata)
         metadata["status"] = content.get("status", "ok")
         self.direct.send(
-            CONTROL, msg_type, content, request["header"], metadata, ident=request["idents"]
+            CONTROL, msg_type, content, parent_of(request), metadata, ident=request["idents"]
         )
 
     def queued_shell_ids(self, msg_type: str | None = None) -> list[str]:

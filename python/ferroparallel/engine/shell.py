@@ -24,7 +24,7 @@ from ..wire_names import (
 from .control import kernel_info_content
 from .errors import ErrorInfo
 from .execute import PlainShell, run_apply
-from .inbox import SHELL, SOCKET_KEY
+from .inbox import PACKED_HEADER_KEY, SHELL, SOCKET_KEY
 from .ipyhook import call_after_import
 from .signals import EngineExit
 
@@ -107,7 +107,8 @@ class ShellHandler:
             request.get(SOCKET_KEY, SHELL),
             msg_type,
             content,
-            request["header"],
+            # the request's header as received when kept (see PACKED_HEADER_KEY)
+            request.get(PACKED_HEADER_KEY) or request["header"],
             metadata,
             ident=request["idents"],
             buffers=buffers,
@@ -134,7 +135,8 @@ class ShellHandler:
         md = msg.get("metadata") or {}
         status = not md.get(NO_STATUS_KEY)
         if status:
-            k.publish("status", {"execution_state": "busy"}, header, "status")
+            parent = msg.get(PACKED_HEADER_KEY) or header
+            k.publish("status", {"execution_state": "busy"}, parent, "status")
         try:
             fate = k.aborted.take(header.get("msg_id", ""))
             if fate == "skip":
@@ -166,7 +168,7 @@ class ShellHandler:
             self.reply(msg, prefix + "_reply", content, started)
         finally:
             if status:
-                k.publish("status", {"execution_state": "idle"}, header, "status")
+                k.publish("status", {"execution_state": "idle"}, parent, "status")
 
     def answer_aborted(self, msg: dict[str, Any]) -> None:
         """Answer a queued request as aborted now, from whichever thread (it produced no
@@ -221,13 +223,18 @@ class ShellHandler:
             self._end()
         if outcome.error is None:
             held = outcome.segment
-            lent = isinstance(held, (LentResult, NetLentResult))
-            if isinstance(held, LentResult):
+            lent = False
+            extra: dict[str, Any] | None = None
+            if held is None:
+                pass  # (most results: all in frames)
+            elif isinstance(held, LentResult):
+                lent = True
                 extra = {LENT_RESULT_KEY: held.reply_metadata()}
             elif isinstance(held, NetLentResult):
+                lent = True
                 extra = {NET_LENT_KEY: held.reply_metadata()}
-            else:
-                extra = {SHM_SEGMENT_KEY: held.name} if held else None
+            elif held:
+                extra = {SHM_SEGMENT_KEY: held.name}
             if outcome.ipp_format:
                 extra = {**(extra or {}), IPP_FORMAT_KEY: True}
             try:

@@ -12,6 +12,12 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyT
 
 const MAX_DEPTH: usize = 256;
 
+/// Key of a received message dict holding its header frame as received (packed), when the
+/// sockets keep it (`DirectSockets`): a reply passes it as its parent (`send(..,
+/// parent=msg[PACKED_HEADER_KEY])`) rather than the header dict, which then need not be
+/// packed again. Whoever changes a message's header dict must drop this key.
+pub const PACKED_HEADER_KEY: &str = "_header_packed";
+
 /// Map keys up to this many bytes become interned Python strings.
 const MAX_INTERNED_KEY: usize = 40;
 
@@ -193,6 +199,7 @@ pub fn message_dict<'py>(
     parts: &Parts,
     content_unpacked: bool,
     buffers: Bound<'py, PyList>,
+    packed_header: Option<&[u8]>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let header = to_py(py, &parts.header)?;
@@ -213,5 +220,8 @@ pub fn message_dict<'py>(
     d.set_item(intern!(py, "content"), content)?;
     d.set_item(intern!(py, "buffers"), buffers)?;
     d.set_item(intern!(py, "idents"), idents)?;
+    if let Some(packed) = packed_header {
+        d.set_item(intern!(py, PACKED_HEADER_KEY), PyBytes::new(py, packed))?;
+    }
     Ok(d)
 }

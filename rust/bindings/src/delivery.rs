@@ -118,6 +118,7 @@ fn incoming_to_py<'py>(py: Python<'py>, inc: Incoming) -> PyResult<Bound<'py, Py
             idents,
             parts,
             buffers,
+            header,
         } => {
             let id_list = PyList::empty(py);
             for id in &idents {
@@ -127,7 +128,7 @@ fn incoming_to_py<'py>(py: Python<'py>, inc: Incoming) -> PyResult<Bound<'py, Py
             for b in buffers {
                 buf_list.append(Py::new(py, Frame::new(b))?)?;
             }
-            message_dict(py, id_list, &parts, true, buf_list)?.into_any()
+            message_dict(py, id_list, &parts, true, buf_list, header.as_deref())?.into_any()
         }
     };
     PyTuple::new(py, [name.into_pyobject(py)?.into_any(), obj])

@@ -105,7 +105,7 @@ impl DirectSockets {
         }
     }
 
-    /// Sign and send one message now (see the type stub); returns its header.
+    /// Sign and send one message now (see the type stub).
     #[pyo3(signature = (socket, msg_type, content=None, parent=None, metadata=None, *,
                         ident=None, buffers=None, header=None, hold=false))]
     #[allow(clippy::too_many_arguments)]
@@ -121,17 +121,16 @@ impl DirectSockets {
         buffers: Option<&Bound<'py, PyAny>>,
         header: Option<&Bound<'py, PyAny>>,
         hold: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<()> {
         self.check_open(py)?;
         let session = self.session.bind(py).get();
-        let (header_obj, frames) = build_message(
-            py, session, msg_type, content, parent, metadata, ident, buffers, header, None,
+        let (_, frames) = build_message(
+            py, session, msg_type, content, parent, metadata, ident, buffers, header, None, false,
         )?;
         let inner = &self.inner;
         let sent = py.detach(|| inner.send(socket, frames, SEND_TIMEOUT, hold));
         self.release_sent();
-        sent.map_err(PyValueError::new_err)?;
-        Ok(header_obj)
+        sent.map_err(PyValueError::new_err)
     }
 
     /// Messages held back by `send(..., hold=True)`.

@@ -8,7 +8,7 @@ use fp_io::{IoHandle, OutFrame, OutgoingMessage, Waiter};
 use crate::curve::curve_role;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::convert::to_py;
 use crate::delivery::{batch_to_py, error_tuples, socket_spec, Deadline};
@@ -42,8 +42,10 @@ impl IoThread {
     }
 }
 
-/// Sign and frame one message; returns its header (the caller's own object when it passed
-/// one: no second conversion) and the frames.
+/// Sign and frame one message; returns its header when `want_header` (the caller's own
+/// object when it passed one: no second conversion) and the frames. `parent` is a header
+/// dict, or a header packed with the session's packer (`bytes`, e.g. a request's header as
+/// received, [`crate::convert::PACKED_HEADER_KEY`]), sent as it is.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn build_message<'py>(
     py: Python<'py>,
@@ -56,11 +58,25 @@ pub(crate) fn build_message<'py>(
     buffers: Option<&Bound<'py, PyAny>>,
     header: Option<&Bound<'py, PyAny>>,
     tracker: Option<&SendTracker>,
-) -> PyResult<(Bound<'py, PyAny>, Vec<OutFrame>)> {
+    want_header: bool,
+) -> PyResult<(Option<Bound<'py, PyAny>>, Vec<OutFrame>)> {
+    let packed_parent = match parent {
+        Some(p) => p.cast::<PyBytes>().ok().map(|b| b.as_bytes().to_vec()),
+        None => None,
+    };
+    let parent = if packed_parent.is_some() {
+        None
+    } else {
+        parent
+    };
     let parts = session.parts(msg_type, content, parent, metadata, header)?;
-    let header_obj = match header {
-        Some(h) if !h.is_none() => h.clone(),
-        _ => to_py(py, &parts.header)?,
+    let header_obj = if !want_header {
+        None
+    } else {
+        Some(match header {
+            Some(h) if !h.is_none() => h.clone(),
+            _ => to_py(py, &parts.header)?,
+        })
     };
     let msg = OutgoingMessage {
         idents: ident_list(ident)?,
@@ -72,9 +88,9 @@ pub(crate) fn build_message<'py>(
         && msg.buffers.iter().map(OutFrame::len).sum::<usize>() >= DETACH_BYTES;
     let core = &session.core;
     let frames = if large {
-        py.detach(|| core.build_frames(msg))
+        py.detach(|| core.build_frames_with_parent(msg, packed_parent))
     } else {
-        core.build_frames(msg)
+        core.build_frames_with_parent(msg, packed_parent)
     }
     .map_err(|e| wire_error(py, e))?;
     Ok((header_obj, frames))
@@ -185,12 +201,13 @@ impl IoThread {
             buffers,
             header,
             tracker.as_deref(),
+            true,
         )?;
         self.handle
             .send(socket, frames)
             .map_err(PyValueError::new_err)?;
         self.release_sent();
-        Ok(header_obj)
+        Ok(header_obj.expect("asked for the header"))
     }
 
     /// Queue frames exactly as given.

@@ -42,6 +42,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DELIMITER", PyBytes::new(m.py(), fp_wire::DELIMITER))?;
     m.add("PROTOCOL_VERSION", fp_wire::PROTOCOL_VERSION)?;
     m.add("ZERO_COPY_THRESHOLD", fp_io::ZERO_COPY_THRESHOLD)?;
+    m.add("PACKED_HEADER_KEY", convert::PACKED_HEADER_KEY)?;
     m.add_function(wrap_pyfunction!(new_id, m)?)?;
     m.add_function(wrap_pyfunction!(iso_now, m)?)?;
     m.add_function(wrap_pyfunction!(curve::has_curve, m)?)?;

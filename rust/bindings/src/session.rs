@@ -381,7 +381,7 @@ impl Session {
                 ..parts
             }
         };
-        message_dict(py, id_list, &parts, content, buf_list)
+        message_dict(py, id_list, &parts, content, buf_list, None)
     }
 
     fn __repr__(&self) -> String {

@@ -304,13 +304,14 @@ impl DirectSockets {
                 continue;
             };
             frames.insert(0, RecvFrame::from_bytes(ident));
-            match self.session.parse_answerable(frames) {
-                Ok((idents, parts, buffers)) => batch.push(Incoming {
+            match self.session.parse_answerable_keeping_header(frames) {
+                Ok((idents, parts, buffers, header)) => batch.push(Incoming {
                     socket: name.clone(),
                     delivery: Delivery::Message {
                         idents,
                         parts,
                         buffers,
+                        header: Some(header.as_ref().to_vec()),
                     },
                 }),
                 Err(err) => drops.push(DropReport {
@@ -485,13 +486,14 @@ impl DirectSockets {
                 });
                 continue;
             }
-            match self.session.parse_answerable(frames) {
-                Ok((idents, parts, buffers)) => batch.push(Incoming {
+            match self.session.parse_answerable_keeping_header(frames) {
+                Ok((idents, parts, buffers, header)) => batch.push(Incoming {
                     socket: e.name.clone(),
                     delivery: Delivery::Message {
                         idents,
                         parts,
                         buffers,
+                        header: Some(header.as_ref().to_vec()),
                     },
                 }),
                 Err(err) => drops.push(DropReport {

@@ -14,6 +14,9 @@ pub enum Delivery {
         idents: Vec<RecvFrame>,
         parts: Parts,
         buffers: Vec<RecvFrame>,
+        /// The header frame as received (packed), kept by sockets whose receiver replies
+        /// with it as the parent (see `DirectSockets`); None elsewhere.
+        header: Option<Vec<u8>>,
     },
     /// Unparsed frames (raw sockets).
     Raw(Vec<RecvFrame>),

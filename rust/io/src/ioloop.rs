@@ -955,6 +955,7 @@ impl Loop {
                         idents,
                         parts,
                         buffers,
+                        header: None,
                     },
                 }),
                 Err(e) => {

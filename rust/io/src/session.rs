@@ -137,9 +137,35 @@ impl SessionCore {
     }
 
     /// All frames of a message, in wire order.
-    pub fn build_frames(&self, mut msg: OutgoingMessage) -> Result<Vec<OutFrame>, WireError> {
+    pub fn build_frames(&self, msg: OutgoingMessage) -> Result<Vec<OutFrame>, WireError> {
+        self.build_frames_with_parent(msg, None)
+    }
+
+    /// [`build_frames`](Self::build_frames) with the parent header already packed (with this
+    /// session's packer, e.g. the header frame of the request being answered, as received):
+    /// it is sent as it is, and `msg.parts.parent_header` is ignored.
+    pub fn build_frames_with_parent(
+        &self,
+        mut msg: OutgoingMessage,
+        packed_parent: Option<Vec<u8>>,
+    ) -> Result<Vec<OutFrame>, WireError> {
         self.add_buffers_digest(&mut msg.parts, msg.buffers.iter().map(OutFrame::bytes));
-        let (sig, packed) = self.pack_and_sign(&msg.parts)?;
+        let (sig, packed) = match packed_parent {
+            None => self.pack_and_sign(&msg.parts)?,
+            Some(parent) => {
+                let p = self.packer;
+                let packed = [
+                    p.pack(&msg.parts.header)?,
+                    parent,
+                    p.pack(&msg.parts.metadata)?,
+                    p.pack(&msg.parts.content)?,
+                ];
+                let sig = self
+                    .auth()
+                    .sign(&[&packed[0], &packed[1], &packed[2], &packed[3]]);
+                (sig, packed)
+            }
+        };
         let mut frames = Vec::with_capacity(msg.idents.len() + 6 + msg.buffers.len());
         frames.extend(msg.idents.into_iter().map(OutFrame::Owned));
         frames.push(OutFrame::Owned(DELIMITER.to_vec()));
@@ -199,6 +225,7 @@ impl SessionCore {
         record: bool,
     ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
         self.parse_inner(frames, unpack_content, record, false)
+            .map(|(idents, parts, buffers, _)| (idents, parts, buffers))
     }
 
     /// [`parse`](Self::parse) for a process that answers what it receives: a message whose
@@ -212,15 +239,28 @@ impl SessionCore {
         frames: Vec<F>,
     ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
         self.parse_inner(frames, true, true, true)
+            .map(|(idents, parts, buffers, _)| (idents, parts, buffers))
     }
 
+    /// [`parse_answerable`](Self::parse_answerable) that also returns the header frame as
+    /// received (packed): a reply can name it as its parent without packing it again (see
+    /// [`SessionCore::build_frames_with_parent`]).
+    #[allow(clippy::type_complexity)]
+    pub fn parse_answerable_keeping_header<F: AsRef<[u8]>>(
+        &self,
+        frames: Vec<F>,
+    ) -> Result<(Vec<F>, Parts, Vec<F>, F), WireError> {
+        self.parse_inner(frames, true, true, true)
+    }
+
+    #[allow(clippy::type_complexity)]
     fn parse_inner<F: AsRef<[u8]>>(
         &self,
         frames: Vec<F>,
         unpack_content: bool,
         record: bool,
         answerable: bool,
-    ) -> Result<(Vec<F>, Parts, Vec<F>), WireError> {
+    ) -> Result<(Vec<F>, Parts, Vec<F>, F), WireError> {
         let env = split_envelope(frames, &self.limits)?;
         env.verify(&mut self.auth(), false)?;
         let parts = if unpack_content {
@@ -253,14 +293,14 @@ impl SessionCore {
                 }
                 // not recorded: if these buffers were swapped on the way, the genuine message
                 // (same signature) must still be accepted when it comes
-                return Ok((env.idents, parts, buffers));
+                return Ok((env.idents, parts, buffers, env.header));
             }
             Err(e) => return Err(e),
         }
         if record {
             self.auth().record(env.signature.as_ref())?;
         }
-        Ok((env.idents, parts, buffers))
+        Ok((env.idents, parts, buffers, env.header))
     }
 }
 
@@ -300,6 +340,42 @@ mod tests {
             })
             .unwrap();
         frames.iter().map(|f| f.bytes().to_vec()).collect()
+    }
+
+    /// A request's header frame kept by `parse_answerable_keeping_header` and given back as
+    /// the parent of its reply makes the same frames as the parsed header packed again.
+    #[test]
+    fn packed_parent_makes_the_same_frames() {
+        let tx = core(true);
+        let rx = core(true);
+        let request = message(&tx, &[b"one"]);
+        let (_, parts, _, header) = rx.parse_answerable_keeping_header(request.clone()).unwrap();
+        assert_eq!(header, request[3]);
+        let reply = |packed: Option<Vec<u8>>| {
+            let msg = OutgoingMessage {
+                idents: vec![b"id".to_vec()],
+                parts: Parts {
+                    header: rx.headers.header_with_id("apply_reply", "r".into()),
+                    parent_header: parts.header.clone(),
+                    metadata: Value::map([("m", Value::Int(1))]),
+                    content: Value::empty_map(),
+                },
+                buffers: vec![OutFrame::Owned(b"two".to_vec())],
+            };
+            let frames = rx.build_frames_with_parent(msg, packed).unwrap();
+            frames
+                .iter()
+                .map(|f| f.bytes().to_vec())
+                .collect::<Vec<_>>()
+        };
+        let (given, repacked) = (reply(Some(header.clone())), reply(None));
+        // (the dates of the two headers may differ: compare all but the header and signature)
+        assert_eq!(given[3..].len(), repacked[3..].len());
+        assert_eq!(given[4..], repacked[4..]);
+        assert_eq!(given[4], header);
+        let (_, back, bufs) = tx.parse(given, true, true).unwrap();
+        assert_eq!(back.parent_header, parts.header);
+        assert_eq!(bufs.len(), 1);
     }
 
     #[test]

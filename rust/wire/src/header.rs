@@ -38,17 +38,32 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// Format a UNIX time (seconds, microseconds) as ISO-8601 UTC with a `Z` suffix, like
-/// `2026-11-26T22:34:58.123456Z`.
+/// `2026-11-26T22:34:58.123456Z`. (Digits written directly: this runs for every message sent,
+/// and `format!` took several times longer; years outside 0..=9999 take the general path.)
 pub fn iso_from_unix(secs: i64, micros: u32) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    let (hh, mm, ss) = (sod / 3600, (sod % 3600) / 60, sod % 60);
+    if !(0..=9999).contains(&y) || micros > 999_999 {
+        return format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{micros:06}Z");
+    }
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    fn put(out: &mut [u8], mut v: u64) {
+        for slot in out.iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    put(&mut out[0..4], y as u64);
+    put(&mut out[5..7], u64::from(m));
+    put(&mut out[8..10], u64::from(d));
+    put(&mut out[11..13], hh as u64);
+    put(&mut out[14..16], mm as u64);
+    put(&mut out[17..19], ss as u64);
+    put(&mut out[20..26], u64::from(micros));
+    // only ASCII digits and separators were written
+    String::from_utf8(out.to_vec()).expect("ASCII")
 }
 
 /// The current time in ISO-8601 UTC.
@@ -64,16 +79,18 @@ pub fn iso_now() -> String {
 pub struct HeaderFactory {
     pub session: String,
     pub username: String,
-    pid: u32,
+    /// `<session>_<pid>_`, what every msg_id starts with.
+    id_prefix: String,
     counter: AtomicU64,
 }
 
 impl HeaderFactory {
     pub fn new(session: String, username: String) -> Self {
+        let id_prefix = format!("{}_{}_", session, std::process::id());
         HeaderFactory {
             session,
             username,
-            pid: std::process::id(),
+            id_prefix,
             counter: AtomicU64::new(0),
         }
     }
@@ -81,7 +98,22 @@ impl HeaderFactory {
     /// A fresh msg_id.
     pub fn next_msg_id(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{}_{}_{}", self.session, self.pid, n)
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut v = n;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        let mut id = String::with_capacity(self.id_prefix.len() + digits.len() - i);
+        id.push_str(&self.id_prefix);
+        // only ASCII digits
+        id.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII"));
+        id
     }
 
     /// A new header map for `msg_type`.
@@ -114,6 +146,53 @@ mod tests {
             iso_from_unix(1_795_733_298, 123_456),
             "2026-11-26T22:48:18.123456Z"
         );
+    }
+
+    /// The direct formatting writes what `format!` would, over a range of dates, times and
+    /// microseconds (and falls back to it outside years 0..=9999).
+    #[test]
+    fn iso_dates_match_format() {
+        fn reference(secs: i64, micros: u32) -> String {
+            let days = secs.div_euclid(86_400);
+            let sod = secs.rem_euclid(86_400);
+            let (y, m, d) = civil_from_days(days);
+            format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+                sod / 3600,
+                (sod % 3600) / 60,
+                sod % 60
+            )
+        }
+        let mut secs: i64 = -70_000_000_000;
+        let mut micros: u32 = 0;
+        while secs < 260_000_000_000 {
+            assert_eq!(
+                iso_from_unix(secs, micros),
+                reference(secs, micros),
+                "{secs} {micros}"
+            );
+            secs += 86_399 * 37 + 4_321;
+            micros = (micros + 123_457) % 1_000_000;
+        }
+        for (s, us) in [
+            (0, 999_999),
+            (-1, 0),
+            (253_402_300_799, 999_999),
+            (i64::MAX / 2, 1),
+        ] {
+            assert_eq!(iso_from_unix(s, us), reference(s, us));
+        }
+    }
+
+    #[test]
+    fn msg_ids_count_up() {
+        let f = HeaderFactory::new("s".into(), "u".into());
+        let pid = std::process::id();
+        for n in 0..1_005u64 {
+            assert_eq!(f.next_msg_id(), format!("s_{pid}_{n}"));
+        }
+        f.counter.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(f.next_msg_id(), format!("s_{pid}_{}", u64::MAX));
     }
 
     #[test]
