@@ -23,7 +23,9 @@ Two numbers per run: *submit*, the time to return from the submitting loop (or `
 *end to end*, until every result has been fetched (``ar.get()`` of each AsyncResult, ``.get()``
 of the map result, ``client.gather``). Rates are tasks per second. ``ratio_*`` columns are
 ferroparallel's rate / this row's rate for the same pattern (above 1: ferroparallel is faster);
-the Dask rows compare with ferroparallel's load-balanced rows.
+the Dask rows compare with ferroparallel's load-balanced rows. ferroparallel's rows and the raw
+floors are the medians of 3 runs (``RUNS``, ``FLOOR_RUNS``; the ``runs`` column), each column's
+median on its own; ipyparallel's and Dask's are single runs that last 20-80 s each.
 
 ferroparallel and ipyparallel run side by side (both clusters up, taking turns per pattern);
 Dask afterwards, alone, because an idle Dask cluster keeps about 13% of a core busy, which would
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 import sys
 import time
 import traceback
@@ -63,6 +66,13 @@ NAME = "throughput"
 
 #: Pause between timed runs, so that the previous run's tail does not disturb the next.
 SETTLE_S = 0.5
+#: Timed runs per pattern of the frameworks whose run lasts about a second (ferroparallel, and
+#: the raw floors): one such run is at the mercy of a scheduling hiccup on a shared 2-core
+#: machine, so the row gives the median of these. ipyparallel and Dask run each pattern once: a
+#: run of theirs lasts 20-80 s, which averages the hiccups out by itself (three would add about
+#: 15 minutes).
+RUNS = {"ferroparallel": 3}
+FLOOR_RUNS = 3
 #: Items per task of the ``lb map c100`` pattern (``chunksize`` of the map; Dask maps chunks).
 CHUNK = 100
 
@@ -295,6 +305,23 @@ def _measure_or_report(cluster: Running, pattern: Pattern, n: int) -> dict[str, 
         }
 
 
+def _measure_runs(cluster: Running, pattern: Pattern, n: int, quick: bool) -> dict[str, Any]:
+    """:func:`_measure_or_report` ``RUNS[name]`` times (once with ``quick``); the median of
+    each rate, and the ``runs`` that went into it (a failed run makes the row a failure)."""
+    runs = 1 if quick else RUNS.get(cluster.name, 1)
+    rows = [_measure_or_report(cluster, pattern, n) for _ in range(runs)]
+    failed = [r for r in rows if str(r["note"]).startswith("FAILED")]
+    if failed:
+        return {**failed[0], "runs": runs}
+    out = dict(rows[0])
+    for key in ("submit_tasks_s", "e2e_tasks_s"):
+        out[key] = statistics.median(r[key] for r in rows)
+    out["e2e_s"] = out["tasks"] / out["e2e_tasks_s"]
+    out["note"] = "; ".join(dict.fromkeys(filter(None, (r["note"] for r in rows))))
+    out["runs"] = runs
+    return out
+
+
 def _warm_up(cluster: Running, patterns: list[Pattern]) -> None:
     """A short untimed run of every pattern (imports, connections, caches)."""
     for pattern in patterns:
@@ -303,10 +330,11 @@ def _warm_up(cluster: Running, patterns: list[Pattern]) -> None:
     _purge(cluster)
 
 
-def _raw_floors(n: int) -> list[dict[str, Any]]:
+def _raw_floors(n: int, runs: int = 1) -> list[dict[str, Any]]:
     """The pipelined floor: ``n`` apply-request-sized echoes through a raw pyzmq DEALER with
     up to 1,000 in flight, to an echo process directly and through a ``zmq.proxy`` relay (the
-    client -> controller -> engine topology). Compared with the load-balanced rows."""
+    client -> controller -> engine topology), the median of ``runs`` runs. Compared with the
+    load-balanced rows."""
     import zmq
     from roundtrip import pipelined_rate, pyzmq_sockets
 
@@ -315,8 +343,9 @@ def _raw_floors(n: int) -> list[dict[str, Any]]:
         with pyzmq_sockets(transport) as (frames, direct, relayed):
             for sock, call in ((direct, "DEALER->ROUTER echo"), (relayed, "echo via zmq.proxy")):
                 pipelined_rate(sock, frames, min(n, 2_000))  # warm up
-                rate = pipelined_rate(sock, frames, n)
-                rows.append(_floor_row(f"{call} ({transport})", n, rate, zmq.__version__))
+                rate = statistics.median(pipelined_rate(sock, frames, n) for _ in range(runs))
+                row = _floor_row(f"{call} ({transport})", n, rate, zmq.__version__)
+                rows.append({**row, "runs": runs})
     return rows
 
 
@@ -360,14 +389,14 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     _warm_up(cluster, patterns)
                 for pattern in patterns:
                     for cluster in clusters.values():
-                        measured.append(_measure_or_report(cluster, pattern, n))
-        measured.extend(_raw_floors(n))
+                        measured.append(_measure_runs(cluster, pattern, n, quick))
+        measured.extend(_raw_floors(n, 1 if quick else FLOOR_RUNS))
         if why["dask"] is None:
             with running(["dask"]) as clusters:
                 patterns = _dask_patterns()
                 _warm_up(clusters["dask"], patterns)
                 for pattern in patterns:
-                    row = _measure_or_report(clusters["dask"], pattern, n)
+                    row = _measure_runs(clusters["dask"], pattern, n, quick)
                     row["note"] = "; ".join(
                         filter(None, ["measured alone, after the others", row["note"]])
                     )
