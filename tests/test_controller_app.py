@@ -442,19 +442,24 @@ def test_ssh_servers_for_clients_and_engines(
         p.communicate(timeout=20)
 
 
-@needs_controller
-def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+def _free_ports(n: int) -> list[int]:
+    """``n`` ports free on 127.0.0.1 right now (the OS picks them)."""
     import socket
 
-    # Find 14 free ports (one per channel): ask the OS for free ones and use them as the pool.
     socks = []
-    for _ in range(14):
+    for _ in range(n):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         socks.append(s)
-    pool = sorted(s.getsockname()[1] for s in socks)
+    out = sorted(s.getsockname()[1] for s in socks)
     for s in socks:
         s.close()
+    return out
+
+
+@needs_controller
+def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    pool = _free_ports(14)  # one per channel, free now: the pool
     pdir = tmp_path / "prof"
     cf, ef = files(pdir)
     p = start_controller(procs, "--profile-dir", str(pdir), "--ports", ",".join(map(str, pool)))
@@ -469,21 +474,6 @@ def test_ports_pool(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> Non
     assert used == set(pool)
     p.terminate()
     p.communicate(timeout=20)
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` ports free on 127.0.0.1 right now (the OS picks them)."""
-    import socket
-
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    out = sorted(s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
-    return out
 
 
 @needs_controller

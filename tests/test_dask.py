@@ -3,6 +3,9 @@ cluster, see ``cluster_fixtures``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -25,6 +28,20 @@ def worker_thread_name() -> str:
     import threading
 
     return threading.current_thread().name
+
+
+@contextlib.contextmanager
+def _distributed_log() -> Iterator[tuple[io.StringIO, logging.Handler]]:
+    """A handler on the ``distributed`` logger for the block (``(its text, the handler)``):
+    what dask's logging would show in a user's stream."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    dlog = logging.getLogger("distributed")
+    dlog.addHandler(handler)
+    try:
+        yield buf, handler
+    finally:
+        dlog.removeHandler(handler)
 
 
 @pytest.fixture
@@ -133,15 +150,8 @@ def test_scheduler_warnings_stay_out_of_the_users_terminal(dask_rc: Client) -> N
     still holds computed futures, then ``become_dask`` again. The scheduler warns that removing
     the workers loses computed tasks (naming every key); ipyparallel's scheduler logs that in
     its controller, so nothing reaches the user's stream, while the client's own records do."""
-    import io
-    import logging
-
     rc = dask_rc
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    dlog = logging.getLogger("distributed")
-    dlog.addHandler(handler)
-    try:
+    with _distributed_log() as (buf, handler):
         dc = rc.become_dask()
         squares = dc.map(_square, range(20))
         assert dc.submit(sum, squares).result(timeout=SHORT) == sum(i * i for i in range(20))
@@ -155,8 +165,6 @@ def test_scheduler_warnings_stay_out_of_the_users_terminal(dask_rc: Client) -> N
         assert "from the client" in buf.getvalue()
         rc.stop_dask()
         assert handler.filters == [] and handler.level == logging.NOTSET
-    finally:
-        dlog.removeHandler(handler)
 
 
 def test_stopping_the_scheduler_after_progress_logs_no_cancelled_error(
@@ -167,15 +175,8 @@ def test_stopping_the_scheduler_after_progress_logs_no_cancelled_error(
     cancelled as the scheduler closes, which dask logs at ERROR with a CancelledError
     traceback. ipyparallel's scheduler logs that in its controller; a cancellation on closing
     is no error for the user, so it stays out of their terminal."""
-    import io
-    import logging
-
     rc = dask_rc
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    dlog = logging.getLogger("distributed")
-    dlog.addHandler(handler)
-    try:
+    with _distributed_log() as (buf, handler):
         dc = rc.become_dask()
         total = dc.submit(sum, dc.map(_square, range(20)))
         distributed.progress(total)  # a text bar: returns once the result is computed
@@ -183,8 +184,6 @@ def test_stopping_the_scheduler_after_progress_logs_no_cancelled_error(
         dc.close()  # (else it retries the stopped scheduler and logs that, as in ipyparallel)
         rc.stop_distributed()
         logging.getLogger("distributed.scheduler").error("a real error, elsewhere")
-    finally:
-        dlog.removeHandler(handler)
     assert "CancelledError" not in buf.getvalue()
     assert "a real error, elsewhere" in buf.getvalue()
     capsys.readouterr()
