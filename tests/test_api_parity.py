@@ -414,3 +414,78 @@ def test_targeted_joblib_backend_counts_its_engines(rc: Client) -> None:
     with joblib.parallel_config(backend="fp-all-engines"):
         backend, _ = get_active_backend()
         assert backend.effective_n_jobs(-1) == len(rc.ids)
+
+
+def test_ipyparallel_serialize_module_names() -> None:
+    """``ipyparallel.serialize.__all__`` (and the canning module's pickler switches) import
+    from ferroparallel's modules; the canning registries, which ferroparallel's pickler never
+    consults, are refused with the reason and what to do instead."""
+    from ipyparallel import serialize as theirs
+
+    import ferroparallel.serialize as ours
+    from ferroparallel.serialize.canning import use_cloudpickle, use_dill, use_pickle
+
+    for name in set(theirs.__all__) - {"can_map", "uncan_map"}:
+        assert getattr(ours, name) is getattr(ipp, name), name
+    assert (use_cloudpickle, use_dill, use_pickle) == (
+        ipp.use_cloudpickle, ipp.use_dill, ipp.use_pickle
+    )  # fmt: skip
+    for where in (ipp, ours, ipp.serialize.canning):
+        for name in ("can_map", "uncan_map"):
+            assert not hasattr(where, name)
+            with pytest.raises(AttributeError, match="copyreg"):
+                getattr(where, name)
+    f, args, kwargs = ipp.unpack_apply_message(bufs=ipp.pack_apply_message(pow, (2, 4), {}))
+    assert f(*args, **kwargs) == 16
+    with pytest.raises(TypeError, match="frames once"):
+        ipp.unpack_apply_message(ipp.pack_apply_message(pow, (2, 4), {}), bufs=[b""])
+    assert ipp.client.view.ViewExecutor is ipp.ViewExecutor
+    from ferroparallel.client.client import ExecuteReply
+    from ferroparallel.client.dispatch import ExecuteReply as reply_class
+
+    assert ExecuteReply is reply_class
+
+
+def test_cluster_profile_config(tmp_path: Path) -> None:
+    """``Cluster.profile_config``: what the profile's config file says, before the given
+    config is merged in (empty with ``load_profile=False``)."""
+    from traitlets.config import Config
+
+    pdir = tmp_path / "profile_cfg"
+    pdir.mkdir()
+    (pdir / "ipcluster_config.py").write_text("c.Cluster.n = 3\nc.Cluster.engine_args = ['-x']\n")
+    given = Config()
+    given.Cluster.n = 5
+    cluster = ipp.Cluster(profile_dir=str(pdir), config=given)
+    assert cluster.profile_config.Cluster.n == 3
+    assert cluster.config.Cluster.n == 5 and cluster.n == 5
+    assert given.Cluster.n == 5 and "engine_args" not in given.Cluster  # (left as given)
+    assert ipp.Cluster(profile_dir=str(pdir), load_profile=False).profile_config == Config()
+
+
+def test_ipyparallel_executor_map_options_and_message_hooks(rc: Client, dv: DirectView) -> None:
+    """As ipyparallel: ``executor.map`` passes the view's ``imap`` options on, the send
+    methods call ``message_future_hook`` with the request's future, and a parallel function
+    has its ``mapObject``."""
+    ex = rc.load_balanced_view().executor
+    assert sorted(ex.map(abs, range(-3, 3), ordered=False)) == [0, 1, 1, 2, 2, 3]
+    got = list(ex.map(lambda x: 1 / x, [1, 0], return_exceptions=True))
+    assert got[0] == 1.0 and isinstance(got[1], ipp.RemoteError)
+    with pytest.raises(TypeError, match="timeout and chunksize"):
+        ex.map(abs, range(3), timeout=5, ordered=False)
+    assert list(ex.map(abs, [-1, -2], timeout=SHORT)) == [1, 2]  # (the executor's own map)
+    seen: list[Any] = []
+    fut = rc.send_apply_request(
+        "mux", abs, (-7,), ident=next(iter(rc._uuids)), message_future_hook=seen.append
+    )
+    assert seen == [fut]
+    fut.result(SHORT)
+    fut = rc.send_execute_request(
+        "mux", "hooked = 1", ident=next(iter(rc._uuids)), message_future_hook=seen.append
+    )
+    assert seen[1] is fut
+    fut.result(SHORT)
+    from ferroparallel.client.map import Map, RoundRobinMap
+
+    assert type(dv.parallel()(len).mapObject) is Map
+    assert type(dv.parallel(dist="r")(len).mapObject) is RoundRobinMap

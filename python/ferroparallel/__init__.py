@@ -183,6 +183,10 @@ def __getattr__(name: str) -> Any:
     if module is None and name in _ALIASES:
         module, attr = _ALIASES[name]
     if module is None:
+        if name in ("can_map", "uncan_map"):  # (ipyparallel's; see serialize.canning)
+            from .serialize.canning import no_canning_registry
+
+            raise no_canning_registry(name)
         raise AttributeError(f"module 'ferroparallel' has no attribute {name!r}")
     import importlib
 

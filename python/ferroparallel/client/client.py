@@ -38,6 +38,7 @@ from ..wire_names import (
     SHM_HOST_KEY,
 )
 from . import connection, dispatch, waiting
+from .dispatch import ExecuteReply as ExecuteReply  # (ipyparallel.client.client's)
 from .fanout import FanoutGroup, FlushingInstance
 from .futures import _DONE_STATES, MessageFuture, SlimFuture
 from .metadata import Metadata, parse_date
@@ -1117,6 +1118,7 @@ class Client(HasTraits):
         engine_uuid: str | None = None,
         header: dict[str, Any] | None = None,
         record: bool = True,
+        message_future_hook: Callable[[MessageFuture], Any] | None = None,
     ) -> MessageFuture:
         self._check_open()
         if header is None:
@@ -1126,6 +1128,8 @@ class Client(HasTraits):
         tracker = _core.SendTracker() if track else None
         # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
         fut = self._register(header, tracker, engine_uuid, label, record)
+        if message_future_hook is not None:
+            message_future_hook(fut)
         self._io.send(
             socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
             header=header, tracker=tracker,
@@ -1260,9 +1264,11 @@ class Client(HasTraits):
         metadata: dict[str, Any] | None = None,
         track: bool = False,
         ident: Any = None,
+        message_future_hook: Callable[[MessageFuture], Any] | None = None,
     ) -> MessageFuture:
         """Send an ``apply_request`` on ``socket`` (``"mux"`` with ``ident`` = an engine uuid,
-        or ``"task"``) and return its MessageFuture."""
+        or ``"task"``) and return its MessageFuture; ``message_future_hook(future)`` is called
+        with it before the request is sent (as ipyparallel's), so it sees every reply."""
         if not callable(f):
             raise TypeError(f"f must be callable, not {type(f).__name__}")
         uuid = ident.decode() if isinstance(ident, bytes) else ident
@@ -1282,6 +1288,8 @@ class Client(HasTraits):
             # with track: when libzmq is done with the buffers sent from the caller's memory
             tracker = _core.SendTracker() if track else None
             fut = self._register(header, tracker, uuid, metadata.get("label"))
+            if message_future_hook is not None:
+                message_future_hook(fut)
             self._io.send(
                 socket, "apply_request", {}, None, metadata,
                 ident=ident.encode() if isinstance(ident, str) else ident, buffers=bufs,
@@ -1316,8 +1324,10 @@ class Client(HasTraits):
         silent: bool = True,
         metadata: dict[str, Any] | None = None,
         ident: Any = None,
+        message_future_hook: Callable[[MessageFuture], Any] | None = None,
     ) -> MessageFuture:
-        """Send an ``execute_request`` with ``code``."""
+        """Send an ``execute_request`` with ``code``; ``message_future_hook(future)`` is
+        called with its MessageFuture before it is sent (as ipyparallel's)."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         content = _execute_content(code, silent)
@@ -1329,6 +1339,7 @@ class Client(HasTraits):
             metadata=self._request_metadata(metadata),
             ident=ident.encode() if isinstance(ident, str) else ident,
             engine_uuid=uuid,
+            message_future_hook=message_future_hook,
         )
 
     # ----- public API -----------------------------------------------------------------------

@@ -40,11 +40,30 @@ class ViewExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        **kwargs: Any,
     ) -> Iterator[Any]:
         """``fn`` over the iterables, submitted at once; the results in order, as
         ``concurrent.futures`` gives them: a failed call raises its own exception when its
         turn comes, and ``TimeoutError`` if a result is not there ``timeout`` seconds after
-        this call."""
+        this call.
+
+        Other keywords are the view's ``imap`` options, as ipyparallel passes them on
+        (``ordered=False``, ``max_outstanding``, ``return_exceptions`` on a load-balanced
+        view): the map is then the view's ``imap``, consuming the inputs lazily.
+
+        Raises
+        ------
+        TypeError
+            ``imap`` options with ``timeout`` or ``chunksize`` (``imap`` takes neither), or
+            options the view's ``imap`` does not know.
+        """
+        if kwargs:
+            if timeout is not None or chunksize != 1:
+                raise TypeError(
+                    f"ViewExecutor.map: timeout and chunksize cannot be combined with the "
+                    f"view's imap options ({', '.join(sorted(kwargs))})"
+                )
+            return iter(self.view.imap(fn, *iterables, **kwargs))
         end = None if timeout is None else time.monotonic() + timeout
         seqs = [list(it) for it in iterables]
         # only a load-balanced map takes a chunksize (a direct map splits by engine)

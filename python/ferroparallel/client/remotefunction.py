@@ -48,6 +48,15 @@ class ParallelFunction(RemoteFunction):
         self.ordered = bool(ordered)
         self.return_exceptions = bool(return_exceptions)
 
+    @property
+    def mapObject(self) -> Any:  # noqa: N802 - ipyparallel's name
+        """How the sequences are split across engines (ipyparallel's attribute): a
+        :class:`~.map.Map` for ``dist='b'``, a :class:`~.map.RoundRobinMap` for ``'r'``. Read
+        only: the split is chosen by ``dist``."""
+        from .map import dists
+
+        return dists[self.dist]()
+
     def __call__(self, *sequences: Any, **kwargs: Any) -> Any:
         """Partition the sequences, call the function once per part (it receives a part and
         returns a sequence), and join the returned parts."""

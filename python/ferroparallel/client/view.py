@@ -18,6 +18,7 @@ from ..dependency import Dependency
 from ..serialize.apply import plain_chunk_packer
 from ..serialize.pickling import Prepickled, _reference_pickle
 from .asyncresult import AsyncMapResult, AsyncResult
+from .executor import ViewExecutor
 from .imap import LazyMapIterator
 from .mapping import chunk_sequence, dists
 from .remote_helpers import _execute, _map_chunk, _pull, _push
@@ -278,8 +279,6 @@ class View(HasTraits):
         """The ``concurrent.futures.Executor`` submitting through this view (one per view)."""
         ex = self.__dict__.get("_executor")
         if ex is None:
-            from .executor import ViewExecutor
-
             ex = self.__dict__["_executor"] = ViewExecutor(self)
         return ex
 
@@ -929,7 +928,7 @@ def _dep_ids(dep: Any) -> Any:
     return out
 
 
-__all__ = ["BroadcastView", "DirectView", "LoadBalancedView", "View", "error"]
+__all__ = ["BroadcastView", "DirectView", "LoadBalancedView", "View", "ViewExecutor", "error"]
 
 
 def _name_of(f: Any) -> str:

@@ -357,15 +357,18 @@ class Cluster(LoggingConfigurable):
             kwargs.pop("env", None)
         if "cluster_id" in kwargs and kwargs["cluster_id"] is not None:
             kwargs["cluster_id"] = str(kwargs["cluster_id"])
+        profile_config = None
         if kwargs.get("load_profile", True):
             pdir = paths.profile_dir(kwargs.get("profile"), kwargs.get("profile_dir"), create=False)
             profile_config = load_profile_config(pdir)
             if profile_config:
-                profile_config.merge(kwargs.get("config") or {})
-                kwargs["config"] = profile_config
+                merged = copy.deepcopy(profile_config)
+                merged.merge(kwargs.get("config") or {})
+                kwargs["config"] = merged
         if kwargs.get("config"):
             kwargs["config"] = copy.deepcopy(kwargs["config"])  # (not the caller's to change)
             _adopt_legacy_settings(kwargs["config"])
+        self._profile_config = profile_config or None  # (what the profile's files say)
         super().__init__(**kwargs)
         self.profile_dir = str(
             paths.profile_dir(self.profile, self.profile_dir or None, create=True)
@@ -378,6 +381,16 @@ class Cluster(LoggingConfigurable):
     @default("log")
     def _default_log(self) -> logging.Logger:
         return log
+
+    @property
+    def profile_config(self) -> Any:
+        """The config read from the profile's files when this Cluster was made (ipyparallel's
+        attribute): a ``traitlets.config.Config``, empty with ``load_profile=False`` or when
+        the profile has no config file. ``config`` is this merged with the given config."""
+        from traitlets.config import Config
+
+        read = getattr(self, "_profile_config", None)
+        return copy.deepcopy(read) if read else Config()
 
     @validate("n")
     def _check_n(self, proposal: Any) -> int | None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from .apply import pack_apply_message, unpack_apply_message
 from .buffers import DEFAULT_THRESHOLD
+from .canning import CANNING_REGISTRIES, can, no_canning_registry, uncan
 from .interactive import interactive
 from .pickling import (
+    Prepickled,
     current_pickler,
     deserialize_object,
     deserialize_result,
@@ -28,9 +30,14 @@ from .pickling import (
 )
 from .reference import Reference
 
+#: ipyparallel's name (``ipyparallel.serialize.PrePickled``).
+PrePickled = Prepickled
+
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "PrePickled",
     "Reference",
+    "can",
     "current_pickler",
     "deserialize_object",
     "deserialize_result",
@@ -39,8 +46,15 @@ __all__ = [
     "pack_apply_message",
     "serialize_object",
     "serialize_result",
+    "uncan",
     "unpack_apply_message",
     "use_cloudpickle",
     "use_dill",
     "use_pickle",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in CANNING_REGISTRIES:
+        raise no_canning_registry(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

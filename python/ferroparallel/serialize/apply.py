@@ -236,17 +236,18 @@ def check_buffer_count(buffers: Sequence[Any], what: str = "message") -> None:
 
 
 def unpack_apply_message(
-    frames: Sequence[BufferLike],
+    frames: Sequence[BufferLike] | None = None,
     namespace: dict[str, Any] | None = None,
     copy: bool = True,
     *,
     g: dict[str, Any] | None = None,
+    bufs: Sequence[BufferLike] | None = None,
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(f, args, kwargs)`` from :func:`pack_apply_message` frames.
 
-    The positional parameters are ipyparallel's (``bufs, g, copy``). ``g`` is ipyparallel's
-    name for ``namespace``; ``copy`` is accepted for ipyparallel's signature and has no effect
-    (received buffers are never copied here).
+    The positional parameters are ipyparallel's (``bufs, g, copy``). ``bufs`` and ``g`` are
+    ipyparallel's keyword names for ``frames`` and ``namespace``; ``copy`` is accepted for
+    ipyparallel's signature and has no effect (received buffers are never copied here).
 
     Parameters
     ----------
@@ -268,6 +269,11 @@ def unpack_apply_message(
     """
     if namespace is None:
         namespace = g
+    if (frames is None) == (bufs is None):
+        raise TypeError("unpack_apply_message takes the frames once (frames, or bufs=)")
+    if frames is None:
+        frames = bufs
+    assert frames is not None
     if len(frames) < 3:
         raise ValueError(f"an apply payload has at least 3 frames, got {len(frames)}")
     if len(frames) == 3:

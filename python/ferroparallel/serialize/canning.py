@@ -14,10 +14,40 @@ from typing import Any
 
 from .interactive import interactive
 from .namespace import resolve_in_namespace
-from .pickling import load_object, serialize_object
+from .pickling import load_object, serialize_object, use_cloudpickle, use_dill, use_pickle
 from .reference import Reference
 
-__all__ = ["CannedFunction", "Reference", "can", "interactive", "uncan"]
+__all__ = [
+    "CannedFunction",
+    "Reference",
+    "can",
+    "interactive",
+    "uncan",
+    "use_cloudpickle",
+    "use_dill",
+    "use_pickle",
+]
+
+#: ipyparallel's canning registries, which ferroparallel's serialization does not consult.
+CANNING_REGISTRIES = ("can_map", "uncan_map")
+
+
+def no_canning_registry(name: str) -> AttributeError:
+    """The error for ipyparallel's ``can_map`` / ``uncan_map``: ferroparallel pickles objects
+    directly, so a registry entry would never be used; say what to do instead (an
+    ``AttributeError``, so ``hasattr`` still answers False)."""
+    return AttributeError(
+        f"{name}: ferroparallel does not can objects before pickling them, so ipyparallel's "
+        "canning registries (can_map / uncan_map) would never be consulted; make a type "
+        "picklable with __reduce__ or copyreg.pickle(), or choose the pickler with "
+        "use_cloudpickle() / use_dill() / use_pickle()"
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in CANNING_REGISTRIES:
+        raise no_canning_registry(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CannedFunction:
