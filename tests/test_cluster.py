@@ -869,12 +869,16 @@ def test_cli_engines_for_a_controller_started_on_its_own(fp_root: Path) -> None:
 
 
 @needs_engine
-def test_cli_foreground_ctrl_c(fp_root: Path) -> None:
+@pytest.mark.parametrize("ignored", [False, True], ids=["terminal", "sigint-ignored"])
+def test_cli_foreground_ctrl_c(fp_root: Path, ignored: bool) -> None:
+    # ignored: started in the background of a shell script ('ipcluster start &'), which ignores
+    # SIGINT for it; 'kill -INT' still stops it, as ipcluster
     p = subprocess.Popen(
         [sys.executable, "-m", "ferroparallel", "cluster", "start", "-n", "1", "--profile", "fg"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None,
     )
     try:
         assert p.stdout is not None

@@ -645,6 +645,27 @@ def test_dispatcher_runs_controller(procs: list[subprocess.Popen[bytes]], fp_roo
     assert p.returncode == 0 and not cf.exists()
 
 
+def test_sigint_stops_a_controller_started_with_it_ignored(
+    procs: list[subprocess.Popen[bytes]], fp_root: Path
+) -> None:
+    """``ipcontroller &`` in a shell script starts it with SIGINT ignored; ``kill -INT`` still
+    stops it cleanly, as ipcontroller (which installs its own handler)."""
+    pdir = fp_root / "profile_default"
+    cf, ef = files(pdir, "bg")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ferroparallel", "controller", "--cluster-id", "bg"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    procs.append(p)
+    wait_files(p, cf, ef)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0 and not cf.exists() and not ef.exists()
+    assert b"SIGINT received" in err
+
+
 def test_dispatcher_usage() -> None:
     from ferroparallel.__main__ import main
 

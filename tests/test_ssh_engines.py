@@ -110,3 +110,55 @@ def test_cli_ssh_without_hosts_is_a_clear_error(fp_root: Path) -> None:
     assert run.returncode == 1
     assert "failed to start cluster" in run.stderr
     assert "SSHEngineSetLauncher.engines" in run.stderr
+
+
+def test_cli_daemonize_keeps_ssh_engines(sshd: Sshd, fp_root: Path) -> None:  # noqa: F811
+    """``ipcluster start --daemonize`` with SSH engines: the engines outlive the command that
+    started them, and ``cluster stop`` (another process) stops them through their links."""
+    import subprocess
+    import sys
+
+    pdir = fp_root / "profile_ssh"
+    pdir.mkdir(parents=True)
+    ssh_args = ["-i", str(sshd.key), "-o", "IdentitiesOnly=yes"]
+    (pdir / "ipcluster_config.py").write_text(
+        "c.Cluster.engine_launcher_class = 'ssh'\n"
+        f"c.SSHEngineSetLauncher.engines = {{{sshd.server!r}: 2}}\n"
+        f"c.SSHLauncher.ssh_args = {ssh_args!r}\n"
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ferroparallel", "cluster", *args, "--profile", "ssh"],
+            capture_output=True,
+            text=True,
+            timeout=SHORT * 2,
+        )
+
+    r = cli("start", "--daemonize")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "2 registered" in r.stdout
+        cluster = Cluster.from_file(profile="ssh")
+        rc = cluster.connect_client_sync()
+        try:
+            time.sleep(1.0)  # the engines would be stopping by now without their links
+            assert rc.ids == [0, 1]
+            pids = rc[:].apply_sync(os.getpid)
+            assert len(set(pids)) == 2
+
+            # a signal from this process, which did not start them, reaches them
+            ar = rc[:].apply_async(time.sleep, 30)
+            time.sleep(0.5)
+            cluster.signal_engines_sync(signal.SIGINT)
+            with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+                ar.get(timeout=SHORT)
+            assert rc[:].apply_sync(lambda: "still here") == ["still here"] * 2
+        finally:
+            rc.close()
+    finally:
+        r = cli("stop")
+    assert r.returncode == 0, r.stderr
+    for p in pids:
+        wait_until(lambda p=p: not pid_running(p), timeout=SHORT, what=f"engine {p} to exit")
+    assert not list((pdir / "security").glob("*.stdin"))

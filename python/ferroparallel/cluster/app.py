@@ -34,6 +34,10 @@ def _trap_termination() -> dict[int, Any]:
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             old[sig] = signal.signal(sig, _on_terminate)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # in the background of a shell script, which ignores SIGINT for it: ``kill -INT``
+        # still stops it, as ipcluster
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     return old
 
 

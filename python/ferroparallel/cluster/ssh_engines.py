@@ -5,17 +5,23 @@
 for each engine one local ``ssh host <engine_cmd> --file - ...`` process. The connection info
 goes over the SSH channel on the engine's stdin, never on a command line or into a file on
 the remote host, and stdin stays open as the link between launcher and engine
-(:mod:`ferroparallel.engine.stdin_link`): ``signal N`` lines deliver signals, and closing it
-(or losing the connection) stops the engine. The engines must reach the controller: start it
+(:mod:`ferroparallel.engine.stdin_link`): ``signal N`` lines deliver signals, and losing the
+connection stops the engine. That stdin is a named pipe in the profile's security directory,
+which the ``ssh`` process itself holds open for writing too: the engines outlive the process
+that started them (``cluster start --daemonize``, as ipcluster's), and ``cluster stop`` in
+another process signals them through the pipe. The engines must reach the controller: start it
 on an address they can connect to (``Cluster(controller_ip=...)``) or give them
 ``--ssh`` tunnels through ``engine_args``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +29,14 @@ from typing import Any
 
 from .. import paths
 from ..ssh import destination_options, parse_server
-from .launchers import LocalEngineSetLauncher, Process, _log_name, _proc_stat, terminate
+from .launchers import (
+    LocalEngineSetLauncher,
+    Process,
+    _log_name,
+    _proc_stat,
+    terminate,
+    terminate_sync,
+)
 
 __all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS"]
 
@@ -71,6 +84,7 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         engines: Mapping[str, Any] | None = None,
         ssh_cmd: Sequence[str] | None = None,
         ssh_args: Sequence[str] = (),
+        fifos: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -79,7 +93,8 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         self.n = sum(n for _, n, _ in self.hosts)
         self.ssh_cmd = list(ssh_cmd) if ssh_cmd else ["ssh"]
         self.ssh_args = list(ssh_args)
-        self._stdins: list[Any] = []
+        #: the named pipes that are the engines' stdins (one per engine)
+        self.fifos = [str(f) for f in fifos]
 
     def ssh_command(self, host: str, extra: Sequence[str] = ()) -> list[str]:
         """The local command line that runs one engine on ``host``."""
@@ -117,71 +132,89 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         try:
             for host, n, extra in self.hosts:
                 for i in range(n):
-                    log_file = logs / _log_name(
+                    name = _log_name(
                         "ipengine", self.cluster_id, self.engine_set_id, host.replace("/", "_"), i
                     )
-                    procs.append(self._spawn(self.ssh_command(host, extra), log_file, line))
+                    fifo = paths.security_dir(self.profile_dir) / (name[:-4] + ".stdin")
+                    procs.append(self._spawn(self.ssh_command(host, extra), logs / name, fifo))
+                    self.processes = procs
+                    _write(fifo, line)
         except BaseException:
-            self._close_links()
+            self._send("signal 15\n")
+            terminate_sync(procs, 2.0)
+            self._remove_fifos()
             raise
         self.processes = procs
         return procs
 
-    def _spawn(self, cmd: list[str], log_file: Path, line: bytes) -> Process:
-        with open(log_file, "ab") as out:
-            offset = out.tell()
-            popen = subprocess.Popen(
-                cmd,
-                env=dict(self.env),
-                stdin=subprocess.PIPE,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        assert popen.stdin is not None
-        self._stdins.append(popen.stdin)
-        popen.stdin.write(line)
-        popen.stdin.flush()
+    def _spawn(self, cmd: list[str], log_file: Path, fifo: Path) -> Process:
+        with contextlib.suppress(FileNotFoundError):
+            fifo.unlink()
+        os.mkfifo(fifo, 0o600)
+        self.fifos.append(str(fifo))
+        # read-write: the ssh process holds a writer itself, so its stdin never ends while
+        # it runs, whichever process started it and whether that one still runs
+        rdwr = os.open(fifo, os.O_RDWR)
+        try:
+            with open(log_file, "ab") as out:
+                offset = out.tell()
+                popen = subprocess.Popen(
+                    cmd,
+                    env=dict(self.env),
+                    stdin=rdwr,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        finally:
+            os.close(rdwr)
         st = _proc_stat(popen.pid)
         start = st[1] if st else None
         return Process(popen.pid, popen, start, cmd, str(log_file), offset)
 
-    def _send(self, text: str) -> None:
-        for stdin in self._stdins:
+    def _send(self, text: str) -> bool:
+        """Write ``text`` to every engine's pipe; whether any took it."""
+        sent = False
+        for fifo in self.fifos:
             try:
-                stdin.write(text.encode())
-                stdin.flush()
-            except (OSError, ValueError):
-                pass  # that engine's link is gone
-
-    def _close_links(self) -> None:
-        for stdin in self._stdins:
-            try:
-                stdin.close()
+                _write(Path(fifo), text.encode())
+                sent = True
             except OSError:
-                pass
-        self._stdins = []
+                pass  # that engine's ssh process is gone
+        return sent
+
+    def _remove_fifos(self) -> None:
+        for fifo in self.fifos:
+            with contextlib.suppress(OSError):
+                os.unlink(fifo)
+        self.fifos = []
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to every engine, through its link."""
-        if self._stdins:
-            self._send(f"signal {int(sig)}\n")
-        else:  # loaded from a file by another process: no link, only the ssh processes
-            super().signal(sig)
+        if not self._send(f"signal {int(sig)}\n"):
+            super().signal(sig)  # no pipes (an older state file): only the ssh processes
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Close the links (each engine stops and unregisters), then end the ``ssh``
-        processes that are still running after ``timeout`` s."""
-        self._close_links()
+        """SIGTERM every engine through its link (each stops and unregisters, and its ``ssh``
+        exits), then end the ``ssh`` processes that are still running after ``timeout`` s."""
+        self._send(f"signal {int(signal.SIGTERM)}\n")
         for p in self.processes:
             await p.wait(timeout)
         await terminate(self.processes, timeout)
+        self._remove_fifos()
+
+    def stop_now(self, timeout: float = 5.0) -> None:
+        """Blocking :meth:`stop` (interpreter exit)."""
+        self._send(f"signal {int(signal.SIGTERM)}\n")
+        terminate_sync(self.processes, timeout)
+        self._remove_fifos()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
         return {**super().to_dict(), "kind": self.kind, "engines": self.engines,
-                "ssh_cmd": self.ssh_cmd, "ssh_args": self.ssh_args}  # fmt: skip
+                "ssh_cmd": self.ssh_cmd, "ssh_args": self.ssh_args,
+                "fifos": self.fifos}  # fmt: skip
 
     @classmethod
     def _options_from_dict(cls, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,4 +222,20 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
             "engines": d.get("engines") or {},
             "ssh_cmd": d.get("ssh_cmd"),
             "ssh_args": d.get("ssh_args") or (),
+            "fifos": d.get("fifos") or (),
         }
+
+
+def _write(fifo: Path, data: bytes) -> None:
+    """Write ``data`` to a named pipe whose reader (an ``ssh`` process) runs.
+
+    Raises
+    ------
+    OSError
+        No reader (``ENXIO``: that ``ssh`` is gone), or the pipe is not there.
+    """
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)

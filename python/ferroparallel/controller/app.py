@@ -394,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_handlers: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         old_handlers[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        if old_handlers[signal.SIGINT] is signal.SIG_IGN:
+            # started in the background by a shell script (``ipcontroller &``), which ignores
+            # SIGINT for it: ``kill -INT`` still stops it, as ipcontroller
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None:
                 old_handlers[sig] = signal.signal(sig, _on_terminate)

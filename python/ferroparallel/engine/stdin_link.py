@@ -6,8 +6,10 @@ line (where other users of the host could read the key). The launcher then keeps
 
 - a line ``signal N`` makes the engine send itself signal ``N`` (``Cluster.signal_engines``
   reaches engines on any host without knowing their pids);
-- end of file (the launcher closed it, or the ``ssh`` connection is gone) stops the engine as
-  SIGTERM does (it unregisters), so an engine never outlives the process that launched it.
+- end of file (the ``ssh`` connection is gone) stops the engine as SIGTERM does (it
+  unregisters), so an engine never outlives its ``ssh`` process. (The SSH launcher makes that
+  stdin a named pipe the ``ssh`` process holds open itself: the engines outlive the command
+  that started them, as ``cluster start --daemonize`` needs.)
 """
 
 from __future__ import annotations
