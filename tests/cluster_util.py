@@ -92,6 +92,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_cluster_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m ferroparallel cluster ARGS`` to its end (text output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ferroparallel", "cluster", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a log file (``""`` if it cannot be read)."""
     try:

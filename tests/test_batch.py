@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from cluster_util import pid_running, wait_until
+from cluster_util import pid_running, run_cluster_cli, wait_until
 from ferroparallel.cluster import Cluster
 from ferroparallel.cluster.batch import BatchEngineSetLauncher, batch_system_of
 from ferroparallel.cluster.launcher import (
@@ -474,12 +474,7 @@ def test_slurm_controller_and_engines_stopped_by_another_process(slurm: LocalSlu
 
 def test_cli_with_slurm_controller_engines_and_more_engines(slurm: LocalSlurm) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ferroparallel", "cluster", *args, "--cluster-id", "cli"],
-            capture_output=True,
-            text=True,
-            timeout=SHORT * 2,
-        )
+        return run_cluster_cli(*args, "--cluster-id", "cli", timeout=SHORT * 2)
 
     r = cli("start", "-n", "1", "--engines", "slurm", "--controller", "slurm", "--daemonize")
     try:

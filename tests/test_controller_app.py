@@ -630,40 +630,36 @@ def test_start_failure_reported(procs: list[subprocess.Popen[bytes]], tmp_path: 
 
 
 @needs_controller
-def test_dispatcher_runs_controller(procs: list[subprocess.Popen[bytes]], fp_root: Path) -> None:
-    pdir = fp_root / "profile_default"
-    cf, ef = files(pdir, "d")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "ferroparallel", "controller", "--cluster-id", "d"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    procs.append(p)
-    wait_files(p, cf, ef)
-    p.send_signal(signal.SIGINT)
-    p.communicate(timeout=20)
-    assert p.returncode == 0 and not cf.exists()
-
-
-def test_sigint_stops_a_controller_started_with_it_ignored(
-    procs: list[subprocess.Popen[bytes]], fp_root: Path
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_dispatcher_runs_controller(
+    procs: list[subprocess.Popen[bytes]], fp_root: Path, sigint_ignored: bool
 ) -> None:
-    """``ipcontroller &`` in a shell script starts it with SIGINT ignored; ``kill -INT`` still
-    stops it cleanly, as ipcontroller (which installs its own handler)."""
+    """``ferroparallel controller`` stops cleanly on SIGINT, also when started with SIGINT
+    ignored (``ipcontroller &`` in a shell script), as ipcontroller (which installs its own
+    handler)."""
     pdir = fp_root / "profile_default"
-    cf, ef = files(pdir, "bg")
+    cf, ef = files(pdir, "bg" if sigint_ignored else "d")
     p = subprocess.Popen(
-        [sys.executable, "-m", "ferroparallel", "controller", "--cluster-id", "bg"],
+        [
+            sys.executable,
+            "-m",
+            "ferroparallel",
+            "controller",
+            "--cluster-id",
+            "bg" if sigint_ignored else "d",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if sigint_ignored
+        else None,
     )
     procs.append(p)
     wait_files(p, cf, ef)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=20)
+    _, err = p.communicate(timeout=20)
     assert p.returncode == 0 and not cf.exists() and not ef.exists()
-    assert b"SIGINT received" in err
+    assert not sigint_ignored or b"SIGINT received" in err
 
 
 def test_dispatcher_usage() -> None:

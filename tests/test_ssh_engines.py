@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from cluster_util import connected, pid_running, wait_until
+from cluster_util import connected, pid_running, run_cluster_cli, wait_until
 from ferroparallel.cluster import Cluster
 from ferroparallel.cluster.ssh_engines import SSHEngineSetLauncher, host_counts
 from ferroparallel.error import RemoteError
@@ -116,7 +116,6 @@ def test_cli_daemonize_keeps_ssh_engines(sshd: Sshd, fp_root: Path) -> None:  # 
     """``ipcluster start --daemonize`` with SSH engines: the engines outlive the command that
     started them, and ``cluster stop`` (another process) stops them through their links."""
     import subprocess
-    import sys
 
     pdir = fp_root / "profile_ssh"
     pdir.mkdir(parents=True)
@@ -128,12 +127,7 @@ def test_cli_daemonize_keeps_ssh_engines(sshd: Sshd, fp_root: Path) -> None:  # 
     )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ferroparallel", "cluster", *args, "--profile", "ssh"],
-            capture_output=True,
-            text=True,
-            timeout=SHORT * 2,
-        )
+        return run_cluster_cli(*args, "--profile", "ssh", timeout=SHORT * 2)
 
     r = cli("start", "--daemonize")
     try:
