@@ -1123,13 +1123,33 @@ class Client(HasTraits):
         self._check_open()
         if header is None:
             header = self.session.msg_header(msg_type)
-        label = (metadata or {}).get("label")
         # with track: when libzmq is done with the buffers sent from the caller's memory
         tracker = _core.SendTracker() if track else None
+        return self._register_and_send(
+            socket, msg_type, content, metadata, ident, buffers, header, tracker, engine_uuid,
+            record, message_future_hook,
+        )  # fmt: skip
+
+    def _register_and_send(
+        self,
+        socket: str,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any] | None,
+        ident: Any,
+        buffers: Sequence[Any] | None,
+        header: dict[str, Any],
+        tracker: Any,
+        engine_uuid: str | None,
+        record: bool = True,
+        hook: Callable[[MessageFuture], Any] | None = None,
+    ) -> MessageFuture:
+        """The tail every request shares: its MessageFuture registered, ``hook(future)``
+        called, then the message sent (positional arguments: it runs once per task)."""
         # no lock: each cache operation is atomic, and no reply can name msg_id before it is sent
-        fut = self._register(header, tracker, engine_uuid, label, record)
-        if message_future_hook is not None:
-            message_future_hook(fut)
+        fut = self._register(header, tracker, engine_uuid, (metadata or {}).get("label"), record)
+        if hook is not None:
+            hook(fut)
         self._io.send(
             socket, msg_type, content, None, metadata, ident=ident, buffers=buffers,
             header=header, tracker=tracker,
@@ -1283,17 +1303,13 @@ class Client(HasTraits):
             # engines that join later may not reach the arguments (LENT_TO_KEY)
             metadata = {**(metadata or {}), LENT_TO_KEY: engines}
         try:
-            # what ``_send`` does, without one more call with keywords (once per task)
             self._check_open()
             # with track: when libzmq is done with the buffers sent from the caller's memory
             tracker = _core.SendTracker() if track else None
-            fut = self._register(header, tracker, uuid, metadata.get("label"))
-            if message_future_hook is not None:
-                message_future_hook(fut)
-            self._io.send(
-                socket, "apply_request", {}, None, metadata,
-                ident=ident.encode() if isinstance(ident, str) else ident, buffers=bufs,
-                header=header, tracker=tracker,
+            fut = self._register_and_send(
+                socket, "apply_request", {}, metadata,
+                ident.encode() if isinstance(ident, str) else ident, bufs, header, tracker, uuid,
+                True, message_future_hook,
             )  # fmt: skip
         except BaseException:
             if seg is not None:
@@ -1310,12 +1326,9 @@ class Client(HasTraits):
         header = self.session.msg_header("apply_request")
         md = self._request_metadata(metadata, metadata.get("targets") or None)
         self._check_open()
-        fut = self._register(header, None, None, md.get("label"))
-        self._io.send(
-            "task", "apply_request", {}, None, md, ident=None, buffers=buffers, header=header,
-            tracker=None,
-        )  # fmt: skip
-        return fut
+        return self._register_and_send(
+            "task", "apply_request", {}, md, None, buffers, header, None, None
+        )
 
     def send_execute_request(
         self,
