@@ -164,7 +164,7 @@ def test_defaults_and_ids(fp_root: Path) -> None:
     with pytest.raises(NotImplementedError):
         Cluster(engines="winhpc")
     with pytest.raises(NotImplementedError):
-        Cluster(controller="mpi")  # MPI engines only
+        Cluster(controller="sshproxy")  # (ipyparallel's is for engines only)
     with pytest.raises(TypeError):
         Cluster(controller_args="--ping 100")  # type: ignore[arg-type]
 
@@ -212,8 +212,8 @@ def test_cluster_is_configurable(fp_root: Path) -> None:
     with pytest.raises(NotImplementedError, match="'winhpc' is not available.*'slurm'"):
         Cluster(engine_launcher_class="winhpc")
     # the same check for an attribute set later and for a config file
-    with pytest.raises(NotImplementedError, match="'ssh' is not available"):
-        c2.controller_launcher_class = "ssh"
+    with pytest.raises(NotImplementedError, match="'WinHPCControllerLauncher' is not available"):
+        c2.controller_launcher_class = "WinHPCControllerLauncher"
     mpi = Config()
     mpi.Cluster.engine_launcher_class = "ipyparallel.cluster.launcher.MPIEngineSetLauncher"
     assert Cluster(config=mpi).engine_launcher_class == "mpi"
@@ -472,7 +472,7 @@ def test_cli_refuses_running_cluster_id(
     c = clusters(n=1, cluster_id="taken", engine_cmd=sleeper)
     c.start_cluster_sync()
     r = cli("start", "-n", "1", "--daemonize", "--cluster-id", "taken")
-    assert r.returncode == 1
+    assert r.returncode == 10  # ipcluster's ALREADY_STARTED
     assert "already running" in r.stderr
     assert Path(c.cluster_file).exists() and c.running
 
@@ -659,7 +659,9 @@ def test_cli_daemonize_list_stop(fp_root: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert_gone(pids)
     assert json.loads(cli("list", "-o", "json").stdout) == []
-    assert cli("stop", "--cluster-id", "cli").returncode == 1
+    assert cli("stop", "--cluster-id", "cli").returncode == 11  # ipcluster's ALREADY_STOPPED
+    r = cli("stop", "--all")
+    assert r.returncode == 0 and "No clusters to stop" in r.stdout  # (as ipcluster stop --all)
 
 
 @needs_engine
@@ -829,7 +831,7 @@ def test_cli_controller_args_after_dashes_and_stop_by_ids(fp_root: Path) -> None
         cli("stop", "a", "b")
     assert_gone(pids)
     r = cli("stop", "a")
-    assert r.returncode == 1 and "no cluster 'a'" in r.stderr
+    assert r.returncode == 11 and "no cluster 'a'" in r.stderr
     r = cli("list", "--", "--ping=2000")
     assert r.returncode == 2 and "are for 'start'" in r.stderr
 

@@ -144,3 +144,80 @@ def test_cli_starts_mpi_engines(fp_root: Path) -> None:
         timeout=SHORT,
     )
     assert bad.returncode == 2 and "'winhpc' is not available" in bad.stderr
+
+
+def test_mpi_controller(fp_root: Path) -> None:
+    """``Cluster(controller="mpi")``: the controller is the one rank of ``mpiexec -n 1`` (as
+    ipyparallel's MPIControllerLauncher); a cluster loaded from its file stops it cleanly."""
+    from ferroparallel.cluster.launcher import MPIControllerLauncher
+
+    for name in (
+        "MPI",
+        "MPIControllerLauncher",
+        "ipyparallel.cluster.launcher.MPIControllerLauncher",
+    ):
+        assert Cluster(controller=name).controller_launcher_class == "mpi", name
+    cfg = Config()
+    # (an environment variable set through mpiexec: MPICH's -genv, Open MPI's -x)
+    env = _mpi_env()
+    cfg.MPIControllerLauncher.mpi_args = ["-genv", "FP_TEST_MPI_CONTROLLER", "yes"]
+    if shutil.which("mpiexec.hydra") is None:  # (not MPICH)
+        cfg.MPIControllerLauncher.mpi_args = ["-x", "FP_TEST_MPI_CONTROLLER=yes"]
+    cluster = Cluster(n=2, controller="mpi", config=cfg, env=env, shutdown_atexit=False)
+    rc = cluster.start_and_connect_sync()
+    try:
+        ctl = cluster.controller
+        assert isinstance(ctl, MPIControllerLauncher)
+        (pid,) = ctl.pids
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"FP_TEST_MPI_CONTROLLER=yes" in environ  # (mpi_args reached mpiexec)
+        assert any(e.startswith(b"PMI_RANK=0") or e.startswith(b"OMPI_COMM_WORLD_RANK=0")
+                   for e in environ)  # fmt: skip
+        assert rc[:].apply_sync(lambda: 6 * 7) == [42, 42]
+        again = Cluster.from_file(cluster.cluster_file)
+        assert isinstance(again.controller, MPIControllerLauncher)
+        assert again.controller.pids == [pid]
+        mpiexec = ctl.process
+        engines = [p.pid for es in cluster.engines.values() for p in es.processes]
+    finally:
+        rc.close()
+    again.stop_cluster_sync()
+    for p in [pid, *engines]:
+        wait_until(lambda p=p: not pid_running(p), timeout=SHORT, what=f"process {p} to exit")
+    wait_until(lambda: not mpiexec.running, timeout=SHORT, what="mpiexec to exit")
+    assert not cluster.client_file.exists() and not cluster.engine_file.exists()
+    cluster.controller = None
+    cluster.engines.clear()
+    with pytest.raises(FileNotFoundError, match="pip install mpich"):
+        Cluster(controller="mpi", shutdown_atexit=False).start_controller_sync(mpi_cmd=["nompi"])
+
+
+def test_cli_starts_mpi_controller(fp_root: Path) -> None:
+    import subprocess
+    import sys
+
+    from ferroparallel import Client
+
+    env = {**os.environ, **_mpi_env()}
+    cli = [sys.executable, "-m", "ferroparallel", "cluster"]
+    started = subprocess.run(
+        [*cli, "start", "-n", "1", "--controller=MPI", "--cluster-id", "mpictl", "--daemonize"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SHORT,
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "controller under mpiexec" in started.stdout
+        with Client(cluster_id="mpictl", timeout=SHORT) as rc:
+            rc.wait_for_engines(1, timeout=SHORT)
+            assert rc[:].apply_sync(lambda: "ok") == ["ok"]
+        cluster = Cluster.from_file(profile_dir=fp_root / "profile_default", cluster_id="mpictl")
+        mpiexec = cluster.controller.process
+    finally:
+        stopped = subprocess.run(
+            [*cli, "stop", "--cluster-id", "mpictl"], env=env, capture_output=True, timeout=SHORT
+        )
+    assert stopped.returncode == 0
+    wait_until(lambda: not mpiexec.running, timeout=SHORT, what="mpiexec to exit")

@@ -20,7 +20,12 @@ from .. import paths
 from ..config_files import load_py_config
 from ..error import ConnectionFileError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["ALREADY_STARTED", "ALREADY_STOPPED", "main", "build_parser"]
+
+#: Exit status of ``cluster start`` when the cluster is already running (ipcluster's).
+ALREADY_STARTED = 10
+#: Exit status of ``cluster stop`` when there is no such cluster to stop (ipcluster's).
+ALREADY_STOPPED = 11
 
 
 class _Terminate(BaseException):
@@ -64,7 +69,8 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         "start",
         help="start a controller and engines",
         epilog="Arguments after '--' go to the controller, as ipcluster's "
-        "(e.g. 'start -n 4 -- --sqlitedb').",
+        "(e.g. 'start -n 4 -- --sqlitedb'). Exit status 10 (ipcluster's ALREADY_STARTED): "
+        "the cluster is already running.",
     )
     _add_profile_args(s)
     s.add_argument("-n", "--n", type=int, default=None, help="number of engines (default: CPUs)")
@@ -116,9 +122,10 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         "--controller",
         default=None,
         metavar="LAUNCHER",
-        help="how to start the controller: 'local' (default) or a batch system: 'slurm', "
-        "'pbs', 'sge', 'lsf', 'htcondor' (ipcluster's --controller=Slurm; settings in the "
-        "profile's config, e.g. c.SlurmControllerLauncher.queue)",
+        help="how to start the controller: 'local' (default), 'mpi' (under mpiexec -n 1), "
+        "'ssh' (on c.SSHControllerLauncher.hostname, its connection files fetched back) or a "
+        "batch system: 'slurm', 'pbs', 'sge', 'lsf', 'htcondor' (ipcluster's --controller=Slurm; "
+        "settings in the profile's config, e.g. c.SlurmControllerLauncher.queue)",
     )
     s.add_argument(
         "--engines",
@@ -139,7 +146,12 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         help="extra mpiexec argument for --engines mpi (repeatable)",
     )
 
-    s = sub.add_parser("stop", help="stop a cluster started by 'cluster start' or the API")
+    s = sub.add_parser(
+        "stop",
+        help="stop a cluster started by 'cluster start' or the API",
+        epilog="Exit status 11 (ipcluster's ALREADY_STOPPED): no such cluster to stop; "
+        "0 for --all when the profile has none.",
+    )
     _add_profile_args(s)
     s.add_argument(
         "cluster_ids",
@@ -340,6 +352,11 @@ def _start(args: argparse.Namespace) -> int:
     except (NotImplementedError, TraitError) as e:  # (a bad --Class.trait=value among them)
         _err(str(e))
         return 2
+    try:
+        cluster._check_not_running_elsewhere()
+    except RuntimeError as e:
+        _err(str(e))
+        return ALREADY_STARTED
     old = _trap_termination()
     try:
         try:
@@ -471,9 +488,9 @@ def _stop(args: argparse.Namespace) -> int:
     pdir = paths.profile_dir(args.profile, args.profile_dir, create=False)
     if args.all:
         files = list(_cluster_files(pdir))
-        if not files:
-            _err(f"no clusters in {pdir}")
-            return 1
+        if not files:  # (nothing to do: ipcluster stop --all exits 0 then)
+            print(f"No clusters to stop in {pdir}", flush=True)
+            return 0
     else:
         from .cluster import cluster_file
 
@@ -485,7 +502,9 @@ def _stop(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as e:
             cid = f.name[len("cluster-") : -len(".json")]
             _err(f"{e}" if args.all else f"no cluster {cid!r} in {pdir} ({e})")
-            status = 1
+            # ipcluster's status for a cluster file that is not there; 1 for a broken one
+            gone = isinstance(e, FileNotFoundError) and not args.all
+            status = status or (ALREADY_STOPPED if gone else 1)
             continue
         cluster.stop_cluster_sync()
         print(f"Stopped cluster {cluster.cluster_id!r} in {cluster.profile_dir}", flush=True)

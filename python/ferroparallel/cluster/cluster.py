@@ -49,7 +49,13 @@ from ..error import ConnectionFileError
 from . import batch
 from ._sync import run_sync
 from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process
-from .mpi import MPI_LAUNCHERS, MPIEngineSetLauncher
+from .mpi import (
+    MPI_CONTROLLER_LAUNCHERS,
+    MPI_LAUNCHERS,
+    MPIControllerLauncher,
+    MPIEngineSetLauncher,
+)
+from .ssh_controller import SSH_CONTROLLER_LAUNCHERS, SSHControllerLauncher
 from .ssh_engines import SSH_LAUNCHERS, SSHEngineSetLauncher
 
 __all__ = ["Cluster", "cluster_file", "new_cluster_id", "run_sync"]
@@ -146,11 +152,24 @@ def _launcher_name(value: Any) -> str:
     short = name.rsplit(".", 1)[-1].lower()
     if short in _LOCAL_LAUNCHERS:
         return "local"
-    if short in SSH_LAUNCHERS:
+    if short in SSH_LAUNCHERS or short in SSH_CONTROLLER_LAUNCHERS:
         return "ssh"
-    if short in MPI_LAUNCHERS:
+    if short in MPI_LAUNCHERS or short in MPI_CONTROLLER_LAUNCHERS:
         return "mpi"
     return batch.batch_system_of(name) or name
+
+
+#: Settings of an SSH controller (``c.SSHControllerLauncher.<name>``, as ipyparallel's).
+_SSH_CONTROLLER_OPTIONS = (
+    "hostname",
+    "user",
+    "location",
+    "ssh_cmd",
+    "ssh_args",
+    "remote_profile_dir",
+    "remote_python",
+    "controller_cmd",
+)
 
 
 #: Config files of a profile read by :class:`Cluster` (ipyparallel's name first).
@@ -200,7 +219,11 @@ def _adopt_legacy_settings(config: Any) -> None:
 #: role -> launcher -> ipyparallel's config sections whose ``<role>_args`` its launcher takes
 #: (general first; batch systems: :meth:`Cluster._launcher_arg_sections`)
 _LAUNCHER_ARG_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "controller": {"local": ("ControllerLauncher", "LocalControllerLauncher")},
+    "controller": {
+        "local": ("ControllerLauncher", "LocalControllerLauncher"),
+        "mpi": ("ControllerLauncher", "MPILauncher", "MPIControllerLauncher"),
+        "ssh": ("ControllerLauncher", "SSHLauncher", "SSHControllerLauncher"),
+    },
     "engine": {
         "local": ("EngineLauncher", "LocalEngineLauncher", "LocalEngineSetLauncher"),
         "mpi": ("EngineLauncher", "MPILauncher", "MPIEngineSetLauncher"),
@@ -262,8 +285,14 @@ class Cluster(LoggingConfigurable):
         ipyparallel): ``"local"`` (subprocesses); a batch system, ``"slurm"``, ``"pbs"``,
         ``"sge"``, ``"lsf"``, ``"htcondor"`` or ``"batch"`` (a job; see
         :mod:`ferroparallel.cluster.batch`, settings as ``c.SlurmEngineSetLauncher.queue``);
-        and for engines ``"mpi"`` (one ``mpiexec`` job whose ranks are the engines; see
-        :mod:`ferroparallel.cluster.mpi`) and ``"ssh"``.
+        ``"mpi"`` (engines: one ``mpiexec`` job whose ranks are the engines; the controller:
+        ``mpiexec -n 1``; see :mod:`ferroparallel.cluster.mpi`, ``c.MPILauncher.mpi_args``);
+        ``"ssh"`` (engines: ``c.SSHEngineSetLauncher.engines``, see
+        :mod:`~ferroparallel.cluster.ssh_engines`; the controller on
+        ``c.SSHControllerLauncher.hostname``, its connection files fetched back, see
+        :mod:`~ferroparallel.cluster.ssh_controller`). Any of ipyparallel's spellings works
+        (``"SSHControllerLauncher"``, ``"ipyparallel.cluster.launcher.MPIControllerLauncher"``,
+        a class).
     controller_cmd, engine_cmd : sequence of str, optional
         Commands replacing ``[sys.executable, "-m", "ferroparallel.controller"]`` /
         ``[sys.executable, "-m", "ferroparallel.engine"]``.
@@ -314,7 +343,7 @@ class Cluster(LoggingConfigurable):
     ).tag(config=True)
     shutdown_atexit = Bool(True, help="stop what this object started at exit").tag(config=True)
     env = Dict(help="extra environment of the controller and engines").tag(config=True)
-    # a name or a class (as ipyparallel's); validated to "local" or (engines) "mpi"
+    # a name or a class (as ipyparallel's); validated to "local", "mpi", "ssh" or a batch system
     controller_launcher_class = AnyTrait("local", help="controller launcher").tag(config=True)
     engine_launcher_class = AnyTrait("local", help="engine launcher").tag(config=True)
     controller_cmd = List(Unicode(), default_value=None, allow_none=True).tag(config=True)
@@ -408,9 +437,9 @@ class Cluster(LoggingConfigurable):
         systems = list(batch.BATCH_SYSTEMS)
         if launcher == "local" or launcher in systems:
             return launcher
-        if launcher in ("mpi", "ssh") and what == "engine":
+        if launcher in ("mpi", "ssh"):
             return launcher
-        available = ["local", *(["mpi", "ssh"] if what == "engine" else []), *systems]
+        available = ["local", "mpi", "ssh", *systems]
         raise NotImplementedError(
             f"{what} launcher {launcher!r} is not available; the available ones are "
             + ", ".join(repr(a) for a in available)
@@ -569,8 +598,11 @@ class Cluster(LoggingConfigurable):
         **kwargs
             Attributes of the launcher to override (``args``, ``env``, ``cmd``, or
             ipyparallel's ``controller_args`` (in place of the config's), ``environment``
-            (added to the environment) and ``controller_cmd``). Unknown ones are ignored with a
-            logged warning, as ipyparallel's launchers do.
+            (added to the environment) and ``controller_cmd``; for an MPI controller
+            ``mpi_cmd`` and ``mpi_args``; for an SSH controller ``hostname``, ``user``,
+            ``location``, ``ssh_cmd``, ``ssh_args``, ``remote_profile_dir`` and
+            ``remote_python``). Unknown ones are ignored with a logged warning, as
+            ipyparallel's launchers do.
 
         Raises
         ------
@@ -599,6 +631,21 @@ class Cluster(LoggingConfigurable):
             launcher = batch.controller_launcher(
                 system, self.profile_dir, self.cluster_id, **common, **opts
             )
+        elif system == "mpi":
+            opts = self._launcher_options(
+                kwargs, ("MPILauncher", "MPIControllerLauncher"), ("mpi_cmd", "mpi_args")
+            )
+            launcher = MPIControllerLauncher(
+                self.profile_dir, self.cluster_id, **common, **{k: list(v) for k, v in opts.items()}
+            )
+        elif system == "ssh":
+            opts = self._launcher_options(
+                kwargs, ("SSHLauncher", "SSHControllerLauncher"), _SSH_CONTROLLER_OPTIONS
+            )
+            remote_cmd = opts.pop("controller_cmd", None)
+            if remote_cmd is not None and common["cmd"] is None:  # the command on the host
+                common["cmd"] = [str(a) for a in remote_cmd]
+            launcher = SSHControllerLauncher(self.profile_dir, self.cluster_id, **common, **opts)
         else:
             launcher = LocalControllerLauncher(self.profile_dir, self.cluster_id, **common)
         if kwargs:  # ipyparallel's launchers ignore unknown keywords (traitlets warns)
@@ -1032,7 +1079,9 @@ class Cluster(LoggingConfigurable):
         self = cls(**{k: v for k, v in opts.items() if k in known})
         ctl = d.get("controller")
         if ctl:
-            cls_ = batch.CONTROLLER_LAUNCHERS.get(ctl.get("kind"), LocalControllerLauncher)
+            ctl_kinds: dict[str, Any] = {"mpi": MPIControllerLauncher, "ssh": SSHControllerLauncher}
+            ctl_kinds.update(batch.CONTROLLER_LAUNCHERS)
+            cls_ = ctl_kinds.get(ctl.get("kind"), LocalControllerLauncher)
             self.controller = cls_.from_dict(ctl, self.profile_dir, self.cluster_id)
         kinds: dict[str, Any] = {"mpi": MPIEngineSetLauncher, "ssh": SSHEngineSetLauncher}
         kinds.update(batch.ENGINE_LAUNCHERS)

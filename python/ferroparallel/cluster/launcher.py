@@ -1,7 +1,8 @@
 """The launchers under ipyparallel's module name (``ipyparallel.cluster.launcher``), so
 ``from ferroparallel.cluster.launcher import MPIEngineSetLauncher`` works as it does there.
-They are defined in :mod:`.launchers`, :mod:`.mpi`, :mod:`.ssh_engines` and :mod:`.batch`
-(``SlurmEngineSetLauncher`` is :class:`~.batch.BatchEngineSetLauncher` for Slurm)."""
+They are defined in :mod:`.launchers`, :mod:`.mpi`, :mod:`.ssh_engines`,
+:mod:`.ssh_controller` and :mod:`.batch` (``SlurmEngineSetLauncher`` is
+:class:`~.batch.BatchEngineSetLauncher` for Slurm)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .batch import (
     SlurmEngineSetLauncher,
 )
 from .launchers import LauncherError, LocalControllerLauncher, LocalEngineSetLauncher
-from .mpi import MPIEngineSetLauncher
+from .mpi import MPIControllerLauncher, MPIEngineSetLauncher
+from .ssh_controller import SSHControllerLauncher
 from .ssh_engines import SSHEngineSetLauncher
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "SlurmEngineSetLauncher",
     "LocalControllerLauncher",
     "LocalEngineSetLauncher",
+    "MPIControllerLauncher",
     "MPIEngineSetLauncher",
+    "SSHControllerLauncher",
     "SSHEngineSetLauncher",
 ]

@@ -1,5 +1,5 @@
-"""Engines started with ``mpiexec`` (``Cluster(engines="mpi")``, as ipyparallel's
-``MPIEngineSetLauncher``).
+"""Engines (``Cluster(engines="mpi")``) and the controller (``Cluster(controller="mpi")``)
+started with ``mpiexec``, as ipyparallel's ``MPIEngineSetLauncher`` and ``MPIControllerLauncher``.
 
 One ``mpiexec -n N [mpi_args] python -m ferroparallel.engine --mpi ...`` process runs the whole
 set: the engines are the ranks of one MPI job (``MPI.COMM_WORLD`` spans them) and ask for their
@@ -7,6 +7,11 @@ rank as engine id. Stopping the set terminates ``mpiexec``, which ends the job; 
 engines (``Cluster.signal_engines``, e.g. SIGINT to interrupt running code) go to the engine
 processes on this machine directly, because ``mpiexec`` would take most of them as a request to
 abort the job.
+
+The controller runs as the single rank of ``mpiexec -n 1 [mpi_args] <controller command>``
+(where a site's policy wants every long-running process under its MPI launcher). Stopping it
+sends SIGTERM to the controller process itself, so it removes its connection files and exits
+cleanly and ``mpiexec`` exits with status 0.
 """
 
 from __future__ import annotations
@@ -17,9 +22,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import paths
-from .launchers import LocalEngineSetLauncher, Process, _log_name, _proc_stat, terminate
+from .launchers import (
+    LocalControllerLauncher,
+    LocalEngineSetLauncher,
+    Process,
+    _log_name,
+    _proc_stat,
+    terminate,
+    terminate_sync,
+)
 
-__all__ = ["MPIEngineSetLauncher", "descendants"]
+__all__ = ["MPIControllerLauncher", "MPIEngineSetLauncher", "descendants"]
 
 #: Names of the MPI engine launcher, lower case, as ipyparallel spells them.
 MPI_LAUNCHERS = (
@@ -27,6 +40,16 @@ MPI_LAUNCHERS = (
     "mpienginesetlauncher",
     "mpiexecenginesetlauncher",
     "mpiengineset",
+    "mpilauncher",
+    "mpiexeclauncher",
+)
+
+#: Names of the MPI controller launcher, lower case, as ipyparallel spells them.
+MPI_CONTROLLER_LAUNCHERS = (
+    "mpi",
+    "mpicontrollerlauncher",
+    "mpiexeccontrollerlauncher",
+    "mpicontroller",
     "mpilauncher",
     "mpiexeclauncher",
 )
@@ -61,12 +84,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _is_engine(pid: int) -> bool:
+def _cmdline(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            return f.read().split(b"\0")[:-1]
     except OSError:
-        return False
+        return []
+
+
+def _is_engine(pid: int) -> bool:
+    argv = _cmdline(pid)
     return b"ferroparallel.engine" in argv or any(a.endswith(b"ferroparallel-engine") for a in argv)
 
 
@@ -164,3 +191,120 @@ class MPIEngineSetLauncher(LocalEngineSetLauncher):
     @classmethod
     def _options_from_dict(cls, d: Mapping[str, Any]) -> dict[str, Any]:
         return {"mpi_cmd": d.get("mpi_cmd"), "mpi_args": d.get("mpi_args") or ()}
+
+
+def _which_or_explain(exe: str, env: Mapping[str, str], what: str) -> None:
+    if shutil.which(exe, path=env.get("PATH")) is None:
+        raise FileNotFoundError(
+            f"{exe!r} not found: {what} needs an MPI launcher "
+            "(pip install mpich, or your system's MPI), or set mpi_cmd"
+        )
+
+
+class MPIControllerLauncher(LocalControllerLauncher):
+    """Run the controller as the one rank of ``mpiexec -n 1``.
+
+    Parameters are those of :class:`~.launchers.LocalControllerLauncher`, plus:
+
+    mpi_cmd : sequence of str, optional
+        The MPI launcher command (default ``["mpiexec"]``).
+    mpi_args : sequence of str, optional
+        Extra ``mpiexec`` arguments, placed after ``-n 1``.
+    """
+
+    kind = "mpi"
+
+    def __init__(
+        self,
+        *args: Any,
+        mpi_cmd: Sequence[str] | None = None,
+        mpi_args: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.mpi_cmd = list(mpi_cmd) if mpi_cmd else ["mpiexec"]
+        self.mpi_args = [str(a) for a in mpi_args]
+
+    def controller_cmd(self) -> list[str]:
+        """The controller's own command line (the program ``mpiexec`` runs)."""
+        return super().full_cmd()
+
+    def full_cmd(self) -> list[str]:
+        """The ``mpiexec`` command line that :meth:`start` runs."""
+        return [*self.mpi_cmd, "-n", "1", *self.mpi_args, *self.controller_cmd()]
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the controller process on this machine (a descendant of ``mpiexec``)."""
+        want = [a.encode() for a in self.controller_cmd()]
+        return [
+            pid
+            for proc in ([self.process] if self.process else [])
+            for pid in descendants(proc.pid)
+            if _cmdline(pid) == want
+        ]
+
+    def start(self) -> Process:
+        """Start ``mpiexec`` (without waiting for the controller to be ready).
+
+        Raises
+        ------
+        FileNotFoundError
+            The MPI launcher command is not installed.
+        """
+        _which_or_explain(self.mpi_cmd[0], self.env, "an MPI controller")
+        return super().start()
+
+    def _controllers(self) -> list[Process]:
+        out = []
+        for pid in self.pids:
+            st = _proc_stat(pid)
+            out.append(Process(pid, start_time=st[1] if st else None))
+        return out
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the controller (it removes its connection files and exits; ``mpiexec``
+        then exits by itself), then ``mpiexec`` if it still runs; SIGKILL after ``timeout`` s
+        for whatever is left."""
+        if self.process is not None:
+            ctl = self._controllers()
+            await terminate(ctl, timeout)
+            if ctl:
+                await self.process.wait(timeout)
+        await super().stop(timeout)
+
+    def stop_now(self, timeout: float = 5.0) -> None:
+        """Blocking :meth:`stop` (interpreter exit)."""
+        if self.process is not None:
+            ctl = self._controllers()
+            terminate_sync(ctl, timeout)
+            if ctl:
+                self.process.wait_sync(timeout)
+        super().stop_now(timeout)
+
+    def describe(self) -> str:
+        """How the controller runs, for messages."""
+        return f"controller under mpiexec pid {self.process.pid}" if self.process else "controller"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state."""
+        return {**super().to_dict(), "kind": self.kind, "mpi_cmd": self.mpi_cmd,
+                "mpi_args": self.mpi_args}  # fmt: skip
+
+    @classmethod
+    def from_dict(
+        cls, d: Mapping[str, Any], profile_dir: str | os.PathLike[str], cluster_id: str
+    ) -> MPIControllerLauncher:
+        """Rebuild a launcher (for a controller started by another process)."""
+        self = cls(
+            profile_dir,
+            cluster_id,
+            d.get("args") or (),
+            cmd=d.get("cmd"),
+            mpi_cmd=d.get("mpi_cmd"),
+            mpi_args=d.get("mpi_args") or (),
+        )
+        self.started_at = d.get("started_at")
+        if d.get("process"):
+            self.process = Process.from_dict(d["process"])
+        return self
