@@ -391,6 +391,33 @@ def test_start_engines_takes_ipyparallels_launcher_keywords(
 
 
 @needs_engine
+def test_configured_launcher_environment(clusters: Callable[..., Cluster]) -> None:
+    """ipyparallel's ``c.<Launcher>.environment`` (the most specific section wins, as with
+    traitlets), with ``environment=`` of start_engines / start_controller on top."""
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.BaseLauncher.environment = {"FP_WHICH": "base", "FP_BASE_ONLY": "1"}
+    cfg.LocalControllerLauncher.environment = {"FP_WHICH": "controller"}
+    cfg.LocalEngineSetLauncher.environment = {"FP_WHICH": "engines", "FP_KW": "config"}
+    c = clusters(n=0, config=cfg)
+    c.start_controller_sync()
+    assert c.controller is not None and c.controller.env["FP_WHICH"] == "controller"
+    assert "FP_BASE_ONLY" not in c.controller.env
+    esid = c.start_engines_sync(1, environment={"FP_KW": "keyword"})
+    env = c.engines[esid].engine_env()
+    assert env["FP_WHICH"] == "engines" and env["FP_KW"] == "keyword" and "PATH" in env
+    with pytest.raises(TypeError, match="environment must be a dict"):
+        c.start_engines_sync(1, environment=["FP_KW=x"])
+    bad = Config()
+    bad.EngineLauncher.environment = "FP_KW=x"
+    other = clusters(n=0, config=bad)
+    other.start_controller_sync()
+    with pytest.raises(TypeError, match=r"c\.EngineLauncher\.environment must be a dict"):
+        other.start_engines_sync(1)
+
+
+@needs_engine
 def test_from_file_signal_and_restart(clusters: Callable[..., Cluster]) -> None:
     c = clusters(n=2, cluster_id="sig")
     c.start_cluster_sync()

@@ -22,6 +22,7 @@ from ferroparallel import paths
 from ferroparallel.cluster import Cluster
 from ferroparallel.cluster.launcher import SSHControllerLauncher
 from test_ssh import Sshd, sshd  # noqa: F401 - the module-scoped sshd fixture
+from test_ssh_engines import TRICKY, proc_environ
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fp_root")]
 
@@ -181,3 +182,38 @@ def test_cli_daemonize_with_ssh_controller(sshd: Sshd, fp_root: Path, tmp_path: 
     wait_until(lambda: not pid_running(pid), SHORT, "the remote controller to exit")
     assert not list((pdir / "security").glob("*.stdin"))
     assert not list((pdir / "security").glob("ipcontroller-*.json"))
+
+
+def test_environment_reaches_the_remote_controller(
+    sshd: Sshd,  # noqa: F811
+    remote: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``c.SSHLauncher.environment`` < ``c.SSHControllerLauncher.environment`` <
+    ``start_controller(environment=...)``, the cluster's ``env`` and ``IPP_CLUSTER_ID`` /
+    ``IPP_PROFILE_DIR`` (the remote one) are in the remote controller's environment, quoted
+    for the remote shell; this process's own environment is not, and the local ``ssh`` keeps
+    its own."""
+    monkeypatch.setenv("FP_ONLY_HERE", "local")
+    cfg = _ssh_config(sshd, remote)
+    cfg.SSHLauncher.environment = {"FP_SET": "general", "FP_GENERAL_ONLY": "x"}
+    cfg.SSHControllerLauncher.environment = {"FP_SET": "specific", "FP_KW": "config"}
+    cluster = Cluster(
+        controller="ssh", n=0, config=cfg, env={"FP_CLUSTER_ENV": "c"}, shutdown_atexit=False
+    )
+    try:
+        cluster.start_controller_sync(environment={"FP_KW": TRICKY, "PATH": os.defpath})
+        (pid,) = wait_until(lambda: _controllers_with(str(remote)), SHORT, "the controller")
+        env = proc_environ(pid)
+        assert env["FP_KW"] == TRICKY and env["PATH"] == os.defpath
+        assert env["FP_SET"] == "specific" and "FP_GENERAL_ONLY" not in env
+        assert env["FP_CLUSTER_ENV"] == "c"
+        assert env["IPP_CLUSTER_ID"] == cluster.cluster_id
+        assert env["IPP_PROFILE_DIR"] == str(remote)
+        assert "FP_ONLY_HERE" not in env
+        assert cluster.controller is not None and cluster.controller.process is not None
+        local = proc_environ(cluster.controller.process.pid)
+        assert local["PATH"] == os.environ["PATH"] and "FP_KW" not in local
+    finally:
+        cluster.stop_cluster_sync()
+    wait_until(lambda: not pid_running(pid), SHORT, "the remote controller to exit")

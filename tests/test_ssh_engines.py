@@ -16,13 +16,27 @@ from traitlets.config import Config
 
 from cluster_util import connected, pid_running, run_cluster_cli, wait_until
 from ferroparallel.cluster import Cluster
-from ferroparallel.cluster.ssh_engines import SSHEngineSetLauncher, host_counts
+from ferroparallel.cluster.ssh_engines import (
+    SSHEngineSetLauncher,
+    env_argv,
+    host_counts,
+    strip_home,
+)
 from ferroparallel.error import RemoteError
 from test_ssh import Sshd, sshd  # noqa: F401 - the module-scoped sshd fixture
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fp_root")]
 
 SHORT = 30.0
+
+#: A value the remote shell must not expand or split.
+TRICKY = """a b 'c' "d" $HOME `id` $(id) \\ ; & | * \n~ !x"""
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` was started with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
 @pytest.fixture
@@ -93,7 +107,8 @@ def test_ipyparallel_config_names(fp_root: Path) -> None:
     assert es.n == 3
     cmd = es.ssh_command("me@h1:2200")
     assert cmd[cmd.index("-p") + 1] == "2200" and cmd[cmd.index("-l") + 1] == "me"
-    assert cmd[-2:] == ["h1", "/opt/py/bin/python -m ferroparallel.engine --file -"]
+    cluster_env = f"env IPP_CLUSTER_ID=c IPP_PROFILE_DIR={strip_home(fp_root)}"
+    assert cmd[-2:] == ["h1", f"{cluster_env} /opt/py/bin/python -m ferroparallel.engine --file -"]
     assert es.ssh_command("h2", ["--log-level", "DEBUG"])[-1].endswith("--log-level DEBUG")
 
 
@@ -156,3 +171,74 @@ def test_cli_daemonize_keeps_ssh_engines(sshd: Sshd, fp_root: Path) -> None:  # 
     for p in pids:
         wait_until(lambda p=p: not pid_running(p), timeout=SHORT, what=f"engine {p} to exit")
     assert not list((pdir / "security").glob("*.stdin"))
+
+
+def test_environment_reaches_ssh_engines(
+    sshd: Sshd,  # noqa: F811
+    fp_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ipyparallel's ``environment`` (``c.SSHLauncher`` < ``c.SSHEngineSetLauncher`` <
+    ``start_engines(environment=...)``), the cluster's ``env`` and ``IPP_CLUSTER_ID`` /
+    ``IPP_PROFILE_DIR`` reach the remote engines, quoted for the remote shell; this process's
+    own environment and the connection info do not, and the local ``ssh`` keeps its own."""
+    monkeypatch.setenv("FP_ONLY_HERE", "local")
+    cfg = Config()
+    cfg.SSHEngineSetLauncher.engines = {sshd.server: 1}
+    cfg.SSHLauncher.ssh_args = ["-i", str(sshd.key), "-o", "IdentitiesOnly=yes"]
+    cfg.SSHLauncher.environment = {"FP_SET": "general", "FP_GENERAL_ONLY": "x"}
+    cfg.SSHEngineSetLauncher.environment = {"FP_SET": "specific", "FP_KW": "config"}
+    cluster = Cluster(engines="ssh", config=cfg, env={"FP_CLUSTER_ENV": "c"}, shutdown_atexit=False)
+    try:
+        cluster.start_controller_sync()
+        cluster.start_engines_sync(environment={"FP_KW": TRICKY, "PATH": "/nowhere"})
+        rc = cluster.connect_client_sync()
+        try:
+            rc.wait_for_engines(1, timeout=SHORT)
+            env = rc[0].apply_sync(lambda: dict(os.environ))
+            pid = rc[0].apply_sync(os.getpid)
+        finally:
+            rc.close()
+        assert env["FP_KW"] == TRICKY and env["PATH"] == "/nowhere"
+        assert env["FP_SET"] == "specific" and "FP_GENERAL_ONLY" not in env  # traitlets' rule
+        assert env["FP_CLUSTER_ENV"] == "c"
+        assert env["IPP_CLUSTER_ID"] == cluster.cluster_id
+        assert env["IPP_PROFILE_DIR"] == strip_home(cluster.profile_dir)
+        assert "FP_ONLY_HERE" not in env and "IPP_CONNECTION_INFO" not in env
+        assert proc_environ(pid)["FP_KW"] == TRICKY  # (the process's, not just os.environ)
+        # the local ssh process found ssh on this PATH, and got none of it
+        local = proc_environ(cluster.engine_set.processes[0].pid)
+        assert local["PATH"] == os.environ["PATH"] and "FP_KW" not in local
+    finally:
+        cluster.stop_cluster_sync()
+
+
+def test_env_argv_and_bad_names(fp_root: Path) -> None:
+    import shlex
+
+    assert env_argv({}) == []
+    argv = env_argv({"A_1": TRICKY, "_b": ""})
+    assert shlex.split(shlex.join(argv)) == ["env", f"A_1={TRICKY}", "_b="]
+    for bad in ("", "1A", "A=B", "-u", "A B", "é"):
+        with pytest.raises(ValueError, match="not an environment variable name"):
+            env_argv({bad: "x"})
+    with pytest.raises(ValueError, match="NUL"):
+        env_argv({"A": "x\0y"})
+    es = SSHEngineSetLauncher(fp_root, "cid", "e", 0, engines={"h": 1}, environment={"X": "1"})
+    remote = shlex.split(es.ssh_command("h")[-1])
+    assert remote[:4] == [
+        "env",
+        "IPP_CLUSTER_ID=cid",
+        f"IPP_PROFILE_DIR={strip_home(fp_root)}",
+        "X=1",
+    ]
+    cfg = Config()
+    cfg.SSHEngineSetLauncher.engines = {"h": 1}
+    cluster = Cluster(engines="ssh", config=cfg, shutdown_atexit=False)
+    try:
+        cluster.start_controller_sync()
+        with pytest.raises(ValueError, match="'A=B'"):
+            cluster.start_engines_sync(environment={"A=B": "1"})
+        assert not cluster.engines  # nothing started
+    finally:
+        cluster.stop_cluster_sync()

@@ -42,6 +42,7 @@ from typing import Any
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
+from traitlets.config.loader import LazyConfigValue
 
 from .. import paths
 from ..config_files import load_py_config
@@ -279,7 +280,10 @@ class Cluster(LoggingConfigurable):
     shutdown_atexit : bool
         Stop the processes this object started when the Python process exits.
     env : Mapping, optional
-        Extra environment variables for the controller and engines (on top of ``os.environ``).
+        Extra environment variables for the controller and engines (on top of ``os.environ``;
+        SSH launchers send these, not ``os.environ``, to the remote host). Launchers add
+        ipyparallel's ``environment`` (``c.BaseLauncher.environment``,
+        ``c.SSHLauncher.environment``, ... and ``start_engines(environment=...)``).
     controller, engines : str
         Launchers (aliases of ``controller_launcher_class`` / ``engine_launcher_class``, as in
         ipyparallel): ``"local"`` (subprocesses); a batch system, ``"slurm"``, ``"pbs"``,
@@ -543,6 +547,31 @@ class Cluster(LoggingConfigurable):
                 args = [str(a) for a in value]
         return args
 
+    def _environment(self, role: str, kwargs: dict[str, Any]) -> dict[str, str]:
+        """ipyparallel's launcher ``environment`` for the ``role`` launcher: the config's
+        (``c.BaseLauncher.environment``, ``c.SSHLauncher.environment``,
+        ``c.LocalEngineSetLauncher.environment``, ...: the most specific section wins, as with
+        traitlets), then the ``environment`` keyword of ``start_<role>`` (popped) on top.
+
+        Raises
+        ------
+        TypeError
+            A setting that is not a mapping.
+        """
+        out: dict[str, Any] = {}
+        for section in ("BaseLauncher", *self._launcher_arg_sections(role)):
+            if section in self.config and "environment" in self.config[section]:
+                value = self.config[section]["environment"]
+                if isinstance(value, LazyConfigValue):  # c.X.environment.update({...})
+                    value = value.get_value(dict(out))
+                if not isinstance(value, Mapping):
+                    raise TypeError(f"c.{section}.environment must be a dict, not {value!r}")
+                out = dict(value)
+        given = kwargs.pop("environment", None) or {}
+        if not isinstance(given, Mapping):
+            raise TypeError(f"environment must be a dict, not {given!r}")
+        return {str(k): str(v) for k, v in {**out, **given}.items()}
+
     def _controller_argv(self, launcher_args: Sequence[str] | None = None) -> list[str]:
         """The controller's arguments: the launcher's (``launcher_args``, else the config's),
         then the cluster's."""
@@ -598,7 +627,9 @@ class Cluster(LoggingConfigurable):
         **kwargs
             Attributes of the launcher to override (``args``, ``env``, ``cmd``, or
             ipyparallel's ``controller_args`` (in place of the config's), ``environment``
-            (added to the environment) and ``controller_cmd``; for an MPI controller
+            (added to the environment, on top of ``c.<Launcher>.environment``; for an SSH
+            controller, sent to the remote host with ``env``) and ``controller_cmd``; for an
+            MPI controller
             ``mpi_cmd`` and ``mpi_args``; for an SSH controller ``hostname``, ``user``,
             ``location``, ``ssh_cmd``, ``ssh_args``, ``remote_profile_dir`` and
             ``remote_python``). Unknown ones are ignored with a logged warning, as
@@ -615,8 +646,9 @@ class Cluster(LoggingConfigurable):
             raise RuntimeError(f"the controller of cluster {self.cluster_id!r} is already running")
         self._check_not_running_elsewhere()
         env = kwargs.pop("env", self._child_env())
-        if "environment" in kwargs:  # ipyparallel's launcher name: on top of the cluster's
-            env = {**env, **{str(k): str(v) for k, v in kwargs.pop("environment").items()}}
+        environment = self._environment("controller", kwargs)
+        if self.controller_launcher_class != "ssh":  # (ssh: for the remote host, not here)
+            env = {**env, **environment}
         args = self._controller_argv(kwargs.pop("controller_args", None))
         cmd = kwargs.pop("controller_cmd", self.controller_cmd)
         common: dict[str, Any] = {
@@ -645,7 +677,13 @@ class Cluster(LoggingConfigurable):
             remote_cmd = opts.pop("controller_cmd", None)
             if remote_cmd is not None and common["cmd"] is None:  # the command on the host
                 common["cmd"] = [str(a) for a in remote_cmd]
-            launcher = SSHControllerLauncher(self.profile_dir, self.cluster_id, **common, **opts)
+            launcher = SSHControllerLauncher(
+                self.profile_dir,
+                self.cluster_id,
+                environment={**self.env, **environment},
+                **common,
+                **opts,
+            )
         else:
             launcher = LocalControllerLauncher(self.profile_dir, self.cluster_id, **common)
         if kwargs:  # ipyparallel's launchers ignore unknown keywords (traitlets warns)
@@ -699,9 +737,10 @@ class Cluster(LoggingConfigurable):
             Id of the new set (default: a fresh one).
         **kwargs
             Launcher attributes to override (``args``, ``env``, ``cmd``, or ipyparallel's
-            ``engine_args``, ``environment`` (added to the environment) and ``engine_cmd``;
-            for MPI engines ``mpi_cmd`` and ``mpi_args``). Unknown ones are ignored with a
-            logged warning, as ipyparallel's launchers do.
+            ``engine_args``, ``environment`` (added to the environment, on top of
+            ``c.<Launcher>.environment``; for SSH engines, sent to the remote hosts with
+            ``env``) and ``engine_cmd``; for MPI engines ``mpi_cmd`` and ``mpi_args``).
+            Unknown ones are ignored with a logged warning, as ipyparallel's launchers do.
 
         Returns
         -------
@@ -719,8 +758,9 @@ class Cluster(LoggingConfigurable):
         if esid in self.engines and self.engines[esid].running:
             raise RuntimeError(f"engine set {esid!r} is already running")
         env = kwargs.pop("env", self._child_env())
-        if "environment" in kwargs:  # ipyparallel's launcher name: on top of the cluster's
-            env = {**env, **{str(k): str(v) for k, v in kwargs.pop("environment").items()}}
+        environment = self._environment("engine", kwargs)
+        if self.engine_launcher_class != "ssh":  # (ssh: for the remote hosts, not here)
+            env = {**env, **environment}
         default_args = self._engine_argv()
         if "engine_args" in kwargs:  # ipyparallel's launcher name: replaces the configured ones
             extra = kwargs.pop("engine_args")
@@ -745,7 +785,13 @@ class Cluster(LoggingConfigurable):
             if "engine_cmd" in opts:  # ipyparallel's name for the command on the remote hosts
                 common["cmd"] = opts.pop("engine_cmd")
             launcher = SSHEngineSetLauncher(
-                self.profile_dir, self.cluster_id, esid, n, **common, **opts
+                self.profile_dir,
+                self.cluster_id,
+                esid,
+                n,
+                environment={**self.env, **environment},
+                **common,
+                **opts,
             )
             self.n = launcher.n  # the hosts' counts decide, as in ipyparallel
         elif self.engine_launcher_class in batch.BATCH_SYSTEMS:
@@ -801,7 +847,8 @@ class Cluster(LoggingConfigurable):
         ``c.SlurmLauncher``, ``c.SlurmEngineSetLauncher``, the last winning)."""
         sections = batch.config_sections(system, role)
         names = batch.option_names(system)
-        used = {*names, "controller_args", "engine_args"}  # (the latter: _configured_args)
+        # (the others: _configured_args, _environment)
+        used = {*names, "controller_args", "engine_args", "environment"}
         for section in sections:  # a misspelt setting must not go unnoticed
             unknown = sorted(set(self.config[section]) - used) if section in self.config else []
             if unknown:

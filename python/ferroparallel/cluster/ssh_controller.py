@@ -17,6 +17,12 @@ through the pipe (``signal 15``), and a lost connection stops it too. Engines an
 reach the controller: start it on an address they can connect to
 (``Cluster(controller_ip="*")`` or ``c.Cluster.controller_ip``, and ``controller_location``),
 as with ipyparallel.
+
+The remote controller gets the environment of the remote login plus ``environment``
+(``c.SSHLauncher.environment``, ``start_controller(environment=...)``) and the cluster's
+``IPP_CLUSTER_ID`` and ``IPP_PROFILE_DIR`` (the remote profile directory), set by
+``env NAME=VALUE ...`` in front of the remote command, as for the engines
+(:func:`~.ssh_engines.env_argv`: shell-quoted, visible in process lists).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from .launchers import (
     terminate,
     terminate_sync,
 )
-from .ssh_engines import _write
+from .ssh_engines import _write, env_argv, strip_home
 
 __all__ = ["SSHControllerLauncher", "SSH_CONTROLLER_LAUNCHERS", "strip_home"]
 
@@ -54,13 +60,6 @@ SSH_CONTROLLER_LAUNCHERS = ("ssh", "sshcontrollerlauncher", "sshcontroller")
 
 #: Read the files named on the command line and print them as one JSON list (run remotely).
 _FETCH = "import json,sys;print(json.dumps([json.load(open(f)) for f in sys.argv[1:]]))"
-
-
-def strip_home(path: str | os.PathLike[str]) -> str:
-    """``path`` relative to the home directory when it is under it (``~/.ipython/profile_x``
-    becomes ``.ipython/profile_x``, which the remote shell resolves in the remote home)."""
-    p, home = Path(path), Path.home()
-    return str(p.relative_to(home)) if p.is_relative_to(home) and p != home else str(p)
 
 
 class SSHControllerLauncher(LocalControllerLauncher):
@@ -85,6 +84,9 @@ class SSHControllerLauncher(LocalControllerLauncher):
     remote_python : str, optional
         The Python that runs the link program remotely (default: ``sys.executable``, the same
         path as here, like the default controller command).
+    environment : Mapping, optional
+        Variables for the remote controller, on top of ``IPP_CLUSTER_ID`` and
+        ``IPP_PROFILE_DIR`` (``env`` is the environment of the local ``ssh`` process).
     fifo : str, optional
         The named pipe of a controller started by another process (:meth:`from_dict`).
     """
@@ -101,10 +103,13 @@ class SSHControllerLauncher(LocalControllerLauncher):
         ssh_args: Sequence[str] = (),
         remote_profile_dir: str = "",
         remote_python: str = "",
+        environment: Mapping[str, Any] | None = None,
         fifo: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.environment = {str(k): str(v) for k, v in (environment or {}).items()}
+        env_argv(self.environment)  # (invalid names fail here, before anything starts)
         self.hostname = str(hostname)
         self.user = str(user)
         self.location = str(location)
@@ -137,6 +142,15 @@ class SSHControllerLauncher(LocalControllerLauncher):
         """``{"client": path, "engine": path}`` of the connection files on the remote host."""
         sec = PurePosixPath(self.remote_profile_dir) / "security"
         return {k: str(sec / Path(v).name) for k, v in self.connection_files.items()}
+
+    def remote_env(self) -> dict[str, str]:
+        """The variables the remote controller gets: the cluster's (as ipyparallel's), then
+        ``environment``."""
+        return {
+            "IPP_CLUSTER_ID": self.cluster_id,
+            "IPP_PROFILE_DIR": self.remote_profile_dir,
+            **self.environment,
+        }
 
     def ssh_command(self, remote: Sequence[str]) -> list[str]:
         """The local command line that runs ``remote`` (argv) on the host."""
@@ -175,7 +189,8 @@ class SSHControllerLauncher(LocalControllerLauncher):
             )
         remote = self.remote_connection_files
         link = Path(_remote_link.__file__).read_text(encoding="utf-8")
-        argv = [self.remote_python, "-c", link, remote["client"], remote["engine"]]
+        argv = [*env_argv(self.remote_env()), self.remote_python, "-c", link]
+        argv += [remote["client"], remote["engine"]]
         cmd = self.ssh_command([*argv, *self.full_cmd()])
         name = _log_name("ipcontroller", self.cluster_id, server.replace("/", "_"))
         log_file = paths.log_dir(self.profile_dir) / name

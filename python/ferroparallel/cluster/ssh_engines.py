@@ -12,6 +12,12 @@ that started them (``cluster start --daemonize``, as ipcluster's), and ``cluster
 another process signals them through the pipe. The engines must reach the controller: start it
 on an address they can connect to (``Cluster(controller_ip=...)``) or give them
 ``--ssh`` tunnels through ``engine_args``.
+
+The remote engines get the environment of the remote login plus ``environment``
+(``c.SSHLauncher.environment``, ``start_engines(environment=...)``, as ipyparallel's) and the
+cluster's ``IPP_CLUSTER_ID`` and ``IPP_PROFILE_DIR``, set by ``env NAME=VALUE ...`` in front of
+the remote command (:func:`env_argv`): the values are shell-quoted, and visible on both hosts'
+process lists, so they are no place for secrets (the connection info is not among them).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -38,10 +45,41 @@ from .launchers import (
     terminate_sync,
 )
 
-__all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS"]
+__all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS", "env_argv", "strip_home"]
 
 #: Names of the SSH engine launcher, lower case.
 SSH_LAUNCHERS = ("ssh", "sshenginesetlauncher", "sshengineset")
+
+#: A portable environment variable name (what ``env`` and every shell accept).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def strip_home(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the home directory when it is under it (``~/.ipython/profile_x``
+    becomes ``.ipython/profile_x``, which the remote shell resolves in the remote home)."""
+    p, home = Path(path), Path.home()
+    return str(p.relative_to(home)) if p.is_relative_to(home) and p != home else str(p)
+
+
+def env_argv(environment: Mapping[str, Any]) -> list[str]:
+    """``["env", "NAME=VALUE", ...]``, the prefix of a remote command that runs it with
+    ``environment`` added (``[]`` when empty); :func:`shlex.join` quotes it for the remote
+    shell.
+
+    Raises
+    ------
+    ValueError
+        A name that is not ``[A-Za-z_][A-Za-z0-9_]*``, or a value with a NUL character.
+    """
+    out = []
+    for name, value in environment.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"not an environment variable name: {name!r}")
+        text = str(value)
+        if "\0" in text:
+            raise ValueError(f"environment variable {name}: the value has a NUL character")
+        out.append(f"{name}={text}")
+    return ["env", *out] if out else []
 
 
 def host_counts(engines: Mapping[str, Any]) -> list[tuple[str, int, list[str]]]:
@@ -74,6 +112,9 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         The local ssh command (default ``["ssh"]``).
     ssh_args : sequence of str, optional
         Extra ``ssh`` options (``-i key``, ``-o ...``).
+    environment : Mapping, optional
+        Variables for the remote engines, on top of ``IPP_CLUSTER_ID`` and ``IPP_PROFILE_DIR``
+        (``env`` is the environment of the local ``ssh`` processes).
     """
 
     kind = "ssh"
@@ -84,10 +125,13 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         engines: Mapping[str, Any] | None = None,
         ssh_cmd: Sequence[str] | None = None,
         ssh_args: Sequence[str] = (),
+        environment: Mapping[str, Any] | None = None,
         fifos: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.environment = {str(k): str(v) for k, v in (environment or {}).items()}
+        env_argv(self.environment)  # (invalid names fail here, before anything starts)
         self.engines = dict(engines or {})
         self.hosts = host_counts(self.engines)
         self.n = sum(n for _, n, _ in self.hosts)
@@ -96,10 +140,19 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         #: the named pipes that are the engines' stdins (one per engine)
         self.fifos = [str(f) for f in fifos]
 
+    def remote_env(self) -> dict[str, str]:
+        """The variables the remote engines get: the cluster's (as ipyparallel's, with the
+        profile directory relative to the home directory), then ``environment``."""
+        return {
+            "IPP_CLUSTER_ID": self.cluster_id,
+            "IPP_PROFILE_DIR": strip_home(self.profile_dir),
+            **self.environment,
+        }
+
     def ssh_command(self, host: str, extra: Sequence[str] = ()) -> list[str]:
         """The local command line that runs one engine on ``host``."""
         server = parse_server(host)
-        remote = [*self.cmd, "--file", "-", *self.args, *extra]
+        remote = [*env_argv(self.remote_env()), *self.cmd, "--file", "-", *self.args, *extra]
         cmd = [*self.ssh_cmd, "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=10"]
         cmd += destination_options(server, self.env)
         return [*cmd, *self.ssh_args, "--", server.host, shlex.join(remote)]
