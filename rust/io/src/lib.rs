@@ -13,6 +13,7 @@ mod context;
 pub mod curve;
 mod direct;
 mod handshake;
+mod hugepage;
 mod inbox;
 mod ioloop;
 pub mod link;

@@ -120,6 +120,7 @@ impl FrameBuf {
                 "cannot allocate a frame of {cap} bytes"
             )));
         }
+        crate::hugepage::advise(ptr, cap);
         Ok(FrameBuf { ptr, cap, len: 0 })
     }
 
@@ -685,6 +686,53 @@ mod tests {
         assert_eq!(got[sizes.len() + 1].1[0].as_ref(), WELCOME);
         assert!(r.at_boundary());
         assert_eq!(w.pending, 0);
+    }
+
+    /// The `VmFlags` of the mapping of `/proc/self/smaps` that holds `addr`.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if inside {
+                    return flags.to_string();
+                }
+            }
+        }
+        panic!("{addr:#x} is in no mapping");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_frames_are_received_into_memory_advised_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return; // a kernel without THP refuses the advice (which is then ignored)
+        }
+        let (a, b) = pair();
+        let mut w = LinkWriter::new();
+        let mut r = LinkReader::new(LinkLimits {
+            max_frames: 4,
+            max_bytes: u64::MAX,
+        });
+        let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 241) as u8).collect();
+        w.push(CH_MUX, vec![raw(&big)]).expect("push");
+        let got = pump(&mut w, &a, &mut r, &b);
+        let frame = got[0].1[0].as_ref();
+        assert_eq!(frame, &big[..]);
+        // the middle of the frame lies in its 2 MiB-aligned interior
+        let middle = frame.as_ptr() as usize + frame.len() / 2;
+        let flags = vm_flags(middle);
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
     }
 
     #[test]
