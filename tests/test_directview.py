@@ -364,6 +364,27 @@ def test_remote_decorator(rc: Client, dv: DirectView) -> None:
     assert ar.get(timeout=SHORT) == 42
 
 
+def test_remote_and_parallel_wrappers_describe_themselves(dv: DirectView) -> None:
+    """help() on a decorated function says it runs remotely, then shows the function's doc
+    (as ipyparallel's wrappers); its name stays the function's."""
+
+    def area(w: int, h: int = 2) -> int:
+        """Width times height."""
+        return w * h
+
+    remote_area = ipp.remote(dv, block=True)(area)
+    parallel_area = ipp.parallel(dv, block=True)(area)
+    for wrapper, kind in ((remote_area, "RemoteFunction"), (parallel_area, "ParallelFunction")):
+        assert wrapper.__name__ == "area"
+        assert kind in wrapper.__doc__
+        assert "Width times height." in wrapper.__doc__
+    assert remote_area(3) == [6, 6]
+    assert parallel_area.map([1, 2]) == [2, 4]
+    undocumented = ipp.remote(dv, block=True)(lambda: 1)
+    assert undocumented.__doc__ is None
+    assert undocumented() == [1, 1]
+
+
 def test_parallel_decorator(dv: DirectView) -> None:
     @dv.parallel(block=True)
     def sizes(part: list[int]) -> list[int]:
@@ -421,6 +442,20 @@ def test_reference_argument(rc: Client, dv: DirectView) -> None:
     rc[1].push({"a": 20}, block=True)
     assert dv.apply_sync(lambda x, y: x + y, ipp.Reference("a"), 1) == [11, 21]
     assert dv.apply_sync(lambda *, k: k * 2, k=ipp.Reference("a")) == [20, 40]
+
+
+def test_reference_as_the_applied_function(rc: Client, dv: DirectView) -> None:
+    """A function that only the engines have, named by a Reference, is applied on one engine,
+    on several, load-balanced and through a broadcast view (as ipyparallel allows)."""
+    dv.execute("offset = 100\ndef bump(x):\n    return x + offset", block=True)
+    rc[1].execute("offset = 200", block=True)
+    bump = ipp.Reference("bump")
+    assert rc[1].apply_sync(bump, 1) == 201
+    assert dv.apply_sync(bump, 1) == [101, 201]
+    assert rc.broadcast_view().apply_sync(bump, 2) == [102, 202]
+    assert rc.load_balanced_view().apply_sync(bump, 3) in (103, 203)
+    with pytest.raises(TypeError, match="must be callable"):
+        dv.apply_sync(42)
 
 
 def test_interactive_functions_see_pushed_names(dv: DirectView) -> None:

@@ -27,6 +27,7 @@ from .. import curve as _curve
 from .. import ipc as _ipc
 from .. import ssh as _ssh
 from ..serialize.netloan import NetData
+from ..serialize.reference import Reference
 from ..signal_names import parse_signal
 from ..wire_names import (
     DATAPUB_TOPIC,
@@ -105,6 +106,13 @@ def _dispatch_loop(ref: weakref.ref[Client], io: Any) -> None:
             return
         client._dispatch_round(batch)
         del client
+
+
+def _check_applicable(f: Any) -> None:
+    """Raise TypeError unless ``f`` can be applied: a callable, or a ``Reference`` to one on
+    the engine (``view.apply(Reference("f"), ...)``, as ipyparallel allows)."""
+    if not (callable(f) or isinstance(f, Reference)):
+        raise TypeError(f"f must be callable, not {type(f).__name__}")
 
 
 def _execute_content(code: str, silent: bool) -> dict[str, Any]:
@@ -1240,8 +1248,7 @@ class Client(HasTraits):
                     "mux", f, args, kwargs, metadata=metadata, track=track, ident=uuids[0]
                 )
             ]
-        if not callable(f):
-            raise TypeError(f"f must be callable, not {type(f).__name__}")
+        _check_applicable(f)
         header = self.session.msg_header("apply_request")
         bufs, seg = self._shm.pack_apply(
             f, tuple(args or ()), dict(kwargs or {}), uuids, header["msg_id"]
@@ -1289,8 +1296,8 @@ class Client(HasTraits):
         """Send an ``apply_request`` on ``socket`` (``"mux"`` with ``ident`` = an engine uuid,
         or ``"task"``) and return its MessageFuture; ``message_future_hook(future)`` is called
         with it before the request is sent (as ipyparallel's), so it sees every reply."""
-        if not callable(f):
-            raise TypeError(f"f must be callable, not {type(f).__name__}")
+        if not callable(f):  # (no call for the usual case: this runs once per task)
+            _check_applicable(f)
         uuid = ident.decode() if isinstance(ident, bytes) else ident
         targets = [uuid] if uuid else (metadata or {}).get("targets") or None
         header = self.session.msg_header("apply_request")

@@ -18,6 +18,10 @@ class RemoteFunction:
         self.block = block
         self.flags = flags
         functools.update_wrapper(self, f)
+        if getattr(f, "__doc__", None):
+            # say what the wrapper is, then the wrapped function's own doc (as ipyparallel's)
+            name = getattr(f, "__name__", type(f).__name__)
+            self.__doc__ = f"{type(self).__name__} around {name}():\n\n{f.__doc__}"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         block = self.view.block if self.block is None else self.block
