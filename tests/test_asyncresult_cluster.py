@@ -283,8 +283,10 @@ def test_timing(rc: Client, dv: DirectView) -> None:
     assert ar.elapsed == pytest.approx(ar.wall_time)
     assert 2 * 0.5 <= ar.serial_time < 10
     pending = rc[0].apply_async(time.sleep, 0.3)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match="^result not ready$"):  # ipyparallel's words
         pending.wall_time  # noqa: B018 - ready-only property
+    with pytest.raises(TimeoutError, match="^result not ready$"):
+        pending.serial_time  # noqa: B018 - ready-only property
     pending.get(timeout=SHORT)
 
 
@@ -302,6 +304,27 @@ def test_display_outputs(dv: DirectView, capsys: pytest.CaptureFixture[str]) -> 
     assert out.index("[stdout:0]") < out.index("[stdout:1]")
     ar.display_outputs(groupby="order")
     assert capsys.readouterr().out.count("shown") == 2
+
+
+def test_display_outputs_only_when_done(
+    rc: Client, dv: DirectView, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As ipyparallel's: a pending result shows nothing and raises; a single result ignores
+    ``groupby`` (only a multi-engine one checks it)."""
+    pending = [rc[0].apply_async(time.sleep, 0.5), dv.apply_async(time.sleep, 0.5)]
+    for ar in pending:
+        with pytest.raises(TimeoutError, match="^result not ready$"):
+            ar.display_outputs()
+    for ar in pending:
+        ar.get(timeout=SHORT)
+    one = rc[0].execute("print('single')")
+    one.get(timeout=SHORT)
+    one.wait_for_output(SHORT)
+    capsys.readouterr()
+    one.display_outputs(groupby="nonsense")
+    assert capsys.readouterr().out == "single\n"
+    with pytest.raises(ValueError, match="groupby"):
+        pending[1].display_outputs(groupby="nonsense")
 
 
 def test_display_outputs_waits_for_output(

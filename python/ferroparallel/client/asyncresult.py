@@ -58,6 +58,8 @@ __all__ = [
 log = logging.getLogger("ferroparallel.client")
 
 _NOT_READY = "Result not ready."
+# ipyparallel words it so for wall_time, serial_time and display_outputs
+_NOT_READY_DISPLAY = "result not ready"
 
 _MESSAGE_FUTURE = frozenset((MessageFuture,))
 _msg_id_of = operator.attrgetter("msg_id")
@@ -477,9 +479,9 @@ class AsyncResult(SlimFuture):
             return wait_interruptibly(self, timeout)
         return here(self.done, timeout)
 
-    def _check_ready(self) -> None:
+    def _check_ready(self, message: str = _NOT_READY) -> None:
         if not self.done():
-            raise TimeoutError(_NOT_READY)
+            raise TimeoutError(message)
 
     def ready(self) -> bool:
         """Whether every message has its reply."""
@@ -861,7 +863,7 @@ class AsyncResult(SlimFuture):
     def wall_time(self) -> float:
         """Seconds from the earliest submission to the last reply received (finished only;
         0.0 when the timestamps are unknown)."""
-        self._check_ready()
+        self._check_ready(_NOT_READY_DISPLAY)
         submitted = self._dates("submitted")
         received = self._dates("received") or self._dates("completed")
         if not submitted or not received:
@@ -871,7 +873,7 @@ class AsyncResult(SlimFuture):
     @property
     def serial_time(self) -> float:
         """Sum of the engines' compute times (``completed - started``), finished only."""
-        self._check_ready()
+        self._check_ready(_NOT_READY_DISPLAY)
         total = 0.0
         for i in range(len(self._children)):
             s, e = self._md_value(i, "started"), self._md_value(i, "completed")
@@ -1022,8 +1024,22 @@ class AsyncResult(SlimFuture):
             of all engines collated (all first outputs, then all second ones, ...).
         result_only : bool
             Show only the results.
+
+        Raises
+        ------
+        TimeoutError
+            ``"result not ready"`` before every reply is in (as ipyparallel).
+        ValueError
+            An unknown ``groupby`` (ignored, as by ipyparallel, for a single result).
         """
-        if groupby not in ("type", "engine", "order"):
+        self._check_ready(_NOT_READY_DISPLAY)
+        self._display_outputs(groupby, result_only)
+
+    def _display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
+        """:meth:`display_outputs` also before the end (what has arrived; ``%px`` when a
+        KeyboardInterrupt cut the wait short)."""
+        single = self._single_result and len(self._children) == 1
+        if not single and groupby not in ("type", "engine", "order"):
             raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
         if self.done():
             self._await_output()  # the reply can arrive before the last output

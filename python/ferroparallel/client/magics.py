@@ -420,7 +420,7 @@ class ParallelMagics(Magics):
                 self._interrupt(ar, run)
         if printer is None:
             ar.wait_for_output(timeout=1)
-            ar.display_outputs(run.groupby)
+            ar._display_outputs(run.groupby)  # also when interrupted before the end
         if interrupted:
             return  # as ipyparallel: the cell ends, without the engines' KeyboardInterrupts
         try:
