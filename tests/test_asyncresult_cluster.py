@@ -137,6 +137,23 @@ def test_concurrent_futures_wait_and_as_completed(rc: Client, tmp_path: Path) ->
     assert first == 0.3  # the slow one does not come first (nor the one queued behind it)
 
 
+def test_split_as_ipyparallel(rc: Client, dv: DirectView) -> None:
+    """``split()``: one AsyncResult per message, the result itself when there is only one; a
+    piece of a map gives a list holding that message's chunk."""
+    multi = dv.apply_async(os.getpid)
+    pieces = multi.split()
+    assert [p.get(timeout=SHORT) for p in pieces] == multi.get(timeout=SHORT)
+    assert pieces[0].split() == (pieces[0],)
+    one = rc[[1]].apply_async(lambda: 7)
+    assert one.split() == (one,) and one.split()[0].get(timeout=SHORT) == [7]
+    amr = rc.load_balanced_view().map_async(abs, [-1, -2, -3], chunksize=2)
+    chunks = amr.split()
+    assert all(type(c) is ipp.AsyncResult for c in chunks)
+    assert [c.get(timeout=SHORT) for c in chunks] == [[[1, 2]], [[3]]]
+    done, pending = amr.wait(SHORT, return_when=ipp.ALL_COMPLETED)
+    assert not pending and sorted(d.get() for d in done) == [[[1, 2]], [[3]]]
+
+
 # ----- results and metadata -------------------------------------------------------------------
 
 

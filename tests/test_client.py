@@ -849,6 +849,48 @@ def test_close(shared_cluster: Cluster) -> None:
     assert "closed" in str(info.value).lower()
 
 
+def test_wait_accepts_any_future(rc: Client) -> None:
+    """As ipyparallel, ``rc.wait`` takes plain ``concurrent.futures`` Futures too."""
+    import concurrent.futures
+    import threading
+
+    plain: concurrent.futures.Future = concurrent.futures.Future()
+    threading.Timer(0.2, plain.set_result, ("later",)).start()
+    ar = rc[0].apply_async(abs, -3)
+    assert rc.wait([plain, ar], timeout=SHORT)
+    assert plain.result(timeout=0) == "later" and ar.get(timeout=0) == 3
+    never: concurrent.futures.Future = concurrent.futures.Future()
+    assert rc.wait([never], timeout=0.05) is False
+
+
+def test_purge_all_local_results_refuses_while_pending(rc: Client) -> None:
+    """``purge_local_results('all')`` raises RuntimeError while anything is outstanding (as
+    ipyparallel), and forgets nothing then."""
+    # (a bare request: an AsyncResult would take its result out of the client's caches)
+    done = rc.send_apply_request("mux", lambda: 1, ident=rc._engines[0])
+    assert done.result(timeout=SHORT) == 1
+    pending = rc[1].apply_async(time.sleep, 0.5)
+    with pytest.raises(RuntimeError, match="pending"):
+        rc.purge_local_results("all")
+    assert done.msg_id in rc.results and done.msg_id in rc.metadata
+    pending.get(timeout=SHORT)
+    rc.purge_local_results("all")
+    assert done.msg_id not in rc.results and done.msg_id not in rc.metadata
+
+
+def test_view_targets_resolved_as_ipyparallel(rc: Client) -> None:
+    """``rc[None]`` is a TypeError; a load-balanced view's targets are resolved to engine ids
+    when it is made (``"all"``: None, every engine)."""
+    with pytest.raises(TypeError):
+        rc[None]
+    assert rc.load_balanced_view(-1).targets == [rc.ids[-1]]
+    assert rc.load_balanced_view(slice(0, 1)).targets == [0]
+    assert rc.load_balanced_view(range(2)).targets == [0, 1]
+    assert rc.load_balanced_view("all").targets is None
+    assert rc.load_balanced_view().targets is None
+    assert rc.load_balanced_view(-1).apply_sync(lambda: 5) == 5
+
+
 def test_executor(rc: Client) -> None:
     ex = rc.executor()
     assert isinstance(ex, Executor)

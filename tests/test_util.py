@@ -62,6 +62,8 @@ def test_ports_dates_and_keys() -> None:
     assert util.compare_datetimes(naive + timedelta(seconds=3), naive) == timedelta(seconds=3)
     mixed = util.compare_datetimes(util.ensure_timezone(naive), naive)
     assert mixed == timedelta(0)
+    assert util.utc is UTC  # (ipyparallel's name, imported from util by its users)
+    assert util.utcnow().tzinfo is util.utc
     d = {"1": "a", "x": "b", 2: "c"}
     assert util.int_keys(d) is d and d == {1: "a", "x": "b", 2: "c"}
     with pytest.raises(KeyError):

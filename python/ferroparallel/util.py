@@ -35,6 +35,9 @@ __all__ = [
     "validate_url_container",
 ]
 
+#: The UTC timezone (ipyparallel's ``util.utc``), of every datetime in records and metadata.
+utc = UTC
+
 #: The transports ZMQ URLs may name.
 _TRANSPORTS = ("tcp", "pgm", "epgm", "ipc", "inproc", "ws", "wss")
 #: Addresses that mean "every interface": not connectable as they are.

@@ -951,7 +951,14 @@ class AsyncResult(SlimFuture):
         self._client.abort(pending, block=True)  # as ipyparallel: waits, returns None
 
     def split(self) -> tuple[AsyncResult, ...]:
-        """One single-result AsyncResult per message."""
+        """One AsyncResult per message, as ipyparallel: ``(self,)`` when there is only one.
+
+        A piece of a map is a plain AsyncResult whose ``get()`` is a one-element list holding
+        that message's chunk (a list); any other piece returns its message's value.
+        """
+        if len(self._msg_ids) == 1:
+            return (self,)
+        chunked = isinstance(self, AsyncMapResult)
         return tuple(
             AsyncResult(
                 self._client,
@@ -959,7 +966,7 @@ class AsyncResult(SlimFuture):
                 fname=self._fname,
                 targets=self._engine_id(i),
                 return_exceptions=self._return_exceptions,
-                single_result=True,
+                single_result=not chunked,
             )
             for i, c in enumerate(self._children)
         )

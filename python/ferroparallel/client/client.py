@@ -613,8 +613,8 @@ class Client(HasTraits):
 
     def __getitem__(self, key: Any):
         """``rc[i]``, ``rc[i:j]``, ``rc[[...]]``: a DirectView on those engines."""
-        if isinstance(key, str):
-            raise TypeError("index engines with ints, slices or lists of ints")
+        if key is None or isinstance(key, str):
+            raise TypeError(f"index engines with ints, slices or lists of ints, not {key!r}")
         # an int, slice or list names the engines registered now (only 'all' follows new ones)
         return self.direct_view(key)
 
@@ -1445,10 +1445,11 @@ class Client(HasTraits):
             elif isinstance(job, str):
                 if job in self._futures:
                     out.append(self._futures[job])
-            elif hasattr(job, "msg_ids"):
+            elif hasattr(job, "msg_ids") or isinstance(job, Future):
+                # (any other Future too, as ipyparallel: waited for like the others)
                 out.append(job)
             else:
-                raise TypeError(f"cannot wait for {job!r}: pass msg_ids or AsyncResults")
+                raise TypeError(f"cannot wait for {job!r}: pass msg_ids, AsyncResults or Futures")
         return out
 
     def wait_for_engines(
@@ -1542,12 +1543,16 @@ class Client(HasTraits):
         return DirectView(client=self, targets=targets, **kwargs)
 
     def load_balanced_view(self, targets: Any = None, **kwargs: Any):
-        """A LoadBalancedView (optionally restricted to ``targets``; one engine id is taken as
-        a list of one, as in ipyparallel)."""
+        """A LoadBalancedView (optionally restricted to ``targets``). As in ipyparallel, the
+        targets are resolved now to a list of engine ids (``-1``: the last engine registered
+        now; one engine id is a list of one); ``None`` or ``"all"``: every engine, as they
+        come and go."""
         from .view import LoadBalancedView
 
-        if isinstance(targets, int) and not isinstance(targets, bool):
-            targets = [targets]
+        if isinstance(targets, str) and targets == "all":
+            targets = None
+        if targets is not None:
+            targets = self._build_targets(targets)[1]
         return LoadBalancedView(client=self, targets=targets, **kwargs)
 
     def broadcast_view(self, targets: Any = "all", is_coalescing: bool = False, **kwargs: Any):
@@ -1933,7 +1938,14 @@ class Client(HasTraits):
         self._flush_pending()
         with self._lock:  # the dispatcher thread changes the caches under this lock
             if isinstance(jobs, str) and jobs == "all":
-                ids = [m for m, f in self._futures.items() if f.done()]
+                # as ipyparallel: nothing is purged while anything is still outstanding
+                pending = [m for m, f in self._futures.items() if not f.done()]
+                if pending:
+                    raise RuntimeError(
+                        f"cannot purge all results: {len(pending)} still pending "
+                        f"(e.g. {pending[0]})"
+                    )
+                ids = list(self._futures)
             else:
                 ids = self._msg_ids_of(jobs) if _named(jobs) else []
                 if _named(targets):
