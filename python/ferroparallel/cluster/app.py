@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from .. import paths
 from ..config_files import load_py_config
 from ..error import ConnectionFileError
+from . import _engines_link
 
 __all__ = ["ALREADY_STARTED", "ALREADY_STOPPED", "main", "build_parser"]
 
@@ -133,7 +134,9 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         metavar="LAUNCHER",
         help="how to start the engines: 'local' (default), 'mpi' (one mpiexec job whose "
         "ranks are the engines; ipcluster's --engines=MPI), 'ssh' (hosts from the profile's "
-        "config: c.SSHEngineSetLauncher.engines) or a batch system: 'slurm', 'pbs', 'sge', "
+        "config: c.SSHEngineSetLauncher.engines), 'sshproxy' (one ssh connection to "
+        "c.SSHProxyEngineSetLauncher.hostname runs 'cluster engines -n N' there) or a batch "
+        "system: 'slurm', 'pbs', 'sge', "
         "'lsf', 'htcondor' (one job whose tasks are the engines; c.SlurmEngineSetLauncher.queue, "
         "...)",
     )
@@ -192,8 +195,10 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
         default=None,
         metavar="LAUNCHER",
         help="how to start them (default: as the cluster's engines were started): 'local', "
-        "'mpi', 'ssh', 'slurm', 'pbs', 'sge', 'lsf', 'htcondor'",
+        "'mpi', 'ssh', 'sshproxy', 'slurm', 'pbs', 'sge', 'lsf', 'htcondor'",
     )
+    # (for SSHProxyEngineSetLauncher: see _engines_link)
+    s.add_argument("--stdin-link", action="store_true", help=argparse.SUPPRESS)
     # no abbreviations: ipcluster's --controller=Local must not be taken for --controller-arg
     for parser in (p, *sub.choices.values()):
         parser.allow_abbrev = False
@@ -280,8 +285,16 @@ def _err(msg: str) -> None:
 # -- start ---------------------------------------------------------------------------------------
 
 
-def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
-    """Wait until ``n`` engines are registered with the hub; return how many are."""
+def _wait_registered(
+    cluster: Any, n: int, timeout: float, abort: Callable[[], bool] | None = None
+) -> int:
+    """Wait until ``n`` engines are registered with the hub; return how many are.
+
+    Raises
+    ------
+    RuntimeError
+        An engine set or the controller failed, or ``abort()`` became true.
+    """
     from ._hub import registered_engines
 
     info = paths.load_connection_file(cluster.client_file, "client")
@@ -298,6 +311,8 @@ def _wait_registered(cluster: Any, n: int, timeout: float) -> int:
             raise RuntimeError(failure)
         if cluster.controller is not None and not cluster.running:
             raise RuntimeError(cluster.controller.failure() or "the controller stopped")
+        if abort is not None and abort():
+            raise RuntimeError("stopped by the launcher before the engines registered")
         if time.monotonic() >= deadline:
             return count
         time.sleep(0.05)
@@ -410,7 +425,12 @@ def _engines(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 0:
         _err("-n must not be negative")
         return 2
+    link = _engines_link.StdinLink() if args.stdin_link else None
+    if link is not None:
+        link.trap_signals()
     try:
+        if link is not None:  # (the connection files sent by the launcher are all there is)
+            raise FileNotFoundError("started by an SSH proxy launcher")
         cluster = Cluster.from_file(
             profile=args.profile,
             profile_dir=args.profile_dir,
@@ -443,14 +463,20 @@ def _engines(args: argparse.Namespace) -> int:
         _err(f"the controller of {cluster.client_file} does not answer")
         return 1
     before = len(registered or [])
+    if link is not None:
+        _engines_link.unrecorded(cluster)
     try:
         if args.engines is not None:
             cluster.engine_launcher_class = args.engines
+        elif link is not None:  # (not the profile's launcher: that may be this proxy itself)
+            cluster.engine_launcher_class = "local"
         esid = cluster.start_engines_sync(args.n)
     except (RuntimeError, OSError, NotImplementedError) as e:
         _err(f"failed to start engines: {e}")
         return 1
     n = cluster.engines[esid].n
+    if link is not None:
+        return _serve_link(link, cluster, esid, before, args.timeout)
     try:
         count = _wait_registered(cluster, before + n, args.timeout) - before
     except RuntimeError as e:
@@ -477,6 +503,26 @@ def _engines(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _serve_link(
+    link: _engines_link.StdinLink, cluster: Any, esid: str, before: int, timeout: float
+) -> int:
+    """``cluster engines --stdin-link`` once the engines started: wait for them, then serve
+    the link; the engines stop however this ends (the ssh channel that is stdout and stderr
+    may be gone: nothing written there may keep them running)."""
+    try:
+        n = cluster.engines[esid].n
+        count = _wait_registered(cluster, before + n, timeout, link.stopping) - before
+        with contextlib.suppress(OSError):
+            print(f"Started {n} engine(s) in {cluster.profile_dir}, {count} registered", flush=True)
+        return 0 if _engines_link.serve(link, cluster, esid) else 1
+    except RuntimeError as e:
+        with contextlib.suppress(OSError):
+            _err(str(e))
+        return 1
+    finally:
+        cluster.stop_engines_sync(esid)
 
 
 # -- stop ----------------------------------------------------------------------------------------
@@ -522,11 +568,13 @@ def _launcher_label(kind: str) -> str:
     from .launchers import LocalEngineSetLauncher
     from .mpi import MPIEngineSetLauncher
     from .ssh_engines import SSHEngineSetLauncher
+    from .ssh_proxy import SSHProxyEngineSetLauncher
 
     classes: dict[str, type] = {
         "local": LocalEngineSetLauncher,
         "mpi": MPIEngineSetLauncher,
         "ssh": SSHEngineSetLauncher,
+        "sshproxy": SSHProxyEngineSetLauncher,
         **batch.ENGINE_LAUNCHERS,
     }
     cls = classes.get(kind)

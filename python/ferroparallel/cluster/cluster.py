@@ -47,7 +47,7 @@ from traitlets.config.loader import LazyConfigValue
 from .. import paths
 from ..config_files import load_py_config
 from ..error import ConnectionFileError
-from . import batch
+from . import batch, ssh_proxy
 from ._sync import run_sync
 from .launchers import LocalControllerLauncher, LocalEngineSetLauncher, Process
 from .mpi import (
@@ -58,6 +58,8 @@ from .mpi import (
 )
 from .ssh_controller import SSH_CONTROLLER_LAUNCHERS, SSHControllerLauncher
 from .ssh_engines import SSH_LAUNCHERS, SSHEngineSetLauncher
+from .ssh_host import HOST_OPTIONS
+from .ssh_proxy import SSH_PROXY_LAUNCHERS, SSHProxyEngineSetLauncher
 
 __all__ = ["Cluster", "cluster_file", "new_cluster_id", "run_sync"]
 
@@ -147,30 +149,23 @@ _LOCAL_LAUNCHERS = (
 
 
 def _launcher_name(value: Any) -> str:
-    """``"local"``, ``"mpi"``, ``"ssh"`` or a batch system (``"slurm"``, ...) for any spelling
-    of those launchers (a name, a dotted path, a class)."""
+    """``"local"``, ``"mpi"``, ``"ssh"``, ``"sshproxy"`` or a batch system (``"slurm"``, ...)
+    for any spelling of those launchers (a name, a dotted path, a class)."""
     name = value if isinstance(value, str) else getattr(value, "__name__", str(value))
     short = name.rsplit(".", 1)[-1].lower()
     if short in _LOCAL_LAUNCHERS:
         return "local"
     if short in SSH_LAUNCHERS or short in SSH_CONTROLLER_LAUNCHERS:
         return "ssh"
+    if short in SSH_PROXY_LAUNCHERS:
+        return "sshproxy"
     if short in MPI_LAUNCHERS or short in MPI_CONTROLLER_LAUNCHERS:
         return "mpi"
     return batch.batch_system_of(name) or name
 
 
 #: Settings of an SSH controller (``c.SSHControllerLauncher.<name>``, as ipyparallel's).
-_SSH_CONTROLLER_OPTIONS = (
-    "hostname",
-    "user",
-    "location",
-    "ssh_cmd",
-    "ssh_args",
-    "remote_profile_dir",
-    "remote_python",
-    "controller_cmd",
-)
+_SSH_CONTROLLER_OPTIONS = (*HOST_OPTIONS, "controller_cmd")
 
 
 #: Config files of a profile read by :class:`Cluster` (ipyparallel's name first).
@@ -229,6 +224,7 @@ _LAUNCHER_ARG_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "local": ("EngineLauncher", "LocalEngineLauncher", "LocalEngineSetLauncher"),
         "mpi": ("EngineLauncher", "MPILauncher", "MPIEngineSetLauncher"),
         "ssh": ("EngineLauncher", "SSHLauncher", "SSHEngineLauncher", "SSHEngineSetLauncher"),
+        "sshproxy": ("EngineLauncher", "SSHLauncher", "SSHProxyEngineSetLauncher"),
     },
 }
 
@@ -294,7 +290,10 @@ class Cluster(LoggingConfigurable):
         ``"ssh"`` (engines: ``c.SSHEngineSetLauncher.engines``, see
         :mod:`~ferroparallel.cluster.ssh_engines`; the controller on
         ``c.SSHControllerLauncher.hostname``, its connection files fetched back, see
-        :mod:`~ferroparallel.cluster.ssh_controller`). Any of ipyparallel's spellings works
+        :mod:`~ferroparallel.cluster.ssh_controller`); ``"sshproxy"`` (engines only: one
+        ``ssh`` connection to ``c.SSHProxyEngineSetLauncher.hostname`` runs
+        ``ferroparallel cluster engines -n N`` there, see
+        :mod:`~ferroparallel.cluster.ssh_proxy`). Any of ipyparallel's spellings works
         (``"SSHControllerLauncher"``, ``"ipyparallel.cluster.launcher.MPIControllerLauncher"``,
         a class).
     controller_cmd, engine_cmd : sequence of str, optional
@@ -441,9 +440,9 @@ class Cluster(LoggingConfigurable):
         systems = list(batch.BATCH_SYSTEMS)
         if launcher == "local" or launcher in systems:
             return launcher
-        if launcher in ("mpi", "ssh"):
+        if launcher in ("mpi", "ssh") or (launcher == "sshproxy" and what == "engine"):
             return launcher
-        available = ["local", "mpi", "ssh", *systems]
+        available = ["local", "mpi", "ssh", *(["sshproxy"] if what == "engine" else []), *systems]
         raise NotImplementedError(
             f"{what} launcher {launcher!r} is not available; the available ones are "
             + ", ".join(repr(a) for a in available)
@@ -732,14 +731,16 @@ class Cluster(LoggingConfigurable):
         Parameters
         ----------
         n : int, optional
-            Number of engines (default ``self.n``, else ``os.cpu_count()``).
+            Number of engines (default ``self.n``, else, for ``"sshproxy"`` engines,
+            ``c.SSHProxyEngineSetLauncher.n``, else ``os.cpu_count()``).
         engine_set_id : str, optional
             Id of the new set (default: a fresh one).
         **kwargs
             Launcher attributes to override (``args``, ``env``, ``cmd``, or ipyparallel's
             ``engine_args``, ``environment`` (added to the environment, on top of
             ``c.<Launcher>.environment``; for SSH engines, sent to the remote hosts with
-            ``env``) and ``engine_cmd``; for MPI engines ``mpi_cmd`` and ``mpi_args``).
+            ``env``) and ``engine_cmd``; for MPI engines ``mpi_cmd`` and ``mpi_args``; for
+            SSH proxy engines :data:`~.ssh_proxy.OPTIONS`, such as ``hostname``).
             Unknown ones are ignored with a logged warning, as ipyparallel's launchers do.
 
         Returns
@@ -750,6 +751,8 @@ class Cluster(LoggingConfigurable):
         if n is not None and n < 0:
             raise ValueError(f"n={n}: the number of engines cannot be negative")
         info = self._load_engine_info()
+        if n is None and self.n is None and self.engine_launcher_class == "sshproxy":
+            n = self._launcher_options(kwargs, ("SSHProxyEngineSetLauncher",), ("n",)).get("n")
         if n is None:
             n = self.n if self.n is not None else (os.cpu_count() or 1)
         if self.n is None:
@@ -759,7 +762,8 @@ class Cluster(LoggingConfigurable):
             raise RuntimeError(f"engine set {esid!r} is already running")
         env = kwargs.pop("env", self._child_env())
         environment = self._environment("engine", kwargs)
-        if self.engine_launcher_class != "ssh":  # (ssh: for the remote hosts, not here)
+        remote = self.engine_launcher_class in ("ssh", "sshproxy")
+        if not remote:  # (ssh: for the remote hosts, not here)
             env = {**env, **environment}
         default_args = self._engine_argv()
         if "engine_args" in kwargs:  # ipyparallel's launcher name: replaces the configured ones
@@ -773,7 +777,7 @@ class Cluster(LoggingConfigurable):
             "connection_info": info if self.send_engines_connection_env else None,
             "cmd": kwargs.pop("cmd", self.engine_cmd),
         }
-        if "engine_cmd" in kwargs and self.engine_launcher_class != "ssh":
+        if "engine_cmd" in kwargs and not remote:
             common["cmd"] = [str(a) for a in kwargs.pop("engine_cmd")]  # ipyparallel's name
         launcher: LocalEngineSetLauncher
         if self.engine_launcher_class == "mpi":
@@ -794,6 +798,19 @@ class Cluster(LoggingConfigurable):
                 **opts,
             )
             self.n = launcher.n  # the hosts' counts decide, as in ipyparallel
+        elif self.engine_launcher_class == "sshproxy":
+            opts = self._launcher_options(
+                kwargs, ("SSHLauncher", "SSHProxyEngineSetLauncher"), ssh_proxy.OPTIONS
+            )
+            launcher = SSHProxyEngineSetLauncher(
+                self.profile_dir,
+                self.cluster_id,
+                esid,
+                n,
+                environment={**self.env, **environment},
+                **common,
+                **{k: v if isinstance(v, str) else list(v) for k, v in opts.items()},
+            )
         elif self.engine_launcher_class in batch.BATCH_SYSTEMS:
             system = self.engine_launcher_class
             opts = self._batch_options(system, "Engine", kwargs)
@@ -1130,7 +1147,11 @@ class Cluster(LoggingConfigurable):
             ctl_kinds.update(batch.CONTROLLER_LAUNCHERS)
             cls_ = ctl_kinds.get(ctl.get("kind"), LocalControllerLauncher)
             self.controller = cls_.from_dict(ctl, self.profile_dir, self.cluster_id)
-        kinds: dict[str, Any] = {"mpi": MPIEngineSetLauncher, "ssh": SSHEngineSetLauncher}
+        kinds: dict[str, Any] = {
+            "mpi": MPIEngineSetLauncher,
+            "ssh": SSHEngineSetLauncher,
+            "sshproxy": SSHProxyEngineSetLauncher,
+        }
         kinds.update(batch.ENGINE_LAUNCHERS)
         for esid, es in (d.get("engines") or {}).items():
             kind = kinds.get(es.get("kind"), LocalEngineSetLauncher)

@@ -34,10 +34,9 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .. import paths
@@ -47,13 +46,13 @@ from .launchers import (
     LocalControllerLauncher,
     Process,
     _log_name,
-    _proc_stat,
     terminate,
     terminate_sync,
 )
-from .ssh_engines import _write, env_argv, strip_home
+from .ssh_engines import env_argv
+from .ssh_host import OneHostSSH
 
-__all__ = ["SSHControllerLauncher", "SSH_CONTROLLER_LAUNCHERS", "strip_home"]
+__all__ = ["SSHControllerLauncher", "SSH_CONTROLLER_LAUNCHERS"]
 
 #: Names of the SSH controller launcher, lower case.
 SSH_CONTROLLER_LAUNCHERS = ("ssh", "sshcontrollerlauncher", "sshcontroller")
@@ -62,7 +61,7 @@ SSH_CONTROLLER_LAUNCHERS = ("ssh", "sshcontrollerlauncher", "sshcontroller")
 _FETCH = "import json,sys;print(json.dumps([json.load(open(f)) for f in sys.argv[1:]]))"
 
 
-class SSHControllerLauncher(LocalControllerLauncher):
+class SSHControllerLauncher(OneHostSSH, LocalControllerLauncher):
     """The controller on ``hostname``, through one ``ssh`` process.
 
     Parameters are those of :class:`~.launchers.LocalControllerLauncher` (``cmd`` is the
@@ -92,6 +91,7 @@ class SSHControllerLauncher(LocalControllerLauncher):
     """
 
     kind = "ssh"
+    needs_host = "the SSH controller needs a host: c.SSHControllerLauncher.hostname = 'host'"
 
     def __init__(
         self,
@@ -108,40 +108,10 @@ class SSHControllerLauncher(LocalControllerLauncher):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.environment = {str(k): str(v) for k, v in (environment or {}).items()}
-        env_argv(self.environment)  # (invalid names fail here, before anything starts)
-        self.hostname = str(hostname)
-        self.user = str(user)
-        self.location = str(location)
-        self.ssh_cmd = list(ssh_cmd) if ssh_cmd else ["ssh"]
-        self.ssh_args = [str(a) for a in ssh_args]
-        self.remote_profile_dir = str(remote_profile_dir) or strip_home(self.profile_dir)
-        self.remote_python = str(remote_python) or sys.executable
-        self.fifo = fifo
-
-    @property
-    def server(self) -> str:
-        """``[user@]host[:port]`` of the remote host.
-
-        Raises
-        ------
-        ValueError
-            No host configured.
-        """
-        if self.hostname:
-            return f"{self.user}@{self.hostname}" if self.user else self.hostname
-        if self.location:
-            return self.location
-        raise ValueError(
-            "the SSH controller needs a host: c.SSHControllerLauncher.hostname = 'host' "
-            "(or location = 'user@host')"
-        )
-
-    @property
-    def remote_connection_files(self) -> dict[str, str]:
-        """``{"client": path, "engine": path}`` of the connection files on the remote host."""
-        sec = PurePosixPath(self.remote_profile_dir) / "security"
-        return {k: str(sec / Path(v).name) for k, v in self.connection_files.items()}
+        self._init_host(
+            hostname, user, location, ssh_cmd, ssh_args, remote_profile_dir, remote_python,
+            environment, fifo,
+        )  # fmt: skip
 
     def remote_env(self) -> dict[str, str]:
         """The variables the remote controller gets: the cluster's (as ipyparallel's), then
@@ -198,31 +168,6 @@ class SSHControllerLauncher(LocalControllerLauncher):
         self.started_at = time.time()
         self.process = self._spawn(cmd, log_file, fifo)
         return self.process
-
-    def _spawn(self, cmd: list[str], log_file: Path, fifo: Path) -> Process:
-        with contextlib.suppress(FileNotFoundError):
-            fifo.unlink()
-        os.mkfifo(fifo, 0o600)
-        self.fifo = str(fifo)
-        # read-write: the ssh process holds a writer itself, so its stdin never ends while it
-        # runs, whichever process started it (see ssh_engines)
-        rdwr = os.open(fifo, os.O_RDWR)
-        try:
-            with open(log_file, "ab") as out:
-                offset = out.tell()
-                popen = subprocess.Popen(
-                    cmd,
-                    env=dict(self.env),
-                    stdin=rdwr,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-        finally:
-            os.close(rdwr)
-        st = _proc_stat(popen.pid)
-        return Process(popen.pid, popen, st[1] if st else None, cmd, str(log_file), offset)
 
     def _ready_in_log(self) -> bool:
         proc = self.process
@@ -302,19 +247,10 @@ class SSHControllerLauncher(LocalControllerLauncher):
 
     def signal(self, sig: int) -> bool:
         """Send ``sig`` to the remote controller through its link; whether the link took it."""
-        if not self.fifo:
-            return False
-        try:
-            _write(Path(self.fifo), f"signal {int(sig)}\n".encode())
-        except OSError:
-            return False  # the ssh process is gone
-        return True
+        return self._send(f"signal {int(sig)}\n")
 
     def _cleanup(self) -> None:
-        if self.fifo:
-            with contextlib.suppress(OSError):
-                os.unlink(self.fifo)
-            self.fifo = None
+        self._remove_fifo()
         if "--reuse" not in self.args:  # (the fetched copies; the controller removes its own)
             for f in (self.client_file, self.engine_file):
                 with contextlib.suppress(OSError):

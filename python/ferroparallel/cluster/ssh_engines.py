@@ -45,7 +45,7 @@ from .launchers import (
     terminate_sync,
 )
 
-__all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS", "env_argv", "strip_home"]
+__all__ = ["SSHEngineSetLauncher", "SSH_LAUNCHERS", "env_argv", "spawn_on_fifo", "strip_home"]
 
 #: Names of the SSH engine launcher, lower case.
 SSH_LAUNCHERS = ("ssh", "sshenginesetlauncher", "sshengineset")
@@ -98,6 +98,34 @@ def host_counts(engines: Mapping[str, Any]) -> list[tuple[str, int, list[str]]]:
             raise ValueError(f"engines[{host!r}] must be a count of engines, not {n!r}")
         out.append((host, n, [str(a) for a in extra]))
     return out
+
+
+def spawn_on_fifo(cmd: list[str], env: Mapping[str, str], log_file: Path, fifo: Path) -> Process:
+    """Start ``cmd`` (an ``ssh`` process) in a session of its own, output appended to
+    ``log_file``, stdin the named pipe ``fifo`` (made anew, 0600). The pipe is opened
+    read-write for the child: the ssh process holds a writer itself, so its stdin never ends
+    while it runs, whichever process started it and whether that one still runs; anyone may
+    write ``signal N`` lines into it (:func:`_write`)."""
+    with contextlib.suppress(FileNotFoundError):
+        fifo.unlink()
+    os.mkfifo(fifo, 0o600)
+    rdwr = os.open(fifo, os.O_RDWR)
+    try:
+        with open(log_file, "ab") as out:
+            offset = out.tell()
+            popen = subprocess.Popen(
+                cmd,
+                env=dict(env),
+                stdin=rdwr,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+    finally:
+        os.close(rdwr)
+    st = _proc_stat(popen.pid)
+    return Process(popen.pid, popen, st[1] if st else None, cmd, str(log_file), offset)
 
 
 class SSHEngineSetLauncher(LocalEngineSetLauncher):
@@ -201,30 +229,9 @@ class SSHEngineSetLauncher(LocalEngineSetLauncher):
         return procs
 
     def _spawn(self, cmd: list[str], log_file: Path, fifo: Path) -> Process:
-        with contextlib.suppress(FileNotFoundError):
-            fifo.unlink()
-        os.mkfifo(fifo, 0o600)
+        proc = spawn_on_fifo(cmd, self.env, log_file, fifo)
         self.fifos.append(str(fifo))
-        # read-write: the ssh process holds a writer itself, so its stdin never ends while
-        # it runs, whichever process started it and whether that one still runs
-        rdwr = os.open(fifo, os.O_RDWR)
-        try:
-            with open(log_file, "ab") as out:
-                offset = out.tell()
-                popen = subprocess.Popen(
-                    cmd,
-                    env=dict(self.env),
-                    stdin=rdwr,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-        finally:
-            os.close(rdwr)
-        st = _proc_stat(popen.pid)
-        start = st[1] if st else None
-        return Process(popen.pid, popen, start, cmd, str(log_file), offset)
+        return proc
 
     def _send(self, text: str) -> bool:
         """Write ``text`` to every engine's pipe; whether any took it."""
