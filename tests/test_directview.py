@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -550,13 +551,17 @@ def _read_client_value() -> str:
     return CLIENT_VALUE
 
 
-def test_cloudpickled_functions_run_over_the_senders_globals(dv: DirectView) -> None:
+def test_cloudpickled_functions_run_over_the_senders_globals(
+    dv: DirectView, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As ipyparallel's use_cloudpickle: a function carries its globals' values and runs over
-    them, not over the engine's namespace, which it neither reads nor fills."""
+    them, not over the engine's namespace, which it neither reads nor fills. An
+    ``@interactive`` function's globals are the client's ``__main__`` (not its module's)."""
+    monkeypatch.setattr(sys.modules["__main__"], "CLIENT_VALUE", "client-main", raising=False)
     dv.execute("CLIENT_VALUE = 'engine-value'", block=True)
     try:
         dv.use_cloudpickle(block=True)
-        assert dv.apply_sync(_read_client_value) == [CLIENT_VALUE] * 2
+        assert dv.apply_sync(_read_client_value) == ["client-main"] * 2
         assert dv.pull("CLIENT_VALUE", block=True) == ["engine-value"] * 2
         # the views' own helpers still reach the namespace (as ipyparallel's push and pull)
         dv.push({"cp_x": 3}, block=True)

@@ -658,6 +658,42 @@ def test_interactive_without_namespace_keeps_captured_globals() -> None:
         f(1)
 
 
+WHERE = "the test module"
+
+
+def test_interactive_takes_mains_globals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ipyparallel's ``@interactive``: a function defined in an importable module is
+    rebuilt over ``__main__``'s globals (closure, defaults and attributes kept), so called
+    locally it sees ``__main__``'s names; ferroparallel's engine helpers keep their own."""
+    import ferroparallel.client.remote_helpers as helpers
+    import ferroparallel.dependency as dependency
+
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "WHERE", "__main__", raising=False)
+    step = 10
+
+    def where(prefix: str = "in", *, suffix: str = "!") -> str:
+        """Doc."""
+        return f"{prefix} {WHERE} +{step}{suffix}"
+
+    where.tag = "kept"  # type: ignore[attr-defined]
+    f = fs.interactive(where)
+    assert f.__globals__ is vars(main) and where.__globals__ is globals()
+    assert f() == "in __main__ +10!" and where() == "in the test module +10!"
+    assert f(suffix="?") == "in __main__ +10?" and f.__doc__ == "Doc." and f.tag == "kept"
+    assert f.__module__ == "__main__" and f.__qualname__ == where.__qualname__
+    assert fs.interactive(f) is f
+    assert roundtrip(f, namespace={"WHERE": "engine"})() == "in engine +10!"
+    for helper in (helpers._push, helpers._pull, helpers._execute, dependency._require):
+        assert helper.__module__ == "__main__"
+        assert helper.__globals__ is not vars(main)
+
+    class Point:
+        pass
+
+    assert fs.interactive(Point) is Point and Point.__module__ == "__main__"
+
+
 def test_module_function_is_not_relinked() -> None:
     engine: dict[str, Any] = {}
     assert roundtrip(module_level_function, namespace=engine) is module_level_function

@@ -18,6 +18,7 @@ earlier call brought along. Captured functions from ``__main__`` are relinked th
 from __future__ import annotations
 
 import functools
+import sys
 import types
 import weakref
 from collections.abc import Callable
@@ -34,11 +35,13 @@ _MISSING = object()
 def interactive(f: T) -> T:
     """Mark a function (or class) as interactively defined.
 
-    Its global names are then resolved in the engine's user namespace (the namespace passed
-    when unpacking), as if it had been typed in the engine's ``__main__``; names pushed to the
-    engine are visible to it. It is pickled by value even when defined in an importable module.
-    Applied to a class, it only makes the class pickled by value (its methods keep the globals
-    captured on the sender).
+    A function is returned rebuilt with the ``__dict__`` of ``__main__`` (the module running
+    when it is decorated) as its globals, as if it had been typed there: called locally, or
+    pickled whole after ``use_cloudpickle()``, it sees ``__main__``'s names, not those of the
+    module that defines it. It is pickled by value even when defined in an importable module,
+    and on an engine its global names are resolved in the user namespace (the namespace passed
+    when unpacking): names pushed to the engine are visible to it. Applied to a class, it only
+    makes the class pickled by value (its methods keep the globals captured on the sender).
 
     Parameters
     ----------
@@ -48,8 +51,31 @@ def interactive(f: T) -> T:
     Returns
     -------
     callable
-        ``f`` itself, with ``__module__`` set to ``"__main__"``.
+        For a plain function, a copy sharing its code, defaults, closure and attributes, with
+        ``__main__``'s globals (``f`` itself if it already has them); otherwise ``f``. Either
+        way with ``__module__`` set to ``"__main__"``.
     """
+    if type(f) is types.FunctionType:
+        main_globals = sys.modules["__main__"].__dict__
+        if f.__globals__ is not main_globals:
+            f = _rebuilt(f, main_globals)  # type: ignore[assignment]
+    f.__module__ = "__main__"
+    return f
+
+
+def _rebuilt(f: types.FunctionType, g: dict[str, Any]) -> types.FunctionType:
+    """A copy of ``f`` with ``g`` as its globals (closure cells shared with ``f``)."""
+    new = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+    new.__kwdefaults__ = f.__kwdefaults__
+    new.__qualname__ = f.__qualname__
+    new.__doc__ = f.__doc__
+    new.__annotations__ = f.__annotations__
+    new.__dict__.update(f.__dict__)
+    return new
+
+
+def _mark_main(f: T) -> T:
+    """Set ``__module__`` to ``"__main__"`` only: pickled by value, relinked on the engine."""
     f.__module__ = "__main__"
     return f
 
@@ -63,9 +89,13 @@ def engine_helper(f: T) -> T:
     pull, execute, ``@require``): :func:`interactive`, and rebound to the namespace even when
     the sender pickles with cloudpickle or dill, where user functions keep their own globals
     (ipyparallel's push and pull reach the namespace without ``@interactive`` for the same
-    reason)."""
+    reason).
+
+    Unlike :func:`interactive`, it keeps the helper's own module globals: the code-like ones
+    it names (``importlib``, ``UnmetDependency`` for ``@require``) are captured from there and
+    put into the engine namespace, where the client's ``__main__`` may not have them."""
     HELPER_CODES.add(f.__code__)  # type: ignore[attr-defined]
-    return interactive(f)
+    return _mark_main(f)
 
 
 #: Functions received from a sender in ``use_cloudpickle``/``use_dill`` mode: they keep the
