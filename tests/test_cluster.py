@@ -681,6 +681,9 @@ def test_cli_daemonize_list_stop(fp_root: Path) -> None:
     assert lines[0] == f"{'PROFILE':16} {'CLUSTER ID':32} {'RUNNING':7} {'ENGINES':7} LAUNCHER"
     assert lines[1] == f"{'default':16} {'cli':32} {'True':7} {2:7} Local"
     assert row["launcher"] == "Local"
+    # ipcluster list -o json's form (Cluster.to_dict()) as well
+    assert row["cluster"]["cluster_id"] == "cli" and row["controller"] is not None
+    assert Cluster.from_dict(row).cluster_id == "cli"
 
     r = cli("stop", "--cluster-id", "cli")
     assert r.returncode == 0, r.stderr

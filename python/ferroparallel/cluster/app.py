@@ -608,6 +608,8 @@ def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                         else None
                     ),
                     "cluster_file": str(f),
+                    # ipcluster list -o json prints Cluster.to_dict(): its keys too
+                    **cluster.to_dict(),
                 }
             )
     return sorted(rows, key=lambda r: (r["profile_dir"], r["cluster_id"]))

@@ -60,6 +60,7 @@ from .ssh_controller import SSH_CONTROLLER_LAUNCHERS, SSHControllerLauncher
 from .ssh_engines import SSH_LAUNCHERS, SSHEngineSetLauncher
 from .ssh_host import HOST_OPTIONS
 from .ssh_proxy import SSH_PROXY_LAUNCHERS, SSHProxyEngineSetLauncher
+from .user_launcher import UserLauncher, understood_settings, user_launcher
 
 __all__ = ["Cluster", "cluster_file", "new_cluster_id", "run_sync"]
 
@@ -146,6 +147,12 @@ _LOCAL_LAUNCHERS = (
     "localengineset",
     "localenginelauncher",
 )
+
+
+def _known_launcher(name: str) -> str | None:
+    """The launcher a class name means (as :func:`_launcher_name`), None if it means none."""
+    kind = _launcher_name(name)
+    return kind if kind in ("local", "mpi", "ssh", "sshproxy", *batch.BATCH_SYSTEMS) else None
 
 
 def _launcher_name(value: Any) -> str:
@@ -435,8 +442,18 @@ class Cluster(LoggingConfigurable):
     def _check_launcher(self, proposal: Any) -> str:
         """Any spelling of an available launcher becomes its short name (``"local"``,
         ``"slurm"``, ...), from a keyword, an attribute or a config file alike."""
-        launcher = _launcher_name(proposal["value"])
+        value = proposal["value"]
         what = proposal["trait"].name.split("_", 1)[0]
+        user = None
+        if isinstance(value, type) and _known_launcher(value.__name__) is None:
+            # a user's subclass of a launcher: it runs as the launcher it derives from
+            user = user_launcher(value, what, _known_launcher)
+            if user is not None:
+                value = user.kind
+        if "_user_launchers" not in self.__dict__:
+            self._user_launchers: dict[str, UserLauncher | None] = {}
+        self._user_launchers[what] = user
+        launcher = _launcher_name(value)
         systems = list(batch.BATCH_SYSTEMS)
         if launcher == "local" or launcher in systems:
             return launcher
@@ -532,15 +549,51 @@ class Cluster(LoggingConfigurable):
             return (f"{kind}Launcher", *batch.config_sections(launcher, kind))
         return _LAUNCHER_ARG_SECTIONS[role].get(launcher, ())
 
+    def _user_launcher(self, role: str) -> UserLauncher | None:
+        """The user's launcher class for ``role`` (:mod:`.user_launcher`), if one was given."""
+        return self.__dict__.get("_user_launchers", {}).get(role)
+
+    def _launcher_config(self) -> Any:
+        """``self.config`` as the launchers read it: with the settings of the user's launcher
+        classes (:mod:`.user_launcher`) in the section of the launcher they run as (a class
+        attribute wins over the config, a trait default loses to it, and config sections named
+        after the user's classes apply as traitlets applies them)."""
+        users = {r: self._user_launcher(r) for r in ("controller", "engine")}
+        if not any(users.values()):
+            return self.config
+        cfg = copy.deepcopy(self.config)
+        for role, user in users.items():
+            if user is None:
+                continue
+            sections = ("BaseLauncher", *self._launcher_arg_sections(role))
+            target = cfg[sections[-1]]
+            for key, value in user.defaults.items():
+                if not any(s in cfg and key in cfg[s] for s in sections):
+                    target[key] = copy.deepcopy(value)
+            for section in user.sections:
+                if section in cfg:
+                    keys = set(understood_settings(role, user.kind))
+                    target.update({k: v for k, v in cfg[section].items() if k in keys})
+            for key, value in user.fixed.items():
+                target[key] = copy.deepcopy(value)
+        return cfg
+
+    def _user_cmd(self, role: str) -> list[str] | None:
+        """The ``<role>_cmd`` of the user's launcher class for ``role``, if it sets one."""
+        user = self._user_launcher(role)
+        cmd = None if user is None else user.setting(f"{role}_cmd")
+        return None if cmd is None else [str(a) for a in cmd]
+
     def _configured_args(self, role: str) -> list[str]:
         """``c.LocalControllerLauncher.controller_args`` / ``c.LocalEngineSetLauncher.
         engine_args`` (or a parent class's) of the config: what ipyparallel's launchers put
         before the cluster's own arguments."""
         key = f"{role}_args"
         args: list[str] = []
+        config = self._launcher_config()
         for section in self._launcher_arg_sections(role):
-            if section in self.config and key in self.config[section]:
-                value = self.config[section][key]
+            if section in config and key in config[section]:
+                value = config[section][key]
                 if isinstance(value, str | bytes):
                     raise TypeError(f"c.{section}.{key} must be a list of strings, not a string")
                 args = [str(a) for a in value]
@@ -558,9 +611,10 @@ class Cluster(LoggingConfigurable):
             A setting that is not a mapping.
         """
         out: dict[str, Any] = {}
+        config = self._launcher_config()
         for section in ("BaseLauncher", *self._launcher_arg_sections(role)):
-            if section in self.config and "environment" in self.config[section]:
-                value = self.config[section]["environment"]
+            if section in config and "environment" in config[section]:
+                value = config[section]["environment"]
                 if isinstance(value, LazyConfigValue):  # c.X.environment.update({...})
                     value = value.get_value(dict(out))
                 if not isinstance(value, Mapping):
@@ -650,6 +704,8 @@ class Cluster(LoggingConfigurable):
             env = {**env, **environment}
         args = self._controller_argv(kwargs.pop("controller_args", None))
         cmd = kwargs.pop("controller_cmd", self.controller_cmd)
+        if cmd is None and self.controller_launcher_class != "ssh":  # (ssh: in its options)
+            cmd = self._user_cmd("controller")
         common: dict[str, Any] = {
             "args": kwargs.pop("args", args),
             "env": env,
@@ -777,6 +833,8 @@ class Cluster(LoggingConfigurable):
             "connection_info": info if self.send_engines_connection_env else None,
             "cmd": kwargs.pop("cmd", self.engine_cmd),
         }
+        if common["cmd"] is None and not remote:  # (ssh: in its options)
+            common["cmd"] = self._user_cmd("engine")
         if "engine_cmd" in kwargs and not remote:
             common["cmd"] = [str(a) for a in kwargs.pop("engine_cmd")]  # ipyparallel's name
         launcher: LocalEngineSetLauncher
@@ -837,11 +895,12 @@ class Cluster(LoggingConfigurable):
         """Options of a launcher: ipyparallel's config ``sections`` (later ones win), then the
         keyword arguments of :meth:`start_engines` (popped)."""
         opts: dict[str, Any] = {}
+        config = self._launcher_config()
         for section in sections:
-            if section in self.config:
+            if section in config:
                 for key in keys:
-                    if key in self.config[section]:
-                        opts[key] = self.config[section][key]
+                    if key in config[section]:
+                        opts[key] = config[section][key]
         for key in keys:
             if key in kwargs:
                 opts[key] = kwargs.pop(key)
@@ -866,8 +925,9 @@ class Cluster(LoggingConfigurable):
         names = batch.option_names(system)
         # (the others: _configured_args, _environment)
         used = {*names, "controller_args", "engine_args", "environment"}
+        config = self._launcher_config()
         for section in sections:  # a misspelt setting must not go unnoticed
-            unknown = sorted(set(self.config[section]) - used) if section in self.config else []
+            unknown = sorted(set(config[section]) - used) if section in config else []
             if unknown:
                 log.warning(
                     "c.%s: %s not used by the %s launcher (its settings: %s)",
