@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import socket
+import warnings
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -33,6 +34,21 @@ def test_urls() -> None:
     assert util.disambiguate_url("ipc:///tmp/sock") == "ipc:///tmp/sock"
     assert util.disambiguate_url("not-a-url") == "not-a-url"
     assert util.disambiguate_ip_address("0.0.0.0") == util.localhost() == "127.0.0.1"
+    assert util.disambiguate_ip_address("garbage") == "garbage"
+
+
+def test_disambiguate_warns_of_a_location_that_does_not_resolve() -> None:
+    """As ipyparallel's: an unresolvable host name is returned as given, with a warning."""
+    wontresolve = "this.wontresolve.dns"
+    with pytest.warns(RuntimeWarning, match=f"could not determine IPs for {wontresolve}"):
+        assert util.disambiguate_ip_address("0.0.0.0", wontresolve) == wontresolve
+    with pytest.warns(RuntimeWarning, match=wontresolve):
+        assert util.disambiguate_url("tcp://*:5", wontresolve) == f"tcp://{wontresolve}:5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # names of this machine and addresses: no lookup, no warning
+        assert util.disambiguate_ip_address("0.0.0.0", socket.gethostname()) == "127.0.0.1"
+        assert util.disambiguate_ip_address("*", "10.1.2.3") == "10.1.2.3"
+        assert util.disambiguate_ip_address("10.9.9.9", wontresolve) == "10.9.9.9"
     assert util.is_url("tcp://1.2.3.4:5") and util.is_url("inproc://x")
     assert not util.is_url("http://x") and not util.is_url("1.2.3.4:5") and not util.is_url(3)
     assert util.is_ip("10.0.0.1") and util.is_ip("::1") and not util.is_ip("localhost")

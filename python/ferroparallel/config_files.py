@@ -5,7 +5,12 @@ ferroparallel reads them: the profile's cluster, controller and engine files and
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
+
+#: A traitlets command-line option: ``--Class.trait=value`` or ``--Class.trait`` (value next).
+_TRAIT_OPTION = re.compile(r"^--([A-Za-z_]\w*)\.([A-Za-z_]\w*)(=.*)?$", re.S)
 
 
 def load_py_config(path: str | os.PathLike[str]) -> Any:
@@ -41,3 +46,46 @@ def unused_settings(
         for key in values
         if (section, key) not in used
     )
+
+
+def split_trait_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Take traitlets' command-line options (``--InteractiveShell.colors=nocolor``,
+    ``--IPEngine.timeout 30``) out of ``argv``.
+
+    Returns
+    -------
+    tuple
+        The other arguments, in order, and the traitlets options, each as one
+        ``--Class.trait=value`` argument (see :func:`trait_options_config`).
+
+    Raises
+    ------
+    ValueError
+        An option without a value (``--Class.trait`` last).
+    """
+    rest: list[str] = []
+    options: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        m = _TRAIT_OPTION.match(arg)
+        if m is None:
+            rest.append(arg)
+        elif m.group(3) is not None:
+            options.append(arg)
+        elif i + 1 < len(items):
+            i += 1
+            options.append(f"{arg}={items[i]}")
+        else:
+            raise ValueError(f"{arg} needs a value: {arg}=VALUE")
+        i += 1
+    return rest, options
+
+
+def trait_options_config(options: Sequence[str]) -> Any:
+    """The traitlets ``Config`` of ``--Class.trait=value`` options (values are kept as
+    traitlets keeps command-line values: text, converted by the trait that reads it)."""
+    from traitlets.config.loader import KVArgParseConfigLoader
+
+    return KVArgParseConfigLoader(argv=list(options)).load_config()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import warnings
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -72,11 +73,20 @@ def _own_addresses() -> set[str]:
 def disambiguate_ip_address(ip: str, location: str | None = None) -> str:
     """A connectable address for ``ip`` as a server bound it: a wildcard (``0.0.0.0``, ``*``)
     becomes ``location`` (the host the server runs on), or the loopback address when
-    ``location`` is None or this machine."""
+    ``location`` is None or this machine.
+
+    Warns (RuntimeWarning) when ``location`` is a host name that does not resolve: it is
+    returned as it is, though nothing may be reachable there.
+    """
     if ip not in _WILDCARDS:
         return ip
     if location is None or location in _WILDCARDS or location in _own_addresses():
         return localhost()
+    if not is_ip(location):
+        try:
+            socket.getaddrinfo(location, None)
+        except OSError as e:
+            warnings.warn(f"could not determine IPs for {location}: {e}", RuntimeWarning, 2)
     return location
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import paths
+from ..config_files import split_trait_options, trait_options_config
 from ..controller.config import parse_log_level
 from ..curve import SERVERKEY_ENV_VAR, check_key
 from ..error import FerroParallelError
@@ -115,7 +116,26 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
         type=parse_log_level,
         help="logging level: DEBUG, INFO (default), WARNING, ERROR, or a number (e.g. 40)",
     )
+    p.epilog = (
+        "ipengine's traitlets options are read as a config file after the profile's: "
+        "--InteractiveShell.colors=nocolor, --InteractiveShell.xmode=Plain (the IPython "
+        "shell's settings), --IPEngine.timeout=30, ...; the options above win over them."
+    )
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The engine's options; ``trait_config`` holds the traitlets options
+    (``--InteractiveShell.colors=nocolor``) as a traitlets ``Config`` (None without any).
+    Bad arguments raise ``SystemExit(2)`` (argparse)."""
+    parser = build_parser()
+    try:
+        rest, options = split_trait_options(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    args.trait_config = trait_options_config(options) if options else None
+    return args
 
 
 def _profile_dir(args: argparse.Namespace) -> Path | None:
@@ -145,10 +165,11 @@ def _present_as_kernel() -> None:
 
 
 def _apply_config(args: argparse.Namespace) -> EngineFileConfig:
-    """Read the profile's engine config files and fill in the options the command line left
-    unset (``--file`` only when no connection info is in the environment, which wins as on
-    ipyparallel); change to ``c.IPEngine.work_dir`` when it is set."""
-    cfg = load_engine_config(_profile_dir(args))
+    """Read the profile's engine config files, then the traitlets command-line options, and
+    fill in the options the command line left unset (``--file`` only when no connection info
+    is in the environment, which wins as on ipyparallel); change to ``c.IPEngine.work_dir``
+    when it is set."""
+    cfg = load_engine_config(_profile_dir(args), args.trait_config)
     if args.file is None and cfg.url_file and not any(os.environ.get(v) for v in ENV_VARS):
         args.file = cfg.url_file
     if args.wait_for_file is None:
@@ -190,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         invalid or registration failed; 3 when the controller stopped sending heartbeats.
         Bad arguments raise ``SystemExit(2)`` (argparse).
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.log_level)
     try:
         file_config = _apply_config(args)
@@ -250,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_missed_pings=args.max_missed_pings,
                 use_ipython=args.use_ipython,
                 startup=_startup(args, file_config.startup),
+                shell_config=file_config.shell,
             ),
         )
     except (FerroParallelError, OSError, ValueError, RuntimeError) as e:

@@ -15,7 +15,7 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets import Any as AnyTrait
-from traitlets import Type
+from traitlets import TraitError, Type
 from traitlets.config import Config
 
 from .errors import ErrorInfo
@@ -120,6 +120,23 @@ def _safe_str(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__}>"
 
 
+def _shell_config(settings: Config | None) -> Config:
+    """The engine shell's config: history off (no shared sqlite file between engines), then
+    the user's ``settings``; their ``ZMQInteractiveShell`` section (ipykernel's shell class)
+    applies to the engine's shell as on ipykernel: over ``InteractiveShell``."""
+    config = Config()
+    config.HistoryAccessor.enabled = False
+    if settings:
+        config.merge(settings)
+        zmq_shell = config.pop("ZMQInteractiveShell", None)
+        if zmq_shell:
+            shell = Config()
+            shell.merge(config.pop("InteractiveShell", Config()))
+            shell.merge(zmq_shell)
+            config.InteractiveShell = shell
+    return config
+
+
 class IPythonShell:
     """Runs ``execute_request`` cells with IPython.
 
@@ -131,14 +148,29 @@ class IPythonShell:
         ``publish(msg_type, content, topic)`` for IOPub messages of the current request.
     gate : InterruptGate
         Opened while a cell runs.
+    settings : traitlets.config.Config, optional
+        The user's shell settings (``InteractiveShell.colors``, ``ZMQInteractiveShell.xmode``,
+        ...). Invalid ones are logged, and the shell made with IPython's defaults instead.
     """
 
     def __init__(
-        self, module: types.ModuleType, publish: IOPubPublisher, gate: InterruptGate
+        self,
+        module: types.ModuleType,
+        publish: IOPubPublisher,
+        gate: InterruptGate,
+        settings: Config | None = None,
     ) -> None:
-        config = Config()
-        config.HistoryAccessor.enabled = False  # no shared sqlite file between engines
-        self.shell = _EngineInteractiveShell.instance(config=config, user_module=module)
+        shell = None
+        if settings:
+            try:
+                shell = _EngineInteractiveShell.instance(
+                    config=_shell_config(settings), user_module=module
+                )
+            except TraitError as e:
+                log.error("invalid IPython shell setting, using IPython's defaults: %s", e)
+        if shell is None:
+            shell = _EngineInteractiveShell.instance(config=_shell_config(None), user_module=module)
+        self.shell = shell
         self.shell.fp_publisher = publish
         self.shell.fp_last_error = None
         self.gate = gate

@@ -81,6 +81,9 @@ class EngineConfig:
     startup : Startup
         Code to run in the user namespace once registered (``IPEngine.startup_script`` /
         ``startup_command`` of the profile's config files).
+    shell_config : traitlets.config.Config or None
+        Settings of the IPython shell (``InteractiveShell.colors``, ...; see
+        :data:`~.startup.SHELL_SECTIONS`), None for IPython's defaults.
     """
 
     requested_id: int | None = None
@@ -88,6 +91,7 @@ class EngineConfig:
     max_missed_pings: int = 50
     use_ipython: bool = True
     startup: Startup = field(default_factory=Startup)
+    shell_config: Any = None
 
 
 #: The engine this process runs (None outside an engine), for code that runs on it

@@ -281,7 +281,12 @@ class ShellHandler:
                     try:
                         from .ipyshell import IPythonShell
 
-                        self._shell = IPythonShell(k.namespace.module, self.publish_current, k.gate)
+                        self._shell = IPythonShell(
+                            k.namespace.module,
+                            self.publish_current,
+                            k.gate,
+                            settings=k.config.shell_config,
+                        )
                     except ImportError:
                         log.debug("IPython is not installed: executing code as plain Python")
                     except Exception:

@@ -12,7 +12,18 @@ The startup script and command run in the engine's user namespace, as if pushed 
 any request; an error is logged and the engine serves anyway. Also read: ``wait_for_url_file``,
 ``timeout``, ``max_heartbeat_misses``, ``sshserver`` and ``sshkey`` (the command line wins over
 all of them). ipyparallel's old section names ``EngineFactory`` and ``IPEngineApp`` apply where
-``IPEngine`` does not set the same name. Other settings are named in a warning.
+``IPEngine`` does not set the same name. Other ``IPEngine`` settings are named in a warning.
+
+The settings of the engine's IPython shell apply as on ipyparallel's (ipykernel) engines::
+
+    c.InteractiveShell.colors = "nocolor"   # uncoloured tracebacks
+    c.InteractiveShell.xmode = "Plain"      # traceback mode
+    c.ZMQInteractiveShell.ast_node_interactivity = "all"
+
+(the sections of :data:`SHELL_SECTIONS`; ``ZMQInteractiveShell``, ipykernel's shell class,
+wins over ``InteractiveShell``). ipengine's traitlets command-line options
+(``--InteractiveShell.colors=nocolor``, ``--IPEngine.timeout=30``) are read as one more
+config file, after the profile's; sections the engine does not use are named in a warning.
 """
 
 from __future__ import annotations
@@ -43,6 +54,14 @@ _OPTION_KEYS = {
 }
 #: ipyparallel's old names of the ``IPEngine`` section (read where ``IPEngine`` is silent).
 _DEPRECATED_SECTIONS = ("EngineFactory", "IPEngineApp")
+#: Config sections given to the engine's IPython shell: the shell's classes (ipykernel's
+#: ``ZMQInteractiveShell`` and its base) and the formatters of its ``execute_result``.
+SHELL_SECTIONS = (
+    "InteractiveShell",
+    "ZMQInteractiveShell",
+    "DisplayFormatter",
+    "PlainTextFormatter",
+)
 
 
 @dataclass
@@ -82,6 +101,8 @@ class EngineFileConfig:
     max_missed_pings: int | None = None
     sshserver: str | None = None
     sshkey: str | None = None
+    #: The :data:`SHELL_SECTIONS` settings (a traitlets ``Config``; None: none set).
+    shell: Any = None
 
 
 def _engine_section(cfg: Any) -> dict[str, Any]:
@@ -103,34 +124,59 @@ def _coerce(key: str, value: Any) -> Any:
     return str(value) if value else None
 
 
-def load_engine_config(profile_dir: str | Path | None) -> EngineFileConfig:
+def load_engine_config(
+    profile_dir: str | Path | None, command_line: Any = None
+) -> EngineFileConfig:
     """The engine settings of the config files in ``profile_dir`` (none when it is None or
-    has none). A file that cannot be loaded, or a value of the wrong type, is reported and
-    skipped."""
+    has none), then of ``command_line`` (a traitlets ``Config`` of ``--Class.trait=value``
+    options, which wins). A file that cannot be loaded, or a value of the wrong type, is
+    reported and skipped."""
     out = EngineFileConfig()
-    if profile_dir is None:
-        return out
-    for path in paths.config_files(profile_dir, CONFIG_FILES):
+    sources: list[tuple[str, Any]] = []
+    for path in paths.config_files(profile_dir, CONFIG_FILES) if profile_dir is not None else ():
         try:
-            cfg = load_py_config(path)
+            sources.append((f"config file {path}", load_py_config(path)))
         except ValueError as e:  # the user's file: report, serve anyway
             log.error("%s", e)
-            continue
-        section = _engine_section(cfg)
-        for key in _KEYS:
-            if key in section:
-                value = section[key]
-                setattr(out.startup, key.removeprefix("startup_"), str(value) if value else None)
-        for key, attr in _OPTION_KEYS.items():
-            if key in section:
-                try:
-                    setattr(out, attr, _coerce(key, section[key]))
-                except (TypeError, ValueError):
-                    log.error("config file %s: invalid IPEngine.%s %r", path, key, section[key])
-        used = {("IPEngine", k) for k in (*_KEYS, *_OPTION_KEYS)}
-        unused = unused_settings({"IPEngine": section}, used)
-        if unused:
-            log.warning("config file %s: settings ferroparallel does not use: %s", path, unused)
+    if command_line:
+        sources.append(("command line", command_line))
+    for source, cfg in sources:
+        _read_section(out, _engine_section(cfg), source)
+        shell = {name: cfg[name] for name in SHELL_SECTIONS if cfg.get(name)}
+        if shell:
+            out.shell = _merged(out.shell, shell)
+        if source == "command line":  # (files set much else for ipengine: not reported)
+            engine_sections = ("IPEngine", *_DEPRECATED_SECTIONS, *SHELL_SECTIONS)
+            unused = unused_settings(cfg, set(), skip=set(engine_sections))
+            if unused:
+                log.warning("command line: options ferroparallel ignores: %s", unused)
+    return out
+
+
+def _read_section(out: EngineFileConfig, section: dict[str, Any], source: str) -> None:
+    """Set ``out``'s fields from one source's ``IPEngine`` section (warns of the others)."""
+    for key in _KEYS:
+        if key in section:
+            value = section[key]
+            setattr(out.startup, key.removeprefix("startup_"), str(value) if value else None)
+    for key, attr in _OPTION_KEYS.items():
+        if key in section:
+            try:
+                setattr(out, attr, _coerce(key, section[key]))
+            except (TypeError, ValueError):
+                log.error("%s: invalid IPEngine.%s %r", source, key, section[key])
+    used = {("IPEngine", k) for k in (*_KEYS, *_OPTION_KEYS)}
+    unused = unused_settings({"IPEngine": section}, used)
+    if unused:
+        log.warning("%s: settings ferroparallel does not use: %s", source, unused)
+
+
+def _merged(base: Any, update: dict[str, Any]) -> Any:
+    """``base`` (a traitlets ``Config`` or None) with the sections of ``update`` over it."""
+    from traitlets.config import Config
+
+    out = Config() if base is None else base
+    out.merge(Config(update))
     return out
 
 
