@@ -481,6 +481,31 @@ def test_controller_failure_reports_log(clusters: Callable[..., Cluster]) -> Non
     assert not c.running
 
 
+def test_get_output_of_failed_processes(clusters: Callable[..., Cluster]) -> None:
+    """As ipyparallel's launchers' ``get_output(remove=False)``: what the processes wrote, per
+    engine under an ``Output for engine <i>`` line; ``remove=True`` deletes the log files but
+    the text stays available."""
+    c = clusters(n=1, controller_args=["--scheme", "fastest"])
+    with pytest.raises(RuntimeError):
+        c.start_controller_sync()
+    assert c.controller is not None and "fastest" in c.controller.get_output()
+    log_file = Path(c.controller.process.log_file or "")  # type: ignore[union-attr]
+    assert "fastest" in c.controller.get_output(remove=True)
+    assert not log_file.exists() and "fastest" in c.controller.get_output()
+
+    c = clusters(n=2, engine_args=["--no-such-engine-flag"], profile="output")
+    c.start_controller_sync()
+    es = c.engines[c.start_engines_sync()]
+    wait_until(lambda: not es.running, what="the engines to fail")
+    out = es.get_output()
+    assert out.startswith("Output for engine 0\n  ") and "\nOutput for engine 1\n  " in out
+    assert out.count("no-such-engine-flag") == 2
+    logs = [Path(p.log_file or "") for p in es.processes]
+    assert all(f.exists() for f in logs)
+    assert es.get_output(remove=True) == out
+    assert not any(f.exists() for f in logs) and es.get_output() == out
+
+
 @needs_controller
 def test_same_cluster_id_refused_while_running(
     clusters: Callable[..., Cluster], sleeper: list[str]
@@ -898,6 +923,73 @@ def test_cli_engines_for_a_controller_started_on_its_own(fp_root: Path) -> None:
         ctl.wait(30)
     r = cli("engines", "-n", "1", "--daemonize", f"--profile-dir={pdir}")
     assert r.returncode == 1 and "no running cluster or controller" in r.stderr
+
+
+@needs_engine
+def test_cluster_file_goes_with_the_last_of_the_cluster(
+    clusters: Callable[..., Cluster], fp_root: Path
+) -> None:
+    """As ipyparallel's: stopping the controller, or the engines, removes the cluster file
+    once nothing of the cluster is left (``cluster list`` showed stopped clusters before)."""
+    c = clusters(n=1, profile="left")
+    c.start_controller_sync()
+    assert Path(c.cluster_file).exists()
+    c.stop_controller_sync()
+    assert not Path(c.cluster_file).exists()
+    c.start_controller_sync()
+    esid = c.start_engines_sync(1)
+    c.stop_controller_sync()
+    state = json.loads(Path(c.cluster_file).read_text())
+    assert state["controller"] is None and list(state["engines"]) == [esid]
+    c.stop_engines_sync()
+    assert not Path(c.cluster_file).exists()
+    r = cli("list", "--profile=left")
+    assert r.returncode == 0 and r.stdout.splitlines()[1:] == [], r.stdout
+
+
+@needs_engine
+def test_cli_foreground_engines_leave_no_cluster_file(fp_root: Path) -> None:
+    """``cluster engines`` in the foreground for a controller started on its own: its cluster
+    file goes when its engines stop, by Ctrl-C or by themselves."""
+    pdir = fp_root / "profile_fg_engines"
+    ctl = subprocess.Popen(
+        [sys.executable, "-m", "ferroparallel", "controller", "--profile-dir", str(pdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    cluster_json = pdir / "security" / "cluster-.json"
+    try:
+        wait_until((pdir / "security" / "ipcontroller-client.json").is_file, 30, "the controller")
+        for how in ("ctrl-c", "engine exit"):
+            fg = subprocess.Popen(
+                [sys.executable, "-m", "ferroparallel", "cluster", "engines", "-n", "1",
+                 f"--profile-dir={pdir}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            try:
+                assert fg.stdout is not None
+                line = fg.stdout.readline()
+                assert "1 registered" in line, line + fg.stdout.read()
+                line = fg.stdout.readline()  # (Ctrl-C is trapped from here on)
+                assert "Press Ctrl-C" in line, line + fg.stdout.read()
+                assert cluster_json.exists()
+                if how == "ctrl-c":
+                    fg.send_signal(signal.SIGINT)
+                else:
+                    (pid,) = all_pids(Cluster.from_file(cluster_json))
+                    os.kill(pid, signal.SIGKILL)
+                assert fg.wait(30) == 0, fg.stdout.read()
+                assert not cluster_json.exists(), how
+            finally:
+                if fg.poll() is None:
+                    fg.kill()
+                    fg.wait(10)
+    finally:
+        ctl.terminate()
+        ctl.wait(30)
 
 
 @needs_engine

@@ -682,6 +682,23 @@ def test_dispatcher_usage() -> None:
     assert r.returncode == 0 and b"--daemonize" in r.stdout
 
 
+@pytest.mark.parametrize(
+    "command", [["cluster"], ["cluster", "start"], ["cluster", "list"], ["engine"], ["controller"]]
+)
+def test_commands_print_their_version(command: list[str]) -> None:
+    """As ``ipcluster/ipengine/ipcontroller --version``: the bare version on stdout, status 0."""
+    import ferroparallel
+
+    r = subprocess.run(
+        [sys.executable, "-m", "ferroparallel", *command, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ferroparallel.__version__
+
+
 def test_dispatcher_runs_engine_help() -> None:
     try:
         import ferroparallel.engine.app  # noqa: F401

@@ -216,7 +216,7 @@ def test_suffix_and_auto_activation(ip: InteractiveShell, shared_cluster: Cluste
 
 def test_a_new_client_keeps_the_view_the_user_activated(magics: Any, rc: Client, capsys) -> None:
     """As ipyparallel's (only the first Client in IPython activates): creating another Client
-    leaves %px on the view the user activated; a closed client's view gives way to the next."""
+    leaves %px on the view the user activated, even once that view's client is closed."""
     rc.activate(targets=[0])
     with Client():
         magics.run_line_magic("px", "print('who')")
@@ -226,10 +226,36 @@ def test_a_new_client_keeps_the_view_the_user_activated(magics: Any, rc: Client,
     other.activate(targets=[1])
     other.close()
     with Client() as rc3:
+        assert _magics_of(magics).view.client is other
+        rc3.activate()
         magics.run_line_magic("px", "print('all')")
         out = capsys.readouterr().out
         assert "[stdout:0] \nall" in out and "[stdout:1] \nall" in out
         assert _magics_of(magics).view.client is rc3
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_start_and_connect_activates_only_when_asked(
+    ip: InteractiveShell, fp_session_root: Any, asynchronous: bool
+) -> None:
+    """``start_and_connect(activate=False)`` leaves %px on the view already active (here a
+    closed first client's, as ipyparallel's test_start_and_connect_activate); ``activate=True``
+    moves it to the new client."""
+    with Client() as first:
+        assert _magics_of(ip).view.client is first
+    for activate in (False, True):
+        cluster = Cluster(n=1, cluster_id=f"activate-{activate}-{asynchronous}")
+        try:
+            if asynchronous:
+                new = asyncio.run(cluster.start_and_connect(activate=activate))
+            else:
+                new = cluster.start_and_connect_sync(activate=activate)
+            with new:
+                owner = _magics_of(ip).view.client
+                assert (owner is new) is activate
+                assert (owner is first) is not activate
+        finally:
+            cluster.stop_cluster_sync()
 
 
 def test_suffix_applies_to_every_magic_and_legacy_result_has_none(

@@ -262,6 +262,37 @@ def test_config_files_of_ipythons_profile_of_the_same_name(
     assert paths.config_files(other, ("ipcluster_config.py",)) == []
 
 
+def test_json_config_files_beside_the_python_ones(fp_root: Path, tmp_path: Path) -> None:
+    """As traitlets' applications (ipcluster, ipcontroller, ipengine): a profile's
+    ``NAME_config.json`` is read too, after ``NAME_config.py`` (so the JSON one wins)."""
+    import json
+
+    from ferroparallel.cluster.cluster import Cluster
+    from ferroparallel.controller import app
+    from ferroparallel.engine.startup import load_startup
+
+    pdir = paths.profile_dir("js")
+    (pdir / "ipcluster_config.py").write_text("c.Cluster.n = 1\nc.Cluster.engine_timeout = 7\n")
+    (pdir / "ipcluster_config.json").write_text(json.dumps({"Cluster": {"n": 2}}))
+    (pdir / "ipcontroller_config.json").write_text(json.dumps({"IPController": {"ip": "0.0.0.0"}}))
+    (pdir / "ipengine_config.py").write_text("c.IPEngine.startup_command = 'a = 1'\n")
+    (pdir / "ipengine_config.json").write_text(
+        json.dumps({"IPEngine": {"startup_command": "b = 2"}})
+    )
+    assert paths.config_files(pdir, ("ipcluster_config.py", "ferroparallel_config.py")) == [
+        pdir / "ipcluster_config.py",
+        pdir / "ipcluster_config.json",
+    ]
+    c = Cluster(profile="js")
+    assert (c.n, c.engine_timeout) == (2, 7)
+    s, loaded = app.resolve_settings(app.build_parser().parse_args([]), pdir)
+    assert (s.ip, loaded) == ("0.0.0.0", pdir / "ipcontroller_config.json")
+    assert load_startup(pdir).command == "b = 2"
+    (pdir / "ipcluster_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="ipcluster_config.json"):
+        Cluster(profile="js")
+
+
 @pytest.mark.timeout(90)
 def test_engine_reads_url_file_and_work_dir_of_ipengine_config(
     fp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -1,4 +1,4 @@
-"""Reading traitlets Python config files (``c.Cluster.n = 4``), the one way every part of
+"""Reading traitlets config files (Python: ``c.Cluster.n = 4``, or JSON), the one way every part of
 ferroparallel reads them: the profile's cluster, controller and engine files and
 ``cluster start --config``."""
 
@@ -14,7 +14,8 @@ _TRAIT_OPTION = re.compile(r"^--([A-Za-z_]\w*)\.([A-Za-z_]\w*)(=.*)?$", re.S)
 
 
 def load_py_config(path: str | os.PathLike[str]) -> Any:
-    """The traitlets ``Config`` of the Python config file ``path``.
+    """The traitlets ``Config`` of the config file ``path``: a Python file, or a JSON one
+    when its name ends in ``.json`` (as traitlets' ``JSONFileConfigLoader`` reads).
 
     Raises
     ------
@@ -23,11 +24,16 @@ def load_py_config(path: str | os.PathLike[str]) -> Any:
     """
     from pathlib import Path
 
-    from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
+    from traitlets.config.loader import (
+        ConfigFileNotFound,
+        JSONFileConfigLoader,
+        PyFileConfigLoader,
+    )
 
     p = Path(path).expanduser()
+    loader = JSONFileConfigLoader if p.suffix == ".json" else PyFileConfigLoader
     try:
-        return PyFileConfigLoader(p.name, path=str(p.parent)).load_config()
+        return loader(p.name, path=str(p.parent)).load_config()
     except ConfigFileNotFound:
         raise ValueError(f"config file {p} not found") from None
     except Exception as e:

@@ -115,7 +115,7 @@ def ipython_profile_dir(profile: str | None) -> Path:
 
 def config_files(profile_dir: str | os.PathLike[str], names: Sequence[str]) -> list[Path]:
     """The config files ``names`` of a profile that exist, in the order to load them (later
-    ones win).
+    ones win); each ``NAME.py`` of ``names`` brings its ``NAME.json`` right after it.
 
     For a profile of the profile root (``profile_dir("NAME")``), those of IPython's profile of
     the same name come first (:func:`ipython_profile_dir`: what ``ipython profile create
@@ -140,7 +140,13 @@ def config_files(profile_dir: str | os.PathLike[str], names: Sequence[str]) -> l
         ipython = ipython_profile_dir(pdir.name[len("profile_") :])
         if ipython != pdir:
             dirs.insert(0, ipython)
-    return [d / name for d in dirs for name in names if (d / name).is_file()]
+    found = []
+    for d in dirs:
+        for name in names:
+            # as traitlets' applications: NAME.json beside NAME.py, loaded after it (so it wins)
+            twins = [name, name[: -len(".py")] + ".json"] if name.endswith(".py") else [name]
+            found += [d / n for n in twins if (d / n).is_file()]
+    return found
 
 
 def security_dir(profile_dir: str | os.PathLike[str]) -> Path:

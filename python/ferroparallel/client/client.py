@@ -499,17 +499,14 @@ class Client(HasTraits):
         self._activate_magics()
 
     def _activate_magics(self) -> None:
-        """Inside IPython, a blocking view of all engines becomes the magics' active view when
-        no open client's view is active: as in ipyparallel, where only the first Client
-        activates, a view the user activated keeps ``%px`` when another Client is created
-        (and, unlike there, a closed client's view gives way to the new Client)."""
+        """Inside IPython, the first Client registers the ``%px`` magics for a blocking view of
+        all engines; once any ``%px`` is registered (by an earlier Client, ``activate()`` or
+        ``%load_ext ferroparallel``) a new Client leaves it alone, as ipyparallel's does."""
         shell = ipython_shell()
         if shell is None or not hasattr(shell, "register_magics"):
             return
-        px = getattr(shell, "magics_manager", None)
-        px = px.magics.get("line", {}).get("px") if px is not None else None
-        active = getattr(getattr(px, "__self__", None), "view", None)
-        if active is not None and not getattr(active.client, "_closed", True):
+        manager = getattr(shell, "magics_manager", None)
+        if manager is None or "px" in manager.magics.get("line", {}):
             return
         try:
             self.activate()

@@ -2,7 +2,8 @@
 ``%pxconfig`` and ``%autopx``, as in ipyparallel.
 
 They run code on the engines of one DirectView (the *active* view). Creating a
-:class:`~ferroparallel.Client` inside IPython activates a view of all engines; ``view.activate()``
+:class:`~ferroparallel.Client` inside IPython, while no ``%px`` is registered yet, activates a view
+of all engines (later Clients leave the active view alone); ``view.activate()``
 or ``rc.activate(targets, suffix)`` activates another one (with a suffix the magics get new
 names, e.g. ``%px_even``, so several views can be active at once); ``%load_ext ferroparallel``
 registers them with a client connected on first use.

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .. import paths
+from .. import __version__, paths
 from ..config_files import load_py_config
 from ..error import ConnectionFileError
 from . import _engines_link
@@ -62,6 +62,9 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     """The argument parser of the cluster command."""
     p = argparse.ArgumentParser(
         prog=prog, description="Start, stop, list and clean clusters, or add engines to one."
+    )
+    p.add_argument(
+        "--version", action="version", version=__version__, help="print the version and exit"
     )
     sub = p.add_subparsers(dest="action", metavar="{start,stop,list,clean,engines}")
     sub.required = True
@@ -202,6 +205,10 @@ def build_parser(prog: str = "ferroparallel cluster") -> argparse.ArgumentParser
     # no abbreviations: ipcluster's --controller=Local must not be taken for --controller-arg
     for parser in (p, *sub.choices.values()):
         parser.allow_abbrev = False
+    for parser in sub.choices.values():  # (as ``ipcluster start --version``)
+        parser.add_argument(
+            "--version", action="version", version=__version__, help=argparse.SUPPRESS
+        )
     return p
 
 
@@ -495,6 +502,10 @@ def _engines(args: argparse.Namespace) -> int:
         print("Press Ctrl-C to stop these engines.", flush=True)
         while cluster.engines[esid].running:
             time.sleep(0.2)
+        # they ended by themselves: out of the cluster file (gone with the last of the
+        # cluster), unless the cluster was stopped from elsewhere and its file is gone already
+        if Path(cluster.cluster_file).exists():
+            cluster.stop_engines_sync(esid)
         return 0
     except (KeyboardInterrupt, _Terminate):
         print("Stopping the engines...", flush=True)

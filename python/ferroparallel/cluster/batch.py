@@ -574,10 +574,7 @@ class _BatchJob:
 
     def output_tail(self, lines: int = 30) -> str:
         """The last lines of the job's output file."""
-        try:
-            text = Path(self.output_file).read_text(errors="replace").rstrip("\n")
-        except OSError:
-            return ""
+        text = self.job_output().rstrip("\n")
         return "\n".join(text.splitlines()[-lines:])
 
     def ended_early(self) -> str | None:
@@ -628,8 +625,34 @@ class _BatchJob:
             with contextlib.suppress(OSError):
                 self.batch_file.unlink()
         if ours and self.own_output:  # ended by us: its output goes, as local engines' logs
-            with contextlib.suppress(OSError):
-                Path(self.output_file).unlink()
+            self._discard_output()
+
+    def _discard_output(self) -> None:
+        self._job_output = self.job_output()
+        with contextlib.suppress(OSError):
+            Path(self.output_file).unlink()
+
+    def job_output(self) -> str:
+        """The text of the job's output file (kept here once the file is removed)."""
+        cached = getattr(self, "_job_output", None)
+        if cached is not None:
+            return cached
+        try:
+            return Path(self.output_file).read_text(errors="replace") if self.output_file else ""
+        except OSError:
+            return ""
+
+    def get_output(self, remove: bool = False) -> str:
+        """The job's output (as ipyparallel's batch launchers: one file for the whole job).
+
+        Parameters
+        ----------
+        remove : bool
+            Also delete the output file (the text stays available here).
+        """
+        if remove and self.output_file:
+            self._discard_output()
+        return self.job_output()
 
     def job_dict(self) -> dict[str, Any]:
         """The job's state for the cluster file."""

@@ -1029,7 +1029,9 @@ class Cluster(LoggingConfigurable):
         n : int, optional
             Number of engines (default ``self.n``, else ``os.cpu_count()``).
         activate : bool
-            Call ``client.activate()`` (the ``%px`` magics) once connected.
+            Call ``client.activate()`` (the ``%px`` magics) once connected. Without it the new
+            client takes over ``%px`` only when none is registered yet (as any Client created
+            inside IPython, and as ipyparallel's).
 
         Returns
         -------
@@ -1068,15 +1070,18 @@ class Cluster(LoggingConfigurable):
         await asyncio.gather(*(es.stop(self.stop_timeout) for es in sets))
         for es in sets:
             self.engines.pop(es.engine_set_id, None)
-        if self.controller is not None or self.engines:
-            self.write_cluster_file()
+        if sets:
+            self.update_cluster_file()
 
     async def stop_controller(self) -> None:
         """Stop the controller with SIGTERM, then SIGKILL after a timeout."""
-        if self.controller is not None:
-            await self.controller.stop(self.stop_timeout)
+        stopped = self.controller is not None
+        if stopped:
+            await self.controller.stop(self.stop_timeout)  # type: ignore[union-attr]
         self.controller = None
         self._engine_info = None
+        if stopped:
+            self.update_cluster_file()
 
     async def stop_cluster(self) -> None:
         """Stop every engine set, then the controller, and remove the cluster file."""
@@ -1271,7 +1276,13 @@ class Cluster(LoggingConfigurable):
         """Write the cluster file (atomically, mode 0600)."""
         paths.write_connection_file(self._cluster_path, self.to_dict())
 
-    update_cluster_file = write_cluster_file
+    def update_cluster_file(self) -> None:
+        """Write the cluster file, or remove it once nothing of the cluster is left (no
+        controller, no engine set), as ipyparallel's."""
+        if self.controller is None and not self.engines:
+            self.remove_cluster_file()
+        else:
+            self.write_cluster_file()
 
     def remove_cluster_file(self) -> None:
         """Remove the cluster file if it exists."""

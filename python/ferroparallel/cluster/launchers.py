@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -168,6 +169,7 @@ class Process:
         self.log_file = log_file
         self.log_offset = log_offset
         self._exit_code: int | None = None
+        self._output: str | None = None  # the log's text, kept once the file is removed
 
     @classmethod
     def spawn(
@@ -262,20 +264,33 @@ class Process:
             return
         if self.exit_code not in (None, -1, 0, -signal.SIGTERM):
             return
+        self.discard_log()
+
+    def discard_log(self) -> None:
+        """Delete the log file now, keeping its text for :meth:`output`."""
+        if not self.log_file:
+            return
+        self._output = self.output()
         with contextlib.suppress(OSError):
             Path(self.log_file).unlink()
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last ``lines`` lines this process wrote to its log file."""
+    def output(self) -> str:
+        """Everything this process wrote to its log file (also after the file was removed
+        by :meth:`remove_log`)."""
+        if self._output is not None:
+            return self._output
         if not self.log_file:
             return ""
         try:
             with open(self.log_file, "rb") as f:
                 f.seek(self.log_offset)
-                data = f.read()
+                return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
-        text = data.decode("utf-8", "replace").rstrip("\n")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines this process wrote to its log file."""
+        text = self.output().rstrip("\n")
         return "\n".join(text.splitlines()[-lines:])
 
     def to_dict(self) -> dict[str, Any]:
@@ -475,6 +490,20 @@ class LocalControllerLauncher:
                         f.unlink()
             self.process.remove_log()
 
+    def get_output(self, remove: bool = False) -> str:
+        """What the controller wrote to stdout and stderr (as ipyparallel launchers').
+
+        Parameters
+        ----------
+        remove : bool
+            Also delete the log file it went to (the text stays available here).
+        """
+        if self.process is None:
+            return ""
+        if remove:
+            self.process.discard_log()
+        return self.process.output()
+
     def describe(self) -> str:
         """How the controller runs, for messages (``controller pid 123``)."""
         return f"controller pid {self.process.pid}" if self.process else "controller"
@@ -637,6 +666,31 @@ class LocalEngineSetLauncher:
     def log_tails(self, lines: int = 10) -> str:
         """The last lines of every engine's log."""
         return "\n".join(f"--- {p.log_file}:\n{p.log_tail(lines)}" for p in self.processes)
+
+    #: At most this many lines of each engine's output in :meth:`get_output` (0: all).
+    output_limit: int = 100
+
+    def get_output(self, remove: bool = False) -> str:
+        """The output of the engines (as ipyparallel's engine sets): for each engine that wrote
+        anything, an ``Output for engine <i>`` line, then its last :attr:`output_limit` lines
+        indented by two spaces.
+
+        Parameters
+        ----------
+        remove : bool
+            Also delete the engines' log files (the text stays available here).
+        """
+        parts = []
+        for i, p in enumerate(self.processes):
+            if remove:
+                p.discard_log()
+            text = p.output()
+            if not text:
+                continue
+            if self.output_limit:
+                text = "".join(text.splitlines(True)[-self.output_limit :])
+            parts += [f"Output for engine {i}", textwrap.indent(text, "  ")]
+        return "\n".join(parts)
 
     def stop_now(self, timeout: float = 5.0) -> None:
         """Blocking :meth:`stop` (interpreter exit)."""

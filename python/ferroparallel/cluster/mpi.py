@@ -183,6 +183,20 @@ class MPIEngineSetLauncher(LocalEngineSetLauncher):
                 await p.wait(timeout)
         await terminate(self.processes, timeout)
 
+    def get_output(self, remove: bool = False) -> str:
+        """What ``mpiexec`` (and so every rank) wrote, as ipyparallel's MPI launcher: one
+        output for the whole job.
+
+        Parameters
+        ----------
+        remove : bool
+            Also delete the log file (the text stays available here).
+        """
+        for p in self.processes:
+            if remove:
+                p.discard_log()
+        return "".join(p.output() for p in self.processes)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
         return {**super().to_dict(), "kind": self.kind, "mpi_cmd": self.mpi_cmd,

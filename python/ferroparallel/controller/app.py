@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .. import paths
+from .. import __version__, paths
 from ..serialize.shm import sweep as sweep_segments
 from .config import (
     CONFIG_FILENAME,
@@ -65,6 +65,9 @@ def build_parser(prog: str = "ferroparallel controller") -> argparse.ArgumentPar
     p = argparse.ArgumentParser(
         prog=prog,
         description="Run a ferroparallel controller (hub, schedulers, heartbeat) in this process.",
+    )
+    p.add_argument(
+        "--version", action="version", version=__version__, help="print the version and exit"
     )
     g = p.add_argument_group("profile")
     g.add_argument("--profile", help="profile name (default: 'default')")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import paths
+from .. import __version__, paths
 from ..config_files import split_trait_options, trait_options_config
 from ..controller.config import parse_log_level
 from ..curve import SERVERKEY_ENV_VAR, check_key
@@ -35,6 +35,9 @@ def build_parser(prog: str = "ferroparallel engine") -> argparse.ArgumentParser:
             "$IPP_CONNECTION_INFO (JSON of the engine connection file), else from "
             "<profile dir>/security/ipcontroller[-<cluster id>]-engine.json."
         ),
+    )
+    p.add_argument(
+        "--version", action="version", version=__version__, help="print the version and exit"
     )
     p.add_argument("--profile", default=None, help="profile name (default: 'default')")
     p.add_argument("--profile-dir", default=None, help="profile directory (wins over --profile)")
