@@ -97,16 +97,8 @@ def _is_engine(pid: int) -> bool:
     return b"ferroparallel.engine" in argv or any(a.endswith(b"ferroparallel-engine") for a in argv)
 
 
-class MPIEngineSetLauncher(LocalEngineSetLauncher):
-    """Run ``n`` engines as the ranks of one ``mpiexec`` job.
-
-    Parameters are those of :class:`~.launchers.LocalEngineSetLauncher`, plus:
-
-    mpi_cmd : sequence of str, optional
-        The MPI launcher command (default ``["mpiexec"]``).
-    mpi_args : sequence of str, optional
-        Extra ``mpiexec`` arguments, placed after ``-n N`` (hosts files, binding...).
-    """
+class _MPICommand:
+    """The ``mpiexec`` command and its arguments of a launcher that runs under MPI."""
 
     kind = "mpi"
 
@@ -119,7 +111,19 @@ class MPIEngineSetLauncher(LocalEngineSetLauncher):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.mpi_cmd = list(mpi_cmd) if mpi_cmd else ["mpiexec"]
-        self.mpi_args = list(mpi_args)
+        self.mpi_args = [str(a) for a in mpi_args]
+
+
+class MPIEngineSetLauncher(_MPICommand, LocalEngineSetLauncher):
+    """Run ``n`` engines as the ranks of one ``mpiexec`` job.
+
+    Parameters are those of :class:`~.launchers.LocalEngineSetLauncher`, plus:
+
+    mpi_cmd : sequence of str, optional
+        The MPI launcher command (default ``["mpiexec"]``).
+    mpi_args : sequence of str, optional
+        Extra ``mpiexec`` arguments, placed after ``-n N`` (hosts files, binding...).
+    """
 
     def full_cmd(self) -> list[str]:
         """The ``mpiexec`` command line that starts the whole set."""
@@ -215,7 +219,7 @@ def _which_or_explain(exe: str, env: Mapping[str, str], what: str) -> None:
         )
 
 
-class MPIControllerLauncher(LocalControllerLauncher):
+class MPIControllerLauncher(_MPICommand, LocalControllerLauncher):
     """Run the controller as the one rank of ``mpiexec -n 1``.
 
     Parameters are those of :class:`~.launchers.LocalControllerLauncher`, plus:
@@ -225,19 +229,6 @@ class MPIControllerLauncher(LocalControllerLauncher):
     mpi_args : sequence of str, optional
         Extra ``mpiexec`` arguments, placed after ``-n 1``.
     """
-
-    kind = "mpi"
-
-    def __init__(
-        self,
-        *args: Any,
-        mpi_cmd: Sequence[str] | None = None,
-        mpi_args: Sequence[str] = (),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.mpi_cmd = list(mpi_cmd) if mpi_cmd else ["mpiexec"]
-        self.mpi_args = [str(a) for a in mpi_args]
 
     def controller_cmd(self) -> list[str]:
         """The controller's own command line (the program ``mpiexec`` runs)."""
