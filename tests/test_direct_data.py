@@ -641,6 +641,56 @@ def test_a_fetched_reply_with_altered_bytes_is_refused() -> None:
         listener.close()
 
 
+def _read_stream_message(peer: socket.socket) -> list[bytes]:
+    """One unsigned message of the data stream format, read by hand."""
+
+    def exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = peer.recv(n - len(out))
+            assert chunk, "closed"
+            out += chunk
+        return out
+
+    magic, count, flags = struct.unpack(">4sII", exactly(12))
+    assert (magic, flags) == (b"FPds", 0)
+    lens = struct.unpack(f">{count}Q", exactly(8 * count))
+    return [exactly(n) for n in lens]
+
+
+def test_a_reply_of_an_older_version_is_refused_as_such() -> None:
+    """A lender of another ferroparallel version (flag 1 or 2: a MAC of keyed BLAKE3 over the
+    bytes, without v3's nonce) is told apart from an altered reply and refused."""
+    ours = _core.Session(KEY, packer="msgpack", sign_buffers=False)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+        def old_lender(flag: int) -> None:
+            peer, _ = listener.accept()
+            with peer:
+                request = ours.deserialize(_read_stream_message(peer))
+                ack = ours.serialize(
+                    netloan.FETCH_ACK, {"count": 1, "nbytes": 4}, request["header"]
+                )
+                peer.sendall(_stream_message([bytes(f) for f in ack]))
+                reply = b"FPds" + struct.pack(">IIQ", 1, flag, 4) + b"data" + bytes(32)
+                peer.sendall(reply)
+                with contextlib.suppress(OSError):
+                    peer.recv(1)  # until the fetcher hangs up
+
+        for flag in (1, 2):
+            t = threading.Thread(target=old_lender, args=(flag,), daemon=True)
+            t.start()
+            fetcher = netloan.Fetcher(KEY, "msgpack")
+            try:
+                with pytest.raises(ShmError, match=f"version {flag} MAC"):
+                    fetcher.fetch(endpoint, "token", 10)
+                assert fetcher.channels == 0
+            finally:
+                fetcher.close()
+            t.join(10)
+
+
 def test_a_loan_is_hashed_once_and_changed_bytes_are_refused(
     server: netloan.DataServer,
 ) -> None:

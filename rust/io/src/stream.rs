@@ -3,23 +3,26 @@
 //!
 //! Large buffers go from the lender's memory into the kernel and from the kernel into the
 //! receiver's frames, with no broker thread in between (libzmq hands every message to its own
-//! I/O thread), and their MAC is computed while they move: by a second thread on the sending
-//! side, piece by piece as they arrive on the receiving side.
+//! I/O thread), and their MAC is computed while they move on the sending side (by a second
+//! thread), once they have arrived on the receiving side (AES-GMAC, about 4x keyed BLAKE3).
 //!
 //! One message on the wire:
 //!
 //! ```text
-//! "FPds"  count: u32 BE  flags: u32 BE  count × length: u64 BE  the frames' bytes  [MAC: 32 bytes]
+//! "FPds"  count: u32 BE  flags: u32 BE  count × length: u64 BE  the frames' bytes
+//!         [nonce: 8 bytes  MAC: 32 bytes]
 //! ```
 //!
-//! `flags & 2` says a MAC follows: keyed BLAKE3 over the msg_id of the request the message
-//! answers and a keyed digest of its frames ([`fp_wire::StreamKey::mac`],
-//! [`fp_wire::StreamDigest`]). The sender computes that digest once per loan ([`LoanDigest`]),
+//! `flags & 4` says a nonce and a MAC follow: keyed BLAKE3 over the msg_id of the request the
+//! message answers, the nonce and a keyed digest of its frames ([`fp_wire::StreamKey::mac`],
+//! [`fp_wire::StreamDigest`]: keyed BLAKE3 over each frame's AES-256-GMAC tag under the nonce).
+//! The sender computes that digest once per loan ([`LoanDigest`]), with a fresh random nonce,
 //! however many peers fetch it; each receiver computes it over the bytes it received. (Flag
-//! 1 was version 1's MAC over the request and the frames, hashed again for every fetch: refused.)
+//! 1 was version 1's MAC over the request and the frames, hashed again for every fetch, flag 2
+//! version 2's keyed BLAKE3 digest of the bytes: both refused.)
 //! Both ends are ours: no other peer speaks this.
 
-use fp_wire::{StreamDigest, StreamKey};
+use fp_wire::{StreamKey, StreamNonce};
 use std::io::{self, ErrorKind, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -28,17 +31,18 @@ use std::time::{Duration, Instant};
 
 /// First bytes of every message.
 pub const MAGIC: [u8; 4] = *b"FPds";
-const FLAG_MAC: u32 = 2;
+const FLAG_MAC: u32 = 4;
 /// Version 1's MAC flag (a peer of another ferroparallel version).
 const FLAG_MAC_V1: u32 = 1;
+/// Version 2's MAC flag (keyed BLAKE3 over the bytes, no nonce: another ferroparallel version).
+const FLAG_MAC_V2: u32 = 2;
 /// Longest a blocking read or write waits before the caller's tick is asked whether to go on.
 pub const TICK: Duration = Duration::from_millis(250);
 /// Frames up to this size are gathered into one write with the header.
 const SMALL_FRAME: usize = 64 * 1024;
-/// Received bytes are hashed in pieces of this size, each as soon as it has arrived.
-const HASH_PIECE: usize = 1 << 20;
-/// Sent bytes are hashed in pieces of this size, so that a failed send stops the hashing soon.
-const SEND_HASH_PIECE: usize = 16 << 20;
+
+/// A loan's digest and the nonce it was computed under.
+type Sealed = (StreamNonce, [u8; 32]);
 
 /// What a receiver accepts in one message; anything larger is refused before it is read.
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +87,7 @@ enum DigestState {
     Empty,
     /// A send of these frames is hashing them.
     Computing(DigestOf),
-    Done(DigestOf, [u8; 32]),
+    Done(DigestOf, Sealed),
 }
 
 /// The digest of one loan's frames, shared by every send of it: the first send hashes the
@@ -101,7 +105,7 @@ pub struct LoanDigest {
 /// What a send does about the digest of its frames.
 enum Role<'a> {
     /// Known already.
-    Known([u8; 32]),
+    Known(Sealed),
     /// Hash them (and, with a claim, store the digest for the other sends).
     Hash(Option<Claim<'a>>),
     /// Another send is hashing them: wait for its digest once the bytes are written.
@@ -116,7 +120,7 @@ struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    fn store(mut self, of: DigestOf, digest: [u8; 32]) {
+    fn store(mut self, of: DigestOf, digest: Sealed) {
         *self.cache.lock() = DigestState::Done(of, digest);
         self.cache
             .stored
@@ -178,7 +182,7 @@ impl LoanDigest {
         of: &DigestOf,
         deadline: Option<Instant>,
         tick: Tick<'_>,
-    ) -> Result<Option<[u8; 32]>, StreamError> {
+    ) -> Result<Option<Sealed>, StreamError> {
         let mut state = self.lock();
         loop {
             match &*state {
@@ -201,22 +205,26 @@ impl LoanDigest {
     }
 }
 
+/// The digest of `frames` under a fresh nonce; `Ok(None)` when `stop` was set meanwhile.
 fn hash_frames(
     key: &StreamKey,
     frames: &[&[u8]],
     stop: Option<&std::sync::atomic::AtomicBool>,
-) -> Option<[u8; 32]> {
-    let mut digest = key.digest(frames.len() as u64);
+) -> Result<Option<Sealed>, StreamError> {
+    let nonce = StreamKey::fresh_nonce()
+        .map_err(|e| StreamError::Io(io::Error::other(format!("no random nonce: {e}"))))?;
+    let mut digest = key.digest(&nonce, frames.len() as u64);
     for f in frames {
-        digest.frame(f.len() as u64);
-        for piece in f.chunks(SEND_HASH_PIECE) {
-            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
-                return None;
-            }
-            digest.update(piece);
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Ok(None);
         }
+        digest.frame(f).map_err(|_| gmac_failed())?;
     }
-    Some(digest.finish())
+    Ok(Some((nonce, digest.finish())))
+}
+
+fn gmac_failed() -> StreamError {
+    StreamError::Malformed("a frame too large for AES-GMAC".into())
 }
 
 /// Why a message could not be sent or received. After any error the stream is out of step and
@@ -438,77 +446,22 @@ fn allocate(lens: &[u64]) -> Result<Vec<Vec<u8>>, StreamError> {
     Ok(frames)
 }
 
-/// Received bytes for the hashing thread: a frame's start, or bytes of it.
-enum Piece {
-    Frame(u64),
-    Bytes(*const u8, usize),
-}
-
-// SAFETY: a piece points into a frame allocation that outlives the hashing thread (see
-// `read_frames`), holding bytes that the reader has written and never writes again.
-unsafe impl Send for Piece {}
-
 /// Read every frame into `frames` (allocated, empty: `len` 0, capacity the frame's length).
-/// With `digest`, a second thread hashes each piece as soon as it has arrived, while the next
-/// one is read; the digest is returned once every byte was read and hashed.
 fn read_frames(
     stream: &TcpStream,
     frames: &mut [Vec<u8>],
-    digest: Option<StreamDigest>,
     deadline: Option<Instant>,
     tick: Tick<'_>,
-) -> Result<Option<[u8; 32]>, StreamError> {
-    let Some(mut mac) = digest else {
-        for frame in frames.iter_mut() {
-            let len = frame.capacity();
-            // SAFETY: the capacity is reserved and untouched; read_into writes all of it.
-            unsafe {
-                read_into(stream, frame.as_mut_ptr(), len, false, deadline, tick)?;
-                frame.set_len(len);
-            }
+) -> Result<(), StreamError> {
+    for frame in frames.iter_mut() {
+        let len = frame.capacity();
+        // SAFETY: the capacity is reserved and untouched; read_into writes all of it.
+        unsafe {
+            read_into(stream, frame.as_mut_ptr(), len, false, deadline, tick)?;
+            frame.set_len(len);
         }
-        return Ok(None);
-    };
-    let (pieces, hashed) = std::sync::mpsc::sync_channel::<Piece>(256);
-    std::thread::scope(|scope| {
-        let hasher = scope.spawn(move || {
-            for piece in hashed {
-                match piece {
-                    Piece::Frame(len) => mac.frame(len),
-                    // SAFETY: see `Piece`: written before it was sent, alive until the scope
-                    // ends (the frames belong to the caller), never written again.
-                    Piece::Bytes(p, n) => mac.update(unsafe { std::slice::from_raw_parts(p, n) }),
-                }
-            }
-            mac.finish()
-        });
-        let mut read = || -> Result<(), StreamError> {
-            for frame in frames.iter_mut() {
-                let len = frame.capacity();
-                let base = frame.as_mut_ptr();
-                let _ = pieces.send(Piece::Frame(len as u64));
-                let mut pos = 0;
-                while pos < len {
-                    let end = (pos + HASH_PIECE).min(len);
-                    // SAFETY: `base + pos .. base + end` lies in the reserved capacity; the
-                    // hashing thread only reads the bytes below `pos`.
-                    unsafe { read_into(stream, base.add(pos), end - pos, false, deadline, tick)? };
-                    // SAFETY: (pointer arithmetic within the allocation)
-                    let _ = pieces.send(Piece::Bytes(unsafe { base.add(pos) }, end - pos));
-                    pos = end;
-                }
-                // SAFETY: all `len` bytes of the capacity were written above.
-                unsafe { frame.set_len(len) };
-            }
-            Ok(())
-        };
-        let outcome = read();
-        drop(pieces); // the hashing thread ends after what it was given
-        let mac = hasher
-            .join()
-            .map_err(|_| StreamError::Malformed("hashing failed".into()))?;
-        outcome.map(|()| Some(mac))
-    })
+    }
+    Ok(())
 }
 
 /// Send one message made of `frames`; with `mac`, their MAC follows them. The frames' digest
@@ -571,7 +524,7 @@ pub fn send_message(
         let hashed = match hashing.map(|h| h.join()) {
             Some(Ok(d)) => d,
             Some(Err(_)) => return Err(StreamError::Malformed("hashing failed".into())),
-            None => None,
+            None => Ok(None),
         };
         written?; // (a claim dropped here lets a waiting send hash the frames itself)
         let (Some(m), Some(of), Some(role)) = (mac, of, role) else {
@@ -580,7 +533,7 @@ pub fn send_message(
         let digest = match role {
             Role::Known(d) => d,
             Role::Hash(claim) => {
-                let d = hashed.ok_or_else(|| StreamError::Malformed("hashing stopped".into()))?;
+                let d = hashed?.ok_or_else(|| StreamError::Malformed("hashing stopped".into()))?;
                 if let Some(claim) = claim {
                     claim.store(of, d);
                 }
@@ -597,7 +550,8 @@ pub fn send_message(
                         Role::Known(d) => break d,
                         Role::Wait => continue,
                         Role::Hash(claim) => {
-                            let d = hash_frames(m.key, frames, None).expect("not stopped");
+                            let d = hash_frames(m.key, frames, None)?
+                                .ok_or_else(|| StreamError::Malformed("hashing stopped".into()))?;
                             if let Some(claim) = claim {
                                 claim.store(of.clone(), d);
                             }
@@ -607,7 +561,9 @@ pub fn send_message(
                 }
             }
         };
-        staged.extend_from_slice(&m.key.mac(m.context, &digest));
+        let (nonce, digest) = digest;
+        staged.extend_from_slice(&nonce);
+        staged.extend_from_slice(&m.key.mac(m.context, &nonce, &digest));
         write_all(stream, &staged, deadline, tick)
     })
 }
@@ -641,10 +597,12 @@ pub fn recv_message(
             limits.max_frames
         )));
     }
-    if flags == FLAG_MAC_V1 {
-        return Err(StreamError::Malformed(
-            "a version 1 MAC (the peer runs another ferroparallel version)".into(),
-        ));
+    for (old, version) in [(FLAG_MAC_V1, 1), (FLAG_MAC_V2, 2)] {
+        if flags == old {
+            return Err(StreamError::Malformed(format!(
+                "a version {version} MAC (the peer runs another ferroparallel version)"
+            )));
+        }
     }
     if flags & !FLAG_MAC != 0 {
         return Err(StreamError::Malformed(format!("unknown flags {flags:#x}")));
@@ -669,13 +627,22 @@ pub fn recv_message(
         return Err(StreamError::BadMac("the message carries no MAC"));
     }
     let mut frames = allocate(&lens)?;
-    let digest = mac.map(|m| m.key.digest(u64::from(count)));
-    let digest = read_frames(stream, &mut frames, digest, deadline, tick)?;
+    read_frames(stream, &mut frames, deadline, tick)?;
     if flags & FLAG_MAC != 0 {
-        let mut given = [0u8; 32];
-        read_exact(stream, &mut given, false, deadline, tick)?;
-        if let (Some(m), Some(d)) = (mac, digest) {
-            if !m.key.matches(m.context, &d, &given) {
+        let mut trailer = [0u8; 40];
+        read_exact(stream, &mut trailer, false, deadline, tick)?;
+        if let Some(m) = mac {
+            let mut nonce: StreamNonce = [0; 8];
+            nonce.copy_from_slice(&trailer[..8]);
+            let mut given = [0u8; 32];
+            given.copy_from_slice(&trailer[8..]);
+            // GMAC is one-shot and the nonce comes after the frames: each frame is
+            // authenticated once every byte has arrived (about 7 ms per 128 MiB)
+            let mut digest = m.key.digest(&nonce, u64::from(count));
+            for f in &frames {
+                digest.frame(f).map_err(|_| gmac_failed())?;
+            }
+            if !m.key.matches(m.context, &nonce, &digest.finish(), &given) {
                 return Err(StreamError::BadMac("the frames do not match their MAC"));
             }
         }
@@ -737,8 +704,9 @@ mod tests {
         })
     }
 
-    /// A message as the sender writes it, with `mac` after the frames (flag `flags`).
-    fn raw_message(frames: &[&[u8]], flags: u32, mac: Option<[u8; 32]>) -> Vec<u8> {
+    /// A message as the sender writes it, with `trailer` (nonce and MAC) after the frames
+    /// (flag `flags`).
+    fn raw_message(frames: &[&[u8]], flags: u32, trailer: Option<&[u8]>) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&(frames.len() as u32).to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -748,7 +716,7 @@ mod tests {
         for f in frames {
             out.extend_from_slice(f);
         }
-        out.extend_from_slice(&mac.unwrap_or_default()[..mac.map_or(0, |_| 32)]);
+        out.extend_from_slice(trailer.unwrap_or_default());
         out
     }
 
@@ -788,44 +756,76 @@ mod tests {
     }
 
     #[test]
-    fn tampered_bytes_a_replayed_mac_and_a_version_1_mac_are_refused() {
+    fn tampered_bytes_a_replayed_mac_and_older_versions_are_refused() {
         let k = key(b"key");
         let frames: [&[u8]; 2] = [b"head", b"the payload"];
-        let mut digest = k.digest(2);
+        let nonce = StreamKey::fresh_nonce().unwrap();
+        let mut digest = k.digest(&nonce, 2);
         for f in frames {
-            digest.frame(f.len() as u64);
-            digest.update(f);
+            digest.frame(f).unwrap();
         }
-        let mac = k.mac(b"req-1", &digest.finish());
-        let good = raw_message(&frames, FLAG_MAC, Some(mac));
+        let digest = digest.finish();
+        let trailer = |nonce: &StreamNonce, mac: [u8; 32]| [&nonce[..], &mac[..]].concat();
+        let mac = k.mac(b"req-1", &nonce, &digest);
+        let good = raw_message(&frames, FLAG_MAC, Some(&trailer(&nonce, mac)));
         assert_eq!(
             recv_raw(&good, for_req(&k, b"req-1")).unwrap()[1],
             frames[1]
         );
-        // one flipped bit in the frames' bytes
+        let refused = |bytes: &[u8], req: &[u8], k: &StreamKey| {
+            let err = recv_raw(bytes, for_req(k, req)).unwrap_err();
+            assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        };
+        // one flipped bit in the frames' bytes, in the nonce
         let mut tampered = good.clone();
-        let at = tampered.len() - 32 - 3;
+        let at = tampered.len() - 40 - 3;
         tampered[at] ^= 1;
-        let err = recv_raw(&tampered, for_req(&k, b"req-1")).unwrap_err();
-        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
-        // the same bytes split otherwise (the lengths are in the digest)
-        let resplit = raw_message(&[b"headthe", b" payload"], FLAG_MAC, Some(mac));
-        let err = recv_raw(&resplit, for_req(&k, b"req-1")).unwrap_err();
-        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
-        // a recorded reply (bytes and MAC) answering another request
-        let err = recv_raw(&good, for_req(&k, b"req-2")).unwrap_err();
-        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
+        refused(&tampered, b"req-1", &k);
+        let mut other_nonce = good.clone();
+        let at = other_nonce.len() - 40;
+        other_nonce[at] ^= 1;
+        refused(&other_nonce, b"req-1", &k);
+        // the same bytes split otherwise (the lengths are in the digest), or in one frame
+        for moved in [
+            &[&b"headthe"[..], &b" payload"[..]][..],
+            &[b"headthe payload"],
+        ] {
+            let resplit = raw_message(moved, FLAG_MAC, Some(&trailer(&nonce, mac)));
+            refused(&resplit, b"req-1", &k);
+        }
+        // a recorded reply (bytes, nonce and MAC) answering another request
+        refused(&good, b"req-2", &k);
+        // a receiver with another key
+        refused(&good, b"req-1", &key(b"other"));
         // the digest itself in place of the MAC
-        let bare = raw_message(&frames, FLAG_MAC, Some(digest.finish()));
-        let err = recv_raw(&bare, for_req(&k, b"req-1")).unwrap_err();
-        assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");
-        // version 1's flag: refused as such
-        let v1 = raw_message(&frames, FLAG_MAC_V1, Some(mac));
-        let err = recv_raw(&v1, for_req(&k, b"req-1")).unwrap_err();
-        assert!(
-            matches!(err, StreamError::Malformed(ref m) if m.contains("version 1")),
-            "{err:?}"
-        );
+        let bare = raw_message(&frames, FLAG_MAC, Some(&trailer(&nonce, digest)));
+        refused(&bare, b"req-1", &k);
+        // versions 1 and 2: refused as such
+        for (flag, version) in [(FLAG_MAC_V1, "version 1"), (FLAG_MAC_V2, "version 2")] {
+            let old = raw_message(&frames, flag, Some(&mac));
+            let err = recv_raw(&old, for_req(&k, b"req-1")).unwrap_err();
+            assert!(
+                matches!(err, StreamError::Malformed(ref m) if m.contains(version)),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_loan_gets_its_own_nonce() {
+        let k = key(b"key");
+        let frames: [&[u8]; 1] = [b"payload"];
+        let (a, b) = (LoanDigest::new(), LoanDigest::new());
+        for loan in [&a, &b] {
+            round_trip(&frames, for_req(&k, b"r"), Some(loan), for_req(&k, b"r")).unwrap();
+        }
+        let sealed = |loan: &LoanDigest| match &*loan.lock() {
+            DigestState::Done(_, sealed) => *sealed,
+            _ => panic!("hashed"),
+        };
+        let (sa, sb) = (sealed(&a), sealed(&b));
+        assert_ne!(sa.0, sb.0);
+        assert_ne!(sa.1, sb.1);
     }
 
     #[test]
@@ -894,7 +894,7 @@ mod tests {
         let Role::Hash(Some(claim)) = loan.begin(&of) else {
             panic!("the first send hashes")
         };
-        claim.store(of, [0; 32]);
+        claim.store(of, ([0; 8], [0; 32]));
         let err =
             round_trip(&frames, for_req(&k, b"r"), Some(&loan), for_req(&k, b"r")).unwrap_err();
         assert!(matches!(err, StreamError::BadMac(_)), "{err:?}");

@@ -26,7 +26,8 @@ pub use error::WireError;
 pub use header::{iso_from_unix, iso_now, new_id, HeaderFactory, PROTOCOL_VERSION};
 pub use packer::{Field, Packer};
 pub use sign::{
-    Auth, DigestHistory, StreamDigest, StreamKey, BUFFERS_DIGEST_KEY, DEFAULT_HISTORY_SIZE,
+    Auth, DigestHistory, GmacFailed, StreamDigest, StreamKey, StreamNonce, BUFFERS_DIGEST_KEY,
+    DEFAULT_HISTORY_SIZE,
 };
 pub use value::Value;
 
