@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -557,7 +556,10 @@ def test_cloudpickled_functions_run_over_the_senders_globals(
     """As ipyparallel's use_cloudpickle: a function carries its globals' values and runs over
     them, not over the engine's namespace, which it neither reads nor fills. An
     ``@interactive`` function's globals are the client's ``__main__`` (not its module's)."""
-    monkeypatch.setattr(sys.modules["__main__"], "CLIENT_VALUE", "client-main", raising=False)
+    # (the __main__ of when it was decorated: IPython shells made by other tests since may
+    # have put their own module in sys.modules["__main__"])
+    assert _read_client_value.__globals__.get("__name__") == "__main__"
+    monkeypatch.setitem(_read_client_value.__globals__, "CLIENT_VALUE", "client-main")
     dv.execute("CLIENT_VALUE = 'engine-value'", block=True)
     try:
         dv.use_cloudpickle(block=True)

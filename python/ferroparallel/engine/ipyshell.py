@@ -15,7 +15,7 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets import Any as AnyTrait
-from traitlets import TraitError, Type
+from traitlets import Type
 from traitlets.config import Config
 
 from .errors import ErrorInfo
@@ -166,8 +166,18 @@ class IPythonShell:
                 shell = _EngineInteractiveShell.instance(
                     config=_shell_config(settings), user_module=module
                 )
-            except TraitError as e:
-                log.error("invalid IPython shell setting, using IPython's defaults: %s", e)
+            except Exception as e:  # noqa: BLE001 - IPython 8 raises TraitError, 9 AssertionError
+                given = ", ".join(
+                    f"{section}.{name}={value!r}"
+                    for section, values in settings.items()
+                    for name, value in values.items()
+                )
+                log.error(
+                    "invalid IPython shell setting among %s, using IPython's defaults: %s: %s",
+                    given,
+                    type(e).__name__,
+                    e,
+                )
         if shell is None:
             shell = _EngineInteractiveShell.instance(config=_shell_config(None), user_module=module)
         self.shell = shell
