@@ -458,3 +458,16 @@ def assert_results_from_the_hub(client: Any, msg_ids: list[str], values: list[An
             assert isinstance(got, np.ndarray) and np.array_equal(got, value)
         else:
             assert got == value and type(got) is type(value)
+
+
+def assert_sigint_interrupts_engines(cluster: Any, rc: Any, timeout: float) -> None:
+    """SIGINT through ``cluster`` (possibly a process that did not start the engines)
+    interrupts a running call on every engine, and the engines keep serving."""
+    from ferroparallel.error import RemoteError
+
+    ar = rc[:].apply_async(time.sleep, 30)
+    time.sleep(0.5)
+    cluster.signal_engines_sync(signal.SIGINT)
+    with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+        ar.get(timeout=timeout)
+    assert rc[:].apply_sync(lambda: "still here") == ["still here"] * len(rc.ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -66,3 +67,25 @@ def _default_pickler() -> Iterator[None]:
     if pickling.current_pickler() != "pickle" or pickling._capture_data:
         pickling.use_pickle()
     yield
+
+
+@pytest.fixture
+def clusters() -> Iterator[Callable[..., Any]]:
+    """Make ``ferroparallel.Cluster``s that are stopped (their processes killed if need be)
+    after the test."""
+    from ferroparallel.cluster import Cluster
+
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        c = Cluster(**kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        try:
+            c.stop_cluster_sync()
+        except Exception:
+            for p in c._processes():
+                p.send_signal(signal.SIGKILL)

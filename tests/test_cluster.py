@@ -77,25 +77,6 @@ def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.fixture
-def clusters() -> Iterator[Callable[..., Cluster]]:
-    """Make clusters that are stopped (and their processes killed) after the test."""
-    made: list[Cluster] = []
-
-    def make(**kwargs: Any) -> Cluster:
-        c = Cluster(**kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        try:
-            c.stop_cluster_sync()
-        except Exception:
-            for p in c._processes():
-                p.send_signal(signal.SIGKILL)
-
-
-@pytest.fixture
 def sleeper(tmp_path: Path) -> list[str]:
     """An engine command that only sleeps until SIGTERM (no registration)."""
     f = tmp_path / "sleeper.py"

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from cluster_util import connected, pid_running, run_cluster_cli, wait_until
+from cluster_util import (
+    assert_sigint_interrupts_engines,
+    connected,
+    pid_running,
+    run_cluster_cli,
+    wait_until,
+)
 from ferroparallel.cluster import Cluster
 from ferroparallel.cluster.ssh_engines import (
     SSHEngineSetLauncher,
@@ -157,12 +163,7 @@ def test_cli_daemonize_keeps_ssh_engines(sshd: Sshd, fp_root: Path) -> None:  # 
             assert len(set(pids)) == 2
 
             # a signal from this process, which did not start them, reaches them
-            ar = rc[:].apply_async(time.sleep, 30)
-            time.sleep(0.5)
-            cluster.signal_engines_sync(signal.SIGINT)
-            with pytest.raises(RemoteError, match="KeyboardInterrupt"):
-                ar.get(timeout=SHORT)
-            assert rc[:].apply_sync(lambda: "still here") == ["still here"] * 2
+            assert_sigint_interrupts_engines(cluster, rc, SHORT)
         finally:
             rc.close()
     finally:

@@ -18,7 +18,7 @@ import pytest
 from traitlets.config import Config
 
 import ferroparallel
-from cluster_util import pid_running, run_cluster_cli, wait_until
+from cluster_util import assert_sigint_interrupts_engines, pid_running, run_cluster_cli, wait_until
 from ferroparallel.cluster import Cluster
 from ferroparallel.cluster.cluster import _launcher_name
 from ferroparallel.cluster.ssh_proxy import SSHProxyEngineSetLauncher
@@ -200,12 +200,8 @@ def test_cli_daemonize_and_stop(sshd: Sshd, fp_root: Path) -> None:  # noqa: F81
             time.sleep(1.0)  # the engines would be stopping by now without their link
             assert rc.ids == [0, 1]
             pids = engine_pids(rc)
-            ar = rc[:].apply_async(time.sleep, 30)
-            time.sleep(0.5)
-            cluster.signal_engines_sync(signal.SIGINT)  # from a process that did not start them
-            with pytest.raises(RemoteError, match="KeyboardInterrupt"):
-                ar.get(timeout=SHORT)
-            assert rc[:].apply_sync(lambda: "still here") == ["still here"] * 2
+            # a signal from this process, which did not start them, reaches them
+            assert_sigint_interrupts_engines(cluster, rc, SHORT)
         finally:
             rc.close()
     finally:

@@ -4,11 +4,9 @@ the settings they change; what is not used is named in a warning. Real processes
 
 from __future__ import annotations
 
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from traitlets import List
@@ -27,25 +25,6 @@ def fp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FERROPARALLEL_DIR", str(root))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     return root
-
-
-@pytest.fixture
-def clusters() -> Iterator[Callable[..., Cluster]]:
-    """Make clusters that are stopped (their processes killed if need be) after the test."""
-    made: list[Cluster] = []
-
-    def make(**kwargs: Any) -> Cluster:
-        c = Cluster(load_profile=False, **kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        try:
-            c.stop_cluster_sync()
-        except Exception:
-            for p in c._processes():
-                p.send_signal(signal.SIGKILL)
 
 
 def _run_one_task(c: Cluster) -> str | None:
@@ -77,7 +56,7 @@ def test_subclasses_of_ipyparallels_launchers(
             raise AssertionError("not called")
 
     with pytest.warns(UserWarning, match=r"SqliteController .*'local'.*database \(attribute\)"):
-        c = clusters(n=1, controller=SqliteController, engines=MarkedEngines)
+        c = clusters(load_profile=False, n=1, controller=SqliteController, engines=MarkedEngines)
     with pytest.warns(UserWarning, match=r"MarkedEngines .*start \(method\)"):
         c.engine_launcher_class = MarkedEngines  # (as config sets it: warned again)
     assert (c.controller_launcher_class, c.engine_launcher_class) == ("local", "local")
@@ -105,10 +84,10 @@ def test_subclass_in_config_trait_default_and_class_attribute(
     cfg.Cluster.controller_launcher_class = Pinged
     cfg.Cluster.engine_launcher_class = Engines
     cfg.Engines.environment = {"FP_USER_MARK": "by-class-name"}
-    c = clusters(n=1, config=cfg)
+    c = clusters(load_profile=False, n=1, config=cfg)
     assert c._controller_argv() == ["--ping=4000"]
     cfg.LocalControllerLauncher.controller_args = ["--ping=3000"]
-    c = clusters(n=1, config=cfg, controller_args=["--hwm=1"])
+    c = clusters(load_profile=False, n=1, config=cfg, controller_args=["--hwm=1"])
     c.start_cluster_sync()
     assert c.controller is not None and c.controller.args == ["--ping=3000", "--hwm=1"]
     assert c.engine_set is not None

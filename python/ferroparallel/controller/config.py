@@ -19,13 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config_files import load_py_config, unused_settings
+from ..config_files import load_py_config, split_trait_options, unused_settings
 
 __all__ = [
     "CONFIG_FILENAME",
@@ -130,9 +129,6 @@ class ConfigError(ValueError):
     """A setting has an invalid value (the message names the setting and its source)."""
 
 
-_TRAIT_ARG = re.compile(r"^--([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:=(.*))?$", re.S)
-
-
 def split_trait_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], list[str]]:
     """Take ipyparallel's traitlets-style options (``--TaskScheduler.hwm=0``,
     ``--IPController.ip 0.0.0.0``) out of ``argv``.
@@ -145,30 +141,20 @@ def split_trait_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], li
         implement (``"Class.trait"``), which the caller reports and ignores, as traitlets
         does with configuration no class uses.
     """
-    rest: list[str] = []
+    try:
+        rest, options = split_trait_options(argv)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     known: dict[str, Any] = {}
     unknown: list[str] = []
-    items = list(argv)
-    i = 0
-    while i < len(items):
-        arg = items[i]
-        m = _TRAIT_ARG.match(arg)
-        if m is None:
-            rest.append(arg)
-            i += 1
-            continue
-        section, key, value = m.groups()
-        if value is None:  # "--Class.trait value"
-            if i + 1 >= len(items):
-                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
-            value = items[i + 1]
-            i += 1
-        i += 1
+    for option in options:  # each "--Class.trait=value"
+        dotted, _, value = option[2:].partition("=")
+        section, _, key = dotted.partition(".")
         name = _COMPAT_KEYS.get((section, key))
         if name is None and section in _DEPRECATED_SECTIONS:
             name = _COMPAT_KEYS.get(("IPController", key))
         if name is None:
-            unknown.append(f"{section}.{key}")
+            unknown.append(dotted)
         else:
             known[name] = _unquote(value)
     return rest, known, unknown
